@@ -1,0 +1,4 @@
+//! Pure logic of the Doppel hypervisor, with no hardware access.
+//!
+//! `no_std` so the kernel links it; tested on the host with std.
+#![cfg_attr(not(test), no_std)]

@@ -1,0 +1,289 @@
+//! Running the image under QEMU (AMD SVM + NPT) or Bochs (Intel VMX + EPT +
+//! PML) with a hard wall-clock limit; the whole process group is killed at
+//! the limit or when the run ends.
+//!
+//! Pass/fail comes from lines the image prints on port 0xE9, never from an
+//! exit code alone (Bochs always exits with 1).
+
+use std::fmt::Write as _;
+use std::fs;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+
+use crate::image::Image;
+use crate::Emulator;
+
+/// The line the image prints last when it decided the run passed.
+pub const PASS_LINE: &str = "doppel-hv: exit=pass";
+/// The line the image prints last when it decided the run failed.
+pub const FAIL_LINE: &str = "doppel-hv: exit=fail";
+
+/// What an emulator run left behind.
+#[derive(Debug)]
+pub struct Run {
+    /// Port 0xE9 text (the image's log).
+    pub output: String,
+    pub exit_code: Option<i32>,
+    pub timed_out: bool,
+    pub elapsed: Duration,
+    pub emulator: Emulator,
+}
+
+impl Run {
+    pub fn passed(&self) -> bool {
+        !self.timed_out && self.output.lines().any(|l| l.trim() == PASS_LINE)
+    }
+    pub fn failed_cleanly(&self) -> bool {
+        !self.timed_out && self.output.lines().any(|l| l.trim() == FAIL_LINE)
+    }
+    pub fn describe(&self) -> String {
+        let mut s = format!("{:?} ran {:.1}s", self.emulator, self.elapsed.as_secs_f64());
+        if self.timed_out {
+            s.push_str(", killed at the time limit");
+        }
+        if let Some(c) = self.exit_code {
+            let _ = write!(s, ", exit code {c}");
+        }
+        s
+    }
+    /// Lines starting with `prefix`.
+    pub fn lines_with<'a>(&'a self, prefix: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+        self.output
+            .lines()
+            .map(str::trim)
+            .filter(move |l| l.starts_with(prefix))
+    }
+}
+
+/// Options of one emulator run beyond the image.
+#[derive(Clone, Debug)]
+pub struct RunSpec {
+    pub emulator: Emulator,
+    /// QEMU `-cpu` model; Bochs always runs `corei7_skylake_x`.
+    pub cpu: String,
+    pub timeout: Duration,
+    /// Guest-physical RAM in MiB.
+    pub mem_mib: u32,
+    /// Kernel command line (picks the ISO).
+    pub cmdline: String,
+    /// QEMU only: back machine RAM by this host file so a host process
+    /// (the dom0 tool) can map it.
+    pub ram_file: Option<PathBuf>,
+    /// QEMU only: `-icount shift=0,sleep=off` for repeatable TSC counts.
+    pub icount: bool,
+    /// Name of this run's log directory under target/doppel/runs/.
+    pub tag: String,
+}
+
+impl RunSpec {
+    pub fn new(emulator: Emulator, tag: &str) -> Self {
+        Self {
+            emulator,
+            cpu: "EPYC".into(),
+            timeout: Duration::from_secs(120),
+            mem_mib: 256,
+            cmdline: String::new(),
+            ram_file: None,
+            icount: false,
+            tag: tag.into(),
+        }
+    }
+}
+
+/// Boot with the default command line (what `cargo xtask boot` does).
+pub fn boot(img: &Image, emulator: Emulator, cpu: &str, timeout_s: u64) -> Result<Run> {
+    let mut spec = RunSpec::new(emulator, &format!("boot-{emulator:?}-{cpu}"));
+    spec.cpu = cpu.into();
+    spec.timeout = Duration::from_secs(timeout_s);
+    run(img, &spec)
+}
+
+/// Start an emulator run and wait for it (bounded by `spec.timeout`).
+pub fn run(img: &Image, spec: &RunSpec) -> Result<Run> {
+    let child = spawn(img, spec)?;
+    child.wait()
+}
+
+/// A running emulator, in its own process group.
+pub struct Running {
+    child: Child,
+    started: Instant,
+    spec: RunSpec,
+    e9: PathBuf,
+}
+
+impl Running {
+    /// Text the image has printed so far.
+    pub fn output_so_far(&self) -> String {
+        fs::read(&self.e9)
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
+    }
+
+    /// Process id (also the process group id).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Kill the emulator's whole process group now (SIGKILL).
+    pub fn kill(&mut self) {
+        kill_group(self.child.id());
+        let _ = self.child.wait();
+    }
+
+    /// Wait for the emulator to exit on its own, or kill it at the limit.
+    pub fn wait(mut self) -> Result<Run> {
+        let mut timed_out = false;
+        let exit_code = loop {
+            if let Some(st) = self.child.try_wait()? {
+                break st.code();
+            }
+            if self.started.elapsed() >= self.spec.timeout {
+                timed_out = true;
+                kill_group(self.child.id());
+                let st = self.child.wait()?;
+                break st.code();
+            }
+            // Bochs does not always leave on its own after the shutdown port
+            // write; the image's final line is the real end of the run.
+            let out = self.output_so_far();
+            if out.lines().any(|l| l.trim() == PASS_LINE || l.trim() == FAIL_LINE) {
+                std::thread::sleep(Duration::from_millis(300));
+                if self.child.try_wait()?.is_none() {
+                    kill_group(self.child.id());
+                }
+                let st = self.child.wait()?;
+                break st.code();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        // Whatever happened, nothing of this run outlives it.
+        kill_group(self.child.id());
+        Ok(Run {
+            output: self.output_so_far(),
+            exit_code,
+            timed_out,
+            elapsed: self.started.elapsed(),
+            emulator: self.spec.emulator,
+        })
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        kill_group(self.child.id());
+    }
+}
+
+fn kill_group(pgid: u32) {
+    let _ = Command::new("kill")
+        .args(["-KILL", "--", &format!("-{pgid}")])
+        .stderr(Stdio::null())
+        .status();
+}
+
+/// Start the emulator without waiting (for runs a host tool talks to).
+pub fn spawn(img: &Image, spec: &RunSpec) -> Result<Running> {
+    let dir = crate::out_dir().join("runs").join(&spec.tag);
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir)?;
+    let iso = img.iso_with(&spec.cmdline)?;
+    let e9 = dir.join("e9.log");
+    fs::write(&e9, b"")?;
+    let mut cmd = match spec.emulator {
+        Emulator::Qemu => qemu_command(&iso, spec, &dir, &e9),
+        Emulator::Bochs => bochs_command(&iso, spec, &dir, &e9)?,
+    };
+    cmd.stdin(Stdio::null()).process_group(0);
+    let child = cmd
+        .spawn()
+        .with_context(|| format!("starting {:?} (try `cargo xtask setup`)", spec.emulator))?;
+    Ok(Running {
+        child,
+        started: Instant::now(),
+        spec: spec.clone(),
+        e9,
+    })
+}
+
+fn qemu_command(iso: &Path, spec: &RunSpec, dir: &Path, e9: &Path) -> Command {
+    let mut c = Command::new("qemu-system-x86_64");
+    c.args(["-accel", "tcg", "-cpu", &spec.cpu])
+        .args(["-m", &format!("{}M", spec.mem_mib)])
+        .args(["-display", "none", "-no-reboot", "-boot", "d"])
+        .arg("-cdrom")
+        .arg(iso)
+        .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"])
+        .arg("-debugcon")
+        .arg(format!("file:{}", e9.display()))
+        .arg("-serial")
+        .arg(format!("file:{}", dir.join("com1.log").display()))
+        .args(["-monitor", "none"]);
+    if let Some(ram) = &spec.ram_file {
+        c.args([
+            "-object",
+            &format!(
+                "memory-backend-file,id=ram,size={}M,mem-path={},share=on",
+                spec.mem_mib,
+                ram.display()
+            ),
+            "-machine",
+            "pc,memory-backend=ram",
+        ]);
+    }
+    if spec.icount {
+        c.args(["-icount", "shift=0,sleep=off"]);
+    }
+    c.stdout(Stdio::from(
+        fs::File::create(dir.join("qemu.out")).expect("create qemu.out"),
+    ))
+    .stderr(Stdio::from(
+        fs::File::create(dir.join("qemu.err")).expect("create qemu.err"),
+    ));
+    c
+}
+
+fn bochs_command(iso: &Path, spec: &RunSpec, dir: &Path, e9: &Path) -> Result<Command> {
+    let rc = dir.join("bochsrc");
+    fs::write(
+        &rc,
+        format!(
+            "megs: {mem}\n\
+             cpu: model=corei7_skylake_x, count=1, ips=50000000\n\
+             romimage: file=/usr/share/bochs/BIOS-bochs-latest\n\
+             vgaromimage: file=/usr/share/vgabios/vgabios.bin\n\
+             ata0: enabled=1, ioaddr1=0x1f0, ioaddr2=0x3f0, irq=14\n\
+             ata0-slave: type=cdrom, path={iso}, status=inserted\n\
+             boot: cdrom\n\
+             display_library: term\n\
+             port_e9_hack: enabled=1\n\
+             com1: enabled=1, mode=file, dev={com1}\n\
+             log: {log}\n\
+             panic: action=fatal\n\
+             error: action=report\n\
+             info: action=ignore\n\
+             debug: action=ignore\n",
+            mem = spec.mem_mib,
+            iso = iso.display(),
+            com1 = dir.join("com1.log").display(),
+            log = dir.join("bochs.log").display(),
+        ),
+    )?;
+    let cmds = dir.join("cmds");
+    fs::write(&cmds, "c\n")?;
+    let mut c = Command::new("bochs-bin");
+    c.arg("-q")
+        .arg("-f")
+        .arg(&rc)
+        .arg("-rc")
+        .arg(&cmds)
+        .env("TERM", "dumb")
+        // port 0xE9 output goes to Bochs' stdout.
+        .stdout(Stdio::from(fs::File::create(e9)?))
+        .stderr(Stdio::from(fs::File::create(dir.join("bochs.err"))?));
+    Ok(c)
+}
