@@ -2,3 +2,5 @@
 //!
 //! `no_std` so the kernel links it; tested on the host with std.
 #![cfg_attr(not(test), no_std)]
+
+pub mod hw;
