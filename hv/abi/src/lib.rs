@@ -5,3 +5,5 @@
 //! side of any of these layouts is untrusted.
 #![no_std]
 #![forbid(unsafe_code)]
+
+pub mod guest;

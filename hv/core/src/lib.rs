@@ -3,4 +3,6 @@
 //! `no_std` so the kernel links it; tested on the host with std.
 #![cfg_attr(not(test), no_std)]
 
+pub mod elf;
 pub mod hw;
+pub mod workload;

@@ -1,0 +1,122 @@
+//! The contract between the hypervisor and its test guests: where things sit
+//! in guest-physical memory, the boot information page, and the hypercalls.
+//!
+//! The guest starts in 64-bit mode at its ELF entry with paging on (the
+//! hypervisor builds identity page tables at [`PAGE_TABLES_GPA`]), `rsp` at
+//! the top of its stack and `rdi` = [`BOOT_INFO_GPA`].
+
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
+
+pub const PAGE_SIZE: u64 = 4096;
+/// Boot information page (written by the hypervisor, read by the guest).
+pub const BOOT_INFO_GPA: u64 = 0x1000;
+/// Guest page tables: PML4, PDPT and four page directories (2 MiB pages),
+/// identity-mapping the first 4 GiB.
+pub const PAGE_TABLES_GPA: u64 = 0x2000;
+pub const PAGE_TABLES_PAGES: u64 = 6;
+/// The guest's ground-truth bitmap: bit p set = the guest wrote page p in
+/// the current epoch (byte p >> 3, bit p & 7, as Xen's dirty bitmap).
+pub const TRUTH_GPA: u64 = 0x8000;
+pub const TRUTH_PAGES: u64 = 8;
+/// Pages the truth bitmap can describe (1 GiB of guest memory).
+pub const TRUTH_MAX_PFNS: u64 = TRUTH_PAGES * PAGE_SIZE * 8;
+/// The guest stack; the guest writes every stack page at each epoch start
+/// and records it, so stack writes are always in the truth.
+pub const STACK_GPA: u64 = 0x10000;
+pub const STACK_PAGES: u64 = 2;
+/// Where the guest image is linked and loaded.
+pub const IMAGE_GPA: u64 = 0x10_0000;
+/// The image must end below this address.
+pub const IMAGE_END_GPA: u64 = 0x40_0000;
+/// First page of the workload region (the rest of guest memory).
+pub const WORK_GPA: u64 = 0x40_0000;
+
+/// Magic of [`BootInfo`] ("DPLGUEST").
+pub const BOOT_MAGIC: u64 = u64::from_le_bytes(*b"DPLGUEST");
+pub const BOOT_VERSION: u32 = 1;
+
+/// Which instruction the guest uses for hypercalls.
+pub const HYPERCALL_VMCALL: u32 = 0;
+pub const HYPERCALL_VMMCALL: u32 = 1;
+
+/// Hypercall numbers (in `rax`; arguments in `rdi`, `rsi`, `rdx`; result in
+/// `rax`).
+pub mod hypercall {
+    /// End of an epoch: `rdi` = running epoch number, `rsi` = pattern id,
+    /// `rdx` = epoch index within the pattern. The truth bitmap is complete.
+    pub const EPOCH_END: u64 = 1;
+    /// The guest finished: `rdi` = 0 on success, else an error code.
+    pub const DONE: u64 = 2;
+}
+
+/// Console port: bytes written here are forwarded to the hypervisor's log.
+pub const CONSOLE_PORT: u16 = 0xe9;
+
+/// Workload patterns, as ids in [`BootInfo::patterns`] (bit i = pattern i).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum PatternId {
+    /// Stride through the region.
+    Seq = 0,
+    /// Seeded random pages.
+    Rand = 1,
+    /// A small hot set rewritten.
+    Hot = 2,
+    /// One byte in far-apart pages.
+    Sparse = 3,
+    /// Hot, random and sparse together.
+    Mixed = 4,
+}
+
+impl PatternId {
+    pub const ALL: [PatternId; 5] = [
+        PatternId::Seq,
+        PatternId::Rand,
+        PatternId::Hot,
+        PatternId::Sparse,
+        PatternId::Mixed,
+    ];
+
+    pub fn from_u8(v: u8) -> Option<Self> {
+        Self::ALL.get(v as usize).copied()
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            PatternId::Seq => "seq",
+            PatternId::Rand => "rand",
+            PatternId::Hot => "hot",
+            PatternId::Sparse => "sparse",
+            PatternId::Mixed => "mixed",
+        }
+    }
+}
+
+/// The boot information page.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+pub struct BootInfo {
+    pub magic: u64,
+    pub version: u32,
+    /// [`HYPERCALL_VMCALL`] or [`HYPERCALL_VMMCALL`].
+    pub hypercall: u32,
+    /// Guest memory size in bytes.
+    pub mem_bytes: u64,
+    /// Workload region [work_start, work_end), page aligned.
+    pub work_start: u64,
+    pub work_end: u64,
+    /// Bit i set: run pattern i, in ascending order.
+    pub patterns: u32,
+    /// Epochs per pattern.
+    pub epochs: u32,
+    /// Seed of the random patterns.
+    pub seed: u64,
+    pub _reserved: u64,
+}
+
+const _: () = assert!(core::mem::size_of::<BootInfo>() == 64);
+const _: () = assert!(core::mem::offset_of!(BootInfo, mem_bytes) == 16);
+const _: () = assert!(core::mem::offset_of!(BootInfo, patterns) == 40);
+const _: () = assert!(core::mem::offset_of!(BootInfo, seed) == 48);
+const _: () = assert!(TRUTH_GPA + TRUTH_PAGES * PAGE_SIZE <= STACK_GPA);
+const _: () = assert!(PAGE_TABLES_GPA + PAGE_TABLES_PAGES * PAGE_SIZE <= TRUTH_GPA);
