@@ -5,4 +5,5 @@
 
 pub mod elf;
 pub mod hw;
+pub mod selftest;
 pub mod workload;
