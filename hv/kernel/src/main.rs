@@ -1,7 +1,5 @@
-//! Doppel hypervisor image. Boot code lands with the Foundation issue.
 #![no_std]
 #![no_main]
-
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {
     loop {

@@ -151,7 +151,10 @@ impl Running {
             // Bochs does not always leave on its own after the shutdown port
             // write; the image's final line is the real end of the run.
             let out = self.output_so_far();
-            if out.lines().any(|l| l.trim() == PASS_LINE || l.trim() == FAIL_LINE) {
+            if out
+                .lines()
+                .any(|l| l.trim() == PASS_LINE || l.trim() == FAIL_LINE)
+            {
                 std::thread::sleep(Duration::from_millis(300));
                 if self.child.try_wait()?.is_none() {
                     kill_group(self.child.id());

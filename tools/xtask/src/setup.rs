@@ -99,7 +99,10 @@ fn ensure_rustup() -> Result<()> {
     }
     let comps = rustup_list("component")?;
     for c in COMPONENTS {
-        if !comps.lines().any(|l| l.starts_with(&format!("{c}-")) || l.trim() == *c) {
+        if !comps
+            .lines()
+            .any(|l| l.starts_with(&format!("{c}-")) || l.trim() == *c)
+        {
             eprintln!("setup: rustup component add {c}");
             run_rustup(&["component", "add", c])?;
         }

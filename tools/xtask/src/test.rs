@@ -212,7 +212,12 @@ fn step_boot_qemu(ctx: &mut Ctx) -> Result<String> {
     let run = emu::run(&img, &spec)?;
     expect_caps(
         &run,
-        &[("vendor", "amd"), ("svm", "1"), ("npt", "1"), ("virt", "on")],
+        &[
+            ("vendor", "amd"),
+            ("svm", "1"),
+            ("npt", "1"),
+            ("virt", "on"),
+        ],
     )
 }
 
