@@ -11,8 +11,10 @@ use crate::arch::instr::{inb, outb};
 
 const DEBUGCON: u16 = 0xE9;
 const COM1: u16 = 0x3F8;
-/// Line status register bit: transmit holding register empty.
+/// Line status register bits: transmit holding register empty, and
+/// transmitter empty (the last byte has left the shift register).
 const LSR_THRE: u8 = 1 << 5;
+const LSR_TEMT: u8 = 1 << 6;
 /// Bound on waiting for the UART (a missing UART must not hang the kernel).
 const UART_SPINS: u32 = 100_000;
 
@@ -38,6 +40,17 @@ fn com1_put(b: u8) {
         core::hint::spin_loop();
     }
     outb(COM1, b);
+}
+
+/// Wait (bounded) until COM1 has sent every byte, so powering off right
+/// after does not cut the last line short.
+pub fn flush() {
+    for _ in 0..UART_SPINS {
+        if inb(COM1 + 5) & LSR_TEMT != 0 {
+            return;
+        }
+        core::hint::spin_loop();
+    }
 }
 
 struct Console;

@@ -24,6 +24,7 @@ pub fn exit(status: Status) -> ! {
         Status::Fail => ("fail", QEMU_FAIL),
     };
     console::emergency(format_args!("doppel-hv: exit={word}\n"));
+    console::flush();
     outb(QEMU_EXIT_PORT, code);
     for b in b"Shutdown" {
         outb(BOCHS_SHUTDOWN_PORT, *b);

@@ -42,8 +42,8 @@ enum Cmd {
         /// Emulator (and CPU vendor) to boot in.
         #[arg(long, value_enum, default_value = "qemu")]
         emulator: Emulator,
-        /// QEMU CPU model (ignored for Bochs). `qemu64` has no SVM: use it to
-        /// see the image refuse a CPU without hardware virtualization.
+        /// QEMU CPU model (ignored for Bochs). `qemu64,-svm` has no hardware
+        /// virtualization: use it to see the image refuse such a CPU.
         #[arg(long, default_value = "EPYC")]
         cpu: String,
         /// Hard wall-clock limit for the emulator run, in seconds.
