@@ -346,7 +346,7 @@ mod tests {
             self.0
                 .extend_from_slice(&(8 + body.len() as u32).to_le_bytes());
             self.0.extend_from_slice(body);
-            while self.0.len() % 8 != 0 {
+            while !self.0.len().is_multiple_of(8) {
                 self.0.push(0);
             }
             self

@@ -82,7 +82,7 @@ extern "C" fn kmain(magic: u32, info_addr: usize) -> ! {
 
 /// The loader's boot information, validated.
 fn boot_info(addr: u64) -> Result<BootInfo<'static>, &'static str> {
-    if addr == 0 || addr % 8 != 0 || addr + 8 > BOOT_MAPPED {
+    if addr == 0 || !addr.is_multiple_of(8) || addr + 8 > BOOT_MAPPED {
         return Err("boot information pointer is null, unaligned or above 4 GiB");
     }
     // SAFETY: the loader put the block's 8-byte header at `addr` (aligned,

@@ -240,10 +240,10 @@ mod tests {
         s.insert(10..20).unwrap();
         s.insert(30..40).unwrap();
         s.insert(20..30).unwrap();
-        assert_eq!(s.ranges(), &[10..40]);
+        assert_eq!(s.ranges(), std::slice::from_ref(&(10..40)));
         s.insert(0..5).unwrap();
         s.insert(3..12).unwrap();
-        assert_eq!(s.ranges(), &[0..40]);
+        assert_eq!(s.ranges(), std::slice::from_ref(&(0..40)));
     }
 
     #[test]
@@ -265,10 +265,10 @@ mod tests {
         s.insert(0..0x9fc00).unwrap();
         s.insert(0x100000..0x7fe0123).unwrap();
         s.clamp(0x100000..u64::MAX);
-        assert_eq!(s.ranges(), &[0x100000..0x7fe0123]);
+        assert_eq!(s.ranges(), std::slice::from_ref(&(0x100000..0x7fe0123)));
         s.insert(0x8000_0800..0x8000_1000).unwrap();
         s.align_inward(0x1000);
-        assert_eq!(s.ranges(), &[0x100000..0x7fe0000]);
+        assert_eq!(s.ranges(), std::slice::from_ref(&(0x100000..0x7fe0000)));
     }
 
     #[test]

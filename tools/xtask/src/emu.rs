@@ -103,11 +103,23 @@ impl RunSpec {
     }
 }
 
-/// Boot with the default command line (what `cargo xtask boot` does).
-pub fn boot(img: &Image, emulator: Emulator, cpu: &str, timeout_s: u64) -> Result<Run> {
-    let mut spec = RunSpec::new(emulator, &format!("boot-{emulator:?}-{cpu}"));
+/// What `cargo xtask boot` does: one run with the given CPU model (QEMU
+/// only) and kernel command line.
+pub fn boot(
+    img: &Image,
+    emulator: Emulator,
+    cpu: &str,
+    timeout_s: u64,
+    cmdline: &str,
+) -> Result<Run> {
+    let tag = match emulator {
+        Emulator::Qemu => format!("boot-qemu-{cpu}"),
+        Emulator::Bochs => "boot-bochs".into(),
+    };
+    let mut spec = RunSpec::new(emulator, &tag);
     spec.cpu = cpu.into();
     spec.timeout = Duration::from_secs(timeout_s);
+    spec.cmdline = cmdline.into();
     run(img, &spec)
 }
 

@@ -49,6 +49,9 @@ enum Cmd {
         /// Hard wall-clock limit for the emulator run, in seconds.
         #[arg(long, default_value_t = 120)]
         timeout: u64,
+        /// Kernel command line, e.g. `log=debug` (see docs/KERNEL.md).
+        #[arg(long, default_value = "")]
+        cmdline: String,
     },
     /// Run everything that proves Doppel works: format, lints, unit and
     /// property tests, conformance checks and emulator boots. Ends with a
@@ -79,10 +82,11 @@ fn main() -> Result<()> {
             emulator,
             cpu,
             timeout,
+            cmdline,
         } => {
             setup::ensure()?;
             let img = image::build()?;
-            let run = emu::boot(&img, emulator, &cpu, timeout)?;
+            let run = emu::boot(&img, emulator, &cpu, timeout, &cmdline)?;
             print!("{}", run.output);
             println!("({})", run.describe());
             if run.passed() {

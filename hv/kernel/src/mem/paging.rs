@@ -69,7 +69,7 @@ pub fn init(layout: &KernelLayout, top_of_ram: u64) -> Result<(), MemError> {
     pml4[0].set_frame(pdpt_frame, table_flags);
     let mut gib = 0u64;
     while gib < top {
-        if gib != 0 && gib % SIZE_512G == 0 {
+        if gib != 0 && gib.is_multiple_of(SIZE_512G) {
             let (f, t) = new_table()?;
             pml4[(gib / SIZE_512G) as usize].set_frame(f, table_flags);
             pdpt = t;
