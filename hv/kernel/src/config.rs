@@ -3,9 +3,12 @@
 //!
 //! Known keys:
 //! - `log=off|error|warn|info|debug|trace`: the log level (default `info`).
-//! - `mode=report`: what the image does after bring-up. `report` (the
-//!   default) prints the capability line and powers off; the self-test and
-//!   standby modes of later issues add their own values here.
+//! - `mode=report|crash-null|crash-panic|crash-stack`: what the image does
+//!   after bring-up. `report` (the default) prints the capability line and
+//!   powers off. The `crash-*` modes then fault on purpose (a read of
+//!   address 0, a panic, a kernel stack overflow) so tests can check that
+//!   every failure is reported and ends the run. The self-test and standby
+//!   modes of later issues add their own values here.
 //!
 //! A word without `=` that starts with `/` is the image's own path (some
 //! loaders prepend it) and is skipped. Anything else is an error: a typo on
@@ -20,6 +23,20 @@ use log::LevelFilter;
 pub enum Mode {
     /// Print the capability line and power off with success.
     Report,
+    /// Print the capability line, then fail on purpose.
+    Crash(Crash),
+}
+
+/// A deliberate failure, to test that failures are reported.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Crash {
+    /// Read address 0 (unmapped): a page fault.
+    NullRead,
+    /// `panic!`.
+    Panic,
+    /// Unbounded recursion into the stack guard page: a page fault that
+    /// cannot be delivered on the same stack, so a double fault.
+    StackOverflow,
 }
 
 /// Settings from the command line.
@@ -98,6 +115,9 @@ impl Config {
                     }
                     cfg.mode = match value {
                         "report" => Mode::Report,
+                        "crash-null" => Mode::Crash(Crash::NullRead),
+                        "crash-panic" => Mode::Crash(Crash::Panic),
+                        "crash-stack" => Mode::Crash(Crash::StackOverflow),
                         _ => return Err(bad),
                     };
                 }
@@ -131,6 +151,13 @@ mod tests {
             }
         );
         assert_eq!(Config::parse("log=off").unwrap().log, LevelFilter::Off);
+        for (word, mode) in [
+            ("mode=crash-null", Mode::Crash(Crash::NullRead)),
+            ("mode=crash-panic", Mode::Crash(Crash::Panic)),
+            ("mode=crash-stack", Mode::Crash(Crash::StackOverflow)),
+        ] {
+            assert_eq!(Config::parse(word).unwrap().mode, mode);
+        }
         assert_eq!(Config::parse("log=warn").unwrap().log, LevelFilter::Warn);
     }
 

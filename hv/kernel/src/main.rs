@@ -11,6 +11,7 @@ extern crate alloc;
 mod arch;
 mod boot;
 mod console;
+mod crash;
 mod exit;
 mod mem;
 mod virt;
@@ -77,6 +78,7 @@ extern "C" fn kmain(magic: u32, info_addr: usize) -> ! {
                 exit(Status::Fail)
             }
         },
+        Mode::Crash(kind) => crash::crash(kind),
     }
 }
 

@@ -40,6 +40,7 @@ fn steps() -> Vec<(&'static str, StepFn)> {
         ("boot-qemu-svm", step_boot_qemu),
         ("boot-bochs-vmx", step_boot_bochs),
         ("boot-qemu-no-virt", step_boot_no_virt),
+        ("boot-qemu-faults", step_boot_faults),
     ]
 }
 
@@ -290,4 +291,53 @@ fn step_boot_no_virt(ctx: &mut Ctx) -> Result<String> {
         bail!("expected QEMU exit code 35, got {:?}", run.exit_code);
     }
     Ok(format!("{err} [{}]", run.describe()))
+}
+
+/// Deliberate failures (`mode=crash-*`): each must print its error line,
+/// then `exit=fail`, and leave QEMU with the failure status, never hang.
+fn step_boot_faults(ctx: &mut Ctx) -> Result<String> {
+    let img = ctx.image()?;
+    let cases = [
+        (
+            "crash-null",
+            "doppel-hv: error: exception 14 (#PF page fault) error=0x0 ",
+            " cr2=0x0",
+        ),
+        (
+            "crash-panic",
+            "doppel-hv: error: panic at ",
+            ": requested by mode=crash-panic",
+        ),
+        (
+            "crash-stack",
+            "doppel-hv: error: exception 8 (#DF double fault) error=0x0 ",
+            "",
+        ),
+    ];
+    let mut seen = Vec::new();
+    for (mode, prefix, suffix) in cases {
+        let mut spec = RunSpec::new(Emulator::Qemu, &format!("test-{mode}"));
+        spec.cmdline = format!("mode={mode}");
+        spec.timeout = Duration::from_secs(60);
+        let run = emu::run(&img, &spec)?;
+        let Some(line) = run
+            .lines_with(prefix)
+            .find(|l| l.ends_with(suffix))
+            .map(str::to_owned)
+        else {
+            bail!(
+                "mode={mode}: expected a line `{prefix}...{suffix}` ({}); output:\n{}",
+                run.describe(),
+                run.output
+            );
+        };
+        if !run.failed_cleanly() || run.passed() || run.exit_code != Some((0x11 << 1) | 1) {
+            bail!(
+                "mode={mode}: expected exit=fail and QEMU exit code 35 ({})",
+                run.describe()
+            );
+        }
+        seen.push(format!("{mode}: {line}"));
+    }
+    Ok(seen.join(" | "))
 }

@@ -24,7 +24,8 @@ static FREE: Mutex<RangeSet<MAX_RANGES>> = Mutex::new(RangeSet::new());
 pub struct Summary {
     pub free_bytes: u64,
     pub ranges: usize,
-    /// One past the highest byte of RAM the map reports (any kind).
+    /// One past the highest byte of RAM the map reports (any kind but
+    /// reserved).
     pub top_of_ram: u64,
 }
 
@@ -36,7 +37,12 @@ pub fn init(
     let mut free: RangeSet<MAX_RANGES> = RangeSet::new();
     let mut top = 0u64;
     for r in info.memory_map() {
-        top = top.max(r.end());
+        log::trace!("memory map: {:#x}..{:#x} {:?}", r.base, r.end(), r.kind);
+        // Reserved ranges (holes, MMIO above 4 GiB such as QEMU's 12 GiB
+        // HyperTransport range just below 1 TiB) do not count as RAM.
+        if !matches!(r.kind, RegionKind::Reserved(_)) {
+            top = top.max(r.end());
+        }
         if r.kind == RegionKind::Available {
             free.insert(r.base..r.end())
                 .map_err(|_| MemError::TooFragmented)?;
