@@ -130,6 +130,8 @@ fn step_clippy_image(_: &mut Ctx) -> Result<String> {
         "clippy",
         "--package",
         "doppel-kernel",
+        "--package",
+        "doppel-guest",
         "--target",
         KERNEL_TARGET,
         "--release",
