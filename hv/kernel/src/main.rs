@@ -1,10 +1,125 @@
-//! Doppel hypervisor image. Boot code lands with the Foundation issue.
+//! The Doppel hypervisor image: a Multiboot2 kernel that brings the CPU up,
+//! builds its own memory management, turns hardware virtualization on and
+//! reports what the CPU offers (`doppel-hv: vendor=... virt=on`).
+//!
+//! Boot path and memory layout: docs/KERNEL.md.
 #![no_std]
 #![no_main]
 
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    loop {
-        core::hint::spin_loop();
+extern crate alloc;
+
+mod arch;
+mod boot;
+mod console;
+mod crash;
+mod exit;
+mod mem;
+mod virt;
+
+use core::sync::atomic::{AtomicBool, Ordering};
+
+use doppel_kernel::bootinfo::{BootInfo, BOOTLOADER_MAGIC};
+use doppel_kernel::config::{Config, Mode};
+use log::{error, info, LevelFilter};
+
+use exit::{exit, Status};
+
+/// The boot information block must sit in the 4 GiB the boot tables map.
+const BOOT_MAPPED: u64 = 4 << 30;
+
+/// Entered from the boot assembly on the boot stack, in long mode with the
+/// first 4 GiB identity mapped.
+#[unsafe(no_mangle)]
+extern "C" fn kmain(magic: u32, info_addr: usize) -> ! {
+    console::init();
+    console::init_logger(LevelFilter::Info);
+    arch::init();
+    if magic != BOOTLOADER_MAGIC {
+        error!("not started by a Multiboot2 loader (eax={magic:#x})");
+        exit(Status::Fail);
     }
+    let info = match boot_info(info_addr as u64) {
+        Ok(i) => i,
+        Err(e) => {
+            error!("{e}");
+            exit(Status::Fail);
+        }
+    };
+    let cmdline = info.cmdline().unwrap_or("");
+    let config = match Config::parse(cmdline) {
+        Ok(c) => c,
+        Err(e) => {
+            error!("{e}");
+            exit(Status::Fail);
+        }
+    };
+    log::set_max_level(config.log);
+    log::debug!("command line {cmdline:?}: {config:?}");
+    if let Err(e) = mem::init(&info, info_addr as u64) {
+        error!("{e}");
+        exit(Status::Fail);
+    }
+
+    let caps = virt::Caps::detect();
+    let enabled = virt::enable(&caps);
+    info!("{}", caps.line(enabled.is_ok()));
+    let enabled = match enabled {
+        Ok(e) => e,
+        Err(e) => {
+            error!("{e}");
+            exit(Status::Fail);
+        }
+    };
+    match config.mode {
+        Mode::Report => match enabled.disable() {
+            Ok(()) => exit(Status::Pass),
+            Err(e) => {
+                error!("{e}");
+                exit(Status::Fail)
+            }
+        },
+        Mode::Crash(kind) => crash::crash(kind),
+    }
+}
+
+/// The loader's boot information, validated.
+fn boot_info(addr: u64) -> Result<BootInfo<'static>, &'static str> {
+    if addr == 0 || !addr.is_multiple_of(8) || addr + 8 > BOOT_MAPPED {
+        return Err("boot information pointer is null, unaligned or above 4 GiB");
+    }
+    // SAFETY: the loader put the block's 8-byte header at `addr` (aligned,
+    // checked above), inside the boot identity map; nothing writes it.
+    let head = unsafe { core::slice::from_raw_parts(addr as *const u8, 8) };
+    let size = BootInfo::claimed_size(head).map_err(|_| "boot information unreadable")? as u64;
+    if addr + size > BOOT_MAPPED {
+        return Err("boot information extends above 4 GiB");
+    }
+    // SAFETY: as above for the whole block, whose size the header gives;
+    // the frame allocator reserves it, so it stays intact.
+    let bytes = unsafe { core::slice::from_raw_parts(addr as *const u8, size as usize) };
+    BootInfo::parse(bytes).map_err(|_| "malformed Multiboot2 boot information")
+}
+
+static PANICKING: AtomicBool = AtomicBool::new(false);
+
+#[panic_handler]
+fn panic(panic: &core::panic::PanicInfo<'_>) -> ! {
+    if PANICKING.swap(true, Ordering::SeqCst) {
+        console::emergency(format_args!("doppel-hv: error: panic while panicking\n"));
+    } else {
+        match panic.location() {
+            Some(l) => console::emergency(format_args!(
+                "doppel-hv: error: panic at {}:{}:{}: {}\n",
+                l.file(),
+                l.line(),
+                l.column(),
+                panic.message()
+            )),
+            None => console::emergency(format_args!(
+                "doppel-hv: error: panic: {}\n",
+                panic.message()
+            )),
+        }
+    }
+    exit(Status::Fail)
 }

@@ -2,8 +2,14 @@
 //! PML) with a hard wall-clock limit; the whole process group is killed at
 //! the limit or when the run ends.
 //!
-//! Pass/fail comes from lines the image prints on port 0xE9, never from an
-//! exit code alone (Bochs always exits with 1).
+//! Pass/fail comes from lines the image prints, never from an exit code
+//! alone (Bochs always exits with 1). The image writes every byte to both
+//! port 0xE9 and COM1. QEMU's `-debugcon` file holds exactly the 0xE9 bytes,
+//! so that is the run's text there. Bochs prints 0xE9 bytes on its stdout
+//! mixed with its own banner and debugger lines (kept in `bochs.out`), so
+//! the run's text there is the COM1 file, which holds only the image's
+//! bytes. Both are written unbuffered, byte by byte, so the text is
+//! complete even when a run is killed at its time limit.
 
 use std::fmt::Write as _;
 use std::fs;
@@ -31,6 +37,8 @@ pub struct Run {
     pub timed_out: bool,
     pub elapsed: Duration,
     pub emulator: Emulator,
+    /// The run's log directory (emulator output, logs, config).
+    pub dir: PathBuf,
 }
 
 impl Run {
@@ -48,6 +56,7 @@ impl Run {
         if let Some(c) = self.exit_code {
             let _ = write!(s, ", exit code {c}");
         }
+        let _ = write!(s, ", logs in {}", self.dir.display());
         s
     }
     /// Lines starting with `prefix`.
@@ -94,11 +103,23 @@ impl RunSpec {
     }
 }
 
-/// Boot with the default command line (what `cargo xtask boot` does).
-pub fn boot(img: &Image, emulator: Emulator, cpu: &str, timeout_s: u64) -> Result<Run> {
-    let mut spec = RunSpec::new(emulator, &format!("boot-{emulator:?}-{cpu}"));
+/// What `cargo xtask boot` does: one run with the given CPU model (QEMU
+/// only) and kernel command line.
+pub fn boot(
+    img: &Image,
+    emulator: Emulator,
+    cpu: &str,
+    timeout_s: u64,
+    cmdline: &str,
+) -> Result<Run> {
+    let tag = match emulator {
+        Emulator::Qemu => format!("boot-qemu-{cpu}"),
+        Emulator::Bochs => "boot-bochs".into(),
+    };
+    let mut spec = RunSpec::new(emulator, &tag);
     spec.cpu = cpu.into();
     spec.timeout = Duration::from_secs(timeout_s);
+    spec.cmdline = cmdline.into();
     run(img, &spec)
 }
 
@@ -113,26 +134,17 @@ pub struct Running {
     child: Child,
     started: Instant,
     spec: RunSpec,
-    e9: PathBuf,
+    dir: PathBuf,
+    /// The file holding the image's text (see the module comment).
+    text: PathBuf,
 }
 
 impl Running {
     /// Text the image has printed so far.
     pub fn output_so_far(&self) -> String {
-        fs::read(&self.e9)
-            .map(|b| String::from_utf8_lossy(&b).into_owned())
+        fs::read(&self.text)
+            .map(|b| String::from_utf8_lossy(&b).replace("\r\n", "\n"))
             .unwrap_or_default()
-    }
-
-    /// Process id (also the process group id).
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Kill the emulator's whole process group now (SIGKILL).
-    pub fn kill(&mut self) {
-        kill_group(self.child.id());
-        let _ = self.child.wait();
     }
 
     /// Wait for the emulator to exit on its own, or kill it at the limit.
@@ -155,11 +167,19 @@ impl Running {
                 .lines()
                 .any(|l| l.trim() == PASS_LINE || l.trim() == FAIL_LINE)
             {
-                std::thread::sleep(Duration::from_millis(300));
-                if self.child.try_wait()?.is_none() {
-                    kill_group(self.child.id());
-                }
-                let st = self.child.wait()?;
+                // The exit port write follows the line; give the emulator
+                // a moment to leave with its status before killing it.
+                let grace = Instant::now();
+                let st = loop {
+                    if let Some(st) = self.child.try_wait()? {
+                        break st;
+                    }
+                    if grace.elapsed() >= Duration::from_secs(2) {
+                        kill_group(self.child.id());
+                        break self.child.wait()?;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                };
                 break st.code();
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -172,6 +192,7 @@ impl Running {
             timed_out,
             elapsed: self.started.elapsed(),
             emulator: self.spec.emulator,
+            dir: self.dir.clone(),
         })
     }
 }
@@ -195,11 +216,14 @@ pub fn spawn(img: &Image, spec: &RunSpec) -> Result<Running> {
     let _ = fs::remove_dir_all(&dir);
     fs::create_dir_all(&dir)?;
     let iso = img.iso_with(&spec.cmdline)?;
-    let e9 = dir.join("e9.log");
-    fs::write(&e9, b"")?;
+    let text = match spec.emulator {
+        Emulator::Qemu => dir.join("e9.log"),
+        Emulator::Bochs => dir.join("com1.log"),
+    };
+    fs::write(&text, b"")?;
     let mut cmd = match spec.emulator {
-        Emulator::Qemu => qemu_command(&iso, spec, &dir, &e9),
-        Emulator::Bochs => bochs_command(&iso, spec, &dir, &e9)?,
+        Emulator::Qemu => qemu_command(&iso, spec, &dir, &text)?,
+        Emulator::Bochs => bochs_command(&iso, spec, &dir)?,
     };
     cmd.stdin(Stdio::null()).process_group(0);
     let child = cmd
@@ -209,11 +233,12 @@ pub fn spawn(img: &Image, spec: &RunSpec) -> Result<Running> {
         child,
         started: Instant::now(),
         spec: spec.clone(),
-        e9,
+        dir,
+        text,
     })
 }
 
-fn qemu_command(iso: &Path, spec: &RunSpec, dir: &Path, e9: &Path) -> Command {
+fn qemu_command(iso: &Path, spec: &RunSpec, dir: &Path, e9: &Path) -> Result<Command> {
     let mut c = Command::new("qemu-system-x86_64");
     c.args(["-accel", "tcg", "-cpu", &spec.cpu])
         .args(["-m", &format!("{}M", spec.mem_mib)])
@@ -241,16 +266,12 @@ fn qemu_command(iso: &Path, spec: &RunSpec, dir: &Path, e9: &Path) -> Command {
     if spec.icount {
         c.args(["-icount", "shift=0,sleep=off"]);
     }
-    c.stdout(Stdio::from(
-        fs::File::create(dir.join("qemu.out")).expect("create qemu.out"),
-    ))
-    .stderr(Stdio::from(
-        fs::File::create(dir.join("qemu.err")).expect("create qemu.err"),
-    ));
-    c
+    c.stdout(Stdio::from(fs::File::create(dir.join("qemu.out"))?))
+        .stderr(Stdio::from(fs::File::create(dir.join("qemu.err"))?));
+    Ok(c)
 }
 
-fn bochs_command(iso: &Path, spec: &RunSpec, dir: &Path, e9: &Path) -> Result<Command> {
+fn bochs_command(iso: &Path, spec: &RunSpec, dir: &Path) -> Result<Command> {
     let rc = dir.join("bochsrc");
     fs::write(
         &rc,
@@ -263,6 +284,8 @@ fn bochs_command(iso: &Path, spec: &RunSpec, dir: &Path, e9: &Path) -> Result<Co
              ata0-slave: type=cdrom, path={iso}, status=inserted\n\
              boot: cdrom\n\
              display_library: term\n\
+             sound: driver=dummy\n\
+             speaker: enabled=0\n\
              port_e9_hack: enabled=1\n\
              com1: enabled=1, mode=file, dev={com1}\n\
              log: {log}\n\
@@ -276,6 +299,11 @@ fn bochs_command(iso: &Path, spec: &RunSpec, dir: &Path, e9: &Path) -> Result<Co
             log = dir.join("bochs.log").display(),
         ),
     )?;
+    // Debian's Bochs has its debugger on and stops before the first
+    // instruction: the command file continues. `display_library: term`
+    // (package bochs-term) needs TERM, which CI may not set. Without
+    // `sound: driver=dummy` the sound mixer thread aborts Bochs on machines
+    // without an ALSA device.
     let cmds = dir.join("cmds");
     fs::write(&cmds, "c\n")?;
     let mut c = Command::new("bochs-bin");
@@ -285,8 +313,8 @@ fn bochs_command(iso: &Path, spec: &RunSpec, dir: &Path, e9: &Path) -> Result<Co
         .arg("-rc")
         .arg(&cmds)
         .env("TERM", "dumb")
-        // port 0xE9 output goes to Bochs' stdout.
-        .stdout(Stdio::from(fs::File::create(e9)?))
+        // Port 0xE9 bytes, mixed with Bochs' own messages.
+        .stdout(Stdio::from(fs::File::create(dir.join("bochs.out"))?))
         .stderr(Stdio::from(fs::File::create(dir.join("bochs.err"))?));
     Ok(c)
 }

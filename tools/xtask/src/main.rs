@@ -42,13 +42,16 @@ enum Cmd {
         /// Emulator (and CPU vendor) to boot in.
         #[arg(long, value_enum, default_value = "qemu")]
         emulator: Emulator,
-        /// QEMU CPU model (ignored for Bochs). `qemu64` has no SVM: use it to
-        /// see the image refuse a CPU without hardware virtualization.
+        /// QEMU CPU model (ignored for Bochs). `qemu64,-svm` has no hardware
+        /// virtualization: use it to see the image refuse such a CPU.
         #[arg(long, default_value = "EPYC")]
         cpu: String,
         /// Hard wall-clock limit for the emulator run, in seconds.
         #[arg(long, default_value_t = 120)]
         timeout: u64,
+        /// Kernel command line, e.g. `log=debug` (see docs/KERNEL.md).
+        #[arg(long, default_value = "")]
+        cmdline: String,
     },
     /// Run everything that proves Doppel works: format, lints, unit and
     /// property tests, conformance checks and emulator boots. Ends with a
@@ -79,10 +82,11 @@ fn main() -> Result<()> {
             emulator,
             cpu,
             timeout,
+            cmdline,
         } => {
             setup::ensure()?;
             let img = image::build()?;
-            let run = emu::boot(&img, emulator, &cpu, timeout)?;
+            let run = emu::boot(&img, emulator, &cpu, timeout, &cmdline)?;
             print!("{}", run.output);
             println!("({})", run.describe());
             if run.passed() {

@@ -7,12 +7,14 @@ use std::process::{Command, Stdio};
 
 use anyhow::{bail, Context, Result};
 
-/// Debian packages: emulators, the GRUB ISO tool chain, Xen's public headers
+/// Debian packages: emulators (bochs-term is the headless display Bochs
+/// needs), the GRUB ISO tool chain, Xen's public headers
 /// (for the ABI conformance checks) and a C compiler.
 pub const DEBIAN_PACKAGES: &[&str] = &[
     "qemu-system-x86",
     "bochs",
     "bochsbios",
+    "bochs-term",
     "vgabios",
     "grub-pc-bin",
     "grub-common",

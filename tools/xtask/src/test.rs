@@ -40,6 +40,7 @@ fn steps() -> Vec<(&'static str, StepFn)> {
         ("boot-qemu-svm", step_boot_qemu),
         ("boot-bochs-vmx", step_boot_bochs),
         ("boot-qemu-no-virt", step_boot_no_virt),
+        ("boot-qemu-faults", step_boot_faults),
     ]
 }
 
@@ -79,8 +80,14 @@ pub fn run(long: bool, only: Option<&str>) -> Result<()> {
 
 /// Run a command in the workspace root; fail with its output's tail.
 pub fn cargo(args: &[&str]) -> Result<String> {
+    cargo_env(args, &[])
+}
+
+/// As [`cargo`], with extra environment variables.
+pub fn cargo_env(args: &[&str], envs: &[(&str, &str)]) -> Result<String> {
     let out = Command::new(env!("CARGO"))
         .args(args)
+        .envs(envs.iter().copied())
         .current_dir(crate::root())
         .output()
         .with_context(|| format!("running cargo {}", args.join(" ")))?;
@@ -104,6 +111,17 @@ fn step_fmt(_: &mut Ctx) -> Result<String> {
 
 fn step_clippy_host(_: &mut Ctx) -> Result<String> {
     cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])?;
+    // The kernel's library and its unit tests, built for the host.
+    cargo(&[
+        "clippy",
+        "--package",
+        "doppel-kernel",
+        "--lib",
+        "--tests",
+        "--",
+        "-D",
+        "warnings",
+    ])?;
     Ok(String::new())
 }
 
@@ -112,6 +130,8 @@ fn step_clippy_image(_: &mut Ctx) -> Result<String> {
         "clippy",
         "--package",
         "doppel-kernel",
+        "--package",
+        "doppel-guest",
         "--target",
         KERNEL_TARGET,
         "--release",
@@ -122,8 +142,16 @@ fn step_clippy_image(_: &mut Ctx) -> Result<String> {
     Ok(String::new())
 }
 
-fn step_host_tests(_: &mut Ctx) -> Result<String> {
-    let out = cargo(&["test", "--release"])?;
+fn step_host_tests(ctx: &mut Ctx) -> Result<String> {
+    // `--long`: sixteen times proptest's default number of cases.
+    let cases = if ctx.long { "4096" } else { "256" };
+    let mut out = cargo_env(&["test", "--release"], &[("PROPTEST_CASES", cases)])?;
+    // The kernel's hardware-free library (boot info, command line, memory
+    // ranges) is not a default member: it is built for the image's target.
+    out += &cargo_env(
+        &["test", "--release", "--package", "doppel-kernel", "--lib"],
+        &[("PROPTEST_CASES", cases)],
+    )?;
     // Sum cargo's own per-binary summaries into one line.
     let (mut p, mut f) = (0u64, 0u64);
     for l in out.lines() {
@@ -242,7 +270,9 @@ fn step_boot_bochs(ctx: &mut Ctx) -> Result<String> {
 fn step_boot_no_virt(ctx: &mut Ctx) -> Result<String> {
     let img = ctx.image()?;
     let mut spec = RunSpec::new(Emulator::Qemu, "test-boot-no-virt");
-    spec.cpu = "qemu64".into();
+    // QEMU 7.2's TCG `qemu64` model has SVM (without nested paging):
+    // remove it to get a CPU without hardware virtualization.
+    spec.cpu = "qemu64,-svm".into();
     spec.timeout = Duration::from_secs(60);
     let run = emu::run(&img, &spec)?;
     let Some(err) = run
@@ -263,4 +293,53 @@ fn step_boot_no_virt(ctx: &mut Ctx) -> Result<String> {
         bail!("expected QEMU exit code 35, got {:?}", run.exit_code);
     }
     Ok(format!("{err} [{}]", run.describe()))
+}
+
+/// Deliberate failures (`mode=crash-*`): each must print its error line,
+/// then `exit=fail`, and leave QEMU with the failure status, never hang.
+fn step_boot_faults(ctx: &mut Ctx) -> Result<String> {
+    let img = ctx.image()?;
+    let cases = [
+        (
+            "crash-null",
+            "doppel-hv: error: exception 14 (#PF page fault) error=0x0 ",
+            " cr2=0x0",
+        ),
+        (
+            "crash-panic",
+            "doppel-hv: error: panic at ",
+            ": requested by mode=crash-panic",
+        ),
+        (
+            "crash-stack",
+            "doppel-hv: error: exception 8 (#DF double fault) error=0x0 ",
+            "",
+        ),
+    ];
+    let mut seen = Vec::new();
+    for (mode, prefix, suffix) in cases {
+        let mut spec = RunSpec::new(Emulator::Qemu, &format!("test-{mode}"));
+        spec.cmdline = format!("mode={mode}");
+        spec.timeout = Duration::from_secs(60);
+        let run = emu::run(&img, &spec)?;
+        let Some(line) = run
+            .lines_with(prefix)
+            .find(|l| l.ends_with(suffix))
+            .map(str::to_owned)
+        else {
+            bail!(
+                "mode={mode}: expected a line `{prefix}...{suffix}` ({}); output:\n{}",
+                run.describe(),
+                run.output
+            );
+        };
+        if !run.failed_cleanly() || run.passed() || run.exit_code != Some((0x11 << 1) | 1) {
+            bail!(
+                "mode={mode}: expected exit=fail and QEMU exit code 35 ({})",
+                run.describe()
+            );
+        }
+        seen.push(format!("{mode}: {line}"));
+    }
+    Ok(seen.join(" | "))
 }

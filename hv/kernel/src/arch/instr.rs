@@ -1,0 +1,222 @@
+//! Every privileged instruction the image executes, wrapped once as a small
+//! function. Nothing else in the kernel uses `asm!` for a privileged
+//! instruction (the boot and trap entry assembly aside), so this file is the
+//! one place to audit what the hypervisor does to the CPU.
+//!
+//! Reads (CPUID, RDMSR, control registers) are safe functions: at worst an
+//! unknown MSR raises #GP, which the exception handlers report. Writes that
+//! can break the kernel's own memory safety (MSRs, control registers,
+//! descriptor tables, VMXON) are `unsafe fn` with their contract written
+//! down. Port I/O is safe: the kernel owns the machine and only touches the
+//! debug console, COM1 and the emulators' power-off ports.
+
+use core::arch::asm;
+
+use x86_64::instructions::port::Port;
+use x86_64::instructions::segmentation::{Segment, CS, DS, ES, SS};
+use x86_64::instructions::tables;
+use x86_64::registers::control::{Cr3, Cr3Flags};
+use x86_64::structures::gdt::{GlobalDescriptorTable, SegmentSelector};
+use x86_64::structures::idt::InterruptDescriptorTable;
+use x86_64::structures::paging::PhysFrame;
+
+/// The four registers CPUID returns.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Cpuid {
+    pub eax: u32,
+    pub ebx: u32,
+    pub ecx: u32,
+    pub edx: u32,
+}
+
+/// CPUID with `leaf` in EAX and `subleaf` in ECX.
+pub fn cpuid(leaf: u32, subleaf: u32) -> Cpuid {
+    let (eax, ebx, ecx, edx): (u32, u32, u32, u32);
+    // SAFETY: CPUID only writes the four registers named here; RBX is
+    // reserved by LLVM, so it is saved in a scratch register and restored.
+    unsafe {
+        asm!(
+            "mov {saved:r}, rbx",
+            "cpuid",
+            "xchg {saved:r}, rbx",
+            saved = out(reg) ebx,
+            inout("eax") leaf => eax,
+            inout("ecx") subleaf => ecx,
+            out("edx") edx,
+            options(nomem, nostack, preserves_flags),
+        );
+    }
+    Cpuid { eax, ebx, ecx, edx }
+}
+
+/// RDMSR. An MSR the CPU does not have raises #GP (reported, run fails).
+pub fn rdmsr(msr: u32) -> u64 {
+    let (lo, hi): (u32, u32);
+    // SAFETY: RDMSR reads a model-specific register into EDX:EAX and has no
+    // memory effects; the kernel runs at CPL 0.
+    unsafe {
+        asm!("rdmsr", in("ecx") msr, out("eax") lo, out("edx") hi,
+             options(nomem, nostack, preserves_flags));
+    }
+    (u64::from(hi) << 32) | u64::from(lo)
+}
+
+/// WRMSR.
+///
+/// # Safety
+/// The value must keep the kernel's assumptions (long mode, paging, the
+/// identity map, its own use of EFER bits) intact.
+pub unsafe fn wrmsr(msr: u32, value: u64) {
+    // SAFETY: the caller keeps the CPU state the kernel relies on; WRMSR
+    // itself touches no memory.
+    unsafe {
+        asm!("wrmsr", in("ecx") msr, in("eax") value as u32, in("edx") (value >> 32) as u32,
+             options(nostack, preserves_flags));
+    }
+}
+
+pub fn read_cr0() -> u64 {
+    x86_64::registers::control::Cr0::read_raw()
+}
+
+/// # Safety
+/// Must keep protected mode, paging and write protection on.
+pub unsafe fn write_cr0(value: u64) {
+    // SAFETY: forwarded to the caller's contract.
+    unsafe { x86_64::registers::control::Cr0::write_raw(value) }
+}
+
+pub fn read_cr2() -> u64 {
+    x86_64::registers::control::Cr2::read_raw()
+}
+
+pub fn read_cr3() -> u64 {
+    Cr3::read_raw().0.start_address().as_u64()
+}
+
+/// Switch to the page tables rooted at `pml4`.
+///
+/// # Safety
+/// The tables must map the running code, its stack and every static the
+/// kernel uses, at the addresses it uses them, and stay alive forever.
+pub unsafe fn write_cr3(pml4: PhysFrame) {
+    // SAFETY: forwarded to the caller's contract.
+    unsafe { Cr3::write(pml4, Cr3Flags::empty()) }
+}
+
+pub fn read_cr4() -> u64 {
+    x86_64::registers::control::Cr4::read_raw()
+}
+
+/// # Safety
+/// Must keep PAE on and only set features the CPU has.
+pub unsafe fn write_cr4(value: u64) {
+    // SAFETY: forwarded to the caller's contract.
+    unsafe { x86_64::registers::control::Cr4::write_raw(value) }
+}
+
+/// Load `gdt`, reload CS/SS/DS/ES with its kernel selectors and load the
+/// task register with its TSS.
+///
+/// # Safety
+/// `code`/`data` must be 64-bit kernel code/data descriptors and `tss` an
+/// available TSS descriptor of `gdt`.
+pub unsafe fn load_gdt(
+    gdt: &'static GlobalDescriptorTable,
+    code: SegmentSelector,
+    data: SegmentSelector,
+    tss: SegmentSelector,
+) {
+    gdt.load();
+    // SAFETY: the selectors name descriptors of the table just loaded
+    // (caller's contract), so the segment loads and LTR are valid.
+    unsafe {
+        CS::set_reg(code);
+        SS::set_reg(data);
+        DS::set_reg(data);
+        ES::set_reg(data);
+        tables::load_tss(tss);
+    }
+}
+
+/// LIDT.
+pub fn load_idt(idt: &'static InterruptDescriptorTable) {
+    idt.load();
+}
+
+/// Write one byte to an I/O port.
+pub fn outb(port: u16, value: u8) {
+    // SAFETY: the kernel owns every device; callers only address the debug
+    // console (0xE9), COM1 and the emulators' exit/power-off ports, none of
+    // which can touch memory.
+    unsafe { Port::<u8>::new(port).write(value) }
+}
+
+/// Read one byte from an I/O port.
+pub fn inb(port: u16) -> u8 {
+    // SAFETY: as for `outb`; reads of these ports have no memory effects.
+    unsafe { Port::<u8>::new(port).read() }
+}
+
+/// Stop this CPU for good: interrupts off, HLT in a loop (an NMI or SMI
+/// that wakes it halts it again).
+pub fn halt_forever() -> ! {
+    loop {
+        // SAFETY: CLI and HLT only change the interrupt flag and wait.
+        unsafe { asm!("cli", "hlt", options(nomem, nostack)) };
+    }
+}
+
+/// Why VMXON (or another VMX instruction) failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VmFail {
+    /// CF=1: no current VMCS or a bad operand (VMfailInvalid).
+    Invalid,
+    /// ZF=1: the instruction error field holds the reason (VMfailValid).
+    Valid,
+}
+
+/// VMXON with the 4 KiB-aligned physical address of the VMXON region.
+///
+/// # Safety
+/// CR4.VMXE is set, CR0/CR4 respect the VMX fixed bits, and `region_pa` is
+/// a zeroed frame owned by VMX from now on with the revision id at offset 0.
+pub unsafe fn vmxon(region_pa: u64) -> Result<(), VmFail> {
+    let (cf, zf): (u8, u8);
+    // SAFETY: caller's contract; VMXON reads the 64-bit operand in memory
+    // (the local `region_pa`) and reports through CF/ZF.
+    unsafe {
+        asm!(
+            "vmxon qword ptr [{pa}]",
+            "setc {cf}",
+            "setz {zf}",
+            pa = in(reg) &region_pa,
+            cf = out(reg_byte) cf,
+            zf = out(reg_byte) zf,
+            options(nostack),
+        );
+    }
+    vm_result(cf, zf)
+}
+
+/// VMXOFF: leave VMX operation.
+///
+/// # Safety
+/// The CPU is in VMX root operation and nothing still needs its VMCSs.
+pub unsafe fn vmxoff() -> Result<(), VmFail> {
+    let (cf, zf): (u8, u8);
+    // SAFETY: caller's contract; VMXOFF has no memory operands.
+    unsafe {
+        asm!("vmxoff", "setc {cf}", "setz {zf}", cf = out(reg_byte) cf, zf = out(reg_byte) zf,
+             options(nostack));
+    }
+    vm_result(cf, zf)
+}
+
+fn vm_result(cf: u8, zf: u8) -> Result<(), VmFail> {
+    match (cf, zf) {
+        (0, 0) => Ok(()),
+        (0, _) => Err(VmFail::Valid),
+        _ => Err(VmFail::Invalid),
+    }
+}

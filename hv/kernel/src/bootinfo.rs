@@ -1,0 +1,543 @@
+//! Multiboot2 boot information (the structure GRUB leaves at the address in
+//! EBX), parsed from a byte slice with bounds checks on every tag.
+//!
+//! Layout (Multiboot2 specification, section 3.6): a fixed 8-byte header
+//! `total_size: u32, reserved: u32`, then tags, each 8-byte aligned, each
+//! starting with `type: u32, size: u32`; a tag of type 0 and size 8 ends
+//! the list.
+
+use core::fmt;
+
+use zerocopy::{FromBytes, Immutable, KnownLayout};
+
+/// Value of EAX when a Multiboot2 loader enters the image.
+pub const BOOTLOADER_MAGIC: u32 = 0x36d7_6289;
+
+const TAG_END: u32 = 0;
+const TAG_CMDLINE: u32 = 1;
+const TAG_MODULE: u32 = 3;
+const TAG_MMAP: u32 = 6;
+
+#[derive(FromBytes, KnownLayout, Immutable, Clone, Copy, Debug)]
+#[repr(C)]
+struct FixedHeader {
+    total_size: u32,
+    reserved: u32,
+}
+
+#[derive(FromBytes, KnownLayout, Immutable, Clone, Copy, Debug)]
+#[repr(C)]
+struct TagHeader {
+    typ: u32,
+    size: u32,
+}
+
+#[derive(FromBytes, KnownLayout, Immutable, Clone, Copy, Debug)]
+#[repr(C)]
+struct MmapHeader {
+    entry_size: u32,
+    entry_version: u32,
+}
+
+#[derive(FromBytes, KnownLayout, Immutable, Clone, Copy, Debug)]
+#[repr(C)]
+struct MmapEntry {
+    base_addr: u64,
+    length: u64,
+    typ: u32,
+    reserved: u32,
+}
+
+#[derive(FromBytes, KnownLayout, Immutable, Clone, Copy, Debug)]
+#[repr(C)]
+struct ModuleHeader {
+    mod_start: u32,
+    mod_end: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<FixedHeader>() == 8);
+const _: () = assert!(core::mem::size_of::<TagHeader>() == 8);
+const _: () = assert!(core::mem::size_of::<MmapHeader>() == 8);
+const _: () = assert!(core::mem::size_of::<MmapEntry>() == 24);
+const _: () = assert!(core::mem::offset_of!(MmapEntry, length) == 8);
+const _: () = assert!(core::mem::offset_of!(MmapEntry, typ) == 16);
+const _: () = assert!(core::mem::size_of::<ModuleHeader>() == 8);
+
+/// Why a boot information block was rejected.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BootInfoError {
+    /// Fewer bytes than the fixed header, or than `total_size` claims.
+    Truncated { have: usize, need: usize },
+    /// A tag at `offset` is smaller than its header or runs past the end.
+    BadTag { offset: usize, size: u32 },
+    /// No end tag before `total_size`.
+    MissingEnd,
+    /// The memory map tag has entries smaller than 24 bytes.
+    BadMmapEntrySize(u32),
+    /// A string tag is not NUL-terminated UTF-8.
+    BadString { tag: u32 },
+}
+
+impl fmt::Display for BootInfoError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Truncated { have, need } => {
+                write!(f, "boot info truncated: {have} bytes, need {need}")
+            }
+            Self::BadTag { offset, size } => {
+                write!(f, "boot info tag at offset {offset} has bad size {size}")
+            }
+            Self::MissingEnd => write!(f, "boot info has no end tag"),
+            Self::BadMmapEntrySize(s) => write!(f, "memory map entry size {s} < 24"),
+            Self::BadString { tag } => write!(f, "boot info tag {tag}: bad string"),
+        }
+    }
+}
+
+/// Kind of a memory map region (Multiboot2 numbering).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RegionKind {
+    /// Type 1: RAM the kernel may use.
+    Available,
+    /// Type 3: ACPI tables, reclaimable after reading them.
+    AcpiReclaimable,
+    /// Type 4: must be preserved across hibernation.
+    AcpiNvs,
+    /// Type 5: defective RAM.
+    Defective,
+    /// Anything else (2 and unknown types): reserved.
+    Reserved(u32),
+}
+
+impl From<u32> for RegionKind {
+    fn from(t: u32) -> Self {
+        match t {
+            1 => Self::Available,
+            3 => Self::AcpiReclaimable,
+            4 => Self::AcpiNvs,
+            5 => Self::Defective,
+            other => Self::Reserved(other),
+        }
+    }
+}
+
+/// One entry of the physical memory map.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemoryRegion {
+    pub base: u64,
+    pub len: u64,
+    pub kind: RegionKind,
+}
+
+impl MemoryRegion {
+    /// One past the last byte, saturating at `u64::MAX`.
+    pub fn end(&self) -> u64 {
+        self.base.saturating_add(self.len)
+    }
+}
+
+/// A boot module (a file GRUB loaded next to the image).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Module<'a> {
+    pub start: u32,
+    pub end: u32,
+    pub cmdline: &'a str,
+}
+
+/// A validated boot information block.
+#[derive(Clone, Copy, Debug)]
+pub struct BootInfo<'a> {
+    bytes: &'a [u8],
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Tag<'a> {
+    typ: u32,
+    /// Offset of the tag's header in the block.
+    offset: usize,
+    /// The tag's bytes after its 8-byte header.
+    body: &'a [u8],
+}
+
+impl<'a> BootInfo<'a> {
+    /// Size the block claims for itself (the first `u32`), so a caller that
+    /// only has a pointer knows how many bytes to hand to [`BootInfo::parse`].
+    pub fn claimed_size(first8: &[u8]) -> Result<usize, BootInfoError> {
+        let (h, _) =
+            FixedHeader::read_from_prefix(first8).map_err(|_| BootInfoError::Truncated {
+                have: first8.len(),
+                need: 8,
+            })?;
+        Ok(h.total_size as usize)
+    }
+
+    /// Validate every tag of the block in `bytes` (which may be longer than
+    /// the block). Later accessors never fail on structure.
+    pub fn parse(bytes: &'a [u8]) -> Result<Self, BootInfoError> {
+        let total = Self::claimed_size(bytes)?;
+        if total < 16 || bytes.len() < total {
+            return Err(BootInfoError::Truncated {
+                have: bytes.len(),
+                need: total.max(16),
+            });
+        }
+        let info = Self {
+            bytes: &bytes[..total],
+        };
+        let mut saw_end = false;
+        for tag in info.raw_tags() {
+            let tag = tag?;
+            match tag.typ {
+                TAG_END => saw_end = true,
+                TAG_CMDLINE => {
+                    c_str(tag.body).ok_or(BootInfoError::BadString { tag: tag.typ })?;
+                }
+                TAG_MODULE => {
+                    let (_, rest) = ModuleHeader::read_from_prefix(tag.body).map_err(|_| {
+                        BootInfoError::BadTag {
+                            offset: tag.offset,
+                            size: tag.body.len() as u32 + 8,
+                        }
+                    })?;
+                    c_str(rest).ok_or(BootInfoError::BadString { tag: tag.typ })?;
+                }
+                TAG_MMAP => {
+                    let (h, _) = MmapHeader::read_from_prefix(tag.body).map_err(|_| {
+                        BootInfoError::BadTag {
+                            offset: tag.offset,
+                            size: tag.body.len() as u32 + 8,
+                        }
+                    })?;
+                    if (h.entry_size as usize) < core::mem::size_of::<MmapEntry>() {
+                        return Err(BootInfoError::BadMmapEntrySize(h.entry_size));
+                    }
+                }
+                _ => {}
+            }
+        }
+        if !saw_end {
+            return Err(BootInfoError::MissingEnd);
+        }
+        Ok(info)
+    }
+
+    /// Bytes the block covers (for reserving it from the frame allocator).
+    pub fn total_size(&self) -> usize {
+        self.bytes.len()
+    }
+
+    fn raw_tags(&self) -> RawTags<'a> {
+        RawTags {
+            bytes: self.bytes,
+            offset: 8,
+            done: false,
+        }
+    }
+
+    fn tags(&self) -> impl Iterator<Item = Tag<'a>> {
+        // `parse` validated the structure, so no error can appear here.
+        self.raw_tags().map_while(Result::ok)
+    }
+
+    /// The kernel command line, if the loader passed one.
+    pub fn cmdline(&self) -> Option<&'a str> {
+        self.tags()
+            .find(|t| t.typ == TAG_CMDLINE)
+            .and_then(|t| c_str(t.body))
+    }
+
+    /// The physical memory map, empty if the loader gave none.
+    pub fn memory_map(&self) -> impl Iterator<Item = MemoryRegion> + 'a {
+        let body = self
+            .tags()
+            .find(|t| t.typ == TAG_MMAP)
+            .map(|t| t.body)
+            .unwrap_or(&[]);
+        let (entry_size, entries) = match MmapHeader::read_from_prefix(body) {
+            Ok((h, rest)) => (h.entry_size as usize, rest),
+            Err(_) => (core::mem::size_of::<MmapEntry>(), &[][..]),
+        };
+        entries.chunks_exact(entry_size).filter_map(|c| {
+            MmapEntry::read_from_prefix(c)
+                .ok()
+                .map(|(e, _)| MemoryRegion {
+                    base: e.base_addr,
+                    len: e.length,
+                    kind: RegionKind::from(e.typ),
+                })
+        })
+    }
+
+    /// Boot modules.
+    pub fn modules(&self) -> impl Iterator<Item = Module<'a>> + 'a {
+        self.tags().filter(|t| t.typ == TAG_MODULE).filter_map(|t| {
+            let (h, rest) = ModuleHeader::read_from_prefix(t.body).ok()?;
+            Some(Module {
+                start: h.mod_start,
+                end: h.mod_end,
+                cmdline: c_str(rest)?,
+            })
+        })
+    }
+}
+
+struct RawTags<'a> {
+    bytes: &'a [u8],
+    offset: usize,
+    done: bool,
+}
+
+impl<'a> Iterator for RawTags<'a> {
+    type Item = Result<Tag<'a>, BootInfoError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.done || self.offset >= self.bytes.len() {
+            return None;
+        }
+        let at = self.offset;
+        let Ok((h, _)) = TagHeader::read_from_prefix(&self.bytes[at..]) else {
+            self.done = true;
+            return Some(Err(BootInfoError::BadTag {
+                offset: at,
+                size: 0,
+            }));
+        };
+        let size = h.size as usize;
+        if size < 8 || size > self.bytes.len() - at {
+            self.done = true;
+            return Some(Err(BootInfoError::BadTag {
+                offset: at,
+                size: h.size,
+            }));
+        }
+        if h.typ == TAG_END {
+            self.done = true;
+        }
+        // Tags start 8-byte aligned; the last one may end unpadded.
+        self.offset = at.saturating_add(size.next_multiple_of(8));
+        Some(Ok(Tag {
+            typ: h.typ,
+            offset: at,
+            body: &self.bytes[at + 8..at + size],
+        }))
+    }
+}
+
+/// The UTF-8 text before the first NUL, or `None` without a NUL.
+fn c_str(b: &[u8]) -> Option<&str> {
+    let n = b.iter().position(|&c| c == 0)?;
+    core::str::from_utf8(&b[..n]).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Builds a boot information block the way the specification lays it
+    /// out, independent of the parser.
+    struct Builder(Vec<u8>);
+
+    impl Builder {
+        fn new() -> Self {
+            Self(vec![0; 8])
+        }
+        fn tag(mut self, typ: u32, body: &[u8]) -> Self {
+            self.0.extend_from_slice(&typ.to_le_bytes());
+            self.0
+                .extend_from_slice(&(8 + body.len() as u32).to_le_bytes());
+            self.0.extend_from_slice(body);
+            while !self.0.len().is_multiple_of(8) {
+                self.0.push(0);
+            }
+            self
+        }
+        fn finish(self) -> Vec<u8> {
+            let mut b = self.tag(TAG_END, &[]).0;
+            let n = b.len() as u32;
+            b[..4].copy_from_slice(&n.to_le_bytes());
+            b
+        }
+    }
+
+    fn mmap_body(entries: &[(u64, u64, u32)]) -> Vec<u8> {
+        let mut v = Vec::new();
+        v.extend_from_slice(&24u32.to_le_bytes());
+        v.extend_from_slice(&0u32.to_le_bytes());
+        for (b, l, t) in entries {
+            v.extend_from_slice(&b.to_le_bytes());
+            v.extend_from_slice(&l.to_le_bytes());
+            v.extend_from_slice(&t.to_le_bytes());
+            v.extend_from_slice(&0u32.to_le_bytes());
+        }
+        v
+    }
+
+    #[test]
+    fn parses_cmdline_mmap_and_modules() {
+        let mut module = Vec::new();
+        module.extend_from_slice(&0x20_0000u32.to_le_bytes());
+        module.extend_from_slice(&0x20_3000u32.to_le_bytes());
+        module.extend_from_slice(b"guest.bin\0");
+        let b = Builder::new()
+            .tag(TAG_CMDLINE, b"log=debug mode=report\0")
+            .tag(99, &[1, 2, 3])
+            .tag(
+                TAG_MMAP,
+                &mmap_body(&[
+                    (0, 0x9fc00, 1),
+                    (0xf0000, 0x10000, 2),
+                    (0x100000, 0x7ee0000, 1),
+                ]),
+            )
+            .tag(TAG_MODULE, &module)
+            .finish();
+        let info = BootInfo::parse(&b).unwrap();
+        assert_eq!(info.total_size(), b.len());
+        assert_eq!(info.cmdline(), Some("log=debug mode=report"));
+        let mm: Vec<MemoryRegion> = info.memory_map().collect();
+        assert_eq!(
+            mm,
+            vec![
+                MemoryRegion {
+                    base: 0,
+                    len: 0x9fc00,
+                    kind: RegionKind::Available
+                },
+                MemoryRegion {
+                    base: 0xf0000,
+                    len: 0x10000,
+                    kind: RegionKind::Reserved(2)
+                },
+                MemoryRegion {
+                    base: 0x100000,
+                    len: 0x7ee0000,
+                    kind: RegionKind::Available
+                },
+            ]
+        );
+        let mods: Vec<Module> = info.modules().collect();
+        assert_eq!(
+            mods,
+            vec![Module {
+                start: 0x20_0000,
+                end: 0x20_3000,
+                cmdline: "guest.bin"
+            }]
+        );
+    }
+
+    #[test]
+    fn larger_mmap_entries_are_stepped_by_entry_size() {
+        let mut body = Vec::new();
+        body.extend_from_slice(&32u32.to_le_bytes());
+        body.extend_from_slice(&0u32.to_le_bytes());
+        for (base, len) in [(0x1000u64, 0x2000u64), (0x10_0000, 0x4000)] {
+            body.extend_from_slice(&base.to_le_bytes());
+            body.extend_from_slice(&len.to_le_bytes());
+            body.extend_from_slice(&1u32.to_le_bytes());
+            body.extend_from_slice(&[0xAA; 12]);
+        }
+        let b = Builder::new().tag(TAG_MMAP, &body).finish();
+        let info = BootInfo::parse(&b).unwrap();
+        let bases: Vec<(u64, u64)> = info.memory_map().map(|r| (r.base, r.len)).collect();
+        assert_eq!(bases, vec![(0x1000, 0x2000), (0x10_0000, 0x4000)]);
+    }
+
+    #[test]
+    fn rejects_truncated_and_malformed_blocks() {
+        let good = Builder::new().tag(TAG_CMDLINE, b"x\0").finish();
+        assert!(BootInfo::parse(&good).is_ok());
+        // Shorter than the claimed size.
+        assert_eq!(
+            BootInfo::parse(&good[..good.len() - 1]).unwrap_err(),
+            BootInfoError::Truncated {
+                have: good.len() - 1,
+                need: good.len()
+            }
+        );
+        assert!(matches!(
+            BootInfo::parse(&good[..4]),
+            Err(BootInfoError::Truncated { .. })
+        ));
+        // A tag whose size runs past the end.
+        let mut bad = good.clone();
+        bad[12..16].copy_from_slice(&1000u32.to_le_bytes());
+        assert_eq!(
+            BootInfo::parse(&bad).unwrap_err(),
+            BootInfoError::BadTag {
+                offset: 8,
+                size: 1000
+            }
+        );
+        // A tag smaller than its own header.
+        let mut bad = good.clone();
+        bad[12..16].copy_from_slice(&4u32.to_le_bytes());
+        assert_eq!(
+            BootInfo::parse(&bad).unwrap_err(),
+            BootInfoError::BadTag { offset: 8, size: 4 }
+        );
+        // No end tag: claim a size that stops before it.
+        let mut bad = good.clone();
+        let n = (good.len() - 8) as u32;
+        bad[..4].copy_from_slice(&n.to_le_bytes());
+        assert_eq!(
+            BootInfo::parse(&bad).unwrap_err(),
+            BootInfoError::MissingEnd
+        );
+        // Command line without its NUL.
+        let bad = Builder::new().tag(TAG_CMDLINE, b"abc").finish();
+        assert_eq!(
+            BootInfo::parse(&bad).unwrap_err(),
+            BootInfoError::BadString { tag: TAG_CMDLINE }
+        );
+        // Memory map entries too small to hold an entry.
+        let mut body = mmap_body(&[]);
+        body[..4].copy_from_slice(&16u32.to_le_bytes());
+        let bad = Builder::new().tag(TAG_MMAP, &body).finish();
+        assert_eq!(
+            BootInfo::parse(&bad).unwrap_err(),
+            BootInfoError::BadMmapEntrySize(16)
+        );
+    }
+
+    #[test]
+    fn short_module_tag_is_rejected_with_its_offset() {
+        let b = Builder::new()
+            .tag(TAG_CMDLINE, b"\0")
+            .tag(TAG_MODULE, &[1, 2, 3, 4])
+            .finish();
+        assert_eq!(
+            BootInfo::parse(&b).unwrap_err(),
+            BootInfoError::BadTag {
+                offset: 24,
+                size: 12
+            }
+        );
+    }
+
+    proptest::proptest! {
+        /// Whatever the bytes, parsing returns (it never panics), and an
+        /// accepted block's accessors stay inside it.
+        #[test]
+        fn arbitrary_bytes_never_panic(mut bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..256), size in 0u32..300) {
+            if bytes.len() >= 4 {
+                bytes[..4].copy_from_slice(&size.to_le_bytes());
+            }
+            if let Ok(info) = BootInfo::parse(&bytes) {
+                proptest::prop_assert!(info.total_size() <= bytes.len());
+                let _ = info.cmdline();
+                proptest::prop_assert!(info.memory_map().count() <= bytes.len() / 24);
+                let _ = info.modules().count();
+            }
+        }
+    }
+
+    #[test]
+    fn absent_tags_read_as_empty() {
+        let b = Builder::new().finish();
+        let info = BootInfo::parse(&b).unwrap();
+        assert_eq!(info.cmdline(), None);
+        assert_eq!(info.memory_map().count(), 0);
+        assert_eq!(info.modules().count(), 0);
+    }
+}

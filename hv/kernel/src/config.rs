@@ -1,0 +1,193 @@
+//! The kernel command line (Multiboot2 tag 1): whitespace-separated
+//! `key=value` words turned into a [`Config`].
+//!
+//! Known keys:
+//! - `log=off|error|warn|info|debug|trace`: the log level (default `info`).
+//! - `mode=report|crash-null|crash-panic|crash-stack`: what the image does
+//!   after bring-up. `report` (the default) prints the capability line and
+//!   powers off. The `crash-*` modes then fault on purpose (a read of
+//!   address 0, a panic, a kernel stack overflow) so tests can check that
+//!   every failure is reported and ends the run. The self-test and standby
+//!   modes of later issues add their own values here.
+//!
+//! A word without `=` that starts with `/` is the image's own path (some
+//! loaders prepend it) and is skipped. Anything else is an error: a typo on
+//! the command line must not silently change what a test run means.
+
+use core::fmt;
+
+use log::LevelFilter;
+
+/// What the image does once hardware virtualization is on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Print the capability line and power off with success.
+    Report,
+    /// Print the capability line, then fail on purpose.
+    Crash(Crash),
+}
+
+/// A deliberate failure, to test that failures are reported.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Crash {
+    /// Read address 0 (unmapped): a page fault.
+    NullRead,
+    /// `panic!`.
+    Panic,
+    /// Unbounded recursion into the stack guard page: a page fault that
+    /// cannot be delivered on the same stack, so a double fault.
+    StackOverflow,
+}
+
+/// Settings from the command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Config {
+    pub log: LevelFilter,
+    pub mode: Mode,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            log: LevelFilter::Info,
+            mode: Mode::Report,
+        }
+    }
+}
+
+/// Why a command line was rejected.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConfigError<'a> {
+    /// A key this image does not know.
+    UnknownKey(&'a str),
+    /// A known key with a value it does not take.
+    BadValue { key: &'a str, value: &'a str },
+    /// A word that is not `key=value`.
+    NotKeyValue(&'a str),
+    /// The same key twice.
+    Duplicate(&'a str),
+}
+
+impl fmt::Display for ConfigError<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::UnknownKey(k) => write!(f, "unknown command-line key `{k}`"),
+            Self::BadValue { key, value } => {
+                write!(f, "bad value `{value}` for command-line key `{key}`")
+            }
+            Self::NotKeyValue(w) => write!(f, "command-line word `{w}` is not key=value"),
+            Self::Duplicate(k) => write!(f, "command-line key `{k}` given twice"),
+        }
+    }
+}
+
+impl Config {
+    /// Parse a command line; the defaults fill in keys that are absent.
+    pub fn parse(cmdline: &str) -> Result<Self, ConfigError<'_>> {
+        let mut cfg = Self::default();
+        let (mut saw_log, mut saw_mode) = (false, false);
+        for word in cmdline.split_ascii_whitespace() {
+            let Some((key, value)) = word.split_once('=') else {
+                if word.starts_with('/') {
+                    continue;
+                }
+                return Err(ConfigError::NotKeyValue(word));
+            };
+            let bad = ConfigError::BadValue { key, value };
+            match key {
+                "log" => {
+                    if core::mem::replace(&mut saw_log, true) {
+                        return Err(ConfigError::Duplicate(key));
+                    }
+                    cfg.log = match value {
+                        "off" => LevelFilter::Off,
+                        "error" => LevelFilter::Error,
+                        "warn" => LevelFilter::Warn,
+                        "info" => LevelFilter::Info,
+                        "debug" => LevelFilter::Debug,
+                        "trace" => LevelFilter::Trace,
+                        _ => return Err(bad),
+                    };
+                }
+                "mode" => {
+                    if core::mem::replace(&mut saw_mode, true) {
+                        return Err(ConfigError::Duplicate(key));
+                    }
+                    cfg.mode = match value {
+                        "report" => Mode::Report,
+                        "crash-null" => Mode::Crash(Crash::NullRead),
+                        "crash-panic" => Mode::Crash(Crash::Panic),
+                        "crash-stack" => Mode::Crash(Crash::StackOverflow),
+                        _ => return Err(bad),
+                    };
+                }
+                _ => return Err(ConfigError::UnknownKey(key)),
+            }
+        }
+        Ok(cfg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_line_gives_defaults() {
+        assert_eq!(Config::parse("").unwrap(), Config::default());
+        assert_eq!(Config::parse("  \t ").unwrap(), Config::default());
+        assert_eq!(Config::default().log, LevelFilter::Info);
+        assert_eq!(Config::default().mode, Mode::Report);
+    }
+
+    #[test]
+    fn known_keys_are_read() {
+        let c = Config::parse("/boot/doppel-hv  log=trace mode=report").unwrap();
+        assert_eq!(
+            c,
+            Config {
+                log: LevelFilter::Trace,
+                mode: Mode::Report
+            }
+        );
+        assert_eq!(Config::parse("log=off").unwrap().log, LevelFilter::Off);
+        for (word, mode) in [
+            ("mode=crash-null", Mode::Crash(Crash::NullRead)),
+            ("mode=crash-panic", Mode::Crash(Crash::Panic)),
+            ("mode=crash-stack", Mode::Crash(Crash::StackOverflow)),
+        ] {
+            assert_eq!(Config::parse(word).unwrap().mode, mode);
+        }
+        assert_eq!(Config::parse("log=warn").unwrap().log, LevelFilter::Warn);
+    }
+
+    #[test]
+    fn bad_words_are_errors_naming_the_word() {
+        assert_eq!(
+            Config::parse("log=loud").unwrap_err(),
+            ConfigError::BadValue {
+                key: "log",
+                value: "loud"
+            }
+        );
+        assert_eq!(
+            Config::parse("mode=report colour=red").unwrap_err(),
+            ConfigError::UnknownKey("colour")
+        );
+        assert_eq!(
+            Config::parse("quiet").unwrap_err(),
+            ConfigError::NotKeyValue("quiet")
+        );
+        assert_eq!(
+            Config::parse("log=info log=debug").unwrap_err(),
+            ConfigError::Duplicate("log")
+        );
+        assert_eq!(
+            Config::parse("mode=").unwrap_err(),
+            ConfigError::BadValue {
+                key: "mode",
+                value: ""
+            }
+        );
+    }
+}

@@ -1,0 +1,157 @@
+//! Intel VMX: capability detection from the VMX MSRs and VMXON.
+//! (Intel SDM vol. 3, chapter 24 "Introduction to VMX operation" and
+//! appendix A "VMX capability reporting facility".)
+
+use crate::arch::instr::{self, cpuid, rdmsr, wrmsr};
+use crate::mem::frames;
+
+use super::Error;
+
+const IA32_FEATURE_CONTROL: u32 = 0x3A;
+const FEATURE_CONTROL_LOCK: u64 = 1 << 0;
+const FEATURE_CONTROL_VMX_OUTSIDE_SMX: u64 = 1 << 2;
+
+const IA32_VMX_BASIC: u32 = 0x480;
+const IA32_VMX_PROCBASED_CTLS: u32 = 0x482;
+const IA32_VMX_CR0_FIXED0: u32 = 0x486;
+const IA32_VMX_CR0_FIXED1: u32 = 0x487;
+const IA32_VMX_CR4_FIXED0: u32 = 0x488;
+const IA32_VMX_CR4_FIXED1: u32 = 0x489;
+const IA32_VMX_PROCBASED_CTLS2: u32 = 0x48B;
+const IA32_VMX_EPT_VPID_CAP: u32 = 0x48C;
+const IA32_VMX_TRUE_PROCBASED_CTLS: u32 = 0x48E;
+
+/// IA32_VMX_BASIC bit 55: the TRUE_* control MSRs exist.
+const BASIC_TRUE_CTLS: u64 = 1 << 55;
+/// Primary processor-based control 31: activate secondary controls.
+const PROC_SECONDARY: u32 = 1 << 31;
+/// Secondary processor-based controls.
+const PROC2_EPT: u32 = 1 << 1;
+const PROC2_UNRESTRICTED: u32 = 1 << 7;
+const PROC2_PML: u32 = 1 << 17;
+/// IA32_VMX_EPT_VPID_CAP bit 21: accessed and dirty flags for EPT.
+const EPT_CAP_AD: u64 = 1 << 21;
+
+const CR4_VMXE: u64 = 1 << 13;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VmxCaps {
+    /// VMCS revision identifier (IA32_VMX_BASIC[30:0]).
+    pub revision: u32,
+    /// VMXON/VMCS region size in bytes (IA32_VMX_BASIC[44:32]).
+    pub region_size: u32,
+    /// The TRUE_* control MSRs are to be used.
+    pub true_ctls: bool,
+    pub ept: bool,
+    pub ept_ad: bool,
+    pub pml: bool,
+    pub unrestricted: bool,
+}
+
+/// VMX capabilities, or `None` if CPUID.1:ECX[5] (VMX) is clear. The VMX
+/// MSRs are read only when VMX is there (they raise #GP otherwise).
+pub fn detect() -> Option<VmxCaps> {
+    if cpuid(1, 0).ecx & (1 << 5) == 0 {
+        return None;
+    }
+    let basic = rdmsr(IA32_VMX_BASIC);
+    let true_ctls = basic & BASIC_TRUE_CTLS != 0;
+    let procbased = rdmsr(if true_ctls {
+        IA32_VMX_TRUE_PROCBASED_CTLS
+    } else {
+        IA32_VMX_PROCBASED_CTLS
+    });
+    // Allowed-1 settings are the high 32 bits of a control MSR.
+    let proc_allowed1 = (procbased >> 32) as u32;
+    let proc2_allowed1 = if proc_allowed1 & PROC_SECONDARY != 0 {
+        (rdmsr(IA32_VMX_PROCBASED_CTLS2) >> 32) as u32
+    } else {
+        0
+    };
+    let ept = proc2_allowed1 & PROC2_EPT != 0;
+    // IA32_VMX_EPT_VPID_CAP exists only with EPT or VPID.
+    let ept_ad = ept && rdmsr(IA32_VMX_EPT_VPID_CAP) & EPT_CAP_AD != 0;
+    let caps = VmxCaps {
+        revision: (basic & 0x7fff_ffff) as u32,
+        region_size: ((basic >> 32) & 0x1fff) as u32,
+        true_ctls,
+        ept,
+        ept_ad,
+        pml: proc2_allowed1 & PROC2_PML != 0,
+        unrestricted: proc2_allowed1 & PROC2_UNRESTRICTED != 0,
+    };
+    log::debug!(
+        "vmx: basic={basic:#018x} procbased={procbased:#018x} proc2_allowed1={proc2_allowed1:#010x}"
+    );
+    Some(caps)
+}
+
+/// VMX root operation entered; owns the VMXON region.
+#[derive(Debug)]
+pub struct VmxOn {
+    /// Physical address of the VMXON region.
+    pub region: u64,
+}
+
+pub fn enable(caps: &VmxCaps) -> Result<VmxOn, Error> {
+    let fc = rdmsr(IA32_FEATURE_CONTROL);
+    if fc & FEATURE_CONTROL_LOCK == 0 {
+        // SAFETY: IA32_FEATURE_CONTROL only gates VMX/SMX; locking it with
+        // VMX-outside-SMX allowed changes nothing the kernel relies on.
+        unsafe {
+            wrmsr(
+                IA32_FEATURE_CONTROL,
+                fc | FEATURE_CONTROL_LOCK | FEATURE_CONTROL_VMX_OUTSIDE_SMX,
+            )
+        };
+    } else if fc & FEATURE_CONTROL_VMX_OUTSIDE_SMX == 0 {
+        return Err(Error::DisabledByFirmware(
+            "IA32_FEATURE_CONTROL locked with VMX outside SMX off",
+        ));
+    }
+    if caps.region_size as u64 > crate::mem::PAGE_SIZE {
+        return Err(Error::VmxFailed("VMXON (region larger than 4 KiB)"));
+    }
+
+    let cr0 = (instr::read_cr0() | rdmsr(IA32_VMX_CR0_FIXED0)) & rdmsr(IA32_VMX_CR0_FIXED1);
+    let cr4 =
+        (instr::read_cr4() | CR4_VMXE | rdmsr(IA32_VMX_CR4_FIXED0)) & rdmsr(IA32_VMX_CR4_FIXED1);
+    // SAFETY: the fixed-1 bits VMX requires in long mode (PE, PG, NE) are
+    // compatible with the kernel; fixed-0 bits only clear what VMX forbids.
+    unsafe { instr::write_cr0(cr0) };
+    // SAFETY: as above; CR4.VMXE only permits VMXON, PAE stays set.
+    unsafe { instr::write_cr4(cr4) };
+
+    let region = frames::alloc_zeroed()
+        .ok_or(Error::OutOfFrames)?
+        .start_address()
+        .as_u64();
+    // SAFETY: a zeroed frame owned by this function, identity mapped; the
+    // revision id goes in its first 4 bytes with bit 31 clear.
+    unsafe { (region as *mut u32).write_volatile(caps.revision) };
+    // SAFETY: CR4.VMXE and the fixed bits are set above; `region` is a
+    // dedicated frame holding the revision id, given to VMX from now on.
+    unsafe { instr::vmxon(region) }.map_err(|e| match e {
+        instr::VmFail::Invalid => Error::VmxFailed("VMXON (VMfailInvalid)"),
+        instr::VmFail::Valid => Error::VmxFailed("VMXON (VMfailValid)"),
+    })?;
+    log::debug!(
+        "vmx: on, VMXON region at {region:#x}, revision {:#x}",
+        caps.revision
+    );
+    Ok(VmxOn { region })
+}
+
+impl VmxOn {
+    /// Leave VMX root operation and clear CR4.VMXE.
+    pub fn off(self) -> Result<(), Error> {
+        // SAFETY: VMXON succeeded (this value exists only then) and no VMCS
+        // is in use.
+        unsafe { instr::vmxoff() }.map_err(|_| Error::VmxFailed("VMXOFF"))?;
+        // SAFETY: clearing CR4.VMXE outside VMX operation is always allowed.
+        unsafe { instr::write_cr4(instr::read_cr4() & !CR4_VMXE) };
+        // Outside VMX operation the CPU no longer uses the region.
+        frames::free(self.region, crate::mem::PAGE_SIZE);
+        Ok(())
+    }
+}
