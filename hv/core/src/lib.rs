@@ -3,7 +3,11 @@
 //! `no_std` so the kernel links it; tested on the host with std.
 #![cfg_attr(not(test), no_std)]
 
+extern crate alloc;
+
+pub mod dirtylog;
 pub mod elf;
 pub mod hw;
+pub mod pml;
 pub mod selftest;
 pub mod workload;
