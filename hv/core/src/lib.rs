@@ -2,3 +2,9 @@
 //!
 //! `no_std` so the kernel links it; tested on the host with std.
 #![cfg_attr(not(test), no_std)]
+
+extern crate alloc;
+
+pub mod addr;
+pub mod frame;
+pub mod paging;
