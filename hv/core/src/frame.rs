@@ -157,7 +157,7 @@ impl HeapFramePool {
 
     fn index(&self, frame: HostPhysAddr) -> Option<usize> {
         let off = frame.as_u64().checked_sub(self.base.as_u64())?;
-        if off % PAGE_SIZE != 0 {
+        if !off.is_multiple_of(PAGE_SIZE) {
             return None;
         }
         let i = usize::try_from(off / PAGE_SIZE).ok()?;

@@ -110,8 +110,8 @@ impl Model {
             if large
                 && !self.wp
                 && t - s == 512
-                && s % 512 == 0
-                && hs % 512 == 0
+                && s.is_multiple_of(512)
+                && hs.is_multiple_of(512)
                 && !self.pt.contains(&r)
             {
                 big.insert(r);
@@ -617,8 +617,8 @@ fn bad_input_is_refused_without_change() {
         Err(Error::GpaOutOfRange(g((1 << 48) - 0x1000)))
     );
     assert_eq!(
-        t.map(g(u64::MAX & !0xfff), h(0), 0x2000, rw),
-        Err(Error::GpaOutOfRange(g(u64::MAX & !0xfff)))
+        t.map(g(!0xfff), h(0), 0x2000, rw),
+        Err(Error::GpaOutOfRange(g(!0xfff)))
     );
     assert_eq!(
         t.map(g(0), h((1 << 52) - 0x1000), 0x2000, rw),
@@ -636,7 +636,7 @@ fn bad_input_is_refused_without_change() {
     assert_eq!(t.unmap(g(0), 0), Err(Error::BadLength(0)));
     assert_eq!(
         t.restore_write(g(u64::MAX)),
-        Err(Error::NotMapped(g(u64::MAX & !0xfff)))
+        Err(Error::NotMapped(g(!0xfff)))
     );
     assert_eq!(t.translate(g(u64::MAX)), None);
     assert_eq!(

@@ -189,7 +189,10 @@ impl MapReq {
     /// Whether `[s, t)`, one level-2 slot's part of the range, gets a 2 MiB
     /// leaf (when the slot is empty).
     fn fits_large(&self, s: u64, t: u64) -> bool {
-        self.large && t - s == SIZE_2M && s % SIZE_2M == 0 && self.hpa_of(s) % SIZE_2M == 0
+        self.large
+            && t - s == SIZE_2M
+            && s.is_multiple_of(SIZE_2M)
+            && self.hpa_of(s).is_multiple_of(SIZE_2M)
     }
 
     fn leaf<E: NestedEntry>(&self, gpa: u64, large: bool) -> E {
@@ -269,7 +272,7 @@ impl<E: NestedEntry, A: FrameAllocator> NestedPageTable<E, A> {
         if !gpa.is_aligned(PAGE_SIZE) {
             return Err(Error::MisalignedGpa(gpa));
         }
-        if len == 0 || len % PAGE_SIZE != 0 {
+        if len == 0 || !len.is_multiple_of(PAGE_SIZE) {
             return Err(Error::BadLength(len));
         }
         match gpa.as_u64().checked_add(len) {
