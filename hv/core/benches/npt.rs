@@ -8,7 +8,12 @@
 //! - `{ept,npt}_2m_split`: guest mapped with 2 MiB pages; the timed call
 //!   splits all 2048 of them (allocating 2048 frames) and protects.
 //! - `{ept,npt}_4k`: guest already mapped with 4 KiB pages (the per-epoch
-//!   re-arm); write access is restored, untimed, before each run.
+//!   re-arm when every page was written); write access is restored,
+//!   untimed, before each run.
+//! - `{ept,npt}_4k_rearm_1pct`: the same when 1% of pages were written
+//!   (restored through `restore_write`, untimed): the usual epoch.
+//! - `{ept,npt}_4k_scan_1pct`: the A/D-scan alternative, harvesting 1%
+//!   dirty pages (dirty bits set, untimed, through `mark_accessed`).
 //!
 //! Run: cargo bench -p doppel-core --bench npt -- --warm-up-time 1 --measurement-time 3
 
@@ -71,6 +76,43 @@ fn bench_format<E: NestedEntry>(
                 let w = black_box(t.enable_write_protect().expect("no split"));
                 total += start.elapsed();
                 assert_eq!(w.changed, PAGES);
+            }
+            total
+        })
+    });
+    // The per-epoch re-arm when 1% of the pages were written in the epoch.
+    c.bench_function(format!("{}_4k_rearm_1pct", E::FORMAT), |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                for gfn in (0..PAGES).step_by(100) {
+                    let _ = t
+                        .restore_write(GuestPhysAddr::new(gfn << 12))
+                        .expect("mapped");
+                }
+                let start = Instant::now();
+                let w = black_box(t.enable_write_protect().expect("no split"));
+                total += start.elapsed();
+                assert_eq!(w.changed, PAGES.div_ceil(100));
+            }
+            total
+        })
+    });
+    // The A/D-scan alternative: harvest and clear 1% dirty pages.
+    let _ = t.disable_write_protect();
+    c.bench_function(format!("{}_4k_scan_1pct", E::FORMAT), |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                for gfn in (0..PAGES).step_by(100) {
+                    t.mark_accessed(GuestPhysAddr::new(gfn << 12), true)
+                        .expect("mapped");
+                }
+                let mut n = 0u64;
+                let start = Instant::now();
+                let w = black_box(t.scan_and_clear_dirty(false, |_| n += 1));
+                total += start.elapsed();
+                assert_eq!((w.changed, n), (PAGES.div_ceil(100), PAGES.div_ceil(100)));
             }
             total
         })

@@ -38,6 +38,8 @@ struct Model {
     pd: BTreeSet<u64>,   // gfn >> 18
     pdpt: BTreeSet<u64>, // gfn >> 27
     wp: bool,
+    /// 2 MiB leaves split so far.
+    splits: u64,
 }
 
 #[derive(Clone, Debug)]
@@ -155,6 +157,7 @@ impl Model {
                     flush = Flush::All;
                 } else {
                     self.pt.insert(r);
+                    self.splits += 1;
                 }
             }
         }
@@ -280,6 +283,7 @@ fn run<E: NestedEntry>(ops: &[(Op, Option<u64>)]) {
                     } else {
                         let changed = m.pages.values().filter(|p| p.hw_w).count() as u64;
                         let big = std::mem::take(&mut m.large);
+                        m.splits += big.len() as u64;
                         m.pt.extend(big);
                         m.wp = true;
                         m.pages.values_mut().for_each(|p| p.hw_w = false);
@@ -405,6 +409,7 @@ fn run<E: NestedEntry>(ops: &[(Op, Option<u64>)]) {
             assert_eq!(large, m.large, "after {op:?}");
             assert_eq!(pool.in_use(), m.frames(), "frames after {op:?}");
             assert_eq!(t.stats().tables, m.frames() as u64);
+            assert_eq!(t.stats().splits, m.splits);
             assert_eq!(t.is_write_protecting(), m.wp);
         }
     }

@@ -606,54 +606,62 @@ impl<E: NestedEntry, A: FrameAllocator> NestedPageTable<E, A> {
             pages: 0,
             changed: 0,
         };
-        let res = self.protect_table(self.root, 4, &mut reserve, &mut walk);
+        let mut splits = 0;
+        let res = self.protect_table(self.root, 4, &mut reserve, &mut walk, &mut splits);
         reserve.release(&self.alloc);
+        self.stats.splits += splits;
+        self.stats.tables += splits;
         self.stats.leaves_visited += walk.leaves;
         self.stats.pages_visited += walk.pages;
         if walk.changed > 0 {
             walk.flush = Flush::All;
         }
-        res.map(|()| walk)
+        res.map(|_| walk)
     }
 
+    /// Protects the subtree at `table`, counting splits in `splits`.
     fn protect_table(
-        &mut self,
+        &self,
         table: HostPhysAddr,
         level: u8,
         reserve: &mut Reserve,
         walk: &mut Walk,
+        splits: &mut u64,
     ) -> Result<(), Error> {
-        for i in 0..ENTRIES_PER_FRAME {
-            let e = self.load(table, i);
+        let entries = &self.alloc.frame(table).entries;
+        if level == 1 {
+            // The hot loop: one load per leaf, a locked RMW only where the
+            // write bit is set.
+            for slot in entries {
+                let e = E::from_raw(slot.load(Ordering::Acquire));
+                if !e.is_present() {
+                    continue;
+                }
+                walk.leaves += 1;
+                if e.is_hw_writable() {
+                    slot.fetch_and(!E::WRITE, Ordering::AcqRel);
+                    walk.changed += 1;
+                }
+            }
+            walk.pages = walk.leaves;
+            return Ok(());
+        }
+        for slot in entries {
+            let e = E::from_raw(slot.load(Ordering::Acquire));
             if !e.is_present() {
                 continue;
             }
-            if level > 2 {
-                if !e.is_large() {
-                    self.protect_table(e.addr(), level - 1, reserve, walk)?;
-                }
-                continue;
-            }
-            if level == 2 && e.is_large() {
+            if !e.is_large() {
+                self.protect_table(e.addr(), level - 1, reserve, walk, splits)?;
+            } else if level == 2 {
                 let new = reserve.take(&self.alloc)?;
-                self.split_slot(self.slot(table, i), new, true);
-                self.count_split();
+                self.split_slot(slot, new, true);
+                *splits += 1;
                 walk.leaves += PAGES_PER_2M;
-                walk.pages += PAGES_PER_2M;
+                walk.pages = walk.leaves;
                 if e.is_hw_writable() {
                     walk.changed += PAGES_PER_2M;
                 }
-                continue;
-            }
-            if level == 2 {
-                self.protect_table(e.addr(), 1, reserve, walk)?;
-                continue;
-            }
-            walk.leaves += 1;
-            walk.pages += 1;
-            if e.is_hw_writable() {
-                self.slot(table, i).fetch_and(!E::WRITE, Ordering::AcqRel);
-                walk.changed += 1;
             }
         }
         Ok(())
