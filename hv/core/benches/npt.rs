@@ -81,6 +81,7 @@ fn bench_format<E: NestedEntry>(
         })
     });
     // The per-epoch re-arm when 1% of the pages were written in the epoch.
+    let _ = t.enable_write_protect().expect("no split");
     c.bench_function(format!("{}_4k_rearm_1pct", E::FORMAT), |b| {
         b.iter_custom(|iters| {
             let mut total = Duration::ZERO;

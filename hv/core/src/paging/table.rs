@@ -632,17 +632,21 @@ impl<E: NestedEntry, A: FrameAllocator> NestedPageTable<E, A> {
         if level == 1 {
             // The hot loop: one load per leaf, a locked RMW only where the
             // write bit is set.
+            // Counters in locals stay in registers across the atomics.
+            let (mut leaves, mut changed) = (0, 0);
             for slot in entries {
                 let e = E::from_raw(slot.load(Ordering::Acquire));
                 if !e.is_present() {
                     continue;
                 }
-                walk.leaves += 1;
+                leaves += 1;
                 if e.is_hw_writable() {
                     slot.fetch_and(!E::WRITE, Ordering::AcqRel);
-                    walk.changed += 1;
+                    changed += 1;
                 }
             }
+            walk.leaves += leaves;
+            walk.changed += changed;
             walk.pages = walk.leaves;
             return Ok(());
         }
