@@ -5,9 +5,12 @@
 
 extern crate alloc;
 
+pub mod addr;
 pub mod dirtylog;
 pub mod elf;
+pub mod frame;
 pub mod hw;
+pub mod paging;
 pub mod pml;
 pub mod selftest;
 pub mod workload;
