@@ -8,6 +8,7 @@ extern crate alloc;
 pub mod addr;
 pub mod dirtylog;
 pub mod elf;
+pub mod exit;
 pub mod frame;
 pub mod hw;
 pub mod paging;
