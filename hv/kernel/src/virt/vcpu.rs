@@ -1,0 +1,120 @@
+//! The one trait both vendor backends implement, and the guest state they
+//! share. Everything above this line (dispatch, log-dirty, epochs, the
+//! self-test) is vendor-neutral and never asks which backend it drives.
+
+use core::fmt;
+
+use doppel_core::dirtylog::DirtyLog;
+use doppel_core::exit::VmExit;
+use doppel_core::paging::Flush;
+use doppel_core::pml::{DrainStats, PmlError};
+
+/// Guest general-purpose registers that neither the VMCS nor the VMCB holds
+/// for us (RSP and RIP live there), saved and restored by the entry stub.
+/// RAX is here too: on SVM the backend copies it to and from the VMCB.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GuestRegs {
+    pub rax: u64,
+    pub rbx: u64,
+    pub rcx: u64,
+    pub rdx: u64,
+    pub rsi: u64,
+    pub rdi: u64,
+    pub rbp: u64,
+    pub r8: u64,
+    pub r9: u64,
+    pub r10: u64,
+    pub r11: u64,
+    pub r12: u64,
+    pub r13: u64,
+    pub r14: u64,
+    pub r15: u64,
+}
+
+const _: () = assert!(core::mem::size_of::<GuestRegs>() == 15 * 8);
+
+/// Where and how a guest starts: 64-bit mode, paging on with the given
+/// guest page tables, interrupts off.
+#[derive(Clone, Copy, Debug)]
+pub struct GuestStart {
+    pub rip: u64,
+    pub rsp: u64,
+    /// First argument (the boot information's address).
+    pub rdi: u64,
+    /// Guest-physical address of the guest's PML4.
+    pub cr3: u64,
+}
+
+/// Guest state worth printing when a run fails.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct GuestDump {
+    pub regs: GuestRegs,
+    pub rip: u64,
+    pub rsp: u64,
+    pub rflags: u64,
+    pub cr0: u64,
+    pub cr3: u64,
+    pub cr4: u64,
+    pub efer: u64,
+}
+
+impl fmt::Display for GuestDump {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let r = &self.regs;
+        write!(
+            f,
+            "rip={:#x} rsp={:#x} rflags={:#x} cr0={:#x} cr3={:#x} cr4={:#x} efer={:#x} \
+             rax={:#x} rbx={:#x} rcx={:#x} rdx={:#x} rsi={:#x} rdi={:#x} rbp={:#x} \
+             r8={:#x} r9={:#x} r10={:#x} r11={:#x} r12={:#x} r13={:#x} r14={:#x} r15={:#x}",
+            self.rip, self.rsp, self.rflags, self.cr0, self.cr3, self.cr4, self.efer,
+            r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rbp,
+            r.r8, r.r9, r.r10, r.r11, r.r12, r.r13, r.r14, r.r15
+        )
+    }
+}
+
+/// A virtual CPU of one backend, running one guest over one nested page
+/// table.
+pub trait Vcpu {
+    /// `"vmx"` or `"svm"`, as the self-test lines print it.
+    fn backend(&self) -> &'static str;
+
+    /// Enter the guest and run it until an exit the host must handle.
+    fn run(&mut self) -> VmExit;
+
+    /// The registers the entry stub saves.
+    fn regs(&mut self) -> &mut GuestRegs;
+
+    /// Set where the guest resumes (the dispatch's one RIP update).
+    fn set_rip(&mut self, rip: u64);
+
+    /// Invalidate cached nested translations (INVEPT / TLB_CONTROL).
+    fn flush(&mut self, flush: Flush);
+
+    /// Whether page-modification logging is available and switched on.
+    fn pml_enabled(&self) -> bool {
+        false
+    }
+
+    /// Switch page-modification logging on or off; `false` when the backend
+    /// has none.
+    fn set_pml(&mut self, _on: bool) -> bool {
+        false
+    }
+
+    /// Feed every logged guest-physical address into `log` and reset the
+    /// buffer. A backend without PML logs nothing.
+    fn drain_pml(&mut self, _log: &dyn DirtyLog) -> Result<DrainStats, PmlError> {
+        Ok(DrainStats::default())
+    }
+
+    /// Arm the epoch timer to fire after about `tsc_ticks` (None: disarm).
+    /// Returns false when the backend has no such timer.
+    fn arm_timer(&mut self, _tsc_ticks: Option<u64>) -> bool {
+        false
+    }
+
+    /// Guest state for failure reports.
+    fn dump(&self) -> GuestDump;
+}
