@@ -21,10 +21,13 @@ mod npt;
 mod table;
 
 pub use entry::NestedEntry;
-pub use ept::{ept_pointer, EptEntry, EptFlags};
+pub use ept::{ept_pointer, EptEntry, EptFlags, EPT_MT_UC, EPT_MT_WB};
 pub use fault::NestedFault;
 pub use npt::{ncr3, NptEntry, NptFlags};
-pub use table::{EptTable, NestedPageTable, NptTable, RestoreWrite, TableStats, Translation, Walk};
+pub use table::{
+    EptTable, NestedPageTable, NptTable, RestoreWrite, TableStats, Translation, Walk, GPA_LIMIT,
+    HPA_LIMIT,
+};
 
 use core::fmt;
 

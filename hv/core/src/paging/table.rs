@@ -119,8 +119,9 @@ pub struct Translation {
 pub enum RestoreWrite {
     /// Write access was re-granted: the page is dirty in this epoch.
     Restored(Flush),
-    /// The page was already writable: the fault was spurious (a stale TLB
-    /// entry or a second vCPU faulting on the same page). Nothing changed.
+    /// The page was already writable: the fault was spurious (a second vCPU
+    /// faulting on the same page, or a stale TLB entry; see
+    /// [`NestedPageTable::restore_write`]). Nothing changed.
     Spurious,
 }
 
@@ -675,11 +676,15 @@ impl<E: NestedEntry, A: FrameAllocator> NestedPageTable<E, A> {
     /// hardware write on that one 4 KiB page if it is logically writable.
     ///
     /// - [`RestoreWrite::Restored`]: the page was write-protected; log it as
-    ///   dirty. The flush is `Page(gpa)`: permission was only raised, and on
-    ///   both vendors the fault itself drops the stale translation, so a
-    ///   backend may skip it; if it does and a stale entry survives, the
-    ///   repeat fault comes back as `Spurious`.
-    /// - [`RestoreWrite::Spurious`]: the page already was writable.
+    ///   dirty. The flush is `Page(gpa)`: permission was only raised. Intel
+    ///   documents that an EPT violation itself invalidates the cached
+    ///   translations of the faulting address, so a VMX backend may skip it;
+    ///   an SVM backend should flush the guest's ASID unless it has checked
+    ///   the equivalent AMD guarantee.
+    /// - [`RestoreWrite::Spurious`]: the page already was writable (another
+    ///   vCPU restored it first, or a stale read-only translation survived a
+    ///   skipped flush: a backend that skipped one should flush now, or the
+    ///   access faults again).
     /// - [`Error::WriteNotAllowed`]: the page is mapped read-only; a real
     ///   protection fault.
     /// - [`Error::NotMapped`]: no mapping (or beyond the guest space).
