@@ -49,7 +49,10 @@ fn build_guest(root: &Path) {
         cmd.env_remove(var);
     }
     let status = cmd.status().expect("running cargo to build the test guest");
-    assert!(status.success(), "building the test guest (hv/guest) failed");
+    assert!(
+        status.success(),
+        "building the test guest (hv/guest) failed"
+    );
     let elf = target_dir
         .join("x86_64-unknown-none")
         .join("release")

@@ -27,7 +27,9 @@ pub enum ExitKind {
     /// A guest access the nested page tables refused.
     NestedPageFault(NestedFault),
     /// The nested tables held a malformed entry (EPT misconfiguration).
-    NestedMisconfig { gpa: u64 },
+    NestedMisconfig {
+        gpa: u64,
+    },
     /// IN/OUT to an intercepted port.
     Io(IoAccess),
     /// VMCALL / VMMCALL.
@@ -44,12 +46,21 @@ pub enum ExitKind {
     /// Triple fault (VMX) or shutdown (SVM): the guest is dead.
     Shutdown,
     /// An intercepted exception.
-    Exception { vector: u8, error_code: Option<u32> },
+    Exception {
+        vector: u8,
+        error_code: Option<u32>,
+    },
     /// VM entry failed: the guest state was invalid (VMX exit reason with
     /// bit 31, or SVM EXITCODE -1).
-    EntryFailed { code: u64 },
+    EntryFailed {
+        code: u64,
+    },
     /// Anything else, with the vendor's raw reason and details.
-    Unknown { code: u64, info1: u64, info2: u64 },
+    Unknown {
+        code: u64,
+        info1: u64,
+        info2: u64,
+    },
 }
 
 /// An exit with where it happened.
@@ -101,7 +112,10 @@ mod tests {
         assert_eq!(resume_rip(&e, Action::Retry), Some(0x1000));
         assert_eq!(resume_rip(&e, Action::Skip), Some(0x1002));
         assert_eq!(resume_rip(&e, Action::Stop), None);
-        let unknown_len = VmExit { next_rip: None, ..e };
+        let unknown_len = VmExit {
+            next_rip: None,
+            ..e
+        };
         assert_eq!(resume_rip(&unknown_len, Action::Skip), None);
     }
 }

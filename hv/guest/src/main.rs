@@ -185,6 +185,23 @@ fn halt() -> ! {
     }
 }
 
+/// The guest has no heap: it never allocates. `doppel-core` links the
+/// `alloc` crate for the hypervisor's sake, which needs an allocator to
+/// exist; this one refuses every request.
+struct NoHeap;
+
+// SAFETY: returning null is GlobalAlloc's documented way to refuse; dealloc
+// is never called with a pointer this allocator handed out (it hands none).
+unsafe impl core::alloc::GlobalAlloc for NoHeap {
+    unsafe fn alloc(&self, _layout: core::alloc::Layout) -> *mut u8 {
+        core::ptr::null_mut()
+    }
+    unsafe fn dealloc(&self, _ptr: *mut u8, _layout: core::alloc::Layout) {}
+}
+
+#[global_allocator]
+static HEAP: NoHeap = NoHeap;
+
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {
     print("guest: panic\n");

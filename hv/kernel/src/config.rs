@@ -7,8 +7,14 @@
 //!   after bring-up. `report` (the default) prints the capability line and
 //!   powers off. The `crash-*` modes then fault on purpose (a read of
 //!   address 0, a panic, a kernel stack overflow) so tests can check that
-//!   every failure is reported and ends the run. The self-test and standby
-//!   modes of later issues add their own values here.
+//!   every failure is reported and ends the run. `selftest` runs the
+//!   log-dirty self-test: the test guest under the CPU's backend, every
+//!   tracking mode the backend has, comparing each epoch's dirty log with
+//!   the guest's own truth.
+//! - `epochs=N` (1..=1000, default 4): self-test epochs per pattern.
+//! - `guest-mem=MiB` (8..=1024, even, default 64): self-test guest RAM.
+//! - `broken=none|no-fault-mark|no-pml-drain`: run the self-test with a
+//!   deliberate bug, to show that it fails (default `none`).
 //!
 //! A word without `=` that starts with `/` is the image's own path (some
 //! loaders prepend it) and is skipped. Anything else is an error: a typo on
@@ -25,6 +31,17 @@ pub enum Mode {
     Report,
     /// Print the capability line, then fail on purpose.
     Crash(Crash),
+    /// The log-dirty self-test.
+    SelfTest,
+}
+
+/// A deliberate bug for the self-test, to show it is caught.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Broken {
+    /// Restore write access on a write fault without marking the page.
+    NoFaultMark,
+    /// Skip the PML drain at epoch end.
+    NoPmlDrain,
 }
 
 /// A deliberate failure, to test that failures are reported.
@@ -44,6 +61,9 @@ pub enum Crash {
 pub struct Config {
     pub log: LevelFilter,
     pub mode: Mode,
+    pub epochs: u32,
+    pub guest_mem_mib: u32,
+    pub broken: Option<Broken>,
 }
 
 impl Default for Config {
@@ -51,6 +71,9 @@ impl Default for Config {
         Self {
             log: LevelFilter::Info,
             mode: Mode::Report,
+            epochs: 4,
+            guest_mem_mib: 64,
+            broken: None,
         }
     }
 }
@@ -85,7 +108,7 @@ impl Config {
     /// Parse a command line; the defaults fill in keys that are absent.
     pub fn parse(cmdline: &str) -> Result<Self, ConfigError<'_>> {
         let mut cfg = Self::default();
-        let (mut saw_log, mut saw_mode) = (false, false);
+        let mut seen: u32 = 0;
         for word in cmdline.split_ascii_whitespace() {
             let Some((key, value)) = word.split_once('=') else {
                 if word.starts_with('/') {
@@ -94,11 +117,16 @@ impl Config {
                 return Err(ConfigError::NotKeyValue(word));
             };
             let bad = ConfigError::BadValue { key, value };
+            const KEYS: [&str; 5] = ["log", "mode", "epochs", "guest-mem", "broken"];
+            let Some(i) = KEYS.iter().position(|k| *k == key) else {
+                return Err(ConfigError::UnknownKey(key));
+            };
+            if seen & (1 << i) != 0 {
+                return Err(ConfigError::Duplicate(key));
+            }
+            seen |= 1 << i;
             match key {
                 "log" => {
-                    if core::mem::replace(&mut saw_log, true) {
-                        return Err(ConfigError::Duplicate(key));
-                    }
                     cfg.log = match value {
                         "off" => LevelFilter::Off,
                         "error" => LevelFilter::Error,
@@ -110,14 +138,32 @@ impl Config {
                     };
                 }
                 "mode" => {
-                    if core::mem::replace(&mut saw_mode, true) {
-                        return Err(ConfigError::Duplicate(key));
-                    }
                     cfg.mode = match value {
                         "report" => Mode::Report,
                         "crash-null" => Mode::Crash(Crash::NullRead),
                         "crash-panic" => Mode::Crash(Crash::Panic),
                         "crash-stack" => Mode::Crash(Crash::StackOverflow),
+                        "selftest" => Mode::SelfTest,
+                        _ => return Err(bad),
+                    };
+                }
+                "epochs" => {
+                    cfg.epochs = match value.parse::<u32>() {
+                        Ok(n) if (1..=1000).contains(&n) => n,
+                        _ => return Err(bad),
+                    };
+                }
+                "guest-mem" => {
+                    cfg.guest_mem_mib = match value.parse::<u32>() {
+                        Ok(n) if (8..=1024).contains(&n) && n % 2 == 0 => n,
+                        _ => return Err(bad),
+                    };
+                }
+                "broken" => {
+                    cfg.broken = match value {
+                        "none" => None,
+                        "no-fault-mark" => Some(Broken::NoFaultMark),
+                        "no-pml-drain" => Some(Broken::NoPmlDrain),
                         _ => return Err(bad),
                     };
                 }
@@ -147,7 +193,8 @@ mod tests {
             c,
             Config {
                 log: LevelFilter::Trace,
-                mode: Mode::Report
+                mode: Mode::Report,
+                ..Config::default()
             }
         );
         assert_eq!(Config::parse("log=off").unwrap().log, LevelFilter::Off);
@@ -159,6 +206,35 @@ mod tests {
             assert_eq!(Config::parse(word).unwrap().mode, mode);
         }
         assert_eq!(Config::parse("log=warn").unwrap().log, LevelFilter::Warn);
+        let c = Config::parse("mode=selftest epochs=7 guest-mem=128 broken=no-pml-drain").unwrap();
+        assert_eq!(c.mode, Mode::SelfTest);
+        assert_eq!(c.epochs, 7);
+        assert_eq!(c.guest_mem_mib, 128);
+        assert_eq!(c.broken, Some(Broken::NoPmlDrain));
+        assert_eq!(Config::parse("broken=none").unwrap().broken, None);
+    }
+
+    #[test]
+    fn self_test_numbers_are_bounded() {
+        for bad in [
+            "epochs=0",
+            "epochs=1001",
+            "epochs=x",
+            "guest-mem=6",
+            "guest-mem=65",
+            "guest-mem=2048",
+            "broken=maybe",
+            "epochs=-1",
+        ] {
+            assert!(
+                matches!(Config::parse(bad), Err(ConfigError::BadValue { .. })),
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            Config::parse("epochs=2 epochs=3").unwrap_err(),
+            ConfigError::Duplicate("epochs")
+        );
     }
 
     #[test]

@@ -63,7 +63,7 @@ extern "C" fn kmain(magic: u32, info_addr: usize) -> ! {
     let caps = virt::Caps::detect();
     let enabled = virt::enable(&caps);
     info!("{}", caps.line(enabled.is_ok()));
-    let enabled = match enabled {
+    let mut enabled = match enabled {
         Ok(e) => e,
         Err(e) => {
             error!("{e}");
@@ -79,6 +79,18 @@ extern "C" fn kmain(magic: u32, info_addr: usize) -> ! {
             }
         },
         Mode::Crash(kind) => crash::crash(kind),
+        Mode::SelfTest => {
+            let plan = virt::selftest::Plan {
+                mem_bytes: u64::from(config.guest_mem_mib) << 20,
+                epochs: config.epochs,
+                patterns: (1 << doppel_abi::guest::PatternId::ALL.len()) - 1,
+                seed: 0x5eed_d0bb_e100,
+                broken: config.broken,
+                pause_cycles: true,
+            };
+            let ok = virt::selftest(&mut enabled, &plan);
+            exit(if ok { Status::Pass } else { Status::Fail })
+        }
     }
 }
 

@@ -158,6 +158,13 @@ pub fn inb(port: u16) -> u8 {
     unsafe { Port::<u8>::new(port).read() }
 }
 
+/// Read the time-stamp counter (under QEMU `-icount` it counts executed
+/// instructions, so differences are repeatable).
+pub fn rdtsc() -> u64 {
+    // SAFETY: RDTSC only reads the counter into EDX:EAX.
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
+
 /// Stop this CPU for good: interrupts off, HLT in a loop (an NMI or SMI
 /// that wakes it halts it again).
 pub fn halt_forever() -> ! {

@@ -5,7 +5,10 @@
 //! next issues live next to this in `vmx.rs` and `svm.rs`, behind
 //! [`Enabled`].
 
+pub mod guest;
+pub mod selftest;
 pub mod svm;
+pub mod vcpu;
 pub mod vmx;
 
 use core::fmt;
@@ -153,6 +156,15 @@ pub fn enable(caps: &Caps) -> Result<Enabled, Error> {
             svm::enable(&s).map(Enabled::Svm)
         }
         Vendor::Other(id) => Err(Error::UnknownVendor(id)),
+    }
+}
+
+/// Run the log-dirty self-test on this CPU's backend (see
+/// [`selftest::run`]); true when every epoch of every mode passed.
+pub fn selftest(enabled: &mut Enabled, plan: &selftest::Plan) -> bool {
+    match enabled {
+        Enabled::Vmx(on) => vmx::selftest(on, plan),
+        Enabled::Svm(on) => svm::selftest(on, plan),
     }
 }
 

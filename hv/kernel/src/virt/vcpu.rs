@@ -67,9 +67,28 @@ impl fmt::Display for GuestDump {
             "rip={:#x} rsp={:#x} rflags={:#x} cr0={:#x} cr3={:#x} cr4={:#x} efer={:#x} \
              rax={:#x} rbx={:#x} rcx={:#x} rdx={:#x} rsi={:#x} rdi={:#x} rbp={:#x} \
              r8={:#x} r9={:#x} r10={:#x} r11={:#x} r12={:#x} r13={:#x} r14={:#x} r15={:#x}",
-            self.rip, self.rsp, self.rflags, self.cr0, self.cr3, self.cr4, self.efer,
-            r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rbp,
-            r.r8, r.r9, r.r10, r.r11, r.r12, r.r13, r.r14, r.r15
+            self.rip,
+            self.rsp,
+            self.rflags,
+            self.cr0,
+            self.cr3,
+            self.cr4,
+            self.efer,
+            r.rax,
+            r.rbx,
+            r.rcx,
+            r.rdx,
+            r.rsi,
+            r.rdi,
+            r.rbp,
+            r.r8,
+            r.r9,
+            r.r10,
+            r.r11,
+            r.r12,
+            r.r13,
+            r.r14,
+            r.r15
         )
     }
 }
