@@ -18,7 +18,9 @@
 
 use core::mem::size_of;
 
-use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
+use zerocopy::IntoBytes;
+
+use crate::layout::layout_struct;
 
 use crate::errno::Errno;
 use crate::mem::SharedMem;
@@ -37,18 +39,17 @@ pub const HEADER_SIZE: usize = 64;
 /// Smallest data area.
 pub const MIN_DATA: usize = 64;
 
-/// The header in front of every record.
-#[repr(C)]
-#[derive(
-    FromBytes, IntoBytes, Immutable, KnownLayout, Clone, Copy, Debug, Default, PartialEq, Eq,
-)]
-pub struct RecordHeader {
-    /// Epoch that produced the bytes.
-    pub epoch: u64,
-    /// Payload length in bytes (without header and padding).
-    pub len: u32,
-    /// Must be zero.
-    pub reserved: u32,
+layout_struct! {
+    /// The header in front of every record.
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct RecordHeader {
+        /// Epoch that produced the bytes.
+        pub epoch: u64,
+        /// Payload length in bytes (without header and padding).
+        pub len: u32,
+        /// Must be zero.
+        pub reserved: u32,
+    }
 }
 
 const _: () = assert!(size_of::<RecordHeader>() == 16);
@@ -124,7 +125,7 @@ impl ChannelLayout {
     /// Check a channel region of `bytes` bytes at `base` against a window of
     /// `mem_size` bytes.
     pub fn new(mem_size: usize, base: usize, bytes: usize) -> Result<Self, ChannelError> {
-        if base % 8 != 0 {
+        if !base.is_multiple_of(8) {
             return Err(ChannelError::Misaligned);
         }
         match base.checked_add(bytes) {
@@ -418,8 +419,8 @@ mod tests {
         let mut p = ChannelProducer::attach(&m, 0, m.size()).unwrap();
         let mut c = ChannelConsumer::attach(&m, 0, m.size()).unwrap();
         let mut buf = [0u8; 128];
-        let mut epoch = 0u64;
         for round in 0..50usize {
+            let epoch = round as u64;
             let len = (round * 7) % 90;
             let payload: Vec<u8> = (0..len).map(|i| (i + round) as u8).collect();
             assert!(!c.final_check().unwrap());
@@ -433,7 +434,6 @@ mod tests {
             assert_eq!(info, RecordInfo { epoch, len });
             assert_eq!(&buf[..len], &payload[..]);
             c.publish();
-            epoch += 1;
         }
         assert_eq!(p.write_record(0, &[0; 113]), Err(ChannelError::TooLarge));
     }

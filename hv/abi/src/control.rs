@@ -10,7 +10,9 @@
 
 use core::mem::{offset_of, size_of};
 
-use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
+use zerocopy::FromBytes;
+
+use crate::layout::layout_struct;
 
 use crate::chan::{self, channel_capacity};
 use crate::errno::Errno;
@@ -44,40 +46,40 @@ bitflags::bitflags! {
     }
 }
 
-/// A region of the control area.
-#[repr(C)]
-#[derive(
-    FromBytes, IntoBytes, Immutable, KnownLayout, Clone, Copy, Debug, Default, PartialEq, Eq,
-)]
-pub struct Region {
-    /// From the start of the control area.
-    pub offset: u64,
-    pub size: u64,
+layout_struct! {
+    /// A region of the control area.
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct Region {
+        /// From the start of the control area.
+        pub offset: u64,
+        pub size: u64,
+    }
 }
 
-/// The header at the start of the control area.
-#[repr(C)]
-#[derive(FromBytes, IntoBytes, Immutable, KnownLayout, Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ControlHeader {
-    /// [`MAGIC`].
-    pub magic: u64,
-    /// [`ABI_VERSION`].
-    pub version: u32,
-    /// [`HEADER_SIZE`].
-    pub header_size: u32,
-    /// Bytes of the whole control area, header included.
-    pub total_size: u64,
-    /// [`Features`] bits.
-    pub features: u64,
-    pub cmd_ring: Region,
-    pub evt_ring: Region,
-    pub out_chan: Region,
-    pub in_chan: Region,
-    pub staging: Region,
-    pub vcpu_area: Region,
-    pub pfn_list: Region,
-    /// Must be zero.
-    pub reserved: [u64; 14],
+layout_struct! {
+    /// The header at the start of the control area.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct ControlHeader {
+        /// [`MAGIC`].
+        pub magic: u64,
+        /// [`ABI_VERSION`].
+        pub version: u32,
+        /// [`HEADER_SIZE`].
+        pub header_size: u32,
+        /// Bytes of the whole control area, header included.
+        pub total_size: u64,
+        /// [`Features`] bits.
+        pub features: u64,
+        pub cmd_ring: Region,
+        pub evt_ring: Region,
+        pub out_chan: Region,
+        pub in_chan: Region,
+        pub staging: Region,
+        pub vcpu_area: Region,
+        pub pfn_list: Region,
+        /// Must be zero.
+        pub reserved: [u64; 14],
+    }
 }
 
 const _: () = assert!(size_of::<ControlHeader>() == HEADER_SIZE);
@@ -322,7 +324,7 @@ fn check(h: &ControlHeader, mapped: usize) -> Result<(), AbiError> {
             Some(end) if end <= h.total_size => {}
             _ => return Err(AbiError::RegionOutOfBounds(f)),
         }
-        if r.offset % align != 0 || r.size % granule != 0 {
+        if !r.offset.is_multiple_of(align) || !r.size.is_multiple_of(granule) {
             return Err(AbiError::RegionMisaligned(f));
         }
         let usable = match f {

@@ -6,44 +6,10 @@
 //! offset and size with the C headers (`FIELDS` tables below).
 
 use core::mem::{offset_of, size_of};
+#[cfg(test)]
+use zerocopy::{FromBytes, IntoBytes};
 
-use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
-
-/// Name, offset and size of one field of a layout struct.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct FieldInfo {
-    pub name: &'static str,
-    pub offset: usize,
-    pub size: usize,
-}
-
-/// Declare a `#[repr(C)]` zerocopy struct together with its `FIELDS` table.
-macro_rules! layout_struct {
-    (
-        $(#[$meta:meta])*
-        pub struct $name:ident {
-            $( $(#[$fmeta:meta])* pub $field:ident : $ty:ty, )*
-        }
-    ) => {
-        $(#[$meta])*
-        #[repr(C)]
-        #[derive(FromBytes, IntoBytes, Immutable, KnownLayout, Clone, Copy, Debug, PartialEq, Eq)]
-        pub struct $name {
-            $( $(#[$fmeta])* pub $field: $ty, )*
-        }
-
-        impl $name {
-            /// Every field, in declaration order.
-            pub const FIELDS: &'static [FieldInfo] = &[
-                $( FieldInfo {
-                    name: stringify!($field),
-                    offset: offset_of!($name, $field),
-                    size: size_of::<$ty>(),
-                }, )*
-            ];
-        }
-    };
-}
+use crate::layout::layout_struct;
 
 /// Typecodes of save records.
 pub mod code {
@@ -70,6 +36,7 @@ pub const XEN_X86_FPU_INITIALISED: u32 = 1;
 
 layout_struct! {
     /// `struct hvm_save_descriptor`.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
     pub struct HvmSaveDescriptor {
         pub typecode: u16,
         pub instance: u16,
@@ -80,6 +47,7 @@ layout_struct! {
 
 layout_struct! {
     /// `struct hvm_save_header` (typecode 1).
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
     pub struct HvmSaveHeader {
         pub magic: u32,
         pub version: u32,
@@ -92,6 +60,7 @@ layout_struct! {
 
 layout_struct! {
     /// `struct hvm_hw_cpu` (typecode 2), one per vCPU, instance = vCPU id.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
     pub struct HvmHwCpu {
         /// FXSAVE image.
         pub fpu_regs: [u8; 512],
@@ -214,25 +183,6 @@ pub mod shadow_op {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn field_tables_tile_the_structs() {
-        // Fields are contiguous, in order, and cover the whole struct: no
-        // hidden padding and no field missing from the table.
-        for (fields, size) in [
-            (HvmSaveDescriptor::FIELDS, size_of::<HvmSaveDescriptor>()),
-            (HvmSaveHeader::FIELDS, size_of::<HvmSaveHeader>()),
-            (HvmHwCpu::FIELDS, size_of::<HvmHwCpu>()),
-        ] {
-            let mut at = 0;
-            for f in fields {
-                assert_eq!(f.offset, at, "{}", f.name);
-                at += f.size;
-            }
-            assert_eq!(at, size);
-        }
-        assert_eq!(HvmHwCpu::FIELDS.len(), 81);
-    }
 
     #[test]
     fn header_bytes_are_little_endian() {

@@ -19,6 +19,7 @@ pub mod chan;
 pub mod control;
 pub mod errno;
 pub mod hvm;
+pub mod layout;
 pub mod mem;
 pub mod msg;
 pub mod ring;

@@ -15,7 +15,7 @@
 
 use core::mem::{offset_of, size_of};
 
-use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
+use crate::layout::layout_struct;
 
 use crate::errno::Errno;
 
@@ -41,14 +41,13 @@ impl DecodeError {
     }
 }
 
-/// A byte range in the control area (offset from its start, length).
-#[repr(C)]
-#[derive(
-    FromBytes, IntoBytes, Immutable, KnownLayout, Clone, Copy, Debug, Default, PartialEq, Eq,
-)]
-pub struct Span {
-    pub offset: u64,
-    pub len: u64,
+layout_struct! {
+    /// A byte range in the control area (offset from its start, length).
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct Span {
+        pub offset: u64,
+        pub len: u64,
+    }
 }
 
 impl Span {
@@ -131,20 +130,19 @@ pub enum Command {
     ReadVcpu { vcpu: u32, dest: Span },
 }
 
-/// A command ring request as it sits in the ring.
-#[repr(C)]
-#[derive(
-    FromBytes, IntoBytes, Immutable, KnownLayout, Clone, Copy, Debug, Default, PartialEq, Eq,
-)]
-pub struct CommandEntry {
-    /// One of [`op`].
-    pub op: u32,
-    /// Chosen by the tool, echoed in the response.
-    pub id: u32,
-    /// Operation arguments; words an opcode does not use must be zero.
-    pub args: [u64; 3],
-    /// Must be zero.
-    pub reserved: [u64; 4],
+layout_struct! {
+    /// A command ring request as it sits in the ring.
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct CommandEntry {
+        /// One of [`op`].
+        pub op: u32,
+        /// Chosen by the tool, echoed in the response.
+        pub id: u32,
+        /// Operation arguments; words an opcode does not use must be zero.
+        pub args: [u64; 3],
+        /// Must be zero.
+        pub reserved: [u64; 4],
+    }
 }
 
 const _: () = assert!(size_of::<CommandEntry>() == 64);
@@ -153,11 +151,17 @@ const _: () = assert!(offset_of!(CommandEntry, id) == 4);
 const _: () = assert!(offset_of!(CommandEntry, args) == 8);
 const _: () = assert!(offset_of!(CommandEntry, reserved) == 32);
 
-fn check_unused(args: &[u64], from: usize) -> Result<(), DecodeError> {
-    const NAMES: [&str; 3] = ["args[0]", "args[1]", "args[2]"];
-    for (i, a) in args.iter().enumerate().skip(from) {
+const ARGS: [&str; 3] = ["args[0]", "args[1]", "args[2]"];
+const VALS: [&str; 3] = ["vals[0]", "vals[1]", "vals[2]"];
+
+fn check_unused(
+    words: &[u64; 3],
+    from: usize,
+    names: &[&'static str; 3],
+) -> Result<(), DecodeError> {
+    for (i, a) in words.iter().enumerate().skip(from) {
         if *a != 0 {
-            return Err(DecodeError::ReservedNonZero(NAMES[i]));
+            return Err(DecodeError::ReservedNonZero(names[i]));
         }
     }
     Ok(())
@@ -165,7 +169,7 @@ fn check_unused(args: &[u64], from: usize) -> Result<(), DecodeError> {
 
 fn bitmap_dest(args: &[u64; 3]) -> Result<BitmapDest, DecodeError> {
     let (offset, len, pages) = (args[0], args[1], args[2]);
-    if offset % 8 != 0 {
+    if !offset.is_multiple_of(8) {
         return Err(DecodeError::OutOfRange("bitmap offset"));
     }
     if offset.checked_add(len).is_none() {
@@ -225,7 +229,7 @@ impl CommandEntry {
         let a = &self.args;
         let cmd = match self.op {
             op::LOG_DIRTY_ENABLE => {
-                check_unused(a, 1)?;
+                check_unused(a, 1, &ARGS)?;
                 let mode = u32::try_from(a[0])
                     .ok()
                     .and_then(LogDirtyMode::from_u32)
@@ -233,25 +237,25 @@ impl CommandEntry {
                 Command::LogDirtyEnable { mode }
             }
             op::LOG_DIRTY_DISABLE => {
-                check_unused(a, 0)?;
+                check_unused(a, 0, &ARGS)?;
                 Command::LogDirtyDisable
             }
             op::LOG_DIRTY_PEEK => Command::LogDirtyPeek(bitmap_dest(a)?),
             op::LOG_DIRTY_CLEAN => Command::LogDirtyClean(bitmap_dest(a)?),
             op::END_EPOCH => {
-                check_unused(a, 0)?;
+                check_unused(a, 0, &ARGS)?;
                 Command::EndEpoch
             }
             op::RESUME => {
-                check_unused(a, 0)?;
+                check_unused(a, 0, &ARGS)?;
                 Command::Resume
             }
             op::COMMIT_EPOCH => {
-                check_unused(a, 1)?;
+                check_unused(a, 1, &ARGS)?;
                 Command::CommitEpoch { epoch: a[0] }
             }
             op::ACTIVATE => {
-                check_unused(a, 1)?;
+                check_unused(a, 1, &ARGS)?;
                 Command::Activate { epoch: a[0] }
             }
             op::READ_VCPU => {
@@ -260,7 +264,7 @@ impl CommandEntry {
                     offset: a[1],
                     len: a[2],
                 };
-                if dest.offset % 8 != 0 || dest.end().is_none() {
+                if !dest.offset.is_multiple_of(8) || dest.end().is_none() {
                     return Err(DecodeError::OutOfRange("dest"));
                 }
                 if dest.len < size_of::<crate::hvm::HvmHwCpu>() as u64 {
@@ -307,24 +311,23 @@ pub struct Response {
     pub result: Result<Reply, Errno>,
 }
 
-/// A command ring response as it sits in the ring.
-#[repr(C)]
-#[derive(
-    FromBytes, IntoBytes, Immutable, KnownLayout, Clone, Copy, Debug, Default, PartialEq, Eq,
-)]
-pub struct ResponseEntry {
-    /// Opcode of the request answered.
-    pub op: u32,
-    /// Id of the request answered.
-    pub id: u32,
-    /// 0, or a negative errno.
-    pub status: i32,
-    /// Must be zero.
-    pub reserved0: u32,
-    /// Reply values (all zero on error and for [`Reply::Done`]).
-    pub vals: [u64; 3],
-    /// Must be zero.
-    pub reserved: [u64; 3],
+layout_struct! {
+    /// A command ring response as it sits in the ring.
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct ResponseEntry {
+        /// Opcode of the request answered.
+        pub op: u32,
+        /// Id of the request answered.
+        pub id: u32,
+        /// 0, or a negative errno.
+        pub status: i32,
+        /// Must be zero.
+        pub reserved0: u32,
+        /// Reply values (all zero on error and for [`Reply::Done`]).
+        pub vals: [u64; 3],
+        /// Must be zero.
+        pub reserved: [u64; 3],
+    }
 }
 
 const _: () = assert!(size_of::<ResponseEntry>() == 64);
@@ -379,7 +382,7 @@ impl ResponseEntry {
         }
         let result = match errno {
             Some(e) => {
-                check_unused(v, 0)?;
+                check_unused(v, 0, &VALS)?;
                 Err(e)
             }
             None => Ok(match self.op {
@@ -389,15 +392,15 @@ impl ResponseEntry {
                     pages: v[2],
                 }),
                 op::END_EPOCH => {
-                    check_unused(v, 1)?;
+                    check_unused(v, 1, &VALS)?;
                     Reply::Epoch(v[0])
                 }
                 op::READ_VCPU => {
-                    check_unused(v, 1)?;
+                    check_unused(v, 1, &VALS)?;
                     Reply::Length(v[0])
                 }
                 _ => {
-                    check_unused(v, 0)?;
+                    check_unused(v, 0, &VALS)?;
                     Reply::Done
                 }
             }),
@@ -449,28 +452,27 @@ pub enum Event {
     },
 }
 
-/// An event ring request as it sits in the ring.
-#[repr(C)]
-#[derive(
-    FromBytes, IntoBytes, Immutable, KnownLayout, Clone, Copy, Debug, Default, PartialEq, Eq,
-)]
-pub struct EventEntry {
-    /// One of [`kind`].
-    pub kind: u32,
-    /// Sequence number, echoed in the ack.
-    pub seq: u32,
-    pub epoch: u64,
-    /// CheckpointReady: dirty count; OutputAvailable: bytes.
-    pub value: u64,
-    pub pfn_list: Span,
-    pub pages: Span,
-    pub vcpu: Span,
-    /// Error: negative errno; else 0.
-    pub status: i32,
-    /// Error: the command involved; else 0.
-    pub op: u32,
-    /// Must be zero.
-    pub reserved: [u64; 6],
+layout_struct! {
+    /// An event ring request as it sits in the ring.
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct EventEntry {
+        /// One of [`kind`].
+        pub kind: u32,
+        /// Sequence number, echoed in the ack.
+        pub seq: u32,
+        pub epoch: u64,
+        /// CheckpointReady: dirty count; OutputAvailable: bytes.
+        pub value: u64,
+        pub pfn_list: Span,
+        pub pages: Span,
+        pub vcpu: Span,
+        /// Error: negative errno; else 0.
+        pub status: i32,
+        /// Error: the command involved; else 0.
+        pub op: u32,
+        /// Must be zero.
+        pub reserved: [u64; 6],
+    }
 }
 
 const _: () = assert!(size_of::<EventEntry>() == 128);
@@ -542,7 +544,7 @@ impl EventEntry {
                     ("pages", self.pages),
                     ("vcpu", self.vcpu),
                 ] {
-                    if s.end().is_none() || s.offset % 8 != 0 {
+                    if s.end().is_none() || !s.offset.is_multiple_of(8) {
                         return Err(DecodeError::OutOfRange(name));
                     }
                 }
@@ -552,7 +554,7 @@ impl EventEntry {
                 if n.checked_mul(PAGE_SIZE) != Some(self.pages.len) {
                     return Err(DecodeError::OutOfRange("pages len"));
                 }
-                if self.pages.offset % PAGE_SIZE != 0 {
+                if !self.pages.offset.is_multiple_of(PAGE_SIZE) {
                     return Err(DecodeError::OutOfRange("pages offset"));
                 }
                 if self.vcpu.len == 0 {
@@ -603,24 +605,23 @@ impl EventEntry {
     }
 }
 
-/// The tool's answer to an event (the event ring's response).
-#[repr(C)]
-#[derive(
-    FromBytes, IntoBytes, Immutable, KnownLayout, Clone, Copy, Debug, Default, PartialEq, Eq,
-)]
-pub struct EventAck {
-    /// Kind of the event acknowledged.
-    pub kind: u32,
-    /// Sequence number of the event acknowledged.
-    pub seq: u32,
-    /// 0: handled; negative errno: the tool rejected the event.
-    pub status: i32,
-    /// Must be zero.
-    pub reserved0: u32,
-    /// Epoch of the event acknowledged.
-    pub epoch: u64,
-    /// Must be zero.
-    pub reserved: [u64; 5],
+layout_struct! {
+    /// The tool's answer to an event (the event ring's response).
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct EventAck {
+        /// Kind of the event acknowledged.
+        pub kind: u32,
+        /// Sequence number of the event acknowledged.
+        pub seq: u32,
+        /// 0: handled; negative errno: the tool rejected the event.
+        pub status: i32,
+        /// Must be zero.
+        pub reserved0: u32,
+        /// Epoch of the event acknowledged.
+        pub epoch: u64,
+        /// Must be zero.
+        pub reserved: [u64; 5],
+    }
 }
 
 const _: () = assert!(size_of::<EventAck>() == 64);

@@ -22,6 +22,8 @@ use core::mem::size_of;
 
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
+use crate::layout::layout_struct;
+
 use crate::errno::Errno;
 use crate::mem::SharedMem;
 
@@ -41,16 +43,17 @@ pub const HEADER_SIZE: usize = 64;
 /// unsigned distance arithmetic unambiguous.
 pub const MAX_ENTRIES: u32 = 1 << 31;
 
-/// The ring header as a struct (Xen's `struct *_sring` without the slots).
-#[repr(C)]
-#[derive(FromBytes, IntoBytes, Immutable, KnownLayout, Clone, Copy, Debug, PartialEq, Eq)]
-pub struct SringHeader {
-    pub req_prod: u32,
-    pub req_event: u32,
-    pub rsp_prod: u32,
-    pub rsp_event: u32,
-    pub pvt: [u8; 4],
-    pub pad: [u8; 44],
+layout_struct! {
+    /// The ring header as a struct (Xen's `struct *_sring` without the slots).
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct SringHeader {
+        pub req_prod: u32,
+        pub req_event: u32,
+        pub rsp_prod: u32,
+        pub rsp_event: u32,
+        pub pvt: [u8; 4],
+        pub pad: [u8; 44],
+    }
 }
 
 const _: () = assert!(size_of::<SringHeader>() == HEADER_SIZE);
@@ -138,7 +141,7 @@ impl RingLayout {
     /// Check a ring region of `bytes` bytes at `base` with `slot`-byte slots
     /// against a window of `mem_size` bytes.
     pub fn new(mem_size: usize, base: usize, bytes: usize, slot: usize) -> Result<Self, RingError> {
-        if base % 8 != 0 {
+        if !base.is_multiple_of(8) {
             return Err(RingError::Misaligned);
         }
         match base.checked_add(bytes) {
