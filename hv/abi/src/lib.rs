@@ -5,7 +5,8 @@
 //! side of any of these layouts is untrusted.
 //!
 //! - [`mem`]: the [`SharedMem`] trait all shared structures run over, and
-//!   [`AtomicMem`], a safe implementation over `&[AtomicU32]`.
+//!   [`AtomicMem`] / [`AtomicMem64`], safe implementations over
+//!   `&[AtomicU32]` / `&[AtomicU64]`.
 //! - [`ring`]: Xen's `io/ring.h` shared ring ([`FrontRing`], [`BackRing`]).
 //! - [`msg`]: commands, responses, events and acks carried by the rings.
 //! - [`chan`]: epoch-tagged byte channels for guest output and input.
@@ -26,7 +27,7 @@ pub mod ring;
 
 pub use control::{validate, AbiError, ControlHeader, ControlView, Features, Field};
 pub use errno::Errno;
-pub use mem::{AtomicMem, SharedMem};
+pub use mem::{AtomicMem, AtomicMem64, SharedMem};
 pub use msg::{
     Command, CommandEntry, DecodeError, Event, EventAck, EventEntry, Response, ResponseEntry,
 };

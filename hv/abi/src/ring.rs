@@ -202,6 +202,8 @@ pub struct FrontRing<M, Req, Rsp> {
     req_prod_pvt: u32,
     req_published: u32,
     rsp_cons: u32,
+    /// Last `rsp_prod` read from the peer and checked (Xen's `rp` snapshot).
+    rsp_seen: u32,
     _entries: PhantomData<fn(Req) -> Rsp>,
 }
 
@@ -222,6 +224,7 @@ impl<M: SharedMem, Req: RingEntry, Rsp: RingEntry> FrontRing<M, Req, Rsp> {
             req_prod_pvt: idx,
             req_published: idx,
             rsp_cons: idx,
+            rsp_seen: idx,
             _entries: PhantomData,
         })
     }
@@ -290,12 +293,17 @@ impl<M: SharedMem, Req: RingEntry, Rsp: RingEntry> FrontRing<M, Req, Rsp> {
         Ok(avail)
     }
 
-    /// Copy the next response out of the ring, if any.
+    /// Copy the next response out of the ring, if any. The peer's index is
+    /// read (and checked) only when the last snapshot is used up.
     pub fn pop_response(&mut self) -> Result<Option<Rsp>, RingError> {
-        if self.unconsumed_responses()? == 0 {
-            return Ok(None);
+        if self.rsp_seen == self.rsp_cons {
+            let n = self.unconsumed_responses()?;
+            if n == 0 {
+                return Ok(None);
+            }
+            self.rsp_seen = self.rsp_cons.wrapping_add(n);
+            self.mem.fence_acquire();
         }
-        self.mem.fence_acquire();
         let rsp = read_entry(&self.mem, self.layout.slot_offset(self.rsp_cons));
         self.rsp_cons = self.rsp_cons.wrapping_add(1);
         Ok(Some(rsp))
@@ -322,6 +330,8 @@ pub struct BackRing<M, Req, Rsp> {
     rsp_prod_pvt: u32,
     rsp_published: u32,
     req_cons: u32,
+    /// Last `req_prod` read from the peer and checked (Xen's `rp` snapshot).
+    req_seen: u32,
     _entries: PhantomData<fn(Req) -> Rsp>,
 }
 
@@ -341,6 +351,7 @@ impl<M: SharedMem, Req: RingEntry, Rsp: RingEntry> BackRing<M, Req, Rsp> {
             rsp_prod_pvt: idx,
             rsp_published: idx,
             req_cons: idx,
+            req_seen: idx,
             _entries: PhantomData,
         })
     }
@@ -382,12 +393,17 @@ impl<M: SharedMem, Req: RingEntry, Rsp: RingEntry> BackRing<M, Req, Rsp> {
         Ok(avail)
     }
 
-    /// Copy the next request out of the ring, if any.
+    /// Copy the next request out of the ring, if any. The peer's index is
+    /// read (and checked) only when the last snapshot is used up.
     pub fn pop_request(&mut self) -> Result<Option<Req>, RingError> {
-        if self.unconsumed_requests()? == 0 {
-            return Ok(None);
+        if self.req_seen == self.req_cons {
+            let n = self.unconsumed_requests()?;
+            if n == 0 {
+                return Ok(None);
+            }
+            self.req_seen = self.req_cons.wrapping_add(n);
+            self.mem.fence_acquire();
         }
-        self.mem.fence_acquire();
         let req = read_entry(&self.mem, self.layout.slot_offset(self.req_cons));
         self.req_cons = self.req_cons.wrapping_add(1);
         Ok(Some(req))
