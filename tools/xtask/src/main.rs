@@ -3,6 +3,7 @@
 //! Every subcommand does its own set-up first (Debian packages, rustup target
 //! and components), so a newcomer on a fresh machine needs nothing else.
 
+mod conformance;
 mod emu;
 mod image;
 mod setup;

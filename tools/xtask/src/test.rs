@@ -36,6 +36,8 @@ fn steps() -> Vec<(&'static str, StepFn)> {
         ("clippy-host", step_clippy_host),
         ("clippy-image", step_clippy_image),
         ("host-tests", step_host_tests),
+        ("xen-conformance-layout", crate::conformance::step_layout),
+        ("xen-ring-interop", crate::conformance::step_ring_interop),
         ("image-build", step_image_build),
         ("boot-qemu-svm", step_boot_qemu),
         ("boot-bochs-vmx", step_boot_bochs),

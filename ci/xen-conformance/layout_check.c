@@ -1,0 +1,90 @@
+/*
+ * Layout conformance: every number in doppel_layout.h comes from the Rust
+ * crate hv/abi (size_of / offset_of! via its FIELDS tables); every check
+ * below compares it with Xen's public headers or with the C declarations in
+ * doppel_msgs.h. A mismatch is a compile error.
+ */
+#define __XEN_TOOLS__ 1
+#include <stddef.h>
+#include <stdio.h>
+
+#include "doppel_msgs.h"
+#include <xen/errno.h>
+#include <xen/hvm/save.h>
+#include <xen/domctl.h>
+
+#include "doppel_layout.h"
+
+#define FIELD_OK(type, name, off, size)                                        \
+    _Static_assert(offsetof(type, name) == (off), #type "." #name " offset");  \
+    _Static_assert(sizeof(((type *)0)->name) == (size), #type "." #name " size");
+
+/* Xen's save records. */
+#define CPU(name, off, size) FIELD_OK(struct hvm_hw_cpu, name, off, size)
+DOPPEL_HVM_HW_CPU_FIELDS(CPU)
+_Static_assert(sizeof(struct hvm_hw_cpu) == DOPPEL_HVM_HW_CPU_SIZE, "hvm_hw_cpu size");
+_Static_assert(sizeof(HVM_SAVE_TYPE(CPU)) == DOPPEL_HVM_HW_CPU_SIZE, "HVM_SAVE_TYPE(CPU)");
+
+#define HDR(name, off, size) FIELD_OK(struct hvm_save_header, name, off, size)
+DOPPEL_HVM_SAVE_HEADER_FIELDS(HDR)
+_Static_assert(sizeof(struct hvm_save_header) == DOPPEL_HVM_SAVE_HEADER_SIZE, "hvm_save_header size");
+
+#define DESC(name, off, size) FIELD_OK(struct hvm_save_descriptor, name, off, size)
+DOPPEL_HVM_SAVE_DESCRIPTOR_FIELDS(DESC)
+_Static_assert(sizeof(struct hvm_save_descriptor) == DOPPEL_HVM_SAVE_DESCRIPTOR_SIZE, "descriptor size");
+
+#define CODE(name, value) _Static_assert(HVM_SAVE_CODE(name) == (value), "typecode " #name);
+DOPPEL_HVM_CODES(CODE)
+_Static_assert(CPU_XSAVE_CODE == DOPPEL_HVM_CODE_CPU_XSAVE, "CPU_XSAVE typecode");
+_Static_assert(CPU_MSR_CODE == DOPPEL_HVM_CODE_CPU_MSR, "CPU_MSR typecode");
+_Static_assert(HVM_FILE_MAGIC == DOPPEL_HVM_FILE_MAGIC, "HVM_FILE_MAGIC");
+_Static_assert(HVM_FILE_VERSION == DOPPEL_HVM_FILE_VERSION, "HVM_FILE_VERSION");
+_Static_assert(XEN_X86_FPU_INITIALISED == DOPPEL_XEN_X86_FPU_INITIALISED, "FPU_INITIALISED");
+
+/* Log-dirty operations. */
+#define SHADOW(name, value) _Static_assert(XEN_DOMCTL_SHADOW_OP_##name == (value), "shadow op " #name);
+DOPPEL_SHADOW_OPS(SHADOW)
+
+/* Errno values on the wire. */
+#define ERRNO(name, value) _Static_assert(XEN_##name == (value), "errno " #name);
+DOPPEL_ERRNOS(ERRNO)
+
+/* The shared ring header, as DEFINE_RING_TYPES lays it out. */
+#define SRING(name, off, size) FIELD_OK(struct doppel_cmd_sring, name, off, size)
+DOPPEL_SRING_FIELDS(SRING)
+_Static_assert(offsetof(struct doppel_cmd_sring, ring) == DOPPEL_SRING_HEADER_SIZE, "slots start");
+_Static_assert(offsetof(struct doppel_evt_sring, ring) == DOPPEL_SRING_HEADER_SIZE, "slots start");
+
+/* Our entries, and the slot (C union) size of each ring. */
+#define CMD(name, off, size) FIELD_OK(struct doppel_command, name, off, size)
+DOPPEL_COMMAND_FIELDS(CMD)
+_Static_assert(sizeof(struct doppel_command) == DOPPEL_COMMAND_SIZE, "command size");
+#define RSP(name, off, size) FIELD_OK(struct doppel_response, name, off, size)
+DOPPEL_RESPONSE_FIELDS(RSP)
+_Static_assert(sizeof(struct doppel_response) == DOPPEL_RESPONSE_SIZE, "response size");
+#define EVT(name, off, size) FIELD_OK(struct doppel_event, name, off, size)
+DOPPEL_EVENT_FIELDS(EVT)
+_Static_assert(sizeof(struct doppel_event) == DOPPEL_EVENT_SIZE, "event size");
+#define ACK(name, off, size) FIELD_OK(struct doppel_event_ack, name, off, size)
+DOPPEL_EVENT_ACK_FIELDS(ACK)
+_Static_assert(sizeof(struct doppel_event_ack) == DOPPEL_EVENT_ACK_SIZE, "ack size");
+_Static_assert(sizeof(union doppel_cmd_sring_entry) == DOPPEL_CMD_SLOT, "command slot");
+_Static_assert(sizeof(union doppel_evt_sring_entry) == DOPPEL_EVT_SLOT, "event slot");
+
+/* Slot counts: Xen's __CONST_RING_SIZE against hv/abi's ring_entries(). */
+#define ENTRIES(ring, bytes, n) _Static_assert(__CONST_RING_SIZE(ring, bytes) == (n), #ring " entries in " #bytes);
+DOPPEL_RING_ENTRIES(ENTRIES)
+
+#define COUNT(...) +1
+int main(void)
+{
+    int fields = 0 DOPPEL_HVM_HW_CPU_FIELDS(COUNT) DOPPEL_HVM_SAVE_HEADER_FIELDS(COUNT)
+        DOPPEL_HVM_SAVE_DESCRIPTOR_FIELDS(COUNT) DOPPEL_SRING_FIELDS(COUNT)
+        DOPPEL_COMMAND_FIELDS(COUNT) DOPPEL_RESPONSE_FIELDS(COUNT)
+        DOPPEL_EVENT_FIELDS(COUNT) DOPPEL_EVENT_ACK_FIELDS(COUNT);
+    int consts = 0 DOPPEL_HVM_CODES(COUNT) DOPPEL_SHADOW_OPS(COUNT) DOPPEL_ERRNOS(COUNT)
+        DOPPEL_RING_ENTRIES(COUNT);
+    printf("layout ok: %d fields and %d constants match Xen's public headers (interface 0x%08x)\n",
+           fields, consts + 5, __XEN_LATEST_INTERFACE_VERSION__);
+    return 0;
+}

@@ -1,0 +1,164 @@
+//! Messages per second between two threads: hv/abi's shared ring (requests
+//! one way, each answered by a response that frees its slot, as in Xen)
+//! against `std::sync::mpsc` carrying the same 64-byte entries one way.
+//!
+//! Both sides sleep (park) when idle and are woken only when the ring's
+//! notify rule says so, as with Xen's event channels; mpsc blocks too.
+//!
+//! `cargo bench -p doppel-abi --bench ring`
+
+use std::hint::black_box;
+use std::sync::atomic::AtomicU64;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use doppel_abi::msg::{Command, CommandEntry, Response, ResponseEntry};
+use doppel_abi::ring::RingLayout;
+use doppel_abi::{AtomicMem64, BackRing, FrontRing, SharedMem};
+
+const MESSAGES: u64 = 100_000;
+const SLOTS: usize = 1024;
+
+fn entry(i: u64) -> CommandEntry {
+    Command::CommitEpoch { epoch: i }.encode(i as u32)
+}
+
+/// Poll briefly before going to sleep (cheaper than a park/unpark pair
+/// when the peer is running).
+fn spin_until(mut ready: impl FnMut() -> bool) -> bool {
+    for _ in 0..SPINS {
+        if ready() {
+            return true;
+        }
+        std::hint::spin_loop();
+    }
+    false
+}
+
+const SPINS: u32 = 200;
+
+fn ring_run(words: &[AtomicU64]) -> u64 {
+    let mem = AtomicMem64::new(words);
+    let bytes = mem.size();
+    RingLayout::new(bytes, 0, bytes, 64)
+        .unwrap()
+        .init_shared(&mem);
+    // Notifications are thread unparks (the event channel); a side parks
+    // only after the final check found no work, so none is lost.
+    let front_thread = std::thread::current();
+    std::thread::scope(|s| {
+        let back = s.spawn(move || {
+            let mut r: BackRing<_, CommandEntry, ResponseEntry> =
+                BackRing::attach(mem, 0, bytes).unwrap();
+            let (mut got, mut sum) = (0u64, 0u64);
+            while got < MESSAGES {
+                let mut n = 0;
+                while let Some(e) = r.pop_request().unwrap() {
+                    sum = sum.wrapping_add(e.args[0]);
+                    let rsp = Response {
+                        id: e.id,
+                        op: e.op,
+                        result: Ok(doppel_abi::msg::Reply::Done),
+                    };
+                    r.push_response(&rsp.encode()).unwrap();
+                    n += 1;
+                }
+                got += n;
+                if r.publish_responses() {
+                    front_thread.unpark();
+                }
+                if n == 0
+                    && !spin_until(|| r.unconsumed_requests().unwrap() > 0)
+                    && !r.final_check_for_requests().unwrap()
+                {
+                    std::thread::park();
+                }
+            }
+            sum
+        });
+        let back_thread = back.thread().clone();
+        let mut r: FrontRing<_, CommandEntry, ResponseEntry> =
+            FrontRing::attach(mem, 0, bytes).unwrap();
+        let (mut sent, mut acked) = (0u64, 0u64);
+        while acked < MESSAGES {
+            let mut progressed = false;
+            while sent < MESSAGES && r.free_requests() > 0 {
+                r.push_request(&entry(sent)).unwrap();
+                sent += 1;
+                progressed = true;
+            }
+            if r.publish_requests() {
+                back_thread.unpark();
+            }
+            while r.pop_response().unwrap().is_some() {
+                acked += 1;
+                progressed = true;
+            }
+            if !progressed
+                && !spin_until(|| r.unconsumed_responses().unwrap() > 0)
+                && !r.final_check_for_responses().unwrap()
+            {
+                std::thread::park();
+            }
+        }
+        back.join().unwrap()
+    })
+}
+
+fn mpsc_run() -> u64 {
+    let (tx, rx) = mpsc::channel::<CommandEntry>();
+    std::thread::scope(|s| {
+        let h = s.spawn(move || {
+            let mut sum = 0u64;
+            for _ in 0..MESSAGES {
+                sum = sum.wrapping_add(rx.recv().unwrap().args[0]);
+            }
+            sum
+        });
+        for i in 0..MESSAGES {
+            tx.send(entry(i)).unwrap();
+        }
+        h.join().unwrap()
+    })
+}
+
+fn sync_mpsc_run() -> u64 {
+    let (tx, rx) = mpsc::sync_channel::<CommandEntry>(SLOTS);
+    std::thread::scope(|s| {
+        let h = s.spawn(move || {
+            let mut sum = 0u64;
+            for _ in 0..MESSAGES {
+                sum = sum.wrapping_add(rx.recv().unwrap().args[0]);
+            }
+            sum
+        });
+        for i in 0..MESSAGES {
+            tx.send(entry(i)).unwrap();
+        }
+        h.join().unwrap()
+    })
+}
+
+fn bench(c: &mut Criterion) {
+    let want = (0..MESSAGES).fold(0u64, |a, i| a.wrapping_add(i));
+    let words: Vec<AtomicU64> = (0..(64 + SLOTS * 64) / 8)
+        .map(|_| AtomicU64::new(0))
+        .collect();
+    assert_eq!(ring_run(&words), want);
+    assert_eq!(mpsc_run(), want);
+    let mut g = c.benchmark_group("two_threads_100k_messages");
+    g.throughput(Throughput::Elements(MESSAGES));
+    g.sample_size(10)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3));
+    g.bench_function("abi_ring", |b| b.iter(|| black_box(ring_run(&words))));
+    g.bench_function("std_mpsc_channel", |b| b.iter(|| black_box(mpsc_run())));
+    g.bench_function("std_mpsc_sync_channel_1024", |b| {
+        b.iter(|| black_box(sync_mpsc_run()))
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

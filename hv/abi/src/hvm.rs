@@ -1,0 +1,201 @@
+//! Xen's HVM save layouts (`xen/include/public/hvm/save.h` and
+//! `arch-x86/hvm/save.h`): the body of an HVM_CONTEXT record is a sequence
+//! of [`HvmSaveDescriptor`] + payload, HEADER first, END last.
+//!
+//! Field names are Xen's, so the conformance check can compare every field's
+//! offset and size with the C headers (`FIELDS` tables below).
+
+use core::mem::{offset_of, size_of};
+#[cfg(test)]
+use zerocopy::{FromBytes, IntoBytes};
+
+use crate::layout::layout_struct;
+
+/// Typecodes of save records.
+pub mod code {
+    pub const END: u16 = 0;
+    pub const HEADER: u16 = 1;
+    pub const CPU: u16 = 2;
+    pub const PIC: u16 = 3;
+    pub const IOAPIC: u16 = 4;
+    pub const LAPIC: u16 = 5;
+    pub const LAPIC_REGS: u16 = 6;
+    pub const PIT: u16 = 10;
+    pub const RTC: u16 = 11;
+    pub const MTRR: u16 = 14;
+    pub const CPU_XSAVE: u16 = 16;
+    pub const CPU_MSR: u16 = 20;
+}
+
+/// `HVM_FILE_MAGIC`.
+pub const HVM_FILE_MAGIC: u32 = 0x5438_1286;
+/// `HVM_FILE_VERSION`.
+pub const HVM_FILE_VERSION: u32 = 1;
+/// `XEN_X86_FPU_INITIALISED` in [`HvmHwCpu::flags`].
+pub const XEN_X86_FPU_INITIALISED: u32 = 1;
+
+layout_struct! {
+    /// `struct hvm_save_descriptor`.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct HvmSaveDescriptor {
+        pub typecode: u16,
+        pub instance: u16,
+        /// Payload bytes, not counting this descriptor.
+        pub length: u32,
+    }
+}
+
+layout_struct! {
+    /// `struct hvm_save_header` (typecode 1).
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct HvmSaveHeader {
+        pub magic: u32,
+        pub version: u32,
+        pub changeset: u64,
+        /// CPUID.1:EAX of the saving machine.
+        pub cpuid: u32,
+        pub gtsc_khz: u32,
+    }
+}
+
+layout_struct! {
+    /// `struct hvm_hw_cpu` (typecode 2), one per vCPU, instance = vCPU id.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct HvmHwCpu {
+        /// FXSAVE image.
+        pub fpu_regs: [u8; 512],
+        pub rax: u64,
+        pub rbx: u64,
+        pub rcx: u64,
+        pub rdx: u64,
+        pub rbp: u64,
+        pub rsi: u64,
+        pub rdi: u64,
+        pub rsp: u64,
+        pub r8: u64,
+        pub r9: u64,
+        pub r10: u64,
+        pub r11: u64,
+        pub r12: u64,
+        pub r13: u64,
+        pub r14: u64,
+        pub r15: u64,
+        pub rip: u64,
+        pub rflags: u64,
+        pub cr0: u64,
+        pub cr2: u64,
+        pub cr3: u64,
+        pub cr4: u64,
+        pub dr0: u64,
+        pub dr1: u64,
+        pub dr2: u64,
+        pub dr3: u64,
+        pub dr6: u64,
+        pub dr7: u64,
+        pub cs_sel: u32,
+        pub ds_sel: u32,
+        pub es_sel: u32,
+        pub fs_sel: u32,
+        pub gs_sel: u32,
+        pub ss_sel: u32,
+        pub tr_sel: u32,
+        pub ldtr_sel: u32,
+        pub cs_limit: u32,
+        pub ds_limit: u32,
+        pub es_limit: u32,
+        pub fs_limit: u32,
+        pub gs_limit: u32,
+        pub ss_limit: u32,
+        pub tr_limit: u32,
+        pub ldtr_limit: u32,
+        pub idtr_limit: u32,
+        pub gdtr_limit: u32,
+        pub cs_base: u64,
+        pub ds_base: u64,
+        pub es_base: u64,
+        pub fs_base: u64,
+        pub gs_base: u64,
+        pub ss_base: u64,
+        pub tr_base: u64,
+        pub ldtr_base: u64,
+        pub idtr_base: u64,
+        pub gdtr_base: u64,
+        pub cs_arbytes: u32,
+        pub ds_arbytes: u32,
+        pub es_arbytes: u32,
+        pub fs_arbytes: u32,
+        pub gs_arbytes: u32,
+        pub ss_arbytes: u32,
+        pub tr_arbytes: u32,
+        pub ldtr_arbytes: u32,
+        pub sysenter_cs: u64,
+        pub sysenter_esp: u64,
+        pub sysenter_eip: u64,
+        pub shadow_gs: u64,
+        /// Obsolete, ignored by Xen.
+        pub msr_flags: u64,
+        pub msr_lstar: u64,
+        pub msr_star: u64,
+        pub msr_cstar: u64,
+        pub msr_syscall_mask: u64,
+        pub msr_efer: u64,
+        pub msr_tsc_aux: u64,
+        pub tsc: u64,
+        /// vector 0-7, type 8-10, error valid 11, valid 31.
+        pub pending_event: u32,
+        pub error_code: u32,
+        /// Bit 0: [`XEN_X86_FPU_INITIALISED`].
+        pub flags: u32,
+        pub pad0: u32,
+    }
+}
+
+const _: () = assert!(size_of::<HvmSaveDescriptor>() == 8);
+const _: () = assert!(size_of::<HvmSaveHeader>() == 24);
+const _: () = assert!(offset_of!(HvmSaveHeader, changeset) == 8);
+const _: () = assert!(offset_of!(HvmSaveHeader, gtsc_khz) == 20);
+const _: () = assert!(size_of::<HvmHwCpu>() == 1032);
+const _: () = assert!(offset_of!(HvmHwCpu, rax) == 512);
+const _: () = assert!(offset_of!(HvmHwCpu, rip) == 640);
+const _: () = assert!(offset_of!(HvmHwCpu, cr0) == 656);
+const _: () = assert!(offset_of!(HvmHwCpu, dr0) == 688);
+const _: () = assert!(offset_of!(HvmHwCpu, cs_sel) == 736);
+const _: () = assert!(offset_of!(HvmHwCpu, cs_limit) == 768);
+const _: () = assert!(offset_of!(HvmHwCpu, cs_base) == 808);
+const _: () = assert!(offset_of!(HvmHwCpu, cs_arbytes) == 888);
+const _: () = assert!(offset_of!(HvmHwCpu, sysenter_cs) == 920);
+const _: () = assert!(offset_of!(HvmHwCpu, shadow_gs) == 944);
+const _: () = assert!(offset_of!(HvmHwCpu, msr_flags) == 952);
+const _: () = assert!(offset_of!(HvmHwCpu, tsc) == 1008);
+const _: () = assert!(offset_of!(HvmHwCpu, pending_event) == 1016);
+const _: () = assert!(offset_of!(HvmHwCpu, error_code) == 1020);
+const _: () = assert!(offset_of!(HvmHwCpu, flags) == 1024);
+const _: () = assert!(offset_of!(HvmHwCpu, pad0) == 1028);
+
+/// Xen's log-dirty operations (`XEN_DOMCTL_SHADOW_OP_*`).
+pub mod shadow_op {
+    pub const OFF: u32 = 0;
+    pub const ENABLE_LOGDIRTY: u32 = 2;
+    pub const CLEAN: u32 = 11;
+    pub const PEEK: u32 = 12;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_bytes_are_little_endian() {
+        let h = HvmSaveHeader {
+            magic: HVM_FILE_MAGIC,
+            version: HVM_FILE_VERSION,
+            changeset: 0x0102_0304_0506_0708,
+            cpuid: 0x000a_0655,
+            gtsc_khz: 2_000_000,
+        };
+        let b = h.as_bytes();
+        assert_eq!(&b[0..8], &[0x86, 0x12, 0x38, 0x54, 1, 0, 0, 0]);
+        assert_eq!(&b[8..16], &[8, 7, 6, 5, 4, 3, 2, 1]);
+        assert_eq!(HvmSaveHeader::read_from_bytes(b).unwrap(), h);
+    }
+}

@@ -1,0 +1,332 @@
+//! The memory abstraction every shared structure in this crate runs over.
+//!
+//! The protocol code (ring indices, bounds, notify rule, validation) lives in
+//! this crate and has no unsafe code, so it never touches raw shared memory.
+//! It goes through [`SharedMem`]: the hypervisor implements it over its own
+//! memory, the dom0 tool over an `mmap` of machine memory, tests and benches
+//! use [`AtomicMem`], which is safe code over `&[AtomicU32]`.
+//!
+//! All multi-byte values in shared memory are little endian.
+
+use core::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
+
+/// A window of memory shared with an untrusted peer.
+///
+/// Offsets are byte offsets from the start of the window. The protocol code
+/// in this crate only ever passes offsets it derived from a layout it checked
+/// against [`SharedMem::size`] at attach time: `offset + len <= size()`, and
+/// `offset % 4 == 0` for the `u32` accessors. An implementation may panic if
+/// called outside that contract (that is a bug in the caller, never the
+/// result of peer input).
+///
+/// The `u32` accessors are single atomic accesses with relaxed ordering; the
+/// byte copies may tear (the peer can write concurrently; the protocol copies
+/// entries out before validating them). Ordering comes from the fences, which
+/// default to the hardware fences of `core::sync::atomic` and may be
+/// overridden (for example by a model checker).
+pub trait SharedMem {
+    /// Size of the window in bytes.
+    fn size(&self) -> usize;
+    /// Atomic (relaxed) little-endian load of the `u32` at `offset`.
+    fn load_u32(&self, offset: usize) -> u32;
+    /// Atomic (relaxed) little-endian store of the `u32` at `offset`.
+    fn store_u32(&self, offset: usize, value: u32);
+    /// Copy `dst.len()` bytes starting at `offset` out of shared memory.
+    fn read_bytes(&self, offset: usize, dst: &mut [u8]);
+    /// Copy `src` into shared memory starting at `offset`.
+    fn write_bytes(&self, offset: usize, src: &[u8]);
+    /// Loads before this fence are not reordered with accesses after it
+    /// (Xen's `xen_rmb`).
+    fn fence_acquire(&self) {
+        fence(Ordering::Acquire);
+    }
+    /// Accesses before this fence are not reordered with stores after it
+    /// (Xen's `xen_wmb`).
+    fn fence_release(&self) {
+        fence(Ordering::Release);
+    }
+    /// Full barrier (Xen's `xen_mb`).
+    fn fence_full(&self) {
+        fence(Ordering::SeqCst);
+    }
+}
+
+impl<T: SharedMem + ?Sized> SharedMem for &T {
+    fn size(&self) -> usize {
+        (**self).size()
+    }
+    fn load_u32(&self, offset: usize) -> u32 {
+        (**self).load_u32(offset)
+    }
+    fn store_u32(&self, offset: usize, value: u32) {
+        (**self).store_u32(offset, value)
+    }
+    fn read_bytes(&self, offset: usize, dst: &mut [u8]) {
+        (**self).read_bytes(offset, dst)
+    }
+    fn write_bytes(&self, offset: usize, src: &[u8]) {
+        (**self).write_bytes(offset, src)
+    }
+    fn fence_acquire(&self) {
+        (**self).fence_acquire()
+    }
+    fn fence_release(&self) {
+        (**self).fence_release()
+    }
+    fn fence_full(&self) {
+        (**self).fence_full()
+    }
+}
+
+/// [`SharedMem`] over a slice of `AtomicU32`, in safe code.
+///
+/// Every access is an atomic access, so two threads (or, after a one-line
+/// cast of an `mmap`, two processes) may share it without data races in the
+/// Rust sense. Byte `i` of the window is byte `i % 4` (little endian) of word
+/// `i / 4`.
+#[derive(Clone, Copy, Debug)]
+pub struct AtomicMem<'a> {
+    words: &'a [AtomicU32],
+}
+
+impl<'a> AtomicMem<'a> {
+    /// A window over `words` (size = 4 bytes per word).
+    pub fn new(words: &'a [AtomicU32]) -> Self {
+        Self { words }
+    }
+
+    /// The words behind the window.
+    pub fn words(&self) -> &'a [AtomicU32] {
+        self.words
+    }
+
+    fn word(&self, offset: usize) -> &AtomicU32 {
+        &self.words[offset / 4]
+    }
+}
+
+impl SharedMem for AtomicMem<'_> {
+    fn size(&self) -> usize {
+        self.words.len() * 4
+    }
+
+    fn load_u32(&self, offset: usize) -> u32 {
+        debug_assert_eq!(offset % 4, 0);
+        u32::from_le(self.word(offset).load(Ordering::Relaxed))
+    }
+
+    fn store_u32(&self, offset: usize, value: u32) {
+        debug_assert_eq!(offset % 4, 0);
+        self.word(offset).store(value.to_le(), Ordering::Relaxed)
+    }
+
+    fn read_bytes(&self, offset: usize, dst: &mut [u8]) {
+        // Unaligned head, whole words, tail.
+        let head = ((4 - offset % 4) % 4).min(dst.len());
+        let (h, rest) = dst.split_at_mut(head);
+        if !h.is_empty() {
+            let b = self.word(offset).load(Ordering::Relaxed).to_ne_bytes();
+            h.copy_from_slice(&b[offset % 4..offset % 4 + head]);
+        }
+        let first = (offset + head) / 4;
+        let mut chunks = rest.chunks_exact_mut(4);
+        let words = &self.words[first..first + chunks.len()];
+        for (c, w) in (&mut chunks).zip(words) {
+            c.copy_from_slice(&w.load(Ordering::Relaxed).to_ne_bytes());
+        }
+        let tail = chunks.into_remainder();
+        if !tail.is_empty() {
+            let b = self.words[first + words.len()]
+                .load(Ordering::Relaxed)
+                .to_ne_bytes();
+            let n = tail.len();
+            tail.copy_from_slice(&b[..n]);
+        }
+    }
+
+    fn write_bytes(&self, offset: usize, src: &[u8]) {
+        let head = ((4 - offset % 4) % 4).min(src.len());
+        let (h, rest) = src.split_at(head);
+        if !h.is_empty() {
+            self.merge(offset / 4, offset % 4, h);
+        }
+        let first = (offset + head) / 4;
+        let chunks = rest.chunks_exact(4);
+        let tail = chunks.remainder();
+        let words = &self.words[first..first + chunks.len()];
+        for (c, w) in chunks.zip(words) {
+            w.store(
+                u32::from_ne_bytes([c[0], c[1], c[2], c[3]]),
+                Ordering::Relaxed,
+            );
+        }
+        if !tail.is_empty() {
+            self.merge(first + words.len(), 0, tail);
+        }
+    }
+}
+
+impl AtomicMem<'_> {
+    /// Write part of a word, keeping the bytes the peer owns intact.
+    fn merge(&self, word: usize, start: usize, part: &[u8]) {
+        let _ = self.words[word].fetch_update(Ordering::Relaxed, Ordering::Relaxed, |old| {
+            let mut b = old.to_ne_bytes();
+            b[start..start + part.len()].copy_from_slice(part);
+            Some(u32::from_ne_bytes(b))
+        });
+    }
+}
+
+/// [`SharedMem`] over a slice of `AtomicU64`, in safe code: byte copies
+/// move 8 bytes per access (faster than [`AtomicMem`] for ring entries);
+/// a `u32` store is a compare-exchange on its 8-byte word. Byte `i` of the
+/// window is byte `i % 8` (little endian) of word `i / 8`.
+#[derive(Clone, Copy, Debug)]
+pub struct AtomicMem64<'a> {
+    words: &'a [AtomicU64],
+}
+
+impl<'a> AtomicMem64<'a> {
+    /// A window over `words` (size = 8 bytes per word).
+    pub fn new(words: &'a [AtomicU64]) -> Self {
+        Self { words }
+    }
+
+    /// Write part of a word, keeping the bytes the peer owns intact.
+    fn merge(&self, word: usize, start: usize, part: &[u8]) {
+        let _ = self.words[word].fetch_update(Ordering::Relaxed, Ordering::Relaxed, |old| {
+            let mut b = old.to_ne_bytes();
+            b[start..start + part.len()].copy_from_slice(part);
+            Some(u64::from_ne_bytes(b))
+        });
+    }
+}
+
+impl SharedMem for AtomicMem64<'_> {
+    fn size(&self) -> usize {
+        self.words.len() * 8
+    }
+
+    fn load_u32(&self, offset: usize) -> u32 {
+        debug_assert_eq!(offset % 4, 0);
+        let b = self.words[offset / 8].load(Ordering::Relaxed).to_ne_bytes();
+        let i = offset % 8;
+        u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]])
+    }
+
+    fn store_u32(&self, offset: usize, value: u32) {
+        debug_assert_eq!(offset % 4, 0);
+        self.merge(offset / 8, offset % 8, &value.to_le_bytes());
+    }
+
+    fn read_bytes(&self, offset: usize, dst: &mut [u8]) {
+        let head = ((8 - offset % 8) % 8).min(dst.len());
+        let (h, rest) = dst.split_at_mut(head);
+        if !h.is_empty() {
+            let b = self.words[offset / 8].load(Ordering::Relaxed).to_ne_bytes();
+            h.copy_from_slice(&b[offset % 8..offset % 8 + head]);
+        }
+        let first = (offset + head) / 8;
+        let mut chunks = rest.chunks_exact_mut(8);
+        let words = &self.words[first..first + chunks.len()];
+        for (c, w) in (&mut chunks).zip(words) {
+            c.copy_from_slice(&w.load(Ordering::Relaxed).to_ne_bytes());
+        }
+        let tail = chunks.into_remainder();
+        if !tail.is_empty() {
+            let b = self.words[first + words.len()]
+                .load(Ordering::Relaxed)
+                .to_ne_bytes();
+            let n = tail.len();
+            tail.copy_from_slice(&b[..n]);
+        }
+    }
+
+    fn write_bytes(&self, offset: usize, src: &[u8]) {
+        let head = ((8 - offset % 8) % 8).min(src.len());
+        let (h, rest) = src.split_at(head);
+        if !h.is_empty() {
+            self.merge(offset / 8, offset % 8, h);
+        }
+        let first = (offset + head) / 8;
+        let chunks = rest.chunks_exact(8);
+        let tail = chunks.remainder();
+        let words = &self.words[first..first + chunks.len()];
+        for (c, w) in chunks.zip(words) {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(c);
+            w.store(u64::from_ne_bytes(b), Ordering::Relaxed);
+        }
+        if !tail.is_empty() {
+            self.merge(first + words.len(), 0, tail);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use super::*;
+    use std::vec::Vec;
+
+    fn buf(words: usize) -> Vec<AtomicU32> {
+        (0..words).map(|_| AtomicU32::new(0)).collect()
+    }
+
+    #[test]
+    fn bytes_and_words_agree_little_endian() {
+        let b = buf(4);
+        let m = AtomicMem::new(&b);
+        m.store_u32(4, 0x4433_2211);
+        let mut out = [0u8; 6];
+        m.read_bytes(3, &mut out);
+        assert_eq!(out, [0, 0x11, 0x22, 0x33, 0x44, 0]);
+        m.write_bytes(5, &[0xaa, 0xbb, 0xcc, 0xdd, 0xee]);
+        assert_eq!(m.load_u32(4), 0xccbb_aa11);
+        assert_eq!(m.load_u32(8), 0x0000_eedd);
+        assert_eq!(m.size(), 16);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn unaligned_copies_match_a_byte_model(
+            ops in proptest::collection::vec((0usize..60, proptest::collection::vec(proptest::num::u8::ANY, 0..20)), 1..40)
+        ) {
+            let b = buf(20);
+            let b64: Vec<AtomicU64> = (0..10).map(|_| AtomicU64::new(0)).collect();
+            let m32 = AtomicMem::new(&b);
+            let m64 = AtomicMem64::new(&b64);
+            let mems: [&dyn SharedMem; 2] = [&m32, &m64];
+            for m in mems {
+                proptest::prop_assert_eq!(m.size(), 80);
+                let mut model = [0u8; 80];
+                for (i, (off, data)) in ops.iter().enumerate() {
+                    let len = data.len().min(80 - off);
+                    if i % 5 == 4 {
+                        // Also u32 stores at aligned offsets.
+                        let at = off & !3;
+                        let v = (i as u32).wrapping_mul(0x0101_0101) ^ 0xa5a5_0000;
+                        m.store_u32(at, v);
+                        model[at..at + 4].copy_from_slice(&v.to_le_bytes());
+                    } else {
+                        m.write_bytes(*off, &data[..len]);
+                        model[*off..off + len].copy_from_slice(&data[..len]);
+                    }
+                }
+                let mut all = [0u8; 80];
+                m.read_bytes(0, &mut all);
+                proptest::prop_assert_eq!(&all[..], &model[..]);
+                for w in 0..20 {
+                    let want = u32::from_le_bytes([model[4*w], model[4*w+1], model[4*w+2], model[4*w+3]]);
+                    proptest::prop_assert_eq!(m.load_u32(4 * w), want);
+                }
+                for off in [0usize, 3, 13, 40, 79] {
+                    let mut part = [0u8; 7];
+                    let n = part.len().min(80 - off);
+                    m.read_bytes(off, &mut part[..n]);
+                    proptest::prop_assert_eq!(&part[..n], &model[off..off + n]);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,284 @@
+//! Control-area validation: packed layouts validate, every broken field is
+//! refused with the error naming it.
+
+use doppel_abi::control::*;
+use doppel_abi::msg::{CheckpointReady, Span};
+use proptest::prelude::*;
+use zerocopy::IntoBytes;
+
+const SIZES: [u64; 7] = [4096, 8192, 4096, 4096, 16 * 4096, 4096, 8 * 1024];
+
+fn packed() -> ControlHeader {
+    ControlHeader::pack(SIZES, Features::LOG_DIRTY_WP | Features::LOG_DIRTY_PML).unwrap()
+}
+
+fn area(h: &ControlHeader) -> Vec<u8> {
+    let mut v = vec![0u8; h.total_size as usize];
+    v[..HEADER_SIZE].copy_from_slice(h.as_bytes());
+    v
+}
+
+fn check(h: &ControlHeader) -> Result<ControlView, AbiError> {
+    validate(&area(h))
+}
+
+#[test]
+fn packed_layout_validates_and_reports_regions() {
+    let h = packed();
+    let v = check(&h).unwrap();
+    assert_eq!(
+        v.features(),
+        Features::LOG_DIRTY_WP | Features::LOG_DIRTY_PML
+    );
+    assert_eq!(v.region(Field::CommandRing), (256, 4096));
+    assert_eq!(v.region(Field::EventRing), (256 + 4096, 8192));
+    // Staging is page aligned.
+    let (staging, _) = v.region(Field::Staging);
+    assert_eq!(staging % 4096, 0);
+    assert_eq!(v.total_size(), h.total_size);
+}
+
+#[test]
+fn each_header_field_has_its_error() {
+    let h = packed();
+    let mut b = h;
+    b.magic ^= 1;
+    assert_eq!(check(&b).unwrap_err(), AbiError::BadMagic(MAGIC ^ 1));
+    for version in [0, 2, u32::MAX] {
+        let mut b = h;
+        b.version = version;
+        assert_eq!(
+            check(&b).unwrap_err(),
+            AbiError::UnsupportedVersion(version)
+        );
+    }
+    let mut b = h;
+    b.header_size = 128;
+    assert_eq!(check(&b).unwrap_err(), AbiError::BadHeaderSize(128));
+    let mut b = h;
+    b.features |= 1 << 40;
+    assert_eq!(check(&b).unwrap_err(), AbiError::UnknownFeatures(1 << 40));
+    let mut b = h;
+    b.reserved[13] = 1;
+    assert_eq!(check(&b).unwrap_err(), AbiError::ReservedNonZero);
+    // total_size larger than what is mapped.
+    let mut bytes = area(&h);
+    bytes.truncate(h.total_size as usize - 1);
+    assert_eq!(
+        validate(&bytes).unwrap_err(),
+        AbiError::BadTotalSize {
+            total: h.total_size,
+            mapped: bytes.len()
+        }
+    );
+    let mut b = h;
+    b.total_size = 100;
+    assert_eq!(
+        validate_header(b.as_bytes(), h.total_size as usize).unwrap_err(),
+        AbiError::BadTotalSize {
+            total: 100,
+            mapped: h.total_size as usize
+        }
+    );
+    assert_eq!(
+        validate(&[0u8; 255]).unwrap_err(),
+        AbiError::TooShort { have: 255 }
+    );
+}
+
+fn with_region(h: &ControlHeader, f: Field, r: Region) -> ControlHeader {
+    let mut b = *h;
+    match f {
+        Field::CommandRing => b.cmd_ring = r,
+        Field::EventRing => b.evt_ring = r,
+        Field::OutputChannel => b.out_chan = r,
+        Field::InputChannel => b.in_chan = r,
+        Field::Staging => b.staging = r,
+        Field::VcpuArea => b.vcpu_area = r,
+        Field::PfnList => b.pfn_list = r,
+        _ => unreachable!(),
+    }
+    b
+}
+
+#[test]
+fn each_region_is_checked() {
+    let h = packed();
+    for f in REGIONS {
+        let r = h.region(f);
+        let past = with_region(
+            &h,
+            f,
+            Region {
+                offset: r.offset,
+                size: h.total_size,
+            },
+        );
+        assert_eq!(
+            check(&past).unwrap_err(),
+            AbiError::RegionOutOfBounds(f),
+            "{f:?}"
+        );
+        let wrap = with_region(
+            &h,
+            f,
+            Region {
+                offset: u64::MAX - 7,
+                size: 16,
+            },
+        );
+        assert_eq!(
+            check(&wrap).unwrap_err(),
+            AbiError::RegionOutOfBounds(f),
+            "{f:?}"
+        );
+        let odd = with_region(
+            &h,
+            f,
+            Region {
+                offset: r.offset + 4,
+                size: r.size - 8,
+            },
+        );
+        assert_eq!(
+            check(&odd).unwrap_err(),
+            AbiError::RegionMisaligned(f),
+            "{f:?}"
+        );
+        let tiny = with_region(
+            &h,
+            f,
+            Region {
+                offset: r.offset,
+                size: 0,
+            },
+        );
+        assert_eq!(
+            check(&tiny).unwrap_err(),
+            AbiError::RegionTooSmall(f),
+            "{f:?}"
+        );
+        let on_header = with_region(
+            &h,
+            f,
+            Region {
+                offset: 0,
+                size: r.size,
+            },
+        );
+        assert_eq!(
+            check(&on_header).unwrap_err(),
+            AbiError::RegionOverlapsHeader(f),
+            "{f:?}"
+        );
+    }
+    // Staging size must be whole pages.
+    let s = h.staging;
+    let b = with_region(
+        &h,
+        Field::Staging,
+        Region {
+            offset: s.offset,
+            size: s.size - 8,
+        },
+    );
+    assert_eq!(
+        check(&b).unwrap_err(),
+        AbiError::RegionMisaligned(Field::Staging)
+    );
+    // Overlaps name both regions, first in header order.
+    for (i, a) in REGIONS.into_iter().enumerate() {
+        for b in REGIONS.into_iter().skip(i + 1) {
+            let moved = with_region(&h, b, h.region(a));
+            if moved.region(b).size >= h.region(b).size || check(&moved).is_err() {
+                let got = check(&moved).unwrap_err();
+                assert!(
+                    got == AbiError::RegionOverlap(a, b)
+                        || matches!(got, AbiError::RegionMisaligned(x) | AbiError::RegionTooSmall(x) if x == b),
+                    "{a:?} {b:?}: {got:?}"
+                );
+            }
+        }
+    }
+    let moved = with_region(&h, Field::PfnList, h.cmd_ring);
+    assert_eq!(
+        check(&moved).unwrap_err(),
+        AbiError::RegionOverlap(Field::CommandRing, Field::PfnList)
+    );
+}
+
+#[test]
+fn checkpoint_spans_must_lie_in_their_regions() {
+    let h = packed();
+    let v = check(&h).unwrap();
+    let c = CheckpointReady {
+        epoch: 1,
+        dirty_count: 2,
+        pfn_list: Span {
+            offset: h.pfn_list.offset,
+            len: 16,
+        },
+        pages: Span {
+            offset: h.staging.offset,
+            len: 8192,
+        },
+        vcpu: Span {
+            offset: h.vcpu_area.offset,
+            len: 1032,
+        },
+    };
+    assert_eq!(v.check_checkpoint(&c), Ok(()));
+    let mut b = c;
+    b.pages.offset = h.staging.offset + h.staging.size - 4096;
+    assert_eq!(
+        v.check_checkpoint(&b),
+        Err(AbiError::SpanOutside(Field::Staging))
+    );
+    let mut b = c;
+    b.pfn_list.offset = h.pfn_list.offset - 8;
+    assert_eq!(
+        v.check_checkpoint(&b),
+        Err(AbiError::SpanOutside(Field::PfnList))
+    );
+    let mut b = c;
+    b.vcpu.offset = u64::MAX;
+    assert_eq!(
+        v.check_checkpoint(&b),
+        Err(AbiError::SpanOutside(Field::VcpuArea))
+    );
+}
+
+proptest! {
+    #[test]
+    fn any_packable_layout_validates(
+        cmd in 2u64..64, evt in 2u64..64, chan in 2u64..64, stage in 1u64..64, vcpu in 17u64..64, pfn in 1u64..512,
+        feat in 0u64..32,
+    ) {
+        let sizes = [cmd * 64, evt * 96, chan * 64, chan * 128, stage * 4096, vcpu * 64, pfn * 8];
+        let h = ControlHeader::pack(sizes, Features::from_bits(feat).unwrap()).unwrap();
+        let v = check(&h).unwrap();
+        for (f, size) in REGIONS.into_iter().zip(sizes) {
+            prop_assert_eq!(v.region(f).1 as u64, size);
+        }
+    }
+
+    #[test]
+    fn random_headers_never_panic_and_valid_ones_are_consistent(bytes in proptest::collection::vec(any::<u8>(), 256)) {
+        let mut b = bytes.clone();
+        // Make the random header plausible often enough to get past the
+        // first checks.
+        b[..8].copy_from_slice(&MAGIC.to_le_bytes());
+        b[8..12].copy_from_slice(&1u32.to_le_bytes());
+        b[12..16].copy_from_slice(&256u32.to_le_bytes());
+        for bytes in [bytes, b] {
+            if let Ok(v) = doppel_abi::control::validate_header(&bytes, 1 << 40) {
+                let mut ends: Vec<(usize, usize)> = REGIONS.iter().map(|f| v.region(*f)).collect();
+                ends.sort();
+                prop_assert!(ends[0].0 >= HEADER_SIZE);
+                for w in ends.windows(2) {
+                    prop_assert!(w[0].0 + w[0].1 <= w[1].0);
+                }
+            }
+        }
+    }
+}
