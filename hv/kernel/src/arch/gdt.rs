@@ -53,3 +53,8 @@ pub fn init() {
     // a kernel data and a TSS descriptor of this very table.
     unsafe { instr::load_gdt(&gdt.table, gdt.code, gdt.data, gdt.tss) };
 }
+
+/// Linear address of the kernel's TSS (the VMCS host TR base).
+pub fn tss_base() -> u64 {
+    TSS.get().map_or(0, |t| core::ptr::from_ref(t) as u64)
+}

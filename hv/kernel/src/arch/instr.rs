@@ -227,3 +227,259 @@ fn vm_result(cf: u8, zf: u8) -> Result<(), VmFail> {
         _ => Err(VmFail::Invalid),
     }
 }
+
+/// The segment registers and descriptor-table registers of the running
+/// kernel, as the VMCS host-state area needs them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HostSegments {
+    pub cs: u16,
+    pub ss: u16,
+    pub ds: u16,
+    pub es: u16,
+    pub fs: u16,
+    pub gs: u16,
+    pub tr: u16,
+    pub gdtr_base: u64,
+    pub idtr_base: u64,
+}
+
+/// Read CS, SS, DS, ES, FS, GS, TR and the GDTR/IDTR bases (SGDT, SIDT,
+/// STR and segment-register moves: reads only).
+pub fn host_segments() -> HostSegments {
+    let (cs, ss, ds, es, fs, gs, tr): (u16, u16, u16, u16, u16, u16, u16);
+    // SAFETY: moves from segment registers and STR only write the named
+    // general-purpose registers.
+    unsafe {
+        asm!(
+            "mov {cs:x}, cs", "mov {ss:x}, ss", "mov {ds:x}, ds", "mov {es:x}, es",
+            "mov {fs:x}, fs", "mov {gs:x}, gs", "str {tr:x}",
+            cs = out(reg) cs, ss = out(reg) ss, ds = out(reg) ds, es = out(reg) es,
+            fs = out(reg) fs, gs = out(reg) gs, tr = out(reg) tr,
+            options(nomem, nostack, preserves_flags),
+        );
+    }
+    HostSegments {
+        cs,
+        ss,
+        ds,
+        es,
+        fs,
+        gs,
+        tr,
+        gdtr_base: tables::sgdt().base.as_u64(),
+        idtr_base: tables::sidt().base.as_u64(),
+    }
+}
+
+/// VMCLEAR: flush a VMCS to memory and make it inactive and not current.
+///
+/// # Safety
+/// CPU in VMX root operation; `vmcs_pa` is a 4 KiB frame holding a VMCS
+/// region (revision id at offset 0) that only VMX uses.
+pub unsafe fn vmclear(vmcs_pa: u64) -> Result<(), VmFail> {
+    let (cf, zf): (u8, u8);
+    // SAFETY: caller's contract; the operand is the local `vmcs_pa`.
+    unsafe {
+        asm!("vmclear qword ptr [{pa}]", "setc {cf}", "setz {zf}",
+             pa = in(reg) &vmcs_pa, cf = out(reg_byte) cf, zf = out(reg_byte) zf,
+             options(nostack));
+    }
+    vm_result(cf, zf)
+}
+
+/// VMPTRLD: make the VMCS at `vmcs_pa` current.
+///
+/// # Safety
+/// As for [`vmclear`]; from now on VMREAD/VMWRITE/VMLAUNCH act on it.
+pub unsafe fn vmptrld(vmcs_pa: u64) -> Result<(), VmFail> {
+    let (cf, zf): (u8, u8);
+    // SAFETY: caller's contract; the operand is the local `vmcs_pa`.
+    unsafe {
+        asm!("vmptrld qword ptr [{pa}]", "setc {cf}", "setz {zf}",
+             pa = in(reg) &vmcs_pa, cf = out(reg_byte) cf, zf = out(reg_byte) zf,
+             options(nostack));
+    }
+    vm_result(cf, zf)
+}
+
+/// VMREAD of the field with this encoding in the current VMCS. Fails
+/// (VMfailInvalid) with no current VMCS, (VMfailValid) for a field the CPU
+/// does not have. Outside VMX operation it raises #UD, which is reported.
+/// The typed accessors in `virt::vmx::vmcs` are the way to call it.
+pub fn vmread(encoding: u32) -> Result<u64, VmFail> {
+    let value: u64;
+    let (cf, zf): (u8, u8);
+    // SAFETY: VMREAD with a register destination only writes `value` and
+    // the flags; it has no memory operand here.
+    unsafe {
+        asm!("vmread {v}, {e}", "setc {cf}", "setz {zf}",
+             v = out(reg) value, e = in(reg) u64::from(encoding),
+             cf = out(reg_byte) cf, zf = out(reg_byte) zf,
+             options(nomem, nostack));
+    }
+    vm_result(cf, zf).map(|()| value)
+}
+
+/// VMWRITE of a field of the current VMCS. VMWRITE by itself changes
+/// nothing the kernel runs on: a VMCS is only acted on by VM entry, and
+/// [`vmx_enter`] carries the contract that the host-state fields are right.
+/// The typed accessors in `virt::vmx::vmcs` (which have no write for
+/// read-only fields) are the way to call it.
+pub fn vmwrite(encoding: u32, value: u64) -> Result<(), VmFail> {
+    let (cf, zf): (u8, u8);
+    // SAFETY: VMWRITE from registers touches only the current VMCS (CPU-
+    // owned memory that no Rust reference covers) and the flags.
+    unsafe {
+        asm!("vmwrite {e}, {v}", "setc {cf}", "setz {zf}",
+             e = in(reg) u64::from(encoding), v = in(reg) value,
+             cf = out(reg_byte) cf, zf = out(reg_byte) zf,
+             options(nostack));
+    }
+    vm_result(cf, zf)
+}
+
+/// INVEPT type 1 (single-context): drop cached translations derived from
+/// the EPT rooted in `eptp`. Only invalidates caches.
+pub fn invept_single(eptp: u64) -> Result<(), VmFail> {
+    invept(1, eptp)
+}
+
+/// INVEPT type 2 (all-context).
+pub fn invept_all() -> Result<(), VmFail> {
+    invept(2, 0)
+}
+
+fn invept(kind: u64, eptp: u64) -> Result<(), VmFail> {
+    let desc: [u64; 2] = [eptp, 0];
+    let (cf, zf): (u8, u8);
+    // SAFETY: INVEPT reads the 16-byte descriptor (a local) and only
+    // invalidates TLB and paging-structure caches.
+    unsafe {
+        asm!("invept {k}, [{d}]", "setc {cf}", "setz {zf}",
+             k = in(reg) kind, d = in(reg) &desc,
+             cf = out(reg_byte) cf, zf = out(reg_byte) zf,
+             options(nostack, readonly));
+    }
+    vm_result(cf, zf)
+}
+
+/// INVVPID type 1 (single-context): drop linear and combined translations
+/// tagged with `vpid`. Only invalidates caches.
+pub fn invvpid_single(vpid: u16) -> Result<(), VmFail> {
+    let desc: [u64; 2] = [u64::from(vpid), 0];
+    let (cf, zf): (u8, u8);
+    // SAFETY: INVVPID reads the 16-byte descriptor (a local) and only
+    // invalidates TLB and paging-structure caches.
+    unsafe {
+        asm!("invvpid {k}, [{d}]", "setc {cf}", "setz {zf}",
+             k = in(reg) 1u64, d = in(reg) &desc,
+             cf = out(reg_byte) cf, zf = out(reg_byte) zf,
+             options(nostack, readonly));
+    }
+    vm_result(cf, zf)
+}
+
+/// How [`vmx_enter`] came back.
+pub const VMX_ENTER_EXITED: u64 = 0;
+/// VMLAUNCH/VMRESUME failed with CF=1 (VMfailInvalid).
+pub const VMX_ENTER_FAIL_INVALID: u64 = 1;
+/// VMLAUNCH/VMRESUME failed with ZF=1 (VMfailValid).
+pub const VMX_ENTER_FAIL_VALID: u64 = 2;
+
+/// Enter the guest of the current VMCS and come back at its next VM exit.
+///
+/// `regs` points at the guest's general-purpose registers in the layout of
+/// `virt::vcpu::GuestRegs` (rax, rbx, rcx, rdx, rsi, rdi, rbp, r8..r15);
+/// they are loaded before entry and stored back at the exit. `launched` = 0
+/// uses VMLAUNCH, anything else VMRESUME. Returns [`VMX_ENTER_EXITED`]
+/// after a VM exit, or a failure code when the instruction itself failed
+/// (then the guest registers are not stored back).
+///
+/// A naked function because VM entry and exit are one control transfer the
+/// compiler cannot see: the stub writes HOST_RSP and HOST_RIP itself (the
+/// exit lands at its label `2:` with the stack as it was at entry), saves
+/// the callee-saved registers the guest will overwrite, and restores them.
+///
+/// # Safety
+/// VMX root operation with a current VMCS whose host-state area (other than
+/// RSP and RIP) describes this kernel: its CR0/CR3/CR4, selectors, FS/GS/
+/// TR/GDTR/IDTR bases and EFER, with the "host address-space size" exit
+/// control set; `regs` is valid for reads and writes of 15 u64.
+#[unsafe(naked)]
+pub unsafe extern "C" fn vmx_enter(regs: *mut u64, launched: u64) -> u64 {
+    core::arch::naked_asm!(
+        // Host callee-saved registers, then the regs pointer on top.
+        "push rbp",
+        "push rbx",
+        "push r12",
+        "push r13",
+        "push r14",
+        "push r15",
+        "push rdi",
+        // HOST_RSP (0x6c14) = this stack; HOST_RIP (0x6c16) = label 2.
+        "mov rax, 0x6c14",
+        "vmwrite rax, rsp",
+        "lea rcx, [rip + 2f]",
+        "mov rax, 0x6c16",
+        "vmwrite rax, rcx",
+        // Flags from this compare survive the loads below (MOV keeps them).
+        "cmp rsi, 0",
+        "mov rax, [rdi + 0x00]",
+        "mov rbx, [rdi + 0x08]",
+        "mov rcx, [rdi + 0x10]",
+        "mov rdx, [rdi + 0x18]",
+        "mov rsi, [rdi + 0x20]",
+        "mov rbp, [rdi + 0x30]",
+        "mov r8,  [rdi + 0x38]",
+        "mov r9,  [rdi + 0x40]",
+        "mov r10, [rdi + 0x48]",
+        "mov r11, [rdi + 0x50]",
+        "mov r12, [rdi + 0x58]",
+        "mov r13, [rdi + 0x60]",
+        "mov r14, [rdi + 0x68]",
+        "mov r15, [rdi + 0x70]",
+        "mov rdi, [rdi + 0x28]",
+        "jne 3f",
+        "vmlaunch",
+        "jmp 4f",
+        "3:",
+        "vmresume",
+        // Falling through: the instruction failed. CF=1 invalid, ZF=1 valid.
+        "4:",
+        "mov eax, 2",
+        "mov ecx, 1",
+        "cmovc eax, ecx",
+        "add rsp, 8",
+        "jmp 5f",
+        // VM exit: RSP is HOST_RSP, so the regs pointer is on top.
+        "2:",
+        "push rax",
+        "mov rax, [rsp + 8]",
+        "mov [rax + 0x08], rbx",
+        "mov [rax + 0x10], rcx",
+        "mov [rax + 0x18], rdx",
+        "mov [rax + 0x20], rsi",
+        "mov [rax + 0x28], rdi",
+        "mov [rax + 0x30], rbp",
+        "mov [rax + 0x38], r8",
+        "mov [rax + 0x40], r9",
+        "mov [rax + 0x48], r10",
+        "mov [rax + 0x50], r11",
+        "mov [rax + 0x58], r12",
+        "mov [rax + 0x60], r13",
+        "mov [rax + 0x68], r14",
+        "mov [rax + 0x70], r15",
+        "pop rcx",
+        "mov [rax + 0x00], rcx",
+        "add rsp, 8",
+        "xor eax, eax",
+        "5:",
+        "pop r15",
+        "pop r14",
+        "pop r13",
+        "pop r12",
+        "pop rbx",
+        "pop rbp",
+        "ret",
+    )
+}
