@@ -12,7 +12,8 @@ use core::arch::asm;
 
 use doppel_abi::guest::{
     hypercall, BootInfo, PatternId, BOOT_MAGIC, BOOT_VERSION, CONSOLE_PORT, HYPERCALL_VMMCALL,
-    PAGE_SIZE, STACK_GPA, STACK_PAGES, TRUTH_GPA, TRUTH_MAX_PFNS, TRUTH_PAGES,
+    PAGE_SIZE, PAGE_TABLES_GPA, PAGE_TABLES_PAGES, STACK_GPA, STACK_PAGES, TRUTH_GPA,
+    TRUTH_MAX_PFNS, TRUTH_PAGES,
 };
 use doppel_core::workload::{self, Write};
 
@@ -69,6 +70,12 @@ fn write_u64(gpa: u64, v: u64) {
     unsafe { core::ptr::write_volatile(gpa as *mut u64, v) };
 }
 
+fn read_u64(gpa: u64) -> u64 {
+    // SAFETY: as for `write_u64`: an identity-mapped address inside guest
+    // RAM (callers pass page-table entries the hypervisor built).
+    unsafe { core::ptr::read_volatile(gpa as *const u64) }
+}
+
 /// The ground-truth bitmap.
 struct Truth {
     /// Bit i: truth page i holds a set bit (must be cleared next epoch).
@@ -103,7 +110,15 @@ impl Truth {
     }
 
     /// Start an epoch: zero the pages used last epoch (and record those
-    /// writes), then touch and record the stack.
+    /// writes), then touch and record the stack and the page tables.
+    ///
+    /// The page tables: with EPT accessed/dirty flags on (Intel PML, A/D
+    /// scans), the CPU treats every access of a guest page walk as a write
+    /// to the walked table page (SDM vol. 3C, "Accessed and Dirty Flags
+    /// for EPT"), so those pages may be logged in any epoch although their
+    /// contents never change. Rewriting one entry of each with its own
+    /// value makes them written pages in every mode, so the truth is exact
+    /// whatever the hardware logs for the walks.
     fn begin_epoch(&mut self) {
         let used = self.used;
         self.used = 0;
@@ -123,6 +138,11 @@ impl Truth {
         for s in 0..STACK_PAGES {
             let gpa = STACK_GPA + s * PAGE_SIZE;
             write_u64(gpa, 0x5ac5_5ac5);
+            self.record(gpa / PAGE_SIZE);
+        }
+        for p in 0..PAGE_TABLES_PAGES {
+            let gpa = PAGE_TABLES_GPA + p * PAGE_SIZE;
+            write_u64(gpa, read_u64(gpa));
             self.record(gpa / PAGE_SIZE);
         }
     }

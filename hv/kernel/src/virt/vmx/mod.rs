@@ -169,7 +169,7 @@ impl VmxOn {
 /// TSC ticks after which the preemption timer is armed to fire once in the
 /// write-protect run: short, so it fires while the guest runs, and the
 /// `vmx: preemption timer` line shows the exit arrived.
-const TIMER_PROBE_TICKS: u64 = 200_000;
+const TIMER_PROBE_TICKS: u64 = 20_000;
 
 /// The log-dirty self-test under VMX: EPT write-protect and PML modes.
 pub fn selftest(on: &mut VmxOn, plan: &super::selftest::Plan) -> bool {

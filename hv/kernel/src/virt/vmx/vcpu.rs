@@ -706,14 +706,7 @@ impl Drop for VmxVcpu {
     fn drop(&mut self) {
         if let Some(ticks) = self.timer_armed {
             log::info!(
-                "vmx: preemption timer: armed for {ticks} TSC ticks (rate 2^{}), exits={}",
-                self.timer_shift,
-                self.timer_exits
-            );
-        }
-        if let Some(ticks) = self.timer_armed {
-            log::info!(
-                "vmx: preemption timer: armed for {ticks} TSC ticks (rate 2^{}), exits={}",
+                "vmx: preemption timer: armed for {ticks} TSC ticks (rate 2^{}), timer_exits={}",
                 self.timer_shift,
                 self.timer_exits
             );
