@@ -6,6 +6,7 @@
 mod conformance;
 mod emu;
 mod image;
+mod selftest;
 mod setup;
 mod test;
 
@@ -54,6 +55,17 @@ enum Cmd {
         #[arg(long, default_value = "")]
         cmdline: String,
     },
+    /// Boot the log-dirty self-test (`mode=selftest`) and check every
+    /// `logdirty:` line: all epochs exact (missing=0 extra=0) and the final
+    /// `result=pass` line with the expected epoch count.
+    Selftest {
+        /// Emulator: bochs runs the VMX backend, qemu the SVM backend.
+        #[arg(long, value_enum, default_value = "bochs")]
+        emulator: Emulator,
+        /// More kernel command-line words, e.g. `epochs=2 log=debug`.
+        #[arg(long, default_value = "")]
+        cmdline: String,
+    },
     /// Run everything that proves Doppel works: format, lints, unit and
     /// property tests, conformance checks and emulator boots. Ends with a
     /// line `N passed, N failed`.
@@ -95,6 +107,11 @@ fn main() -> Result<()> {
             } else {
                 anyhow::bail!("the image did not report success")
             }
+        }
+        Cmd::Selftest { emulator, cmdline } => {
+            setup::ensure()?;
+            let img = image::build()?;
+            selftest::command(&img, emulator, &cmdline)
         }
         Cmd::Test { long, only } => {
             setup::ensure()?;

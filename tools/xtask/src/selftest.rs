@@ -1,0 +1,339 @@
+//! `cargo xtask selftest`: boot the image with `mode=selftest` and judge the
+//! log-dirty self-test from the `logdirty:` lines it prints.
+//!
+//! The image prints one line per epoch,
+//! `logdirty: backend=vmx mode=wp pattern=seq epoch=0 dirty=1033 truth=1033 missing=0 extra=0 exits=1033 ...`,
+//! and a final `logdirty: backend=vmx result=pass epochs=40 failed=0`. A run
+//! passes only when that final line says pass, its epoch count is what the
+//! backend's modes times the patterns times the epochs per pattern give,
+//! every epoch line was seen, and each has missing=0 and extra=0.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+
+use crate::emu::{self, Run, RunSpec};
+use crate::image::Image;
+use crate::Emulator;
+
+/// Workload patterns the image runs (doppel_abi::guest::PatternId::ALL).
+pub const PATTERNS: u64 = doppel_abi::guest::PatternId::ALL.len() as u64;
+/// Epochs per pattern when the command line does not say (`epochs=`).
+pub const DEFAULT_EPOCHS: u64 = 4;
+/// Hard limit of one Bochs self-test run (a full run takes about a minute).
+pub const BOCHS_TIMEOUT: Duration = Duration::from_secs(600);
+/// Hard limit of one QEMU self-test run.
+pub const QEMU_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// The backend an emulator's CPU gets, and how many tracking modes it runs.
+pub fn backend(emulator: Emulator) -> (&'static str, u64) {
+    match emulator {
+        // EPT write-protect and PML.
+        Emulator::Bochs => ("vmx", 2),
+        // NPT write-protect.
+        Emulator::Qemu => ("svm", 1),
+    }
+}
+
+/// One `logdirty:` epoch line.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Epoch {
+    pub backend: String,
+    pub mode: String,
+    pub pattern: String,
+    pub epoch: u64,
+    pub dirty: u64,
+    pub truth: u64,
+    pub missing: u64,
+    pub extra: u64,
+    pub exits: u64,
+    /// The image marked the line as failing its checks.
+    pub fail_mark: bool,
+}
+
+/// The final `logdirty: backend=.. result=.. epochs=.. failed=..` line.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Summary {
+    pub backend: String,
+    pub pass: bool,
+    pub epochs: u64,
+    pub failed: u64,
+}
+
+/// Everything a self-test run printed about log-dirty.
+#[derive(Clone, Debug, Default)]
+pub struct Report {
+    pub lines: Vec<String>,
+    pub epochs: Vec<Epoch>,
+    pub summary: Option<Summary>,
+    /// Lines starting `logdirty:` that are neither an epoch nor a summary.
+    pub malformed: Vec<String>,
+}
+
+fn fields(line: &str) -> BTreeMap<&str, &str> {
+    line.split_whitespace()
+        .filter_map(|w| w.split_once('='))
+        .collect()
+}
+
+fn num(f: &BTreeMap<&str, &str>, key: &str) -> Option<u64> {
+    f.get(key)?.parse().ok()
+}
+
+impl Report {
+    pub fn parse(output: &str) -> Self {
+        let mut r = Report::default();
+        for line in output.lines().map(str::trim) {
+            let Some(body) = line.strip_prefix("logdirty: ") else {
+                continue;
+            };
+            r.lines.push(line.to_string());
+            let f = fields(body);
+            if let Some(result) = f.get("result") {
+                let s = (|| {
+                    Some(Summary {
+                        backend: f.get("backend")?.to_string(),
+                        pass: match *result {
+                            "pass" => true,
+                            "fail" => false,
+                            _ => return None,
+                        },
+                        epochs: num(&f, "epochs")?,
+                        failed: num(&f, "failed")?,
+                    })
+                })();
+                match s {
+                    Some(s) if r.summary.is_none() => r.summary = Some(s),
+                    _ => r.malformed.push(line.to_string()),
+                }
+                continue;
+            }
+            let e = (|| {
+                Some(Epoch {
+                    backend: f.get("backend")?.to_string(),
+                    mode: f.get("mode")?.to_string(),
+                    pattern: f.get("pattern")?.to_string(),
+                    epoch: num(&f, "epoch")?,
+                    dirty: num(&f, "dirty")?,
+                    truth: num(&f, "truth")?,
+                    missing: num(&f, "missing")?,
+                    extra: num(&f, "extra")?,
+                    exits: num(&f, "exits")?,
+                    fail_mark: body.split_whitespace().any(|w| w == "FAIL"),
+                })
+            })();
+            match e {
+                Some(e) => r.epochs.push(e),
+                None => r.malformed.push(line.to_string()),
+            }
+        }
+        r
+    }
+
+    /// Why this is not a passing run of `backend` with `want_epochs` epochs
+    /// in all, or Ok.
+    pub fn check_pass(&self, backend: &str, want_epochs: u64) -> Result<()> {
+        if let Some(l) = self.malformed.first() {
+            bail!("malformed logdirty line: {l}");
+        }
+        let Some(s) = &self.summary else {
+            bail!("no `logdirty: backend=.. result=..` line");
+        };
+        if s.backend != backend || !s.pass || s.failed != 0 || s.epochs != want_epochs {
+            bail!(
+                "expected `logdirty: backend={backend} result=pass epochs={want_epochs} failed=0`, got {s:?}"
+            );
+        }
+        if self.epochs.len() as u64 != want_epochs {
+            bail!("{} epoch lines, expected {want_epochs}", self.epochs.len());
+        }
+        for e in &self.epochs {
+            if e.backend != backend || e.missing != 0 || e.extra != 0 || e.fail_mark {
+                bail!("epoch failed: {e:?}");
+            }
+        }
+        Ok(())
+    }
+
+    /// Why this is not a run that caught a deliberate bug (some epoch with
+    /// missing pages, and the final line saying fail), or Ok.
+    pub fn check_caught(&self, backend: &str) -> Result<()> {
+        let Some(s) = &self.summary else {
+            bail!("no `logdirty: backend=.. result=..` line");
+        };
+        if s.backend != backend || s.pass || s.failed == 0 {
+            bail!("expected result=fail with failed epochs, got {s:?}");
+        }
+        if !self.epochs.iter().any(|e| e.missing > 0 && e.fail_mark) {
+            bail!("no epoch reported missing pages");
+        }
+        Ok(())
+    }
+
+    /// Per mode and pattern: epochs, dirty pages, tracking exits.
+    pub fn per_pattern(&self) -> Vec<(String, String, u64, u64, u64)> {
+        let mut m: BTreeMap<(String, String), (u64, u64, u64)> = BTreeMap::new();
+        for e in &self.epochs {
+            let t = m.entry((e.mode.clone(), e.pattern.clone())).or_default();
+            t.0 += 1;
+            t.1 += e.dirty;
+            t.2 += e.exits;
+        }
+        let mut v: Vec<_> = m
+            .into_iter()
+            .map(|((mode, pat), (n, d, x))| (mode, pat, n, d, x))
+            .collect();
+        // Modes in the order the image runs them, patterns likewise.
+        let order = |p: &str| {
+            ["seq", "rand", "hot", "sparse", "mixed"]
+                .iter()
+                .position(|x| *x == p)
+                .unwrap_or(usize::MAX)
+        };
+        v.sort_by_key(|(mode, pat, ..)| (mode != "wp", order(pat)));
+        v
+    }
+
+    /// The per-pattern table as text.
+    pub fn table(&self) -> String {
+        let mut s = String::from("mode  pattern  epochs  dirty  exits  exits/dirty\n");
+        for (mode, pat, n, d, x) in self.per_pattern() {
+            let ratio = if d == 0 { 0.0 } else { x as f64 / d as f64 };
+            s += &format!("{mode:<5} {pat:<8} {n:>6} {d:>6} {x:>6}  {ratio:.4}\n");
+        }
+        s
+    }
+}
+
+/// The `epochs=` value of a command line, or the image's default.
+pub fn epochs_of(cmdline: &str) -> u64 {
+    cmdline
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("epochs="))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(DEFAULT_EPOCHS)
+}
+
+/// Boot the self-test on `emulator` with `extra` words on the command line.
+pub fn boot(img: &Image, emulator: Emulator, extra: &str, tag: &str) -> Result<(Run, Report)> {
+    let mut spec = RunSpec::new(emulator, tag);
+    spec.cmdline = format!("mode=selftest {extra}").trim().to_string();
+    spec.timeout = match emulator {
+        Emulator::Bochs => BOCHS_TIMEOUT,
+        Emulator::Qemu => QEMU_TIMEOUT,
+    };
+    let run = emu::run(img, &spec)?;
+    let report = Report::parse(&run.output);
+    Ok((run, report))
+}
+
+/// Check a run that should pass; the detail line on success.
+pub fn judge_pass(emulator: Emulator, extra: &str, run: &Run, report: &Report) -> Result<String> {
+    let (backend, modes) = backend(emulator);
+    let want = modes * PATTERNS * epochs_of(extra);
+    if let Err(e) = report.check_pass(backend, want) {
+        bail!("{e:#} ({}); output:\n{}", run.describe(), run.output);
+    }
+    if !run.passed() {
+        bail!("the image did not report exit=pass ({})", run.describe());
+    }
+    if backend == "vmx" {
+        // The VMX-preemption timer was armed once in the write-protect run.
+        let fired = run
+            .lines_with("doppel-hv: vmx: preemption timer:")
+            .filter_map(|l| l.rsplit_once("timer_exits=")?.1.parse::<u64>().ok())
+            .any(|n| n >= 1);
+        if !fired {
+            bail!("no VMX-preemption timer exit reported ({})", run.describe());
+        }
+    }
+    let summary = report.lines.last().cloned().unwrap_or_default();
+    Ok(format!("{summary} [{}]", run.describe()))
+}
+
+/// `cargo xtask selftest`: one run, every logdirty line and the per-pattern
+/// table printed; fails unless the run passed.
+pub fn command(img: &Image, emulator: Emulator, extra: &str) -> Result<()> {
+    let (run, report) = boot(img, emulator, extra, &format!("selftest-{emulator:?}"))?;
+    for l in &report.lines {
+        println!("{l}");
+    }
+    print!("{}", report.table());
+    println!("({})", run.describe());
+    let detail = judge_pass(emulator, extra, &run, &report)?;
+    println!("selftest: pass: {detail}");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = "\
+doppel-hv: guest: workload region 15360 pages
+logdirty: backend=vmx mode=wp pattern=seq epoch=0 dirty=10 truth=10 missing=0 extra=0 exits=10 pause_cycles=5
+logdirty: backend=vmx mode=pml pattern=seq epoch=0 dirty=1033 truth=1033 missing=0 extra=0 exits=2 drains=1
+logdirty: backend=vmx result=pass epochs=2 failed=0
+";
+
+    #[test]
+    fn a_clean_run_passes_and_is_tabulated() {
+        let r = Report::parse(GOOD);
+        assert_eq!(r.lines.len(), 3);
+        assert_eq!(r.epochs.len(), 2);
+        assert_eq!(r.epochs[1].exits, 2);
+        assert_eq!(r.epochs[1].mode, "pml");
+        r.check_pass("vmx", 2).unwrap();
+        // Wrong count, wrong backend.
+        assert!(r.check_pass("vmx", 40).is_err());
+        assert!(r.check_pass("svm", 2).is_err());
+        assert!(r.check_caught("vmx").is_err());
+        assert_eq!(
+            r.per_pattern(),
+            vec![
+                ("wp".into(), "seq".into(), 1, 10, 10),
+                ("pml".into(), "seq".into(), 1, 1033, 2)
+            ]
+        );
+    }
+
+    #[test]
+    fn a_missing_page_fails_and_counts_as_caught() {
+        let bad = GOOD
+            .replace(
+                "dirty=10 truth=10 missing=0 extra=0 exits=10 pause_cycles=5",
+                "dirty=9 truth=10 missing=1 extra=0 exits=10 pause_cycles=5 FAIL",
+            )
+            .replace(
+                "result=pass epochs=2 failed=0",
+                "result=fail epochs=2 failed=1",
+            );
+        let r = Report::parse(&bad);
+        assert!(r.check_pass("vmx", 2).is_err());
+        r.check_caught("vmx").unwrap();
+    }
+
+    #[test]
+    fn a_passing_summary_does_not_excuse_a_bad_epoch_line() {
+        // The summary claims pass but one epoch has an extra page.
+        let lie = GOOD.replace("missing=0 extra=0 exits=2", "missing=0 extra=1 exits=2");
+        assert!(Report::parse(&lie).check_pass("vmx", 2).is_err());
+        // A missing epoch line.
+        let short: String = GOOD
+            .lines()
+            .filter(|l| !l.contains("mode=pml"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        assert!(Report::parse(&short).check_pass("vmx", 2).is_err());
+        // A malformed line.
+        let junk = format!("{GOOD}logdirty: backend=vmx mode=wp dirty=x\n");
+        assert!(Report::parse(&junk).check_pass("vmx", 2).is_err());
+    }
+
+    #[test]
+    fn epochs_come_from_the_command_line() {
+        assert_eq!(epochs_of(""), DEFAULT_EPOCHS);
+        assert_eq!(epochs_of("log=debug epochs=7"), 7);
+    }
+}
