@@ -255,7 +255,12 @@ pub fn judge_pass(emulator: Emulator, extra: &str, run: &Run, report: &Report) -
 /// `cargo xtask selftest`: one run, every logdirty line and the per-pattern
 /// table printed; fails unless the run passed.
 pub fn command(img: &Image, emulator: Emulator, extra: &str) -> Result<()> {
-    let (run, report) = boot(img, emulator, extra, &format!("selftest-{emulator:?}"))?;
+    let (run, report) = boot(
+        img,
+        emulator,
+        extra,
+        &format!("selftest-{}", backend(emulator).0),
+    )?;
     for l in &report.lines {
         println!("{l}");
     }
