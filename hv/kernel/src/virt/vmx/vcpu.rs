@@ -524,8 +524,13 @@ impl Vcpu for VmxVcpu {
         let rc = unsafe { instr::vmx_enter(regs, u64::from(self.launched)) };
         match rc {
             instr::VMX_ENTER_EXITED => {
-                self.launched = true;
                 let e = self.decode_exit();
+                // A VM entry that failed while loading guest state leaves
+                // the VMCS not launched (SDM "VM-Entry Failures During or
+                // After Loading Guest State").
+                if !matches!(e.kind, ExitKind::EntryFailed { .. }) {
+                    self.launched = true;
+                }
                 if e.kind == ExitKind::Timer {
                     // One-shot: the saved timer value is 0 now and would
                     // exit again at once.
