@@ -111,11 +111,6 @@ pub trait Vcpu {
     /// Invalidate cached nested translations (INVEPT / TLB_CONTROL).
     fn flush(&mut self, flush: Flush);
 
-    /// Whether page-modification logging is available and switched on.
-    fn pml_enabled(&self) -> bool {
-        false
-    }
-
     /// Switch page-modification logging on or off; `false` when the backend
     /// has none.
     fn set_pml(&mut self, _on: bool) -> bool {
@@ -126,12 +121,6 @@ pub trait Vcpu {
     /// buffer. A backend without PML logs nothing.
     fn drain_pml(&mut self, _log: &dyn DirtyLog) -> Result<DrainStats, PmlError> {
         Ok(DrainStats::default())
-    }
-
-    /// Arm the epoch timer to fire after about `tsc_ticks` (None: disarm).
-    /// Returns false when the backend has no such timer.
-    fn arm_timer(&mut self, _tsc_ticks: Option<u64>) -> bool {
-        false
     }
 
     /// Guest state for failure reports.
