@@ -228,6 +228,7 @@ impl<'a, E: NestedEntry, V: Vcpu> Run<'a, E, V> {
                 match self.table.restore_write(f.gpa) {
                     Ok(RestoreWrite::Restored(flush)) => {
                         self.exits += 1;
+                        log::trace!("write fault {:?} stage {:?}", f.gpa, f.stage);
                         if self.plan.broken != Some(Broken::NoFaultMark)
                             && self.log.mark(f.gpa.as_u64() / PAGE_SIZE).is_err()
                         {
