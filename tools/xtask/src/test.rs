@@ -45,6 +45,8 @@ fn steps() -> Vec<(&'static str, StepFn)> {
         ("boot-qemu-faults", step_boot_faults),
         ("selftest-bochs-vmx", step_selftest_vmx),
         ("selftest-bochs-vmx-broken", step_selftest_vmx_broken),
+        ("selftest-qemu-svm", step_selftest_svm),
+        ("selftest-qemu-svm-broken", step_selftest_svm_broken),
     ]
 }
 
@@ -351,26 +353,48 @@ fn step_boot_faults(ctx: &mut Ctx) -> Result<String> {
 /// The log-dirty self-test under VMX in Bochs: EPT write-protect and PML,
 /// 5 patterns x 4 epochs each, every epoch exact.
 fn step_selftest_vmx(ctx: &mut Ctx) -> Result<String> {
-    let img = ctx.image()?;
-    let (run, report) = crate::selftest::boot(&img, Emulator::Bochs, "", "test-selftest-vmx")?;
-    crate::selftest::judge_pass(Emulator::Bochs, "", &run, &report)
+    selftest_pass(ctx, Emulator::Bochs)
 }
 
-/// The same self-test with a deliberate bug: each must be caught (some
-/// epoch with missing pages, result=fail), proving the check bites.
+/// The log-dirty self-test under SVM in QEMU (-cpu EPYC, -icount): NPT
+/// write-protect and dirty-bit scan, 5 patterns x 4 epochs each.
+fn step_selftest_svm(ctx: &mut Ctx) -> Result<String> {
+    selftest_pass(ctx, Emulator::Qemu)
+}
+
+/// The self-test with deliberate bugs under VMX: each must be caught.
 fn step_selftest_vmx_broken(ctx: &mut Ctx) -> Result<String> {
+    selftest_broken(ctx, Emulator::Bochs, &["no-fault-mark", "no-pml-drain"])
+}
+
+/// The self-test with the fault-time marking removed under SVM.
+fn step_selftest_svm_broken(ctx: &mut Ctx) -> Result<String> {
+    selftest_broken(ctx, Emulator::Qemu, &["no-fault-mark"])
+}
+
+fn selftest_pass(ctx: &mut Ctx, emulator: Emulator) -> Result<String> {
     let img = ctx.image()?;
+    let tag = format!("test-selftest-{}", crate::selftest::backend(emulator).0);
+    let (run, report) = crate::selftest::boot(&img, emulator, "", &tag)?;
+    crate::selftest::judge_pass(emulator, "", &run, &report)
+}
+
+/// Each deliberate bug must be caught (some epoch with missing pages,
+/// result=fail), proving the check bites.
+fn selftest_broken(ctx: &mut Ctx, emulator: Emulator, bugs: &[&str]) -> Result<String> {
+    let img = ctx.image()?;
+    let backend = crate::selftest::backend(emulator).0;
     let mut seen = Vec::new();
-    for broken in ["no-fault-mark", "no-pml-drain"] {
+    for broken in bugs {
         // One epoch per pattern is enough to show the bug.
         let extra = format!("epochs=1 broken={broken}");
         let (run, report) = crate::selftest::boot(
             &img,
-            Emulator::Bochs,
+            emulator,
             &extra,
-            &format!("test-selftest-vmx-{broken}"),
+            &format!("test-selftest-{backend}-{broken}"),
         )?;
-        if let Err(e) = report.check_caught("vmx") {
+        if let Err(e) = report.check_caught(backend) {
             bail!(
                 "broken={broken}: {e:#} ({}); output:\n{}",
                 run.describe(),

@@ -483,3 +483,91 @@ pub unsafe extern "C" fn vmx_enter(regs: *mut u64, launched: u64) -> u64 {
         "ret",
     )
 }
+
+/// VMSAVE: store the processor's FS, GS, TR, LDTR (hidden parts included),
+/// KernelGsBase, STAR/LSTAR/CSTAR/SFMASK and SYSENTER MSRs into the VMCB at
+/// `vmcb_pa`.
+///
+/// # Safety
+/// EFER.SVME is set and `vmcb_pa` is a 4 KiB frame owned by the caller as
+/// a VMCB (the CPU writes to it).
+pub unsafe fn vmsave(vmcb_pa: u64) {
+    // SAFETY: caller's contract; VMSAVE writes only the VMCB at rax.
+    unsafe { asm!("vmsave rax", in("rax") vmcb_pa, options(nostack)) };
+}
+
+/// Enter an SVM guest and return at its next #VMEXIT.
+///
+/// Loads the guest's general-purpose registers from `regs` (RAX and RSP come
+/// from the VMCB), VMLOADs the guest's segment/MSR state, VMRUNs, VMSAVEs it
+/// back, stores the guest's registers into `regs` and VMLOADs the host's
+/// state from `host_vmcb`. Runs with GIF clear around the world switch
+/// (CLGI/STGI), so no host interrupt lands between the two halves.
+///
+/// # Safety
+/// EFER.SVME is set, VM_HSAVE_PA holds a host save area, `vmcb` is a fully
+/// set-up VMCB whose nested page table maps only guest RAM, `host_vmcb` a
+/// VMCB page holding a VMSAVE of this CPU's host state, and `regs` points
+/// to a valid `GuestRegs` (15 u64: rax rbx rcx rdx rsi rdi rbp r8..r15).
+#[unsafe(naked)]
+pub unsafe extern "sysv64" fn svm_run(vmcb: u64, regs: *mut u64, host_vmcb: u64) {
+    core::arch::naked_asm!(
+        // Host callee-saved registers, then our three arguments.
+        "push rbx",
+        "push rbp",
+        "push r12",
+        "push r13",
+        "push r14",
+        "push r15",
+        "push rdi", // [rsp+16] guest VMCB
+        "push rsi", // [rsp+8]  GuestRegs
+        "push rdx", // [rsp+0]  host VMCB
+        "clgi",
+        // Guest general-purpose registers (RAX is the VMCB's; RSI last).
+        "mov rbx, [rsi + 8]",
+        "mov rcx, [rsi + 16]",
+        "mov rdx, [rsi + 24]",
+        "mov rdi, [rsi + 40]",
+        "mov rbp, [rsi + 48]",
+        "mov r8,  [rsi + 56]",
+        "mov r9,  [rsi + 64]",
+        "mov r10, [rsi + 72]",
+        "mov r11, [rsi + 80]",
+        "mov r12, [rsi + 88]",
+        "mov r13, [rsi + 96]",
+        "mov r14, [rsi + 104]",
+        "mov r15, [rsi + 112]",
+        "mov rsi, [rsi + 32]",
+        "mov rax, [rsp + 16]",
+        "vmload rax",
+        "vmrun rax",
+        "vmsave rax",
+        // RSP is the host's again (restored by #VMEXIT); RAX is free.
+        "mov rax, [rsp + 8]",
+        "mov [rax + 8], rbx",
+        "mov [rax + 16], rcx",
+        "mov [rax + 24], rdx",
+        "mov [rax + 32], rsi",
+        "mov [rax + 40], rdi",
+        "mov [rax + 48], rbp",
+        "mov [rax + 56], r8",
+        "mov [rax + 64], r9",
+        "mov [rax + 72], r10",
+        "mov [rax + 80], r11",
+        "mov [rax + 88], r12",
+        "mov [rax + 96], r13",
+        "mov [rax + 104], r14",
+        "mov [rax + 112], r15",
+        "mov rax, [rsp]",
+        "vmload rax",
+        "stgi",
+        "add rsp, 24",
+        "pop r15",
+        "pop r14",
+        "pop r13",
+        "pop r12",
+        "pop rbp",
+        "pop rbx",
+        "ret",
+    );
+}

@@ -84,7 +84,10 @@ const TWO_MIB: u64 = 2 << 20;
 
 impl GuestRam {
     pub fn new(bytes: u64) -> Result<Self, GuestError> {
-        if bytes % TWO_MIB != 0 || bytes < 4 * TWO_MIB || bytes / PAGE_SIZE > TRUTH_MAX_PFNS {
+        if !bytes.is_multiple_of(TWO_MIB)
+            || bytes < 4 * TWO_MIB
+            || bytes / PAGE_SIZE > TRUTH_MAX_PFNS
+        {
             return Err(GuestError::BadSize(bytes));
         }
         let hpa = frames::alloc_contiguous(bytes, TWO_MIB).ok_or(GuestError::OutOfMemory)?;
@@ -97,10 +100,6 @@ impl GuestRam {
 
     pub fn pages(&self) -> u64 {
         self.bytes / PAGE_SIZE
-    }
-
-    pub fn hpa(&self) -> u64 {
-        self.hpa
     }
 
     /// Guest memory `[gpa, gpa + len)`, or `None` if any of it is outside

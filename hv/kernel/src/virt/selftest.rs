@@ -111,6 +111,10 @@ struct Run<'a, E: NestedEntry, V: Vcpu> {
     plan: &'a Plan,
     log: DirtyTree,
     harvest: Vec<u8>,
+    /// Pages the hypervisor writes on the guest's behalf (none today: the
+    /// guest rewrites and records its own page tables each epoch, because
+    /// page walks count as writes to them under EPT A/D and QEMU's NPT).
+    declared: Vec<u8>,
     /// Dirty-tracking exits and PML drains in the current epoch.
     exits: u64,
     drains: u64,
@@ -129,6 +133,7 @@ impl<'a, E: NestedEntry, V: Vcpu> Run<'a, E, V> {
     ) -> Result<Self, &'static str> {
         let log = DirtyTree::new(ram.pages() - 1).map_err(|_| "dirty log")?;
         let harvest = vec![0u8; log.bitmap_len()];
+        let declared = vec![0u8; log.bitmap_len()];
         let mut r = Self {
             ram,
             table,
@@ -137,6 +142,7 @@ impl<'a, E: NestedEntry, V: Vcpu> Run<'a, E, V> {
             plan,
             log,
             harvest,
+            declared,
             exits: 0,
             drains: 0,
             console: HVec::new(),
@@ -159,7 +165,9 @@ impl<'a, E: NestedEntry, V: Vcpu> Run<'a, E, V> {
                 if first {
                     // Dirty bits are per leaf: split every large page into
                     // 4 KiB leaves (write-protect splits; then re-grant).
-                    self.table
+                    // Flushed below with everything else.
+                    let _ = self
+                        .table
                         .enable_write_protect()
                         .map_err(|_| "splitting the nested table")?;
                     let _ = self.table.disable_write_protect();
@@ -213,6 +221,7 @@ impl<'a, E: NestedEntry, V: Vcpu> Run<'a, E, V> {
                 match self.table.restore_write(f.gpa) {
                     Ok(RestoreWrite::Restored(flush)) => {
                         self.exits += 1;
+                        log::trace!("write fault {:?} stage {:?}", f.gpa, f.stage);
                         if self.plan.broken != Some(Broken::NoFaultMark)
                             && self.log.mark(f.gpa.as_u64() / PAGE_SIZE).is_err()
                         {
@@ -354,8 +363,34 @@ impl<'a, E: NestedEntry, V: Vcpu> Run<'a, E, V> {
             .ram
             .slice(TRUTH_GPA, truth_len)
             .ok_or("truth bitmap outside guest RAM")?;
-        let check = compare(&self.harvest, truth, &[]);
+        let check = compare(&self.harvest, truth, &self.declared);
+        if check.missing > 0 || check.extra > 0 {
+            report_differences(&self.harvest, truth, &self.declared);
+        }
         self.arm(false)?;
         Ok(check)
+    }
+}
+
+/// Log the first few pfns on which the harvest and the truth disagree.
+fn report_differences(log: &[u8], truth: &[u8], declared: &[u8]) {
+    let mut shown = 0;
+    for (i, (&l, &t)) in log.iter().zip(truth).enumerate() {
+        let diff = (l ^ t) & !declared.get(i).copied().unwrap_or(0);
+        for bit in 0..8 {
+            if diff & (1 << bit) != 0 && shown < 8 {
+                let pfn = i as u64 * 8 + bit;
+                let what = if t & (1 << bit) != 0 {
+                    "missing"
+                } else {
+                    "extra"
+                };
+                log::warn!(
+                    "self-test: pfn {pfn:#x} (gpa {:#x}) {what}",
+                    pfn * PAGE_SIZE
+                );
+                shown += 1;
+            }
+        }
     }
 }

@@ -111,11 +111,6 @@ pub trait Vcpu {
     /// Invalidate cached nested translations (INVEPT / TLB_CONTROL).
     fn flush(&mut self, flush: Flush);
 
-    /// Whether page-modification logging is available and switched on.
-    fn pml_enabled(&self) -> bool {
-        false
-    }
-
     /// Switch page-modification logging on or off; `false` when the backend
     /// has none.
     fn set_pml(&mut self, _on: bool) -> bool {

@@ -593,10 +593,6 @@ impl Vcpu for VmxVcpu {
         }
     }
 
-    fn pml_enabled(&self) -> bool {
-        self.proc2 & PROC2_PML != 0
-    }
-
     fn set_pml(&mut self, on: bool) -> bool {
         if !on {
             return self.set_proc2(self.proc2 & !PROC2_PML).is_ok();
