@@ -1,0 +1,484 @@
+//! The receiving side: parse and validate a libxc stream from any
+//! `std::io::Read` (short reads are fine; EOF mid-item is `Truncated`).
+//!
+//! Every check happens before the record is handed out, and a record body is
+//! only allocated after its length passed the limit.
+
+use std::io::{self, Read};
+
+use zerocopy::FromBytes;
+
+use super::error::{RecCtx, StreamError};
+use super::format::*;
+use super::records::{HvmParam, PageData, Record, TscInfo};
+
+/// What the receiver knows about the guest.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Guest size in pages: every pfn must be below it.
+    pub guest_pages: u64,
+}
+
+impl Limits {
+    /// No guest size known (pfn checked only against the 52-bit field).
+    pub fn any() -> Self {
+        Self {
+            guest_pages: PFN_MASK + 1,
+        }
+    }
+}
+
+/// Position in the record order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    /// After the headers, before STATIC_DATA_END (v3).
+    Static,
+    /// At the start of an epoch: nothing of it read yet.
+    EpochStart,
+    /// PAGE_DATA records of the epoch.
+    Pages,
+    /// TSC_INFO read.
+    Tsc,
+    /// HVM_CONTEXT read.
+    Context,
+    /// HVM_PARAMS read: CHECKPOINT (or END) must follow.
+    Params,
+    /// END read.
+    Ended,
+}
+
+/// What the two headers said.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StreamInfo {
+    pub version: u32,
+    pub xen_major: u32,
+    pub xen_minor: u32,
+}
+
+/// Reads validated records in stream order.
+pub struct StreamReader<R> {
+    r: R,
+    limits: Limits,
+    info: StreamInfo,
+    phase: Phase,
+    offset: u64,
+    index: u64,
+    /// Epochs completed by CHECKPOINT so far.
+    checkpoints: u64,
+}
+
+fn read_exact_at<R: Read>(
+    r: &mut R,
+    buf: &mut [u8],
+    what: &'static str,
+    offset: &mut u64,
+) -> Result<(), StreamError> {
+    r.read_exact(buf)
+        .map_err(|e| StreamError::from_io(e, what, *offset))?;
+    *offset += buf.len() as u64;
+    Ok(())
+}
+
+/// Read and check a libxc image header.
+pub(crate) fn check_image_header(h: &ImageHeader) -> Result<u32, StreamError> {
+    if h.marker.get() != IHDR_MARKER {
+        return Err(StreamError::BadMarker(h.marker.get()));
+    }
+    if h.id.get() != IHDR_ID {
+        return Err(StreamError::BadImageId(h.id.get()));
+    }
+    let v = h.version.get();
+    if !(2..=3).contains(&v) {
+        return Err(StreamError::UnsupportedVersion(v));
+    }
+    let o = h.options.get();
+    if o & IHDR_OPT_BIG_ENDIAN != 0 {
+        return Err(StreamError::BigEndian);
+    }
+    if o != 0 {
+        return Err(StreamError::ImageOptionsReserved(o));
+    }
+    if h.reserved != [0; 6] {
+        return Err(StreamError::ImageHeaderReserved(h.reserved));
+    }
+    Ok(v)
+}
+
+impl<R: Read> StreamReader<R> {
+    /// Read and validate the image and domain headers.
+    pub fn open(mut r: R, limits: Limits) -> Result<Self, StreamError> {
+        let mut offset = 0;
+        let mut ih = [0u8; 24];
+        read_exact_at(&mut r, &mut ih, "image header", &mut offset)?;
+        let ih = ImageHeader::read_from_bytes(&ih).expect("24 bytes");
+        let version = check_image_header(&ih)?;
+        let mut dh = [0u8; 16];
+        read_exact_at(&mut r, &mut dh, "domain header", &mut offset)?;
+        let dh = DomainHeader::read_from_bytes(&dh).expect("16 bytes");
+        if dh.domain_type.get() != DHDR_TYPE_X86_HVM {
+            return Err(StreamError::DomainType(dh.domain_type.get()));
+        }
+        if dh.page_shift.get() != PAGE_SHIFT {
+            return Err(StreamError::PageShift(dh.page_shift.get()));
+        }
+        if dh.reserved.get() != 0 {
+            return Err(StreamError::DomainHeaderReserved(dh.reserved.get()));
+        }
+        Ok(Self {
+            r,
+            limits,
+            info: StreamInfo {
+                version,
+                xen_major: dh.xen_major.get(),
+                xen_minor: dh.xen_minor.get(),
+            },
+            phase: Phase::Static,
+            offset,
+            index: 0,
+            checkpoints: 0,
+        })
+    }
+
+    /// Header facts.
+    pub fn info(&self) -> StreamInfo {
+        self.info
+    }
+
+    /// Bytes consumed so far.
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+
+    /// Number of CHECKPOINT records read so far (= index of the epoch
+    /// currently being read).
+    pub fn checkpoints(&self) -> u64 {
+        self.checkpoints
+    }
+
+    /// Whether END has been read.
+    pub fn ended(&self) -> bool {
+        self.phase == Phase::Ended
+    }
+
+    /// The next record, or an error. After END this returns `AfterEnd`.
+    pub fn next_record(&mut self) -> Result<Record, StreamError> {
+        loop {
+            if self.phase == Phase::Ended {
+                return Err(StreamError::AfterEnd);
+            }
+            if let Some(rec) = self.next_raw()? {
+                return Ok(rec);
+            }
+        }
+    }
+
+    /// After END: require that the input has nothing more.
+    pub fn expect_eof(&mut self) -> Result<(), StreamError> {
+        let mut buf = [0u8; 4096];
+        let mut extra = 0u64;
+        loop {
+            match self.r.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => extra += n as u64,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(StreamError::from_io(e, "end of stream", self.offset)),
+            }
+        }
+        if extra > 0 {
+            return Err(StreamError::TrailingData(extra));
+        }
+        Ok(())
+    }
+
+    /// One record; `None` for a skipped optional record.
+    fn next_raw(&mut self) -> Result<Option<Record>, StreamError> {
+        let start = self.offset;
+        let mut hb = [0u8; 8];
+        read_exact_at(&mut self.r, &mut hb, "record header", &mut self.offset)?;
+        let h = RecordHeader::read_from_bytes(&hb).expect("8 bytes");
+        let rec = RecCtx {
+            index: self.index,
+            rtype: h.rtype.get(),
+            offset: start,
+            libxl: false,
+        };
+        self.index += 1;
+        let len = h.length.get();
+        if len > MAX_RECORD_BODY {
+            return Err(StreamError::RecordTooLong {
+                rec,
+                length: len,
+                max: MAX_RECORD_BODY,
+            });
+        }
+        // Cheap checks that need no body come first, so a lying header is
+        // refused before anything is allocated for it.
+        let known = matches!(
+            rec.rtype,
+            rec::END
+                | rec::PAGE_DATA
+                | rec::X86_TSC_INFO
+                | rec::HVM_CONTEXT
+                | rec::HVM_PARAMS
+                | rec::CHECKPOINT
+                | rec::STATIC_DATA_END
+                | rec::X86_CPUID_POLICY
+                | rec::X86_MSR_POLICY
+        );
+        let optional = rec.rtype & REC_TYPE_OPTIONAL != 0;
+        if !known && !optional {
+            return Err(if rec.rtype <= rec::X86_MSR_POLICY {
+                StreamError::Unsupported { rec }
+            } else {
+                StreamError::UnknownMandatory { rec }
+            });
+        }
+        if known {
+            self.check_order(rec)?;
+        }
+        let mut body = vec![0u8; padded(len as usize)];
+        read_exact_at(&mut self.r, &mut body, "record body", &mut self.offset)?;
+        if let Some((at, &v)) = body[len as usize..]
+            .iter()
+            .enumerate()
+            .find(|(_, &b)| b != 0)
+        {
+            return Err(StreamError::NonZeroPadding {
+                rec,
+                at: len as usize + at,
+                value: v,
+            });
+        }
+        body.truncate(len as usize);
+        if !known {
+            tracing::debug!("skipping {rec} ({len} bytes)");
+            return Ok(None);
+        }
+        let out = self.decode(rec, body)?;
+        self.advance(rec);
+        Ok(Some(out))
+    }
+
+    fn check_order(&self, rec: RecCtx) -> Result<(), StreamError> {
+        let v3 = self.info.version >= 3;
+        let err = |expected| Err(StreamError::OutOfOrder { rec, expected });
+        match (self.phase, rec.rtype) {
+            (Phase::Ended, _) => Err(StreamError::AfterEnd),
+            (_, rec::STATIC_DATA_END | rec::X86_CPUID_POLICY | rec::X86_MSR_POLICY) if !v3 => {
+                Err(StreamError::WrongVersion {
+                    rec,
+                    version: self.info.version,
+                })
+            }
+            (Phase::Static, rec::STATIC_DATA_END | rec::X86_CPUID_POLICY | rec::X86_MSR_POLICY) => {
+                Ok(())
+            }
+            (Phase::Static, _) if v3 => err("static data (CPUID/MSR policy) then STATIC_DATA_END"),
+            (_, rec::STATIC_DATA_END | rec::X86_CPUID_POLICY | rec::X86_MSR_POLICY) => {
+                err("epoch records (static data already ended)")
+            }
+            (
+                Phase::Static | Phase::EpochStart | Phase::Pages,
+                rec::PAGE_DATA | rec::X86_TSC_INFO,
+            ) => Ok(()),
+            // END is fine at an epoch boundary (after CHECKPOINT).
+            (Phase::Static | Phase::EpochStart, rec::END) => Ok(()),
+            (Phase::Static | Phase::EpochStart | Phase::Pages, _) => {
+                err("PAGE_DATA or X86_TSC_INFO")
+            }
+            (Phase::Tsc, rec::HVM_CONTEXT) => Ok(()),
+            (Phase::Tsc, _) => err("HVM_CONTEXT after X86_TSC_INFO"),
+            (Phase::Context, rec::HVM_PARAMS) => Ok(()),
+            (Phase::Context, _) => err("HVM_PARAMS after HVM_CONTEXT"),
+            (Phase::Params, rec::CHECKPOINT | rec::END) => Ok(()),
+            (Phase::Params, _) => err("CHECKPOINT or END after HVM_PARAMS"),
+        }
+    }
+
+    fn advance(&mut self, rec: RecCtx) {
+        self.phase = match rec.rtype {
+            rec::STATIC_DATA_END => Phase::EpochStart,
+            rec::X86_CPUID_POLICY | rec::X86_MSR_POLICY => Phase::Static,
+            rec::PAGE_DATA => Phase::Pages,
+            rec::X86_TSC_INFO => Phase::Tsc,
+            rec::HVM_CONTEXT => Phase::Context,
+            rec::HVM_PARAMS => Phase::Params,
+            rec::CHECKPOINT => {
+                self.checkpoints += 1;
+                Phase::EpochStart
+            }
+            _ => Phase::Ended,
+        };
+    }
+
+    fn decode(&self, rec: RecCtx, body: Vec<u8>) -> Result<Record, StreamError> {
+        let len = body.len() as u64;
+        let bad_len = |expected: String| StreamError::BadLength {
+            rec,
+            length: len,
+            expected,
+        };
+        match rec.rtype {
+            rec::END | rec::CHECKPOINT | rec::STATIC_DATA_END => {
+                if !body.is_empty() {
+                    return Err(bad_len("0".into()));
+                }
+                Ok(match rec.rtype {
+                    rec::END => Record::End,
+                    rec::CHECKPOINT => Record::Checkpoint,
+                    _ => Record::StaticDataEnd,
+                })
+            }
+            rec::PAGE_DATA => {
+                let count = validate_page_data(rec, &body, self.limits)?;
+                Ok(Record::PageData(PageData::from_validated(body, count)))
+            }
+            rec::X86_TSC_INFO => {
+                let t = TscInfoRaw::read_from_bytes(&body).map_err(|_| bad_len("24".into()))?;
+                if t.reserved.get() != 0 {
+                    return Err(StreamError::Reserved {
+                        rec,
+                        field: "reserved",
+                        value: t.reserved.get().into(),
+                    });
+                }
+                Ok(Record::TscInfo(TscInfo {
+                    mode: t.mode.get(),
+                    khz: t.khz.get(),
+                    nsec: t.nsec.get(),
+                    incarnation: t.incarnation.get(),
+                }))
+            }
+            rec::HVM_CONTEXT => {
+                if body.is_empty() {
+                    return Err(bad_len("at least 1".into()));
+                }
+                Ok(Record::HvmContext(body))
+            }
+            rec::HVM_PARAMS => {
+                if body.len() < 8 {
+                    return Err(bad_len("at least 8".into()));
+                }
+                let h = CountHeader::read_from_bytes(&body[..8]).expect("8 bytes");
+                if h.reserved.get() != 0 {
+                    return Err(StreamError::Reserved {
+                        rec,
+                        field: "reserved",
+                        value: h.reserved.get().into(),
+                    });
+                }
+                let want = 8 + 16 * u64::from(h.count.get());
+                if len != want {
+                    return Err(bad_len(format!(
+                        "{want} (8 + 16 * count {})",
+                        h.count.get()
+                    )));
+                }
+                let entries = <[HvmParamRaw]>::ref_from_bytes(&body[8..]).expect("multiple of 16");
+                Ok(Record::HvmParams(
+                    entries
+                        .iter()
+                        .map(|e| HvmParam {
+                            index: e.index.get(),
+                            value: e.value.get(),
+                        })
+                        .collect(),
+                ))
+            }
+            rec::X86_CPUID_POLICY | rec::X86_MSR_POLICY => {
+                let unit = if rec.rtype == rec::X86_CPUID_POLICY {
+                    24
+                } else {
+                    16
+                };
+                if body.is_empty() || body.len() % unit != 0 {
+                    return Err(bad_len(format!("a non-zero multiple of {unit}")));
+                }
+                Ok(if rec.rtype == rec::X86_CPUID_POLICY {
+                    Record::CpuidPolicy(body)
+                } else {
+                    Record::MsrPolicy(body)
+                })
+            }
+            _ => unreachable!("only known types reach decode"),
+        }
+    }
+}
+
+/// Validate a PAGE_DATA body; returns the pfn count.
+pub fn validate_page_data(rec: RecCtx, body: &[u8], limits: Limits) -> Result<usize, StreamError> {
+    let len = body.len() as u64;
+    if body.len() < 8 {
+        return Err(StreamError::BadLength {
+            rec,
+            length: len,
+            expected: "at least 8".into(),
+        });
+    }
+    let h = CountHeader::read_from_bytes(&body[..8]).expect("8 bytes");
+    let count = h.count.get();
+    if count == 0 || count > MAX_BATCH_PFNS {
+        return Err(StreamError::BadCount {
+            rec,
+            count,
+            max: MAX_BATCH_PFNS,
+        });
+    }
+    if h.reserved.get() != 0 {
+        return Err(StreamError::Reserved {
+            rec,
+            field: "reserved",
+            value: h.reserved.get().into(),
+        });
+    }
+    let words_end = 8 + 8 * count as usize;
+    if body.len() < words_end {
+        return Err(StreamError::BadLength {
+            rec,
+            length: len,
+            expected: format!("at least {words_end} (8 + 8 * count {count})"),
+        });
+    }
+    let mut pages = 0u64;
+    for (i, w) in body[8..words_end].chunks_exact(8).enumerate() {
+        let w = u64::from_le_bytes(w.try_into().expect("8 bytes"));
+        let r = w & PFN_RESERVED_MASK;
+        if r != 0 {
+            return Err(StreamError::Reserved {
+                rec,
+                field: "pfn word bits 52-59",
+                value: r,
+            });
+        }
+        let ptype = (w >> PFN_TYPE_SHIFT) as u8;
+        match ptype {
+            PAGE_TYPE_NORMAL => pages += 1,
+            PAGE_TYPE_INVALID => {}
+            _ => {
+                return Err(StreamError::PageType {
+                    rec,
+                    entry: i,
+                    ptype,
+                })
+            }
+        }
+        let pfn = w & PFN_MASK;
+        if pfn >= limits.guest_pages {
+            return Err(StreamError::PfnOutOfRange {
+                rec,
+                entry: i,
+                pfn,
+                limit: limits.guest_pages,
+            });
+        }
+    }
+    let want = words_end as u64 + PAGE_SIZE as u64 * pages;
+    if len != want {
+        return Err(StreamError::BadLength {
+            rec,
+            length: len,
+            expected: format!("{want} (8 + 8 * {count} pfns + 4096 * {pages} data pages)"),
+        });
+    }
+    Ok(count as usize)
+}
