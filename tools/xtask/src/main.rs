@@ -7,6 +7,7 @@ mod emu;
 mod image;
 mod setup;
 mod test;
+mod verifier;
 
 use std::path::PathBuf;
 

@@ -36,6 +36,7 @@ fn steps() -> Vec<(&'static str, StepFn)> {
         ("clippy-host", step_clippy_host),
         ("clippy-image", step_clippy_image),
         ("host-tests", step_host_tests),
+        ("xen-verify-stream", crate::verifier::step_xen_verify_stream),
         ("image-build", step_image_build),
         ("boot-qemu-svm", step_boot_qemu),
         ("boot-bochs-vmx", step_boot_bochs),
