@@ -27,11 +27,15 @@ fn ensure_xen_utils() -> Result<PathBuf> {
     let dl = dir.join("dl");
     fs::create_dir_all(&dl)?;
     let find_deb = |dl: &Path| -> Option<PathBuf> {
-        fs::read_dir(dl).ok()?.flatten().map(|e| e.path()).find(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with(PACKAGE) && n.ends_with(".deb"))
-        })
+        fs::read_dir(dl)
+            .ok()?
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with(PACKAGE) && n.ends_with(".deb"))
+            })
     };
     if find_deb(&dl).is_none() {
         let download = || {
@@ -108,7 +112,10 @@ pub fn step_xen_verify_stream(_: &mut Ctx) -> Result<String> {
     if !ok {
         bail!("verify-stream-v2 rejected {}:\n{text}", cap.display());
     }
-    let checkpoints = text.lines().filter(|l| l.contains("Record: Checkpoint")).count();
+    let checkpoints = text
+        .lines()
+        .filter(|l| l.contains("Record: Checkpoint"))
+        .count();
     let end = text.lines().any(|l| l.contains("Record: End"));
     if checkpoints != 5 || !end {
         bail!("verifier saw {checkpoints} checkpoints (want 5), END={end}:\n{text}");
