@@ -5,7 +5,7 @@
 
 use std::fs::File;
 use std::io::{BufReader, BufWriter};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -137,13 +137,13 @@ fn stream_failure(e: StreamError) -> Failure {
     }
 }
 
-fn open(file: &PathBuf) -> Result<BufReader<File>, Failure> {
+fn open(file: &Path) -> Result<BufReader<File>, Failure> {
     File::open(file)
         .map(|f| BufReader::with_capacity(1 << 20, f))
         .map_err(|e| Failure::Io(format!("{}: {e}", file.display())))
 }
 
-fn verify(file: &PathBuf, guest_pages: Option<u64>) -> Result<(), Failure> {
+fn verify(file: &Path, guest_pages: Option<u64>) -> Result<(), Failure> {
     let limits = guest_pages.map_or(Limits::any(), |p| Limits { guest_pages: p });
     let mut rd = StreamReader::open(open(file)?, limits).map_err(stream_failure)?;
     let info = rd.info();
@@ -186,7 +186,7 @@ fn verify(file: &PathBuf, guest_pages: Option<u64>) -> Result<(), Failure> {
     Ok(())
 }
 
-fn synth_cmd(spec: &SynthSpec, out: &PathBuf) -> Result<(), Failure> {
+fn synth_cmd(spec: &SynthSpec, out: &Path) -> Result<(), Failure> {
     let io = |e: std::io::Error| Failure::Io(format!("{}: {e}", out.display()));
     let f = File::create(out).map_err(io)?;
     let eps = synth::epochs(spec);
@@ -201,7 +201,7 @@ fn synth_cmd(spec: &SynthSpec, out: &PathBuf) -> Result<(), Failure> {
     Ok(())
 }
 
-fn replay(file: &PathBuf, image: &PathBuf, guest_pages: u64) -> Result<(), Failure> {
+fn replay(file: &Path, image: &Path, guest_pages: u64) -> Result<(), Failure> {
     let mut rep = Replica::open_file(image, guest_pages).map_err(|e| Failure::Io(e.to_string()))?;
     let before = rep.state().committed;
     let got = backup::receive(open(file)?, &mut rep, |s| {

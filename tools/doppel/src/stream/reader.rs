@@ -391,7 +391,7 @@ impl<R: Read> StreamReader<R> {
                 } else {
                     16
                 };
-                if body.is_empty() || body.len() % unit != 0 {
+                if body.is_empty() || !body.len().is_multiple_of(unit) {
                     return Err(bad_len(format!("a non-zero multiple of {unit}")));
                 }
                 Ok(if rec.rtype == rec::X86_CPUID_POLICY {
