@@ -148,10 +148,18 @@ fn random_single_byte_corruptions() {
         // The replica is exactly the model of the whole epochs received.
         let seen = whole_epochs(&bad, SPEC.pages);
         assert_eq!(seen.len() as u64, k, "{what}: committed vs whole epochs");
-        assert_replica_is(&rep, &ModelReplica::after(SPEC.pages, &seen, k as usize), &what);
+        assert_replica_is(
+            &rep,
+            &ModelReplica::after(SPEC.pages, &seen, k as usize),
+            &what,
+        );
         if k == c {
             // The damaged epoch did not commit: byte-exact original state.
-            assert_replica_is(&rep, &ModelReplica::after(SPEC.pages, &epochs, k as usize), &what);
+            assert_replica_is(
+                &rep,
+                &ModelReplica::after(SPEC.pages, &epochs, k as usize),
+                &what,
+            );
         }
         if got.error.is_some() {
             detected += 1;
@@ -162,5 +170,8 @@ fn random_single_byte_corruptions() {
     eprintln!("corruptions: {detected} detected, {undetected} undetected (page/blob contents)");
     // Page contents carry no checksum in Xen's format: some corruptions
     // are legitimately invisible, but framing damage must be caught.
-    assert!(detected > 100 && undetected > 100, "{detected} / {undetected}");
+    assert!(
+        detected > 100 && undetected > 100,
+        "{detected} / {undetected}"
+    );
 }

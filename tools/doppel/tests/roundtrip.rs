@@ -51,20 +51,22 @@ fn epoch_strategy() -> impl Strategy<Value = EpochData> {
         prop::collection::vec(any::<u8>(), 1..64),
         prop::collection::vec((any::<u64>(), any::<u64>()), 0..5),
     )
-        .prop_map(|(pages, (mode, khz, nsec, incarnation), ctx, params)| EpochData {
-            pages,
-            tsc: TscInfo {
-                mode,
-                khz,
-                nsec,
-                incarnation,
+        .prop_map(
+            |(pages, (mode, khz, nsec, incarnation), ctx, params)| EpochData {
+                pages,
+                tsc: TscInfo {
+                    mode,
+                    khz,
+                    nsec,
+                    incarnation,
+                },
+                hvm_context: ctx,
+                params: params
+                    .into_iter()
+                    .map(|(index, value)| HvmParam { index, value })
+                    .collect(),
             },
-            hvm_context: ctx,
-            params: params
-                .into_iter()
-                .map(|(index, value)| HvmParam { index, value })
-                .collect(),
-        })
+        )
 }
 
 /// Regroup decoded records into epochs.
@@ -134,7 +136,16 @@ proptest! {
 #[test]
 fn batches_split_at_1024_pfns() {
     let pages: Vec<(u64, Option<Vec<u8>>)> = (0..2500u64)
-        .map(|p| (p, if p % 3 == 0 { None } else { Some(vec![p as u8; 4096]) }))
+        .map(|p| {
+            (
+                p,
+                if p % 3 == 0 {
+                    None
+                } else {
+                    Some(vec![p as u8; 4096])
+                },
+            )
+        })
         .collect();
     let e = EpochData {
         pages,

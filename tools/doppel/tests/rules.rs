@@ -136,7 +136,10 @@ fn image_header_rules() {
     assert!(matches!(decode(&s), Err(StreamError::BadMarker(m)) if m == 0xFFFF_FF00_FFFF_FFFF));
     let mut s = stream(&[good_epoch()]);
     s[8] = b'Y';
-    assert!(matches!(decode(&s), Err(StreamError::BadImageId(0x5945_4E46))));
+    assert!(matches!(
+        decode(&s),
+        Err(StreamError::BadImageId(0x5945_4E46))
+    ));
     for v in [0u32, 1, 4] {
         let mut s = ih(v, 0, [0; 6]);
         s.extend(dh(2, 12, 0));
@@ -147,7 +150,10 @@ fn image_header_rules() {
     assert!(matches!(decode(&s), Err(StreamError::BigEndian)));
     let mut s = ih(3, 2, [0; 6]);
     s.extend(dh(2, 12, 0));
-    assert!(matches!(decode(&s), Err(StreamError::ImageOptionsReserved(2))));
+    assert!(matches!(
+        decode(&s),
+        Err(StreamError::ImageOptionsReserved(2))
+    ));
     let mut s = ih(3, 0, [0, 0, 0, 0, 0, 9]);
     s.extend(dh(2, 12, 0));
     assert!(matches!(decode(&s), Err(StreamError::ImageHeaderReserved(r)) if r[5] == 9));
@@ -266,7 +272,11 @@ fn page_err(body: Vec<u8>) -> StreamError {
 fn page_data_count_rules() {
     assert!(matches!(
         page_err(page_body(&[], 0)),
-        StreamError::BadCount { count: 0, max: 1024, .. }
+        StreamError::BadCount {
+            count: 0,
+            max: 1024,
+            ..
+        }
     ));
     let words: Vec<u64> = (0..1025).map(|_| 0xF << 60).collect();
     assert!(matches!(
@@ -277,7 +287,11 @@ fn page_data_count_rules() {
     b[4] = 1;
     assert!(matches!(
         page_err(b),
-        StreamError::Reserved { field: "reserved", value: 1, .. }
+        StreamError::Reserved {
+            field: "reserved",
+            value: 1,
+            ..
+        }
     ));
     assert!(matches!(
         page_err(vec![1, 0, 0]),
@@ -293,7 +307,12 @@ fn page_data_pfn_word_rules() {
     ));
     assert!(matches!(
         page_err(page_body(&[1, GUEST], 2)),
-        StreamError::PfnOutOfRange { entry: 1, pfn: GUEST, limit: GUEST, .. }
+        StreamError::PfnOutOfRange {
+            entry: 1,
+            pfn: GUEST,
+            limit: GUEST,
+            ..
+        }
     ));
     // An invalid pfn is range checked too.
     assert!(matches!(
@@ -323,7 +342,10 @@ fn page_data_length_must_match_exactly() {
     // Fewer pfn words than count.
     let mut b = page_body(&[1], 0);
     b[0] = 3;
-    assert!(matches!(page_err(b), StreamError::BadLength { length: 16, .. }));
+    assert!(matches!(
+        page_err(b),
+        StreamError::BadLength { length: 16, .. }
+    ));
 }
 
 fn tail_err(tsc: Vec<u8>, ctx: &[u8], params: Vec<u8>) -> StreamError {
@@ -414,7 +436,10 @@ fn order_rules() {
     assert_eq!(order_err(&[tsc(), par()]).0, rec::HVM_PARAMS);
     assert_eq!(order_err(&[tsc(), ctx(), cp()]).0, rec::CHECKPOINT);
     assert_eq!(order_err(&[tsc(), ctx(), par(), pd()]).0, rec::PAGE_DATA);
-    assert_eq!(order_err(&[pd(), tsc(), ctx(), par(), cp(), ctx()]).0, rec::HVM_CONTEXT);
+    assert_eq!(
+        order_err(&[pd(), tsc(), ctx(), par(), cp(), ctx()]).0,
+        rec::HVM_CONTEXT
+    );
     assert_eq!(
         order_err(&[record(rec::STATIC_DATA_END, &[])]).0,
         rec::STATIC_DATA_END
@@ -427,7 +452,10 @@ fn order_rules() {
     let (t, _) = order_err(&[pd(), tsc()]);
     assert_eq!(t, rec::END);
     // A plain (non-checkpointed) final epoch: END right after HVM_PARAMS.
-    assert_eq!(decode(&stream(&[pd(), tsc(), ctx(), par()])).unwrap().len(), 6);
+    assert_eq!(
+        decode(&stream(&[pd(), tsc(), ctx(), par()])).unwrap().len(),
+        6
+    );
 }
 
 #[test]
@@ -448,19 +476,31 @@ fn truncation_is_reported_with_its_place() {
     let s = stream(&[good_epoch()]);
     assert!(matches!(
         decode(&s[..10]),
-        Err(StreamError::Truncated { what: "image header", offset: 0 })
+        Err(StreamError::Truncated {
+            what: "image header",
+            offset: 0
+        })
     ));
     assert!(matches!(
         decode(&s[..30]),
-        Err(StreamError::Truncated { what: "domain header", offset: 24 })
+        Err(StreamError::Truncated {
+            what: "domain header",
+            offset: 24
+        })
     ));
     assert!(matches!(
         decode(&s[..52]),
-        Err(StreamError::Truncated { what: "record header", offset: 48 })
+        Err(StreamError::Truncated {
+            what: "record header",
+            offset: 48
+        })
     ));
     assert!(matches!(
         decode(&s[..70]),
-        Err(StreamError::Truncated { what: "record body", offset: 56 })
+        Err(StreamError::Truncated {
+            what: "record body",
+            offset: 56
+        })
     ));
 }
 
@@ -468,6 +508,9 @@ fn truncation_is_reported_with_its_place() {
 fn error_messages_name_record_and_field() {
     let e = page_err(page_body(&[1 << 52 | 5], 1));
     let m = e.to_string();
-    assert!(m.contains("record #1 PAGE_DATA (type 0x1) at byte 48"), "{m}");
+    assert!(
+        m.contains("record #1 PAGE_DATA (type 0x1) at byte 48"),
+        "{m}"
+    );
     assert!(m.contains("pfn word bits 52-59"), "{m}");
 }
