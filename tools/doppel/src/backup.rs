@@ -153,7 +153,10 @@ pub fn receive<R: Read>(
             match stager.push(rec, reader.offset() - before)? {
                 Staged::More => {}
                 Staged::Epoch(e, stats) => {
-                    replica.commit(e)?;
+                    replica.commit(&e)?;
+                    for b in e.into_buffers() {
+                        reader.recycle(b);
+                    }
                     tracing::debug!("committed epoch {} ({} pages)", stats.epoch, stats.pages);
                     out.epochs.push(stats);
                     on_commit(&stats).map_err(|source| ReceiveError::Ack {

@@ -97,6 +97,11 @@ impl StagedEpoch {
         }
     }
 
+    /// The page record bodies, for reuse by the reader.
+    pub fn into_buffers(self) -> impl Iterator<Item = Vec<u8>> {
+        self.pages.into_iter().map(PageData::into_body)
+    }
+
     /// Whether the end-of-epoch records are all there.
     pub fn check_complete(&self) -> Result<(), ReplicaError> {
         if self.tsc.is_none() {
@@ -244,14 +249,14 @@ impl Replica {
     }
 
     /// Apply one complete, validated epoch, all or nothing.
-    pub fn commit(&mut self, staged: StagedEpoch) -> Result<u64, ReplicaError> {
+    pub fn commit(&mut self, staged: &StagedEpoch) -> Result<u64, ReplicaError> {
         self.commit_at(staged, CrashPoint::None)
     }
 
     #[doc(hidden)]
     pub fn commit_at(
         &mut self,
-        staged: StagedEpoch,
+        staged: &StagedEpoch,
         crash: CrashPoint,
     ) -> Result<u64, ReplicaError> {
         staged.check_complete()?;

@@ -65,7 +65,12 @@ pub struct StreamReader<R> {
     index: u64,
     /// Epochs completed by CHECKPOINT so far.
     checkpoints: u64,
+    /// Spare body buffers.
+    pool: Vec<Vec<u8>>,
 }
+
+const POOL_MAX: usize = 64;
+const MIN_POOLED: usize = 64 << 10;
 
 fn read_exact_at<R: Read>(
     r: &mut R,
@@ -136,6 +141,7 @@ impl<R: Read> StreamReader<R> {
             offset,
             index: 0,
             checkpoints: 0,
+            pool: Vec::new(),
         })
     }
 
@@ -190,6 +196,30 @@ impl<R: Read> StreamReader<R> {
         Ok(())
     }
 
+    /// Give a page body back for reuse: saves allocating, zeroing and
+    /// faulting in fresh memory for every record. The buffer keeps its
+    /// (initialized) length.
+    pub fn recycle(&mut self, buf: Vec<u8>) {
+        if self.pool.len() < POOL_MAX && buf.len() >= MIN_POOLED {
+            self.pool.push(buf);
+        }
+    }
+
+    /// Read `n` bytes into a buffer, reusing a recycled one if it is big
+    /// enough (only bytes beyond its old length get zeroed).
+    fn read_body(&mut self, n: usize) -> Result<Vec<u8>, StreamError> {
+        let mut body = match self.pool.iter().position(|b| b.len() >= n) {
+            Some(i) => {
+                let mut b = self.pool.swap_remove(i);
+                b.truncate(n);
+                b
+            }
+            None => vec![0; n],
+        };
+        read_exact_at(&mut self.r, &mut body, "record body", &mut self.offset)?;
+        Ok(body)
+    }
+
     /// One record; `None` for a skipped optional record.
     fn next_raw(&mut self) -> Result<Option<Record>, StreamError> {
         let start = self.offset;
@@ -236,8 +266,7 @@ impl<R: Read> StreamReader<R> {
         if known {
             self.check_order(rec)?;
         }
-        let mut body = vec![0u8; padded(len as usize)];
-        read_exact_at(&mut self.r, &mut body, "record body", &mut self.offset)?;
+        let mut body = self.read_body(padded(len as usize))?;
         if let Some((at, &v)) = body[len as usize..]
             .iter()
             .enumerate()

@@ -73,6 +73,11 @@ impl PageData {
         (self.body.len() - 8 - 8 * self.count) / PAGE_SIZE
     }
 
+    /// The raw body (for buffer reuse).
+    pub fn into_body(self) -> Vec<u8> {
+        self.body
+    }
+
     /// Body size in bytes (as on the wire, without header and padding).
     pub fn body_len(&self) -> usize {
         self.body.len()
