@@ -233,6 +233,13 @@ fn unknown_mandatory_rejected_unknown_optional_skipped() {
         let s = stream(&[record(t, &[])]);
         assert!(matches!(decode(&s), Err(StreamError::Unsupported { rec }) if rec.rtype == t));
     }
+    // The reserved compressed-pages type is refused, not skipped: skipping
+    // it would lose pages.
+    let s = stream(&[record(rec::DOPPEL_PAGE_DATA_XLZ4, b"x")]);
+    assert!(matches!(
+        decode(&s),
+        Err(StreamError::Unsupported { rec }) if rec.rtype == 0x80D0_0002
+    ));
     // An optional record anywhere (even mid-epoch) is skipped.
     let mut e = record(rec::PAGE_DATA, &page_body(&[3], 1));
     e.extend(record(0x8000_4321, b"whatever"));

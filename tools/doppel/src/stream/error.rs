@@ -117,8 +117,6 @@ pub enum StreamError {
     BadControlId { rec: RecCtx, id: u32 },
     #[error("{rec}: {msg}")]
     BadAck { rec: RecCtx, msg: String },
-    #[error("{rec}: compressed page data does not decode: {msg}")]
-    BadCompressed { rec: RecCtx, msg: String },
 }
 
 impl StreamError {

@@ -67,8 +67,9 @@ pub mod rec {
     pub const X86_CPUID_POLICY: u32 = 0x11;
     /// MSR policy (static data).
     pub const X86_MSR_POLICY: u32 = 0x12;
-    /// Doppel extension, optional: PAGE_DATA whose pages are XORed against
-    /// the last version sent and compressed (see docs/STREAM.md).
+    /// Reserved for a Doppel extension, optional: PAGE_DATA whose pages are
+    /// XORed against the last version sent and compressed (not implemented
+    /// yet; the reader refuses it rather than lose pages; docs/STREAM.md).
     pub const DOPPEL_PAGE_DATA_XLZ4: u32 = super::REC_TYPE_OPTIONAL | 0xD0_0002;
 }
 

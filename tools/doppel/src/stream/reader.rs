@@ -256,6 +256,11 @@ impl<R: Read> StreamReader<R> {
                 | rec::X86_MSR_POLICY
         );
         let optional = rec.rtype & REC_TYPE_OPTIONAL != 0;
+        // Optional in Xen's sense, but skipping it would silently lose
+        // pages: refused until compression is implemented and negotiated.
+        if rec.rtype == rec::DOPPEL_PAGE_DATA_XLZ4 {
+            return Err(StreamError::Unsupported { rec });
+        }
         if !known && !optional {
             return Err(if rec.rtype <= rec::X86_MSR_POLICY {
                 StreamError::Unsupported { rec }
