@@ -134,6 +134,17 @@ pub struct Received {
 pub fn receive<R: Read>(
     input: R,
     replica: &mut Replica,
+    on_commit: impl FnMut(&EpochStats) -> std::io::Result<()>,
+) -> Received {
+    receive_opts(input, replica, false, on_commit)
+}
+
+/// `receive`, with compressed page records (`xlz4`) accepted when the
+/// connection negotiated them.
+pub fn receive_opts<R: Read>(
+    input: R,
+    replica: &mut Replica,
+    xlz4: bool,
     mut on_commit: impl FnMut(&EpochStats) -> std::io::Result<()>,
 ) -> Received {
     let mut out = Received {
@@ -147,6 +158,9 @@ pub fn receive<R: Read>(
     let mut stager = Stager::for_guest(replica.pages());
     let r = (|| -> Result<(), ReceiveError> {
         let mut reader = StreamReader::open(input, limits)?;
+        if xlz4 {
+            reader.enable_xlz4();
+        }
         loop {
             let before = reader.offset();
             let rec = reader.next_record()?;

@@ -115,6 +115,8 @@ pub enum StreamError {
     LibxlOptions(u32),
     #[error("{rec}: checkpoint state control id {id} is not known")]
     BadControlId { rec: RecCtx, id: u32 },
+    #[error("{rec}: compressed pages do not decode: {msg}")]
+    BadCompressed { rec: RecCtx, msg: String },
     #[error("{rec}: {msg}")]
     BadAck { rec: RecCtx, msg: String },
 }

@@ -11,6 +11,7 @@ use zerocopy::FromBytes;
 use super::error::{RecCtx, StreamError};
 use super::format::*;
 use super::records::{HvmParam, PageData, Record, TscInfo};
+use super::xlz4::XorCache;
 
 /// What the receiver knows about the guest.
 #[derive(Clone, Copy, Debug)]
@@ -67,6 +68,8 @@ pub struct StreamReader<R> {
     checkpoints: u64,
     /// Spare body buffers.
     pool: Vec<Vec<u8>>,
+    /// Present when compressed pages were negotiated for this connection.
+    xlz4: Option<XorCache>,
 }
 
 const POOL_MAX: usize = 64;
@@ -142,7 +145,14 @@ impl<R: Read> StreamReader<R> {
             index: 0,
             checkpoints: 0,
             pool: Vec::new(),
+            xlz4: None,
         })
+    }
+
+    /// Accept compressed page records (negotiated at connect; never for
+    /// captures). The XOR cache lives as long as this reader.
+    pub fn enable_xlz4(&mut self) {
+        self.xlz4 = Some(XorCache::new(self.limits.guest_pages));
     }
 
     /// Header facts.
@@ -257,10 +267,12 @@ impl<R: Read> StreamReader<R> {
         );
         let optional = rec.rtype & REC_TYPE_OPTIONAL != 0;
         // Optional in Xen's sense, but skipping it would silently lose
-        // pages: refused until compression is implemented and negotiated.
-        if rec.rtype == rec::DOPPEL_PAGE_DATA_XLZ4 {
+        // pages: refused unless compression was negotiated.
+        let xlz4 = rec.rtype == rec::DOPPEL_PAGE_DATA_XLZ4;
+        if xlz4 && self.xlz4.is_none() {
             return Err(StreamError::Unsupported { rec });
         }
+        let known = known || xlz4;
         if !known && !optional {
             return Err(if rec.rtype <= rec::X86_MSR_POLICY {
                 StreamError::Unsupported { rec }
@@ -313,7 +325,7 @@ impl<R: Read> StreamReader<R> {
             }
             (
                 Phase::Static | Phase::EpochStart | Phase::Pages,
-                rec::PAGE_DATA | rec::X86_TSC_INFO,
+                rec::PAGE_DATA | rec::DOPPEL_PAGE_DATA_XLZ4 | rec::X86_TSC_INFO,
             ) => Ok(()),
             // END is fine at an epoch boundary (after CHECKPOINT).
             (Phase::Static | Phase::EpochStart, rec::END) => Ok(()),
@@ -333,7 +345,7 @@ impl<R: Read> StreamReader<R> {
         self.phase = match rec.rtype {
             rec::STATIC_DATA_END => Phase::EpochStart,
             rec::X86_CPUID_POLICY | rec::X86_MSR_POLICY => Phase::Static,
-            rec::PAGE_DATA => Phase::Pages,
+            rec::PAGE_DATA | rec::DOPPEL_PAGE_DATA_XLZ4 => Phase::Pages,
             rec::X86_TSC_INFO => Phase::Tsc,
             rec::HVM_CONTEXT => Phase::Context,
             rec::HVM_PARAMS => Phase::Params,
@@ -345,7 +357,7 @@ impl<R: Read> StreamReader<R> {
         };
     }
 
-    fn decode(&self, rec: RecCtx, body: Vec<u8>) -> Result<Record, StreamError> {
+    fn decode(&mut self, rec: RecCtx, body: Vec<u8>) -> Result<Record, StreamError> {
         let len = body.len() as u64;
         let bad_len = |expected: String| StreamError::BadLength {
             rec,
@@ -362,6 +374,14 @@ impl<R: Read> StreamReader<R> {
                     rec::CHECKPOINT => Record::Checkpoint,
                     _ => Record::StaticDataEnd,
                 })
+            }
+            rec::DOPPEL_PAGE_DATA_XLZ4 => {
+                let limits = self.limits;
+                let cache = self
+                    .xlz4
+                    .as_mut()
+                    .expect("checked when the header was read");
+                Ok(Record::PageData(cache.decode(rec, &body, limits)?))
             }
             rec::PAGE_DATA => {
                 let count = validate_page_data(rec, &body, self.limits)?;
@@ -441,6 +461,25 @@ impl<R: Read> StreamReader<R> {
 
 /// Validate a PAGE_DATA body; returns the pfn count.
 pub fn validate_page_data(rec: RecCtx, body: &[u8], limits: Limits) -> Result<usize, StreamError> {
+    let (count, pages) = validate_pfn_words(rec, body, limits)?;
+    let want = 8 + 8 * count as u64 + PAGE_SIZE as u64 * pages as u64;
+    if body.len() as u64 != want {
+        return Err(StreamError::BadLength {
+            rec,
+            length: body.len() as u64,
+            expected: format!("{want} (8 + 8 * {count} pfns + 4096 * {pages} data pages)"),
+        });
+    }
+    Ok(count)
+}
+
+/// Validate the count header and pfn words shared by PAGE_DATA and the
+/// compressed variant; returns (count, pfns that carry data).
+pub(crate) fn validate_pfn_words(
+    rec: RecCtx,
+    body: &[u8],
+    limits: Limits,
+) -> Result<(usize, usize), StreamError> {
     let len = body.len() as u64;
     if body.len() < 8 {
         return Err(StreamError::BadLength {
@@ -473,7 +512,7 @@ pub fn validate_page_data(rec: RecCtx, body: &[u8], limits: Limits) -> Result<us
             expected: format!("at least {words_end} (8 + 8 * count {count})"),
         });
     }
-    let mut pages = 0u64;
+    let mut pages = 0usize;
     for (i, w) in body[8..words_end].chunks_exact(8).enumerate() {
         let w = u64::from_le_bytes(w.try_into().expect("8 bytes"));
         let r = w & PFN_RESERVED_MASK;
@@ -506,13 +545,5 @@ pub fn validate_page_data(rec: RecCtx, body: &[u8], limits: Limits) -> Result<us
             });
         }
     }
-    let want = words_end as u64 + PAGE_SIZE as u64 * pages;
-    if len != want {
-        return Err(StreamError::BadLength {
-            rec,
-            length: len,
-            expected: format!("{want} (8 + 8 * {count} pfns + 4096 * {pages} data pages)"),
-        });
-    }
-    Ok(count as usize)
+    Ok((count as usize, pages))
 }

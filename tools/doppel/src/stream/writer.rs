@@ -10,6 +10,7 @@ use zerocopy::IntoBytes;
 
 use super::format::*;
 use super::records::{HvmParam, TscInfo};
+use super::xlz4::XorCache;
 
 /// A page to send: pfn and its contents (`None` = invalid pfn, no data).
 #[derive(Clone, Copy, Debug)]
@@ -165,6 +166,20 @@ impl<W: Write> StreamWriter<W> {
         }
         self.words = words;
         r
+    }
+
+    /// Compressed page records (Doppel extension, only after negotiation):
+    /// at most 1024 pfns each, XORed against `cache`, which it updates.
+    pub fn page_data_xlz4(
+        &mut self,
+        pages: &[OutPage<'_>],
+        cache: &mut XorCache,
+    ) -> io::Result<()> {
+        for batch in pages.chunks(MAX_BATCH_PFNS as usize) {
+            let body = cache.encode(batch).map_err(invalid)?;
+            self.record(rec::DOPPEL_PAGE_DATA_XLZ4, &[&body])?;
+        }
+        Ok(())
     }
 
     pub fn tsc_info(&mut self, t: &TscInfo) -> io::Result<()> {
