@@ -260,8 +260,13 @@ impl Replica {
         crash: CrashPoint,
     ) -> Result<u64, ReplicaError> {
         staged.check_complete()?;
-        let pages = staged.final_pages();
-        if let Some((&pfn, _)) = pages.iter().find(|(&pfn, _)| pfn >= self.pages) {
+        if let Some(pfn) = staged
+            .pages
+            .iter()
+            .flat_map(|p| p.entries())
+            .map(|e| e.pfn)
+            .find(|&pfn| pfn >= self.pages)
+        {
             return Err(ReplicaError::PfnBeyondReplica {
                 pfn,
                 pages: self.pages,
@@ -290,6 +295,7 @@ impl Replica {
                 }
             }
             Store::File(f) => {
+                let pages = staged.final_pages();
                 let payload = encode_journal(&next, &pages);
                 let torn = crash == CrashPoint::TornJournal;
                 write_framed(&f.journal_path, JOURNAL_MAGIC, &payload, torn)?;
