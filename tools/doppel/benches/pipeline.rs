@@ -75,7 +75,7 @@ fn run_pipeline(l: &TcpListener, rep: &mut Replica, g: &'static [u8], iters: u64
     assert!(got.error.is_none() && got.epochs.len() as u64 == iters);
     sender.join().unwrap();
     let t = start.elapsed();
-    assert!(rep.memory_ref().unwrap() == g);
+    assert!(rep.memory().unwrap() == g);
     t
 }
 

@@ -167,10 +167,8 @@ pub fn receive_opts<R: Read>(
             match stager.push(rec, reader.offset() - before)? {
                 Staged::More => {}
                 Staged::Epoch(e, stats) => {
-                    replica.commit(&e)?;
-                    for b in e.into_buffers() {
-                        reader.recycle(b);
-                    }
+                    let spare = replica.commit(e)?;
+                    reader.recycle_pages(spare);
                     tracing::debug!("committed epoch {} ({} pages)", stats.epoch, stats.pages);
                     out.epochs.push(stats);
                     on_commit(&stats).map_err(|source| ReceiveError::Ack {

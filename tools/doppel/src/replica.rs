@@ -20,6 +20,7 @@ use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use crate::stream::records::{zero_page, PageBuf};
 use crate::stream::{HvmParam, PageData, Record, TscInfo, PAGE_SIZE};
 
 /// Errors of the replica store.
@@ -97,9 +98,9 @@ impl StagedEpoch {
         }
     }
 
-    /// The page record bodies, for reuse by the reader.
-    pub fn into_buffers(self) -> impl Iterator<Item = Vec<u8>> {
-        self.pages.into_iter().map(PageData::into_body)
+    /// The page buffers, for reuse by the reader.
+    pub fn into_pages(self) -> impl Iterator<Item = PageBuf> {
+        self.pages.into_iter().flat_map(PageData::into_pages)
     }
 
     /// Whether the end-of-epoch records are all there.
@@ -130,7 +131,7 @@ impl StagedEpoch {
 }
 
 enum Store {
-    Memory(Vec<u8>),
+    Memory(Vec<PageBuf>),
     File(FileStore),
 }
 
@@ -170,7 +171,7 @@ impl Replica {
     pub fn in_memory(pages: u64) -> Self {
         Self {
             pages,
-            store: Store::Memory(vec![0; pages as usize * PAGE_SIZE]),
+            store: Store::Memory((0..pages).map(|_| zero_page()).collect()),
             state: CommittedState::default(),
         }
     }
@@ -229,7 +230,13 @@ impl Replica {
     /// Whole guest memory as committed.
     pub fn memory(&self) -> Result<Vec<u8>, ReplicaError> {
         match &self.store {
-            Store::Memory(m) => Ok(m.clone()),
+            Store::Memory(m) => {
+                let mut v = Vec::with_capacity(m.len() * PAGE_SIZE);
+                for p in m {
+                    v.extend_from_slice(&p[..]);
+                }
+                Ok(v)
+            }
             Store::File(f) => {
                 let mut v = vec![0; self.pages as usize * PAGE_SIZE];
                 f.image
@@ -240,25 +247,21 @@ impl Replica {
         }
     }
 
-    /// Borrow memory of an in-memory replica.
-    pub fn memory_ref(&self) -> Option<&[u8]> {
-        match &self.store {
-            Store::Memory(m) => Some(m),
-            Store::File(_) => None,
-        }
-    }
-
-    /// Apply one complete, validated epoch, all or nothing.
-    pub fn commit(&mut self, staged: &StagedEpoch) -> Result<u64, ReplicaError> {
+    /// Apply one complete, validated epoch, all or nothing. Returns page
+    /// buffers that are free again (for `StreamReader::recycle_pages`).
+    ///
+    /// Memory store: pages are moved into the replica by pointer (the
+    /// displaced buffers are returned), so a commit copies no page data.
+    pub fn commit(&mut self, staged: StagedEpoch) -> Result<Vec<PageBuf>, ReplicaError> {
         self.commit_at(staged, CrashPoint::None)
     }
 
     #[doc(hidden)]
     pub fn commit_at(
         &mut self,
-        staged: &StagedEpoch,
+        mut staged: StagedEpoch,
         crash: CrashPoint,
-    ) -> Result<u64, ReplicaError> {
+    ) -> Result<Vec<PageBuf>, ReplicaError> {
         staged.check_complete()?;
         if let Some(pfn) = staged
             .pages
@@ -275,42 +278,50 @@ impl Replica {
         let mut next = self.state.clone();
         next.committed += 1;
         next.tsc = staged.tsc;
-        next.hvm_context = staged.hvm_context.clone().unwrap_or_default();
-        next.params = staged.params.clone().unwrap_or_default();
-        if let Some(c) = &staged.cpuid_policy {
-            next.cpuid_policy = c.clone();
+        next.hvm_context = staged.hvm_context.take().unwrap_or_default();
+        next.params = staged.params.take().unwrap_or_default();
+        if let Some(c) = staged.cpuid_policy.take() {
+            next.cpuid_policy = c;
         }
-        if let Some(c) = &staged.msr_policy {
-            next.msr_policy = c.clone();
+        if let Some(c) = staged.msr_policy.take() {
+            next.msr_policy = c;
         }
-        match &mut self.store {
+        // Nothing below fails for the memory store; the file store's
+        // commit point is the synced journal.
+        let spare = match &mut self.store {
             Store::Memory(m) => {
-                // The in-memory path applies record by record (no map): the
-                // result is the same since later entries overwrite.
-                for p in &staged.pages {
-                    for e in p.entries() {
-                        let at = e.pfn as usize * PAGE_SIZE;
-                        m[at..at + PAGE_SIZE].copy_from_slice(e.data.unwrap_or(&ZERO_PAGE));
+                let mut spare = Vec::new();
+                for p in staged.pages {
+                    for (pfn, d) in p.into_entries() {
+                        let slot = &mut m[pfn as usize];
+                        match d {
+                            Some(b) => spare.push(std::mem::replace(slot, b)),
+                            None => slot.fill(0),
+                        }
                     }
                 }
+                spare
             }
             Store::File(f) => {
-                let pages = staged.final_pages();
-                let payload = encode_journal(&next, &pages);
-                let torn = crash == CrashPoint::TornJournal;
-                write_framed(&f.journal_path, JOURNAL_MAGIC, &payload, torn)?;
-                if crash == CrashPoint::AfterJournal || torn {
-                    return Ok(self.state.committed);
+                {
+                    let pages = staged.final_pages();
+                    let payload = encode_journal(&next, &pages);
+                    let torn = crash == CrashPoint::TornJournal;
+                    write_framed(&f.journal_path, JOURNAL_MAGIC, &payload, torn)?;
+                    if crash == CrashPoint::AfterJournal || torn {
+                        return Ok(Vec::new());
+                    }
+                    apply_pages(f, &pages)?;
+                    if crash == CrashPoint::AfterPages {
+                        return Ok(Vec::new());
+                    }
+                    finish_commit(f, &next)?;
                 }
-                apply_pages(f, &pages)?;
-                if crash == CrashPoint::AfterPages {
-                    return Ok(self.state.committed);
-                }
-                finish_commit(f, &next)?;
+                staged.into_pages().collect()
             }
-        }
+        };
         self.state = next;
-        Ok(self.state.committed)
+        Ok(spare)
     }
 
     fn recover(&mut self) -> Result<(), ReplicaError> {

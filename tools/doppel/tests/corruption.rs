@@ -18,7 +18,7 @@ const SPEC: SynthSpec = SynthSpec {
 
 fn assert_replica_is(rep: &Replica, m: &ModelReplica, what: &str) {
     assert_eq!(rep.state().committed, m.committed, "{what}: committed");
-    assert!(rep.memory_ref().unwrap() == &m.memory[..], "{what}: memory");
+    assert!(rep.memory().unwrap() == m.memory, "{what}: memory");
     assert_eq!(rep.state().hvm_context, m.hvm_context, "{what}: context");
     assert_eq!(rep.state().tsc, m.tsc, "{what}: tsc");
     assert_eq!(rep.state().params, m.params, "{what}: params");

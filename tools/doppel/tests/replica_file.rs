@@ -75,9 +75,9 @@ fn crash_at_each_commit_step() {
     ] {
         let img = scratch(&format!("{crash:?}"));
         let mut rep = Replica::open_file(&img, SPEC.pages).unwrap();
-        rep.commit(&staged[0]).unwrap();
-        rep.commit(&staged[1]).unwrap();
-        rep.commit_at(&staged[2], crash).unwrap();
+        rep.commit(staged[0].clone()).unwrap();
+        rep.commit(staged[1].clone()).unwrap();
+        rep.commit_at(staged[2].clone(), crash).unwrap();
         drop(rep); // the "crash"
         let rep = Replica::open_file(&img, SPEC.pages).unwrap();
         check(&rep, &ModelReplica::after(SPEC.pages, &epochs, want));

@@ -506,7 +506,7 @@ fn truncation_is_reported_with_its_place() {
         decode(&s[..70]),
         Err(StreamError::Truncated {
             what: "record body",
-            offset: 56
+            offset: 64
         })
     ));
 }

@@ -45,7 +45,7 @@ fn compressed(eps: &[EpochData], guest: u64) -> (Vec<u8>, Vec<u64>) {
 
 fn check(rep: &Replica, m: &ModelReplica) {
     assert_eq!(rep.state().committed, m.committed);
-    assert!(rep.memory_ref().unwrap() == &m.memory[..]);
+    assert!(rep.memory().unwrap() == m.memory);
     assert_eq!(rep.state().hvm_context, m.hvm_context);
     assert_eq!(rep.state().params, m.params);
 }

@@ -20,7 +20,7 @@ fuzz_target!(|data: &[u8]| {
     let got = receive_opts(data, &mut rep, xlz4, |_| Ok(()));
     assert_eq!(rep.state().committed, got.epochs.len() as u64);
     if got.epochs.is_empty() {
-        assert!(rep.memory_ref().unwrap().iter().all(|&b| b == 0));
+        assert!(rep.memory().unwrap().iter().all(|&b| b == 0));
         assert!(rep.state().tsc.is_none());
     }
     if let Ok(mut r) = AckReader::open(data, 0) {

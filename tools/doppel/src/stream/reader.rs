@@ -4,13 +4,13 @@
 //! Every check happens before the record is handed out, and a record body is
 //! only allocated after its length passed the limit.
 
-use std::io::{self, Read};
+use std::io::{self, IoSliceMut, Read};
 
 use zerocopy::FromBytes;
 
 use super::error::{RecCtx, StreamError};
 use super::format::*;
-use super::records::{HvmParam, PageData, Record, TscInfo};
+use super::records::{zero_page, HvmParam, PageBuf, PageData, Record, TscInfo};
 use super::xlz4::XorCache;
 
 /// What the receiver knows about the guest.
@@ -66,14 +66,14 @@ pub struct StreamReader<R> {
     index: u64,
     /// Epochs completed by CHECKPOINT so far.
     checkpoints: u64,
-    /// Spare body buffers.
-    pool: Vec<Vec<u8>>,
+    /// Spare page buffers.
+    pool: Vec<PageBuf>,
     /// Present when compressed pages were negotiated for this connection.
     xlz4: Option<XorCache>,
 }
 
-const POOL_MAX: usize = 64;
-const MIN_POOLED: usize = 64 << 10;
+/// Most spare page buffers kept (128 MiB).
+const POOL_PAGES: usize = 32 << 10;
 
 fn read_exact_at<R: Read>(
     r: &mut R,
@@ -206,28 +206,83 @@ impl<R: Read> StreamReader<R> {
         Ok(())
     }
 
-    /// Give a page body back for reuse: saves allocating, zeroing and
-    /// faulting in fresh memory for every record. The buffer keeps its
-    /// (initialized) length.
-    pub fn recycle(&mut self, buf: Vec<u8>) {
-        if self.pool.len() < POOL_MAX && buf.len() >= MIN_POOLED {
-            self.pool.push(buf);
+    /// Give page buffers back for reuse (the replica's displaced pages
+    /// after a commit): saves allocating and faulting in fresh memory.
+    pub fn recycle_pages(&mut self, pages: impl IntoIterator<Item = PageBuf>) {
+        for p in pages {
+            if self.pool.len() >= POOL_PAGES {
+                break;
+            }
+            self.pool.push(p);
         }
     }
 
-    /// Read `n` bytes into a buffer, reusing a recycled one if it is big
-    /// enough (only bytes beyond its old length get zeroed).
+    /// Read `n` bytes of a (small) record body.
     fn read_body(&mut self, n: usize) -> Result<Vec<u8>, StreamError> {
-        let mut body = match self.pool.iter().position(|b| b.len() >= n) {
-            Some(i) => {
-                let mut b = self.pool.swap_remove(i);
-                b.truncate(n);
-                b
-            }
-            None => vec![0; n],
-        };
+        let mut body = vec![0; n];
         read_exact_at(&mut self.r, &mut body, "record body", &mut self.offset)?;
         Ok(body)
+    }
+
+    /// PAGE_DATA, read in parts: count header, pfn words (both validated
+    /// before any page is read), then the pages straight into page buffers
+    /// with vectored reads.
+    fn read_page_data(&mut self, rec: RecCtx, len: u32) -> Result<PageData, StreamError> {
+        let len = len as usize;
+        let bad_len = |expected: String| StreamError::BadLength {
+            rec,
+            length: len as u64,
+            expected,
+        };
+        if len < 8 {
+            return Err(bad_len("at least 8".into()));
+        }
+        let mut head = vec![0u8; 8];
+        read_exact_at(&mut self.r, &mut head, "record body", &mut self.offset)?;
+        let count = u32::from_le_bytes(head[..4].try_into().expect("4 bytes"));
+        let words_end = 8 + 8 * count.min(MAX_BATCH_PFNS + 1) as usize;
+        if (1..=MAX_BATCH_PFNS).contains(&count) && len >= words_end {
+            head.resize(words_end, 0);
+            read_exact_at(&mut self.r, &mut head[8..], "record body", &mut self.offset)?;
+        }
+        // Count, reserved and length-vs-words checks happen here too.
+        let (count, pages) = validate_pfn_words(rec, &head, self.limits).map_err(|e| match e {
+            StreamError::BadLength { .. } => bad_len(format!("at least {words_end}")),
+            e => e,
+        })?;
+        let want = 8 + 8 * count + PAGE_SIZE * pages;
+        if len != want {
+            return Err(bad_len(format!(
+                "{want} (8 + 8 * {count} pfns + 4096 * {pages} data pages)"
+            )));
+        }
+        let keep = self.pool.len().saturating_sub(pages);
+        let mut bufs: Vec<PageBuf> = self.pool.drain(keep..).collect();
+        bufs.resize_with(pages, zero_page);
+        let mut slices: Vec<IoSliceMut<'_>> = bufs
+            .iter_mut()
+            .map(|b| IoSliceMut::new(&mut b[..]))
+            .collect();
+        let mut rest = &mut slices[..];
+        while !rest.is_empty() {
+            match self.r.read_vectored(rest) {
+                Ok(0) => {
+                    return Err(StreamError::Truncated {
+                        what: "record body",
+                        offset: self.offset,
+                    })
+                }
+                Ok(n) => {
+                    self.offset += n as u64;
+                    IoSliceMut::advance_slices(&mut rest, n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(StreamError::from_io(e, "record body", self.offset)),
+            }
+        }
+        drop(slices);
+        // 8 + 8n + 4096k is a multiple of 8: PAGE_DATA has no padding.
+        Ok(PageData::from_parts(head, bufs, count))
     }
 
     /// One record; `None` for a skipped optional record.
@@ -282,6 +337,11 @@ impl<R: Read> StreamReader<R> {
         }
         if known {
             self.check_order(rec)?;
+        }
+        if rec.rtype == rec::PAGE_DATA {
+            let p = self.read_page_data(rec, len)?;
+            self.advance(rec);
+            return Ok(Some(Record::PageData(p)));
         }
         let mut body = self.read_body(padded(len as usize))?;
         if let Some((at, &v)) = body[len as usize..]
@@ -383,10 +443,6 @@ impl<R: Read> StreamReader<R> {
                     .expect("checked when the header was read");
                 Ok(Record::PageData(cache.decode(rec, &body, limits)?))
             }
-            rec::PAGE_DATA => {
-                let count = validate_page_data(rec, &body, self.limits)?;
-                Ok(Record::PageData(PageData::from_validated(body, count)))
-            }
             rec::X86_TSC_INFO => {
                 let t = TscInfoRaw::read_from_bytes(&body).map_err(|_| bad_len("24".into()))?;
                 if t.reserved.get() != 0 {
@@ -454,23 +510,9 @@ impl<R: Read> StreamReader<R> {
                     Record::MsrPolicy(body)
                 })
             }
-            _ => unreachable!("only known types reach decode"),
+            _ => unreachable!("only known non-page types reach decode"),
         }
     }
-}
-
-/// Validate a PAGE_DATA body; returns the pfn count.
-pub fn validate_page_data(rec: RecCtx, body: &[u8], limits: Limits) -> Result<usize, StreamError> {
-    let (count, pages) = validate_pfn_words(rec, body, limits)?;
-    let want = 8 + 8 * count as u64 + PAGE_SIZE as u64 * pages as u64;
-    if body.len() as u64 != want {
-        return Err(StreamError::BadLength {
-            rec,
-            length: body.len() as u64,
-            expected: format!("{want} (8 + 8 * {count} pfns + 4096 * {pages} data pages)"),
-        });
-    }
-    Ok(count)
 }
 
 /// Validate the count header and pfn words shared by PAGE_DATA and the

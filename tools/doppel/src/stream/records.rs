@@ -18,11 +18,24 @@ pub struct HvmParam {
     pub value: u64,
 }
 
-/// A validated PAGE_DATA record. The body is kept as received (no copy of
-/// the pages): `count` pfn words at byte 8, then the data pages.
+/// One guest page buffer. Pages move between the reader, the staged epoch
+/// and the replica by pointer, so an epoch commits without copying pages.
+pub type PageBuf = Box<[u8; PAGE_SIZE]>;
+
+/// A zeroed page buffer.
+pub fn zero_page() -> PageBuf {
+    vec![0u8; PAGE_SIZE]
+        .into_boxed_slice()
+        .try_into()
+        .expect("exactly one page")
+}
+
+/// A validated PAGE_DATA record: the count header and pfn words as
+/// received, and one buffer per pfn that carries data.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PageData {
-    body: Vec<u8>,
+    head: Vec<u8>,
+    pages: Vec<PageBuf>,
     count: usize,
 }
 
@@ -35,9 +48,11 @@ pub struct PageEntry<'a> {
 }
 
 impl PageData {
-    /// Wrap a body that the reader has validated.
-    pub(crate) fn from_validated(body: Vec<u8>, count: usize) -> Self {
-        Self { body, count }
+    /// Assemble a record the reader has validated: `head` = count header
+    /// and `count` pfn words, `pages` = one buffer per data pfn.
+    pub(crate) fn from_parts(head: Vec<u8>, pages: Vec<PageBuf>, count: usize) -> Self {
+        debug_assert_eq!(head.len(), 8 + 8 * count);
+        Self { head, pages, count }
     }
 
     /// Number of pfns.
@@ -45,42 +60,54 @@ impl PageData {
         self.count
     }
 
-    fn word(&self, i: usize) -> u64 {
+    fn word(&self, i: usize) -> (u64, bool) {
         let at = 8 + 8 * i;
         let mut w = [0u8; 8];
-        w.copy_from_slice(&self.body[at..at + 8]);
-        u64::from_le_bytes(w)
+        w.copy_from_slice(&self.head[at..at + 8]);
+        let w = u64::from_le_bytes(w);
+        (
+            w & PFN_MASK,
+            (w >> PFN_TYPE_SHIFT) as u8 != PAGE_TYPE_INVALID,
+        )
     }
 
     /// Entries in record order.
     pub fn entries(&self) -> impl Iterator<Item = PageEntry<'_>> + '_ {
-        let mut data_at = 8 + 8 * self.count;
+        let mut next = 0;
         (0..self.count).map(move |i| {
-            let w = self.word(i);
-            let pfn = w & PFN_MASK;
-            if (w >> PFN_TYPE_SHIFT) as u8 == PAGE_TYPE_INVALID {
-                PageEntry { pfn, data: None }
-            } else {
-                let d = &self.body[data_at..data_at + PAGE_SIZE];
-                data_at += PAGE_SIZE;
+            let (pfn, has_data) = self.word(i);
+            if has_data {
+                let d = &self.pages[next][..];
+                next += 1;
                 PageEntry { pfn, data: Some(d) }
+            } else {
+                PageEntry { pfn, data: None }
             }
         })
     }
 
-    /// Number of entries that carry data.
-    pub fn data_pages(&self) -> usize {
-        (self.body.len() - 8 - 8 * self.count) / PAGE_SIZE
+    /// Entries in record order, taking the page buffers.
+    pub fn into_entries(self) -> impl Iterator<Item = (u64, Option<PageBuf>)> {
+        let words: Vec<(u64, bool)> = (0..self.count).map(|i| self.word(i)).collect();
+        let mut pages = self.pages.into_iter();
+        words
+            .into_iter()
+            .map(move |(pfn, d)| (pfn, if d { pages.next() } else { None }))
     }
 
-    /// The raw body (for buffer reuse).
-    pub fn into_body(self) -> Vec<u8> {
-        self.body
+    /// The page buffers (for reuse).
+    pub fn into_pages(self) -> Vec<PageBuf> {
+        self.pages
+    }
+
+    /// Number of entries that carry data.
+    pub fn data_pages(&self) -> usize {
+        self.pages.len()
     }
 
     /// Body size in bytes (as on the wire, without header and padding).
     pub fn body_len(&self) -> usize {
-        self.body.len()
+        self.head.len() + self.pages.len() * PAGE_SIZE
     }
 }
 

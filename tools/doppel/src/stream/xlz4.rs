@@ -13,7 +13,7 @@
 use super::error::{RecCtx, StreamError};
 use super::format::{PAGE_SIZE, PAGE_TYPE_INVALID, PFN_MASK, PFN_TYPE_SHIFT};
 use super::reader::{validate_pfn_words, Limits};
-use super::records::PageData;
+use super::records::{zero_page, PageData};
 use super::writer::OutPage;
 
 /// Last version of every page sent (or received) on one connection.
@@ -107,34 +107,38 @@ impl XorCache {
                 expected: format!("{} (comp_len {comp_len})", words_end + 8 + comp_len),
             });
         }
-        let mut out = Vec::with_capacity(words_end + raw_len);
-        out.extend_from_slice(&body[..words_end]);
-        out.resize(words_end + raw_len, 0);
-        let n = lz4_flex::block::decompress_into(block, &mut out[words_end..])
-            .map_err(|e| bad(e.to_string()))?;
+        let mut raw = vec![0u8; raw_len];
+        let n =
+            lz4_flex::block::decompress_into(block, &mut raw).map_err(|e| bad(e.to_string()))?;
         if n != raw_len {
             return Err(bad(format!(
                 "block decodes to {n} bytes, expected {raw_len}"
             )));
         }
-        let pd = PageData::from_validated(out, count);
-        // Undo the XOR and update the cache (pfns were range checked).
-        let mut fixed = Vec::with_capacity(pd.body_len());
-        fixed.extend_from_slice(&body[..words_end]);
-        for e in pd.entries() {
-            let last = self
-                .page(e.pfn)
-                .ok_or_else(|| bad(format!("pfn {:#x} beyond the connection cache", e.pfn)))?;
-            match e.data {
-                Some(x) => {
-                    for (l, b) in last.iter_mut().zip(x) {
-                        *l ^= b;
-                    }
-                    fixed.extend_from_slice(last);
-                }
-                None => last.fill(0),
-            }
+        if limits.guest_pages > self.pages() {
+            return Err(bad("guest larger than the connection cache".into()));
         }
-        Ok(PageData::from_validated(fixed, count))
+        // Undo the XOR and update the cache (pfns were range checked).
+        let head = body[..words_end].to_vec();
+        let mut pages = Vec::with_capacity(raw_len / PAGE_SIZE);
+        let mut chunks = raw.chunks_exact(PAGE_SIZE);
+        for w in head[8..].chunks_exact(8) {
+            let w = u64::from_le_bytes(w.try_into().expect("8 bytes"));
+            let last = self
+                .page(w & PFN_MASK)
+                .ok_or_else(|| bad("pfn beyond the connection cache".into()))?;
+            if (w >> PFN_TYPE_SHIFT) as u8 == PAGE_TYPE_INVALID {
+                last.fill(0);
+                continue;
+            }
+            let x = chunks.next().expect("raw_len = 4096 * data pages");
+            for (l, b) in last.iter_mut().zip(x) {
+                *l ^= b;
+            }
+            let mut p = zero_page();
+            p.copy_from_slice(last);
+            pages.push(p);
+        }
+        Ok(PageData::from_parts(head, pages, count))
     }
 }
