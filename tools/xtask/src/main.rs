@@ -9,6 +9,7 @@ mod image;
 mod selftest;
 mod setup;
 mod test;
+mod verifier;
 
 use std::path::PathBuf;
 

@@ -38,6 +38,7 @@ fn steps() -> Vec<(&'static str, StepFn)> {
         ("host-tests", step_host_tests),
         ("xen-conformance-layout", crate::conformance::step_layout),
         ("xen-ring-interop", crate::conformance::step_ring_interop),
+        ("xen-verify-stream", crate::verifier::step_xen_verify_stream),
         ("image-build", step_image_build),
         ("boot-qemu-svm", step_boot_qemu),
         ("boot-bochs-vmx", step_boot_bochs),

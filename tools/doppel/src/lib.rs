@@ -1,0 +1,11 @@
+//! Doppel's dom0 tool as a library: the Xen migration stream (writer and
+//! validating reader), the backup's epoch stager and replica with atomic
+//! commit, the acknowledgement back channel, and a deterministic synthetic
+//! stream generator.
+
+pub mod ack;
+pub mod backup;
+pub mod epoch;
+pub mod replica;
+pub mod stream;
+pub mod synth;

@@ -1,0 +1,163 @@
+//! A deterministic synthetic guest: epoch 0 sends every page, later epochs
+//! send a pseudo-random set of dirtied pages. Used by `doppel stream synth`,
+//! the Xen verifier check, the corruption tests and the benchmark.
+
+use std::io::{self, Write};
+
+use crate::epoch::EpochData;
+use crate::stream::{HvmParam, StreamWriter, TscInfo, PAGE_SIZE};
+
+/// Xen version written in the domain header.
+pub const XEN_MAJOR: u32 = 4;
+pub const XEN_MINOR: u32 = 17;
+
+/// Parameters of a synthetic stream.
+#[derive(Clone, Copy, Debug)]
+pub struct SynthSpec {
+    /// Number of epochs (each ends with CHECKPOINT).
+    pub epochs: u64,
+    /// Guest size in pages.
+    pub pages: u64,
+    /// Pages dirtied per later epoch (capped at `pages`).
+    pub dirty: u64,
+    /// Generator seed.
+    pub seed: u64,
+}
+
+/// SplitMix64: small, fast, deterministic.
+#[derive(Clone, Debug)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Self(seed)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform-ish in 0..n (n > 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
+    pub fn fill(&mut self, buf: &mut [u8]) {
+        for c in buf.chunks_mut(8) {
+            let v = self.next_u64().to_le_bytes();
+            c.copy_from_slice(&v[..c.len()]);
+        }
+    }
+}
+
+/// A minimal HVM context blob: the save HEADER record (typecode 1) and the
+/// END descriptor. The real vCPU codec lives in doppel-core; at this layer
+/// the blob is opaque.
+pub fn hvm_context_blob(epoch: u64) -> Vec<u8> {
+    let mut b = Vec::with_capacity(40);
+    b.extend_from_slice(&1u16.to_le_bytes()); // typecode HEADER
+    b.extend_from_slice(&0u16.to_le_bytes()); // instance
+    b.extend_from_slice(&24u32.to_le_bytes()); // length
+    b.extend_from_slice(&0x5438_1286u32.to_le_bytes()); // magic
+    b.extend_from_slice(&1u32.to_le_bytes()); // version
+    b.extend_from_slice(&epoch.to_le_bytes()); // changeset: the epoch, so blobs differ
+    b.extend_from_slice(&0x000A_0F10u32.to_le_bytes()); // cpuid
+    b.extend_from_slice(&2_000_000u32.to_le_bytes()); // gtsc_khz
+    b.extend_from_slice(&[0; 8]); // END descriptor
+    b
+}
+
+/// Generate the epochs. Epoch 0: every page in pfn order, with every 61st
+/// pfn sent as invalid (no data). Later epochs: `dirty` random pfns (may
+/// repeat, so a pfn can be sent twice in one epoch; the later copy wins).
+pub fn epochs(spec: &SynthSpec) -> Vec<EpochData> {
+    let mut rng = Rng::new(spec.seed);
+    let mut out = Vec::with_capacity(spec.epochs as usize);
+    for e in 0..spec.epochs {
+        let mut pages = Vec::new();
+        if e == 0 {
+            for pfn in 0..spec.pages {
+                if pfn % 61 == 60 {
+                    pages.push((pfn, None));
+                } else {
+                    let mut d = vec![0; PAGE_SIZE];
+                    rng.fill(&mut d);
+                    pages.push((pfn, Some(d)));
+                }
+            }
+        } else if spec.pages > 0 {
+            for _ in 0..spec.dirty.min(spec.pages) {
+                let pfn = rng.below(spec.pages);
+                let mut d = vec![0; PAGE_SIZE];
+                // Sparse writes, like a real guest: most of the page keeps
+                // the pattern of its pfn, a few words are random.
+                d.iter_mut()
+                    .enumerate()
+                    .for_each(|(i, b)| *b = (pfn as u8) ^ (i as u8));
+                for _ in 0..8 {
+                    let at = rng.below((PAGE_SIZE / 8) as u64) as usize * 8;
+                    d[at..at + 8].copy_from_slice(&rng.next_u64().to_le_bytes());
+                }
+                pages.push((pfn, Some(d)));
+            }
+        }
+        out.push(EpochData {
+            pages,
+            tsc: TscInfo {
+                mode: 0,
+                khz: 2_000_000,
+                nsec: e * 100_000_000,
+                incarnation: 0,
+            },
+            hvm_context: hvm_context_blob(e),
+            params: vec![
+                HvmParam {
+                    index: 1, // HVM_PARAM_STORE_PFN
+                    value: spec.pages.saturating_sub(1),
+                },
+                HvmParam {
+                    index: 2, // HVM_PARAM_TIMER_MODE (synthetic value)
+                    value: e,
+                },
+            ],
+        });
+    }
+    out
+}
+
+/// Byte offsets in a written stream, for tests.
+#[derive(Clone, Debug, Default)]
+pub struct Layout {
+    /// Offset just past each CHECKPOINT record.
+    pub checkpoint_ends: Vec<u64>,
+    /// Offset where each epoch's first record starts.
+    pub epoch_starts: Vec<u64>,
+    /// Total length.
+    pub total: u64,
+}
+
+/// Write a finite stream: headers, STATIC_DATA_END, each epoch with its
+/// CHECKPOINT, then END.
+pub fn write_stream<W: Write>(w: W, epochs: &[EpochData]) -> io::Result<(W, Layout)> {
+    let mut sw = StreamWriter::new(w);
+    let mut lay = Layout::default();
+    sw.headers(XEN_MAJOR, XEN_MINOR)?;
+    sw.static_data_end()?;
+    for e in epochs {
+        lay.epoch_starts.push(sw.bytes());
+        e.write(&mut sw, true)?;
+        lay.checkpoint_ends.push(sw.bytes());
+    }
+    sw.end()?;
+    sw.flush()?;
+    lay.total = sw.bytes();
+    Ok((sw.into_inner(), lay))
+}
+
+/// The whole synthetic stream in memory.
+pub fn stream_bytes(spec: &SynthSpec) -> (Vec<EpochData>, Vec<u8>, Layout) {
+    let eps = epochs(spec);
+    let (bytes, lay) = write_stream(Vec::new(), &eps).expect("writing to a Vec cannot fail");
+    (eps, bytes, lay)
+}

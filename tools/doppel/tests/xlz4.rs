@@ -1,0 +1,172 @@
+//! Optional XOR + lz4 page compression: round trip to the same replica as
+//! the plain stream, smaller on sparse writes, and damage is refused.
+
+use doppel::backup::{receive_opts, ReceiveError};
+use doppel::epoch::{EpochData, ModelReplica};
+use doppel::replica::Replica;
+use doppel::stream::format::rec;
+use doppel::stream::{OutPage, StreamError, StreamWriter, XorCache};
+use doppel::synth::{epochs, SynthSpec, XEN_MAJOR, XEN_MINOR};
+
+const SPEC: SynthSpec = SynthSpec {
+    epochs: 5,
+    pages: 300,
+    dirty: 40,
+    seed: 4,
+};
+
+/// Write `eps` with compressed page records; returns bytes and the offset
+/// just past each CHECKPOINT.
+fn compressed(eps: &[EpochData], guest: u64) -> (Vec<u8>, Vec<u64>) {
+    let mut w = StreamWriter::new(Vec::new());
+    let mut cache = XorCache::new(guest);
+    let mut ends = Vec::new();
+    w.headers(XEN_MAJOR, XEN_MINOR).unwrap();
+    w.static_data_end().unwrap();
+    for e in eps {
+        let pages: Vec<OutPage<'_>> = e
+            .pages
+            .iter()
+            .map(|(pfn, d)| OutPage {
+                pfn: *pfn,
+                data: d.as_deref(),
+            })
+            .collect();
+        w.page_data_xlz4(&pages, &mut cache).unwrap();
+        w.tsc_info(&e.tsc).unwrap();
+        w.hvm_context(&e.hvm_context).unwrap();
+        w.hvm_params(&e.params).unwrap();
+        w.checkpoint().unwrap();
+        ends.push(w.bytes());
+    }
+    w.end().unwrap();
+    (w.into_inner(), ends)
+}
+
+fn check(rep: &Replica, m: &ModelReplica) {
+    assert_eq!(rep.state().committed, m.committed);
+    assert!(rep.memory().unwrap() == m.memory);
+    assert_eq!(rep.state().hvm_context, m.hvm_context);
+    assert_eq!(rep.state().params, m.params);
+}
+
+/// Epoch 0 from the synthetic guest, then epochs that rewrite 8 bytes of
+/// `dirty` pages each (sparse writes, the case XOR + lz4 is for).
+fn sparse_epochs() -> Vec<EpochData> {
+    let mut eps = epochs(&SynthSpec { epochs: 1, ..SPEC });
+    let mut mem = ModelReplica::after(SPEC.pages, &eps, 1).memory;
+    for n in 1..SPEC.epochs {
+        let mut e = eps[0].clone();
+        e.pages.clear();
+        for k in 0..SPEC.dirty {
+            let pfn = (n * 7 + k * 13) % SPEC.pages;
+            let page = &mut mem[pfn as usize * 4096..][..4096];
+            let at = ((n * 31 + k * 17) % 512) as usize * 8;
+            page[at..at + 8].copy_from_slice(&(n * 1000 + k).to_le_bytes());
+            e.pages.push((pfn, Some(page.to_vec())));
+        }
+        e.hvm_context = vec![n as u8; 40];
+        eps.push(e);
+    }
+    eps
+}
+
+#[test]
+fn round_trip_equals_plain_and_is_smaller() {
+    let eps = sparse_epochs();
+    let (bytes, ends) = compressed(&eps, SPEC.pages);
+    let (plain, plain_lay) = doppel::synth::write_stream(Vec::new(), &eps).unwrap();
+    // Epoch 0 is random data; the sparse epochs after it must shrink a lot.
+    let later = bytes.len() as u64 - ends[0];
+    let plain_later = plain.len() as u64 - plain_lay.checkpoint_ends[0];
+    assert!(later * 10 < plain_later, "{later} vs {plain_later}");
+    let mut rep = Replica::in_memory(SPEC.pages);
+    let got = receive_opts(&bytes[..], &mut rep, true, |_| Ok(()));
+    assert!(got.error.is_none() && got.ended, "{:?}", got.error);
+    check(&rep, &ModelReplica::after(SPEC.pages, &eps, eps.len()));
+    // Without negotiation the same stream is refused, nothing committed.
+    let mut rep = Replica::in_memory(SPEC.pages);
+    let got = receive_opts(&bytes[..], &mut rep, false, |_| Ok(()));
+    assert!(matches!(
+        got.error,
+        Some(ReceiveError::Stream(StreamError::Unsupported { rec })) if rec.rtype == rec::DOPPEL_PAGE_DATA_XLZ4
+    ));
+    assert_eq!(rep.state().committed, 0);
+}
+
+#[test]
+fn same_pfn_twice_in_one_epoch_and_invalid_pages_chain_correctly() {
+    let page = |v: u8| Some(vec![v; 4096]);
+    let e = |pages: Vec<(u64, Option<Vec<u8>>)>| EpochData {
+        pages,
+        tsc: Default::default(),
+        hvm_context: vec![1],
+        params: vec![],
+    };
+    let eps = vec![
+        e(vec![(0, page(1)), (1, page(2)), (0, page(3)), (2, page(9))]),
+        e(vec![(0, page(4)), (2, None), (0, page(5)), (1, page(2))]),
+        e(vec![(2, page(7)), (2, page(8))]),
+    ];
+    let (bytes, _) = compressed(&eps, 4);
+    let mut rep = Replica::in_memory(4);
+    let got = receive_opts(&bytes[..], &mut rep, true, |_| Ok(()));
+    assert!(got.error.is_none());
+    check(&rep, &ModelReplica::after(4, &eps, 3));
+}
+
+#[test]
+fn truncations_and_damage_leave_whole_epochs() {
+    let spec = SynthSpec {
+        epochs: 3,
+        pages: 4,
+        dirty: 4,
+        seed: 5,
+    };
+    let eps = epochs(&spec);
+    let (bytes, ends) = compressed(&eps, spec.pages);
+    for t in (0..bytes.len()).step_by(13) {
+        let mut rep = Replica::in_memory(spec.pages);
+        let got = receive_opts(&bytes[..t], &mut rep, true, |_| Ok(()));
+        let k = ends.iter().filter(|&&e| e <= t as u64).count();
+        assert!(got.error.is_some());
+        check(&rep, &ModelReplica::after(spec.pages, &eps, k));
+    }
+    // Flip each byte of the first compressed record's tail (raw_len,
+    // comp_len, block): always refused, and nothing committed.
+    let first = 24 + 16 + 8; // image + domain header + STATIC_DATA_END
+    let len = u32::from_le_bytes(bytes[first + 4..first + 8].try_into().unwrap()) as usize;
+    let count = u32::from_le_bytes(bytes[first + 8..first + 12].try_into().unwrap()) as usize;
+    let tail = first + 8 + 8 + 8 * count;
+    let mut refused = 0;
+    for at in tail..tail + 8 {
+        let mut bad = bytes.clone();
+        bad[at] ^= 0x40;
+        let mut rep = Replica::in_memory(spec.pages);
+        let got = receive_opts(&bad[..], &mut rep, true, |_| Ok(()));
+        assert!(
+            matches!(
+                got.error,
+                Some(ReceiveError::Stream(
+                    StreamError::BadCompressed { .. } | StreamError::BadLength { .. }
+                ))
+            ),
+            "byte {at}: {:?}",
+            got.error
+        );
+        assert_eq!(rep.state().committed, 0);
+        refused += 1;
+    }
+    // Damage inside the lz4 block: refused or decoded to other page bytes,
+    // but never a panic and never a partial epoch.
+    for at in (tail + 8..first + 8 + len).step_by(97) {
+        let mut bad = bytes.clone();
+        bad[at] ^= 0x5A;
+        let mut rep = Replica::in_memory(spec.pages);
+        let got = receive_opts(&bad[..], &mut rep, true, |_| Ok(()));
+        if got.error.is_some() {
+            assert!(rep.state().committed == 0 || rep.state().committed == 3);
+        }
+    }
+    assert_eq!(refused, 8);
+}
