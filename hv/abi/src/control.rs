@@ -77,8 +77,13 @@ layout_struct! {
         pub staging: Region,
         pub vcpu_area: Region,
         pub pfn_list: Region,
+        /// Where the protected guest's RAM lies in machine memory: `offset`
+        /// is its machine-physical address (not relative to this area),
+        /// `size` its bytes; both page aligned. Guest-physical 0 is at
+        /// `offset`. Zero size: no guest published.
+        pub guest_ram: Region,
         /// Must be zero.
-        pub reserved: [u64; 14],
+        pub reserved: [u64; 12],
     }
 }
 
@@ -89,7 +94,8 @@ const _: () = assert!(offset_of!(ControlHeader, total_size) == 16);
 const _: () = assert!(offset_of!(ControlHeader, features) == 24);
 const _: () = assert!(offset_of!(ControlHeader, cmd_ring) == 32);
 const _: () = assert!(offset_of!(ControlHeader, pfn_list) == 128);
-const _: () = assert!(offset_of!(ControlHeader, reserved) == 144);
+const _: () = assert!(offset_of!(ControlHeader, guest_ram) == 144);
+const _: () = assert!(offset_of!(ControlHeader, reserved) == 160);
 
 /// A field of the header, named in errors.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -107,6 +113,8 @@ pub enum Field {
     Staging,
     VcpuArea,
     PfnList,
+    /// The guest RAM location (machine-physical, outside the area).
+    GuestRam,
 }
 
 /// The regions, in header order.
@@ -225,7 +233,8 @@ impl ControlHeader {
             staging: Region::default(),
             vcpu_area: Region::default(),
             pfn_list: Region::default(),
-            reserved: [0; 14],
+            guest_ram: Region::default(),
+            reserved: [0; 12],
         };
         let mut at = HEADER_SIZE as u64;
         for (f, size) in REGIONS.into_iter().zip(sizes) {
@@ -314,8 +323,15 @@ fn check(h: &ControlHeader, mapped: usize) -> Result<(), AbiError> {
             h.features & !Features::all().bits(),
         ));
     }
-    if h.reserved != [0; 14] {
+    if h.reserved != [0; 12] {
         return Err(AbiError::ReservedNonZero);
+    }
+    let g = h.guest_ram;
+    if !g.offset.is_multiple_of(PAGE_SIZE as u64)
+        || !g.size.is_multiple_of(PAGE_SIZE as u64)
+        || g.offset.checked_add(g.size).is_none()
+    {
+        return Err(AbiError::RegionMisaligned(Field::GuestRam));
     }
     for f in REGIONS {
         let r = h.region(f);

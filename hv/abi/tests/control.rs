@@ -59,7 +59,7 @@ fn each_header_field_has_its_error() {
     b.features |= 1 << 40;
     assert_eq!(check(&b).unwrap_err(), AbiError::UnknownFeatures(1 << 40));
     let mut b = h;
-    b.reserved[13] = 1;
+    b.reserved[11] = 1;
     assert_eq!(check(&b).unwrap_err(), AbiError::ReservedNonZero);
     // total_size larger than what is mapped.
     let mut bytes = area(&h);
