@@ -450,10 +450,9 @@ fn put(out: &mut [u8], at: &mut usize, bytes: &[u8]) -> Result<(), HvmError> {
             need: usize::MAX,
             have,
         })?;
-    let dst = out.get_mut(*at..end).ok_or(HvmError::BufferTooSmall {
-        need: end,
-        have,
-    })?;
+    let dst = out
+        .get_mut(*at..end)
+        .ok_or(HvmError::BufferTooSmall { need: end, have })?;
     dst.copy_from_slice(bytes);
     *at = end;
     Ok(())
@@ -549,8 +548,7 @@ fn seg_from_xen(
     base: u64,
     ar: u32,
 ) -> Result<Segment, HvmError> {
-    let selector =
-        u16::try_from(sel).map_err(|_| HvmError::SelectorRange { seg, value: sel })?;
+    let selector = u16::try_from(sel).map_err(|_| HvmError::SelectorRange { seg, value: sel })?;
     let attr = u16::try_from(ar)
         .ok()
         .and_then(SegAttr::from_bits)
@@ -564,8 +562,10 @@ fn seg_from_xen(
 }
 
 fn table_from_xen(table: TableName, limit: u32, base: u64) -> Result<DescTable, HvmError> {
-    let limit =
-        u16::try_from(limit).map_err(|_| HvmError::TableLimitRange { table, value: limit })?;
+    let limit = u16::try_from(limit).map_err(|_| HvmError::TableLimitRange {
+        table,
+        value: limit,
+    })?;
     Ok(DescTable { base, limit })
 }
 
@@ -612,13 +612,7 @@ pub fn from_hw_cpu(c: &HvmHwCpu) -> Result<VcpuState, HvmError> {
         gs: seg_from_xen(Gs, c.gs_sel, c.gs_limit, c.gs_base, c.gs_arbytes)?,
         ss: seg_from_xen(Ss, c.ss_sel, c.ss_limit, c.ss_base, c.ss_arbytes)?,
         tr: seg_from_xen(Tr, c.tr_sel, c.tr_limit, c.tr_base, c.tr_arbytes)?,
-        ldtr: seg_from_xen(
-            Ldtr,
-            c.ldtr_sel,
-            c.ldtr_limit,
-            c.ldtr_base,
-            c.ldtr_arbytes,
-        )?,
+        ldtr: seg_from_xen(Ldtr, c.ldtr_sel, c.ldtr_limit, c.ldtr_base, c.ldtr_arbytes)?,
         gdtr: table_from_xen(TableName::Gdtr, c.gdtr_limit, c.gdtr_base)?,
         idtr: table_from_xen(TableName::Idtr, c.idtr_limit, c.idtr_base)?,
         efer: c.msr_efer,
@@ -735,7 +729,9 @@ fn walk(
         changeset: h.changeset,
     };
     let mut last = (code::HEADER, 0u16);
-    let mut at = DESC_LEN.checked_add(r.payload.len()).ok_or(HvmError::MissingEnd)?;
+    let mut at = DESC_LEN
+        .checked_add(r.payload.len())
+        .ok_or(HvmError::MissingEnd)?;
     let mut n_cpus = 0usize;
     loop {
         if at == blob.len() {

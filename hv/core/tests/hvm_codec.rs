@@ -249,7 +249,12 @@ fn layout_matches_xen_abi_offsets() {
 #[test]
 fn hand_built_blob_decodes() {
     let (a, b) = (state(10), state(11));
-    let blob = cat(&[good_header(), rec(2, 0, &cpu(&a)), rec(2, 1, &cpu(&b)), end()]);
+    let blob = cat(&[
+        good_header(),
+        rec(2, 0, &cpu(&a)),
+        rec(2, 1, &cpu(&b)),
+        end(),
+    ]);
     assert_eq!(blob, enc(&[a.clone(), b.clone()]));
     let d = decode::<2>(&blob).expect("decode");
     assert_eq!(d.header, HDR);
@@ -259,7 +264,12 @@ fn hand_built_blob_decodes() {
 #[test]
 fn sparse_vcpu_ids_are_kept() {
     let (a, b) = (state(20), state(21));
-    let blob = cat(&[good_header(), rec(2, 0, &cpu(&a)), rec(2, 3, &cpu(&b)), end()]);
+    let blob = cat(&[
+        good_header(),
+        rec(2, 0, &cpu(&a)),
+        rec(2, 3, &cpu(&b)),
+        end(),
+    ]);
     assert_eq!(dec(&blob), Ok(vec![(0, a), (3, b)]));
 }
 
@@ -309,12 +319,20 @@ fn header_must_come_first_and_be_well_formed() {
         );
     }
     assert_eq!(
-        dec(&cat(&[rec(1, 0, &header_payload(0x5438_1287, 1)), c.clone(), end()])),
+        dec(&cat(&[
+            rec(1, 0, &header_payload(0x5438_1287, 1)),
+            c.clone(),
+            end()
+        ])),
         Err(HvmError::BadMagic(0x5438_1287))
     );
     for ver in [0, 2, u32::MAX] {
         assert_eq!(
-            dec(&cat(&[rec(1, 0, &header_payload(0x5438_1286, ver)), c.clone(), end()])),
+            dec(&cat(&[
+                rec(1, 0, &header_payload(0x5438_1286, ver)),
+                c.clone(),
+                end()
+            ])),
             Err(HvmError::BadVersion(ver))
         );
     }
@@ -349,7 +367,12 @@ fn records_must_ascend() {
     );
     // A lower type after a higher one.
     assert_eq!(
-        dec(&cat(&[h.clone(), rec(3, 0, &[0; 16]), rec(2, 0, &a), end()])),
+        dec(&cat(&[
+            h.clone(),
+            rec(3, 0, &[0; 16]),
+            rec(2, 0, &a),
+            end()
+        ])),
         Err(HvmError::OutOfOrder {
             typecode: 2,
             instance: 0
@@ -376,7 +399,12 @@ fn typecodes_above_xen_max_are_rejected() {
     let a = cpu(&state(1));
     for t in [21u16, 0x100, u16::MAX] {
         assert_eq!(
-            dec(&cat(&[good_header(), rec(2, 0, &a), rec(t, 0, &[0; 4]), end()])),
+            dec(&cat(&[
+                good_header(),
+                rec(2, 0, &a),
+                rec(t, 0, &[0; 4]),
+                end()
+            ])),
             Err(HvmError::UnknownType(t))
         );
     }
@@ -488,7 +516,11 @@ fn cpu_reserved_fields() {
         Err(HvmError::ReservedFlags(2))
     );
     assert_eq!(
-        dec(&one_cpu_blob(&cpu_patched(1, 1024, &0x8000_0001u32.to_le_bytes()))),
+        dec(&one_cpu_blob(&cpu_patched(
+            1,
+            1024,
+            &0x8000_0001u32.to_le_bytes()
+        ))),
         Err(HvmError::ReservedFlags(0x8000_0001))
     );
     assert_eq!(
@@ -496,7 +528,11 @@ fn cpu_reserved_fields() {
         Err(HvmError::NonZeroPad(1))
     );
     assert_eq!(
-        dec(&one_cpu_blob(&cpu_patched(1, 1000, &(1u64 << 32).to_le_bytes()))),
+        dec(&one_cpu_blob(&cpu_patched(
+            1,
+            1000,
+            &(1u64 << 32).to_le_bytes()
+        ))),
         Err(HvmError::TscAuxRange(1 << 32))
     );
     // msr_flags is obsolete: ignored on decode.
@@ -624,7 +660,12 @@ fn capacity_and_visitor() {
         Ok(())
     });
     assert_eq!(h, Ok(HDR));
-    let want: Vec<_> = vs.iter().cloned().enumerate().map(|(i, v)| (i as u16, v)).collect();
+    let want: Vec<_> = vs
+        .iter()
+        .cloned()
+        .enumerate()
+        .map(|(i, v)| (i as u16, v))
+        .collect();
     assert_eq!(seen, want);
     // A blob that fails late never reaches the visitor.
     let mut bad = blob.clone();
@@ -703,4 +744,69 @@ proptest! {
     fn random_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..3000)) {
         let _ = decode::<4>(&bytes);
     }
+}
+
+/// The fuzz seed was written by a separate script straight from the Xen
+/// layout (not by `encode`): it decodes to the values that script put in,
+/// and re-encodes to the same bytes.
+#[test]
+fn independent_seed_blob_decodes() {
+    let blob = include_bytes!("../../../fuzz/corpus/hvm_context/valid_1vcpu");
+    let d = decode::<1>(blob).expect("decode");
+    assert_eq!(
+        d.header,
+        HeaderInfo {
+            cpuid: 0x000a_0655,
+            gtsc_khz: 2_000_000,
+            changeset: 0
+        }
+    );
+    let (id, v) = &d.vcpus[0];
+    assert_eq!(*id, 0);
+    assert_eq!((v.rax, v.rbx, v.r15), (0, 0x11, 0xff));
+    assert_eq!((v.rip, v.rflags), (0xffff_ffff_8100_0000, 0x202));
+    assert_eq!((v.cr0, v.cr3, v.cr4), (0x8005_0033, 0x1000, 0x6f0));
+    assert_eq!((v.dr6, v.dr7), (0xffff_0ff0, 0x400));
+    assert_eq!(
+        (v.cs.selector, v.cs.attr.bits(), v.cs.limit),
+        (0x10, 0xa9b, u32::MAX)
+    );
+    assert!(v.cs.attr.long() && v.cs.attr.present() && v.cs.attr.dpl() == 0);
+    assert_eq!(
+        (v.tr.selector, v.tr.limit, v.tr.base),
+        (0x40, 0x67, 0xffff_fe00_0000_3000)
+    );
+    assert_eq!(v.tr.attr.bits(), 0x8b);
+    assert_eq!(v.gs.base, 0xffff_8880_0000_0000);
+    assert_eq!(
+        v.idtr,
+        DescTable {
+            base: 0xffff_fe00_0000_0000,
+            limit: 0xfff
+        }
+    );
+    assert_eq!(
+        v.gdtr,
+        DescTable {
+            base: 0xffff_fe00_0000_1000,
+            limit: 0x7f
+        }
+    );
+    assert_eq!(
+        (v.sysenter_cs, v.sysenter_eip),
+        (0x10, 0xffff_ffff_81a0_0000)
+    );
+    assert_eq!(
+        (v.lstar, v.star, v.sfmask, v.efer),
+        (0xffff_ffff_81a0_0010, 0x0023_0010_0000_0000, 0x47700, 0xd01)
+    );
+    assert_eq!((v.tsc, v.tsc_aux, v.pending_event), (123_456_789, 0, None));
+    assert!(v.fpu_initialised);
+    assert_eq!(&v.fpu[..2], &0x37fu16.to_le_bytes());
+    let mut out = vec![0u8; blob.len()];
+    assert_eq!(
+        encode(std::slice::from_ref(v), d.header, &mut out),
+        Ok(blob.len())
+    );
+    assert_eq!(out, blob.to_vec());
 }
