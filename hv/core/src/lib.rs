@@ -10,6 +10,7 @@ pub mod dirtylog;
 pub mod elf;
 pub mod exit;
 pub mod frame;
+pub mod hvm;
 pub mod hw;
 pub mod paging;
 pub mod pml;
