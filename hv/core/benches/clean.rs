@@ -2,7 +2,10 @@
 //! 10% dirty, against a flat bitmap of the same guest measured in the same
 //! run: a plain linear scan+clear, the atomic `FlatLog` CLEAN, and a 2 MiB
 //! memcpy. Each iteration re-marks the same pfns (untimed setup), then
-//! times one CLEAN. Every variant feeds the same sink per dirty word.
+//! times one CLEAN. Every variant feeds the same sink per dirty word, so
+//! all produce the same dirty set (base and bits of every non-zero word).
+//! Dirty pfns are uniform random, except `0.1%_runs16`: the same count in
+//! runs of 16 consecutive pfns (aligned to 16), as guests dirty runs.
 //!
 //! Run: cargo bench -p doppel-core --bench clean
 
@@ -17,8 +20,10 @@ use doppel_core::dirtylog::{DirtyTree, DirtyWord, FlatLog, LogTree};
 const GUEST_PFNS: u64 = 1 << 24;
 const FLAT_WORDS: usize = (GUEST_PFNS / 64) as usize;
 
-/// Distinct random pfns below GUEST_PFNS (splitmix64, fixed seed).
-fn dirty_pfns(count: usize, seed: u64) -> Vec<u64> {
+/// `count` distinct pfns below GUEST_PFNS in runs of `run` consecutive
+/// pfns starting at random multiples of `run` (splitmix64, fixed seed);
+/// `run == 1` is uniform random.
+fn dirty_pfns(count: usize, seed: u64, run: u64) -> Vec<u64> {
     let mut state = seed;
     let mut seen = vec![0u64; FLAT_WORDS];
     let mut out = Vec::with_capacity(count);
@@ -27,11 +32,13 @@ fn dirty_pfns(count: usize, seed: u64) -> Vec<u64> {
         let mut z = state;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        let p = (z ^ (z >> 31)) % GUEST_PFNS;
-        let (w, m) = ((p / 64) as usize, 1u64 << (p % 64));
-        if seen[w] & m == 0 {
-            seen[w] |= m;
-            out.push(p);
+        let start = ((z ^ (z >> 31)) % (GUEST_PFNS / run)) * run;
+        for p in start..start + run {
+            let (w, m) = ((p / 64) as usize, 1u64 << (p % 64));
+            if out.len() < count && seen[w] & m == 0 {
+                seen[w] |= m;
+                out.push(p);
+            }
         }
     }
     out
@@ -43,8 +50,9 @@ fn sink(acc: &mut u64, w: DirtyWord) {
     *acc = acc.wrapping_add(w.base ^ w.bits);
 }
 
-/// The flat baseline without atomics: scan every word, report and clear
-/// the non-zero ones.
+/// The flat baseline without atomics: read every word of the 2 MiB
+/// bitmap, report and clear (store zero into) the non-zero ones; zero
+/// words are not written.
 fn flat_scan_clear(words: &mut [u64], mut f: impl FnMut(DirtyWord)) {
     for (i, w) in words.iter_mut().enumerate() {
         if *w != 0 {
@@ -66,8 +74,13 @@ fn bench_clean(c: &mut Criterion) {
     let flat = RefCell::new(vec![0u64; FLAT_WORDS]);
     let mut copy_dst = vec![0u64; FLAT_WORDS];
 
-    for (label, count) in [("0.1%", 16_777usize), ("1%", 167_772), ("10%", 1_677_722)] {
-        let pfns = dirty_pfns(count, 0xD0FF_E1C0_FFEE);
+    for (label, count, run) in [
+        ("0.1%", 16_777usize, 1),
+        ("0.1%_runs16", 16_777, 16),
+        ("1%", 167_772, 1),
+        ("10%", 1_677_722, 1),
+    ] {
+        let pfns = dirty_pfns(count, 0xD0FF_E1C0_FFEE, run);
         let mut group = c.benchmark_group(format!("clean_64GiB_{label}"));
         group
             .sample_size(20)
