@@ -11,7 +11,9 @@
 //!   log-dirty self-test: the test guest under the CPU's backend, every
 //!   tracking mode the backend has, comparing each epoch's dirty log with
 //!   the guest's own truth.
-//! - `epochs=N` (1..=1000, default 4): self-test epochs per pattern.
+//!   `primary` runs the test guest as a replicated primary for the dom0
+//!   tool (`doppel primary`).
+//! - `epochs=N` (1..=1000, default 4): epochs per pattern of the test guest.
 //! - `guest-mem=MiB` (8..=1024, even, default 64): self-test guest RAM.
 //! - `broken=none|no-fault-mark|no-pml-drain`: run the self-test with a
 //!   deliberate bug, to show that it fails (default `none`).
@@ -33,6 +35,9 @@ pub enum Mode {
     Crash(Crash),
     /// The log-dirty self-test.
     SelfTest,
+    /// Replicated primary: publish the control area, wait for the dom0
+    /// tool, run the test guest and stage a checkpoint at each epoch end.
+    Primary,
 }
 
 /// A deliberate bug for the self-test, to show it is caught.
@@ -144,6 +149,7 @@ impl Config {
                         "crash-panic" => Mode::Crash(Crash::Panic),
                         "crash-stack" => Mode::Crash(Crash::StackOverflow),
                         "selftest" => Mode::SelfTest,
+                        "primary" => Mode::Primary,
                         _ => return Err(bad),
                     };
                 }
@@ -208,6 +214,7 @@ mod tests {
         assert_eq!(Config::parse("log=warn").unwrap().log, LevelFilter::Warn);
         let c = Config::parse("mode=selftest epochs=7 guest-mem=128 broken=no-pml-drain").unwrap();
         assert_eq!(c.mode, Mode::SelfTest);
+        assert_eq!(Config::parse("mode=primary").unwrap().mode, Mode::Primary);
         assert_eq!(c.epochs, 7);
         assert_eq!(c.guest_mem_mib, 128);
         assert_eq!(c.broken, Some(Broken::NoPmlDrain));

@@ -79,7 +79,7 @@ extern "C" fn kmain(magic: u32, info_addr: usize) -> ! {
             }
         },
         Mode::Crash(kind) => crash::crash(kind),
-        Mode::SelfTest => {
+        Mode::SelfTest | Mode::Primary => {
             let plan = virt::selftest::Plan {
                 mem_bytes: u64::from(config.guest_mem_mib) << 20,
                 epochs: config.epochs,
@@ -88,7 +88,11 @@ extern "C" fn kmain(magic: u32, info_addr: usize) -> ! {
                 broken: config.broken,
                 pause_cycles: true,
             };
-            let ok = virt::selftest(&mut enabled, &plan);
+            let ok = if config.mode == Mode::Primary {
+                virt::primary(&mut enabled, &plan)
+            } else {
+                virt::selftest(&mut enabled, &plan)
+            };
             exit(if ok { Status::Pass } else { Status::Fail })
         }
     }

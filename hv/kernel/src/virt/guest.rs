@@ -98,6 +98,11 @@ impl GuestRam {
         self.bytes
     }
 
+    /// Machine-physical address of guest-physical 0.
+    pub fn hpa(&self) -> u64 {
+        self.hpa
+    }
+
     pub fn pages(&self) -> u64 {
         self.bytes / PAGE_SIZE
     }

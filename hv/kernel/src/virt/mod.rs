@@ -6,6 +6,8 @@
 //! [`Enabled`].
 
 pub mod guest;
+pub mod replicate;
+pub mod run;
 pub mod selftest;
 pub mod svm;
 pub mod vcpu;
@@ -165,6 +167,18 @@ pub fn selftest(enabled: &mut Enabled, plan: &selftest::Plan) -> bool {
     match enabled {
         Enabled::Vmx(on) => vmx::selftest(on, plan),
         Enabled::Svm(on) => svm::selftest(on, plan),
+    }
+}
+
+/// Run the guest as a replicated primary (the dom0 tool drives it through
+/// the control area). Only the SVM backend serves it so far.
+pub fn primary(enabled: &mut Enabled, plan: &selftest::Plan) -> bool {
+    match enabled {
+        Enabled::Svm(on) => svm::primary(on, plan),
+        Enabled::Vmx(_) => {
+            log::error!("primary: replication runs on the SVM backend only (QEMU -cpu EPYC)");
+            false
+        }
     }
 }
 

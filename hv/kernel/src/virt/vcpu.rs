@@ -6,6 +6,7 @@ use core::fmt;
 
 use doppel_core::dirtylog::DirtyLog;
 use doppel_core::exit::VmExit;
+use doppel_core::hvm::VcpuState;
 use doppel_core::paging::Flush;
 use doppel_core::pml::{DrainStats, PmlError};
 
@@ -131,4 +132,38 @@ pub trait Vcpu {
 
     /// Guest state for failure reports.
     fn dump(&self) -> GuestDump;
+
+    /// The architectural vCPU state for a checkpoint (Xen's HVM CPU
+    /// record). The default carries what [`GuestDump`] has (registers,
+    /// control registers, EFER); backends override it with their segment
+    /// and MSR state.
+    fn state(&self) -> VcpuState {
+        let d = self.dump();
+        let r = d.regs;
+        VcpuState {
+            rax: r.rax,
+            rbx: r.rbx,
+            rcx: r.rcx,
+            rdx: r.rdx,
+            rbp: r.rbp,
+            rsi: r.rsi,
+            rdi: r.rdi,
+            rsp: d.rsp,
+            r8: r.r8,
+            r9: r.r9,
+            r10: r.r10,
+            r11: r.r11,
+            r12: r.r12,
+            r13: r.r13,
+            r14: r.r14,
+            r15: r.r15,
+            rip: d.rip,
+            rflags: d.rflags,
+            cr0: d.cr0,
+            cr3: d.cr3,
+            cr4: d.cr4,
+            efer: d.efer,
+            ..VcpuState::default()
+        }
+    }
 }

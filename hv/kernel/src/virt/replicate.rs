@@ -1,0 +1,421 @@
+//! The replication service, primary side (Remus mode), vendor-neutral.
+//!
+//! The hypervisor publishes a control area (hv/abi) in machine memory,
+//! waits for the dom0 tool to enable log-dirty through the command ring,
+//! then runs the guest. At every epoch end, with the guest stopped, it
+//! harvests the dirty log, copies the dirty pages into the staging area,
+//! writes the vCPU as a Xen HVM context blob and posts `CheckpointReady`
+//! on the event ring; the guest then runs on. The staging area is reused
+//! only after the tool acknowledged the event (back-pressure): the guest
+//! waits at its next epoch end until then. Epoch 0 carries every page.
+//!
+//! Everything the tool writes (commands, acks, ring indices) is untrusted:
+//! malformed entries are answered with an errno, a ring index that jumps
+//! past the ring stops replication with a clear error.
+
+use core::sync::atomic::AtomicU64;
+
+use doppel_abi::control::{ControlHeader, ControlView, Field, Region};
+use doppel_abi::msg::{
+    Ack, CheckpointReady, Command, Event, LogDirtyMode, Reply, Response, Span,
+};
+use doppel_abi::ring::{slot_size, RingLayout};
+use doppel_abi::{
+    validate, AtomicMem64, CommandBack, CommandEntry, EventAck, EventEntry, EventFront,
+    Features,
+};
+use doppel_abi::{errno::Errno, guest::PAGE_SIZE};
+use doppel_core::addr::HostPhysAddr;
+use doppel_core::dirtylog::{DirtyLog, DirtyTree};
+use doppel_core::hvm::{self, HeaderInfo};
+use doppel_core::paging::NestedEntry;
+use doppel_core::selftest::Mode;
+
+use super::guest::{self, GuestRam, Workload};
+use super::run::{run_mode, EpochEnd, EpochSink, Plan};
+use super::vcpu::{GuestStart, Vcpu};
+use crate::arch::instr::cpuid;
+use crate::mem::frames;
+
+/// Bytes of each ring region (a page each: 63 slots of 64 bytes round down
+/// to 32 for commands; events are larger).
+const RING_BYTES: u64 = 4096;
+/// Byte channels (guest output / input): used by the output-commit work.
+const CHANNEL_BYTES: u64 = 4096;
+/// The vCPU area holds one HVM context blob (one vCPU).
+const VCPU_AREA_BYTES: u64 = 4096;
+
+/// Run the guest as a replicated primary. True when the guest finished and
+/// every checkpoint was acknowledged by the tool.
+pub fn primary<E, V, F>(plan: &Plan, vmmcall: bool, make_vcpu: F) -> bool
+where
+    E: NestedEntry,
+    V: Vcpu,
+    F: FnOnce(&GuestStart, HostPhysAddr, Mode) -> Result<V, &'static str>,
+{
+    match primary_inner::<E, V, F>(plan, vmmcall, make_vcpu) {
+        Ok(ok) => ok,
+        Err(e) => {
+            log::error!("primary: {e}");
+            false
+        }
+    }
+}
+
+fn primary_inner<E, V, F>(plan: &Plan, vmmcall: bool, make_vcpu: F) -> Result<bool, &'static str>
+where
+    E: NestedEntry,
+    V: Vcpu,
+    F: FnOnce(&GuestStart, HostPhysAddr, Mode) -> Result<V, &'static str>,
+{
+    let mut ram = GuestRam::new(plan.mem_bytes).map_err(|_| "no memory for the guest")?;
+    let workload = Workload {
+        patterns: plan.patterns,
+        epochs: plan.epochs,
+        seed: plan.seed,
+        vmmcall,
+    };
+    let start = guest::load(&mut ram, &workload).map_err(|_| "loading the guest")?;
+    let mut table = ram
+        .nested_table::<E>()
+        .map_err(|_| "building the nested page table")?;
+    let mut vcpu = make_vcpu(&start, table.root(), Mode::WriteProtect)?;
+    let mut area = ControlArea::publish(&ram)?;
+    log::info!(
+        "primary: control area at {:#x} ({} bytes), guest RAM at {:#x} ({} bytes); waiting for the dom0 tool",
+        area.pa,
+        area.size,
+        ram.hpa(),
+        ram.bytes()
+    );
+    area.wait_enable()?;
+    log::info!("primary: log-dirty enabled by the tool; guest starts");
+    let ok = run_mode(
+        &ram,
+        &mut table,
+        &mut vcpu,
+        Mode::WriteProtect,
+        plan,
+        &mut area,
+    )?;
+    area.wait_released()?;
+    log::info!(
+        "primary: guest finished after {} checkpoints, last committed epoch {}",
+        area.next_epoch,
+        area.committed
+            .map_or(-1, |e| i64::try_from(e).unwrap_or(i64::MAX))
+    );
+    Ok(ok)
+}
+
+/// The published control area and the hypervisor's ends of its rings.
+struct ControlArea {
+    pa: u64,
+    size: u64,
+    view: ControlView,
+    cmd: CommandBack<AtomicMem64<'static>>,
+    evt: EventFront<AtomicMem64<'static>>,
+    /// Staging, pfn list and vCPU areas, as raw byte ranges (disjoint from
+    /// the rings and each other; `validate` checked that).
+    staging: &'static mut [u8],
+    pfns: &'static mut [u8],
+    vcpu: &'static mut [u8],
+    enabled: bool,
+    /// Checkpoint events not yet acknowledged.
+    outstanding: u32,
+    seq: u32,
+    next_epoch: u64,
+    committed: Option<u64>,
+}
+
+/// Error text for a ring the tool drove out of protocol.
+const PEER_BROKE_RING: &str = "the dom0 tool broke the ring protocol (index out of range)";
+
+impl ControlArea {
+    fn publish(ram: &GuestRam) -> Result<Self, &'static str> {
+        let pages = ram.pages();
+        let sizes = [
+            RING_BYTES,
+            RING_BYTES,
+            CHANNEL_BYTES,
+            CHANNEL_BYTES,
+            // Epoch 0 stages every page.
+            pages * PAGE_SIZE,
+            VCPU_AREA_BYTES,
+            pages * 8,
+        ];
+        let mut h = ControlHeader::pack(sizes, Features::LOG_DIRTY_WP)
+            .map_err(|_| "control area layout")?;
+        h.guest_ram = Region {
+            offset: ram.hpa(),
+            size: ram.bytes(),
+        };
+        let size = h.total_size.next_multiple_of(PAGE_SIZE);
+        let pa = frames::alloc_contiguous(size, PAGE_SIZE).ok_or("no memory for the control area")?;
+        // SAFETY: `pa..pa+size` is fresh, zeroed, identity-mapped memory the
+        // frame allocator gave to us alone, 8-byte aligned, and it is never
+        // freed (the area lives as long as the hypervisor). Every access to
+        // the ring regions goes through these atomics; the other regions are
+        // split off below as disjoint byte slices.
+        let words: &'static [AtomicU64] =
+            unsafe { core::slice::from_raw_parts(pa as *const AtomicU64, (size / 8) as usize) };
+        let all = AtomicMem64::new(words);
+        doppel_abi::SharedMem::write_bytes(&all, 0, zerocopy::IntoBytes::as_bytes(&h));
+        // Our own header must pass the tool's checks.
+        let mut hdr = [0u8; doppel_abi::control::HEADER_SIZE];
+        doppel_abi::SharedMem::read_bytes(&all, 0, &mut hdr);
+        let view = validate(&hdr).map_err(|_| "own control header does not validate")?;
+        let ring_words = |f: Field| -> &'static [AtomicU64] {
+            let (off, len) = view.region(f);
+            &words[off / 8..(off + len) / 8]
+        };
+        let cmd_mem = AtomicMem64::new(ring_words(Field::CommandRing));
+        let evt_mem = AtomicMem64::new(ring_words(Field::EventRing));
+        let cmd_slot = slot_size::<CommandEntry, doppel_abi::ResponseEntry>();
+        let evt_slot = slot_size::<EventEntry, EventAck>();
+        let bytes = |f: Field| view.region(f).1;
+        RingLayout::new(bytes(Field::CommandRing), 0, bytes(Field::CommandRing), cmd_slot)
+            .map_err(|_| "command ring layout")?
+            .init_shared(&cmd_mem);
+        RingLayout::new(bytes(Field::EventRing), 0, bytes(Field::EventRing), evt_slot)
+            .map_err(|_| "event ring layout")?
+            .init_shared(&evt_mem);
+        let cmd = CommandBack::attach(cmd_mem, 0, bytes(Field::CommandRing))
+            .map_err(|_| "command ring")?;
+        let evt = EventFront::attach(evt_mem, 0, bytes(Field::EventRing))
+            .map_err(|_| "event ring")?;
+        let raw = |f: Field| -> &'static mut [u8] {
+            let (off, len) = view.region(f);
+            // SAFETY: the region lies inside the area (validated), is
+            // disjoint from the rings and every other region (validated),
+            // and this is the only slice ever made of it.
+            unsafe { core::slice::from_raw_parts_mut((pa as usize + off) as *mut u8, len) }
+        };
+        let staging = raw(Field::Staging);
+        let pfns = raw(Field::PfnList);
+        let vcpu = raw(Field::VcpuArea);
+        Ok(Self {
+            pa,
+            size,
+            view,
+            cmd,
+            evt,
+            staging,
+            pfns,
+            vcpu,
+            enabled: false,
+            outstanding: 0,
+            seq: 0,
+            next_epoch: 0,
+            committed: None,
+        })
+    }
+
+    /// Serve commands until the tool has enabled log-dirty.
+    fn wait_enable(&mut self) -> Result<(), &'static str> {
+        while !self.enabled {
+            if !self.serve_commands()? {
+                core::hint::spin_loop();
+            }
+        }
+        Ok(())
+    }
+
+    /// Serve every queued command. True when there was at least one.
+    fn serve_commands(&mut self) -> Result<bool, &'static str> {
+        let mut any = false;
+        loop {
+            let req = match self.cmd.pop_request() {
+                Ok(Some(r)) => r,
+                Ok(None) => {
+                    if any || !self.cmd.final_check_for_requests().map_err(|_| PEER_BROKE_RING)? {
+                        break;
+                    }
+                    continue;
+                }
+                Err(_) => return Err(PEER_BROKE_RING),
+            };
+            any = true;
+            let rsp = match req.decode() {
+                Ok(cmd) => Response {
+                    id: req.id,
+                    op: req.op,
+                    result: self.execute(cmd),
+                },
+                Err(e) => Response::error(&req, e.errno()),
+            };
+            self.cmd
+                .push_response(&rsp.encode())
+                .map_err(|_| PEER_BROKE_RING)?;
+            self.cmd.publish_responses();
+        }
+        Ok(any)
+    }
+
+    fn execute(&mut self, cmd: Command) -> Result<Reply, Errno> {
+        match cmd {
+            Command::LogDirtyEnable { mode } => {
+                if self.enabled {
+                    // Xen: enabling twice is -EINVAL.
+                    Err(Errno::EINVAL)
+                } else if mode != LogDirtyMode::WriteProtect {
+                    Err(Errno::EOPNOTSUPP)
+                } else {
+                    self.enabled = true;
+                    Ok(Reply::Done)
+                }
+            }
+            Command::CommitEpoch { epoch } => {
+                if epoch >= self.next_epoch || self.committed.is_some_and(|c| epoch < c) {
+                    // Not yet checkpointed, or going backwards.
+                    Err(Errno::ERANGE)
+                } else {
+                    self.committed = Some(epoch);
+                    Ok(Reply::Done)
+                }
+            }
+            // Epochs end at the guest's own epoch boundaries in this mode;
+            // the other operations belong to the standby and output work.
+            _ => Err(Errno::EOPNOTSUPP),
+        }
+    }
+
+    /// Take every acknowledgement the tool has posted.
+    fn take_acks(&mut self) -> Result<(), &'static str> {
+        loop {
+            match self.evt.pop_response() {
+                Ok(Some(a)) => {
+                    match a.decode() {
+                        Ok(Ack { result: Ok(()), .. }) => {}
+                        Ok(Ack {
+                            result: Err(e),
+                            epoch,
+                            ..
+                        }) => log::warn!("primary: the tool rejected checkpoint {epoch}: {e:?}"),
+                        Err(e) => log::warn!("primary: malformed acknowledgement ({e:?})"),
+                    }
+                    self.outstanding = self.outstanding.saturating_sub(1);
+                }
+                Ok(None) => {
+                    if !self.evt.final_check_for_responses().map_err(|_| PEER_BROKE_RING)? {
+                        return Ok(());
+                    }
+                }
+                Err(_) => return Err(PEER_BROKE_RING),
+            }
+        }
+    }
+
+    /// Wait until the tool has acknowledged every checkpoint, serving its
+    /// commands meanwhile.
+    fn wait_released(&mut self) -> Result<(), &'static str> {
+        let mut said = false;
+        loop {
+            self.take_acks()?;
+            let served = self.serve_commands()?;
+            if self.outstanding == 0 {
+                return Ok(());
+            }
+            if !said {
+                log::debug!("primary: waiting for the tool to release staging");
+                said = true;
+            }
+            if !served {
+                core::hint::spin_loop();
+            }
+        }
+    }
+
+    /// Stage the epoch's dirty pages, pfns and vCPU; post the event.
+    fn stage(&mut self, e: &EpochEnd<'_>) -> Result<u64, &'static str> {
+        let mut n: usize = 0;
+        for (i, &byte) in e.harvest.iter().enumerate() {
+            let mut bits = byte;
+            while bits != 0 {
+                let bit = bits.trailing_zeros() as u64;
+                bits &= bits - 1;
+                let pfn = i as u64 * 8 + bit;
+                let page = e
+                    .ram
+                    .slice(pfn * PAGE_SIZE, PAGE_SIZE)
+                    .ok_or("dirty pfn outside guest RAM")?;
+                let at = n * PAGE_SIZE as usize;
+                self.staging
+                    .get_mut(at..at + PAGE_SIZE as usize)
+                    .ok_or("staging area too small")?
+                    .copy_from_slice(page);
+                self.pfns
+                    .get_mut(n * 8..n * 8 + 8)
+                    .ok_or("pfn list area too small")?
+                    .copy_from_slice(&pfn.to_le_bytes());
+                n += 1;
+            }
+        }
+        let header = HeaderInfo {
+            cpuid: cpuid(1, 0).eax,
+            gtsc_khz: 0,
+            changeset: 0,
+        };
+        let blob_len = hvm::encode(core::slice::from_ref(&e.vcpu), header, self.vcpu)
+            .map_err(|_| "encoding the vCPU record")?;
+        let off = |f: Field| self.view.region(f).0 as u64;
+        let epoch = self.next_epoch;
+        let ready = CheckpointReady {
+            epoch,
+            dirty_count: n as u64,
+            pfn_list: Span {
+                offset: off(Field::PfnList),
+                len: n as u64 * 8,
+            },
+            pages: Span {
+                offset: off(Field::Staging),
+                len: n as u64 * PAGE_SIZE,
+            },
+            vcpu: Span {
+                offset: off(Field::VcpuArea),
+                len: blob_len as u64,
+            },
+        };
+        self.evt
+            .push_request(&Event::CheckpointReady(ready).encode(self.seq))
+            .map_err(|_| "event ring full")?;
+        self.evt.publish_requests();
+        self.seq = self.seq.wrapping_add(1);
+        self.outstanding += 1;
+        self.next_epoch += 1;
+        Ok(n as u64)
+    }
+}
+
+impl EpochSink for ControlArea {
+    fn start(&mut self, log: &DirtyTree, ram: &GuestRam) -> Result<(), &'static str> {
+        // Epoch 0 carries every page: the backup starts from nothing.
+        for pfn in 0..ram.pages() {
+            log.mark(pfn).map_err(|_| "marking guest RAM dirty")?;
+        }
+        Ok(())
+    }
+
+    fn epoch_end(&mut self, e: &EpochEnd<'_>) -> Result<(), &'static str> {
+        // Back-pressure: staging holds one checkpoint at a time.
+        self.wait_released()?;
+        let n = self.stage(e)?;
+        log::info!(
+            "primary: checkpoint epoch={} pattern={} dirty={} exits={}",
+            self.next_epoch - 1,
+            e.pattern.name(),
+            n,
+            e.exits
+        );
+        Ok(())
+    }
+
+    fn resumed(&mut self, pause: Option<u64>) {
+        if let Some(p) = pause {
+            log::info!(
+                "primary: epoch={} pause_cycles={p}",
+                self.next_epoch.saturating_sub(1)
+            );
+        }
+    }
+}

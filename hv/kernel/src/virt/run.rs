@@ -1,0 +1,351 @@
+//! Running the test guest under a backend with dirty tracking, vendor-
+//! neutral. This is the one exit dispatch: every exit of every backend comes
+//! through [`Run::dispatch`], and RIP moves only through its [`Action`].
+//!
+//! What happens at each of the guest's epoch ends is the [`EpochSink`]'s
+//! business: the self-test compares the harvest with the guest's truth, the
+//! replication service stages a checkpoint for the dom0 tool.
+
+use alloc::vec;
+use alloc::vec::Vec;
+
+use doppel_abi::guest::{hypercall, PatternId, CONSOLE_PORT, PAGE_SIZE};
+use doppel_core::dirtylog::{DirtyLog, DirtyTree};
+use doppel_core::exit::{resume_rip, Action, ExitKind, VmExit};
+use doppel_core::hvm::VcpuState;
+use doppel_core::paging::{Flush, NestedEntry, NestedPageTable, RestoreWrite};
+use doppel_core::selftest::Mode;
+use doppel_kernel::config::Broken;
+use heapless::Vec as HVec;
+
+use super::guest::{GuestRam, KernelFrames};
+use super::vcpu::Vcpu;
+use crate::arch::instr::{cpuid, rdtsc};
+
+/// What to run.
+#[derive(Clone, Copy, Debug)]
+pub struct Plan {
+    pub mem_bytes: u64,
+    pub epochs: u32,
+    pub patterns: u32,
+    pub seed: u64,
+    pub broken: Option<Broken>,
+    /// Measure the epoch-end pause in TSC cycles and print it.
+    pub pause_cycles: bool,
+}
+
+/// Upper bound on exits in one run, so a guest stuck in a loop of exits
+/// fails the run instead of hanging it.
+const MAX_EXITS: u64 = 5_000_000;
+
+/// One epoch end, as the sink sees it. The guest is stopped throughout.
+pub struct EpochEnd<'a> {
+    pub backend: &'static str,
+    pub mode: Mode,
+    pub pattern: PatternId,
+    /// The guest's running epoch number.
+    pub epoch: u64,
+    /// The epoch's harvest (CLEAN): Xen's bitmap layout, one bit per pfn.
+    pub harvest: &'a [u8],
+    pub ram: &'a GuestRam,
+    /// Dirty-tracking exits and PML drains in the epoch.
+    pub exits: u64,
+    pub drains: u64,
+    /// The vCPU at the epoch end, RIP already past the hypercall.
+    pub vcpu: VcpuState,
+}
+
+/// What a run does at the guest's epoch ends.
+pub trait EpochSink {
+    /// Before the guest first runs, with tracking armed.
+    fn start(&mut self, _log: &DirtyTree, _ram: &GuestRam) -> Result<(), &'static str> {
+        Ok(())
+    }
+
+    /// The guest ended an epoch; its harvest is in `e`.
+    fn epoch_end(&mut self, e: &EpochEnd<'_>) -> Result<(), &'static str>;
+
+    /// Tracking is re-armed and the guest resumes next; `pause` is the TSC
+    /// cycles from guest stop to now (when measured).
+    fn resumed(&mut self, _pause: Option<u64>) {}
+}
+
+/// Run the guest in `mode` until it says DONE (true when its status is 0
+/// and every sink call succeeded).
+pub fn run_mode<E: NestedEntry, V: Vcpu, S: EpochSink>(
+    ram: &GuestRam,
+    table: &mut NestedPageTable<E, KernelFrames>,
+    vcpu: &mut V,
+    mode: Mode,
+    plan: &Plan,
+    sink: &mut S,
+) -> Result<bool, &'static str> {
+    let mut run = Run::new(ram, table, vcpu, mode, plan, sink)?;
+    run.sink.start(&run.log, ram)?;
+    Ok(run.go())
+}
+
+/// One guest run in one mode.
+struct Run<'a, E: NestedEntry, V: Vcpu, S: EpochSink> {
+    ram: &'a GuestRam,
+    table: &'a mut NestedPageTable<E, KernelFrames>,
+    vcpu: &'a mut V,
+    mode: Mode,
+    plan: &'a Plan,
+    sink: &'a mut S,
+    log: DirtyTree,
+    harvest: Vec<u8>,
+    /// Dirty-tracking exits and PML drains in the current epoch.
+    exits: u64,
+    drains: u64,
+    console: HVec<u8, 160>,
+    /// The guest's DONE status, once it said it.
+    done_status: Option<u64>,
+}
+
+impl<'a, E: NestedEntry, V: Vcpu, S: EpochSink> Run<'a, E, V, S> {
+    fn new(
+        ram: &'a GuestRam,
+        table: &'a mut NestedPageTable<E, KernelFrames>,
+        vcpu: &'a mut V,
+        mode: Mode,
+        plan: &'a Plan,
+        sink: &'a mut S,
+    ) -> Result<Self, &'static str> {
+        let log = DirtyTree::new(ram.pages() - 1).map_err(|_| "dirty log")?;
+        let harvest = vec![0u8; log.bitmap_len()];
+        let mut r = Self {
+            ram,
+            table,
+            vcpu,
+            mode,
+            plan,
+            sink,
+            log,
+            harvest,
+            exits: 0,
+            drains: 0,
+            console: HVec::new(),
+            done_status: None,
+        };
+        r.arm(true)?;
+        Ok(r)
+    }
+    /// Start (or re-start, after a harvest) tracking for the next epoch.
+    fn arm(&mut self, first: bool) -> Result<(), &'static str> {
+        let flush = match self.mode {
+            Mode::WriteProtect => {
+                self.table
+                    .enable_write_protect()
+                    .map_err(|_| "write-protecting the nested table")?
+                    .flush
+            }
+            Mode::Pml | Mode::AdScan => {
+                if first {
+                    // Dirty bits are per leaf: split every large page into
+                    // 4 KiB leaves (write-protect splits; then re-grant).
+                    // Flushed below with everything else.
+                    let _ = self
+                        .table
+                        .enable_write_protect()
+                        .map_err(|_| "splitting the nested table")?;
+                    let _ = self.table.disable_write_protect();
+                    if self.mode == Mode::Pml && !self.vcpu.set_pml(true) {
+                        return Err("the backend has no page-modification logging");
+                    }
+                }
+                // Clear the dirty bits so the next first write is seen again.
+                self.table.scan_and_clear_dirty(false, |_| {}).flush
+            }
+        };
+        self.vcpu.flush(flush.merge(Flush::All));
+        Ok(())
+    }
+
+    /// Run the guest to its end. False when it stopped in error.
+    fn go(&mut self) -> bool {
+        for _ in 0..MAX_EXITS {
+            let exit = self.vcpu.run();
+            let action = self.dispatch(&exit);
+            match resume_rip(&exit, action) {
+                Some(rip) => self.vcpu.set_rip(rip),
+                None if action == Action::Stop => return self.finished_ok(&exit),
+                None => {
+                    log::error!("exit {:?} has no known instruction length", exit.kind);
+                    return false;
+                }
+            }
+        }
+        log::error!("more than {MAX_EXITS} exits; guest stuck");
+        false
+    }
+
+    fn finished_ok(&self, exit: &VmExit) -> bool {
+        matches!(exit.kind, ExitKind::Hypercall) && self.done_status == Some(0)
+    }
+
+    fn fail(&self, what: &str, exit: &VmExit) -> Action {
+        log::error!(
+            "{what}: {:?} at rip={:#x}; guest: {}",
+            exit.kind,
+            exit.rip,
+            self.vcpu.dump()
+        );
+        Action::Stop
+    }
+
+    fn dispatch(&mut self, exit: &VmExit) -> Action {
+        match exit.kind {
+            ExitKind::NestedPageFault(f) if f.is_write_protect_candidate() => {
+                match self.table.restore_write(f.gpa) {
+                    Ok(RestoreWrite::Restored(flush)) => {
+                        self.exits += 1;
+                        log::trace!("write fault {:?} stage {:?}", f.gpa, f.stage);
+                        if self.plan.broken != Some(Broken::NoFaultMark)
+                            && self.log.mark(f.gpa.as_u64() / PAGE_SIZE).is_err()
+                        {
+                            return self.fail("dirty log refused a guest page", exit);
+                        }
+                        self.vcpu.flush(flush);
+                        Action::Retry
+                    }
+                    Ok(RestoreWrite::Spurious) => {
+                        self.vcpu.flush(Flush::Page(f.gpa));
+                        Action::Retry
+                    }
+                    Err(_) => self.fail("write fault outside guest RAM", exit),
+                }
+            }
+            ExitKind::NestedPageFault(_) | ExitKind::NestedMisconfig { .. } => {
+                self.fail("unexpected nested page fault", exit)
+            }
+            ExitKind::PmlFull => {
+                self.exits += 1;
+                match self.vcpu.drain_pml(&self.log) {
+                    Ok(_) => Action::Retry,
+                    Err(_) => self.fail("PML drain failed", exit),
+                }
+            }
+            ExitKind::Io(io) if io.port == CONSOLE_PORT && !io.input && !io.string => {
+                let b = self.vcpu.regs().rax as u8;
+                self.console_byte(b);
+                Action::Skip
+            }
+            ExitKind::Cpuid => {
+                let r = self.vcpu.regs();
+                let mut c = cpuid(r.rax as u32, r.rcx as u32);
+                match r.rax as u32 {
+                    // Hide VMX, show "running under a hypervisor".
+                    1 => c.ecx = (c.ecx & !(1 << 5)) | (1 << 31),
+                    // Hide SVM.
+                    0x8000_0001 => c.ecx &= !(1 << 2),
+                    _ => {}
+                }
+                r.rax = c.eax.into();
+                r.rbx = c.ebx.into();
+                r.rcx = c.ecx.into();
+                r.rdx = c.edx.into();
+                Action::Skip
+            }
+            ExitKind::Hypercall => self.hypercall(exit),
+            ExitKind::Timer | ExitKind::ExternalInterrupt => Action::Retry,
+            ExitKind::Hlt => self.fail("guest halted before finishing", exit),
+            ExitKind::Shutdown => self.fail("guest shut down (triple fault)", exit),
+            ExitKind::EntryFailed { .. } => self.fail("VM entry failed", exit),
+            _ => self.fail("unexpected exit", exit),
+        }
+    }
+
+    fn console_byte(&mut self, b: u8) {
+        if b == b'\n' || self.console.is_full() {
+            let line = core::str::from_utf8(&self.console).unwrap_or("<non-utf8>");
+            log::info!("{line}");
+            self.console.clear();
+        }
+        if b != b'\n' {
+            let _ = self.console.push(b);
+        }
+    }
+
+    fn hypercall(&mut self, exit: &VmExit) -> Action {
+        let r = *self.vcpu.regs();
+        match r.rax {
+            hypercall::EPOCH_END => {
+                let stopped = rdtsc();
+                let Some(pattern) = u8::try_from(r.rsi).ok().and_then(PatternId::from_u8) else {
+                    return self.fail("EPOCH_END with an unknown pattern", exit);
+                };
+                if let Err(e) = self.harvest_epoch() {
+                    return self.fail(e, exit);
+                }
+                // The checkpoint's vCPU resumes after the hypercall, with
+                // its result in RAX.
+                self.vcpu.regs().rax = 0;
+                let mut state = self.vcpu.state();
+                state.rax = 0;
+                if let Some(next) = exit.next_rip {
+                    state.rip = next;
+                }
+                let end = EpochEnd {
+                    backend: self.vcpu.backend(),
+                    mode: self.mode,
+                    pattern,
+                    epoch: r.rdi,
+                    harvest: &self.harvest,
+                    ram: self.ram,
+                    exits: self.exits,
+                    drains: self.drains,
+                    vcpu: state,
+                };
+                if let Err(e) = self.sink.epoch_end(&end) {
+                    return self.fail(e, exit);
+                }
+                self.exits = 0;
+                self.drains = 0;
+                if let Err(e) = self.arm(false) {
+                    return self.fail(e, exit);
+                }
+                let pause = self.plan.pause_cycles.then(|| rdtsc().wrapping_sub(stopped));
+                self.sink.resumed(pause);
+                Action::Skip
+            }
+            hypercall::DONE => {
+                self.done_status = Some(r.rdi);
+                Action::Stop
+            }
+            _ => {
+                self.vcpu.regs().rax = u64::MAX;
+                Action::Skip
+            }
+        }
+    }
+
+    /// The guest is stopped in this exit: drain, CLEAN into `harvest`.
+    fn harvest_epoch(&mut self) -> Result<(), &'static str> {
+        match self.mode {
+            Mode::Pml => {
+                if self.plan.broken != Some(Broken::NoPmlDrain) {
+                    self.vcpu
+                        .drain_pml(&self.log)
+                        .map_err(|_| "PML drain at epoch end failed")?;
+                    self.drains += 1;
+                }
+            }
+            Mode::AdScan => {
+                let log = &self.log;
+                let mut bad = false;
+                let _ = self.table.scan_and_clear_dirty(false, |gfn| {
+                    bad |= log.mark(gfn.as_u64()).is_err();
+                });
+                if bad {
+                    return Err("dirty bit outside guest RAM");
+                }
+            }
+            Mode::WriteProtect => {}
+        }
+        self.log
+            .clean_bitmap(&mut self.harvest)
+            .map_err(|_| "CLEAN failed")?;
+        Ok(())
+    }
+}
