@@ -28,7 +28,7 @@ use doppel_core::paging::{ncr3, Flush, NptEntry};
 use doppel_core::selftest::Mode;
 
 use crate::arch::apic;
-use crate::arch::instr::{cpuid, interrupt_window, rdmsr, svm_run, vmsave, wrmsr};
+use crate::arch::instr::{cpuid, interrupt_window, rdmsr, rdtsc, svm_run, vmsave, wrmsr};
 use crate::arch::{EFER_SVME, IA32_EFER};
 use crate::mem::{frames, PAGE_SIZE};
 
@@ -119,13 +119,14 @@ pub fn selftest(on: &mut SvmOn, plan: &super::selftest::Plan) -> bool {
     // SAFETY: SVME is on and `host_vmcb` is a fresh frame we own.
     unsafe { vmsave(host_vmcb) };
     let modes = [Mode::WriteProtect, Mode::AdScan];
-    let ok = super::selftest::run::<NptEntry, SvmVcpu, _>(&modes, plan, true, |start, root, mode| {
-        let mut v = SvmVcpu::new(start, root, host_vmcb, nrips)?;
-        if mode == Mode::WriteProtect && !v.arm_timer(Some(TIMER_PROBE_TICKS)) {
-            return Err("arming the local APIC timer failed");
-        }
-        Ok(v)
-    });
+    let ok =
+        super::selftest::run::<NptEntry, SvmVcpu, _>(&modes, plan, true, |start, root, mode| {
+            let mut v = SvmVcpu::new(start, root, host_vmcb, nrips)?;
+            if mode == Mode::WriteProtect && !v.arm_timer(Some(TIMER_PROBE_TICKS)) {
+                return Err("arming the local APIC timer failed");
+            }
+            Ok(v)
+        });
     frames::free(host_vmcb, PAGE_SIZE);
     let _ = on;
     ok
@@ -133,10 +134,12 @@ pub fn selftest(on: &mut SvmOn, plan: &super::selftest::Plan) -> bool {
 
 /// TSC ticks after which the LAPIC timer is armed to fire once in the
 /// write-protect run, as the VMX backend does with its preemption timer:
-/// the `svm: lapic timer` line shows the exit arrived. The LAPIC counts
-/// host time too, so it may fire while the host handles an exit; it then
-/// ends the next VMRUN at once.
-const TIMER_PROBE_TICKS: u64 = 20_000;
+/// the `svm: lapic timer` line shows the exit arrived. Unlike that timer
+/// the LAPIC counts host time too (the vCPU's set-up alone takes about
+/// 90 000 ticks under QEMU `-icount`), so the period is long enough to end
+/// in the middle of the guest's run; had it fired while the host handled an
+/// exit, it would end the next VMRUN at once.
+const TIMER_PROBE_TICKS: u64 = 1_000_000;
 
 /// VMCB V_INTR_MASKING (VINTR bit 24): physical interrupts are masked by
 /// the host's RFLAGS.IF while the guest runs.
@@ -172,6 +175,8 @@ pub struct SvmVcpu {
     /// The last period armed, and timer exits seen (for the probe line).
     timer_armed: Option<u64>,
     timer_exits: u64,
+    /// TSC when the timer was last armed.
+    timer_armed_at: u64,
     /// The last #VMEXIT(INTR) was our timer's interrupt.
     intr_was_timer: bool,
 }
@@ -208,6 +213,7 @@ impl SvmVcpu {
             timer_on: false,
             timer_armed: None,
             timer_exits: 0,
+            timer_armed_at: 0,
             intr_was_timer: false,
         };
         v.setup(start, nested_root);
@@ -380,6 +386,11 @@ impl Vcpu for SvmVcpu {
             if apic::timer_irqs() != before {
                 self.intr_was_timer = true;
                 self.timer_exits += 1;
+                log::debug!(
+                    "svm: timer exit at guest rip={:#x}, {} TSC ticks after arming",
+                    self.vmcb().save.rip,
+                    rdtsc().wrapping_sub(self.timer_armed_at)
+                );
                 // One-shot: it has fired.
                 self.timer_on = false;
             }
@@ -414,6 +425,7 @@ impl Vcpu for SvmVcpu {
         };
         match tsc_ticks {
             Some(t) => {
+                self.timer_armed_at = rdtsc();
                 apic.arm_oneshot(t);
                 self.timer_on = true;
                 self.timer_armed = Some(t);
