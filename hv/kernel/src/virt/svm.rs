@@ -13,8 +13,8 @@
 //! intercepts physical interrupts (INTR) with V_INTR_MASKING set, so the
 //! host's RFLAGS.IF at VMRUN, not the guest's, decides whether they reach
 //! the guest's run; `svm_run` sets IF only while the timer is armed. After
-//! #VMEXIT(INTR) the interrupt is still pending at the APIC (APM vol. 2
-//! 15.13.1); the host takes it at once in an interrupt window, where the
+//! #VMEXIT(INTR) the interrupt is still pending at the APIC (APM vol. 2,
+//! "INTR Intercept"); the host takes it at once in an interrupt window, where the
 //! IDT's timer handler counts it and sends the EOI, and the exit is a
 //! Timer exit if that handler ran.
 
