@@ -241,18 +241,25 @@ pub fn judge_pass(emulator: Emulator, extra: &str, run: &Run, report: &Report) -
     if !run.passed() {
         bail!("the image did not report exit=pass ({})", run.describe());
     }
-    if backend == "vmx" {
-        // The VMX-preemption timer was armed once in the write-protect run.
-        let fired = run
-            .lines_with("doppel-hv: vmx: preemption timer:")
-            .filter_map(|l| l.rsplit_once("timer_exits=")?.1.parse::<u64>().ok())
-            .any(|n| n >= 1);
-        if !fired {
-            bail!("no VMX-preemption timer exit reported ({})", run.describe());
-        }
+    // The epoch timer was armed once in the write-protect run: the VMX-
+    // preemption timer, or the local APIC timer under SVM.
+    let (prefix, what) = match backend {
+        "vmx" => ("doppel-hv: vmx: preemption timer:", "VMX-preemption timer"),
+        _ => ("doppel-hv: svm: lapic timer:", "local APIC timer"),
+    };
+    if timer_exits(run.lines_with(prefix)) < 1 {
+        bail!("no {what} exit reported ({})", run.describe());
     }
     let summary = report.lines.last().cloned().unwrap_or_default();
     Ok(format!("{summary} [{}]", run.describe()))
+}
+
+/// The largest `timer_exits=` count among timer probe lines (0 if none).
+fn timer_exits<'a>(lines: impl Iterator<Item = &'a str>) -> u64 {
+    lines
+        .filter_map(|l| l.rsplit_once("timer_exits=")?.1.trim().parse::<u64>().ok())
+        .max()
+        .unwrap_or(0)
 }
 
 /// `cargo xtask selftest`: one run, every logdirty line and the per-pattern
@@ -343,5 +350,17 @@ logdirty: backend=vmx result=pass epochs=2 failed=0
     fn epochs_come_from_the_command_line() {
         assert_eq!(epochs_of(""), DEFAULT_EPOCHS);
         assert_eq!(epochs_of("log=debug epochs=7"), 7);
+    }
+
+    #[test]
+    fn timer_probe_lines_give_their_exit_count() {
+        let out = "\
+doppel-hv: svm: lapic timer: armed for 20000 TSC ticks, timer_exits=0
+doppel-hv: svm: lapic timer: armed for 20000 TSC ticks, timer_exits=3
+doppel-hv: svm: lapic timer: armed for 20000 TSC ticks, timer_exits=x
+";
+        assert_eq!(timer_exits(out.lines()), 3);
+        assert_eq!(timer_exits(out.lines().take(1)), 0);
+        assert_eq!(timer_exits("no probe here".lines().skip(1)), 0);
     }
 }

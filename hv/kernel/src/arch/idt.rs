@@ -2,7 +2,9 @@
 //! (a zero where the CPU pushes no error code, then the vector number and
 //! the general registers) and calls [`trap_handler`], which reports vector,
 //! error code, RIP (and CR2 for #PF) and fails the run. Stable Rust has no
-//! `x86-interrupt` ABI, hence the stubs.
+//! `x86-interrupt` ABI, hence the stubs. Two interrupt vectors, the local
+//! APIC timer's and its spurious vector, have stubs that return (see
+//! `arch::apic`); every other interrupt vector is not present.
 
 use core::arch::global_asm;
 
@@ -10,7 +12,7 @@ use spin::Once;
 use x86_64::structures::idt::InterruptDescriptorTable;
 use x86_64::VirtAddr;
 
-use super::{gdt, instr};
+use super::{apic, gdt, instr};
 
 /// Vectors for which the CPU pushes an error code.
 const fn has_error_code(v: u8) -> bool {
@@ -102,9 +104,78 @@ global_asm!(
     options(att_syntax)
 );
 
+// The interrupt stubs: unlike the exception stubs these return. They save
+// the registers the C ABI lets `irq_handler` clobber, pass it the vector,
+// and IRETQ. `doppel_irq_stubs` holds the timer and spurious stubs.
+global_asm!(
+    r#"
+    .section .text.doppel_irqs, "ax"
+    .code64
+    doppel_irq_stub_timer:
+        pushq ${timer}
+        jmp doppel_irq_common
+    doppel_irq_stub_spurious:
+        pushq ${spurious}
+        jmp doppel_irq_common
+
+    // RSP was 16-byte aligned before the CPU pushed its 5 quadwords; with
+    // the vector and 9 registers below it is 8 off, fixed before the call.
+    doppel_irq_common:
+        pushq %rax
+        pushq %rcx
+        pushq %rdx
+        pushq %rsi
+        pushq %rdi
+        pushq %r8
+        pushq %r9
+        pushq %r10
+        pushq %r11
+        movq 72(%rsp), %rdi
+        subq $8, %rsp
+        cld
+        call {handler}
+        addq $8, %rsp
+        popq %r11
+        popq %r10
+        popq %r9
+        popq %r8
+        popq %rdi
+        popq %rsi
+        popq %rdx
+        popq %rcx
+        popq %rax
+        addq $8, %rsp
+        iretq
+
+    .section .rodata.doppel_irqs, "a"
+    .balign 8
+    .global doppel_irq_stubs
+    doppel_irq_stubs:
+        .quad doppel_irq_stub_timer
+        .quad doppel_irq_stub_spurious
+    "#,
+    timer = const apic::TIMER_VECTOR,
+    spurious = const apic::SPURIOUS_VECTOR,
+    handler = sym irq_handler,
+    options(att_syntax)
+);
+
 unsafe extern "C" {
     /// Addresses of the 32 exception stubs, by vector.
     static doppel_trap_stubs: [u64; 32];
+    /// Addresses of the timer and spurious interrupt stubs.
+    static doppel_irq_stubs: [u64; 2];
+}
+
+/// The interrupt stubs' Rust half: count and acknowledge (`arch::apic`).
+extern "C" fn irq_handler(vector: u64) {
+    apic::on_interrupt(vector as u8);
+}
+
+fn irq_stub(index: usize) -> VirtAddr {
+    // SAFETY: `doppel_irq_stubs` is an initialized, read-only table in the
+    // image (defined in the global_asm! above).
+    VirtAddr::new(unsafe { doppel_irq_stubs[index] })
 }
 
 fn stub(vector: u8) -> VirtAddr {
@@ -161,6 +232,15 @@ pub fn init() {
                 .set_handler_addr(stub(8))
                 .set_stack_index(gdt::DOUBLE_FAULT_IST);
         }
+        // SAFETY: the interrupt stubs save every register the handler may
+        // change and return with IRETQ; the CPU pushes no error code for
+        // external interrupts. Interrupt gates: IF stays clear inside.
+        unsafe {
+            idt[apic::TIMER_VECTOR].set_handler_addr(irq_stub(0));
+            idt[apic::SPURIOUS_VECTOR].set_handler_addr(irq_stub(1));
+        }
+        // Every other vector from 32 up stays not present: an interrupt on
+        // one raises #NP, reported and fatal like any exception.
         // Vectors 15, 22-27 and 31 are reserved: the x86_64 crate keeps
         // their entries not-present, so an `int` to one of them raises #NP
         // (vector 11) with the IDT index in the error code, which is

@@ -8,7 +8,8 @@
 //! can break the kernel's own memory safety (MSRs, control registers,
 //! descriptor tables, VMXON) are `unsafe fn` with their contract written
 //! down. Port I/O is safe: the kernel owns the machine and only touches the
-//! debug console, COM1 and the emulators' power-off ports.
+//! debug console, COM1, the emulators' power-off ports and the 8259 PICs'
+//! mask registers.
 
 use core::arch::asm;
 
@@ -147,8 +148,8 @@ pub fn load_idt(idt: &'static InterruptDescriptorTable) {
 /// Write one byte to an I/O port.
 pub fn outb(port: u16, value: u8) {
     // SAFETY: the kernel owns every device; callers only address the debug
-    // console (0xE9), COM1 and the emulators' exit/power-off ports, none of
-    // which can touch memory.
+    // console (0xE9), COM1, the emulators' exit/power-off ports and the
+    // 8259 mask registers (0x21, 0xA1), none of which can touch memory.
     unsafe { Port::<u8>::new(port).write(value) }
 }
 
@@ -156,6 +157,26 @@ pub fn outb(port: u16, value: u8) {
 pub fn inb(port: u16) -> u8 {
     // SAFETY: as for `outb`; reads of these ports have no memory effects.
     unsafe { Port::<u8>::new(port).read() }
+}
+
+/// INVLPG: drop the TLB entries for the page holding `addr`. Only
+/// invalidates a cache.
+pub fn invlpg(addr: u64) {
+    // SAFETY: INVLPG only invalidates translations; it reads no memory.
+    unsafe { asm!("invlpg [{a}]", a = in(reg) addr, options(nostack, preserves_flags)) };
+}
+
+/// Let a pending maskable interrupt in: STI, one instruction in STI's
+/// interrupt shadow, CLI. The kernel otherwise runs with RFLAGS.IF clear;
+/// this is the one place it takes interrupts outside a guest (see
+/// `arch::apic`). Any interrupt taken here goes through the IDT: vectors
+/// without a handler there are reported as exceptions and fail the run.
+pub fn interrupt_window() {
+    // SAFETY: the handlers the IDT holds for interrupt vectors (timer,
+    // spurious) preserve every register and return with IRETQ, so the
+    // window is invisible to the code around it apart from their effects on
+    // atomics and APIC registers.
+    unsafe { asm!("sti", "nop", "cli", options(nostack)) };
 }
 
 /// Read the time-stamp counter (under QEMU `-icount` it counts executed
@@ -504,13 +525,20 @@ pub unsafe fn vmsave(vmcb_pa: u64) {
 /// state from `host_vmcb`. Runs with GIF clear around the world switch
 /// (CLGI/STGI), so no host interrupt lands between the two halves.
 ///
+/// With `intr` non-zero the host's RFLAGS.IF is set after CLGI, so VMRUN
+/// saves IF=1 and (with V_INTR_MASKING and the INTR intercept in the VMCB)
+/// a physical interrupt ends the guest's run with #VMEXIT(INTR); GIF=0
+/// keeps it from being delivered to the host before VMRUN. IF is cleared
+/// again before STGI, so such an interrupt stays pending at the APIC until
+/// the caller takes it (`interrupt_window`).
+///
 /// # Safety
 /// EFER.SVME is set, VM_HSAVE_PA holds a host save area, `vmcb` is a fully
 /// set-up VMCB whose nested page table maps only guest RAM, `host_vmcb` a
 /// VMCB page holding a VMSAVE of this CPU's host state, and `regs` points
 /// to a valid `GuestRegs` (15 u64: rax rbx rcx rdx rsi rdi rbp r8..r15).
 #[unsafe(naked)]
-pub unsafe extern "sysv64" fn svm_run(vmcb: u64, regs: *mut u64, host_vmcb: u64) {
+pub unsafe extern "sysv64" fn svm_run(vmcb: u64, regs: *mut u64, host_vmcb: u64, intr: u64) {
     core::arch::naked_asm!(
         // Host callee-saved registers, then our three arguments.
         "push rbx",
@@ -523,6 +551,11 @@ pub unsafe extern "sysv64" fn svm_run(vmcb: u64, regs: *mut u64, host_vmcb: u64)
         "push rsi", // [rsp+8]  GuestRegs
         "push rdx", // [rsp+0]  host VMCB
         "clgi",
+        // Physical interrupts may end the guest's run (RCX = `intr`).
+        "test rcx, rcx",
+        "jz 2f",
+        "sti",
+        "2:",
         // Guest general-purpose registers (RAX is the VMCB's; RSI last).
         "mov rbx, [rsi + 8]",
         "mov rcx, [rsi + 16]",
@@ -560,6 +593,7 @@ pub unsafe extern "sysv64" fn svm_run(vmcb: u64, regs: *mut u64, host_vmcb: u64)
         "mov [rax + 112], r15",
         "mov rax, [rsp]",
         "vmload rax",
+        "cli",
         "stgi",
         "add rsp, 24",
         "pop r15",

@@ -1,6 +1,7 @@
 //! CPU set-up: descriptor tables, exception handling, and the one module of
 //! privileged instruction wrappers.
 
+pub mod apic;
 pub mod gdt;
 pub mod idt;
 pub mod instr;

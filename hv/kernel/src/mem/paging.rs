@@ -106,3 +106,33 @@ pub fn init(layout: &KernelLayout, top_of_ram: u64) -> Result<(), MemError> {
     );
     Ok(())
 }
+
+/// Make the identity mapping of the page at `pa` uncached (PCD and PWT on
+/// its leaf entry, a 2 MiB block or a 4 KiB page) and drop its TLB entry.
+/// For device registers such as the local APIC's; a 2 MiB leaf is made
+/// uncached as a whole, which only matters if it also holds RAM.
+pub fn set_uncached(pa: u64) -> Result<(), &'static str> {
+    let mut table = instr::read_cr3();
+    for (level, shift) in [(4u8, 39u32), (3, 30), (2, 21), (1, 12)] {
+        let index = ((pa >> shift) & 511) as usize;
+        // SAFETY: `table` is the physical address of a live table of the
+        // kernel's own tables (identity mapped, built by `init`, never
+        // freed); this CPU runs alone and holds no other reference to it.
+        let entry = unsafe { &mut (&mut *(table as *mut PageTable))[index] };
+        let flags = entry.flags();
+        if !flags.contains(F::PRESENT) {
+            return Err("address not mapped");
+        }
+        if level == 1 || (level == 2 && flags.contains(F::HUGE_PAGE)) {
+            entry.set_flags(flags | F::NO_CACHE | F::WRITE_THROUGH);
+            instr::invlpg(pa);
+            return Ok(());
+        }
+        if level == 3 && flags.contains(F::HUGE_PAGE) {
+            // `init` never makes 1 GiB leaves.
+            return Err("address in a 1 GiB page");
+        }
+        table = entry.addr().as_u64();
+    }
+    Err("address not mapped")
+}

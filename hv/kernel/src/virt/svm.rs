@@ -8,6 +8,15 @@
 //! VMMCALL (3) and HLT (1); with NRIP save (real hardware) the VMCB's nRIP
 //! is used instead. TCG has no flush-by-ASID either, so every nested-table
 //! flush is TLB_CONTROL=1 (flush everything) on the next VMRUN.
+//!
+//! Epoch timer: the local APIC's one-shot timer (`arch::apic`). The VMCB
+//! intercepts physical interrupts (INTR) with V_INTR_MASKING set, so the
+//! host's RFLAGS.IF at VMRUN, not the guest's, decides whether they reach
+//! the guest's run; `svm_run` sets IF only while the timer is armed. After
+//! #VMEXIT(INTR) the interrupt is still pending at the APIC (APM vol. 2,
+//! "INTR Intercept"); the host takes it at once in an interrupt window, where the
+//! IDT's timer handler counts it and sends the EOI, and the exit is a
+//! Timer exit if that handler ran.
 
 use doppel_core::addr::HostPhysAddr;
 use doppel_core::exit::{ExitKind, IoAccess, VmExit};
@@ -18,7 +27,8 @@ use doppel_core::paging::fault::decode_npf;
 use doppel_core::paging::{ncr3, Flush, NptEntry};
 use doppel_core::selftest::Mode;
 
-use crate::arch::instr::{cpuid, rdmsr, svm_run, vmsave, wrmsr};
+use crate::arch::apic;
+use crate::arch::instr::{cpuid, interrupt_window, rdmsr, rdtsc, svm_run, vmsave, wrmsr};
 use crate::arch::{EFER_SVME, IA32_EFER};
 use crate::mem::{frames, PAGE_SIZE};
 
@@ -109,13 +119,31 @@ pub fn selftest(on: &mut SvmOn, plan: &super::selftest::Plan) -> bool {
     // SAFETY: SVME is on and `host_vmcb` is a fresh frame we own.
     unsafe { vmsave(host_vmcb) };
     let modes = [Mode::WriteProtect, Mode::AdScan];
-    let ok = super::selftest::run::<NptEntry, SvmVcpu, _>(&modes, plan, true, |start, root, _| {
-        SvmVcpu::new(start, root, host_vmcb, nrips)
-    });
+    let ok =
+        super::selftest::run::<NptEntry, SvmVcpu, _>(&modes, plan, true, |start, root, mode| {
+            let mut v = SvmVcpu::new(start, root, host_vmcb, nrips)?;
+            if mode == Mode::WriteProtect && !v.arm_timer(Some(TIMER_PROBE_TICKS)) {
+                return Err("arming the local APIC timer failed");
+            }
+            Ok(v)
+        });
     frames::free(host_vmcb, PAGE_SIZE);
     let _ = on;
     ok
 }
+
+/// TSC ticks after which the LAPIC timer is armed to fire once in the
+/// write-protect run, as the VMX backend does with its preemption timer:
+/// the `svm: lapic timer` line shows the exit arrived. Unlike that timer
+/// the LAPIC counts host time too (the vCPU's set-up alone takes about
+/// 90 000 ticks under QEMU `-icount`), so the period is long enough to end
+/// in the middle of the guest's run; had it fired while the host handled an
+/// exit, it would end the next VMRUN at once.
+const TIMER_PROBE_TICKS: u64 = 1_000_000;
+
+/// VMCB V_INTR_MASKING (VINTR bit 24): physical interrupts are masked by
+/// the host's RFLAGS.IF while the guest runs.
+const V_INTR_MASKING: u64 = 1 << 24;
 
 /// Guest ASID (0 is the host's).
 const GUEST_ASID: u32 = 1;
@@ -142,6 +170,15 @@ pub struct SvmVcpu {
     host_vmcb: u64,
     nrips: bool,
     regs: GuestRegs,
+    /// The LAPIC timer is armed (host IF is set for VMRUN).
+    timer_on: bool,
+    /// The last period armed, and timer exits seen (for the probe line).
+    timer_armed: Option<u64>,
+    timer_exits: u64,
+    /// TSC when the timer was last armed.
+    timer_armed_at: u64,
+    /// The last #VMEXIT(INTR) was our timer's interrupt.
+    intr_was_timer: bool,
 }
 
 impl SvmVcpu {
@@ -173,6 +210,11 @@ impl SvmVcpu {
             host_vmcb,
             nrips,
             regs: GuestRegs::default(),
+            timer_on: false,
+            timer_armed: None,
+            timer_exits: 0,
+            timer_armed_at: 0,
+            intr_was_timer: false,
         };
         v.setup(start, nested_root);
         Ok(v)
@@ -198,7 +240,9 @@ impl SvmVcpu {
             | intercept3::HLT
             | intercept3::IOIO_PROT
             | intercept3::MSR_PROT
-            | intercept3::SHUTDOWN;
+            | intercept3::SHUTDOWN
+            | intercept3::INTR;
+        c.vintr = V_INTR_MASKING;
         c.intercept4 = intercept4::VMRUN | intercept4::VMMCALL;
         c.iopm_base_pa = iopm;
         c.msrpm_base_pa = msrpm;
@@ -287,6 +331,7 @@ impl SvmVcpu {
             exitcode::VMMCALL => (ExitKind::Hypercall, nrip(3)),
             exitcode::HLT => (ExitKind::Hlt, nrip(1)),
             exitcode::SHUTDOWN => (ExitKind::Shutdown, None),
+            exitcode::INTR if self.intr_was_timer => (ExitKind::Timer, None),
             exitcode::INTR => (ExitKind::ExternalInterrupt, None),
             exitcode::INVALID => (ExitKind::EntryFailed { code: c.exitcode }, None),
             code if (exitcode::EXCP_BASE..exitcode::EXCP_BASE + 32).contains(&code) => (
@@ -327,9 +372,29 @@ impl Vcpu for SvmVcpu {
         // SAFETY: SVME is on (this vCPU only exists under `SvmOn`), the VMCB
         // was set up by `setup` with a nested table mapping only guest RAM,
         // `host_vmcb` holds a VMSAVE of this CPU's state, and `regs` points
-        // at our GuestRegs (15 u64 in the order svm_run expects).
-        unsafe { svm_run(self.vmcb, regs, self.host_vmcb) };
+        // at our GuestRegs (15 u64 in the order svm_run expects). With the
+        // timer on, the VMCB intercepts INTR under V_INTR_MASKING (`setup`)
+        // and the IDT handles the timer's and the spurious vector.
+        unsafe { svm_run(self.vmcb, regs, self.host_vmcb, u64::from(self.timer_on)) };
         self.regs.rax = self.vmcb().save.rax;
+        self.intr_was_timer = false;
+        if self.vmcb().control.exitcode == exitcode::INTR {
+            // The interrupt is still pending: take it now (the handler
+            // sends the EOI), so it does not end the next run too.
+            let before = apic::timer_irqs();
+            interrupt_window();
+            if apic::timer_irqs() != before {
+                self.intr_was_timer = true;
+                self.timer_exits += 1;
+                log::debug!(
+                    "svm: timer exit at guest rip={:#x}, {} TSC ticks after arming",
+                    self.vmcb().save.rip,
+                    rdtsc().wrapping_sub(self.timer_armed_at)
+                );
+                // One-shot: it has fired.
+                self.timer_on = false;
+            }
+        }
         // A requested flush has been done by this VMRUN.
         self.vmcb_mut().control.tlb_control = tlb_control::DO_NOTHING;
         self.decode()
@@ -350,6 +415,29 @@ impl Vcpu for SvmVcpu {
         }
     }
 
+    fn arm_timer(&mut self, tsc_ticks: Option<u64>) -> bool {
+        let apic = match apic::get() {
+            Ok(a) => a,
+            Err(e) => {
+                log::error!("svm: local APIC timer: {e}");
+                return false;
+            }
+        };
+        match tsc_ticks {
+            Some(t) => {
+                self.timer_armed_at = rdtsc();
+                apic.arm_oneshot(t);
+                self.timer_on = true;
+                self.timer_armed = Some(t);
+            }
+            None => {
+                apic.disarm();
+                self.timer_on = false;
+            }
+        }
+        true
+    }
+
     fn dump(&self) -> GuestDump {
         let s = &self.vmcb().save;
         GuestDump {
@@ -367,6 +455,16 @@ impl Vcpu for SvmVcpu {
 
 impl Drop for SvmVcpu {
     fn drop(&mut self) {
+        if self.timer_on {
+            self.arm_timer(None);
+        }
+        if let Some(ticks) = self.timer_armed {
+            log::debug!("svm: spurious interrupts so far: {}", apic::spurious_irqs());
+            log::info!(
+                "svm: lapic timer: armed for {ticks} TSC ticks, timer_exits={}",
+                self.timer_exits
+            );
+        }
         frames::free(self.vmcb, PAGE_SIZE);
         frames::free(self.iopm, IOPM_BYTES);
         frames::free(self.msrpm, MSRPM_BYTES);
