@@ -327,8 +327,8 @@ fn check(h: &ControlHeader, mapped: usize) -> Result<(), AbiError> {
         return Err(AbiError::ReservedNonZero);
     }
     let g = h.guest_ram;
-    if !g.offset.is_multiple_of(PAGE_SIZE as u64)
-        || !g.size.is_multiple_of(PAGE_SIZE as u64)
+    if !g.offset.is_multiple_of(PAGE_SIZE)
+        || !g.size.is_multiple_of(PAGE_SIZE)
         || g.offset.checked_add(g.size).is_none()
     {
         return Err(AbiError::RegionMisaligned(Field::GuestRam));

@@ -15,18 +15,15 @@
 
 use core::sync::atomic::AtomicU64;
 
-use doppel_abi::control::{ControlHeader, ControlView, Field, Region};
-use doppel_abi::msg::{
-    Ack, CheckpointReady, Command, Event, LogDirtyMode, Reply, Response, Span,
-};
+use doppel_abi::control::{validate_header, ControlHeader, ControlView, Field, Region};
+use doppel_abi::msg::{Ack, CheckpointReady, Command, Event, LogDirtyMode, Reply, Response, Span};
 use doppel_abi::ring::{slot_size, RingLayout};
-use doppel_abi::{
-    validate, AtomicMem64, CommandBack, CommandEntry, EventAck, EventEntry, EventFront,
-    Features,
-};
 use doppel_abi::{errno::Errno, guest::PAGE_SIZE};
+use doppel_abi::{
+    AtomicMem64, CommandBack, CommandEntry, EventAck, EventEntry, EventFront, Features,
+};
 use doppel_core::addr::HostPhysAddr;
-use doppel_core::dirtylog::{DirtyLog, DirtyTree};
+use doppel_core::dirtylog::DirtyTree;
 use doppel_core::hvm::{self, HeaderInfo};
 use doppel_core::paging::NestedEntry;
 use doppel_core::selftest::Mode;
@@ -151,7 +148,8 @@ impl ControlArea {
             size: ram.bytes(),
         };
         let size = h.total_size.next_multiple_of(PAGE_SIZE);
-        let pa = frames::alloc_contiguous(size, PAGE_SIZE).ok_or("no memory for the control area")?;
+        let pa =
+            frames::alloc_contiguous(size, PAGE_SIZE).ok_or("no memory for the control area")?;
         // SAFETY: `pa..pa+size` is fresh, zeroed, identity-mapped memory the
         // frame allocator gave to us alone, 8-byte aligned, and it is never
         // freed (the area lives as long as the hypervisor). Every access to
@@ -164,7 +162,8 @@ impl ControlArea {
         // Our own header must pass the tool's checks.
         let mut hdr = [0u8; doppel_abi::control::HEADER_SIZE];
         doppel_abi::SharedMem::read_bytes(&all, 0, &mut hdr);
-        let view = validate(&hdr).map_err(|_| "own control header does not validate")?;
+        let view = validate_header(&hdr, size as usize)
+            .map_err(|_| "own control header does not validate")?;
         let ring_words = |f: Field| -> &'static [AtomicU64] {
             let (off, len) = view.region(f);
             &words[off / 8..(off + len) / 8]
@@ -174,16 +173,26 @@ impl ControlArea {
         let cmd_slot = slot_size::<CommandEntry, doppel_abi::ResponseEntry>();
         let evt_slot = slot_size::<EventEntry, EventAck>();
         let bytes = |f: Field| view.region(f).1;
-        RingLayout::new(bytes(Field::CommandRing), 0, bytes(Field::CommandRing), cmd_slot)
-            .map_err(|_| "command ring layout")?
-            .init_shared(&cmd_mem);
-        RingLayout::new(bytes(Field::EventRing), 0, bytes(Field::EventRing), evt_slot)
-            .map_err(|_| "event ring layout")?
-            .init_shared(&evt_mem);
+        RingLayout::new(
+            bytes(Field::CommandRing),
+            0,
+            bytes(Field::CommandRing),
+            cmd_slot,
+        )
+        .map_err(|_| "command ring layout")?
+        .init_shared(&cmd_mem);
+        RingLayout::new(
+            bytes(Field::EventRing),
+            0,
+            bytes(Field::EventRing),
+            evt_slot,
+        )
+        .map_err(|_| "event ring layout")?
+        .init_shared(&evt_mem);
         let cmd = CommandBack::attach(cmd_mem, 0, bytes(Field::CommandRing))
             .map_err(|_| "command ring")?;
-        let evt = EventFront::attach(evt_mem, 0, bytes(Field::EventRing))
-            .map_err(|_| "event ring")?;
+        let evt =
+            EventFront::attach(evt_mem, 0, bytes(Field::EventRing)).map_err(|_| "event ring")?;
         let raw = |f: Field| -> &'static mut [u8] {
             let (off, len) = view.region(f);
             // SAFETY: the region lies inside the area (validated), is
@@ -228,7 +237,12 @@ impl ControlArea {
             let req = match self.cmd.pop_request() {
                 Ok(Some(r)) => r,
                 Ok(None) => {
-                    if any || !self.cmd.final_check_for_requests().map_err(|_| PEER_BROKE_RING)? {
+                    if any
+                        || !self
+                            .cmd
+                            .final_check_for_requests()
+                            .map_err(|_| PEER_BROKE_RING)?
+                    {
                         break;
                     }
                     continue;
@@ -297,7 +311,11 @@ impl ControlArea {
                     self.outstanding = self.outstanding.saturating_sub(1);
                 }
                 Ok(None) => {
-                    if !self.evt.final_check_for_responses().map_err(|_| PEER_BROKE_RING)? {
+                    if !self
+                        .evt
+                        .final_check_for_responses()
+                        .map_err(|_| PEER_BROKE_RING)?
+                    {
                         return Ok(());
                     }
                 }

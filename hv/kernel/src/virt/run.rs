@@ -305,7 +305,10 @@ impl<'a, E: NestedEntry, V: Vcpu, S: EpochSink> Run<'a, E, V, S> {
                 if let Err(e) = self.arm(false) {
                     return self.fail(e, exit);
                 }
-                let pause = self.plan.pause_cycles.then(|| rdtsc().wrapping_sub(stopped));
+                let pause = self
+                    .plan
+                    .pause_cycles
+                    .then(|| rdtsc().wrapping_sub(stopped));
                 self.sink.resumed(pause);
                 Action::Skip
             }

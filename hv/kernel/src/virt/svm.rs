@@ -20,6 +20,7 @@
 
 use doppel_core::addr::HostPhysAddr;
 use doppel_core::exit::{ExitKind, IoAccess, VmExit};
+use doppel_core::hvm::{DescTable, SegAttr, Segment, VcpuState};
 use doppel_core::hw::vmcb::{
     exitcode, intercept3, intercept4, tlb_control, IoExitInfo, Vmcb, VmcbSegment,
 };
@@ -108,9 +109,33 @@ impl SvmOn {
 
 /// The log-dirty self-test under SVM: NPT write-protect mode, and the
 /// dirty-bit scan mode (the nested walk sets NPT dirty bits in TCG).
-pub fn selftest(on: &mut SvmOn, plan: &super::selftest::Plan) -> bool {
-    let caps = detect();
-    let nrips = caps.is_some_and(|c| c.nrips);
+pub fn selftest(_on: &mut SvmOn, plan: &super::selftest::Plan) -> bool {
+    with_host_vmcb(|host_vmcb, nrips| {
+        let modes = [Mode::WriteProtect, Mode::AdScan];
+        super::selftest::run::<NptEntry, SvmVcpu, _>(&modes, plan, true, |start, root, mode| {
+            let mut v = SvmVcpu::new(start, root, host_vmcb, nrips)?;
+            if mode == Mode::WriteProtect && !v.arm_timer(Some(TIMER_PROBE_TICKS)) {
+                return Err("arming the local APIC timer failed");
+            }
+            Ok(v)
+        })
+    })
+}
+
+/// Run the test guest as a replicated primary under SVM (see
+/// [`super::replicate`]).
+pub fn primary(_on: &mut SvmOn, plan: &super::selftest::Plan) -> bool {
+    with_host_vmcb(|host_vmcb, nrips| {
+        super::replicate::primary::<NptEntry, SvmVcpu, _>(plan, true, |start, root, _| {
+            SvmVcpu::new(start, root, host_vmcb, nrips)
+        })
+    })
+}
+
+/// Save this CPU's host state for the world switch (VMSAVE into a fresh
+/// page), run `f` with it and NRIP-save support, free the page.
+fn with_host_vmcb(f: impl FnOnce(u64, bool) -> bool) -> bool {
+    let nrips = detect().is_some_and(|c| c.nrips);
     let Some(host) = frames::alloc_zeroed() else {
         log::error!("svm: no frame for the host VMCB");
         return false;
@@ -118,17 +143,8 @@ pub fn selftest(on: &mut SvmOn, plan: &super::selftest::Plan) -> bool {
     let host_vmcb = host.start_address().as_u64();
     // SAFETY: SVME is on and `host_vmcb` is a fresh frame we own.
     unsafe { vmsave(host_vmcb) };
-    let modes = [Mode::WriteProtect, Mode::AdScan];
-    let ok =
-        super::selftest::run::<NptEntry, SvmVcpu, _>(&modes, plan, true, |start, root, mode| {
-            let mut v = SvmVcpu::new(start, root, host_vmcb, nrips)?;
-            if mode == Mode::WriteProtect && !v.arm_timer(Some(TIMER_PROBE_TICKS)) {
-                return Err("arming the local APIC timer failed");
-            }
-            Ok(v)
-        });
+    let ok = f(host_vmcb, nrips);
     frames::free(host_vmcb, PAGE_SIZE);
-    let _ = on;
     ok
 }
 
@@ -436,6 +452,68 @@ impl Vcpu for SvmVcpu {
             }
         }
         true
+    }
+
+    fn state(&self) -> VcpuState {
+        let s = &self.vmcb().save;
+        let seg = |v: &VmcbSegment| Segment {
+            selector: v.selector,
+            base: v.base,
+            limit: v.limit,
+            attr: SegAttr::from_svm(v.attrib),
+        };
+        let table = |v: &VmcbSegment| DescTable {
+            base: v.base,
+            limit: v.limit as u16,
+        };
+        let r = &self.regs;
+        VcpuState {
+            rax: r.rax,
+            rbx: r.rbx,
+            rcx: r.rcx,
+            rdx: r.rdx,
+            rbp: r.rbp,
+            rsi: r.rsi,
+            rdi: r.rdi,
+            rsp: s.rsp,
+            r8: r.r8,
+            r9: r.r9,
+            r10: r.r10,
+            r11: r.r11,
+            r12: r.r12,
+            r13: r.r13,
+            r14: r.r14,
+            r15: r.r15,
+            rip: s.rip,
+            rflags: s.rflags,
+            cr0: s.cr0,
+            cr2: s.cr2,
+            cr3: s.cr3,
+            cr4: s.cr4,
+            dr6: s.dr6,
+            dr7: s.dr7,
+            cs: seg(&s.cs),
+            ds: seg(&s.ds),
+            es: seg(&s.es),
+            fs: seg(&s.fs),
+            gs: seg(&s.gs),
+            ss: seg(&s.ss),
+            tr: seg(&s.tr),
+            ldtr: seg(&s.ldtr),
+            gdtr: table(&s.gdtr),
+            idtr: table(&s.idtr),
+            // The guest's EFER without SVME, which is the host's business.
+            efer: s.efer & !EFER_SVME,
+            sysenter_cs: s.sysenter_cs,
+            sysenter_esp: s.sysenter_esp,
+            sysenter_eip: s.sysenter_eip,
+            kernel_gs_base: s.kernel_gs_base,
+            star: s.star,
+            lstar: s.lstar,
+            cstar: s.cstar,
+            sfmask: s.sfmask,
+            ..VcpuState::default()
+        }
     }
 
     fn dump(&self) -> GuestDump {
