@@ -74,17 +74,30 @@ fn drain_chunks<L: DirtyLog>(log: &L, list: &[u64]) {
 fn hammer<L: DirtyLog>(log: &L, use_pml: bool) -> Outcome {
     let max = log.max_pfn();
     let done = AtomicUsize::new(0);
+    let cleans = AtomicUsize::new(0);
     let lists: Vec<Vec<u64>> = (0..MARKERS).map(|t| pfns_for(t, max)).collect();
     let mut out = Outcome::default();
     std::thread::scope(|s| {
         for (t, list) in lists.iter().enumerate() {
-            let done = &done;
+            let (done, cleans) = (&done, &cleans);
             s.spawn(move || {
-                if use_pml && t == 0 {
-                    drain_chunks(log, list);
-                } else {
-                    for &p in list {
-                        log.mark(p).expect("in range");
+                // Halfway through, wait for a clean to have happened, so at
+                // least one harvest races with marking however the threads
+                // are scheduled (a loaded machine could otherwise let every
+                // marker finish before the cleaner's first turn).
+                let (first, second) = list.split_at(list.len() / 2);
+                for (i, half) in [first, second].into_iter().enumerate() {
+                    if i == 1 {
+                        while cleans.load(Ordering::Acquire) == 0 {
+                            std::thread::yield_now();
+                        }
+                    }
+                    if use_pml && t == 0 {
+                        drain_chunks(log, half);
+                    } else {
+                        for &p in half {
+                            log.mark(p).expect("in range");
+                        }
                     }
                 }
                 done.fetch_add(1, Ordering::Release);
@@ -93,6 +106,7 @@ fn hammer<L: DirtyLog>(log: &L, use_pml: bool) -> Outcome {
         // The cleaner: this thread, until every marker has finished.
         while done.load(Ordering::Acquire) < MARKERS as usize {
             out.add(&log.clean().expect("clean"));
+            cleans.fetch_add(1, Ordering::Release);
             std::thread::yield_now();
         }
     });
