@@ -5,6 +5,7 @@
 
 mod conformance;
 mod emu;
+mod fuzz;
 mod image;
 mod selftest;
 mod setup;
@@ -80,6 +81,17 @@ enum Cmd {
     },
     /// Replication with a failover, shown as it happens.
     Demo,
+    /// Run every cargo-fuzz target (ring entries, control area, HVM
+    /// context, migration stream) for a bounded time. Needs nightly and
+    /// cargo-fuzz (installed when missing). Not part of `test`.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 30)]
+        seconds: u64,
+        /// Run only the targets whose name contains this text.
+        #[arg(long)]
+        only: Option<String>,
+    },
 }
 
 fn main() -> Result<()> {
@@ -118,6 +130,7 @@ fn main() -> Result<()> {
             setup::ensure()?;
             test::run(long, only.as_deref())
         }
+        Cmd::Fuzz { seconds, only } => fuzz::run(seconds, only.as_deref()),
         Cmd::Demo => {
             setup::ensure()?;
             anyhow::bail!(
