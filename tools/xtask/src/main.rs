@@ -6,6 +6,7 @@
 mod conformance;
 mod emu;
 mod image;
+mod replica;
 mod selftest;
 mod setup;
 mod test;
