@@ -214,7 +214,7 @@ impl<'a> Poll<'a> {
         if self.spins < 200 {
             self.spins += 1;
             std::hint::spin_loop();
-            if self.spins % 20 == 0 {
+            if self.spins.is_multiple_of(20) {
                 std::thread::yield_now();
             }
             return Ok(());

@@ -33,8 +33,8 @@ pub const CONTROL_AT: u64 = 0x10_0000;
 /// How the simulated hypervisor misbehaves (for error-path tests).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Misbehave {
-    /// After posting this epoch's event, move the event ring's producer
-    /// index past anything it could have produced.
+    /// Post this epoch's event with a producer index 1000 beyond the one
+    /// entry written (a jump larger than the ring).
     EventIndexJump { epoch: u64 },
 }
 
@@ -322,7 +322,14 @@ impl Sim {
                 let seq = epoch as u32;
                 evt.push_request(&Event::CheckpointReady(c).encode(seq))
                     .map_err(|e| format!("event ring: {e:?}"))?;
-                evt.publish_requests();
+                if self.spec.misbehave == Some(Misbehave::EventIndexJump { epoch }) {
+                    // Publish a producer index far beyond the one entry
+                    // written: the tool must refuse it before reading any.
+                    win.fence_release();
+                    win.store_u32(eo + REQ_PROD, evt.req_prod_pvt().wrapping_add(1000));
+                } else {
+                    evt.publish_requests();
+                }
                 outstanding = Some((seq, epoch));
                 next_epoch += 1;
                 res.posted += 1;
@@ -331,10 +338,6 @@ impl Sim {
                 res.blob = blob;
                 dirty.clear();
                 is_dirty.fill(false);
-                if self.spec.misbehave == Some(Misbehave::EventIndexJump { epoch }) {
-                    let p = win.load_u32(eo + REQ_PROD);
-                    win.store_u32(eo + REQ_PROD, p.wrapping_add(1000));
-                }
                 // The guest keeps running while the tool copies the
                 // staged pages: these writes belong to the next epoch.
                 guest_runs(
