@@ -111,6 +111,11 @@ impl Stager {
         Staged::Epoch(e, s)
     }
 
+    /// Counts of the epoch being staged, if any of its records arrived.
+    pub fn pending(&self) -> Option<EpochStats> {
+        (self.stats.bytes > 0).then_some(self.stats)
+    }
+
     /// Drop whatever is staged (stream broke).
     pub fn discard(&mut self) {
         self.staged = StagedEpoch::default();
@@ -126,6 +131,8 @@ pub struct Received {
     pub ended: bool,
     /// The error that stopped the run, if any.
     pub error: Option<ReceiveError>,
+    /// The epoch that was being staged when the run stopped (discarded).
+    pub partial: Option<EpochStats>,
 }
 
 /// Receive a stream into `replica`. `on_commit(epoch)` runs after each
@@ -151,6 +158,7 @@ pub fn receive_opts<R: Read>(
         epochs: Vec::new(),
         ended: false,
         error: None,
+        partial: None,
     };
     let limits = Limits {
         guest_pages: replica.pages(),
@@ -185,9 +193,31 @@ pub fn receive_opts<R: Read>(
         }
     })();
     if let Err(e) = r {
+        out.partial = stager.pending();
         stager.discard();
         tracing::warn!("receive stopped: {e}");
         out.error = Some(e);
     }
     out
+}
+
+/// Serve one primary: receive its stream from `input` into `replica` and
+/// acknowledge every committed epoch on `ack_out` (the back channel).
+/// `on_commit` runs after each commit, before its ack is sent. The back
+/// channel is closed with END when the stream ended with END.
+pub fn serve<R: Read, W: std::io::Write>(
+    input: R,
+    ack_out: W,
+    replica: &mut Replica,
+    mut on_commit: impl FnMut(&EpochStats),
+) -> std::io::Result<Received> {
+    let mut acks = crate::ack::AckWriter::new(ack_out)?;
+    let got = receive(input, replica, |s| {
+        on_commit(s);
+        acks.ack(s.epoch)
+    });
+    if got.ended {
+        acks.end()?;
+    }
+    Ok(got)
 }

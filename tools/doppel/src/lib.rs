@@ -6,6 +6,9 @@
 pub mod ack;
 pub mod backup;
 pub mod epoch;
+pub mod machine;
+pub mod primary;
 pub mod replica;
+pub mod sim;
 pub mod stream;
 pub mod synth;

@@ -1,7 +1,12 @@
 //! `doppel`: the dom0 replication tool.
 //!
-//! Exit codes: 0 success, 1 the stream (or replica) is invalid, 2 usage
-//! error (clap), 3 I/O error (file cannot be read or written).
+//! Exit codes (also in `doppel --help` and docs/REPLICATION.md):
+//! 0 success; 1 invalid input (stream, control area, a hypervisor message
+//! or the back channel broke the protocol); 2 usage error (clap); 3 I/O
+//! error (a file or socket cannot be opened, read or written); 4 the peer
+//! went away (hypervisor stopped answering or its RAM file disappeared;
+//! for `backup`: the primary's stream broke, the replica stays at its last
+//! committed epoch); 5 (`primary`) the backup connection was lost.
 
 use std::fs::File;
 use std::io::{BufReader, BufWriter};
@@ -14,10 +19,19 @@ use doppel::replica::Replica;
 use doppel::stream::{Limits, StreamError, StreamReader};
 use doppel::synth::{self, SynthSpec};
 
+mod cli;
+
 /// Doppel keeps a running VM replicated to a backup host.
 ///
-/// What works without the hypervisor: writing, checking and replaying Xen
-/// libxc migration streams (version 3), the format Doppel replicates with.
+/// `primary` serves the hypervisor's control area (found in the machine's
+/// RAM file) and ships every checkpoint as a Xen libxc v3 stream to
+/// `backup`, which keeps a byte-exact replica and acknowledges each epoch.
+///
+/// Exit codes: 0 success; 1 invalid input (stream, control area, hypervisor
+/// message, back channel); 2 usage; 3 I/O error; 4 peer gone (hypervisor
+/// silent or its RAM file removed; for backup: the primary's stream broke,
+/// the replica stays at its last committed epoch); 5 backup connection lost.
+/// Logs: RUST_LOG (default info) on stderr.
 #[derive(Parser, Debug)]
 #[command(version, about, long_about)]
 struct Cli {
@@ -30,6 +44,19 @@ enum Cmd {
     /// Xen migration stream tools (captures, synthetic streams).
     #[command(subcommand)]
     Stream(StreamCmd),
+    /// Replicate: serve the hypervisor's rings and ship each checkpoint to
+    /// a backup (or record the stream to a file).
+    Primary(cli::PrimaryArgs),
+    /// Receive one primary's stream into a file replica, acknowledging
+    /// each committed epoch. Prints the last committed epoch on exit.
+    Backup(cli::BackupArgs),
+    /// Print the control area and guest RAM location found in a machine
+    /// RAM file, or the state of a replica; optionally dump blobs.
+    Inspect(cli::InspectArgs),
+    /// Play the hypervisor's side on a new machine RAM file (a software
+    /// model for testing the tool without an emulator).
+    #[command(hide = true)]
+    SimHv(cli::SimArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -83,6 +110,8 @@ enum StreamCmd {
 enum Failure {
     Invalid(String),
     Io(String),
+    /// Message and exit code.
+    Code(String, u8),
 }
 
 fn main() -> ExitCode {
@@ -116,6 +145,10 @@ fn main() -> ExitCode {
             image,
             guest_pages,
         }) => replay(&file, &image, guest_pages),
+        Cmd::Primary(a) => cli::primary(a).map_err(|(m, c)| Failure::Code(m, c)),
+        Cmd::Backup(a) => cli::backup(a).map_err(|(m, c)| Failure::Code(m, c)),
+        Cmd::Inspect(a) => cli::inspect(a).map_err(|(m, c)| Failure::Code(m, c)),
+        Cmd::SimHv(a) => cli::sim_hv(a).map_err(|(m, c)| Failure::Code(m, c)),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
@@ -126,6 +159,10 @@ fn main() -> ExitCode {
         Err(Failure::Io(m)) => {
             eprintln!("doppel: {m}");
             ExitCode::from(3)
+        }
+        Err(Failure::Code(m, c)) => {
+            eprintln!("doppel: {m}");
+            ExitCode::from(c)
         }
     }
 }

@@ -7,6 +7,7 @@ mod conformance;
 mod emu;
 mod fuzz;
 mod image;
+mod replica;
 mod selftest;
 mod setup;
 mod test;

@@ -39,6 +39,10 @@ fn steps() -> Vec<(&'static str, StepFn)> {
         ("xen-conformance-layout", crate::conformance::step_layout),
         ("xen-ring-interop", crate::conformance::step_ring_interop),
         ("xen-verify-stream", crate::verifier::step_xen_verify_stream),
+        (
+            "xen-verify-sim-capture",
+            crate::replica::step_verify_sim_capture,
+        ),
         ("image-build", step_image_build),
         ("boot-qemu-svm", step_boot_qemu),
         ("boot-bochs-vmx", step_boot_bochs),
@@ -48,6 +52,8 @@ fn steps() -> Vec<(&'static str, StepFn)> {
         ("selftest-bochs-vmx-broken", step_selftest_vmx_broken),
         ("selftest-qemu-svm", step_selftest_svm),
         ("selftest-qemu-svm-broken", step_selftest_svm_broken),
+        ("replica-qemu-svm", crate::replica::step_replica_qemu),
+        ("xen-verify-capture", crate::replica::step_verify_capture),
     ]
 }
 

@@ -18,7 +18,7 @@ const PYLIB: &str = "usr/lib/xen-4.17/lib/python";
 
 /// Download and unpack the package once into target/doppel/xen/.
 /// Returns the unpacked root.
-fn ensure_xen_utils() -> Result<PathBuf> {
+pub(crate) fn ensure_xen_utils() -> Result<PathBuf> {
     let dir = crate::out_dir().join("xen");
     let root = dir.join("root");
     if root.join(VERIFIER).exists() && root.join(PYLIB).join("xen/migration/libxc.py").exists() {
@@ -74,7 +74,7 @@ fn ensure_xen_utils() -> Result<PathBuf> {
 }
 
 /// Run the verifier on a libxc stream file: (success, stdout+stderr).
-fn run_verifier(root: &Path, file: &Path) -> Result<(bool, String)> {
+pub(crate) fn run_verifier(root: &Path, file: &Path) -> Result<(bool, String)> {
     let out = Command::new("python3")
         .arg(root.join(VERIFIER))
         .args(["-f", "libxc", "-v", "-i"])

@@ -1,0 +1,402 @@
+//! `doppel primary`, `backup`, `inspect` and the hidden `sim-hv`.
+
+use std::fs::File;
+use std::io::{BufReader, BufWriter, IsTerminal, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use doppel::ack::AckReader;
+use doppel::backup::{self, ReceiveError};
+use doppel::machine::{Control, MachineError, MachineRam};
+use doppel::primary::{EpochReport, Output, Primary, PrimaryConfig};
+use doppel::replica::Replica;
+use doppel::sim::{Sim, SimSpec};
+use doppel_abi::control::Field;
+use doppel_abi::msg::{EventEntry, PAGE_SIZE};
+use doppel_abi::ring::{slot_size, RingLayout, REQ_PROD};
+use doppel_abi::{Event, EventAck, SharedMem};
+use zerocopy::FromZeros;
+
+type Res = Result<(), (String, u8)>;
+
+const INVALID: u8 = 1;
+const IO: u8 = 3;
+const PEER_GONE: u8 = 4;
+
+#[derive(Args, Debug)]
+#[command(group(clap::ArgGroup::new("dest").required(true).args(["backup", "record"])))]
+pub struct PrimaryArgs {
+    /// The machine's RAM as a host file (QEMU `-object
+    /// memory-backend-file,mem-path=FILE,share=on`). The control area is
+    /// found by its magic at a 4 KiB boundary.
+    #[arg(long, value_name = "FILE")]
+    machine_ram: PathBuf,
+    /// Replicate to the backup listening at this address (host:port).
+    #[arg(long, value_name = "ADDR")]
+    backup: Option<String>,
+    /// Instead of a backup, write the stream to this file (ends with END,
+    /// no compression; checkable with `doppel stream verify` and Xen's
+    /// verify-stream-v2). Epochs are still acked and committed in the
+    /// hypervisor, so the guest keeps running.
+    #[arg(long, value_name = "FILE")]
+    record: Option<PathBuf>,
+    /// Stop after N epochs are committed (then END is sent). Without it:
+    /// run until the hypervisor stops answering.
+    #[arg(long, value_name = "N")]
+    epochs: Option<u64>,
+    /// Seconds to wait for the control area to appear (the hypervisor may
+    /// still be booting).
+    #[arg(long, default_value_t = 60, value_name = "SECS")]
+    wait_control: u64,
+    /// Seconds to wait for the hypervisor's answer to a command.
+    #[arg(long, default_value_t = 30, value_name = "SECS")]
+    reply_timeout: u64,
+    /// Seconds to wait for the next checkpoint before deciding the
+    /// hypervisor stopped answering (exit code 4).
+    #[arg(long, default_value_t = 120, value_name = "SECS")]
+    event_timeout: u64,
+    /// Seconds to wait for the backup's ack of an epoch.
+    #[arg(long, default_value_t = 60, value_name = "SECS")]
+    ack_timeout: u64,
+}
+
+#[derive(Args, Debug)]
+pub struct BackupArgs {
+    /// Address to accept the primary's connection on (host:port; port 0
+    /// picks a free port). The bound address is printed as
+    /// `listening on ADDR`.
+    #[arg(long, value_name = "ADDR")]
+    listen: String,
+    /// Directory of the replica: `memory.img` (guest memory),
+    /// `memory.img.state` (vCPU blob, TSC info, params, committed epochs),
+    /// `memory.img.journal` during a commit. Must not hold committed epochs
+    /// already.
+    #[arg(long, value_name = "DIR")]
+    replica: PathBuf,
+    /// Guest size in 4 KiB pages; pfns at or above it are refused.
+    #[arg(long, value_name = "N")]
+    guest_pages: u64,
+    /// Seconds to wait for the primary to connect.
+    #[arg(long, default_value_t = 300, value_name = "SECS")]
+    accept_timeout: u64,
+}
+
+#[derive(Args, Debug)]
+#[command(group(clap::ArgGroup::new("what").required(true).args(["machine_ram", "replica"])))]
+pub struct InspectArgs {
+    /// A machine RAM file: print the control area and the guest RAM
+    /// location (`guest_ram offset ... size ...`).
+    #[arg(long, value_name = "FILE")]
+    machine_ram: Option<PathBuf>,
+    /// With --machine-ram: write the HVM context blob of the last
+    /// checkpoint posted on the event ring to this file.
+    #[arg(long, value_name = "FILE", requires = "machine_ram")]
+    last_vcpu_out: Option<PathBuf>,
+    /// A replica directory: print its committed epochs.
+    #[arg(long, value_name = "DIR")]
+    replica: Option<PathBuf>,
+    /// With --replica: write its committed HVM context blob to this file.
+    #[arg(long, value_name = "FILE", requires = "replica")]
+    vcpu_out: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct SimArgs {
+    /// The machine RAM file to create.
+    #[arg(long, value_name = "FILE")]
+    machine_ram: PathBuf,
+    /// Checkpoints to post.
+    #[arg(long, default_value_t = 5)]
+    epochs: u64,
+    /// Guest size in pages.
+    #[arg(long, default_value_t = 512)]
+    guest_pages: u64,
+    /// Pages dirtied per epoch.
+    #[arg(long, default_value_t = 40)]
+    dirty: u64,
+    /// Seed of the fake guest.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+}
+
+fn machine_err(e: MachineError) -> (String, u8) {
+    let code = match e {
+        MachineError::Io { .. } => IO,
+        _ => INVALID,
+    };
+    (e.to_string(), code)
+}
+
+fn find_control(m: &MachineRam, wait: Duration) -> Result<Control, (String, u8)> {
+    let start = Instant::now();
+    loop {
+        match m.find_control() {
+            Ok(c) => return Ok(c),
+            Err(e) if start.elapsed() >= wait => return Err(machine_err(e)),
+            Err(e) => tracing::debug!("control area not ready: {e}"),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn progress_printer() -> impl FnMut(&EpochReport) {
+    let tty = std::io::stderr().is_terminal();
+    move |r: &EpochReport| {
+        if tty {
+            eprint!(
+                "\repoch {:>6}  pages {:>7}  bytes {:>11}  lag {:>8.1} ms   ",
+                r.epoch,
+                r.pages,
+                r.bytes,
+                r.lag.as_secs_f64() * 1000.0
+            );
+        }
+        tracing::debug!(
+            "epoch {} committed: {} pages, {} bytes, lag {:?}",
+            r.epoch,
+            r.pages,
+            r.bytes,
+            r.lag
+        );
+    }
+}
+
+pub fn primary(a: PrimaryArgs) -> Res {
+    let m = MachineRam::open(&a.machine_ram).map_err(machine_err)?;
+    let ctl = find_control(&m, Duration::from_secs(a.wait_control))?;
+    tracing::info!(
+        "control area at {:#x}; guest RAM at {:#x}, {} pages",
+        ctl.at,
+        ctl.guest_ram().offset,
+        ctl.guest_pages()
+    );
+    let cfg = PrimaryConfig {
+        epochs: a.epochs,
+        reply_timeout: Duration::from_secs(a.reply_timeout),
+        event_timeout: Duration::from_secs(a.event_timeout),
+    };
+    let mut p = Primary::attach(&m, ctl, cfg).map_err(|e| (e.to_string(), e.exit_code()))?;
+    let io = |what: String| move |e: std::io::Error| (format!("{what}: {e}"), IO);
+    let res = if let Some(path) = &a.record {
+        let f = File::create(path).map_err(io(path.display().to_string()))?;
+        let mut out: Output<_, std::io::Empty> =
+            Output::record(BufWriter::with_capacity(1 << 20, f));
+        p.run(&mut out, progress_printer())
+    } else {
+        let addr = a.backup.as_deref().unwrap_or_default();
+        let conn = TcpStream::connect(addr).map_err(io(format!("connecting to {addr}")))?;
+        let _ = conn.set_nodelay(true);
+        conn.set_read_timeout(Some(Duration::from_secs(a.ack_timeout)))
+            .map_err(io(addr.into()))?;
+        let back = conn.try_clone().map_err(io(addr.into()))?;
+        let acks = AckReader::open(BufReader::new(back), 0)
+            .map_err(|e| (format!("back channel from {addr}: {e}"), 5))?;
+        let mut out = Output::backup(BufWriter::with_capacity(1 << 20, conn), acks);
+        p.run(&mut out, progress_printer())
+    };
+    if std::io::stderr().is_terminal() {
+        eprintln!();
+    }
+    match res {
+        Ok(s) => {
+            println!(
+                "primary: committed {} epochs, {} pages, {} bytes",
+                s.committed, s.pages, s.bytes
+            );
+            Ok(())
+        }
+        Err(e) => Err((e.to_string(), e.exit_code())),
+    }
+}
+
+pub fn backup(a: BackupArgs) -> Res {
+    let io = |what: String| move |e: std::io::Error| (format!("{what}: {e}"), IO);
+    std::fs::create_dir_all(&a.replica).map_err(io(a.replica.display().to_string()))?;
+    let image = a.replica.join("memory.img");
+    let mut rep = Replica::open_file(&image, a.guest_pages).map_err(|e| (e.to_string(), IO))?;
+    if rep.state().committed != 0 {
+        return Err((
+            format!(
+                "{}: the replica already holds {} committed epochs; use an empty directory",
+                a.replica.display(),
+                rep.state().committed
+            ),
+            IO,
+        ));
+    }
+    let l = TcpListener::bind(&a.listen).map_err(io(format!("binding {}", a.listen)))?;
+    let local = l.local_addr().map_err(io(a.listen.clone()))?;
+    println!("listening on {local}");
+    let _ = std::io::stdout().flush();
+    l.set_nonblocking(true).map_err(io(a.listen.clone()))?;
+    let start = Instant::now();
+    let conn = loop {
+        match l.accept() {
+            Ok((c, peer)) => {
+                tracing::info!("primary connected from {peer}");
+                break c;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if start.elapsed() >= Duration::from_secs(a.accept_timeout) {
+                    return Err((
+                        format!("no primary connected within {} s", a.accept_timeout),
+                        PEER_GONE,
+                    ));
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => return Err(io("accept".into())(e)),
+        }
+    };
+    conn.set_nonblocking(false).map_err(io("socket".into()))?;
+    let _ = conn.set_nodelay(true);
+    let ack_out = conn.try_clone().map_err(io("socket".into()))?;
+    let tty = std::io::stderr().is_terminal();
+    let t0 = Instant::now();
+    let got = backup::serve(
+        BufReader::with_capacity(1 << 20, conn),
+        ack_out,
+        &mut rep,
+        |s| {
+            if tty {
+                eprint!(
+                    "\rcommitted epoch {:>6}  pages {:>7}  bytes {:>11}  {:>7.1} s   ",
+                    s.epoch,
+                    s.pages,
+                    s.bytes,
+                    t0.elapsed().as_secs_f64()
+                );
+            }
+            tracing::debug!("committed epoch {} ({} pages)", s.epoch, s.pages);
+        },
+    )
+    .map_err(io("back channel".into()))?;
+    if tty {
+        eprintln!();
+    }
+    let committed = rep.state().committed;
+    let last = if committed == 0 {
+        "none".to_string()
+    } else {
+        (committed - 1).to_string()
+    };
+    if let Some(p) = got.partial {
+        tracing::warn!(
+            "the stream broke inside epoch {} ({} bytes, {} pages received): \
+             that epoch is discarded; the replica stays at epoch {last}",
+            p.epoch,
+            p.bytes,
+            p.pages
+        );
+    }
+    println!("backup: last committed epoch {last} ({committed} epochs)");
+    match got.error {
+        None => Ok(()),
+        Some(ReceiveError::Stream(e)) if e.is_truncation() => Err((
+            format!("the primary's stream broke: {e}; replica at epoch {last}"),
+            PEER_GONE,
+        )),
+        Some(ReceiveError::Stream(e @ doppel::stream::StreamError::Io { .. })) => Err((
+            format!("the primary's connection failed: {e}; replica at epoch {last}"),
+            PEER_GONE,
+        )),
+        Some(e @ (ReceiveError::Replica(_) | ReceiveError::Ack { .. })) => Err((e.to_string(), IO)),
+        Some(e) => Err((format!("{e}; replica at epoch {last}"), INVALID)),
+    }
+}
+
+pub fn inspect(a: InspectArgs) -> Res {
+    let io = |what: String| move |e: std::io::Error| (format!("{what}: {e}"), IO);
+    if let Some(path) = &a.machine_ram {
+        let m = MachineRam::open(path).map_err(machine_err)?;
+        let c = m.find_control().map_err(machine_err)?;
+        println!("{}", c.describe());
+        if let Some(out) = &a.last_vcpu_out {
+            let (epoch, blob) = last_checkpoint_blob(&m, &c)?;
+            std::fs::write(out, &blob).map_err(io(out.display().to_string()))?;
+            println!(
+                "last checkpoint: epoch {epoch}, vcpu blob {} bytes -> {}",
+                blob.len(),
+                out.display()
+            );
+        }
+    }
+    if let Some(dir) = &a.replica {
+        let image = dir.join("memory.img");
+        let len = std::fs::metadata(&image)
+            .map_err(io(image.display().to_string()))?
+            .len();
+        let rep = Replica::open_file(&image, len / PAGE_SIZE).map_err(|e| (e.to_string(), IO))?;
+        let s = rep.state();
+        println!(
+            "replica {}: {} pages, {} committed epochs, vcpu blob {} bytes, {} params",
+            dir.display(),
+            rep.pages(),
+            s.committed,
+            s.hvm_context.len(),
+            s.params.len()
+        );
+        if let Some(out) = &a.vcpu_out {
+            std::fs::write(out, &s.hvm_context).map_err(io(out.display().to_string()))?;
+        }
+    }
+    Ok(())
+}
+
+/// The vCPU blob of the last event on the event ring (slot req_prod - 1),
+/// checked like the primary checks it.
+fn last_checkpoint_blob(m: &MachineRam, c: &Control) -> Result<(u64, Vec<u8>), (String, u8)> {
+    let win = m.window(c.at as usize);
+    let (eo, es) = c.view.region(Field::EventRing);
+    let slot = slot_size::<EventEntry, EventAck>();
+    let l = RingLayout::new(win.size(), eo, es, slot).map_err(|e| (format!("{e:?}"), INVALID))?;
+    let prod = win.load_u32(eo + REQ_PROD);
+    if prod == 0 {
+        return Err(("no event was ever posted on the event ring".into(), INVALID));
+    }
+    let idx = (prod.wrapping_sub(1) & (l.entries() - 1)) as usize;
+    let mut e = EventEntry::new_zeroed();
+    win.read_bytes(
+        eo + 64 + idx * slot,
+        zerocopy::IntoBytes::as_mut_bytes(&mut e),
+    );
+    let bad = |m: String| (m, INVALID);
+    match e.decode().map_err(|e| bad(format!("last event: {e:?}")))? {
+        Event::CheckpointReady(ck) => {
+            c.view
+                .check_checkpoint(&ck)
+                .map_err(|e| bad(doppel::machine::describe(e)))?;
+            let mut blob = vec![0u8; ck.vcpu.len as usize];
+            win.read_bytes(ck.vcpu.offset as usize, &mut blob);
+            Ok((ck.epoch, blob))
+        }
+        other => Err(bad(format!(
+            "the last event is not a checkpoint: {other:?}"
+        ))),
+    }
+}
+
+pub fn sim_hv(a: SimArgs) -> Res {
+    let spec = SimSpec {
+        guest_pages: a.guest_pages,
+        epochs: a.epochs,
+        dirty: a.dirty,
+        seed: a.seed,
+        ..SimSpec::default()
+    };
+    let sim = Sim::create(&a.machine_ram, spec).map_err(|e| (e.to_string(), IO))?;
+    println!(
+        "sim-hv: control area published in {}",
+        a.machine_ram.display()
+    );
+    let _ = std::io::stdout().flush();
+    let r = sim.run(&AtomicBool::new(false));
+    println!("sim-hv: posted {} committed {}", r.posted, r.committed);
+    match r.error {
+        None => Ok(()),
+        Some(e) => Err((format!("sim-hv: {e}"), INVALID)),
+    }
+}

@@ -1,0 +1,584 @@
+//! The primary side: serve the hypervisor's rings, turn each staged
+//! checkpoint into libxc records, ship it, and release the epoch once the
+//! backup has committed it.
+//!
+//! Protocol (docs/REPLICATION.md):
+//! 1. `LogDirtyEnable{WriteProtect}` on the command ring; its response must
+//!    be `Done` (an errno is reported by name).
+//! 2. Per `CheckpointReady` event (epochs 0, 1, 2, ... in order; epoch 0
+//!    carries every guest pfn exactly once, later epochs distinct pfns):
+//!    check its spans against the control view, copy pfn list, pages and
+//!    the HVM context blob out of machine memory, validate them, write
+//!    PAGE_DATA* X86_TSC_INFO HVM_CONTEXT HVM_PARAMS CHECKPOINT, flush.
+//! 3. With a backup: wait for its ack of that epoch on the back channel.
+//! 4. Push the `EventAck` (frees the staging area), then
+//!    `CommitEpoch{epoch}` and wait for `Done` (output release).
+//!
+//! There are no interrupts between the emulated machine and this process:
+//! both rings are polled (spin briefly, then sleep 1 ms), with the rings'
+//! final-check rule applied before every sleep.
+
+use std::io::{Read, Write};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use doppel_abi::control::{AbiError, Field};
+use doppel_abi::msg::{Ack, CheckpointReady, LogDirtyMode, Reply};
+use doppel_abi::ring::RingError;
+use doppel_abi::{
+    AtomicMem64, Command, CommandFront, DecodeError, Errno, Event, EventBack, SharedMem,
+};
+
+use crate::ack::{AckReader, BackMsg};
+use crate::machine::{describe, Control, MachineRam, PAGE};
+use crate::stream::{OutPage, StreamError, StreamWriter, TscInfo};
+
+/// Xen version written in the domain header (the verifier's reference).
+pub const XEN_MAJOR: u32 = crate::synth::XEN_MAJOR;
+pub const XEN_MINOR: u32 = crate::synth::XEN_MINOR;
+
+/// Most vCPUs a context blob may describe.
+pub const MAX_VCPUS: usize = 64;
+
+/// Why the primary stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum PrimaryError {
+    #[error("{0}")]
+    Machine(#[from] crate::machine::MachineError),
+    #[error("{ring} ring: {}", ring_text(*.err))]
+    Ring { ring: &'static str, err: RingError },
+    #[error("{what} from the hypervisor does not decode: {}", decode_text(*.err))]
+    Decode {
+        what: &'static str,
+        err: DecodeError,
+    },
+    #[error("{cmd} failed in the hypervisor: {}", errno_text(*.errno))]
+    CommandFailed { cmd: &'static str, errno: Errno },
+    #[error("{cmd}: the hypervisor answered {detail}")]
+    BadResponse { cmd: &'static str, detail: String },
+    #[error("checkpoint of epoch {epoch}: {}", describe(*.err))]
+    Span { epoch: u64, err: AbiError },
+    #[error("checkpoint for epoch {got} arrived, expected epoch {want} (epochs must come in order from 0)")]
+    EpochOrder { got: u64, want: u64 },
+    #[error("checkpoint of epoch {epoch}: {detail}")]
+    BadCheckpoint { epoch: u64, detail: String },
+    #[error("the hypervisor reported an error in epoch {epoch} (op {op}): {}", errno_text(*.errno))]
+    HypervisorError { epoch: u64, op: u32, errno: Errno },
+    #[error("the hypervisor stopped answering: no {what} within {secs} s")]
+    Timeout { what: String, secs: u64 },
+    #[error("{path}: the machine RAM file disappeared (hypervisor gone)")]
+    Gone { path: String },
+    #[error("sending epoch {epoch}: {source}")]
+    Send { epoch: u64, source: std::io::Error },
+    #[error("back channel, waiting for the ack of epoch {epoch}: {source}")]
+    Ack { epoch: u64, source: StreamError },
+    #[error("back channel: ack for epoch {got} while waiting for epoch {epoch}")]
+    WrongAck { epoch: u64, got: u64 },
+    #[error("back channel: the backup closed it before acknowledging epoch {epoch}")]
+    AckClosed { epoch: u64 },
+}
+
+impl PrimaryError {
+    /// Exit code of `doppel primary` for this error (see main.rs).
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            PrimaryError::Machine(crate::machine::MachineError::Io { .. }) => 3,
+            PrimaryError::Timeout { .. } | PrimaryError::Gone { .. } => 4,
+            PrimaryError::Send { .. } | PrimaryError::AckClosed { .. } => 5,
+            PrimaryError::Ack { source, .. }
+                if source.is_truncation() || matches!(source, StreamError::Io { .. }) =>
+            {
+                5
+            }
+            _ => 1,
+        }
+    }
+}
+
+fn ring_text(e: RingError) -> String {
+    match e {
+        RingError::PeerOverrun { prod, cons } => format!(
+            "the hypervisor's producer index is {prod} with our consumer at {cons}: \
+             a jump larger than the ring (misbehaving peer)"
+        ),
+        e => format!("{e:?}"),
+    }
+}
+
+fn decode_text(e: DecodeError) -> String {
+    match e {
+        DecodeError::UnknownOpcode(k) => format!("unknown opcode/kind {k}"),
+        DecodeError::ReservedNonZero(f) => format!("field {f} is reserved but not zero"),
+        DecodeError::OutOfRange(f) => format!("field {f} is out of range"),
+    }
+}
+
+/// `EINVAL (-22)`.
+pub fn errno_text(e: Errno) -> String {
+    let name = Errno::ALL
+        .iter()
+        .find(|(_, v)| *v == e)
+        .map_or("errno", |(n, _)| n);
+    format!("{name} (-{})", e.0)
+}
+
+/// Knobs of a primary run.
+#[derive(Clone, Debug)]
+pub struct PrimaryConfig {
+    /// Stop after this many committed epochs.
+    pub epochs: Option<u64>,
+    /// Longest wait for a command response.
+    pub reply_timeout: Duration,
+    /// Longest wait for the next checkpoint.
+    pub event_timeout: Duration,
+}
+
+impl Default for PrimaryConfig {
+    fn default() -> Self {
+        Self {
+            epochs: None,
+            reply_timeout: Duration::from_secs(30),
+            event_timeout: Duration::from_secs(120),
+        }
+    }
+}
+
+/// One committed epoch, for progress output.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EpochReport {
+    pub epoch: u64,
+    pub pages: u64,
+    /// Stream bytes of the epoch.
+    pub bytes: u64,
+    /// From picking up the event to the hypervisor's answer to CommitEpoch.
+    pub lag: Duration,
+}
+
+/// What a finished run did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Summary {
+    /// Epochs committed (released) in the hypervisor.
+    pub committed: u64,
+    pub pages: u64,
+    pub bytes: u64,
+}
+
+/// Where the stream goes: a backup (with its back channel) or a file.
+pub struct Output<W: Write, R: Read> {
+    writer: StreamWriter<W>,
+    acks: Option<AckReader<R>>,
+}
+
+impl<W: Write, R: Read> Output<W, R> {
+    /// Replicate to a backup: stream on `w`, acks read from `acks`
+    /// (already opened, expecting epoch 0 first).
+    pub fn backup(w: W, acks: AckReader<R>) -> Self {
+        Self {
+            writer: StreamWriter::new(w),
+            acks: Some(acks),
+        }
+    }
+
+    /// Write a capture (ends with END, no acks).
+    pub fn record(w: W) -> Self {
+        Self {
+            writer: StreamWriter::new(w),
+            acks: None,
+        }
+    }
+}
+
+/// Polls with a short spin, then 1 ms sleeps; watches the deadline and the
+/// machine file.
+struct Poll<'a> {
+    start: Instant,
+    limit: Duration,
+    spins: u32,
+    path: &'a Path,
+    last_stat: Instant,
+}
+
+impl<'a> Poll<'a> {
+    fn new(limit: Duration, path: &'a Path) -> Self {
+        let now = Instant::now();
+        Self {
+            start: now,
+            limit,
+            spins: 0,
+            path,
+            last_stat: now,
+        }
+    }
+
+    fn wait(&mut self, what: impl FnOnce() -> String) -> Result<(), PrimaryError> {
+        if self.spins < 200 {
+            self.spins += 1;
+            std::hint::spin_loop();
+            if self.spins.is_multiple_of(20) {
+                std::thread::yield_now();
+            }
+            return Ok(());
+        }
+        if self.start.elapsed() >= self.limit {
+            return Err(PrimaryError::Timeout {
+                what: what(),
+                secs: self.limit.as_secs(),
+            });
+        }
+        if self.last_stat.elapsed() >= Duration::from_secs(1) {
+            self.last_stat = Instant::now();
+            if !self.path.exists() {
+                return Err(PrimaryError::Gone {
+                    path: self.path.display().to_string(),
+                });
+            }
+        }
+        std::thread::sleep(Duration::from_millis(1));
+        Ok(())
+    }
+}
+
+/// The primary's state between epochs.
+pub struct Primary<'m> {
+    machine: &'m MachineRam,
+    ctl: Control,
+    win: AtomicMem64<'m>,
+    cmd: CommandFront<AtomicMem64<'m>>,
+    evt: EventBack<AtomicMem64<'m>>,
+    next_id: u32,
+    cfg: PrimaryConfig,
+    // Buffers reused across epochs.
+    pfn_bytes: Vec<u8>,
+    pages: Vec<u8>,
+    blob: Vec<u8>,
+    seen: Vec<u64>,
+}
+
+fn ring(ring: &'static str) -> impl Fn(RingError) -> PrimaryError {
+    move |err| PrimaryError::Ring { ring, err }
+}
+
+impl<'m> Primary<'m> {
+    /// Attach to the rings of a validated control area. The command ring
+    /// must be unused (this tool is its only front end).
+    pub fn attach(
+        machine: &'m MachineRam,
+        ctl: Control,
+        cfg: PrimaryConfig,
+    ) -> Result<Self, PrimaryError> {
+        let win = machine.window(ctl.at as usize);
+        let (co, cs) = ctl.view.region(Field::CommandRing);
+        let (eo, es) = ctl.view.region(Field::EventRing);
+        let used = win.load_u32(co + doppel_abi::ring::REQ_PROD);
+        if used != 0 {
+            return Err(PrimaryError::BadResponse {
+                cmd: "attach",
+                detail: format!(
+                    "a command ring already in use (req_prod = {used}); \
+                     another primary attached, or a stale control area"
+                ),
+            });
+        }
+        let cmd = CommandFront::attach(win, co, cs).map_err(ring("command"))?;
+        let evt = EventBack::attach(win, eo, es).map_err(ring("event"))?;
+        let pages = ctl.guest_pages() as usize;
+        Ok(Self {
+            machine,
+            ctl,
+            win,
+            cmd,
+            evt,
+            next_id: 1,
+            cfg,
+            pfn_bytes: Vec::new(),
+            pages: Vec::new(),
+            blob: Vec::new(),
+            seen: vec![0; pages.div_ceil(64)],
+        })
+    }
+
+    /// The control area in use.
+    pub fn control(&self) -> &Control {
+        &self.ctl
+    }
+
+    /// Send one command and wait for its answer.
+    pub fn command(&mut self, cmd: Command, name: &'static str) -> Result<Reply, PrimaryError> {
+        let id = self.next_id;
+        self.next_id = self.next_id.wrapping_add(1);
+        self.cmd
+            .push_request(&cmd.encode(id))
+            .map_err(ring("command"))?;
+        // No notification path exists: the hypervisor polls req_prod.
+        let _ = self.cmd.publish_requests();
+        let mut poll = Poll::new(self.cfg.reply_timeout, self.machine.path());
+        let rsp = loop {
+            if let Some(r) = self.cmd.pop_response().map_err(ring("command"))? {
+                break r;
+            }
+            if self
+                .cmd
+                .final_check_for_responses()
+                .map_err(ring("command"))?
+            {
+                continue;
+            }
+            poll.wait(|| format!("answer to {name}"))?;
+        };
+        let rsp = rsp.decode().map_err(|err| PrimaryError::Decode {
+            what: "command response",
+            err,
+        })?;
+        if rsp.id != id || rsp.op != cmd.opcode() {
+            return Err(PrimaryError::BadResponse {
+                cmd: name,
+                detail: format!(
+                    "op {} id {} (expected op {} id {id})",
+                    rsp.op,
+                    rsp.id,
+                    cmd.opcode()
+                ),
+            });
+        }
+        rsp.result
+            .map_err(|errno| PrimaryError::CommandFailed { cmd: name, errno })
+    }
+
+    fn expect_done(&mut self, cmd: Command, name: &'static str) -> Result<(), PrimaryError> {
+        match self.command(cmd, name)? {
+            Reply::Done => Ok(()),
+            other => Err(PrimaryError::BadResponse {
+                cmd: name,
+                detail: format!("{other:?} (expected Done)"),
+            }),
+        }
+    }
+
+    /// Wait for the next event entry (copied out, not decoded).
+    fn next_event(&mut self, want: u64) -> Result<doppel_abi::EventEntry, PrimaryError> {
+        let mut poll = Poll::new(self.cfg.event_timeout, self.machine.path());
+        loop {
+            if let Some(e) = self.evt.pop_request().map_err(ring("event"))? {
+                return Ok(e);
+            }
+            if self.evt.final_check_for_requests().map_err(ring("event"))? {
+                continue;
+            }
+            poll.wait(|| format!("checkpoint for epoch {want}"))?;
+        }
+    }
+
+    fn ack_event(&mut self, kind: u32, seq: u32, epoch: u64, result: Result<(), Errno>) {
+        let a = Ack {
+            kind,
+            seq,
+            epoch,
+            result,
+        };
+        // The hypervisor posts one event per free slot, and we answer each
+        // event we consumed exactly once, so there is always an unanswered
+        // request here.
+        if self.evt.push_response(&a.encode()).is_ok() {
+            let _ = self.evt.publish_responses();
+        }
+    }
+
+    /// Copy and check one checkpoint's parts out of machine memory.
+    fn take_checkpoint(&mut self, c: &CheckpointReady) -> Result<(), PrimaryError> {
+        let epoch = c.epoch;
+        let bad = |detail: String| PrimaryError::BadCheckpoint { epoch, detail };
+        self.ctl
+            .view
+            .check_checkpoint(c)
+            .map_err(|err| PrimaryError::Span { epoch, err })?;
+        let guest_pages = self.ctl.guest_pages();
+        let n = c.dirty_count;
+        if n > guest_pages {
+            return Err(bad(format!(
+                "dirty_count {n} exceeds the guest's {guest_pages} pages"
+            )));
+        }
+        if epoch == 0 && n != guest_pages {
+            return Err(bad(format!(
+                "epoch 0 must carry every guest page: dirty_count {n}, guest has {guest_pages}"
+            )));
+        }
+        // Spans are inside their regions, which are inside the mapping.
+        self.pfn_bytes.resize(c.pfn_list.len as usize, 0);
+        self.win
+            .read_bytes(c.pfn_list.offset as usize, &mut self.pfn_bytes);
+        self.seen.fill(0);
+        for (i, w) in self.pfn_bytes.chunks_exact(8).enumerate() {
+            let pfn = u64::from_le_bytes(w.try_into().expect("8 bytes"));
+            if pfn >= guest_pages {
+                return Err(bad(format!(
+                    "pfn_list[{i}] = {pfn:#x} is beyond the guest ({guest_pages} pages)"
+                )));
+            }
+            let (word, bit) = ((pfn / 64) as usize, 1u64 << (pfn % 64));
+            if self.seen[word] & bit != 0 {
+                return Err(bad(format!("pfn_list[{i}] = {pfn:#x} appears twice")));
+            }
+            self.seen[word] |= bit;
+        }
+        self.pages.resize(c.pages.len as usize, 0);
+        self.win
+            .read_bytes(c.pages.offset as usize, &mut self.pages);
+        self.blob.resize(c.vcpu.len as usize, 0);
+        self.win.read_bytes(c.vcpu.offset as usize, &mut self.blob);
+        Ok(())
+    }
+
+    fn tsc_info(&self, epoch: u64) -> Result<TscInfo, PrimaryError> {
+        let d = doppel_core::hvm::decode::<MAX_VCPUS>(&self.blob).map_err(|e| {
+            PrimaryError::BadCheckpoint {
+                epoch,
+                detail: format!("the HVM context blob (vcpu span) does not decode: {e:?}"),
+            }
+        })?;
+        let khz = d.header.gtsc_khz;
+        let tsc = d.vcpus.first().map_or(0, |(_, v)| v.tsc);
+        let nsec = if khz == 0 {
+            0
+        } else {
+            (u128::from(tsc) * 1_000_000 / u128::from(khz)).min(u128::from(u64::MAX)) as u64
+        };
+        Ok(TscInfo {
+            mode: 0,
+            khz,
+            nsec,
+            incarnation: 0,
+        })
+    }
+
+    /// Run: enable log-dirty, then ship checkpoints until `cfg.epochs` are
+    /// committed (or an error). `progress` runs after every commit.
+    pub fn run<W: Write, R: Read>(
+        &mut self,
+        out: &mut Output<W, R>,
+        mut progress: impl FnMut(&EpochReport),
+    ) -> Result<Summary, PrimaryError> {
+        let mut sum = Summary::default();
+        let send = |epoch| move |source| PrimaryError::Send { epoch, source };
+        out.writer
+            .headers(XEN_MAJOR, XEN_MINOR)
+            .and_then(|_| out.writer.static_data_end())
+            .map_err(send(0))?;
+        self.expect_done(
+            Command::LogDirtyEnable {
+                mode: LogDirtyMode::WriteProtect,
+            },
+            "LogDirtyEnable",
+        )?;
+        tracing::info!(
+            "log-dirty enabled; guest of {} pages at machine {:#x}",
+            self.ctl.guest_pages(),
+            self.ctl.guest_ram().offset
+        );
+        let mut want = 0u64;
+        while self.cfg.epochs.is_none_or(|n| sum.committed < n) {
+            let entry = self.next_event(want)?;
+            let t0 = Instant::now();
+            let ev = match entry.decode() {
+                Ok(ev) => ev,
+                Err(err) => {
+                    self.ack_event(entry.kind, entry.seq, entry.epoch, Err(err.errno()));
+                    return Err(PrimaryError::Decode { what: "event", err });
+                }
+            };
+            let c = match ev {
+                Event::CheckpointReady(c) => c,
+                Event::OutputAvailable { epoch, bytes } => {
+                    tracing::debug!("output available: epoch {epoch}, {bytes} bytes");
+                    self.ack_event(entry.kind, entry.seq, epoch, Ok(()));
+                    continue;
+                }
+                Event::Error { epoch, op, errno } => {
+                    self.ack_event(entry.kind, entry.seq, epoch, Ok(()));
+                    return Err(PrimaryError::HypervisorError { epoch, op, errno });
+                }
+            };
+            if c.epoch != want {
+                self.ack_event(entry.kind, entry.seq, c.epoch, Err(Errno::EINVAL));
+                return Err(PrimaryError::EpochOrder { got: c.epoch, want });
+            }
+            let tsc = match self
+                .take_checkpoint(&c)
+                .and_then(|_| self.tsc_info(c.epoch))
+            {
+                Ok(t) => t,
+                Err(e) => {
+                    let errno = match &e {
+                        PrimaryError::Span { .. } => Errno::EFAULT,
+                        _ => Errno::EINVAL,
+                    };
+                    self.ack_event(entry.kind, entry.seq, c.epoch, Err(errno));
+                    return Err(e);
+                }
+            };
+            let before = out.writer.bytes();
+            let batch: Vec<OutPage<'_>> = self
+                .pfn_bytes
+                .chunks_exact(8)
+                .zip(self.pages.chunks_exact(PAGE))
+                .map(|(w, d)| OutPage {
+                    pfn: u64::from_le_bytes(w.try_into().expect("8 bytes")),
+                    data: Some(d),
+                })
+                .collect();
+            let w = &mut out.writer;
+            w.page_data(&batch)
+                .and_then(|_| w.tsc_info(&tsc))
+                .and_then(|_| w.hvm_context(&self.blob))
+                .and_then(|_| w.hvm_params(&[]))
+                .and_then(|_| w.checkpoint())
+                .and_then(|_| w.flush())
+                .map_err(send(c.epoch))?;
+            let bytes = out.writer.bytes() - before;
+            if let Some(acks) = &mut out.acks {
+                loop {
+                    match acks.next_msg() {
+                        Ok(BackMsg::Ack(k)) if k == c.epoch => break,
+                        Ok(BackMsg::Ack(got)) => {
+                            return Err(PrimaryError::WrongAck {
+                                epoch: c.epoch,
+                                got,
+                            })
+                        }
+                        Ok(BackMsg::State(s)) => tracing::debug!("backup state {s}"),
+                        Ok(BackMsg::End) => return Err(PrimaryError::AckClosed { epoch: c.epoch }),
+                        Err(source) => {
+                            return Err(PrimaryError::Ack {
+                                epoch: c.epoch,
+                                source,
+                            })
+                        }
+                    }
+                }
+            }
+            self.ack_event(entry.kind, entry.seq, c.epoch, Ok(()));
+            self.expect_done(Command::CommitEpoch { epoch: c.epoch }, "CommitEpoch")?;
+            sum.committed += 1;
+            sum.pages += c.dirty_count;
+            sum.bytes += bytes;
+            progress(&EpochReport {
+                epoch: c.epoch,
+                pages: c.dirty_count,
+                bytes,
+                lag: t0.elapsed(),
+            });
+            want += 1;
+        }
+        out.writer
+            .end()
+            .and_then(|_| out.writer.flush())
+            .map_err(send(want))?;
+        if let Some(acks) = &mut out.acks {
+            match acks.next_msg() {
+                Ok(BackMsg::End) => tracing::debug!("backup closed the back channel"),
+                other => tracing::warn!("back channel after END: {other:?}"),
+            }
+        }
+        Ok(sum)
+    }
+}
