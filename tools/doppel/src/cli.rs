@@ -15,10 +15,8 @@ use doppel::primary::{EpochReport, Output, Primary, PrimaryConfig};
 use doppel::replica::Replica;
 use doppel::sim::{Sim, SimSpec};
 use doppel_abi::control::Field;
-use doppel_abi::msg::{EventEntry, PAGE_SIZE};
-use doppel_abi::ring::{slot_size, RingLayout, REQ_PROD};
-use doppel_abi::{Event, EventAck, SharedMem};
-use zerocopy::FromZeros;
+use doppel_abi::msg::PAGE_SIZE;
+use doppel_abi::SharedMem;
 
 type Res = Result<(), (String, u8)>;
 
@@ -315,10 +313,10 @@ pub fn inspect(a: InspectArgs) -> Res {
         let c = m.find_control().map_err(machine_err)?;
         println!("{}", c.describe());
         if let Some(out) = &a.last_vcpu_out {
-            let (epoch, blob) = last_checkpoint_blob(&m, &c)?;
+            let blob = last_checkpoint_blob(&m, &c)?;
             std::fs::write(out, &blob).map_err(io(out.display().to_string()))?;
             println!(
-                "last checkpoint: epoch {epoch}, vcpu blob {} bytes -> {}",
+                "last checkpoint: vcpu blob {} bytes -> {}",
                 blob.len(),
                 out.display()
             );
@@ -346,37 +344,35 @@ pub fn inspect(a: InspectArgs) -> Res {
     Ok(())
 }
 
-/// The vCPU blob of the last event on the event ring (slot req_prod - 1),
-/// checked like the primary checks it.
-fn last_checkpoint_blob(m: &MachineRam, c: &Control) -> Result<(u64, Vec<u8>), (String, u8)> {
+/// The HVM context blob in the vCPU area: the last checkpoint's (the
+/// hypervisor rewrites the area only for the next checkpoint). The event
+/// itself cannot be read back: in Xen's ring the ack takes the event's slot.
+/// The blob is self-delimiting (descriptors up to END) and is decoded like
+/// the primary decodes it.
+fn last_checkpoint_blob(m: &MachineRam, c: &Control) -> Result<Vec<u8>, (String, u8)> {
+    let bad = |what: String| (format!("vCPU area: {what}"), INVALID);
     let win = m.window(c.at as usize);
-    let (eo, es) = c.view.region(Field::EventRing);
-    let slot = slot_size::<EventEntry, EventAck>();
-    let l = RingLayout::new(win.size(), eo, es, slot).map_err(|e| (format!("{e:?}"), INVALID))?;
-    let prod = win.load_u32(eo + REQ_PROD);
-    if prod == 0 {
-        return Err(("no event was ever posted on the event ring".into(), INVALID));
-    }
-    let idx = (prod.wrapping_sub(1) & (l.entries() - 1)) as usize;
-    let mut e = EventEntry::new_zeroed();
-    win.read_bytes(
-        eo + 64 + idx * slot,
-        zerocopy::IntoBytes::as_mut_bytes(&mut e),
-    );
-    let bad = |m: String| (m, INVALID);
-    match e.decode().map_err(|e| bad(format!("last event: {e:?}")))? {
-        Event::CheckpointReady(ck) => {
-            c.view
-                .check_checkpoint(&ck)
-                .map_err(|e| bad(doppel::machine::describe(e)))?;
-            let mut blob = vec![0u8; ck.vcpu.len as usize];
-            win.read_bytes(ck.vcpu.offset as usize, &mut blob);
-            Ok((ck.epoch, blob))
+    let (vo, vs) = c.view.region(Field::VcpuArea);
+    let mut area = vec![0u8; vs];
+    win.read_bytes(vo, &mut area);
+    let mut at = 0usize;
+    loop {
+        let d = area
+            .get(at..at + 8)
+            .ok_or_else(|| bad("no END descriptor".into()))?;
+        let code = u16::from_le_bytes([d[0], d[1]]);
+        let len = u32::from_le_bytes([d[4], d[5], d[6], d[7]]) as usize;
+        at = at
+            .checked_add(8 + len)
+            .filter(|&e| e <= vs)
+            .ok_or_else(|| bad("a record runs past the area".into()))?;
+        if code == 0 {
+            break;
         }
-        other => Err(bad(format!(
-            "the last event is not a checkpoint: {other:?}"
-        ))),
     }
+    let blob = area[..at].to_vec();
+    doppel_core::hvm::decode::<64>(&blob).map_err(|e| bad(format!("{e:?}")))?;
+    Ok(blob)
 }
 
 pub fn sim_hv(a: SimArgs) -> Res {

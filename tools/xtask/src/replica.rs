@@ -5,7 +5,7 @@
 //!   and `doppel primary --record` as separate processes sharing a machine
 //!   RAM file; Xen's verify-stream-v2 must accept the 5-epoch capture.
 //! - `replica-qemu-svm`: QEMU (SVM) runs the hypervisor in `mode=primary`
-//!   with its RAM in /dev/shm; primary and backup replicate 20 epochs over
+//!   with its RAM in /dev/shm; primary and backup replicate 21 epochs over
 //!   loopback; the replica's memory must equal the guest RAM bytes in the
 //!   RAM file and its vCPU blob the last checkpoint's, byte for byte.
 //! - `xen-verify-capture`: `doppel primary --record` of 5 epochs from the
@@ -23,9 +23,11 @@ use crate::emu::{self, RunSpec, Running};
 use crate::test::{cargo, Ctx};
 use crate::Emulator;
 
-/// Epochs per guest pass (`epochs=4`) give 20 checkpoints in total.
+/// Epochs per guest pass (`epochs=4`) give 20 checkpoints, and the primary
+/// takes one more when the guest stops (DONE), so the last committed
+/// checkpoint is the memory the guest is paused with.
 const CMDLINE: &str = "mode=primary epochs=4";
-const EPOCHS: u64 = 20;
+const EPOCHS: u64 = 21;
 const MEM_MIB: u32 = 256;
 
 /// A child process killed when dropped.

@@ -158,11 +158,8 @@ impl ControlArea {
         let words: &'static [AtomicU64] =
             unsafe { core::slice::from_raw_parts(pa as *const AtomicU64, (size / 8) as usize) };
         let all = AtomicMem64::new(words);
-        doppel_abi::SharedMem::write_bytes(&all, 0, zerocopy::IntoBytes::as_bytes(&h));
         // Our own header must pass the tool's checks.
-        let mut hdr = [0u8; doppel_abi::control::HEADER_SIZE];
-        doppel_abi::SharedMem::read_bytes(&all, 0, &mut hdr);
-        let view = validate_header(&hdr, size as usize)
+        let view = validate_header(zerocopy::IntoBytes::as_bytes(&h), size as usize)
             .map_err(|_| "own control header does not validate")?;
         let ring_words = |f: Field| -> &'static [AtomicU64] {
             let (off, len) = view.region(f);
@@ -189,6 +186,14 @@ impl ControlArea {
         )
         .map_err(|_| "event ring layout")?
         .init_shared(&evt_mem);
+        // Publish: the header without its magic, then (rings ready) a
+        // release fence and the magic, so a tool that finds the magic finds
+        // initialised rings behind it.
+        let mut unpublished = h;
+        unpublished.magic = 0;
+        doppel_abi::SharedMem::write_bytes(&all, 0, zerocopy::IntoBytes::as_bytes(&unpublished));
+        doppel_abi::SharedMem::fence_release(&all);
+        doppel_abi::SharedMem::write_bytes(&all, 0, &h.magic.to_le_bytes());
         let cmd = CommandBack::attach(cmd_mem, 0, bytes(Field::CommandRing))
             .map_err(|_| "command ring")?;
         let evt =
@@ -421,11 +426,15 @@ impl EpochSink for ControlArea {
         log::info!(
             "primary: checkpoint epoch={} pattern={} dirty={} exits={}",
             self.next_epoch - 1,
-            e.pattern.name(),
+            e.pattern.map_or("stop", |p| p.name()),
             n,
             e.exits
         );
         Ok(())
+    }
+
+    fn checkpoint_at_stop(&self) -> bool {
+        true
     }
 
     fn resumed(&mut self, pause: Option<u64>) {

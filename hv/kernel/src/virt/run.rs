@@ -42,7 +42,9 @@ const MAX_EXITS: u64 = 5_000_000;
 pub struct EpochEnd<'a> {
     pub backend: &'static str,
     pub mode: Mode,
-    pub pattern: PatternId,
+    /// The guest's pattern, or `None` for the final checkpoint taken when
+    /// the guest stops.
+    pub pattern: Option<PatternId>,
     /// The guest's running epoch number.
     pub epoch: u64,
     /// The epoch's harvest (CLEAN): Xen's bitmap layout, one bit per pfn.
@@ -68,6 +70,12 @@ pub trait EpochSink {
     /// Tracking is re-armed and the guest resumes next; `pause` is the TSC
     /// cycles from guest stop to now (when measured).
     fn resumed(&mut self, _pause: Option<u64>) {}
+
+    /// Whether the guest's stop (DONE) ends one more epoch, so that what
+    /// the sink saw last is exactly the memory the guest stopped with.
+    fn checkpoint_at_stop(&self) -> bool {
+        false
+    }
 }
 
 /// Run the guest in `mode` until it says DONE (true when its status is 0
@@ -275,33 +283,9 @@ impl<'a, E: NestedEntry, V: Vcpu, S: EpochSink> Run<'a, E, V, S> {
                 let Some(pattern) = u8::try_from(r.rsi).ok().and_then(PatternId::from_u8) else {
                     return self.fail("EPOCH_END with an unknown pattern", exit);
                 };
-                if let Err(e) = self.harvest_epoch() {
+                if let Err(e) = self.end_epoch(exit, Some(pattern), r.rdi) {
                     return self.fail(e, exit);
                 }
-                // The checkpoint's vCPU resumes after the hypercall, with
-                // its result in RAX.
-                self.vcpu.regs().rax = 0;
-                let mut state = self.vcpu.state();
-                state.rax = 0;
-                if let Some(next) = exit.next_rip {
-                    state.rip = next;
-                }
-                let end = EpochEnd {
-                    backend: self.vcpu.backend(),
-                    mode: self.mode,
-                    pattern,
-                    epoch: r.rdi,
-                    harvest: &self.harvest,
-                    ram: self.ram,
-                    exits: self.exits,
-                    drains: self.drains,
-                    vcpu: state,
-                };
-                if let Err(e) = self.sink.epoch_end(&end) {
-                    return self.fail(e, exit);
-                }
-                self.exits = 0;
-                self.drains = 0;
                 if let Err(e) = self.arm(false) {
                     return self.fail(e, exit);
                 }
@@ -314,6 +298,11 @@ impl<'a, E: NestedEntry, V: Vcpu, S: EpochSink> Run<'a, E, V, S> {
             }
             hypercall::DONE => {
                 self.done_status = Some(r.rdi);
+                if self.sink.checkpoint_at_stop() {
+                    if let Err(e) = self.end_epoch(exit, None, r.rsi) {
+                        return self.fail(e, exit);
+                    }
+                }
                 Action::Stop
             }
             _ => {
@@ -321,6 +310,38 @@ impl<'a, E: NestedEntry, V: Vcpu, S: EpochSink> Run<'a, E, V, S> {
                 Action::Skip
             }
         }
+    }
+
+    /// Harvest the epoch and hand it to the sink with the vCPU as it
+    /// resumes: after the hypercall, its result (0) in RAX.
+    fn end_epoch(
+        &mut self,
+        exit: &VmExit,
+        pattern: Option<PatternId>,
+        epoch: u64,
+    ) -> Result<(), &'static str> {
+        self.harvest_epoch()?;
+        self.vcpu.regs().rax = 0;
+        let mut state = self.vcpu.state();
+        state.rax = 0;
+        if let Some(next) = exit.next_rip {
+            state.rip = next;
+        }
+        let end = EpochEnd {
+            backend: self.vcpu.backend(),
+            mode: self.mode,
+            pattern,
+            epoch,
+            harvest: &self.harvest,
+            ram: self.ram,
+            exits: self.exits,
+            drains: self.drains,
+            vcpu: state,
+        };
+        self.sink.epoch_end(&end)?;
+        self.exits = 0;
+        self.drains = 0;
+        Ok(())
     }
 
     /// The guest is stopped in this exit: drain, CLEAN into `harvest`.

@@ -123,7 +123,7 @@ impl EpochSink for Judge {
         self.pending = Some(Pending {
             backend: e.backend,
             mode: e.mode,
-            pattern: e.pattern.name(),
+            pattern: e.pattern.map_or("stop", |p| p.name()),
             epoch: e.epoch,
             check,
             exits: e.exits,
