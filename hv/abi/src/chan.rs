@@ -247,16 +247,26 @@ impl<M: SharedMem> ChannelProducer<M> {
     }
 
     /// Before sleeping for space: `Ok(true)` if `need` bytes are free now;
-    /// else set `cons_event = cons + 1`, full fence, check again.
+    /// else ask to be woken when the consumer's index reaches the point
+    /// where `need` bytes are free (`cons_event = prod_pvt + need - data`),
+    /// full fence, check again.
+    ///
+    /// The event names the index that frees enough space, not `cons + 1`:
+    /// with `cons + 1`, a consumer that advanced a little between our load
+    /// and our store would already have passed the event, and its later
+    /// publishes would never notify us (a lost wakeup).
     pub fn final_check_for_space(&mut self, need: usize) -> Result<bool, ChannelError> {
         if self.free()? as usize >= need {
             return Ok(true);
         }
-        let cons = self.mem.load_u32(self.layout.base + CONS);
-        self.mem
-            .store_u32(self.layout.base + CONS_EVENT, cons.wrapping_add(1));
+        let need = u32::try_from(need).map_err(|_| ChannelError::TooLarge)?;
+        let target = self
+            .prod_pvt
+            .wrapping_add(need)
+            .wrapping_sub(self.layout.data);
+        self.mem.store_u32(self.layout.base + CONS_EVENT, target);
         self.mem.fence_full();
-        Ok(self.free()? as usize >= need)
+        Ok(self.free()? as usize >= need as usize)
     }
 }
 

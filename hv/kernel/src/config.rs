@@ -15,6 +15,9 @@
 //!   tool (`doppel primary`).
 //! - `epochs=N` (1..=1000, default 4): epochs per pattern of the test guest.
 //! - `guest-mem=MiB` (8..=1024, even, default 64): self-test guest RAM.
+//! - `epoch-ticks=N` (1000..=10^10): also end a tracking epoch every N TSC
+//!   ticks with the backend's epoch timer (default: only the guest's own
+//!   epoch ends).
 //! - `broken=none|no-fault-mark|no-pml-drain`: run the self-test with a
 //!   deliberate bug, to show that it fails (default `none`).
 //!
@@ -69,6 +72,7 @@ pub struct Config {
     pub epochs: u32,
     pub guest_mem_mib: u32,
     pub broken: Option<Broken>,
+    pub epoch_ticks: Option<u64>,
 }
 
 impl Default for Config {
@@ -79,6 +83,7 @@ impl Default for Config {
             epochs: 4,
             guest_mem_mib: 64,
             broken: None,
+            epoch_ticks: None,
         }
     }
 }
@@ -122,7 +127,14 @@ impl Config {
                 return Err(ConfigError::NotKeyValue(word));
             };
             let bad = ConfigError::BadValue { key, value };
-            const KEYS: [&str; 5] = ["log", "mode", "epochs", "guest-mem", "broken"];
+            const KEYS: [&str; 6] = [
+                "log",
+                "mode",
+                "epochs",
+                "guest-mem",
+                "broken",
+                "epoch-ticks",
+            ];
             let Some(i) = KEYS.iter().position(|k| *k == key) else {
                 return Err(ConfigError::UnknownKey(key));
             };
@@ -162,6 +174,12 @@ impl Config {
                 "guest-mem" => {
                     cfg.guest_mem_mib = match value.parse::<u32>() {
                         Ok(n) if (8..=1024).contains(&n) && n % 2 == 0 => n,
+                        _ => return Err(bad),
+                    };
+                }
+                "epoch-ticks" => {
+                    cfg.epoch_ticks = match value.parse::<u64>() {
+                        Ok(n) if (1000..=10_000_000_000).contains(&n) => Some(n),
                         _ => return Err(bad),
                     };
                 }
@@ -219,6 +237,11 @@ mod tests {
         assert_eq!(c.guest_mem_mib, 128);
         assert_eq!(c.broken, Some(Broken::NoPmlDrain));
         assert_eq!(Config::parse("broken=none").unwrap().broken, None);
+        assert_eq!(
+            Config::parse("epoch-ticks=200000").unwrap().epoch_ticks,
+            Some(200_000)
+        );
+        assert!(Config::parse("epoch-ticks=10").is_err());
     }
 
     #[test]

@@ -87,6 +87,7 @@ extern "C" fn kmain(magic: u32, info_addr: usize) -> ! {
                 seed: 0x5eed_d0bb_e100,
                 broken: config.broken,
                 pause_cycles: true,
+                epoch_ticks: config.epoch_ticks,
             };
             let ok = if config.mode == Mode::Primary {
                 virt::primary(&mut enabled, &plan)

@@ -48,6 +48,8 @@ pub struct Epoch {
     pub missing: u64,
     pub extra: u64,
     pub exits: u64,
+    /// Tracking epochs the epoch timer ended inside this guest epoch.
+    pub timer_epochs: u64,
     /// The image marked the line as failing its checks.
     pub fail_mark: bool,
 }
@@ -120,6 +122,7 @@ impl Report {
                     missing: num(&f, "missing")?,
                     extra: num(&f, "extra")?,
                     exits: num(&f, "exits")?,
+                    timer_epochs: num(&f, "timer_epochs").unwrap_or(0),
                     fail_mark: body.split_whitespace().any(|w| w == "FAIL"),
                 })
             })();

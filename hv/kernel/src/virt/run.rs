@@ -32,6 +32,12 @@ pub struct Plan {
     pub broken: Option<Broken>,
     /// Measure the epoch-end pause in TSC cycles and print it.
     pub pause_cycles: bool,
+    /// End a tracking epoch every this many TSC ticks with the backend's
+    /// epoch timer (VMX-preemption timer, LAPIC timer on SVM), besides the
+    /// guest's own epoch ends. Each timer epoch harvests and re-arms
+    /// tracking while the guest is mid-pattern; the sink sees the union of
+    /// the harvests at the guest's next epoch end.
+    pub epoch_ticks: Option<u64>,
 }
 
 /// Upper bound on exits in one run, so a guest stuck in a loop of exits
@@ -53,6 +59,10 @@ pub struct EpochEnd<'a> {
     /// Dirty-tracking exits and PML drains in the epoch.
     pub exits: u64,
     pub drains: u64,
+    /// Timer-ended tracking epochs inside this epoch, and the sum of what
+    /// each tracking epoch harvested (see [`Plan::epoch_ticks`]).
+    pub timer_epochs: u64,
+    pub tracked_dirty: u64,
     /// The vCPU at the epoch end, RIP already past the hypercall.
     pub vcpu: VcpuState,
 }
@@ -103,6 +113,10 @@ struct Run<'a, E: NestedEntry, V: Vcpu, S: EpochSink> {
     sink: &'a mut S,
     log: DirtyTree,
     harvest: Vec<u8>,
+    /// Union of the timer epochs' harvests since the guest's last epoch end.
+    timer_union: Vec<u8>,
+    timer_epochs: u64,
+    tracked_dirty: u64,
     /// Dirty-tracking exits and PML drains in the current epoch.
     exits: u64,
     drains: u64,
@@ -122,6 +136,7 @@ impl<'a, E: NestedEntry, V: Vcpu, S: EpochSink> Run<'a, E, V, S> {
     ) -> Result<Self, &'static str> {
         let log = DirtyTree::new(ram.pages() - 1).map_err(|_| "dirty log")?;
         let harvest = vec![0u8; log.bitmap_len()];
+        let timer_union = vec![0u8; log.bitmap_len()];
         let mut r = Self {
             ram,
             table,
@@ -131,13 +146,37 @@ impl<'a, E: NestedEntry, V: Vcpu, S: EpochSink> Run<'a, E, V, S> {
             sink,
             log,
             harvest,
+            timer_union,
+            timer_epochs: 0,
+            tracked_dirty: 0,
             exits: 0,
             drains: 0,
             console: HVec::new(),
             done_status: None,
         };
         r.arm(true)?;
+        r.arm_epoch_timer()?;
         Ok(r)
+    }
+
+    /// (Re)start the epoch timer when the plan asks for timer epochs.
+    fn arm_epoch_timer(&mut self) -> Result<(), &'static str> {
+        match self.plan.epoch_ticks {
+            Some(t) if !self.vcpu.arm_timer(Some(t)) => Err("the backend has no epoch timer"),
+            _ => Ok(()),
+        }
+    }
+
+    /// The epoch timer fired: end a tracking epoch (harvest, re-arm) inside
+    /// the guest's epoch; its pages join the union the sink will see.
+    fn timer_epoch(&mut self) -> Result<(), &'static str> {
+        self.harvest_epoch()?;
+        for (u, h) in self.timer_union.iter_mut().zip(&self.harvest) {
+            *u |= *h;
+        }
+        self.timer_epochs += 1;
+        self.arm(false)?;
+        self.arm_epoch_timer()
     }
     /// Start (or re-start, after a harvest) tracking for the next epoch.
     fn arm(&mut self, first: bool) -> Result<(), &'static str> {
@@ -256,6 +295,10 @@ impl<'a, E: NestedEntry, V: Vcpu, S: EpochSink> Run<'a, E, V, S> {
                 Action::Skip
             }
             ExitKind::Hypercall => self.hypercall(exit),
+            ExitKind::Timer if self.plan.epoch_ticks.is_some() => match self.timer_epoch() {
+                Ok(()) => Action::Retry,
+                Err(e) => self.fail(e, exit),
+            },
             ExitKind::Timer | ExitKind::ExternalInterrupt => Action::Retry,
             ExitKind::Hlt => self.fail("guest halted before finishing", exit),
             ExitKind::Shutdown => self.fail("guest shut down (triple fault)", exit),
@@ -286,7 +329,7 @@ impl<'a, E: NestedEntry, V: Vcpu, S: EpochSink> Run<'a, E, V, S> {
                 if let Err(e) = self.end_epoch(exit, Some(pattern), r.rdi) {
                     return self.fail(e, exit);
                 }
-                if let Err(e) = self.arm(false) {
+                if let Err(e) = self.arm(false).and_then(|()| self.arm_epoch_timer()) {
                     return self.fail(e, exit);
                 }
                 let pause = self
@@ -321,6 +364,10 @@ impl<'a, E: NestedEntry, V: Vcpu, S: EpochSink> Run<'a, E, V, S> {
         epoch: u64,
     ) -> Result<(), &'static str> {
         self.harvest_epoch()?;
+        for (h, u) in self.harvest.iter_mut().zip(self.timer_union.iter_mut()) {
+            *h |= *u;
+            *u = 0;
+        }
         self.vcpu.regs().rax = 0;
         let mut state = self.vcpu.state();
         state.rax = 0;
@@ -336,11 +383,15 @@ impl<'a, E: NestedEntry, V: Vcpu, S: EpochSink> Run<'a, E, V, S> {
             ram: self.ram,
             exits: self.exits,
             drains: self.drains,
+            timer_epochs: self.timer_epochs,
+            tracked_dirty: self.tracked_dirty,
             vcpu: state,
         };
         self.sink.epoch_end(&end)?;
         self.exits = 0;
         self.drains = 0;
+        self.timer_epochs = 0;
+        self.tracked_dirty = 0;
         Ok(())
     }
 
@@ -367,9 +418,11 @@ impl<'a, E: NestedEntry, V: Vcpu, S: EpochSink> Run<'a, E, V, S> {
             }
             Mode::WriteProtect => {}
         }
-        self.log
+        let stats = self
+            .log
             .clean_bitmap(&mut self.harvest)
             .map_err(|_| "CLEAN failed")?;
+        self.tracked_dirty += stats.dirty_count;
         Ok(())
     }
 }

@@ -98,6 +98,8 @@ struct Pending {
     check: EpochCheck,
     exits: u64,
     drains: u64,
+    timer_epochs: u64,
+    tracked_dirty: u64,
 }
 
 impl Judge {
@@ -128,6 +130,8 @@ impl EpochSink for Judge {
             check,
             exits: e.exits,
             drains: e.drains,
+            timer_epochs: e.timer_epochs,
+            tracked_dirty: e.tracked_dirty,
         });
         Ok(())
     }
@@ -143,6 +147,8 @@ impl EpochSink for Judge {
                 exits: p.exits,
                 drains: p.drains,
                 pause_cycles: pause,
+                timer_epochs: p.timer_epochs,
+                tracked_dirty: p.tracked_dirty,
             };
             self.verdict.record(&line);
             console::print(format_args!("{line}\n"));
