@@ -159,6 +159,15 @@ impl<'a, E: NestedEntry, V: Vcpu, S: EpochSink> Run<'a, E, V, S> {
         Ok(r)
     }
 
+    /// Stop the epoch timer while an epoch end is handled. The LAPIC timer
+    /// counts host time too: left running through a harvest longer than its
+    /// period, it would fire before the guest ran again, every time.
+    fn stop_epoch_timer(&mut self) {
+        if self.plan.epoch_ticks.is_some() {
+            let _ = self.vcpu.arm_timer(None);
+        }
+    }
+
     /// (Re)start the epoch timer when the plan asks for timer epochs.
     fn arm_epoch_timer(&mut self) -> Result<(), &'static str> {
         match self.plan.epoch_ticks {
@@ -170,6 +179,7 @@ impl<'a, E: NestedEntry, V: Vcpu, S: EpochSink> Run<'a, E, V, S> {
     /// The epoch timer fired: end a tracking epoch (harvest, re-arm) inside
     /// the guest's epoch; its pages join the union the sink will see.
     fn timer_epoch(&mut self) -> Result<(), &'static str> {
+        self.stop_epoch_timer();
         self.harvest_epoch()?;
         for (u, h) in self.timer_union.iter_mut().zip(&self.harvest) {
             *u |= *h;
@@ -363,6 +373,7 @@ impl<'a, E: NestedEntry, V: Vcpu, S: EpochSink> Run<'a, E, V, S> {
         pattern: Option<PatternId>,
         epoch: u64,
     ) -> Result<(), &'static str> {
+        self.stop_epoch_timer();
         self.harvest_epoch()?;
         for (h, u) in self.harvest.iter_mut().zip(self.timer_union.iter_mut()) {
             *h |= *u;
