@@ -223,9 +223,7 @@ fn receive_inner<R: Read>(
                 if accepted & feature::XLZ4 != 0 {
                     reader.enable_xlz4();
                 }
-                tracing::info!(
-                    "primary asked for features {requested:#x}; accepted {accepted:#x}"
-                );
+                tracing::info!("primary asked for features {requested:#x}; accepted {accepted:#x}");
                 on_event(Event::Hello {
                     requested,
                     accepted,

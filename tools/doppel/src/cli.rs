@@ -333,9 +333,9 @@ pub fn backup(a: BackupArgs) -> Res {
             format!("the primary's connection failed: {e}; replica at epoch {last}"),
             PEER_GONE,
         )),
-        Some(e @ (ReceiveError::Replica(_) | ReceiveError::Ack { .. } | ReceiveError::Hello(_))) => {
-            Err((e.to_string(), IO))
-        }
+        Some(
+            e @ (ReceiveError::Replica(_) | ReceiveError::Ack { .. } | ReceiveError::Hello(_)),
+        ) => Err((e.to_string(), IO)),
         Some(e) => Err((format!("{e}; replica at epoch {last}"), INVALID)),
     }
 }
