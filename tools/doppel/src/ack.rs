@@ -63,6 +63,17 @@ impl<W: Write> AckWriter<W> {
         self.w.flush()
     }
 
+    /// Answer the primary's DOPPEL_HELLO with the accepted feature bits
+    /// (first record of the channel, before any ack).
+    pub fn features(&mut self, accepted: u64) -> io::Result<()> {
+        let mut out = Vec::with_capacity(24);
+        let mut body = [0u8; 16];
+        body[..8].copy_from_slice(&accepted.to_le_bytes());
+        rec_bytes(libxl_rec::DOPPEL_FEATURES, &body, &mut out);
+        self.w.write_all(&out)?;
+        self.w.flush()
+    }
+
     /// Close the channel with END.
     pub fn end(mut self) -> io::Result<W> {
         let mut out = Vec::new();
@@ -81,6 +92,9 @@ pub enum BackMsg {
     /// A bare checkpoint state other than SVM_READY (NEW, SVM_SUSPENDED,
     /// SVM_RESUMED).
     State(u32),
+    /// The backup's answer to DOPPEL_HELLO: the feature bits it accepts
+    /// (only as the first record).
+    Features(u64),
     /// The backup closed the channel.
     End,
 }
@@ -158,7 +172,10 @@ impl<R: Read> AckReader<R> {
             }
             let known = matches!(
                 rec.rtype,
-                libxl_rec::END | libxl_rec::CHECKPOINT_STATE | libxl_rec::DOPPEL_EPOCH_ACK
+                libxl_rec::END
+                    | libxl_rec::CHECKPOINT_STATE
+                    | libxl_rec::DOPPEL_EPOCH_ACK
+                    | libxl_rec::DOPPEL_FEATURES
             );
             if !known && rec.rtype & REC_TYPE_OPTIONAL == 0 {
                 return Err(if rec.rtype <= 4 {
@@ -191,6 +208,26 @@ impl<R: Read> AckReader<R> {
             };
             let bad_ack = |msg: String| StreamError::BadAck { rec, msg };
             match rec.rtype {
+                libxl_rec::DOPPEL_FEATURES => {
+                    if body.len() != 16 {
+                        return Err(bad_len("16"));
+                    }
+                    if rec.index != 0 {
+                        return Err(bad_ack(
+                            "DOPPEL_FEATURES is only allowed as the first record".into(),
+                        ));
+                    }
+                    let f = u64::from_le_bytes(body[..8].try_into().expect("8"));
+                    let res = u64::from_le_bytes(body[8..].try_into().expect("8"));
+                    if res != 0 {
+                        return Err(StreamError::Reserved {
+                            rec,
+                            field: "reserved",
+                            value: res,
+                        });
+                    }
+                    return Ok(BackMsg::Features(f));
+                }
                 libxl_rec::DOPPEL_EPOCH_ACK => {
                     if body.len() != 16 {
                         return Err(bad_len("16"));

@@ -8,6 +8,7 @@
 use std::io::Read;
 
 use crate::replica::{Replica, ReplicaError, StagedEpoch};
+use crate::stream::format::feature;
 use crate::stream::{Limits, Record, StreamError, StreamReader};
 
 /// Why a receive stopped early.
@@ -21,6 +22,8 @@ pub enum ReceiveError {
     StagedTooLarge { epoch: u64, limit: u64 },
     #[error("acknowledging epoch {epoch}: {source}")]
     Ack { epoch: u64, source: std::io::Error },
+    #[error("answering the primary's feature hello: {0}")]
+    Hello(std::io::Error),
 }
 
 /// Counts of one epoch.
@@ -133,6 +136,19 @@ pub struct Received {
     pub error: Option<ReceiveError>,
     /// The epoch that was being staged when the run stopped (discarded).
     pub partial: Option<EpochStats>,
+    /// Feature bits in use on this connection (`stream::format::feature`):
+    /// those the primary asked for in its hello and the backup offered.
+    pub features: u64,
+}
+
+/// What `receive_negotiated` reports to its caller.
+#[derive(Debug)]
+pub enum Event<'a> {
+    /// The primary's DOPPEL_HELLO arrived: answer it with `accepted` (its
+    /// request masked by the offer) before anything else.
+    Hello { requested: u64, accepted: u64 },
+    /// An epoch was committed: acknowledge it.
+    Commit(&'a EpochStats),
 }
 
 /// Receive a stream into `replica`. `on_commit(epoch)` runs after each
@@ -154,11 +170,39 @@ pub fn receive_opts<R: Read>(
     xlz4: bool,
     mut on_commit: impl FnMut(&EpochStats) -> std::io::Result<()>,
 ) -> Received {
+    let preset = if xlz4 { feature::XLZ4 } else { 0 };
+    receive_inner(input, replica, preset, 0, |ev| match ev {
+        Event::Hello { .. } => Ok(()),
+        Event::Commit(s) => on_commit(s),
+    })
+}
+
+/// Receive a live stream: a DOPPEL_HELLO first record is answered through
+/// `on_event` with the requested bits that are also in `offer`, and the
+/// accepted features are switched on for the rest of the stream. A stream
+/// without a hello is plain.
+pub fn receive_negotiated<R: Read>(
+    input: R,
+    replica: &mut Replica,
+    offer: u64,
+    on_event: impl FnMut(Event<'_>) -> std::io::Result<()>,
+) -> Received {
+    receive_inner(input, replica, 0, offer, on_event)
+}
+
+fn receive_inner<R: Read>(
+    input: R,
+    replica: &mut Replica,
+    preset: u64,
+    offer: u64,
+    mut on_event: impl FnMut(Event<'_>) -> std::io::Result<()>,
+) -> Received {
     let mut out = Received {
         epochs: Vec::new(),
         ended: false,
         error: None,
         partial: None,
+        features: preset,
     };
     let limits = Limits {
         guest_pages: replica.pages(),
@@ -166,12 +210,27 @@ pub fn receive_opts<R: Read>(
     let mut stager = Stager::for_guest(replica.pages());
     let r = (|| -> Result<(), ReceiveError> {
         let mut reader = StreamReader::open(input, limits)?;
-        if xlz4 {
+        if preset & feature::XLZ4 != 0 {
             reader.enable_xlz4();
         }
         loop {
             let before = reader.offset();
             let rec = reader.next_record()?;
+            if let Record::Hello(requested) = rec {
+                // The reader allows it only as the first record.
+                let accepted = requested & offer & feature::KNOWN;
+                out.features = accepted;
+                if accepted & feature::XLZ4 != 0 {
+                    reader.enable_xlz4();
+                }
+                tracing::info!("primary asked for features {requested:#x}; accepted {accepted:#x}");
+                on_event(Event::Hello {
+                    requested,
+                    accepted,
+                })
+                .map_err(ReceiveError::Hello)?;
+                continue;
+            }
             match stager.push(rec, reader.offset() - before)? {
                 Staged::More => {}
                 Staged::Epoch(e, stats) => {
@@ -179,7 +238,7 @@ pub fn receive_opts<R: Read>(
                     reader.recycle_pages(spare);
                     tracing::debug!("committed epoch {} ({} pages)", stats.epoch, stats.pages);
                     out.epochs.push(stats);
-                    on_commit(&stats).map_err(|source| ReceiveError::Ack {
+                    on_event(Event::Commit(&stats)).map_err(|source| ReceiveError::Ack {
                         epoch: stats.epoch,
                         source,
                     })?;
@@ -204,17 +263,33 @@ pub fn receive_opts<R: Read>(
 /// Serve one primary: receive its stream from `input` into `replica` and
 /// acknowledge every committed epoch on `ack_out` (the back channel).
 /// `on_commit` runs after each commit, before its ack is sent. The back
-/// channel is closed with END when the stream ended with END.
+/// channel is closed with END when the stream ended with END. Every
+/// feature this build knows is offered (see `serve_opts`).
 pub fn serve<R: Read, W: std::io::Write>(
     input: R,
     ack_out: W,
     replica: &mut Replica,
+    on_commit: impl FnMut(&EpochStats),
+) -> std::io::Result<Received> {
+    serve_opts(input, ack_out, replica, feature::KNOWN, on_commit)
+}
+
+/// `serve`, offering only the feature bits in `offer` (0: refuse
+/// compression; the primary then sends plain PAGE_DATA).
+pub fn serve_opts<R: Read, W: std::io::Write>(
+    input: R,
+    ack_out: W,
+    replica: &mut Replica,
+    offer: u64,
     mut on_commit: impl FnMut(&EpochStats),
 ) -> std::io::Result<Received> {
     let mut acks = crate::ack::AckWriter::new(ack_out)?;
-    let got = receive(input, replica, |s| {
-        on_commit(s);
-        acks.ack(s.epoch)
+    let got = receive_negotiated(input, replica, offer, |ev| match ev {
+        Event::Hello { accepted, .. } => acks.features(accepted),
+        Event::Commit(s) => {
+            on_commit(s);
+            acks.ack(s.epoch)
+        }
     });
     if got.ended {
         acks.end()?;

@@ -14,6 +14,7 @@ use doppel::machine::{Control, MachineError, MachineRam};
 use doppel::primary::{EpochReport, Output, Primary, PrimaryConfig};
 use doppel::replica::Replica;
 use doppel::sim::{Sim, SimSpec};
+use doppel::stream::format::feature;
 use doppel_abi::control::Field;
 use doppel_abi::msg::PAGE_SIZE;
 use doppel_abi::SharedMem;
@@ -59,6 +60,16 @@ pub struct PrimaryArgs {
     /// Seconds to wait for the backup's ack of an epoch.
     #[arg(long, default_value_t = 60, value_name = "SECS")]
     ack_timeout: u64,
+    /// Ask the backup for compressed page records (each page XORed with its
+    /// previous version, lz4). Sent as a hello right after the stream
+    /// headers; if the backup refuses, pages go plain. Not with --record
+    /// (captures stay Xen-valid).
+    #[arg(long, conflicts_with = "record")]
+    compress: bool,
+    /// Seconds to wait for the backup's answer to the --compress hello
+    /// (a backup too old to know it never answers).
+    #[arg(long, default_value_t = 10, value_name = "SECS")]
+    hello_timeout: u64,
 }
 
 #[derive(Args, Debug)]
@@ -80,6 +91,10 @@ pub struct BackupArgs {
     /// Seconds to wait for the primary to connect.
     #[arg(long, default_value_t = 300, value_name = "SECS")]
     accept_timeout: u64,
+    /// Refuse the primary's request for compressed page records (it then
+    /// sends plain PAGE_DATA).
+    #[arg(long)]
+    no_compress: bool,
 }
 
 #[derive(Args, Debug)]
@@ -192,7 +207,21 @@ pub fn primary(a: PrimaryArgs) -> Res {
         let back = conn.try_clone().map_err(io(addr.into()))?;
         let acks = AckReader::open(BufReader::new(back), 0)
             .map_err(|e| (format!("back channel from {addr}: {e}"), 5))?;
+        let sock = conn.try_clone().map_err(io(addr.into()))?;
         let mut out = Output::backup(BufWriter::with_capacity(1 << 20, conn), acks);
+        if a.compress {
+            let t = Duration::from_secs(a.hello_timeout);
+            sock.set_read_timeout(Some(t)).map_err(io(addr.into()))?;
+            let guest = p.control().guest_pages();
+            let got = out
+                .negotiate(feature::XLZ4, guest, t)
+                .map_err(|e| (e.to_string(), e.exit_code()))?;
+            if got & feature::XLZ4 == 0 {
+                tracing::warn!("the backup refused compression; sending plain PAGE_DATA");
+            }
+            sock.set_read_timeout(Some(Duration::from_secs(a.ack_timeout)))
+                .map_err(io(addr.into()))?;
+        }
         p.run(&mut out, progress_printer())
     };
     if std::io::stderr().is_terminal() {
@@ -204,6 +233,7 @@ pub fn primary(a: PrimaryArgs) -> Res {
                 "primary: committed {} epochs, {} pages, {} bytes",
                 s.committed, s.pages, s.bytes
             );
+            println!("{}", s.compression_line());
             Ok(())
         }
         Err(e) => Err((e.to_string(), e.exit_code())),
@@ -254,10 +284,12 @@ pub fn backup(a: BackupArgs) -> Res {
     let ack_out = conn.try_clone().map_err(io("socket".into()))?;
     let tty = std::io::stderr().is_terminal();
     let t0 = Instant::now();
-    let got = backup::serve(
+    let offer = if a.no_compress { 0 } else { feature::KNOWN };
+    let got = backup::serve_opts(
         BufReader::with_capacity(1 << 20, conn),
         ack_out,
         &mut rep,
+        offer,
         |s| {
             if tty {
                 eprint!(
@@ -301,7 +333,9 @@ pub fn backup(a: BackupArgs) -> Res {
             format!("the primary's connection failed: {e}; replica at epoch {last}"),
             PEER_GONE,
         )),
-        Some(e @ (ReceiveError::Replica(_) | ReceiveError::Ack { .. })) => Err((e.to_string(), IO)),
+        Some(
+            e @ (ReceiveError::Replica(_) | ReceiveError::Ack { .. } | ReceiveError::Hello(_)),
+        ) => Err((e.to_string(), IO)),
         Some(e) => Err((format!("{e}; replica at epoch {last}"), INVALID)),
     }
 }

@@ -6,6 +6,7 @@
 pub mod ack;
 pub mod backup;
 pub mod epoch;
+pub mod figures;
 pub mod machine;
 pub mod primary;
 pub mod replica;

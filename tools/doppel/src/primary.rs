@@ -31,7 +31,8 @@ use doppel_abi::{
 
 use crate::ack::{AckReader, BackMsg};
 use crate::machine::{describe, Control, MachineRam, PAGE};
-use crate::stream::{OutPage, StreamError, StreamWriter, TscInfo};
+use crate::stream::format::feature;
+use crate::stream::{OutPage, StreamError, StreamWriter, TscInfo, XorCache};
 
 /// Xen version written in the domain header (the verifier's reference).
 pub const XEN_MAJOR: u32 = crate::synth::XEN_MAJOR;
@@ -76,6 +77,13 @@ pub enum PrimaryError {
     WrongAck { epoch: u64, got: u64 },
     #[error("back channel: the backup closed it before acknowledging epoch {epoch}")]
     AckClosed { epoch: u64 },
+    #[error(
+        "the backup did not answer the feature hello (compression request) within {secs} s; \
+         a backup without compression support ignores it: run without --compress"
+    )]
+    HelloTimeout { secs: u64 },
+    #[error("the backup's answer to the feature hello is invalid: {detail}")]
+    BadHello { detail: String },
 }
 
 impl PrimaryError {
@@ -84,7 +92,9 @@ impl PrimaryError {
         match self {
             PrimaryError::Machine(crate::machine::MachineError::Io { .. }) => 3,
             PrimaryError::Timeout { .. } | PrimaryError::Gone { .. } => 4,
-            PrimaryError::Send { .. } | PrimaryError::AckClosed { .. } => 5,
+            PrimaryError::Send { .. }
+            | PrimaryError::AckClosed { .. }
+            | PrimaryError::HelloTimeout { .. } => 5,
             PrimaryError::Ack { source, .. }
                 if source.is_truncation() || matches!(source, StreamError::Io { .. }) =>
             {
@@ -150,6 +160,11 @@ pub struct EpochReport {
     pub pages: u64,
     /// Stream bytes of the epoch.
     pub bytes: u64,
+    /// Page contents of the epoch (4096 x pages).
+    pub page_raw: u64,
+    /// Bytes of its page records on the wire (PAGE_DATA or the compressed
+    /// record: headers, pfn words, data, padding).
+    pub page_wire: u64,
     /// From picking up the event to the hypervisor's answer to CommitEpoch.
     pub lag: Duration,
 }
@@ -161,12 +176,44 @@ pub struct Summary {
     pub committed: u64,
     pub pages: u64,
     pub bytes: u64,
+    /// Sum of `EpochReport::page_raw` / `page_wire`.
+    pub page_raw: u64,
+    pub page_wire: u64,
+    /// Whether the page records were compressed (negotiated).
+    pub compressed: bool,
+}
+
+impl Summary {
+    /// Raw page bytes per wire page byte (1.0 = no gain; plain PAGE_DATA is
+    /// slightly below 1 because of pfn words and headers).
+    pub fn ratio(&self) -> f64 {
+        if self.page_wire == 0 {
+            0.0
+        } else {
+            self.page_raw as f64 / self.page_wire as f64
+        }
+    }
+
+    /// `compression: raw=R wire=W ratio=X (xlz4|off)`, printed at exit.
+    pub fn compression_line(&self) -> String {
+        format!(
+            "compression: raw={} wire={} ratio={:.2} ({})",
+            self.page_raw,
+            self.page_wire,
+            self.ratio(),
+            if self.compressed { "xlz4" } else { "off" }
+        )
+    }
 }
 
 /// Where the stream goes: a backup (with its back channel) or a file.
 pub struct Output<W: Write, R: Read> {
     writer: StreamWriter<W>,
     acks: Option<AckReader<R>>,
+    /// Headers (and the hello) already written by `negotiate`.
+    started: bool,
+    /// Present when the backup accepted compressed page records.
+    xlz4: Option<XorCache>,
 }
 
 impl<W: Write, R: Read> Output<W, R> {
@@ -176,7 +223,65 @@ impl<W: Write, R: Read> Output<W, R> {
         Self {
             writer: StreamWriter::new(w),
             acks: Some(acks),
+            started: false,
+            xlz4: None,
         }
+    }
+
+    /// Ask the backup for `want` (`stream::format::feature` bits) before
+    /// anything else: writes the headers and DOPPEL_HELLO, then waits for
+    /// DOPPEL_FEATURES on the back channel (the caller bounds the wait, e.g.
+    /// with a socket read timeout; `timeout` is for the message). Returns
+    /// the accepted bits and switches them on. Not for captures.
+    pub fn negotiate(
+        &mut self,
+        want: u64,
+        guest_pages: u64,
+        timeout: Duration,
+    ) -> Result<u64, PrimaryError> {
+        let bad = |detail: String| PrimaryError::BadHello { detail };
+        let Some(acks) = &mut self.acks else {
+            return Err(bad("a capture has no backup to negotiate with".into()));
+        };
+        if self.started {
+            return Err(bad("negotiation must come before the first record".into()));
+        }
+        self.started = true;
+        let w = &mut self.writer;
+        w.headers(XEN_MAJOR, XEN_MINOR)
+            .and_then(|_| w.hello(want))
+            .and_then(|_| w.flush())
+            .map_err(|source| PrimaryError::Send { epoch: 0, source })?;
+        let got = match acks.next_msg() {
+            Ok(BackMsg::Features(f)) => f,
+            Ok(other) => return Err(bad(format!("{other:?} instead of DOPPEL_FEATURES"))),
+            Err(StreamError::Io { source, .. })
+                if matches!(
+                    source.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Err(PrimaryError::HelloTimeout {
+                    secs: timeout.as_secs(),
+                })
+            }
+            Err(e) => return Err(bad(e.to_string())),
+        };
+        if got & !want != 0 {
+            return Err(bad(format!(
+                "the backup accepted features {got:#x}, but only {want:#x} were asked for"
+            )));
+        }
+        if got & feature::XLZ4 != 0 {
+            self.xlz4 = Some(XorCache::new(guest_pages));
+        }
+        tracing::info!("backup accepted features {got:#x} (asked for {want:#x})");
+        Ok(got)
+    }
+
+    /// Whether page records go out compressed.
+    pub fn compressed(&self) -> bool {
+        self.xlz4.is_some()
     }
 
     /// Write a capture (ends with END, no acks).
@@ -184,6 +289,8 @@ impl<W: Write, R: Read> Output<W, R> {
         Self {
             writer: StreamWriter::new(w),
             acks: None,
+            started: false,
+            xlz4: None,
         }
     }
 }
@@ -458,12 +565,16 @@ impl<'m> Primary<'m> {
         out: &mut Output<W, R>,
         mut progress: impl FnMut(&EpochReport),
     ) -> Result<Summary, PrimaryError> {
-        let mut sum = Summary::default();
+        let mut sum = Summary {
+            compressed: out.xlz4.is_some(),
+            ..Summary::default()
+        };
         let send = |epoch| move |source| PrimaryError::Send { epoch, source };
-        out.writer
-            .headers(XEN_MAJOR, XEN_MINOR)
-            .and_then(|_| out.writer.static_data_end())
-            .map_err(send(0))?;
+        if !out.started {
+            out.started = true;
+            out.writer.headers(XEN_MAJOR, XEN_MINOR).map_err(send(0))?;
+        }
+        out.writer.static_data_end().map_err(send(0))?;
         self.expect_done(
             Command::LogDirtyEnable {
                 mode: LogDirtyMode::WriteProtect,
@@ -527,8 +638,15 @@ impl<'m> Primary<'m> {
                 })
                 .collect();
             let w = &mut out.writer;
-            w.page_data(&batch)
-                .and_then(|_| w.tsc_info(&tsc))
+            match &mut out.xlz4 {
+                Some(cache) => w.page_data_xlz4(&batch, cache),
+                None => w.page_data(&batch),
+            }
+            .map_err(send(c.epoch))?;
+            let page_wire = w.bytes() - before;
+            let page_raw = (batch.len() * PAGE) as u64;
+            drop(batch);
+            w.tsc_info(&tsc)
                 .and_then(|_| w.hvm_context(&self.blob))
                 .and_then(|_| w.hvm_params(&[]))
                 .and_then(|_| w.checkpoint())
@@ -546,6 +664,13 @@ impl<'m> Primary<'m> {
                             })
                         }
                         Ok(BackMsg::State(s)) => tracing::debug!("backup state {s}"),
+                        Ok(BackMsg::Features(f)) => {
+                            return Err(PrimaryError::BadHello {
+                                detail: format!(
+                                    "DOPPEL_FEATURES ({f:#x}) although no hello was sent"
+                                ),
+                            })
+                        }
                         Ok(BackMsg::End) => return Err(PrimaryError::AckClosed { epoch: c.epoch }),
                         Err(source) => {
                             return Err(PrimaryError::Ack {
@@ -561,10 +686,21 @@ impl<'m> Primary<'m> {
             sum.committed += 1;
             sum.pages += c.dirty_count;
             sum.bytes += bytes;
+            sum.page_raw += page_raw;
+            sum.page_wire += page_wire;
+            tracing::info!(
+                "epoch {}: {} pages, page bytes raw {page_raw} wire {page_wire} (ratio {:.2}), \
+                 stream {bytes} bytes",
+                c.epoch,
+                c.dirty_count,
+                page_raw as f64 / page_wire.max(1) as f64
+            );
             progress(&EpochReport {
                 epoch: c.epoch,
                 pages: c.dirty_count,
                 bytes,
+                page_raw,
+                page_wire,
                 lag: t0.elapsed(),
             });
             want += 1;

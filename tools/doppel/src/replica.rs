@@ -94,7 +94,7 @@ impl StagedEpoch {
                 self.bytes += c.len() as u64;
                 self.msr_policy = Some(c);
             }
-            Record::Checkpoint | Record::End | Record::StaticDataEnd => {}
+            Record::Checkpoint | Record::End | Record::StaticDataEnd | Record::Hello(_) => {}
         }
     }
 

@@ -170,3 +170,69 @@ fn truncations_and_damage_leave_whole_epochs() {
     }
     assert_eq!(refused, 8);
 }
+
+#[test]
+fn hello_is_only_the_first_record_and_features_only_the_first_answer() {
+    use doppel::ack::{AckReader, AckWriter, BackMsg};
+    use doppel::backup::{receive_negotiated, Event};
+    use doppel::stream::format::feature;
+    // A hello first: answered with the request masked by the offer.
+    for (offer, want) in [(feature::KNOWN, feature::XLZ4), (0, 0)] {
+        let mut w = StreamWriter::new(Vec::new());
+        w.headers(XEN_MAJOR, XEN_MINOR).unwrap();
+        w.hello(feature::XLZ4 | 0x80).unwrap();
+        w.static_data_end().unwrap();
+        w.end().unwrap();
+        let mut rep = Replica::in_memory(4);
+        let mut answers = Vec::new();
+        let got = receive_negotiated(&w.into_inner()[..], &mut rep, offer, |ev| {
+            if let Event::Hello {
+                requested,
+                accepted,
+            } = ev
+            {
+                answers.push((requested, accepted));
+            }
+            Ok(())
+        });
+        assert!(got.error.is_none(), "{:?}", got.error);
+        assert_eq!(answers, vec![(feature::XLZ4 | 0x80, want)]);
+        assert_eq!(got.features, want);
+    }
+    // A hello after STATIC_DATA_END is out of order.
+    let mut w = StreamWriter::new(Vec::new());
+    w.headers(XEN_MAJOR, XEN_MINOR).unwrap();
+    w.static_data_end().unwrap();
+    w.hello(feature::XLZ4).unwrap();
+    let mut rep = Replica::in_memory(4);
+    let got = receive_negotiated(&w.into_inner()[..], &mut rep, feature::KNOWN, |_| Ok(()));
+    assert!(
+        matches!(
+            got.error,
+            Some(ReceiveError::Stream(StreamError::OutOfOrder { .. }))
+        ),
+        "{:?}",
+        got.error
+    );
+    assert_eq!(got.features, 0);
+    // Back channel: DOPPEL_FEATURES first is read; after an ack it is refused.
+    let mut aw = AckWriter::new(Vec::new()).unwrap();
+    aw.features(1).unwrap();
+    aw.ack(0).unwrap();
+    let bytes = aw.end().unwrap();
+    let mut ar = AckReader::open(&bytes[..], 0).unwrap();
+    assert_eq!(ar.next_msg().unwrap(), BackMsg::Features(1));
+    assert_eq!(ar.next_msg().unwrap(), BackMsg::Ack(0));
+    assert_eq!(ar.next_msg().unwrap(), BackMsg::End);
+    let mut aw = AckWriter::new(Vec::new()).unwrap();
+    aw.ack(0).unwrap();
+    aw.features(1).unwrap();
+    let bytes = aw.end().unwrap();
+    let mut ar = AckReader::open(&bytes[..], 0).unwrap();
+    assert_eq!(ar.next_msg().unwrap(), BackMsg::Ack(0));
+    let e = ar.next_msg().unwrap_err();
+    assert!(
+        e.to_string().contains("only allowed as the first record"),
+        "{e}"
+    );
+}

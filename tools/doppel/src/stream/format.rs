@@ -67,10 +67,22 @@ pub mod rec {
     pub const X86_CPUID_POLICY: u32 = 0x11;
     /// MSR policy (static data).
     pub const X86_MSR_POLICY: u32 = 0x12;
-    /// Reserved for a Doppel extension, optional: PAGE_DATA whose pages are
-    /// XORed against the last version sent and compressed (not implemented
-    /// yet; the reader refuses it rather than lose pages; docs/STREAM.md).
+    /// Doppel extension, optional: PAGE_DATA whose pages are XORed against
+    /// the last version sent and lz4 compressed; refused unless negotiated
+    /// (skipping it would lose pages; docs/STREAM.md).
     pub const DOPPEL_PAGE_DATA_XLZ4: u32 = super::REC_TYPE_OPTIONAL | 0xD0_0002;
+    /// Doppel extension, optional: the primary's feature request (u64
+    /// feature bits, u64 reserved), only as the first record after the
+    /// headers, only when the primary asks for a feature.
+    pub const DOPPEL_HELLO: u32 = super::REC_TYPE_OPTIONAL | 0xD0_0003;
+}
+
+/// Feature bits of DOPPEL_HELLO / DOPPEL_FEATURES.
+pub mod feature {
+    /// Compressed page records (DOPPEL_PAGE_DATA_XLZ4).
+    pub const XLZ4: u64 = 1;
+    /// Every feature this build knows.
+    pub const KNOWN: u64 = XLZ4;
 }
 
 /// Human name of a libxc record type, for messages.
@@ -96,6 +108,7 @@ pub fn rec_name(t: u32) -> &'static str {
         rec::X86_CPUID_POLICY => "X86_CPUID_POLICY",
         rec::X86_MSR_POLICY => "X86_MSR_POLICY",
         rec::DOPPEL_PAGE_DATA_XLZ4 => "DOPPEL_PAGE_DATA_XLZ4",
+        rec::DOPPEL_HELLO => "DOPPEL_HELLO",
         t if t & REC_TYPE_OPTIONAL != 0 => "unknown optional record",
         _ => "unknown record",
     }
@@ -225,6 +238,9 @@ pub mod libxl_rec {
     /// Doppel extension, optional: epoch acknowledgement (u64 epoch, u64
     /// reserved); always followed by CHECKPOINT_STATE(SVM_READY).
     pub const DOPPEL_EPOCH_ACK: u32 = super::REC_TYPE_OPTIONAL | 0xD0_0001;
+    /// Doppel extension, optional: the backup's answer to DOPPEL_HELLO (u64
+    /// accepted feature bits, u64 reserved), only as the first record.
+    pub const DOPPEL_FEATURES: u32 = super::REC_TYPE_OPTIONAL | 0xD0_0002;
 }
 
 /// CHECKPOINT_STATE control ids.
@@ -245,6 +261,7 @@ pub fn libxl_rec_name(t: u32) -> &'static str {
         0x4 => "CHECKPOINT_END",
         libxl_rec::CHECKPOINT_STATE => "CHECKPOINT_STATE",
         libxl_rec::DOPPEL_EPOCH_ACK => "DOPPEL_EPOCH_ACK",
+        libxl_rec::DOPPEL_FEATURES => "DOPPEL_FEATURES",
         t if t & REC_TYPE_OPTIONAL != 0 => "unknown optional record",
         _ => "unknown record",
     }

@@ -327,6 +327,33 @@ impl<R: Read> StreamReader<R> {
         if xlz4 && self.xlz4.is_none() {
             return Err(StreamError::Unsupported { rec });
         }
+        // The feature request: first record only, answered by the caller.
+        if rec.rtype == rec::DOPPEL_HELLO {
+            if rec.index != 0 {
+                return Err(StreamError::OutOfOrder {
+                    rec,
+                    expected: "DOPPEL_HELLO only as the first record after the headers",
+                });
+            }
+            if len != 16 {
+                return Err(StreamError::BadLength {
+                    rec,
+                    length: len.into(),
+                    expected: "16".into(),
+                });
+            }
+            let body = self.read_body(16)?;
+            let want = u64::from_le_bytes(body[..8].try_into().expect("8 bytes"));
+            let res = u64::from_le_bytes(body[8..].try_into().expect("8 bytes"));
+            if res != 0 {
+                return Err(StreamError::Reserved {
+                    rec,
+                    field: "reserved",
+                    value: res,
+                });
+            }
+            return Ok(Some(Record::Hello(want)));
+        }
         let known = known || xlz4;
         if !known && !optional {
             return Err(if rec.rtype <= rec::X86_MSR_POLICY {

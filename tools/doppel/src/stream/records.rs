@@ -126,4 +126,7 @@ pub enum Record {
     CpuidPolicy(Vec<u8>),
     /// xen_msr_entry_t array (static data, opaque here).
     MsrPolicy(Vec<u8>),
+    /// DOPPEL_HELLO: the feature bits the primary asks for (only as the
+    /// first record; the backup answers on the back channel).
+    Hello(u64),
 }

@@ -218,6 +218,15 @@ impl<W: Write> StreamWriter<W> {
         self.record(rec::HVM_PARAMS, &[&body])
     }
 
+    /// DOPPEL_HELLO (Doppel extension): ask the backup for `features`
+    /// (`format::feature` bits). Only right after the headers, and only on a
+    /// live connection: a capture never carries it.
+    pub fn hello(&mut self, features: u64) -> io::Result<()> {
+        let mut body = [0u8; 16];
+        body[..8].copy_from_slice(&features.to_le_bytes());
+        self.record(rec::DOPPEL_HELLO, &[&body])
+    }
+
     pub fn checkpoint(&mut self) -> io::Result<()> {
         self.record(rec::CHECKPOINT, &[])
     }
