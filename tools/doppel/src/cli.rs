@@ -46,8 +46,8 @@ pub struct PrimaryArgs {
     /// run until the hypervisor stops answering.
     #[arg(long, value_name = "N")]
     epochs: Option<u64>,
-    /// Seconds to wait for the control area to appear (the hypervisor may
-    /// still be booting).
+    /// Seconds to wait for the machine RAM file and the control area in it
+    /// to appear (the emulator may be starting, the hypervisor booting).
     #[arg(long, default_value_t = 60, value_name = "SECS")]
     wait_control: u64,
     /// Seconds to wait for the hypervisor's answer to a command.
@@ -177,9 +177,31 @@ fn progress_printer() -> impl FnMut(&EpochReport) {
     }
 }
 
+/// Open the machine RAM file; with a wait, a file that does not exist yet
+/// (or is still empty: the emulator is starting) is retried until then.
+fn open_machine_waiting(
+    path: &std::path::Path,
+    wait: Duration,
+) -> Result<MachineRam, (String, u8)> {
+    let start = std::time::Instant::now();
+    loop {
+        match MachineRam::open(path) {
+            Ok(m) => return Ok(m),
+            Err(e)
+                if start.elapsed() < wait && path.metadata().map_or(true, |md| md.len() == 0) =>
+            {
+                tracing::debug!("waiting for the machine RAM file: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => return Err(machine_err(e)),
+        }
+    }
+}
+
 pub fn primary(a: PrimaryArgs) -> Res {
-    let m = MachineRam::open(&a.machine_ram).map_err(machine_err)?;
-    let ctl = find_control(&m, Duration::from_secs(a.wait_control))?;
+    let wait = Duration::from_secs(a.wait_control);
+    let m = open_machine_waiting(&a.machine_ram, wait)?;
+    let ctl = find_control(&m, wait)?;
     tracing::info!(
         "control area at {:#x}; guest RAM at {:#x}, {} pages",
         ctl.at,
