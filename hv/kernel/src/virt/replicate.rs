@@ -87,14 +87,23 @@ where
     );
     area.wait_enable()?;
     log::info!("primary: log-dirty enabled by the tool; guest starts");
-    let ok = run_mode(
+    let ran = run_mode(
         &ram,
         &mut table,
         &mut vcpu,
         Mode::WriteProtect,
         plan,
         &mut area,
-    )?;
+    );
+    let ok = match ran {
+        Ok(true) => true,
+        // The guest or an epoch end failed: tell the tool on the event ring
+        // (it stops with the hypervisor's errno) before giving up.
+        Ok(false) | Err(_) => {
+            area.post_error(Errno::EIO);
+            return ran;
+        }
+    };
     area.wait_released()?;
     log::info!(
         "primary: guest finished after {} checkpoints, last committed epoch {}",
@@ -346,6 +355,20 @@ impl ControlArea {
             if !served {
                 core::hint::spin_loop();
             }
+        }
+    }
+
+    /// Post an Error event (best effort: a full ring is skipped, the
+    /// hypervisor is stopping anyway).
+    fn post_error(&mut self, errno: Errno) {
+        let e = Event::Error {
+            epoch: self.next_epoch,
+            op: 0,
+            errno,
+        };
+        if self.evt.push_request(&e.encode(self.seq)).is_ok() {
+            self.evt.publish_requests();
+            self.seq = self.seq.wrapping_add(1);
         }
     }
 
