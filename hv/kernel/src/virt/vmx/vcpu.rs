@@ -2,6 +2,11 @@
 //! decoding into the vendor-neutral [`VmExit`], INVEPT, PML and the
 //! VMX-preemption timer. (Intel SDM vol. 3C, chapters 25-29.)
 
+use super::{
+    EPT_CAP_AD, IA32_VMX_BASIC, IA32_VMX_CR0_FIXED0, IA32_VMX_CR0_FIXED1, IA32_VMX_CR4_FIXED0,
+    IA32_VMX_CR4_FIXED1, IA32_VMX_EPT_VPID_CAP, IA32_VMX_PROCBASED_CTLS, IA32_VMX_PROCBASED_CTLS2,
+    IA32_VMX_TRUE_PROCBASED_CTLS, PROC2_EPT, PROC2_PML, PROC_SECONDARY,
+};
 use doppel_core::addr::HostPhysAddr;
 use doppel_core::dirtylog::DirtyLog;
 use doppel_core::exit::{ExitKind, IoAccess, VmExit};
@@ -19,20 +24,11 @@ use crate::arch::IA32_EFER;
 use crate::mem::{frames, PAGE_SIZE};
 use crate::virt::vcpu::{GuestDump, GuestRegs, GuestStart, Vcpu};
 
-const IA32_VMX_BASIC: u32 = 0x480;
 const IA32_VMX_PINBASED_CTLS: u32 = 0x481;
-const IA32_VMX_PROCBASED_CTLS: u32 = 0x482;
 const IA32_VMX_EXIT_CTLS: u32 = 0x483;
 const IA32_VMX_ENTRY_CTLS: u32 = 0x484;
 const IA32_VMX_MISC: u32 = 0x485;
-const IA32_VMX_CR0_FIXED0: u32 = 0x486;
-const IA32_VMX_CR0_FIXED1: u32 = 0x487;
-const IA32_VMX_CR4_FIXED0: u32 = 0x488;
-const IA32_VMX_CR4_FIXED1: u32 = 0x489;
-const IA32_VMX_PROCBASED_CTLS2: u32 = 0x48B;
-const IA32_VMX_EPT_VPID_CAP: u32 = 0x48C;
 const IA32_VMX_TRUE_PINBASED_CTLS: u32 = 0x48D;
-const IA32_VMX_TRUE_PROCBASED_CTLS: u32 = 0x48E;
 const IA32_VMX_TRUE_EXIT_CTLS: u32 = 0x48F;
 const IA32_VMX_TRUE_ENTRY_CTLS: u32 = 0x490;
 const IA32_FS_BASE: u32 = 0xC000_0100;
@@ -47,11 +43,8 @@ const PIN_PREEMPTION_TIMER: u32 = 1 << 6;
 const PROC_HLT_EXITING: u32 = 1 << 7;
 const PROC_UNCONDITIONAL_IO: u32 = 1 << 24;
 const PROC_MSR_BITMAPS: u32 = 1 << 28;
-const PROC_SECONDARY: u32 = 1 << 31;
-/// Secondary processor-based controls.
-const PROC2_EPT: u32 = 1 << 1;
+/// Secondary processor-based controls (EPT and PML come from the parent).
 const PROC2_VPID: u32 = 1 << 5;
-const PROC2_PML: u32 = 1 << 17;
 /// VM-exit controls.
 const EXIT_HOST_ADDR_SPACE_64: u32 = 1 << 9;
 const EXIT_SAVE_EFER: u32 = 1 << 20;
@@ -61,8 +54,6 @@ const EXIT_LOAD_EFER: u32 = 1 << 21;
 const ENTRY_IA32E_GUEST: u32 = 1 << 9;
 const ENTRY_LOAD_EFER: u32 = 1 << 15;
 
-/// IA32_VMX_EPT_VPID_CAP bits.
-const EPT_CAP_AD: u64 = 1 << 21;
 const EPT_CAP_INVEPT_SINGLE: u64 = 1 << 25;
 const VPID_CAP_INVVPID_SINGLE: u64 = 1 << 41;
 
