@@ -33,7 +33,7 @@ use crate::arch::instr::{cpuid, interrupt_window, rdmsr, rdtsc, svm_run, vmsave,
 use crate::arch::{EFER_SVME, IA32_EFER};
 use crate::mem::{frames, PAGE_SIZE};
 
-use super::vcpu::{GuestDump, GuestRegs, GuestStart, Vcpu};
+use super::vcpu::{base_state, GuestDump, GuestRegs, GuestStart, Vcpu};
 use super::Error;
 
 const VM_CR: u32 = 0xC001_0114;
@@ -466,27 +466,7 @@ impl Vcpu for SvmVcpu {
             base: v.base,
             limit: v.limit as u16,
         };
-        let r = &self.regs;
         VcpuState {
-            rax: r.rax,
-            rbx: r.rbx,
-            rcx: r.rcx,
-            rdx: r.rdx,
-            rbp: r.rbp,
-            rsi: r.rsi,
-            rdi: r.rdi,
-            rsp: s.rsp,
-            r8: r.r8,
-            r9: r.r9,
-            r10: r.r10,
-            r11: r.r11,
-            r12: r.r12,
-            r13: r.r13,
-            r14: r.r14,
-            r15: r.r15,
-            rip: s.rip,
-            rflags: s.rflags,
-            cr0: s.cr0,
             cr2: s.cr2,
             cr3: s.cr3,
             cr4: s.cr4,
@@ -512,7 +492,7 @@ impl Vcpu for SvmVcpu {
             lstar: s.lstar,
             cstar: s.cstar,
             sfmask: s.sfmask,
-            ..VcpuState::default()
+            ..base_state(&self.dump())
         }
     }
 

@@ -138,32 +138,37 @@ pub trait Vcpu {
     /// control registers, EFER); backends override it with their segment
     /// and MSR state.
     fn state(&self) -> VcpuState {
-        let d = self.dump();
-        let r = d.regs;
-        VcpuState {
-            rax: r.rax,
-            rbx: r.rbx,
-            rcx: r.rcx,
-            rdx: r.rdx,
-            rbp: r.rbp,
-            rsi: r.rsi,
-            rdi: r.rdi,
-            rsp: d.rsp,
-            r8: r.r8,
-            r9: r.r9,
-            r10: r.r10,
-            r11: r.r11,
-            r12: r.r12,
-            r13: r.r13,
-            r14: r.r14,
-            r15: r.r15,
-            rip: d.rip,
-            rflags: d.rflags,
-            cr0: d.cr0,
-            cr3: d.cr3,
-            cr4: d.cr4,
-            efer: d.efer,
-            ..VcpuState::default()
-        }
+        base_state(&self.dump())
+    }
+}
+
+/// The architectural state a [`GuestDump`] carries: general registers,
+/// RIP, RSP, RFLAGS, control registers and EFER; everything else default.
+pub fn base_state(d: &GuestDump) -> VcpuState {
+    let r = d.regs;
+    VcpuState {
+        rax: r.rax,
+        rbx: r.rbx,
+        rcx: r.rcx,
+        rdx: r.rdx,
+        rbp: r.rbp,
+        rsi: r.rsi,
+        rdi: r.rdi,
+        rsp: d.rsp,
+        r8: r.r8,
+        r9: r.r9,
+        r10: r.r10,
+        r11: r.r11,
+        r12: r.r12,
+        r13: r.r13,
+        r14: r.r14,
+        r15: r.r15,
+        rip: d.rip,
+        rflags: d.rflags,
+        cr0: d.cr0,
+        cr3: d.cr3,
+        cr4: d.cr4,
+        efer: d.efer,
+        ..VcpuState::default()
     }
 }
