@@ -309,6 +309,54 @@ impl<M: SharedMem, Req: RingEntry, Rsp: RingEntry> FrontRing<M, Req, Rsp> {
         Ok(Some(rsp))
     }
 
+    /// Consume up to `max` published responses without copying them out:
+    /// for a front end that needs the slots back but not the response
+    /// bodies. The peer's index is checked exactly as in
+    /// [`FrontRing::pop_response`] (a bad index is an error and consumes
+    /// nothing). Returns how many were consumed.
+    pub fn skip_responses(&mut self, max: u32) -> Result<u32, RingError> {
+        if self.rsp_seen == self.rsp_cons {
+            let n = self.unconsumed_responses()?;
+            if n == 0 {
+                return Ok(0);
+            }
+            self.rsp_seen = self.rsp_cons.wrapping_add(n);
+            // Our later writes into these slots stay after the peer's
+            // writes of the responses.
+            self.mem.fence_acquire();
+        }
+        let n = self.rsp_seen.wrapping_sub(self.rsp_cons).min(max);
+        self.rsp_cons = self.rsp_cons.wrapping_add(n);
+        Ok(n)
+    }
+
+    /// Consume the next response, copying out only the little-endian `u32`
+    /// at byte `field` of it (for example a status word), if any.
+    /// `field` must be a multiple of 4 inside `Rsp`, else
+    /// [`RingError::OutOfBounds`] (and nothing is consumed).
+    pub fn pop_response_u32(&mut self, field: usize) -> Result<Option<u32>, RingError> {
+        if !field.is_multiple_of(4)
+            || size_of::<Rsp>()
+                .checked_sub(4)
+                .is_none_or(|last| field > last)
+        {
+            return Err(RingError::OutOfBounds);
+        }
+        if self.rsp_seen == self.rsp_cons {
+            let n = self.unconsumed_responses()?;
+            if n == 0 {
+                return Ok(None);
+            }
+            self.rsp_seen = self.rsp_cons.wrapping_add(n);
+            self.mem.fence_acquire();
+        }
+        let v = self
+            .mem
+            .load_u32(self.layout.slot_offset(self.rsp_cons) + field);
+        self.rsp_cons = self.rsp_cons.wrapping_add(1);
+        Ok(Some(v))
+    }
+
     /// Before sleeping (Xen's `RING_FINAL_CHECK_FOR_RESPONSES`): if nothing
     /// is pending, set `rsp_event = rsp_cons + 1`, full fence, check again.
     /// `Ok(false)` means it is safe to wait for a notification.
@@ -679,5 +727,67 @@ mod tests {
         assert!(f.pop_response().unwrap().is_some());
         assert!(f.pop_response().unwrap().is_some());
         assert_eq!(f.pop_response(), Ok(None));
+    }
+
+    #[test]
+    fn hostile_back_skip_and_status_reads_get_errors_and_no_state_change() {
+        let w = words(64 + 4 * 32);
+        let m = AtomicMem::new(&w);
+        let mut f: FrontRing<_, Req, Rsp> = FrontRing::attach(&m, 0, m.size()).unwrap();
+        f.push_request(&req(1)).unwrap();
+        f.push_request(&req(2)).unwrap();
+        f.publish_requests();
+        for bad in [3u32, 4, 9, u32::MAX] {
+            m.store_u32(RSP_PROD, bad);
+            let e = Err(RingError::PeerOverrun { prod: bad, cons: 0 });
+            assert_eq!(f.skip_responses(u32::MAX), e);
+            assert_eq!(f.pop_response_u32(8), e.map(|_| None));
+            assert_eq!((f.rsp_cons(), f.free_requests()), (0, 2));
+        }
+        // A field outside the response (or misaligned) is refused before
+        // anything is read or consumed.
+        m.store_u32(RSP_PROD, 2);
+        for field in [2usize, 13, 16, usize::MAX - 1, usize::MAX & !3] {
+            assert_eq!(f.pop_response_u32(field), Err(RingError::OutOfBounds));
+        }
+        assert_eq!(f.rsp_cons(), 0);
+    }
+
+    #[test]
+    fn skip_and_status_reads_consume_like_pop() {
+        let w = words(64 + 4 * 32);
+        let m = AtomicMem::new(&w);
+        let bytes = m.size();
+        let start = u32::MAX - 2; // indices wrap during the test
+        let mut f: FrontRing<_, Req, Rsp> = FrontRing::attach_at(&m, 0, bytes, start).unwrap();
+        let mut b: BackRing<_, Req, Rsp> = BackRing::attach_at(&m, 0, bytes, start).unwrap();
+        m.store_u32(REQ_PROD, start);
+        m.store_u32(RSP_PROD, start);
+        let mut seq = 0u64;
+        for round in 0..6u64 {
+            for _ in 0..4 {
+                f.push_request(&req(seq)).unwrap();
+                seq += 1;
+            }
+            f.publish_requests();
+            while let Some(r) = b.pop_request().unwrap() {
+                let sum = r.seq.wrapping_mul(0x1_0000_0001) ^ round;
+                b.push_response(&Rsp { seq: r.seq, sum }).unwrap();
+            }
+            b.publish_responses();
+            assert_eq!(f.skip_responses(0), Ok(0));
+            // Word 2 of a response is the low half of `sum`.
+            let first = seq - 4;
+            let want = |s: u64| (s.wrapping_mul(0x1_0000_0001) ^ round) as u32;
+            assert_eq!(f.pop_response_u32(8), Ok(Some(want(first))));
+            assert_eq!(f.skip_responses(2), Ok(2));
+            assert_eq!(f.free_requests(), 3);
+            assert_eq!(f.pop_response_u32(0), Ok(Some((first + 3) as u32)));
+            assert_eq!(f.skip_responses(u32::MAX), Ok(0));
+            assert_eq!(f.pop_response_u32(8), Ok(None));
+            assert_eq!(f.pop_response(), Ok(None));
+            assert_eq!(f.free_requests(), 4);
+            assert_eq!(f.rsp_cons(), start.wrapping_add(seq as u32));
+        }
     }
 }
