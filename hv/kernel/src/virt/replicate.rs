@@ -13,14 +13,14 @@
 //! malformed entries are answered with an errno, a ring index that jumps
 //! past the ring stops replication with a clear error.
 
-use core::sync::atomic::AtomicU64;
+use core::sync::atomic::AtomicU32;
 
 use doppel_abi::control::{validate_header, ControlHeader, ControlView, Field, Region};
 use doppel_abi::msg::{Ack, CheckpointReady, Command, Event, LogDirtyMode, Reply, Response, Span};
 use doppel_abi::ring::{slot_size, RingLayout};
 use doppel_abi::{errno::Errno, guest::PAGE_SIZE};
 use doppel_abi::{
-    AtomicMem64, CommandBack, CommandEntry, EventAck, EventEntry, EventFront, Features,
+    AtomicMem, CommandBack, CommandEntry, EventAck, EventEntry, EventFront, Features,
 };
 use doppel_core::addr::HostPhysAddr;
 use doppel_core::dirtylog::DirtyTree;
@@ -119,8 +119,8 @@ struct ControlArea {
     pa: u64,
     size: u64,
     view: ControlView,
-    cmd: CommandBack<AtomicMem64<'static>>,
-    evt: EventFront<AtomicMem64<'static>>,
+    cmd: CommandBack<AtomicMem<'static>>,
+    evt: EventFront<AtomicMem<'static>>,
     /// Staging, pfn list and vCPU areas, as raw byte ranges (disjoint from
     /// the rings and each other; `validate` checked that).
     staging: &'static mut [u8],
@@ -164,18 +164,26 @@ impl ControlArea {
         // freed (the area lives as long as the hypervisor). Every access to
         // the ring regions goes through these atomics; the other regions are
         // split off below as disjoint byte slices.
-        let words: &'static [AtomicU64] =
-            unsafe { core::slice::from_raw_parts(pa as *const AtomicU64, (size / 8) as usize) };
-        let all = AtomicMem64::new(words);
+        //
+        // 32-bit words, not 64-bit: the tool writes rsp_prod/req_event while
+        // we write req_prod/rsp_event, two u32 fields per 8-byte word. A
+        // u32 store into an 8-byte atomic is a read-modify-write, and QEMU's
+        // TCG runs a single vCPU's locked instructions non-atomically, so a
+        // merge could write back the tool's field as it was before the
+        // tool's store (seen as a lost final ack). Plain 32-bit stores never
+        // touch the peer's field.
+        let words: &'static [AtomicU32] =
+            unsafe { core::slice::from_raw_parts(pa as *const AtomicU32, (size / 4) as usize) };
+        let all = AtomicMem::new(words);
         // Our own header must pass the tool's checks.
         let view = validate_header(zerocopy::IntoBytes::as_bytes(&h), size as usize)
             .map_err(|_| "own control header does not validate")?;
-        let ring_words = |f: Field| -> &'static [AtomicU64] {
+        let ring_words = |f: Field| -> &'static [AtomicU32] {
             let (off, len) = view.region(f);
-            &words[off / 8..(off + len) / 8]
+            &words[off / 4..(off + len) / 4]
         };
-        let cmd_mem = AtomicMem64::new(ring_words(Field::CommandRing));
-        let evt_mem = AtomicMem64::new(ring_words(Field::EventRing));
+        let cmd_mem = AtomicMem::new(ring_words(Field::CommandRing));
+        let evt_mem = AtomicMem::new(ring_words(Field::EventRing));
         let cmd_slot = slot_size::<CommandEntry, doppel_abi::ResponseEntry>();
         let evt_slot = slot_size::<EventEntry, EventAck>();
         let bytes = |f: Field| view.region(f).1;
