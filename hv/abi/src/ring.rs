@@ -293,16 +293,27 @@ impl<M: SharedMem, Req: RingEntry, Rsp: RingEntry> FrontRing<M, Req, Rsp> {
         Ok(avail)
     }
 
-    /// Copy the next response out of the ring, if any. The peer's index is
-    /// read (and checked) only when the last snapshot is used up.
-    pub fn pop_response(&mut self) -> Result<Option<Rsp>, RingError> {
+    /// Responses in the current snapshot of the peer's index. The index is
+    /// read (and checked) only when the last snapshot is used up; the
+    /// acquire fence then orders our reads of the slots (and later writes
+    /// into them) after the peer's writes of the responses.
+    fn published_responses(&mut self) -> Result<u32, RingError> {
         if self.rsp_seen == self.rsp_cons {
             let n = self.unconsumed_responses()?;
             if n == 0 {
-                return Ok(None);
+                return Ok(0);
             }
             self.rsp_seen = self.rsp_cons.wrapping_add(n);
             self.mem.fence_acquire();
+        }
+        Ok(self.rsp_seen.wrapping_sub(self.rsp_cons))
+    }
+
+    /// Copy the next response out of the ring, if any. The peer's index is
+    /// read (and checked) only when the last snapshot is used up.
+    pub fn pop_response(&mut self) -> Result<Option<Rsp>, RingError> {
+        if self.published_responses()? == 0 {
+            return Ok(None);
         }
         let rsp = read_entry(&self.mem, self.layout.slot_offset(self.rsp_cons));
         self.rsp_cons = self.rsp_cons.wrapping_add(1);
@@ -315,17 +326,7 @@ impl<M: SharedMem, Req: RingEntry, Rsp: RingEntry> FrontRing<M, Req, Rsp> {
     /// [`FrontRing::pop_response`] (a bad index is an error and consumes
     /// nothing). Returns how many were consumed.
     pub fn skip_responses(&mut self, max: u32) -> Result<u32, RingError> {
-        if self.rsp_seen == self.rsp_cons {
-            let n = self.unconsumed_responses()?;
-            if n == 0 {
-                return Ok(0);
-            }
-            self.rsp_seen = self.rsp_cons.wrapping_add(n);
-            // Our later writes into these slots stay after the peer's
-            // writes of the responses.
-            self.mem.fence_acquire();
-        }
-        let n = self.rsp_seen.wrapping_sub(self.rsp_cons).min(max);
+        let n = self.published_responses()?.min(max);
         self.rsp_cons = self.rsp_cons.wrapping_add(n);
         Ok(n)
     }
@@ -342,13 +343,8 @@ impl<M: SharedMem, Req: RingEntry, Rsp: RingEntry> FrontRing<M, Req, Rsp> {
         {
             return Err(RingError::OutOfBounds);
         }
-        if self.rsp_seen == self.rsp_cons {
-            let n = self.unconsumed_responses()?;
-            if n == 0 {
-                return Ok(None);
-            }
-            self.rsp_seen = self.rsp_cons.wrapping_add(n);
-            self.mem.fence_acquire();
+        if self.published_responses()? == 0 {
+            return Ok(None);
         }
         let v = self
             .mem
