@@ -8,6 +8,7 @@
 //! and END when the backup closes the channel. A Xen-only reader skips the
 //! optional record and sees COLO's "secondary ready" state.
 
+use crate::stream::reader::read_record_header;
 use std::io::{self, Read, Write};
 
 use zerocopy::{FromBytes, IntoBytes};
@@ -148,28 +149,14 @@ impl<R: Read> AckReader<R> {
             if self.ended {
                 return Err(StreamError::AfterEnd);
             }
-            let start = self.offset;
-            let mut hb = [0u8; 8];
-            self.r
-                .read_exact(&mut hb)
-                .map_err(|e| StreamError::from_io(e, "back channel record header", start))?;
-            self.offset += 8;
-            let h = RecordHeader::read_from_bytes(&hb).expect("8 bytes");
-            let rec = RecCtx {
-                index: self.index,
-                rtype: h.rtype.get(),
-                offset: start,
-                libxl: true,
-            };
-            self.index += 1;
-            let len = h.length.get();
-            if len > MAX_ACK_BODY {
-                return Err(StreamError::RecordTooLong {
-                    rec,
-                    length: len,
-                    max: MAX_ACK_BODY,
-                });
-            }
+            let (rec, len) = read_record_header(
+                &mut self.r,
+                &mut self.offset,
+                &mut self.index,
+                true,
+                MAX_ACK_BODY,
+                "back channel record header",
+            )?;
             let known = matches!(
                 rec.rtype,
                 libxl_rec::END

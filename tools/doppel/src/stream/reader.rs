@@ -87,6 +87,42 @@ fn read_exact_at<R: Read>(
     Ok(())
 }
 
+/// Read one record header (type, body length) at `*offset` and refuse a
+/// body longer than `max` before anything is allocated for it. Shared by
+/// the libxc stream and the libxl-framed back channel.
+pub(crate) fn read_record_header<R: Read>(
+    r: &mut R,
+    offset: &mut u64,
+    index: &mut u64,
+    libxl: bool,
+    max: u32,
+    what: &'static str,
+) -> Result<(RecCtx, u32), StreamError> {
+    let start = *offset;
+    let mut hb = [0u8; 8];
+    read_exact_at(r, &mut hb, what, offset)?;
+    let (h, _) = RecordHeader::read_from_prefix(&hb).map_err(|_| StreamError::Truncated {
+        what,
+        offset: start,
+    })?;
+    let rec = RecCtx {
+        index: *index,
+        rtype: h.rtype.get(),
+        offset: start,
+        libxl,
+    };
+    *index += 1;
+    let len = h.length.get();
+    if len > max {
+        return Err(StreamError::RecordTooLong {
+            rec,
+            length: len,
+            max,
+        });
+    }
+    Ok((rec, len))
+}
+
 /// Read and check a libxc image header.
 pub(crate) fn check_image_header(h: &ImageHeader) -> Result<u32, StreamError> {
     if h.marker.get() != IHDR_MARKER {
@@ -287,25 +323,14 @@ impl<R: Read> StreamReader<R> {
 
     /// One record; `None` for a skipped optional record.
     fn next_raw(&mut self) -> Result<Option<Record>, StreamError> {
-        let start = self.offset;
-        let mut hb = [0u8; 8];
-        read_exact_at(&mut self.r, &mut hb, "record header", &mut self.offset)?;
-        let h = RecordHeader::read_from_bytes(&hb).expect("8 bytes");
-        let rec = RecCtx {
-            index: self.index,
-            rtype: h.rtype.get(),
-            offset: start,
-            libxl: false,
-        };
-        self.index += 1;
-        let len = h.length.get();
-        if len > MAX_RECORD_BODY {
-            return Err(StreamError::RecordTooLong {
-                rec,
-                length: len,
-                max: MAX_RECORD_BODY,
-            });
-        }
+        let (rec, len) = read_record_header(
+            &mut self.r,
+            &mut self.offset,
+            &mut self.index,
+            false,
+            MAX_RECORD_BODY,
+            "record header",
+        )?;
         // Cheap checks that need no body come first, so a lying header is
         // refused before anything is allocated for it.
         let known = matches!(
