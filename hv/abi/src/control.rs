@@ -43,6 +43,12 @@ bitflags::bitflags! {
         const COW_STAGING = 1 << 3;
         /// The input channel is served.
         const INPUT_CHANNEL = 1 << 4;
+        /// A standby: the guest does not run; the backup tool writes its
+        /// RAM and vCPU record and sends `Activate` (failover).
+        const STANDBY = 1 << 5;
+        /// Guest output is held per epoch until `CommitEpoch` releases it
+        /// into the output channel (output commit).
+        const OUTPUT_COMMIT = 1 << 6;
     }
 }
 

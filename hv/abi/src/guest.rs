@@ -47,7 +47,28 @@ pub mod hypercall {
     pub const EPOCH_END: u64 = 1;
     /// The guest finished: `rdi` = 0 on success, else an error code.
     pub const DONE: u64 = 2;
+    /// Take the next input record (service guests): `rdi` = buffer gpa,
+    /// `rsi` = buffer length. Returns its length, 0 when there is none, or
+    /// `u64::MAX` when the buffer is not inside guest RAM or too small (the
+    /// record stays queued). The hypervisor logs the written pages dirty.
+    pub const RECV: u64 = 3;
+    /// Emit an output record (service guests): `rdi` = gpa, `rsi` = length.
+    /// Returns 0, [`super::SEND_AGAIN`] when the hypervisor's hold buffer is
+    /// full (retry; it drains as epochs commit), or `u64::MAX` for a buffer
+    /// outside guest RAM or longer than [`super::MAX_RECORD`].
+    pub const SEND: u64 = 4;
 }
+
+/// `SEND` result: no room to hold the record now; retry later.
+pub const SEND_AGAIN: u64 = 1;
+/// Largest record `RECV`/`SEND` move.
+pub const MAX_RECORD: u64 = 256;
+
+/// [`BootInfo::program`]: run the dirty-tracking workload patterns.
+pub const PROGRAM_WORKLOAD: u32 = 0;
+/// [`BootInfo::program`]: serve the key-value service of
+/// [`crate::service`] forever over `RECV`/`SEND`.
+pub const PROGRAM_KV: u32 = 1;
 
 /// Console port: bytes written here are forwarded to the hypervisor's log.
 pub const CONSOLE_PORT: u16 = 0xe9;
@@ -111,12 +132,18 @@ pub struct BootInfo {
     pub epochs: u32,
     /// Seed of the random patterns.
     pub seed: u64,
-    pub _reserved: u64,
+    /// [`PROGRAM_WORKLOAD`] or [`PROGRAM_KV`].
+    pub program: u32,
+    /// Keys of the key-value service (each value on its own page of the
+    /// workload region); 0 for the workload.
+    pub keys: u32,
 }
 
 const _: () = assert!(core::mem::size_of::<BootInfo>() == 64);
 const _: () = assert!(core::mem::offset_of!(BootInfo, mem_bytes) == 16);
 const _: () = assert!(core::mem::offset_of!(BootInfo, patterns) == 40);
 const _: () = assert!(core::mem::offset_of!(BootInfo, seed) == 48);
+const _: () = assert!(core::mem::offset_of!(BootInfo, program) == 56);
+const _: () = assert!(core::mem::offset_of!(BootInfo, keys) == 60);
 const _: () = assert!(TRUTH_GPA + TRUTH_PAGES * PAGE_SIZE <= STACK_GPA);
 const _: () = assert!(PAGE_TABLES_GPA + PAGE_TABLES_PAGES * PAGE_SIZE <= TRUTH_GPA);

@@ -15,6 +15,7 @@
 //! - [`errno`]: Xen errno values used on the wire.
 //! - [`guest`]: the test guests' memory layout, boot information and
 //!   hypercalls.
+//! - [`service`]: the protected key-value service's frames and checksum.
 #![no_std]
 #![forbid(unsafe_code)]
 
@@ -27,6 +28,7 @@ pub mod layout;
 pub mod mem;
 pub mod msg;
 pub mod ring;
+pub mod service;
 
 pub use control::{validate, AbiError, ControlHeader, ControlView, Features, Field};
 pub use errno::Errno;

@@ -171,6 +171,10 @@ pub struct Workload {
     pub seed: u64,
     /// Whether the guest uses VMMCALL (AMD) rather than VMCALL.
     pub vmmcall: bool,
+    /// `doppel_abi::guest::PROGRAM_*`.
+    pub program: u32,
+    /// Keys of the key-value service (0 for the workload).
+    pub keys: u32,
 }
 
 /// Load the test guest into `ram` (cleared first): image, boot
@@ -207,7 +211,8 @@ pub fn load(ram: &mut GuestRam, w: &Workload) -> Result<GuestStart, GuestError> 
         patterns: w.patterns,
         epochs: w.epochs,
         seed: w.seed,
-        _reserved: 0,
+        program: w.program,
+        keys: w.keys,
     };
     ram.slice_mut(BOOT_INFO_GPA, core::mem::size_of::<BootInfo>() as u64)
         .ok_or(GuestError::BadSize(0))?

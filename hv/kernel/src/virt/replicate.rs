@@ -71,6 +71,8 @@ where
         epochs: plan.epochs,
         seed: plan.seed,
         vmmcall,
+        program: doppel_abi::guest::PROGRAM_WORKLOAD,
+        keys: 0,
     };
     let start = guest::load(&mut ram, &workload).map_err(|_| "loading the guest")?;
     let mut table = ram

@@ -36,6 +36,8 @@ where
         epochs: plan.epochs,
         seed: plan.seed,
         vmmcall,
+        program: doppel_abi::guest::PROGRAM_WORKLOAD,
+        keys: 0,
     };
     let mut judge = Judge::new(ram.pages());
     let mut backend = "?";
