@@ -12,10 +12,12 @@ use core::arch::asm;
 
 use doppel_abi::guest::{
     hypercall, BootInfo, PatternId, BOOT_MAGIC, BOOT_VERSION, CONSOLE_PORT, HYPERCALL_VMMCALL,
-    PAGE_SIZE, PAGE_TABLES_GPA, PAGE_TABLES_PAGES, STACK_GPA, STACK_PAGES, TRUTH_GPA,
+    PAGE_SIZE, PAGE_TABLES_GPA, PAGE_TABLES_PAGES, PROGRAM_KV, STACK_GPA, STACK_PAGES, TRUTH_GPA,
     TRUTH_MAX_PFNS, TRUTH_PAGES,
 };
 use doppel_core::workload::{self, Write};
+
+mod kv;
 
 struct Guest {
     vmmcall: bool,
@@ -167,6 +169,11 @@ extern "C" fn _start(boot_gpa: u64) -> ! {
     if work_start / PAGE_SIZE + work_pages > TRUTH_MAX_PFNS {
         print("guest: memory larger than the truth bitmap\n");
         g.hypercall(hypercall::DONE, 2, 0, 0);
+        halt();
+    }
+    if boot.program == PROGRAM_KV {
+        let status = kv::serve(&g, work_start, work_pages, boot.keys);
+        g.hypercall(hypercall::DONE, status, 0, 0);
         halt();
     }
     print("guest: workload region ");

@@ -12,7 +12,16 @@
 //!   tracking mode the backend has, comparing each epoch's dirty log with
 //!   the guest's own truth.
 //!   `primary` runs the test guest as a replicated primary for the dom0
-//!   tool (`doppel primary`).
+//!   tool (`doppel primary`). `standby` publishes a control area and waits
+//!   for the backup tool to fill the guest's RAM and send `Activate`.
+//! - `service=workload|kv` (default `workload`): what the guest runs in
+//!   `mode=primary`: the dirty-tracking write patterns, or the key-value
+//!   service of `doppel_abi::service` (which never stops).
+//! - `keys=N` (1..=4096, default 256): keys of the key-value service.
+//! - `epoch-exits=N` (1..=10^7): with `service=kv`, take a checkpoint every
+//!   N exits (deterministic, for tests). Otherwise `service=kv` takes one
+//!   every `epoch-ticks` TSC ticks, default 25 000 000 (25 ms of guest
+//!   time under QEMU `-icount`, where the TSC counts virtual nanoseconds).
 //! - `epochs=N` (1..=1000, default 4): epochs per pattern of the test guest.
 //! - `guest-mem=MiB` (8..=1024, even, default 64): self-test guest RAM.
 //! - `epoch-ticks=N` (1000..=10^10): also end a tracking epoch every N TSC
@@ -41,7 +50,22 @@ pub enum Mode {
     /// Replicated primary: publish the control area, wait for the dom0
     /// tool, run the test guest and stage a checkpoint at each epoch end.
     Primary,
+    /// Standby: publish the control area and wait for `Activate`.
+    Standby,
 }
+
+/// What the guest runs in `mode=primary`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Service {
+    /// The dirty-tracking write patterns (ends on its own).
+    Workload,
+    /// The key-value service (runs until the machine is stopped).
+    Kv,
+}
+
+/// Default checkpoint period of the service, in TSC ticks (25 ms of guest
+/// time under QEMU `-icount`: 40 checkpoints a second, as in Remus).
+pub const SERVICE_EPOCH_TICKS: u64 = 25_000_000;
 
 /// A deliberate bug for the self-test, to show it is caught.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -73,6 +97,9 @@ pub struct Config {
     pub guest_mem_mib: u32,
     pub broken: Option<Broken>,
     pub epoch_ticks: Option<u64>,
+    pub service: Service,
+    pub keys: u32,
+    pub epoch_exits: Option<u64>,
 }
 
 impl Default for Config {
@@ -84,6 +111,9 @@ impl Default for Config {
             guest_mem_mib: 64,
             broken: None,
             epoch_ticks: None,
+            service: Service::Workload,
+            keys: 256,
+            epoch_exits: None,
         }
     }
 }
@@ -127,13 +157,16 @@ impl Config {
                 return Err(ConfigError::NotKeyValue(word));
             };
             let bad = ConfigError::BadValue { key, value };
-            const KEYS: [&str; 6] = [
+            const KEYS: [&str; 9] = [
                 "log",
                 "mode",
                 "epochs",
                 "guest-mem",
                 "broken",
                 "epoch-ticks",
+                "service",
+                "keys",
+                "epoch-exits",
             ];
             let Some(i) = KEYS.iter().position(|k| *k == key) else {
                 return Err(ConfigError::UnknownKey(key));
@@ -162,6 +195,7 @@ impl Config {
                         "crash-stack" => Mode::Crash(Crash::StackOverflow),
                         "selftest" => Mode::SelfTest,
                         "primary" => Mode::Primary,
+                        "standby" => Mode::Standby,
                         _ => return Err(bad),
                     };
                 }
@@ -180,6 +214,25 @@ impl Config {
                 "epoch-ticks" => {
                     cfg.epoch_ticks = match value.parse::<u64>() {
                         Ok(n) if (1000..=10_000_000_000).contains(&n) => Some(n),
+                        _ => return Err(bad),
+                    };
+                }
+                "service" => {
+                    cfg.service = match value {
+                        "workload" => Service::Workload,
+                        "kv" => Service::Kv,
+                        _ => return Err(bad),
+                    };
+                }
+                "keys" => {
+                    cfg.keys = match value.parse::<u32>() {
+                        Ok(n) if (1..=4096).contains(&n) => n,
+                        _ => return Err(bad),
+                    };
+                }
+                "epoch-exits" => {
+                    cfg.epoch_exits = match value.parse::<u64>() {
+                        Ok(n) if (1..=10_000_000).contains(&n) => Some(n),
                         _ => return Err(bad),
                     };
                 }
@@ -242,6 +295,18 @@ mod tests {
             Some(200_000)
         );
         assert!(Config::parse("epoch-ticks=10").is_err());
+        let c = Config::parse("mode=primary service=kv keys=64 epoch-exits=500").unwrap();
+        assert_eq!(
+            (c.mode, c.service, c.keys, c.epoch_exits),
+            (Mode::Primary, Service::Kv, 64, Some(500))
+        );
+        assert_eq!(Config::parse("mode=standby").unwrap().mode, Mode::Standby);
+        for bad in ["service=web", "keys=0", "keys=4097", "epoch-exits=0"] {
+            assert!(
+                matches!(Config::parse(bad), Err(ConfigError::BadValue { .. })),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

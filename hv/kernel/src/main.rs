@@ -19,7 +19,7 @@ mod virt;
 use core::sync::atomic::{AtomicBool, Ordering};
 
 use doppel_kernel::bootinfo::{BootInfo, BOOTLOADER_MAGIC};
-use doppel_kernel::config::{Config, Mode};
+use doppel_kernel::config::{Config, Mode, Service, SERVICE_EPOCH_TICKS};
 use log::{error, info, LevelFilter};
 
 use exit::{exit, Status};
@@ -79,7 +79,8 @@ extern "C" fn kmain(magic: u32, info_addr: usize) -> ! {
             }
         },
         Mode::Crash(kind) => crash::crash(kind),
-        Mode::SelfTest | Mode::Primary => {
+        Mode::SelfTest | Mode::Primary | Mode::Standby => {
+            let service = config.mode == Mode::Standby || config.service == Service::Kv;
             let plan = virt::selftest::Plan {
                 mem_bytes: u64::from(config.guest_mem_mib) << 20,
                 epochs: config.epochs,
@@ -87,12 +88,20 @@ extern "C" fn kmain(magic: u32, info_addr: usize) -> ! {
                 seed: 0x5eed_d0bb_e100,
                 broken: config.broken,
                 pause_cycles: true,
-                epoch_ticks: config.epoch_ticks,
+                // A service checkpoints on the epoch timer unless a
+                // per-exits policy is named.
+                epoch_ticks: match (service, config.epoch_ticks, config.epoch_exits) {
+                    (true, None, None) => Some(SERVICE_EPOCH_TICKS),
+                    (_, t, _) => t,
+                },
+                service,
+                epoch_exits: config.epoch_exits,
+                keys: config.keys,
             };
-            let ok = if config.mode == Mode::Primary {
-                virt::primary(&mut enabled, &plan)
-            } else {
-                virt::selftest(&mut enabled, &plan)
+            let ok = match config.mode {
+                Mode::Primary => virt::primary(&mut enabled, &plan),
+                Mode::Standby => virt::standby(&mut enabled, &plan),
+                _ => virt::selftest(&mut enabled, &plan),
             };
             exit(if ok { Status::Pass } else { Status::Fail })
         }

@@ -182,6 +182,18 @@ pub fn primary(enabled: &mut Enabled, plan: &selftest::Plan) -> bool {
     }
 }
 
+/// Wait as a standby for the backup tool's `Activate`, then run the guest
+/// from the committed checkpoint (SVM only, as the primary).
+pub fn standby(enabled: &mut Enabled, plan: &selftest::Plan) -> bool {
+    match enabled {
+        Enabled::Svm(on) => svm::standby(on, plan),
+        Enabled::Vmx(_) => {
+            log::error!("standby: replication runs on the SVM backend only (QEMU -cpu EPYC)");
+            false
+        }
+    }
+}
+
 impl Enabled {
     /// Leave virtualization (VMXOFF / clear EFER.SVME) before powering off.
     pub fn disable(self) -> Result<(), Error> {

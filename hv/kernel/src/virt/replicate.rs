@@ -13,10 +13,17 @@
 //! malformed entries are answered with an errno, a ring index that jumps
 //! past the ring stops replication with a clear error.
 
+use alloc::collections::VecDeque;
 use core::sync::atomic::AtomicU32;
 
+use doppel_abi::chan::{ChannelConsumer, ChannelError, ChannelLayout, ChannelProducer};
+use doppel_abi::guest::MAX_RECORD;
+use heapless::Vec as HVec;
+
 use doppel_abi::control::{validate_header, ControlHeader, ControlView, Field, Region};
-use doppel_abi::msg::{Ack, CheckpointReady, Command, Event, LogDirtyMode, Reply, Response, Span};
+use doppel_abi::msg::{
+    kind, Ack, CheckpointReady, Command, Event, LogDirtyMode, Reply, Response, Span,
+};
 use doppel_abi::ring::{slot_size, RingLayout};
 use doppel_abi::{errno::Errno, guest::PAGE_SIZE};
 use doppel_abi::{
@@ -29,7 +36,7 @@ use doppel_core::paging::NestedEntry;
 use doppel_core::selftest::Mode;
 
 use super::guest::{self, GuestRam, Workload};
-use super::run::{run_mode, EpochEnd, EpochSink, Plan};
+use super::run::{run_mode, EpochEnd, EpochSink, Plan, Recv};
 use super::vcpu::{GuestStart, Vcpu};
 use crate::arch::instr::cpuid;
 use crate::mem::frames;
@@ -37,8 +44,12 @@ use crate::mem::frames;
 /// Bytes of each ring region (a page each: 63 slots of 64 bytes round down
 /// to 32 for commands; events are larger).
 const RING_BYTES: u64 = 4096;
-/// Byte channels (guest output / input): used by the output-commit work.
-const CHANNEL_BYTES: u64 = 4096;
+/// Byte channels (guest output / input): 16 KiB hold about 250 service
+/// frames each way.
+const CHANNEL_BYTES: u64 = 16384;
+/// Output records held for commit at most (the guest's `SEND` is told to
+/// retry beyond that; holding drains as epochs commit).
+const HOLD_LIMIT: usize = 1024;
 /// The vCPU area holds one HVM context blob (one vCPU).
 const VCPU_AREA_BYTES: u64 = 4096;
 
@@ -71,15 +82,24 @@ where
         epochs: plan.epochs,
         seed: plan.seed,
         vmmcall,
-        program: doppel_abi::guest::PROGRAM_WORKLOAD,
-        keys: 0,
+        program: if plan.service {
+            doppel_abi::guest::PROGRAM_KV
+        } else {
+            doppel_abi::guest::PROGRAM_WORKLOAD
+        },
+        keys: plan.keys,
     };
     let start = guest::load(&mut ram, &workload).map_err(|_| "loading the guest")?;
     let mut table = ram
         .nested_table::<E>()
         .map_err(|_| "building the nested page table")?;
     let mut vcpu = make_vcpu(&start, table.root(), Mode::WriteProtect)?;
-    let mut area = ControlArea::publish(&ram)?;
+    let role = if plan.service {
+        Role::Service
+    } else {
+        Role::Workload
+    };
+    let mut area = ControlArea::publish(&ram, role)?;
     log::info!(
         "primary: control area at {:#x} ({} bytes), guest RAM at {:#x} ({} bytes); waiting for the dom0 tool",
         area.pa,
@@ -90,7 +110,7 @@ where
     area.wait_enable()?;
     log::info!("primary: log-dirty enabled by the tool; guest starts");
     let ran = run_mode(
-        &ram,
+        &mut ram,
         &mut table,
         &mut vcpu,
         Mode::WriteProtect,
@@ -116,8 +136,101 @@ where
     Ok(ok)
 }
 
+/// What the control area serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Role {
+    /// The workload guest, replicated (no channels).
+    Workload,
+    /// The key-value service, replicated with output commit.
+    Service,
+    /// A standby waiting for `Activate`; after it, the service runs
+    /// unreplicated (output released at once).
+    Standby,
+}
+
+/// An output record held until its epoch commits.
+struct Held {
+    epoch: u64,
+    bytes: HVec<u8, { MAX_RECORD as usize }>,
+}
+
+/// Run as a standby: publish a control area whose guest RAM the backup
+/// tool fills, wait for `Activate`, then run the guest from the vCPU
+/// record the tool wrote, unreplicated. False when anything failed (the
+/// standby never returns otherwise: the service runs until power-off).
+pub fn standby<E, V, F>(plan: &Plan, make_vcpu: F) -> bool
+where
+    E: NestedEntry,
+    V: Vcpu,
+    F: FnOnce(&doppel_core::hvm::VcpuState, HostPhysAddr) -> Result<V, &'static str>,
+{
+    match standby_inner::<E, V, F>(plan, make_vcpu) {
+        Ok(ok) => ok,
+        Err(e) => {
+            log::error!("standby: {e}");
+            false
+        }
+    }
+}
+
+fn standby_inner<E, V, F>(plan: &Plan, make_vcpu: F) -> Result<bool, &'static str>
+where
+    E: NestedEntry,
+    V: Vcpu,
+    F: FnOnce(&doppel_core::hvm::VcpuState, HostPhysAddr) -> Result<V, &'static str>,
+{
+    let mut ram = GuestRam::new(plan.mem_bytes).map_err(|_| "no memory for the guest")?;
+    let mut area = ControlArea::publish(&ram, Role::Standby)?;
+    log::info!(
+        "standby: control area at {:#x} ({} bytes), guest RAM at {:#x} ({} bytes); waiting for Activate",
+        area.pa,
+        area.size,
+        ram.hpa(),
+        ram.bytes()
+    );
+    let (epoch, state) = loop {
+        if let Some(a) = &area.activated {
+            break a.clone();
+        }
+        if !area.serve_commands()? {
+            core::hint::spin_loop();
+        }
+    };
+    log::info!(
+        "standby: activated from committed epoch {epoch}; guest resumes at rip={:#x}",
+        state.rip
+    );
+    let mut table = ram
+        .nested_table::<E>()
+        .map_err(|_| "building the nested page table")?;
+    let mut vcpu = make_vcpu(&state, table.root())?;
+    let run = Plan {
+        service: true,
+        epoch_exits: None,
+        epoch_ticks: None,
+        pause_cycles: false,
+        ..*plan
+    };
+    run_mode(
+        &mut ram,
+        &mut table,
+        &mut vcpu,
+        Mode::WriteProtect,
+        &run,
+        &mut area,
+    )
+}
+
 /// The published control area and the hypervisor's ends of its rings.
 struct ControlArea {
+    role: Role,
+    /// The guest's input (tool -> guest) and output (guest -> tool).
+    input: ChannelConsumer<AtomicMem<'static>>,
+    output: ChannelProducer<AtomicMem<'static>>,
+    /// Output not yet released, oldest first.
+    held: VecDeque<Held>,
+    /// Standby: `Activate` accepted, with the committed epoch and vCPU.
+    activated: Option<(u64, doppel_core::hvm::VcpuState)>,
     pa: u64,
     size: u64,
     view: ControlView,
@@ -140,20 +253,31 @@ struct ControlArea {
 const PEER_BROKE_RING: &str = "the dom0 tool broke the ring protocol (index out of range)";
 
 impl ControlArea {
-    fn publish(ram: &GuestRam) -> Result<Self, &'static str> {
+    fn publish(ram: &GuestRam, role: Role) -> Result<Self, &'static str> {
         let pages = ram.pages();
+        // A standby stages nothing: the backup tool writes guest RAM.
+        let (staging, pfns) = match role {
+            Role::Standby => (PAGE_SIZE, PAGE_SIZE),
+            // Epoch 0 stages every page.
+            Role::Workload | Role::Service => (pages * PAGE_SIZE, pages * 8),
+        };
         let sizes = [
             RING_BYTES,
             RING_BYTES,
             CHANNEL_BYTES,
             CHANNEL_BYTES,
-            // Epoch 0 stages every page.
-            pages * PAGE_SIZE,
+            staging,
             VCPU_AREA_BYTES,
-            pages * 8,
+            pfns,
         ];
-        let mut h = ControlHeader::pack(sizes, Features::LOG_DIRTY_WP)
-            .map_err(|_| "control area layout")?;
+        let features = match role {
+            Role::Workload => Features::LOG_DIRTY_WP,
+            Role::Service => {
+                Features::LOG_DIRTY_WP | Features::INPUT_CHANNEL | Features::OUTPUT_COMMIT
+            }
+            Role::Standby => Features::STANDBY | Features::INPUT_CHANNEL,
+        };
+        let mut h = ControlHeader::pack(sizes, features).map_err(|_| "control area layout")?;
         h.guest_ram = Region {
             offset: ram.hpa(),
             size: ram.bytes(),
@@ -186,6 +310,16 @@ impl ControlArea {
         };
         let cmd_mem = AtomicMem::new(ring_words(Field::CommandRing));
         let evt_mem = AtomicMem::new(ring_words(Field::EventRing));
+        let in_mem = AtomicMem::new(ring_words(Field::InputChannel));
+        let out_mem = AtomicMem::new(ring_words(Field::OutputChannel));
+        for (mem, f) in [
+            (&in_mem, Field::InputChannel),
+            (&out_mem, Field::OutputChannel),
+        ] {
+            ChannelLayout::new(view.region(f).1, 0, view.region(f).1)
+                .map_err(|_| "channel layout")?
+                .init_shared(mem);
+        }
         let cmd_slot = slot_size::<CommandEntry, doppel_abi::ResponseEntry>();
         let evt_slot = slot_size::<EventEntry, EventAck>();
         let bytes = |f: Field| view.region(f).1;
@@ -215,6 +349,10 @@ impl ControlArea {
         doppel_abi::SharedMem::write_bytes(&all, 0, &h.magic.to_le_bytes());
         let cmd = CommandBack::attach(cmd_mem, 0, bytes(Field::CommandRing))
             .map_err(|_| "command ring")?;
+        let input = ChannelConsumer::attach(in_mem, 0, bytes(Field::InputChannel))
+            .map_err(|_| "input channel")?;
+        let output = ChannelProducer::attach(out_mem, 0, bytes(Field::OutputChannel))
+            .map_err(|_| "output channel")?;
         let evt =
             EventFront::attach(evt_mem, 0, bytes(Field::EventRing)).map_err(|_| "event ring")?;
         let raw = |f: Field| -> &'static mut [u8] {
@@ -228,6 +366,11 @@ impl ControlArea {
         let pfns = raw(Field::PfnList);
         let vcpu = raw(Field::VcpuArea);
         Ok(Self {
+            role,
+            input,
+            output,
+            held: VecDeque::new(),
+            activated: None,
             pa,
             size,
             view,
@@ -304,14 +447,24 @@ impl ControlArea {
                 }
             }
             Command::CommitEpoch { epoch } => {
-                if epoch >= self.next_epoch || self.committed.is_some_and(|c| epoch < c) {
+                if self.role == Role::Standby
+                    || epoch >= self.next_epoch
+                    || self.committed.is_some_and(|c| epoch < c)
+                {
                     // Not yet checkpointed, or going backwards.
                     Err(Errno::ERANGE)
                 } else {
                     self.committed = Some(epoch);
+                    // Output commit: the epoch's replies go out now, before
+                    // the tool sees `Done`.
+                    self.release().map_err(|e| {
+                        log::error!("primary: releasing output: {e}");
+                        Errno::EIO
+                    })?;
                     Ok(Reply::Done)
                 }
             }
+            Command::Activate { epoch } => self.activate(epoch),
             // Epochs end at the guest's own epoch boundaries in this mode;
             // the other operations belong to the standby and output work.
             _ => Err(Errno::EOPNOTSUPP),
@@ -323,16 +476,26 @@ impl ControlArea {
         loop {
             match self.evt.pop_response() {
                 Ok(Some(a)) => {
+                    // Only checkpoint acks free the staging area; the acks
+                    // of output hints do not.
                     match a.decode() {
-                        Ok(Ack { result: Ok(()), .. }) => {}
+                        Ok(Ack { kind, .. }) if kind != kind::CHECKPOINT_READY => {}
+                        Ok(Ack { result: Ok(()), .. }) => {
+                            self.outstanding = self.outstanding.saturating_sub(1);
+                        }
                         Ok(Ack {
                             result: Err(e),
                             epoch,
                             ..
-                        }) => log::warn!("primary: the tool rejected checkpoint {epoch}: {e:?}"),
-                        Err(e) => log::warn!("primary: malformed acknowledgement ({e:?})"),
+                        }) => {
+                            log::warn!("primary: the tool rejected checkpoint {epoch}: {e:?}");
+                            self.outstanding = self.outstanding.saturating_sub(1);
+                        }
+                        Err(e) => {
+                            log::warn!("primary: malformed acknowledgement ({e:?})");
+                            self.outstanding = self.outstanding.saturating_sub(1);
+                        }
                     }
-                    self.outstanding = self.outstanding.saturating_sub(1);
                 }
                 Ok(None) => {
                     if !self
@@ -443,7 +606,103 @@ impl ControlArea {
     }
 }
 
+impl ControlArea {
+    /// Move held output of committed epochs into the output channel, in
+    /// order, as far as it has room; post an `OutputAvailable` hint when
+    /// something went out and the event ring has a free slot.
+    fn release(&mut self) -> Result<(), &'static str> {
+        let Some(committed) = self.committed else {
+            return Ok(());
+        };
+        let mut bytes = 0u64;
+        while let Some(h) = self.held.front() {
+            if h.epoch > committed {
+                break;
+            }
+            match self.output.write_record(h.epoch, &h.bytes) {
+                Ok(()) => {
+                    bytes += h.bytes.len() as u64;
+                    self.held.pop_front();
+                }
+                Err(ChannelError::Full) => break,
+                Err(_) => return Err("the dom0 tool broke the output channel"),
+            }
+        }
+        if bytes > 0 {
+            self.output.publish();
+            let hint = Event::OutputAvailable {
+                epoch: committed,
+                bytes,
+            };
+            if self.evt.push_request(&hint.encode(self.seq)).is_ok() {
+                self.evt.publish_requests();
+                self.seq = self.seq.wrapping_add(1);
+            }
+        }
+        Ok(())
+    }
+
+    /// Standby: check the vCPU record the backup tool wrote and accept
+    /// the failover. The guest starts once the answer is out.
+    fn activate(&mut self, epoch: u64) -> Result<Reply, Errno> {
+        if self.role != Role::Standby || self.activated.is_some() {
+            return Err(Errno::EINVAL);
+        }
+        let decoded = hvm::decode::<1>(self.vcpu).map_err(|e| {
+            log::error!("standby: Activate: the vCPU record does not decode: {e:?}");
+            Errno::EINVAL
+        })?;
+        let Some((_, state)) = decoded.vcpus.first() else {
+            log::error!("standby: Activate: the vCPU record has no CPU");
+            return Err(Errno::EINVAL);
+        };
+        self.activated = Some((epoch, state.clone()));
+        self.next_epoch = epoch.saturating_add(1);
+        Ok(Reply::Done)
+    }
+}
+
 impl EpochSink for ControlArea {
+    fn recv(&mut self, dst: &mut [u8]) -> Result<Recv, &'static str> {
+        let got = match self.input.pop(dst) {
+            Ok(Some(info)) => Recv::Record(info.len),
+            Ok(None) => return Ok(Recv::Empty),
+            Err(ChannelError::BufferTooSmall { .. }) => return Ok(Recv::TooSmall),
+            Err(_) => return Err("the dom0 tool broke the input channel"),
+        };
+        self.input.publish();
+        Ok(got)
+    }
+
+    fn send(&mut self, record: &[u8]) -> Result<bool, &'static str> {
+        if self.role == Role::Standby {
+            // Activated: nothing to commit against any more.
+            return match self.output.write_record(self.next_epoch, record) {
+                Ok(()) => {
+                    self.output.publish();
+                    Ok(true)
+                }
+                Err(ChannelError::Full) => Ok(false),
+                Err(_) => Err("the dom0 tool broke the output channel"),
+            };
+        }
+        if self.held.len() >= HOLD_LIMIT {
+            return Ok(false);
+        }
+        let bytes = HVec::from_slice(record).map_err(|()| "output record too long")?;
+        self.held.push_back(Held {
+            epoch: self.next_epoch,
+            bytes,
+        });
+        Ok(true)
+    }
+
+    fn poll(&mut self) -> Result<(), &'static str> {
+        self.take_acks()?;
+        self.serve_commands()?;
+        self.release()
+    }
+
     fn start(&mut self, log: &DirtyTree, ram: &GuestRam) -> Result<(), &'static str> {
         // Epoch 0 carries every page: the backup starts from nothing.
         for pfn in 0..ram.pages() {
@@ -453,15 +712,23 @@ impl EpochSink for ControlArea {
     }
 
     fn epoch_end(&mut self, e: &EpochEnd<'_>) -> Result<(), &'static str> {
+        if self.role == Role::Standby {
+            // An activated standby runs unreplicated: nothing to stage.
+            return Ok(());
+        }
         // Back-pressure: staging holds one checkpoint at a time.
         self.wait_released()?;
         let n = self.stage(e)?;
+        let what = match (e.pattern, self.role) {
+            (Some(p), _) => p.name(),
+            (None, Role::Workload) => "stop",
+            (None, _) => "service",
+        };
         log::info!(
-            "primary: checkpoint epoch={} pattern={} dirty={} exits={}",
+            "primary: checkpoint epoch={} pattern={what} dirty={n} exits={} held={}",
             self.next_epoch - 1,
-            e.pattern.map_or("stop", |p| p.name()),
-            n,
-            e.exits
+            e.exits,
+            self.held.len()
         );
         Ok(())
     }

@@ -9,7 +9,7 @@
 use alloc::vec;
 use alloc::vec::Vec;
 
-use doppel_abi::guest::{hypercall, PatternId, CONSOLE_PORT, PAGE_SIZE};
+use doppel_abi::guest::{hypercall, PatternId, CONSOLE_PORT, MAX_RECORD, PAGE_SIZE, SEND_AGAIN};
 use doppel_core::dirtylog::{DirtyLog, DirtyTree};
 use doppel_core::exit::{resume_rip, Action, ExitKind, VmExit};
 use doppel_core::hvm::VcpuState;
@@ -38,6 +38,13 @@ pub struct Plan {
     /// tracking while the guest is mid-pattern; the sink sees the union of
     /// the harvests at the guest's next epoch end.
     pub epoch_ticks: Option<u64>,
+    /// Service runs (the key-value guest): every epoch-timer expiry ends a
+    /// checkpoint epoch (not a tracking epoch inside the guest's own), and
+    /// so does every `epoch_exits`-th exit; the run has no exit limit.
+    pub service: bool,
+    pub epoch_exits: Option<u64>,
+    /// Keys of the key-value service.
+    pub keys: u32,
 }
 
 /// Upper bound on exits in one run, so a guest stuck in a loop of exits
@@ -86,12 +93,38 @@ pub trait EpochSink {
     fn checkpoint_at_stop(&self) -> bool {
         false
     }
+
+    /// The guest's `RECV`: copy the next input record into `dst`.
+    fn recv(&mut self, _dst: &mut [u8]) -> Result<Recv, &'static str> {
+        Err("this run has no input channel")
+    }
+
+    /// The guest's `SEND`: take an output record. False: no room now.
+    fn send(&mut self, _record: &[u8]) -> Result<bool, &'static str> {
+        Err("this run has no output channel")
+    }
+
+    /// The guest is idle (an empty `RECV`): serve the tool meanwhile.
+    fn poll(&mut self) -> Result<(), &'static str> {
+        Ok(())
+    }
+}
+
+/// What a `RECV` found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Recv {
+    /// A record of this many bytes was copied.
+    Record(usize),
+    /// Nothing queued.
+    Empty,
+    /// The next record does not fit the guest's buffer (it stays queued).
+    TooSmall,
 }
 
 /// Run the guest in `mode` until it says DONE (true when its status is 0
 /// and every sink call succeeded).
 pub fn run_mode<E: NestedEntry, V: Vcpu, S: EpochSink>(
-    ram: &GuestRam,
+    ram: &mut GuestRam,
     table: &mut NestedPageTable<E, KernelFrames>,
     vcpu: &mut V,
     mode: Mode,
@@ -99,13 +132,13 @@ pub fn run_mode<E: NestedEntry, V: Vcpu, S: EpochSink>(
     sink: &mut S,
 ) -> Result<bool, &'static str> {
     let mut run = Run::new(ram, table, vcpu, mode, plan, sink)?;
-    run.sink.start(&run.log, ram)?;
+    run.sink.start(&run.log, run.ram)?;
     Ok(run.go())
 }
 
 /// One guest run in one mode.
 struct Run<'a, E: NestedEntry, V: Vcpu, S: EpochSink> {
-    ram: &'a GuestRam,
+    ram: &'a mut GuestRam,
     table: &'a mut NestedPageTable<E, KernelFrames>,
     vcpu: &'a mut V,
     mode: Mode,
@@ -123,11 +156,17 @@ struct Run<'a, E: NestedEntry, V: Vcpu, S: EpochSink> {
     console: HVec<u8, 160>,
     /// The guest's DONE status, once it said it.
     done_status: Option<u64>,
+    /// Service runs: exits since the last checkpoint, whether the epoch
+    /// timer has expired, checkpoints taken, and the TSC at the last exit.
+    epoch_exit_count: u64,
+    timer_due: bool,
+    checkpoints: u64,
+    exit_tsc: u64,
 }
 
 impl<'a, E: NestedEntry, V: Vcpu, S: EpochSink> Run<'a, E, V, S> {
     fn new(
-        ram: &'a GuestRam,
+        ram: &'a mut GuestRam,
         table: &'a mut NestedPageTable<E, KernelFrames>,
         vcpu: &'a mut V,
         mode: Mode,
@@ -153,6 +192,10 @@ impl<'a, E: NestedEntry, V: Vcpu, S: EpochSink> Run<'a, E, V, S> {
             drains: 0,
             console: HVec::new(),
             done_status: None,
+            epoch_exit_count: 0,
+            timer_due: false,
+            checkpoints: 0,
+            exit_tsc: 0,
         };
         r.arm(true)?;
         r.arm_epoch_timer()?;
@@ -221,8 +264,18 @@ impl<'a, E: NestedEntry, V: Vcpu, S: EpochSink> Run<'a, E, V, S> {
 
     /// Run the guest to its end. False when it stopped in error.
     fn go(&mut self) -> bool {
-        for _ in 0..MAX_EXITS {
+        let mut exits: u64 = 0;
+        loop {
+            if !self.plan.service && exits >= MAX_EXITS {
+                log::error!("more than {MAX_EXITS} exits; guest stuck");
+                return false;
+            }
+            exits += 1;
             let exit = self.vcpu.run();
+            if self.plan.pause_cycles {
+                self.exit_tsc = rdtsc();
+            }
+            self.epoch_exit_count += 1;
             let action = self.dispatch(&exit);
             match resume_rip(&exit, action) {
                 Some(rip) => self.vcpu.set_rip(rip),
@@ -232,9 +285,42 @@ impl<'a, E: NestedEntry, V: Vcpu, S: EpochSink> Run<'a, E, V, S> {
                     return false;
                 }
             }
+            if self.checkpoint_due() {
+                if let Err(e) = self.service_checkpoint() {
+                    log::error!("checkpoint: {e}; guest: {}", self.vcpu.dump());
+                    return false;
+                }
+            }
         }
-        log::error!("more than {MAX_EXITS} exits; guest stuck");
-        false
+    }
+
+    /// Service runs: the epoch timer expired or the exit budget is spent.
+    fn checkpoint_due(&self) -> bool {
+        self.plan.service
+            && (self.timer_due
+                || self
+                    .plan
+                    .epoch_exits
+                    .is_some_and(|n| self.epoch_exit_count >= n))
+    }
+
+    /// End a checkpoint epoch of a service run at this exit: the vCPU is
+    /// recorded exactly as it will resume (RIP and results already set).
+    fn service_checkpoint(&mut self) -> Result<(), &'static str> {
+        let state = self.vcpu.state();
+        let epoch = self.checkpoints;
+        self.end_epoch(state, None, epoch)?;
+        self.checkpoints += 1;
+        self.epoch_exit_count = 0;
+        self.timer_due = false;
+        self.arm(false)?;
+        self.arm_epoch_timer()?;
+        let pause = self
+            .plan
+            .pause_cycles
+            .then(|| rdtsc().wrapping_sub(self.exit_tsc));
+        self.sink.resumed(pause);
+        Ok(())
     }
 
     fn finished_ok(&self, exit: &VmExit) -> bool {
@@ -305,6 +391,10 @@ impl<'a, E: NestedEntry, V: Vcpu, S: EpochSink> Run<'a, E, V, S> {
                 Action::Skip
             }
             ExitKind::Hypercall => self.hypercall(exit),
+            ExitKind::Timer if self.plan.service => {
+                self.timer_due = true;
+                Action::Retry
+            }
             ExitKind::Timer if self.plan.epoch_ticks.is_some() => match self.timer_epoch() {
                 Ok(()) => Action::Retry,
                 Err(e) => self.fail(e, exit),
@@ -336,7 +426,8 @@ impl<'a, E: NestedEntry, V: Vcpu, S: EpochSink> Run<'a, E, V, S> {
                 let Some(pattern) = u8::try_from(r.rsi).ok().and_then(PatternId::from_u8) else {
                     return self.fail("EPOCH_END with an unknown pattern", exit);
                 };
-                if let Err(e) = self.end_epoch(exit, Some(pattern), r.rdi) {
+                let state = self.resume_state(exit);
+                if let Err(e) = self.end_epoch(state, Some(pattern), r.rdi) {
                     return self.fail(e, exit);
                 }
                 if let Err(e) = self.arm(false).and_then(|()| self.arm_epoch_timer()) {
@@ -352,12 +443,27 @@ impl<'a, E: NestedEntry, V: Vcpu, S: EpochSink> Run<'a, E, V, S> {
             hypercall::DONE => {
                 self.done_status = Some(r.rdi);
                 if self.sink.checkpoint_at_stop() {
-                    if let Err(e) = self.end_epoch(exit, None, r.rsi) {
+                    let state = self.resume_state(exit);
+                    if let Err(e) = self.end_epoch(state, None, r.rsi) {
                         return self.fail(e, exit);
                     }
                 }
                 Action::Stop
             }
+            hypercall::RECV => match self.recv(r.rdi, r.rsi) {
+                Ok(v) => {
+                    self.vcpu.regs().rax = v;
+                    Action::Skip
+                }
+                Err(e) => self.fail(e, exit),
+            },
+            hypercall::SEND => match self.send(r.rdi, r.rsi) {
+                Ok(v) => {
+                    self.vcpu.regs().rax = v;
+                    Action::Skip
+                }
+                Err(e) => self.fail(e, exit),
+            },
             _ => {
                 self.vcpu.regs().rax = u64::MAX;
                 Action::Skip
@@ -365,11 +471,76 @@ impl<'a, E: NestedEntry, V: Vcpu, S: EpochSink> Run<'a, E, V, S> {
         }
     }
 
-    /// Harvest the epoch and hand it to the sink with the vCPU as it
-    /// resumes: after the hypercall, its result (0) in RAX.
+    /// `RECV` into guest buffer `[gpa, gpa + len)`: the record's length,
+    /// 0 when none is queued, `u64::MAX` for a bad buffer. The copy is the
+    /// hypervisor's write, not the guest's: its pages are logged here.
+    fn recv(&mut self, gpa: u64, len: u64) -> Result<u64, &'static str> {
+        let len = len.min(MAX_RECORD);
+        if len == 0 || self.ram.slice(gpa, len).is_none() {
+            return Ok(u64::MAX);
+        }
+        let mut buf = [0u8; MAX_RECORD as usize];
+        match self.sink.recv(&mut buf[..len as usize])? {
+            Recv::Record(n) => {
+                let n = n.min(len as usize);
+                let dst = self
+                    .ram
+                    .slice_mut(gpa, n as u64)
+                    .ok_or("RECV buffer outside guest RAM")?;
+                dst.copy_from_slice(&buf[..n]);
+                if n > 0 {
+                    for pfn in gpa / PAGE_SIZE..=(gpa + n as u64 - 1) / PAGE_SIZE {
+                        self.log
+                            .mark(pfn)
+                            .map_err(|_| "dirty log refused a RECV page")?;
+                    }
+                }
+                Ok(n as u64)
+            }
+            Recv::Empty => {
+                self.sink.poll()?;
+                Ok(0)
+            }
+            Recv::TooSmall => Ok(u64::MAX),
+        }
+    }
+
+    /// `SEND` of guest bytes `[gpa, gpa + len)`: 0, or [`SEND_AGAIN`] when
+    /// the sink has no room now, `u64::MAX` for a bad buffer.
+    fn send(&mut self, gpa: u64, len: u64) -> Result<u64, &'static str> {
+        if len == 0 || len > MAX_RECORD {
+            return Ok(u64::MAX);
+        }
+        let Some(src) = self.ram.slice(gpa, len) else {
+            return Ok(u64::MAX);
+        };
+        let mut buf = [0u8; MAX_RECORD as usize];
+        buf[..len as usize].copy_from_slice(src);
+        if self.sink.send(&buf[..len as usize])? {
+            Ok(0)
+        } else {
+            self.sink.poll()?;
+            Ok(SEND_AGAIN)
+        }
+    }
+
+    /// The vCPU as it resumes after a hypercall exit: past the instruction,
+    /// its result (0) in RAX.
+    fn resume_state(&mut self, exit: &VmExit) -> VcpuState {
+        self.vcpu.regs().rax = 0;
+        let mut state = self.vcpu.state();
+        state.rax = 0;
+        if let Some(next) = exit.next_rip {
+            state.rip = next;
+        }
+        state
+    }
+
+    /// Harvest the epoch and hand it to the sink with `state`, the vCPU as
+    /// it resumes.
     fn end_epoch(
         &mut self,
-        exit: &VmExit,
+        state: VcpuState,
         pattern: Option<PatternId>,
         epoch: u64,
     ) -> Result<(), &'static str> {
@@ -379,19 +550,13 @@ impl<'a, E: NestedEntry, V: Vcpu, S: EpochSink> Run<'a, E, V, S> {
             *h |= *u;
             *u = 0;
         }
-        self.vcpu.regs().rax = 0;
-        let mut state = self.vcpu.state();
-        state.rax = 0;
-        if let Some(next) = exit.next_rip {
-            state.rip = next;
-        }
         let end = EpochEnd {
             backend: self.vcpu.backend(),
             mode: self.mode,
             pattern,
             epoch,
             harvest: &self.harvest,
-            ram: self.ram,
+            ram: &*self.ram,
             exits: self.exits,
             drains: self.drains,
             timer_epochs: self.timer_epochs,

@@ -64,7 +64,7 @@ where
             }
         };
         backend = vcpu.backend();
-        match run_mode(&ram, &mut table, &mut vcpu, mode, plan, &mut judge) {
+        match run_mode(&mut ram, &mut table, &mut vcpu, mode, plan, &mut judge) {
             Ok(true) => {}
             Ok(false) => {
                 log::error!("self-test: mode {} stopped early", mode.name());

@@ -132,6 +132,24 @@ pub fn primary(_on: &mut SvmOn, plan: &super::selftest::Plan) -> bool {
     })
 }
 
+/// Wait as a standby; at `Activate`, run the guest from the vCPU record
+/// the backup tool wrote (see [`super::replicate::standby`]).
+pub fn standby(_on: &mut SvmOn, plan: &super::selftest::Plan) -> bool {
+    with_host_vmcb(|host_vmcb, nrips| {
+        super::replicate::standby::<NptEntry, SvmVcpu, _>(plan, |state, root| {
+            let start = GuestStart {
+                rip: state.rip,
+                rsp: state.rsp,
+                rdi: state.rdi,
+                cr3: state.cr3,
+            };
+            let mut v = SvmVcpu::new(&start, root, host_vmcb, nrips)?;
+            v.restore(state);
+            Ok(v)
+        })
+    })
+}
+
 /// Save this CPU's host state for the world switch (VMSAVE into a fresh
 /// page), run `f` with it and NRIP-save support, free the page.
 fn with_host_vmcb(f: impl FnOnce(u64, bool) -> bool) -> bool {
@@ -311,6 +329,78 @@ impl SvmVcpu {
         s.rax = 0;
         s.g_pat = DEFAULT_PAT;
         self.regs.rdi = start.rdi;
+    }
+
+    /// Load a checkpointed vCPU (the inverse of [`Vcpu::state`]): every
+    /// register the record carries goes into the VMCB save area or the
+    /// general registers. The control area (intercepts, nested paging)
+    /// stays as `setup` made it.
+    fn restore(&mut self, st: &VcpuState) {
+        if st.pending_event.is_some() {
+            // The service guest runs with interrupts off and takes no
+            // exceptions; a pending event would be a foreign record.
+            log::warn!("svm: the vCPU record has a pending event; it is dropped");
+        }
+        let seg = |g: &Segment| VmcbSegment {
+            selector: g.selector,
+            attrib: g.attr.to_svm(),
+            limit: g.limit,
+            base: g.base,
+        };
+        let table = |t: &DescTable| VmcbSegment {
+            base: t.base,
+            limit: u32::from(t.limit),
+            ..VmcbSegment::default()
+        };
+        let s = &mut self.vmcb_mut().save;
+        s.cs = seg(&st.cs);
+        s.ds = seg(&st.ds);
+        s.es = seg(&st.es);
+        s.fs = seg(&st.fs);
+        s.gs = seg(&st.gs);
+        s.ss = seg(&st.ss);
+        s.tr = seg(&st.tr);
+        s.ldtr = seg(&st.ldtr);
+        s.gdtr = table(&st.gdtr);
+        s.idtr = table(&st.idtr);
+        // CPL is SS.DPL (APM vol. 2, "Segment State in the VMCB").
+        s.cpl = ((st.ss.attr.to_svm() >> 5) & 3) as u8;
+        s.efer = st.efer | EFER_SVME;
+        s.cr0 = st.cr0;
+        s.cr2 = st.cr2;
+        s.cr3 = st.cr3;
+        s.cr4 = st.cr4;
+        s.dr6 = st.dr6;
+        s.dr7 = st.dr7;
+        s.rflags = st.rflags;
+        s.rip = st.rip;
+        s.rsp = st.rsp;
+        s.rax = st.rax;
+        s.sysenter_cs = st.sysenter_cs;
+        s.sysenter_esp = st.sysenter_esp;
+        s.sysenter_eip = st.sysenter_eip;
+        s.kernel_gs_base = st.kernel_gs_base;
+        s.star = st.star;
+        s.lstar = st.lstar;
+        s.cstar = st.cstar;
+        s.sfmask = st.sfmask;
+        self.regs = GuestRegs {
+            rax: st.rax,
+            rbx: st.rbx,
+            rcx: st.rcx,
+            rdx: st.rdx,
+            rsi: st.rsi,
+            rdi: st.rdi,
+            rbp: st.rbp,
+            r8: st.r8,
+            r9: st.r9,
+            r10: st.r10,
+            r11: st.r11,
+            r12: st.r12,
+            r13: st.r13,
+            r14: st.r14,
+            r15: st.r15,
+        };
     }
 
     /// Decode the #VMEXIT in the VMCB.
