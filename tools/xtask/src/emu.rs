@@ -147,6 +147,13 @@ impl Running {
             .unwrap_or_default()
     }
 
+    /// Kill the emulator's whole process group now (kill -9: the machine
+    /// dies as a host would).
+    pub fn kill(&mut self) {
+        kill_group(self.child.id());
+        let _ = self.child.wait();
+    }
+
     /// Wait for the emulator to exit on its own, or kill it at the limit.
     pub fn wait(mut self) -> Result<Run> {
         let mut timed_out = false;

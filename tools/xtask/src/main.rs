@@ -5,6 +5,7 @@
 
 mod conformance;
 mod emu;
+mod failover;
 mod fuzz;
 mod image;
 mod replica;
@@ -134,10 +135,7 @@ fn main() -> Result<()> {
         Cmd::Fuzz { seconds, only } => fuzz::run(seconds, only.as_deref()),
         Cmd::Demo => {
             setup::ensure()?;
-            anyhow::bail!(
-                "not yet: the demo (replication with a failover) lands with the Remus issue; \
-                 `cargo xtask test` shows what works today"
-            )
+            test::demo()
         }
     }
 }

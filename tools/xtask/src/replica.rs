@@ -69,7 +69,7 @@ impl Drop for Proc {
 }
 
 /// A file removed when dropped.
-struct TempFile(PathBuf);
+pub(crate) struct TempFile(pub(crate) PathBuf);
 
 impl Drop for TempFile {
     fn drop(&mut self) {
@@ -77,7 +77,7 @@ impl Drop for TempFile {
     }
 }
 
-fn doppel_bin() -> Result<PathBuf> {
+pub(crate) fn doppel_bin() -> Result<PathBuf> {
     cargo(&["build", "--release", "--package", "doppel"])?;
     Ok(crate::root().join("target/release/doppel"))
 }
@@ -95,7 +95,7 @@ fn spawn(name: &'static str, cmd: &mut Command) -> Result<Proc> {
 
 /// `doppel inspect --machine-ram`: (guest RAM offset, size) once the
 /// control area validates.
-fn guest_ram(doppel: &Path, ram: &Path) -> Result<Option<(u64, u64)>> {
+pub(crate) fn guest_ram(doppel: &Path, ram: &Path) -> Result<Option<(u64, u64)>> {
     let out = Command::new(doppel)
         .args(["inspect", "--machine-ram"])
         .arg(ram)

@@ -29,6 +29,15 @@ impl Ctx {
 
 type StepFn = fn(&mut Ctx) -> Result<String>;
 
+/// `cargo xtask demo`: one failover run shown live.
+pub fn demo() -> Result<()> {
+    let mut ctx = Ctx {
+        long: false,
+        image: None,
+    };
+    crate::failover::demo(&mut ctx)
+}
+
 /// The steps, in order. Each returns a one-line detail on success.
 fn steps() -> Vec<(&'static str, StepFn)> {
     vec![
@@ -56,6 +65,7 @@ fn steps() -> Vec<(&'static str, StepFn)> {
         ("selftest-qemu-svm-timer", step_selftest_svm_timer),
         ("replica-qemu-svm", crate::replica::step_replica_qemu),
         ("xen-verify-capture", crate::replica::step_verify_capture),
+        ("failover-qemu-svm", crate::failover::step_failover),
     ]
 }
 

@@ -1,0 +1,701 @@
+//! Remus end to end (issue #7): two QEMU machines, the protected key-value
+//! service, `doppel primary` / `doppel backup` / `doppel client`, and a
+//! fault injected at a random epoch. Used by `cargo xtask test` (a few
+//! runs, `--long`: 21) and by `cargo xtask demo` (one run, shown live).
+//!
+//! One run:
+//! 1. Boot the primary (`mode=primary service=kv`) and the standby
+//!    (`mode=standby`), each with its RAM in a /dev/shm file, `-icount`.
+//! 2. Start `doppel backup --standby-ram` and `doppel primary
+//!    --serve-clients` (through a TCP relay we can cut), then the client.
+//! 3. When the backup has committed the run's random epoch, inject the
+//!    fault: kill -9 the primary's QEMU, kill -9 `doppel primary`, or cut
+//!    the replication link (the relay stops forwarding but keeps both
+//!    connections open: only the heartbeat timeout can tell).
+//! 4. The client finishes on the backup; its verdict and the backup's
+//!    failover line make the run's `failover:` line.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use std::{fs, thread};
+
+use anyhow::{bail, Context, Result};
+
+use crate::emu::{self, RunSpec, Running};
+use crate::replica::{doppel_bin, guest_ram, TempFile};
+use crate::test::Ctx;
+use crate::Emulator;
+
+/// Guest RAM of the protected machine (MiB) and the QEMU machines' RAM.
+const GUEST_MIB: u32 = 16;
+const MACHINE_MIB: u32 = 128;
+const KEYS: u32 = 256;
+/// Deterministic checkpoint policy for tests: one every this many exits.
+const EPOCH_EXITS: u32 = 3000;
+/// Seconds without a record before the backup takes over, and without an
+/// event before `doppel primary` gives its hypervisor up.
+const HEARTBEAT_TIMEOUT: u64 = 4;
+const EVENT_TIMEOUT: u64 = 4;
+
+/// What a run kills.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// kill -9 the primary machine's QEMU (the primary host dies).
+    Qemu,
+    /// kill -9 `doppel primary` (dom0's replication tool dies).
+    Primary,
+    /// Cut the replication link while the primary lives (split brain).
+    Link,
+}
+
+impl Fault {
+    fn name(self) -> &'static str {
+        match self {
+            Fault::Qemu => "qemu",
+            Fault::Primary => "primary",
+            Fault::Link => "link",
+        }
+    }
+}
+
+/// One run's parameters.
+#[derive(Clone, Copy, Debug)]
+pub struct Scenario {
+    pub run: u32,
+    pub fault: Fault,
+    /// Kill once the backup has committed this epoch.
+    pub at_epoch: u64,
+    pub ops: u64,
+    pub seed: u64,
+}
+
+impl Scenario {
+    /// The `n`th run of a seeded series: faults cycle, the epoch is random.
+    pub fn nth(n: u32, seed: u64) -> Self {
+        let mut x = seed ^ u64::from(n).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        x = splitmix(x);
+        let fault = [Fault::Qemu, Fault::Primary, Fault::Link][(n % 3) as usize];
+        Scenario {
+            run: n,
+            fault,
+            at_epoch: 6 + x % 30,
+            ops: 1200,
+            seed: splitmix(x),
+        }
+    }
+}
+
+fn splitmix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// What a run showed.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    pub line: String,
+    pub pass: bool,
+    /// Extra lines worth printing (the split-brain report).
+    pub notes: Vec<String>,
+    /// Figures for PERFORMANCE.md: epochs committed before the fault,
+    /// checkpoint pages and bytes, pause cycles, failover wall seconds.
+    pub epochs: u64,
+    pub pages: u64,
+    pub bytes: u64,
+    pub pause_cycles: Vec<u64>,
+    pub failover_secs: f64,
+    pub client_answered_before: u64,
+}
+
+/// A child process whose output lines are collected by threads (and
+/// echoed with a prefix when `echo` is set). Killed when dropped.
+struct Watched {
+    child: std::process::Child,
+    name: &'static str,
+    out: Arc<Mutex<Vec<String>>>,
+    err: Arc<Mutex<Vec<String>>>,
+}
+
+fn collect<R: Read + Send + 'static>(
+    r: R,
+    into: Arc<Mutex<Vec<String>>>,
+    echo: Option<&'static str>,
+) {
+    thread::spawn(move || {
+        for line in BufReader::new(r).lines() {
+            let Ok(line) = line else { break };
+            if let Some(p) = echo {
+                println!("  {p}| {line}");
+            }
+            if let Ok(mut v) = into.lock() {
+                v.push(line);
+            }
+        }
+    });
+}
+
+impl Watched {
+    fn spawn(name: &'static str, cmd: &mut Command, echo: bool) -> Result<Self> {
+        let mut child = cmd
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {name}"))?;
+        let out = Arc::new(Mutex::new(Vec::new()));
+        let err = Arc::new(Mutex::new(Vec::new()));
+        let tag = echo.then_some(name);
+        collect(child.stdout.take().context("stdout")?, out.clone(), tag);
+        collect(child.stderr.take().context("stderr")?, err.clone(), None);
+        Ok(Self {
+            child,
+            name,
+            out,
+            err,
+        })
+    }
+
+    fn out(&self) -> Vec<String> {
+        self.out.lock().map(|v| v.clone()).unwrap_or_default()
+    }
+
+    fn err(&self) -> Vec<String> {
+        self.err.lock().map(|v| v.clone()).unwrap_or_default()
+    }
+
+    /// The first stdout line starting with `prefix`, waiting up to `limit`.
+    fn wait_line(&mut self, prefix: &str, limit: Duration) -> Result<String> {
+        let t = Instant::now();
+        loop {
+            if let Some(l) = self.out().into_iter().find(|l| l.starts_with(prefix)) {
+                return Ok(l);
+            }
+            if let Some(st) = self.child.try_wait()? {
+                bail!(
+                    "{} exited ({st}) before printing `{prefix}`:\n{}",
+                    self.name,
+                    tail(&self.err(), 20)
+                );
+            }
+            if t.elapsed() > limit {
+                bail!(
+                    "{} printed no `{prefix}` line within {} s:\n{}",
+                    self.name,
+                    limit.as_secs(),
+                    tail(&self.err(), 20)
+                );
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Watched {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn tail(lines: &[String], n: usize) -> String {
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// A TCP relay for the replication link: forwards both ways until cut;
+/// cut, it stops reading and writing but keeps both connections open, as a
+/// network partition would.
+struct Relay {
+    addr: String,
+    cut: Arc<AtomicBool>,
+}
+
+impl Relay {
+    fn start(target: &str) -> Result<Self> {
+        let l = TcpListener::bind("127.0.0.1:0")?;
+        let addr = l.local_addr()?.to_string();
+        let cut = Arc::new(AtomicBool::new(false));
+        let target = target.to_string();
+        let c = cut.clone();
+        thread::spawn(move || {
+            let Ok((a, _)) = l.accept() else { return };
+            let Ok(b) = TcpStream::connect(&target) else {
+                return;
+            };
+            for (from, to) in [(&a, &b), (&b, &a)] {
+                let (Ok(mut from), Ok(mut to)) = (from.try_clone(), to.try_clone()) else {
+                    return;
+                };
+                let c = c.clone();
+                thread::spawn(move || {
+                    let _ = from.set_read_timeout(Some(Duration::from_millis(100)));
+                    let mut buf = vec![0u8; 1 << 16];
+                    loop {
+                        if c.load(Ordering::SeqCst) {
+                            // Partitioned: hold the sockets, move nothing.
+                            thread::sleep(Duration::from_millis(200));
+                            continue;
+                        }
+                        match from.read(&mut buf) {
+                            Ok(0) => {
+                                let _ = to.shutdown(std::net::Shutdown::Write);
+                                return;
+                            }
+                            Ok(n) => {
+                                if c.load(Ordering::SeqCst) || to.write_all(&buf[..n]).is_err() {
+                                    continue;
+                                }
+                            }
+                            Err(e)
+                                if matches!(
+                                    e.kind(),
+                                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                                ) => {}
+                            Err(_) => return,
+                        }
+                    }
+                });
+            }
+            // Keep both ends alive for the life of the process.
+            let _keep = (a, b);
+            loop {
+                thread::sleep(Duration::from_secs(3600));
+            }
+        });
+        Ok(Self { addr, cut })
+    }
+}
+
+/// One QEMU machine with its RAM file.
+struct Machine {
+    qemu: Option<Running>,
+    ram: TempFile,
+}
+
+fn boot(ctx: &mut Ctx, doppel: &Path, cmdline: &str, tag: &str) -> Result<Machine> {
+    let img = ctx.image()?;
+    let ram = TempFile(PathBuf::from(format!(
+        "/dev/shm/doppel-{tag}-{}",
+        std::process::id()
+    )));
+    let f = fs::File::create(&ram.0).with_context(|| format!("creating {}", ram.0.display()))?;
+    f.set_len(u64::from(MACHINE_MIB) << 20)?;
+    drop(f);
+    let mut spec = RunSpec::new(Emulator::Qemu, tag);
+    spec.ram_file = Some(ram.0.clone());
+    spec.mem_mib = MACHINE_MIB;
+    spec.cmdline = cmdline.into();
+    spec.icount = true;
+    spec.timeout = Duration::from_secs(1200);
+    let qemu = emu::spawn(&img, &spec)?;
+    let t = Instant::now();
+    loop {
+        if guest_ram(doppel, &ram.0)?.is_some() {
+            return Ok(Machine {
+                qemu: Some(qemu),
+                ram,
+            });
+        }
+        let out = qemu.output_so_far();
+        if out.contains(emu::FAIL_LINE) || out.contains(emu::PASS_LINE) {
+            bail!("the hypervisor ({cmdline}) ended before publishing its control area:\n{out}");
+        }
+        if t.elapsed() > Duration::from_secs(120) {
+            bail!("no control area from `{cmdline}` within 120 s:\n{out}");
+        }
+        thread::sleep(Duration::from_millis(300));
+    }
+}
+
+/// `key=value` of a line's words.
+fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+}
+
+fn num(line: &str, key: &str) -> Option<u64> {
+    field(line, key)?.trim_end_matches([',', ';']).parse().ok()
+}
+
+/// Highest epoch in the backup's `backup: committed epoch E ...` lines.
+fn committed_epochs(backup: &Watched) -> Vec<(u64, u64, u64)> {
+    backup
+        .err()
+        .iter()
+        .chain(backup.out().iter())
+        .filter_map(|l| {
+            let at = l.find("backup: committed epoch ")?;
+            let rest = &l[at + "backup: committed epoch ".len()..];
+            let e = rest.split_whitespace().next()?.parse().ok()?;
+            Some((
+                e,
+                num(rest, "pages").unwrap_or(0),
+                num(rest, "bytes").unwrap_or(0),
+            ))
+        })
+        .collect()
+}
+
+/// Live progress for the demo, once a second until `stop` says so.
+pub struct Progress {
+    pub enabled: bool,
+    last: Instant,
+    last_epoch: u64,
+}
+
+impl Progress {
+    pub fn new(enabled: bool) -> Self {
+        Self {
+            enabled,
+            last: Instant::now(),
+            last_epoch: 0,
+        }
+    }
+
+    fn tick(
+        &mut self,
+        t0: Instant,
+        backup: &Watched,
+        primary_hv: Option<&Running>,
+        client: &Watched,
+    ) {
+        if !self.enabled || self.last.elapsed() < Duration::from_secs(1) {
+            return;
+        }
+        let dt = self.last.elapsed().as_secs_f64();
+        self.last = Instant::now();
+        let eps = committed_epochs(backup);
+        let (epoch, pages, _) = eps.last().copied().unwrap_or((0, 0, 0));
+        let rate = (epoch.saturating_sub(self.last_epoch)) as f64 / dt;
+        self.last_epoch = epoch;
+        let recent: Vec<_> = eps.iter().rev().take(20).collect();
+        let avg_pages = if recent.is_empty() {
+            0.0
+        } else {
+            recent.iter().map(|e| e.1 as f64).sum::<f64>() / recent.len() as f64
+        };
+        let shipped: u64 = eps.iter().map(|e| e.2).sum();
+        let hv = primary_hv.map(Running::output_so_far).unwrap_or_default();
+        let pause = hv
+            .lines()
+            .rev()
+            .find_map(|l| num(l, "pause_cycles"))
+            .map_or("-".into(), |p| format!("{p}"));
+        let held = hv
+            .lines()
+            .rev()
+            .find_map(|l| num(l, "held"))
+            .map_or("-".into(), |h| format!("{h}"));
+        let answered = client
+            .err()
+            .iter()
+            .rev()
+            .find_map(|l| num(l, "answered"))
+            .unwrap_or(0);
+        println!(
+            "[{:6.1}s] epoch {epoch:5} ({rate:5.1}/s)  dirty {avg_pages:5.1} pages/epoch (last {pages})  \
+             shipped {:8.2} MB  pause {pause} cycles  held {held}  client answered {answered}",
+            t0.elapsed().as_secs_f64(),
+            shipped as f64 / 1e6
+        );
+    }
+}
+
+/// Run one scenario end to end.
+pub fn run(ctx: &mut Ctx, sc: &Scenario, progress: &mut Progress) -> Result<Outcome> {
+    let doppel = doppel_bin()?;
+    let echo = progress.enabled;
+    let primary_cmd = format!(
+        "mode=primary service=kv keys={KEYS} guest-mem={GUEST_MIB} epoch-exits={EPOCH_EXITS}"
+    );
+    let standby_cmd = format!("mode=standby keys={KEYS} guest-mem={GUEST_MIB}");
+    if echo {
+        println!("demo: booting the primary machine (QEMU, AMD SVM): {primary_cmd}");
+    }
+    let mut prim = boot(
+        ctx,
+        &doppel,
+        &primary_cmd,
+        &format!("failover-{}-primary", sc.run),
+    )?;
+    if echo {
+        println!("demo: booting the standby machine (QEMU): {standby_cmd}");
+    }
+    let stby = boot(
+        ctx,
+        &doppel,
+        &standby_cmd,
+        &format!("failover-{}-standby", sc.run),
+    )?;
+
+    let mut backup = Watched::spawn(
+        "backup",
+        Command::new(&doppel)
+            .args(["backup", "--listen", "127.0.0.1:0", "--standby-ram"])
+            .arg(&stby.ram.0)
+            .args(["--serve-clients", "127.0.0.1:0"])
+            .args(["--heartbeat-timeout", &HEARTBEAT_TIMEOUT.to_string()])
+            .args(["--accept-timeout", "120"]),
+        echo,
+    )?;
+    let listen = backup.wait_line("listening on ", Duration::from_secs(30))?;
+    let listen = listen["listening on ".len()..].trim().to_string();
+    let bclients = backup.wait_line("clients on ", Duration::from_secs(30))?;
+    let bclients = bclients["clients on ".len()..].trim().to_string();
+    let relay = Relay::start(&listen)?;
+    let mut primary = Watched::spawn(
+        "primary",
+        Command::new(&doppel)
+            .args(["primary", "--machine-ram"])
+            .arg(&prim.ram.0)
+            .args(["--backup", &relay.addr, "--serve-clients", "127.0.0.1:0"])
+            .args(["--wait-control", "60"])
+            .args(["--event-timeout", &EVENT_TIMEOUT.to_string()]),
+        echo,
+    )?;
+    let pclients = primary.wait_line("clients on ", Duration::from_secs(60))?;
+    let pclients = pclients["clients on ".len()..].trim().to_string();
+    let mut client = Watched::spawn(
+        "client",
+        Command::new(&doppel)
+            .args(["client", "--connect", &pclients, "--failover", &bclients])
+            .args(["--ops", &sc.ops.to_string(), "--keys", &KEYS.to_string()])
+            .args(["--seed", &sc.seed.to_string()])
+            .args(["--reply-timeout", "8", "--connect-timeout", "60"]),
+        echo,
+    )?;
+    let t0 = Instant::now();
+    let mut out = Outcome::default();
+    // Wait for the fault's epoch.
+    let limit = Duration::from_secs(300);
+    let at = loop {
+        progress.tick(t0, &backup, prim.qemu.as_ref(), &client);
+        let e = committed_epochs(&backup).last().map(|e| e.0);
+        if let Some(e) = e.filter(|&e| e >= sc.at_epoch) {
+            break e;
+        }
+        if !client.alive() {
+            bail!(
+                "the client finished before epoch {} (make --ops larger):\n{}",
+                sc.at_epoch,
+                tail(&client.out(), 5)
+            );
+        }
+        if !primary.alive() || !backup.alive() {
+            bail!(
+                "a tool died before the fault:\nprimary:\n{}\nbackup:\n{}",
+                tail(&primary.err(), 20),
+                tail(&backup.err(), 20)
+            );
+        }
+        if t0.elapsed() > limit {
+            bail!(
+                "epoch {} not committed within {} s",
+                sc.at_epoch,
+                limit.as_secs()
+            );
+        }
+        thread::sleep(Duration::from_millis(100));
+    };
+    out.client_answered_before = client
+        .err()
+        .iter()
+        .rev()
+        .find_map(|l| num(l, "answered"))
+        .unwrap_or(0);
+    let t_fault = Instant::now();
+    if echo {
+        println!("demo: *** killing {} at epoch {at} ***", sc.fault.name());
+    }
+    match sc.fault {
+        Fault::Qemu => {
+            if let Some(q) = prim.qemu.as_mut() {
+                q.kill();
+            }
+        }
+        Fault::Primary => primary.kill(),
+        Fault::Link => relay.cut.store(true, Ordering::SeqCst),
+    }
+    // The backup takes over; the client finishes against it.
+    let failover_line = backup.wait_line("failover:", Duration::from_secs(120))?;
+    out.failover_secs = t_fault.elapsed().as_secs_f64();
+    let climit = Instant::now();
+    let verdict = loop {
+        progress.tick(t0, &backup, None, &client);
+        if let Some(l) = client.out().into_iter().find(|l| l.starts_with("client:")) {
+            break l;
+        }
+        if !client.alive() {
+            thread::sleep(Duration::from_millis(200));
+            if let Some(l) = client.out().into_iter().find(|l| l.starts_with("client:")) {
+                break l;
+            }
+            bail!(
+                "the client died without a verdict:\n{}",
+                tail(&client.err(), 20)
+            );
+        }
+        if climit.elapsed() > Duration::from_secs(300) {
+            bail!("the client did not finish within 300 s after the failover");
+        }
+        thread::sleep(Duration::from_millis(100));
+    };
+    let resumed = failover_line
+        .split("committed epoch ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.trim_end_matches([',', ';', '.']).parse::<u64>().ok());
+    let lost = num(&verdict, "lost_acked");
+    let divergent = num(&verdict, "divergent");
+    let ops = num(&verdict, "ops").unwrap_or(0);
+    let pass = verdict.contains("result=pass")
+        && lost == Some(0)
+        && divergent == Some(0)
+        && ops == sc.ops
+        && resumed.is_some();
+    if sc.fault == Fault::Link {
+        // Split brain: the primary is still up. Say what it did.
+        let hv = prim
+            .qemu
+            .as_ref()
+            .map(Running::output_so_far)
+            .unwrap_or_default();
+        let last_release = hv
+            .lines()
+            .rev()
+            .find(|l| l.contains("checkpoint epoch="))
+            .unwrap_or("");
+        out.notes.push(format!(
+            "split-brain: run={} link cut at epoch {at}; primary machine still running={}, \
+             doppel primary running={}; the backup activated on heartbeat loss ({failover_line}); \
+             the primary could commit nothing after the cut, so it released no reply the client \
+             could see (last hypervisor checkpoint line: `{}`)",
+            sc.run,
+            prim.qemu.is_some(),
+            primary.alive(),
+            last_release.trim()
+        ));
+    }
+    let eps = committed_epochs(&backup);
+    out.epochs = eps.len() as u64;
+    out.pages = eps.iter().map(|e| e.1).sum();
+    out.bytes = eps.iter().map(|e| e.2).sum();
+    if let Some(q) = prim.qemu.as_ref() {
+        out.pause_cycles = q
+            .output_so_far()
+            .lines()
+            .filter_map(|l| num(l, "pause_cycles"))
+            .collect();
+    }
+    out.line = format!(
+        "failover: run={} killed={} at_epoch={at} client_ops={ops} lost_acked={} divergent={} \
+         resumed_epoch={} result={}",
+        sc.run,
+        sc.fault.name(),
+        lost.map_or("?".into(), |v| v.to_string()),
+        divergent.map_or("?".into(), |v| v.to_string()),
+        resumed.map_or("?".into(), |v| v.to_string()),
+        if pass { "pass" } else { "fail" }
+    );
+    out.pass = pass;
+    if !pass {
+        out.notes.push(format!("client: {verdict}"));
+        out.notes.push(format!("backup: {failover_line}"));
+        out.notes
+            .push(format!("client stderr:\n{}", tail(&client.err(), 15)));
+    }
+    drop(client);
+    drop(primary);
+    drop(backup);
+    drop(stby);
+    prim.qemu.take();
+    Ok(out)
+}
+
+/// `cargo xtask test` step: a few runs (one per fault), or 21 with
+/// `--long`.
+pub fn step_failover(ctx: &mut Ctx) -> Result<String> {
+    let runs: u32 = if ctx.long { 21 } else { 3 };
+    let seed = 0xd0bb_e1f0;
+    let mut lines = Vec::new();
+    let mut failed = 0;
+    for n in 0..runs {
+        let sc = Scenario::nth(n, seed);
+        let mut p = Progress::new(false);
+        match run(ctx, &sc, &mut p) {
+            Ok(o) => {
+                println!("{}", o.line);
+                for note in &o.notes {
+                    println!("{note}");
+                }
+                if !o.pass {
+                    failed += 1;
+                }
+                lines.push(o.line);
+            }
+            Err(e) => {
+                failed += 1;
+                let line = format!(
+                    "failover: run={n} killed={} at_epoch={} result=fail ({e:#})",
+                    sc.fault.name(),
+                    sc.at_epoch
+                );
+                println!("{line}");
+                lines.push(line);
+            }
+        }
+    }
+    if failed > 0 {
+        bail!("{failed} of {runs} failover runs failed");
+    }
+    Ok(format!(
+        "{runs} failover runs passed (qemu, primary and link faults)"
+    ))
+}
+
+/// `cargo xtask demo`.
+pub fn demo(ctx: &mut Ctx) -> Result<()> {
+    let sc = Scenario {
+        run: 0,
+        fault: Fault::Qemu,
+        at_epoch: 60,
+        ops: 3000,
+        seed: 42,
+    };
+    println!(
+        "demo: a key-value service replicated from one QEMU machine to another; the client \
+         checks every answer; the primary machine is killed at epoch {}",
+        sc.at_epoch
+    );
+    let mut p = Progress::new(true);
+    let o = run(ctx, &sc, &mut p)?;
+    println!("{}", o.line);
+    for n in &o.notes {
+        println!("{n}");
+    }
+    println!(
+        "demo: failover took {:.1} s of wall clock (emulated machines), {} epochs were \
+         committed before the kill",
+        o.failover_secs, o.epochs
+    );
+    if !o.pass {
+        bail!("the demo's failover did not pass");
+    }
+    Ok(())
+}
