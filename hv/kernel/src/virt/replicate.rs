@@ -648,7 +648,17 @@ impl ControlArea {
         if self.role != Role::Standby || self.activated.is_some() {
             return Err(Errno::EINVAL);
         }
-        let decoded = hvm::decode::<1>(self.vcpu).map_err(|e| {
+        // The record sits at the start of the area, zero-padded to its end.
+        let area: &[u8] = self.vcpu;
+        let decoded = match hvm::decode::<1>(area) {
+            Err(hvm::HvmError::TrailingBytes(n))
+                if area[area.len() - n..].iter().all(|&b| b == 0) =>
+            {
+                hvm::decode::<1>(&area[..area.len() - n])
+            }
+            r => r,
+        };
+        let decoded = decoded.map_err(|e| {
             log::error!("standby: Activate: the vCPU record does not decode: {e:?}");
             Errno::EINVAL
         })?;
