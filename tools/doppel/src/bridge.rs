@@ -72,7 +72,9 @@ pub fn serve<M: SharedMem + Send>(
     stop: &AtomicBool,
     stats: &BridgeStats,
 ) -> Result<(), BridgeError> {
-    listener.set_nonblocking(true).map_err(BridgeError::Accept)?;
+    listener
+        .set_nonblocking(true)
+        .map_err(BridgeError::Accept)?;
     let current = Arc::new(Mutex::new(Current {
         generation: 0,
         writer: None,
@@ -226,7 +228,10 @@ fn reader<M: SharedMem>(
         match conn.read(&mut frame[have..]) {
             Ok(0) => {
                 if have != 0 {
-                    drop_conn(&conn, format!("connection closed inside a frame ({have} bytes)"));
+                    drop_conn(
+                        &conn,
+                        format!("connection closed inside a frame ({have} bytes)"),
+                    );
                 } else {
                     tracing::info!("client {peer} closed the connection");
                 }
@@ -249,10 +254,11 @@ fn reader<M: SharedMem>(
             drop_conn(
                 &conn,
                 format!(
-                "malformed request frame (magic {:#010x}, expected {:#010x})",
-                u32::from_le_bytes([frame[0], frame[1], frame[2], frame[3]]),
-                doppel_abi::service::REQ_MAGIC
-            ));
+                    "malformed request frame (magic {:#010x}, expected {:#010x})",
+                    u32::from_le_bytes([frame[0], frame[1], frame[2], frame[3]]),
+                    doppel_abi::service::REQ_MAGIC
+                ),
+            );
             return Ok(());
         };
         loop {

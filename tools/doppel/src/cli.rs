@@ -11,13 +11,13 @@ use clap::Args;
 use doppel::ack::AckReader;
 use doppel::backup::{self, ReceiveError};
 use doppel::bridge::{self, BridgeStats};
+use doppel::client::ClientConfig;
+use doppel::kv::{Checker, Workload};
 use doppel::machine::{Control, MachineError, MachineRam};
 use doppel::primary::{EpochReport, Output, Primary, PrimaryConfig};
 use doppel::replica::Replica;
 use doppel::sim::{Sim, SimSpec};
 use doppel::sim_kv::{KvSim, KvSpec};
-use doppel::client::ClientConfig;
-use doppel::kv::{Checker, Workload};
 use doppel::standby::Standby;
 use doppel::stream::format::feature;
 use doppel_abi::chan::{ChannelConsumer, ChannelProducer};
@@ -562,7 +562,8 @@ fn standby_backup(a: BackupArgs) -> Res {
     let conn = accept_primary(&l, a.accept_timeout)?;
     let _ = conn.set_nodelay(true);
     let hb = Duration::from_secs_f64(a.heartbeat_timeout.max(0.01));
-    conn.set_read_timeout(Some(hb)).map_err(io("socket".into()))?;
+    conn.set_read_timeout(Some(hb))
+        .map_err(io("socket".into()))?;
     let ack_out = conn.try_clone().map_err(io("socket".into()))?;
     let offer = if a.no_compress { 0 } else { feature::KNOWN };
     let got = backup::serve_opts(

@@ -382,7 +382,13 @@ mod tests {
         // After a failover: 4 and 5 come back as replays, 3 again as a
         // duplicate of an accepted answer.
         let f = good(c.workload(), 4, status::REPLAY);
-        assert_eq!(c.check(&f), Verdict::Answered { id: 4, replay: true });
+        assert_eq!(
+            c.check(&f),
+            Verdict::Answered {
+                id: 4,
+                replay: true
+            }
+        );
         let f = good(c.workload(), 3, status::REPLAY);
         assert_eq!(c.check(&f), Verdict::Duplicate { id: 3 });
         let f = good(c.workload(), 5, status::OK);

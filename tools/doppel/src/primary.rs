@@ -312,6 +312,11 @@ impl<W: Write, R: Read> Output<W, R> {
             })
     }
 
+    /// The stream writer (a capture's bytes, in tests).
+    pub fn writer_mut(&mut self) -> &mut StreamWriter<W> {
+        &mut self.writer
+    }
+
     /// Whether page records go out compressed.
     pub fn compressed(&self) -> bool {
         self.xlz4.is_some()

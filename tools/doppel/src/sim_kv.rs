@@ -326,8 +326,7 @@ impl KvSim {
             doppel_abi::CommandBack::attach(win, co, cs).map_err(|x| e("command ring")(&x))?;
         let mut evt =
             doppel_abi::EventFront::attach(win, eo, es).map_err(|x| e("event ring")(&x))?;
-        let mut out =
-            ChannelProducer::attach(win, oo, os).map_err(|x| e("output channel")(&x))?;
+        let mut out = ChannelProducer::attach(win, oo, os).map_err(|x| e("output channel")(&x))?;
         let mut inp = ChannelConsumer::attach(win, io, is).map_err(|x| e("input channel")(&x))?;
         let mut kv = (!self.spec.standby).then(|| KvGuest {
             base: guest_at,
@@ -475,7 +474,11 @@ impl KvSim {
             // Epoch end (primary only).
             let checkpoint_pending = pending.iter().any(|&(_, k, _)| k == kind::CHECKPOINT_READY);
             let due = running == 0 || last_epoch.elapsed() >= self.spec.epoch;
-            if !self.spec.standby && enabled && !checkpoint_pending && due && evt.free_requests() > 0
+            if !self.spec.standby
+                && enabled
+                && !checkpoint_pending
+                && due
+                && evt.free_requests() > 0
             {
                 busy = true;
                 last_epoch = Instant::now();
@@ -534,7 +537,10 @@ impl KvSim {
         let d = hvm::decode::<64>(&area[..len]).map_err(|x| format!("blob: {x:?}"))?;
         let (_, v) = d.vcpus.first().ok_or("blob has no vCPU")?;
         if v.rbx != epoch {
-            return Err(format!("blob is of epoch {}, Activate names {epoch}", v.rbx));
+            return Err(format!(
+                "blob is of epoch {}, Activate names {epoch}",
+                v.rbx
+            ));
         }
         let mem = self.machine.mem();
         let g = KvGuest::load(&mem, h.guest_ram.offset as usize, self.spec.guest_pages)?;
@@ -691,7 +697,10 @@ mod tests {
         let v = g.version(&mem);
         let cases = [
             // The oldest id still cached is version - (window - 1).
-            (w.request(61 - REPLAY_WINDOW).unwrap().as_bytes().to_vec(), status::REPLAY),
+            (
+                w.request(61 - REPLAY_WINDOW).unwrap().as_bytes().to_vec(),
+                status::REPLAY,
+            ),
             (req(60 - REPLAY_WINDOW, op::ADD, 0, 1), status::STALE),
             (req(0, op::ADD, 0, 1), status::STALE),
             (req(62, op::ADD, 0, 1), status::GAP),
@@ -703,7 +712,11 @@ mod tests {
             let rep = g.handle(&mem, &f, |p| dirtied.push(p));
             assert_eq!(rep.status, want);
             // Refusals carry the current version; a replay its own.
-            let version = if want == status::REPLAY { 61 - REPLAY_WINDOW } else { v };
+            let version = if want == status::REPLAY {
+                61 - REPLAY_WINDOW
+            } else {
+                v
+            };
             assert_eq!(rep.version, version);
         }
         assert!(dirtied.is_empty());

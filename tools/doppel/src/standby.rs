@@ -34,7 +34,9 @@ pub enum StandbyError {
     },
     #[error("nothing was ever committed: there is no state to activate the standby from")]
     NothingCommitted,
-    #[error("the HVM context blob ({len} bytes) does not fit the standby's vcpu_area ({size} bytes)")]
+    #[error(
+        "the HVM context blob ({len} bytes) does not fit the standby's vcpu_area ({size} bytes)"
+    )]
     BlobTooLarge { len: usize, size: usize },
     #[error("activating the standby: {0}")]
     Activate(PrimaryError),

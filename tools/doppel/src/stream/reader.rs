@@ -395,7 +395,8 @@ impl<R: Read> StreamReader<R> {
             if self.phase != Phase::EpochStart {
                 return Err(StreamError::OutOfOrder {
                     rec,
-                    expected: "DOPPEL_HEARTBEAT only between epochs (after STATIC_DATA_END or CHECKPOINT)",
+                    expected:
+                        "DOPPEL_HEARTBEAT only between epochs (after STATIC_DATA_END or CHECKPOINT)",
                 });
             }
             if len != 16 {
