@@ -328,7 +328,7 @@ impl KvSim {
             doppel_abi::EventFront::attach(win, eo, es).map_err(|x| e("event ring")(&x))?;
         let mut out = ChannelProducer::attach(win, oo, os).map_err(|x| e("output channel")(&x))?;
         let mut inp = ChannelConsumer::attach(win, io, is).map_err(|x| e("input channel")(&x))?;
-        let mut kv = (!self.spec.standby).then(|| KvGuest {
+        let mut kv = (!self.spec.standby).then_some(KvGuest {
             base: guest_at,
             keys: self.spec.keys,
         });
