@@ -9,7 +9,27 @@ use std::io::Read;
 
 use crate::replica::{Replica, ReplicaError, StagedEpoch};
 use crate::stream::format::feature;
+use crate::stream::records::PageBuf;
 use crate::stream::{Limits, Record, StreamError, StreamReader};
+
+/// Where committed epochs go: a file (or memory) replica, or a standby's
+/// guest RAM (`crate::standby`).
+pub trait EpochSink {
+    /// Guest size in pages (pfns at or above it are refused).
+    fn pages(&self) -> u64;
+    /// Apply one complete epoch, all or nothing; returns page buffers that
+    /// are free again.
+    fn commit(&mut self, staged: StagedEpoch) -> Result<Vec<PageBuf>, ReplicaError>;
+}
+
+impl EpochSink for Replica {
+    fn pages(&self) -> u64 {
+        Replica::pages(self)
+    }
+    fn commit(&mut self, staged: StagedEpoch) -> Result<Vec<PageBuf>, ReplicaError> {
+        Replica::commit(self, staged)
+    }
+}
 
 /// Why a receive stopped early.
 #[derive(Debug, thiserror::Error)]
@@ -156,7 +176,7 @@ pub enum Event<'a> {
 /// result; the replica is then at its last committed epoch.
 pub fn receive<R: Read>(
     input: R,
-    replica: &mut Replica,
+    replica: &mut (impl EpochSink + ?Sized),
     on_commit: impl FnMut(&EpochStats) -> std::io::Result<()>,
 ) -> Received {
     receive_opts(input, replica, false, on_commit)
@@ -166,7 +186,7 @@ pub fn receive<R: Read>(
 /// connection negotiated them.
 pub fn receive_opts<R: Read>(
     input: R,
-    replica: &mut Replica,
+    replica: &mut (impl EpochSink + ?Sized),
     xlz4: bool,
     mut on_commit: impl FnMut(&EpochStats) -> std::io::Result<()>,
 ) -> Received {
@@ -183,7 +203,7 @@ pub fn receive_opts<R: Read>(
 /// without a hello is plain.
 pub fn receive_negotiated<R: Read>(
     input: R,
-    replica: &mut Replica,
+    replica: &mut (impl EpochSink + ?Sized),
     offer: u64,
     on_event: impl FnMut(Event<'_>) -> std::io::Result<()>,
 ) -> Received {
@@ -192,7 +212,7 @@ pub fn receive_negotiated<R: Read>(
 
 fn receive_inner<R: Read>(
     input: R,
-    replica: &mut Replica,
+    replica: &mut (impl EpochSink + ?Sized),
     preset: u64,
     offer: u64,
     mut on_event: impl FnMut(Event<'_>) -> std::io::Result<()>,
@@ -268,7 +288,7 @@ fn receive_inner<R: Read>(
 pub fn serve<R: Read, W: std::io::Write>(
     input: R,
     ack_out: W,
-    replica: &mut Replica,
+    replica: &mut (impl EpochSink + ?Sized),
     on_commit: impl FnMut(&EpochStats),
 ) -> std::io::Result<Received> {
     serve_opts(input, ack_out, replica, feature::KNOWN, on_commit)
@@ -279,7 +299,7 @@ pub fn serve<R: Read, W: std::io::Write>(
 pub fn serve_opts<R: Read, W: std::io::Write>(
     input: R,
     ack_out: W,
-    replica: &mut Replica,
+    replica: &mut (impl EpochSink + ?Sized),
     offer: u64,
     mut on_commit: impl FnMut(&EpochStats),
 ) -> std::io::Result<Received> {

@@ -4,20 +4,26 @@ use std::fs::File;
 use std::io::{BufReader, BufWriter, IsTerminal, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::Args;
 use doppel::ack::AckReader;
 use doppel::backup::{self, ReceiveError};
+use doppel::bridge::{self, BridgeStats};
+use doppel::client::ClientConfig;
+use doppel::kv::{Checker, Workload};
 use doppel::machine::{Control, MachineError, MachineRam};
 use doppel::primary::{EpochReport, Output, Primary, PrimaryConfig};
 use doppel::replica::Replica;
 use doppel::sim::{Sim, SimSpec};
+use doppel::sim_kv::{KvSim, KvSpec};
+use doppel::standby::Standby;
 use doppel::stream::format::feature;
-use doppel_abi::control::Field;
+use doppel_abi::chan::{ChannelConsumer, ChannelProducer};
+use doppel_abi::control::{Features, Field};
 use doppel_abi::msg::PAGE_SIZE;
-use doppel_abi::SharedMem;
+use doppel_abi::{AtomicMem64, SharedMem};
 
 type Res = Result<(), (String, u8)>;
 
@@ -70,6 +76,18 @@ pub struct PrimaryArgs {
     /// (a backup too old to know it never answers).
     #[arg(long, default_value_t = 10, value_name = "SECS")]
     hello_timeout: u64,
+    /// Serve the protected service's clients on this address (host:port;
+    /// port 0 picks one; printed as `clients on ADDR`): one client at a
+    /// time, its request frames into the input channel, the replies the
+    /// hypervisor releases (committed epochs only) back to it. Needs a
+    /// hypervisor with INPUT_CHANNEL and OUTPUT_COMMIT.
+    #[arg(long, value_name = "ADDR", conflicts_with = "record")]
+    serve_clients: Option<String>,
+    /// With a backup: send a heartbeat record at least this often (ms)
+    /// while waiting for the hypervisor's next event; the backup fails
+    /// over when the stream stays silent for its --heartbeat-timeout.
+    #[arg(long, default_value_t = 200, value_name = "MS")]
+    heartbeat_ms: u64,
 }
 
 #[derive(Args, Debug)]
@@ -83,11 +101,32 @@ pub struct BackupArgs {
     /// `memory.img.state` (vCPU blob, TSC info, params, committed epochs),
     /// `memory.img.journal` during a commit. Must not hold committed epochs
     /// already.
-    #[arg(long, value_name = "DIR")]
-    replica: PathBuf,
+    #[arg(long, value_name = "DIR", required_unless_present = "standby_ram")]
+    replica: Option<PathBuf>,
     /// Guest size in 4 KiB pages; pfns at or above it are refused.
-    #[arg(long, value_name = "N")]
-    guest_pages: u64,
+    #[arg(long, value_name = "N", required_unless_present = "standby_ram")]
+    guest_pages: Option<u64>,
+    /// Instead of a file replica: a standby hypervisor's machine RAM file
+    /// (control area with the STANDBY feature). Committed epochs are
+    /// written into its guest RAM; when the primary is lost the last
+    /// committed vCPU state is written and the standby activated.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["replica", "guest_pages"], requires = "serve_clients")]
+    standby_ram: Option<PathBuf>,
+    /// With --standby-ram: after failover, serve the service's clients on
+    /// this address (bound at startup, printed as `clients on ADDR`;
+    /// connections are accepted only once the standby is active).
+    #[arg(long, value_name = "ADDR", requires = "standby_ram")]
+    serve_clients: Option<String>,
+    /// With --standby-ram: fail over when nothing (not even a heartbeat)
+    /// arrives from the primary for this long.
+    #[arg(long, default_value_t = 5.0, value_name = "SECS")]
+    heartbeat_timeout: f64,
+    /// With --standby-ram: seconds to wait for the standby's control area.
+    #[arg(long, default_value_t = 60, value_name = "SECS")]
+    wait_control: u64,
+    /// With --standby-ram: seconds to wait for the answer to Activate.
+    #[arg(long, default_value_t = 30, value_name = "SECS")]
+    reply_timeout: u64,
     /// Seconds to wait for the primary to connect.
     #[arg(long, default_value_t = 300, value_name = "SECS")]
     accept_timeout: u64,
@@ -133,6 +172,55 @@ pub struct SimArgs {
     /// Seed of the fake guest.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Run the protected service instead of the fake guest: a key-value
+    /// service in guest RAM, fed from the input channel, its replies held
+    /// until their epoch is committed. Runs until killed (or --max-secs).
+    #[arg(long, value_parser = ["kv"])]
+    service: Option<String>,
+    /// Keys of the service (each on its own guest page).
+    #[arg(long, default_value_t = 16)]
+    keys: u64,
+    /// With --service: end an epoch every this many ms.
+    #[arg(long, default_value_t = 50, value_name = "MS")]
+    epoch_ms: u64,
+    /// A standby for the service: publish a STANDBY control area, wait for
+    /// Activate, then serve the service from the state in guest RAM.
+    #[arg(long)]
+    standby: bool,
+    /// With --service / --standby: stop after this many seconds.
+    #[arg(long, default_value_t = 600, value_name = "SECS")]
+    max_secs: u64,
+}
+
+#[derive(Args, Debug)]
+pub struct ClientArgs {
+    /// The service's address (`doppel primary --serve-clients`).
+    #[arg(long, value_name = "ADDR")]
+    connect: String,
+    /// Where to go when the first address breaks or goes silent (`doppel
+    /// backup --serve-clients`); unanswered requests are re-sent there.
+    #[arg(long, value_name = "ADDR")]
+    failover: Option<String>,
+    /// Requests to send (ids 1..=N).
+    #[arg(long, value_name = "N")]
+    ops: u64,
+    /// Most unanswered requests (1..=32, the service's replay window).
+    #[arg(long, default_value_t = 8, value_name = "W",
+          value_parser = clap::value_parser!(u64).range(1..=doppel_abi::service::REPLAY_WINDOW))]
+    window: u64,
+    /// Keys used (random PUT / ADD on keys below K).
+    #[arg(long, default_value_t = 16, value_name = "K")]
+    keys: u64,
+    /// Workload seed.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Fail over when no reply arrives for this long while requests are
+    /// outstanding.
+    #[arg(long, default_value_t = 5.0, value_name = "SECS")]
+    reply_timeout: f64,
+    /// Keep trying to connect (to each address) for this long.
+    #[arg(long, default_value_t = 10.0, value_name = "SECS")]
+    connect_timeout: f64,
 }
 
 fn machine_err(e: MachineError) -> (String, u8) {
@@ -198,6 +286,47 @@ fn open_machine_waiting(
     }
 }
 
+type ClientSide<'m> = (
+    TcpListener,
+    ChannelProducer<AtomicMem64<'m>>,
+    ChannelConsumer<AtomicMem64<'m>>,
+);
+
+/// Bind the client address (printing `clients on ADDR`) and attach to the
+/// control area's input and output channels. `standby`: the area is a
+/// standby's (its features are checked elsewhere).
+fn client_side<'m>(
+    m: &'m MachineRam,
+    ctl: &Control,
+    addr: &str,
+    standby: bool,
+) -> Result<ClientSide<'m>, (String, u8)> {
+    let need = Features::INPUT_CHANNEL | Features::OUTPUT_COMMIT;
+    if !standby && !ctl.view.features().contains(need) {
+        return Err((
+            format!(
+                "--serve-clients: the hypervisor offers {:?}, without INPUT_CHANNEL and \
+                 OUTPUT_COMMIT its output is not held until commit (start it with service=kv)",
+                ctl.view.features()
+            ),
+            INVALID,
+        ));
+    }
+    let win = m.window(ctl.at as usize);
+    let chan = |f: Field| ctl.view.region(f);
+    let (io, is) = chan(Field::InputChannel);
+    let (oo, os) = chan(Field::OutputChannel);
+    let inp = ChannelProducer::attach(win, io, is)
+        .map_err(|e| (format!("input channel: {e:?}"), INVALID))?;
+    let outc = ChannelConsumer::attach(win, oo, os)
+        .map_err(|e| (format!("output channel: {e:?}"), INVALID))?;
+    let l = TcpListener::bind(addr).map_err(|e| (format!("binding {addr}: {e}"), IO))?;
+    let local = l.local_addr().map_err(|e| (format!("{addr}: {e}"), IO))?;
+    println!("clients on {local}");
+    let _ = std::io::stdout().flush();
+    Ok((l, inp, outc))
+}
+
 pub fn primary(a: PrimaryArgs) -> Res {
     let wait = Duration::from_secs(a.wait_control);
     let m = open_machine_waiting(&a.machine_ram, wait)?;
@@ -214,6 +343,12 @@ pub fn primary(a: PrimaryArgs) -> Res {
         event_timeout: Duration::from_secs(a.event_timeout),
     };
     let mut p = Primary::attach(&m, ctl, cfg).map_err(|e| (e.to_string(), e.exit_code()))?;
+    let clients = match &a.serve_clients {
+        Some(addr) => Some(client_side(&m, &ctl, addr, false)?),
+        None => None,
+    };
+    let stop = AtomicBool::new(false);
+    let stats = BridgeStats::default();
     let io = |what: String| move |e: std::io::Error| (format!("{what}: {e}"), IO);
     let res = if let Some(path) = &a.record {
         let f = File::create(path).map_err(io(path.display().to_string()))?;
@@ -221,6 +356,7 @@ pub fn primary(a: PrimaryArgs) -> Res {
             Output::record(BufWriter::with_capacity(1 << 20, f));
         p.run(&mut out, progress_printer())
     } else {
+        let beat = Duration::from_millis(a.heartbeat_ms.max(1));
         let addr = a.backup.as_deref().unwrap_or_default();
         let conn = TcpStream::connect(addr).map_err(io(format!("connecting to {addr}")))?;
         let _ = conn.set_nodelay(true);
@@ -230,7 +366,8 @@ pub fn primary(a: PrimaryArgs) -> Res {
         let acks = AckReader::open(BufReader::new(back), 0)
             .map_err(|e| (format!("back channel from {addr}: {e}"), 5))?;
         let sock = conn.try_clone().map_err(io(addr.into()))?;
-        let mut out = Output::backup(BufWriter::with_capacity(1 << 20, conn), acks);
+        let mut out =
+            Output::backup(BufWriter::with_capacity(1 << 20, conn), acks).with_heartbeat(beat);
         if a.compress {
             let t = Duration::from_secs(a.hello_timeout);
             sock.set_read_timeout(Some(t)).map_err(io(addr.into()))?;
@@ -244,8 +381,31 @@ pub fn primary(a: PrimaryArgs) -> Res {
             sock.set_read_timeout(Some(Duration::from_secs(a.ack_timeout)))
                 .map_err(io(addr.into()))?;
         }
-        p.run(&mut out, progress_printer())
+        std::thread::scope(|s| {
+            let bridge = clients.map(|(l, inp, outc)| {
+                let (stop, stats) = (&stop, &stats);
+                s.spawn(move || bridge::serve(&l, inp, outc, stop, stats))
+            });
+            let r = p.run(&mut out, progress_printer());
+            // The stream (and the backup connection) ends with `out`.
+            drop(out);
+            stop.store(true, Ordering::Relaxed);
+            if let Some(Ok(Err(e))) = bridge.map(|b| b.join()) {
+                tracing::warn!("client bridge: {e}");
+            }
+            r
+        })
     };
+    if a.serve_clients.is_some() {
+        println!(
+            "clients: connections={} requests={} replies={} dropped={} refused={}",
+            stats.connections.load(Ordering::Relaxed),
+            stats.requests.load(Ordering::Relaxed),
+            stats.replies.load(Ordering::Relaxed),
+            stats.dropped.load(Ordering::Relaxed),
+            stats.refused.load(Ordering::Relaxed)
+        );
+    }
     if std::io::stderr().is_terminal() {
         eprintln!();
     }
@@ -262,26 +422,20 @@ pub fn primary(a: PrimaryArgs) -> Res {
     }
 }
 
-pub fn backup(a: BackupArgs) -> Res {
+/// Bind the replication address and print `listening on ADDR`.
+fn bind_listen(addr: &str) -> Result<TcpListener, (String, u8)> {
     let io = |what: String| move |e: std::io::Error| (format!("{what}: {e}"), IO);
-    std::fs::create_dir_all(&a.replica).map_err(io(a.replica.display().to_string()))?;
-    let image = a.replica.join("memory.img");
-    let mut rep = Replica::open_file(&image, a.guest_pages).map_err(|e| (e.to_string(), IO))?;
-    if rep.state().committed != 0 {
-        return Err((
-            format!(
-                "{}: the replica already holds {} committed epochs; use an empty directory",
-                a.replica.display(),
-                rep.state().committed
-            ),
-            IO,
-        ));
-    }
-    let l = TcpListener::bind(&a.listen).map_err(io(format!("binding {}", a.listen)))?;
-    let local = l.local_addr().map_err(io(a.listen.clone()))?;
+    let l = TcpListener::bind(addr).map_err(io(format!("binding {addr}")))?;
+    let local = l.local_addr().map_err(io(addr.into()))?;
     println!("listening on {local}");
     let _ = std::io::stdout().flush();
-    l.set_nonblocking(true).map_err(io(a.listen.clone()))?;
+    Ok(l)
+}
+
+/// Wait for the primary's connection.
+fn accept_primary(l: &TcpListener, timeout: u64) -> Result<TcpStream, (String, u8)> {
+    let io = |what: String| move |e: std::io::Error| (format!("{what}: {e}"), IO);
+    l.set_nonblocking(true).map_err(io("listener".into()))?;
     let start = Instant::now();
     let conn = loop {
         match l.accept() {
@@ -290,9 +444,9 @@ pub fn backup(a: BackupArgs) -> Res {
                 break c;
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                if start.elapsed() >= Duration::from_secs(a.accept_timeout) {
+                if start.elapsed() >= Duration::from_secs(timeout) {
                     return Err((
-                        format!("no primary connected within {} s", a.accept_timeout),
+                        format!("no primary connected within {timeout} s"),
                         PEER_GONE,
                     ));
                 }
@@ -302,6 +456,32 @@ pub fn backup(a: BackupArgs) -> Res {
         }
     };
     conn.set_nonblocking(false).map_err(io("socket".into()))?;
+    Ok(conn)
+}
+
+pub fn backup(a: BackupArgs) -> Res {
+    if a.standby_ram.is_some() {
+        return standby_backup(a);
+    }
+    let io = |what: String| move |e: std::io::Error| (format!("{what}: {e}"), IO);
+    let (Some(dir), Some(guest_pages)) = (&a.replica, a.guest_pages) else {
+        return Err(("--replica and --guest-pages are required".into(), 2));
+    };
+    std::fs::create_dir_all(dir).map_err(io(dir.display().to_string()))?;
+    let image = dir.join("memory.img");
+    let mut rep = Replica::open_file(&image, guest_pages).map_err(|e| (e.to_string(), IO))?;
+    if rep.state().committed != 0 {
+        return Err((
+            format!(
+                "{}: the replica already holds {} committed epochs; use an empty directory",
+                dir.display(),
+                rep.state().committed
+            ),
+            IO,
+        ));
+    }
+    let l = bind_listen(&a.listen)?;
+    let conn = accept_primary(&l, a.accept_timeout)?;
     let _ = conn.set_nodelay(true);
     let ack_out = conn.try_clone().map_err(io("socket".into()))?;
     let tty = std::io::stderr().is_terminal();
@@ -359,6 +539,156 @@ pub fn backup(a: BackupArgs) -> Res {
             e @ (ReceiveError::Replica(_) | ReceiveError::Ack { .. } | ReceiveError::Hello(_)),
         ) => Err((e.to_string(), IO)),
         Some(e) => Err((format!("{e}; replica at epoch {last}"), INVALID)),
+    }
+}
+
+/// `doppel backup --standby-ram FILE --serve-clients ADDR`.
+fn standby_backup(a: BackupArgs) -> Res {
+    let io = |what: String| move |e: std::io::Error| (format!("{what}: {e}"), IO);
+    let path = a.standby_ram.as_deref().expect("checked by the caller");
+    let wait = Duration::from_secs(a.wait_control);
+    let m = open_machine_waiting(path, wait)?;
+    let ctl = find_control(&m, wait)?;
+    let mut standby = Standby::new(&m, ctl).map_err(|e| (e.to_string(), INVALID))?;
+    tracing::info!(
+        "standby control area at {:#x}; guest RAM at {:#x}, {} pages",
+        ctl.at,
+        ctl.guest_ram().offset,
+        ctl.guest_pages()
+    );
+    let l = bind_listen(&a.listen)?;
+    let caddr = a.serve_clients.as_deref().expect("clap requires it");
+    let clients = client_side(&m, &ctl, caddr, true)?;
+    let conn = accept_primary(&l, a.accept_timeout)?;
+    let _ = conn.set_nodelay(true);
+    let hb = Duration::from_secs_f64(a.heartbeat_timeout.max(0.01));
+    conn.set_read_timeout(Some(hb))
+        .map_err(io("socket".into()))?;
+    let ack_out = conn.try_clone().map_err(io("socket".into()))?;
+    let offer = if a.no_compress { 0 } else { feature::KNOWN };
+    let got = backup::serve_opts(
+        BufReader::with_capacity(1 << 20, conn),
+        ack_out,
+        &mut standby,
+        offer,
+        |s| {
+            tracing::info!(
+                "backup: committed epoch {} pages={} bytes={}",
+                s.epoch,
+                s.pages,
+                s.bytes
+            );
+        },
+    );
+    let committed = standby.committed();
+    let last = committed.checked_sub(1);
+    let last_text = last.map_or("none".to_string(), |e| e.to_string());
+    let got = match got {
+        Ok(g) => g,
+        // The back channel could not even be opened: the primary is gone.
+        Err(e) => backup::Received {
+            epochs: Vec::new(),
+            ended: false,
+            error: Some(ReceiveError::Ack {
+                epoch: 0,
+                source: e,
+            }),
+            partial: None,
+            features: 0,
+        },
+    };
+    if let Some(p) = got.partial {
+        tracing::warn!(
+            "the stream broke inside epoch {} ({} bytes, {} pages received): discarded",
+            p.epoch,
+            p.bytes,
+            p.pages
+        );
+    }
+    let reason = match &got.error {
+        None if got.ended => {
+            println!("backup: the primary ended the stream after epoch {last_text}; standby not activated");
+            return Ok(());
+        }
+        None => "the stream ended".to_string(),
+        Some(ReceiveError::Stream(e @ doppel::stream::StreamError::Io { source, .. }))
+            if matches!(
+                source.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            let _ = e;
+            format!("nothing received for {:.1} s", hb.as_secs_f64())
+        }
+        Some(ReceiveError::Stream(e)) if e.is_truncation() => "connection closed".to_string(),
+        Some(ReceiveError::Stream(e @ doppel::stream::StreamError::Io { .. })) => {
+            format!("connection failed: {e}")
+        }
+        Some(ReceiveError::Ack { source, .. }) => format!("acknowledging failed: {source}"),
+        Some(e @ ReceiveError::Replica(_)) => {
+            return Err((
+                format!("{e}; standby not activated (guest RAM at epoch {last_text})"),
+                INVALID,
+            ))
+        }
+        Some(e) => {
+            return Err((
+                format!(
+                    "the primary broke the protocol: {e}; standby not activated \
+                     (guest RAM at epoch {last_text})"
+                ),
+                INVALID,
+            ))
+        }
+    };
+    let Some(last) = last else {
+        return Err((
+            format!(
+                "primary lost ({reason}) before any epoch was committed: \
+                 nothing to activate the standby from"
+            ),
+            PEER_GONE,
+        ));
+    };
+    let cfg = PrimaryConfig {
+        epochs: None,
+        reply_timeout: Duration::from_secs(a.reply_timeout),
+        event_timeout: Duration::from_secs(a.reply_timeout),
+    };
+    let epoch = standby
+        .activate(cfg)
+        .map_err(|e| (e.to_string(), INVALID))?;
+    println!(
+        "failover: primary lost ({reason}) after epoch {last}; standby activated from committed epoch {epoch}"
+    );
+    let _ = std::io::stdout().flush();
+    let stop = AtomicBool::new(false);
+    let stats = BridgeStats::default();
+    let (l, inp, outc) = clients;
+    bridge::serve(&l, inp, outc, &stop, &stats)
+        .map_err(|e| (format!("serving clients: {e}"), INVALID))
+}
+
+pub fn client(a: ClientArgs) -> Res {
+    let work = Workload::new(a.ops, a.keys, a.seed);
+    let mut checker = Checker::new(work);
+    let cfg = ClientConfig {
+        connect: a.connect,
+        failover: a.failover,
+        window: a.window,
+        reply_timeout: Duration::from_secs_f64(a.reply_timeout.max(0.01)),
+        connect_timeout: Duration::from_secs_f64(a.connect_timeout.max(0.0)),
+    };
+    let run = doppel::client::run(&cfg, &mut checker);
+    if let Some(why) = &run.gave_up {
+        eprintln!("client: gave up: {why}");
+    }
+    println!("{}", checker.summary_line(run.failovers));
+    let _ = std::io::stdout().flush();
+    if checker.pass() {
+        Ok(())
+    } else {
+        Err(("client: the run failed".into(), INVALID))
     }
 }
 
@@ -432,6 +762,32 @@ fn last_checkpoint_blob(m: &MachineRam, c: &Control) -> Result<Vec<u8>, (String,
 }
 
 pub fn sim_hv(a: SimArgs) -> Res {
+    if a.service.is_some() || a.standby {
+        let spec = KvSpec {
+            guest_pages: a.guest_pages,
+            keys: a.keys,
+            epoch: Duration::from_millis(a.epoch_ms.max(1)),
+            seed: a.seed,
+            standby: a.standby,
+            max_run: Duration::from_secs(a.max_secs),
+        };
+        let sim = KvSim::create(&a.machine_ram, spec).map_err(|e| (e.to_string(), IO))?;
+        println!(
+            "sim-hv: {} control area published in {}",
+            if a.standby { "standby" } else { "kv service" },
+            a.machine_ram.display()
+        );
+        let _ = std::io::stdout().flush();
+        let r = sim.run(&AtomicBool::new(false));
+        println!(
+            "sim-hv: epochs posted {} committed {} requests {} released {} activated {:?}",
+            r.epochs_posted, r.committed, r.requests, r.released, r.activated
+        );
+        return match r.error {
+            None => Ok(()),
+            Some(e) => Err((format!("sim-hv: {e}"), INVALID)),
+        };
+    }
     let spec = SimSpec {
         guest_pages: a.guest_pages,
         epochs: a.epochs,

@@ -5,11 +5,16 @@
 
 pub mod ack;
 pub mod backup;
+pub mod bridge;
+pub mod client;
 pub mod epoch;
 pub mod figures;
+pub mod kv;
 pub mod machine;
 pub mod primary;
 pub mod replica;
 pub mod sim;
+pub mod sim_kv;
+pub mod standby;
 pub mod stream;
 pub mod synth;

@@ -53,6 +53,11 @@ enum Cmd {
     /// Print the control area and guest RAM location found in a machine
     /// RAM file, or the state of a replica; optionally dump blobs.
     Inspect(cli::InspectArgs),
+    /// Drive the protected key-value service (`primary --serve-clients`)
+    /// and check every reply against a model; fail over to a second
+    /// address. Last stdout line: `client: ops=N answered=N ... result=pass|fail`
+    /// (exit 0 only on pass).
+    Client(cli::ClientArgs),
     /// Play the hypervisor's side on a new machine RAM file (a software
     /// model for testing the tool without an emulator).
     #[command(hide = true)]
@@ -148,6 +153,7 @@ fn main() -> ExitCode {
         Cmd::Primary(a) => cli::primary(a).map_err(|(m, c)| Failure::Code(m, c)),
         Cmd::Backup(a) => cli::backup(a).map_err(|(m, c)| Failure::Code(m, c)),
         Cmd::Inspect(a) => cli::inspect(a).map_err(|(m, c)| Failure::Code(m, c)),
+        Cmd::Client(a) => cli::client(a).map_err(|(m, c)| Failure::Code(m, c)),
         Cmd::SimHv(a) => cli::sim_hv(a).map_err(|(m, c)| Failure::Code(m, c)),
     };
     match r {

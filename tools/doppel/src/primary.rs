@@ -214,6 +214,9 @@ pub struct Output<W: Write, R: Read> {
     started: bool,
     /// Present when the backup accepted compressed page records.
     xlz4: Option<XorCache>,
+    /// Heartbeat interval (backup only) and when the last one went out.
+    heartbeat: Option<Duration>,
+    last_beat: Instant,
 }
 
 impl<W: Write, R: Read> Output<W, R> {
@@ -225,6 +228,8 @@ impl<W: Write, R: Read> Output<W, R> {
             acks: Some(acks),
             started: false,
             xlz4: None,
+            heartbeat: None,
+            last_beat: Instant::now(),
         }
     }
 
@@ -279,6 +284,39 @@ impl<W: Write, R: Read> Output<W, R> {
         Ok(got)
     }
 
+    /// Send a DOPPEL_HEARTBEAT at least every `every` while waiting for the
+    /// hypervisor's next event (backup only: a capture never carries
+    /// heartbeats). The backup fails over when the stream stays silent.
+    pub fn with_heartbeat(mut self, every: Duration) -> Self {
+        if self.acks.is_some() {
+            self.heartbeat = Some(every);
+        }
+        self
+    }
+
+    /// Send a heartbeat if one is due.
+    fn beat(&mut self, committed: u64) -> Result<(), PrimaryError> {
+        let Some(every) = self.heartbeat else {
+            return Ok(());
+        };
+        if !self.started || self.last_beat.elapsed() < every {
+            return Ok(());
+        }
+        self.last_beat = Instant::now();
+        self.writer
+            .heartbeat(committed)
+            .and_then(|_| self.writer.flush())
+            .map_err(|source| PrimaryError::Send {
+                epoch: committed,
+                source,
+            })
+    }
+
+    /// The stream writer (a capture's bytes, in tests).
+    pub fn writer_mut(&mut self) -> &mut StreamWriter<W> {
+        &mut self.writer
+    }
+
     /// Whether page records go out compressed.
     pub fn compressed(&self) -> bool {
         self.xlz4.is_some()
@@ -291,6 +329,8 @@ impl<W: Write, R: Read> Output<W, R> {
             acks: None,
             started: false,
             xlz4: None,
+            heartbeat: None,
+            last_beat: Instant::now(),
         }
     }
 }
@@ -461,10 +501,16 @@ impl<'m> Primary<'m> {
         }
     }
 
-    /// Wait for the next event entry (copied out, not decoded).
-    fn next_event(&mut self, want: u64) -> Result<doppel_abi::EventEntry, PrimaryError> {
+    /// Wait for the next event entry (copied out, not decoded); `tick`
+    /// runs between polls (heartbeats).
+    fn next_event(
+        &mut self,
+        want: u64,
+        mut tick: impl FnMut() -> Result<(), PrimaryError>,
+    ) -> Result<doppel_abi::EventEntry, PrimaryError> {
         let mut poll = Poll::new(self.cfg.event_timeout, self.machine.path());
         loop {
+            tick()?;
             if let Some(e) = self.evt.pop_request().map_err(ring("event"))? {
                 return Ok(e);
             }
@@ -588,7 +634,8 @@ impl<'m> Primary<'m> {
         );
         let mut want = 0u64;
         while self.cfg.epochs.is_none_or(|n| sum.committed < n) {
-            let entry = self.next_event(want)?;
+            let committed = sum.committed;
+            let entry = self.next_event(want, || out.beat(committed))?;
             let t0 = Instant::now();
             let ev = match entry.decode() {
                 Ok(ev) => ev,

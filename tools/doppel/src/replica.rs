@@ -34,6 +34,13 @@ pub enum ReplicaError {
     PfnBeyondReplica { pfn: u64, pages: u64 },
     #[error("epoch is incomplete: {0} missing")]
     Incomplete(&'static str),
+    #[error(
+        "the primary's guest does not match the standby's: epoch 0 carries {stream} pages, \
+         the standby's guest_ram has {local} pages (start both with the same guest-mem=)"
+    )]
+    GuestMismatch { stream: u64, local: u64 },
+    #[error("epoch {epoch}: the HVM context blob does not decode: {detail}")]
+    BadContext { epoch: u64, detail: String },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ReplicaError + '_ {

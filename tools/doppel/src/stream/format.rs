@@ -75,6 +75,10 @@ pub mod rec {
     /// feature bits, u64 reserved), only as the first record after the
     /// headers, only when the primary asks for a feature.
     pub const DOPPEL_HELLO: u32 = super::REC_TYPE_OPTIONAL | 0xD0_0003;
+    /// Doppel extension, optional: the primary is alive and its hypervisor
+    /// makes progress (u64 epochs committed so far, u64 reserved); only at
+    /// an epoch boundary, only on a live connection (never in a capture).
+    pub const DOPPEL_HEARTBEAT: u32 = super::REC_TYPE_OPTIONAL | 0xD0_0004;
 }
 
 /// Feature bits of DOPPEL_HELLO / DOPPEL_FEATURES.
@@ -109,6 +113,7 @@ pub fn rec_name(t: u32) -> &'static str {
         rec::X86_MSR_POLICY => "X86_MSR_POLICY",
         rec::DOPPEL_PAGE_DATA_XLZ4 => "DOPPEL_PAGE_DATA_XLZ4",
         rec::DOPPEL_HELLO => "DOPPEL_HELLO",
+        rec::DOPPEL_HEARTBEAT => "DOPPEL_HEARTBEAT",
         t if t & REC_TYPE_OPTIONAL != 0 => "unknown optional record",
         _ => "unknown record",
     }

@@ -70,6 +70,9 @@ pub struct StreamReader<R> {
     pool: Vec<PageBuf>,
     /// Present when compressed pages were negotiated for this connection.
     xlz4: Option<XorCache>,
+    /// DOPPEL_HEARTBEAT records consumed, and the last one's value.
+    heartbeats: u64,
+    last_heartbeat: u64,
 }
 
 /// Most spare page buffers kept (128 MiB).
@@ -182,6 +185,8 @@ impl<R: Read> StreamReader<R> {
             checkpoints: 0,
             pool: Vec::new(),
             xlz4: None,
+            heartbeats: 0,
+            last_heartbeat: 0,
         })
     }
 
@@ -205,6 +210,12 @@ impl<R: Read> StreamReader<R> {
     /// currently being read).
     pub fn checkpoints(&self) -> u64 {
         self.checkpoints
+    }
+
+    /// DOPPEL_HEARTBEAT records consumed so far and the last one's value
+    /// (epochs the primary had committed).
+    pub fn heartbeats(&self) -> (u64, u64) {
+        (self.heartbeats, self.last_heartbeat)
     }
 
     /// Whether END has been read.
@@ -378,6 +389,36 @@ impl<R: Read> StreamReader<R> {
                 });
             }
             return Ok(Some(Record::Hello(want)));
+        }
+        // Liveness only: checked and consumed here, never handed out.
+        if rec.rtype == rec::DOPPEL_HEARTBEAT {
+            if self.phase != Phase::EpochStart {
+                return Err(StreamError::OutOfOrder {
+                    rec,
+                    expected:
+                        "DOPPEL_HEARTBEAT only between epochs (after STATIC_DATA_END or CHECKPOINT)",
+                });
+            }
+            if len != 16 {
+                return Err(StreamError::BadLength {
+                    rec,
+                    length: len.into(),
+                    expected: "16".into(),
+                });
+            }
+            let body = self.read_body(16)?;
+            let value = u64::from_le_bytes(body[..8].try_into().expect("8 bytes"));
+            let res = u64::from_le_bytes(body[8..].try_into().expect("8 bytes"));
+            if res != 0 {
+                return Err(StreamError::Reserved {
+                    rec,
+                    field: "reserved",
+                    value: res,
+                });
+            }
+            self.heartbeats += 1;
+            self.last_heartbeat = value;
+            return Ok(None);
         }
         let known = known || xlz4;
         if !known && !optional {

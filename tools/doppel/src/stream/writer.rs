@@ -227,6 +227,14 @@ impl<W: Write> StreamWriter<W> {
         self.record(rec::DOPPEL_HELLO, &[&body])
     }
 
+    /// DOPPEL_HEARTBEAT (Doppel extension): `committed` epochs so far. Only
+    /// between epochs, and only on a live connection (never in a capture).
+    pub fn heartbeat(&mut self, committed: u64) -> io::Result<()> {
+        let mut body = [0u8; 16];
+        body[..8].copy_from_slice(&committed.to_le_bytes());
+        self.record(rec::DOPPEL_HEARTBEAT, &[&body])
+    }
+
     pub fn checkpoint(&mut self) -> io::Result<()> {
         self.record(rec::CHECKPOINT, &[])
     }

@@ -1,0 +1,741 @@
+//! A software model of the hypervisor running the protected key-value
+//! service (`doppel sim-hv --service kv` and `--standby`), so the whole
+//! failover pipeline (client, primary tool, backup tool, two hypervisors)
+//! runs on the host in seconds.
+//!
+//! Primary (`features LOG_DIRTY_WP | INPUT_CHANNEL | OUTPUT_COMMIT`):
+//! requests are taken from `in_chan` and applied per
+//! `doppel_abi::service` to a KV state that lives in the simulated guest
+//! RAM; exactly the pages written are logged dirty; each reply is held,
+//! tagged with the running epoch, and `CommitEpoch{E}` moves the held
+//! replies of epochs `<= E` into `out_chan` before it answers `Done`, then
+//! posts `OutputAvailable` (a hint). An epoch ends every `epoch_ms` (epoch
+//! 0 at once, with every page), never before the tool acked the previous
+//! checkpoint.
+//!
+//! Standby (`features STANDBY`): the guest RAM starts as junk; the backup
+//! tool writes committed pages into it and, at failover, the HVM context
+//! blob into the vCPU area, then sends `Activate{epoch}`. The blob must
+//! decode (`doppel_core::hvm::decode`); its vCPU carries the epoch (rbx)
+//! and the KV version (rcx) of its checkpoint, which must match the
+//! `Activate` epoch and the state found in guest RAM (else `EINVAL`, and
+//! the standby keeps waiting). Then it serves the KV from that RAM, output
+//! released at once (tagged `epoch + 1`). A second `Activate` is `EINVAL`.
+//!
+//! Guest RAM layout of the service (this simulator's; the real guest has
+//! its own): page 0 = state page: magic "DKVSTATE" @0, keys @8, version
+//! @16, checksum @24, reply cache @64 (`REPLAY_WINDOW` replies of 48
+//! bytes, slot = id % REPLAY_WINDOW); page 1 + k = key k's value @0.
+
+use std::collections::VecDeque;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use doppel_abi::chan::{ChannelConsumer, ChannelLayout, ChannelProducer};
+use doppel_abi::control::{ControlHeader, Features, Field, Region, MAGIC};
+use doppel_abi::msg::{kind, CheckpointReady, LogDirtyMode, Reply, Response, Span};
+use doppel_abi::ring::{slot_size, RingLayout};
+use doppel_abi::service::{self, status, Request, REPLAY_WINDOW, REPLY_MAGIC};
+use doppel_abi::{
+    AtomicMem64, Command, CommandEntry, Errno, Event, EventAck, EventEntry, ResponseEntry,
+    SharedMem,
+};
+use doppel_core::hvm::{self, HeaderInfo, VcpuState};
+use zerocopy::{FromBytes, IntoBytes};
+
+use crate::machine::{MachineRam, PAGE};
+use crate::sim::CONTROL_AT;
+use crate::synth::Rng;
+
+/// "DKVSTATE": magic of the simulated service's state page.
+pub const STATE_MAGIC: u64 = u64::from_le_bytes(*b"DKVSTATE");
+/// Offset of the reply cache in the state page.
+pub const CACHE_AT: usize = 64;
+const REPLY_LEN: usize = core::mem::size_of::<service::Reply>();
+const _: () = assert!(CACHE_AT + REPLAY_WINDOW as usize * REPLY_LEN <= PAGE);
+
+/// What to simulate.
+#[derive(Clone, Debug)]
+pub struct KvSpec {
+    pub guest_pages: u64,
+    pub keys: u64,
+    pub epoch: Duration,
+    pub seed: u64,
+    /// Publish a standby instead of a running primary.
+    pub standby: bool,
+    /// Give up after this long.
+    pub max_run: Duration,
+}
+
+/// Region sizes: larger channels than the plain simulator's.
+pub fn region_sizes(guest_pages: u64) -> [u64; 7] {
+    let mut s = crate::sim::region_sizes(guest_pages);
+    s[2] = 64 << 10;
+    s[3] = 64 << 10;
+    s
+}
+
+/// The service state in guest RAM: `mem` is the whole machine, the guest
+/// starts at `base`.
+#[derive(Clone, Copy, Debug)]
+pub struct KvGuest {
+    pub base: usize,
+    pub keys: u64,
+}
+
+fn load_u64<M: SharedMem>(mem: &M, at: usize) -> u64 {
+    let mut b = [0u8; 8];
+    mem.read_bytes(at, &mut b);
+    u64::from_le_bytes(b)
+}
+
+fn store_u64<M: SharedMem>(mem: &M, at: usize, v: u64) {
+    mem.write_bytes(at, &v.to_le_bytes());
+}
+
+impl KvGuest {
+    /// Boot: zero the state page and the key pages, write the header.
+    pub fn init<M: SharedMem>(mem: &M, base: usize, keys: u64) -> Self {
+        let zero = [0u8; PAGE];
+        for p in 0..=keys as usize {
+            mem.write_bytes(base + p * PAGE, &zero);
+        }
+        let g = Self { base, keys };
+        store_u64(mem, base, STATE_MAGIC);
+        store_u64(mem, base + 8, keys);
+        store_u64(mem, base + 24, service::checksum((0..keys).map(|_| 0)));
+        g
+    }
+
+    /// Find the state in guest RAM (after a failover).
+    pub fn load<M: SharedMem>(mem: &M, base: usize, guest_pages: u64) -> Result<Self, String> {
+        if load_u64(mem, base) != STATE_MAGIC {
+            return Err("no service state in guest RAM (state page magic)".into());
+        }
+        let keys = load_u64(mem, base + 8);
+        if keys == 0 || keys >= guest_pages || keys > u64::from(service::MAX_KEYS) {
+            return Err(format!("service state names {keys} keys"));
+        }
+        Ok(Self { base, keys })
+    }
+
+    /// Requests applied so far.
+    pub fn version<M: SharedMem>(&self, mem: &M) -> u64 {
+        load_u64(mem, self.base + 16)
+    }
+
+    /// The state checksum.
+    pub fn checksum<M: SharedMem>(&self, mem: &M) -> u64 {
+        load_u64(mem, self.base + 24)
+    }
+
+    /// Key `k`'s value.
+    pub fn value<M: SharedMem>(&self, mem: &M, k: u64) -> u64 {
+        load_u64(mem, self.base + (1 + k as usize) * PAGE)
+    }
+
+    /// Serve one frame; `dirty(pfn)` for every guest page written.
+    pub fn handle<M: SharedMem>(
+        &self,
+        mem: &M,
+        frame: &[u8],
+        mut dirty: impl FnMut(u64),
+    ) -> service::Reply {
+        let version = self.version(mem);
+        let checksum = self.checksum(mem);
+        let refuse = |st: u32, id: u64| service::Reply {
+            magic: REPLY_MAGIC,
+            status: st,
+            id,
+            value: 0,
+            version,
+            checksum,
+            reserved: 0,
+        };
+        let Some(r) = Request::parse(frame) else {
+            let id = frame
+                .get(8..16)
+                .map_or(0, |b| u64::from_le_bytes(b.try_into().expect("8 bytes")));
+            return refuse(status::BAD_FRAME, id);
+        };
+        let slot = |id: u64| self.base + CACHE_AT + (id % REPLAY_WINDOW) as usize * REPLY_LEN;
+        if r.id == version.wrapping_add(1) {
+            if r.key >= self.keys {
+                return refuse(status::BAD_KEY, r.id);
+            }
+            let old = self.value(mem, r.key);
+            let Some(new) = service::apply(r.op, old, r.value) else {
+                return refuse(status::BAD_OP, r.id);
+            };
+            let sum = checksum
+                .wrapping_sub(service::term(r.key, old))
+                .wrapping_add(service::term(r.key, new));
+            let rep = service::Reply {
+                magic: REPLY_MAGIC,
+                status: status::OK,
+                id: r.id,
+                value: new,
+                version: r.id,
+                checksum: sum,
+                reserved: 0,
+            };
+            store_u64(mem, self.base + (1 + r.key as usize) * PAGE, new);
+            dirty(1 + r.key);
+            store_u64(mem, self.base + 16, r.id);
+            store_u64(mem, self.base + 24, sum);
+            mem.write_bytes(slot(r.id), rep.as_bytes());
+            dirty(0);
+            rep
+        } else if r.id >= 1 && r.id <= version && version - r.id < REPLAY_WINDOW {
+            let mut b = [0u8; REPLY_LEN];
+            mem.read_bytes(slot(r.id), &mut b);
+            match service::Reply::read_from_bytes(&b) {
+                Ok(mut c) if c.id == r.id && c.magic == REPLY_MAGIC => {
+                    c.status = status::REPLAY;
+                    c
+                }
+                _ => refuse(status::STALE, r.id),
+            }
+        } else if r.id > version {
+            refuse(status::GAP, r.id)
+        } else {
+            refuse(status::STALE, r.id)
+        }
+    }
+}
+
+/// A simulated KV machine (primary or standby).
+pub struct KvSim {
+    machine: MachineRam,
+    spec: KvSpec,
+    header: ControlHeader,
+}
+
+/// What a run ended with.
+#[derive(Clone, Debug, Default)]
+pub struct KvResult {
+    pub epochs_posted: u64,
+    pub committed: u64,
+    pub requests: u64,
+    pub released: u64,
+    pub activated: Option<u64>,
+    pub error: Option<String>,
+}
+
+impl KvSim {
+    /// Create the machine RAM file and publish the control area.
+    pub fn create(path: &Path, spec: KvSpec) -> std::io::Result<Self> {
+        let bad = |m: String| std::io::Error::other(m);
+        if spec.keys == 0 || spec.keys + 1 > spec.guest_pages || spec.keys > 4096 {
+            return Err(bad(format!(
+                "--keys {} needs 1..=4096 keys and guest pages > keys ({})",
+                spec.keys, spec.guest_pages
+            )));
+        }
+        let features = if spec.standby {
+            Features::STANDBY
+        } else {
+            Features::LOG_DIRTY_WP | Features::INPUT_CHANNEL | Features::OUTPUT_COMMIT
+        };
+        let mut h = ControlHeader::pack(region_sizes(spec.guest_pages), features)
+            .map_err(|e| bad(format!("pack: {e:?}")))?;
+        let guest_at = (CONTROL_AT + h.total_size).next_multiple_of(0x10_0000);
+        let guest_len = spec.guest_pages * PAGE as u64;
+        h.guest_ram = Region {
+            offset: guest_at,
+            size: guest_len,
+        };
+        let len = guest_at + guest_len + 0x10_0000;
+        let f = std::fs::File::create(path)?;
+        f.set_len(len)?;
+        drop(f);
+        let machine = MachineRam::open(path).map_err(std::io::Error::other)?;
+        let mem = machine.mem();
+        let mut rng = Rng::new(spec.seed);
+        // Guest RAM: junk (a standby's is overwritten by the backup; the
+        // primary's service pages are zeroed at boot below).
+        let mut g = vec![0u8; guest_len as usize];
+        rng.fill(&mut g);
+        mem.write_bytes(guest_at as usize, &g);
+        if !spec.standby {
+            KvGuest::init(&mem, guest_at as usize, spec.keys);
+        }
+        let win = machine.window(CONTROL_AT as usize);
+        let mut bytes = h.as_bytes().to_vec();
+        bytes[..8].fill(0);
+        win.write_bytes(0, &bytes);
+        for (f, slot) in [
+            (
+                Field::CommandRing,
+                slot_size::<CommandEntry, ResponseEntry>(),
+            ),
+            (Field::EventRing, slot_size::<EventEntry, EventAck>()),
+        ] {
+            let r = h.region(f);
+            RingLayout::new(win.size(), r.offset as usize, r.size as usize, slot)
+                .map_err(|e| bad(format!("{e:?}")))?
+                .init_shared(&win);
+        }
+        for f in [Field::OutputChannel, Field::InputChannel] {
+            let r = h.region(f);
+            ChannelLayout::new(win.size(), r.offset as usize, r.size as usize)
+                .map_err(|e| bad(format!("{e:?}")))?
+                .init_shared(&win);
+        }
+        win.fence_release();
+        win.write_bytes(0, &MAGIC.to_le_bytes());
+        win.fence_full();
+        Ok(Self {
+            machine,
+            spec,
+            header: h,
+        })
+    }
+
+    /// The published header.
+    pub fn header(&self) -> &ControlHeader {
+        &self.header
+    }
+
+    /// Serve until `stop`, the time limit, or a protocol error.
+    pub fn run(self, stop: &AtomicBool) -> KvResult {
+        let mut res = KvResult::default();
+        if let Err(e) = self.serve(stop, &mut res) {
+            res.error = Some(e);
+        }
+        res
+    }
+
+    fn serve(&self, stop: &AtomicBool, res: &mut KvResult) -> Result<(), String> {
+        let h = self.header;
+        let win: AtomicMem64<'_> = self.machine.window(CONTROL_AT as usize);
+        let gmem = self.machine.mem();
+        let guest_at = h.guest_ram.offset as usize;
+        let pages = self.spec.guest_pages;
+        let reg = |f: Field| {
+            let r = h.region(f);
+            (r.offset as usize, r.size as usize)
+        };
+        let e = |what: &'static str| move |x: &dyn std::fmt::Debug| format!("{what}: {x:?}");
+        let (co, cs) = reg(Field::CommandRing);
+        let (eo, es) = reg(Field::EventRing);
+        let (oo, os) = reg(Field::OutputChannel);
+        let (io, is) = reg(Field::InputChannel);
+        let mut cmd =
+            doppel_abi::CommandBack::attach(win, co, cs).map_err(|x| e("command ring")(&x))?;
+        let mut evt =
+            doppel_abi::EventFront::attach(win, eo, es).map_err(|x| e("event ring")(&x))?;
+        let mut out = ChannelProducer::attach(win, oo, os).map_err(|x| e("output channel")(&x))?;
+        let mut inp = ChannelConsumer::attach(win, io, is).map_err(|x| e("input channel")(&x))?;
+        let mut kv = (!self.spec.standby).then_some(KvGuest {
+            base: guest_at,
+            keys: self.spec.keys,
+        });
+        let mut enabled = false;
+        // Standby: the epoch activated from.
+        let mut active: Option<u64> = None;
+        let mut running = 0u64; // epoch whose checkpoint will hold the state
+        let mut committed: Option<u64> = None;
+        let mut held: VecDeque<(u64, service::Reply)> = VecDeque::new();
+        // Events posted and not acked yet: (seq, kind, epoch).
+        let mut pending: VecDeque<(u32, u32, u64)> = VecDeque::new();
+        let mut seq = 0u32;
+        let mut dirty: Vec<u64> = (0..pages).collect();
+        let mut is_dirty = vec![true; pages as usize];
+        let mut last_epoch = Instant::now();
+        let start = Instant::now();
+        let mut frame = vec![0u8; is];
+        let mut page = vec![0u8; PAGE];
+        loop {
+            if stop.load(Ordering::Relaxed) {
+                return Ok(());
+            }
+            if start.elapsed() > self.spec.max_run {
+                return Err(format!(
+                    "ran for {:?} (the limit); {} epochs posted",
+                    self.spec.max_run, res.epochs_posted
+                ));
+            }
+            let mut busy = false;
+            busy |= drain_acks(&mut evt, &mut pending)?;
+            // Commands.
+            while let Some(req) = cmd.pop_request().map_err(|x| e("command ring")(&x))? {
+                busy = true;
+                let mut post_output: Option<(u64, u64)> = None;
+                let result = match req.decode() {
+                    Err(x) => Err(x.errno()),
+                    Ok(Command::LogDirtyEnable { mode }) if !self.spec.standby => {
+                        if enabled {
+                            Err(Errno::EINVAL)
+                        } else if mode != LogDirtyMode::WriteProtect {
+                            Err(Errno::EOPNOTSUPP)
+                        } else {
+                            enabled = true;
+                            Ok(Reply::Done)
+                        }
+                    }
+                    Ok(Command::CommitEpoch { epoch }) if !self.spec.standby => {
+                        // The tool acks the event before committing; the
+                        // ack may have landed after the drain above.
+                        drain_acks(&mut evt, &mut pending)?;
+                        let staged_acked = !pending
+                            .iter()
+                            .any(|&(_, k, ep)| k == kind::CHECKPOINT_READY && ep == epoch);
+                        let next = committed.map_or(0, |c| c + 1);
+                        if epoch == next && epoch < res.epochs_posted && staged_acked {
+                            committed = Some(epoch);
+                            res.committed += 1;
+                            let (n, bytes) = release(&mut held, &mut out, epoch)?;
+                            res.released += n;
+                            if n > 0 {
+                                post_output = Some((epoch, bytes));
+                            }
+                            Ok(Reply::Done)
+                        } else {
+                            Err(Errno::EINVAL)
+                        }
+                    }
+                    Ok(Command::Activate { epoch }) if self.spec.standby => {
+                        if active.is_some() {
+                            Err(Errno::EINVAL)
+                        } else {
+                            match self.activate(epoch) {
+                                Ok(g) => {
+                                    kv = Some(g);
+                                    active = Some(epoch);
+                                    res.activated = Some(epoch);
+                                    Ok(Reply::Done)
+                                }
+                                Err(why) => {
+                                    eprintln!("sim-hv: Activate({epoch}) refused: {why}");
+                                    Err(Errno::EINVAL)
+                                }
+                            }
+                        }
+                    }
+                    Ok(_) => Err(Errno::ENOSYS),
+                };
+                let rsp = Response {
+                    id: req.id,
+                    op: req.op,
+                    result,
+                };
+                cmd.push_response(&rsp.encode())
+                    .map_err(|x| e("command ring")(&x))?;
+                cmd.publish_responses();
+                if let Some((epoch, bytes)) = post_output {
+                    if evt.free_requests() > 0 {
+                        evt.push_request(&Event::OutputAvailable { epoch, bytes }.encode(seq))
+                            .map_err(|x| e("event ring")(&x))?;
+                        evt.publish_requests();
+                        pending.push_back((seq, kind::OUTPUT_AVAILABLE, epoch));
+                        seq = seq.wrapping_add(1);
+                    }
+                }
+            }
+            // Held output that did not fit before.
+            if let Some(c) = committed {
+                let (n, _) = release(&mut held, &mut out, c)?;
+                res.released += n;
+            }
+            // The guest: serve requests.
+            let serving = if self.spec.standby {
+                active.is_some()
+            } else {
+                enabled
+            };
+            if let (true, Some(g)) = (serving, kv) {
+                let mut any = false;
+                while let Some(info) = inp.pop(&mut frame).map_err(|x| e("input channel")(&x))? {
+                    any = true;
+                    res.requests += 1;
+                    let rep = g.handle(&gmem, &frame[..info.len], |pfn| {
+                        if !is_dirty[pfn as usize] {
+                            is_dirty[pfn as usize] = true;
+                            dirty.push(pfn);
+                        }
+                    });
+                    match active {
+                        // Standby, activated: unreplicated, released at once.
+                        Some(a) => {
+                            held.push_back((a + 1, rep));
+                            let (n, _) = release(&mut held, &mut out, a + 1)?;
+                            res.released += n;
+                        }
+                        None => held.push_back((running, rep)),
+                    }
+                }
+                if any {
+                    busy = true;
+                    inp.publish();
+                }
+            }
+            // Epoch end (primary only).
+            let checkpoint_pending = pending.iter().any(|&(_, k, _)| k == kind::CHECKPOINT_READY);
+            let due = running == 0 || last_epoch.elapsed() >= self.spec.epoch;
+            if !self.spec.standby
+                && enabled
+                && !checkpoint_pending
+                && due
+                && evt.free_requests() > 0
+            {
+                busy = true;
+                last_epoch = Instant::now();
+                let g = kv.expect("primary has a service");
+                let (po, _) = reg(Field::PfnList);
+                let (so, _) = reg(Field::Staging);
+                let (vo, _) = reg(Field::VcpuArea);
+                for (i, &pfn) in dirty.iter().enumerate() {
+                    win.write_bytes(po + i * 8, &pfn.to_le_bytes());
+                    gmem.read_bytes(guest_at + pfn as usize * PAGE, &mut page);
+                    win.write_bytes(so + i * PAGE, &page);
+                }
+                let blob = vcpu_blob(running, g.version(&gmem));
+                win.write_bytes(vo, &blob);
+                let n = dirty.len() as u64;
+                let c = CheckpointReady {
+                    epoch: running,
+                    dirty_count: n,
+                    pfn_list: Span {
+                        offset: po as u64,
+                        len: n * 8,
+                    },
+                    pages: Span {
+                        offset: so as u64,
+                        len: n * PAGE as u64,
+                    },
+                    vcpu: Span {
+                        offset: vo as u64,
+                        len: blob.len() as u64,
+                    },
+                };
+                evt.push_request(&Event::CheckpointReady(c).encode(seq))
+                    .map_err(|x| e("event ring")(&x))?;
+                evt.publish_requests();
+                pending.push_back((seq, kind::CHECKPOINT_READY, running));
+                seq = seq.wrapping_add(1);
+                res.epochs_posted += 1;
+                running += 1;
+                dirty.clear();
+                is_dirty.fill(false);
+            }
+            if !busy {
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        }
+    }
+
+    /// Standby: check the blob and the state in guest RAM.
+    fn activate(&self, epoch: u64) -> Result<KvGuest, String> {
+        let h = self.header;
+        let win = self.machine.window(CONTROL_AT as usize);
+        let r = h.region(Field::VcpuArea);
+        let mut area = vec![0u8; r.size as usize];
+        win.read_bytes(r.offset as usize, &mut area);
+        let len = blob_len(&area).ok_or("no END descriptor in the vCPU area")?;
+        let d = hvm::decode::<64>(&area[..len]).map_err(|x| format!("blob: {x:?}"))?;
+        let (_, v) = d.vcpus.first().ok_or("blob has no vCPU")?;
+        if v.rbx != epoch {
+            return Err(format!(
+                "blob is of epoch {}, Activate names {epoch}",
+                v.rbx
+            ));
+        }
+        let mem = self.machine.mem();
+        let g = KvGuest::load(&mem, h.guest_ram.offset as usize, self.spec.guest_pages)?;
+        if g.version(&mem) != v.rcx {
+            return Err(format!(
+                "guest RAM holds version {}, the blob's checkpoint version {}",
+                g.version(&mem),
+                v.rcx
+            ));
+        }
+        let sum = service::checksum((0..g.keys).map(|k| g.value(&mem, k)));
+        if sum != g.checksum(&mem) {
+            return Err("the state checksum does not match the values".into());
+        }
+        Ok(g)
+    }
+}
+
+type EvtFront<'a> = doppel_abi::EventFront<AtomicMem64<'a>>;
+
+/// Consume the tool's event acks (in order); true if there were any.
+fn drain_acks(
+    evt: &mut EvtFront<'_>,
+    pending: &mut VecDeque<(u32, u32, u64)>,
+) -> Result<bool, String> {
+    let mut any = false;
+    while let Some(a) = evt
+        .pop_response()
+        .map_err(|x| format!("event ring: {x:?}"))?
+    {
+        any = true;
+        let a = a.decode().map_err(|x| format!("event ack: {x:?}"))?;
+        match pending.pop_front() {
+            Some((s, k, ep)) if s == a.seq && k == a.kind && ep == a.epoch => {
+                a.result
+                    .map_err(|x| format!("the tool rejected event {k} of epoch {ep}: {x:?}"))?;
+            }
+            other => return Err(format!("unexpected event ack {a:?} (pending {other:?})")),
+        }
+    }
+    Ok(any)
+}
+
+/// Length of a self-delimiting HVM context blob (descriptors up to END).
+pub fn blob_len(area: &[u8]) -> Option<usize> {
+    let mut at = 0usize;
+    loop {
+        let d = area.get(at..at.checked_add(8)?)?;
+        let code = u16::from_le_bytes([d[0], d[1]]);
+        let len = u32::from_le_bytes([d[4], d[5], d[6], d[7]]) as usize;
+        at = at.checked_add(8 + len).filter(|&e| e <= area.len())?;
+        if code == 0 {
+            return Some(at);
+        }
+    }
+}
+
+/// The checkpoint's vCPU: rbx = epoch, rcx = KV version.
+pub fn vcpu_blob(epoch: u64, version: u64) -> Vec<u8> {
+    let mut v = VcpuState {
+        rip: 0x10_0000 + (version % 64) * 0x10,
+        rbx: epoch,
+        rcx: version,
+        rsp: 0x8000,
+        tsc: 1_000_000 * (epoch + 1),
+        ..VcpuState::default()
+    };
+    v.cr0 = 0x11;
+    let mut out = vec![0u8; hvm::encoded_len(1).expect("one vCPU")];
+    let header = HeaderInfo {
+        cpuid: 0x00a2_0f10,
+        gtsc_khz: 2_000_000,
+        changeset: 0,
+    };
+    let n = hvm::encode(&[v], header, &mut out).expect("the simulator's vCPU encodes");
+    out.truncate(n);
+    out
+}
+
+/// Move held replies of epochs `<= upto` into the output channel, in
+/// order, as many as fit. (count, bytes) moved.
+fn release(
+    held: &mut VecDeque<(u64, service::Reply)>,
+    out: &mut ChannelProducer<AtomicMem64<'_>>,
+    upto: u64,
+) -> Result<(u64, u64), String> {
+    let mut n = 0u64;
+    while let Some(&(ep, rep)) = held.front() {
+        if ep > upto {
+            break;
+        }
+        match out.write_record(ep, rep.as_bytes()) {
+            Ok(()) => {
+                held.pop_front();
+                n += 1;
+            }
+            Err(doppel_abi::chan::ChannelError::Full) => break,
+            Err(x) => return Err(format!("output channel: {x:?}")),
+        }
+    }
+    if n > 0 {
+        out.publish();
+    }
+    Ok((n, n * REPLY_LEN as u64))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use doppel_abi::service::{op, REQ_MAGIC};
+    use doppel_abi::AtomicMem64;
+    use std::sync::atomic::AtomicU64;
+
+    fn req(id: u64, o: u32, key: u64, value: u64) -> Vec<u8> {
+        Request {
+            magic: REQ_MAGIC,
+            op: o,
+            id,
+            key,
+            value,
+        }
+        .as_bytes()
+        .to_vec()
+    }
+
+    #[test]
+    fn service_semantics_match_the_client_model() {
+        let words: Vec<AtomicU64> = (0..(8 * PAGE / 8)).map(|_| AtomicU64::new(!0)).collect();
+        let mem = AtomicMem64::new(&words);
+        let g = KvGuest::init(&mem, 0, 5);
+        let w = crate::kv::Workload::new(60, 5, 4);
+        let mut dirtied = Vec::new();
+        for id in 1..=60 {
+            let r = w.request(id).unwrap();
+            dirtied.clear();
+            let rep = g.handle(&mem, r.as_bytes(), |p| dirtied.push(p));
+            let e = w.expected(id).unwrap();
+            assert_eq!(
+                (rep.status, rep.id, rep.version, rep.value, rep.checksum),
+                (status::OK, id, id, e.value, e.checksum)
+            );
+            assert_eq!(dirtied, [1 + r.key, 0]);
+        }
+        // Replays within the window: same bytes, status REPLAY, nothing
+        // written.
+        dirtied.clear();
+        let rep = g.handle(&mem, w.request(40).unwrap().as_bytes(), |p| dirtied.push(p));
+        let e = w.expected(40).unwrap();
+        assert_eq!(
+            (rep.status, rep.version, rep.value, rep.checksum),
+            (status::REPLAY, 40, e.value, e.checksum)
+        );
+        assert!(dirtied.is_empty());
+        let v = g.version(&mem);
+        let cases = [
+            // The oldest id still cached is version - (window - 1).
+            (
+                w.request(61 - REPLAY_WINDOW).unwrap().as_bytes().to_vec(),
+                status::REPLAY,
+            ),
+            (req(60 - REPLAY_WINDOW, op::ADD, 0, 1), status::STALE),
+            (req(0, op::ADD, 0, 1), status::STALE),
+            (req(62, op::ADD, 0, 1), status::GAP),
+            (req(61, 9, 0, 1), status::BAD_OP),
+            (req(61, op::PUT, 5, 1), status::BAD_KEY),
+            (req(61, op::PUT, 0, 1)[..31].to_vec(), status::BAD_FRAME),
+        ];
+        for (f, want) in cases {
+            let rep = g.handle(&mem, &f, |p| dirtied.push(p));
+            assert_eq!(rep.status, want);
+            // Refusals carry the current version; a replay its own.
+            let version = if want == status::REPLAY {
+                61 - REPLAY_WINDOW
+            } else {
+                v
+            };
+            assert_eq!(rep.version, version);
+        }
+        assert!(dirtied.is_empty());
+        assert_eq!(g.version(&mem), 60);
+        // The state found again from RAM (a standby after failover).
+        let h = KvGuest::load(&mem, 0, 8).unwrap();
+        assert_eq!(h.keys, 5);
+        let sum = service::checksum((0..5).map(|k| h.value(&mem, k)));
+        assert_eq!(sum, h.checksum(&mem));
+    }
+
+    #[test]
+    fn blob_carries_epoch_and_version() {
+        let b = vcpu_blob(7, 1234);
+        let mut area = b.clone();
+        area.extend_from_slice(&[0xee; 64]);
+        assert_eq!(blob_len(&area), Some(b.len()));
+        let d = hvm::decode::<64>(&b).unwrap();
+        assert_eq!((d.vcpus[0].1.rbx, d.vcpus[0].1.rcx), (7, 1234));
+        assert_eq!(blob_len(&[0xff; 16]), None);
+    }
+}

@@ -1,0 +1,723 @@
+//! Remus end to end on the host (issue #7): two simulated hypervisors
+//! (`doppel sim-hv --service kv` and `--standby`), `doppel backup
+//! --standby-ram`, `doppel primary --serve-clients` and `doppel client` as
+//! processes. Something dies at a random moment after the client got
+//! answers; the client must end with every request answered, nothing
+//! acknowledged lost, no divergent reply, and the backup must have failed
+//! over. Also: heartbeats on the stream, a malformed client frame, a
+//! non-standby area given to `--standby-ram`.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use doppel::ack::AckWriter;
+use doppel::machine::MachineRam;
+use doppel::primary::{Output, Primary, PrimaryConfig};
+use doppel::sim::{Sim, SimSpec};
+use doppel::sim_kv::{KvSim, KvSpec};
+use doppel::stream::format::rec;
+use doppel::stream::{Limits, Record, StreamError, StreamReader, StreamWriter};
+
+const BIN: &str = env!("CARGO_BIN_EXE_doppel");
+
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("doppel-failover-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A child process whose stdout and stderr lines are collected.
+struct Proc {
+    name: &'static str,
+    child: Child,
+    out: Arc<Mutex<Vec<String>>>,
+    err: Arc<Mutex<Vec<String>>>,
+}
+
+fn collect(r: impl Read + Send + 'static, into: Arc<Mutex<Vec<String>>>) {
+    std::thread::spawn(move || {
+        for l in BufReader::new(r).lines() {
+            let Ok(l) = l else { break };
+            into.lock().unwrap().push(l);
+        }
+    });
+}
+
+impl Proc {
+    fn spawn(name: &'static str, dir: &Path, args: &[&str]) -> Proc {
+        let mut child = Command::new(BIN)
+            .args(args)
+            .current_dir(dir)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (out, err) = (Arc::default(), Arc::default());
+        collect(child.stdout.take().unwrap(), Arc::clone(&out));
+        collect(child.stderr.take().unwrap(), Arc::clone(&err));
+        Proc {
+            name,
+            child,
+            out,
+            err,
+        }
+    }
+
+    fn lines(&self) -> Vec<String> {
+        self.out.lock().unwrap().clone()
+    }
+
+    fn err_lines(&self) -> Vec<String> {
+        self.err.lock().unwrap().clone()
+    }
+
+    /// The first stdout line starting with `prefix`.
+    fn wait_line(&self, prefix: &str, secs: u64) -> String {
+        let start = Instant::now();
+        loop {
+            if let Some(l) = self.lines().into_iter().find(|l| l.starts_with(prefix)) {
+                return l;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(secs),
+                "{}: no line starting with {prefix:?} within {secs} s\nstdout: {:#?}\nstderr: {:#?}",
+                self.name,
+                self.lines(),
+                self.err_lines()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Wait for a stderr line containing `needle`.
+    fn wait_err(&self, needle: &str, secs: u64) {
+        let start = Instant::now();
+        while !self.err_lines().iter().any(|l| l.contains(needle)) {
+            assert!(
+                start.elapsed() < Duration::from_secs(secs),
+                "{}: no stderr line with {needle:?} within {secs} s: {:#?}",
+                self.name,
+                self.err_lines()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn wait_exit(&mut self, secs: u64) -> ExitStatus {
+        let start = Instant::now();
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                // Let the collectors drain the pipes.
+                std::thread::sleep(Duration::from_millis(50));
+                return s;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(secs),
+                "{} did not exit within {secs} s\nstdout: {:#?}\nstderr: {:#?}",
+                self.name,
+                self.lines(),
+                self.err_lines()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+fn addr_of(line: &str) -> String {
+    line.rsplit(' ').next().unwrap().to_string()
+}
+
+/// A TCP forwarder between the primary and the backup; `blackhole` makes
+/// it stop forwarding in both directions while keeping both connections
+/// open (the link is cut, nobody sees a FIN).
+struct Proxy {
+    addr: String,
+    blackhole: Arc<AtomicBool>,
+}
+
+fn proxy(to: String) -> Proxy {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let blackhole = Arc::new(AtomicBool::new(false));
+    let bh = Arc::clone(&blackhole);
+    std::thread::spawn(move || {
+        let Ok((a, _)) = l.accept() else { return };
+        let b = TcpStream::connect(&to).unwrap();
+        for (mut from, mut into) in [(a.try_clone().unwrap(), b.try_clone().unwrap()), (b, a)] {
+            let bh = Arc::clone(&bh);
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 65536];
+                loop {
+                    match from.read(&mut buf) {
+                        Ok(0) | Err(_) => {
+                            if !bh.load(Ordering::Relaxed) {
+                                let _ = into.shutdown(Shutdown::Write);
+                            }
+                            return;
+                        }
+                        Ok(n) => {
+                            if !bh.load(Ordering::Relaxed) && into.write_all(&buf[..n]).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    });
+    Proxy { addr, blackhole }
+}
+
+/// Everything of one failover run.
+struct Pipeline {
+    _dir: PathBuf,
+    sim_primary: Proc,
+    _sim_standby: Proc,
+    backup: Proc,
+    primary: Proc,
+    client: Proc,
+    proxy: Option<Proxy>,
+}
+
+const OPS: &str = "4000";
+
+fn pipeline(name: &str, with_proxy: bool) -> Pipeline {
+    let dir = scratch(name);
+    let common = ["--keys", "16", "--guest-pages", "64", "--max-secs", "60"];
+    let mut a = vec!["sim-hv", "--machine-ram", "p.ram", "--service", "kv"];
+    a.extend(common);
+    a.extend(["--epoch-ms", "20"]);
+    let sim_primary = Proc::spawn("sim-hv primary", &dir, &a);
+    let mut a = vec!["sim-hv", "--machine-ram", "s.ram", "--standby"];
+    a.extend(common);
+    let sim_standby = Proc::spawn("sim-hv standby", &dir, &a);
+    sim_primary.wait_line("sim-hv: kv service control area published", 10);
+    sim_standby.wait_line("sim-hv: standby control area published", 10);
+    let backup = Proc::spawn(
+        "backup",
+        &dir,
+        &[
+            "backup",
+            "--listen",
+            "127.0.0.1:0",
+            "--standby-ram",
+            "s.ram",
+            "--serve-clients",
+            "127.0.0.1:0",
+            "--heartbeat-timeout",
+            "1.5",
+        ],
+    );
+    let listen = addr_of(&backup.wait_line("listening on ", 10));
+    let bclients = addr_of(&backup.wait_line("clients on ", 10));
+    let proxy = with_proxy.then(|| proxy(listen.clone()));
+    let to = proxy.as_ref().map_or(listen, |p| p.addr.clone());
+    let primary = Proc::spawn(
+        "primary",
+        &dir,
+        &[
+            "primary",
+            "--machine-ram",
+            "p.ram",
+            "--backup",
+            &to,
+            "--serve-clients",
+            "127.0.0.1:0",
+            "--event-timeout",
+            "1",
+            "--reply-timeout",
+            "1",
+            "--ack-timeout",
+            "4",
+            "--heartbeat-ms",
+            "20",
+        ],
+    );
+    let pclients = addr_of(&primary.wait_line("clients on ", 10));
+    let client = Proc::spawn(
+        "client",
+        &dir,
+        &[
+            "client",
+            "--connect",
+            &pclients,
+            "--failover",
+            &bclients,
+            "--ops",
+            OPS,
+            "--window",
+            "16",
+            "--reply-timeout",
+            "3",
+            "--connect-timeout",
+            "5",
+        ],
+    );
+    Pipeline {
+        _dir: dir,
+        sim_primary,
+        _sim_standby: sim_standby,
+        backup,
+        primary,
+        client,
+        proxy,
+    }
+}
+
+/// Wait until the client reported answers, then a random extra delay.
+fn after_some_answers(p: &Pipeline) {
+    p.client.wait_err("client: answered", 15);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    let extra = u64::from(nanos % 400);
+    eprintln!("killing after the first progress line + {extra} ms");
+    std::thread::sleep(Duration::from_millis(extra));
+}
+
+/// The client passed with one failover; the backup printed its line.
+fn check_outcome(p: &mut Pipeline) -> (String, String) {
+    let st = p.client.wait_exit(20);
+    let last = p.client.lines().last().cloned().unwrap_or_default();
+    let fail = p
+        .backup
+        .lines()
+        .into_iter()
+        .find(|l| l.starts_with("failover: "));
+    eprintln!("client: {last}\nbackup: {fail:?}");
+    assert!(
+        last.starts_with(&format!("client: ops={OPS} answered={OPS} "))
+            && last.contains(" failovers=1 lost_acked=0 divergent=0 ")
+            && last.ends_with(&format!("last_version={OPS} result=pass")),
+        "client line {last:?}\nclient stderr: {:#?}\nbackup stderr: {:#?}",
+        p.client.err_lines(),
+        p.backup.err_lines()
+    );
+    assert!(st.success(), "client exit {st:?}");
+    let fail = fail.expect("the backup printed its failover line");
+    (last, fail)
+}
+
+/// The epochs named in `failover: ... after epoch E; ... committed epoch C`.
+fn failover_epochs(line: &str) -> (u64, u64) {
+    let num = |key: &str| -> u64 {
+        let at = line.find(key).unwrap() + key.len();
+        line[at..]
+            .split(|c: char| !c.is_ascii_digit())
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    (num("after epoch "), num("committed epoch "))
+}
+
+#[test]
+fn simulated_primary_hypervisor_dies() {
+    let mut p = pipeline("hvdies", false);
+    after_some_answers(&p);
+    p.sim_primary.kill9();
+    let (_, fail) = check_outcome(&mut p);
+    // The primary tool closes the connection when its hypervisor stays
+    // silent for --event-timeout; if the hypervisor died while a command
+    // was pending, no heartbeat goes out meanwhile and the backup's
+    // --heartbeat-timeout may come first.
+    assert!(
+        fail.contains("primary lost (connection closed)")
+            || fail.contains("primary lost (nothing received for 1.5 s)"),
+        "{fail}"
+    );
+    let (after, from) = failover_epochs(&fail);
+    assert_eq!(after, from);
+    // The primary noticed the silent hypervisor: exit 4 (and closed the
+    // backup connection, which is how the backup learned of it).
+    let st = p.primary.wait_exit(10);
+    assert_eq!(st.code(), Some(4), "{:#?}", p.primary.err_lines());
+    assert!(
+        p.primary
+            .err_lines()
+            .iter()
+            .any(|l| l.contains("the hypervisor stopped answering")),
+        "{:#?}",
+        p.primary.err_lines()
+    );
+}
+
+#[test]
+fn primary_tool_dies() {
+    let mut p = pipeline("tooldies", false);
+    after_some_answers(&p);
+    p.primary.kill9();
+    let (_, fail) = check_outcome(&mut p);
+    assert!(fail.contains("primary lost (connection closed)"), "{fail}");
+}
+
+#[test]
+fn replication_link_cut_fails_over_on_silence() {
+    let mut p = pipeline("blackhole", true);
+    after_some_answers(&p);
+    p.proxy
+        .as_ref()
+        .unwrap()
+        .blackhole
+        .store(true, Ordering::Relaxed);
+    let cut = Instant::now();
+    let (last, fail) = check_outcome(&mut p);
+    assert!(
+        fail.contains("primary lost (nothing received for 1.5 s)"),
+        "{fail}"
+    );
+    // Split brain: the primary still runs its guest, but cannot get the
+    // backup's ack, so nothing more is committed or released; it gives up
+    // when the ack does not come (exit 5, backup connection lost).
+    let st = p.primary.wait_exit(15);
+    let lines = p.primary.lines();
+    let clients = lines.iter().find(|l| l.starts_with("clients: "));
+    eprintln!(
+        "link cut: primary exit {:?} {:.1} s after the cut; {clients:?}; last stderr {:?}",
+        st.code(),
+        cut.elapsed().as_secs_f64(),
+        p.primary.err_lines().last()
+    );
+    assert_eq!(st.code(), Some(5), "{:#?}", p.primary.err_lines());
+    assert!(p
+        .primary
+        .err_lines()
+        .iter()
+        .any(|l| l.contains("back channel, waiting for the ack of epoch")));
+    assert!(last.contains("result=pass"));
+}
+
+#[test]
+fn malformed_client_frame_drops_the_connection_not_the_primary() {
+    let dir = scratch("badframe");
+    let sim = Proc::spawn(
+        "sim-hv",
+        &dir,
+        &[
+            "sim-hv",
+            "--machine-ram",
+            "p.ram",
+            "--service",
+            "kv",
+            "--guest-pages",
+            "64",
+            "--max-secs",
+            "60",
+        ],
+    );
+    let standby = Proc::spawn(
+        "sim-hv standby",
+        &dir,
+        &[
+            "sim-hv",
+            "--machine-ram",
+            "s.ram",
+            "--standby",
+            "--guest-pages",
+            "64",
+            "--max-secs",
+            "60",
+        ],
+    );
+    sim.wait_line("sim-hv: ", 10);
+    standby.wait_line("sim-hv: ", 10);
+    let backup = Proc::spawn(
+        "backup",
+        &dir,
+        &[
+            "backup",
+            "--listen",
+            "127.0.0.1:0",
+            "--standby-ram",
+            "s.ram",
+            "--serve-clients",
+            "127.0.0.1:0",
+        ],
+    );
+    let listen = addr_of(&backup.wait_line("listening on ", 10));
+    let mut primary = Proc::spawn(
+        "primary",
+        &dir,
+        &[
+            "primary",
+            "--machine-ram",
+            "p.ram",
+            "--backup",
+            &listen,
+            "--serve-clients",
+            "127.0.0.1:0",
+        ],
+    );
+    let pc = addr_of(&primary.wait_line("clients on ", 10));
+    let mut s = TcpStream::connect(&pc).unwrap();
+    let mut junk = [0x5au8; 32];
+    junk[8] = 1;
+    s.write_all(&junk).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut b = [0u8; 48];
+    let n = s.read(&mut b).unwrap_or(0);
+    assert_eq!(n, 0, "the connection is closed, no reply");
+    primary.wait_err("malformed request frame", 5);
+    assert!(
+        primary.child.try_wait().unwrap().is_none(),
+        "the primary still runs"
+    );
+    // A well-behaved client is served afterwards.
+    let mut c = Proc::spawn(
+        "client",
+        &dir,
+        &[
+            "client",
+            "--connect",
+            &pc,
+            "--ops",
+            "200",
+            "--reply-timeout",
+            "5",
+        ],
+    );
+    assert!(c.wait_exit(20).success(), "{:#?}", c.err_lines());
+    let last = c.lines().last().cloned().unwrap();
+    assert_eq!(
+        last,
+        "client: ops=200 answered=200 replays=0 failovers=0 lost_acked=0 divergent=0 \
+         last_version=200 result=pass"
+    );
+}
+
+#[test]
+fn standby_ram_must_be_a_standby() {
+    let dir = scratch("notstandby");
+    let sim = Proc::spawn(
+        "sim-hv",
+        &dir,
+        &[
+            "sim-hv",
+            "--machine-ram",
+            "p.ram",
+            "--service",
+            "kv",
+            "--guest-pages",
+            "64",
+            "--max-secs",
+            "30",
+        ],
+    );
+    sim.wait_line("sim-hv: ", 10);
+    let mut b = Proc::spawn(
+        "backup",
+        &dir,
+        &[
+            "backup",
+            "--listen",
+            "127.0.0.1:0",
+            "--standby-ram",
+            "p.ram",
+            "--serve-clients",
+            "127.0.0.1:0",
+            "--wait-control",
+            "2",
+        ],
+    );
+    let st = b.wait_exit(10);
+    assert_eq!(st.code(), Some(1));
+    let err = b.err_lines().join("\n");
+    assert!(
+        err.contains("is not a standby's")
+            && err.contains("STANDBY missing")
+            && err.contains("mode=standby"),
+        "{err}"
+    );
+    assert!(b.lines().iter().all(|l| !l.starts_with("listening on")));
+}
+
+#[test]
+fn heartbeats_flow_between_epochs_and_never_into_a_capture() {
+    // Live: a KV simulator with slow epochs, a primary with a 5 ms
+    // heartbeat, and an in-test backup that reads the stream and acks.
+    let dir = scratch("beats");
+    let ram = dir.join("p.ram");
+    let spec = KvSpec {
+        guest_pages: 32,
+        keys: 4,
+        epoch: Duration::from_millis(150),
+        seed: 3,
+        standby: false,
+        max_run: Duration::from_secs(30),
+    };
+    let sim = KvSim::create(&ram, spec).unwrap();
+    let stop = AtomicBool::new(false);
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let (beats, last) = std::thread::scope(|s| {
+        let simt = s.spawn(|| sim.run(&stop));
+        let bk = s.spawn(move || {
+            let (c, _) = l.accept().unwrap();
+            let mut acks = AckWriter::new(c.try_clone().unwrap()).unwrap();
+            let mut r = StreamReader::open(BufReader::new(c), Limits { guest_pages: 32 }).unwrap();
+            let mut epoch = 0;
+            while !r.ended() {
+                match r.next_record() {
+                    Ok(Record::Checkpoint) => {
+                        acks.ack(epoch).unwrap();
+                        epoch += 1;
+                    }
+                    Ok(_) => {}
+                    Err(e) => panic!("backup reader: {e}"),
+                }
+            }
+            acks.end().unwrap();
+            r.heartbeats()
+        });
+        let m = MachineRam::open(&ram).unwrap();
+        let ctl = m.find_control().unwrap();
+        let cfg = PrimaryConfig {
+            epochs: Some(4),
+            reply_timeout: Duration::from_secs(10),
+            event_timeout: Duration::from_secs(10),
+        };
+        let mut p = Primary::attach(&m, ctl, cfg).unwrap();
+        let conn = TcpStream::connect(addr).unwrap();
+        let acks = doppel::ack::AckReader::open(conn.try_clone().unwrap(), 0).unwrap();
+        let mut out = Output::backup(conn, acks).with_heartbeat(Duration::from_millis(5));
+        let sum = p.run(&mut out, |_| {}).unwrap();
+        assert_eq!(sum.committed, 4);
+        let got = bk.join().unwrap();
+        stop.store(true, Ordering::Relaxed);
+        simt.join().unwrap();
+        got
+    });
+    // Three waits of ~150 ms between epochs at one beat per >= 5 ms.
+    assert!(beats >= 30, "{beats} heartbeats");
+    assert!(
+        last <= 4,
+        "the last heartbeat names {last} committed epochs"
+    );
+
+    // Capture: the same request is ignored.
+    let ram = dir.join("c.ram");
+    let spec = SimSpec {
+        guest_pages: 64,
+        epochs: 3,
+        ..SimSpec::default()
+    };
+    let sim = Sim::create(&ram, spec).unwrap();
+    let stop = AtomicBool::new(false);
+    let bytes = std::thread::scope(|s| {
+        let simt = s.spawn(|| sim.run(&stop));
+        let m = MachineRam::open(&ram).unwrap();
+        let ctl = m.find_control().unwrap();
+        let cfg = PrimaryConfig {
+            epochs: Some(3),
+            ..PrimaryConfig::default()
+        };
+        let mut p = Primary::attach(&m, ctl, cfg).unwrap();
+        let mut out: Output<_, std::io::Empty> =
+            Output::record(Vec::new()).with_heartbeat(Duration::ZERO);
+        p.run(&mut out, |_| {}).unwrap();
+        stop.store(true, Ordering::Relaxed);
+        simt.join().unwrap();
+        out.writer_mut().get_mut().clone()
+    });
+    let types = record_types(&bytes);
+    assert_eq!(types.iter().filter(|&&t| t == rec::CHECKPOINT).count(), 3);
+    assert!(!types.contains(&rec::DOPPEL_HEARTBEAT), "{types:x?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Record types of a capture (after the 40 header bytes).
+fn record_types(b: &[u8]) -> Vec<u32> {
+    let mut at = 40;
+    let mut t = Vec::new();
+    while at + 8 <= b.len() {
+        let rtype = u32::from_le_bytes(b[at..at + 4].try_into().unwrap());
+        let len = u32::from_le_bytes(b[at + 4..at + 8].try_into().unwrap()) as usize;
+        t.push(rtype);
+        at += 8 + len.next_multiple_of(8);
+    }
+    t
+}
+
+#[test]
+fn heartbeat_is_accepted_only_between_epochs() {
+    let epoch = |w: &mut StreamWriter<Vec<u8>>| {
+        w.tsc_info(&Default::default()).unwrap();
+        w.hvm_context(&[1, 0, 0, 0, 0, 0, 0, 0]).unwrap();
+        w.hvm_params(&[]).unwrap();
+    };
+    let mut w = StreamWriter::new(Vec::new());
+    w.headers(4, 17).unwrap();
+    w.static_data_end().unwrap();
+    w.heartbeat(0).unwrap();
+    epoch(&mut w);
+    w.checkpoint().unwrap();
+    w.heartbeat(1).unwrap();
+    w.heartbeat(1).unwrap();
+    w.end().unwrap();
+    let good = w.into_inner();
+    let mut r = StreamReader::open(&good[..], Limits { guest_pages: 8 }).unwrap();
+    let mut recs = Vec::new();
+    while !r.ended() {
+        recs.push(r.next_record().unwrap());
+    }
+    // Heartbeats are consumed by the reader, never handed out.
+    assert_eq!(
+        recs.iter()
+            .filter(|r| !matches!(
+                r,
+                Record::TscInfo(_) | Record::HvmContext(_) | Record::HvmParams(_)
+            ))
+            .cloned()
+            .collect::<Vec<_>>(),
+        [Record::StaticDataEnd, Record::Checkpoint, Record::End]
+    );
+    assert_eq!(r.heartbeats(), (3, 1));
+
+    // Inside an epoch: refused.
+    let mut w = StreamWriter::new(Vec::new());
+    w.headers(4, 17).unwrap();
+    w.static_data_end().unwrap();
+    w.tsc_info(&Default::default()).unwrap();
+    w.heartbeat(0).unwrap();
+    let bad = w.into_inner();
+    let mut r = StreamReader::open(&bad[..], Limits { guest_pages: 8 }).unwrap();
+    r.next_record().unwrap();
+    r.next_record().unwrap();
+    let e = r.next_record().unwrap_err();
+    assert!(matches!(e, StreamError::OutOfOrder { .. }), "{e}");
+
+    // Reserved word set: refused.
+    let mut w = StreamWriter::new(Vec::new());
+    w.headers(4, 17).unwrap();
+    w.static_data_end().unwrap();
+    w.record(
+        rec::DOPPEL_HEARTBEAT,
+        &[&[0u8; 8], &[1u8, 0, 0, 0, 0, 0, 0, 0]],
+    )
+    .unwrap();
+    let bad = w.into_inner();
+    let mut r = StreamReader::open(&bad[..], Limits { guest_pages: 8 }).unwrap();
+    r.next_record().unwrap();
+    let e = r.next_record().unwrap_err();
+    assert!(matches!(e, StreamError::Reserved { .. }), "{e}");
+}
