@@ -112,6 +112,42 @@ pub struct Outcome {
     pub pause_cycles: Vec<u64>,
     pub failover_secs: f64,
     pub client_answered_before: u64,
+    /// Guest progress per epoch in TSC ticks (virtual ns under -icount).
+    pub epoch_cycles: Vec<u64>,
+    /// The primary hypervisor's last checkpoint epoch, and the epoch the
+    /// standby resumed from.
+    pub last_primary_epoch: Option<u64>,
+    pub resumed: Option<u64>,
+}
+
+fn median(v: &[u64]) -> u64 {
+    let mut v = v.to_vec();
+    v.sort_unstable();
+    v.get(v.len() / 2).copied().unwrap_or(0)
+}
+
+impl Outcome {
+    /// The run's figures in one line (docs/PERFORMANCE.md quotes them).
+    pub fn figures(&self, run: u32) -> String {
+        let n = self.epochs.max(1) as f64;
+        let ec = median(&self.epoch_cycles);
+        format!(
+            "figures: run={run} epochs={} dirty_pages_per_epoch={:.1} wire_bytes_per_epoch={:.0} \
+             pause_cycles_median={} epoch_cycles_median={ec} checkpoints_per_guest_second={:.1} \
+             answered_per_epoch={:.2} failover_wall_s={:.1} (emulated machines) rolled_back_epochs={}",
+            self.epochs,
+            self.pages as f64 / n,
+            self.bytes as f64 / n,
+            median(&self.pause_cycles),
+            if ec == 0 { 0.0 } else { 1e9 / ec as f64 },
+            self.client_answered_before as f64 / n,
+            self.failover_secs,
+            match (self.last_primary_epoch, self.resumed) {
+                (Some(l), Some(r)) => l.saturating_sub(r).to_string(),
+                _ => "?".into(),
+            }
+        )
+    }
 }
 
 /// A child process whose output lines are collected by threads (and
@@ -596,13 +632,20 @@ pub fn run(ctx: &mut Ctx, sc: &Scenario, progress: &mut Progress) -> Result<Outc
     out.epochs = eps.len() as u64;
     out.pages = eps.iter().map(|e| e.1).sum();
     out.bytes = eps.iter().map(|e| e.2).sum();
-    if let Some(q) = prim.qemu.as_ref() {
-        out.pause_cycles = q
-            .output_so_far()
-            .lines()
-            .filter_map(|l| num(l, "pause_cycles"))
-            .collect();
-    }
+    // The killed machine's text stays readable in its log file.
+    let hv = prim
+        .qemu
+        .as_ref()
+        .map(Running::output_so_far)
+        .unwrap_or_default();
+    out.pause_cycles = hv.lines().filter_map(|l| num(l, "pause_cycles")).collect();
+    out.epoch_cycles = hv.lines().filter_map(|l| num(l, "epoch_cycles")).collect();
+    out.last_primary_epoch = hv
+        .lines()
+        .rev()
+        .filter(|l| l.contains("checkpoint epoch="))
+        .find_map(|l| num(l, "epoch"));
+    out.resumed = resumed;
     out.line = format!(
         "failover: run={} killed={} at_epoch={at} client_ops={ops} lost_acked={} divergent={} \
          resumed_epoch={} result={}",
@@ -641,6 +684,7 @@ pub fn step_failover(ctx: &mut Ctx) -> Result<String> {
         match run(ctx, &sc, &mut p) {
             Ok(o) => {
                 println!("{}", o.line);
+                println!("{}", o.figures(n));
                 for note in &o.notes {
                     println!("{note}");
                 }
@@ -686,6 +730,7 @@ pub fn demo(ctx: &mut Ctx) -> Result<()> {
     let mut p = Progress::new(true);
     let o = run(ctx, &sc, &mut p)?;
     println!("{}", o.line);
+    println!("{}", o.figures(0));
     for n in &o.notes {
         println!("{n}");
     }

@@ -162,6 +162,8 @@ struct Run<'a, E: NestedEntry, V: Vcpu, S: EpochSink> {
     timer_due: bool,
     checkpoints: u64,
     exit_tsc: u64,
+    /// TSC when the current service epoch began (guest resumed).
+    epoch_start_tsc: u64,
 }
 
 impl<'a, E: NestedEntry, V: Vcpu, S: EpochSink> Run<'a, E, V, S> {
@@ -196,6 +198,7 @@ impl<'a, E: NestedEntry, V: Vcpu, S: EpochSink> Run<'a, E, V, S> {
             timer_due: false,
             checkpoints: 0,
             exit_tsc: 0,
+            epoch_start_tsc: rdtsc(),
         };
         r.arm(true)?;
         r.arm_epoch_timer()?;
@@ -309,6 +312,14 @@ impl<'a, E: NestedEntry, V: Vcpu, S: EpochSink> Run<'a, E, V, S> {
     fn service_checkpoint(&mut self) -> Result<(), &'static str> {
         let state = self.vcpu.state();
         let epoch = self.checkpoints;
+        if self.plan.pause_cycles {
+            // Guest progress of the epoch (its exits included), in TSC
+            // ticks: under QEMU -icount, virtual nanoseconds.
+            log::info!(
+                "service: epoch={epoch} epoch_cycles={}",
+                self.exit_tsc.wrapping_sub(self.epoch_start_tsc)
+            );
+        }
         self.end_epoch(state, None, epoch)?;
         self.checkpoints += 1;
         self.epoch_exit_count = 0;
@@ -320,6 +331,7 @@ impl<'a, E: NestedEntry, V: Vcpu, S: EpochSink> Run<'a, E, V, S> {
             .pause_cycles
             .then(|| rdtsc().wrapping_sub(self.exit_tsc));
         self.sink.resumed(pause);
+        self.epoch_start_tsc = rdtsc();
         Ok(())
     }
 
