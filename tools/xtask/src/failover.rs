@@ -159,16 +159,33 @@ struct Watched {
     err: Arc<Mutex<Vec<String>>>,
 }
 
+/// Stderr lines worth showing live in the demo (the rest is per-epoch
+/// noise the progress line summarises).
+const NOTABLE: [&str; 9] = [
+    "failover",
+    "failing over",
+    "re-sending",
+    "LOST",
+    "DIVERGENT",
+    "ERROR",
+    "WARN",
+    "activat",
+    "connected to",
+];
+
 fn collect<R: Read + Send + 'static>(
     r: R,
     into: Arc<Mutex<Vec<String>>>,
     echo: Option<&'static str>,
+    only_notable: bool,
 ) {
     thread::spawn(move || {
         for line in BufReader::new(r).lines() {
             let Ok(line) = line else { break };
             if let Some(p) = echo {
-                println!("  {p}| {line}");
+                if !only_notable || NOTABLE.iter().any(|n| line.contains(n)) {
+                    println!("  {p}| {line}");
+                }
             }
             if let Ok(mut v) = into.lock() {
                 v.push(line);
@@ -190,8 +207,18 @@ impl Watched {
         let out = Arc::new(Mutex::new(Vec::new()));
         let err = Arc::new(Mutex::new(Vec::new()));
         let tag = echo.then_some(name);
-        collect(child.stdout.take().context("stdout")?, out.clone(), tag);
-        collect(child.stderr.take().context("stderr")?, err.clone(), None);
+        collect(
+            child.stdout.take().context("stdout")?,
+            out.clone(),
+            tag,
+            false,
+        );
+        collect(
+            child.stderr.take().context("stderr")?,
+            err.clone(),
+            tag,
+            true,
+        );
         Ok(Self {
             child,
             name,
@@ -388,6 +415,20 @@ fn committed_epochs(backup: &Watched) -> Vec<(u64, u64, u64)> {
         .collect()
 }
 
+/// Replies the client has checked so far (its `client: answered N/M`
+/// progress lines).
+fn client_answered(client: &Watched) -> u64 {
+    client
+        .err()
+        .iter()
+        .rev()
+        .find_map(|l| {
+            let rest = l.split("client: answered ").nth(1)?;
+            rest.split('/').next()?.trim().parse().ok()
+        })
+        .unwrap_or(0)
+}
+
 /// Live progress for the demo, once a second until `stop` says so.
 pub struct Progress {
     pub enabled: bool,
@@ -438,12 +479,7 @@ impl Progress {
             .rev()
             .find_map(|l| num(l, "held"))
             .map_or("-".into(), |h| format!("{h}"));
-        let answered = client
-            .err()
-            .iter()
-            .rev()
-            .find_map(|l| num(l, "answered"))
-            .unwrap_or(0);
+        let answered = client_answered(client);
         println!(
             "[{:6.1}s] epoch {epoch:5} ({rate:5.1}/s)  dirty {avg_pages:5.1} pages/epoch (last {pages})  \
              shipped {:8.2} MB  pause {pause} cycles  held {held}  client answered {answered}",
@@ -549,12 +585,7 @@ pub fn run(ctx: &mut Ctx, sc: &Scenario, progress: &mut Progress) -> Result<Outc
         }
         thread::sleep(Duration::from_millis(100));
     };
-    out.client_answered_before = client
-        .err()
-        .iter()
-        .rev()
-        .find_map(|l| num(l, "answered"))
-        .unwrap_or(0);
+    out.client_answered_before = client_answered(&client);
     let t_fault = Instant::now();
     if echo {
         println!("demo: *** killing {} at epoch {at} ***", sc.fault.name());
