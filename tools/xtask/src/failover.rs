@@ -749,8 +749,8 @@ pub fn demo(ctx: &mut Ctx) -> Result<()> {
     let sc = Scenario {
         run: 0,
         fault: Fault::Qemu,
-        at_epoch: 60,
-        ops: 3000,
+        at_epoch: 100,
+        ops: 4000,
         seed: 42,
     };
     println!(
