@@ -129,10 +129,10 @@ fn median(v: &[u64]) -> u64 {
 impl Outcome {
     /// The run's figures in one line (docs/PERFORMANCE.md quotes them).
     pub fn figures(&self, run: u32) -> String {
-        let n = self.epochs.max(1) as f64;
+        let n = self.epochs.saturating_sub(1).max(1) as f64;
         let ec = median(&self.epoch_cycles);
         format!(
-            "figures: run={run} epochs={} dirty_pages_per_epoch={:.1} wire_bytes_per_epoch={:.0} \
+            "figures: run={run} epochs={} (after epoch 0:) dirty_pages_per_epoch={:.1} wire_bytes_per_epoch={:.0} \
              pause_cycles_median={} epoch_cycles_median={ec} checkpoints_per_guest_second={:.1} \
              answered_per_epoch={:.2} failover_wall_s={:.1} (emulated machines) rolled_back_epochs={}",
             self.epochs,
@@ -659,10 +659,12 @@ pub fn run(ctx: &mut Ctx, sc: &Scenario, progress: &mut Progress) -> Result<Outc
             last_release.trim()
         ));
     }
+    // Epoch 0 carries every page; the per-epoch figures are the steady
+    // state after it.
     let eps = committed_epochs(&backup);
     out.epochs = eps.len() as u64;
-    out.pages = eps.iter().map(|e| e.1).sum();
-    out.bytes = eps.iter().map(|e| e.2).sum();
+    out.pages = eps.iter().filter(|e| e.0 > 0).map(|e| e.1).sum();
+    out.bytes = eps.iter().filter(|e| e.0 > 0).map(|e| e.2).sum();
     // The killed machine's text stays readable in its log file.
     let hv = prim
         .qemu
