@@ -68,8 +68,11 @@ impl Fault {
 pub struct Scenario {
     pub run: u32,
     pub fault: Fault,
-    /// Kill once the backup has committed this epoch.
+    /// Kill once the backup has committed this epoch, plus `delay_ms`
+    /// (so the fault lands anywhere inside the next epochs, not on a
+    /// commit boundary).
     pub at_epoch: u64,
+    pub delay_ms: u64,
     pub ops: u64,
     pub seed: u64,
 }
@@ -84,6 +87,7 @@ impl Scenario {
             run: n,
             fault,
             at_epoch: 6 + x % 30,
+            delay_ms: (x >> 32) % 400,
             ops: 1200,
             seed: splitmix(x),
         }
@@ -556,11 +560,11 @@ pub fn run(ctx: &mut Ctx, sc: &Scenario, progress: &mut Progress) -> Result<Outc
     let mut out = Outcome::default();
     // Wait for the fault's epoch.
     let limit = Duration::from_secs(300);
-    let at = loop {
+    loop {
         progress.tick(t0, &backup, prim.qemu.as_ref(), &client);
         let e = committed_epochs(&backup).last().map(|e| e.0);
-        if let Some(e) = e.filter(|&e| e >= sc.at_epoch) {
-            break e;
+        if e.is_some_and(|e| e >= sc.at_epoch) {
+            break;
         }
         if !client.alive() {
             bail!(
@@ -584,7 +588,9 @@ pub fn run(ctx: &mut Ctx, sc: &Scenario, progress: &mut Progress) -> Result<Outc
             );
         }
         thread::sleep(Duration::from_millis(100));
-    };
+    }
+    thread::sleep(Duration::from_millis(sc.delay_ms));
+    let at = committed_epochs(&backup).last().map_or(0, |e| e.0);
     out.client_answered_before = client_answered(&client);
     let t_fault = Instant::now();
     if echo {
@@ -752,6 +758,7 @@ pub fn demo(ctx: &mut Ctx) -> Result<()> {
         run: 0,
         fault: Fault::Qemu,
         at_epoch: 100,
+        delay_ms: 0,
         ops: 4000,
         seed: 42,
     };
