@@ -820,6 +820,26 @@ pub fn decode<const N: usize>(blob: &[u8]) -> Result<Decoded<N>, HvmError> {
     Ok(Decoded { header, vcpus })
 }
 
+/// Decode a blob that sits at the start of a larger area whose remaining
+/// bytes are zero (the standby's vCPU area: the record is self-delimiting,
+/// so the tool writes it without a length). Non-zero bytes after END are
+/// still [`HvmError::TrailingBytes`].
+pub fn decode_padded<const N: usize>(area: &[u8]) -> Result<Decoded<N>, HvmError> {
+    match decode::<N>(area) {
+        Err(HvmError::TrailingBytes(n)) => {
+            let split = area
+                .len()
+                .checked_sub(n)
+                .and_then(|end| area.split_at_checked(end));
+            match split {
+                Some((blob, pad)) if pad.iter().all(|&b| b == 0) => decode::<N>(blob),
+                _ => Err(HvmError::TrailingBytes(n)),
+            }
+        }
+        r => r,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

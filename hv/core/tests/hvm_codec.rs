@@ -5,8 +5,8 @@ mod common;
 
 use common::Rng;
 use doppel_core::hvm::{
-    decode, decode_visit, encode, encoded_len, to_hw_cpu, DescTable, HeaderInfo, HvmError,
-    PendingEvent, SegAttr, SegName, Segment, TableName, VcpuState, CPU_LEN,
+    decode, decode_padded, decode_visit, encode, encoded_len, to_hw_cpu, DescTable, HeaderInfo,
+    HvmError, PendingEvent, SegAttr, SegName, Segment, TableName, VcpuState, CPU_LEN,
 };
 use proptest::prelude::*;
 use zerocopy::IntoBytes;
@@ -809,4 +809,33 @@ fn independent_seed_blob_decodes() {
         Ok(blob.len())
     );
     assert_eq!(out, blob.to_vec());
+}
+
+#[test]
+fn padded_blob_decodes_only_with_zero_padding() {
+    let v = VcpuState {
+        rip: 0x1234,
+        rbx: 7,
+        ..VcpuState::default()
+    };
+    let h = HeaderInfo {
+        cpuid: 1,
+        gtsc_khz: 0,
+        changeset: 0,
+    };
+    let mut area = [0u8; 4096];
+    let n = encode(core::slice::from_ref(&v), h, &mut area).unwrap();
+    assert!(matches!(
+        decode::<1>(&area),
+        Err(HvmError::TrailingBytes(k)) if k == 4096 - n
+    ));
+    let d = decode_padded::<1>(&area).unwrap();
+    assert_eq!(d.vcpus[0].1, v);
+    assert_eq!(decode_padded::<1>(&area[..n]).unwrap(), d);
+    area[n + 100] = 0xee;
+    assert!(matches!(
+        decode_padded::<1>(&area),
+        Err(HvmError::TrailingBytes(_))
+    ));
+    assert!(decode_padded::<1>(&[0u8; 64]).is_err());
 }

@@ -184,15 +184,7 @@ impl Sim {
             ..VcpuState::default()
         };
         v.cr0 = 0x11;
-        let mut out = vec![0u8; hvm::encoded_len(1).expect("one vCPU")];
-        let header = HeaderInfo {
-            cpuid: 0x00a2_0f10,
-            gtsc_khz: 2_000_000,
-            changeset: 0,
-        };
-        let n = hvm::encode(&[v], header, &mut out).expect("the simulator's vCPU encodes");
-        out.truncate(n);
-        out
+        encode_vcpu(v)
     }
 
     /// Play the hypervisor until `spec.epochs` are committed, `stop` is
@@ -406,4 +398,18 @@ fn drain_acks(
         }
     }
     Ok(any)
+}
+
+/// The HVM context blob of one simulated vCPU (the header both simulators
+/// put on their checkpoints).
+pub fn encode_vcpu(v: VcpuState) -> Vec<u8> {
+    let mut out = vec![0u8; hvm::encoded_len(1).expect("one vCPU")];
+    let header = HeaderInfo {
+        cpuid: 0x00a2_0f10,
+        gtsc_khz: 2_000_000,
+        changeset: 0,
+    };
+    let n = hvm::encode(&[v], header, &mut out).expect("the simulator's vCPU encodes");
+    out.truncate(n);
+    out
 }

@@ -41,7 +41,7 @@ use doppel_abi::{
     AtomicMem64, Command, CommandEntry, Errno, Event, EventAck, EventEntry, ResponseEntry,
     SharedMem,
 };
-use doppel_core::hvm::{self, HeaderInfo, VcpuState};
+use doppel_core::hvm::{self, VcpuState};
 use zerocopy::{FromBytes, IntoBytes};
 
 use crate::machine::{MachineRam, PAGE};
@@ -533,8 +533,7 @@ impl KvSim {
         let r = h.region(Field::VcpuArea);
         let mut area = vec![0u8; r.size as usize];
         win.read_bytes(r.offset as usize, &mut area);
-        let len = blob_len(&area).ok_or("no END descriptor in the vCPU area")?;
-        let d = hvm::decode::<64>(&area[..len]).map_err(|x| format!("blob: {x:?}"))?;
+        let d = hvm::decode_padded::<64>(&area).map_err(|x| format!("blob: {x:?}"))?;
         let (_, v) = d.vcpus.first().ok_or("blob has no vCPU")?;
         if v.rbx != epoch {
             return Err(format!(
@@ -584,20 +583,6 @@ fn drain_acks(
     Ok(any)
 }
 
-/// Length of a self-delimiting HVM context blob (descriptors up to END).
-pub fn blob_len(area: &[u8]) -> Option<usize> {
-    let mut at = 0usize;
-    loop {
-        let d = area.get(at..at.checked_add(8)?)?;
-        let code = u16::from_le_bytes([d[0], d[1]]);
-        let len = u32::from_le_bytes([d[4], d[5], d[6], d[7]]) as usize;
-        at = at.checked_add(8 + len).filter(|&e| e <= area.len())?;
-        if code == 0 {
-            return Some(at);
-        }
-    }
-}
-
 /// The checkpoint's vCPU: rbx = epoch, rcx = KV version.
 pub fn vcpu_blob(epoch: u64, version: u64) -> Vec<u8> {
     let mut v = VcpuState {
@@ -609,15 +594,7 @@ pub fn vcpu_blob(epoch: u64, version: u64) -> Vec<u8> {
         ..VcpuState::default()
     };
     v.cr0 = 0x11;
-    let mut out = vec![0u8; hvm::encoded_len(1).expect("one vCPU")];
-    let header = HeaderInfo {
-        cpuid: 0x00a2_0f10,
-        gtsc_khz: 2_000_000,
-        changeset: 0,
-    };
-    let n = hvm::encode(&[v], header, &mut out).expect("the simulator's vCPU encodes");
-    out.truncate(n);
-    out
+    crate::sim::encode_vcpu(v)
 }
 
 /// Move held replies of epochs `<= upto` into the output channel, in
@@ -732,10 +709,10 @@ mod tests {
     fn blob_carries_epoch_and_version() {
         let b = vcpu_blob(7, 1234);
         let mut area = b.clone();
-        area.extend_from_slice(&[0xee; 64]);
-        assert_eq!(blob_len(&area), Some(b.len()));
+        area.extend_from_slice(&[0; 64]);
         let d = hvm::decode::<64>(&b).unwrap();
+        assert_eq!(hvm::decode_padded::<64>(&area).unwrap(), d);
         assert_eq!((d.vcpus[0].1.rbx, d.vcpus[0].1.rcx), (7, 1234));
-        assert_eq!(blob_len(&[0xff; 16]), None);
+        assert!(hvm::decode_padded::<64>(&[0xff; 16]).is_err());
     }
 }

@@ -649,15 +649,7 @@ impl ControlArea {
             return Err(Errno::EINVAL);
         }
         // The record sits at the start of the area, zero-padded to its end.
-        let area: &[u8] = self.vcpu;
-        let decoded = match hvm::decode::<1>(area) {
-            Err(hvm::HvmError::TrailingBytes(n))
-                if area[area.len() - n..].iter().all(|&b| b == 0) =>
-            {
-                hvm::decode::<1>(&area[..area.len() - n])
-            }
-            r => r,
-        };
+        let decoded = hvm::decode_padded::<1>(self.vcpu);
         let decoded = decoded.map_err(|e| {
             log::error!("standby: Activate: the vCPU record does not decode: {e:?}");
             Errno::EINVAL
