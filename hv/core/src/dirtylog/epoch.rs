@@ -114,6 +114,10 @@ impl DirtyTree {
     /// CLEAN: hands every word dirtied since the last CLEAN to `f`
     /// (ascending), clears them and returns the counters, zeroed for the
     /// next epoch. `Busy` if another PEEK/CLEAN is running.
+    // Inlined (with `LogTree::clean_quiesced_with`) so a caller's closure
+    // state stays in registers across the walk instead of being written
+    // back per dirty word; see docs/perf/dirtylog.md.
+    #[inline]
     pub fn clean_with(&self, f: impl FnMut(DirtyWord)) -> Result<DirtyStats, DirtyLogError> {
         let _op = self.op.try_lock().ok_or(DirtyLogError::Busy)?;
         let old = self.current.0.load(Ordering::SeqCst);

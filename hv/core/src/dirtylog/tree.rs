@@ -413,6 +413,7 @@ impl LogTree {
     /// CLEAN without read-modify-writes. The caller guarantees that no
     /// `set_bit`/`add_counts` runs concurrently and that their effects are
     /// visible (acquire) before this is called.
+    #[inline]
     pub(crate) fn clean_quiesced_with(&self, f: impl FnMut(DirtyWord)) -> DirtyStats {
         self.walk::<Quiesced>(f);
         DirtyStats {
