@@ -45,6 +45,7 @@ fn steps() -> Vec<(&'static str, StepFn)> {
         ("clippy-host", step_clippy_host),
         ("clippy-image", step_clippy_image),
         ("host-tests", step_host_tests),
+        ("loom-ring", step_loom_ring),
         ("xen-conformance-layout", crate::conformance::step_layout),
         ("xen-ring-interop", crate::conformance::step_ring_interop),
         ("xen-verify-stream", crate::verifier::step_xen_verify_stream),
@@ -192,6 +193,35 @@ fn step_host_tests(ctx: &mut Ctx) -> Result<String> {
         }
     }
     Ok(format!("cargo tests: {p} passed, {f} failed"))
+}
+
+/// The loom model of the ring's index protocol (hv/abi/tests/loom_ring.rs).
+/// `--cfg loom` changes every crate's build, so it gets its own target
+/// directory and leaves the main build's cache alone.
+fn step_loom_ring(_: &mut Ctx) -> Result<String> {
+    let dir = crate::root().join("target/loom");
+    let out = cargo_env(
+        &[
+            "test",
+            "--release",
+            "--package",
+            "doppel-abi",
+            "--test",
+            "loom_ring",
+            "--target-dir",
+            &dir.to_string_lossy(),
+        ],
+        &[("RUSTFLAGS", "--cfg loom")],
+    )?;
+    let summary = out
+        .lines()
+        .find(|l| l.starts_with("test result: "))
+        .context("no test summary from the loom model")?;
+    // A cfg typo would compile the file to nothing and "pass" 0 tests.
+    if !summary.contains(" 2 passed") {
+        bail!("the loom model ran fewer tests than its two: {summary}");
+    }
+    Ok(summary.trim_start_matches("test result: ").to_string())
 }
 
 fn step_image_build(ctx: &mut Ctx) -> Result<String> {
