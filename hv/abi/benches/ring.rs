@@ -246,72 +246,57 @@ fn event_ring_run(words: &[AtomicU64], reclaim: Reclaim) -> u64 {
     })
 }
 
-fn mpsc_event_run() -> u64 {
-    let (tx, rx) = mpsc::channel::<EventEntry>();
+/// `MESSAGES` entries one way from this thread to another through
+/// `std::sync::mpsc`: `channel()`, or `sync_channel(SLOTS)` if `bounded`.
+/// Returns the receiver's sum of `value` over what it got.
+fn mpsc_stream<T: Send>(
+    bounded: bool,
+    make: impl Fn(u64) -> T,
+    value: impl Fn(&T) -> u64 + Send,
+) -> u64 {
+    let (tx, rx) = if bounded {
+        let (t, r) = mpsc::sync_channel::<T>(SLOTS);
+        (Tx::Bounded(t), r)
+    } else {
+        let (t, r) = mpsc::channel::<T>();
+        (Tx::Unbounded(t), r)
+    };
     std::thread::scope(|s| {
         let h = s.spawn(move || {
             let mut sum = 0u64;
             for _ in 0..MESSAGES {
-                sum = sum.wrapping_add(rx.recv().unwrap().value);
+                sum = sum.wrapping_add(value(&rx.recv().unwrap()));
             }
             sum
         });
-        for i in 0..MESSAGES {
-            tx.send(event(i)).unwrap();
+        // One loop per sender type, so the send itself is not behind a match.
+        match tx {
+            Tx::Unbounded(t) => (0..MESSAGES).for_each(|i| t.send(make(i)).unwrap()),
+            Tx::Bounded(t) => (0..MESSAGES).for_each(|i| t.send(make(i)).unwrap()),
         }
         h.join().unwrap()
     })
+}
+
+enum Tx<T> {
+    Unbounded(mpsc::Sender<T>),
+    Bounded(mpsc::SyncSender<T>),
+}
+
+fn mpsc_event_run() -> u64 {
+    mpsc_stream(false, event, |e| e.value)
 }
 
 fn sync_mpsc_event_run() -> u64 {
-    let (tx, rx) = mpsc::sync_channel::<EventEntry>(SLOTS);
-    std::thread::scope(|s| {
-        let h = s.spawn(move || {
-            let mut sum = 0u64;
-            for _ in 0..MESSAGES {
-                sum = sum.wrapping_add(rx.recv().unwrap().value);
-            }
-            sum
-        });
-        for i in 0..MESSAGES {
-            tx.send(event(i)).unwrap();
-        }
-        h.join().unwrap()
-    })
+    mpsc_stream(true, event, |e| e.value)
 }
 
 fn mpsc_run() -> u64 {
-    let (tx, rx) = mpsc::channel::<CommandEntry>();
-    std::thread::scope(|s| {
-        let h = s.spawn(move || {
-            let mut sum = 0u64;
-            for _ in 0..MESSAGES {
-                sum = sum.wrapping_add(rx.recv().unwrap().args[0]);
-            }
-            sum
-        });
-        for i in 0..MESSAGES {
-            tx.send(entry(i)).unwrap();
-        }
-        h.join().unwrap()
-    })
+    mpsc_stream(false, entry, |e| e.args[0])
 }
 
 fn sync_mpsc_run() -> u64 {
-    let (tx, rx) = mpsc::sync_channel::<CommandEntry>(SLOTS);
-    std::thread::scope(|s| {
-        let h = s.spawn(move || {
-            let mut sum = 0u64;
-            for _ in 0..MESSAGES {
-                sum = sum.wrapping_add(rx.recv().unwrap().args[0]);
-            }
-            sum
-        });
-        for i in 0..MESSAGES {
-            tx.send(entry(i)).unwrap();
-        }
-        h.join().unwrap()
-    })
+    mpsc_stream(true, entry, |e| e.args[0])
 }
 
 fn bench(c: &mut Criterion) {

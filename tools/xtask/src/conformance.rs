@@ -483,14 +483,11 @@ fn spawn(exe: &Path, sh: &Shared, mode: &str, n: u32) -> Result<Child> {
         .spawn()?)
 }
 
-/// C front (tool, Xen macros) sends commands; hv/abi back answers them.
-fn command_ring(exe: &Path, n: u32) -> Result<String> {
-    let bytes = 1024; // 8 slots of 64 bytes: wraps and fills often
-    let sh = Shared::create("cmd", bytes)?;
-    let w = sh.words();
-    let mem = AtomicMem::new(w);
-    let layout = RingLayout::new(mem.size(), RING_OFFSET, bytes, 64).map_err(dbg)?;
-    layout.init_shared(&mem);
+/// Initialises the ring at RING_OFFSET with every index at START, so the
+/// run wraps the u32 indices (both sides then attach at START).
+fn init_ring_at_start(mem: &AtomicMem, bytes: usize, slot: usize) -> Result<()> {
+    let layout = RingLayout::new(mem.size(), RING_OFFSET, bytes, slot).map_err(dbg)?;
+    layout.init_shared(mem);
     for (off, v) in [
         (ring::REQ_PROD, START),
         (ring::RSP_PROD, START),
@@ -499,6 +496,16 @@ fn command_ring(exe: &Path, n: u32) -> Result<String> {
     ] {
         mem.store_u32(RING_OFFSET + off, v);
     }
+    Ok(())
+}
+
+/// C front (tool, Xen macros) sends commands; hv/abi back answers them.
+fn command_ring(exe: &Path, n: u32) -> Result<String> {
+    let bytes = 1024; // 8 slots of 64 bytes: wraps and fills often
+    let sh = Shared::create("cmd", bytes)?;
+    let w = sh.words();
+    let mem = AtomicMem::new(w);
+    init_ring_at_start(&mem, bytes, 64)?;
     let mut r: CommandBack<_> = BackRing::attach_at(mem, RING_OFFSET, bytes, START).map_err(dbg)?;
     let mut child = spawn(exe, &sh, "cmd-front", n)?;
     let (mut answered, mut notifies, mut waits) = (0u32, 0u32, 0u32);
@@ -604,16 +611,7 @@ fn event_ring(exe: &Path, n: u32) -> Result<String> {
     let sh = Shared::create("evt", bytes)?;
     let w = sh.words();
     let mem = AtomicMem::new(w);
-    let layout = RingLayout::new(mem.size(), RING_OFFSET, bytes, 128).map_err(dbg)?;
-    layout.init_shared(&mem);
-    for (off, v) in [
-        (ring::REQ_PROD, START),
-        (ring::RSP_PROD, START),
-        (ring::REQ_EVENT, START.wrapping_add(1)),
-        (ring::RSP_EVENT, START.wrapping_add(1)),
-    ] {
-        mem.store_u32(RING_OFFSET + off, v);
-    }
+    init_ring_at_start(&mem, bytes, 128)?;
     let mut r: EventFront<_> = FrontRing::attach_at(mem, RING_OFFSET, bytes, START).map_err(dbg)?;
     let mut child = spawn(exe, &sh, "evt-back", n)?;
     let (mut sent, mut acked, mut notifies, mut waits) = (0u32, 0u32, 0u32, 0u32);
