@@ -35,10 +35,10 @@ use std::time::{Duration, Instant};
 use doppel_abi::chan::{ChannelConsumer, ChannelProducer};
 use doppel_abi::control::{ControlHeader, Features, Field};
 use doppel_abi::msg::{kind, Reply};
-use doppel_abi::service::{self, status, Request, REPLAY_WINDOW, REPLY_MAGIC};
+use doppel_abi::service::{self, Outcome, REPLAY_WINDOW};
 use doppel_abi::{AtomicMem64, Command, Errno, Event, SharedMem};
 use doppel_core::hvm::{self, VcpuState};
-use zerocopy::{FromBytes, IntoBytes};
+use zerocopy::{FromZeros, IntoBytes};
 
 use crate::machine::{MachineRam, PAGE};
 use crate::sim::{
@@ -134,72 +134,33 @@ impl KvGuest {
         load_u64(mem, self.base + (1 + k as usize) * PAGE)
     }
 
-    /// Serve one frame; `dirty(pfn)` for every guest page written.
+    /// Serve one frame (per `service::decide`); `dirty(pfn)` for every
+    /// guest page written.
     pub fn handle<M: SharedMem>(
         &self,
         mem: &M,
         frame: &[u8],
         mut dirty: impl FnMut(u64),
     ) -> service::Reply {
-        let version = self.version(mem);
-        let checksum = self.checksum(mem);
-        let refuse = |st: u32, id: u64| service::Reply {
-            magic: REPLY_MAGIC,
-            status: st,
-            id,
-            value: 0,
-            version,
-            checksum,
-            reserved: 0,
-        };
-        let Some(r) = Request::parse(frame) else {
-            let id = frame
-                .get(8..16)
-                .map_or(0, |b| u64::from_le_bytes(b.try_into().expect("8 bytes")));
-            return refuse(status::BAD_FRAME, id);
-        };
         let slot = |id: u64| self.base + CACHE_AT + (id % REPLAY_WINDOW) as usize * REPLY_LEN;
-        if r.id == version.wrapping_add(1) {
-            if r.key >= self.keys {
-                return refuse(status::BAD_KEY, r.id);
+        let cached = |id: u64| {
+            let mut c = service::Reply::new_zeroed();
+            mem.read_bytes(slot(id), c.as_mut_bytes());
+            c
+        };
+        let (version, checksum) = (self.version(mem), self.checksum(mem));
+        let value = |k| self.value(mem, k);
+        match service::decide(frame, self.keys, version, checksum, value, cached) {
+            Outcome::Apply { key, reply } => {
+                store_u64(mem, self.base + (1 + key as usize) * PAGE, reply.value);
+                dirty(1 + key);
+                store_u64(mem, self.base + 16, reply.version);
+                store_u64(mem, self.base + 24, reply.checksum);
+                mem.write_bytes(slot(reply.id), reply.as_bytes());
+                dirty(0);
+                reply
             }
-            let old = self.value(mem, r.key);
-            let Some(new) = service::apply(r.op, old, r.value) else {
-                return refuse(status::BAD_OP, r.id);
-            };
-            let sum = checksum
-                .wrapping_sub(service::term(r.key, old))
-                .wrapping_add(service::term(r.key, new));
-            let rep = service::Reply {
-                magic: REPLY_MAGIC,
-                status: status::OK,
-                id: r.id,
-                value: new,
-                version: r.id,
-                checksum: sum,
-                reserved: 0,
-            };
-            store_u64(mem, self.base + (1 + r.key as usize) * PAGE, new);
-            dirty(1 + r.key);
-            store_u64(mem, self.base + 16, r.id);
-            store_u64(mem, self.base + 24, sum);
-            mem.write_bytes(slot(r.id), rep.as_bytes());
-            dirty(0);
-            rep
-        } else if r.id >= 1 && r.id <= version && version - r.id < REPLAY_WINDOW {
-            let mut b = [0u8; REPLY_LEN];
-            mem.read_bytes(slot(r.id), &mut b);
-            match service::Reply::read_from_bytes(&b) {
-                Ok(mut c) if c.id == r.id && c.magic == REPLY_MAGIC => {
-                    c.status = status::REPLAY;
-                    c
-                }
-                _ => refuse(status::STALE, r.id),
-            }
-        } else if r.id > version {
-            refuse(status::GAP, r.id)
-        } else {
-            refuse(status::STALE, r.id)
+            Outcome::Answer(reply) => reply,
         }
     }
 }
@@ -504,20 +465,12 @@ fn release(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use doppel_abi::service::{op, REQ_MAGIC};
+    use doppel_abi::service::{op, status, Request};
     use doppel_abi::AtomicMem64;
     use std::sync::atomic::AtomicU64;
 
     fn req(id: u64, o: u32, key: u64, value: u64) -> Vec<u8> {
-        Request {
-            magic: REQ_MAGIC,
-            op: o,
-            id,
-            key,
-            value,
-        }
-        .as_bytes()
-        .to_vec()
+        Request::new(id, o, key, value).as_bytes().to_vec()
     }
 
     #[test]
