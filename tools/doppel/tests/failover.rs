@@ -34,8 +34,13 @@ fn scratch(name: &str) -> PathBuf {
 
 /// A child process whose stdout and stderr lines are collected.
 struct Proc {
-    name: &'static str,
     child: Child,
+    log: Log,
+}
+
+/// The name of a [`Proc`] and its output so far.
+struct Log {
+    name: &'static str,
     out: Arc<Mutex<Vec<String>>>,
     err: Arc<Mutex<Vec<String>>>,
 }
@@ -47,6 +52,34 @@ fn collect(r: impl Read + Send + 'static, into: Arc<Mutex<Vec<String>>>) {
             into.lock().unwrap().push(l);
         }
     });
+}
+
+impl Log {
+    /// Call `ready` every `every_ms` until it gives a value; after `secs`
+    /// fail with "NAME: WHAT within SECS s" and the output.
+    fn poll<T>(
+        &self,
+        what: &str,
+        secs: u64,
+        every_ms: u64,
+        mut ready: impl FnMut() -> Option<T>,
+    ) -> T {
+        let start = Instant::now();
+        loop {
+            if let Some(v) = ready() {
+                return v;
+            }
+            if start.elapsed() >= Duration::from_secs(secs) {
+                let out = self.out.lock().unwrap().clone();
+                let err = self.err.lock().unwrap().clone();
+                panic!(
+                    "{}: {what} within {secs} s\nstdout: {out:#?}\nstderr: {err:#?}",
+                    self.name
+                );
+            }
+            std::thread::sleep(Duration::from_millis(every_ms));
+        }
+    }
 }
 
 impl Proc {
@@ -63,70 +96,45 @@ impl Proc {
         collect(child.stdout.take().unwrap(), Arc::clone(&out));
         collect(child.stderr.take().unwrap(), Arc::clone(&err));
         Proc {
-            name,
             child,
-            out,
-            err,
+            log: Log { name, out, err },
         }
     }
 
     fn lines(&self) -> Vec<String> {
-        self.out.lock().unwrap().clone()
+        self.log.out.lock().unwrap().clone()
     }
 
     fn err_lines(&self) -> Vec<String> {
-        self.err.lock().unwrap().clone()
+        self.log.err.lock().unwrap().clone()
     }
 
     /// The first stdout line starting with `prefix`.
     fn wait_line(&self, prefix: &str, secs: u64) -> String {
-        let start = Instant::now();
-        loop {
-            if let Some(l) = self.lines().into_iter().find(|l| l.starts_with(prefix)) {
-                return l;
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(secs),
-                "{}: no line starting with {prefix:?} within {secs} s\nstdout: {:#?}\nstderr: {:#?}",
-                self.name,
-                self.lines(),
-                self.err_lines()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        let what = format!("no line starting with {prefix:?}");
+        self.log.poll(&what, secs, 10, || {
+            self.lines().into_iter().find(|l| l.starts_with(prefix))
+        })
     }
 
     /// Wait for a stderr line containing `needle`.
     fn wait_err(&self, needle: &str, secs: u64) {
-        let start = Instant::now();
-        while !self.err_lines().iter().any(|l| l.contains(needle)) {
-            assert!(
-                start.elapsed() < Duration::from_secs(secs),
-                "{}: no stderr line with {needle:?} within {secs} s: {:#?}",
-                self.name,
-                self.err_lines()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        let what = format!("no stderr line with {needle:?}");
+        self.log.poll(&what, secs, 10, || {
+            self.err_lines()
+                .iter()
+                .any(|l| l.contains(needle))
+                .then_some(())
+        })
     }
 
     fn wait_exit(&mut self, secs: u64) -> ExitStatus {
-        let start = Instant::now();
-        loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                // Let the collectors drain the pipes.
-                std::thread::sleep(Duration::from_millis(50));
-                return s;
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(secs),
-                "{} did not exit within {secs} s\nstdout: {:#?}\nstderr: {:#?}",
-                self.name,
-                self.lines(),
-                self.err_lines()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let st = self
+            .log
+            .poll("did not exit", secs, 20, || self.child.try_wait().unwrap());
+        // Let the collectors drain the pipes.
+        std::thread::sleep(Duration::from_millis(50));
+        st
     }
 
     /// The address at the end of the first stdout line starting with
@@ -292,9 +300,15 @@ fn pipeline(name: &str, x: Extra<'_>) -> Pipeline {
 const OPS: &str = "4000";
 
 /// A failover run: 20 ms epochs, short timeouts and heartbeats, and a
-/// client of [`OPS`] requests that fails over to the backup.
-fn failover_run(name: &str, with_proxy: bool) -> (Pipeline, Proc) {
-    let p = pipeline(
+/// client of [`OPS`] requests that fails over to the backup; once the
+/// client got answers (plus a random delay), `break_it` breaks the primary
+/// side. Then [`check_outcome`]: its lines are returned.
+fn fail_over(
+    name: &str,
+    with_proxy: bool,
+    break_it: impl FnOnce(&mut Pipeline),
+) -> (Pipeline, String, String) {
+    let mut p = pipeline(
         name,
         Extra {
             sim_primary: &["--epoch-ms", "20"],
@@ -312,7 +326,7 @@ fn failover_run(name: &str, with_proxy: bool) -> (Pipeline, Proc) {
             proxy: with_proxy,
         },
     );
-    let client = spawn_client(
+    let mut client = spawn_client(
         &p.dir,
         &p.pclients,
         OPS,
@@ -327,19 +341,17 @@ fn failover_run(name: &str, with_proxy: bool) -> (Pipeline, Proc) {
             "5",
         ],
     );
-    (p, client)
-}
-
-/// Wait until the client reported answers, then a random extra delay.
-fn after_some_answers(client: &Proc) {
     client.wait_err("client: answered", 15);
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .subsec_nanos();
     let extra = u64::from(nanos % 400);
-    eprintln!("killing after the first progress line + {extra} ms");
+    eprintln!("breaking after the first progress line + {extra} ms");
     std::thread::sleep(Duration::from_millis(extra));
+    break_it(&mut p);
+    let (last, fail) = check_outcome(&p, &mut client);
+    (p, last, fail)
 }
 
 /// The client passed with one failover; the backup printed its line.
@@ -381,10 +393,7 @@ fn failover_epochs(line: &str) -> (u64, u64) {
 
 #[test]
 fn simulated_primary_hypervisor_dies() {
-    let (mut p, mut client) = failover_run("hvdies", false);
-    after_some_answers(&client);
-    p.sim_primary.kill9();
-    let (_, fail) = check_outcome(&p, &mut client);
+    let (mut p, _, fail) = fail_over("hvdies", false, |p| p.sim_primary.kill9());
     // The primary tool closes the connection when its hypervisor stays
     // silent for --event-timeout; if the hypervisor died while a command
     // was pending, no heartbeat goes out meanwhile and the backup's
@@ -412,24 +421,18 @@ fn simulated_primary_hypervisor_dies() {
 
 #[test]
 fn primary_tool_dies() {
-    let (mut p, mut client) = failover_run("tooldies", false);
-    after_some_answers(&client);
-    p.primary.kill9();
-    let (_, fail) = check_outcome(&p, &mut client);
+    let (_p, _, fail) = fail_over("tooldies", false, |p| p.primary.kill9());
     assert!(fail.contains("primary lost (connection closed)"), "{fail}");
 }
 
 #[test]
 fn replication_link_cut_fails_over_on_silence() {
-    let (mut p, mut client) = failover_run("blackhole", true);
-    after_some_answers(&client);
-    p.proxy
-        .as_ref()
-        .unwrap()
-        .blackhole
-        .store(true, Ordering::Relaxed);
-    let cut = Instant::now();
-    let (last, fail) = check_outcome(&p, &mut client);
+    let mut cut = Instant::now();
+    let (mut p, last, fail) = fail_over("blackhole", true, |p| {
+        let proxy = p.proxy.as_ref().unwrap();
+        proxy.blackhole.store(true, Ordering::Relaxed);
+        cut = Instant::now();
+    });
     assert!(
         fail.contains("primary lost (nothing received for 1.5 s)"),
         "{fail}"
