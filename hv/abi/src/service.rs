@@ -146,7 +146,106 @@ pub const fn apply(op: u32, old: u64, arg: u64) -> Option<u64> {
     }
 }
 
+/// What serving one frame does: [`decide`]'s answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The request is applied: key `key` becomes `reply.value`, the state's
+    /// version `reply.version` (the request's id) and its checksum
+    /// `reply.checksum`; `reply` goes into the reply cache (slot
+    /// `reply.id % REPLAY_WINDOW`) and is the answer.
+    Apply { key: u64, reply: Reply },
+    /// Nothing changes; this is the answer (a replay from the reply cache
+    /// or a refusal).
+    Answer(Reply),
+}
+
+/// The service's semantics (module docs) in one place for every
+/// implementation, whatever its memory layout: serve `frame` against a
+/// state of `keys` keys at `version` with `checksum`. `value(k)` reads key
+/// `k` (asked only for `k < keys`); `cached(id)` reads the reply cache slot
+/// of `id` (asked only for an id within the last [`REPLAY_WINDOW`]
+/// applied). The caller carries the [`Outcome`] out.
+///
+/// A refusal carries the state's version and checksum and the request's
+/// id: that of the frame's bytes 8..16 for a frame that is not a request
+/// (0 when it is shorter). A cache slot that does not hold `id`'s reply
+/// makes the request [`status::STALE`].
+pub fn decide(
+    frame: &[u8],
+    keys: u64,
+    version: u64,
+    checksum: u64,
+    value: impl FnOnce(u64) -> u64,
+    cached: impl FnOnce(u64) -> Reply,
+) -> Outcome {
+    let refuse = |status: u32, id: u64| {
+        Outcome::Answer(Reply {
+            magic: REPLY_MAGIC,
+            status,
+            id,
+            value: 0,
+            version,
+            checksum,
+            reserved: 0,
+        })
+    };
+    let Some(r) = Request::parse(frame) else {
+        let id = frame
+            .get(8..16)
+            .and_then(|b| b.try_into().ok())
+            .map_or(0, u64::from_le_bytes);
+        return refuse(status::BAD_FRAME, id);
+    };
+    if r.id == version.wrapping_add(1) {
+        if r.key >= keys {
+            return refuse(status::BAD_KEY, r.id);
+        }
+        let old = value(r.key);
+        let Some(new) = apply(r.op, old, r.value) else {
+            return refuse(status::BAD_OP, r.id);
+        };
+        let sum = checksum
+            .wrapping_sub(term(r.key, old))
+            .wrapping_add(term(r.key, new));
+        Outcome::Apply {
+            key: r.key,
+            reply: Reply {
+                magic: REPLY_MAGIC,
+                status: status::OK,
+                id: r.id,
+                value: new,
+                version: r.id,
+                checksum: sum,
+                reserved: 0,
+            },
+        }
+    } else if r.id >= 1 && r.id <= version && version - r.id < REPLAY_WINDOW {
+        match cached(r.id) {
+            c if c.id == r.id && c.magic == REPLY_MAGIC => Outcome::Answer(Reply {
+                status: status::REPLAY,
+                ..c
+            }),
+            _ => refuse(status::STALE, r.id),
+        }
+    } else if r.id > version {
+        refuse(status::GAP, r.id)
+    } else {
+        refuse(status::STALE, r.id)
+    }
+}
+
 impl Request {
+    /// Request `id`: `op` with `value` on key `key`.
+    pub const fn new(id: u64, op: u32, key: u64, value: u64) -> Self {
+        Self {
+            magic: REQ_MAGIC,
+            op,
+            id,
+            key,
+            value,
+        }
+    }
+
     /// Parse a frame (exact size, magic); `None` for anything else.
     pub fn parse(bytes: &[u8]) -> Option<Self> {
         let r = <Self as zerocopy::FromBytes>::read_from_bytes(bytes).ok()?;
@@ -219,6 +318,148 @@ mod tests {
         let mut q = p;
         q.reserved = 1;
         assert_eq!(Reply::parse(q.as_bytes()), None);
+    }
+
+    /// A model service: the values, version, checksum and reply cache as
+    /// plain fields, changed only as [`decide`] says.
+    struct Model {
+        values: [u64; 4],
+        version: u64,
+        checksum: u64,
+        cache: [Reply; REPLAY_WINDOW as usize],
+    }
+
+    impl Model {
+        fn serve(&mut self, frame: &[u8]) -> Reply {
+            let keys = self.values.len() as u64;
+            let (values, cache, version) = (self.values, self.cache, self.version);
+            let out = decide(
+                frame,
+                keys,
+                self.version,
+                self.checksum,
+                |k| {
+                    assert!(k < keys, "value of key {k} read");
+                    values[k as usize]
+                },
+                |id| {
+                    assert!(
+                        id <= version && version - id < REPLAY_WINDOW,
+                        "cache of {id} read"
+                    );
+                    cache[(id % REPLAY_WINDOW) as usize]
+                },
+            );
+            match out {
+                Outcome::Apply { key, reply } => {
+                    self.values[key as usize] = reply.value;
+                    self.version = reply.version;
+                    self.checksum = reply.checksum;
+                    self.cache[(reply.id % REPLAY_WINDOW) as usize] = reply;
+                    reply
+                }
+                Outcome::Answer(reply) => reply,
+            }
+        }
+    }
+
+    #[test]
+    fn decide_applies_in_order_replays_from_the_cache_and_refuses_the_rest() {
+        let mut m = Model {
+            values: [0; 4],
+            version: 0,
+            checksum: checksum([0u64; 4]),
+            cache: [Reply::default(); REPLAY_WINDOW as usize],
+        };
+        let mut vals = [0u64; 4];
+        let mut answers = [Reply::default(); 51];
+        for id in 1..=50u64 {
+            let (o, k, v) = (if id % 4 == 0 { op::PUT } else { op::ADD }, id % 4, id * 3);
+            let got = m.serve(Request::new(id, o, k, v).as_bytes());
+            vals[k as usize] = apply(o, vals[k as usize], v).expect("known op");
+            let want = Reply {
+                magic: REPLY_MAGIC,
+                status: status::OK,
+                id,
+                value: vals[k as usize],
+                version: id,
+                checksum: checksum(vals),
+                reserved: 0,
+            };
+            assert_eq!(got, want);
+            answers[id as usize] = got;
+        }
+        // The oldest id still cached is version - (window - 1): the same
+        // reply, status REPLAY, nothing changed.
+        for id in [50 - (REPLAY_WINDOW - 1), 50] {
+            let got = m.serve(Request::new(id, op::ADD, 0, 99).as_bytes());
+            let want = Reply {
+                status: status::REPLAY,
+                ..answers[id as usize]
+            };
+            assert_eq!(got, want);
+        }
+        let bytes = |r: Request| -> [u8; 32] { r.as_bytes().try_into().expect("32 bytes") };
+        let mut bad_magic = bytes(Request::new(51, op::PUT, 0, 1));
+        bad_magic[..4].copy_from_slice(&REPLY_MAGIC.to_le_bytes());
+        let cases = [
+            (
+                bytes(Request::new(50 - REPLAY_WINDOW, op::ADD, 0, 1)),
+                32,
+                status::STALE,
+                50 - REPLAY_WINDOW,
+            ),
+            (bytes(Request::new(0, op::ADD, 0, 1)), 32, status::STALE, 0),
+            (bytes(Request::new(52, op::ADD, 0, 1)), 32, status::GAP, 52),
+            (bytes(Request::new(51, 9, 0, 1)), 32, status::BAD_OP, 51),
+            (
+                bytes(Request::new(51, op::PUT, 4, 1)),
+                32,
+                status::BAD_KEY,
+                51,
+            ),
+            (
+                bytes(Request::new(51, op::PUT, 0, 1)),
+                31,
+                status::BAD_FRAME,
+                51,
+            ),
+            (
+                bytes(Request::new(51, op::PUT, 0, 1)),
+                15,
+                status::BAD_FRAME,
+                0,
+            ),
+            (bad_magic, 32, status::BAD_FRAME, 51),
+        ];
+        for (frame, len, st, id) in cases {
+            let want = Reply {
+                magic: REPLY_MAGIC,
+                status: st,
+                id,
+                value: 0,
+                version: 50,
+                checksum: checksum(vals),
+                reserved: 0,
+            };
+            assert_eq!(m.serve(&frame[..len]), want);
+        }
+        assert_eq!(
+            (m.values, m.version, m.checksum),
+            (vals, 50, checksum(vals))
+        );
+        // A cache slot that lost its reply: STALE, not a wrong replay.
+        m.cache[(45 % REPLAY_WINDOW) as usize].id = 13;
+        assert_eq!(
+            m.serve(Request::new(45, op::ADD, 0, 1).as_bytes()).status,
+            status::STALE
+        );
+        m.cache[(46 % REPLAY_WINDOW) as usize].magic = REQ_MAGIC;
+        assert_eq!(
+            m.serve(Request::new(46, op::ADD, 0, 1).as_bytes()).status,
+            status::STALE
+        );
+        assert_eq!((m.values, m.version), (vals, 50));
     }
 
     #[test]

@@ -9,9 +9,7 @@
 //! - page 4 + k: the value of key k.
 
 use doppel_abi::guest::{hypercall, MAX_RECORD, PAGE_SIZE, SEND_AGAIN};
-use doppel_abi::service::{
-    apply, status, term, Reply, Request, MAX_KEYS, REPLAY_WINDOW, REPLY_MAGIC,
-};
+use doppel_abi::service::{decide, term, Outcome, Reply, MAX_KEYS, REPLAY_WINDOW};
 
 use crate::{print, print_u64, read_u64, write_u64, Guest};
 
@@ -70,71 +68,29 @@ impl Kv {
         }
     }
 
-    /// Answer one received frame; returns where the reply is.
+    /// Answer one received frame (per `service::decide`); returns where
+    /// the reply is: its cache slot if the request was applied, else the
+    /// error reply page.
     fn handle(&self, frame: &[u8]) -> u64 {
         let version = read_u64(self.page(HEADER) + VERSION);
         let checksum = read_u64(self.page(HEADER) + CHECKSUM);
-        let refuse = |st: u32, id: u64| {
-            let gpa = self.page(ERR);
-            Self::write_reply(
-                gpa,
-                &Reply {
-                    magic: REPLY_MAGIC,
-                    status: st,
-                    id,
-                    value: 0,
-                    version,
-                    checksum,
-                    reserved: 0,
-                },
-            );
-            gpa
-        };
-        let Some(req) = Request::parse(frame) else {
-            return refuse(status::BAD_FRAME, 0);
-        };
-        if req.id == 0 || req.id > version + 1 {
-            return refuse(status::GAP, req.id);
-        }
-        if req.id <= version {
-            let at = self.cache_gpa(req.id);
-            let mut cached = Self::read_reply(at);
-            if req.id + REPLAY_WINDOW <= version || cached.id != req.id {
-                return refuse(status::STALE, req.id);
+        let value = |key| read_u64(self.value_gpa(key));
+        let cached = |id| Self::read_reply(self.cache_gpa(id));
+        match decide(frame, self.keys, version, checksum, value, cached) {
+            Outcome::Apply { key, reply } => {
+                write_u64(self.value_gpa(key), reply.value);
+                write_u64(self.page(HEADER) + CHECKSUM, reply.checksum);
+                write_u64(self.page(HEADER) + VERSION, reply.version);
+                let at = self.cache_gpa(reply.id);
+                Self::write_reply(at, &reply);
+                at
             }
-            cached.status = status::REPLAY;
-            let gpa = self.page(ERR);
-            Self::write_reply(gpa, &cached);
-            return gpa;
+            Outcome::Answer(reply) => {
+                let gpa = self.page(ERR);
+                Self::write_reply(gpa, &reply);
+                gpa
+            }
         }
-        if req.key >= self.keys {
-            return refuse(status::BAD_KEY, req.id);
-        }
-        let vgpa = self.value_gpa(req.key);
-        let old = read_u64(vgpa);
-        let Some(new) = apply(req.op, old, req.value) else {
-            return refuse(status::BAD_OP, req.id);
-        };
-        let sum = checksum
-            .wrapping_sub(term(req.key, old))
-            .wrapping_add(term(req.key, new));
-        write_u64(vgpa, new);
-        write_u64(self.page(HEADER) + CHECKSUM, sum);
-        write_u64(self.page(HEADER) + VERSION, req.id);
-        let at = self.cache_gpa(req.id);
-        Self::write_reply(
-            at,
-            &Reply {
-                magic: REPLY_MAGIC,
-                status: status::OK,
-                id: req.id,
-                value: new,
-                version: req.id,
-                checksum: sum,
-                reserved: 0,
-            },
-        );
-        at
     }
 }
 

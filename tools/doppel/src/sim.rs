@@ -9,13 +9,20 @@
 //! It keeps the guest memory and the HVM context blob of the last
 //! checkpoint it posted, so a test can compare a replica with them byte
 //! for byte.
+//!
+//! The hypervisor side that `sim_kv` shares with it lives here once:
+//! creating and publishing the control area, the command ring's answers,
+//! the event ring with its pending acks, the dirty log and the staging of
+//! a checkpoint.
 
+use std::collections::VecDeque;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use doppel_abi::chan::ChannelLayout;
 use doppel_abi::control::{ControlHeader, Features, Field, Region, MAGIC};
-use doppel_abi::msg::{CheckpointReady, LogDirtyMode, Reply, Response, Span};
+use doppel_abi::msg::{kind, CheckpointReady, LogDirtyMode, Reply, Response, Span};
 use doppel_abi::ring::{slot_size, RingLayout, REQ_PROD};
 use doppel_abi::{
     AtomicMem64, Command, CommandEntry, Errno, Event, EventAck, EventEntry, ResponseEntry,
@@ -111,19 +118,12 @@ impl Sim {
     /// Create `path` (junk, a stray unaligned magic, the control area at
     /// [`CONTROL_AT`], guest RAM after it) and publish the control area.
     pub fn create(path: &Path, spec: SimSpec) -> std::io::Result<Self> {
-        let mut h = ControlHeader::pack(region_sizes(spec.guest_pages), Features::LOG_DIRTY_WP)
-            .map_err(|e| std::io::Error::other(format!("pack: {e:?}")))?;
-        let guest_at = (CONTROL_AT + h.total_size).next_multiple_of(0x10_0000);
-        let guest_len = spec.guest_pages * PAGE as u64;
-        h.guest_ram = Region {
-            offset: guest_at,
-            size: guest_len,
-        };
-        let len = guest_at + guest_len + 0x10_0000;
-        let f = std::fs::File::create(path)?;
-        f.set_len(len)?;
-        drop(f);
-        let machine = MachineRam::open(path).map_err(std::io::Error::other)?;
+        let (machine, mut h) = create_machine(
+            path,
+            region_sizes(spec.guest_pages),
+            Features::LOG_DIRTY_WP,
+            spec.guest_pages,
+        )?;
         let mut rng = Rng::new(spec.seed);
         let mem = machine.mem();
         // Junk below the control area (like firmware and the hypervisor's
@@ -134,33 +134,19 @@ impl Sim {
         junk[0x2008..0x2010].copy_from_slice(&MAGIC.to_le_bytes());
         mem.write_bytes(0, &junk);
         // The guest's initial memory.
-        let mut g = vec![0u8; guest_len as usize];
+        let mut g = vec![0u8; h.guest_ram.size as usize];
         rng.fill(&mut g);
-        mem.write_bytes(guest_at as usize, &g);
+        mem.write_bytes(h.guest_ram.offset as usize, &g);
         if let Some(t) = spec.tamper {
             t(&mut h);
         }
-        let win = machine.window(CONTROL_AT as usize);
-        // Everything but the magic first, then the rings, then the magic.
-        let mut bytes = h.as_bytes().to_vec();
-        let magic = h.magic;
-        bytes[..8].fill(0);
-        win.write_bytes(0, &bytes);
-        for (f, slot) in [
-            (
-                Field::CommandRing,
-                slot_size::<CommandEntry, ResponseEntry>(),
-            ),
-            (Field::EventRing, slot_size::<EventEntry, EventAck>()),
-        ] {
-            let r = h.region(f);
-            if let Ok(l) = RingLayout::new(win.size(), r.offset as usize, r.size as usize, slot) {
-                l.init_shared(&win);
+        // A tampered header may name rings that do not fit: those are left
+        // as they are, the area is published all the same.
+        if let Err(e) = publish(&machine, &h, false) {
+            if spec.tamper.is_none() {
+                return Err(std::io::Error::other(e));
             }
         }
-        win.fence_release();
-        win.write_bytes(0, &magic.to_le_bytes());
-        win.fence_full();
         Ok(Self {
             machine,
             spec,
@@ -203,22 +189,12 @@ impl Sim {
         let gmem = self.machine.mem();
         let guest_at = h.guest_ram.offset as usize;
         let pages = self.spec.guest_pages;
-        let reg = |f: Field| {
-            let r = h.region(f);
-            (r.offset as usize, r.size as usize)
-        };
-        let (co, cs) = reg(Field::CommandRing);
-        let (eo, es) = reg(Field::EventRing);
-        let mut cmd = doppel_abi::CommandBack::attach(win, co, cs).map_err(|e| format!("{e:?}"))?;
-        let mut evt = doppel_abi::EventFront::attach(win, eo, es).map_err(|e| format!("{e:?}"))?;
+        let (mut cmd, mut evt) = attach_rings(win, &h)?;
         let mut enabled = false;
         let mut next_epoch = 0u64;
-        let mut outstanding: Option<(u32, u64)> = None;
         let mut acked: Option<u64> = None;
-        let mut dirty: Vec<u64> = (0..pages).collect();
-        let mut is_dirty = vec![true; pages as usize];
+        let mut dirty = DirtyLog::all(pages);
         let start = Instant::now();
-        let mut page = vec![0u8; PAGE];
         loop {
             if res.committed == self.spec.epochs || stop.load(Ordering::Relaxed) {
                 return Ok(());
@@ -230,7 +206,7 @@ impl Sim {
                 ));
             }
             let mut busy = false;
-            busy |= drain_acks(&mut evt, &mut outstanding, &mut acked)?;
+            busy |= evt.drain_acks(|_, epoch| acked = Some(epoch))?;
             while let Some(req) = cmd
                 .pop_request()
                 .map_err(|e| format!("command ring: {e:?}"))?
@@ -238,20 +214,11 @@ impl Sim {
                 busy = true;
                 let result = match req.decode() {
                     Err(e) => Err(e.errno()),
-                    Ok(Command::LogDirtyEnable { mode }) => {
-                        if enabled {
-                            Err(Errno::EINVAL)
-                        } else if mode != LogDirtyMode::WriteProtect {
-                            Err(Errno::EOPNOTSUPP)
-                        } else {
-                            enabled = true;
-                            Ok(Reply::Done)
-                        }
-                    }
+                    Ok(Command::LogDirtyEnable { mode }) => log_dirty_enable(&mut enabled, mode),
                     Ok(Command::CommitEpoch { epoch }) => {
                         // The tool acks the event before committing; the
                         // ack may have landed after the drain above.
-                        drain_acks(&mut evt, &mut outstanding, &mut acked)?;
+                        evt.drain_acks(|_, e| acked = Some(e))?;
                         if Some(epoch) == acked && epoch == res.committed {
                             res.committed += 1;
                             Ok(Reply::Done)
@@ -261,85 +228,35 @@ impl Sim {
                     }
                     Ok(_) => Err(Errno::ENOSYS),
                 };
-                let rsp = Response {
-                    id: req.id,
-                    op: req.op,
-                    result,
-                };
-                cmd.push_response(&rsp.encode())
-                    .map_err(|e| format!("command ring: {e:?}"))?;
-                cmd.publish_responses();
+                respond(&mut cmd, &req, result)?;
             }
-            if enabled && outstanding.is_none() && next_epoch < self.spec.epochs {
+            if enabled && evt.pending.is_empty() && next_epoch < self.spec.epochs {
                 busy = true;
                 let epoch = next_epoch;
                 if epoch > 0 {
-                    guest_runs(
-                        &mut self.rng,
-                        &self.spec,
-                        &gmem,
-                        guest_at,
-                        &mut dirty,
-                        &mut is_dirty,
-                    );
-                }
-                // Stage: pfn list in dirtying order, pages copied.
-                let (po, _) = reg(Field::PfnList);
-                let (so, _) = reg(Field::Staging);
-                let (vo, _) = reg(Field::VcpuArea);
-                for (i, &pfn) in dirty.iter().enumerate() {
-                    win.write_bytes(po + i * 8, &pfn.to_le_bytes());
-                    gmem.read_bytes(guest_at + pfn as usize * PAGE, &mut page);
-                    win.write_bytes(so + i * PAGE, &page);
+                    guest_runs(&mut self.rng, &self.spec, &gmem, guest_at, &mut dirty);
                 }
                 let blob = Self::vcpu_blob(epoch, &mut self.rng);
-                win.write_bytes(vo, &blob);
-                let n = dirty.len() as u64;
-                let c = CheckpointReady {
-                    epoch,
-                    dirty_count: n,
-                    pfn_list: Span {
-                        offset: po as u64,
-                        len: n * 8,
-                    },
-                    pages: Span {
-                        offset: so as u64,
-                        len: n * PAGE as u64,
-                    },
-                    vcpu: Span {
-                        offset: vo as u64,
-                        len: blob.len() as u64,
-                    },
-                };
-                let seq = epoch as u32;
-                evt.push_request(&Event::CheckpointReady(c).encode(seq))
-                    .map_err(|e| format!("event ring: {e:?}"))?;
+                let c = stage(&self.machine, &h, epoch, dirty.pfns(), &blob);
+                evt.push(&Event::CheckpointReady(c))?;
                 if self.spec.misbehave == Some(Misbehave::EventIndexJump { epoch }) {
                     // Publish a producer index far beyond the one entry
                     // written: the tool must refuse it before reading any.
+                    let (eo, _) = region(&h, Field::EventRing);
                     win.fence_release();
-                    win.store_u32(eo + REQ_PROD, evt.req_prod_pvt().wrapping_add(1000));
+                    win.store_u32(eo + REQ_PROD, evt.ring.req_prod_pvt().wrapping_add(1000));
                 } else {
-                    evt.publish_requests();
+                    evt.ring.publish_requests();
                 }
-                outstanding = Some((seq, epoch));
                 next_epoch += 1;
                 res.posted += 1;
                 res.memory = vec![0u8; pages as usize * PAGE];
                 gmem.read_bytes(guest_at, &mut res.memory);
                 res.blob = blob;
                 dirty.clear();
-                is_dirty.fill(false);
                 // The guest keeps running while the tool copies the
                 // staged pages: these writes belong to the next epoch.
-                guest_runs(
-                    &mut self.rng,
-                    &self.spec,
-                    &gmem,
-                    guest_at,
-                    &mut dirty,
-                    &mut is_dirty,
-                );
+                guest_runs(&mut self.rng, &self.spec, &gmem, guest_at, &mut dirty);
             }
             if !busy {
                 std::thread::sleep(Duration::from_micros(200));
@@ -354,8 +271,7 @@ fn guest_runs(
     spec: &SimSpec,
     gmem: &AtomicMem64<'_>,
     guest_at: usize,
-    dirty: &mut Vec<u64>,
-    is_dirty: &mut [bool],
+    dirty: &mut DirtyLog,
 ) {
     let pages = spec.guest_pages;
     for _ in 0..spec.dirty.div_ceil(2) {
@@ -365,39 +281,273 @@ fn guest_runs(
             let v = rng.next_u64();
             gmem.write_bytes(guest_at + pfn as usize * PAGE + at, &v.to_le_bytes());
         }
-        if !is_dirty[pfn as usize] {
-            is_dirty[pfn as usize] = true;
-            dirty.push(pfn);
-        }
+        dirty.mark(pfn);
     }
 }
 
-type EvtFront<'a> = doppel_abi::EventFront<AtomicMem64<'a>>;
+// What both simulated hypervisors (this one and `sim_kv`'s) do alike:
+// lay out and publish the control area, serve the command ring, stage
+// checkpoints and post events.
 
-/// Consume the tool's event acks; true if there were any.
-fn drain_acks(
-    evt: &mut EvtFront<'_>,
-    outstanding: &mut Option<(u32, u64)>,
-    acked: &mut Option<u64>,
-) -> Result<bool, String> {
-    let mut any = false;
-    while let Some(a) = evt
-        .pop_response()
-        .map_err(|e| format!("event ring: {e:?}"))?
-    {
-        any = true;
-        let a = a.decode().map_err(|e| format!("event ack: {e:?}"))?;
-        match *outstanding {
-            Some((seq, epoch)) if a.seq == seq && a.epoch == epoch => {
-                a.result
-                    .map_err(|e| format!("the tool rejected epoch {epoch}: {e:?}"))?;
-                *outstanding = None;
-                *acked = Some(epoch);
-            }
-            _ => return Err(format!("unexpected event ack {a:?}")),
+/// Create the machine RAM file at `path`: the control area packed from
+/// `sizes` with `features` at [`CONTROL_AT`], `guest_pages` of guest RAM
+/// from the next MiB after it, a MiB of slack at the end (all zero). The
+/// header names the guest RAM and is not published yet ([`publish`]).
+pub(crate) fn create_machine(
+    path: &Path,
+    sizes: [u64; 7],
+    features: Features,
+    guest_pages: u64,
+) -> std::io::Result<(MachineRam, ControlHeader)> {
+    let mut h = ControlHeader::pack(sizes, features)
+        .map_err(|e| std::io::Error::other(format!("pack: {e:?}")))?;
+    let guest_at = (CONTROL_AT + h.total_size).next_multiple_of(0x10_0000);
+    let guest_len = guest_pages * PAGE as u64;
+    h.guest_ram = Region {
+        offset: guest_at,
+        size: guest_len,
+    };
+    let len = guest_at + guest_len + 0x10_0000;
+    let f = std::fs::File::create(path)?;
+    f.set_len(len)?;
+    drop(f);
+    let machine = MachineRam::open(path).map_err(std::io::Error::other)?;
+    Ok((machine, h))
+}
+
+/// Publish `h` at [`CONTROL_AT`] the way the hypervisor does: everything
+/// but the magic, then the shared indices of both rings (and of both
+/// channels with `channels`), then, after a release fence, `h.magic`.
+/// A ring or channel whose region does not fit its layout is left as it
+/// is and named in the error; the rest is published all the same.
+pub(crate) fn publish(
+    machine: &MachineRam,
+    h: &ControlHeader,
+    channels: bool,
+) -> Result<(), String> {
+    let win = machine.window(CONTROL_AT as usize);
+    let mut bytes = h.as_bytes().to_vec();
+    bytes[..8].fill(0);
+    win.write_bytes(0, &bytes);
+    let mut bad = None;
+    for (f, slot) in [
+        (
+            Field::CommandRing,
+            slot_size::<CommandEntry, ResponseEntry>(),
+        ),
+        (Field::EventRing, slot_size::<EventEntry, EventAck>()),
+    ] {
+        let (o, s) = region(h, f);
+        match RingLayout::new(win.size(), o, s, slot) {
+            Ok(l) => l.init_shared(&win),
+            Err(e) => bad = bad.or(Some(format!("{f:?}: {e:?}"))),
         }
     }
-    Ok(any)
+    let chans: &[Field] = if channels {
+        &[Field::OutputChannel, Field::InputChannel]
+    } else {
+        &[]
+    };
+    for &f in chans {
+        let (o, s) = region(h, f);
+        match ChannelLayout::new(win.size(), o, s) {
+            Ok(l) => l.init_shared(&win),
+            Err(e) => bad = bad.or(Some(format!("{f:?}: {e:?}"))),
+        }
+    }
+    win.fence_release();
+    win.write_bytes(0, &h.magic.to_le_bytes());
+    win.fence_full();
+    bad.map_or(Ok(()), Err)
+}
+
+/// Region `f` of `h` as (offset, size) in the control area window.
+pub(crate) fn region(h: &ControlHeader, f: Field) -> (usize, usize) {
+    let r = h.region(f);
+    (r.offset as usize, r.size as usize)
+}
+
+pub(crate) type CmdBack<'a> = doppel_abi::CommandBack<AtomicMem64<'a>>;
+type EvtFront<'a> = doppel_abi::EventFront<AtomicMem64<'a>>;
+
+/// The hypervisor's ends of the published rings: the command ring's back
+/// and the event ring's front.
+pub(crate) fn attach_rings<'a>(
+    win: AtomicMem64<'a>,
+    h: &ControlHeader,
+) -> Result<(CmdBack<'a>, Events<'a>), String> {
+    let (co, cs) = region(h, Field::CommandRing);
+    let (eo, es) = region(h, Field::EventRing);
+    let cmd =
+        doppel_abi::CommandBack::attach(win, co, cs).map_err(|e| format!("command ring: {e:?}"))?;
+    let ring =
+        doppel_abi::EventFront::attach(win, eo, es).map_err(|e| format!("event ring: {e:?}"))?;
+    Ok((
+        cmd,
+        Events {
+            ring,
+            pending: VecDeque::new(),
+            seq: 0,
+        },
+    ))
+}
+
+/// `LogDirtyEnable{mode}`: write protection only, and only once.
+pub(crate) fn log_dirty_enable(enabled: &mut bool, mode: LogDirtyMode) -> Result<Reply, Errno> {
+    if *enabled {
+        Err(Errno::EINVAL)
+    } else if mode != LogDirtyMode::WriteProtect {
+        Err(Errno::EOPNOTSUPP)
+    } else {
+        *enabled = true;
+        Ok(Reply::Done)
+    }
+}
+
+/// Answer command `req` with `result` and publish the response.
+pub(crate) fn respond(
+    cmd: &mut CmdBack<'_>,
+    req: &CommandEntry,
+    result: Result<Reply, Errno>,
+) -> Result<(), String> {
+    let rsp = Response {
+        id: req.id,
+        op: req.op,
+        result,
+    };
+    cmd.push_response(&rsp.encode())
+        .map_err(|e| format!("command ring: {e:?}"))?;
+    cmd.publish_responses();
+    Ok(())
+}
+
+/// The event ring from the hypervisor's side, with the events posted and
+/// not acked yet.
+pub(crate) struct Events<'a> {
+    pub(crate) ring: EvtFront<'a>,
+    /// (seq, kind, epoch) of every event posted and not acked, in order.
+    pub(crate) pending: VecDeque<(u32, u32, u64)>,
+    seq: u32,
+}
+
+impl Events<'_> {
+    /// Write `ev` into the ring with the next sequence number (publishing
+    /// is the caller's) and expect its ack.
+    pub(crate) fn push(&mut self, ev: &Event) -> Result<(), String> {
+        let e = ev.encode(self.seq);
+        self.ring
+            .push_request(&e)
+            .map_err(|x| format!("event ring: {x:?}"))?;
+        self.pending.push_back((e.seq, e.kind, e.epoch));
+        self.seq = self.seq.wrapping_add(1);
+        Ok(())
+    }
+
+    /// Whether a `CheckpointReady` is posted and not acked.
+    pub(crate) fn checkpoint_pending(&self) -> bool {
+        self.pending
+            .iter()
+            .any(|&(_, k, _)| k == kind::CHECKPOINT_READY)
+    }
+
+    /// Consume the tool's event acks, which must come in order and accept
+    /// the event; `acked(kind, epoch)` for each. True if there were any.
+    pub(crate) fn drain_acks(&mut self, mut acked: impl FnMut(u32, u64)) -> Result<bool, String> {
+        let mut any = false;
+        while let Some(a) = self
+            .ring
+            .pop_response()
+            .map_err(|x| format!("event ring: {x:?}"))?
+        {
+            any = true;
+            let a = a.decode().map_err(|x| format!("event ack: {x:?}"))?;
+            match self.pending.pop_front() {
+                Some((s, k, ep)) if s == a.seq && k == a.kind && ep == a.epoch => {
+                    a.result
+                        .map_err(|x| format!("the tool rejected event {k} of epoch {ep}: {x:?}"))?;
+                    acked(k, ep);
+                }
+                other => return Err(format!("unexpected event ack {a:?} (pending {other:?})")),
+            }
+        }
+        Ok(any)
+    }
+}
+
+/// The pages written since the last checkpoint, in the order first
+/// written.
+pub(crate) struct DirtyLog {
+    pfns: Vec<u64>,
+    seen: Vec<bool>,
+}
+
+impl DirtyLog {
+    /// Every one of `pages` dirty (epoch 0 carries the whole guest).
+    pub(crate) fn all(pages: u64) -> Self {
+        Self {
+            pfns: (0..pages).collect(),
+            seen: vec![true; pages as usize],
+        }
+    }
+
+    pub(crate) fn mark(&mut self, pfn: u64) {
+        if !self.seen[pfn as usize] {
+            self.seen[pfn as usize] = true;
+            self.pfns.push(pfn);
+        }
+    }
+
+    pub(crate) fn pfns(&self) -> &[u64] {
+        &self.pfns
+    }
+
+    /// A checkpoint took them: nothing is dirty.
+    pub(crate) fn clear(&mut self) {
+        self.pfns.clear();
+        self.seen.fill(false);
+    }
+}
+
+/// Stage epoch `epoch`'s checkpoint the way the hypervisor does: the pfn
+/// list in `dirty` order, each of those guest pages copied into staging,
+/// `blob` at the start of the vCPU area. Returns the event that names it.
+pub(crate) fn stage(
+    machine: &MachineRam,
+    h: &ControlHeader,
+    epoch: u64,
+    dirty: &[u64],
+    blob: &[u8],
+) -> CheckpointReady {
+    let win = machine.window(CONTROL_AT as usize);
+    let gmem = machine.mem();
+    let guest_at = h.guest_ram.offset as usize;
+    let (po, _) = region(h, Field::PfnList);
+    let (so, _) = region(h, Field::Staging);
+    let (vo, _) = region(h, Field::VcpuArea);
+    let mut page = [0u8; PAGE];
+    for (i, &pfn) in dirty.iter().enumerate() {
+        win.write_bytes(po + i * 8, &pfn.to_le_bytes());
+        gmem.read_bytes(guest_at + pfn as usize * PAGE, &mut page);
+        win.write_bytes(so + i * PAGE, &page);
+    }
+    win.write_bytes(vo, blob);
+    let n = dirty.len() as u64;
+    CheckpointReady {
+        epoch,
+        dirty_count: n,
+        pfn_list: Span {
+            offset: po as u64,
+            len: n * 8,
+        },
+        pages: Span {
+            offset: so as u64,
+            len: n * PAGE as u64,
+        },
+        vcpu: Span {
+            offset: vo as u64,
+            len: blob.len() as u64,
+        },
+    }
 }
 
 /// The HVM context blob of one simulated vCPU (the header both simulators

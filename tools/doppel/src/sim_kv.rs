@@ -32,20 +32,19 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use doppel_abi::chan::{ChannelConsumer, ChannelLayout, ChannelProducer};
-use doppel_abi::control::{ControlHeader, Features, Field, Region, MAGIC};
-use doppel_abi::msg::{kind, CheckpointReady, LogDirtyMode, Reply, Response, Span};
-use doppel_abi::ring::{slot_size, RingLayout};
-use doppel_abi::service::{self, status, Request, REPLAY_WINDOW, REPLY_MAGIC};
-use doppel_abi::{
-    AtomicMem64, Command, CommandEntry, Errno, Event, EventAck, EventEntry, ResponseEntry,
-    SharedMem,
-};
+use doppel_abi::chan::{ChannelConsumer, ChannelProducer};
+use doppel_abi::control::{ControlHeader, Features, Field};
+use doppel_abi::msg::{kind, Reply};
+use doppel_abi::service::{self, Outcome, REPLAY_WINDOW};
+use doppel_abi::{AtomicMem64, Command, Errno, Event, SharedMem};
 use doppel_core::hvm::{self, VcpuState};
-use zerocopy::{FromBytes, IntoBytes};
+use zerocopy::{FromZeros, IntoBytes};
 
 use crate::machine::{MachineRam, PAGE};
-use crate::sim::CONTROL_AT;
+use crate::sim::{
+    attach_rings, create_machine, log_dirty_enable, publish, region, respond, stage, DirtyLog,
+    CONTROL_AT,
+};
 use crate::synth::Rng;
 
 /// "DKVSTATE": magic of the simulated service's state page.
@@ -135,72 +134,33 @@ impl KvGuest {
         load_u64(mem, self.base + (1 + k as usize) * PAGE)
     }
 
-    /// Serve one frame; `dirty(pfn)` for every guest page written.
+    /// Serve one frame (per `service::decide`); `dirty(pfn)` for every
+    /// guest page written.
     pub fn handle<M: SharedMem>(
         &self,
         mem: &M,
         frame: &[u8],
         mut dirty: impl FnMut(u64),
     ) -> service::Reply {
-        let version = self.version(mem);
-        let checksum = self.checksum(mem);
-        let refuse = |st: u32, id: u64| service::Reply {
-            magic: REPLY_MAGIC,
-            status: st,
-            id,
-            value: 0,
-            version,
-            checksum,
-            reserved: 0,
-        };
-        let Some(r) = Request::parse(frame) else {
-            let id = frame
-                .get(8..16)
-                .map_or(0, |b| u64::from_le_bytes(b.try_into().expect("8 bytes")));
-            return refuse(status::BAD_FRAME, id);
-        };
         let slot = |id: u64| self.base + CACHE_AT + (id % REPLAY_WINDOW) as usize * REPLY_LEN;
-        if r.id == version.wrapping_add(1) {
-            if r.key >= self.keys {
-                return refuse(status::BAD_KEY, r.id);
+        let cached = |id: u64| {
+            let mut c = service::Reply::new_zeroed();
+            mem.read_bytes(slot(id), c.as_mut_bytes());
+            c
+        };
+        let (version, checksum) = (self.version(mem), self.checksum(mem));
+        let value = |k| self.value(mem, k);
+        match service::decide(frame, self.keys, version, checksum, value, cached) {
+            Outcome::Apply { key, reply } => {
+                store_u64(mem, self.base + (1 + key as usize) * PAGE, reply.value);
+                dirty(1 + key);
+                store_u64(mem, self.base + 16, reply.version);
+                store_u64(mem, self.base + 24, reply.checksum);
+                mem.write_bytes(slot(reply.id), reply.as_bytes());
+                dirty(0);
+                reply
             }
-            let old = self.value(mem, r.key);
-            let Some(new) = service::apply(r.op, old, r.value) else {
-                return refuse(status::BAD_OP, r.id);
-            };
-            let sum = checksum
-                .wrapping_sub(service::term(r.key, old))
-                .wrapping_add(service::term(r.key, new));
-            let rep = service::Reply {
-                magic: REPLY_MAGIC,
-                status: status::OK,
-                id: r.id,
-                value: new,
-                version: r.id,
-                checksum: sum,
-                reserved: 0,
-            };
-            store_u64(mem, self.base + (1 + r.key as usize) * PAGE, new);
-            dirty(1 + r.key);
-            store_u64(mem, self.base + 16, r.id);
-            store_u64(mem, self.base + 24, sum);
-            mem.write_bytes(slot(r.id), rep.as_bytes());
-            dirty(0);
-            rep
-        } else if r.id >= 1 && r.id <= version && version - r.id < REPLAY_WINDOW {
-            let mut b = [0u8; REPLY_LEN];
-            mem.read_bytes(slot(r.id), &mut b);
-            match service::Reply::read_from_bytes(&b) {
-                Ok(mut c) if c.id == r.id && c.magic == REPLY_MAGIC => {
-                    c.status = status::REPLAY;
-                    c
-                }
-                _ => refuse(status::STALE, r.id),
-            }
-        } else if r.id > version {
-            refuse(status::GAP, r.id)
-        } else {
-            refuse(status::STALE, r.id)
+            Outcome::Answer(reply) => reply,
         }
     }
 }
@@ -238,54 +198,24 @@ impl KvSim {
         } else {
             Features::LOG_DIRTY_WP | Features::INPUT_CHANNEL | Features::OUTPUT_COMMIT
         };
-        let mut h = ControlHeader::pack(region_sizes(spec.guest_pages), features)
-            .map_err(|e| bad(format!("pack: {e:?}")))?;
-        let guest_at = (CONTROL_AT + h.total_size).next_multiple_of(0x10_0000);
-        let guest_len = spec.guest_pages * PAGE as u64;
-        h.guest_ram = Region {
-            offset: guest_at,
-            size: guest_len,
-        };
-        let len = guest_at + guest_len + 0x10_0000;
-        let f = std::fs::File::create(path)?;
-        f.set_len(len)?;
-        drop(f);
-        let machine = MachineRam::open(path).map_err(std::io::Error::other)?;
+        let (machine, h) = create_machine(
+            path,
+            region_sizes(spec.guest_pages),
+            features,
+            spec.guest_pages,
+        )?;
         let mem = machine.mem();
+        let guest_at = h.guest_ram.offset as usize;
         let mut rng = Rng::new(spec.seed);
         // Guest RAM: junk (a standby's is overwritten by the backup; the
         // primary's service pages are zeroed at boot below).
-        let mut g = vec![0u8; guest_len as usize];
+        let mut g = vec![0u8; h.guest_ram.size as usize];
         rng.fill(&mut g);
-        mem.write_bytes(guest_at as usize, &g);
+        mem.write_bytes(guest_at, &g);
         if !spec.standby {
-            KvGuest::init(&mem, guest_at as usize, spec.keys);
+            KvGuest::init(&mem, guest_at, spec.keys);
         }
-        let win = machine.window(CONTROL_AT as usize);
-        let mut bytes = h.as_bytes().to_vec();
-        bytes[..8].fill(0);
-        win.write_bytes(0, &bytes);
-        for (f, slot) in [
-            (
-                Field::CommandRing,
-                slot_size::<CommandEntry, ResponseEntry>(),
-            ),
-            (Field::EventRing, slot_size::<EventEntry, EventAck>()),
-        ] {
-            let r = h.region(f);
-            RingLayout::new(win.size(), r.offset as usize, r.size as usize, slot)
-                .map_err(|e| bad(format!("{e:?}")))?
-                .init_shared(&win);
-        }
-        for f in [Field::OutputChannel, Field::InputChannel] {
-            let r = h.region(f);
-            ChannelLayout::new(win.size(), r.offset as usize, r.size as usize)
-                .map_err(|e| bad(format!("{e:?}")))?
-                .init_shared(&win);
-        }
-        win.fence_release();
-        win.write_bytes(0, &MAGIC.to_le_bytes());
-        win.fence_full();
+        publish(&machine, &h, true).map_err(bad)?;
         Ok(Self {
             machine,
             spec,
@@ -311,25 +241,14 @@ impl KvSim {
         let h = self.header;
         let win: AtomicMem64<'_> = self.machine.window(CONTROL_AT as usize);
         let gmem = self.machine.mem();
-        let guest_at = h.guest_ram.offset as usize;
-        let pages = self.spec.guest_pages;
-        let reg = |f: Field| {
-            let r = h.region(f);
-            (r.offset as usize, r.size as usize)
-        };
         let e = |what: &'static str| move |x: &dyn std::fmt::Debug| format!("{what}: {x:?}");
-        let (co, cs) = reg(Field::CommandRing);
-        let (eo, es) = reg(Field::EventRing);
-        let (oo, os) = reg(Field::OutputChannel);
-        let (io, is) = reg(Field::InputChannel);
-        let mut cmd =
-            doppel_abi::CommandBack::attach(win, co, cs).map_err(|x| e("command ring")(&x))?;
-        let mut evt =
-            doppel_abi::EventFront::attach(win, eo, es).map_err(|x| e("event ring")(&x))?;
+        let (oo, os) = region(&h, Field::OutputChannel);
+        let (io, is) = region(&h, Field::InputChannel);
+        let (mut cmd, mut evt) = attach_rings(win, &h)?;
         let mut out = ChannelProducer::attach(win, oo, os).map_err(|x| e("output channel")(&x))?;
         let mut inp = ChannelConsumer::attach(win, io, is).map_err(|x| e("input channel")(&x))?;
         let mut kv = (!self.spec.standby).then_some(KvGuest {
-            base: guest_at,
+            base: h.guest_ram.offset as usize,
             keys: self.spec.keys,
         });
         let mut enabled = false;
@@ -338,15 +257,10 @@ impl KvSim {
         let mut running = 0u64; // epoch whose checkpoint will hold the state
         let mut committed: Option<u64> = None;
         let mut held: VecDeque<(u64, service::Reply)> = VecDeque::new();
-        // Events posted and not acked yet: (seq, kind, epoch).
-        let mut pending: VecDeque<(u32, u32, u64)> = VecDeque::new();
-        let mut seq = 0u32;
-        let mut dirty: Vec<u64> = (0..pages).collect();
-        let mut is_dirty = vec![true; pages as usize];
+        let mut dirty = DirtyLog::all(self.spec.guest_pages);
         let mut last_epoch = Instant::now();
         let start = Instant::now();
         let mut frame = vec![0u8; is];
-        let mut page = vec![0u8; PAGE];
         loop {
             if stop.load(Ordering::Relaxed) {
                 return Ok(());
@@ -358,7 +272,7 @@ impl KvSim {
                 ));
             }
             let mut busy = false;
-            busy |= drain_acks(&mut evt, &mut pending)?;
+            busy |= evt.drain_acks(|_, _| {})?;
             // Commands.
             while let Some(req) = cmd.pop_request().map_err(|x| e("command ring")(&x))? {
                 busy = true;
@@ -366,20 +280,14 @@ impl KvSim {
                 let result = match req.decode() {
                     Err(x) => Err(x.errno()),
                     Ok(Command::LogDirtyEnable { mode }) if !self.spec.standby => {
-                        if enabled {
-                            Err(Errno::EINVAL)
-                        } else if mode != LogDirtyMode::WriteProtect {
-                            Err(Errno::EOPNOTSUPP)
-                        } else {
-                            enabled = true;
-                            Ok(Reply::Done)
-                        }
+                        log_dirty_enable(&mut enabled, mode)
                     }
                     Ok(Command::CommitEpoch { epoch }) if !self.spec.standby => {
                         // The tool acks the event before committing; the
                         // ack may have landed after the drain above.
-                        drain_acks(&mut evt, &mut pending)?;
-                        let staged_acked = !pending
+                        evt.drain_acks(|_, _| {})?;
+                        let staged_acked = !evt
+                            .pending
                             .iter()
                             .any(|&(_, k, ep)| k == kind::CHECKPOINT_READY && ep == epoch);
                         let next = committed.map_or(0, |c| c + 1);
@@ -416,21 +324,11 @@ impl KvSim {
                     }
                     Ok(_) => Err(Errno::ENOSYS),
                 };
-                let rsp = Response {
-                    id: req.id,
-                    op: req.op,
-                    result,
-                };
-                cmd.push_response(&rsp.encode())
-                    .map_err(|x| e("command ring")(&x))?;
-                cmd.publish_responses();
+                respond(&mut cmd, &req, result)?;
                 if let Some((epoch, bytes)) = post_output {
-                    if evt.free_requests() > 0 {
-                        evt.push_request(&Event::OutputAvailable { epoch, bytes }.encode(seq))
-                            .map_err(|x| e("event ring")(&x))?;
-                        evt.publish_requests();
-                        pending.push_back((seq, kind::OUTPUT_AVAILABLE, epoch));
-                        seq = seq.wrapping_add(1);
+                    if evt.ring.free_requests() > 0 {
+                        evt.push(&Event::OutputAvailable { epoch, bytes })?;
+                        evt.ring.publish_requests();
                     }
                 }
             }
@@ -450,12 +348,7 @@ impl KvSim {
                 while let Some(info) = inp.pop(&mut frame).map_err(|x| e("input channel")(&x))? {
                     any = true;
                     res.requests += 1;
-                    let rep = g.handle(&gmem, &frame[..info.len], |pfn| {
-                        if !is_dirty[pfn as usize] {
-                            is_dirty[pfn as usize] = true;
-                            dirty.push(pfn);
-                        }
-                    });
+                    let rep = g.handle(&gmem, &frame[..info.len], |pfn| dirty.mark(pfn));
                     match active {
                         // Standby, activated: unreplicated, released at once.
                         Some(a) => {
@@ -472,53 +365,23 @@ impl KvSim {
                 }
             }
             // Epoch end (primary only).
-            let checkpoint_pending = pending.iter().any(|&(_, k, _)| k == kind::CHECKPOINT_READY);
             let due = running == 0 || last_epoch.elapsed() >= self.spec.epoch;
             if !self.spec.standby
                 && enabled
-                && !checkpoint_pending
+                && !evt.checkpoint_pending()
                 && due
-                && evt.free_requests() > 0
+                && evt.ring.free_requests() > 0
             {
                 busy = true;
                 last_epoch = Instant::now();
                 let g = kv.expect("primary has a service");
-                let (po, _) = reg(Field::PfnList);
-                let (so, _) = reg(Field::Staging);
-                let (vo, _) = reg(Field::VcpuArea);
-                for (i, &pfn) in dirty.iter().enumerate() {
-                    win.write_bytes(po + i * 8, &pfn.to_le_bytes());
-                    gmem.read_bytes(guest_at + pfn as usize * PAGE, &mut page);
-                    win.write_bytes(so + i * PAGE, &page);
-                }
                 let blob = vcpu_blob(running, g.version(&gmem));
-                win.write_bytes(vo, &blob);
-                let n = dirty.len() as u64;
-                let c = CheckpointReady {
-                    epoch: running,
-                    dirty_count: n,
-                    pfn_list: Span {
-                        offset: po as u64,
-                        len: n * 8,
-                    },
-                    pages: Span {
-                        offset: so as u64,
-                        len: n * PAGE as u64,
-                    },
-                    vcpu: Span {
-                        offset: vo as u64,
-                        len: blob.len() as u64,
-                    },
-                };
-                evt.push_request(&Event::CheckpointReady(c).encode(seq))
-                    .map_err(|x| e("event ring")(&x))?;
-                evt.publish_requests();
-                pending.push_back((seq, kind::CHECKPOINT_READY, running));
-                seq = seq.wrapping_add(1);
+                let c = stage(&self.machine, &h, running, dirty.pfns(), &blob);
+                evt.push(&Event::CheckpointReady(c))?;
+                evt.ring.publish_requests();
                 res.epochs_posted += 1;
                 running += 1;
                 dirty.clear();
-                is_dirty.fill(false);
             }
             if !busy {
                 std::thread::sleep(Duration::from_micros(200));
@@ -556,31 +419,6 @@ impl KvSim {
         }
         Ok(g)
     }
-}
-
-type EvtFront<'a> = doppel_abi::EventFront<AtomicMem64<'a>>;
-
-/// Consume the tool's event acks (in order); true if there were any.
-fn drain_acks(
-    evt: &mut EvtFront<'_>,
-    pending: &mut VecDeque<(u32, u32, u64)>,
-) -> Result<bool, String> {
-    let mut any = false;
-    while let Some(a) = evt
-        .pop_response()
-        .map_err(|x| format!("event ring: {x:?}"))?
-    {
-        any = true;
-        let a = a.decode().map_err(|x| format!("event ack: {x:?}"))?;
-        match pending.pop_front() {
-            Some((s, k, ep)) if s == a.seq && k == a.kind && ep == a.epoch => {
-                a.result
-                    .map_err(|x| format!("the tool rejected event {k} of epoch {ep}: {x:?}"))?;
-            }
-            other => return Err(format!("unexpected event ack {a:?} (pending {other:?})")),
-        }
-    }
-    Ok(any)
 }
 
 /// The checkpoint's vCPU: rbx = epoch, rcx = KV version.
@@ -627,20 +465,12 @@ fn release(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use doppel_abi::service::{op, REQ_MAGIC};
+    use doppel_abi::service::{op, status, Request};
     use doppel_abi::AtomicMem64;
     use std::sync::atomic::AtomicU64;
 
     fn req(id: u64, o: u32, key: u64, value: u64) -> Vec<u8> {
-        Request {
-            magic: REQ_MAGIC,
-            op: o,
-            id,
-            key,
-            value,
-        }
-        .as_bytes()
-        .to_vec()
+        Request::new(id, o, key, value).as_bytes().to_vec()
     }
 
     #[test]

@@ -34,8 +34,13 @@ fn scratch(name: &str) -> PathBuf {
 
 /// A child process whose stdout and stderr lines are collected.
 struct Proc {
-    name: &'static str,
     child: Child,
+    log: Log,
+}
+
+/// The name of a [`Proc`] and its output so far.
+struct Log {
+    name: &'static str,
     out: Arc<Mutex<Vec<String>>>,
     err: Arc<Mutex<Vec<String>>>,
 }
@@ -47,6 +52,34 @@ fn collect(r: impl Read + Send + 'static, into: Arc<Mutex<Vec<String>>>) {
             into.lock().unwrap().push(l);
         }
     });
+}
+
+impl Log {
+    /// Call `ready` every `every_ms` until it gives a value; after `secs`
+    /// fail with "NAME: WHAT within SECS s" and the output.
+    fn poll<T>(
+        &self,
+        what: &str,
+        secs: u64,
+        every_ms: u64,
+        mut ready: impl FnMut() -> Option<T>,
+    ) -> T {
+        let start = Instant::now();
+        loop {
+            if let Some(v) = ready() {
+                return v;
+            }
+            if start.elapsed() >= Duration::from_secs(secs) {
+                let out = self.out.lock().unwrap().clone();
+                let err = self.err.lock().unwrap().clone();
+                panic!(
+                    "{}: {what} within {secs} s\nstdout: {out:#?}\nstderr: {err:#?}",
+                    self.name
+                );
+            }
+            std::thread::sleep(Duration::from_millis(every_ms));
+        }
+    }
 }
 
 impl Proc {
@@ -63,70 +96,52 @@ impl Proc {
         collect(child.stdout.take().unwrap(), Arc::clone(&out));
         collect(child.stderr.take().unwrap(), Arc::clone(&err));
         Proc {
-            name,
             child,
-            out,
-            err,
+            log: Log { name, out, err },
         }
     }
 
     fn lines(&self) -> Vec<String> {
-        self.out.lock().unwrap().clone()
+        self.log.out.lock().unwrap().clone()
     }
 
     fn err_lines(&self) -> Vec<String> {
-        self.err.lock().unwrap().clone()
+        self.log.err.lock().unwrap().clone()
     }
 
     /// The first stdout line starting with `prefix`.
     fn wait_line(&self, prefix: &str, secs: u64) -> String {
-        let start = Instant::now();
-        loop {
-            if let Some(l) = self.lines().into_iter().find(|l| l.starts_with(prefix)) {
-                return l;
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(secs),
-                "{}: no line starting with {prefix:?} within {secs} s\nstdout: {:#?}\nstderr: {:#?}",
-                self.name,
-                self.lines(),
-                self.err_lines()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        let what = format!("no line starting with {prefix:?}");
+        self.log.poll(&what, secs, 10, || {
+            self.lines().into_iter().find(|l| l.starts_with(prefix))
+        })
     }
 
     /// Wait for a stderr line containing `needle`.
     fn wait_err(&self, needle: &str, secs: u64) {
-        let start = Instant::now();
-        while !self.err_lines().iter().any(|l| l.contains(needle)) {
-            assert!(
-                start.elapsed() < Duration::from_secs(secs),
-                "{}: no stderr line with {needle:?} within {secs} s: {:#?}",
-                self.name,
-                self.err_lines()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        let what = format!("no stderr line with {needle:?}");
+        self.log.poll(&what, secs, 10, || {
+            self.err_lines()
+                .iter()
+                .any(|l| l.contains(needle))
+                .then_some(())
+        })
     }
 
     fn wait_exit(&mut self, secs: u64) -> ExitStatus {
-        let start = Instant::now();
-        loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                // Let the collectors drain the pipes.
-                std::thread::sleep(Duration::from_millis(50));
-                return s;
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(secs),
-                "{} did not exit within {secs} s\nstdout: {:#?}\nstderr: {:#?}",
-                self.name,
-                self.lines(),
-                self.err_lines()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let st = self
+            .log
+            .poll("did not exit", secs, 20, || self.child.try_wait().unwrap());
+        // Let the collectors drain the pipes.
+        std::thread::sleep(Duration::from_millis(50));
+        st
+    }
+
+    /// The address at the end of the first stdout line starting with
+    /// `prefix` (`listening on HOST:PORT`, `clients on HOST:PORT`).
+    fn addr(&self, prefix: &str) -> String {
+        let line = self.wait_line(prefix, 10);
+        line.rsplit(' ').next().unwrap().to_string()
     }
 
     fn kill9(&mut self) {
@@ -139,10 +154,6 @@ impl Drop for Proc {
     fn drop(&mut self) {
         self.kill9();
     }
-}
-
-fn addr_of(line: &str) -> String {
-    line.rsplit(' ').next().unwrap().to_string()
 }
 
 /// A TCP forwarder between the primary and the backup; `blackhole` makes
@@ -186,83 +197,142 @@ fn proxy(to: String) -> Proxy {
     Proxy { addr, blackhole }
 }
 
-/// Everything of one failover run.
+/// `doppel sim-hv` in `dir` creating `ram`: the KV service, or with
+/// `standby` a standby for it (16 keys, 64 guest pages, 60 s at most),
+/// with `extra` arguments; returns once it published its control area.
+fn sim_hv(dir: &Path, ram: &str, standby: bool, extra: &[&str]) -> Proc {
+    let (name, mode, published): (_, &[&str], _) = if standby {
+        ("sim-hv standby", &["--standby"], "standby")
+    } else {
+        ("sim-hv primary", &["--service", "kv"], "kv service")
+    };
+    let mut a = vec!["sim-hv", "--machine-ram", ram];
+    a.extend(mode);
+    a.extend(["--keys", "16", "--guest-pages", "64", "--max-secs", "60"]);
+    a.extend(extra);
+    let p = Proc::spawn(name, dir, &a);
+    p.wait_line(&format!("sim-hv: {published} control area published"), 10);
+    p
+}
+
+/// `doppel backup` in `dir` onto the standby area in `standby_ram`,
+/// listening and serving clients on free ports, with `extra` arguments.
+fn spawn_backup(dir: &Path, standby_ram: &str, extra: &[&str]) -> Proc {
+    let mut a = vec![
+        "backup",
+        "--listen",
+        "127.0.0.1:0",
+        "--standby-ram",
+        standby_ram,
+        "--serve-clients",
+        "127.0.0.1:0",
+    ];
+    a.extend(extra);
+    Proc::spawn("backup", dir, &a)
+}
+
+/// `doppel client` in `dir` sending `ops` requests to `connect`, with
+/// `extra` arguments.
+fn spawn_client(dir: &Path, connect: &str, ops: &str, extra: &[&str]) -> Proc {
+    let mut a = vec!["client", "--connect", connect, "--ops", ops];
+    a.extend(extra);
+    Proc::spawn("client", dir, &a)
+}
+
+/// The replicated service, started in order: both simulated hypervisors
+/// (the KV service's on p.ram, a standby on s.ram), `doppel backup` on the
+/// standby, `doppel primary` on the service replicating to the backup
+/// (through a [`Proxy`] with `Extra::proxy`), both serving clients.
 struct Pipeline {
-    _dir: PathBuf,
+    dir: PathBuf,
     sim_primary: Proc,
     _sim_standby: Proc,
     backup: Proc,
     primary: Proc,
-    client: Proc,
+    /// Where the primary and the backup serve clients.
+    pclients: String,
+    bclients: String,
     proxy: Option<Proxy>,
+}
+
+/// Extra arguments for the processes of a [`Pipeline`].
+#[derive(Default)]
+struct Extra<'a> {
+    sim_primary: &'a [&'a str],
+    backup: &'a [&'a str],
+    primary: &'a [&'a str],
+    proxy: bool,
+}
+
+fn pipeline(name: &str, x: Extra<'_>) -> Pipeline {
+    let dir = scratch(name);
+    let sim_primary = sim_hv(&dir, "p.ram", false, x.sim_primary);
+    let sim_standby = sim_hv(&dir, "s.ram", true, &[]);
+    let backup = spawn_backup(&dir, "s.ram", x.backup);
+    let listen = backup.addr("listening on ");
+    let bclients = backup.addr("clients on ");
+    let proxy = x.proxy.then(|| proxy(listen.clone()));
+    let to = proxy.as_ref().map_or(listen, |p| p.addr.clone());
+    let mut a = vec![
+        "primary",
+        "--machine-ram",
+        "p.ram",
+        "--backup",
+        &to,
+        "--serve-clients",
+        "127.0.0.1:0",
+    ];
+    a.extend(x.primary);
+    let primary = Proc::spawn("primary", &dir, &a);
+    let pclients = primary.addr("clients on ");
+    Pipeline {
+        dir,
+        sim_primary,
+        _sim_standby: sim_standby,
+        backup,
+        primary,
+        pclients,
+        bclients,
+        proxy,
+    }
 }
 
 const OPS: &str = "4000";
 
-fn pipeline(name: &str, with_proxy: bool) -> Pipeline {
-    let dir = scratch(name);
-    let common = ["--keys", "16", "--guest-pages", "64", "--max-secs", "60"];
-    let mut a = vec!["sim-hv", "--machine-ram", "p.ram", "--service", "kv"];
-    a.extend(common);
-    a.extend(["--epoch-ms", "20"]);
-    let sim_primary = Proc::spawn("sim-hv primary", &dir, &a);
-    let mut a = vec!["sim-hv", "--machine-ram", "s.ram", "--standby"];
-    a.extend(common);
-    let sim_standby = Proc::spawn("sim-hv standby", &dir, &a);
-    sim_primary.wait_line("sim-hv: kv service control area published", 10);
-    sim_standby.wait_line("sim-hv: standby control area published", 10);
-    let backup = Proc::spawn(
-        "backup",
-        &dir,
-        &[
-            "backup",
-            "--listen",
-            "127.0.0.1:0",
-            "--standby-ram",
-            "s.ram",
-            "--serve-clients",
-            "127.0.0.1:0",
-            "--heartbeat-timeout",
-            "1.5",
-        ],
+/// A failover run: 20 ms epochs, short timeouts and heartbeats, and a
+/// client of [`OPS`] requests that fails over to the backup; once the
+/// client got answers (plus a random delay), `break_it` breaks the primary
+/// side. Then [`check_outcome`]: its lines are returned.
+fn fail_over(
+    name: &str,
+    with_proxy: bool,
+    break_it: impl FnOnce(&mut Pipeline),
+) -> (Pipeline, String, String) {
+    let mut p = pipeline(
+        name,
+        Extra {
+            sim_primary: &["--epoch-ms", "20"],
+            backup: &["--heartbeat-timeout", "1.5"],
+            primary: &[
+                "--event-timeout",
+                "1",
+                "--reply-timeout",
+                "1",
+                "--ack-timeout",
+                "4",
+                "--heartbeat-ms",
+                "20",
+            ],
+            proxy: with_proxy,
+        },
     );
-    let listen = addr_of(&backup.wait_line("listening on ", 10));
-    let bclients = addr_of(&backup.wait_line("clients on ", 10));
-    let proxy = with_proxy.then(|| proxy(listen.clone()));
-    let to = proxy.as_ref().map_or(listen, |p| p.addr.clone());
-    let primary = Proc::spawn(
-        "primary",
-        &dir,
+    let mut client = spawn_client(
+        &p.dir,
+        &p.pclients,
+        OPS,
         &[
-            "primary",
-            "--machine-ram",
-            "p.ram",
-            "--backup",
-            &to,
-            "--serve-clients",
-            "127.0.0.1:0",
-            "--event-timeout",
-            "1",
-            "--reply-timeout",
-            "1",
-            "--ack-timeout",
-            "4",
-            "--heartbeat-ms",
-            "20",
-        ],
-    );
-    let pclients = addr_of(&primary.wait_line("clients on ", 10));
-    let client = Proc::spawn(
-        "client",
-        &dir,
-        &[
-            "client",
-            "--connect",
-            &pclients,
             "--failover",
-            &bclients,
-            "--ops",
-            OPS,
+            &p.bclients,
             "--window",
             "16",
             "--reply-timeout",
@@ -271,33 +341,23 @@ fn pipeline(name: &str, with_proxy: bool) -> Pipeline {
             "5",
         ],
     );
-    Pipeline {
-        _dir: dir,
-        sim_primary,
-        _sim_standby: sim_standby,
-        backup,
-        primary,
-        client,
-        proxy,
-    }
-}
-
-/// Wait until the client reported answers, then a random extra delay.
-fn after_some_answers(p: &Pipeline) {
-    p.client.wait_err("client: answered", 15);
+    client.wait_err("client: answered", 15);
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .subsec_nanos();
     let extra = u64::from(nanos % 400);
-    eprintln!("killing after the first progress line + {extra} ms");
+    eprintln!("breaking after the first progress line + {extra} ms");
     std::thread::sleep(Duration::from_millis(extra));
+    break_it(&mut p);
+    let (last, fail) = check_outcome(&p, &mut client);
+    (p, last, fail)
 }
 
 /// The client passed with one failover; the backup printed its line.
-fn check_outcome(p: &mut Pipeline) -> (String, String) {
-    let st = p.client.wait_exit(20);
-    let last = p.client.lines().last().cloned().unwrap_or_default();
+fn check_outcome(p: &Pipeline, client: &mut Proc) -> (String, String) {
+    let st = client.wait_exit(20);
+    let last = client.lines().last().cloned().unwrap_or_default();
     let fail = p
         .backup
         .lines()
@@ -309,7 +369,7 @@ fn check_outcome(p: &mut Pipeline) -> (String, String) {
             && last.contains(" failovers=1 lost_acked=0 divergent=0 ")
             && last.ends_with(&format!("last_version={OPS} result=pass")),
         "client line {last:?}\nclient stderr: {:#?}\nbackup stderr: {:#?}",
-        p.client.err_lines(),
+        client.err_lines(),
         p.backup.err_lines()
     );
     assert!(st.success(), "client exit {st:?}");
@@ -333,10 +393,7 @@ fn failover_epochs(line: &str) -> (u64, u64) {
 
 #[test]
 fn simulated_primary_hypervisor_dies() {
-    let mut p = pipeline("hvdies", false);
-    after_some_answers(&p);
-    p.sim_primary.kill9();
-    let (_, fail) = check_outcome(&mut p);
+    let (mut p, _, fail) = fail_over("hvdies", false, |p| p.sim_primary.kill9());
     // The primary tool closes the connection when its hypervisor stays
     // silent for --event-timeout; if the hypervisor died while a command
     // was pending, no heartbeat goes out meanwhile and the backup's
@@ -364,24 +421,18 @@ fn simulated_primary_hypervisor_dies() {
 
 #[test]
 fn primary_tool_dies() {
-    let mut p = pipeline("tooldies", false);
-    after_some_answers(&p);
-    p.primary.kill9();
-    let (_, fail) = check_outcome(&mut p);
+    let (_p, _, fail) = fail_over("tooldies", false, |p| p.primary.kill9());
     assert!(fail.contains("primary lost (connection closed)"), "{fail}");
 }
 
 #[test]
 fn replication_link_cut_fails_over_on_silence() {
-    let mut p = pipeline("blackhole", true);
-    after_some_answers(&p);
-    p.proxy
-        .as_ref()
-        .unwrap()
-        .blackhole
-        .store(true, Ordering::Relaxed);
-    let cut = Instant::now();
-    let (last, fail) = check_outcome(&mut p);
+    let mut cut = Instant::now();
+    let (mut p, last, fail) = fail_over("blackhole", true, |p| {
+        let proxy = p.proxy.as_ref().unwrap();
+        proxy.blackhole.store(true, Ordering::Relaxed);
+        cut = Instant::now();
+    });
     assert!(
         fail.contains("primary lost (nothing received for 1.5 s)"),
         "{fail}"
@@ -409,67 +460,8 @@ fn replication_link_cut_fails_over_on_silence() {
 
 #[test]
 fn malformed_client_frame_drops_the_connection_not_the_primary() {
-    let dir = scratch("badframe");
-    let sim = Proc::spawn(
-        "sim-hv",
-        &dir,
-        &[
-            "sim-hv",
-            "--machine-ram",
-            "p.ram",
-            "--service",
-            "kv",
-            "--guest-pages",
-            "64",
-            "--max-secs",
-            "60",
-        ],
-    );
-    let standby = Proc::spawn(
-        "sim-hv standby",
-        &dir,
-        &[
-            "sim-hv",
-            "--machine-ram",
-            "s.ram",
-            "--standby",
-            "--guest-pages",
-            "64",
-            "--max-secs",
-            "60",
-        ],
-    );
-    sim.wait_line("sim-hv: ", 10);
-    standby.wait_line("sim-hv: ", 10);
-    let backup = Proc::spawn(
-        "backup",
-        &dir,
-        &[
-            "backup",
-            "--listen",
-            "127.0.0.1:0",
-            "--standby-ram",
-            "s.ram",
-            "--serve-clients",
-            "127.0.0.1:0",
-        ],
-    );
-    let listen = addr_of(&backup.wait_line("listening on ", 10));
-    let mut primary = Proc::spawn(
-        "primary",
-        &dir,
-        &[
-            "primary",
-            "--machine-ram",
-            "p.ram",
-            "--backup",
-            &listen,
-            "--serve-clients",
-            "127.0.0.1:0",
-        ],
-    );
-    let pc = addr_of(&primary.wait_line("clients on ", 10));
-    let mut s = TcpStream::connect(&pc).unwrap();
+    let mut p = pipeline("badframe", Extra::default());
+    let mut s = TcpStream::connect(&p.pclients).unwrap();
     let mut junk = [0x5au8; 32];
     junk[8] = 1;
     s.write_all(&junk).unwrap();
@@ -477,25 +469,13 @@ fn malformed_client_frame_drops_the_connection_not_the_primary() {
     let mut b = [0u8; 48];
     let n = s.read(&mut b).unwrap_or(0);
     assert_eq!(n, 0, "the connection is closed, no reply");
-    primary.wait_err("malformed request frame", 5);
+    p.primary.wait_err("malformed request frame", 5);
     assert!(
-        primary.child.try_wait().unwrap().is_none(),
+        p.primary.child.try_wait().unwrap().is_none(),
         "the primary still runs"
     );
     // A well-behaved client is served afterwards.
-    let mut c = Proc::spawn(
-        "client",
-        &dir,
-        &[
-            "client",
-            "--connect",
-            &pc,
-            "--ops",
-            "200",
-            "--reply-timeout",
-            "5",
-        ],
-    );
+    let mut c = spawn_client(&p.dir, &p.pclients, "200", &["--reply-timeout", "5"]);
     assert!(c.wait_exit(20).success(), "{:#?}", c.err_lines());
     let last = c.lines().last().cloned().unwrap();
     assert_eq!(
@@ -508,37 +488,8 @@ fn malformed_client_frame_drops_the_connection_not_the_primary() {
 #[test]
 fn standby_ram_must_be_a_standby() {
     let dir = scratch("notstandby");
-    let sim = Proc::spawn(
-        "sim-hv",
-        &dir,
-        &[
-            "sim-hv",
-            "--machine-ram",
-            "p.ram",
-            "--service",
-            "kv",
-            "--guest-pages",
-            "64",
-            "--max-secs",
-            "30",
-        ],
-    );
-    sim.wait_line("sim-hv: ", 10);
-    let mut b = Proc::spawn(
-        "backup",
-        &dir,
-        &[
-            "backup",
-            "--listen",
-            "127.0.0.1:0",
-            "--standby-ram",
-            "p.ram",
-            "--serve-clients",
-            "127.0.0.1:0",
-            "--wait-control",
-            "2",
-        ],
-    );
+    let _sim = sim_hv(&dir, "p.ram", false, &[]);
+    let mut b = spawn_backup(&dir, "p.ram", &["--wait-control", "2"]);
     let st = b.wait_exit(10);
     assert_eq!(st.code(), Some(1));
     let err = b.err_lines().join("\n");
