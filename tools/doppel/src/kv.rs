@@ -17,7 +17,7 @@
 
 use std::collections::BTreeSet;
 
-use doppel_abi::service::{self, op, status, Reply, Request, REQ_MAGIC};
+use doppel_abi::service::{self, op, status, Reply, Request};
 
 use crate::synth::Rng;
 
@@ -52,13 +52,7 @@ impl Workload {
             } else {
                 (op::ADD, rng.below(1 << 20))
             };
-            let r = Request {
-                magic: REQ_MAGIC,
-                op: o,
-                id,
-                key,
-                value,
-            };
+            let r = Request::new(id, o, key, value);
             expected.push(model.apply(&r));
             requests.push(r);
         }
