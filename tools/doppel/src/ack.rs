@@ -8,7 +8,7 @@
 //! and END when the backup closes the channel. A Xen-only reader skips the
 //! optional record and sees COLO's "secondary ready" state.
 
-use crate::stream::reader::read_record_header;
+use crate::stream::reader::{read_record_header, value_then_reserved};
 use std::io::{self, Read, Write};
 
 use zerocopy::{FromBytes, IntoBytes};
@@ -204,30 +204,13 @@ impl<R: Read> AckReader<R> {
                             "DOPPEL_FEATURES is only allowed as the first record".into(),
                         ));
                     }
-                    let f = u64::from_le_bytes(body[..8].try_into().expect("8"));
-                    let res = u64::from_le_bytes(body[8..].try_into().expect("8"));
-                    if res != 0 {
-                        return Err(StreamError::Reserved {
-                            rec,
-                            field: "reserved",
-                            value: res,
-                        });
-                    }
-                    return Ok(BackMsg::Features(f));
+                    return Ok(BackMsg::Features(value_then_reserved(rec, &body)?));
                 }
                 libxl_rec::DOPPEL_EPOCH_ACK => {
                     if body.len() != 16 {
                         return Err(bad_len("16"));
                     }
-                    let epoch = u64::from_le_bytes(body[..8].try_into().expect("8"));
-                    let res = u64::from_le_bytes(body[8..].try_into().expect("8"));
-                    if res != 0 {
-                        return Err(StreamError::Reserved {
-                            rec,
-                            field: "reserved",
-                            value: res,
-                        });
-                    }
+                    let epoch = value_then_reserved(rec, &body)?;
                     if let Some((e, _)) = self.pending {
                         return Err(bad_ack(format!(
                             "second epoch ack before the CHECKPOINT_STATE of epoch {e}"

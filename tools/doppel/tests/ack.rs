@@ -12,6 +12,7 @@ fn hdr(ident: u64, version: u32, options: u32) -> Vec<u8> {
 
 const IDENT: u64 = 0x4C69_6278_6C46_6D74;
 const ACK: u32 = 0x80D0_0001;
+const FEATURES: u32 = doppel::stream::format::libxl_rec::DOPPEL_FEATURES;
 
 fn rec(t: u32, body: &[u8]) -> Vec<u8> {
     let mut v = t.to_le_bytes().to_vec();
@@ -170,6 +171,15 @@ fn ack_rules() {
     assert!(matches!(
         read_all(&chan(&[rec(ACK, &ack_body(4, 9))]), 4),
         Err(StreamError::Reserved { value: 9, .. })
+    ));
+    // DOPPEL_FEATURES: the same (value, reserved = 0) body.
+    assert_eq!(
+        read_all(&chan(&[rec(FEATURES, &ack_body(0b101, 0)), rec(0, &[])]), 4).unwrap(),
+        vec![BackMsg::Features(0b101), BackMsg::End]
+    );
+    assert!(matches!(
+        read_all(&chan(&[rec(FEATURES, &ack_body(0b101, 7))]), 4),
+        Err(StreamError::Reserved { value: 7, .. })
     ));
     assert!(matches!(
         read_all(&chan(&[rec(ACK, &[0; 8])]), 4),

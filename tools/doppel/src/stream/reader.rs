@@ -90,6 +90,27 @@ fn read_exact_at<R: Read>(
     Ok(())
 }
 
+/// The 16-byte body of a Doppel record that carries one u64 and a reserved
+/// u64 that must be 0 (DOPPEL_HELLO, DOPPEL_HEARTBEAT, and on the back
+/// channel DOPPEL_FEATURES and DOPPEL_EPOCH_ACK); the caller has checked
+/// the length.
+pub(crate) fn value_then_reserved(rec: RecCtx, body: &[u8]) -> Result<u64, StreamError> {
+    let word = |i: usize| {
+        body.get(i * 8..i * 8 + 8)
+            .and_then(|b| b.try_into().ok())
+            .map_or(0, u64::from_le_bytes)
+    };
+    let reserved = word(1);
+    if reserved != 0 {
+        return Err(StreamError::Reserved {
+            rec,
+            field: "reserved",
+            value: reserved,
+        });
+    }
+    Ok(word(0))
+}
+
 /// Read one record header (type, body length) at `*offset` and refuse a
 /// body longer than `max` before anything is allocated for it. Shared by
 /// the libxc stream and the libxl-framed back channel.
@@ -379,16 +400,7 @@ impl<R: Read> StreamReader<R> {
                 });
             }
             let body = self.read_body(16)?;
-            let want = u64::from_le_bytes(body[..8].try_into().expect("8 bytes"));
-            let res = u64::from_le_bytes(body[8..].try_into().expect("8 bytes"));
-            if res != 0 {
-                return Err(StreamError::Reserved {
-                    rec,
-                    field: "reserved",
-                    value: res,
-                });
-            }
-            return Ok(Some(Record::Hello(want)));
+            return Ok(Some(Record::Hello(value_then_reserved(rec, &body)?)));
         }
         // Liveness only: checked and consumed here, never handed out.
         if rec.rtype == rec::DOPPEL_HEARTBEAT {
@@ -407,15 +419,7 @@ impl<R: Read> StreamReader<R> {
                 });
             }
             let body = self.read_body(16)?;
-            let value = u64::from_le_bytes(body[..8].try_into().expect("8 bytes"));
-            let res = u64::from_le_bytes(body[8..].try_into().expect("8 bytes"));
-            if res != 0 {
-                return Err(StreamError::Reserved {
-                    rec,
-                    field: "reserved",
-                    value: res,
-                });
-            }
+            let value = value_then_reserved(rec, &body)?;
             self.heartbeats += 1;
             self.last_heartbeat = value;
             return Ok(None);
