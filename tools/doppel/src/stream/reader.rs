@@ -286,6 +286,19 @@ impl<R: Read> StreamReader<R> {
     }
 
     /// Read `n` bytes of a (small) record body.
+    /// A (value, reserved = 0) record of `len` bytes: its value.
+    fn read_value_then_reserved(&mut self, rec: RecCtx, len: u32) -> Result<u64, StreamError> {
+        if len != 16 {
+            return Err(StreamError::BadLength {
+                rec,
+                length: len.into(),
+                expected: "16".into(),
+            });
+        }
+        let body = self.read_body(16)?;
+        value_then_reserved(rec, &body)
+    }
+
     fn read_body(&mut self, n: usize) -> Result<Vec<u8>, StreamError> {
         let mut body = vec![0; n];
         read_exact_at(&mut self.r, &mut body, "record body", &mut self.offset)?;
@@ -392,15 +405,9 @@ impl<R: Read> StreamReader<R> {
                     expected: "DOPPEL_HELLO only as the first record after the headers",
                 });
             }
-            if len != 16 {
-                return Err(StreamError::BadLength {
-                    rec,
-                    length: len.into(),
-                    expected: "16".into(),
-                });
-            }
-            let body = self.read_body(16)?;
-            return Ok(Some(Record::Hello(value_then_reserved(rec, &body)?)));
+            return Ok(Some(Record::Hello(
+                self.read_value_then_reserved(rec, len)?,
+            )));
         }
         // Liveness only: checked and consumed here, never handed out.
         if rec.rtype == rec::DOPPEL_HEARTBEAT {
@@ -411,15 +418,7 @@ impl<R: Read> StreamReader<R> {
                         "DOPPEL_HEARTBEAT only between epochs (after STATIC_DATA_END or CHECKPOINT)",
                 });
             }
-            if len != 16 {
-                return Err(StreamError::BadLength {
-                    rec,
-                    length: len.into(),
-                    expected: "16".into(),
-                });
-            }
-            let body = self.read_body(16)?;
-            let value = value_then_reserved(rec, &body)?;
+            let value = self.read_value_then_reserved(rec, len)?;
             self.heartbeats += 1;
             self.last_heartbeat = value;
             return Ok(None);
