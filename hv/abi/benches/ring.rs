@@ -53,10 +53,10 @@ fn spin_until(mut ready: impl FnMut() -> bool) -> bool {
     false
 }
 
-/// About 30-100 us of polling (`pause` takes 40-140 cycles depending on
-/// the core). With 200, an event-stream run of 100k messages slept and was
-/// woken ~90 times (a futex wait/wake pair each, several microseconds on
-/// this VM) and the ring took 6.4-7.2 ms; with 2000 it never slept and took
+/// Roughly 30-100 us of polling (`pause` takes tens to ~140 cycles
+/// depending on the core). With 200, an event-stream run of 100k messages
+/// slept and was woken ~90 times (a futex wait/wake pair each) and the ring
+/// took 6.4-7.2 ms; with 2000 it usually did not sleep at all and took
 /// 4.6-5.6 ms (2026-11-22, docs/perf/ring.md). mpsc's blocking `recv` does
 /// its own spin-then-park and is unaffected by this constant.
 const SPINS: u32 = 2000;
