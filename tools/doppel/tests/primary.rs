@@ -19,7 +19,10 @@ use doppel::stream::{Limits, StreamError, StreamReader, PAGE_SIZE};
 use doppel_abi::control::ControlHeader;
 
 fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("doppel-primary-{}-{name}", std::process::id()));
+    // Under the target directory (as replica_file.rs), not the system's
+    // temporary directory: each run replaces the last one's files instead
+    // of leaving a megabyte of guest RAM per test behind.
+    let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("primary-{name}"));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d
