@@ -189,21 +189,124 @@ impl RingLayout {
     }
 }
 
-fn read_entry<M: SharedMem, T: RingEntry>(mem: &M, offset: usize) -> T {
-    let mut v = T::new_zeroed();
-    mem.read_bytes(offset, v.as_mut_bytes());
-    v
+/// What both ends keep: each produces into the slots (front: requests,
+/// back: responses) and consumes what the peer produced. The end-specific
+/// parts (which header words, how far the peer may run ahead) are passed
+/// in by [`FrontRing`] and [`BackRing`].
+struct End<M> {
+    mem: M,
+    layout: RingLayout,
+    /// Entries this end has written.
+    prod_pvt: u32,
+    /// The producer index last stored into the header.
+    published: u32,
+    /// Entries of the peer consumed.
+    cons: u32,
+    /// Last producer index read from the peer and checked (Xen's `rp`
+    /// snapshot).
+    seen: u32,
+}
+
+impl<M: SharedMem> End<M> {
+    fn attach(mem: M, base: usize, bytes: usize, slot: usize, idx: u32) -> Result<Self, RingError> {
+        let layout = RingLayout::new(mem.size(), base, bytes, slot)?;
+        Ok(Self {
+            mem,
+            layout,
+            prod_pvt: idx,
+            published: idx,
+            cons: idx,
+            seen: idx,
+        })
+    }
+
+    fn load(&self, field: usize) -> u32 {
+        self.mem.load_u32(self.layout.base + field)
+    }
+
+    /// The peer's producer index at header word `prod`, checked: at most
+    /// `limit` entries may be unconsumed.
+    fn unconsumed(&self, prod: usize, limit: u32) -> Result<u32, RingError> {
+        let prod = self.load(prod);
+        let avail = prod.wrapping_sub(self.cons);
+        if avail > limit {
+            return Err(RingError::PeerOverrun {
+                prod,
+                cons: self.cons,
+            });
+        }
+        Ok(avail)
+    }
+
+    /// Entries in the current snapshot of the peer's index. `unconsumed`
+    /// (read and check the peer's index) runs only when the last snapshot
+    /// is used up; the acquire fence then orders our reads of the slots
+    /// (and later writes into them) after the peer's writes.
+    fn snapshot(
+        &mut self,
+        unconsumed: impl FnOnce(&Self) -> Result<u32, RingError>,
+    ) -> Result<u32, RingError> {
+        if self.seen == self.cons {
+            let n = unconsumed(self)?;
+            if n == 0 {
+                return Ok(0);
+            }
+            self.seen = self.cons.wrapping_add(n);
+            self.mem.fence_acquire();
+        }
+        Ok(self.seen.wrapping_sub(self.cons))
+    }
+
+    /// Copies out the entry at `cons` and consumes it; the caller has
+    /// checked that one is published.
+    fn take<T: RingEntry>(&mut self) -> T {
+        let mut v = T::new_zeroed();
+        self.mem
+            .read_bytes(self.layout.slot_offset(self.cons), v.as_mut_bytes());
+        self.cons = self.cons.wrapping_add(1);
+        v
+    }
+
+    /// Writes the entry at `prod_pvt` and counts it; the caller has checked
+    /// that the slot is ours.
+    fn put<T: RingEntry>(&mut self, v: &T) {
+        self.mem
+            .write_bytes(self.layout.slot_offset(self.prod_pvt), v.as_bytes());
+        self.prod_pvt = self.prod_pvt.wrapping_add(1);
+    }
+
+    /// Xen's `RING_PUSH_*_AND_CHECK_NOTIFY`: release fence, store our
+    /// producer index at `prod`, full fence, then whether the peer's event
+    /// index at `event` lies in `(old, new]`.
+    fn publish(&mut self, prod: usize, event: usize) -> bool {
+        let (old, new) = (self.published, self.prod_pvt);
+        self.mem.fence_release();
+        self.mem.store_u32(self.layout.base + prod, new);
+        self.published = new;
+        self.mem.fence_full();
+        notify_needed(old, new, self.load(event))
+    }
+
+    /// Xen's `RING_FINAL_CHECK_FOR_*`: if nothing is pending, set our event
+    /// index at `event` to `cons + 1`, full fence, check again.
+    fn final_check(
+        &mut self,
+        event: usize,
+        unconsumed: impl Fn(&Self) -> Result<u32, RingError>,
+    ) -> Result<bool, RingError> {
+        if unconsumed(self)? > 0 {
+            return Ok(true);
+        }
+        self.mem
+            .store_u32(self.layout.base + event, self.cons.wrapping_add(1));
+        self.mem.fence_full();
+        Ok(unconsumed(self)? > 0)
+    }
 }
 
 /// The front end: produces requests, consumes responses.
 pub struct FrontRing<M, Req, Rsp> {
-    mem: M,
-    layout: RingLayout,
-    req_prod_pvt: u32,
-    req_published: u32,
-    rsp_cons: u32,
-    /// Last `rsp_prod` read from the peer and checked (Xen's `rp` snapshot).
-    rsp_seen: u32,
+    end: End<M>,
     _entries: PhantomData<fn(Req) -> Rsp>,
 }
 
@@ -217,41 +320,35 @@ impl<M: SharedMem, Req: RingEntry, Rsp: RingEntry> FrontRing<M, Req, Rsp> {
     /// As [`FrontRing::attach`], with all indices starting at `idx` (Xen's
     /// `FRONT_RING_ATTACH`).
     pub fn attach_at(mem: M, base: usize, bytes: usize, idx: u32) -> Result<Self, RingError> {
-        let layout = RingLayout::new(mem.size(), base, bytes, slot_size::<Req, Rsp>())?;
         Ok(Self {
-            mem,
-            layout,
-            req_prod_pvt: idx,
-            req_published: idx,
-            rsp_cons: idx,
-            rsp_seen: idx,
+            end: End::attach(mem, base, bytes, slot_size::<Req, Rsp>(), idx)?,
             _entries: PhantomData,
         })
     }
 
     /// The ring's layout.
     pub fn layout(&self) -> RingLayout {
-        self.layout
+        self.end.layout
     }
 
     /// The shared memory behind the ring.
     pub fn mem(&self) -> &M {
-        &self.mem
+        &self.end.mem
     }
 
     /// Slots not holding an outstanding request or unconsumed response.
     pub fn free_requests(&self) -> u32 {
-        self.layout.entries - self.req_prod_pvt.wrapping_sub(self.rsp_cons)
+        self.end.layout.entries - self.end.prod_pvt.wrapping_sub(self.end.cons)
     }
 
     /// Private producer index (requests written so far).
     pub fn req_prod_pvt(&self) -> u32 {
-        self.req_prod_pvt
+        self.end.prod_pvt
     }
 
     /// Private consumer index of responses.
     pub fn rsp_cons(&self) -> u32 {
-        self.rsp_cons
+        self.end.cons
     }
 
     /// Write a request into the next slot. Not visible to the back end
@@ -260,9 +357,7 @@ impl<M: SharedMem, Req: RingEntry, Rsp: RingEntry> FrontRing<M, Req, Rsp> {
         if self.free_requests() == 0 {
             return Err(RingError::Full);
         }
-        self.mem
-            .write_bytes(self.layout.slot_offset(self.req_prod_pvt), req.as_bytes());
-        self.req_prod_pvt = self.req_prod_pvt.wrapping_add(1);
+        self.end.put(req);
         Ok(())
     }
 
@@ -270,54 +365,26 @@ impl<M: SharedMem, Req: RingEntry, Rsp: RingEntry> FrontRing<M, Req, Rsp> {
     /// release fence, store `req_prod`, full fence, then report whether the
     /// back end asked to be notified (its `req_event` in `(old, new]`).
     pub fn publish_requests(&mut self) -> bool {
-        let base = self.layout.base;
-        let (old, new) = (self.req_published, self.req_prod_pvt);
-        self.mem.fence_release();
-        self.mem.store_u32(base + REQ_PROD, new);
-        self.req_published = new;
-        self.mem.fence_full();
-        notify_needed(old, new, self.mem.load_u32(base + REQ_EVENT))
+        self.end.publish(REQ_PROD, REQ_EVENT)
     }
 
     /// Responses published by the back end and not consumed yet. The back
     /// end cannot answer more requests than were published.
     pub fn unconsumed_responses(&self) -> Result<u32, RingError> {
-        let prod = self.mem.load_u32(self.layout.base + RSP_PROD);
-        let avail = prod.wrapping_sub(self.rsp_cons);
-        if avail > self.req_published.wrapping_sub(self.rsp_cons) {
-            return Err(RingError::PeerOverrun {
-                prod,
-                cons: self.rsp_cons,
-            });
-        }
-        Ok(avail)
+        Self::responses(&self.end)
     }
 
-    /// Responses in the current snapshot of the peer's index. The index is
-    /// read (and checked) only when the last snapshot is used up; the
-    /// acquire fence then orders our reads of the slots (and later writes
-    /// into them) after the peer's writes of the responses.
-    fn published_responses(&mut self) -> Result<u32, RingError> {
-        if self.rsp_seen == self.rsp_cons {
-            let n = self.unconsumed_responses()?;
-            if n == 0 {
-                return Ok(0);
-            }
-            self.rsp_seen = self.rsp_cons.wrapping_add(n);
-            self.mem.fence_acquire();
-        }
-        Ok(self.rsp_seen.wrapping_sub(self.rsp_cons))
+    fn responses(end: &End<M>) -> Result<u32, RingError> {
+        end.unconsumed(RSP_PROD, end.published.wrapping_sub(end.cons))
     }
 
     /// Copy the next response out of the ring, if any. The peer's index is
     /// read (and checked) only when the last snapshot is used up.
     pub fn pop_response(&mut self) -> Result<Option<Rsp>, RingError> {
-        if self.published_responses()? == 0 {
+        if self.end.snapshot(Self::responses)? == 0 {
             return Ok(None);
         }
-        let rsp = read_entry(&self.mem, self.layout.slot_offset(self.rsp_cons));
-        self.rsp_cons = self.rsp_cons.wrapping_add(1);
-        Ok(Some(rsp))
+        Ok(Some(self.end.take()))
     }
 
     /// Consume up to `max` published responses without copying them out:
@@ -326,8 +393,8 @@ impl<M: SharedMem, Req: RingEntry, Rsp: RingEntry> FrontRing<M, Req, Rsp> {
     /// [`FrontRing::pop_response`] (a bad index is an error and consumes
     /// nothing). Returns how many were consumed.
     pub fn skip_responses(&mut self, max: u32) -> Result<u32, RingError> {
-        let n = self.published_responses()?.min(max);
-        self.rsp_cons = self.rsp_cons.wrapping_add(n);
+        let n = self.end.snapshot(Self::responses)?.min(max);
+        self.end.cons = self.end.cons.wrapping_add(n);
         Ok(n)
     }
 
@@ -343,13 +410,12 @@ impl<M: SharedMem, Req: RingEntry, Rsp: RingEntry> FrontRing<M, Req, Rsp> {
         {
             return Err(RingError::OutOfBounds);
         }
-        if self.published_responses()? == 0 {
+        if self.end.snapshot(Self::responses)? == 0 {
             return Ok(None);
         }
-        let v = self
-            .mem
-            .load_u32(self.layout.slot_offset(self.rsp_cons) + field);
-        self.rsp_cons = self.rsp_cons.wrapping_add(1);
+        let end = &mut self.end;
+        let v = end.mem.load_u32(end.layout.slot_offset(end.cons) + field);
+        end.cons = end.cons.wrapping_add(1);
         Ok(Some(v))
     }
 
@@ -357,25 +423,13 @@ impl<M: SharedMem, Req: RingEntry, Rsp: RingEntry> FrontRing<M, Req, Rsp> {
     /// is pending, set `rsp_event = rsp_cons + 1`, full fence, check again.
     /// `Ok(false)` means it is safe to wait for a notification.
     pub fn final_check_for_responses(&mut self) -> Result<bool, RingError> {
-        if self.unconsumed_responses()? > 0 {
-            return Ok(true);
-        }
-        self.mem
-            .store_u32(self.layout.base + RSP_EVENT, self.rsp_cons.wrapping_add(1));
-        self.mem.fence_full();
-        Ok(self.unconsumed_responses()? > 0)
+        self.end.final_check(RSP_EVENT, Self::responses)
     }
 }
 
 /// The back end: consumes requests, produces responses.
 pub struct BackRing<M, Req, Rsp> {
-    mem: M,
-    layout: RingLayout,
-    rsp_prod_pvt: u32,
-    rsp_published: u32,
-    req_cons: u32,
-    /// Last `req_prod` read from the peer and checked (Xen's `rp` snapshot).
-    req_seen: u32,
+    end: End<M>,
     _entries: PhantomData<fn(Req) -> Rsp>,
 }
 
@@ -388,36 +442,30 @@ impl<M: SharedMem, Req: RingEntry, Rsp: RingEntry> BackRing<M, Req, Rsp> {
     /// As [`BackRing::attach`], with all indices starting at `idx` (Xen's
     /// `BACK_RING_ATTACH`).
     pub fn attach_at(mem: M, base: usize, bytes: usize, idx: u32) -> Result<Self, RingError> {
-        let layout = RingLayout::new(mem.size(), base, bytes, slot_size::<Req, Rsp>())?;
         Ok(Self {
-            mem,
-            layout,
-            rsp_prod_pvt: idx,
-            rsp_published: idx,
-            req_cons: idx,
-            req_seen: idx,
+            end: End::attach(mem, base, bytes, slot_size::<Req, Rsp>(), idx)?,
             _entries: PhantomData,
         })
     }
 
     /// The ring's layout.
     pub fn layout(&self) -> RingLayout {
-        self.layout
+        self.end.layout
     }
 
     /// The shared memory behind the ring.
     pub fn mem(&self) -> &M {
-        &self.mem
+        &self.end.mem
     }
 
     /// Private consumer index of requests.
     pub fn req_cons(&self) -> u32 {
-        self.req_cons
+        self.end.cons
     }
 
     /// Private producer index of responses.
     pub fn rsp_prod_pvt(&self) -> u32 {
-        self.rsp_prod_pvt
+        self.end.prod_pvt
     }
 
     /// Requests published by the front end and not consumed yet. A front end
@@ -425,43 +473,30 @@ impl<M: SharedMem, Req: RingEntry, Rsp: RingEntry> BackRing<M, Req, Rsp> {
     /// `req_prod - req_cons` may not exceed `n - (req_cons - rsp_prod_pvt)`
     /// (this also rejects a `req_prod` that moved backwards).
     pub fn unconsumed_requests(&self) -> Result<u32, RingError> {
-        let prod = self.mem.load_u32(self.layout.base + REQ_PROD);
-        let avail = prod.wrapping_sub(self.req_cons);
-        let in_flight = self.req_cons.wrapping_sub(self.rsp_prod_pvt);
-        if avail > self.layout.entries - in_flight {
-            return Err(RingError::PeerOverrun {
-                prod,
-                cons: self.req_cons,
-            });
-        }
-        Ok(avail)
+        Self::requests(&self.end)
+    }
+
+    fn requests(end: &End<M>) -> Result<u32, RingError> {
+        let in_flight = end.cons.wrapping_sub(end.prod_pvt);
+        end.unconsumed(REQ_PROD, end.layout.entries - in_flight)
     }
 
     /// Copy the next request out of the ring, if any. The peer's index is
     /// read (and checked) only when the last snapshot is used up.
     pub fn pop_request(&mut self) -> Result<Option<Req>, RingError> {
-        if self.req_seen == self.req_cons {
-            let n = self.unconsumed_requests()?;
-            if n == 0 {
-                return Ok(None);
-            }
-            self.req_seen = self.req_cons.wrapping_add(n);
-            self.mem.fence_acquire();
+        if self.end.snapshot(Self::requests)? == 0 {
+            return Ok(None);
         }
-        let req = read_entry(&self.mem, self.layout.slot_offset(self.req_cons));
-        self.req_cons = self.req_cons.wrapping_add(1);
-        Ok(Some(req))
+        Ok(Some(self.end.take()))
     }
 
     /// Answer the oldest consumed, unanswered request. Not visible to the
     /// front end until [`BackRing::publish_responses`].
     pub fn push_response(&mut self, rsp: &Rsp) -> Result<(), RingError> {
-        if self.rsp_prod_pvt == self.req_cons {
+        if self.end.prod_pvt == self.end.cons {
             return Err(RingError::NoRequestToAnswer);
         }
-        self.mem
-            .write_bytes(self.layout.slot_offset(self.rsp_prod_pvt), rsp.as_bytes());
-        self.rsp_prod_pvt = self.rsp_prod_pvt.wrapping_add(1);
+        self.end.put(rsp);
         Ok(())
     }
 
@@ -469,24 +504,12 @@ impl<M: SharedMem, Req: RingEntry, Rsp: RingEntry> BackRing<M, Req, Rsp> {
     /// `RING_PUSH_RESPONSES_AND_CHECK_NOTIFY`); true if the front end wants
     /// a notification.
     pub fn publish_responses(&mut self) -> bool {
-        let base = self.layout.base;
-        let (old, new) = (self.rsp_published, self.rsp_prod_pvt);
-        self.mem.fence_release();
-        self.mem.store_u32(base + RSP_PROD, new);
-        self.rsp_published = new;
-        self.mem.fence_full();
-        notify_needed(old, new, self.mem.load_u32(base + RSP_EVENT))
+        self.end.publish(RSP_PROD, RSP_EVENT)
     }
 
     /// Before sleeping (Xen's `RING_FINAL_CHECK_FOR_REQUESTS`).
     pub fn final_check_for_requests(&mut self) -> Result<bool, RingError> {
-        if self.unconsumed_requests()? > 0 {
-            return Ok(true);
-        }
-        self.mem
-            .store_u32(self.layout.base + REQ_EVENT, self.req_cons.wrapping_add(1));
-        self.mem.fence_full();
-        Ok(self.unconsumed_requests()? > 0)
+        self.end.final_check(REQ_EVENT, Self::requests)
     }
 }
 
