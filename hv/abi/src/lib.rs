@@ -16,6 +16,8 @@
 //! - [`guest`]: the test guests' memory layout, boot information and
 //!   hypercalls.
 //! - [`service`]: the protected key-value service's frames and checksum.
+//! - [`splitmix`]: SplitMix64, the checksum's mixer and the seeded
+//!   generator the tools and tests share.
 #![no_std]
 #![forbid(unsafe_code)]
 
@@ -29,6 +31,7 @@ pub mod mem;
 pub mod msg;
 pub mod ring;
 pub mod service;
+pub mod splitmix;
 
 pub use control::{validate, AbiError, ControlHeader, ControlView, Features, Field};
 pub use errno::Errno;

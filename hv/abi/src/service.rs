@@ -29,6 +29,7 @@
 use core::mem::{offset_of, size_of};
 
 use crate::layout::layout_struct;
+use crate::splitmix::{mix64, GAMMA};
 
 /// "DKVQ": request frame magic.
 pub const REQ_MAGIC: u32 = u32::from_le_bytes(*b"DKVQ");
@@ -115,16 +116,9 @@ const _: () = assert!(offset_of!(Reply, value) == 16);
 const _: () = assert!(offset_of!(Reply, version) == 24);
 const _: () = assert!(offset_of!(Reply, checksum) == 32);
 
-/// SplitMix64's finaliser: a cheap, well-mixing bijection on u64.
-pub const fn mix64(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
 /// One key's contribution to the state checksum.
 pub const fn term(key: u64, value: u64) -> u64 {
-    mix64(mix64(key.wrapping_add(0x9e37_79b9_7f4a_7c15)) ^ value)
+    mix64(mix64(key.wrapping_add(GAMMA)) ^ value)
 }
 
 /// The state checksum: the wrapping sum of [`term`] over every key. A

@@ -14,6 +14,7 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
+use doppel_abi::splitmix::SplitMix64;
 use doppel_core::dirtylog::{DirtyTree, DirtyWord, FlatLog, LogTree};
 
 /// 64 GiB of 4 KiB pages.
@@ -24,15 +25,11 @@ const FLAT_WORDS: usize = (GUEST_PFNS / 64) as usize;
 /// pfns starting at random multiples of `run` (splitmix64, fixed seed);
 /// `run == 1` is uniform random.
 fn dirty_pfns(count: usize, seed: u64, run: u64) -> Vec<u64> {
-    let mut state = seed;
+    let mut rng = SplitMix64::new(seed);
     let mut seen = vec![0u64; FLAT_WORDS];
     let mut out = Vec::with_capacity(count);
     while out.len() < count {
-        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        let start = ((z ^ (z >> 31)) % (GUEST_PFNS / run)) * run;
+        let start = rng.below(GUEST_PFNS / run) * run;
         for p in start..start + run {
             let (w, m) = ((p / 64) as usize, 1u64 << (p % 64));
             if out.len() < count && seen[w] & m == 0 {

@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 use std::{fs, thread};
 
 use anyhow::{bail, Context, Result};
+use doppel_abi::splitmix::{SplitMix64, GAMMA};
 
 use crate::emu::{self, RunSpec, Running};
 use crate::replica::{doppel_bin, guest_ram, TempFile};
@@ -80,7 +81,7 @@ pub struct Scenario {
 impl Scenario {
     /// The `n`th run of a seeded series: faults cycle, the epoch is random.
     pub fn nth(n: u32, seed: u64) -> Self {
-        let mut x = seed ^ u64::from(n).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        let mut x = seed ^ u64::from(n).wrapping_mul(GAMMA);
         x = splitmix(x);
         let fault = [Fault::Qemu, Fault::Primary, Fault::Link][(n % 3) as usize];
         Scenario {
@@ -94,11 +95,9 @@ impl Scenario {
     }
 }
 
-fn splitmix(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
+/// One SplitMix64 step from state `z`.
+fn splitmix(z: u64) -> u64 {
+    SplitMix64(z).next_u64()
 }
 
 /// What a run showed.

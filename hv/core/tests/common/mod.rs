@@ -7,22 +7,8 @@ use std::collections::{BTreeSet, HashSet};
 
 use doppel_core::dirtylog::{DirtyLog, DirtyLogError, DirtyRange, DirtyStats, Harvest};
 
-/// Small deterministic generator (splitmix64) for tests with fixed seeds.
-pub struct Rng(pub u64);
-
-impl Rng {
-    pub fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
+/// Small deterministic generator for tests with fixed seeds.
+pub use doppel_abi::splitmix::SplitMix64 as Rng;
 
 /// Pfns where the tree changes word, leaf or interior node.
 pub fn boundaries(max_pfn: u64) -> Vec<u64> {
