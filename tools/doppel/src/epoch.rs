@@ -18,18 +18,21 @@ pub struct EpochData {
 }
 
 impl EpochData {
-    /// Write the epoch's records: PAGE_DATA*, X86_TSC_INFO, HVM_CONTEXT,
-    /// HVM_PARAMS, then CHECKPOINT if `checkpoint`.
-    pub fn write<W: Write>(&self, w: &mut StreamWriter<W>, checkpoint: bool) -> io::Result<()> {
-        let out: Vec<OutPage<'_>> = self
-            .pages
+    /// The epoch's pages as the stream writer takes them.
+    pub fn out_pages(&self) -> Vec<OutPage<'_>> {
+        self.pages
             .iter()
             .map(|(pfn, d)| OutPage {
                 pfn: *pfn,
                 data: d.as_deref(),
             })
-            .collect();
-        w.page_data(&out)?;
+            .collect()
+    }
+
+    /// Write the epoch's records: PAGE_DATA*, X86_TSC_INFO, HVM_CONTEXT,
+    /// HVM_PARAMS, then CHECKPOINT if `checkpoint`.
+    pub fn write<W: Write>(&self, w: &mut StreamWriter<W>, checkpoint: bool) -> io::Result<()> {
+        w.page_data(&self.out_pages())?;
         w.tsc_info(&self.tsc)?;
         w.hvm_context(&self.hvm_context)?;
         w.hvm_params(&self.params)?;

@@ -5,7 +5,7 @@ use doppel::backup::{receive_opts, ReceiveError};
 use doppel::epoch::{EpochData, ModelReplica};
 use doppel::replica::Replica;
 use doppel::stream::format::rec;
-use doppel::stream::{OutPage, StreamError, StreamWriter, XorCache};
+use doppel::stream::{StreamError, StreamWriter, XorCache};
 use doppel::synth::{epochs, SynthSpec, XEN_MAJOR, XEN_MINOR};
 
 const SPEC: SynthSpec = SynthSpec {
@@ -24,15 +24,7 @@ fn compressed(eps: &[EpochData], guest: u64) -> (Vec<u8>, Vec<u64>) {
     w.headers(XEN_MAJOR, XEN_MINOR).unwrap();
     w.static_data_end().unwrap();
     for e in eps {
-        let pages: Vec<OutPage<'_>> = e
-            .pages
-            .iter()
-            .map(|(pfn, d)| OutPage {
-                pfn: *pfn,
-                data: d.as_deref(),
-            })
-            .collect();
-        w.page_data_xlz4(&pages, &mut cache).unwrap();
+        w.page_data_xlz4(&e.out_pages(), &mut cache).unwrap();
         w.tsc_info(&e.tsc).unwrap();
         w.hvm_context(&e.hvm_context).unwrap();
         w.hvm_params(&e.params).unwrap();
