@@ -15,14 +15,13 @@ use doppel::client::ClientConfig;
 use doppel::kv::{Checker, Workload};
 use doppel::machine::{Control, MachineError, MachineRam};
 use doppel::primary::{EpochReport, Output, Primary, PrimaryConfig};
-use doppel::replica::Replica;
+use doppel::replica::{Journal, Replica};
 use doppel::sim::{Sim, SimSpec};
 use doppel::sim_kv::{KvSim, KvSpec};
 use doppel::standby::Standby;
 use doppel::stream::format::feature;
 use doppel_abi::chan::{ChannelConsumer, ChannelProducer};
 use doppel_abi::control::{Features, Field};
-use doppel_abi::msg::PAGE_SIZE;
 use doppel_abi::{AtomicMem64, SharedMem};
 
 type Res = Result<(), (String, u8)>;
@@ -147,7 +146,9 @@ pub struct InspectArgs {
     /// checkpoint posted on the event ring to this file.
     #[arg(long, value_name = "FILE", requires = "machine_ram")]
     last_vcpu_out: Option<PathBuf>,
-    /// A replica directory: print its committed epochs.
+    /// A replica directory: print its committed epochs, and whether a
+    /// commit is under way or a backup holds it. Read-only: safe while a
+    /// backup is writing the replica.
     #[arg(long, value_name = "DIR")]
     replica: Option<PathBuf>,
     /// With --replica: write its committed HVM context blob to this file.
@@ -709,20 +710,34 @@ pub fn inspect(a: InspectArgs) -> Res {
         }
     }
     if let Some(dir) = &a.replica {
+        // Read-only: never replays or drops a journal, never blocks a
+        // running backup.
         let image = dir.join("memory.img");
-        let len = std::fs::metadata(&image)
-            .map_err(io(image.display().to_string()))?
-            .len();
-        let rep = Replica::open_file(&image, len / PAGE_SIZE).map_err(|e| (e.to_string(), IO))?;
-        let s = rep.state();
+        let view = Replica::inspect(&image).map_err(|e| (e.to_string(), IO))?;
+        let s = view.committed();
         println!(
             "replica {}: {} pages, {} committed epochs, vcpu blob {} bytes, {} params",
             dir.display(),
-            rep.pages(),
+            view.pages,
             s.committed,
             s.hvm_context.len(),
             s.params.len()
         );
+        match &view.journal {
+            Journal::None => {}
+            Journal::Pending(_) => println!(
+                "journal: epoch {} committed, its pages not yet all in the image \
+                 (the next backup or replay finishes it)",
+                s.committed
+            ),
+            Journal::Torn => println!(
+                "journal: incomplete (a commit in progress, or one cut short by a crash, \
+                 which the next backup or replay drops)"
+            ),
+        }
+        if view.in_use {
+            println!("in use: a running backup or replay holds this replica");
+        }
         if let Some(out) = &a.vcpu_out {
             std::fs::write(out, &s.hvm_context).map_err(io(out.display().to_string()))?;
         }

@@ -41,6 +41,11 @@ pub enum ReplicaError {
     GuestMismatch { stream: u64, local: u64 },
     #[error("epoch {epoch}: the HVM context blob does not decode: {detail}")]
     BadContext { epoch: u64, detail: String },
+    #[error(
+        "{path} is in use by another doppel process (a running backup or stream replay \
+         holds its lock); stop that process first, or use `doppel inspect --replica` to look"
+    )]
+    Busy { path: PathBuf },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ReplicaError + '_ {
@@ -184,7 +189,10 @@ impl Replica {
     }
 
     /// Open (or create) a file replica of `pages` pages at `image`,
-    /// recovering from an interrupted commit.
+    /// recovering from an interrupted commit. The replica is locked
+    /// (an exclusive `flock` on the image) for as long as it is open, so a
+    /// second writer gets [`ReplicaError::Busy`] instead of replaying or
+    /// dropping a journal under a running backup's feet.
     pub fn open_file(image: &Path, pages: u64) -> Result<Self, ReplicaError> {
         let file = OpenOptions::new()
             .read(true)
@@ -193,6 +201,13 @@ impl Replica {
             .truncate(false)
             .open(image)
             .map_err(io_err(image))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => {
+                return Err(ReplicaError::Busy { path: image.into() })
+            }
+            Err(fs::TryLockError::Error(e)) => return Err(io_err(image)(e)),
+        }
         let want = pages * PAGE_SIZE as u64;
         let have = file.metadata().map_err(io_err(image))?.len();
         if have != want {
@@ -204,16 +219,11 @@ impl Replica {
             }
             file.set_len(want).map_err(io_err(image))?;
         }
-        let side = |ext: &str| {
-            let mut p = image.as_os_str().to_owned();
-            p.push(ext);
-            PathBuf::from(p)
-        };
         let fs = FileStore {
             image: file,
             image_path: image.into(),
-            state_path: side(".state"),
-            journal_path: side(".journal"),
+            state_path: side_path(image, ".state"),
+            journal_path: side_path(image, ".journal"),
         };
         let mut r = Self {
             pages,
@@ -359,30 +369,119 @@ impl Replica {
                 }
             }
         }
-        self.state = match read_framed(&f.state_path, STATE_MAGIC)? {
-            Some(p) => {
-                let mut c = Cursor(&p);
-                let s = decode_state(&mut c).ok_or_else(|| ReplicaError::Corrupt {
-                    path: f.state_path.clone(),
-                    what: "state payload",
-                })?;
-                if !c.0.is_empty() {
-                    return Err(ReplicaError::Corrupt {
-                        path: f.state_path.clone(),
-                        what: "state payload (trailing bytes)",
-                    });
-                }
-                s
-            }
-            None if f.state_path.exists() => {
-                return Err(ReplicaError::Corrupt {
-                    path: f.state_path.clone(),
-                    what: "state file (bad magic or checksum)",
-                })
-            }
-            None => CommittedState::default(),
-        };
+        self.state = read_state(&f.state_path)?;
         Ok(())
+    }
+
+    /// Looks at a file replica without changing anything: no file is
+    /// created, no journal replayed or dropped, no lock taken that could
+    /// stop a backup. Safe while a backup or replay is writing it.
+    pub fn inspect(image: &Path) -> Result<ReplicaView, ReplicaError> {
+        let file = File::open(image).map_err(io_err(image))?;
+        let len = file.metadata().map_err(io_err(image))?.len();
+        if !len.is_multiple_of(PAGE_SIZE as u64) {
+            return Err(ReplicaError::Corrupt {
+                path: image.into(),
+                what: "image size (not a whole number of pages)",
+            });
+        }
+        let pages = len / PAGE_SIZE as u64;
+        // A shared lock is refused only while a writer holds the replica.
+        let in_use = match file.try_lock_shared() {
+            Ok(()) => false,
+            Err(fs::TryLockError::WouldBlock) => true,
+            Err(fs::TryLockError::Error(e)) => return Err(io_err(image)(e)),
+        };
+        let journal_path = side_path(image, ".journal");
+        let journal = match read_framed(&journal_path, JOURNAL_MAGIC)? {
+            Some(payload) => match decode_journal(&payload, pages) {
+                Some((next, _)) => Journal::Pending(next),
+                None => {
+                    return Err(ReplicaError::Corrupt {
+                        path: journal_path,
+                        what: "journal payload",
+                    })
+                }
+            },
+            None if journal_path.exists() => Journal::Torn,
+            None => Journal::None,
+        };
+        let state = read_state(&side_path(image, ".state"))?;
+        Ok(ReplicaView {
+            pages,
+            state,
+            journal,
+            in_use,
+        })
+    }
+}
+
+/// What [`Replica::inspect`] found.
+#[derive(Debug)]
+pub struct ReplicaView {
+    /// Guest size in pages (from the image size).
+    pub pages: u64,
+    /// The state file's committed state.
+    pub state: CommittedState,
+    /// The journal, if any.
+    pub journal: Journal,
+    /// A backup or replay holds the replica open right now.
+    pub in_use: bool,
+}
+
+impl ReplicaView {
+    /// The committed state: a complete journal is already committed (its
+    /// sync is the commit point) and wins over the state file.
+    pub fn committed(&self) -> &CommittedState {
+        match &self.journal {
+            Journal::Pending(next) => next,
+            _ => &self.state,
+        }
+    }
+}
+
+/// A replica's redo journal, as found on disk.
+#[derive(Debug)]
+pub enum Journal {
+    /// None: the last commit finished.
+    None,
+    /// Complete: the epoch it carries is committed; its pages are being,
+    /// or after a crash will be, applied.
+    Pending(CommittedState),
+    /// Torn (a commit interrupted before its commit point, or one being
+    /// written right now): it will be dropped, the state file stands.
+    Torn,
+}
+
+/// `<image><ext>`: the state and journal files beside an image.
+fn side_path(image: &Path, ext: &str) -> PathBuf {
+    let mut p = image.as_os_str().to_owned();
+    p.push(ext);
+    PathBuf::from(p)
+}
+
+/// The state file's committed state; the default if there is none.
+fn read_state(path: &Path) -> Result<CommittedState, ReplicaError> {
+    match read_framed(path, STATE_MAGIC)? {
+        Some(p) => {
+            let mut c = Cursor(&p);
+            let s = decode_state(&mut c).ok_or_else(|| ReplicaError::Corrupt {
+                path: path.into(),
+                what: "state payload",
+            })?;
+            if !c.0.is_empty() {
+                return Err(ReplicaError::Corrupt {
+                    path: path.into(),
+                    what: "state payload (trailing bytes)",
+                });
+            }
+            Ok(s)
+        }
+        None if path.exists() => Err(ReplicaError::Corrupt {
+            path: path.into(),
+            what: "state file (bad magic or checksum)",
+        }),
+        None => Ok(CommittedState::default()),
     }
 }
 
