@@ -837,5 +837,9 @@ fn padded_blob_decodes_only_with_zero_padding() {
         decode_padded::<1>(&area),
         Err(HvmError::TrailingBytes(_))
     ));
-    assert!(decode_padded::<1>(&[0u8; 64]).is_err());
+    // All zero: the first descriptor is an END, not the HEADER.
+    assert_eq!(
+        decode_padded::<1>(&[0u8; 64]),
+        Err(HvmError::HeaderNotFirst(0))
+    );
 }
