@@ -85,8 +85,8 @@ fn crash_at_each_commit_step() {
         rep.commit(staged[0].clone()).unwrap();
         rep.commit(staged[1].clone()).unwrap();
         rep.commit_at(staged[2].clone(), crash).unwrap();
-        drop(rep); // the "crash"
-                   // The crash left the (complete or torn) journal of epoch 2 behind.
+        // The "crash": it leaves the (complete or torn) journal of epoch 2.
+        drop(rep);
         let journal = journal_of(&img);
         assert!(journal.exists(), "{crash:?}: no journal after the crash");
         let rep = Replica::open_file(&img, SPEC.pages).unwrap();
