@@ -1,11 +1,13 @@
-//! A recorded 3-epoch stream, cut at every byte and corrupted at a few
-//! thousand random bytes, fed to the backup path (decoder -> stager ->
-//! replica). Never a panic, never a partial epoch: the replica always
-//! equals a model replica built from whole epochs.
+//! A recorded 3-epoch stream, cut at every byte, every structural byte
+//! damaged with 16 values, and a few thousand random bytes damaged, fed to
+//! the backup path (decoder -> stager -> replica). Never a panic, never a
+//! partial epoch: the replica always equals a model replica built from the
+//! generator's epochs (as sent, or as the damage changed them where the
+//! format cannot tell).
 
-use doppel::backup::receive;
 use std::ops::Range;
 
+use doppel::backup::receive;
 use doppel::epoch::{EpochData, ModelReplica};
 use doppel::replica::Replica;
 use doppel::stream::format::{rec, PFN_MASK, REC_TYPE_OPTIONAL};
