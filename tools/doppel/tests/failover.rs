@@ -523,12 +523,18 @@ fn heartbeats_flow_between_epochs_and_never_into_a_capture() {
     let stop = AtomicBool::new(false);
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
-    let (beats, last) = std::thread::scope(|s| {
+    let ((beats, last), wire) = std::thread::scope(|s| {
         let simt = s.spawn(|| sim.run(&stop));
         let bk = s.spawn(move || {
             let (c, _) = l.accept().unwrap();
             let mut acks = AckWriter::new(c.try_clone().unwrap()).unwrap();
-            let mut r = StreamReader::open(BufReader::new(c), Limits { guest_pages: 32 }).unwrap();
+            // Keep a copy of the wire bytes to check each heartbeat's value.
+            let mut wire = Vec::new();
+            let tee = Tee {
+                inner: BufReader::new(c),
+                copy: &mut wire,
+            };
+            let mut r = StreamReader::open(tee, Limits { guest_pages: 32 }).unwrap();
             let mut epoch = 0;
             while !r.ended() {
                 match r.next_record() {
@@ -541,7 +547,9 @@ fn heartbeats_flow_between_epochs_and_never_into_a_capture() {
                 }
             }
             acks.end().unwrap();
-            r.heartbeats()
+            let beats = r.heartbeats();
+            drop(r);
+            (beats, wire)
         });
         let m = MachineRam::open(&ram).unwrap();
         let ctl = m.find_control().unwrap();
@@ -563,10 +571,21 @@ fn heartbeats_flow_between_epochs_and_never_into_a_capture() {
     });
     // Three waits of ~150 ms between epochs at one beat per >= 5 ms.
     assert!(beats >= 30, "{beats} heartbeats");
+    // Each heartbeat names the epochs the primary had committed while it
+    // waited: those whose CHECKPOINT went out (and was acked) before it.
+    let seen = heartbeats_on_wire(&wire);
+    assert_eq!(seen.len() as u64, beats, "the reader counted every beat");
+    for (i, &(before, value)) in seen.iter().enumerate() {
+        assert_eq!(value, before, "heartbeat #{i} after {before} checkpoints");
+    }
+    // The waits between the 4 epochs the primary ran each carried beats
+    // (after epochs 1, 2 and 3), and the last one named 3 committed epochs.
+    let values: std::collections::BTreeSet<u64> = seen.iter().map(|&(_, v)| v).collect();
     assert!(
-        last <= 4,
-        "the last heartbeat names {last} committed epochs"
+        [1, 2, 3].iter().all(|v| values.contains(v)) && values.iter().all(|&v| v <= 3),
+        "heartbeat values {values:?}"
     );
+    assert_eq!(last, 3, "the last heartbeat names {last} committed epochs");
 
     // Capture: the same request is ignored.
     let ram = dir.join("c.ram");
@@ -597,6 +616,41 @@ fn heartbeats_flow_between_epochs_and_never_into_a_capture() {
     assert_eq!(types.iter().filter(|&&t| t == rec::CHECKPOINT).count(), 3);
     assert!(!types.contains(&rec::DOPPEL_HEARTBEAT), "{types:x?}");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A reader that keeps a copy of everything it reads.
+struct Tee<'a, R> {
+    inner: R,
+    copy: &'a mut Vec<u8>,
+}
+
+impl<R: Read> Read for Tee<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.copy.extend_from_slice(&buf[..n]);
+        Ok(n)
+    }
+}
+
+/// Every DOPPEL_HEARTBEAT of a stream (after the 40 header bytes): the
+/// CHECKPOINT records before it and its value.
+fn heartbeats_on_wire(b: &[u8]) -> Vec<(u64, u64)> {
+    let mut at = 40;
+    let (mut checkpoints, mut out) = (0, Vec::new());
+    while at + 8 <= b.len() {
+        let rtype = u32::from_le_bytes(b[at..at + 4].try_into().unwrap());
+        let len = u32::from_le_bytes(b[at + 4..at + 8].try_into().unwrap()) as usize;
+        match rtype {
+            rec::CHECKPOINT => checkpoints += 1,
+            rec::DOPPEL_HEARTBEAT => {
+                let v = u64::from_le_bytes(b[at + 8..at + 16].try_into().unwrap());
+                out.push((checkpoints, v));
+            }
+            _ => {}
+        }
+        at += 8 + len.next_multiple_of(8);
+    }
+    out
 }
 
 /// Record types of a capture (after the 40 header bytes).

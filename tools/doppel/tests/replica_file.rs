@@ -30,6 +30,13 @@ fn check(rep: &Replica, m: &ModelReplica) {
     assert_eq!(rep.state().params, m.params);
 }
 
+/// `<image>.journal`, where the file replica keeps its redo journal.
+fn journal_of(img: &std::path::Path) -> PathBuf {
+    let mut p = img.as_os_str().to_owned();
+    p.push(".journal");
+    PathBuf::from(p)
+}
+
 /// The staged epochs of the synthetic stream.
 fn staged_epochs(bytes: &[u8]) -> Vec<StagedEpoch> {
     let mut rd = StreamReader::open(
@@ -61,7 +68,7 @@ fn receive_into_file_and_reopen() {
     drop(rep);
     let rep = Replica::open_file(&img, SPEC.pages).unwrap();
     check(&rep, &m);
-    assert!(!img.with_extension("img.journal").exists());
+    assert!(!journal_of(&img).exists());
 }
 
 #[test]
@@ -78,10 +85,18 @@ fn crash_at_each_commit_step() {
         rep.commit(staged[0].clone()).unwrap();
         rep.commit(staged[1].clone()).unwrap();
         rep.commit_at(staged[2].clone(), crash).unwrap();
-        drop(rep); // the "crash"
+        // The "crash": it leaves the (complete or torn) journal of epoch 2.
+        drop(rep);
+        let journal = journal_of(&img);
+        assert!(journal.exists(), "{crash:?}: no journal after the crash");
         let rep = Replica::open_file(&img, SPEC.pages).unwrap();
         check(&rep, &ModelReplica::after(SPEC.pages, &epochs, want));
         // Recovery is complete: the journal is gone, reopening changes nothing.
+        assert!(
+            !journal.exists(),
+            "{crash:?}: {} still there after recovery",
+            journal.display()
+        );
         drop(rep);
         let rep = Replica::open_file(&img, SPEC.pages).unwrap();
         check(&rep, &ModelReplica::after(SPEC.pages, &epochs, want));
