@@ -15,7 +15,7 @@ use doppel::client::ClientConfig;
 use doppel::kv::{Checker, Workload};
 use doppel::machine::{Control, MachineError, MachineRam};
 use doppel::primary::{EpochReport, Output, Primary, PrimaryConfig};
-use doppel::replica::{Journal, Replica};
+use doppel::replica::{Journal, Replica, ReplicaError};
 use doppel::sim::{Sim, SimSpec};
 use doppel::sim_kv::{KvSim, KvSpec};
 use doppel::standby::Standby;
@@ -27,8 +27,42 @@ use doppel_abi::{AtomicMem64, SharedMem};
 type Res = Result<(), (String, u8)>;
 
 const INVALID: u8 = 1;
+const USAGE: u8 = 2;
 const IO: u8 = 3;
 const PEER_GONE: u8 = 4;
+
+/// Longest timeout any flag takes: one week.
+pub const MAX_SECS: u64 = 7 * 24 * 3600;
+/// Largest guest a replica may have (`--guest-pages`): 2^32 pages, 16 TiB.
+pub const MAX_GUEST_PAGES: u64 = 1 << 32;
+/// Most requests one `client` run sends (the workload and its expected
+/// answers are held in memory, 48 bytes per request).
+pub const MAX_OPS: u64 = 1_000_000;
+
+/// A timeout in seconds (fractions allowed): finite, at least 1 ms, at most
+/// [`MAX_SECS`].
+pub fn parse_secs(s: &str) -> Result<Duration, String> {
+    let v: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{s}` is not a number of seconds"))?;
+    if !(v.is_finite() && (0.001..=MAX_SECS as f64).contains(&v)) {
+        return Err(format!(
+            "{s} s is out of range: give a finite number of seconds from 0.001 to {MAX_SECS}"
+        ));
+    }
+    Duration::try_from_secs_f64(v).map_err(|e| format!("{s} s: {e}"))
+}
+
+/// Whole seconds for a timeout flag: 1 to [`MAX_SECS`].
+fn secs_u64() -> clap::builder::RangedU64ValueParser<u64> {
+    clap::value_parser!(u64).range(1..=MAX_SECS)
+}
+
+/// A guest size in pages: 1 to [`MAX_GUEST_PAGES`].
+pub fn guest_pages_parser() -> clap::builder::RangedU64ValueParser<u64> {
+    clap::value_parser!(u64).range(1..=MAX_GUEST_PAGES)
+}
 
 #[derive(Args, Debug)]
 #[command(group(clap::ArgGroup::new("dest").required(true).args(["backup", "record"])))]
@@ -53,17 +87,18 @@ pub struct PrimaryArgs {
     epochs: Option<u64>,
     /// Seconds to wait for the machine RAM file and the control area in it
     /// to appear (the emulator may be starting, the hypervisor booting).
-    #[arg(long, default_value_t = 60, value_name = "SECS")]
+    #[arg(long, default_value_t = 60, value_name = "SECS", value_parser = secs_u64())]
     wait_control: u64,
     /// Seconds to wait for the hypervisor's answer to a command.
-    #[arg(long, default_value_t = 30, value_name = "SECS")]
+    #[arg(long, default_value_t = 30, value_name = "SECS", value_parser = secs_u64())]
     reply_timeout: u64,
     /// Seconds to wait for the next checkpoint before deciding the
     /// hypervisor stopped answering (exit code 4).
-    #[arg(long, default_value_t = 120, value_name = "SECS")]
+    #[arg(long, default_value_t = 120, value_name = "SECS", value_parser = secs_u64())]
     event_timeout: u64,
-    /// Seconds to wait for the backup's ack of an epoch.
-    #[arg(long, default_value_t = 60, value_name = "SECS")]
+    /// Seconds to wait for the backup's ack of an epoch. Not with --record.
+    #[arg(long, default_value_t = 60, value_name = "SECS", value_parser = secs_u64(),
+          conflicts_with = "record")]
     ack_timeout: u64,
     /// Ask the backup for compressed page records (each page XORed with its
     /// previous version, lz4). Sent as a hello right after the stream
@@ -73,7 +108,8 @@ pub struct PrimaryArgs {
     compress: bool,
     /// Seconds to wait for the backup's answer to the --compress hello
     /// (a backup too old to know it never answers).
-    #[arg(long, default_value_t = 10, value_name = "SECS")]
+    #[arg(long, default_value_t = 10, value_name = "SECS", value_parser = secs_u64(),
+          requires = "compress")]
     hello_timeout: u64,
     /// Serve the protected service's clients on this address (host:port;
     /// port 0 picks one; printed as `clients on ADDR`): one client at a
@@ -85,7 +121,9 @@ pub struct PrimaryArgs {
     /// With a backup: send a heartbeat record at least this often (ms)
     /// while waiting for the hypervisor's next event; the backup fails
     /// over when the stream stays silent for its --heartbeat-timeout.
-    #[arg(long, default_value_t = 200, value_name = "MS")]
+    /// 1 to 60000; not with --record (a capture carries no heartbeats).
+    #[arg(long, default_value_t = 200, value_name = "MS", conflicts_with = "record",
+          value_parser = clap::value_parser!(u64).range(1..=60_000))]
     heartbeat_ms: u64,
 }
 
@@ -99,35 +137,42 @@ pub struct BackupArgs {
     /// Directory of the replica: `memory.img` (guest memory),
     /// `memory.img.state` (vCPU blob, TSC info, params, committed epochs),
     /// `memory.img.journal` during a commit. Must not hold committed epochs
-    /// already.
+    /// already (exit code 2).
     #[arg(long, value_name = "DIR", required_unless_present = "standby_ram")]
     replica: Option<PathBuf>,
-    /// Guest size in 4 KiB pages; pfns at or above it are refused.
-    #[arg(long, value_name = "N", required_unless_present = "standby_ram")]
+    /// Guest size in 4 KiB pages (1 to 2^32); pfns at or above it are
+    /// refused, and epoch 0 must carry every one of them.
+    #[arg(long, value_name = "N", required_unless_present = "standby_ram",
+          value_parser = guest_pages_parser())]
     guest_pages: Option<u64>,
     /// Instead of a file replica: a standby hypervisor's machine RAM file
     /// (control area with the STANDBY feature). Committed epochs are
     /// written into its guest RAM; when the primary is lost the last
     /// committed vCPU state is written and the standby activated.
+    /// Requires --serve-clients.
     #[arg(long, value_name = "FILE", conflicts_with_all = ["replica", "guest_pages"], requires = "serve_clients")]
     standby_ram: Option<PathBuf>,
-    /// With --standby-ram: after failover, serve the service's clients on
-    /// this address (bound at startup, printed as `clients on ADDR`;
-    /// connections are accepted only once the standby is active).
+    /// With --standby-ram (and required by it): after failover, serve the
+    /// service's clients on this address (bound at startup, printed as
+    /// `clients on ADDR`; connections are accepted only once the standby
+    /// is active).
     #[arg(long, value_name = "ADDR", requires = "standby_ram")]
     serve_clients: Option<String>,
     /// With --standby-ram: fail over when nothing (not even a heartbeat)
-    /// arrives from the primary for this long.
-    #[arg(long, default_value_t = 5.0, value_name = "SECS")]
-    heartbeat_timeout: f64,
+    /// arrives from the primary for this long (0.001 to 604800 s).
+    #[arg(long, default_value = "5", value_name = "SECS", value_parser = parse_secs,
+          conflicts_with = "replica")]
+    heartbeat_timeout: Duration,
     /// With --standby-ram: seconds to wait for the standby's control area.
-    #[arg(long, default_value_t = 60, value_name = "SECS")]
+    #[arg(long, default_value_t = 60, value_name = "SECS", value_parser = secs_u64(),
+          conflicts_with = "replica")]
     wait_control: u64,
     /// With --standby-ram: seconds to wait for the answer to Activate.
-    #[arg(long, default_value_t = 30, value_name = "SECS")]
+    #[arg(long, default_value_t = 30, value_name = "SECS", value_parser = secs_u64(),
+          conflicts_with = "replica")]
     reply_timeout: u64,
     /// Seconds to wait for the primary to connect.
-    #[arg(long, default_value_t = 300, value_name = "SECS")]
+    #[arg(long, default_value_t = 300, value_name = "SECS", value_parser = secs_u64())]
     accept_timeout: u64,
     /// Refuse the primary's request for compressed page records (it then
     /// sends plain PAGE_DATA).
@@ -202,26 +247,29 @@ pub struct ClientArgs {
     /// backup --serve-clients`); unanswered requests are re-sent there.
     #[arg(long, value_name = "ADDR")]
     failover: Option<String>,
-    /// Requests to send (ids 1..=N).
-    #[arg(long, value_name = "N")]
+    /// Requests to send (ids 1..=N; N from 1 to 1000000).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=MAX_OPS))]
     ops: u64,
     /// Most unanswered requests (1..=32, the service's replay window).
     #[arg(long, default_value_t = 8, value_name = "W",
           value_parser = clap::value_parser!(u64).range(1..=doppel_abi::service::REPLAY_WINDOW))]
     window: u64,
-    /// Keys used (random PUT / ADD on keys below K).
-    #[arg(long, default_value_t = 16, value_name = "K")]
+    /// Keys used (random PUT / ADD on keys below K; 1 to 4096, the
+    /// service's limit).
+    #[arg(long, default_value_t = 16, value_name = "K",
+          value_parser = clap::value_parser!(u64).range(1..=u64::from(doppel_abi::service::MAX_KEYS)))]
     keys: u64,
     /// Workload seed.
     #[arg(long, default_value_t = 1)]
     seed: u64,
     /// Fail over when no reply arrives for this long while requests are
-    /// outstanding.
-    #[arg(long, default_value_t = 5.0, value_name = "SECS")]
-    reply_timeout: f64,
-    /// Keep trying to connect (to each address) for this long.
-    #[arg(long, default_value_t = 10.0, value_name = "SECS")]
-    connect_timeout: f64,
+    /// outstanding (0.001 to 604800 s).
+    #[arg(long, default_value = "5", value_name = "SECS", value_parser = parse_secs)]
+    reply_timeout: Duration,
+    /// Keep trying to connect (to each address) for this long (0.001 to
+    /// 604800 s).
+    #[arg(long, default_value = "10", value_name = "SECS", value_parser = parse_secs)]
+    connect_timeout: Duration,
 }
 
 fn machine_err(e: MachineError) -> (String, u8) {
@@ -357,7 +405,7 @@ pub fn primary(a: PrimaryArgs) -> Res {
             Output::record(BufWriter::with_capacity(1 << 20, f));
         p.run(&mut out, progress_printer())
     } else {
-        let beat = Duration::from_millis(a.heartbeat_ms.max(1));
+        let beat = Duration::from_millis(a.heartbeat_ms);
         let addr = a.backup.as_deref().unwrap_or_default();
         let conn = TcpStream::connect(addr).map_err(io(format!("connecting to {addr}")))?;
         let _ = conn.set_nodelay(true);
@@ -466,8 +514,10 @@ pub fn backup(a: BackupArgs) -> Res {
     }
     let io = |what: String| move |e: std::io::Error| (format!("{what}: {e}"), IO);
     let (Some(dir), Some(guest_pages)) = (&a.replica, a.guest_pages) else {
-        return Err(("--replica and --guest-pages are required".into(), 2));
+        return Err(("--replica and --guest-pages are required".into(), USAGE));
     };
+    // Bind before anything is created: a bad --listen leaves no files.
+    let l = bind_listen(&a.listen)?;
     std::fs::create_dir_all(dir).map_err(io(dir.display().to_string()))?;
     let image = dir.join("memory.img");
     let mut rep = Replica::open_file(&image, guest_pages).map_err(|e| (e.to_string(), IO))?;
@@ -478,15 +528,15 @@ pub fn backup(a: BackupArgs) -> Res {
                 dir.display(),
                 rep.state().committed
             ),
-            IO,
+            USAGE,
         ));
     }
-    let l = bind_listen(&a.listen)?;
     let conn = accept_primary(&l, a.accept_timeout)?;
     let _ = conn.set_nodelay(true);
     let ack_out = conn.try_clone().map_err(io("socket".into()))?;
     let tty = std::io::stderr().is_terminal();
     let t0 = Instant::now();
+    let mut progress = Progress::new(t0);
     let offer = if a.no_compress { 0 } else { feature::KNOWN };
     let got = backup::serve_opts(
         BufReader::with_capacity(1 << 20, conn),
@@ -504,6 +554,7 @@ pub fn backup(a: BackupArgs) -> Res {
                 );
             }
             tracing::debug!("committed epoch {} ({} pages)", s.epoch, s.pages);
+            progress.epoch(s.pages, s.bytes, tty);
         },
     )
     .map_err(io("back channel".into()))?;
@@ -537,9 +588,46 @@ pub fn backup(a: BackupArgs) -> Res {
             PEER_GONE,
         )),
         Some(
-            e @ (ReceiveError::Replica(_) | ReceiveError::Ack { .. } | ReceiveError::Hello(_)),
+            e @ (ReceiveError::Replica(ReplicaError::Io { .. } | ReplicaError::Corrupt { .. })
+            | ReceiveError::Ack { .. }
+            | ReceiveError::Hello(_)),
         ) => Err((e.to_string(), IO)),
         Some(e) => Err((format!("{e}; replica at epoch {last}"), INVALID)),
+    }
+}
+
+/// Totals of a backup run, logged at info about once a second (not on a
+/// terminal, where the progress line shows every epoch).
+struct Progress {
+    epochs: u64,
+    pages: u64,
+    bytes: u64,
+    last: Instant,
+}
+
+impl Progress {
+    fn new(start: Instant) -> Self {
+        Self {
+            epochs: 0,
+            pages: 0,
+            bytes: 0,
+            last: start,
+        }
+    }
+
+    fn epoch(&mut self, pages: u64, bytes: u64, tty: bool) {
+        self.epochs += 1;
+        self.pages = self.pages.saturating_add(pages);
+        self.bytes = self.bytes.saturating_add(bytes);
+        if !tty && self.last.elapsed() >= Duration::from_secs(1) {
+            self.last = Instant::now();
+            tracing::info!(
+                "backup: {} epochs committed, {} pages, {} bytes received",
+                self.epochs,
+                self.pages,
+                self.bytes
+            );
+        }
     }
 }
 
@@ -562,7 +650,7 @@ fn standby_backup(a: BackupArgs) -> Res {
     let clients = client_side(&m, &ctl, caddr, true)?;
     let conn = accept_primary(&l, a.accept_timeout)?;
     let _ = conn.set_nodelay(true);
-    let hb = Duration::from_secs_f64(a.heartbeat_timeout.max(0.01));
+    let hb = a.heartbeat_timeout;
     conn.set_read_timeout(Some(hb))
         .map_err(io("socket".into()))?;
     let ack_out = conn.try_clone().map_err(io("socket".into()))?;
@@ -677,8 +765,8 @@ pub fn client(a: ClientArgs) -> Res {
         connect: a.connect,
         failover: a.failover,
         window: a.window,
-        reply_timeout: Duration::from_secs_f64(a.reply_timeout.max(0.01)),
-        connect_timeout: Duration::from_secs_f64(a.connect_timeout.max(0.0)),
+        reply_timeout: a.reply_timeout,
+        connect_timeout: a.connect_timeout,
     };
     let run = doppel::client::run(&cfg, &mut checker);
     if let Some(why) = &run.gave_up {
@@ -688,8 +776,15 @@ pub fn client(a: ClientArgs) -> Res {
     let _ = std::io::stdout().flush();
     if checker.pass() {
         Ok(())
+    } else if checker.lost_acked != 0 || checker.divergent != 0 {
+        Err(("client: the run failed: wrong replies".into(), INVALID))
+    } else if run.connections == 0 {
+        Err(("client: the service was never reached".into(), IO))
     } else {
-        Err(("client: the run failed".into(), INVALID))
+        Err((
+            "client: the run failed: the service went away before answering everything".into(),
+            PEER_GONE,
+        ))
     }
 }
 

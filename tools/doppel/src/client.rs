@@ -34,6 +34,8 @@ pub struct ClientConfig {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ClientRun {
     pub failovers: u64,
+    /// Connections made (0: the service was never reached).
+    pub connections: u64,
     /// Why the run stopped before everything was answered, if it did.
     pub gave_up: Option<String>,
 }
@@ -73,6 +75,7 @@ pub fn run(cfg: &ClientConfig, checker: &mut Checker) -> ClientRun {
                 return out;
             }
         };
+        out.connections += 1;
         eprintln!("client: connected to {addr}");
         match session(cfg, checker, sock, &mut last_progress) {
             Session::Done => return out,

@@ -7,6 +7,7 @@
 //! went away (hypervisor stopped answering or its RAM file disappeared;
 //! for `backup`: the primary's stream broke, the replica stays at its last
 //! committed epoch); 5 (`primary`) the backup connection was lost.
+//! A replica that already holds committed epochs is a usage error (2).
 
 use std::fs::File;
 use std::io::{BufReader, BufWriter};
@@ -15,11 +16,17 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use doppel::backup::{self, Staged, Stager};
-use doppel::replica::Replica;
+use doppel::replica::{Replica, ReplicaError};
 use doppel::stream::{Limits, StreamError, StreamReader};
 use doppel::synth::{self, SynthSpec};
 
 mod cli;
+
+/// Most epochs `stream synth` writes.
+const MAX_SYNTH_EPOCHS: u64 = 100_000;
+/// Largest guest `stream synth` generates (epoch 0 alone is this many
+/// pages of stream).
+const MAX_SYNTH_PAGES: u64 = 1 << 20;
 
 /// Doppel keeps a running VM replicated to a backup host.
 ///
@@ -28,9 +35,12 @@ mod cli;
 /// `backup`, which keeps a byte-exact replica and acknowledges each epoch.
 ///
 /// Exit codes: 0 success; 1 invalid input (stream, control area, hypervisor
-/// message, back channel); 2 usage; 3 I/O error; 4 peer gone (hypervisor
-/// silent or its RAM file removed; for backup: the primary's stream broke,
-/// the replica stays at its last committed epoch); 5 backup connection lost.
+/// message, back channel); 2 usage (bad flags, or a replica that already
+/// holds committed epochs); 3 I/O error (for client: the service was never
+/// reached); 4 peer gone (hypervisor silent or its RAM file removed; for
+/// backup: the primary's stream broke, the replica stays at its last
+/// committed epoch; for client: the service went away); 5 backup
+/// connection lost.
 /// Logs: RUST_LOG (default info) on stderr.
 #[derive(Parser, Debug)]
 #[command(version, about, long_about)]
@@ -46,17 +56,33 @@ enum Cmd {
     Stream(StreamCmd),
     /// Replicate: serve the hypervisor's rings and ship each checkpoint to
     /// a backup (or record the stream to a file).
+    #[command(after_help = "Examples:
+  doppel primary --machine-ram /dev/shm/vm.ram --backup 10.0.0.2:7000
+  doppel primary --machine-ram /dev/shm/vm.ram --backup 10.0.0.2:7000 --compress \
+      --serve-clients 0.0.0.0:7100
+  doppel primary --machine-ram /dev/shm/vm.ram --record capture.xen --epochs 5")]
     Primary(cli::PrimaryArgs),
-    /// Receive one primary's stream into a file replica, acknowledging
-    /// each committed epoch. Prints the last committed epoch on exit.
+    /// Receive one primary's stream into a file replica (or a standby's
+    /// guest RAM), acknowledging each committed epoch. Prints the last
+    /// committed epoch on exit.
+    #[command(after_help = "Examples:
+  doppel backup --listen 0.0.0.0:7000 --replica /var/lib/doppel/vm1 --guest-pages 16384
+  doppel backup --listen 0.0.0.0:7000 --standby-ram /dev/shm/standby.ram \
+      --serve-clients 0.0.0.0:7100 --heartbeat-timeout 2")]
     Backup(cli::BackupArgs),
     /// Print the control area and guest RAM location found in a machine
     /// RAM file, or the state of a replica; optionally dump blobs.
+    #[command(after_help = "Examples:
+  doppel inspect --machine-ram /dev/shm/vm.ram
+  doppel inspect --replica /var/lib/doppel/vm1 --vcpu-out vcpu.bin")]
     Inspect(cli::InspectArgs),
     /// Drive the protected key-value service (`primary --serve-clients`)
     /// and check every reply against a model; fail over to a second
     /// address. Last stdout line: `client: ops=N answered=N ... result=pass|fail`
-    /// (exit 0 only on pass).
+    /// (exit 0 only on pass; 1 wrong replies; 3 the service was never
+    /// reached; 4 it went away before answering everything).
+    #[command(after_help = "Example:
+  doppel client --connect 10.0.0.1:7100 --failover 10.0.0.2:7100 --ops 4000")]
     Client(cli::ClientArgs),
     /// Play the hypervisor's side on a new machine RAM file (a software
     /// model for testing the tool without an emulator).
@@ -65,12 +91,17 @@ enum Cmd {
 }
 
 #[derive(Subcommand, Debug)]
+#[command(after_help = "Examples:
+  doppel stream synth --epochs 5 --pages 256 --out synth.xen
+  doppel stream verify synth.xen --guest-pages 256
+  doppel stream replay synth.xen --image bk/memory.img --guest-pages 256")]
 enum StreamCmd {
     /// Validate a finite capture (ending in END) and print per-epoch counts.
     ///
     /// Every record is checked: framing, lengths, padding, reserved fields,
     /// page types, pfn range and record order. Exit code 1 names the first
     /// violation.
+    #[command(after_help = "Example:\n  doppel stream verify capture.xen --guest-pages 16384")]
     Verify {
         /// The capture file.
         file: PathBuf,
@@ -81,12 +112,20 @@ enum StreamCmd {
     },
     /// Write a deterministic synthetic stream: headers, STATIC_DATA_END,
     /// N epochs (epoch 0 = all pages, later ones = dirtied pages), END.
+    /// Written while generated, to a temporary file renamed to --out at
+    /// the end (a failed run leaves no partial file).
+    #[command(
+        after_help = "Example:\n  doppel stream synth --epochs 5 --pages 2100 --out synth.xen"
+    )]
     Synth {
-        /// Number of epochs.
-        #[arg(long, default_value_t = 5)]
+        /// Number of epochs (1 to 100000).
+        #[arg(long, default_value_t = 5,
+              value_parser = clap::value_parser!(u64).range(1..=MAX_SYNTH_EPOCHS))]
         epochs: u64,
-        /// Guest size in pages.
-        #[arg(long, default_value_t = 256)]
+        /// Guest size in pages (1 to 1048576: a 4 GiB guest, 4 GiB of
+        /// stream for epoch 0).
+        #[arg(long, default_value_t = 256,
+              value_parser = clap::value_parser!(u64).range(1..=MAX_SYNTH_PAGES))]
         pages: u64,
         /// Pages dirtied per epoch after the first.
         #[arg(long, default_value_t = 32)]
@@ -100,14 +139,24 @@ enum StreamCmd {
     },
     /// Receive a capture into a file replica (image + .state + .journal),
     /// committing epoch by epoch as the backup does.
+    ///
+    /// Like `backup`, a replica that already holds committed epochs is
+    /// refused (exit code 2): every capture starts over with its own
+    /// headers and a full epoch 0, so appending one to a replica would only
+    /// mix two streams' epoch counts. Epoch 0 must carry every one of
+    /// --guest-pages pages.
+    #[command(
+        after_help = "Example:\n  doppel stream replay capture.xen --image bk/memory.img --guest-pages 16384"
+    )]
     Replay {
         /// The capture file.
         file: PathBuf,
-        /// Replica image file (created if missing).
+        /// Replica image file (created if missing; must not hold committed
+        /// epochs).
         #[arg(long)]
         image: PathBuf,
-        /// Guest size in pages.
-        #[arg(long)]
+        /// Guest size in pages (1 to 2^32).
+        #[arg(long, value_parser = cli::guest_pages_parser())]
         guest_pages: u64,
     },
 }
@@ -230,24 +279,56 @@ fn verify(file: &Path, guest_pages: Option<u64>) -> Result<(), Failure> {
 }
 
 fn synth_cmd(spec: &SynthSpec, out: &Path) -> Result<(), Failure> {
-    let io = |e: std::io::Error| Failure::Io(format!("{}: {e}", out.display()));
-    let f = File::create(out).map_err(io)?;
-    let eps = synth::epochs(spec);
-    let (_, lay) = synth::write_stream(BufWriter::with_capacity(1 << 20, f), &eps).map_err(io)?;
+    fn io(p: &Path) -> impl FnOnce(std::io::Error) -> Failure + '_ {
+        move |e| Failure::Io(format!("{}: {e}", p.display()))
+    }
+    let name = out
+        .file_name()
+        .ok_or_else(|| Failure::Code(format!("--out {}: not a file name", out.display()), 2))?;
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(name);
+    tmp_name.push(format!(".tmp-{}", std::process::id()));
+    let tmp = out.with_file_name(tmp_name);
+    let written = File::create(&tmp).map_err(io(&tmp)).and_then(|f| {
+        let (w, total) =
+            synth::write_spec(BufWriter::with_capacity(1 << 20, f), spec).map_err(io(&tmp))?;
+        let f = w.into_inner().map_err(|e| io(&tmp)(e.into_error()))?;
+        f.sync_all().map_err(io(&tmp))?;
+        std::fs::rename(&tmp, out).map_err(io(out))?;
+        Ok(total)
+    });
+    let total = match written {
+        Ok(t) => t,
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+    };
     tracing::info!(
         "wrote {} epochs of a {}-page guest, {} bytes, to {}",
         spec.epochs,
         spec.pages,
-        lay.total,
+        total,
         out.display()
     );
     Ok(())
 }
 
 fn replay(file: &Path, image: &Path, guest_pages: u64) -> Result<(), Failure> {
+    // The capture first: a missing one creates no image.
+    let capture = open(file)?;
     let mut rep = Replica::open_file(image, guest_pages).map_err(|e| Failure::Io(e.to_string()))?;
     let before = rep.state().committed;
-    let got = backup::receive(open(file)?, &mut rep, |s| {
+    if before != 0 {
+        return Err(Failure::Code(
+            format!(
+                "{}: the replica already holds {before} committed epochs; use a new image",
+                image.display()
+            ),
+            2,
+        ));
+    }
+    let got = backup::receive(capture, &mut rep, |s| {
         println!("committed epoch {} ({} pages)", s.epoch, s.pages);
         Ok(())
     });
@@ -259,7 +340,11 @@ fn replay(file: &Path, image: &Path, guest_pages: u64) -> Result<(), Failure> {
     match got.error {
         None => Ok(()),
         Some(backup::ReceiveError::Stream(e)) => Err(stream_failure(e)),
-        Some(e @ backup::ReceiveError::Replica(_)) => Err(Failure::Io(e.to_string())),
+        Some(
+            e @ backup::ReceiveError::Replica(
+                ReplicaError::Io { .. } | ReplicaError::Corrupt { .. },
+            ),
+        ) => Err(Failure::Io(e.to_string())),
         Some(e) => Err(Failure::Invalid(e.to_string())),
     }
 }

@@ -39,6 +39,11 @@ pub enum ReplicaError {
          the standby's guest_ram has {local} pages (start both with the same guest-mem=)"
     )]
     GuestMismatch { stream: u64, local: u64 },
+    #[error(
+        "epoch 0 carries {stream} pages but the replica has {local} (--guest-pages): \
+         give the guest's size"
+    )]
+    SizeMismatch { stream: u64, local: u64 },
     #[error("epoch {epoch}: the HVM context blob does not decode: {detail}")]
     BadContext { epoch: u64, detail: String },
     #[error(
@@ -208,7 +213,12 @@ impl Replica {
             }
             Err(fs::TryLockError::Error(e)) => return Err(io_err(image)(e)),
         }
-        let want = pages * PAGE_SIZE as u64;
+        let want = pages.checked_mul(PAGE_SIZE as u64).ok_or_else(|| {
+            io_err(image)(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("a guest of {pages} pages is larger than a file can be"),
+            ))
+        })?;
         let have = file.metadata().map_err(io_err(image))?.len();
         if have != want {
             if have != 0 {
@@ -291,6 +301,17 @@ impl Replica {
                 pfn,
                 pages: self.pages,
             });
+        }
+        // A file replica's first epoch must set every page (the image
+        // would otherwise keep zero pages the guest never had).
+        if self.state.committed == 0 && matches!(self.store, Store::File(_)) {
+            let stream = staged.final_pages().len() as u64;
+            if stream != self.pages {
+                return Err(ReplicaError::SizeMismatch {
+                    stream,
+                    local: self.pages,
+                });
+            }
         }
         let mut next = self.state.clone();
         next.committed += 1;

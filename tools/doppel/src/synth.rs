@@ -47,59 +47,103 @@ pub fn hvm_context_blob(epoch: u64) -> Vec<u8> {
 /// Generate the epochs. Epoch 0: every page in pfn order, with every 61st
 /// pfn sent as invalid (no data). Later epochs: `dirty` random pfns (may
 /// repeat, so a pfn can be sent twice in one epoch; the later copy wins).
+/// Everything is held in memory: for large guests use [`write_spec`].
 pub fn epochs(spec: &SynthSpec) -> Vec<EpochData> {
     let mut rng = Rng::new(spec.seed);
-    let mut out = Vec::with_capacity(spec.epochs as usize);
+    let mut out = Vec::new();
     for e in 0..spec.epochs {
-        let mut pages = Vec::new();
-        if e == 0 {
-            for pfn in 0..spec.pages {
-                if pfn % 61 == 60 {
-                    pages.push((pfn, None));
-                } else {
-                    let mut d = vec![0; PAGE_SIZE];
-                    rng.fill(&mut d);
-                    pages.push((pfn, Some(d)));
-                }
-            }
-        } else if spec.pages > 0 {
-            for _ in 0..spec.dirty.min(spec.pages) {
-                let pfn = rng.below(spec.pages);
-                let mut d = vec![0; PAGE_SIZE];
-                // Sparse writes, like a real guest: most of the page keeps
-                // the pattern of its pfn, a few words are random.
-                d.iter_mut()
-                    .enumerate()
-                    .for_each(|(i, b)| *b = (pfn as u8) ^ (i as u8));
-                for _ in 0..8 {
-                    let at = rng.below((PAGE_SIZE / 8) as u64) as usize * 8;
-                    d[at..at + 8].copy_from_slice(&rng.next_u64().to_le_bytes());
-                }
-                pages.push((pfn, Some(d)));
-            }
-        }
-        out.push(EpochData {
-            pages,
-            tsc: TscInfo {
-                mode: 0,
-                khz: 2_000_000,
-                nsec: e * 100_000_000,
-                incarnation: 0,
-            },
-            hvm_context: hvm_context_blob(e),
-            params: vec![
-                HvmParam {
-                    index: 1, // HVM_PARAM_STORE_PFN
-                    value: spec.pages.saturating_sub(1),
-                },
-                HvmParam {
-                    index: 2, // HVM_PARAM_TIMER_MODE (synthetic value)
-                    value: e,
-                },
-            ],
-        });
+        let pages = (0..epoch_pages(spec, e))
+            .map(|i| page(spec, &mut rng, e, i))
+            .collect();
+        out.push(epoch_tail(spec, e, pages));
     }
     out
+}
+
+/// Number of pages epoch `e` sends.
+fn epoch_pages(spec: &SynthSpec, e: u64) -> u64 {
+    match e {
+        0 => spec.pages,
+        _ if spec.pages == 0 => 0,
+        _ => spec.dirty.min(spec.pages),
+    }
+}
+
+/// The `i`th page epoch `e` sends (pages are drawn in order from one
+/// generator, so the whole stream is fixed by the seed).
+fn page(spec: &SynthSpec, rng: &mut Rng, e: u64, i: u64) -> (u64, Option<Vec<u8>>) {
+    if e == 0 {
+        let pfn = i;
+        if pfn % 61 == 60 {
+            return (pfn, None);
+        }
+        let mut d = vec![0; PAGE_SIZE];
+        rng.fill(&mut d);
+        return (pfn, Some(d));
+    }
+    let pfn = rng.below(spec.pages);
+    let mut d = vec![0; PAGE_SIZE];
+    // Sparse writes, like a real guest: most of the page keeps the pattern
+    // of its pfn, a few words are random.
+    d.iter_mut()
+        .enumerate()
+        .for_each(|(i, b)| *b = (pfn as u8) ^ (i as u8));
+    for _ in 0..8 {
+        let at = rng.below((PAGE_SIZE / 8) as u64) as usize * 8;
+        d[at..at + 8].copy_from_slice(&rng.next_u64().to_le_bytes());
+    }
+    (pfn, Some(d))
+}
+
+/// Epoch `e` with `pages` and its end-of-epoch records.
+fn epoch_tail(spec: &SynthSpec, e: u64, pages: Vec<(u64, Option<Vec<u8>>)>) -> EpochData {
+    EpochData {
+        pages,
+        tsc: TscInfo {
+            mode: 0,
+            khz: 2_000_000,
+            nsec: e.wrapping_mul(100_000_000),
+            incarnation: 0,
+        },
+        hvm_context: hvm_context_blob(e),
+        params: vec![
+            HvmParam {
+                index: 1, // HVM_PARAM_STORE_PFN
+                value: spec.pages.saturating_sub(1),
+            },
+            HvmParam {
+                index: 2, // HVM_PARAM_TIMER_MODE (synthetic value)
+                value: e,
+            },
+        ],
+    }
+}
+
+/// Write the stream of `spec` (the bytes [`stream_bytes`] gives) while
+/// generating it, holding at most one PAGE_DATA batch (1024 pages) in
+/// memory. Returns the writer and the stream length.
+pub fn write_spec<W: Write>(w: W, spec: &SynthSpec) -> io::Result<(W, u64)> {
+    let batch = crate::stream::MAX_BATCH_PFNS as u64;
+    let mut rng = Rng::new(spec.seed);
+    let mut sw = StreamWriter::new(w);
+    sw.headers(XEN_MAJOR, XEN_MINOR)?;
+    sw.static_data_end()?;
+    for e in 0..spec.epochs {
+        let n = epoch_pages(spec, e);
+        let mut i = 0;
+        while i < n {
+            let k = batch.min(n - i);
+            let pages = (i..i + k).map(|j| page(spec, &mut rng, e, j)).collect();
+            sw.page_data(&epoch_tail(spec, e, pages).out_pages())?;
+            i += k;
+        }
+        let tail = epoch_tail(spec, e, Vec::new());
+        tail.write(&mut sw, true)?;
+    }
+    sw.end()?;
+    sw.flush()?;
+    let total = sw.bytes();
+    Ok((sw.into_inner(), total))
 }
 
 /// Byte offsets in a written stream, for tests.
@@ -136,4 +180,42 @@ pub fn stream_bytes(spec: &SynthSpec) -> (Vec<EpochData>, Vec<u8>, Layout) {
     let eps = epochs(spec);
     let (bytes, lay) = write_stream(Vec::new(), &eps).expect("writing to a Vec cannot fail");
     (eps, bytes, lay)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The streamed writer gives exactly the bytes of the in-memory one,
+    /// with epochs larger than one PAGE_DATA batch (so batch boundaries
+    /// and the generator's draw order must agree).
+    #[test]
+    fn write_spec_equals_stream_bytes() {
+        for spec in [
+            SynthSpec {
+                epochs: 3,
+                pages: 2100,
+                dirty: 1500,
+                seed: 7,
+            },
+            SynthSpec {
+                epochs: 2,
+                pages: 1,
+                dirty: 5,
+                seed: 1,
+            },
+            SynthSpec {
+                epochs: 0,
+                pages: 64,
+                dirty: 5,
+                seed: 1,
+            },
+        ] {
+            let (_, want, lay) = stream_bytes(&spec);
+            let (got, total) = write_spec(Vec::new(), &spec).unwrap();
+            assert_eq!(total, lay.total, "{spec:?}");
+            assert_eq!(got.len() as u64, total, "{spec:?}");
+            assert!(got == want, "{spec:?}: streamed bytes differ");
+        }
+    }
 }

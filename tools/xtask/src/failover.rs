@@ -17,7 +17,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -28,7 +28,7 @@ use anyhow::{bail, Context, Result};
 use doppel_abi::splitmix::{SplitMix64, GAMMA};
 
 use crate::emu::{self, RunSpec, Running};
-use crate::replica::{doppel_bin, guest_ram, TempFile};
+use crate::replica::{doppel_bin, guest_ram, shm_file, TempFile};
 use crate::test::Ctx;
 use crate::Emulator;
 
@@ -356,10 +356,7 @@ struct Machine {
 
 fn boot(ctx: &mut Ctx, doppel: &Path, cmdline: &str, tag: &str) -> Result<Machine> {
     let img = ctx.image()?;
-    let ram = TempFile(PathBuf::from(format!(
-        "/dev/shm/doppel-{tag}-{}",
-        std::process::id()
-    )));
+    let ram = shm_file(tag);
     let f = fs::File::create(&ram.0).with_context(|| format!("creating {}", ram.0.display()))?;
     f.set_len(u64::from(MACHINE_MIB) << 20)?;
     drop(f);

@@ -72,14 +72,22 @@ fn steps() -> Vec<(&'static str, StepFn)> {
 
 pub fn run(long: bool, only: Option<&str>) -> Result<()> {
     let mut ctx = Ctx { long, image: None };
+    let all = steps();
+    let chosen: Vec<_> = all
+        .iter()
+        .filter(|(name, _)| only.is_none_or(|o| name.contains(o)))
+        .collect();
+    if chosen.is_empty() {
+        let names: Vec<&str> = all.iter().map(|(n, _)| *n).collect();
+        bail!(
+            "no test step matches --only {:?}; the steps are: {}",
+            only.unwrap_or_default(),
+            names.join(", ")
+        );
+    }
     let (mut passed, mut failed) = (0u32, 0u32);
     let mut failures = Vec::new();
-    for (name, f) in steps() {
-        if let Some(o) = only {
-            if !name.contains(o) {
-                continue;
-            }
-        }
+    for &&(name, f) in &chosen {
         println!("---- {name}");
         let t = Instant::now();
         match f(&mut ctx) {
