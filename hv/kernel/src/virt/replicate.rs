@@ -21,9 +21,7 @@ use doppel_abi::guest::MAX_RECORD;
 use heapless::Vec as HVec;
 
 use doppel_abi::control::{validate_header, ControlHeader, ControlView, Field, Region};
-use doppel_abi::msg::{
-    kind, Ack, CheckpointReady, Command, Event, LogDirtyMode, Reply, Response, Span,
-};
+use doppel_abi::msg::{CheckpointReady, Command, Event, LogDirtyMode, Reply, Response, Span};
 use doppel_abi::ring::{slot_size, RingLayout};
 use doppel_abi::{errno::Errno, guest::PAGE_SIZE};
 use doppel_abi::{
@@ -33,6 +31,7 @@ use doppel_core::addr::HostPhysAddr;
 use doppel_core::dirtylog::DirtyTree;
 use doppel_core::hvm::{self, HeaderInfo};
 use doppel_core::paging::NestedEntry;
+use doppel_core::posted::{AckError, PostedEvents};
 use doppel_core::selftest::Mode;
 
 use super::guest::{self, GuestRam, Workload};
@@ -52,6 +51,9 @@ const CHANNEL_BYTES: u64 = 16384;
 const HOLD_LIMIT: usize = 1024;
 /// The vCPU area holds one HVM context blob (one vCPU).
 const VCPU_AREA_BYTES: u64 = 4096;
+/// Unanswered events tracked at most: the event ring's slot count (16 for
+/// a page of 128-byte events) fits.
+const EVENTS_IN_FLIGHT: usize = 16;
 
 /// Run the guest as a replicated primary. True when the guest finished and
 /// every checkpoint was acknowledged by the tool.
@@ -242,15 +244,17 @@ struct ControlArea {
     pfns: &'static mut [u8],
     vcpu: &'static mut [u8],
     enabled: bool,
-    /// Checkpoint events not yet acknowledged.
-    outstanding: u32,
-    seq: u32,
+    /// Events posted and not yet acknowledged, to match acks against.
+    events: PostedEvents<EVENTS_IN_FLIGHT>,
     next_epoch: u64,
     committed: Option<u64>,
 }
 
 /// Error text for a ring the tool drove out of protocol.
 const PEER_BROKE_RING: &str = "the dom0 tool broke the ring protocol (index out of range)";
+/// Error text for an event ack that answers no posted event.
+const PEER_BROKE_ACKS: &str =
+    "the dom0 tool broke the event protocol (an ack that does not answer the oldest event)";
 
 impl ControlArea {
     fn publish(ram: &GuestRam, role: Role) -> Result<Self, &'static str> {
@@ -380,8 +384,7 @@ impl ControlArea {
             pfns,
             vcpu,
             enabled: false,
-            outstanding: 0,
-            seq: 0,
+            events: PostedEvents::new(),
             next_epoch: 0,
             committed: None,
         })
@@ -471,32 +474,38 @@ impl ControlArea {
         }
     }
 
-    /// Take every acknowledgement the tool has posted.
+    /// Take every acknowledgement the tool has posted. Acks answer events
+    /// in ring order; one that does not answer the oldest unanswered event
+    /// (or does not decode) stops replication.
     fn take_acks(&mut self) -> Result<(), &'static str> {
         loop {
             match self.evt.pop_response() {
-                Ok(Some(a)) => {
-                    // Only checkpoint acks free the staging area; the acks
-                    // of output hints do not.
-                    match a.decode() {
-                        Ok(Ack { kind, .. }) if kind != kind::CHECKPOINT_READY => {}
-                        Ok(Ack { result: Ok(()), .. }) => {
-                            self.outstanding = self.outstanding.saturating_sub(1);
-                        }
-                        Ok(Ack {
-                            result: Err(e),
-                            epoch,
-                            ..
-                        }) => {
-                            log::warn!("primary: the tool rejected checkpoint {epoch}: {e:?}");
-                            self.outstanding = self.outstanding.saturating_sub(1);
-                        }
-                        Err(e) => {
-                            log::warn!("primary: malformed acknowledgement ({e:?})");
-                            self.outstanding = self.outstanding.saturating_sub(1);
+                Ok(Some(a)) => match self.events.take(a.decode()) {
+                    Ok(answered) => {
+                        if let Err(e) = answered.result {
+                            log::warn!(
+                                "primary: the tool rejected event kind {} of epoch {}: {e:?}",
+                                answered.event.kind,
+                                answered.event.epoch
+                            );
                         }
                     }
-                }
+                    Err(e) => {
+                        match e {
+                            AckError::Malformed(d) => {
+                                log::error!("primary: malformed acknowledgement ({d:?})");
+                            }
+                            AckError::Unsolicited { got } => {
+                                log::error!("primary: acknowledgement of no event: {got:?}");
+                            }
+                            AckError::Mismatch { want, got } => log::error!(
+                                "primary: acknowledgement {got:?} does not answer the oldest \
+                                 unanswered event {want:?}"
+                            ),
+                        }
+                        return Err(PEER_BROKE_ACKS);
+                    }
+                },
                 Ok(None) => {
                     if !self
                         .evt
@@ -518,7 +527,7 @@ impl ControlArea {
         loop {
             self.take_acks()?;
             let served = self.serve_commands()?;
-            if self.outstanding == 0 {
+            if self.events.checkpoints() == 0 {
                 return Ok(());
             }
             if !said {
@@ -539,10 +548,24 @@ impl ControlArea {
             op: 0,
             errno,
         };
-        if self.evt.push_request(&e.encode(self.seq)).is_ok() {
-            self.evt.publish_requests();
-            self.seq = self.seq.wrapping_add(1);
+        // Best effort (see above): a full ring or record skips the event.
+        let _ = self.post_event(&e);
+    }
+
+    /// Push `ev` on the event ring, publish it and record it, so its ack
+    /// can be matched.
+    fn post_event(&mut self, ev: &Event) -> Result<(), &'static str> {
+        if !self.events.can_post() {
+            return Err("event ring full");
         }
+        let entry = ev.encode(self.events.next_seq());
+        self.evt
+            .push_request(&entry)
+            .map_err(|_| "event ring full")?;
+        self.evt.publish_requests();
+        self.events
+            .posted(entry.kind, entry.epoch)
+            .map_err(|_| "event ring full")
     }
 
     /// Stage the epoch's dirty pages, pfns and vCPU; post the event.
@@ -595,12 +618,9 @@ impl ControlArea {
                 len: blob_len as u64,
             },
         };
-        self.evt
-            .push_request(&Event::CheckpointReady(ready).encode(self.seq))
-            .map_err(|_| "event ring full")?;
-        self.evt.publish_requests();
-        self.seq = self.seq.wrapping_add(1);
-        self.outstanding += 1;
+        // Cannot be full: the previous checkpoint is answered (back-pressure)
+        // and hints always leave a slot free for this event.
+        self.post_event(&Event::CheckpointReady(ready))?;
         self.next_epoch += 1;
         Ok(n as u64)
     }
@@ -609,7 +629,9 @@ impl ControlArea {
 impl ControlArea {
     /// Move held output of committed epochs into the output channel, in
     /// order, as far as it has room; post an `OutputAvailable` hint when
-    /// something went out and the event ring has a free slot.
+    /// something went out, no hint is unanswered and the ring keeps a slot
+    /// for the next checkpoint besides (hints coalesce: the tool reads the
+    /// whole channel, so one unanswered hint covers later output too).
     fn release(&mut self) -> Result<(), &'static str> {
         let Some(committed) = self.committed else {
             return Ok(());
@@ -634,9 +656,8 @@ impl ControlArea {
                 epoch: committed,
                 bytes,
             };
-            if self.evt.push_request(&hint.encode(self.seq)).is_ok() {
-                self.evt.publish_requests();
-                self.seq = self.seq.wrapping_add(1);
+            if self.events.may_post_hint(self.evt.free_requests()) {
+                self.post_event(&hint)?;
             }
         }
         Ok(())
