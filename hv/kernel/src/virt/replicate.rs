@@ -23,6 +23,7 @@ use heapless::Vec as HVec;
 use doppel_abi::control::{validate_header, ControlHeader, ControlView, Field, Region};
 use doppel_abi::msg::{CheckpointReady, Command, Event, LogDirtyMode, Reply, Response, Span};
 use doppel_abi::ring::{slot_size, RingLayout};
+use doppel_abi::SharedMem;
 use doppel_abi::{errno::Errno, guest::PAGE_SIZE};
 use doppel_abi::{
     AtomicMem, CommandBack, CommandEntry, EventAck, EventEntry, EventFront, Features,
@@ -238,11 +239,15 @@ struct ControlArea {
     view: ControlView,
     cmd: CommandBack<AtomicMem<'static>>,
     evt: EventFront<AtomicMem<'static>>,
-    /// Staging, pfn list and vCPU areas, as raw byte ranges (disjoint from
-    /// the rings and each other; `validate` checked that).
-    staging: &'static mut [u8],
-    pfns: &'static mut [u8],
-    vcpu: &'static mut [u8],
+    /// Staging, pfn list and vCPU areas (disjoint from the rings and each
+    /// other; `validate` checked that). Shared with the tool like the
+    /// rings, so accessed only through atomics: the tool reads staging and
+    /// pfns while a checkpoint is unanswered and, as a backup, writes the
+    /// vCPU area before `Activate`; a tool that breaks that protocol can
+    /// only make us copy torn bytes, never race in the Rust sense.
+    staging: AtomicMem<'static>,
+    pfns: AtomicMem<'static>,
+    vcpu: AtomicMem<'static>,
     enabled: bool,
     /// Events posted and not yet acknowledged, to match acks against.
     events: PostedEvents<EVENTS_IN_FLIGHT>,
@@ -290,10 +295,12 @@ impl ControlArea {
         let pa =
             frames::alloc_contiguous(size, PAGE_SIZE).ok_or("no memory for the control area")?;
         // SAFETY: `pa..pa+size` is fresh, zeroed, identity-mapped memory the
-        // frame allocator gave to us alone, 8-byte aligned, and it is never
-        // freed (the area lives as long as the hypervisor). Every access to
-        // the ring regions goes through these atomics; the other regions are
-        // split off below as disjoint byte slices.
+        // frame allocator gave to us, 8-byte aligned, and it is never freed
+        // (the area lives as long as the hypervisor). Besides us, only the
+        // dom0 tool accesses it, concurrently, from another CPU (or from
+        // the emulator host process); that is why every access on our side,
+        // to every region, goes through these atomic words and no plain
+        // reference to the bytes is ever made.
         //
         // 32-bit words, not 64-bit: the tool writes rsp_prod/req_event while
         // we write req_prod/rsp_event, two u32 fields per 8-byte word. A
@@ -359,16 +366,16 @@ impl ControlArea {
             .map_err(|_| "output channel")?;
         let evt =
             EventFront::attach(evt_mem, 0, bytes(Field::EventRing)).map_err(|_| "event ring")?;
-        let raw = |f: Field| -> &'static mut [u8] {
+        let area_mem = |f: Field| -> Result<AtomicMem<'static>, &'static str> {
             let (off, len) = view.region(f);
-            // SAFETY: the region lies inside the area (validated), is
-            // disjoint from the rings and every other region (validated),
-            // and this is the only slice ever made of it.
-            unsafe { core::slice::from_raw_parts_mut((pa as usize + off) as *mut u8, len) }
+            if !off.is_multiple_of(4) || !len.is_multiple_of(4) {
+                return Err("control area region not word-aligned");
+            }
+            Ok(AtomicMem::new(ring_words(f)))
         };
-        let staging = raw(Field::Staging);
-        let pfns = raw(Field::PfnList);
-        let vcpu = raw(Field::VcpuArea);
+        let staging = area_mem(Field::Staging)?;
+        let pfns = area_mem(Field::PfnList)?;
+        let vcpu = area_mem(Field::VcpuArea)?;
         Ok(Self {
             role,
             input,
@@ -582,14 +589,14 @@ impl ControlArea {
                     .slice(pfn * PAGE_SIZE, PAGE_SIZE)
                     .ok_or("dirty pfn outside guest RAM")?;
                 let at = n * PAGE_SIZE as usize;
-                self.staging
-                    .get_mut(at..at + PAGE_SIZE as usize)
-                    .ok_or("staging area too small")?
-                    .copy_from_slice(page);
-                self.pfns
-                    .get_mut(n * 8..n * 8 + 8)
-                    .ok_or("pfn list area too small")?
-                    .copy_from_slice(&pfn.to_le_bytes());
+                if at + PAGE_SIZE as usize > self.staging.size() {
+                    return Err("staging area too small");
+                }
+                if n * 8 + 8 > self.pfns.size() {
+                    return Err("pfn list area too small");
+                }
+                self.staging.write_bytes(at, page);
+                self.pfns.write_bytes(n * 8, &pfn.to_le_bytes());
                 n += 1;
             }
         }
@@ -598,8 +605,10 @@ impl ControlArea {
             gtsc_khz: 0,
             changeset: 0,
         };
-        let blob_len = hvm::encode(core::slice::from_ref(&e.vcpu), header, self.vcpu)
+        let mut blob = alloc::vec![0u8; self.vcpu.size()];
+        let blob_len = hvm::encode(core::slice::from_ref(&e.vcpu), header, &mut blob)
             .map_err(|_| "encoding the vCPU record")?;
+        self.vcpu.write_bytes(0, &blob[..blob_len]);
         let off = |f: Field| self.view.region(f).0 as u64;
         let epoch = self.next_epoch;
         let ready = CheckpointReady {
@@ -670,7 +679,11 @@ impl ControlArea {
             return Err(Errno::EINVAL);
         }
         // The record sits at the start of the area, zero-padded to its end.
-        let decoded = hvm::decode_padded::<1>(self.vcpu);
+        // Decode a private copy: the tool could still be writing the area,
+        // and the decoder reads its input more than once.
+        let mut copy = alloc::vec![0u8; self.vcpu.size()];
+        self.vcpu.read_bytes(0, &mut copy);
+        let decoded = hvm::decode_padded::<1>(&copy);
         let decoded = decoded.map_err(|e| {
             log::error!("standby: Activate: the vCPU record does not decode: {e:?}");
             Errno::EINVAL
