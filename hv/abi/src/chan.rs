@@ -201,8 +201,14 @@ impl<M: SharedMem> ChannelProducer<M> {
     pub fn free(&self) -> Result<u32, ChannelError> {
         let cons = self.mem.load_u32(self.layout.base + CONS);
         // The consumer can only have consumed published bytes, and cannot
-        // lag more than the capacity.
-        if self.prod_published.wrapping_sub(cons) > self.layout.data {
+        // lag more than the capacity behind what we wrote: `cons` must lie
+        // in `[prod_pvt - data, prod_published]`. The second bound also
+        // catches a `cons` that moved backwards past the space we already
+        // reused (its bytes were overwritten by unpublished records); it
+        // keeps the subtraction below from underflowing.
+        if self.prod_published.wrapping_sub(cons) > self.layout.data
+            || self.prod_pvt.wrapping_sub(cons) > self.layout.data
+        {
             return Err(ChannelError::PeerOverrun {
                 peer: cons,
                 own: self.prod_published,
@@ -539,5 +545,57 @@ mod tests {
         );
         m.store_u32(CONS, 24);
         p.write_record(2, &[2; 8]).unwrap();
+    }
+
+    #[test]
+    fn consumer_index_moving_backwards_is_rejected() {
+        // 128-byte data area. Publish 120 bytes, let the consumer take
+        // them, write 120 more unpublished, then the consumer claims it is
+        // back at 0: within the published window, but behind the space the
+        // unpublished records reuse.
+        let w = words(64 + 128);
+        let m = AtomicMem::new(&w);
+        ChannelLayout::new(m.size(), 0, m.size())
+            .unwrap()
+            .init_shared(&m);
+        let mut p = ChannelProducer::attach(&m, 0, m.size()).unwrap();
+        let mut c = ChannelConsumer::attach(&m, 0, m.size()).unwrap();
+        let first: Vec<u8> = (0..104u8).collect();
+        p.write_record(1, &first).unwrap();
+        assert_eq!(record_size(first.len()), 120);
+        p.publish();
+        let mut b = [0u8; 128];
+        assert_eq!(c.pop(&mut b), Ok(Some(RecordInfo { epoch: 1, len: 104 })));
+        c.publish();
+        assert_eq!(m.load_u32(CONS), 120);
+        let second: Vec<u8> = (0..104u8).map(|i| i ^ 0x5a).collect();
+        p.write_record(2, &second).unwrap();
+        let snapshot = |m: &AtomicMem<'_>| {
+            let mut all = [0u8; 64 + 128];
+            m.read_bytes(0, &mut all);
+            all
+        };
+        m.store_u32(CONS, 0);
+        let before = snapshot(&m);
+        assert_eq!(
+            p.free(),
+            Err(ChannelError::PeerOverrun { peer: 0, own: 120 })
+        );
+        assert_eq!(
+            p.write_record(3, &[3; 8]),
+            Err(ChannelError::PeerOverrun { peer: 0, own: 120 })
+        );
+        assert_eq!(
+            p.final_check_for_space(8),
+            Err(ChannelError::PeerOverrun { peer: 0, own: 120 })
+        );
+        assert_eq!(snapshot(&m), before, "nothing was written");
+        // Back at its true index the consumer reads the second record
+        // intact: the errors changed nothing.
+        m.store_u32(CONS, 120);
+        assert_eq!(p.free(), Ok(8));
+        p.publish();
+        assert_eq!(c.pop(&mut b), Ok(Some(RecordInfo { epoch: 2, len: 104 })));
+        assert_eq!(&b[..104], &second[..]);
     }
 }

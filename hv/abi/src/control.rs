@@ -102,6 +102,9 @@ const _: () = assert!(offset_of!(ControlHeader, cmd_ring) == 32);
 const _: () = assert!(offset_of!(ControlHeader, pfn_list) == 128);
 const _: () = assert!(offset_of!(ControlHeader, guest_ram) == 144);
 const _: () = assert!(offset_of!(ControlHeader, reserved) == 160);
+const _: () = assert!(size_of::<Region>() == 16);
+const _: () = assert!(offset_of!(Region, offset) == 0);
+const _: () = assert!(offset_of!(Region, size) == 8);
 
 /// A field of the header, named in errors.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

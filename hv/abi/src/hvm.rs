@@ -151,6 +151,9 @@ layout_struct! {
 }
 
 const _: () = assert!(size_of::<HvmSaveDescriptor>() == 8);
+const _: () = assert!(offset_of!(HvmSaveDescriptor, typecode) == 0);
+const _: () = assert!(offset_of!(HvmSaveDescriptor, instance) == 2);
+const _: () = assert!(offset_of!(HvmSaveDescriptor, length) == 4);
 const _: () = assert!(size_of::<HvmSaveHeader>() == 24);
 const _: () = assert!(offset_of!(HvmSaveHeader, changeset) == 8);
 const _: () = assert!(offset_of!(HvmSaveHeader, gtsc_khz) == 20);

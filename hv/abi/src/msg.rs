@@ -50,6 +50,10 @@ layout_struct! {
     }
 }
 
+const _: () = assert!(size_of::<Span>() == 16);
+const _: () = assert!(offset_of!(Span, offset) == 0);
+const _: () = assert!(offset_of!(Span, len) == 8);
+
 impl Span {
     pub const EMPTY: Span = Span { offset: 0, len: 0 };
 

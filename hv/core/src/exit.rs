@@ -88,8 +88,10 @@ pub enum Action {
 }
 
 /// Where the guest resumes for `action`, or `None` when it must stop (or an
-/// instruction the dispatch wants skipped has no known length, which is a
-/// backend bug reported as a stop rather than a guess).
+/// instruction the dispatch wants skipped has no known length: reported as
+/// a stop rather than a guess). A backend that cannot report the length
+/// (SVM without NRIP save) leaves `next_rip` empty; the run loop may fill
+/// it only from the instruction's bytes ([`exact_length`]).
 pub fn resume_rip(exit: &VmExit, action: Action) -> Option<u64> {
     match action {
         Action::Retry => Some(exit.rip),
@@ -98,9 +100,165 @@ pub fn resume_rip(exit: &VmExit, action: Action) -> Option<u64> {
     }
 }
 
+/// The one encoding each skipped-by-length exit is accepted in: CPUID
+/// (`0F A2`), VMMCALL (`0F 01 D9`) or VMCALL (`0F 01 C1`), HLT (`F4`).
+/// No prefixes: a prefixed form is legal but rare, and is reported as
+/// unknown (a stop) rather than skipped by a wrong length.
+fn encoding(kind: &ExitKind) -> &'static [&'static [u8]] {
+    match kind {
+        ExitKind::Cpuid => &[&[0x0f, 0xa2]],
+        ExitKind::Hypercall => &[&[0x0f, 0x01, 0xd9], &[0x0f, 0x01, 0xc1]],
+        ExitKind::Hlt => &[&[0xf4]],
+        _ => &[],
+    }
+}
+
+/// Longest encoding [`exact_length`] looks at.
+pub const MAX_EXACT_LEN: usize = 3;
+
+/// The length of the instruction that caused `kind`, from the bytes at its
+/// RIP (`bytes`, up to [`MAX_EXACT_LEN`]; fewer when the rest was not
+/// readable): `Some` only when they start with that instruction's one
+/// accepted encoding.
+pub fn exact_length(kind: &ExitKind, bytes: &[u8]) -> Option<u64> {
+    encoding(kind)
+        .iter()
+        .find(|enc| bytes.starts_with(enc))
+        .map(|enc| enc.len() as u64)
+}
+
+/// The paging state [`translate_code`] needs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CodePaging {
+    pub cr0: u64,
+    pub cr3: u64,
+    pub cr4: u64,
+    pub efer: u64,
+    /// CS.L: the guest runs 64-bit code (CS base 0, no limit).
+    pub cs_long: bool,
+}
+
+const CR0_PG: u64 = 1 << 31;
+const CR4_PAE: u64 = 1 << 5;
+const CR4_LA57: u64 = 1 << 12;
+const EFER_LMA: u64 = 1 << 10;
+const PTE_P: u64 = 1;
+const PTE_PS: u64 = 1 << 7;
+const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
+
+/// The guest-physical address of the code byte at `rip`, through the
+/// guest's own 4-level page tables; `read` loads the little-endian `u64`
+/// at a guest-physical address (`None` outside guest RAM). `None` when the
+/// guest is not in 64-bit mode with 4-level paging, or the walk hits a
+/// non-present entry or leaves guest RAM: the caller then does not know
+/// the bytes, and must not guess.
+pub fn translate_code(
+    p: &CodePaging,
+    rip: u64,
+    mut read: impl FnMut(u64) -> Option<u64>,
+) -> Option<u64> {
+    let long = p.cr0 & CR0_PG != 0 && p.cr4 & CR4_PAE != 0 && p.efer & EFER_LMA != 0;
+    if !long || !p.cs_long || p.cr4 & CR4_LA57 != 0 {
+        return None;
+    }
+    let mut table = p.cr3 & ADDR_MASK;
+    for level in (0..4u32).rev() {
+        let shift = 12 + 9 * level;
+        let index = (rip >> shift) & 511;
+        let entry = read(table + index * 8)?;
+        if entry & PTE_P == 0 {
+            return None;
+        }
+        // A large page at the PDPT (1 GiB) or PD (2 MiB) level.
+        if level > 0 && entry & PTE_PS != 0 {
+            if level == 3 {
+                return None;
+            }
+            let size = 1u64 << shift;
+            return Some((entry & ADDR_MASK & !(size - 1)) | (rip & (size - 1)));
+        }
+        table = entry & ADDR_MASK;
+    }
+    Some(table | (rip & 0xfff))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeMap;
+
+    #[test]
+    fn only_the_exact_encoding_has_a_length() {
+        assert_eq!(exact_length(&ExitKind::Cpuid, &[0x0f, 0xa2, 0x90]), Some(2));
+        assert_eq!(exact_length(&ExitKind::Hlt, &[0xf4]), Some(1));
+        assert_eq!(
+            exact_length(&ExitKind::Hypercall, &[0x0f, 0x01, 0xd9]),
+            Some(3)
+        );
+        assert_eq!(
+            exact_length(&ExitKind::Hypercall, &[0x0f, 0x01, 0xc1]),
+            Some(3)
+        );
+        // A prefixed CPUID is 3 bytes; the fixed guess rip+2 would land
+        // inside it. Unknown instead.
+        assert_eq!(exact_length(&ExitKind::Cpuid, &[0x66, 0x0f, 0xa2]), None);
+        assert_eq!(exact_length(&ExitKind::Cpuid, &[0x0f]), None, "cut short");
+        assert_eq!(exact_length(&ExitKind::Hlt, &[0x0f, 0xa2]), None);
+        assert_eq!(
+            exact_length(&ExitKind::Hypercall, &[0x0f, 0x01, 0xd8]),
+            None
+        );
+        assert_eq!(exact_length(&ExitKind::Timer, &[0xf4]), None);
+        assert_eq!(exact_length(&ExitKind::Shutdown, &[]), None);
+    }
+
+    fn paging(cr3: u64) -> CodePaging {
+        CodePaging {
+            cr0: CR0_PG | 1,
+            cr3,
+            cr4: CR4_PAE,
+            efer: EFER_LMA | (1 << 8),
+            cs_long: true,
+        }
+    }
+
+    #[test]
+    fn walks_4k_2m_and_1g_pages_and_refuses_the_rest() {
+        // Tables at 0x1000 (PML4), 0x2000 (PDPT), 0x3000 (PD), 0x4000 (PT).
+        let mut mem: BTreeMap<u64, u64> = BTreeMap::new();
+        let gva_4k: u64 = 0x0000_0080_4060_3abc; // pml4 1, pdpt 1, pd 3, pt 3
+        let gva_2m: u64 = 0x0000_0080_4080_0123; // pd 4
+        let gva_1g: u64 = 0x0000_0080_8000_4567; // pdpt 2
+        mem.insert(0x1000 + 8, 0x2000 | PTE_P);
+        mem.insert(0x2000 + 8, 0x3000 | PTE_P);
+        mem.insert(0x2000 + 16, 0x4000_0000 | PTE_P | PTE_PS);
+        mem.insert(0x3000 + 3 * 8, 0x4000 | PTE_P);
+        mem.insert(0x3000 + 4 * 8, 0x0060_0000 | PTE_P | PTE_PS);
+        mem.insert(0x4000 + 3 * 8, 0x0000_9000 | PTE_P | (1 << 63));
+        let read = |a: u64| mem.get(&a).copied().or(Some(0));
+        let p = paging(0x1000);
+        assert_eq!(translate_code(&p, gva_4k, read), Some(0x9abc));
+        assert_eq!(translate_code(&p, gva_2m, read), Some(0x0060_0123));
+        assert_eq!(translate_code(&p, gva_1g, read), Some(0x4000_4567));
+        // Not present (the entry after the mapped one), or outside RAM.
+        assert_eq!(translate_code(&p, gva_4k + 0x1000, read), None);
+        assert_eq!(translate_code(&p, gva_4k, |_| None), None);
+        // Not 64-bit code, not long mode, 5-level paging.
+        for q in [
+            CodePaging {
+                cs_long: false,
+                ..p
+            },
+            CodePaging { efer: 0, ..p },
+            CodePaging { cr0: 1, ..p },
+            CodePaging {
+                cr4: CR4_PAE | CR4_LA57,
+                ..p
+            },
+        ] {
+            assert_eq!(translate_code(&q, gva_4k, read), None);
+        }
+    }
 
     #[test]
     fn rip_moves_only_by_the_action() {

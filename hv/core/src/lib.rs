@@ -14,5 +14,6 @@ pub mod hvm;
 pub mod hw;
 pub mod paging;
 pub mod pml;
+pub mod posted;
 pub mod selftest;
 pub mod workload;

@@ -115,9 +115,18 @@ impl GuestRam {
             return None;
         }
         // SAFETY: the range lies inside this guest's RAM block, which the
-        // frame allocator gave to us alone and which is identity-mapped.
-        // The guest may change it concurrently only while it runs, and the
-        // hypervisor reads guest memory only while the guest is stopped.
+        // frame allocator gave to this `GuestRam` and which is identity-
+        // mapped. Two others can write it. The guest, only while it runs on
+        // this CPU, which the hypervisor gives it only between its own
+        // accesses (it reads guest memory only at exits, guest stopped).
+        // And the dom0 tool, which finds the block's machine address in the
+        // control area (`guest_ram`): a primary's tool never writes it (the
+        // pages reach it through the staging area); a standby's backup tool
+        // writes it only before `Activate`, and the standby builds nothing
+        // on it and reads none of it until it has accepted `Activate`, after
+        // which the tool writes no more. The tool can reach all of machine
+        // memory, so it is trusted to keep that protocol as it is trusted
+        // not to write the hypervisor's own memory.
         Some(unsafe { core::slice::from_raw_parts((self.hpa + gpa) as *const u8, len as usize) })
     }
 
@@ -128,7 +137,8 @@ impl GuestRam {
         if end > self.bytes {
             return None;
         }
-        // SAFETY: as in `slice`; `&mut self` makes this the only access.
+        // SAFETY: as in `slice` (no other writer while we hold it); `&mut
+        // self` makes this the only access on the hypervisor's side.
         Some(unsafe { core::slice::from_raw_parts_mut((self.hpa + gpa) as *mut u8, len as usize) })
     }
 

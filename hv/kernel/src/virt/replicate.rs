@@ -21,10 +21,9 @@ use doppel_abi::guest::MAX_RECORD;
 use heapless::Vec as HVec;
 
 use doppel_abi::control::{validate_header, ControlHeader, ControlView, Field, Region};
-use doppel_abi::msg::{
-    kind, Ack, CheckpointReady, Command, Event, LogDirtyMode, Reply, Response, Span,
-};
+use doppel_abi::msg::{CheckpointReady, Command, Event, LogDirtyMode, Reply, Response, Span};
 use doppel_abi::ring::{slot_size, RingLayout};
+use doppel_abi::SharedMem;
 use doppel_abi::{errno::Errno, guest::PAGE_SIZE};
 use doppel_abi::{
     AtomicMem, CommandBack, CommandEntry, EventAck, EventEntry, EventFront, Features,
@@ -33,6 +32,7 @@ use doppel_core::addr::HostPhysAddr;
 use doppel_core::dirtylog::DirtyTree;
 use doppel_core::hvm::{self, HeaderInfo};
 use doppel_core::paging::NestedEntry;
+use doppel_core::posted::{AckError, PostedEvents};
 use doppel_core::selftest::Mode;
 
 use super::guest::{self, GuestRam, Workload};
@@ -52,6 +52,9 @@ const CHANNEL_BYTES: u64 = 16384;
 const HOLD_LIMIT: usize = 1024;
 /// The vCPU area holds one HVM context blob (one vCPU).
 const VCPU_AREA_BYTES: u64 = 4096;
+/// Unanswered events tracked at most: the event ring's slot count (16 for
+/// a page of 128-byte events) fits.
+const EVENTS_IN_FLIGHT: usize = 16;
 
 /// Run the guest as a replicated primary. True when the guest finished and
 /// every checkpoint was acknowledged by the tool.
@@ -236,21 +239,27 @@ struct ControlArea {
     view: ControlView,
     cmd: CommandBack<AtomicMem<'static>>,
     evt: EventFront<AtomicMem<'static>>,
-    /// Staging, pfn list and vCPU areas, as raw byte ranges (disjoint from
-    /// the rings and each other; `validate` checked that).
-    staging: &'static mut [u8],
-    pfns: &'static mut [u8],
-    vcpu: &'static mut [u8],
+    /// Staging, pfn list and vCPU areas (disjoint from the rings and each
+    /// other; `validate` checked that). Shared with the tool like the
+    /// rings, so accessed only through atomics: the tool reads staging and
+    /// pfns while a checkpoint is unanswered and, as a backup, writes the
+    /// vCPU area before `Activate`; a tool that breaks that protocol can
+    /// only make us copy torn bytes, never race in the Rust sense.
+    staging: AtomicMem<'static>,
+    pfns: AtomicMem<'static>,
+    vcpu: AtomicMem<'static>,
     enabled: bool,
-    /// Checkpoint events not yet acknowledged.
-    outstanding: u32,
-    seq: u32,
+    /// Events posted and not yet acknowledged, to match acks against.
+    events: PostedEvents<EVENTS_IN_FLIGHT>,
     next_epoch: u64,
     committed: Option<u64>,
 }
 
 /// Error text for a ring the tool drove out of protocol.
 const PEER_BROKE_RING: &str = "the dom0 tool broke the ring protocol (index out of range)";
+/// Error text for an event ack that answers no posted event.
+const PEER_BROKE_ACKS: &str =
+    "the dom0 tool broke the event protocol (an ack that does not answer the oldest event)";
 
 impl ControlArea {
     fn publish(ram: &GuestRam, role: Role) -> Result<Self, &'static str> {
@@ -286,10 +295,12 @@ impl ControlArea {
         let pa =
             frames::alloc_contiguous(size, PAGE_SIZE).ok_or("no memory for the control area")?;
         // SAFETY: `pa..pa+size` is fresh, zeroed, identity-mapped memory the
-        // frame allocator gave to us alone, 8-byte aligned, and it is never
-        // freed (the area lives as long as the hypervisor). Every access to
-        // the ring regions goes through these atomics; the other regions are
-        // split off below as disjoint byte slices.
+        // frame allocator gave to us, 8-byte aligned, and it is never freed
+        // (the area lives as long as the hypervisor). Besides us, only the
+        // dom0 tool accesses it, concurrently, from another CPU (or from
+        // the emulator host process); that is why every access on our side,
+        // to every region, goes through these atomic words and no plain
+        // reference to the bytes is ever made.
         //
         // 32-bit words, not 64-bit: the tool writes rsp_prod/req_event while
         // we write req_prod/rsp_event, two u32 fields per 8-byte word. A
@@ -355,16 +366,16 @@ impl ControlArea {
             .map_err(|_| "output channel")?;
         let evt =
             EventFront::attach(evt_mem, 0, bytes(Field::EventRing)).map_err(|_| "event ring")?;
-        let raw = |f: Field| -> &'static mut [u8] {
+        let area_mem = |f: Field| -> Result<AtomicMem<'static>, &'static str> {
             let (off, len) = view.region(f);
-            // SAFETY: the region lies inside the area (validated), is
-            // disjoint from the rings and every other region (validated),
-            // and this is the only slice ever made of it.
-            unsafe { core::slice::from_raw_parts_mut((pa as usize + off) as *mut u8, len) }
+            if !off.is_multiple_of(4) || !len.is_multiple_of(4) {
+                return Err("control area region not word-aligned");
+            }
+            Ok(AtomicMem::new(ring_words(f)))
         };
-        let staging = raw(Field::Staging);
-        let pfns = raw(Field::PfnList);
-        let vcpu = raw(Field::VcpuArea);
+        let staging = area_mem(Field::Staging)?;
+        let pfns = area_mem(Field::PfnList)?;
+        let vcpu = area_mem(Field::VcpuArea)?;
         Ok(Self {
             role,
             input,
@@ -380,8 +391,7 @@ impl ControlArea {
             pfns,
             vcpu,
             enabled: false,
-            outstanding: 0,
-            seq: 0,
+            events: PostedEvents::new(),
             next_epoch: 0,
             committed: None,
         })
@@ -471,32 +481,38 @@ impl ControlArea {
         }
     }
 
-    /// Take every acknowledgement the tool has posted.
+    /// Take every acknowledgement the tool has posted. Acks answer events
+    /// in ring order; one that does not answer the oldest unanswered event
+    /// (or does not decode) stops replication.
     fn take_acks(&mut self) -> Result<(), &'static str> {
         loop {
             match self.evt.pop_response() {
-                Ok(Some(a)) => {
-                    // Only checkpoint acks free the staging area; the acks
-                    // of output hints do not.
-                    match a.decode() {
-                        Ok(Ack { kind, .. }) if kind != kind::CHECKPOINT_READY => {}
-                        Ok(Ack { result: Ok(()), .. }) => {
-                            self.outstanding = self.outstanding.saturating_sub(1);
-                        }
-                        Ok(Ack {
-                            result: Err(e),
-                            epoch,
-                            ..
-                        }) => {
-                            log::warn!("primary: the tool rejected checkpoint {epoch}: {e:?}");
-                            self.outstanding = self.outstanding.saturating_sub(1);
-                        }
-                        Err(e) => {
-                            log::warn!("primary: malformed acknowledgement ({e:?})");
-                            self.outstanding = self.outstanding.saturating_sub(1);
+                Ok(Some(a)) => match self.events.take(a.decode()) {
+                    Ok(answered) => {
+                        if let Err(e) = answered.result {
+                            log::warn!(
+                                "primary: the tool rejected event kind {} of epoch {}: {e:?}",
+                                answered.event.kind,
+                                answered.event.epoch
+                            );
                         }
                     }
-                }
+                    Err(e) => {
+                        match e {
+                            AckError::Malformed(d) => {
+                                log::error!("primary: malformed acknowledgement ({d:?})");
+                            }
+                            AckError::Unsolicited { got } => {
+                                log::error!("primary: acknowledgement of no event: {got:?}");
+                            }
+                            AckError::Mismatch { want, got } => log::error!(
+                                "primary: acknowledgement {got:?} does not answer the oldest \
+                                 unanswered event {want:?}"
+                            ),
+                        }
+                        return Err(PEER_BROKE_ACKS);
+                    }
+                },
                 Ok(None) => {
                     if !self
                         .evt
@@ -518,7 +534,7 @@ impl ControlArea {
         loop {
             self.take_acks()?;
             let served = self.serve_commands()?;
-            if self.outstanding == 0 {
+            if self.events.checkpoints() == 0 {
                 return Ok(());
             }
             if !said {
@@ -539,10 +555,24 @@ impl ControlArea {
             op: 0,
             errno,
         };
-        if self.evt.push_request(&e.encode(self.seq)).is_ok() {
-            self.evt.publish_requests();
-            self.seq = self.seq.wrapping_add(1);
+        // Best effort (see above): a full ring or record skips the event.
+        let _ = self.post_event(&e);
+    }
+
+    /// Push `ev` on the event ring, publish it and record it, so its ack
+    /// can be matched.
+    fn post_event(&mut self, ev: &Event) -> Result<(), &'static str> {
+        if !self.events.can_post() {
+            return Err("event ring full");
         }
+        let entry = ev.encode(self.events.next_seq());
+        self.evt
+            .push_request(&entry)
+            .map_err(|_| "event ring full")?;
+        self.evt.publish_requests();
+        self.events
+            .posted(entry.kind, entry.epoch)
+            .map_err(|_| "event ring full")
     }
 
     /// Stage the epoch's dirty pages, pfns and vCPU; post the event.
@@ -559,14 +589,14 @@ impl ControlArea {
                     .slice(pfn * PAGE_SIZE, PAGE_SIZE)
                     .ok_or("dirty pfn outside guest RAM")?;
                 let at = n * PAGE_SIZE as usize;
-                self.staging
-                    .get_mut(at..at + PAGE_SIZE as usize)
-                    .ok_or("staging area too small")?
-                    .copy_from_slice(page);
-                self.pfns
-                    .get_mut(n * 8..n * 8 + 8)
-                    .ok_or("pfn list area too small")?
-                    .copy_from_slice(&pfn.to_le_bytes());
+                if at + PAGE_SIZE as usize > self.staging.size() {
+                    return Err("staging area too small");
+                }
+                if n * 8 + 8 > self.pfns.size() {
+                    return Err("pfn list area too small");
+                }
+                self.staging.write_bytes(at, page);
+                self.pfns.write_bytes(n * 8, &pfn.to_le_bytes());
                 n += 1;
             }
         }
@@ -575,8 +605,10 @@ impl ControlArea {
             gtsc_khz: 0,
             changeset: 0,
         };
-        let blob_len = hvm::encode(core::slice::from_ref(&e.vcpu), header, self.vcpu)
+        let mut blob = alloc::vec![0u8; self.vcpu.size()];
+        let blob_len = hvm::encode(core::slice::from_ref(&e.vcpu), header, &mut blob)
             .map_err(|_| "encoding the vCPU record")?;
+        self.vcpu.write_bytes(0, &blob[..blob_len]);
         let off = |f: Field| self.view.region(f).0 as u64;
         let epoch = self.next_epoch;
         let ready = CheckpointReady {
@@ -595,12 +627,9 @@ impl ControlArea {
                 len: blob_len as u64,
             },
         };
-        self.evt
-            .push_request(&Event::CheckpointReady(ready).encode(self.seq))
-            .map_err(|_| "event ring full")?;
-        self.evt.publish_requests();
-        self.seq = self.seq.wrapping_add(1);
-        self.outstanding += 1;
+        // Cannot be full: the previous checkpoint is answered (back-pressure)
+        // and hints always leave a slot free for this event.
+        self.post_event(&Event::CheckpointReady(ready))?;
         self.next_epoch += 1;
         Ok(n as u64)
     }
@@ -609,7 +638,9 @@ impl ControlArea {
 impl ControlArea {
     /// Move held output of committed epochs into the output channel, in
     /// order, as far as it has room; post an `OutputAvailable` hint when
-    /// something went out and the event ring has a free slot.
+    /// something went out, no hint is unanswered and the ring keeps a slot
+    /// for the next checkpoint besides (hints coalesce: the tool reads the
+    /// whole channel, so one unanswered hint covers later output too).
     fn release(&mut self) -> Result<(), &'static str> {
         let Some(committed) = self.committed else {
             return Ok(());
@@ -634,9 +665,8 @@ impl ControlArea {
                 epoch: committed,
                 bytes,
             };
-            if self.evt.push_request(&hint.encode(self.seq)).is_ok() {
-                self.evt.publish_requests();
-                self.seq = self.seq.wrapping_add(1);
+            if self.events.may_post_hint(self.evt.free_requests()) {
+                self.post_event(&hint)?;
             }
         }
         Ok(())
@@ -649,7 +679,11 @@ impl ControlArea {
             return Err(Errno::EINVAL);
         }
         // The record sits at the start of the area, zero-padded to its end.
-        let decoded = hvm::decode_padded::<1>(self.vcpu);
+        // Decode a private copy: the tool could still be writing the area,
+        // and the decoder reads its input more than once.
+        let mut copy = alloc::vec![0u8; self.vcpu.size()];
+        self.vcpu.read_bytes(0, &mut copy);
+        let decoded = hvm::decode_padded::<1>(&copy);
         let decoded = decoded.map_err(|e| {
             log::error!("standby: Activate: the vCPU record does not decode: {e:?}");
             Errno::EINVAL

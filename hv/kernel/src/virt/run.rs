@@ -11,7 +11,9 @@ use alloc::vec::Vec;
 
 use doppel_abi::guest::{hypercall, PatternId, CONSOLE_PORT, MAX_RECORD, PAGE_SIZE, SEND_AGAIN};
 use doppel_core::dirtylog::{DirtyLog, DirtyTree};
-use doppel_core::exit::{resume_rip, Action, ExitKind, VmExit};
+use doppel_core::exit::{
+    exact_length, resume_rip, translate_code, Action, CodePaging, ExitKind, VmExit, MAX_EXACT_LEN,
+};
 use doppel_core::hvm::VcpuState;
 use doppel_core::paging::{Flush, NestedEntry, NestedPageTable, RestoreWrite};
 use doppel_core::selftest::Mode;
@@ -265,6 +267,52 @@ impl<'a, E: NestedEntry, V: Vcpu, S: EpochSink> Run<'a, E, V, S> {
         Ok(())
     }
 
+    /// Fill in the next RIP of a CPUID, hypercall or HLT exit whose backend
+    /// could not report the instruction's length (SVM without NRIP save)
+    /// from the instruction's own bytes, read through the guest's page
+    /// tables: only the instruction's one exact encoding gives a length.
+    /// Anything else leaves it unknown, and the guest stops.
+    fn complete_length(&self, exit: VmExit) -> VmExit {
+        let skipped = matches!(
+            exit.kind,
+            ExitKind::Cpuid | ExitKind::Hypercall | ExitKind::Hlt
+        );
+        if exit.next_rip.is_some() || !skipped {
+            return exit;
+        }
+        let st = self.vcpu.state();
+        let paging = CodePaging {
+            cr0: st.cr0,
+            cr3: st.cr3,
+            cr4: st.cr4,
+            efer: st.efer,
+            cs_long: st.cs.attr.bits() & (1 << 9) != 0,
+        };
+        let read = |gpa: u64| {
+            self.ram
+                .slice(gpa, 8)
+                .and_then(|b| b.try_into().ok())
+                .map(u64::from_le_bytes)
+        };
+        let mut bytes = [0u8; MAX_EXACT_LEN];
+        let mut n = 0;
+        for (i, b) in bytes.iter_mut().enumerate() {
+            let at = exit.rip.wrapping_add(i as u64);
+            match translate_code(&paging, at, read).and_then(|gpa| self.ram.slice(gpa, 1)) {
+                Some(&[v]) => *b = v,
+                _ => break,
+            }
+            n += 1;
+        }
+        match exact_length(&exit.kind, &bytes[..n]) {
+            Some(len) => VmExit {
+                next_rip: Some(exit.rip.wrapping_add(len)),
+                ..exit
+            },
+            None => exit,
+        }
+    }
+
     /// Run the guest to its end. False when it stopped in error.
     fn go(&mut self) -> bool {
         let mut exits: u64 = 0;
@@ -275,6 +323,7 @@ impl<'a, E: NestedEntry, V: Vcpu, S: EpochSink> Run<'a, E, V, S> {
             }
             exits += 1;
             let exit = self.vcpu.run();
+            let exit = self.complete_length(exit);
             if self.plan.pause_cycles {
                 self.exit_tsc = rdtsc();
             }

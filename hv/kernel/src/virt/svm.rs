@@ -4,10 +4,13 @@
 //! Machine".)
 //!
 //! QEMU's TCG offers no NRIP save and no decode assists: the next RIP comes
-//! from EXITINFO2 for I/O and from the fixed lengths of CPUID (2 bytes),
-//! VMMCALL (3) and HLT (1); with NRIP save (real hardware) the VMCB's nRIP
-//! is used instead. TCG has no flush-by-ASID either, so every nested-table
-//! flush is TLB_CONTROL=1 (flush everything) on the next VMRUN.
+//! from EXITINFO2 for I/O; for CPUID, VMMCALL and HLT it is reported
+//! unknown, and the run loop reads the instruction's bytes and accepts only
+//! its exact encoding (`doppel_core::exit::exact_length`) instead of
+//! assuming a length (a prefixed CPUID is 3 bytes, not 2). With NRIP save
+//! (real hardware) the VMCB's nRIP is used. TCG has no flush-by-ASID
+//! either, so every nested-table flush is TLB_CONTROL=1 (flush everything)
+//! on the next VMRUN.
 //!
 //! Epoch timer: the local APIC's one-shot timer (`arch::apic`). The VMCB
 //! intercepts physical interrupts (INTR) with V_INTR_MASKING set, so the
@@ -407,13 +410,9 @@ impl SvmVcpu {
     fn decode(&self) -> VmExit {
         let c = &self.vmcb().control;
         let rip = self.vmcb().save.rip;
-        let nrip = |len: u64| {
-            if self.nrips && c.nrip != 0 {
-                Some(c.nrip)
-            } else {
-                Some(rip.wrapping_add(len))
-            }
-        };
+        // Without NRIP save the length is unknown here (see the module
+        // comment): the run loop decodes it from the instruction's bytes.
+        let nrip = || (self.nrips && c.nrip != 0).then_some(c.nrip);
         let (kind, next_rip) = match c.exitcode {
             exitcode::NPF => (
                 ExitKind::NestedPageFault(decode_npf(c.exitinfo1, c.exitinfo2)),
@@ -433,9 +432,9 @@ impl SvmVcpu {
                 ),
                 None => (self.unknown(), None),
             },
-            exitcode::CPUID => (ExitKind::Cpuid, nrip(2)),
-            exitcode::VMMCALL => (ExitKind::Hypercall, nrip(3)),
-            exitcode::HLT => (ExitKind::Hlt, nrip(1)),
+            exitcode::CPUID => (ExitKind::Cpuid, nrip()),
+            exitcode::VMMCALL => (ExitKind::Hypercall, nrip()),
+            exitcode::HLT => (ExitKind::Hlt, nrip()),
             exitcode::SHUTDOWN => (ExitKind::Shutdown, None),
             exitcode::INTR if self.intr_was_timer => (ExitKind::Timer, None),
             exitcode::INTR => (ExitKind::ExternalInterrupt, None),

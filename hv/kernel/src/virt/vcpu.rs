@@ -33,7 +33,25 @@ pub struct GuestRegs {
     pub r15: u64,
 }
 
+// The entry stubs (`arch::instr::vmx_enter`, `svm_run`) address every
+// field; their `const` operands come from `offset_of!`, and the layout is
+// pinned here: 15 u64 in declaration order.
 const _: () = assert!(core::mem::size_of::<GuestRegs>() == 15 * 8);
+const _: () = assert!(core::mem::offset_of!(GuestRegs, rax) == 0);
+const _: () = assert!(core::mem::offset_of!(GuestRegs, rbx) == 8);
+const _: () = assert!(core::mem::offset_of!(GuestRegs, rcx) == 16);
+const _: () = assert!(core::mem::offset_of!(GuestRegs, rdx) == 24);
+const _: () = assert!(core::mem::offset_of!(GuestRegs, rsi) == 32);
+const _: () = assert!(core::mem::offset_of!(GuestRegs, rdi) == 40);
+const _: () = assert!(core::mem::offset_of!(GuestRegs, rbp) == 48);
+const _: () = assert!(core::mem::offset_of!(GuestRegs, r8) == 56);
+const _: () = assert!(core::mem::offset_of!(GuestRegs, r9) == 64);
+const _: () = assert!(core::mem::offset_of!(GuestRegs, r10) == 72);
+const _: () = assert!(core::mem::offset_of!(GuestRegs, r11) == 80);
+const _: () = assert!(core::mem::offset_of!(GuestRegs, r12) == 88);
+const _: () = assert!(core::mem::offset_of!(GuestRegs, r13) == 96);
+const _: () = assert!(core::mem::offset_of!(GuestRegs, r14) == 104);
+const _: () = assert!(core::mem::offset_of!(GuestRegs, r15) == 112);
 
 /// Where and how a guest starts: 64-bit mode, paging on with the given
 /// guest page tables, interrupts off.
