@@ -93,6 +93,11 @@ pub struct BitmapDest {
     pub pages: u64,
 }
 
+/// The epoch an output record carries in the output channel when it was
+/// released by `Detach` (still held then) or produced while detached: it
+/// never was, and never will be, committed to a backup.
+pub const UNPROTECTED_EPOCH: u64 = u64::MAX;
+
 /// Command opcodes.
 pub mod op {
     pub const LOG_DIRTY_ENABLE: u32 = 1;
