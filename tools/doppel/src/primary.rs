@@ -114,11 +114,15 @@ impl PrimaryError {
     }
 
     /// Whether `Detach` is still worth sending after this error: not when
-    /// the rings themselves are broken or the machine is gone.
+    /// the rings themselves are broken, the machine is gone or the
+    /// hypervisor reported its own failure (it is stopping).
     pub fn can_detach(&self) -> bool {
         !matches!(
             self,
-            PrimaryError::Ring { .. } | PrimaryError::Gone { .. } | PrimaryError::Machine(_)
+            PrimaryError::Ring { .. }
+                | PrimaryError::Gone { .. }
+                | PrimaryError::Machine(_)
+                | PrimaryError::HypervisorError { .. }
         )
     }
 }
