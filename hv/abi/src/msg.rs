@@ -97,6 +97,11 @@ pub struct BitmapDest {
     pub pages: u64,
 }
 
+/// The epoch an output record carries in the output channel when it was
+/// released by `Detach` (still held then) or produced while detached: it
+/// never was, and never will be, committed to a backup.
+pub const UNPROTECTED_EPOCH: u64 = u64::MAX;
+
 /// Command opcodes.
 pub mod op {
     pub const LOG_DIRTY_ENABLE: u32 = 1;
@@ -108,6 +113,7 @@ pub mod op {
     pub const COMMIT_EPOCH: u32 = 7;
     pub const ACTIVATE: u32 = 8;
     pub const READ_VCPU: u32 = 9;
+    pub const DETACH: u32 = 10;
 }
 
 /// A decoded command (tool -> hypervisor).
@@ -132,6 +138,13 @@ pub enum Command {
     Activate { epoch: u64 },
     /// Write vCPU `vcpu`'s context (`hvm_hw_cpu`) into `dest`.
     ReadVcpu { vcpu: u32, dest: Span },
+    /// The tool stops replicating: the hypervisor turns log-dirty off,
+    /// stops staging and posting events, releases every held output record
+    /// (committed or not: no backup can be consistent with the guest any
+    /// more) and runs the guest unprotected. The rings stay where they are;
+    /// a new primary may attach at their current indices (docs/REPLICATION.md,
+    /// "Detach and re-attach").
+    Detach,
 }
 
 layout_struct! {
@@ -201,6 +214,7 @@ impl Command {
             Command::CommitEpoch { .. } => op::COMMIT_EPOCH,
             Command::Activate { .. } => op::ACTIVATE,
             Command::ReadVcpu { .. } => op::READ_VCPU,
+            Command::Detach => op::DETACH,
         }
     }
 
@@ -213,7 +227,9 @@ impl Command {
             }
             Command::CommitEpoch { epoch } | Command::Activate { epoch } => [epoch, 0, 0],
             Command::ReadVcpu { vcpu, dest } => [vcpu as u64, dest.offset, dest.len],
-            Command::LogDirtyDisable | Command::EndEpoch | Command::Resume => [0; 3],
+            Command::LogDirtyDisable | Command::EndEpoch | Command::Resume | Command::Detach => {
+                [0; 3]
+            }
         };
         CommandEntry {
             op: self.opcode(),
@@ -276,6 +292,10 @@ impl CommandEntry {
                 }
                 Command::ReadVcpu { vcpu, dest }
             }
+            op::DETACH => {
+                check_unused(a, 0, &ARGS)?;
+                Command::Detach
+            }
             other => return Err(DecodeError::UnknownOpcode(other)),
         };
         Ok(cmd)
@@ -296,7 +316,7 @@ pub struct LogDirtyStats {
 /// What a successful command returns; which variant follows from the opcode.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Reply {
-    /// Enable, disable, resume, commit, activate.
+    /// Enable, disable, resume, commit, activate, detach.
     Done,
     /// PEEK and CLEAN.
     Stats(LogDirtyStats),
@@ -380,7 +400,7 @@ impl ResponseEntry {
         }
         let errno = Errno::from_wire(self.status).map_err(|_| DecodeError::OutOfRange("status"))?;
         let v = &self.vals;
-        let known = matches!(self.op, op::LOG_DIRTY_ENABLE..=op::READ_VCPU);
+        let known = matches!(self.op, op::LOG_DIRTY_ENABLE..=op::DETACH);
         if !known {
             return Err(DecodeError::UnknownOpcode(self.op));
         }

@@ -40,6 +40,7 @@ fn command() -> impl Strategy<Value = Command> {
                 dest: Span { offset: o * 8, len },
             }
         }),
+        Just(Command::Detach),
     ]
 }
 
@@ -55,7 +56,7 @@ fn response() -> impl Strategy<Value = Response> {
     });
     let ok = prop_oneof![
         (
-            prop_oneof![Just(1u32), Just(2), Just(6), Just(7), Just(8)],
+            prop_oneof![Just(1u32), Just(2), Just(6), Just(7), Just(8), Just(10)],
             Just(Reply::Done)
         ),
         (
@@ -71,7 +72,7 @@ fn response() -> impl Strategy<Value = Response> {
             op,
             result: Ok(r)
         }),
-        (any::<u32>(), 1u32..=9, errno()).prop_map(|(id, op, e)| Response {
+        (any::<u32>(), 1u32..=10, errno()).prop_map(|(id, op, e)| Response {
             id,
             op,
             result: Err(e)
@@ -136,7 +137,7 @@ proptest! {
 
     #[test]
     fn unused_args_are_refused(bit in 0u32..64) {
-        for c in [Command::LogDirtyDisable, Command::EndEpoch, Command::Resume] {
+        for c in [Command::LogDirtyDisable, Command::EndEpoch, Command::Resume, Command::Detach] {
             let mut e = c.encode(1);
             e.args[0] |= 1 << bit;
             prop_assert_eq!(e.decode(), Err(DecodeError::ReservedNonZero("args[0]")));
@@ -149,7 +150,7 @@ proptest! {
     }
 
     #[test]
-    fn unknown_opcodes_are_refused(op in 10u32.., id in any::<u32>()) {
+    fn unknown_opcodes_are_refused(op in 11u32.., id in any::<u32>()) {
         let e = CommandEntry { op, id, ..CommandEntry::default() };
         prop_assert_eq!(e.decode(), Err(DecodeError::UnknownOpcode(op)));
         prop_assert_eq!(DecodeError::UnknownOpcode(op).errno().to_wire(), -38);
@@ -339,4 +340,32 @@ fn error_responses_carry_negative_errno() {
         ..ResponseEntry::default()
     };
     assert_eq!(unknown.decode(), Err(DecodeError::UnknownOpcode(77)));
+}
+
+#[test]
+fn detach_has_opcode_10_no_arguments_and_a_done_reply() {
+    let e = Command::Detach.encode(7);
+    assert_eq!((e.op, e.id, e.args, e.reserved), (10, 7, [0; 3], [0; 4]));
+    assert_eq!(op::DETACH, 10);
+    assert_eq!(e.decode(), Ok(Command::Detach));
+    for w in 0..3 {
+        let mut bad = e;
+        bad.args[w] = 1;
+        let name = ["args[0]", "args[1]", "args[2]"][w];
+        assert_eq!(bad.decode(), Err(DecodeError::ReservedNonZero(name)));
+    }
+    let done = Response {
+        id: 7,
+        op: op::DETACH,
+        result: Ok(Reply::Done),
+    }
+    .encode();
+    assert_eq!((done.op, done.status, done.vals), (10, 0, [0; 3]));
+    assert_eq!(done.decode().unwrap().result, Ok(Reply::Done));
+    // A Done answer to Detach carries no values.
+    let mut bad = done;
+    bad.vals[0] = 3;
+    assert_eq!(bad.decode(), Err(DecodeError::ReservedNonZero("vals[0]")));
+    let refused = Response::error(&e, Errno::EINVAL).encode();
+    assert_eq!(refused.decode().unwrap().result, Err(Errno::EINVAL));
 }

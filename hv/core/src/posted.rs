@@ -126,6 +126,15 @@ impl<const N: usize> PostedEvents<N> {
         })
     }
 
+    /// Forgets every unanswered event: their session is over (the tool
+    /// detached), and whatever acks still come for them are skipped unread.
+    /// Sequence numbers run on.
+    pub fn clear(&mut self) {
+        self.queue.clear();
+        self.checkpoints = 0;
+        self.hints = 0;
+    }
+
     /// Checkpoints not answered yet (the staging area is busy while > 0).
     pub fn checkpoints(&self) -> u32 {
         self.checkpoints
@@ -274,6 +283,35 @@ mod tests {
         assert!(!small.can_post());
         assert_eq!(small.posted(kind::ERROR, 0), Err(RecordFull));
         assert_eq!(small.next_seq(), 2, "a refused record takes no number");
+    }
+
+    #[test]
+    fn clear_forgets_the_session_and_numbers_run_on() {
+        let mut ev = PostedEvents::<4>::new();
+        ev.posted(kind::CHECKPOINT_READY, 3).unwrap();
+        ev.posted(kind::OUTPUT_AVAILABLE, 3).unwrap();
+        ev.clear();
+        assert!(ev.is_empty());
+        assert_eq!(ev.checkpoints(), 0);
+        assert!(ev.may_post_hint(4), "the cleared hint no longer blocks one");
+        // An ack of a forgotten event is now unsolicited, not a match.
+        let old = Posted {
+            kind: kind::CHECKPOINT_READY,
+            seq: 0,
+            epoch: 3,
+        };
+        assert!(matches!(
+            ev.take(ack(old, Ok(()))),
+            Err(AckError::Unsolicited { .. })
+        ));
+        assert_eq!(ev.next_seq(), 2);
+        ev.posted(kind::CHECKPOINT_READY, 0).unwrap();
+        let new = Posted {
+            kind: kind::CHECKPOINT_READY,
+            seq: 2,
+            epoch: 0,
+        };
+        assert_eq!(ev.take(ack(new, Ok(()))).unwrap().event, new);
     }
 
     #[derive(Clone, Debug)]

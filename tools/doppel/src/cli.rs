@@ -376,6 +376,18 @@ fn client_side<'m>(
     Ok((l, inp, outc))
 }
 
+/// SIGINT/SIGTERM set the returned flag (the run ends at the next epoch
+/// boundary, then Detach); a second one ends the process at once.
+fn stop_on_signals() -> Result<std::sync::Arc<AtomicBool>, (String, u8)> {
+    let flag = std::sync::Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register_conditional_shutdown(sig, 130, std::sync::Arc::clone(&flag))
+            .and_then(|_| signal_hook::flag::register(sig, std::sync::Arc::clone(&flag)))
+            .map_err(|e| (format!("installing the signal handler: {e}"), IO))?;
+    }
+    Ok(flag)
+}
+
 pub fn primary(a: PrimaryArgs) -> Res {
     let wait = Duration::from_secs(a.wait_control);
     let m = open_machine_waiting(&a.machine_ram, wait)?;
@@ -386,10 +398,12 @@ pub fn primary(a: PrimaryArgs) -> Res {
         ctl.guest_ram().offset,
         ctl.guest_pages()
     );
+    let stop_flag = stop_on_signals()?;
     let cfg = PrimaryConfig {
         epochs: a.epochs,
         reply_timeout: Duration::from_secs(a.reply_timeout),
         event_timeout: Duration::from_secs(a.event_timeout),
+        stop: Some(stop_flag),
     };
     let mut p = Primary::attach(&m, ctl, cfg).map_err(|e| (e.to_string(), e.exit_code()))?;
     let clients = match &a.serve_clients {
@@ -458,8 +472,19 @@ pub fn primary(a: PrimaryArgs) -> Res {
     if std::io::stderr().is_terminal() {
         eprintln!();
     }
+    // Every orderly exit hands the guest back (the client bridge, if any,
+    // has stopped: what Detach releases was never committed).
+    if res.as_ref().err().is_none_or(|e| e.can_detach()) {
+        match p.detach(Duration::from_secs(a.reply_timeout.min(10))) {
+            Ok(()) => println!("primary: detached; the hypervisor runs the guest unprotected"),
+            Err(e) => tracing::warn!("Detach: {e}"),
+        }
+    }
     match res {
         Ok(s) => {
+            if s.stopped {
+                println!("primary: stopped by signal");
+            }
             println!(
                 "primary: committed {} epochs, {} pages, {} bytes",
                 s.committed, s.pages, s.bytes
@@ -743,6 +768,7 @@ fn standby_backup(a: BackupArgs) -> Res {
         epochs: None,
         reply_timeout: Duration::from_secs(a.reply_timeout),
         event_timeout: Duration::from_secs(a.reply_timeout),
+        stop: None,
     };
     let epoch = standby
         .activate(cfg)

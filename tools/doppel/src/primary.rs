@@ -14,20 +14,29 @@
 //! 4. Push the `EventAck` (frees the staging area), then
 //!    `CommitEpoch{epoch}` and wait for `Done` (output release).
 //!
+//! 5. On every orderly exit (`--epochs N` reached, event timeout, backup
+//!    lost, SIGINT/SIGTERM) the caller sends `Detach` ([`Primary::detach`]):
+//!    the hypervisor runs the guest on, unprotected, and a later primary
+//!    can attach again ([`Primary::attach`] at the rings' current indices).
+//!
 //! There are no interrupts between the emulated machine and this process:
 //! both rings are polled (spin briefly, then sleep 1 ms), with the rings'
 //! final-check rule applied before every sleep.
 
 use std::io::{Read, Write};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use doppel_abi::control::{AbiError, Field};
-use doppel_abi::msg::{Ack, CheckpointReady, LogDirtyMode, Reply};
-use doppel_abi::ring::RingError;
+use doppel_abi::msg::{op, Ack, CheckpointReady, LogDirtyMode, Reply};
+use doppel_abi::ring::{ring_entries, slot_size, RingError, HEADER_SIZE, REQ_PROD, RSP_PROD};
 use doppel_abi::{
-    AtomicMem64, Command, CommandFront, DecodeError, Errno, Event, EventBack, SharedMem,
+    AtomicMem64, Command, CommandEntry, CommandFront, DecodeError, Errno, Event, EventBack,
+    ResponseEntry, SharedMem,
 };
+use zerocopy::FromBytes;
 
 use crate::ack::{AckReader, BackMsg};
 use crate::machine::{describe, Control, MachineRam, PAGE};
@@ -103,6 +112,19 @@ impl PrimaryError {
             _ => 1,
         }
     }
+
+    /// Whether `Detach` is still worth sending after this error: not when
+    /// the rings themselves are broken, the machine is gone or the
+    /// hypervisor reported its own failure (it is stopping).
+    pub fn can_detach(&self) -> bool {
+        !matches!(
+            self,
+            PrimaryError::Ring { .. }
+                | PrimaryError::Gone { .. }
+                | PrimaryError::Machine(_)
+                | PrimaryError::HypervisorError { .. }
+        )
+    }
 }
 
 fn ring_text(e: RingError) -> String {
@@ -141,6 +163,9 @@ pub struct PrimaryConfig {
     pub reply_timeout: Duration,
     /// Longest wait for the next checkpoint.
     pub event_timeout: Duration,
+    /// Set (by a signal handler) to end the run at the next epoch
+    /// boundary, as if `epochs` had been reached: END is written.
+    pub stop: Option<Arc<AtomicBool>>,
 }
 
 impl Default for PrimaryConfig {
@@ -149,6 +174,7 @@ impl Default for PrimaryConfig {
             epochs: None,
             reply_timeout: Duration::from_secs(30),
             event_timeout: Duration::from_secs(120),
+            stop: None,
         }
     }
 }
@@ -181,6 +207,8 @@ pub struct Summary {
     pub page_wire: u64,
     /// Whether the page records were compressed (negotiated).
     pub compressed: bool,
+    /// The run ended because [`PrimaryConfig::stop`] was set.
+    pub stopped: bool,
 }
 
 impl Summary {
@@ -405,9 +433,36 @@ fn ring(ring: &'static str) -> impl Fn(RingError) -> PrimaryError {
     move |err| PrimaryError::Ring { ring, err }
 }
 
+/// The command ring's last response (in the slot before `rsp_prod`), when
+/// every request was answered; `None` when `req_prod != rsp_prod` or the
+/// region holds no ring. Reads one slot inside the region only.
+fn last_response(
+    win: &AtomicMem64<'_>,
+    base: usize,
+    bytes: usize,
+    req_prod: u32,
+    rsp_prod: u32,
+) -> Option<ResponseEntry> {
+    let slot = slot_size::<CommandEntry, ResponseEntry>();
+    let n = ring_entries(bytes, slot);
+    if req_prod != rsp_prod || n == 0 {
+        return None;
+    }
+    let at = base + HEADER_SIZE + (rsp_prod.wrapping_sub(1) & (n - 1)) as usize * slot;
+    let mut raw = [0u8; core::mem::size_of::<ResponseEntry>()];
+    win.read_bytes(at, &mut raw);
+    ResponseEntry::read_from_bytes(&raw).ok()
+}
+
 impl<'m> Primary<'m> {
-    /// Attach to the rings of a validated control area. The command ring
-    /// must be unused (this tool is its only front end).
+    /// Attach to the rings of a validated control area. Either the command
+    /// ring is unused (both indices 0: a fresh area), or the last primary
+    /// detached: every command was answered (`req_prod == rsp_prod`) and
+    /// the last answer is `Detach` -> `Done`. Then this tool attaches at the
+    /// current indices and answers every event still unanswered on the
+    /// event ring with `EAGAIN` (they belong to the old session; a detached
+    /// hypervisor drops them). Anything else is "in use". Every index read
+    /// is bounded by the ring checks before any slot is used.
     pub fn attach(
         machine: &'m MachineRam,
         ctl: Control,
@@ -416,18 +471,56 @@ impl<'m> Primary<'m> {
         let win = machine.window(ctl.at as usize);
         let (co, cs) = ctl.view.region(Field::CommandRing);
         let (eo, es) = ctl.view.region(Field::EventRing);
-        let used = win.load_u32(co + doppel_abi::ring::REQ_PROD);
-        if used != 0 {
-            return Err(PrimaryError::BadResponse {
-                cmd: "attach",
-                detail: format!(
-                    "a command ring already in use (req_prod = {used}); \
-                     another primary attached, or a stale control area"
-                ),
-            });
+        let req_prod = win.load_u32(co + REQ_PROD);
+        let rsp_prod = win.load_u32(co + RSP_PROD);
+        let reattach = req_prod != 0 || rsp_prod != 0;
+        if reattach {
+            let last = last_response(&win, co, cs, req_prod, rsp_prod);
+            let detached = matches!(
+                last,
+                Some(r) if r.op == op::DETACH && r.status == 0
+            );
+            if !detached {
+                let what = match last {
+                    Some(r) => format!("the last command answered was op {}", r.op),
+                    None => format!("rsp_prod = {rsp_prod}, commands unanswered"),
+                };
+                return Err(PrimaryError::BadResponse {
+                    cmd: "attach",
+                    detail: format!(
+                        "a command ring already in use (req_prod = {req_prod}; {what}); \
+                         another primary is attached, or one exited without Detach"
+                    ),
+                });
+            }
         }
-        let cmd = CommandFront::attach(win, co, cs).map_err(ring("command"))?;
-        let evt = EventBack::attach(win, eo, es).map_err(ring("event"))?;
+        let cmd = CommandFront::attach_at(win, co, cs, req_prod).map_err(ring("command"))?;
+        // The first event not answered yet is at the event ring's rsp_prod
+        // (0 on a fresh area).
+        let evt_at = if reattach {
+            win.load_u32(eo + RSP_PROD)
+        } else {
+            0
+        };
+        let mut evt = EventBack::attach_at(win, eo, es, evt_at).map_err(ring("event"))?;
+        if reattach {
+            let mut stale = 0u32;
+            while let Some(e) = evt.pop_request().map_err(ring("event"))? {
+                let a = Ack {
+                    kind: e.kind,
+                    seq: e.seq,
+                    epoch: e.epoch,
+                    result: Err(Errno::EAGAIN),
+                };
+                evt.push_response(&a.encode()).map_err(ring("event"))?;
+                stale += 1;
+            }
+            let _ = evt.publish_responses();
+            tracing::info!(
+                "re-attaching to a detached hypervisor (command ring at {req_prod}, \
+                 {stale} stale events answered)"
+            );
+        }
         let pages = ctl.guest_pages() as usize;
         Ok(Self {
             machine,
@@ -501,18 +594,30 @@ impl<'m> Primary<'m> {
         }
     }
 
+    /// Whether [`PrimaryConfig::stop`] is set.
+    fn stop_requested(&self) -> bool {
+        self.cfg
+            .stop
+            .as_ref()
+            .is_some_and(|s| s.load(Ordering::Relaxed))
+    }
+
     /// Wait for the next event entry (copied out, not decoded); `tick`
-    /// runs between polls (heartbeats).
+    /// runs between polls (heartbeats). `None`: the stop flag was set (an
+    /// event already posted stays unconsumed: `Detach` voids it).
     fn next_event(
         &mut self,
         want: u64,
         mut tick: impl FnMut() -> Result<(), PrimaryError>,
-    ) -> Result<doppel_abi::EventEntry, PrimaryError> {
+    ) -> Result<Option<doppel_abi::EventEntry>, PrimaryError> {
         let mut poll = Poll::new(self.cfg.event_timeout, self.machine.path());
         loop {
+            if self.stop_requested() {
+                return Ok(None);
+            }
             tick()?;
             if let Some(e) = self.evt.pop_request().map_err(ring("event"))? {
-                return Ok(e);
+                return Ok(Some(e));
             }
             if self.evt.final_check_for_requests().map_err(ring("event"))? {
                 continue;
@@ -635,7 +740,24 @@ impl<'m> Primary<'m> {
         let mut want = 0u64;
         while self.cfg.epochs.is_none_or(|n| sum.committed < n) {
             let committed = sum.committed;
-            let entry = self.next_event(want, || out.beat(committed))?;
+            let entry = match self.next_event(want, || out.beat(committed)) {
+                Ok(Some(e)) => e,
+                Ok(None) => {
+                    tracing::info!("stop requested: ending the stream after epoch {committed}");
+                    sum.stopped = true;
+                    break;
+                }
+                // A capture stops at an epoch boundary here: end it
+                // properly, so what was recorded stays readable.
+                Err(e @ PrimaryError::Timeout { .. }) if out.acks.is_none() => {
+                    out.writer
+                        .end()
+                        .and_then(|_| out.writer.flush())
+                        .map_err(send(want))?;
+                    return Err(e);
+                }
+                Err(e) => return Err(e),
+            };
             let t0 = Instant::now();
             let ev = match entry.decode() {
                 Ok(ev) => ev,
@@ -763,5 +885,18 @@ impl<'m> Primary<'m> {
             }
         }
         Ok(sum)
+    }
+
+    /// End replication: send `Detach` and wait up to `wait` for `Done`.
+    /// The hypervisor then releases all held output and runs the guest
+    /// unprotected; a new primary can attach. With `--serve-clients` call
+    /// it only after the client bridge stopped: the output it releases
+    /// was never committed and must not reach this tool's clients.
+    pub fn detach(&mut self, wait: Duration) -> Result<(), PrimaryError> {
+        let keep = self.cfg.reply_timeout;
+        self.cfg.reply_timeout = wait;
+        let r = self.expect_done(Command::Detach, "Detach");
+        self.cfg.reply_timeout = keep;
+        r
     }
 }

@@ -6,6 +6,13 @@
 //! stages each epoch's dirty pages (copies), posts CheckpointReady, waits
 //! for the tool's EventAck before staging the next, answers CommitEpoch.
 //!
+//! `Detach` (the tool ends replication): log-dirty off, the pending event
+//! and every later ack dropped, and the fake guest runs on unprotected
+//! (its writes go on, no checkpoint is posted). A later `LogDirtyEnable`
+//! starts a new session: epochs from 0 again, epoch 0 with every page.
+//! The run ends once `epochs` checkpoints (over all sessions) are
+//! committed and the tool detached, or at `stop`.
+//!
 //! It keeps the guest memory and the HVM context blob of the last
 //! checkpoint it posted, so a test can compare a replica with them byte
 //! for byte.
@@ -49,7 +56,8 @@ pub enum Misbehave {
 #[derive(Clone, Debug)]
 pub struct SimSpec {
     pub guest_pages: u64,
-    /// Checkpoints to post (then wait until all are committed).
+    /// Checkpoints to post over all sessions (then wait until all are
+    /// committed and the tool detached).
     pub epochs: u64,
     /// Pages the guest dirties per epoch (after epoch 0).
     pub dirty: u64,
@@ -80,8 +88,13 @@ impl Default for SimSpec {
 pub struct SimResult {
     /// Epochs posted.
     pub posted: u64,
-    /// Epochs committed by the tool (CommitEpoch answered Done).
+    /// Epochs committed by the tool (CommitEpoch answered Done), all
+    /// sessions.
     pub committed: u64,
+    /// `Detach` commands answered Done.
+    pub detaches: u64,
+    /// Times the fake guest ran while detached (unprotected).
+    pub unprotected_runs: u64,
     /// Guest memory as staged at the last posted checkpoint.
     pub memory: Vec<u8>,
     /// HVM context blob of the last posted checkpoint.
@@ -191,12 +204,17 @@ impl Sim {
         let pages = self.spec.guest_pages;
         let (mut cmd, mut evt) = attach_rings(win, &h)?;
         let mut enabled = false;
+        let mut detached = false;
+        // Per session: the next epoch to post and the next to commit.
         let mut next_epoch = 0u64;
+        let mut session_committed = 0u64;
         let mut acked: Option<u64> = None;
         let mut dirty = DirtyLog::all(pages);
         let start = Instant::now();
+        let mut last_run = Instant::now();
         loop {
-            if res.committed == self.spec.epochs || stop.load(Ordering::Relaxed) {
+            let done = res.committed >= self.spec.epochs && detached;
+            if done || stop.load(Ordering::Relaxed) {
                 return Ok(());
             }
             if start.elapsed() > self.spec.timeout {
@@ -206,7 +224,17 @@ impl Sim {
                 ));
             }
             let mut busy = false;
-            busy |= evt.drain_acks(|_, epoch| acked = Some(epoch))?;
+            if detached {
+                evt.skip_acks()?;
+                // The guest runs on, unprotected.
+                if last_run.elapsed() >= Duration::from_millis(2) {
+                    last_run = Instant::now();
+                    guest_runs(&mut self.rng, &self.spec, &gmem, guest_at, &mut dirty);
+                    res.unprotected_runs += 1;
+                }
+            } else {
+                busy |= evt.drain_acks(|_, epoch| acked = Some(epoch))?;
+            }
             while let Some(req) = cmd
                 .pop_request()
                 .map_err(|e| format!("command ring: {e:?}"))?
@@ -214,23 +242,47 @@ impl Sim {
                 busy = true;
                 let result = match req.decode() {
                     Err(e) => Err(e.errno()),
-                    Ok(Command::LogDirtyEnable { mode }) => log_dirty_enable(&mut enabled, mode),
-                    Ok(Command::CommitEpoch { epoch }) => {
+                    Ok(Command::LogDirtyEnable { mode }) => {
+                        if detached && mode == LogDirtyMode::WriteProtect {
+                            // A new session: the new tool answered the old
+                            // session's events before this command.
+                            evt.skip_acks()?;
+                            detached = false;
+                            next_epoch = 0;
+                            session_committed = 0;
+                            acked = None;
+                            dirty = DirtyLog::all(pages);
+                        }
+                        log_dirty_enable(&mut enabled, mode)
+                    }
+                    Ok(Command::CommitEpoch { epoch }) if enabled => {
                         // The tool acks the event before committing; the
                         // ack may have landed after the drain above.
                         evt.drain_acks(|_, e| acked = Some(e))?;
-                        if Some(epoch) == acked && epoch == res.committed {
+                        if Some(epoch) == acked && epoch == session_committed {
+                            session_committed += 1;
                             res.committed += 1;
                             Ok(Reply::Done)
                         } else {
                             Err(Errno::EINVAL)
                         }
                     }
+                    Ok(Command::CommitEpoch { .. }) => Err(Errno::EINVAL),
+                    Ok(Command::Detach) => {
+                        let r = detach(&mut enabled, &mut evt)?;
+                        if r.is_ok() {
+                            detached = true;
+                            res.detaches += 1;
+                        }
+                        r
+                    }
                     Ok(_) => Err(Errno::ENOSYS),
                 };
                 respond(&mut cmd, &req, result)?;
             }
-            if enabled && evt.pending.is_empty() && next_epoch < self.spec.epochs {
+            // Checkpoints voided by Detach do not count towards `epochs`.
+            let in_flight = next_epoch - session_committed;
+            if enabled && evt.pending.is_empty() && res.committed + in_flight < self.spec.epochs {
                 busy = true;
                 let epoch = next_epoch;
                 if epoch > 0 {
@@ -404,6 +456,21 @@ pub(crate) fn log_dirty_enable(enabled: &mut bool, mode: LogDirtyMode) -> Result
     }
 }
 
+/// `Detach`: log-dirty off, the events posted so far void (their acks,
+/// whenever they come, are dropped). `EINVAL` when nothing is attached.
+pub(crate) fn detach(
+    enabled: &mut bool,
+    evt: &mut Events<'_>,
+) -> Result<Result<Reply, Errno>, String> {
+    if !*enabled {
+        return Ok(Err(Errno::EINVAL));
+    }
+    *enabled = false;
+    evt.skip_acks()?;
+    eprintln!("sim-hv: replication detached; guest runs unprotected");
+    Ok(Ok(Reply::Done))
+}
+
 /// Answer command `req` with `result` and publish the response.
 pub(crate) fn respond(
     cmd: &mut CmdBack<'_>,
@@ -440,6 +507,17 @@ impl Events<'_> {
             .map_err(|x| format!("event ring: {x:?}"))?;
         self.pending.push_back((e.seq, e.kind, e.epoch));
         self.seq = self.seq.wrapping_add(1);
+        Ok(())
+    }
+
+    /// Detached: consume whatever acks the tool posted without looking at
+    /// them (they answer events of a session that is over) and forget the
+    /// pending events. A bad ring index is still an error.
+    pub(crate) fn skip_acks(&mut self) -> Result<(), String> {
+        self.ring
+            .skip_responses(u32::MAX)
+            .map_err(|x| format!("event ring: {x:?}"))?;
+        self.pending.clear();
         Ok(())
     }
 

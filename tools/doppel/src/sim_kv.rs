@@ -13,6 +13,13 @@
 //! 0 at once, with every page), never before the tool acked the previous
 //! checkpoint.
 //!
+//! `Detach` (primary): log-dirty off, no more checkpoints, acks dropped;
+//! every held reply goes into `out_chan` at once (tagged
+//! `UNPROTECTED_EPOCH`: it was never committed) and the service runs on,
+//! unprotected, its replies released as soon as they are made. A later
+//! `LogDirtyEnable` starts a new session (epoch 0 with every page, output
+//! held again).
+//!
 //! Standby (`features STANDBY`): the guest RAM starts as junk; the backup
 //! tool writes committed pages into it and, at failover, the HVM context
 //! blob into the vCPU area, then sends `Activate{epoch}`. The blob must
@@ -34,7 +41,7 @@ use std::time::{Duration, Instant};
 
 use doppel_abi::chan::{ChannelConsumer, ChannelProducer};
 use doppel_abi::control::{ControlHeader, Features, Field};
-use doppel_abi::msg::{kind, Reply};
+use doppel_abi::msg::{kind, LogDirtyMode, Reply, UNPROTECTED_EPOCH};
 use doppel_abi::service::{self, Outcome, REPLAY_WINDOW};
 use doppel_abi::{AtomicMem64, Command, Errno, Event, SharedMem};
 use doppel_core::hvm::{self, VcpuState};
@@ -42,8 +49,8 @@ use zerocopy::{FromZeros, IntoBytes};
 
 use crate::machine::{MachineRam, PAGE};
 use crate::sim::{
-    attach_rings, create_machine, log_dirty_enable, publish, region, respond, stage, DirtyLog,
-    CONTROL_AT,
+    attach_rings, create_machine, detach, log_dirty_enable, publish, region, respond, stage,
+    DirtyLog, CONTROL_AT,
 };
 use crate::synth::Rng;
 
@@ -176,6 +183,8 @@ pub struct KvSim {
 #[derive(Clone, Debug, Default)]
 pub struct KvResult {
     pub epochs_posted: u64,
+    /// `Detach` commands answered Done.
+    pub detaches: u64,
     pub committed: u64,
     pub requests: u64,
     pub released: u64,
@@ -252,6 +261,9 @@ impl KvSim {
             keys: self.spec.keys,
         });
         let mut enabled = false;
+        let mut detached = false;
+        // Checkpoints posted in this session.
+        let mut posted = 0u64;
         // Standby: the epoch activated from.
         let mut active: Option<u64> = None;
         let mut running = 0u64; // epoch whose checkpoint will hold the state
@@ -272,7 +284,11 @@ impl KvSim {
                 ));
             }
             let mut busy = false;
-            busy |= evt.drain_acks(|_, _| {})?;
+            if detached {
+                evt.skip_acks()?;
+            } else {
+                busy |= evt.drain_acks(|_, _| {})?;
+            }
             // Commands.
             while let Some(req) = cmd.pop_request().map_err(|x| e("command ring")(&x))? {
                 busy = true;
@@ -280,9 +296,33 @@ impl KvSim {
                 let result = match req.decode() {
                     Err(x) => Err(x.errno()),
                     Ok(Command::LogDirtyEnable { mode }) if !self.spec.standby => {
+                        if detached && mode == LogDirtyMode::WriteProtect {
+                            // A new session (the new tool answered the old
+                            // session's events before this command).
+                            evt.skip_acks()?;
+                            detached = false;
+                            posted = 0;
+                            running = 0;
+                            committed = None;
+                            dirty = DirtyLog::all(self.spec.guest_pages);
+                        }
                         log_dirty_enable(&mut enabled, mode)
                     }
-                    Ok(Command::CommitEpoch { epoch }) if !self.spec.standby => {
+                    Ok(Command::Detach) if !self.spec.standby => {
+                        let r = detach(&mut enabled, &mut evt)?;
+                        if r.is_ok() {
+                            detached = true;
+                            res.detaches += 1;
+                            // Nothing will ever commit these: out they go.
+                            for h in held.iter_mut() {
+                                h.0 = UNPROTECTED_EPOCH;
+                            }
+                            let (n, _) = release_unprotected(&mut held, &mut out)?;
+                            res.released += n;
+                        }
+                        r
+                    }
+                    Ok(Command::CommitEpoch { epoch }) if !self.spec.standby && enabled => {
                         // The tool acks the event before committing; the
                         // ack may have landed after the drain above.
                         evt.drain_acks(|_, _| {})?;
@@ -291,7 +331,7 @@ impl KvSim {
                             .iter()
                             .any(|&(_, k, ep)| k == kind::CHECKPOINT_READY && ep == epoch);
                         let next = committed.map_or(0, |c| c + 1);
-                        if epoch == next && epoch < res.epochs_posted && staged_acked {
+                        if epoch == next && epoch < posted && staged_acked {
                             committed = Some(epoch);
                             res.committed += 1;
                             let (n, bytes) = release(&mut held, &mut out, epoch)?;
@@ -304,6 +344,7 @@ impl KvSim {
                             Err(Errno::EINVAL)
                         }
                     }
+                    Ok(Command::CommitEpoch { .. }) if !self.spec.standby => Err(Errno::EINVAL),
                     Ok(Command::Activate { epoch }) if self.spec.standby => {
                         if active.is_some() {
                             Err(Errno::EINVAL)
@@ -332,8 +373,11 @@ impl KvSim {
                     }
                 }
             }
-            // Held output that did not fit before.
-            if let Some(c) = committed {
+            // Held output that did not fit before: first what Detach
+            // released (while detached, that is all of it).
+            let (n, _) = release_unprotected(&mut held, &mut out)?;
+            res.released += n;
+            if let Some(c) = committed.filter(|_| !detached) {
                 let (n, _) = release(&mut held, &mut out, c)?;
                 res.released += n;
             }
@@ -341,7 +385,7 @@ impl KvSim {
             let serving = if self.spec.standby {
                 active.is_some()
             } else {
-                enabled
+                enabled || detached
             };
             if let (true, Some(g)) = (serving, kv) {
                 let mut any = false;
@@ -354,6 +398,12 @@ impl KvSim {
                         Some(a) => {
                             held.push_back((a + 1, rep));
                             let (n, _) = release(&mut held, &mut out, a + 1)?;
+                            res.released += n;
+                        }
+                        // Detached: unprotected, released at once.
+                        None if detached => {
+                            held.push_back((UNPROTECTED_EPOCH, rep));
+                            let (n, _) = release_unprotected(&mut held, &mut out)?;
                             res.released += n;
                         }
                         None => held.push_back((running, rep)),
@@ -380,6 +430,7 @@ impl KvSim {
                 evt.push(&Event::CheckpointReady(c))?;
                 evt.ring.publish_requests();
                 res.epochs_posted += 1;
+                posted += 1;
                 running += 1;
                 dirty.clear();
             }
@@ -442,9 +493,27 @@ fn release(
     out: &mut ChannelProducer<AtomicMem64<'_>>,
     upto: u64,
 ) -> Result<(u64, u64), String> {
+    release_while(held, out, |ep| ep <= upto)
+}
+
+/// Move the replies at the front tagged [`UNPROTECTED_EPOCH`] (released by
+/// `Detach` or made while detached) into the output channel, as many as
+/// fit; they go before anything a later session holds.
+fn release_unprotected(
+    held: &mut VecDeque<(u64, service::Reply)>,
+    out: &mut ChannelProducer<AtomicMem64<'_>>,
+) -> Result<(u64, u64), String> {
+    release_while(held, out, |ep| ep == UNPROTECTED_EPOCH)
+}
+
+fn release_while(
+    held: &mut VecDeque<(u64, service::Reply)>,
+    out: &mut ChannelProducer<AtomicMem64<'_>>,
+    go: impl Fn(u64) -> bool,
+) -> Result<(u64, u64), String> {
     let mut n = 0u64;
     while let Some(&(ep, rep)) = held.front() {
-        if ep > upto {
+        if !go(ep) {
             break;
         }
         match out.write_record(ep, rep.as_bytes()) {

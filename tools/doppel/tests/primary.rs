@@ -33,6 +33,7 @@ fn cfg(epochs: u64) -> PrimaryConfig {
         epochs: Some(epochs),
         reply_timeout: Duration::from_secs(20),
         event_timeout: Duration::from_secs(20),
+        stop: None,
     }
 }
 

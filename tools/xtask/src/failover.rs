@@ -14,6 +14,10 @@
 //!    connections open: only the heartbeat timeout can tell).
 //! 4. The client finishes on the backup; its verdict and the backup's
 //!    failover line make the run's `failover:` line.
+//! 5. Link cut only: the old `doppel primary` must give up and Detach (its
+//!    hypervisor logs `replication detached; guest runs unprotected`), and
+//!    a second `doppel primary --record --epochs 2` must attach to the
+//!    still-running guest and commit two epochs of a new session.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -633,7 +637,7 @@ pub fn run(ctx: &mut Ctx, sc: &Scenario, progress: &mut Progress) -> Result<Outc
     let lost = num(&verdict, "lost_acked");
     let divergent = num(&verdict, "divergent");
     let ops = num(&verdict, "ops").unwrap_or(0);
-    let pass = verdict.contains("result=pass")
+    let mut pass = verdict.contains("result=pass")
         && lost == Some(0)
         && divergent == Some(0)
         && ops == sc.ops
@@ -660,6 +664,49 @@ pub fn run(ctx: &mut Ctx, sc: &Scenario, progress: &mut Progress) -> Result<Outc
             primary.alive(),
             last_release.trim()
         ));
+        // The old tool gives up on the backup's ack and detaches; its
+        // guest runs on unprotected, and a second primary can attach to it.
+        let t = Instant::now();
+        while primary.alive() && t.elapsed() < Duration::from_secs(150) {
+            thread::sleep(Duration::from_millis(200));
+        }
+        let exited = !primary.alive();
+        let hv = prim
+            .qemu
+            .as_ref()
+            .map(Running::output_so_far)
+            .unwrap_or_default();
+        let detached = hv.contains("replication detached; guest runs unprotected");
+        let cap = crate::out_dir().join(format!("failover-{}-reattach.bin", sc.run));
+        let again = Command::new(&doppel)
+            .args(["primary", "--machine-ram"])
+            .arg(&prim.ram.0)
+            .arg("--record")
+            .arg(&cap)
+            .args([
+                "--epochs",
+                "2",
+                "--wait-control",
+                "10",
+                "--event-timeout",
+                "120",
+            ])
+            .output()?;
+        let reattached = again.status.success();
+        let _ = std::fs::remove_file(&cap);
+        out.notes.push(format!(
+            "after the cut: old doppel primary exited={exited}; its hypervisor logged \
+             `replication detached; guest runs unprotected`={detached}; a second doppel \
+             primary attached to the running guest and committed 2 epochs={reattached}"
+        ));
+        if !reattached {
+            out.notes.push(format!(
+                "second primary {}: {}",
+                again.status,
+                String::from_utf8_lossy(&again.stderr)
+            ));
+        }
+        pass &= exited && detached && reattached;
     }
     // Epoch 0 carries every page; the per-epoch figures are the steady
     // state after it.

@@ -7,7 +7,9 @@
 //! - `replica-qemu-svm`: QEMU (SVM) runs the hypervisor in `mode=primary`
 //!   with its RAM in /dev/shm; primary and backup replicate 21 epochs over
 //!   loopback; the replica's memory must equal the guest RAM bytes in the
-//!   RAM file and its vCPU blob the last checkpoint's, byte for byte.
+//!   RAM file and its vCPU blob the last checkpoint's, byte for byte. The
+//!   primary tool ends with Detach: the hypervisor must log `replication
+//!   detached; guest runs unprotected` and then finish on its own.
 //! - `xen-verify-capture`: `doppel primary --record` of 5 epochs from the
 //!   real hypervisor, accepted by verify-stream-v2.
 
@@ -301,14 +303,19 @@ pub fn step_replica_qemu(ctx: &mut Ctx) -> Result<String> {
         .find_map(|l| l.strip_prefix("backup: last committed epoch "))
         .unwrap_or("?")
         .to_string();
+    // The tool detached after its last epoch; the hypervisor said so and
+    // powered off by itself (it waits for Detach once the guest is done).
+    let detached = run
+        .output
+        .contains("replication detached; guest runs unprotected");
     let line = format!(
         "replica: epochs={EPOCHS} pages_compared={pages} mismatches={mismatches} \
-         vcpu_blob={} (backup: last committed epoch {committed})",
+         vcpu_blob={} detached={detached} (backup: last committed epoch {committed})",
         if vcpu_ok { "equal" } else { "DIFFERENT" }
     );
     println!("{line}");
-    if mismatches != 0 || !vcpu_ok {
-        bail!("{line}");
+    if mismatches != 0 || !vcpu_ok || !detached {
+        bail!("{line}\nhypervisor ({}):\n{}", run.describe(), run.output);
     }
     Ok(line)
 }

@@ -9,6 +9,15 @@
 //! only after the tool acknowledged the event (back-pressure): the guest
 //! waits at its next epoch end until then. Epoch 0 carries every page.
 //!
+//! `Detach` ends replication (docs/REPLICATION.md, "Detach and re-attach"):
+//! log-dirty off for the tool, no more staging or events, the acks still
+//! to come dropped unread, every held output record released (tagged
+//! `UNPROTECTED_EPOCH`: no backup can be consistent with the guest any
+//! more) and the guest runs on unprotected. The dirty tracking inside the
+//! run loop stays armed; its harvests are discarded. A later
+//! `LogDirtyEnable` starts a new session at the rings' current indices:
+//! epochs from 0 again, epoch 0 carrying every page.
+//!
 //! Everything the tool writes (commands, acks, ring indices) is untrusted:
 //! malformed entries are answered with an errno, a ring index that jumps
 //! past the ring stops replication with a clear error.
@@ -21,7 +30,9 @@ use doppel_abi::guest::MAX_RECORD;
 use heapless::Vec as HVec;
 
 use doppel_abi::control::{validate_header, ControlHeader, ControlView, Field, Region};
-use doppel_abi::msg::{CheckpointReady, Command, Event, LogDirtyMode, Reply, Response, Span};
+use doppel_abi::msg::{
+    CheckpointReady, Command, Event, LogDirtyMode, Reply, Response, Span, UNPROTECTED_EPOCH,
+};
 use doppel_abi::ring::{slot_size, RingLayout};
 use doppel_abi::SharedMem;
 use doppel_abi::{errno::Errno, guest::PAGE_SIZE};
@@ -129,7 +140,7 @@ where
             return ran;
         }
     };
-    area.wait_released()?;
+    area.wait_detached()?;
     log::info!(
         "primary: guest finished after {} checkpoints, last committed epoch {}",
         area.next_epoch,
@@ -251,6 +262,12 @@ struct ControlArea {
     enabled: bool,
     /// Events posted and not yet acknowledged, to match acks against.
     events: PostedEvents<EVENTS_IN_FLIGHT>,
+    /// The tool sent `Detach`: the guest runs unprotected until a new
+    /// `LogDirtyEnable`.
+    detached: bool,
+    /// The next checkpoint carries every page (a new session after
+    /// `Detach`: the new backup starts from nothing).
+    full_next: bool,
     next_epoch: u64,
     committed: Option<u64>,
 }
@@ -392,6 +409,8 @@ impl ControlArea {
             vcpu,
             enabled: false,
             events: PostedEvents::new(),
+            detached: false,
+            full_next: false,
             next_epoch: 0,
             committed: None,
         })
@@ -452,10 +471,17 @@ impl ControlArea {
                 } else if mode != LogDirtyMode::WriteProtect {
                     Err(Errno::EOPNOTSUPP)
                 } else {
+                    if self.detached {
+                        self.reattach().map_err(|e| {
+                            log::error!("primary: re-attach: {e}");
+                            Errno::EIO
+                        })?;
+                    }
                     self.enabled = true;
                     Ok(Reply::Done)
                 }
             }
+            Command::Detach => self.detach(),
             Command::CommitEpoch { epoch } => {
                 if self.role == Role::Standby
                     || epoch >= self.next_epoch
@@ -548,8 +574,11 @@ impl ControlArea {
     }
 
     /// Post an Error event (best effort: a full ring is skipped, the
-    /// hypervisor is stopping anyway).
+    /// hypervisor is stopping anyway). None once detached: nobody reads.
     fn post_error(&mut self, errno: Errno) {
+        if self.detached {
+            return;
+        }
         let e = Event::Error {
             epoch: self.next_epoch,
             op: 0,
@@ -698,6 +727,108 @@ impl ControlArea {
     }
 }
 
+/// Detach and re-attach (docs/REPLICATION.md).
+impl ControlArea {
+    /// `Detach`: stop replicating and run the guest unprotected. Answered
+    /// `Done` after the held output went out (as far as the output channel
+    /// has room; the rest follows as the tool's successor or nobody drains
+    /// it — the guest is told to retry a full channel as before).
+    fn detach(&mut self) -> Result<Reply, Errno> {
+        if self.role == Role::Standby {
+            return Err(Errno::EOPNOTSUPP);
+        }
+        if !self.enabled {
+            // Nothing attached (never enabled, or detached already).
+            return Err(Errno::EINVAL);
+        }
+        self.enabled = false;
+        self.detached = true;
+        // The staged checkpoint (if any) is void: its ack may never come.
+        self.events.clear();
+        let held = self.held.len();
+        for h in self.held.iter_mut() {
+            h.epoch = UNPROTECTED_EPOCH;
+        }
+        self.release_unprotected().map_err(|e| {
+            log::error!("primary: releasing output at Detach: {e}");
+            Errno::EIO
+        })?;
+        log::warn!(
+            "primary: replication detached; guest runs unprotected (after epoch {}, last \
+             committed {}; {held} held output records released, {} still waiting for room)",
+            self.next_epoch.saturating_sub(1),
+            self.committed
+                .map_or(-1, |e| i64::try_from(e).unwrap_or(i64::MAX)),
+            self.held.len()
+        );
+        Ok(Reply::Done)
+    }
+
+    /// `LogDirtyEnable` after `Detach`: a new session. The new tool has
+    /// answered the old session's events before sending it; drop those
+    /// answers unread and start again from epoch 0 with every page.
+    fn reattach(&mut self) -> Result<(), &'static str> {
+        self.skip_acks()?;
+        self.detached = false;
+        self.full_next = true;
+        self.events.clear();
+        self.next_epoch = 0;
+        self.committed = None;
+        log::info!("primary: a new dom0 tool enabled log-dirty; replication restarts at epoch 0");
+        Ok(())
+    }
+
+    /// Detached: consume the tool's acks without reading them (they answer
+    /// events of a session that is over). A bad index is still an error.
+    fn skip_acks(&mut self) -> Result<(), &'static str> {
+        self.evt
+            .skip_responses(u32::MAX)
+            .map(|_| ())
+            .map_err(|_| PEER_BROKE_RING)
+    }
+
+    /// Move the held records tagged [`UNPROTECTED_EPOCH`] at the front
+    /// (released by `Detach`, or sent while detached) into the output
+    /// channel, as far as it has room. No event: nobody is attached.
+    fn release_unprotected(&mut self) -> Result<(), &'static str> {
+        let mut any = false;
+        while let Some(h) = self.held.front() {
+            if h.epoch != UNPROTECTED_EPOCH {
+                break;
+            }
+            match self.output.write_record(h.epoch, &h.bytes) {
+                Ok(()) => {
+                    any = true;
+                    self.held.pop_front();
+                }
+                Err(ChannelError::Full) => break,
+                Err(_) => return Err("the dom0 tool broke the output channel"),
+            }
+        }
+        if any {
+            self.output.publish();
+        }
+        Ok(())
+    }
+
+    /// The guest finished: serve the tool until it detaches (it commits
+    /// the last checkpoint first), so its last commands are answered
+    /// before the hypervisor stops.
+    fn wait_detached(&mut self) -> Result<(), &'static str> {
+        if !self.detached {
+            log::info!("primary: guest finished; waiting for the tool to Detach");
+        }
+        while !self.detached {
+            self.take_acks()?;
+            if !self.serve_commands()? {
+                core::hint::spin_loop();
+            }
+        }
+        self.skip_acks()?;
+        self.release_unprotected()
+    }
+}
+
 impl EpochSink for ControlArea {
     fn recv(&mut self, dst: &mut [u8]) -> Result<Recv, &'static str> {
         let got = match self.input.pop(dst) {
@@ -726,16 +857,31 @@ impl EpochSink for ControlArea {
             return Ok(false);
         }
         let bytes = HVec::from_slice(record).map_err(|()| "output record too long")?;
-        self.held.push_back(Held {
-            epoch: self.next_epoch,
-            bytes,
-        });
+        let epoch = if self.detached {
+            UNPROTECTED_EPOCH
+        } else {
+            self.next_epoch
+        };
+        self.held.push_back(Held { epoch, bytes });
+        if self.detached {
+            // Unprotected: out as soon as the channel has room.
+            self.release_unprotected()?;
+        }
         Ok(true)
     }
 
     fn poll(&mut self) -> Result<(), &'static str> {
-        self.take_acks()?;
+        if self.detached {
+            self.skip_acks()?;
+        } else {
+            self.take_acks()?;
+        }
         self.serve_commands()?;
+        // What Detach released goes first, also into a later session.
+        self.release_unprotected()?;
+        if self.detached {
+            return Ok(());
+        }
         self.release()
     }
 
@@ -752,9 +898,35 @@ impl EpochSink for ControlArea {
             // An activated standby runs unreplicated: nothing to stage.
             return Ok(());
         }
+        if self.detached {
+            // Unprotected: serve the tool's successor, stage nothing.
+            self.skip_acks()?;
+            self.serve_commands()?;
+            return self.release_unprotected();
+        }
         // Back-pressure: staging holds one checkpoint at a time.
         self.wait_released()?;
-        let n = self.stage(e)?;
+        if self.detached {
+            // Detach arrived while the guest waited: stage nothing.
+            return Ok(());
+        }
+        let n = if core::mem::take(&mut self.full_next) {
+            // A new session: every page, whatever this epoch dirtied.
+            let mut bits = alloc::vec![0u8; e.harvest.len()];
+            for pfn in 0..e.ram.pages() {
+                if let Some(b) = bits.get_mut((pfn / 8) as usize) {
+                    *b |= 1 << (pfn % 8);
+                }
+            }
+            let full = EpochEnd {
+                harvest: &bits,
+                vcpu: e.vcpu.clone(),
+                ..*e
+            };
+            self.stage(&full)?
+        } else {
+            self.stage(e)?
+        };
         let what = match (e.pattern, self.role) {
             (Some(p), _) => p.name(),
             (None, Role::Workload) => "stop",

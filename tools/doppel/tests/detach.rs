@@ -1,0 +1,410 @@
+//! Detach and re-attach against the hypervisor simulators: a primary that
+//! ends (epochs reached, event timeout, stop flag, signal) hands the guest
+//! back with `Detach`, the simulated guest runs on unprotected with its
+//! held output released, and a second primary attaches and replicates a
+//! new session from epoch 0.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command as Proc, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use doppel::machine::MachineRam;
+use doppel::primary::{EpochReport, Output, Primary, PrimaryConfig, PrimaryError};
+use doppel::sim::{Sim, SimResult, SimSpec};
+use doppel::sim_kv::{KvSim, KvSpec};
+use doppel::stream::{Limits, Record, StreamReader};
+use doppel_abi::chan::{ChannelConsumer, ChannelProducer};
+use doppel_abi::control::Field;
+use doppel_abi::msg::{LogDirtyMode, Reply, UNPROTECTED_EPOCH};
+use doppel_abi::ring::REQ_PROD;
+use doppel_abi::service::{op, Request};
+use doppel_abi::{Command, SharedMem};
+use zerocopy::IntoBytes;
+
+const BIN: &str = env!("CARGO_BIN_EXE_doppel");
+const PAGES: u64 = 128;
+
+fn scratch(name: &str) -> PathBuf {
+    let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("detach-{name}"));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn cfg(epochs: Option<u64>) -> PrimaryConfig {
+    PrimaryConfig {
+        epochs,
+        reply_timeout: Duration::from_secs(20),
+        event_timeout: Duration::from_secs(20),
+        stop: None,
+    }
+}
+
+fn spec(epochs: u64) -> SimSpec {
+    SimSpec {
+        guest_pages: PAGES,
+        epochs,
+        dirty: 10,
+        seed: 7,
+        ..SimSpec::default()
+    }
+}
+
+/// Read a capture to END: (checkpoints, pages per epoch).
+fn read_capture(bytes: &[u8]) -> (u64, Vec<u64>) {
+    let mut rd = StreamReader::open(bytes, Limits { guest_pages: PAGES }).unwrap();
+    let (mut ckpts, mut pages, mut cur) = (0u64, Vec::new(), 0u64);
+    while !rd.ended() {
+        match rd.next_record().unwrap() {
+            Record::PageData(p) => cur += p.count() as u64,
+            Record::Checkpoint => {
+                ckpts += 1;
+                pages.push(cur);
+                cur = 0;
+            }
+            Record::End => {}
+            _ => {}
+        }
+    }
+    rd.expect_eof().unwrap();
+    (ckpts, pages)
+}
+
+/// One primary session on `ram` through the library, as the CLI runs it:
+/// run, then Detach. The capture bytes, the run's result and the reports.
+fn session(
+    ram: &Path,
+    cfg: PrimaryConfig,
+    on_epoch: impl FnMut(&EpochReport),
+) -> (Vec<u8>, Result<doppel::primary::Summary, PrimaryError>) {
+    let m = MachineRam::open(ram).unwrap();
+    let ctl = m.find_control().unwrap();
+    let mut p = Primary::attach(&m, ctl, cfg).unwrap();
+    let mut out: Output<_, std::io::Empty> = Output::record(Vec::new());
+    let r = p.run(&mut out, on_epoch);
+    p.detach(Duration::from_secs(10)).unwrap();
+    (out.writer_mut().get_mut().clone(), r)
+}
+
+#[test]
+fn a_second_primary_attaches_after_the_first_detached() {
+    let dir = scratch("second");
+    let ram = dir.join("m.ram");
+    let sim = Sim::create(&ram, spec(6)).unwrap();
+    let stop = AtomicBool::new(false);
+    let (res, first, second, refused) = std::thread::scope(|s| {
+        let simt = s.spawn(|| sim.run(&stop));
+        let (first, r1) = session(&ram, cfg(Some(3)), |_| {});
+        assert_eq!(r1.unwrap().committed, 3);
+        let mut epochs = Vec::new();
+        let (second, r2) = session(&ram, cfg(Some(3)), |r| epochs.push((r.epoch, r.pages)));
+        let sum = r2.unwrap();
+        assert_eq!(sum.committed, 3);
+        // A new session: epochs from 0, epoch 0 with every page again.
+        assert_eq!(epochs.iter().map(|e| e.0).collect::<Vec<_>>(), [0, 1, 2]);
+        assert_eq!(epochs[0].1, PAGES);
+        // Both detached: the simulator is done (6 committed, detached).
+        let res: SimResult = simt.join().unwrap();
+        // A third tool may attach again (the last answer is Detach).
+        let m = MachineRam::open(&ram).unwrap();
+        let ctl = m.find_control().unwrap();
+        let refused = Primary::attach(&m, ctl, cfg(None)).err();
+        (res, first, second, refused)
+    });
+    assert_eq!(res.error, None);
+    assert_eq!((res.committed, res.detaches), (6, 2));
+    assert!(refused.is_none(), "{refused:?}");
+    let (c1, p1) = read_capture(&first);
+    let (c2, p2) = read_capture(&second);
+    assert_eq!((c1, c2), (3, 3));
+    assert_eq!((p1[0], p2[0]), (PAGES, PAGES));
+    // The second session's epoch 0 is the guest as it was then: it went
+    // on running after the first detached, so it is not the first's.
+    assert_ne!(first, second);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_ring_left_without_detach_is_refused_until_the_owner_detaches() {
+    let dir = scratch("refused");
+    let ram = dir.join("m.ram");
+    let sim = Sim::create(&ram, spec(4)).unwrap();
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let simt = s.spawn(|| sim.run(&stop));
+        let m = MachineRam::open(&ram).unwrap();
+        let ctl = m.find_control().unwrap();
+        let mut a = Primary::attach(&m, ctl, cfg(Some(2))).unwrap();
+        let mut out: Output<_, std::io::Empty> = Output::record(Vec::new());
+        a.run(&mut out, |_| {}).unwrap();
+        // `a` has not detached: its last answer is CommitEpoch (op 7).
+        let e = Primary::attach(&m, ctl, cfg(None)).err().unwrap();
+        let text = e.to_string();
+        assert!(text.contains("already in use"), "{text}");
+        assert!(
+            text.contains("the last command answered was op 7"),
+            "{text}"
+        );
+        // Detaching twice: the second is refused (nothing attached).
+        a.detach(Duration::from_secs(10)).unwrap();
+        let again = a.detach(Duration::from_secs(10)).unwrap_err();
+        assert!(
+            matches!(again, PrimaryError::CommandFailed { cmd: "Detach", .. }),
+            "{again}"
+        );
+        // The refused Detach is now the last answer: in use again.
+        assert!(Primary::attach(&m, ctl, cfg(None)).is_err());
+        stop.store(true, Ordering::Relaxed);
+        let res = simt.join().unwrap();
+        assert_eq!(res.error, None);
+        assert_eq!((res.committed, res.detaches), (2, 1));
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn after_detach_the_sim_guest_runs_on_and_posts_no_event() {
+    let dir = scratch("runs-on");
+    let ram = dir.join("m.ram");
+    let sim = Sim::create(&ram, spec(100)).unwrap();
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let simt = s.spawn(|| sim.run(&stop));
+        let (bytes, r) = session(&ram, cfg(Some(2)), |_| {});
+        assert_eq!(r.unwrap().committed, 2);
+        assert_eq!(read_capture(&bytes).0, 2);
+        let m = MachineRam::open(&ram).unwrap();
+        let ctl = m.find_control().unwrap();
+        let g = ctl.guest_ram();
+        let mut before = vec![0u8; g.size as usize];
+        let mut after = before.clone();
+        let win = m.window(ctl.at as usize);
+        let (eo, _) = ctl.view.region(Field::EventRing);
+        let posted = win.load_u32(eo + REQ_PROD);
+        m.mem().read_bytes(g.offset as usize, &mut before);
+        std::thread::sleep(Duration::from_millis(100));
+        m.mem().read_bytes(g.offset as usize, &mut after);
+        assert_ne!(before, after, "the guest stopped after Detach");
+        assert_eq!(win.load_u32(eo + REQ_PROD), posted, "an event after Detach");
+        stop.store(true, Ordering::Relaxed);
+        let res = simt.join().unwrap();
+        assert_eq!(res.error, None);
+        assert_eq!(res.detaches, 1);
+        assert!(res.unprotected_runs > 0);
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn kv_sim_releases_held_replies_at_detach_and_answers_at_once_after() {
+    let dir = scratch("kv");
+    let ram = dir.join("m.ram");
+    let sim = KvSim::create(
+        &ram,
+        KvSpec {
+            guest_pages: 64,
+            keys: 8,
+            epoch: Duration::from_millis(20),
+            seed: 3,
+            standby: false,
+            max_run: Duration::from_secs(60),
+        },
+    )
+    .unwrap();
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let simt = s.spawn(|| sim.run(&stop));
+        let m = MachineRam::open(&ram).unwrap();
+        let ctl = m.find_control().unwrap();
+        let win = m.window(ctl.at as usize);
+        let (io, is) = ctl.view.region(Field::InputChannel);
+        let (oo, os) = ctl.view.region(Field::OutputChannel);
+        let mut inp = ChannelProducer::attach(win, io, is).unwrap();
+        let mut outc = ChannelConsumer::attach(win, oo, os).unwrap();
+        let mut p = Primary::attach(&m, ctl, cfg(None)).unwrap();
+        let enable = Command::LogDirtyEnable {
+            mode: LogDirtyMode::WriteProtect,
+        };
+        assert_eq!(p.command(enable, "LogDirtyEnable").unwrap(), Reply::Done);
+        let send = |inp: &mut ChannelProducer<_>, id: u64| {
+            let r = Request::new(id, op::ADD, id % 8, id);
+            inp.write_record(0, r.as_bytes()).unwrap();
+            inp.publish();
+        };
+        let mut buf = [0u8; 64];
+        let mut take = |outc: &mut ChannelConsumer<_>, want: usize, limit: Duration| {
+            let mut got = Vec::new();
+            let t = Instant::now();
+            while got.len() < want && t.elapsed() < limit {
+                match outc.pop(&mut buf).unwrap() {
+                    Some(info) => {
+                        let rep = doppel_abi::service::Reply::parse(&buf[..info.len]).unwrap();
+                        got.push((info.epoch, rep.id));
+                    }
+                    None => std::thread::sleep(Duration::from_millis(2)),
+                }
+            }
+            outc.publish();
+            got
+        };
+        for id in 1..=5 {
+            send(&mut inp, id);
+        }
+        // Nothing is committed: the replies are held.
+        assert_eq!(take(&mut outc, 1, Duration::from_millis(300)), []);
+        p.detach(Duration::from_secs(10)).unwrap();
+        let released = take(&mut outc, 5, Duration::from_secs(5));
+        let ids: Vec<u64> = (1..=5).collect();
+        assert_eq!(
+            released,
+            ids.iter()
+                .map(|&i| (UNPROTECTED_EPOCH, i))
+                .collect::<Vec<_>>()
+        );
+        // Unprotected: a new request is answered with nothing committed.
+        send(&mut inp, 6);
+        assert_eq!(
+            take(&mut outc, 1, Duration::from_secs(5)),
+            [(UNPROTECTED_EPOCH, 6)]
+        );
+        stop.store(true, Ordering::Relaxed);
+        let res = simt.join().unwrap();
+        assert_eq!(res.error, None);
+        assert_eq!((res.detaches, res.committed, res.released), (1, 0, 6));
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn an_event_timeout_ends_the_capture_with_end() {
+    let dir = scratch("timeout");
+    let ram = dir.join("m.ram");
+    // Two checkpoints, then the simulator posts nothing more.
+    let sim = Sim::create(&ram, spec(2)).unwrap();
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let simt = s.spawn(|| sim.run(&stop));
+        let c = PrimaryConfig {
+            event_timeout: Duration::from_secs(1),
+            ..cfg(None)
+        };
+        let (bytes, r) = session(&ram, c, |_| {});
+        let e = r.unwrap_err();
+        assert!(matches!(e, PrimaryError::Timeout { .. }), "{e}");
+        assert_eq!(e.exit_code(), 4);
+        let (ckpts, pages) = read_capture(&bytes);
+        assert_eq!((ckpts, pages[0]), (2, PAGES));
+        let res = simt.join().unwrap();
+        assert_eq!(res.error, None);
+        assert_eq!((res.committed, res.detaches), (2, 1));
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn the_stop_flag_ends_the_run_at_an_epoch_boundary_with_end() {
+    let dir = scratch("stop");
+    let ram = dir.join("m.ram");
+    let sim = Sim::create(&ram, spec(1000)).unwrap();
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let simt = s.spawn(|| sim.run(&stop));
+        let flag = Arc::new(AtomicBool::new(false));
+        let c = PrimaryConfig {
+            stop: Some(Arc::clone(&flag)),
+            ..cfg(None)
+        };
+        // "Ctrl-C" after the 4th commit.
+        let (bytes, r) = session(&ram, c, |rep| {
+            if rep.epoch == 3 {
+                flag.store(true, Ordering::Relaxed);
+            }
+        });
+        let sum = r.unwrap();
+        assert!(sum.stopped);
+        assert_eq!(sum.committed, 4);
+        assert_eq!(read_capture(&bytes).0, 4);
+        stop.store(true, Ordering::Relaxed);
+        let res = simt.join().unwrap();
+        assert_eq!(res.error, None);
+        assert_eq!((res.committed, res.detaches), (4, 1));
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The binary: SIGINT during a capture gives exit 0, a capture ending in
+/// END, and Detach (a second `doppel primary` then attaches).
+#[test]
+fn sigint_ends_a_recording_cleanly_and_detaches() {
+    let dir = scratch("sigint");
+    let ram = dir.join("m.ram");
+    let mut sim = Proc::new(BIN)
+        .args(["sim-hv", "--machine-ram"])
+        .arg(&ram)
+        .args(["--epochs", "100000", "--guest-pages", &PAGES.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while !ram.exists() && t.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let rec = |name: &str, extra: &[&str]| {
+        Proc::new(BIN)
+            .args(["primary", "--machine-ram"])
+            .arg(&ram)
+            .arg("--record")
+            .arg(dir.join(name))
+            .args(["--wait-control", "10"])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let first = rec("r1.bin", &[]);
+    // Let it commit some epochs.
+    std::thread::sleep(Duration::from_millis(700));
+    let st = Proc::new("kill")
+        .args(["-INT", &first.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let out = first.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{:?}: {stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("primary: stopped by signal"), "{stdout}");
+    assert!(stdout.contains("primary: detached"), "{stdout}");
+    let committed: u64 = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("primary: committed "))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap();
+    assert!(committed > 0);
+    let (ckpts, _) = read_capture(&std::fs::read(dir.join("r1.bin")).unwrap());
+    assert_eq!(ckpts, committed);
+    // The guest was handed back: another primary attaches.
+    let second = rec("r2.bin", &["--epochs", "2"]);
+    let out2 = second.wait_with_output().unwrap();
+    assert!(
+        out2.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out2.stderr)
+    );
+    assert_eq!(
+        read_capture(&std::fs::read(dir.join("r2.bin")).unwrap()).0,
+        2
+    );
+    let _ = sim.kill();
+    let _ = sim.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+}
