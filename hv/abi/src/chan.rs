@@ -192,6 +192,19 @@ impl<M: SharedMem> ChannelProducer<M> {
         })
     }
 
+    /// Attach where the channel's published producer index stands: a tool
+    /// taking over from an earlier one (after `Detach`) writes on after
+    /// what that one published. The consumer's index is checked against it
+    /// here and at every later use.
+    pub fn attach_resume(mem: M, base: usize, bytes: usize) -> Result<Self, ChannelError> {
+        let mut p = Self::attach(mem, base, bytes)?;
+        let prod = p.mem.load_u32(p.layout.base + PROD);
+        p.prod_pvt = prod;
+        p.prod_published = prod;
+        p.free()?;
+        Ok(p)
+    }
+
     /// The channel's layout.
     pub fn layout(&self) -> ChannelLayout {
         self.layout
@@ -301,6 +314,21 @@ impl<M: SharedMem> ChannelConsumer<M> {
             cons: 0,
             cons_published: 0,
         })
+    }
+
+    /// Attach past everything published so far, handing that space back
+    /// at once: a tool taking over from an earlier one (after `Detach`)
+    /// must not pass the earlier session's output on to its own clients.
+    /// The producer's index is checked as in [`ChannelConsumer::available`].
+    pub fn attach_skip(mem: M, base: usize, bytes: usize) -> Result<Self, ChannelError> {
+        let mut c = Self::attach(mem, base, bytes)?;
+        let cons = c.mem.load_u32(c.layout.base + CONS);
+        c.cons = cons;
+        c.cons_published = cons;
+        let stale = c.available()?;
+        c.cons = cons.wrapping_add(stale);
+        c.publish();
+        Ok(c)
     }
 
     /// The channel's layout.
@@ -452,6 +480,53 @@ mod tests {
             c.publish();
         }
         assert_eq!(p.write_record(0, &[0; 113]), Err(ChannelError::TooLarge));
+    }
+
+    #[test]
+    fn a_second_session_resumes_input_and_skips_old_output() {
+        let w = words(64 + 128);
+        let m = AtomicMem::new(&w);
+        ChannelLayout::new(m.size(), 0, m.size())
+            .unwrap()
+            .init_shared(&m);
+        let mut buf = [0u8; 64];
+        // Session 1: three records published, the consumer takes one.
+        let mut p1 = ChannelProducer::attach(&m, 0, m.size()).unwrap();
+        let mut c = ChannelConsumer::attach(&m, 0, m.size()).unwrap();
+        for k in 1..=3u8 {
+            p1.write_record(u64::from(k), &[k; 20]).unwrap();
+        }
+        p1.publish();
+        assert_eq!(c.pop(&mut buf).unwrap().unwrap().epoch, 1);
+        c.publish();
+        // A new producer writes on after what the old one published: the
+        // consumer reads 2, 3, then the new record, none overwritten.
+        let mut p2 = ChannelProducer::attach_resume(&m, 0, m.size()).unwrap();
+        p2.write_record(4, &[4; 20]).unwrap();
+        p2.publish();
+        for k in 2..=4u8 {
+            let i = c.pop(&mut buf).unwrap().unwrap();
+            assert_eq!((i.epoch, &buf[..i.len]), (u64::from(k), &[k; 20][..]));
+        }
+        c.publish();
+        assert_eq!(c.pop(&mut buf), Ok(None));
+        // A new consumer skips what is published and frees its space.
+        p2.write_record(5, &[5; 40]).unwrap();
+        p2.write_record(6, &[6; 40]).unwrap();
+        p2.publish();
+        assert_eq!(p2.free(), Ok(128 - 2 * record_size(40) as u32));
+        let mut c2 = ChannelConsumer::attach_skip(&m, 0, m.size()).unwrap();
+        assert_eq!(c2.pop(&mut buf), Ok(None));
+        assert_eq!(p2.free(), Ok(128));
+        p2.write_record(7, &[7; 8]).unwrap();
+        p2.publish();
+        assert_eq!(c2.pop(&mut buf).unwrap().unwrap().epoch, 7);
+        // A producer index beyond the capacity is refused at attach.
+        m.store_u32(PROD, m.load_u32(CONS).wrapping_add(129));
+        assert!(matches!(
+            ChannelConsumer::attach_skip(&m, 0, m.size()),
+            Err(ChannelError::PeerOverrun { .. })
+        ));
     }
 
     #[test]

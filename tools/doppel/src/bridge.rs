@@ -17,8 +17,11 @@
 //!   cache.
 //!
 //! The hypervisor releases output into `out_chan` only once the epoch that
-//! produced it is committed (`CommitEpoch`), so the drainer needs no
-//! knowledge of epochs: whatever it finds there is safe to send.
+//! produced it is committed (`CommitEpoch`), so what the drainer finds
+//! there is safe to send, with one exception: records tagged
+//! [`UNPROTECTED_EPOCH`] were released by a `Detach` (never committed, for
+//! an earlier tool's clients) or made while no tool protected the guest.
+//! They are dropped and counted, never sent.
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -27,6 +30,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use doppel_abi::chan::{ChannelConsumer, ChannelError, ChannelProducer};
+use doppel_abi::msg::UNPROTECTED_EPOCH;
 use doppel_abi::service::Request;
 use doppel_abi::SharedMem;
 
@@ -163,11 +167,20 @@ fn drain<M: SharedMem>(
     current: &Mutex<Current>,
     stats: &BridgeStats,
 ) -> Result<u64, BridgeError> {
-    let mut n = 0u64;
+    let (mut n, mut stale) = (0u64, 0u64);
     let mut bytes = Vec::new();
     while let Some(info) = out_chan.pop(buf).map_err(BridgeError::OutChan)? {
+        if info.epoch == UNPROTECTED_EPOCH {
+            stale += 1;
+            continue;
+        }
         bytes.extend_from_slice(&buf[..info.len]);
         n += 1;
+    }
+    if stale > 0 {
+        out_chan.publish();
+        stats.dropped.fetch_add(stale, Ordering::Relaxed);
+        tracing::info!("{stale} unprotected replies (not committed) dropped, not sent");
     }
     if n == 0 {
         return Ok(0);

@@ -365,9 +365,13 @@ fn client_side<'m>(
     let chan = |f: Field| ctl.view.region(f);
     let (io, is) = chan(Field::InputChannel);
     let (oo, os) = chan(Field::OutputChannel);
-    let inp = ChannelProducer::attach(win, io, is)
+    // Attach where an earlier tool (before its Detach) left the channels:
+    // write after what it published, and skip output it did not drain
+    // (replies for its clients, or released unprotected). On a fresh
+    // hypervisor both indices are 0.
+    let inp = ChannelProducer::attach_resume(win, io, is)
         .map_err(|e| (format!("input channel: {e:?}"), INVALID))?;
-    let outc = ChannelConsumer::attach(win, oo, os)
+    let outc = ChannelConsumer::attach_skip(win, oo, os)
         .map_err(|e| (format!("output channel: {e:?}"), INVALID))?;
     let l = TcpListener::bind(addr).map_err(|e| (format!("binding {addr}: {e}"), IO))?;
     let local = l.local_addr().map_err(|e| (format!("{addr}: {e}"), IO))?;
@@ -472,13 +476,29 @@ pub fn primary(a: PrimaryArgs) -> Res {
     if std::io::stderr().is_terminal() {
         eprintln!();
     }
-    // Every orderly exit hands the guest back (the client bridge, if any,
-    // has stopped: what Detach releases was never committed).
-    if res.as_ref().err().is_none_or(|e| e.can_detach()) {
+    // Hand the guest back (Detach) only where no backup takes over from
+    // it: after END (the run ended in order), with a capture only, or when
+    // the backup itself is lost (Remus: the primary runs on unprotected;
+    // README, "Split brain"). On any other failure the backup got no END
+    // and a standby activates, so this guest must stay stopped (fenced)
+    // rather than run on beside it. The client bridge, if any, has
+    // stopped: what Detach releases was never committed.
+    let detach = match &res {
+        Ok(_) => true,
+        Err(e) if !e.can_detach() => false,
+        Err(_) if a.record.is_some() => true,
+        Err(e) => e.lost_backup(),
+    };
+    if detach {
         match p.detach(Duration::from_secs(a.reply_timeout.min(10))) {
             Ok(()) => println!("primary: detached; the hypervisor runs the guest unprotected"),
             Err(e) => tracing::warn!("Detach: {e}"),
         }
+    } else if res.as_ref().is_err_and(|e| e.can_detach()) {
+        println!(
+            "primary: not detaching: the backup got no END and takes over from its last \
+             committed epoch; this guest stays stopped at its next epoch end (fenced)"
+        );
     }
     match res {
         Ok(s) => {

@@ -125,6 +125,12 @@ impl PrimaryError {
                 | PrimaryError::HypervisorError { .. }
         )
     }
+
+    /// Whether the error is the loss of the backup connection (exit code
+    /// 5): the backup died, or the link to it broke.
+    pub fn lost_backup(&self) -> bool {
+        self.exit_code() == 5
+    }
 }
 
 fn ring_text(e: RingError) -> String {

@@ -408,8 +408,13 @@ impl Replica {
         }
         let pages = len / PAGE_SIZE as u64;
         // A shared lock is refused only while a writer holds the replica.
+        // Let go at once: held while the journal is read, the shared lock
+        // would make a writer starting meanwhile fail with Busy.
         let in_use = match file.try_lock_shared() {
-            Ok(()) => false,
+            Ok(()) => {
+                file.unlock().map_err(io_err(image))?;
+                false
+            }
             Err(fs::TryLockError::WouldBlock) => true,
             Err(fs::TryLockError::Error(e)) => return Err(io_err(image)(e)),
         };

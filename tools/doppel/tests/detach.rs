@@ -408,3 +408,171 @@ fn sigint_ends_a_recording_cleanly_and_detaches() {
     let _ = sim.wait();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_failure_with_a_live_backup_leaves_the_guest_fenced() {
+    // An event timeout while the backup is healthy: the backup gets no
+    // END (a standby would activate), so the primary must not hand its
+    // guest back; the ring stays owned and a second primary is refused.
+    let dir = scratch("fenced");
+    let ram = dir.join("m.ram");
+    let mut sim = Proc::new(BIN)
+        .args(["sim-hv", "--machine-ram"])
+        .arg(&ram)
+        .args(["--service", "kv", "--epoch-ms", "4000", "--max-secs", "60"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut backup = Proc::new(BIN)
+        .args(["backup", "--listen", "127.0.0.1:0", "--replica"])
+        .arg(dir.join("bk"))
+        .args(["--guest-pages", "512", "--accept-timeout", "30"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(backup.stdout.as_mut().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap()
+        .to_string();
+    let out = Proc::new(BIN)
+        .args(["primary", "--machine-ram"])
+        .arg(&ram)
+        .args([
+            "--backup",
+            &addr,
+            "--event-timeout",
+            "1",
+            "--wait-control",
+            "10",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("primary: not detaching"),
+        "{stdout}\n{stderr}"
+    );
+    assert!(!stdout.contains("primary: detached"), "{stdout}");
+    // No Detach went out: the ring still belongs to the failed session.
+    let second = Proc::new(BIN)
+        .args(["primary", "--machine-ram"])
+        .arg(&ram)
+        .arg("--record")
+        .arg(dir.join("r2.bin"))
+        .args(["--epochs", "1", "--wait-control", "5"])
+        .output()
+        .unwrap();
+    let err2 = String::from_utf8_lossy(&second.stderr);
+    assert!(!second.status.success(), "{err2}");
+    assert!(err2.contains("already in use"), "{err2}");
+    let _ = backup.kill();
+    let _ = backup.wait();
+    let _ = sim.kill();
+    let _ = sim.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Reads a child's stdout lines into a shared list.
+fn lines_of(child: &mut std::process::Child) -> Arc<std::sync::Mutex<Vec<String>>> {
+    let out = child.stdout.take().unwrap();
+    let lines = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let l2 = Arc::clone(&lines);
+    std::thread::spawn(move || {
+        for l in std::io::BufRead::lines(std::io::BufReader::new(out)) {
+            let Ok(l) = l else { break };
+            l2.lock().unwrap().push(l);
+        }
+    });
+    lines
+}
+
+/// Waits for a line starting with `prefix` and returns the rest.
+fn wait_line(lines: &std::sync::Mutex<Vec<String>>, prefix: &str) -> String {
+    let t = Instant::now();
+    loop {
+        if let Some(l) = lines
+            .lock()
+            .unwrap()
+            .iter()
+            .find_map(|l| l.strip_prefix(prefix))
+        {
+            return l.trim().to_string();
+        }
+        assert!(t.elapsed() < Duration::from_secs(20), "no {prefix:?} line");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_second_primary_serves_clients_after_the_first_detached() {
+    // Two sessions of backup + primary --serve-clients + client on one
+    // KV hypervisor. The second tool must write requests after the first
+    // one's and not pass on the first one's output.
+    let dir = scratch("clients");
+    let ram = dir.join("m.ram");
+    let mut sim = Proc::new(BIN)
+        .args(["sim-hv", "--machine-ram"])
+        .arg(&ram)
+        .args(["--service", "kv", "--epoch-ms", "50", "--max-secs", "120"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    for session in 1..=2 {
+        let mut backup = Proc::new(BIN)
+            .args(["backup", "--listen", "127.0.0.1:0", "--replica"])
+            .arg(dir.join(format!("bk{session}")))
+            .args(["--guest-pages", "512", "--accept-timeout", "30"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let blines = lines_of(&mut backup);
+        let addr = wait_line(&blines, "listening on ");
+        let mut primary = Proc::new(BIN)
+            .args(["primary", "--machine-ram"])
+            .arg(&ram)
+            .args(["--backup", &addr, "--serve-clients", "127.0.0.1:0"])
+            .args(["--epochs", "40", "--wait-control", "10"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let plines = lines_of(&mut primary);
+        let clients = wait_line(&plines, "clients on ");
+        let c = Proc::new(BIN)
+            .args(["client", "--connect", &clients, "--ops", "20"])
+            .args(["--connect-timeout", "5", "--reply-timeout", "5"])
+            .output()
+            .unwrap();
+        let cout = String::from_utf8_lossy(&c.stdout);
+        assert!(c.status.success(), "session {session}: {cout}");
+        assert!(cout.contains("answered=20"), "session {session}: {cout}");
+        assert!(cout.contains("result=pass"), "session {session}: {cout}");
+        assert!(primary.wait().unwrap().success(), "session {session}");
+        assert!(backup.wait().unwrap().success(), "session {session}");
+        let all = plines.lock().unwrap().join("\n");
+        assert!(
+            all.contains("requests=20 replies=20 dropped=0"),
+            "session {session}: {all}"
+        );
+        assert!(
+            all.contains("primary: detached"),
+            "session {session}: {all}"
+        );
+    }
+    let _ = sim.kill();
+    let _ = sim.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -482,6 +482,10 @@ impl ControlArea {
                 }
             }
             Command::Detach => self.detach(),
+            // Detached (or never enabled): no session to commit in.
+            Command::CommitEpoch { .. } if self.role != Role::Standby && !self.enabled => {
+                Err(Errno::EINVAL)
+            }
             Command::CommitEpoch { epoch } => {
                 if self.role == Role::Standby
                     || epoch >= self.next_epoch
