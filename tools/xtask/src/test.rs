@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::process::Command;
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -90,7 +91,13 @@ pub fn run(long: bool, only: Option<&str>) -> Result<()> {
     for &&(name, f) in &chosen {
         println!("---- {name}");
         let t = Instant::now();
-        match f(&mut ctx) {
+        // Steps that build or run emulators can take minutes with nothing
+        // to say; show they are alive.
+        let (done, ticker) = still_running(name);
+        let result = f(&mut ctx);
+        drop(done);
+        let _ = ticker.join();
+        match result {
             Ok(detail) => {
                 passed += 1;
                 println!("PASS {name} ({:.1}s) {detail}", t.elapsed().as_secs_f64());
@@ -110,6 +117,22 @@ pub fn run(long: bool, only: Option<&str>) -> Result<()> {
         std::process::exit(1);
     }
     Ok(())
+}
+
+/// Prints `     NAME: still running (Ns)` every 30 s until the returned
+/// sender is dropped; join the handle after dropping it.
+fn still_running(name: &'static str) -> (mpsc::Sender<()>, std::thread::JoinHandle<()>) {
+    let (tx, rx) = mpsc::channel::<()>();
+    let start = Instant::now();
+    let h = std::thread::spawn(move || {
+        while let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(Duration::from_secs(30)) {
+            println!(
+                "     {name}: still running ({:.0}s)",
+                start.elapsed().as_secs_f64()
+            );
+        }
+    });
+    (tx, h)
 }
 
 /// Run a command in the workspace root; fail with its output's tail.
