@@ -446,6 +446,15 @@ mod tests {
         (0..bytes / 4).map(|_| AtomicU32::new(0)).collect()
     }
 
+    /// The whole of `w` as one channel, its header initialised.
+    fn shared(w: &[AtomicU32]) -> AtomicMem<'_> {
+        let m = AtomicMem::new(w);
+        ChannelLayout::new(m.size(), 0, m.size())
+            .unwrap()
+            .init_shared(&m);
+        m
+    }
+
     #[test]
     fn capacity_is_power_of_two() {
         assert_eq!(channel_capacity(127), 0);
@@ -457,9 +466,7 @@ mod tests {
     #[test]
     fn records_wrap_and_hold_until_commit() {
         let w = words(64 + 128);
-        let m = AtomicMem::new(&w);
-        let lay = ChannelLayout::new(m.size(), 0, m.size()).unwrap();
-        lay.init_shared(&m);
+        let m = shared(&w);
         let mut p = ChannelProducer::attach(&m, 0, m.size()).unwrap();
         let mut c = ChannelConsumer::attach(&m, 0, m.size()).unwrap();
         let mut buf = [0u8; 128];
@@ -485,10 +492,7 @@ mod tests {
     #[test]
     fn a_second_session_resumes_input_and_skips_old_output() {
         let w = words(64 + 128);
-        let m = AtomicMem::new(&w);
-        ChannelLayout::new(m.size(), 0, m.size())
-            .unwrap()
-            .init_shared(&m);
+        let m = shared(&w);
         let mut buf = [0u8; 64];
         // Session 1: three records published, the consumer takes one.
         let mut p1 = ChannelProducer::attach(&m, 0, m.size()).unwrap();
@@ -532,10 +536,7 @@ mod tests {
     #[test]
     fn full_then_space_notification() {
         let w = words(64 + 64);
-        let m = AtomicMem::new(&w);
-        ChannelLayout::new(m.size(), 0, m.size())
-            .unwrap()
-            .init_shared(&m);
+        let m = shared(&w);
         let mut p = ChannelProducer::attach(&m, 0, m.size()).unwrap();
         let mut c = ChannelConsumer::attach(&m, 0, m.size()).unwrap();
         p.write_record(1, &[1; 16]).unwrap();
@@ -553,10 +554,7 @@ mod tests {
     #[test]
     fn hostile_producer_gets_errors_and_no_state_change() {
         let w = words(64 + 128);
-        let m = AtomicMem::new(&w);
-        ChannelLayout::new(m.size(), 0, m.size())
-            .unwrap()
-            .init_shared(&m);
+        let m = shared(&w);
         let mut c = ChannelConsumer::attach(&m, 0, m.size()).unwrap();
         let mut b = [0u8; 128];
         m.store_u32(PROD, 129);
@@ -606,10 +604,7 @@ mod tests {
     #[test]
     fn hostile_consumer_index_is_rejected() {
         let w = words(64 + 128);
-        let m = AtomicMem::new(&w);
-        ChannelLayout::new(m.size(), 0, m.size())
-            .unwrap()
-            .init_shared(&m);
+        let m = shared(&w);
         let mut p = ChannelProducer::attach(&m, 0, m.size()).unwrap();
         p.write_record(1, &[1; 8]).unwrap();
         p.publish();
@@ -629,10 +624,7 @@ mod tests {
         // back at 0: within the published window, but behind the space the
         // unpublished records reuse.
         let w = words(64 + 128);
-        let m = AtomicMem::new(&w);
-        ChannelLayout::new(m.size(), 0, m.size())
-            .unwrap()
-            .init_shared(&m);
+        let m = shared(&w);
         let mut p = ChannelProducer::attach(&m, 0, m.size()).unwrap();
         let mut c = ChannelConsumer::attach(&m, 0, m.size()).unwrap();
         let first: Vec<u8> = (0..104u8).collect();
