@@ -295,3 +295,46 @@ fn reader<M: SharedMem>(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use doppel_abi::chan::ChannelLayout;
+    use doppel_abi::AtomicMem64;
+    use std::sync::atomic::AtomicU64 as Word;
+
+    #[test]
+    fn drain_sends_committed_replies_and_drops_unprotected_ones() {
+        let words: Vec<Word> = (0..(64 + 1024) / 8).map(|_| Word::new(0)).collect();
+        let mem = AtomicMem64::new(&words);
+        let size = mem.size();
+        ChannelLayout::new(size, 0, size).unwrap().init_shared(&mem);
+        let mut hv = ChannelProducer::attach(&mem, 0, size).unwrap();
+        hv.write_record(3, b"committed-a").unwrap();
+        hv.write_record(UNPROTECTED_EPOCH, b"never-committed")
+            .unwrap();
+        hv.write_record(4, b"committed-b").unwrap();
+        hv.publish();
+
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut client = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (server, _) = l.accept().unwrap();
+        let current = Mutex::new(Current {
+            generation: 1,
+            writer: Some(server),
+        });
+        let stats = BridgeStats::default();
+        let mut out = ChannelConsumer::attach(&mem, 0, size).unwrap();
+        let mut buf = [0u8; 64];
+        assert_eq!(drain(&mut out, &mut buf, &current, &stats).unwrap(), 2);
+        assert_eq!(stats.replies.load(Ordering::Relaxed), 2);
+        assert_eq!(stats.dropped.load(Ordering::Relaxed), 1);
+        // The client got exactly the committed bytes, in order.
+        drop(current);
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).unwrap();
+        assert_eq!(got, b"committed-acommitted-b");
+        // All three records' space went back to the producer.
+        assert_eq!(hv.free().unwrap(), hv.layout().capacity());
+    }
+}

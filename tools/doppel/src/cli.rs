@@ -209,10 +209,11 @@ pub struct SimArgs {
     /// Checkpoints to post.
     #[arg(long, default_value_t = 5)]
     epochs: u64,
-    /// Guest size in pages.
-    #[arg(long, default_value_t = 512)]
+    /// Guest size in pages (1 to 2^20: up to 4 GiB, the file is mapped).
+    #[arg(long, default_value_t = 512,
+          value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
     guest_pages: u64,
-    /// Pages dirtied per epoch.
+    /// Pages dirtied per epoch (at most --guest-pages).
     #[arg(long, default_value_t = 40)]
     dirty: u64,
     /// Seed of the fake guest.
@@ -226,8 +227,9 @@ pub struct SimArgs {
     /// Keys of the service (each on its own guest page).
     #[arg(long, default_value_t = 16)]
     keys: u64,
-    /// With --service: end an epoch every this many ms.
-    #[arg(long, default_value_t = 50, value_name = "MS")]
+    /// With --service: end an epoch every this many ms (1 to 60000).
+    #[arg(long, default_value_t = 50, value_name = "MS",
+          value_parser = clap::value_parser!(u64).range(1..=60_000))]
     epoch_ms: u64,
     /// A standby for the service: publish a STANDBY control area, wait for
     /// Activate, then serve the service from the state in guest RAM.
@@ -918,6 +920,15 @@ fn last_checkpoint_blob(m: &MachineRam, c: &Control) -> Result<Vec<u8>, (String,
 }
 
 pub fn sim_hv(a: SimArgs) -> Res {
+    if a.dirty > a.guest_pages {
+        return Err((
+            format!(
+                "--dirty {} is more than the guest's {} pages",
+                a.dirty, a.guest_pages
+            ),
+            USAGE,
+        ));
+    }
     if a.service.is_some() || a.standby {
         let spec = KvSpec {
             guest_pages: a.guest_pages,

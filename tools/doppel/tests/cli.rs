@@ -568,3 +568,51 @@ fn file_backup_logs_progress_without_verbose() {
         "no progress line:\n{err}"
     );
 }
+
+#[test]
+fn sim_hv_numbers_are_bounded() {
+    // Before: a 2^64-page guest panicked, and more dirty pages than the
+    // guest has made the simulator search for distinct pages forever.
+    let d = scratch("simhv");
+    fails(
+        &[
+            "sim-hv",
+            "--machine-ram",
+            "m.ram",
+            "--guest-pages",
+            "18446744073709551615",
+        ],
+        &d,
+        2,
+        "is not in 1..=1048576",
+    );
+    fails(
+        &[
+            "sim-hv",
+            "--machine-ram",
+            "m.ram",
+            "--guest-pages",
+            "16",
+            "--dirty",
+            "17",
+        ],
+        &d,
+        2,
+        "--dirty 17 is more than the guest's 16 pages",
+    );
+    fails(
+        &[
+            "sim-hv",
+            "--machine-ram",
+            "m.ram",
+            "--service",
+            "kv",
+            "--epoch-ms",
+            "0",
+        ],
+        &d,
+        2,
+        "0 is not in 1..=60000",
+    );
+    assert!(files(&d).is_empty(), "{:?}", files(&d));
+}
