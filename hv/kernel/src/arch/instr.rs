@@ -430,6 +430,31 @@ mod gr {
     pub const R15: usize = offset_of!(GuestRegs, r15);
 }
 
+/// The exit half both world switches share: store the guest's RBX..R15
+/// into the `GuestRegs` that RAX points at (after a VMX exit and after an
+/// SVM #VMEXIT alike; RAX itself is saved by each stub its own way). The
+/// stub passes the `g_*` offsets from [`gr`].
+macro_rules! store_guest_gprs_at_rax {
+    () => {
+        concat!(
+            "mov [rax + {g_rbx}], rbx\n",
+            "mov [rax + {g_rcx}], rcx\n",
+            "mov [rax + {g_rdx}], rdx\n",
+            "mov [rax + {g_rsi}], rsi\n",
+            "mov [rax + {g_rdi}], rdi\n",
+            "mov [rax + {g_rbp}], rbp\n",
+            "mov [rax + {g_r8}], r8\n",
+            "mov [rax + {g_r9}], r9\n",
+            "mov [rax + {g_r10}], r10\n",
+            "mov [rax + {g_r11}], r11\n",
+            "mov [rax + {g_r12}], r12\n",
+            "mov [rax + {g_r13}], r13\n",
+            "mov [rax + {g_r14}], r14\n",
+            "mov [rax + {g_r15}], r15",
+        )
+    };
+}
+
 /// Enter the guest of the current VMCS and come back at its next VM exit.
 ///
 /// `regs` points at the guest's general-purpose registers in the layout of
@@ -499,20 +524,7 @@ pub unsafe extern "C" fn vmx_enter(regs: *mut u64, launched: u64) -> u64 {
         "2:",
         "push rax",
         "mov rax, [rsp + 8]",
-        "mov [rax + {g_rbx}], rbx",
-        "mov [rax + {g_rcx}], rcx",
-        "mov [rax + {g_rdx}], rdx",
-        "mov [rax + {g_rsi}], rsi",
-        "mov [rax + {g_rdi}], rdi",
-        "mov [rax + {g_rbp}], rbp",
-        "mov [rax + {g_r8}], r8",
-        "mov [rax + {g_r9}], r9",
-        "mov [rax + {g_r10}], r10",
-        "mov [rax + {g_r11}], r11",
-        "mov [rax + {g_r12}], r12",
-        "mov [rax + {g_r13}], r13",
-        "mov [rax + {g_r14}], r14",
-        "mov [rax + {g_r15}], r15",
+        store_guest_gprs_at_rax!(),
         "pop rcx",
         "mov [rax + {g_rax}], rcx",
         "add rsp, 8",
@@ -615,20 +627,7 @@ pub unsafe extern "sysv64" fn svm_run(vmcb: u64, regs: *mut u64, host_vmcb: u64,
         "vmsave rax",
         // RSP is the host's again (restored by #VMEXIT); RAX is free.
         "mov rax, [rsp + 8]",
-        "mov [rax + {g_rbx}], rbx",
-        "mov [rax + {g_rcx}], rcx",
-        "mov [rax + {g_rdx}], rdx",
-        "mov [rax + {g_rsi}], rsi",
-        "mov [rax + {g_rdi}], rdi",
-        "mov [rax + {g_rbp}], rbp",
-        "mov [rax + {g_r8}], r8",
-        "mov [rax + {g_r9}], r9",
-        "mov [rax + {g_r10}], r10",
-        "mov [rax + {g_r11}], r11",
-        "mov [rax + {g_r12}], r12",
-        "mov [rax + {g_r13}], r13",
-        "mov [rax + {g_r14}], r14",
-        "mov [rax + {g_r15}], r15",
+        store_guest_gprs_at_rax!(),
         "mov rax, [rsp]",
         "vmload rax",
         "cli",
