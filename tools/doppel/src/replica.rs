@@ -206,13 +206,7 @@ impl Replica {
             .truncate(false)
             .open(image)
             .map_err(io_err(image))?;
-        match file.try_lock() {
-            Ok(()) => {}
-            Err(fs::TryLockError::WouldBlock) => {
-                return Err(ReplicaError::Busy { path: image.into() })
-            }
-            Err(fs::TryLockError::Error(e)) => return Err(io_err(image)(e)),
-        }
+        lock_exclusive(&file, image)?;
         let want = pages.checked_mul(PAGE_SIZE as u64).ok_or_else(|| {
             io_err(image)(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -477,6 +471,29 @@ pub enum Journal {
     /// Torn (a commit interrupted before its commit point, or one being
     /// written right now): it will be dropped, the state file stands.
     Torn,
+}
+
+/// Takes the writer's lock on an open image. A `flock` belongs to the open
+/// file, and a child process this one is starting shares that file until
+/// its `exec` closes it: a lock just let go can look held for that
+/// instant. So a lock still held after a short wait (200 ms) is another
+/// writer's.
+fn lock_exclusive(file: &File, image: &Path) -> Result<(), ReplicaError> {
+    let start = std::time::Instant::now();
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Ok(()),
+            Err(fs::TryLockError::WouldBlock)
+                if start.elapsed() < std::time::Duration::from_millis(200) =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            Err(fs::TryLockError::WouldBlock) => {
+                return Err(ReplicaError::Busy { path: image.into() })
+            }
+            Err(fs::TryLockError::Error(e)) => return Err(io_err(image)(e)),
+        }
+    }
 }
 
 /// `<image><ext>`: the state and journal files beside an image.
