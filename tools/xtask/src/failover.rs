@@ -15,9 +15,11 @@
 //! 4. The client finishes on the backup; its verdict and the backup's
 //!    failover line make the run's `failover:` line.
 //! 5. Link cut only: the old `doppel primary` must give up and Detach (its
-//!    hypervisor logs `replication detached; guest runs unprotected`), and
-//!    a second `doppel primary --record --epochs 2` must attach to the
-//!    still-running guest and commit two epochs of a new session.
+//!    hypervisor logs `replication detached; guest runs unprotected`), its
+//!    guest must stop being write-protected at the next epoch end (`dirty
+//!    tracking off`), and a second `doppel primary --record --epochs 2`
+//!    must attach to the still-running guest, commit two epochs of a new
+//!    session, and have tracking re-armed (`dirty tracking on again`).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -46,6 +48,14 @@ const EPOCH_EXITS: u32 = 3000;
 /// event before `doppel primary` gives its hypervisor up.
 const HEARTBEAT_TIMEOUT: u64 = 4;
 const EVENT_TIMEOUT: u64 = 4;
+
+/// What the primary's hypervisor logs when the tool detaches, when its
+/// guest then stops being write-protected, and when a new session tracks
+/// it again; and what an activated standby logs (it never write-protects).
+const DETACHED: &str = "replication detached; guest runs unprotected";
+const TRACKING_OFF: &str = "dirty tracking off:";
+const TRACKING_ON: &str = "dirty tracking on again";
+const STANDBY_UNTRACKED: &str = "dirty tracking off: nothing harvests";
 
 /// What a run kills.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -642,6 +652,22 @@ pub fn run(ctx: &mut Ctx, sc: &Scenario, progress: &mut Progress) -> Result<Outc
         && divergent == Some(0)
         && ops == sc.ops
         && resumed.is_some();
+    // The activated standby never checkpoints, so it runs its guest
+    // without write-protecting it.
+    let sb = stby
+        .qemu
+        .as_ref()
+        .map(Running::output_so_far)
+        .unwrap_or_default();
+    if !sb
+        .find("standby: activated")
+        .is_some_and(|a| sb[a..].contains(STANDBY_UNTRACKED))
+    {
+        out.notes.push(format!(
+            "the activated standby did not log `{STANDBY_UNTRACKED}`"
+        ));
+        pass = false;
+    }
     if sc.fault == Fault::Link {
         // Split brain: the primary is still up. Say what it did.
         let hv = prim
@@ -671,12 +697,26 @@ pub fn run(ctx: &mut Ctx, sc: &Scenario, progress: &mut Progress) -> Result<Outc
             thread::sleep(Duration::from_millis(200));
         }
         let exited = !primary.alive();
-        let hv = prim
-            .qemu
-            .as_ref()
-            .map(Running::output_so_far)
-            .unwrap_or_default();
-        let detached = hv.contains("replication detached; guest runs unprotected");
+        let hv_log = || {
+            prim.qemu
+                .as_ref()
+                .map(Running::output_so_far)
+                .unwrap_or_default()
+        };
+        let detached = hv_log().contains(DETACHED);
+        // At its next epoch end the detached guest stops being
+        // write-protected (no exit per first write any more).
+        let t = Instant::now();
+        let untracked = loop {
+            let hv = hv_log();
+            let off = hv
+                .find(DETACHED)
+                .is_some_and(|d| hv[d..].contains(TRACKING_OFF));
+            if off || t.elapsed() > Duration::from_secs(60) {
+                break off;
+            }
+            thread::sleep(Duration::from_millis(200));
+        };
         let cap = crate::out_dir().join(format!("failover-{}-reattach.bin", sc.run));
         let again = Command::new(&doppel)
             .args(["primary", "--machine-ram"])
@@ -694,10 +734,17 @@ pub fn run(ctx: &mut Ctx, sc: &Scenario, progress: &mut Progress) -> Result<Outc
             .output()?;
         let reattached = again.status.success();
         let _ = std::fs::remove_file(&cap);
+        // The new session's epochs were tracked again.
+        let retracked = {
+            let hv = hv_log();
+            hv.rfind(TRACKING_OFF)
+                .is_some_and(|o| hv[o..].contains(TRACKING_ON))
+        };
         out.notes.push(format!(
             "after the cut: old doppel primary exited={exited}; its hypervisor logged \
-             `replication detached; guest runs unprotected`={detached}; a second doppel \
-             primary attached to the running guest and committed 2 epochs={reattached}"
+             `{DETACHED}`={detached}, then `{TRACKING_OFF}`={untracked}; a second doppel \
+             primary attached to the running guest and committed 2 epochs={reattached}, \
+             with `{TRACKING_ON}`={retracked}"
         ));
         if !reattached {
             out.notes.push(format!(
@@ -706,7 +753,7 @@ pub fn run(ctx: &mut Ctx, sc: &Scenario, progress: &mut Progress) -> Result<Outc
                 String::from_utf8_lossy(&again.stderr)
             ));
         }
-        pass &= exited && detached && reattached;
+        pass &= exited && detached && untracked && reattached && retracked;
     }
     // Epoch 0 carries every page; the per-epoch figures are the steady
     // state after it.

@@ -13,10 +13,11 @@
 //! log-dirty off for the tool, no more staging or events, the acks still
 //! to come dropped unread, every held output record released (tagged
 //! `UNPROTECTED_EPOCH`: no backup can be consistent with the guest any
-//! more) and the guest runs on unprotected. The dirty tracking inside the
-//! run loop stays armed; its harvests are discarded. A later
-//! `LogDirtyEnable` starts a new session at the rings' current indices:
-//! epochs from 0 again, epoch 0 carrying every page.
+//! more) and the guest runs on unprotected. From the next epoch end the
+//! run loop stops write-protecting (`EpochSink::tracking`), so the guest
+//! writes without exits. A later `LogDirtyEnable` starts a new session at
+//! the rings' current indices: epochs from 0 again, epoch 0 carrying every
+//! page, and tracking re-armed at its end.
 //!
 //! Everything the tool writes (commands, acks, ring indices) is untrusted:
 //! malformed entries are answered with an errno, a ring index that jumps
@@ -947,6 +948,13 @@ impl EpochSink for ControlArea {
 
     fn checkpoint_at_stop(&self) -> bool {
         true
+    }
+
+    /// Nobody uses the harvests of a detached primary or of an activated
+    /// standby (which never checkpoints): their guests run without
+    /// write-protect exits.
+    fn tracking(&self) -> bool {
+        !self.detached && self.role != Role::Standby
     }
 
     fn resumed(&mut self, pause: Option<u64>) {

@@ -78,7 +78,8 @@ pub struct EpochEnd<'a> {
 
 /// What a run does at the guest's epoch ends.
 pub trait EpochSink {
-    /// Before the guest first runs, with tracking armed.
+    /// Before the guest first runs, with tracking armed (unless
+    /// [`EpochSink::tracking`] said none is wanted).
     fn start(&mut self, _log: &DirtyTree, _ram: &GuestRam) -> Result<(), &'static str> {
         Ok(())
     }
@@ -109,6 +110,13 @@ pub trait EpochSink {
     /// The guest is idle (an empty `RECV`): serve the tool meanwhile.
     fn poll(&mut self) -> Result<(), &'static str> {
         Ok(())
+    }
+
+    /// Asked at each epoch end: whether the next epoch's writes must be
+    /// tracked. False once nobody uses the harvests (replication detached,
+    /// or an activated standby); true again re-arms tracking from scratch.
+    fn tracking(&self) -> bool {
+        true
     }
 }
 
@@ -166,6 +174,9 @@ struct Run<'a, E: NestedEntry, V: Vcpu, S: EpochSink> {
     exit_tsc: u64,
     /// TSC when the current service epoch began (guest resumed).
     epoch_start_tsc: u64,
+    /// Write-protect tracking is off because the sink wants none
+    /// ([`EpochSink::tracking`]): the guest writes without exits.
+    untracked: bool,
 }
 
 impl<'a, E: NestedEntry, V: Vcpu, S: EpochSink> Run<'a, E, V, S> {
@@ -201,8 +212,15 @@ impl<'a, E: NestedEntry, V: Vcpu, S: EpochSink> Run<'a, E, V, S> {
             checkpoints: 0,
             exit_tsc: 0,
             epoch_start_tsc: rdtsc(),
+            untracked: false,
         };
-        r.arm(true)?;
+        if r.mode == Mode::WriteProtect && !r.sink.tracking() {
+            // Nobody will harvest (an activated standby): never protect.
+            r.untracked = true;
+            log::info!("dirty tracking off: nothing harvests this run's pages");
+        } else {
+            r.arm(true)?;
+        }
         r.arm_epoch_timer()?;
         Ok(r)
     }
@@ -233,7 +251,7 @@ impl<'a, E: NestedEntry, V: Vcpu, S: EpochSink> Run<'a, E, V, S> {
             *u |= *h;
         }
         self.timer_epochs += 1;
-        self.arm(false)?;
+        self.rearm()?;
         self.arm_epoch_timer()
     }
     /// Start (or re-start, after a harvest) tracking for the next epoch.
@@ -264,6 +282,31 @@ impl<'a, E: NestedEntry, V: Vcpu, S: EpochSink> Run<'a, E, V, S> {
             }
         };
         self.vcpu.flush(flush.merge(Flush::All));
+        Ok(())
+    }
+
+    /// After an epoch end: track the next epoch, unless the sink wants no
+    /// tracking. Then, in write-protect mode, every leaf gets its hardware
+    /// write permission back once, so an unprotected guest pays no exit per
+    /// first write; when the sink wants tracking again, [`Run::arm`]
+    /// write-protects every leaf anew. (PML and the A/D scan cost the
+    /// guest no exits and stay armed.)
+    fn rearm(&mut self) -> Result<(), &'static str> {
+        if self.mode != Mode::WriteProtect || self.sink.tracking() {
+            if core::mem::take(&mut self.untracked) {
+                log::info!("dirty tracking on again: every guest page write-protected");
+            }
+            return self.arm(false);
+        }
+        if !self.untracked {
+            self.untracked = true;
+            let walk = self.table.disable_write_protect();
+            self.vcpu.flush(walk.flush);
+            log::info!(
+                "dirty tracking off: {} leaves writable again, guest writes no longer trapped",
+                walk.changed
+            );
+        }
         Ok(())
     }
 
@@ -373,7 +416,7 @@ impl<'a, E: NestedEntry, V: Vcpu, S: EpochSink> Run<'a, E, V, S> {
         self.checkpoints += 1;
         self.epoch_exit_count = 0;
         self.timer_due = false;
-        self.arm(false)?;
+        self.rearm()?;
         self.arm_epoch_timer()?;
         let pause = self
             .plan
@@ -491,7 +534,7 @@ impl<'a, E: NestedEntry, V: Vcpu, S: EpochSink> Run<'a, E, V, S> {
                 if let Err(e) = self.end_epoch(state, Some(pattern), r.rdi) {
                     return self.fail(e, exit);
                 }
-                if let Err(e) = self.arm(false).and_then(|()| self.arm_epoch_timer()) {
+                if let Err(e) = self.rearm().and_then(|()| self.arm_epoch_timer()) {
                     return self.fail(e, exit);
                 }
                 let pause = self
