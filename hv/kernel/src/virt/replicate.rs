@@ -24,7 +24,7 @@
 //! past the ring stops replication with a clear error.
 
 use alloc::collections::VecDeque;
-use core::sync::atomic::AtomicU32;
+use core::sync::atomic::{AtomicU32, AtomicU64};
 
 use doppel_abi::chan::{ChannelConsumer, ChannelError, ChannelLayout, ChannelProducer};
 use doppel_abi::guest::MAX_RECORD;
@@ -38,7 +38,7 @@ use doppel_abi::ring::{slot_size, RingLayout};
 use doppel_abi::SharedMem;
 use doppel_abi::{errno::Errno, guest::PAGE_SIZE};
 use doppel_abi::{
-    AtomicMem, CommandBack, CommandEntry, EventAck, EventEntry, EventFront, Features,
+    AtomicMem, AtomicMem64, CommandBack, CommandEntry, EventAck, EventEntry, EventFront, Features,
 };
 use doppel_core::addr::HostPhysAddr;
 use doppel_core::dirtylog::DirtyTree;
@@ -257,9 +257,9 @@ struct ControlArea {
     /// pfns while a checkpoint is unanswered and, as a backup, writes the
     /// vCPU area before `Activate`; a tool that breaks that protocol can
     /// only make us copy torn bytes, never race in the Rust sense.
-    staging: AtomicMem<'static>,
-    pfns: AtomicMem<'static>,
-    vcpu: AtomicMem<'static>,
+    staging: AtomicMem64<'static>,
+    pfns: AtomicMem64<'static>,
+    vcpu: AtomicMem64<'static>,
     enabled: bool,
     /// Events posted and not yet acknowledged, to match acks against.
     events: PostedEvents<EVENTS_IN_FLIGHT>,
@@ -384,12 +384,24 @@ impl ControlArea {
             .map_err(|_| "output channel")?;
         let evt =
             EventFront::attach(evt_mem, 0, bytes(Field::EventRing)).map_err(|_| "event ring")?;
-        let area_mem = |f: Field| -> Result<AtomicMem<'static>, &'static str> {
+        // The staging, pfn and vCPU areas have one writer each (no field
+        // of the peer shares a word with ours), so they are reached through
+        // 64-bit words: a staged page is 512 stores instead of 1024.
+        let area_mem = |f: Field| -> Result<AtomicMem64<'static>, &'static str> {
             let (off, len) = view.region(f);
-            if !off.is_multiple_of(4) || !len.is_multiple_of(4) {
-                return Err("control area region not word-aligned");
+            if !off.is_multiple_of(8) || !len.is_multiple_of(8) || off + len > size as usize {
+                return Err("control area region not 8-byte aligned");
             }
-            Ok(AtomicMem::new(ring_words(f)))
+            // SAFETY: `pa + off .. pa + off + len` lies inside the area
+            // described above (checked just now), 8-byte aligned (`pa` is
+            // page aligned, `off` checked). Like the 32-bit view, this view
+            // only ever makes atomic accesses; these three regions are
+            // reached through this view alone (never through `words`), so
+            // no access of another size races with them on our side.
+            let words: &'static [AtomicU64] = unsafe {
+                core::slice::from_raw_parts((pa + off as u64) as *const AtomicU64, len / 8)
+            };
+            Ok(AtomicMem64::new(words))
         };
         let staging = area_mem(Field::Staging)?;
         let pfns = area_mem(Field::PfnList)?;
