@@ -182,6 +182,34 @@ pub fn translate_code(
     Some(table | (rip & 0xfff))
 }
 
+/// The first [`MAX_EXACT_LEN`] bytes of the code at `rip` (fewer when the
+/// rest is not readable), for [`exact_length`]: one [`translate_code`] walk
+/// per code page touched (`read` as there), `byte` loads one byte at a
+/// guest-physical address (`None` outside guest RAM).
+pub fn read_code(
+    p: &CodePaging,
+    rip: u64,
+    mut read: impl FnMut(u64) -> Option<u64>,
+    mut byte: impl FnMut(u64) -> Option<u8>,
+) -> ([u8; MAX_EXACT_LEN], usize) {
+    let mut bytes = [0u8; MAX_EXACT_LEN];
+    let mut gpa = None;
+    for (i, b) in bytes.iter_mut().enumerate() {
+        let at = rip.wrapping_add(i as u64);
+        // The next byte of the same page is the next guest-physical byte.
+        gpa = if i == 0 || at.is_multiple_of(4096) {
+            translate_code(p, at, &mut read)
+        } else {
+            gpa.map(|g: u64| g + 1)
+        };
+        match gpa.and_then(&mut byte) {
+            Some(v) => *b = v,
+            None => return (bytes, i),
+        }
+    }
+    (bytes, MAX_EXACT_LEN)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -258,6 +286,52 @@ mod tests {
         ] {
             assert_eq!(translate_code(&q, gva_4k, read), None);
         }
+    }
+
+    #[test]
+    fn code_bytes_take_one_walk_per_page() {
+        // gva page 0x7000 -> gpa 0x9000, gva page 0x8000 -> gpa 0x5000 (not
+        // contiguous), gva page 0x9000 unmapped. PML4 0x1000, PDPT 0x2000,
+        // PD 0x3000, PT 0x4000.
+        let mut mem: BTreeMap<u64, u64> = BTreeMap::new();
+        mem.insert(0x1000, 0x2000 | PTE_P);
+        mem.insert(0x2000, 0x3000 | PTE_P);
+        mem.insert(0x3000, 0x4000 | PTE_P);
+        mem.insert(0x4000 + 7 * 8, 0x9000 | PTE_P);
+        mem.insert(0x4000 + 8 * 8, 0x5000 | PTE_P);
+        let code = |g: u64| -> Option<u8> {
+            match g {
+                0x9ffe => Some(0x0f),
+                0x9fff => Some(0x01),
+                0x5000 => Some(0xd9),
+                0x5001 => Some(0xf4),
+                0x9100..=0x9102 => Some([0x0f, 0xa2, 0x90][(g - 0x9100) as usize]),
+                0x5fff => Some(0x0f),
+                _ => None,
+            }
+        };
+        let p = paging(0x1000);
+        let walks = core::cell::Cell::new(0);
+        let read = |a: u64| {
+            walks.set(walks.get() + 1);
+            mem.get(&a).copied().or(Some(0))
+        };
+        // Inside one page: one walk (4 entries read), three bytes.
+        assert_eq!(read_code(&p, 0x7100, read, code), ([0x0f, 0xa2, 0x90], 3));
+        assert_eq!(walks.get(), 4);
+        // Across a page boundary: the third byte comes from the other
+        // page's frame, found by a second walk.
+        walks.set(0);
+        let (b, n) = read_code(&p, 0x7ffe, read, code);
+        assert_eq!((b, n), ([0x0f, 0x01, 0xd9], 3));
+        assert_eq!(exact_length(&ExitKind::Hypercall, &b[..n]), Some(3));
+        assert_eq!(walks.get(), 8);
+        // The next page is not mapped: the bytes stop there.
+        let (b, n) = read_code(&p, 0x8fff, read, code);
+        assert_eq!((b[0], n), (0x0f, 1));
+        assert_eq!(exact_length(&ExitKind::Cpuid, &b[..n]), None);
+        // A byte outside guest RAM stops them too.
+        assert_eq!(read_code(&p, 0x7000, read, code).1, 0);
     }
 
     #[test]

@@ -11,9 +11,7 @@ use alloc::vec::Vec;
 
 use doppel_abi::guest::{hypercall, PatternId, CONSOLE_PORT, MAX_RECORD, PAGE_SIZE, SEND_AGAIN};
 use doppel_core::dirtylog::{DirtyLog, DirtyTree};
-use doppel_core::exit::{
-    exact_length, resume_rip, translate_code, Action, CodePaging, ExitKind, VmExit, MAX_EXACT_LEN,
-};
+use doppel_core::exit::{exact_length, read_code, resume_rip, Action, ExitKind, VmExit};
 use doppel_core::hvm::VcpuState;
 use doppel_core::paging::{Flush, NestedEntry, NestedPageTable, RestoreWrite};
 use doppel_core::selftest::Mode;
@@ -323,30 +321,15 @@ impl<'a, E: NestedEntry, V: Vcpu, S: EpochSink> Run<'a, E, V, S> {
         if exit.next_rip.is_some() || !skipped {
             return exit;
         }
-        let st = self.vcpu.state();
-        let paging = CodePaging {
-            cr0: st.cr0,
-            cr3: st.cr3,
-            cr4: st.cr4,
-            efer: st.efer,
-            cs_long: st.cs.attr.bits() & (1 << 9) != 0,
-        };
+        let paging = self.vcpu.code_paging();
         let read = |gpa: u64| {
             self.ram
                 .slice(gpa, 8)
                 .and_then(|b| b.try_into().ok())
                 .map(u64::from_le_bytes)
         };
-        let mut bytes = [0u8; MAX_EXACT_LEN];
-        let mut n = 0;
-        for (i, b) in bytes.iter_mut().enumerate() {
-            let at = exit.rip.wrapping_add(i as u64);
-            match translate_code(&paging, at, read).and_then(|gpa| self.ram.slice(gpa, 1)) {
-                Some(&[v]) => *b = v,
-                _ => break,
-            }
-            n += 1;
-        }
+        let byte = |gpa: u64| self.ram.slice(gpa, 1).map(|b| b[0]);
+        let (bytes, n) = read_code(&paging, exit.rip, read, byte);
         match exact_length(&exit.kind, &bytes[..n]) {
             Some(len) => VmExit {
                 next_rip: Some(exit.rip.wrapping_add(len)),

@@ -5,7 +5,7 @@
 use core::fmt;
 
 use doppel_core::dirtylog::DirtyLog;
-use doppel_core::exit::VmExit;
+use doppel_core::exit::{CodePaging, VmExit};
 use doppel_core::hvm::VcpuState;
 use doppel_core::paging::Flush;
 use doppel_core::pml::{DrainStats, PmlError};
@@ -157,6 +157,21 @@ pub trait Vcpu {
     /// and MSR state.
     fn state(&self) -> VcpuState {
         base_state(&self.dump())
+    }
+
+    /// What a walk of the guest's page tables for the code at RIP needs
+    /// (only a backend that cannot report instruction lengths asks). The
+    /// default takes it from [`Vcpu::state`]; a backend may read just these
+    /// fields.
+    fn code_paging(&self) -> CodePaging {
+        let st = self.state();
+        CodePaging {
+            cr0: st.cr0,
+            cr3: st.cr3,
+            cr4: st.cr4,
+            efer: st.efer,
+            cs_long: st.cs.attr.bits() & (1 << 9) != 0,
+        }
     }
 }
 
