@@ -347,7 +347,15 @@ impl Relay {
                                     e.kind(),
                                     std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
                                 ) => {}
-                            Err(_) => return,
+                            // Reset: a process killed with unread data in
+                            // its socket resets it. Over a direct link the
+                            // peer would see that at once; pass it on as a
+                            // close, not as silence until the heartbeat
+                            // timeout.
+                            Err(_) => {
+                                let _ = to.shutdown(std::net::Shutdown::Write);
+                                return;
+                            }
                         }
                     }
                 });
