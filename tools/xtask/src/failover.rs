@@ -742,10 +742,13 @@ pub fn run(ctx: &mut Ctx, sc: &Scenario, progress: &mut Progress) -> Result<Outc
             .output()?;
         let reattached = again.status.success();
         let _ = std::fs::remove_file(&cap);
-        // The new session's epochs were tracked again.
+        // The new session's epochs were tracked again: "on" after the
+        // "off" that followed the first Detach. (The second tool detaches
+        // too, so a later "off" may already follow.)
         let retracked = {
             let hv = hv_log();
-            hv.rfind(TRACKING_OFF)
+            hv.find(DETACHED)
+                .and_then(|d| hv[d..].find(TRACKING_OFF).map(|o| d + o))
                 .is_some_and(|o| hv[o..].contains(TRACKING_ON))
         };
         out.notes.push(format!(
