@@ -416,33 +416,8 @@ fn a_failure_with_a_live_backup_leaves_the_guest_fenced() {
     // guest back; the ring stays owned and a second primary is refused.
     let dir = scratch("fenced");
     let ram = dir.join("m.ram");
-    let mut sim = Proc::new(BIN)
-        .args(["sim-hv", "--machine-ram"])
-        .arg(&ram)
-        .args(["--service", "kv", "--epoch-ms", "4000", "--max-secs", "60"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut backup = Proc::new(BIN)
-        .args(["backup", "--listen", "127.0.0.1:0", "--replica"])
-        .arg(dir.join("bk"))
-        .args(["--guest-pages", "512", "--accept-timeout", "30"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(backup.stdout.as_mut().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap()
-        .to_string();
+    let mut sim = kv_sim(&ram, "4000", "60");
+    let (mut backup, addr) = backup_into(&dir.join("bk"));
     let out = Proc::new(BIN)
         .args(["primary", "--machine-ram"])
         .arg(&ram)
@@ -483,6 +458,41 @@ fn a_failure_with_a_live_backup_leaves_the_guest_fenced() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// `doppel sim-hv` running the KV service over the machine RAM file `ram`.
+fn kv_sim(ram: &Path, epoch_ms: &str, max_secs: &str) -> std::process::Child {
+    Proc::new(BIN)
+        .args(["sim-hv", "--machine-ram"])
+        .arg(ram)
+        .args([
+            "--service",
+            "kv",
+            "--epoch-ms",
+            epoch_ms,
+            "--max-secs",
+            max_secs,
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// `doppel backup` of a 512-page guest into `replica`, listening on a free
+/// loopback port; returns it and the address it printed.
+fn backup_into(replica: &Path) -> (std::process::Child, String) {
+    let mut backup = Proc::new(BIN)
+        .args(["backup", "--listen", "127.0.0.1:0", "--replica"])
+        .arg(replica)
+        .args(["--guest-pages", "512", "--accept-timeout", "30"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let lines = lines_of(&mut backup);
+    let addr = wait_line(&lines, "listening on ");
+    (backup, addr)
+}
+
 /// Reads a child's stdout lines into a shared list.
 fn lines_of(child: &mut std::process::Child) -> Arc<std::sync::Mutex<Vec<String>>> {
     let out = child.stdout.take().unwrap();
@@ -521,25 +531,9 @@ fn a_second_primary_serves_clients_after_the_first_detached() {
     // one's and not pass on the first one's output.
     let dir = scratch("clients");
     let ram = dir.join("m.ram");
-    let mut sim = Proc::new(BIN)
-        .args(["sim-hv", "--machine-ram"])
-        .arg(&ram)
-        .args(["--service", "kv", "--epoch-ms", "50", "--max-secs", "120"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut sim = kv_sim(&ram, "50", "120");
     for session in 1..=2 {
-        let mut backup = Proc::new(BIN)
-            .args(["backup", "--listen", "127.0.0.1:0", "--replica"])
-            .arg(dir.join(format!("bk{session}")))
-            .args(["--guest-pages", "512", "--accept-timeout", "30"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let blines = lines_of(&mut backup);
-        let addr = wait_line(&blines, "listening on ");
+        let (mut backup, addr) = backup_into(&dir.join(format!("bk{session}")));
         let mut primary = Proc::new(BIN)
             .args(["primary", "--machine-ram"])
             .arg(&ram)
