@@ -321,7 +321,7 @@ impl<'a, E: NestedEntry, V: Vcpu, S: EpochSink> Run<'a, E, V, S> {
         if exit.next_rip.is_some() || !skipped {
             return exit;
         }
-        let paging = self.vcpu.code_paging();
+        let paging = self.vcpu.dump().code_paging(self.vcpu.cs_long());
         let read = |gpa: u64| {
             self.ram
                 .slice(gpa, 8)

@@ -22,7 +22,7 @@
 //! Timer exit if that handler ran.
 
 use doppel_core::addr::HostPhysAddr;
-use doppel_core::exit::{CodePaging, ExitKind, IoAccess, VmExit};
+use doppel_core::exit::{ExitKind, IoAccess, VmExit};
 use doppel_core::hvm::{DescTable, SegAttr, Segment, VcpuState};
 use doppel_core::hw::vmcb::{
     exitcode, intercept3, intercept4, tlb_control, IoExitInfo, Vmcb, VmcbSegment,
@@ -585,18 +585,8 @@ impl Vcpu for SvmVcpu {
         }
     }
 
-    /// Read straight from the VMCB: this runs at every CPUID, VMMCALL and
-    /// HLT exit when the CPU has no NRIP save (QEMU), where a whole
-    /// [`Vcpu::state`] would be built and dropped each time.
-    fn code_paging(&self) -> CodePaging {
-        let s = &self.vmcb().save;
-        CodePaging {
-            cr0: s.cr0,
-            cr3: s.cr3,
-            cr4: s.cr4,
-            efer: s.efer,
-            cs_long: SegAttr::from_svm(s.cs.attrib).bits() & (1 << 9) != 0,
-        }
+    fn cs_long(&self) -> bool {
+        SegAttr::from_svm(self.vmcb().save.cs.attrib).long()
     }
 
     fn dump(&self) -> GuestDump {

@@ -159,18 +159,25 @@ pub trait Vcpu {
         base_state(&self.dump())
     }
 
-    /// What a walk of the guest's page tables for the code at RIP needs
-    /// (only a backend that cannot report instruction lengths asks). The
-    /// default takes it from [`Vcpu::state`]; a backend may read just these
-    /// fields.
-    fn code_paging(&self) -> CodePaging {
-        let st = self.state();
+    /// Whether the guest runs 64-bit code (CS.L). Asked at every CPUID,
+    /// VMMCALL and HLT exit by a backend that cannot report instruction
+    /// lengths, so a backend should read just this bit rather than build a
+    /// whole [`Vcpu::state`] as the default does.
+    fn cs_long(&self) -> bool {
+        self.state().cs.attr.long()
+    }
+}
+
+impl GuestDump {
+    /// What a walk of the guest's page tables for the code at RIP needs:
+    /// this dump's control registers and EFER, and `cs_long`.
+    pub fn code_paging(&self, cs_long: bool) -> CodePaging {
         CodePaging {
-            cr0: st.cr0,
-            cr3: st.cr3,
-            cr4: st.cr4,
-            efer: st.efer,
-            cs_long: st.cs.attr.bits() & (1 << 9) != 0,
+            cr0: self.cr0,
+            cr3: self.cr3,
+            cr4: self.cr4,
+            efer: self.efer,
+            cs_long,
         }
     }
 }
