@@ -22,17 +22,23 @@
 //! only when the ring's notify rule says so, as with Xen's event channels;
 //! mpsc blocks too.
 //!
-//! `cargo bench -p doppel-abi --bench ring`
+//! After criterion's figures it prints the ratios (doppel-benchkit: the
+//! ring and mpsc runs alternated, so both see the same phases of the
+//! machine): each ring variant's speed-up over `mpsc::channel` (target
+//! for the event stream with whole acks: at least 2x).
+//!
+//! `cargo bench -p doppel-abi --bench ring` (ratios alone: `-- ratio`)
 
 use std::hint::black_box;
 use std::sync::atomic::AtomicU64;
 use std::sync::mpsc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use criterion::{criterion_group, Criterion, Throughput};
 use doppel_abi::msg::{Command, CommandEntry, EventAck, EventEntry, Response, ResponseEntry};
 use doppel_abi::ring::RingLayout;
 use doppel_abi::{AtomicMem64, BackRing, FrontRing, SharedMem};
+use doppel_benchkit::{report, Goal};
 
 const MESSAGES: u64 = 100_000;
 const SLOTS: usize = 1024;
@@ -349,5 +355,50 @@ fn bench(c: &mut Criterion) {
     g.finish();
 }
 
+/// Wall time of one run of `f`, which must return `want`.
+fn timed(want: u64, f: impl FnOnce() -> u64) -> Duration {
+    let start = Instant::now();
+    let got = f();
+    let t = start.elapsed();
+    assert_eq!(got, want);
+    t
+}
+
+fn ratios() {
+    let want = (0..MESSAGES).fold(0u64, |a, i| a.wrapping_add(i));
+    let event_words: Vec<AtomicU64> = (0..(64 + SLOTS * 128) / 8)
+        .map(|_| AtomicU64::new(0))
+        .collect();
+    for (name, r, target) in [
+        ("abi_event_ring", Reclaim::Copy, Some(2.0)),
+        ("abi_event_ring_skip", Reclaim::Skip, None),
+    ] {
+        report(
+            &format!("event_stream_100k/{name}"),
+            (name, "std_mpsc_channel"),
+            Goal::Speedup(target),
+            (20, 3),
+            || timed(want, || event_ring_run(&event_words, r)),
+            || timed(want, mpsc_event_run),
+        );
+    }
+    let words: Vec<AtomicU64> = (0..(64 + SLOTS * 64) / 8)
+        .map(|_| AtomicU64::new(0))
+        .collect();
+    report(
+        "request_response_100k/abi_ring",
+        ("abi_ring", "std_mpsc_channel"),
+        Goal::Speedup(None),
+        (20, 3),
+        || timed(want, || ring_run(&words)),
+        || timed(want, mpsc_run),
+    );
+}
+
 criterion_group!(benches, bench);
-criterion_main!(benches);
+
+fn main() {
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+    ratios();
+}

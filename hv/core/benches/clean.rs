@@ -7,14 +7,18 @@
 //! Dirty pfns are uniform random, except `0.1%_runs16`: the same count in
 //! runs of 16 consecutive pfns (aligned to 16), as guests dirty runs.
 //!
-//! Run: cargo bench -p doppel-core --bench clean
+//! After criterion's figures it prints the ratios (doppel-benchkit: each
+//! case and its baseline in alternating blocks): the tree CLEAN over the
+//! flat scan and over the memcpy, per density.
+//!
+//! Run: cargo bench -p doppel-core --bench clean (ratios alone: `-- ratio`)
 
-use std::cell::RefCell;
 use std::hint::black_box;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
+use criterion::{criterion_group, Criterion};
 use doppel_abi::splitmix::SplitMix64;
+use doppel_benchkit::{report, Goal};
 use doppel_core::dirtylog::{DirtyTree, DirtyWord, FlatLog, LogTree};
 
 /// 64 GiB of 4 KiB pages.
@@ -62,110 +66,153 @@ fn flat_scan_clear(words: &mut [u64], mut f: impl FnMut(DirtyWord)) {
     }
 }
 
+/// One timed CLEAN of `tree` after (untimed) marking `pfns`.
+fn time_tree(tree: &DirtyTree, pfns: &[u64]) -> Duration {
+    let mut batch = tree.batch();
+    for &p in pfns {
+        batch.mark(p).expect("mark");
+    }
+    drop(batch);
+    let mut acc = 0;
+    let start = Instant::now();
+    let stats = tree.clean_with(|w| sink(&mut acc, w)).expect("clean");
+    let t = start.elapsed();
+    black_box((acc, stats));
+    t
+}
+
+fn time_swap_tree(tree: &LogTree, pfns: &[u64]) -> Duration {
+    for &p in pfns {
+        tree.mark(p).expect("mark");
+    }
+    let mut acc = 0;
+    let start = Instant::now();
+    let stats = tree.clean_with(|w| sink(&mut acc, w));
+    let t = start.elapsed();
+    black_box((acc, stats));
+    t
+}
+
+fn time_flat_log(log: &FlatLog, pfns: &[u64]) -> Duration {
+    for &p in pfns {
+        doppel_core::dirtylog::DirtyLog::mark(log, p).expect("mark");
+    }
+    let mut acc = 0;
+    let start = Instant::now();
+    let stats = log.clean_with(|w| sink(&mut acc, w));
+    let t = start.elapsed();
+    black_box((acc, stats));
+    t
+}
+
+/// The baseline: one timed plain scan+clear of `flat` after (untimed)
+/// setting the bits of `pfns`.
+fn time_scan(flat: &mut [u64], pfns: &[u64]) -> Duration {
+    for &p in pfns {
+        flat[(p / 64) as usize] |= 1 << (p % 64);
+    }
+    let mut acc = 0;
+    let start = Instant::now();
+    flat_scan_clear(black_box(flat), |w| sink(&mut acc, w));
+    let t = start.elapsed();
+    black_box(acc);
+    t
+}
+
+fn time_copy(dst: &mut [u64], src: &[u64]) -> Duration {
+    let start = Instant::now();
+    dst.copy_from_slice(black_box(src));
+    black_box(&dst);
+    start.elapsed()
+}
+
+/// The cases: label, dirty pfn count, run length, and (rounds, block) for
+/// the interleaved ratio pass (fewer at 10%, whose marking takes longest).
+const CASES: [(&str, usize, u64, (usize, usize)); 4] = [
+    ("0.1%", 16_777, 1, (40, 10)),
+    ("0.1%_runs16", 16_777, 16, (40, 10)),
+    ("1%", 167_772, 1, (20, 5)),
+    ("10%", 1_677_722, 1, (8, 3)),
+];
+
 fn bench_clean(c: &mut Criterion) {
     let max_pfn = GUEST_PFNS - 1;
     let tree = DirtyTree::new(max_pfn).expect("tree");
     let swap_tree = LogTree::new(max_pfn).expect("tree");
     let flat_log = FlatLog::new(max_pfn).expect("flat");
-    // Setup and routine both need the flat bitmap, one after the other.
-    let flat = RefCell::new(vec![0u64; FLAT_WORDS]);
+    let mut flat = vec![0u64; FLAT_WORDS];
     let mut copy_dst = vec![0u64; FLAT_WORDS];
 
-    for (label, count, run) in [
-        ("0.1%", 16_777usize, 1),
-        ("0.1%_runs16", 16_777, 16),
-        ("1%", 167_772, 1),
-        ("10%", 1_677_722, 1),
-    ] {
+    for (label, count, run, _) in CASES {
         let pfns = dirty_pfns(count, 0xD0FF_E1C0_FFEE, run);
         let mut group = c.benchmark_group(format!("clean_64GiB_{label}"));
         group
             .sample_size(20)
             .warm_up_time(Duration::from_secs(1))
             .measurement_time(Duration::from_secs(3));
-
         group.bench_function("dirty_tree", |b| {
-            b.iter_batched(
-                || {
-                    let mut batch = tree.batch();
-                    for &p in &pfns {
-                        batch.mark(p).expect("mark");
-                    }
-                },
-                |()| {
-                    let mut acc = 0;
-                    let stats = tree.clean_with(|w| sink(&mut acc, w)).expect("clean");
-                    black_box((acc, stats))
-                },
-                BatchSize::PerIteration,
-            )
+            b.iter_custom(|n| (0..n).map(|_| time_tree(&tree, &pfns)).sum())
         });
-
         group.bench_function("log_tree_swap", |b| {
-            b.iter_batched(
-                || {
-                    for &p in &pfns {
-                        swap_tree.mark(p).expect("mark");
-                    }
-                },
-                |()| {
-                    let mut acc = 0;
-                    let stats = swap_tree.clean_with(|w| sink(&mut acc, w));
-                    black_box((acc, stats))
-                },
-                BatchSize::PerIteration,
-            )
+            b.iter_custom(|n| (0..n).map(|_| time_swap_tree(&swap_tree, &pfns)).sum())
         });
-
         group.bench_function("flat_log_atomic", |b| {
-            b.iter_batched(
-                || {
-                    for &p in &pfns {
-                        doppel_core::dirtylog::DirtyLog::mark(&flat_log, p).expect("mark");
-                    }
-                },
-                |()| {
-                    let mut acc = 0;
-                    let stats = flat_log.clean_with(|w| sink(&mut acc, w));
-                    black_box((acc, stats))
-                },
-                BatchSize::PerIteration,
-            )
+            b.iter_custom(|n| (0..n).map(|_| time_flat_log(&flat_log, &pfns)).sum())
         });
-
         group.bench_function("flat_scan_plain", |b| {
-            b.iter_batched(
-                || {
-                    let mut flat = flat.borrow_mut();
-                    for &p in &pfns {
-                        flat[(p / 64) as usize] |= 1 << (p % 64);
-                    }
-                },
-                |()| {
-                    let mut acc = 0;
-                    flat_scan_clear(&mut flat.borrow_mut(), |w| sink(&mut acc, w));
-                    black_box(acc)
-                },
-                BatchSize::PerIteration,
-            )
+            b.iter_custom(|n| (0..n).map(|_| time_scan(&mut flat, &pfns)).sum())
         });
-
         // The bitmap itself is the same size whatever the density.
-        let mut src = flat.borrow_mut();
-        for &p in &pfns {
-            src[(p / 64) as usize] |= 1 << (p % 64);
-        }
+        let src = dirty_bitmap(&pfns);
         group.bench_function("memcpy_2MiB", |b| {
-            b.iter(|| {
-                copy_dst.copy_from_slice(black_box(&src));
-                black_box(&copy_dst);
-            })
+            b.iter_custom(|n| (0..n).map(|_| time_copy(&mut copy_dst, &src)).sum())
         });
-        src.fill(0);
-        drop(src);
         group.finish();
     }
 }
 
+fn dirty_bitmap(pfns: &[u64]) -> Vec<u64> {
+    let mut m = vec![0u64; FLAT_WORDS];
+    for &p in pfns {
+        m[(p / 64) as usize] |= 1 << (p % 64);
+    }
+    m
+}
+
+/// The ratios, case and baseline interleaved (doppel-benchkit):
+/// `DirtyTree` CLEAN against the flat scan (target at 0.1% uniform: at
+/// most 0.1x) and against the memcpy of the flat bitmap.
+fn ratios() {
+    let tree = DirtyTree::new(GUEST_PFNS - 1).expect("tree");
+    let mut flat = vec![0u64; FLAT_WORDS];
+    let mut copy_dst = vec![0u64; FLAT_WORDS];
+    for (label, count, run, shape) in CASES {
+        let pfns = dirty_pfns(count, 0xD0FF_E1C0_FFEE, run);
+        let target = (label == "0.1%").then_some(0.1);
+        report(
+            &format!("clean_64GiB_{label}/scan"),
+            ("dirty_tree", "flat_scan_plain"),
+            Goal::Ratio(target),
+            shape,
+            || time_tree(&tree, &pfns),
+            || time_scan(&mut flat, &pfns),
+        );
+        let src = dirty_bitmap(&pfns);
+        report(
+            &format!("clean_64GiB_{label}/memcpy"),
+            ("dirty_tree", "memcpy_2MiB"),
+            Goal::Ratio(None),
+            shape,
+            || time_tree(&tree, &pfns),
+            || time_copy(&mut copy_dst, &src),
+        );
+    }
+}
+
 criterion_group!(benches, bench_clean);
-criterion_main!(benches);
+
+fn main() {
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+    ratios();
+}

@@ -1,0 +1,323 @@
+//! The ratios `cargo bench` prints after criterion's own output.
+//!
+//! Criterion times each function for a few seconds, one after another. On
+//! this project's VM the speed of memory access changes in phases that
+//! last seconds to minutes (docs/perf/dirtylog.md, docs/perf/ring.md), so
+//! a ratio of two criterion medians taken seconds apart mixes phases. Here
+//! the case and its baseline run in alternating blocks of a few
+//! milliseconds each, many times, so both see the same phases; the ratio
+//! is the ratio of the two medians over all blocks. The spread of the
+//! per-round ratios (p10-p90) and how many rounds met the target show how
+//! much the phases moved it.
+//!
+//! The pass runs only under `cargo bench` (the harness gets `--bench`),
+//! not when `cargo test` runs the bench targets once. With a criterion
+//! filter (`cargo bench -- FILTER`) a ratio runs only if its name contains
+//! FILTER; `cargo bench -- ratio` runs the ratios alone.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+/// Whether the ratio named `name` should run, from this process's
+/// arguments (see the module docs).
+pub fn wanted(name: &str) -> bool {
+    wanted_with(std::env::args().skip(1), name)
+}
+
+fn wanted_with(args: impl Iterator<Item = String>, name: &str) -> bool {
+    let mut bench = false;
+    let mut filter = None;
+    let mut skip_value = false;
+    for a in args {
+        if skip_value {
+            skip_value = false;
+        } else if a == "--bench" {
+            bench = true;
+        } else if a.starts_with("--") {
+            // Criterion's options that take a value as the next argument.
+            skip_value = !a.contains('=')
+                && matches!(
+                    a.as_str(),
+                    "--warm-up-time"
+                        | "--measurement-time"
+                        | "--sample-size"
+                        | "--save-baseline"
+                        | "--baseline"
+                        | "--load-baseline"
+                        | "--color"
+                        | "--output-format"
+                        | "--plotting-backend"
+                        | "--profile-time"
+                        | "--nresamples"
+                        | "--noise-threshold"
+                        | "--confidence-level"
+                        | "--significance-level"
+                );
+        } else if !a.starts_with('-') && filter.is_none() {
+            filter = Some(a);
+        }
+    }
+    bench && filter.is_none_or(|f| name.contains(&f) || "ratio".contains(&f))
+}
+
+/// How a ratio is shown, and its target if it has one.
+#[derive(Clone, Copy, Debug)]
+pub enum Goal {
+    /// `case / baseline` time; target: at most this.
+    Ratio(Option<f64>),
+    /// `baseline / case` time (the case's speed-up); target: at least this.
+    Speedup(Option<f64>),
+}
+
+/// Times `case` and `baseline` in `rounds` rounds of `block` calls each,
+/// the two alternating (and which goes first alternating too). Each call
+/// returns the time of its own timed part, so untimed set-up stays out.
+pub fn interleave(
+    rounds: usize,
+    block: usize,
+    mut case: impl FnMut() -> Duration,
+    mut baseline: impl FnMut() -> Duration,
+) -> Samples {
+    assert!(rounds > 0 && block > 0, "rounds and block must be non-zero");
+    let mut s = Samples {
+        block,
+        case: Vec::with_capacity(rounds * block),
+        baseline: Vec::with_capacity(rounds * block),
+    };
+    for r in 0..rounds {
+        for first in [r % 2 == 0, r % 2 != 0] {
+            for _ in 0..block {
+                if first {
+                    s.case.push(case());
+                } else {
+                    s.baseline.push(baseline());
+                }
+            }
+        }
+    }
+    s
+}
+
+/// The times of one interleaved run, in call order.
+#[derive(Clone, Debug)]
+pub struct Samples {
+    block: usize,
+    case: Vec<Duration>,
+    baseline: Vec<Duration>,
+}
+
+/// What a [`Samples`] comes to.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Summary {
+    pub case_median: Duration,
+    pub baseline_median: Duration,
+    /// `case_median / baseline_median`.
+    pub ratio: f64,
+    /// 10th and 90th percentile of the per-round ratios (each round's
+    /// case median over its baseline median).
+    pub round_p10: f64,
+    pub round_p90: f64,
+    pub rounds: usize,
+}
+
+fn median(v: &[Duration]) -> Duration {
+    let mut v = v.to_vec();
+    v.sort_unstable();
+    v[v.len() / 2]
+}
+
+fn quantile(sorted: &[f64], q: f64) -> f64 {
+    sorted[((sorted.len() - 1) as f64 * q).round() as usize]
+}
+
+impl Samples {
+    /// The per-round ratios, case over baseline.
+    pub fn round_ratios(&self) -> Vec<f64> {
+        self.case
+            .chunks(self.block)
+            .zip(self.baseline.chunks(self.block))
+            .map(|(c, b)| ratio(median(c), median(b)))
+            .collect()
+    }
+
+    pub fn summary(&self) -> Summary {
+        let (c, b) = (median(&self.case), median(&self.baseline));
+        let mut rounds = self.round_ratios();
+        rounds.sort_unstable_by(f64::total_cmp);
+        Summary {
+            case_median: c,
+            baseline_median: b,
+            ratio: ratio(c, b),
+            round_p10: quantile(&rounds, 0.1),
+            round_p90: quantile(&rounds, 0.9),
+            rounds: rounds.len(),
+        }
+    }
+}
+
+fn ratio(a: Duration, b: Duration) -> f64 {
+    a.as_secs_f64() / b.as_secs_f64().max(1e-12)
+}
+
+fn dur(d: Duration) -> String {
+    let us = d.as_secs_f64() * 1e6;
+    if us >= 1000.0 {
+        format!("{:.2} ms", us / 1000.0)
+    } else {
+        format!("{us:.1} us")
+    }
+}
+
+/// The line for one ratio: `ratio NAME: CASE / BASELINE = R` (or the
+/// speed-up `BASELINE / CASE` for a [`Goal::Speedup`]), the spread over
+/// rounds, both medians and, with a target, whether it was met.
+pub fn line(name: &str, case: &str, baseline: &str, s: &Summary, goal: Goal) -> String {
+    let speedup = matches!(goal, Goal::Speedup(_));
+    let (r, lo, hi) = if speedup {
+        (1.0 / s.ratio, 1.0 / s.round_p90, 1.0 / s.round_p10)
+    } else {
+        (s.ratio, s.round_p10, s.round_p90)
+    };
+    let mut out = if speedup {
+        format!("ratio {name}: {baseline} / {case} = {r:.3}x")
+    } else {
+        format!("ratio {name}: {case} / {baseline} = {r:.3}x")
+    };
+    let _ = write!(
+        out,
+        " (rounds p10-p90 {lo:.3}x-{hi:.3}x over {}; {case} {}, {baseline} {})",
+        s.rounds,
+        dur(s.case_median),
+        dur(s.baseline_median)
+    );
+    let target = match goal {
+        Goal::Ratio(t) => t.map(|x| (r <= x, format!("<= {x}x"))),
+        Goal::Speedup(t) => t.map(|x| (r >= x, format!(">= {x}x"))),
+    };
+    if let Some((met, want)) = target {
+        let _ = write!(
+            out,
+            "; target {want}: {}",
+            if met { "met" } else { "NOT met" }
+        );
+    }
+    out
+}
+
+/// Runs [`interleave`] and prints [`line`] if [`wanted`]`(name)`.
+pub fn report(
+    name: &str,
+    (case, baseline): (&str, &str),
+    goal: Goal,
+    (rounds, block): (usize, usize),
+    run_case: impl FnMut() -> Duration,
+    run_baseline: impl FnMut() -> Duration,
+) -> Option<Summary> {
+    if !wanted(name) {
+        return None;
+    }
+    let s = interleave(rounds, block, run_case, run_baseline).summary();
+    println!("{}", line(name, case, baseline, &s, goal));
+    Some(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(a: &[&str]) -> impl Iterator<Item = String> {
+        a.iter()
+            .map(|s| s.to_string())
+            .collect::<Vec<_>>()
+            .into_iter()
+    }
+
+    #[test]
+    fn runs_only_under_cargo_bench_and_its_filter() {
+        assert!(wanted_with(args(&["--bench"]), "clean_0.1%"));
+        assert!(!wanted_with(args(&[]), "clean_0.1%"), "cargo test mode");
+        assert!(wanted_with(args(&["--bench", "clean"]), "clean_0.1%"));
+        assert!(wanted_with(args(&["--bench", "ratio"]), "clean_0.1%"));
+        assert!(!wanted_with(args(&["--bench", "ring"]), "clean_0.1%"));
+        // An option's value is not a filter.
+        assert!(wanted_with(
+            args(&["--bench", "--measurement-time", "3", "clean"]),
+            "clean_0.1%"
+        ));
+        assert!(wanted_with(
+            args(&["--measurement-time", "3", "--bench"]),
+            "x"
+        ));
+    }
+
+    #[test]
+    fn blocks_alternate_and_the_ratio_is_of_medians() {
+        let order = std::cell::RefCell::new(Vec::new());
+        let s = interleave(
+            3,
+            2,
+            || {
+                order.borrow_mut().push('c');
+                Duration::from_micros(10)
+            },
+            || {
+                order.borrow_mut().push('b');
+                Duration::from_micros(40)
+            },
+        );
+        assert_eq!(
+            order.into_inner().iter().collect::<String>(),
+            "ccbbbbccccbb"
+        );
+        let m = s.summary();
+        assert_eq!(m.case_median, Duration::from_micros(10));
+        assert_eq!(m.baseline_median, Duration::from_micros(40));
+        assert_eq!(
+            (m.ratio, m.round_p10, m.round_p90, m.rounds),
+            (0.25, 0.25, 0.25, 3)
+        );
+    }
+
+    #[test]
+    fn round_ratios_show_a_phase_change() {
+        // The case is slow in the second half: the median ratio stays at
+        // the usual value, the spread shows the slow rounds.
+        let mut n = 0;
+        let s = interleave(
+            10,
+            1,
+            || {
+                n += 1;
+                Duration::from_micros(if n > 5 { 30 } else { 10 })
+            },
+            || Duration::from_micros(100),
+        )
+        .summary();
+        assert_eq!(s.round_p10, 0.1);
+        assert_eq!(s.round_p90, 0.3);
+    }
+
+    #[test]
+    fn lines_say_whether_the_target_was_met() {
+        let s = Summary {
+            case_median: Duration::from_micros(50),
+            baseline_median: Duration::from_micros(400),
+            ratio: 0.125,
+            round_p10: 0.1,
+            round_p90: 0.2,
+            rounds: 30,
+        };
+        assert_eq!(
+            line("clean_0.1%", "tree", "scan", &s, Goal::Ratio(Some(0.1))),
+            "ratio clean_0.1%: tree / scan = 0.125x (rounds p10-p90 0.100x-0.200x over 30; \
+             tree 50.0 us, scan 400.0 us); target <= 0.1x: NOT met"
+        );
+        assert_eq!(
+            line("ring", "ring", "mpsc", &s, Goal::Speedup(Some(2.0))),
+            "ratio ring: mpsc / ring = 8.000x (rounds p10-p90 5.000x-10.000x over 30; \
+             ring 50.0 us, mpsc 400.0 us); target >= 2x: met"
+        );
+        assert!(line("x", "a", "b", &s, Goal::Ratio(None)).ends_with("b 400.0 us)"));
+        assert!(line("x", "a", "b", &s, Goal::Speedup(None)).starts_with("ratio x: b / a = 8.000x"));
+    }
+}
