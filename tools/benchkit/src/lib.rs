@@ -120,10 +120,16 @@ pub struct Summary {
     pub rounds: usize,
 }
 
+/// The middle value (the mean of the two middle ones for an even count).
 fn median(v: &[Duration]) -> Duration {
     let mut v = v.to_vec();
     v.sort_unstable();
-    v[v.len() / 2]
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2
+    }
 }
 
 fn quantile(sorted: &[f64], q: f64) -> f64 {
@@ -275,6 +281,17 @@ mod tests {
         assert_eq!(
             (m.ratio, m.round_p10, m.round_p90, m.rounds),
             (0.25, 0.25, 0.25, 3)
+        );
+    }
+
+    #[test]
+    fn medians_of_even_counts_take_the_middle_two() {
+        let us = Duration::from_micros;
+        assert_eq!(median(&[us(3), us(1), us(2)]), us(2));
+        assert_eq!(median(&[us(40), us(10)]), us(25));
+        assert_eq!(
+            median(&[us(4), us(1), us(3), us(2)]),
+            Duration::from_nanos(2500)
         );
     }
 
