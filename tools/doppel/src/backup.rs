@@ -44,6 +44,8 @@ pub enum ReceiveError {
     Ack { epoch: u64, source: std::io::Error },
     #[error("answering the primary's feature hello: {0}")]
     Hello(std::io::Error),
+    #[error("compressed pages were asked for, but {0}")]
+    Cache(std::io::Error),
 }
 
 /// Counts of one epoch.
@@ -231,18 +233,22 @@ fn receive_inner<R: Read>(
     let r = (|| -> Result<(), ReceiveError> {
         let mut reader = StreamReader::open(input, limits)?;
         if preset & feature::XLZ4 != 0 {
-            reader.enable_xlz4();
+            reader.enable_xlz4().map_err(ReceiveError::Cache)?;
         }
         loop {
             let before = reader.offset();
             let rec = reader.next_record()?;
             if let Record::Hello(requested) = rec {
                 // The reader allows it only as the first record.
-                let accepted = requested & offer & feature::KNOWN;
-                out.features = accepted;
+                let mut accepted = requested & offer & feature::KNOWN;
                 if accepted & feature::XLZ4 != 0 {
-                    reader.enable_xlz4();
+                    if let Err(e) = reader.enable_xlz4() {
+                        // Plain pages still replicate: decline, go on.
+                        tracing::warn!("compression declined: {e}");
+                        accepted &= !feature::XLZ4;
+                    }
                 }
+                out.features = accepted;
                 tracing::info!("primary asked for features {requested:#x}; accepted {accepted:#x}");
                 on_event(Event::Hello {
                     requested,

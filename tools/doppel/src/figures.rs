@@ -74,7 +74,7 @@ pub fn pattern_wire_bytes(
     let mut mem = vec![0u8; (pages as usize) * PAGE_SIZE];
     let mut plain = StreamWriter::new(std::io::sink());
     let mut comp = StreamWriter::new(std::io::sink());
-    let mut cache = XorCache::new(pages);
+    let mut cache = XorCache::new(pages)?;
     let all: BTreeSet<u64> = (0..pages).collect();
     send(&mut plain, &mut comp, &mut cache, &mem, &all)?;
     let mut f = WireFigures {

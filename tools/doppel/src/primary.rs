@@ -286,6 +286,19 @@ impl<W: Write, R: Read> Output<W, R> {
             return Err(bad("negotiation must come before the first record".into()));
         }
         self.started = true;
+        // Ask for compression only with the cache in hand: without it
+        // plain pages replicate just the same.
+        let mut want = want;
+        let mut cache = None;
+        if want & feature::XLZ4 != 0 {
+            match XorCache::new(guest_pages) {
+                Ok(c) => cache = Some(c),
+                Err(e) => {
+                    tracing::warn!("not asking for compression: {e}");
+                    want &= !feature::XLZ4;
+                }
+            }
+        }
         let w = &mut self.writer;
         w.headers(XEN_MAJOR, XEN_MINOR)
             .and_then(|_| w.hello(want))
@@ -312,7 +325,7 @@ impl<W: Write, R: Read> Output<W, R> {
             )));
         }
         if got & feature::XLZ4 != 0 {
-            self.xlz4 = Some(XorCache::new(guest_pages));
+            self.xlz4 = cache;
         }
         tracing::info!("backup accepted features {got:#x} (asked for {want:#x})");
         Ok(got)

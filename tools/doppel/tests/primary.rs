@@ -508,3 +508,30 @@ fn event_index_jump_is_an_error_not_a_crash() {
     assert_eq!(committed, 2);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_primary_without_memory_for_the_cache_does_not_ask_for_compression() {
+    // 2^40 pages (4 PiB): no host can map that XOR cache. The primary
+    // says so and asks for plain pages, which the backup (which would
+    // accept compression) then gets.
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let backup = std::thread::spawn(move || {
+        let (conn, _) = l.accept().unwrap();
+        let mut rep = Replica::in_memory(4);
+        let back = conn.try_clone().unwrap();
+        backup::serve_opts(BufReader::new(conn), back, &mut rep, feature::KNOWN, |_| {}).unwrap()
+    });
+    let conn = TcpStream::connect(addr).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let acks = AckReader::open(conn.try_clone().unwrap(), 0).unwrap();
+    let mut out = Output::backup(conn, acks);
+    let got = out
+        .negotiate(feature::XLZ4, 1 << 40, Duration::from_secs(20))
+        .unwrap();
+    assert_eq!(got, 0);
+    assert!(!out.compressed());
+    drop(out);
+    assert_eq!(backup.join().unwrap().features, 0);
+}

@@ -19,7 +19,7 @@ const SPEC: SynthSpec = SynthSpec {
 /// just past each CHECKPOINT.
 fn compressed(eps: &[EpochData], guest: u64) -> (Vec<u8>, Vec<u64>) {
     let mut w = StreamWriter::new(Vec::new());
-    let mut cache = XorCache::new(guest);
+    let mut cache = XorCache::new(guest).unwrap();
     let mut ends = Vec::new();
     w.headers(XEN_MAJOR, XEN_MINOR).unwrap();
     w.static_data_end().unwrap();
@@ -314,5 +314,65 @@ fn hello_is_only_the_first_record_and_features_only_the_first_answer() {
     assert!(
         e.to_string().contains("only allowed as the first record"),
         "{e}"
+    );
+}
+
+#[test]
+fn a_cache_the_host_cannot_map_is_an_error() {
+    // 2^40 pages = 4 PiB, beyond any address space; 0 pages is no guest.
+    for pages in [1u64 << 40, 0] {
+        match XorCache::new(pages) {
+            Err(e) => assert!(e.to_string().contains("cache"), "{e}"),
+            Ok(_) => panic!("a cache of {pages} pages was mapped"),
+        }
+    }
+    let c = XorCache::new(1 << 20).unwrap();
+    assert_eq!(c.pages(), 1 << 20);
+}
+
+#[test]
+fn a_backup_without_memory_for_the_cache_declines_compression() {
+    use doppel::backup::{receive_negotiated, EpochSink, Event};
+    use doppel::replica::{ReplicaError, StagedEpoch};
+    use doppel::stream::format::feature;
+    use doppel::stream::PAGE_SIZE;
+    /// A guest too large for any XOR cache; no epoch reaches it.
+    struct Huge;
+    impl EpochSink for Huge {
+        fn pages(&self) -> u64 {
+            1 << 40
+        }
+        fn commit(&mut self, _: StagedEpoch) -> Result<Vec<Box<[u8; PAGE_SIZE]>>, ReplicaError> {
+            unreachable!("the stream has no epoch")
+        }
+    }
+    let mut w = StreamWriter::new(Vec::new());
+    w.headers(XEN_MAJOR, XEN_MINOR).unwrap();
+    w.hello(feature::XLZ4).unwrap();
+    w.static_data_end().unwrap();
+    w.end().unwrap();
+    let mut answers = Vec::new();
+    let got = receive_negotiated(&w.into_inner()[..], &mut Huge, feature::KNOWN, |ev| {
+        if let Event::Hello {
+            requested,
+            accepted,
+        } = ev
+        {
+            answers.push((requested, accepted));
+        }
+        Ok(())
+    });
+    assert!(got.error.is_none(), "{:?}", got.error);
+    assert!(got.ended);
+    assert_eq!(answers, vec![(feature::XLZ4, 0)]);
+    assert_eq!(got.features, 0);
+    // Preset (not negotiated): the same is an error, not an abort.
+    let mut w = StreamWriter::new(Vec::new());
+    w.headers(XEN_MAJOR, XEN_MINOR).unwrap();
+    let got = doppel::backup::receive_opts(&w.into_inner()[..], &mut Huge, true, |_| Ok(()));
+    assert!(
+        matches!(got.error, Some(ReceiveError::Cache(_))),
+        "{:?}",
+        got.error
     );
 }

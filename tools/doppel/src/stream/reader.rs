@@ -212,9 +212,11 @@ impl<R: Read> StreamReader<R> {
     }
 
     /// Accept compressed page records (negotiated at connect; never for
-    /// captures). The XOR cache lives as long as this reader.
-    pub fn enable_xlz4(&mut self) {
-        self.xlz4 = Some(XorCache::new(self.limits.guest_pages));
+    /// captures). The XOR cache lives as long as this reader; an error if
+    /// it cannot be mapped (the reader stays as it was).
+    pub fn enable_xlz4(&mut self) -> std::io::Result<()> {
+        self.xlz4 = Some(XorCache::new(self.limits.guest_pages)?);
+        Ok(())
     }
 
     /// Header facts.

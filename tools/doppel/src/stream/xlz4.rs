@@ -17,8 +17,11 @@ use super::records::{zero_page, PageData};
 use super::writer::OutPage;
 
 /// Last version of every page sent (or received) on one connection.
+/// Anonymous memory: its pages are zero until written, so a large guest's
+/// cache costs only the pages the connection has carried, and a cache the
+/// host cannot provide is an error, not an abort.
 pub struct XorCache {
-    last: Vec<u8>,
+    last: memmap2::MmapMut,
 }
 
 impl XorCache {
@@ -27,10 +30,29 @@ impl XorCache {
         (self.last.len() / PAGE_SIZE) as u64
     }
 
-    pub fn new(guest_pages: u64) -> Self {
-        Self {
-            last: vec![0; guest_pages as usize * PAGE_SIZE],
-        }
+    /// A zeroed cache for a guest of `guest_pages` pages; an error if the
+    /// host cannot map that much memory.
+    pub fn new(guest_pages: u64) -> std::io::Result<Self> {
+        let len = usize::try_from(guest_pages)
+            .ok()
+            .and_then(|p| p.checked_mul(PAGE_SIZE))
+            .filter(|&n| n > 0)
+            .ok_or_else(|| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!("no compression cache for a guest of {guest_pages} pages"),
+                )
+            })?;
+        let last = memmap2::MmapMut::map_anon(len).map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!(
+                    "cannot map the compression cache ({guest_pages} pages, {} MiB): {e}",
+                    len >> 20
+                ),
+            )
+        })?;
+        Ok(Self { last })
     }
 
     fn page(&mut self, pfn: u64) -> Option<&mut [u8]> {
