@@ -102,6 +102,19 @@ pub struct BitmapDest {
 /// never was, and never will be, committed to a backup.
 pub const UNPROTECTED_EPOCH: u64 = u64::MAX;
 
+/// The largest epoch `CommitEpoch` and `Activate` may name: two short of
+/// [`UNPROTECTED_EPOCH`], so that the epoch after it (where a standby
+/// activated at it goes on) is never taken for unprotected output.
+pub const MAX_EPOCH: u64 = UNPROTECTED_EPOCH - 2;
+const _: () = assert!(MAX_EPOCH + 1 < UNPROTECTED_EPOCH);
+
+fn epoch_arg(a: u64) -> Result<u64, DecodeError> {
+    if a > MAX_EPOCH {
+        return Err(DecodeError::OutOfRange("epoch"));
+    }
+    Ok(a)
+}
+
 /// Command opcodes.
 pub mod op {
     pub const LOG_DIRTY_ENABLE: u32 = 1;
@@ -133,8 +146,10 @@ pub enum Command {
     /// Resume the guest.
     Resume,
     /// The backup committed `epoch`: release its output (and earlier).
+    /// At most [`MAX_EPOCH`].
     CommitEpoch { epoch: u64 },
-    /// Failover: run from the last committed state, which is `epoch`.
+    /// Failover: run from the last committed state, which is `epoch` (at
+    /// most [`MAX_EPOCH`]).
     Activate { epoch: u64 },
     /// Write vCPU `vcpu`'s context (`hvm_hw_cpu`) into `dest`.
     ReadVcpu { vcpu: u32, dest: Span },
@@ -272,11 +287,15 @@ impl CommandEntry {
             }
             op::COMMIT_EPOCH => {
                 check_unused(a, 1, &ARGS)?;
-                Command::CommitEpoch { epoch: a[0] }
+                Command::CommitEpoch {
+                    epoch: epoch_arg(a[0])?,
+                }
             }
             op::ACTIVATE => {
                 check_unused(a, 1, &ARGS)?;
-                Command::Activate { epoch: a[0] }
+                Command::Activate {
+                    epoch: epoch_arg(a[0])?,
+                }
             }
             op::READ_VCPU => {
                 let vcpu = u32::try_from(a[0]).map_err(|_| DecodeError::OutOfRange("vcpu"))?;

@@ -32,8 +32,8 @@ fn command() -> impl Strategy<Value = Command> {
         dest.prop_map(Command::LogDirtyClean),
         Just(Command::EndEpoch),
         Just(Command::Resume),
-        any::<u64>().prop_map(|epoch| Command::CommitEpoch { epoch }),
-        any::<u64>().prop_map(|epoch| Command::Activate { epoch }),
+        (0..=MAX_EPOCH).prop_map(|epoch| Command::CommitEpoch { epoch }),
+        (0..=MAX_EPOCH).prop_map(|epoch| Command::Activate { epoch }),
         (any::<u32>(), 0u64..1 << 40, 1032u64..1 << 20).prop_map(|(vcpu, o, len)| {
             Command::ReadVcpu {
                 vcpu,
@@ -198,6 +198,23 @@ proptest! {
     fn ack_round_trip(kind in 1u32..=3, seq in any::<u32>(), epoch in any::<u64>(), err in proptest::option::of(errno())) {
         let a = Ack { kind, seq, epoch, result: err.map_or(Ok(()), Err) };
         prop_assert_eq!(a.encode().decode(), Ok(a));
+    }
+}
+
+#[test]
+fn epochs_stop_short_of_the_unprotected_tag() {
+    // Activate at u64::MAX - 1 would make the standby's next epoch
+    // UNPROTECTED_EPOCH, the tag of output nobody protects.
+    for o in [op::COMMIT_EPOCH, op::ACTIVATE] {
+        let at = |epoch| CommandEntry {
+            op: o,
+            args: [epoch, 0, 0],
+            ..Default::default()
+        };
+        for bad in [MAX_EPOCH + 1, UNPROTECTED_EPOCH] {
+            assert_eq!(at(bad).decode(), Err(DecodeError::OutOfRange("epoch")));
+        }
+        assert!(at(MAX_EPOCH).decode().is_ok());
     }
 }
 
