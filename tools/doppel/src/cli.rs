@@ -224,8 +224,10 @@ pub struct SimArgs {
     /// until their epoch is committed. Runs until killed (or --max-secs).
     #[arg(long, value_parser = ["kv"])]
     service: Option<String>,
-    /// Keys of the service (each on its own guest page).
-    #[arg(long, default_value_t = 16)]
+    /// Keys of the service (each on its own guest page; 1 to 4096, and
+    /// fewer than --guest-pages).
+    #[arg(long, default_value_t = 16, value_name = "K",
+          value_parser = clap::value_parser!(u64).range(1..=u64::from(doppel_abi::service::MAX_KEYS)))]
     keys: u64,
     /// With --service: end an epoch every this many ms (1 to 60000).
     #[arg(long, default_value_t = 50, value_name = "MS",

@@ -196,7 +196,7 @@ impl KvSim {
     /// Create the machine RAM file and publish the control area.
     pub fn create(path: &Path, spec: KvSpec) -> std::io::Result<Self> {
         let bad = |m: String| std::io::Error::other(m);
-        if spec.keys == 0 || spec.keys + 1 > spec.guest_pages || spec.keys > 4096 {
+        if spec.keys == 0 || spec.keys > 4096 || spec.keys >= spec.guest_pages {
             return Err(bad(format!(
                 "--keys {} needs 1..=4096 keys and guest pages > keys ({})",
                 spec.keys, spec.guest_pages

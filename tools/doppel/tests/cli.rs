@@ -614,5 +614,38 @@ fn sim_hv_numbers_are_bounded() {
         2,
         "0 is not in 1..=60000",
     );
+    // `keys + 1` overflowed (a panic in this debug build) before the
+    // range was checked; now the parser refuses it, and the check of keys
+    // against the guest's pages stays.
+    fails(
+        &[
+            "sim-hv",
+            "--machine-ram",
+            "m.ram",
+            "--service",
+            "kv",
+            "--keys",
+            "18446744073709551615",
+        ],
+        &d,
+        2,
+        "18446744073709551615 is not in 1..=4096",
+    );
+    fails(
+        &[
+            "sim-hv",
+            "--machine-ram",
+            "m.ram",
+            "--service",
+            "kv",
+            "--keys",
+            "64",
+            "--guest-pages",
+            "64",
+        ],
+        &d,
+        3,
+        "--keys 64 needs 1..=4096 keys and guest pages > keys (64)",
+    );
     assert!(files(&d).is_empty(), "{:?}", files(&d));
 }
