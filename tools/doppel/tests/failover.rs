@@ -425,7 +425,19 @@ fn simulated_primary_hypervisor_dies() {
 #[test]
 fn primary_tool_dies() {
     let (_p, _, fail) = fail_over("tooldies", false, |p| p.primary.kill9());
-    assert!(fail.contains("primary lost (connection closed)"), "{fail}");
+    // Noticed at once, not by the heartbeat timeout: a close, or a reset
+    // when the killed tool had acks it had not read yet (seen once under
+    // load: the socket of a process killed with unread data resets).
+    assert!(
+        [
+            "primary lost (connection closed)",
+            "primary lost (connection failed: ",
+            "primary lost (acknowledging failed: ",
+        ]
+        .iter()
+        .any(|r| fail.contains(r)),
+        "{fail}"
+    );
 }
 
 #[test]
