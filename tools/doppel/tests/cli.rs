@@ -571,81 +571,39 @@ fn file_backup_logs_progress_without_verbose() {
 
 #[test]
 fn sim_hv_numbers_are_bounded() {
-    // Before: a 2^64-page guest panicked, and more dirty pages than the
-    // guest has made the simulator search for distinct pages forever.
+    // Before: a 2^64-page guest panicked, more dirty pages than the guest
+    // has made the simulator search for distinct pages forever, and
+    // `keys + 1` overflowed (a panic in this debug build) before the keys
+    // were checked; the parser now refuses them, and the check of keys
+    // against the guest's pages stays (exit 3).
     let d = scratch("simhv");
-    fails(
-        &[
-            "sim-hv",
-            "--machine-ram",
-            "m.ram",
-            "--guest-pages",
-            "18446744073709551615",
-        ],
-        &d,
-        2,
-        "is not in 1..=1048576",
-    );
-    fails(
-        &[
-            "sim-hv",
-            "--machine-ram",
-            "m.ram",
-            "--guest-pages",
-            "16",
-            "--dirty",
-            "17",
-        ],
-        &d,
-        2,
-        "--dirty 17 is more than the guest's 16 pages",
-    );
-    fails(
-        &[
-            "sim-hv",
-            "--machine-ram",
-            "m.ram",
-            "--service",
-            "kv",
-            "--epoch-ms",
-            "0",
-        ],
-        &d,
-        2,
-        "0 is not in 1..=60000",
-    );
-    // `keys + 1` overflowed (a panic in this debug build) before the
-    // range was checked; now the parser refuses it, and the check of keys
-    // against the guest's pages stays.
-    fails(
-        &[
-            "sim-hv",
-            "--machine-ram",
-            "m.ram",
-            "--service",
-            "kv",
-            "--keys",
-            "18446744073709551615",
-        ],
-        &d,
-        2,
-        "18446744073709551615 is not in 1..=4096",
-    );
-    fails(
-        &[
-            "sim-hv",
-            "--machine-ram",
-            "m.ram",
-            "--service",
-            "kv",
-            "--keys",
-            "64",
-            "--guest-pages",
-            "64",
-        ],
-        &d,
-        3,
-        "--keys 64 needs 1..=4096 keys and guest pages > keys (64)",
-    );
+    let max = "18446744073709551615";
+    for (args, code, msg) in [
+        (&["--guest-pages", max][..], 2, "is not in 1..=1048576"),
+        (
+            &["--guest-pages", "16", "--dirty", "17"],
+            2,
+            "--dirty 17 is more than the guest's 16 pages",
+        ),
+        (
+            &["--service", "kv", "--epoch-ms", "0"],
+            2,
+            "0 is not in 1..=60000",
+        ),
+        (
+            &["--service", "kv", "--keys", max],
+            2,
+            "18446744073709551615 is not in 1..=4096",
+        ),
+        (
+            &["--service", "kv", "--keys", "64", "--guest-pages", "64"],
+            3,
+            "--keys 64 needs 1..=4096 keys and guest pages > keys (64)",
+        ),
+    ] {
+        let mut all = vec!["sim-hv", "--machine-ram", "m.ram"];
+        all.extend_from_slice(args);
+        fails(&all, &d, code, msg);
+    }
     assert!(files(&d).is_empty(), "{:?}", files(&d));
 }

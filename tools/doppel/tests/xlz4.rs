@@ -251,30 +251,42 @@ fn flip_chained(eps: &[EpochData], data: usize, off: usize, x: u8) -> Vec<EpochD
     out
 }
 
+/// A stream of headers, a hello asking for `requested`, and END, received
+/// by a backup offering `offer`: what it got and its answers to hellos
+/// (requested, accepted).
+fn hello_only(
+    requested: u64,
+    sink: &mut impl doppel::backup::EpochSink,
+    offer: u64,
+) -> (doppel::backup::Received, Vec<(u64, u64)>) {
+    use doppel::backup::{receive_negotiated, Event};
+    let mut w = StreamWriter::new(Vec::new());
+    w.headers(XEN_MAJOR, XEN_MINOR).unwrap();
+    w.hello(requested).unwrap();
+    w.static_data_end().unwrap();
+    w.end().unwrap();
+    let mut answers = Vec::new();
+    let got = receive_negotiated(&w.into_inner()[..], sink, offer, |ev| {
+        if let Event::Hello {
+            requested,
+            accepted,
+        } = ev
+        {
+            answers.push((requested, accepted));
+        }
+        Ok(())
+    });
+    (got, answers)
+}
+
 #[test]
 fn hello_is_only_the_first_record_and_features_only_the_first_answer() {
     use doppel::ack::{AckReader, AckWriter, BackMsg};
-    use doppel::backup::{receive_negotiated, Event};
+    use doppel::backup::receive_negotiated;
     use doppel::stream::format::feature;
     // A hello first: answered with the request masked by the offer.
     for (offer, want) in [(feature::KNOWN, feature::XLZ4), (0, 0)] {
-        let mut w = StreamWriter::new(Vec::new());
-        w.headers(XEN_MAJOR, XEN_MINOR).unwrap();
-        w.hello(feature::XLZ4 | 0x80).unwrap();
-        w.static_data_end().unwrap();
-        w.end().unwrap();
-        let mut rep = Replica::in_memory(4);
-        let mut answers = Vec::new();
-        let got = receive_negotiated(&w.into_inner()[..], &mut rep, offer, |ev| {
-            if let Event::Hello {
-                requested,
-                accepted,
-            } = ev
-            {
-                answers.push((requested, accepted));
-            }
-            Ok(())
-        });
+        let (got, answers) = hello_only(feature::XLZ4 | 0x80, &mut Replica::in_memory(4), offer);
         assert!(got.error.is_none(), "{:?}", got.error);
         assert_eq!(answers, vec![(feature::XLZ4 | 0x80, want)]);
         assert_eq!(got.features, want);
@@ -332,7 +344,7 @@ fn a_cache_the_host_cannot_map_is_an_error() {
 
 #[test]
 fn a_backup_without_memory_for_the_cache_declines_compression() {
-    use doppel::backup::{receive_negotiated, EpochSink, Event};
+    use doppel::backup::EpochSink;
     use doppel::replica::{ReplicaError, StagedEpoch};
     use doppel::stream::format::feature;
     use doppel::stream::PAGE_SIZE;
@@ -346,22 +358,7 @@ fn a_backup_without_memory_for_the_cache_declines_compression() {
             unreachable!("the stream has no epoch")
         }
     }
-    let mut w = StreamWriter::new(Vec::new());
-    w.headers(XEN_MAJOR, XEN_MINOR).unwrap();
-    w.hello(feature::XLZ4).unwrap();
-    w.static_data_end().unwrap();
-    w.end().unwrap();
-    let mut answers = Vec::new();
-    let got = receive_negotiated(&w.into_inner()[..], &mut Huge, feature::KNOWN, |ev| {
-        if let Event::Hello {
-            requested,
-            accepted,
-        } = ev
-        {
-            answers.push((requested, accepted));
-        }
-        Ok(())
-    });
+    let (got, answers) = hello_only(feature::XLZ4, &mut Huge, feature::KNOWN);
     assert!(got.error.is_none(), "{:?}", got.error);
     assert!(got.ended);
     assert_eq!(answers, vec![(feature::XLZ4, 0)]);
