@@ -24,6 +24,11 @@ pub const TRUTH_MAX_PFNS: u64 = TRUTH_PAGES * PAGE_SIZE * 8;
 /// and records it, so stack writes are always in the truth.
 pub const STACK_GPA: u64 = 0x10000;
 pub const STACK_PAGES: u64 = 2;
+
+/// Seed of the self-test's write patterns (`doppel_core::workload`): the
+/// hypervisor hands it to the test guest, and `cargo xtask selftest`
+/// recomputes from it which pages each epoch writes.
+pub const SELFTEST_SEED: u64 = 0x5eed_d0bb_e100;
 /// Where the guest image is linked and loaded.
 pub const IMAGE_GPA: u64 = 0x10_0000;
 /// The image must end below this address.

@@ -85,7 +85,7 @@ extern "C" fn kmain(magic: u32, info_addr: usize) -> ! {
                 mem_bytes: u64::from(config.guest_mem_mib) << 20,
                 epochs: config.epochs,
                 patterns: (1 << doppel_abi::guest::PatternId::ALL.len()) - 1,
-                seed: 0x5eed_d0bb_e100,
+                seed: doppel_abi::guest::SELFTEST_SEED,
                 broken: config.broken,
                 pause_cycles: true,
                 // A service checkpoints on the epoch timer unless a

@@ -67,6 +67,9 @@ pub struct Summary {
 #[derive(Clone, Debug, Default)]
 pub struct Report {
     pub lines: Vec<String>,
+    /// Every `guest: workload region N pages` the guest printed (once per
+    /// boot of the test guest).
+    pub work_pages: Vec<u64>,
     pub epochs: Vec<Epoch>,
     pub summary: Option<Summary>,
     /// Lines starting `logdirty:` that are neither an epoch nor a summary.
@@ -87,6 +90,13 @@ impl Report {
     pub fn parse(output: &str) -> Self {
         let mut r = Report::default();
         for line in output.lines().map(str::trim) {
+            if let Some(rest) = line.split("guest: workload region ").nth(1) {
+                match rest.strip_suffix(" pages").map(str::parse) {
+                    Some(Ok(n)) => r.work_pages.push(n),
+                    _ => r.malformed.push(line.to_string()),
+                }
+                continue;
+            }
             let Some(body) = line.strip_prefix("logdirty: ") else {
                 continue;
             };
@@ -154,6 +164,55 @@ impl Report {
         for e in &self.epochs {
             if e.backend != backend || e.missing != 0 || e.extra != 0 || e.fail_mark {
                 bail!("epoch failed: {e:?}");
+            }
+        }
+        self.check_workload()
+    }
+
+    /// Each epoch's truth is the pages its pattern writes (recomputed here
+    /// from the seed, the pattern and the epoch's place in it) plus the
+    /// guest's bookkeeping pages (stack, page tables, 1 to all truth
+    /// pages). Without this, a guest whose workload wrote nothing would
+    /// pass: its bookkeeping pages alone are tracked exactly.
+    fn check_workload(&self) -> Result<()> {
+        use doppel_abi::guest::{PatternId, PAGE_TABLES_PAGES, STACK_PAGES, TRUTH_PAGES};
+        let Some(&n) = self.work_pages.first() else {
+            bail!("no `guest: workload region N pages` line");
+        };
+        if n == 0 || self.work_pages.iter().any(|&w| w != n) {
+            bail!("workload regions {:?} pages", self.work_pages);
+        }
+        let mut nth: BTreeMap<(&str, &str), u64> = BTreeMap::new();
+        for e in &self.epochs {
+            let k = nth.entry((&e.mode, &e.pattern)).or_default();
+            let local = *k;
+            *k += 1;
+            let Some(p) = PatternId::ALL.into_iter().find(|p| p.name() == e.pattern) else {
+                bail!("unknown pattern in {e:?}");
+            };
+            let mut pages = std::collections::BTreeSet::new();
+            doppel_core::workload::for_each_write(
+                p,
+                doppel_abi::guest::SELFTEST_SEED,
+                local,
+                n,
+                &mut |w| {
+                    pages.insert(w.page);
+                },
+            );
+            let w = pages.len() as u64;
+            let fixed = STACK_PAGES + PAGE_TABLES_PAGES;
+            let (lo, hi) = (w + fixed + 1, w + fixed + TRUTH_PAGES);
+            if !(lo..=hi).contains(&e.truth) {
+                bail!(
+                    "mode={} pattern={} epoch={}: truth={} pages, but that epoch of the pattern \
+                     writes {w} distinct pages ({lo}..={hi} with the guest's own): the workload \
+                     did not run as planned",
+                    e.mode,
+                    e.pattern,
+                    e.epoch,
+                    e.truth
+                );
             }
         }
         Ok(())
@@ -290,7 +349,7 @@ mod tests {
 
     const GOOD: &str = "\
 doppel-hv: guest: workload region 15360 pages
-logdirty: backend=vmx mode=wp pattern=seq epoch=0 dirty=10 truth=10 missing=0 extra=0 exits=10 pause_cycles=5
+logdirty: backend=vmx mode=wp pattern=seq epoch=0 dirty=1033 truth=1033 missing=0 extra=0 exits=1033 pause_cycles=5
 logdirty: backend=vmx mode=pml pattern=seq epoch=0 dirty=1033 truth=1033 missing=0 extra=0 exits=2 drains=1
 logdirty: backend=vmx result=pass epochs=2 failed=0
 ";
@@ -310,18 +369,42 @@ logdirty: backend=vmx result=pass epochs=2 failed=0
         assert_eq!(
             r.per_pattern(),
             vec![
-                ("wp".into(), "seq".into(), 1, 10, 10),
+                ("wp".into(), "seq".into(), 1, 1033, 1033),
                 ("pml".into(), "seq".into(), 1, 1033, 2)
             ]
         );
     }
 
     #[test]
+    fn a_workload_that_did_not_run_fails() {
+        // Only the guest's own 9 pages written and tracked exactly: every
+        // epoch line is clean, but seq's epoch 0 writes 1024 pages.
+        let idle = GOOD.replace(
+            "dirty=1033 truth=1033 missing=0 extra=0 exits=1033",
+            "dirty=9 truth=9 missing=0 extra=0 exits=9",
+        );
+        let e = Report::parse(&idle).check_pass("vmx", 2).unwrap_err();
+        assert!(e.to_string().contains("writes 1024 distinct pages"), "{e}");
+        // Half the pattern.
+        let half = GOOD.replace(
+            "truth=1033 missing=0 extra=0 exits=2",
+            "truth=521 missing=0 extra=0 exits=2",
+        );
+        assert!(Report::parse(&half).check_pass("vmx", 2).is_err());
+        // No region line, or a region of another size (epoch 0 of seq
+        // writes min(1024, region) pages).
+        let none: String = GOOD.lines().skip(1).map(|l| format!("{l}\n")).collect();
+        assert!(Report::parse(&none).check_pass("vmx", 2).is_err());
+        let small = GOOD.replace("region 15360 pages", "region 512 pages");
+        assert!(Report::parse(&small).check_pass("vmx", 2).is_err());
+    }
+
+    #[test]
     fn a_missing_page_fails_and_counts_as_caught() {
         let bad = GOOD
             .replace(
-                "dirty=10 truth=10 missing=0 extra=0 exits=10 pause_cycles=5",
-                "dirty=9 truth=10 missing=1 extra=0 exits=10 pause_cycles=5 FAIL",
+                "dirty=1033 truth=1033 missing=0 extra=0 exits=1033 pause_cycles=5",
+                "dirty=1032 truth=1033 missing=1 extra=0 exits=1033 pause_cycles=5 FAIL",
             )
             .replace(
                 "result=pass epochs=2 failed=0",
