@@ -610,6 +610,17 @@ pub fn run(ctx: &mut Ctx, sc: &Scenario, progress: &mut Progress) -> Result<Outc
     thread::sleep(Duration::from_millis(sc.delay_ms));
     let at = committed_epochs(&backup).last().map_or(0, |e| e.0);
     out.client_answered_before = client_answered(&client);
+    // A client that is done already would pass without ever talking to
+    // the activated standby: the run would prove nothing about failover.
+    if !client.alive() || out.client_answered_before >= sc.ops {
+        bail!(
+            "the client finished before the fault at epoch {at} (answered {} of {}; \
+             make --ops larger):\n{}",
+            out.client_answered_before,
+            sc.ops,
+            tail(&client.out(), 5)
+        );
+    }
     let t_fault = Instant::now();
     if echo {
         println!("demo: *** killing {} at epoch {at} ***", sc.fault.name());
@@ -655,11 +666,22 @@ pub fn run(ctx: &mut Ctx, sc: &Scenario, progress: &mut Progress) -> Result<Outc
     let lost = num(&verdict, "lost_acked");
     let divergent = num(&verdict, "divergent");
     let ops = num(&verdict, "ops").unwrap_or(0);
+    // Every request answered, and by the standby for some of them: the
+    // client failed over exactly once (`ops` only echoes the workload).
+    let answered = num(&verdict, "answered");
+    let failovers = num(&verdict, "failovers");
     let mut pass = verdict.contains("result=pass")
         && lost == Some(0)
         && divergent == Some(0)
         && ops == sc.ops
+        && answered == Some(sc.ops)
+        && failovers == Some(1)
         && resumed.is_some();
+    if failovers != Some(1) {
+        out.notes.push(format!(
+            "the client failed over {failovers:?} times, not once: `{verdict}`"
+        ));
+    }
     // The activated standby never checkpoints, so it runs its guest
     // without write-protecting it.
     let sb = stby
