@@ -2,7 +2,11 @@
 
 use doppel_abi::errno::Errno;
 use doppel_abi::msg::*;
+use doppel_abi::splitmix::SplitMix64;
 use proptest::prelude::*;
+use proptest::sample::Index;
+use proptest::strategy::ValueTree;
+use proptest::test_runner::TestRunner;
 use zerocopy::{FromBytes, IntoBytes};
 
 fn span() -> impl Strategy<Value = Span> {
@@ -118,6 +122,90 @@ fn event() -> impl Strategy<Value = Event> {
     ]
 }
 
+fn ack() -> impl Strategy<Value = Ack> {
+    (
+        1u32..=3,
+        any::<u32>(),
+        any::<u64>(),
+        proptest::option::of(errno()),
+    )
+        .prop_map(|(kind, seq, epoch, err)| Ack {
+            kind,
+            seq,
+            epoch,
+            result: err.map_or(Ok(()), Err),
+        })
+}
+
+/// The four entry types on the rings (in [`KINDS`] order).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Command,
+    Response,
+    Event,
+    Ack,
+}
+
+const KINDS: [Kind; 4] = [Kind::Command, Kind::Response, Kind::Event, Kind::Ack];
+
+/// A valid message of some type, encoded: the bytes as they sit in the ring.
+fn valid_entry() -> impl Strategy<Value = (Kind, Vec<u8>)> {
+    prop_oneof![
+        (command(), any::<u32>())
+            .prop_map(|(c, id)| (Kind::Command, c.encode(id).as_bytes().to_vec())),
+        response().prop_map(|r| (Kind::Response, r.encode().as_bytes().to_vec())),
+        (event(), any::<u32>())
+            .prop_map(|(ev, seq)| (Kind::Event, ev.encode(seq).as_bytes().to_vec())),
+        ack().prop_map(|a| (Kind::Ack, a.encode().as_bytes().to_vec())),
+    ]
+}
+
+/// Decodes `bytes` as a `kind` entry. One that decodes must encode back to
+/// exactly these bytes (decode neither loses nor invents anything); `Ok`
+/// says whether it decoded.
+fn decode_reencodes(kind: Kind, bytes: &[u8]) -> Result<bool, String> {
+    fn same(decoded: impl core::fmt::Debug, back: &[u8], bytes: &[u8]) -> Result<bool, String> {
+        if back == bytes {
+            Ok(true)
+        } else {
+            Err(format!(
+                "{decoded:?} decoded from {bytes:02x?} encodes to {back:02x?}"
+            ))
+        }
+    }
+    match kind {
+        Kind::Command => {
+            let e = CommandEntry::read_from_bytes(bytes).unwrap();
+            e.decode()
+                .map_or(Ok(false), |c| same(c, c.encode(e.id).as_bytes(), bytes))
+        }
+        Kind::Response => {
+            let e = ResponseEntry::read_from_bytes(bytes).unwrap();
+            e.decode()
+                .map_or(Ok(false), |r| same(r, r.encode().as_bytes(), bytes))
+        }
+        Kind::Event => {
+            let e = EventEntry::read_from_bytes(bytes).unwrap();
+            e.decode()
+                .map_or(Ok(false), |ev| same(ev, ev.encode(e.seq).as_bytes(), bytes))
+        }
+        Kind::Ack => {
+            let e = EventAck::read_from_bytes(bytes).unwrap();
+            e.decode()
+                .map_or(Ok(false), |a| same(a, a.encode().as_bytes(), bytes))
+        }
+    }
+}
+
+/// XORs each `(offset, value)` into `bytes` (offsets wrap; values are
+/// non-zero, so each one changes a byte unless two hit the same one).
+fn mutate(bytes: &mut [u8], flips: &[(usize, u8)]) {
+    let n = bytes.len();
+    for &(at, x) in flips {
+        bytes[at % n] ^= x;
+    }
+}
+
 proptest! {
     #[test]
     fn command_round_trip(c in command(), id in any::<u32>()) {
@@ -156,6 +244,9 @@ proptest! {
         prop_assert_eq!(DecodeError::UnknownOpcode(op).errno().to_wire(), -38);
     }
 
+    /// Uniformly random bytes practically never get past the reserved-word
+    /// checks, so this is mostly a no-panic test; the re-encode check is
+    /// exercised by `mutated_entries_decode_only_to_what_reencodes_exactly`.
     #[test]
     fn any_bytes_decode_without_panic_and_reencode_exactly(bytes in proptest::collection::vec(any::<u8>(), 128)) {
         let c = CommandEntry::read_from_bytes(&bytes[..64]).unwrap();
@@ -173,6 +264,21 @@ proptest! {
         let a = EventAck::read_from_bytes(&bytes[..64]).unwrap();
         if let Ok(ack) = a.decode() {
             prop_assert_eq!(ack.encode(), a);
+        }
+    }
+
+    /// A valid entry with up to two bytes changed: whatever still decodes
+    /// must encode back to exactly the changed bytes (so a decoder that
+    /// ignores or normalises a bit fails here), and nothing panics.
+    #[test]
+    fn mutated_entries_decode_only_to_what_reencodes_exactly(
+        (kind, mut bytes) in valid_entry(),
+        flips in proptest::collection::vec((any::<Index>(), 1u8..=255), 0..=2),
+    ) {
+        let flips: Vec<(usize, u8)> = flips.iter().map(|(i, x)| (i.index(bytes.len()), *x)).collect();
+        mutate(&mut bytes, &flips);
+        if let Err(e) = decode_reencodes(kind, &bytes) {
+            return Err(TestCaseError::fail(e));
         }
     }
 
@@ -195,9 +301,55 @@ proptest! {
     }
 
     #[test]
-    fn ack_round_trip(kind in 1u32..=3, seq in any::<u32>(), epoch in any::<u64>(), err in proptest::option::of(errno())) {
-        let a = Ack { kind, seq, epoch, result: err.map_or(Ok(()), Err) };
+    fn ack_round_trip(a in ack()) {
         prop_assert_eq!(a.encode().decode(), Ok(a));
+    }
+}
+
+/// The mutation test above only means something if both of its outcomes
+/// happen: the same generation, seeded, over 2000 cases, must both decode
+/// changed entries (and re-encode them exactly) and refuse others, for
+/// every entry type.
+#[test]
+fn mutated_entries_are_both_accepted_and_refused() {
+    const CASES: usize = 2000;
+    let mut runner = TestRunner::deterministic();
+    let entries = valid_entry();
+    let mut rng = SplitMix64::new(0xd0_99e1);
+    // Per kind: [unchanged and decoded, changed and decoded, refused].
+    let mut seen = [[0usize; 3]; 4];
+    for _ in 0..CASES {
+        let (kind, mut bytes) = entries.new_tree(&mut runner).unwrap().current();
+        let flips: Vec<(usize, u8)> = (0..rng.below(3))
+            .map(|_| {
+                (
+                    rng.below(bytes.len() as u64) as usize,
+                    1 + rng.below(255) as u8,
+                )
+            })
+            .collect();
+        let original = bytes.clone();
+        mutate(&mut bytes, &flips);
+        let decoded = decode_reencodes(kind, &bytes).unwrap();
+        seen[kind as usize][match (decoded, bytes == original) {
+            (true, true) => 0,
+            (true, false) => 1,
+            (false, _) => 2,
+        }] += 1;
+    }
+    eprintln!("per kind [unchanged ok, changed ok, refused]: {seen:?}");
+    let total = |i: usize| seen.iter().map(|s| s[i]).sum::<usize>();
+    assert!(
+        total(0) + total(1) >= CASES / 10,
+        "decoded: {}",
+        total(0) + total(1)
+    );
+    // A random offset lands in a reserved word about half the time, so
+    // changed entries that still decode are the rarer outcome (7% here).
+    assert!(total(1) >= CASES / 20, "changed and decoded: {}", total(1));
+    assert!(total(2) >= CASES / 10, "refused: {}", total(2));
+    for (kind, s) in KINDS.iter().zip(seen) {
+        assert!(s[1] >= 10 && s[2] >= 10, "{kind:?}: {s:?}");
     }
 }
 
