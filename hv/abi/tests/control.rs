@@ -3,6 +3,7 @@
 
 use doppel_abi::control::*;
 use doppel_abi::msg::{CheckpointReady, Span};
+use doppel_abi::splitmix::SplitMix64;
 use proptest::prelude::*;
 use zerocopy::IntoBytes;
 
@@ -248,6 +249,141 @@ fn checkpoint_spans_must_lie_in_their_regions() {
     );
 }
 
+/// Offset alignment, smallest size and size step `validate` asks of each
+/// region, in [`REGIONS`] order (rings: header plus one slot; channels:
+/// header plus the smallest data area; the vCPU area holds an
+/// `hvm_hw_cpu`).
+const RULES: [(u64, u64, u64); 7] = [
+    (64, 64 + 64, 64),
+    (64, 64 + 128, 64),
+    (64, 64 + 64, 64),
+    (64, 64 + 64, 64),
+    (4096, 4096, 4096),
+    (64, 1032, 8),
+    (8, 8, 8),
+];
+
+/// A layout `validate` must accept: `packed()` with its regions laid out
+/// again in a random order, each of a small random size with a small
+/// random gap before it, aligned as required, and some slack at the end.
+/// Returns it with the number of bytes mapped.
+fn shuffled_layout(rng: &mut SplitMix64) -> (ControlHeader, usize) {
+    let mut h = packed();
+    let mut order: [usize; 7] = core::array::from_fn(|i| i);
+    for i in (1..order.len()).rev() {
+        order.swap(i, rng.below(i as u64 + 1) as usize);
+    }
+    let mut at = HEADER_SIZE as u64;
+    for i in order {
+        let (align, min, step) = RULES[i];
+        let offset = at.next_multiple_of(align) + rng.below(3) * align;
+        let size = min + rng.below(4) * step;
+        h = with_region(&h, REGIONS[i], Region { offset, size });
+        at = offset + size;
+    }
+    h.total_size = at + rng.below(3) * 64;
+    let mapped = h.total_size + rng.below(2) * 4096;
+    (h, mapped as usize)
+}
+
+/// Sets one field of `h` to a random small value, usually out of range
+/// (a region moved onto another, onto the header or out of alignment, a
+/// region resized, a total short of the regions or beyond the mapping,
+/// unknown features, reserved bits, unaligned guest RAM, an unknown
+/// version) but not always.
+fn break_one_field(h: &mut ControlHeader, mapped: usize, rng: &mut SplitMix64) {
+    let i = rng.below(7) as usize;
+    let (f, (align, _, _)) = (REGIONS[i], RULES[i]);
+    let r = h.region(f);
+    match rng.below(8) {
+        0 => {
+            let offset = rng.below(h.total_size / 64) * 64;
+            *h = with_region(h, f, Region { offset, ..r });
+        }
+        1 => {
+            // Aligned, so only the header check refuses it.
+            let offset = (HEADER_SIZE as u64).saturating_sub((1 + rng.below(4)) * align);
+            *h = with_region(h, f, Region { offset, ..r });
+        }
+        2 => {
+            let size = rng.below(r.size / 4 + 2) * 8;
+            *h = with_region(h, f, Region { size, ..r });
+        }
+        3 => h.total_size = rng.below(2 * mapped as u64),
+        4 => h.features = 1 << rng.below(64),
+        5 => h.reserved[rng.below(12) as usize] = 1 << rng.below(64),
+        6 => {
+            h.guest_ram = Region {
+                offset: rng.below(8) * 2048,
+                size: rng.below(8) * 2048,
+            }
+        }
+        _ => h.version = rng.below(3) as u32,
+    }
+}
+
+/// What an accepted header must mean: every region after the header,
+/// none overlapping another, all inside `total_size`, which is mapped.
+fn consistent(v: &ControlView, mapped: usize) -> Result<(), TestCaseError> {
+    let mut ends: Vec<(usize, usize)> = REGIONS.iter().map(|f| v.region(*f)).collect();
+    ends.sort();
+    prop_assert!(ends[0].0 >= HEADER_SIZE);
+    for w in ends.windows(2) {
+        prop_assert!(w[0].0 + w[0].1 <= w[1].0);
+    }
+    prop_assert!(ends[6].0 + ends[6].1 <= v.total_size() as usize);
+    prop_assert!(v.total_size() as usize <= mapped);
+    Ok(())
+}
+
+/// One shuffled layout from `seed`, in half the cases with one field
+/// broken: a valid layout must validate, and whatever validates must be
+/// consistent and report the header as given. `Ok((broken, accepted))`.
+fn shuffled_case(seed: u64) -> Result<(bool, bool), TestCaseError> {
+    let mut rng = SplitMix64::new(seed);
+    let (mut h, mapped) = shuffled_layout(&mut rng);
+    let broken = rng.below(2) == 1;
+    if broken {
+        break_one_field(&mut h, mapped, &mut rng);
+    }
+    match validate_header(h.as_bytes(), mapped) {
+        Ok(v) => {
+            prop_assert_eq!(v.header(), &h);
+            consistent(&v, mapped)?;
+            Ok((broken, true))
+        }
+        Err(e) => {
+            prop_assert!(broken, "valid layout {:?} refused: {:?}", h, e);
+            Ok((broken, false))
+        }
+    }
+}
+
+/// `shuffled_headers_validate_only_when_consistent` only means something
+/// if its cases both pass and fail validation: over 2000 seeds, both
+/// outcomes must be common, and broken headers must sometimes still be
+/// valid (a moved region landing in a gap, slack in the total).
+#[test]
+fn shuffled_headers_are_both_accepted_and_refused() {
+    const CASES: u64 = 2000;
+    let mut seeds = SplitMix64::new(0xc0_47_01);
+    // [intact and accepted, broken and accepted, broken and refused]
+    let mut seen = [0u64; 3];
+    for _ in 0..CASES {
+        let seed = seeds.next_u64();
+        let (broken, accepted) = shuffled_case(seed).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+        seen[match (broken, accepted) {
+            (false, _) => 0,
+            (true, true) => 1,
+            (true, false) => 2,
+        }] += 1;
+    }
+    eprintln!("[intact ok, broken ok, broken refused]: {seen:?}");
+    assert!(seen[0] + seen[1] >= CASES / 10, "accepted: {seen:?}");
+    assert!(seen[2] >= CASES / 10, "refused: {seen:?}");
+    assert!(seen[1] >= CASES / 20, "broken but accepted: {seen:?}");
+}
+
 proptest! {
     #[test]
     fn any_packable_layout_validates(
@@ -272,13 +408,17 @@ proptest! {
         b[12..16].copy_from_slice(&256u32.to_le_bytes());
         for bytes in [bytes, b] {
             if let Ok(v) = doppel_abi::control::validate_header(&bytes, 1 << 40) {
-                let mut ends: Vec<(usize, usize)> = REGIONS.iter().map(|f| v.region(*f)).collect();
-                ends.sort();
-                prop_assert!(ends[0].0 >= HEADER_SIZE);
-                for w in ends.windows(2) {
-                    prop_assert!(w[0].0 + w[0].1 <= w[1].0);
-                }
+                consistent(&v, 1 << 40)?;
             }
         }
+    }
+
+    /// Random bytes almost never make a valid header (reserved words,
+    /// total size, feature bits), so the consistency check above rarely
+    /// runs; these headers are valid layouts in random order, half of
+    /// them with one field broken.
+    #[test]
+    fn shuffled_headers_validate_only_when_consistent(seed in any::<u64>()) {
+        shuffled_case(seed)?;
     }
 }
