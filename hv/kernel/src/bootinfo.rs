@@ -332,6 +332,7 @@ fn c_str(b: &[u8]) -> Option<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use doppel_abi::splitmix::SplitMix64;
 
     /// Builds a boot information block the way the specification lays it
     /// out, independent of the parser.
@@ -360,14 +361,21 @@ mod tests {
     }
 
     fn mmap_body(entries: &[(u64, u64, u32)]) -> Vec<u8> {
+        mmap_body_sized(24, entries)
+    }
+
+    /// A memory map body with `entry_size`-byte entries (`>= 24`; the
+    /// bytes past the 24 the parser reads are 0xAA).
+    fn mmap_body_sized(entry_size: u32, entries: &[(u64, u64, u32)]) -> Vec<u8> {
         let mut v = Vec::new();
-        v.extend_from_slice(&24u32.to_le_bytes());
+        v.extend_from_slice(&entry_size.to_le_bytes());
         v.extend_from_slice(&0u32.to_le_bytes());
         for (b, l, t) in entries {
             v.extend_from_slice(&b.to_le_bytes());
             v.extend_from_slice(&l.to_le_bytes());
             v.extend_from_slice(&t.to_le_bytes());
             v.extend_from_slice(&0u32.to_le_bytes());
+            v.resize(v.len() + entry_size as usize - 24, 0xAA);
         }
         v
     }
@@ -529,6 +537,256 @@ mod tests {
                 proptest::prop_assert!(info.memory_map().count() <= bytes.len() / 24);
                 let _ = info.modules().count();
             }
+        }
+    }
+
+    /// A tag of a generated block, holding what the accessors must read
+    /// back from it.
+    #[derive(Clone, Debug)]
+    enum GenTag {
+        Cmdline(String),
+        Mmap {
+            entry_size: u32,
+            entries: Vec<(u64, u64, u32)>,
+        },
+        Module {
+            start: u32,
+            end: u32,
+            cmdline: String,
+        },
+        /// A type the parser does not interpret.
+        Other {
+            typ: u32,
+            body: Vec<u8>,
+        },
+    }
+
+    /// Short text, sometimes with a two-byte UTF-8 character a byte flip
+    /// can break.
+    fn random_text(rng: &mut SplitMix64) -> String {
+        const CHARS: [char; 8] = ['a', 'z', '0', '=', ' ', '/', '.', 'é'];
+        (0..rng.below(12))
+            .map(|_| CHARS[rng.below(8) as usize])
+            .collect()
+    }
+
+    fn random_tags(rng: &mut SplitMix64) -> Vec<GenTag> {
+        (0..rng.below(6))
+            .map(|_| match rng.below(4) {
+                0 => GenTag::Cmdline(random_text(rng)),
+                1 => GenTag::Mmap {
+                    entry_size: 24 + 8 * rng.below(2) as u32,
+                    entries: (0..rng.below(4))
+                        .map(|_| {
+                            let base = rng.next_u64() >> rng.below(64);
+                            (base, rng.next_u64() >> rng.below(64), rng.below(7) as u32)
+                        })
+                        .collect(),
+                },
+                2 => GenTag::Module {
+                    start: rng.next_u64() as u32,
+                    end: rng.next_u64() as u32,
+                    cmdline: random_text(rng),
+                },
+                _ => GenTag::Other {
+                    typ: [2, 4, 5, 8, 21, 99][rng.below(6) as usize],
+                    body: (0..rng.below(16)).map(|_| rng.next_u64() as u8).collect(),
+                },
+            })
+            .collect()
+    }
+
+    fn build(tags: &[GenTag]) -> Vec<u8> {
+        let mut b = Builder::new();
+        for t in tags {
+            b = match t {
+                GenTag::Cmdline(s) => b.tag(TAG_CMDLINE, &[s.as_bytes(), b"\0"].concat()),
+                GenTag::Mmap {
+                    entry_size,
+                    entries,
+                } => b.tag(TAG_MMAP, &mmap_body_sized(*entry_size, entries)),
+                GenTag::Module {
+                    start,
+                    end,
+                    cmdline,
+                } => {
+                    let mut body = Vec::new();
+                    body.extend_from_slice(&start.to_le_bytes());
+                    body.extend_from_slice(&end.to_le_bytes());
+                    body.extend_from_slice(cmdline.as_bytes());
+                    body.push(0);
+                    b.tag(TAG_MODULE, &body)
+                }
+                GenTag::Other { typ, body } => b.tag(*typ, body),
+            };
+        }
+        b.finish()
+    }
+
+    /// Whether `part` lies inside `whole`.
+    fn within(whole: &[u8], part: &[u8]) -> bool {
+        let (w, p) = (whole.as_ptr_range(), part.as_ptr_range());
+        w.start <= p.start && p.end <= w.end
+    }
+
+    /// What one generated case did.
+    #[derive(Clone, Copy, Debug, Default)]
+    struct Outcome {
+        changed: bool,
+        parsed: bool,
+        /// Of a parsed block: a command line, a non-empty memory map, a
+        /// module were read.
+        cmdline: bool,
+        mmap: bool,
+        module: bool,
+    }
+
+    /// A block built from random tags, then in three cases of four with
+    /// one to three bytes XORed and in one of four followed by stray
+    /// bytes. An unchanged block must parse and read back exactly what
+    /// its tags hold; any block that parses must have accessors that
+    /// agree with its tags (`parse` promises they never fail on
+    /// structure) and stay inside it.
+    fn generated_case(seed: u64) -> Result<Outcome, proptest::test_runner::TestCaseError> {
+        use proptest::{prop_assert, prop_assert_eq};
+        let mut rng = SplitMix64::new(seed);
+        let tags = random_tags(&mut rng);
+        let mut bytes = build(&tags);
+        let intact = bytes.clone();
+        for _ in 0..rng.below(4) {
+            let at = rng.below(bytes.len() as u64) as usize;
+            bytes[at] ^= 1 + rng.below(255) as u8;
+        }
+        if rng.below(4) == 0 {
+            bytes.extend((0..1 + rng.below(16)).map(|_| rng.next_u64() as u8));
+        }
+        let changed = bytes[..intact.len()] != intact[..];
+        let info = match BootInfo::parse(&bytes) {
+            Ok(info) => info,
+            Err(e) => {
+                prop_assert!(changed, "{:?} refused: {:?}", tags, e);
+                return Ok(Outcome {
+                    changed,
+                    ..Outcome::default()
+                });
+            }
+        };
+        prop_assert!(info.total_size() <= bytes.len());
+        let block = &bytes[..info.total_size()];
+        let cmdline = info.cmdline();
+        let mmap: Vec<MemoryRegion> = info.memory_map().collect();
+        let modules: Vec<Module> = info.modules().collect();
+        prop_assert!(mmap.len() <= bytes.len() / 24);
+        // One module per module tag, a command line if there is a tag
+        // for it, every entry the first memory map tag holds.
+        let raw: Vec<Tag> = info.tags().collect();
+        prop_assert_eq!(raw.last().map(|t| t.typ), Some(TAG_END));
+        prop_assert_eq!(
+            modules.len(),
+            raw.iter().filter(|t| t.typ == TAG_MODULE).count()
+        );
+        prop_assert_eq!(cmdline.is_some(), raw.iter().any(|t| t.typ == TAG_CMDLINE));
+        if let Some(t) = raw.iter().find(|t| t.typ == TAG_MMAP) {
+            let entry_size = u32::from_le_bytes(t.body[..4].try_into().unwrap()) as usize;
+            prop_assert_eq!(mmap.len(), (t.body.len() - 8) / entry_size);
+        } else {
+            prop_assert!(mmap.is_empty());
+        }
+        if let Some(c) = cmdline {
+            prop_assert!(within(block, c.as_bytes()));
+        }
+        for m in &modules {
+            prop_assert!(within(block, m.cmdline.as_bytes()));
+        }
+        if !changed {
+            prop_assert_eq!(info.total_size(), intact.len());
+            let want_cmdline = tags.iter().find_map(|t| match t {
+                GenTag::Cmdline(s) => Some(s.as_str()),
+                _ => None,
+            });
+            prop_assert_eq!(cmdline, want_cmdline);
+            let want_mmap: Vec<MemoryRegion> = tags
+                .iter()
+                .find_map(|t| match t {
+                    GenTag::Mmap { entries, .. } => Some(entries.as_slice()),
+                    _ => None,
+                })
+                .unwrap_or(&[])
+                .iter()
+                .map(|&(base, len, typ)| MemoryRegion {
+                    base,
+                    len,
+                    kind: RegionKind::from(typ),
+                })
+                .collect();
+            prop_assert_eq!(&mmap, &want_mmap);
+            let want_modules: Vec<Module> = tags
+                .iter()
+                .filter_map(|t| match t {
+                    GenTag::Module {
+                        start,
+                        end,
+                        cmdline,
+                    } => Some(Module {
+                        start: *start,
+                        end: *end,
+                        cmdline,
+                    }),
+                    _ => None,
+                })
+                .collect();
+            prop_assert_eq!(&modules, &want_modules);
+        }
+        Ok(Outcome {
+            changed,
+            parsed: true,
+            cmdline: cmdline.is_some(),
+            mmap: !mmap.is_empty(),
+            module: !modules.is_empty(),
+        })
+    }
+
+    proptest::proptest! {
+        /// Random bytes practically never end in an end tag, so
+        /// `arbitrary_bytes_never_panic` only shows that parsing never
+        /// panics; these blocks are well formed before a few bytes change,
+        /// so many parse and their accessors run.
+        #[test]
+        fn generated_blocks_read_back_their_tags(seed in proptest::num::u64::ANY) {
+            generated_case(seed)?;
+        }
+    }
+
+    /// `generated_blocks_read_back_their_tags` only means something if its
+    /// blocks both parse and fail to, and the parsed ones carry content:
+    /// over 2000 seeds, changed blocks must often parse and often not, and
+    /// a command line, a memory map and modules must often be read.
+    #[test]
+    fn generated_blocks_are_both_accepted_and_refused() {
+        const CASES: usize = 2000;
+        let mut seeds = SplitMix64::new(0x0b00_71f0);
+        let mut outcomes = Vec::new();
+        for _ in 0..CASES {
+            let seed = seeds.next_u64();
+            outcomes.push(generated_case(seed).unwrap_or_else(|e| panic!("seed {seed}: {e}")));
+        }
+        let count = |f: &dyn Fn(&Outcome) -> bool| outcomes.iter().filter(|o| f(o)).count();
+        let parsed = count(&|o| o.parsed);
+        let changed_parsed = count(&|o| o.changed && o.parsed);
+        let refused = count(&|o| !o.parsed);
+        let (cmdline, mmap, module) = (
+            count(&|o| o.cmdline),
+            count(&|o| o.mmap),
+            count(&|o| o.module),
+        );
+        eprintln!(
+            "parsed {parsed} (changed {changed_parsed}), refused {refused}; \
+             read a command line {cmdline}, a memory map {mmap}, modules {module}"
+        );
+        assert!(parsed >= CASES / 10 && refused >= CASES / 10);
+        assert!(changed_parsed >= CASES / 10);
+        for n in [cmdline, mmap, module] {
+            assert!(n >= parsed / 10, "{n} of {parsed}");
         }
     }
 
