@@ -14,8 +14,9 @@
 //! 4. Push the `EventAck` (frees the staging area), then
 //!    `CommitEpoch{epoch}` and wait for `Done` (output release).
 //!
-//! 5. On every orderly exit (`--epochs N` reached, event timeout, backup
-//!    lost, SIGINT/SIGTERM) the caller sends `Detach` ([`Primary::detach`]):
+//! 5. On every orderly exit (`--epochs N` reached, backup lost,
+//!    SIGINT/SIGTERM; an event timeout only for `--record`, since with a
+//!    backup a standby takes over) the caller sends `Detach` ([`Primary::detach`]):
 //!    the hypervisor runs the guest on, unprotected, and a later primary
 //!    can attach again ([`Primary::attach`] at the rings' current indices).
 //!

@@ -1,7 +1,9 @@
 //! `cargo xtask`: the one front door for building, booting and testing Doppel.
 //!
-//! Every subcommand does its own set-up first (Debian packages, rustup target
-//! and components), so a newcomer on a fresh machine needs nothing else.
+//! Every subcommand does its own set-up first, so a newcomer on a fresh
+//! machine needs nothing else: Debian packages, rustup target and
+//! components; `fuzz` instead installs only what it needs (the nightly
+//! toolchain and cargo-fuzz).
 
 mod conformance;
 mod emu;
