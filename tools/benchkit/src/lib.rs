@@ -11,9 +11,13 @@
 //! much the phases moved it.
 //!
 //! The pass runs only under `cargo bench` (the harness gets `--bench`),
-//! not when `cargo test` runs the bench targets once. With a criterion
-//! filter (`cargo bench -- FILTER`) a ratio runs only if its name contains
-//! FILTER; `cargo bench -- ratio` runs the ratios alone.
+//! not when `cargo test` runs the bench targets once, nor with criterion's
+//! `--list`, `--test` or `--profile-time`. With a criterion filter
+//! (`cargo bench -- FILTER`, a regex, or the whole name with `--exact`) a
+//! ratio runs only if its name matches; `cargo bench -- ratio` runs the
+//! ratios alone. Criterion's timing options (`--quick`,
+//! `--measurement-time`, ...) do not change the pass: each bench sets its
+//! own rounds and block size.
 
 use std::fmt::Write as _;
 use std::time::Duration;
@@ -26,38 +30,57 @@ pub fn wanted(name: &str) -> bool {
 
 fn wanted_with(args: impl Iterator<Item = String>, name: &str) -> bool {
     let mut bench = false;
+    let mut exact = false;
     let mut filter = None;
     let mut skip_value = false;
     for a in args {
         if skip_value {
             skip_value = false;
-        } else if a == "--bench" {
-            bench = true;
-        } else if a.starts_with("--") {
+            continue;
+        }
+        match a.as_str() {
+            "--bench" => bench = true,
+            "--exact" => exact = true,
+            // Criterion lists, tests or profiles instead of measuring.
+            "--list" | "--test" | "--profile-time" | "--ignored" => return false,
             // Criterion's options that take a value as the next argument.
-            skip_value = !a.contains('=')
-                && matches!(
-                    a.as_str(),
-                    "--warm-up-time"
-                        | "--measurement-time"
-                        | "--sample-size"
-                        | "--save-baseline"
-                        | "--baseline"
-                        | "--load-baseline"
-                        | "--color"
-                        | "--output-format"
-                        | "--plotting-backend"
-                        | "--profile-time"
-                        | "--nresamples"
-                        | "--noise-threshold"
-                        | "--confidence-level"
-                        | "--significance-level"
-                );
-        } else if !a.starts_with('-') && filter.is_none() {
-            filter = Some(a);
+            "-s"
+            | "-b"
+            | "-c"
+            | "--warm-up-time"
+            | "--measurement-time"
+            | "--sample-size"
+            | "--save-baseline"
+            | "--baseline"
+            | "--baseline-lenient"
+            | "--load-baseline"
+            | "--color"
+            | "--format"
+            | "--output-format"
+            | "--plotting-backend"
+            | "--nresamples"
+            | "--noise-threshold"
+            | "--confidence-level"
+            | "--significance-level" => skip_value = true,
+            _ if a.starts_with("--profile-time=") => return false,
+            _ if a.starts_with('-') => {}
+            _ if filter.is_none() => filter = Some(a),
+            _ => {}
         }
     }
-    bench && filter.is_none_or(|f| name.contains(&f) || "ratio".contains(&f))
+    bench && filter.is_none_or(|f| f == "ratio" || matches(&f, name, exact))
+}
+
+/// Criterion's filter rule: the whole name under `--exact`, else a regex
+/// search (a filter that is no regex is searched for as text).
+fn matches(filter: &str, name: &str, exact: bool) -> bool {
+    if exact {
+        return filter == name;
+    }
+    match regex::Regex::new(filter) {
+        Ok(re) => re.is_match(name),
+        Err(_) => name.contains(filter),
+    }
 }
 
 /// How a ratio is shown, and its target if it has one.
@@ -107,7 +130,7 @@ pub struct Samples {
 }
 
 /// What a [`Samples`] comes to.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Summary {
     pub case_median: Duration,
     pub baseline_median: Duration,
@@ -118,6 +141,8 @@ pub struct Summary {
     pub round_p10: f64,
     pub round_p90: f64,
     pub rounds: usize,
+    /// Every round's ratio (case over baseline), in round order.
+    pub round_ratios: Vec<f64>,
 }
 
 /// The middle value (the mean of the two middle ones for an even count).
@@ -148,7 +173,8 @@ impl Samples {
 
     pub fn summary(&self) -> Summary {
         let (c, b) = (median(&self.case), median(&self.baseline));
-        let mut rounds = self.round_ratios();
+        let round_ratios = self.round_ratios();
+        let mut rounds = round_ratios.clone();
         rounds.sort_unstable_by(f64::total_cmp);
         Summary {
             case_median: c,
@@ -157,6 +183,7 @@ impl Samples {
             round_p10: quantile(&rounds, 0.1),
             round_p90: quantile(&rounds, 0.9),
             rounds: rounds.len(),
+            round_ratios,
         }
     }
 }
@@ -197,14 +224,30 @@ pub fn line(name: &str, case: &str, baseline: &str, s: &Summary, goal: Goal) -> 
         dur(s.baseline_median)
     );
     let target = match goal {
-        Goal::Ratio(t) => t.map(|x| (r <= x, format!("<= {x}x"))),
-        Goal::Speedup(t) => t.map(|x| (r >= x, format!(">= {x}x"))),
+        Goal::Ratio(t) => t.map(|x| (x, format!("<= {x}x"))),
+        Goal::Speedup(t) => t.map(|x| (x, format!(">= {x}x"))),
     };
-    if let Some((met, want)) = target {
+    if let Some((x, want)) = target {
+        // Judged on each figure as printed (3 decimals).
+        let meets = |case_over_baseline: f64| {
+            let v = if speedup {
+                1.0 / case_over_baseline
+            } else {
+                case_over_baseline
+            };
+            let v = (v * 1000.0).round() / 1000.0;
+            if speedup {
+                v >= x
+            } else {
+                v <= x
+            }
+        };
+        let met_rounds = s.round_ratios.iter().filter(|&&q| meets(q)).count();
         let _ = write!(
             out,
-            "; target {want}: {}",
-            if met { "met" } else { "NOT met" }
+            "; target {want}: {} (met in {met_rounds} of {} rounds)",
+            if meets(s.ratio) { "met" } else { "NOT met" },
+            s.round_ratios.len()
         );
     }
     out
@@ -253,6 +296,39 @@ mod tests {
         assert!(wanted_with(
             args(&["--measurement-time", "3", "--bench"]),
             "x"
+        ));
+        // Short options and --format take values too.
+        for opt in ["-s", "-b", "-c", "--format", "--baseline-lenient"] {
+            assert!(
+                wanted_with(args(&["--bench", opt, "v", "clean"]), "clean_0.1%"),
+                "{opt}"
+            );
+        }
+        // Listing, testing, profiling: criterion does not measure.
+        for opt in ["--list", "--test", "--ignored"] {
+            assert!(!wanted_with(args(&["--bench", opt]), "clean_0.1%"), "{opt}");
+        }
+        assert!(!wanted_with(
+            args(&["--bench", "--profile-time", "5"]),
+            "clean_0.1%"
+        ));
+        assert!(!wanted_with(args(&["--bench", "--profile-time=5"]), "x"));
+        // Filters are regexes, or whole names with --exact; a filter that
+        // happens to be part of "ratio" does not select every ratio.
+        assert!(wanted_with(
+            args(&["--bench", "^clean_.*/scan$"]),
+            "clean_0.1%/scan"
+        ));
+        assert!(!wanted_with(args(&["--bench", "^ring"]), "clean_0.1%/scan"));
+        assert!(!wanted_with(args(&["--bench", "tio"]), "clean_0.1%/scan"));
+        assert!(wanted_with(args(&["--bench", "(unclosed"]), "x(unclosed"));
+        assert!(wanted_with(
+            args(&["--bench", "--exact", "clean_0.1%/scan"]),
+            "clean_0.1%/scan"
+        ));
+        assert!(!wanted_with(
+            args(&["--bench", "--exact", "clean_0.1%"]),
+            "clean_0.1%/scan"
         ));
     }
 
@@ -322,19 +398,27 @@ mod tests {
             ratio: 0.125,
             round_p10: 0.1,
             round_p90: 0.2,
-            rounds: 30,
+            rounds: 4,
+            round_ratios: vec![0.1, 0.1004, 0.2, 0.15],
         };
         assert_eq!(
             line("clean_0.1%", "tree", "scan", &s, Goal::Ratio(Some(0.1))),
-            "ratio clean_0.1%: tree / scan = 0.125x (rounds p10-p90 0.100x-0.200x over 30; \
-             tree 50.0 us, scan 400.0 us); target <= 0.1x: NOT met"
+            "ratio clean_0.1%: tree / scan = 0.125x (rounds p10-p90 0.100x-0.200x over 4; \
+             tree 50.0 us, scan 400.0 us); target <= 0.1x: NOT met (met in 2 of 4 rounds)"
         );
         assert_eq!(
             line("ring", "ring", "mpsc", &s, Goal::Speedup(Some(2.0))),
-            "ratio ring: mpsc / ring = 8.000x (rounds p10-p90 5.000x-10.000x over 30; \
-             ring 50.0 us, mpsc 400.0 us); target >= 2x: met"
+            "ratio ring: mpsc / ring = 8.000x (rounds p10-p90 5.000x-10.000x over 4; \
+             ring 50.0 us, mpsc 400.0 us); target >= 2x: met (met in 4 of 4 rounds)"
         );
         assert!(line("x", "a", "b", &s, Goal::Ratio(None)).ends_with("b 400.0 us)"));
         assert!(line("x", "a", "b", &s, Goal::Speedup(None)).starts_with("ratio x: b / a = 8.000x"));
+        // Judged as printed: 0.1004 shows as 0.100x, which meets <= 0.1x.
+        let edge = Summary {
+            ratio: 0.1004,
+            ..s.clone()
+        };
+        assert!(line("e", "a", "b", &edge, Goal::Ratio(Some(0.1))).contains("0.100x (rounds"));
+        assert!(line("e", "a", "b", &edge, Goal::Ratio(Some(0.1))).contains(": met (met in 2 of 4"));
     }
 }
