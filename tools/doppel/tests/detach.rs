@@ -491,17 +491,35 @@ fn kv_sim(ram: &Path, epoch_ms: &str, max_secs: &str) -> std::process::Child {
 /// `doppel backup` of a 512-page guest into `replica`, listening on a free
 /// loopback port; returns it and the address it printed.
 fn backup_into(replica: &Path) -> (std::process::Child, String) {
-    let mut backup = Proc::new(BIN)
-        .args(["backup", "--listen", "127.0.0.1:0", "--replica"])
-        .arg(replica)
-        .args(["--guest-pages", "512", "--accept-timeout", "30"])
+    let (backup, _, addr) = started(
+        Proc::new(BIN)
+            .args(["backup", "--listen", "127.0.0.1:0", "--replica"])
+            .arg(replica)
+            .args(["--guest-pages", "512", "--accept-timeout", "30"]),
+        "listening on ",
+    );
+    (backup, addr)
+}
+
+/// Spawn `cmd` (stdout collected, stderr dropped) and wait for its stdout
+/// line starting with `prefix`: the child, all its stdout lines so far
+/// and later, and the rest of that line.
+fn started(
+    cmd: &mut Proc,
+    prefix: &str,
+) -> (
+    std::process::Child,
+    Arc<std::sync::Mutex<Vec<String>>>,
+    String,
+) {
+    let mut child = cmd
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let lines = lines_of(&mut backup);
-    let addr = wait_line(&lines, "listening on ");
-    (backup, addr)
+    let lines = lines_of(&mut child);
+    let rest = wait_line(&lines, prefix);
+    (child, lines, rest)
 }
 
 /// Reads a child's stdout lines into a shared list.
@@ -545,17 +563,14 @@ fn a_second_primary_serves_clients_after_the_first_detached() {
     let mut sim = kv_sim(&ram, "50", "120");
     for session in 1..=2 {
         let (mut backup, addr) = backup_into(&dir.join(format!("bk{session}")));
-        let mut primary = Proc::new(BIN)
-            .args(["primary", "--machine-ram"])
-            .arg(&ram)
-            .args(["--backup", &addr, "--serve-clients", "127.0.0.1:0"])
-            .args(["--epochs", "40", "--wait-control", "10"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let plines = lines_of(&mut primary);
-        let clients = wait_line(&plines, "clients on ");
+        let (mut primary, plines, clients) = started(
+            Proc::new(BIN)
+                .args(["primary", "--machine-ram"])
+                .arg(&ram)
+                .args(["--backup", &addr, "--serve-clients", "127.0.0.1:0"])
+                .args(["--epochs", "40", "--wait-control", "10"]),
+            "clients on ",
+        );
         let c = Proc::new(BIN)
             .args(["client", "--connect", &clients, "--ops", "20"])
             .args(["--connect-timeout", "5", "--reply-timeout", "5"])
