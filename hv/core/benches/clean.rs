@@ -3,13 +3,23 @@
 //! run: a plain linear scan+clear, the atomic `FlatLog` CLEAN, and a 2 MiB
 //! memcpy. Each iteration re-marks the same pfns (untimed setup), then
 //! times one CLEAN. Every variant feeds the same sink per dirty word, so
-//! all produce the same dirty set (base and bits of every non-zero word).
-//! Dirty pfns are uniform random, except `0.1%_runs16`: the same count in
-//! runs of 16 consecutive pfns (aligned to 16), as guests dirty runs.
+//! all report the same dirty pfns. Dirty pfns are uniform random, except
+//! `0.1%_runs16`: the same count in runs of 16 consecutive pfns (aligned
+//! to 16), as guests dirty runs.
+//!
+//! `dirty_tree_unordered` is the CLEAN the hypervisor's checkpoint uses
+//! (`DirtyTree::clean_unordered_with`, behind `clean_bitmap`): sparsely
+//! dirtied leaves are read from their lists of new bits and their bitmap
+//! words are cleared by the next epoch's marks instead. `dirty_tree` is
+//! the ordered CLEAN (ascending words, cleared as read). Because the
+//! unordered one leaves that clearing to the marks, the `epoch` ratio
+//! also times marks and CLEAN together for both, so the work moved out
+//! of CLEAN is counted.
 //!
 //! After criterion's figures it prints the ratios (doppel-benchkit: each
-//! case and its baseline in alternating blocks): the tree CLEAN over the
-//! flat scan and over the memcpy, per density.
+//! case and its baseline in alternating blocks): per density, each tree
+//! CLEAN over the flat scan, the unordered one over the memcpy, and at
+//! 0.1% and 1% marks+CLEAN unordered over ordered.
 //!
 //! Run: cargo bench -p doppel-core --bench clean (ratios alone: `-- ratio`)
 
@@ -66,19 +76,40 @@ fn flat_scan_clear(words: &mut [u64], mut f: impl FnMut(DirtyWord)) {
     }
 }
 
-/// One timed CLEAN of `tree` after (untimed) marking `pfns`.
-fn time_tree(tree: &DirtyTree, pfns: &[u64]) -> Duration {
+/// Marks `pfns` in `tree` (one batch, as a PML drain does).
+fn mark_tree(tree: &DirtyTree, pfns: &[u64]) {
     let mut batch = tree.batch();
     for &p in pfns {
         batch.mark(p).expect("mark");
     }
-    drop(batch);
+}
+
+/// One CLEAN of `tree`, ordered or not, into the sink.
+#[inline(always)]
+fn clean_tree(tree: &DirtyTree, unordered: bool) {
     let mut acc = 0;
+    let stats = if unordered {
+        tree.clean_unordered_with(|w| sink(&mut acc, w))
+    } else {
+        tree.clean_with(|w| sink(&mut acc, w))
+    };
+    black_box((acc, stats.expect("clean")));
+}
+
+/// One timed CLEAN of `tree` after (untimed) marking `pfns`.
+fn time_tree(tree: &DirtyTree, pfns: &[u64], unordered: bool) -> Duration {
+    mark_tree(tree, pfns);
     let start = Instant::now();
-    let stats = tree.clean_with(|w| sink(&mut acc, w)).expect("clean");
-    let t = start.elapsed();
-    black_box((acc, stats));
-    t
+    clean_tree(tree, unordered);
+    start.elapsed()
+}
+
+/// Marking `pfns` and the CLEAN after it, timed together.
+fn time_epoch(tree: &DirtyTree, pfns: &[u64], unordered: bool) -> Duration {
+    let start = Instant::now();
+    mark_tree(tree, pfns);
+    clean_tree(tree, unordered);
+    start.elapsed()
 }
 
 fn time_swap_tree(tree: &LogTree, pfns: &[u64]) -> Duration {
@@ -138,6 +169,7 @@ const CASES: [(&str, usize, u64, (usize, usize)); 4] = [
 fn bench_clean(c: &mut Criterion) {
     let max_pfn = GUEST_PFNS - 1;
     let tree = DirtyTree::new(max_pfn).expect("tree");
+    let unordered_tree = DirtyTree::new(max_pfn).expect("tree");
     let swap_tree = LogTree::new(max_pfn).expect("tree");
     let flat_log = FlatLog::new(max_pfn).expect("flat");
     let mut flat = vec![0u64; FLAT_WORDS];
@@ -150,8 +182,15 @@ fn bench_clean(c: &mut Criterion) {
             .sample_size(20)
             .warm_up_time(Duration::from_secs(1))
             .measurement_time(Duration::from_secs(3));
+        group.bench_function("dirty_tree_unordered", |b| {
+            b.iter_custom(|n| {
+                (0..n)
+                    .map(|_| time_tree(&unordered_tree, &pfns, true))
+                    .sum()
+            })
+        });
         group.bench_function("dirty_tree", |b| {
-            b.iter_custom(|n| (0..n).map(|_| time_tree(&tree, &pfns)).sum())
+            b.iter_custom(|n| (0..n).map(|_| time_tree(&tree, &pfns, false)).sum())
         });
         group.bench_function("log_tree_swap", |b| {
             b.iter_custom(|n| (0..n).map(|_| time_swap_tree(&swap_tree, &pfns)).sum())
@@ -180,10 +219,13 @@ fn dirty_bitmap(pfns: &[u64]) -> Vec<u64> {
 }
 
 /// The ratios, case and baseline interleaved (doppel-benchkit):
-/// `DirtyTree` CLEAN against the flat scan (target at 0.1% uniform: at
-/// most 0.1x) and against the memcpy of the flat bitmap.
+/// the checkpoint's (unordered) CLEAN against the flat scan (target at
+/// 0.1% uniform: at most 0.1x) and the memcpy of the flat bitmap; the
+/// ordered CLEAN against the flat scan; marks+CLEAN unordered against
+/// ordered (what moving the clearing to the marks costs or saves).
 fn ratios() {
-    let tree = DirtyTree::new(GUEST_PFNS - 1).expect("tree");
+    let unordered = DirtyTree::new(GUEST_PFNS - 1).expect("tree");
+    let ordered = DirtyTree::new(GUEST_PFNS - 1).expect("tree");
     let mut flat = vec![0u64; FLAT_WORDS];
     let mut copy_dst = vec![0u64; FLAT_WORDS];
     for (label, count, run, shape) in CASES {
@@ -191,21 +233,40 @@ fn ratios() {
         let target = (label == "0.1%").then_some(0.1);
         report(
             &format!("clean_64GiB_{label}/scan"),
-            ("dirty_tree", "flat_scan_plain"),
+            ("dirty_tree_unordered", "flat_scan_plain"),
             Goal::Ratio(target),
             shape,
-            || time_tree(&tree, &pfns),
+            || time_tree(&unordered, &pfns, true),
+            || time_scan(&mut flat, &pfns),
+        );
+        report(
+            &format!("clean_64GiB_{label}/ordered_scan"),
+            ("dirty_tree", "flat_scan_plain"),
+            Goal::Ratio(None),
+            shape,
+            || time_tree(&ordered, &pfns, false),
             || time_scan(&mut flat, &pfns),
         );
         let src = dirty_bitmap(&pfns);
         report(
             &format!("clean_64GiB_{label}/memcpy"),
-            ("dirty_tree", "memcpy_2MiB"),
+            ("dirty_tree_unordered", "memcpy_2MiB"),
             Goal::Ratio(None),
             shape,
-            || time_tree(&tree, &pfns),
+            || time_tree(&unordered, &pfns, true),
             || time_copy(&mut copy_dst, &src),
         );
+        if count < 1_000_000 {
+            let (rounds, block) = shape;
+            report(
+                &format!("clean_64GiB_{label}/epoch"),
+                ("marks+dirty_tree_unordered", "marks+dirty_tree"),
+                Goal::Ratio(None),
+                (rounds / 2, block),
+                || time_epoch(&unordered, &pfns, true),
+                || time_epoch(&ordered, &pfns, false),
+            );
+        }
     }
 }
 

@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Barrier;
 
-use common::{harvest_set, Rng};
+use common::{clean_unordered, harvest_set, unordered_set, Rng};
 use doppel_core::dirtylog::{
     DirtyLog, DirtyStats, DirtyTree, FlatLog, Harvest, LogTree, NodeCounts,
 };
@@ -47,13 +47,26 @@ struct Outcome {
 
 impl Outcome {
     fn add(&mut self, h: &Harvest) {
-        let set = harvest_set(h);
+        self.add_set(harvest_set(h), h.stats);
+    }
+
+    fn add_set(&mut self, set: BTreeSet<u64>, stats: DirtyStats) {
         self.harvests += 1;
         self.bits += set.len() as u64;
-        self.totals.dirty_count += h.stats.dirty_count;
-        self.totals.fault_count += h.stats.fault_count;
-        self.inexact += usize::from(h.stats.dirty_count != set.len() as u64);
+        self.totals.dirty_count += stats.dirty_count;
+        self.totals.fault_count += stats.fault_count;
+        self.inexact += usize::from(stats.dirty_count != set.len() as u64);
         self.union.extend(set);
+    }
+
+    /// One CLEAN: ordered, or unordered on odd turns if `mixed`.
+    fn clean<L: DirtyLog>(&mut self, log: &L, mixed: bool) {
+        if mixed && self.harvests % 2 == 1 {
+            let (words, stats) = clean_unordered(log);
+            self.add_set(unordered_set(&words), stats);
+        } else {
+            self.add(&log.clean().expect("clean"));
+        }
     }
 }
 
@@ -72,6 +85,11 @@ fn drain_chunks<L: DirtyLog>(log: &L, list: &[u64]) {
 }
 
 fn hammer<L: DirtyLog>(log: &L, use_pml: bool) -> Outcome {
+    hammer_with(log, use_pml, false)
+}
+
+/// As [`hammer`]; with `mixed`, every other CLEAN is the unordered one.
+fn hammer_with<L: DirtyLog>(log: &L, use_pml: bool, mixed: bool) -> Outcome {
     let max = log.max_pfn();
     let done = AtomicUsize::new(0);
     let cleans = AtomicUsize::new(0);
@@ -105,7 +123,7 @@ fn hammer<L: DirtyLog>(log: &L, use_pml: bool) -> Outcome {
         }
         // The cleaner: this thread, until every marker has finished.
         while done.load(Ordering::Acquire) < MARKERS as usize {
-            out.add(&log.clean().expect("clean"));
+            out.clean(log, mixed);
             cleans.fetch_add(1, Ordering::Release);
             std::thread::yield_now();
         }
@@ -132,6 +150,18 @@ fn dirty_tree_loses_nothing_and_counts_each_harvest_exactly() {
         let o = hammer(&log, round == 1);
         check_union(&o);
         // Generations make every single harvest's counters exact.
+        assert_eq!(o.inexact, 0);
+    }
+}
+
+#[test]
+fn dirty_tree_unordered_cleans_lose_nothing() {
+    // Every other CLEAN harvests from the leaves' lists, so markers keep
+    // meeting stale leaves and clear them, several threads at once.
+    for round in 0..3 {
+        let log = DirtyTree::new(if round == 0 { 1 << 40 } else { 200_000 }).expect("tree");
+        let o = hammer_with(&log, round == 1, true);
+        check_union(&o);
         assert_eq!(o.inexact, 0);
     }
 }

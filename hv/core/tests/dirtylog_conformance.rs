@@ -6,7 +6,7 @@ mod common;
 use common::{check_peek, conformance, Model};
 use doppel_core::dirtylog::{
     DirtyLog, DirtyLogError, DirtyRange, DirtyRanges, DirtyTree, DirtyWord, FlatLog, LogTree,
-    NodeCounts, NoopLog, TREE_MAX_PFN,
+    NodeCounts, NoopLog, LEAF_LIST_CAP, TREE_MAX_PFN,
 };
 
 const TREE_MAXES: &[u64] = &[TREE_MAX_PFN, 1 << 40, (1 << 24) + 5, 100_000, 40_000];
@@ -144,6 +144,85 @@ fn dirty_tree_refuses_overlapping_operations() {
     assert_eq!(stats.dirty_count, 1);
     // After the CLEAN, operations work again.
     assert!(t.peek().expect("peek").words.is_empty());
+}
+
+#[test]
+fn dirty_tree_unordered_clean_reads_lists_and_walks_full_leaves() {
+    let t = DirtyTree::new(1 << 20).expect("tree");
+    let cap = LEAF_LIST_CAP as u64;
+    // Leaf 3: two bits of one word, high first, with a later word marked
+    // between them; then two more bits of one word one after the other.
+    // Leaf 1: one more new bit than its list holds, two in word 0.
+    let b3 = 3 * 32768;
+    let listed = [b3 + 70, b3 + 9000, b3 + 65, b3 + 130, b3 + 131];
+    let full: Vec<u64> = [32768, 32769]
+        .into_iter()
+        .chain((1..cap).map(|i| 32768 + i * 500))
+        .collect();
+    assert_eq!(full.len() as u64, cap + 1);
+    for &p in listed.iter().chain(&full) {
+        assert_eq!(t.mark(p), Ok(true));
+    }
+    let mut words = Vec::new();
+    let stats = t.clean_unordered_with(|w| words.push(w)).expect("clean");
+    assert_eq!(stats.dirty_count, cap + 6);
+    // Leaves ascending. Leaf 1 overflowed its list: walked, one word per
+    // 64 pfns, ascending. Leaf 3 was listed: one word per pfn, in the
+    // order marked.
+    let (walked, from_list) = words.split_at(words.len() - 5);
+    assert_eq!(
+        walked[0],
+        DirtyWord {
+            base: 32768,
+            bits: 0b11
+        }
+    );
+    assert!(walked.windows(2).all(|w| w[0].base < w[1].base));
+    assert_eq!(
+        walked.iter().map(|w| w.bits.count_ones()).sum::<u32>() as u64,
+        cap + 1
+    );
+    assert_eq!(
+        from_list,
+        [
+            DirtyWord {
+                base: b3 + 64,
+                bits: 1 << 6
+            },
+            DirtyWord {
+                base: b3 + 8960,
+                bits: 1 << 40
+            },
+            DirtyWord {
+                base: b3 + 64,
+                bits: 1 << 1
+            },
+            DirtyWord {
+                base: b3 + 128,
+                bits: 1 << 2
+            },
+            DirtyWord {
+                base: b3 + 128,
+                bits: 1 << 3
+            },
+        ]
+    );
+    // Nothing is dirty after the CLEAN, in either generation.
+    for &p in full.iter().chain(&listed) {
+        assert_eq!(t.is_dirty(p), Ok(false), "{p:#x}");
+    }
+    assert!(t.peek().expect("peek").words.is_empty());
+    // The next CLEAN flips back to the generation harvested from its
+    // lists: its old bits must be gone before new marks count.
+    assert_eq!(t.clean().expect("clean").words, vec![]);
+    assert_eq!(t.is_dirty(b3 + 70), Ok(false), "stale bits count as clean");
+    assert!(t.peek().expect("peek").words.is_empty());
+    assert_eq!(t.mark(b3 + 70), Ok(true));
+    assert_eq!(t.is_dirty(b3 + 65), Ok(false));
+    assert_eq!(t.mark(b3 + 65), Ok(true));
+    let h = t.clean().expect("clean");
+    assert_eq!(h.pfns().collect::<Vec<_>>(), vec![b3 + 65, b3 + 70]);
+    assert_eq!(h.stats.dirty_count, 2);
 }
 
 #[test]

@@ -3,7 +3,9 @@
 
 mod common;
 
-use common::{check_peek, harvest_set, model_bitmap, model_ranges, Model};
+use common::{
+    check_peek, clean_unordered, harvest_set, model_bitmap, model_ranges, unordered_set, Model,
+};
 use doppel_core::dirtylog::{DirtyLog, DirtyTree, FlatLog, LogTree, TREE_MAX_PFN};
 use doppel_core::pml::{self, DrainStats, PmlError, PML_ENTRIES};
 use proptest::prelude::*;
@@ -11,9 +13,13 @@ use proptest::prelude::*;
 #[derive(Clone, Debug)]
 enum Op {
     Mark(u64),
+    /// Marks `len` pfns from `start` on, `step` apart (fills a leaf's list
+    /// of new bits past its capacity).
+    MarkRun(u64, u16, u16),
     IsDirty(u64),
     Peek,
     Clean,
+    CleanUnordered,
     CleanBitmap,
     Drain(Vec<u64>, u16),
 }
@@ -44,9 +50,11 @@ fn ops(max: u64) -> impl Strategy<Value = Vec<Op>> {
     ];
     let op = prop_oneof![
         12 => pfn(max).prop_map(Op::Mark),
+        2 => (pfn(max), 1..100u16, 1..700u16).prop_map(|(p, n, s)| Op::MarkRun(p, n, s)),
         2 => pfn(max).prop_map(Op::IsDirty),
         2 => Just(Op::Peek),
         3 => Just(Op::Clean),
+        3 => Just(Op::CleanUnordered),
         1 => Just(Op::CleanBitmap),
         1 => (prop::collection::vec(gpa(max), PML_ENTRIES), index)
             .prop_map(|(b, i)| Op::Drain(b, i)),
@@ -83,6 +91,12 @@ fn run<L: DirtyLog>(log: &L, ops: &[Op]) {
     for op in ops {
         match op {
             Op::Mark(p) => assert_eq!(log.mark(*p), model.mark(*p), "mark {p:#x}"),
+            Op::MarkRun(start, len, step) => {
+                for i in 0..u64::from(*len) {
+                    let p = start.saturating_add(i * u64::from(*step));
+                    assert_eq!(log.mark(p), model.mark(p), "mark {p:#x}");
+                }
+            }
             Op::IsDirty(p) => {
                 let want = if *p > model.max_pfn {
                     log.is_dirty(*p).is_err()
@@ -98,6 +112,12 @@ fn run<L: DirtyLog>(log: &L, ops: &[Op]) {
                 assert_eq!(harvest_set(&h), want);
                 assert_eq!(h.ranges().collect::<Vec<_>>(), model_ranges(&want));
                 assert_eq!(h.stats, stats);
+            }
+            Op::CleanUnordered => {
+                let (want, stats) = model.clean();
+                let (words, got) = clean_unordered(log);
+                assert_eq!(unordered_set(&words), want);
+                assert_eq!(got, stats);
             }
             Op::CleanBitmap => {
                 let len = log.bitmap_len();

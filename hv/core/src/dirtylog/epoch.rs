@@ -120,6 +120,33 @@ impl DirtyTree {
     #[inline]
     pub fn clean_with(&self, f: impl FnMut(DirtyWord)) -> Result<DirtyStats, DirtyLogError> {
         let _op = self.op.try_lock().ok_or(DirtyLogError::Busy)?;
+        let old = self.flip();
+        Ok(self.gens[old].clean_quiesced_with(f))
+    }
+
+    /// CLEAN for callers that need the set, not the order (Xen's CLEAN
+    /// into a bitmap; the checkpoint): as [`DirtyTree::clean_with`], but
+    /// only the leaves (32768 pfns each) come in ascending order. A
+    /// sparsely dirtied leaf gives one word per pfn, in the order the pfns
+    /// were first marked, so a word may come more than once, with disjoint
+    /// bits; every dirty pfn comes exactly once. Such leaves are
+    /// read from their lists of new bits and their bitmap words are
+    /// cleared later, by the next mark in the leaf (the tree's module
+    /// docs), which keeps this CLEAN's cost to the dirty pages themselves.
+    #[inline]
+    pub fn clean_unordered_with(
+        &self,
+        f: impl FnMut(DirtyWord),
+    ) -> Result<DirtyStats, DirtyLogError> {
+        let _op = self.op.try_lock().ok_or(DirtyLogError::Busy)?;
+        let old = self.flip();
+        Ok(self.gens[old].clean_listed_with(f))
+    }
+
+    /// Makes the other generation current and waits until no marker is
+    /// inside the old one; returns the old one's index.
+    #[inline]
+    fn flip(&self) -> usize {
         let old = self.current.0.load(Ordering::SeqCst);
         self.current.0.store(old ^ 1, Ordering::SeqCst);
         // Store-then-load, both SeqCst, against the marker's increment-then-
@@ -128,7 +155,7 @@ impl DirtyTree {
         while self.inflight[old].0.load(Ordering::SeqCst) != 0 {
             core::hint::spin_loop();
         }
-        Ok(self.gens[old].clean_quiesced_with(f))
+        old
     }
 
     /// Frees all nodes of both generations and zeroes the counters.
@@ -189,5 +216,12 @@ impl DirtyLog for DirtyTree {
 
     fn clean_words(&self, f: &mut dyn FnMut(DirtyWord)) -> Result<DirtyStats, DirtyLogError> {
         self.clean_with(f)
+    }
+
+    fn clean_words_unordered(
+        &self,
+        f: &mut dyn FnMut(DirtyWord),
+    ) -> Result<DirtyStats, DirtyLogError> {
+        self.clean_unordered_with(f)
     }
 }

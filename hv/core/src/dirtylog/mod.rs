@@ -25,7 +25,7 @@ use core::fmt;
 
 pub use epoch::{DirtyTree, MarkBatch};
 pub use flat::FlatLog;
-pub use tree::{LogTree, NodeCounts, TREE_MAX_PFN};
+pub use tree::{LogTree, NodeCounts, LEAF_LIST_CAP, TREE_MAX_PFN};
 
 /// Xen's log-dirty statistics.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -172,6 +172,18 @@ pub trait DirtyLog: Sync {
     /// this CLEAN or the next.
     fn clean_words(&self, f: &mut dyn FnMut(DirtyWord)) -> Result<DirtyStats, DirtyLogError>;
 
+    /// CLEAN for callers that need the set of dirty pfns, not an order (a
+    /// bitmap, a checkpoint): as [`DirtyLog::clean_words`], but words may
+    /// come in any order and the same word may come more than once, with
+    /// disjoint bits. Every dirty pfn is reported exactly once. By default
+    /// the ordered CLEAN; [`DirtyTree`] harvests faster this way.
+    fn clean_words_unordered(
+        &self,
+        f: &mut dyn FnMut(DirtyWord),
+    ) -> Result<DirtyStats, DirtyLogError> {
+        self.clean_words(f)
+    }
+
     /// Bytes of a flat bitmap covering the whole log.
     fn bitmap_len(&self) -> usize {
         bitmap_bytes(self.max_pfn())
@@ -196,7 +208,7 @@ pub trait DirtyLog: Sync {
             });
         }
         out.fill(0);
-        self.clean_words(&mut |w| or_word_into(out, w))
+        self.clean_words_unordered(&mut |w| or_word_into(out, w))
     }
 
     /// PEEK into a sparse list of words.

@@ -11,17 +11,33 @@
 //! words that were dirtied; its cost follows the number of dirty words,
 //! never the guest size.
 //!
-//! Marking is lock-free (`&self`, atomics). Harvested leaves are kept,
-//! zeroed, for reuse: a guest's working set tends to be dirtied again in
-//! the next epoch, and freeing a node while a concurrent marker may hold a
-//! reference to it would need a grace period. [`LogTree::reset`] (with
-//! `&mut self`, so no marker can be running) frees everything, e.g. when
-//! log-dirty mode is switched off.
+//! Each leaf also has a list of the offsets of the first [`LEAF_LIST_CAP`]
+//! bits newly set in it, in the order they were set. The lists of a level-2
+//! node's 512 leaves sit in that node, 128 bytes each, one after the other.
+//! A *listed* harvest (used by [`super::DirtyTree::clean_unordered_with`])
+//! reads a sparsely dirtied leaf's list and nothing of the leaf itself: a
+//! sequential sweep over the lists instead of a scattered read and clear of
+//! every dirty bitmap word. The leaf is then *stale*: its bitmap words and
+//! summary still hold the harvested bits, and the first marker that comes
+//! back to it clears the listed words and the summary (at most
+//! `LEAF_LIST_CAP + 8` stores) before setting its bit. That moves the
+//! clearing out of CLEAN, which runs while the guest is paused, to the next
+//! epoch's first fault in the leaf. A leaf with more new bits than its list
+//! holds is harvested by the summary walk, which clears as it reads.
+//!
+//! Marking is lock-free (`&self`, atomics) except for that lazy clearing:
+//! markers that meet a leaf another marker is clearing wait for its (at
+//! most `LEAF_LIST_CAP + 8`) stores. Harvested leaves are kept for reuse: a
+//! guest's working set tends to be dirtied again in the next epoch, and
+//! freeing a node while a concurrent marker may hold a reference to it
+//! would need a grace period. [`LogTree::reset`] (with `&mut self`, so no
+//! marker can be running) frees everything, e.g. when log-dirty mode is
+//! switched off.
 
 use alloc::alloc::{alloc_zeroed, Layout};
 use alloc::boxed::Box;
 use core::ptr::{self, NonNull};
-use core::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicPtr, AtomicU16, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 use super::{DirtyLog, DirtyLogError, DirtyStats, DirtyWord};
 
@@ -39,7 +55,24 @@ const SUMMARY_WORDS: usize = FANOUT / 64;
 /// Highest pfn a tree can hold: 2^42 - 1 (4 levels: 15 + 9 + 9 + 9 bits).
 pub const TREE_MAX_PFN: u64 = (1 << (LEAF_SHIFT + 3 * FANOUT_SHIFT)) - 1;
 
+/// Offsets a leaf lists (new bits since its last harvest or clearing).
+/// At 0.1% uniform density a leaf gets ~33 new bits per epoch; one more
+/// than 60 is rare (Poisson tail ~1e-5 per leaf).
+pub const LEAF_LIST_CAP: usize = 60;
+
+/// Leaf states (`LeafList::state`).
+const FRESH: u32 = 0;
+/// Harvested from its list: the listed bitmap words still hold the old
+/// bits and must be cleared before the next mark.
+const STALE: u32 = 1;
+/// A marker is clearing the listed words.
+const CLEARING: u32 = 2;
+/// A `count` that marks the list as unusable until the next quiesced
+/// harvest (set by the swap-based CLEAN, which does not keep the lists).
+const UNLISTED: u32 = 1 << 30;
+
 const _: () = assert!(LEAF_WORDS == 512);
+const _: () = assert!(LEAF_LIST_CAP < u16::MAX as usize);
 const _: () = assert!(core::mem::size_of::<[AtomicU64; LEAF_WORDS]>() == 4096);
 const _: () = assert!(TREE_MAX_PFN >= (1 << 40));
 
@@ -50,13 +83,87 @@ struct Leaf {
     summary: [AtomicU64; SUMMARY_WORDS],
 }
 
-/// An interior node: 512 lazily installed children and their summary.
-struct Node<C> {
-    summary: [AtomicU64; SUMMARY_WORDS],
-    children: [AtomicPtr<C>; FANOUT],
+/// A leaf's list of new bits and its state. Kept in the level-2 node, next
+/// to the lists of the neighbouring leaves, so a listed harvest reads them
+/// in one sequential sweep and never touches the leaves themselves.
+#[repr(C, align(64))]
+struct LeafList {
+    /// FRESH, STALE or CLEARING.
+    state: AtomicU32,
+    /// New bits since the last harvest or clearing; more than
+    /// `LEAF_LIST_CAP` means the list overflowed (it then stays a little
+    /// above, or at `UNLISTED`).
+    count: AtomicU32,
+    /// Leaf offsets (`pfn & 0x7fff`) of the first `LEAF_LIST_CAP` new bits.
+    list: [AtomicU16; LEAF_LIST_CAP],
 }
 
-type L2 = Node<Leaf>;
+const _: () = assert!(core::mem::size_of::<LeafList>() == 128);
+
+impl LeafList {
+    /// Makes a stale leaf's bitmap words and summary zero again before a
+    /// mark.
+    #[inline(always)]
+    fn settle(&self, leaf: &Leaf) {
+        if self.state.load(Ordering::Acquire) != FRESH {
+            self.settle_slow(leaf);
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn settle_slow(&self, leaf: &Leaf) {
+        loop {
+            match self
+                .state
+                .compare_exchange(STALE, CLEARING, Ordering::Acquire, Ordering::Acquire)
+            {
+                Ok(_) => {
+                    // A stale leaf's count is at most LEAF_LIST_CAP (listed
+                    // harvests only take such leaves); its entries name
+                    // every set bit, so their words are all that is set.
+                    let n = (self.count.load(Ordering::Relaxed) as usize).min(LEAF_LIST_CAP);
+                    for e in &self.list[..n] {
+                        let off = usize::from(e.load(Ordering::Relaxed));
+                        leaf.words[(off >> 6) % LEAF_WORDS].store(0, Ordering::Relaxed);
+                    }
+                    for w in &leaf.summary {
+                        w.store(0, Ordering::Relaxed);
+                    }
+                    self.count.store(0, Ordering::Relaxed);
+                    self.state.store(FRESH, Ordering::Release);
+                    return;
+                }
+                Err(FRESH) => return,
+                // Another marker is clearing: at most LEAF_LIST_CAP + 8
+                // stores.
+                Err(_) => core::hint::spin_loop(),
+            }
+        }
+    }
+
+    /// Lists a newly set bit at leaf offset `off`, if there is room.
+    #[inline(always)]
+    fn note(&self, off: u16) {
+        // Once overflowed, the list is not read: skip the read-modify-write.
+        if self.count.load(Ordering::Relaxed) as usize <= LEAF_LIST_CAP {
+            let k = self.count.fetch_add(1, Ordering::Relaxed) as usize;
+            if let Some(slot) = self.list.get(k) {
+                slot.store(off, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// An interior node: 512 lazily installed children, their summary, and
+/// per-child data (level 2 keeps its leaves' lists there; `()` above).
+struct Node<C, X = ()> {
+    summary: [AtomicU64; SUMMARY_WORDS],
+    children: [AtomicPtr<C>; FANOUT],
+    per_child: [X; FANOUT],
+}
+
+type L2 = Node<Leaf, LeafList>;
 type L3 = Node<L2>;
 type L4 = Node<L3>;
 
@@ -69,8 +176,14 @@ unsafe trait ZeroInit: Sized {}
 
 // SAFETY: a Leaf is only AtomicU64 arrays; zero is a valid AtomicU64.
 unsafe impl ZeroInit for Leaf {}
-// SAFETY: a Node is AtomicU64 and AtomicPtr arrays; zero/null are valid.
-unsafe impl<C> ZeroInit for Node<C> {}
+// SAFETY: a LeafList is only AtomicU32/AtomicU16 fields; zero is a valid
+// value of each (and means FRESH with an empty list).
+unsafe impl ZeroInit for LeafList {}
+// SAFETY: `()` has no bytes.
+unsafe impl ZeroInit for () {}
+// SAFETY: a Node is AtomicU64 and AtomicPtr arrays (zero/null are valid)
+// and an array of `X`, which is ZeroInit.
+unsafe impl<C, X: ZeroInit> ZeroInit for Node<C, X> {}
 
 /// Allocates a zeroed node straight from the global allocator (no 4 KiB
 /// temporary on the stack); `None` when the allocator is out of memory.
@@ -86,7 +199,7 @@ fn alloc_node<T: ZeroInit>() -> Option<Box<T>> {
     Some(unsafe { Box::from_raw(raw.as_ptr()) })
 }
 
-impl<C> Drop for Node<C> {
+impl<C, X> Drop for Node<C, X> {
     fn drop(&mut self) {
         for slot in &mut self.children {
             let p = *slot.get_mut();
@@ -202,6 +315,21 @@ fn for_each_set<T: Take>(summary: &[AtomicU64; SUMMARY_WORDS], mut f: impl FnMut
     }
 }
 
+/// Visits one leaf's dirty words (ascending), taking each summary and
+/// bitmap word with `T`; `base` is the leaf's first pfn.
+#[inline(always)]
+fn walk_words<T: Take>(leaf: &Leaf, base: u64, f: &mut impl FnMut(DirtyWord)) {
+    for_each_set::<T>(&leaf.summary, |w| {
+        let bits = T::take(&leaf.words[w]);
+        if bits != 0 {
+            f(DirtyWord {
+                base: base | ((w as u64) << 6),
+                bits,
+            });
+        }
+    });
+}
+
 /// Counts of allocated nodes (to check laziness and memory use).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct NodeCounts {
@@ -240,6 +368,8 @@ struct Coord {
     i2: usize,
     word: usize,
     mask: u64,
+    /// `pfn & 0x7fff`.
+    off: u16,
 }
 
 impl Coord {
@@ -251,6 +381,7 @@ impl Coord {
             i2: level(0),
             word: ((pfn >> 6) as usize) % LEAF_WORDS,
             mask: 1 << (pfn % 64),
+            off: (pfn & ((1 << LEAF_SHIFT) - 1)) as u16,
         }
     }
 }
@@ -305,10 +436,13 @@ impl LogTree {
         let l3 = child_or_install(&self.root.children[c.i4], &self.interior)?;
         let l2 = child_or_install(&l3.children[c.i3], &self.interior)?;
         let leaf = child_or_install(&l2.children[c.i2], &self.leaves)?;
+        let list = &l2.per_child[c.i2];
+        list.settle(leaf);
         let old = leaf.words[c.word].fetch_or(c.mask, Ordering::SeqCst);
         if old & c.mask != 0 {
             return Ok(false);
         }
+        list.note(c.off);
         if old == 0 {
             // First bit of this word since it was last harvested: publish
             // it bottom-up, so a harvest that sees a summary bit finds the
@@ -341,10 +475,14 @@ impl LogTree {
     pub fn is_dirty(&self, pfn: u64) -> Result<bool, DirtyLogError> {
         self.check(pfn)?;
         let c = Coord::of(pfn);
-        let leaf = child(&self.root.children[c.i4])
-            .and_then(|l3| child(&l3.children[c.i3]))
-            .and_then(|l2| child(&l2.children[c.i2]));
-        Ok(leaf.is_some_and(|l| l.words[c.word].load(Ordering::SeqCst) & c.mask != 0))
+        let Some(l2) = child(&self.root.children[c.i4]).and_then(|l3| child(&l3.children[c.i3]))
+        else {
+            return Ok(false);
+        };
+        // A stale leaf's words still hold harvested bits: none is dirty.
+        Ok(l2.per_child[c.i2].state.load(Ordering::SeqCst) == FRESH
+            && child(&l2.children[c.i2])
+                .is_some_and(|l| l.words[c.word].load(Ordering::SeqCst) & c.mask != 0))
     }
 
     /// Current counters, unchanged.
@@ -363,9 +501,11 @@ impl LogTree {
         }
     }
 
-    /// Visits the dirty words in ascending pfn order, following summaries.
+    /// Visits the leaf positions below set summary bits in ascending pfn
+    /// order, taking each interior summary word with `T`; `f` gets the
+    /// level-2 node, the leaf's index in it and its first pfn.
     #[inline(always)]
-    pub(crate) fn walk<T: Take>(&self, mut f: impl FnMut(DirtyWord)) {
+    fn walk_leaves<T: Take>(&self, mut f: impl FnMut(&L2, usize, u64)) {
         let root = &*self.root;
         for_each_set::<T>(&root.summary, |i4| {
             let Some(l3) = child(&root.children[i4]) else {
@@ -375,21 +515,18 @@ impl LogTree {
                 let Some(l2) = child(&l3.children[i3]) else {
                     return;
                 };
-                for_each_set::<T>(&l2.summary, |i2| {
-                    let Some(leaf) = child(&l2.children[i2]) else {
-                        return;
-                    };
-                    for_each_set::<T>(&leaf.summary, |w| {
-                        let bits = T::take(&leaf.words[w]);
-                        if bits != 0 {
-                            f(DirtyWord {
-                                base: base_pfn(i4, i3, i2, w),
-                                bits,
-                            });
-                        }
-                    });
-                });
+                for_each_set::<T>(&l2.summary, |i2| f(l2, i2, base_pfn(i4, i3, i2, 0)));
             });
+        });
+    }
+
+    /// Visits the dirty words in ascending pfn order, following summaries.
+    #[inline(always)]
+    pub(crate) fn walk<T: Take>(&self, mut f: impl FnMut(DirtyWord)) {
+        self.walk_leaves::<T>(|l2, i2, base| {
+            if let Some(leaf) = child(&l2.children[i2]) {
+                walk_words::<T>(leaf, base, &mut f);
+            }
         });
     }
 
@@ -402,8 +539,15 @@ impl LogTree {
 
     /// CLEAN: hands every dirty word to `f` (ascending) while clearing it
     /// atomically, then returns and zeroes the counters.
-    pub fn clean_with(&self, f: impl FnMut(DirtyWord)) -> DirtyStats {
-        self.walk::<Swap>(f);
+    pub fn clean_with(&self, mut f: impl FnMut(DirtyWord)) -> DirtyStats {
+        self.walk_leaves::<Swap>(|l2, i2, base| {
+            if let Some(leaf) = child(&l2.children[i2]) {
+                walk_words::<Swap>(leaf, base, &mut f);
+            }
+            // Markers keep running: this leaf's list no longer matches its
+            // bits, so it is not used until a quiesced harvest resets it.
+            l2.per_child[i2].count.store(UNLISTED, Ordering::Relaxed);
+        });
         DirtyStats {
             dirty_count: self.dirty.0.swap(0, Ordering::Relaxed),
             fault_count: self.faults.0.swap(0, Ordering::Relaxed),
@@ -414,8 +558,49 @@ impl LogTree {
     /// `set_bit`/`add_counts` runs concurrently and that their effects are
     /// visible (acquire) before this is called.
     #[inline]
-    pub(crate) fn clean_quiesced_with(&self, f: impl FnMut(DirtyWord)) -> DirtyStats {
-        self.walk::<Quiesced>(f);
+    pub(crate) fn clean_quiesced_with(&self, mut f: impl FnMut(DirtyWord)) -> DirtyStats {
+        self.walk_leaves::<Quiesced>(|l2, i2, base| {
+            if let Some(leaf) = child(&l2.children[i2]) {
+                walk_words::<Quiesced>(leaf, base, &mut f);
+            }
+            l2.per_child[i2].count.store(0, Ordering::Relaxed);
+        });
+        self.take_counts()
+    }
+
+    /// CLEAN from the leaves' lists, under the same guarantee as
+    /// [`LogTree::clean_quiesced_with`]. Leaves come in ascending order;
+    /// a leaf whose list holds all its new bits gives one word per bit, in
+    /// the order the bits were set, and is not touched: its bitmap words
+    /// and summary are left for its next marker to clear (it turns stale). Other leaves are walked and cleared as in the
+    /// ordered CLEAN. Every dirty pfn is reported exactly once.
+    #[inline]
+    pub(crate) fn clean_listed_with(&self, mut f: impl FnMut(DirtyWord)) -> DirtyStats {
+        self.walk_leaves::<Quiesced>(|l2, i2, base| {
+            let ll = &l2.per_child[i2];
+            let n = ll.count.load(Ordering::Relaxed) as usize;
+            if let Some(list) = ll.list.get(..n) {
+                for e in list {
+                    let off = u64::from(e.load(Ordering::Relaxed));
+                    f(DirtyWord {
+                        base: base + (off & !63),
+                        bits: 1 << (off & 63),
+                    });
+                }
+                ll.state.store(STALE, Ordering::Relaxed);
+            } else {
+                if let Some(leaf) = child(&l2.children[i2]) {
+                    walk_words::<Quiesced>(leaf, base, &mut f);
+                }
+                ll.count.store(0, Ordering::Relaxed);
+            }
+        });
+        self.take_counts()
+    }
+
+    /// Returns and zeroes the counters (quiesced: plain load and store).
+    #[inline(always)]
+    fn take_counts(&self) -> DirtyStats {
         DirtyStats {
             dirty_count: Quiesced::take(&self.dirty.0),
             fault_count: Quiesced::take(&self.faults.0),

@@ -5,7 +5,9 @@
 
 use std::collections::{BTreeSet, HashSet};
 
-use doppel_core::dirtylog::{DirtyLog, DirtyLogError, DirtyRange, DirtyStats, Harvest};
+use doppel_core::dirtylog::{
+    DirtyLog, DirtyLogError, DirtyRange, DirtyStats, DirtyWord, Harvest, LEAF_LIST_CAP,
+};
 
 /// Small deterministic generator for tests with fixed seeds.
 pub use doppel_abi::splitmix::SplitMix64 as Rng;
@@ -48,6 +50,32 @@ pub fn harvest_set(h: &Harvest) -> BTreeSet<u64> {
     let set: BTreeSet<u64> = pfns.iter().copied().collect();
     assert_eq!(set.len(), pfns.len(), "pfn reported twice");
     assert_eq!(h.count(), pfns.len() as u64);
+    set
+}
+
+/// An unordered CLEAN (`clean_words_unordered`): its words and counters.
+pub fn clean_unordered<L: DirtyLog + ?Sized>(log: &L) -> (Vec<DirtyWord>, DirtyStats) {
+    let mut words = Vec::new();
+    let stats = log
+        .clean_words_unordered(&mut |w| words.push(w))
+        .expect("unordered clean");
+    (words, stats)
+}
+
+/// The set of pfns an unordered CLEAN reported; panics if a word is empty
+/// or misaligned or a pfn came twice (words may repeat, bits may not).
+pub fn unordered_set(words: &[DirtyWord]) -> BTreeSet<u64> {
+    let mut set = BTreeSet::new();
+    for w in words {
+        assert_eq!(w.base % 64, 0, "word base not aligned");
+        assert_ne!(w.bits, 0, "empty word reported");
+        let mut bits = w.bits;
+        while bits != 0 {
+            let p = w.base + u64::from(bits.trailing_zeros());
+            bits &= bits - 1;
+            assert!(set.insert(p), "pfn {p:#x} reported twice");
+        }
+    }
     set
 }
 
@@ -141,6 +169,7 @@ pub fn conformance<L: DirtyLog>(make: impl Fn(u64) -> L, maxes: &[u64]) {
         clean_harvests_and_resets(&make(max));
         bitmap_forms(&make(max));
         random_epochs(&make(max), max);
+        unordered_epochs(&make(max), max);
     }
 }
 
@@ -276,5 +305,70 @@ fn random_epochs<L: DirtyLog>(log: &L, max: u64) {
         assert_eq!(harvest_set(&h), want);
         assert_eq!(h.ranges().collect::<Vec<_>>(), model_ranges(&want));
         assert_eq!(h.stats, stats);
+    }
+}
+
+/// Pfns that exercise a tree leaf's list of new bits: leaf 1 gets exactly
+/// as many new bits as its list holds, leaf 2 one more (the list
+/// overflows), leaf 0 a word with two bits, each spread over the leaf.
+/// Only the pfns at most `max`.
+pub fn list_edges(max: u64) -> Vec<u64> {
+    let cap = LEAF_LIST_CAP as u64;
+    let mut v = vec![0, 1, 64 * 100 + 3];
+    v.extend((0..cap).map(|i| 32768 + i * 541));
+    v.extend((0..=cap).map(|i| 2 * 32768 + i * 523));
+    v.retain(|&p| p <= max);
+    v
+}
+
+/// Epochs harvested by the unordered CLEAN and the ordered one in turn,
+/// with pfns marked again in the epoch after their harvest: every pfn must
+/// be reported exactly once per epoch and be newly dirty again afterwards
+/// (a harvested leaf's old bits must not survive), and PEEK and is_dirty
+/// must agree with the model throughout.
+fn unordered_epochs<L: DirtyLog>(log: &L, max: u64) {
+    let mut rng = Rng(max ^ 0x0DDB_A11C_0FFE_E5ED);
+    let mut model = Model::new(max);
+    let edges = list_edges(max);
+    let mut last: Vec<u64> = Vec::new();
+    for epoch in 0..6 {
+        // Last epoch's pfns again (newly dirty), the list edges, and some
+        // random ones, clustered and spread.
+        let mut pfns = last.clone();
+        pfns.extend(&edges);
+        pfns.extend((0..300).map(|i| {
+            if i % 2 == 0 {
+                rng.below(max.min(3 * 32768) + 1)
+            } else {
+                rng.below(max + 1)
+            }
+        }));
+        for &p in &pfns {
+            assert_eq!(log.mark(p), model.mark(p), "epoch {epoch}: mark {p:#x}");
+        }
+        check_peek(log, &model);
+        let (want, stats) = model.clean();
+        if epoch % 3 == 2 {
+            let h = log.clean().expect("clean");
+            assert_eq!(harvest_set(&h), want, "epoch {epoch}: ordered clean");
+            assert_eq!(h.stats, stats);
+        } else {
+            let (words, got) = clean_unordered(log);
+            assert_eq!(
+                unordered_set(&words),
+                want,
+                "epoch {epoch}: unordered clean"
+            );
+            assert_eq!(got, stats);
+        }
+        for &p in want.iter().take(64) {
+            assert_eq!(
+                log.is_dirty(p),
+                Ok(false),
+                "epoch {epoch}: {p:#x} after clean"
+            );
+        }
+        check_peek(log, &model);
+        last = want.into_iter().collect();
     }
 }
