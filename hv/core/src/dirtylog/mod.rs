@@ -135,8 +135,16 @@ pub fn or_word_into(out: &mut [u8], word: DirtyWord) {
     if start >= out.len() {
         return;
     }
-    let end = out.len().min(start + 8);
-    for (o, b) in out[start..end].iter_mut().zip(word.bits.to_le_bytes()) {
+    // A word's 8 bytes start at a multiple of 8: one 64-bit OR, except for
+    // a word cut off by the end of the bitmap.
+    if let Some(chunk) = out
+        .get_mut(start..start.saturating_add(8))
+        .and_then(|c| <&mut [u8; 8]>::try_from(c).ok())
+    {
+        *chunk = (u64::from_le_bytes(*chunk) | word.bits).to_le_bytes();
+        return;
+    }
+    for (o, b) in out[start..].iter_mut().zip(word.bits.to_le_bytes()) {
         *o |= b;
     }
 }
