@@ -56,6 +56,8 @@ pub struct Caps {
     pub vmx: Option<vmx::VmxCaps>,
     /// AMD details; `None` without SVM.
     pub svm: Option<svm::SvmCaps>,
+    /// PREFETCHW, the write hint the shared rings give (`doppel-hint`).
+    pub prefetchw: bool,
 }
 
 impl Caps {
@@ -66,7 +68,17 @@ impl Caps {
             Vendor::Amd => (None, svm::detect()),
             Vendor::Other(_) => (None, None),
         };
-        Self { vendor, vmx, svm }
+        // The rings hint with PREFETCHW where CPUID reports it. Give the
+        // hint once here, at boot, so a CPU or emulator that reports it
+        // but does not decode it stops now (#UD, reported) rather than in
+        // the middle of replication.
+        doppel_hint::prefetch_write(&vendor);
+        Self {
+            vendor,
+            vmx,
+            svm,
+            prefetchw: doppel_hint::has_prefetchw(),
+        }
     }
 
     /// The capability line's body: every key, always, in a fixed order.
@@ -87,7 +99,7 @@ impl fmt::Display for CapsLine<'_> {
         let s = self.caps.svm;
         write!(
             f,
-            "vendor={} vmx={} ept={} ept_ad={} pml={} unrestricted={} svm={} npt={} nrips={} virt={}",
+            "vendor={} vmx={} ept={} ept_ad={} pml={} unrestricted={} svm={} npt={} nrips={} prefetchw={} virt={}",
             self.caps.vendor.name(),
             b(v.is_some()),
             b(v.is_some_and(|v| v.ept)),
@@ -97,6 +109,7 @@ impl fmt::Display for CapsLine<'_> {
             b(s.is_some()),
             b(s.is_some_and(|s| s.npt)),
             b(s.is_some_and(|s| s.nrips)),
+            b(self.caps.prefetchw),
             if self.on { "on" } else { "off" },
         )
     }
