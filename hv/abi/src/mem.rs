@@ -95,6 +95,7 @@ impl<T: SharedMem + ?Sized> SharedMem for &T {
 /// `offset .. offset + len` of a window of `W`-sized words: one PREFETCHW
 /// per cache line they touch (`doppel-hint`), nothing if the range is not
 /// inside the window.
+#[inline]
 fn prefetch_words<W>(words: &[W], offset: usize, len: usize) {
     let size = size_of::<W>();
     let Some(end) = offset.checked_add(len) else {
@@ -103,13 +104,13 @@ fn prefetch_words<W>(words: &[W], offset: usize, len: usize) {
     let Some(range) = words.get(offset / size..end.div_ceil(size)) else {
         return;
     };
-    let mut line = usize::MAX;
-    for w in range {
-        let at = core::ptr::from_ref(w).addr() / CACHE_LINE;
-        if at != line {
-            doppel_hint::prefetch_write(w);
-            line = at;
-        }
+    // One word in each line: the first, then each first word of a line
+    // (words are aligned to their size, so the step is at least 1).
+    let mut i = 0;
+    while let Some(w) = range.get(i) {
+        doppel_hint::prefetch_write(w);
+        let into_line = core::ptr::from_ref(w).addr() % CACHE_LINE;
+        i += (CACHE_LINE - into_line) / size;
     }
 }
 
@@ -148,6 +149,7 @@ impl SharedMem for AtomicMem<'_> {
         self.words.len() * 4
     }
 
+    #[inline]
     fn prefetch_write(&self, offset: usize, len: usize) {
         prefetch_words(self.words, offset, len);
     }
@@ -249,6 +251,7 @@ impl SharedMem for AtomicMem64<'_> {
         self.words.len() * 8
     }
 
+    #[inline]
     fn prefetch_write(&self, offset: usize, len: usize) {
         prefetch_words(self.words, offset, len);
     }
