@@ -193,7 +193,7 @@ impl RingLayout {
 /// write next ([`SharedMem::prefetch_write`]). Without the hint each slot
 /// line crosses between the cores once to be read and once more to be
 /// written; 8 entries give the fetches time to land before the copy
-/// (measured against 2, 4 and 16: docs/perf/ring.md, ninth round).
+/// (measured against 4 and 16: docs/perf/ring.md, ninth round).
 pub const PREFETCH_AHEAD: u32 = 8;
 
 /// What both ends keep: each produces into the slots (front: requests,
@@ -920,7 +920,7 @@ mod tests {
         }
         assert_eq!(n, 13);
         assert_eq!(take(&m), slots(&[15, 16, 17, 18, 19]));
-        // Hints change nothing: every entry read back was the one written.
+        // Every slot is free again.
         assert_eq!(f.free_requests(), 32);
     }
 }
