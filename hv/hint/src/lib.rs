@@ -21,7 +21,7 @@ use core::sync::atomic::{AtomicU8, Ordering};
 /// Hint that this core will soon write the cache line holding `*at`.
 ///
 /// On x86-64 CPUs that report PRFCHW (CPUID 8000_0001h:ECX bit 8: AMD
-/// since the K6, Intel since Broadwell) this is PREFETCHW, which fetches
+/// since the K6-2, Intel since Broadwell) this is PREFETCHW, which fetches
 /// the line in an exclusive state; elsewhere it does nothing. Like every
 /// prefetch it may be dropped by the CPU, and it never faults.
 #[inline]
@@ -44,6 +44,12 @@ pub fn prefetch_write<T>(at: &T) {
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = at;
+}
+
+/// Whether [`prefetch_write`] does anything here: never off x86-64.
+#[cfg(not(target_arch = "x86_64"))]
+pub fn has_prefetchw() -> bool {
+    false
 }
 
 /// Whether the CPU has PREFETCHW, asked once (CPUID) and then remembered:
