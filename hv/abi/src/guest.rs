@@ -75,8 +75,39 @@ pub const PROGRAM_WORKLOAD: u32 = 0;
 /// [`crate::service`] forever over `RECV`/`SEND`.
 pub const PROGRAM_KV: u32 = 1;
 
-/// Console port: bytes written here are forwarded to the hypervisor's log.
+/// Console port: bytes written here are forwarded to the hypervisor's log,
+/// one line at a time, as [`GuestLine`] prints it.
 pub const CONSOLE_PORT: u16 = 0xe9;
+
+/// What the hypervisor puts before every line of guest console output,
+/// after its own `doppel-hv: `: the guest cannot print a line that reads as
+/// one of the hypervisor's (`doppel-hv: exit=pass`, `logdirty: ...`).
+pub const GUEST_LINE_MARK: &str = "guest: ";
+
+/// One line of guest console output (without its newline) as the
+/// hypervisor prints it: [`GUEST_LINE_MARK`], then the bytes, each one
+/// that is not printable ASCII (a control character such as CR, or not
+/// ASCII at all) shown as `?`. The test guests mark their lines `guest: `
+/// themselves; that mark is dropped, so the line carries the hypervisor's
+/// mark exactly once.
+pub struct GuestLine<'a>(pub &'a [u8]);
+
+impl core::fmt::Display for GuestLine<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        let mark = GUEST_LINE_MARK.as_bytes();
+        let body = self.0.strip_prefix(mark).unwrap_or(self.0);
+        f.write_str(GUEST_LINE_MARK)?;
+        for &b in body {
+            let c = if (0x20..0x7f).contains(&b) {
+                b as char
+            } else {
+                '?'
+            };
+            core::fmt::Write::write_char(f, c)?;
+        }
+        Ok(())
+    }
+}
 
 /// Workload patterns, as ids in [`BootInfo::patterns`] (bit i = pattern i).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -152,3 +183,31 @@ const _: () = assert!(core::mem::offset_of!(BootInfo, program) == 56);
 const _: () = assert!(core::mem::offset_of!(BootInfo, keys) == 60);
 const _: () = assert!(TRUTH_GPA + TRUTH_PAGES * PAGE_SIZE <= STACK_GPA);
 const _: () = assert!(PAGE_TABLES_GPA + PAGE_TABLES_PAGES * PAGE_SIZE <= TRUTH_GPA);
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use super::*;
+
+    fn shown(b: &[u8]) -> std::string::String {
+        std::format!("{}", GuestLine(b))
+    }
+
+    #[test]
+    fn guest_lines_carry_the_mark_once_and_no_control_bytes() {
+        assert_eq!(shown(b"exit=pass"), "guest: exit=pass");
+        assert_eq!(
+            shown(b"guest: workload region 8 pages"),
+            "guest: workload region 8 pages"
+        );
+        // The guest's own mark is dropped once only: a second stays text.
+        assert_eq!(shown(b"guest: guest: x"), "guest: guest: x");
+        // CR (which a terminal would use to overwrite the mark), NUL, ESC
+        // and non-ASCII bytes are shown as `?`.
+        assert_eq!(
+            shown(b"x\rdoppel-hv: exit=pass\x00\x1b\xff"),
+            "guest: x?doppel-hv: exit=pass???"
+        );
+        assert_eq!(shown(b""), "guest: ");
+    }
+}
