@@ -27,6 +27,7 @@ pub mod errno;
 pub mod guest;
 pub mod hvm;
 pub mod layout;
+pub mod locator;
 pub mod mem;
 pub mod msg;
 pub mod ring;

@@ -1,6 +1,8 @@
 //! Machine memory as the dom0 tool sees it: a host file that backs the
 //! emulator's RAM (`-object memory-backend-file,...,share=on`), mapped
-//! shared, and the hypervisor's control area found in it by its magic.
+//! shared, and the hypervisor's control area found in it through the
+//! control locator (hv/abi `locator`), at a fixed address the guest cannot
+//! write: never by scanning for its magic.
 //!
 //! Everything in the file is written by someone else (the hypervisor, the
 //! guest, the emulator) while we read it, so every access goes through
@@ -9,9 +11,10 @@
 
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use doppel_abi::control::{validate_header, AbiError, ControlView, Field, Region, HEADER_SIZE};
+use doppel_abi::locator::{Locator, LocatorError, LOCATOR_AT, LOCATOR_SIZE, LOCATOR_WORDS};
 use doppel_abi::{AtomicMem64, SharedMem};
 use memmap2::{MmapOptions, MmapRaw};
 
@@ -29,24 +32,22 @@ pub enum MachineError {
     #[error("{path}: {len} bytes is not a whole number of 4 KiB pages (or is empty)")]
     BadFileSize { path: PathBuf, len: u64 },
     #[error(
-        "{path}: no control area: the magic \"DOPPELCA\" is at no 4 KiB boundary \
-         of the {len}-byte file (is the hypervisor running in mode=primary?)"
+        "{path}: no control area: the locator page at {LOCATOR_AT:#x} holds no \
+         \"DOPPELLO\" (is the hypervisor running in mode=primary or mode=standby?)"
     )]
     NotFound { path: PathBuf, len: u64 },
+    #[error(
+        "{path}: the {len}-byte file ends before the control locator page at {LOCATOR_AT:#x} \
+         (too small for a machine running the hypervisor)"
+    )]
+    NoLocatorPage { path: PathBuf, len: u64 },
+    #[error("{path}: control locator at {LOCATOR_AT:#x}: {}", locator_text(*.err))]
+    BadLocator { path: PathBuf, err: LocatorError },
     #[error("{path}: control area at machine address {at:#x}: {}", describe(*.err))]
     Control {
         path: PathBuf,
         at: u64,
         err: AbiError,
-    },
-    #[error(
-        "{path}: control areas at {first:#x} and {second:#x} both validate; \
-         refusing to guess which one is the hypervisor's"
-    )]
-    Ambiguous {
-        path: PathBuf,
-        first: u64,
-        second: u64,
     },
     #[error(
         "{path}: control area at {at:#x}: the hypervisor published no guest (guest_ram.size = 0)"
@@ -63,6 +64,27 @@ pub enum MachineError {
         size: u64,
         len: u64,
     },
+}
+
+/// A refused locator in words.
+pub fn locator_text(e: LocatorError) -> String {
+    match e {
+        LocatorError::NoMagic(m) => format!("magic is {m:#018x}"),
+        LocatorError::Misaligned => "the control area's address or size is not whole pages".into(),
+        LocatorError::OverlapsLocator => "the control area overlaps the locator page".into(),
+        LocatorError::BeyondMemory => "the control area ends beyond the machine's RAM".into(),
+        LocatorError::LargerThanPlaced { total } => format!(
+            "the control header's total_size {total} exceeds the bytes the locator gives the area"
+        ),
+        LocatorError::ControlInGuestRam => {
+            "the control area lies in the guest RAM its header declares (guest-writable); refused"
+                .into()
+        }
+        LocatorError::LocatorInGuestRam => {
+            "the guest RAM the header declares covers the locator page (guest-writable); refused"
+                .into()
+        }
+    }
 }
 
 /// The header field a [`Field`] names, as spelled in `ControlHeader`.
@@ -203,47 +225,49 @@ impl MachineRam {
         AtomicMem64::new(&self.words()[at / 8..])
     }
 
-    /// Machine addresses of the 4 KiB boundaries holding the magic.
-    pub fn magic_candidates(&self) -> Vec<u64> {
+    /// Read the control locator at [`LOCATOR_AT`] (docs/REPLICATION.md,
+    /// "Finding the control area").
+    pub fn locator(&self) -> Result<Locator, MachineError> {
+        let len = self.len() as u64;
+        if LOCATOR_AT + LOCATOR_SIZE > len {
+            return Err(MachineError::NoLocatorPage {
+                path: self.path.clone(),
+                len,
+            });
+        }
         let words = self.words();
-        (0..self.len())
-            .step_by(PAGE)
-            .filter(|at| {
-                words[at / 8].load(std::sync::atomic::Ordering::Relaxed)
-                    == doppel_abi::control::MAGIC.to_le()
-            })
-            .map(|at| at as u64)
-            .collect()
+        let base = LOCATOR_AT as usize / 8;
+        // The magic first (acquire: the hypervisor writes it last, after a
+        // release fence), then the rest.
+        let mut w = [0u64; LOCATOR_WORDS];
+        w[0] = u64::from_le(words[base].load(Ordering::Acquire));
+        for (i, x) in w.iter_mut().enumerate().skip(1) {
+            *x = u64::from_le(words[base + i].load(Ordering::Relaxed));
+        }
+        Locator::decode(w, len).map_err(|err| self.locator_err(err))
     }
 
-    /// Find and validate the control area. Exactly one candidate must
-    /// validate; without any, the first candidate's error is reported.
-    pub fn find_control(&self) -> Result<Control, MachineError> {
-        let mut found: Option<(u64, ControlView)> = None;
-        let mut first_err = None;
-        for at in self.magic_candidates() {
-            match self.control_at(at) {
-                Ok(v) => {
-                    if let Some((first, _)) = found {
-                        return Err(MachineError::Ambiguous {
-                            path: self.path.clone(),
-                            first,
-                            second: at,
-                        });
-                    }
-                    found = Some((at, v));
-                }
-                Err(e) => {
-                    first_err.get_or_insert(e);
-                }
-            }
-        }
-        let Some((at, view)) = found else {
-            return Err(first_err.unwrap_or(MachineError::NotFound {
+    fn locator_err(&self, err: LocatorError) -> MachineError {
+        match err {
+            LocatorError::NoMagic(_) => MachineError::NotFound {
                 path: self.path.clone(),
                 len: self.len() as u64,
-            }));
-        };
+            },
+            err => MachineError::BadLocator {
+                path: self.path.clone(),
+                err,
+            },
+        }
+    }
+
+    /// Find and validate the control area: only where the locator says,
+    /// never by scanning memory (the guest's RAM is part of the file, and
+    /// the guest can write a header there). The area and the locator page
+    /// must lie outside the guest RAM the header declares.
+    pub fn find_control(&self) -> Result<Control, MachineError> {
+        let loc = self.locator()?;
+        let at = loc.control_at;
+        let view = self.control_at(at)?;
         let g = view.header().guest_ram;
         if g.size == 0 {
             return Err(MachineError::NoGuest {
@@ -262,6 +286,8 @@ impl MachineRam {
                 len: self.len() as u64,
             });
         }
+        loc.check(view.header().total_size, g)
+            .map_err(|err| self.locator_err(err))?;
         Ok(Control { at, view })
     }
 

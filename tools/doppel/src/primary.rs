@@ -30,7 +30,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use doppel_abi::control::{AbiError, Field};
+use doppel_abi::control::{AbiError, Features, Field};
 use doppel_abi::msg::{op, Ack, CheckpointReady, LogDirtyMode, Reply};
 use doppel_abi::ring::{ring_entries, slot_size, RingError, HEADER_SIZE, REQ_PROD, RSP_PROD};
 use doppel_abi::{
@@ -56,6 +56,12 @@ pub const MAX_VCPUS: usize = 64;
 pub enum PrimaryError {
     #[error("{0}")]
     Machine(#[from] crate::machine::MachineError),
+    #[error(
+        "this machine is a standby; `doppel primary` replicates a running primary \
+         (hypervisor mode=primary). A standby's RAM is filled by `doppel backup`, which \
+         starts it with Activate ({why})"
+    )]
+    Standby { why: &'static str },
     #[error("{ring} ring: {}", ring_text(*.err))]
     Ring { ring: &'static str, err: RingError },
     #[error("{what} from the hypervisor does not decode: {}", decode_text(*.err))]
@@ -124,6 +130,7 @@ impl PrimaryError {
                 | PrimaryError::Gone { .. }
                 | PrimaryError::Machine(_)
                 | PrimaryError::HypervisorError { .. }
+                | PrimaryError::Standby { .. }
         )
     }
 
@@ -483,10 +490,40 @@ impl<'m> Primary<'m> {
     /// event ring with `EAGAIN` (they belong to the old session; a detached
     /// hypervisor drops them). Anything else is "in use". Every index read
     /// is bounded by the ring checks before any slot is used.
+    ///
+    /// A standby's control area is refused ([`PrimaryError::Standby`]):
+    /// nothing on its rings is a primary tool's (its backup sends
+    /// `Activate` there, see [`Primary::attach_standby`]).
     pub fn attach(
         machine: &'m MachineRam,
         ctl: Control,
         cfg: PrimaryConfig,
+    ) -> Result<Self, PrimaryError> {
+        if ctl.view.features().contains(Features::STANDBY) {
+            return Err(PrimaryError::Standby {
+                why: "its control area offers STANDBY; nothing was sent to it",
+            });
+        }
+        Self::attach_inner(machine, ctl, cfg, false)
+    }
+
+    /// The backup's way onto its standby's command ring (to send
+    /// `Activate`): at the current indices once every command on it was
+    /// answered, whatever the answers were (a primary tool pointed at the
+    /// standby by mistake got its refusal there).
+    pub fn attach_standby(
+        machine: &'m MachineRam,
+        ctl: Control,
+        cfg: PrimaryConfig,
+    ) -> Result<Self, PrimaryError> {
+        Self::attach_inner(machine, ctl, cfg, true)
+    }
+
+    fn attach_inner(
+        machine: &'m MachineRam,
+        ctl: Control,
+        cfg: PrimaryConfig,
+        standby: bool,
     ) -> Result<Self, PrimaryError> {
         let win = machine.window(ctl.at as usize);
         let (co, cs) = ctl.view.region(Field::CommandRing);
@@ -494,7 +531,16 @@ impl<'m> Primary<'m> {
         let req_prod = win.load_u32(co + REQ_PROD);
         let rsp_prod = win.load_u32(co + RSP_PROD);
         let reattach = req_prod != 0 || rsp_prod != 0;
-        if reattach {
+        if standby && req_prod != rsp_prod {
+            return Err(PrimaryError::BadResponse {
+                cmd: "attach",
+                detail: format!(
+                    "a standby command ring with unanswered commands (req_prod = {req_prod}, \
+                     rsp_prod = {rsp_prod})"
+                ),
+            });
+        }
+        if reattach && !standby {
             let last = last_response(&win, co, cs, req_prod, rsp_prod);
             let detached = matches!(
                 last,
@@ -536,10 +582,14 @@ impl<'m> Primary<'m> {
                 stale += 1;
             }
             let _ = evt.publish_responses();
-            tracing::info!(
-                "re-attaching to a detached hypervisor (command ring at {req_prod}, \
-                 {stale} stale events answered)"
-            );
+            if standby {
+                tracing::info!("attaching to the standby's command ring at {req_prod}");
+            } else {
+                tracing::info!(
+                    "re-attaching to a detached hypervisor (command ring at {req_prod}, \
+                     {stale} stale events answered)"
+                );
+            }
         }
         let pages = ctl.guest_pages() as usize;
         Ok(Self {
@@ -751,7 +801,16 @@ impl<'m> Primary<'m> {
                 mode: LogDirtyMode::WriteProtect,
             },
             "LogDirtyEnable",
-        )?;
+        )
+        .map_err(|e| match e {
+            PrimaryError::CommandFailed {
+                errno: Errno::EPERM,
+                ..
+            } => PrimaryError::Standby {
+                why: "the hypervisor refused LogDirtyEnable with EPERM",
+            },
+            e => e,
+        })?;
         tracing::info!(
             "log-dirty enabled; guest of {} pages at machine {:#x}",
             self.ctl.guest_pages(),

@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 
 use doppel_abi::chan::ChannelLayout;
 use doppel_abi::control::{ControlHeader, Features, Field, Region, MAGIC};
+use doppel_abi::locator::{Locator, LOCATOR_AT, LOCATOR_WORDS};
 use doppel_abi::msg::{kind, CheckpointReady, LogDirtyMode, Reply, Response, Span};
 use doppel_abi::ring::{slot_size, RingLayout, REQ_PROD};
 use doppel_abi::{
@@ -41,8 +42,13 @@ use zerocopy::IntoBytes;
 use crate::machine::{MachineRam, PAGE};
 use crate::synth::Rng;
 
-/// Where the control area starts in the simulated machine.
-pub const CONTROL_AT: u64 = 0x10_0000;
+/// Where the control area starts in the simulated machine: like the
+/// hypervisor's, in memory the guest cannot write, and found by the tool
+/// through the control locator at [`LOCATOR_AT`] (16 MiB), the MiB below.
+pub const CONTROL_AT: u64 = LOCATOR_AT + 0x10_0000;
+/// Where [`Sim::create`] plants a fake control area in the guest's RAM (a
+/// guest can write one there): pages from the start of the guest RAM.
+pub const FAKE_AT_PAGE: u64 = 2;
 
 /// How the simulated hypervisor misbehaves (for error-path tests).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -129,7 +135,8 @@ pub struct Sim {
 
 impl Sim {
     /// Create `path` (junk, a stray unaligned magic, the control area at
-    /// [`CONTROL_AT`], guest RAM after it) and publish the control area.
+    /// [`CONTROL_AT`], guest RAM after it with a fake control area at
+    /// [`FAKE_AT_PAGE`]) and publish the control area.
     pub fn create(path: &Path, spec: SimSpec) -> std::io::Result<Self> {
         let (machine, mut h) = create_machine(
             path,
@@ -150,12 +157,26 @@ impl Sim {
         let mut g = vec![0u8; h.guest_ram.size as usize];
         rng.fill(&mut g);
         mem.write_bytes(h.guest_ram.offset as usize, &g);
+        // What a hostile guest can do: a copy of the real header on one of
+        // its own pages, whole and valid on its own, claiming guest RAM
+        // elsewhere (the MiB of slack after the real guest RAM). A tool
+        // that scanned for the magic would find two areas.
+        let mut fake = h;
+        fake.guest_ram = Region {
+            offset: h.guest_ram.offset + h.guest_ram.size,
+            size: (h.guest_ram.size).min(0x10_0000),
+        };
+        mem.write_bytes(
+            (h.guest_ram.offset + FAKE_AT_PAGE * PAGE as u64) as usize,
+            fake.as_bytes(),
+        );
+        let placed = placed_size(&h);
         if let Some(t) = spec.tamper {
             t(&mut h);
         }
         // A tampered header may name rings that do not fit: those are left
         // as they are, the area is published all the same.
-        if let Err(e) = publish(&machine, &h, false) {
+        if let Err(e) = publish(&machine, &h, placed, false) {
             if spec.tamper.is_none() {
                 return Err(std::io::Error::other(e));
             }
@@ -342,7 +363,8 @@ fn guest_runs(
 // checkpoints and post events.
 
 /// Create the machine RAM file at `path`: the control area packed from
-/// `sizes` with `features` at [`CONTROL_AT`], `guest_pages` of guest RAM
+/// `sizes` with `features` at [`CONTROL_AT`] (above the locator page),
+/// `guest_pages` of guest RAM
 /// from the next MiB after it, a MiB of slack at the end (all zero). The
 /// header names the guest RAM and is not published yet ([`publish`]).
 pub(crate) fn create_machine(
@@ -367,14 +389,23 @@ pub(crate) fn create_machine(
     Ok((machine, h))
 }
 
+/// Bytes the simulated hypervisor gives the control area of `h`: its
+/// `total_size` in whole pages (what the hypervisor allocates).
+pub(crate) fn placed_size(h: &ControlHeader) -> u64 {
+    h.total_size.next_multiple_of(PAGE as u64)
+}
+
 /// Publish `h` at [`CONTROL_AT`] the way the hypervisor does: everything
 /// but the magic, then the shared indices of both rings (and of both
-/// channels with `channels`), then, after a release fence, `h.magic`.
+/// channels with `channels`), then, after a release fence, `h.magic`;
+/// then the control locator at [`LOCATOR_AT`] (`placed` bytes at
+/// [`CONTROL_AT`]), its magic last.
 /// A ring or channel whose region does not fit its layout is left as it
 /// is and named in the error; the rest is published all the same.
 pub(crate) fn publish(
     machine: &MachineRam,
     h: &ControlHeader,
+    placed: u64,
     channels: bool,
 ) -> Result<(), String> {
     let win = machine.window(CONTROL_AT as usize);
@@ -409,6 +440,18 @@ pub(crate) fn publish(
     }
     win.fence_release();
     win.write_bytes(0, &h.magic.to_le_bytes());
+    let loc = Locator {
+        control_at: CONTROL_AT,
+        control_size: placed,
+    }
+    .encode();
+    let lwin = machine.window(LOCATOR_AT as usize);
+    for (i, w) in loc.iter().enumerate().skip(1) {
+        lwin.write_bytes(i * 8, &w.to_le_bytes());
+    }
+    lwin.fence_release();
+    lwin.write_bytes(0, &loc[0].to_le_bytes());
+    debug_assert_eq!(loc.len(), LOCATOR_WORDS);
     win.fence_full();
     bad.map_or(Ok(()), Err)
 }

@@ -49,8 +49,8 @@ use zerocopy::{FromZeros, IntoBytes};
 
 use crate::machine::{MachineRam, PAGE};
 use crate::sim::{
-    attach_rings, create_machine, detach, log_dirty_enable, publish, region, respond, stage,
-    DirtyLog, CONTROL_AT,
+    attach_rings, create_machine, detach, log_dirty_enable, placed_size, publish, region, respond,
+    stage, DirtyLog, CONTROL_AT,
 };
 use crate::synth::Rng;
 
@@ -224,7 +224,7 @@ impl KvSim {
         if !spec.standby {
             KvGuest::init(&mem, guest_at, spec.keys);
         }
-        publish(&machine, &h, true).map_err(bad)?;
+        publish(&machine, &h, placed_size(&h), true).map_err(bad)?;
         Ok(Self {
             machine,
             spec,
@@ -295,6 +295,12 @@ impl KvSim {
                 let mut post_output: Option<(u64, u64)> = None;
                 let result = match req.decode() {
                     Err(x) => Err(x.errno()),
+                    // As the hypervisor: a standby's RAM is the backup's
+                    // to fill; a primary tool may not take its rings.
+                    Ok(Command::LogDirtyEnable { .. }) if self.spec.standby => {
+                        eprintln!("sim-hv: LogDirtyEnable refused (EPERM): a standby");
+                        Err(Errno::EPERM)
+                    }
                     Ok(Command::LogDirtyEnable { mode }) if !self.spec.standby => {
                         if detached && mode == LogDirtyMode::WriteProtect {
                             // A new session (the new tool answered the old

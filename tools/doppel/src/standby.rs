@@ -98,7 +98,8 @@ impl<'m> Standby<'m> {
         let win = self.machine.window(self.ctl.at as usize);
         win.write_bytes(vo, &self.blob);
         win.fence_full();
-        let mut p = Primary::attach(self.machine, self.ctl, cfg).map_err(StandbyError::Activate)?;
+        let mut p =
+            Primary::attach_standby(self.machine, self.ctl, cfg).map_err(StandbyError::Activate)?;
         match p
             .command(Command::Activate { epoch }, "Activate")
             .map_err(StandbyError::Activate)?

@@ -17,11 +17,13 @@ use std::time::{Duration, Instant};
 
 use doppel::ack::AckWriter;
 use doppel::machine::MachineRam;
-use doppel::primary::{Output, Primary, PrimaryConfig};
+use doppel::primary::{Output, Primary, PrimaryConfig, PrimaryError};
 use doppel::sim::{Sim, SimSpec};
 use doppel::sim_kv::{KvSim, KvSpec};
 use doppel::stream::format::rec;
 use doppel::stream::{Limits, Record, StreamError, StreamReader, StreamWriter};
+use doppel_abi::msg::LogDirtyMode;
+use doppel_abi::{Command as HvCommand, Errno};
 
 const BIN: &str = env!("CARGO_BIN_EXE_doppel");
 
@@ -265,12 +267,18 @@ struct Extra<'a> {
     backup: &'a [&'a str],
     primary: &'a [&'a str],
     proxy: bool,
+    /// Runs in the scratch directory once the standby published its
+    /// area, before the backup starts.
+    on_standby: Option<fn(&Path)>,
 }
 
 fn pipeline(name: &str, x: Extra<'_>) -> Pipeline {
     let dir = scratch(name);
     let sim_primary = sim_hv(&dir, "p.ram", false, x.sim_primary);
     let sim_standby = sim_hv(&dir, "s.ram", true, &[]);
+    if let Some(f) = x.on_standby {
+        f(&dir);
+    }
     let backup = spawn_backup(&dir, "s.ram", x.backup);
     let listen = backup.addr("listening on ");
     let bclients = backup.addr("clients on ");
@@ -311,6 +319,16 @@ fn fail_over(
     with_proxy: bool,
     break_it: impl FnOnce(&mut Pipeline),
 ) -> (Pipeline, String, String) {
+    fail_over_with(name, with_proxy, None, break_it)
+}
+
+/// [`fail_over`], with `on_standby` run before the backup starts.
+fn fail_over_with(
+    name: &str,
+    with_proxy: bool,
+    on_standby: Option<fn(&Path)>,
+    break_it: impl FnOnce(&mut Pipeline),
+) -> (Pipeline, String, String) {
     let mut p = pipeline(
         name,
         Extra {
@@ -327,6 +345,7 @@ fn fail_over(
                 "20",
             ],
             proxy: with_proxy,
+            on_standby,
         },
     );
     let mut client = spawn_client(
@@ -498,6 +517,70 @@ fn malformed_client_frame_drops_the_connection_not_the_primary() {
         "client: ops=200 answered=200 replays=0 failovers=0 lost_acked=0 divergent=0 \
          last_version=200 result=pass"
     );
+}
+
+/// A primary tool pointed at the standby's RAM, before its backup starts:
+/// `doppel primary` refuses with a clear error (sending nothing), and a
+/// `LogDirtyEnable` sent anyway is refused by the (simulated) hypervisor
+/// with EPERM. Neither takes the standby's rings.
+fn point_a_primary_at_the_standby(dir: &Path) {
+    let mut p = Proc::spawn(
+        "primary on the standby",
+        dir,
+        &[
+            "primary",
+            "--machine-ram",
+            "s.ram",
+            "--backup",
+            "127.0.0.1:1",
+            "--wait-control",
+            "2",
+        ],
+    );
+    let st = p.wait_exit(10);
+    let err = p.err_lines().join("\n");
+    assert_eq!(st.code(), Some(1), "{err}");
+    assert!(
+        err.contains("this machine is a standby; `doppel primary` replicates a running primary"),
+        "{err}"
+    );
+    // A tool that does not check the features: the hypervisor refuses.
+    let m = MachineRam::open(&dir.join("s.ram")).unwrap();
+    let ctl = m.find_control().unwrap();
+    assert!(matches!(
+        Primary::attach(&m, ctl, PrimaryConfig::default()),
+        Err(PrimaryError::Standby { .. })
+    ));
+    let mut rogue = Primary::attach_standby(&m, ctl, PrimaryConfig::default()).unwrap();
+    let r = rogue.command(
+        HvCommand::LogDirtyEnable {
+            mode: LogDirtyMode::WriteProtect,
+        },
+        "LogDirtyEnable",
+    );
+    assert!(
+        matches!(
+            r,
+            Err(PrimaryError::CommandFailed {
+                errno: Errno::EPERM,
+                ..
+            })
+        ),
+        "{r:?}"
+    );
+}
+
+#[test]
+fn a_primary_pointed_at_the_standby_is_refused_and_the_standby_still_fails_over() {
+    let (_p, _, fail) = fail_over_with(
+        "primaryonstandby",
+        false,
+        Some(point_a_primary_at_the_standby),
+        |p| p.sim_primary.kill9(),
+    );
+    // The backup filled the standby and its Activate was accepted.
+    let (after, from) = failover_epochs(&fail);
+    assert_eq!(after, from);
 }
 
 #[test]

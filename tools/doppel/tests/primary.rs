@@ -17,6 +17,8 @@ use doppel::sim::{Misbehave, Sim, SimResult, SimSpec};
 use doppel::stream::format::{feature, libxl_rec, rec};
 use doppel::stream::{Limits, StreamError, StreamReader, PAGE_SIZE};
 use doppel_abi::control::ControlHeader;
+use doppel_abi::locator::LOCATOR_AT;
+use doppel_abi::SharedMem;
 
 fn scratch(name: &str) -> PathBuf {
     // Under the target directory (as replica_file.rs), not the system's
@@ -434,11 +436,98 @@ fn control_error(name: &str, tamper: fn(&mut ControlHeader)) -> MachineError {
 }
 
 #[test]
-fn wrong_magic_is_not_found() {
-    // The simulator also plants the magic at an unaligned address: ignored.
+fn wrong_magic_is_named() {
+    // The locator points at an area whose magic is wrong.
     let e = control_error("magic", |h| h.magic ^= 1);
+    assert!(matches!(e, MachineError::Control { .. }), "{e}");
+    assert!(e.to_string().contains("field magic is"), "{e}");
+}
+
+#[test]
+fn no_locator_is_not_found() {
+    // A valid control area, but no locator (a hypervisor still booting):
+    // the area is not looked for elsewhere.
+    let dir = scratch("nolocator");
+    let ram = dir.join("machine.ram");
+    let _sim = Sim::create(&ram, SimSpec::default()).unwrap();
+    let m = MachineRam::open(&ram).unwrap();
+    m.mem().write_bytes(LOCATOR_AT as usize, &[0; 8]);
+    let e = m.find_control().unwrap_err();
     assert!(matches!(e, MachineError::NotFound { .. }), "{e}");
     assert!(e.to_string().contains("no control area"), "{e}");
+    // A file too small to hold the locator page.
+    let small = dir.join("small.ram");
+    std::fs::write(&small, vec![0u8; LOCATOR_AT as usize]).unwrap();
+    let e = MachineRam::open(&small)
+        .unwrap()
+        .find_control()
+        .unwrap_err();
+    assert!(matches!(e, MachineError::NoLocatorPage { .. }), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_control_area_planted_in_guest_ram_is_ignored() {
+    // The simulator plants what a hostile guest can: a whole, valid copy
+    // of the header on a page of its own RAM. Scanning for the magic, the
+    // tool found two areas and gave up (`doppel inspect` and re-attach
+    // failed); through the locator it finds the hypervisor's alone.
+    let dir = scratch("planted");
+    let ram = dir.join("machine.ram");
+    let sim = Sim::create(&ram, SimSpec::default()).unwrap();
+    let g = sim.header().guest_ram;
+    let fake_at = g.offset + doppel::sim::FAKE_AT_PAGE * PAGE_SIZE as u64;
+    let m = MachineRam::open(&ram).unwrap();
+    m.control_at(fake_at)
+        .expect("the planted area validates on its own");
+    let ctl = m.find_control().unwrap();
+    assert_eq!(ctl.at, doppel::sim::CONTROL_AT);
+    assert_eq!(ctl.guest_ram(), g);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_doppel"))
+        .args(["inspect", "--machine-ram"])
+        .arg(&ram)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains(&format!(
+            "control area at machine address {:#x}",
+            doppel::sim::CONTROL_AT
+        )),
+        "{text}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_control_area_inside_its_own_guest_ram_is_refused() {
+    // The area (or the locator page) inside the guest RAM its header
+    // declares is guest-writable: refused, named.
+    let e = control_error("inguest", |h| {
+        h.guest_ram.offset = doppel::sim::CONTROL_AT - 0x1000;
+    });
+    assert!(matches!(e, MachineError::BadLocator { .. }), "{e}");
+    assert!(
+        e.to_string()
+            .contains("the control area lies in the guest RAM its header declares"),
+        "{e}"
+    );
+    let e = control_error("locinguest", |h| {
+        h.guest_ram = doppel_abi::control::Region {
+            offset: LOCATOR_AT,
+            size: 0x1000,
+        };
+    });
+    assert!(
+        e.to_string()
+            .contains("the guest RAM the header declares covers the locator page"),
+        "{e}"
+    );
 }
 
 #[test]

@@ -4,6 +4,9 @@
 //! while the boot map covers only 4 GiB rely on that).
 
 use core::ops::Range;
+use core::sync::atomic::{AtomicBool, Ordering};
+
+use doppel_abi::locator::{LOCATOR_AT, LOCATOR_SIZE};
 
 use doppel_kernel::bootinfo::{BootInfo, RegionKind};
 use doppel_kernel::memmap::RangeSet;
@@ -20,6 +23,16 @@ const MAX_RANGES: usize = 64;
 const LOW_MEMORY_END: u64 = 0x10_0000;
 
 static FREE: Mutex<RangeSet<MAX_RANGES>> = Mutex::new(RangeSet::new());
+/// The locator page was free RAM at boot and is now reserved.
+static LOCATOR_RESERVED: AtomicBool = AtomicBool::new(false);
+
+/// The control locator's page, reserved at boot (never allocated), or
+/// `None` when it was not free RAM.
+pub fn locator_page() -> Option<u64> {
+    LOCATOR_RESERVED
+        .load(Ordering::Relaxed)
+        .then_some(LOCATOR_AT)
+}
 
 pub struct Summary {
     pub free_bytes: u64,
@@ -58,6 +71,25 @@ pub fn init(
         reserve(&mut free, u64::from(m.start)..u64::from(m.end))?;
     }
     free.align_inward(PAGE_SIZE);
+    // The control locator's page (hv/abi locator.rs) is never handed out:
+    // so it is never guest RAM, nor mapped by any nested table. If it is
+    // not free RAM here (no RAM there, or the image or a module over it),
+    // publishing a control area fails later with a clear error.
+    let loc = LOCATOR_AT..LOCATOR_AT + LOCATOR_SIZE;
+    let loc_free = free
+        .ranges()
+        .iter()
+        .any(|r| r.start <= loc.start && loc.end <= r.end);
+    reserve(&mut free, loc)?;
+    if loc_free {
+        // Zero it: a magic left from an earlier boot must not point the
+        // tool at memory that is guest RAM now.
+        // SAFETY: the page is free RAM (checked just now), identity mapped
+        // by the boot tables (below 4 GiB), and belongs to no one: it was
+        // just taken out of the free set and nothing runs concurrently yet.
+        unsafe { core::ptr::write_bytes(LOCATOR_AT as *mut u8, 0, LOCATOR_SIZE as usize) };
+    }
+    LOCATOR_RESERVED.store(loc_free, Ordering::Relaxed);
     if free.total() == 0 {
         return Err(MemError::NoMemoryMap);
     }

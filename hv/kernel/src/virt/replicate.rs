@@ -273,6 +273,40 @@ struct ControlArea {
     committed: Option<u64>,
 }
 
+/// Write the control locator (hv/abi locator.rs) for the area at `pa`
+/// (`size` bytes): the tool finds the area through it, never by scanning
+/// memory the guest can write. Address and size first, then, after a
+/// release fence, the magic.
+fn publish_locator(pa: u64, size: u64, total: u64, guest_ram: Region) -> Result<(), &'static str> {
+    use core::sync::atomic::{fence, Ordering};
+    use doppel_abi::locator::{Locator, LOCATOR_WORDS};
+    let at = frames::locator_page().ok_or(
+        "the control locator page (16 MiB) is not free RAM; the tool could not find the area",
+    )?;
+    let loc = Locator {
+        control_at: pa,
+        control_size: size,
+    };
+    // Our own placement must pass the tool's checks (it always does: the
+    // locator page and the area are the allocator's, the guest RAM too).
+    loc.check(total, guest_ram)
+        .map_err(|_| "own control locator does not check")?;
+    // SAFETY: the locator page was reserved at boot (never handed out by
+    // the frame allocator, so never guest RAM and never mapped by a nested
+    // table), is identity mapped, 8-byte aligned and lives for the whole
+    // run. Besides us only the dom0 tool reads it, from another process;
+    // every access here is atomic.
+    let words: &'static [AtomicU64] =
+        unsafe { core::slice::from_raw_parts(at as *const AtomicU64, LOCATOR_WORDS) };
+    let w = loc.encode();
+    for i in 1..LOCATOR_WORDS {
+        words[i].store(w[i].to_le(), Ordering::Relaxed);
+    }
+    fence(Ordering::Release);
+    words[0].store(w[0].to_le(), Ordering::Release);
+    Ok(())
+}
+
 /// Error text for a ring the tool drove out of protocol.
 const PEER_BROKE_RING: &str = "the dom0 tool broke the ring protocol (index out of range)";
 /// Error text for an event ack that answers no posted event.
@@ -403,6 +437,7 @@ impl ControlArea {
             };
             Ok(AtomicMem64::new(words))
         };
+        publish_locator(pa, size, h.total_size, h.guest_ram)?;
         let staging = area_mem(Field::Staging)?;
         let pfns = area_mem(Field::PfnList)?;
         let vcpu = area_mem(Field::VcpuArea)?;
@@ -477,6 +512,13 @@ impl ControlArea {
 
     fn execute(&mut self, cmd: Command) -> Result<Reply, Errno> {
         match cmd {
+            // A standby's RAM belongs to the backup that fills it; a
+            // primary tool pointed at it must not take its rings (the
+            // backup's `Activate` would then be refused).
+            Command::LogDirtyEnable { .. } if self.role == Role::Standby => {
+                log::warn!("standby: LogDirtyEnable refused (EPERM): this machine is a standby");
+                Err(Errno::EPERM)
+            }
             Command::LogDirtyEnable { mode } => {
                 if self.enabled {
                     // Xen: enabling twice is -EINVAL.
