@@ -87,7 +87,7 @@ fn cpuid_prefetchw() -> bool {
 mod tests {
     extern crate std;
     use super::*;
-    use core::sync::atomic::AtomicU64;
+    use core::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 
     #[test]
     fn detection_matches_the_os() {
@@ -103,17 +103,57 @@ mod tests {
         assert_eq!(has_prefetchw(), cpuid_prefetchw());
     }
 
-    #[test]
-    fn hint_changes_nothing() {
-        let words: std::vec::Vec<AtomicU64> = (0..64u64).map(AtomicU64::new).collect();
+    /// Bytes of a two-page buffer holding a known pattern that differ
+    /// from it after `hint` ran on every byte of it (each offset in a line,
+    /// the first and last byte of the buffer and of each page, lines split
+    /// across the page boundary), then once per `u64` word over the same
+    /// memory. The buffer is read back through `black_box`, so the compiler
+    /// cannot answer from the values it wrote.
+    fn changed_bytes(hint: impl Fn(usize, &AtomicU8)) -> std::vec::Vec<usize> {
+        const LEN: usize = 8192;
+        let pattern = |i: usize| (i as u8).wrapping_mul(151) ^ ((i >> 8) as u8) ^ 0xa5;
+        let bytes: std::vec::Vec<AtomicU8> = (0..LEN).map(|i| AtomicU8::new(pattern(i))).collect();
+        let bytes = core::hint::black_box(bytes);
+        for (i, b) in bytes.iter().enumerate() {
+            hint(i, b);
+        }
+        let words: std::vec::Vec<AtomicU64> = (0..LEN as u64 / 8)
+            .map(|i| AtomicU64::new(i.wrapping_mul(0x9e37_79b9_7f4a_7c15)))
+            .collect();
+        let words = core::hint::black_box(words);
         for w in &words {
             prefetch_write(w);
         }
-        let x = 0x1234_5678u32;
-        prefetch_write(&x);
-        assert_eq!(x, 0x1234_5678);
-        for (i, w) in words.iter().enumerate() {
-            assert_eq!(w.load(Ordering::Relaxed), i as u64);
+        let mut changed: std::vec::Vec<usize> = core::hint::black_box(&bytes)
+            .iter()
+            .enumerate()
+            .filter(|(i, b)| b.load(Ordering::Relaxed) != pattern(*i))
+            .map(|(i, _)| i)
+            .collect();
+        for (i, w) in core::hint::black_box(&words).iter().enumerate() {
+            if w.load(Ordering::Relaxed) != (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) {
+                changed.push(LEN + i);
+            }
         }
+        changed
+    }
+
+    #[test]
+    fn hint_changes_nothing() {
+        assert_eq!(changed_bytes(|_, b| prefetch_write(b)), std::vec![]);
+    }
+
+    #[test]
+    fn the_check_sees_a_hint_that_writes() {
+        // A "hint" that writes the first byte, the last byte of the first
+        // page and the last byte of the buffer is caught at each of them:
+        // `hint_changes_nothing` can fail.
+        let bad = |i: usize, b: &AtomicU8| {
+            prefetch_write(b);
+            if [0, 4095, 8191].contains(&i) {
+                b.fetch_xor(1, Ordering::Relaxed);
+            }
+        };
+        assert_eq!(changed_bytes(bad), std::vec![0, 4095, 8191]);
     }
 }
