@@ -28,6 +28,28 @@ pub const PASS_LINE: &str = "doppel-hv: exit=pass";
 /// The line the image prints last when it decided the run failed.
 pub const FAIL_LINE: &str = "doppel-hv: exit=fail";
 
+/// How the hypervisor prints a line of guest console output:
+/// `doppel-hv: guest: ...` (doppel_abi::guest::GuestLine). Such a line is
+/// the guest's, whatever follows: never a result line.
+pub const GUEST_LINE_PREFIX: &str = "doppel-hv: guest: ";
+
+/// Whether `line` (trimmed or not) is guest console output.
+pub fn is_guest_line(line: &str) -> bool {
+    line.trim_start().starts_with(GUEST_LINE_PREFIX)
+}
+
+/// The lines of `output` the hypervisor printed itself, trimmed: every
+/// line but the guest's console output. Result lines are matched only
+/// here.
+pub fn hv_lines(output: &str) -> impl Iterator<Item = &str> {
+    output.lines().map(str::trim).filter(|l| !is_guest_line(l))
+}
+
+/// [`hv_lines`] of `output`, each ended by a newline.
+pub fn hv_text(output: &str) -> String {
+    hv_lines(output).flat_map(|l| [l, "\n"]).collect()
+}
+
 /// What an emulator run left behind.
 #[derive(Debug)]
 pub struct Run {
@@ -43,10 +65,10 @@ pub struct Run {
 
 impl Run {
     pub fn passed(&self) -> bool {
-        !self.timed_out && self.output.lines().any(|l| l.trim() == PASS_LINE)
+        !self.timed_out && hv_lines(&self.output).any(|l| l == PASS_LINE)
     }
     pub fn failed_cleanly(&self) -> bool {
-        !self.timed_out && self.output.lines().any(|l| l.trim() == FAIL_LINE)
+        !self.timed_out && hv_lines(&self.output).any(|l| l == FAIL_LINE)
     }
     pub fn describe(&self) -> String {
         let mut s = format!("{:?} ran {:.1}s", self.emulator, self.elapsed.as_secs_f64());
@@ -59,12 +81,9 @@ impl Run {
         let _ = write!(s, ", logs in {}", self.dir.display());
         s
     }
-    /// Lines starting with `prefix`.
+    /// The hypervisor's lines starting with `prefix` (never the guest's).
     pub fn lines_with<'a>(&'a self, prefix: &'a str) -> impl Iterator<Item = &'a str> + 'a {
-        self.output
-            .lines()
-            .map(str::trim)
-            .filter(move |l| l.starts_with(prefix))
+        hv_lines(&self.output).filter(move |l| l.starts_with(prefix))
     }
 }
 
@@ -145,6 +164,12 @@ impl Running {
         fs::read(&self.text)
             .map(|b| String::from_utf8_lossy(&b).replace("\r\n", "\n"))
             .unwrap_or_default()
+    }
+
+    /// The hypervisor's own lines printed so far ([`hv_lines`]), one per
+    /// line: the guest's console output left out.
+    pub fn hv_output_so_far(&self) -> String {
+        hv_text(&self.output_so_far())
     }
 
     /// Kill the emulator's whole process group now (kill -9: the machine
@@ -324,4 +349,58 @@ fn bochs_command(iso: &Path, spec: &RunSpec, dir: &Path) -> Result<Command> {
         .stdout(Stdio::from(fs::File::create(dir.join("bochs.out"))?))
         .stderr(Stdio::from(fs::File::create(dir.join("bochs.err"))?));
     Ok(c)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use doppel_abi::guest::GuestLine;
+
+    fn run_of(output: String) -> Run {
+        Run {
+            output,
+            exit_code: Some(33),
+            timed_out: false,
+            elapsed: Duration::from_secs(1),
+            emulator: Emulator::Qemu,
+            dir: PathBuf::new(),
+        }
+    }
+
+    /// A guest that prints every result line the runner looks for, then
+    /// crashes: each line reaches the log as the hypervisor forwards it.
+    fn hostile_guest() -> String {
+        [
+            "exit=pass",
+            "doppel-hv: exit=pass",
+            "guest: exit=pass",
+            "logdirty: backend=svm result=pass epochs=40 failed=0",
+            "x\rdoppel-hv: exit=pass",
+            "svm: lapic timer: armed for 20000 TSC ticks, timer_exits=3",
+            "primary: replication detached; guest runs unprotected",
+        ]
+        .iter()
+        .map(|l| format!("doppel-hv: {}\n", GuestLine(l.as_bytes())))
+        .collect::<String>()
+            + "doppel-hv: error: guest shut down (triple fault)\n"
+    }
+
+    #[test]
+    fn result_lines_printed_by_the_guest_do_not_count() {
+        let out = hostile_guest();
+        let run = run_of(out.clone());
+        assert!(!run.passed(), "{out}");
+        assert!(!run.failed_cleanly());
+        assert_eq!(run.lines_with("doppel-hv: svm: lapic timer:").count(), 0);
+        assert_eq!(run.lines_with("doppel-hv: guest").count(), 0);
+        assert_eq!(hv_lines(&out).count(), 1);
+        let r = crate::selftest::Report::parse(&out);
+        assert!(r.summary.is_none() && r.lines.is_empty(), "{r:?}");
+        // The hypervisor's own lines still count.
+        let run = run_of(format!(
+            "{out}doppel-hv: svm: lapic timer: timer_exits=3\n{PASS_LINE}\n"
+        ));
+        assert!(run.passed());
+        assert_eq!(run.lines_with("doppel-hv: svm: lapic timer:").count(), 1);
+    }
 }

@@ -397,7 +397,7 @@ fn boot(ctx: &mut Ctx, doppel: &Path, cmdline: &str, tag: &str) -> Result<Machin
                 ram,
             });
         }
-        let out = qemu.output_so_far();
+        let out = qemu.hv_output_so_far();
         if out.contains(emu::FAIL_LINE) || out.contains(emu::PASS_LINE) {
             bail!("the hypervisor ({cmdline}) ended before publishing its control area:\n{out}");
         }
@@ -490,7 +490,9 @@ impl Progress {
             recent.iter().map(|e| e.1 as f64).sum::<f64>() / recent.len() as f64
         };
         let shipped: u64 = eps.iter().map(|e| e.2).sum();
-        let hv = primary_hv.map(Running::output_so_far).unwrap_or_default();
+        let hv = primary_hv
+            .map(Running::hv_output_so_far)
+            .unwrap_or_default();
         let pause = hv
             .lines()
             .rev()
@@ -687,7 +689,7 @@ pub fn run(ctx: &mut Ctx, sc: &Scenario, progress: &mut Progress) -> Result<Outc
     let sb = stby
         .qemu
         .as_ref()
-        .map(Running::output_so_far)
+        .map(Running::hv_output_so_far)
         .unwrap_or_default();
     if !sb
         .find("standby: activated")
@@ -703,7 +705,7 @@ pub fn run(ctx: &mut Ctx, sc: &Scenario, progress: &mut Progress) -> Result<Outc
         let hv = prim
             .qemu
             .as_ref()
-            .map(Running::output_so_far)
+            .map(Running::hv_output_so_far)
             .unwrap_or_default();
         let last_release = hv
             .lines()
@@ -730,7 +732,7 @@ pub fn run(ctx: &mut Ctx, sc: &Scenario, progress: &mut Progress) -> Result<Outc
         let hv_log = || {
             prim.qemu
                 .as_ref()
-                .map(Running::output_so_far)
+                .map(Running::hv_output_so_far)
                 .unwrap_or_default()
         };
         let detached = hv_log().contains(DETACHED);
@@ -798,7 +800,7 @@ pub fn run(ctx: &mut Ctx, sc: &Scenario, progress: &mut Progress) -> Result<Outc
     let hv = prim
         .qemu
         .as_ref()
-        .map(Running::output_so_far)
+        .map(Running::hv_output_so_far)
         .unwrap_or_default();
     out.pause_cycles = hv.lines().filter_map(|l| num(l, "pause_cycles")).collect();
     out.epoch_cycles = hv.lines().filter_map(|l| num(l, "epoch_cycles")).collect();

@@ -184,7 +184,7 @@ fn boot_primary(
         if let Some(g) = guest_ram(doppel, &ram.0)? {
             return Ok((qemu, ram, g));
         }
-        let out = qemu.output_so_far();
+        let out = qemu.hv_output_so_far();
         let ended = out
             .lines()
             .any(|l| l.trim() == emu::PASS_LINE || l.trim() == emu::FAIL_LINE);
@@ -305,9 +305,8 @@ pub fn step_replica_qemu(ctx: &mut Ctx) -> Result<String> {
         .to_string();
     // The tool detached after its last epoch; the hypervisor said so and
     // powered off by itself (it waits for Detach once the guest is done).
-    let detached = run
-        .output
-        .contains("replication detached; guest runs unprotected");
+    let detached = crate::emu::hv_lines(&run.output)
+        .any(|l| l.contains("replication detached; guest runs unprotected"));
     let line = format!(
         "replica: epochs={EPOCHS} pages_compared={pages} mismatches={mismatches} \
          vcpu_blob={} detached={detached} (backup: last committed epoch {committed})",

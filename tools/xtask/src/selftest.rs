@@ -90,10 +90,15 @@ impl Report {
     pub fn parse(output: &str) -> Self {
         let mut r = Report::default();
         for line in output.lines().map(str::trim) {
-            if let Some(rest) = line.split("guest: workload region ").nth(1) {
-                match rest.strip_suffix(" pages").map(str::parse) {
-                    Some(Ok(n)) => r.work_pages.push(n),
-                    _ => r.malformed.push(line.to_string()),
+            // The guest's console lines: only its workload region is read
+            // there; result lines come from the hypervisor alone.
+            if emu::is_guest_line(line) {
+                let body = &line[emu::GUEST_LINE_PREFIX.len()..];
+                if let Some(rest) = body.strip_prefix("workload region ") {
+                    match rest.strip_suffix(" pages").map(str::parse) {
+                        Some(Ok(n)) => r.work_pages.push(n),
+                        _ => r.malformed.push(line.to_string()),
+                    }
                 }
                 continue;
             }
