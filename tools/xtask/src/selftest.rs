@@ -26,13 +26,15 @@ pub const BOCHS_TIMEOUT: Duration = Duration::from_secs(600);
 /// Hard limit of one QEMU self-test run.
 pub const QEMU_TIMEOUT: Duration = Duration::from_secs(300);
 
-/// The backend an emulator's CPU gets, and how many tracking modes it runs.
-pub fn backend(emulator: Emulator) -> (&'static str, u64) {
+/// The backend an emulator's CPU gets, and the tracking modes it runs (as
+/// the image names them in `mode=`).
+pub fn backend(emulator: Emulator) -> (&'static str, [&'static str; 2]) {
+    use doppel_core::selftest::Mode;
     match emulator {
         // EPT write-protect and PML.
-        Emulator::Bochs => ("vmx", 2),
+        Emulator::Bochs => ("vmx", [Mode::WriteProtect.name(), Mode::Pml.name()]),
         // NPT write-protect and the NPT dirty-bit scan.
-        Emulator::Qemu => ("svm", 2),
+        Emulator::Qemu => ("svm", [Mode::WriteProtect.name(), Mode::AdScan.name()]),
     }
 }
 
@@ -149,9 +151,10 @@ impl Report {
         r
     }
 
-    /// Why this is not a passing run of `backend` with `want_epochs` epochs
-    /// in all, or Ok.
-    pub fn check_pass(&self, backend: &str, want_epochs: u64) -> Result<()> {
+    /// Why this is not a passing run of `backend` in which each of `modes`
+    /// ran `per_mode` epochs (and no other mode ran), or Ok.
+    pub fn check_pass(&self, backend: &str, modes: &[&str], per_mode: u64) -> Result<()> {
+        let want_epochs = per_mode * modes.len() as u64;
         if let Some(l) = self.malformed.first() {
             bail!("malformed logdirty line: {l}");
         }
@@ -169,6 +172,16 @@ impl Report {
         for e in &self.epochs {
             if e.backend != backend || e.missing != 0 || e.extra != 0 || e.fail_mark {
                 bail!("epoch failed: {e:?}");
+            }
+            if !modes.contains(&e.mode.as_str()) {
+                bail!("mode={} ran, expected only {modes:?}: {e:?}", e.mode);
+            }
+        }
+        // The count alone passes a run whose one mode ran twice as long.
+        for m in modes {
+            let n = self.epochs.iter().filter(|e| e.mode == *m).count() as u64;
+            if n != per_mode {
+                bail!("mode={m} ran {n} epochs, expected {per_mode}");
             }
         }
         self.check_workload()
@@ -301,8 +314,7 @@ pub fn boot(img: &Image, emulator: Emulator, extra: &str, tag: &str) -> Result<(
 /// Check a run that should pass; the detail line on success.
 pub fn judge_pass(emulator: Emulator, extra: &str, run: &Run, report: &Report) -> Result<String> {
     let (backend, modes) = backend(emulator);
-    let want = modes * PATTERNS * epochs_of(extra);
-    if let Err(e) = report.check_pass(backend, want) {
+    if let Err(e) = report.check_pass(backend, &modes, PATTERNS * epochs_of(extra)) {
         bail!("{e:#} ({}); output:\n{}", run.describe(), run.output);
     }
     if !run.passed() {
@@ -352,6 +364,9 @@ pub fn command(img: &Image, emulator: Emulator, extra: &str) -> Result<()> {
 mod tests {
     use super::*;
 
+    /// The VMX backend's modes.
+    const VMX: &[&str] = &["wp", "pml"];
+
     const GOOD: &str = "\
 doppel-hv: guest: workload region 15360 pages
 logdirty: backend=vmx mode=wp pattern=seq epoch=0 dirty=1033 truth=1033 missing=0 extra=0 exits=1033 pause_cycles=5
@@ -366,10 +381,10 @@ logdirty: backend=vmx result=pass epochs=2 failed=0
         assert_eq!(r.epochs.len(), 2);
         assert_eq!(r.epochs[1].exits, 2);
         assert_eq!(r.epochs[1].mode, "pml");
-        r.check_pass("vmx", 2).unwrap();
+        r.check_pass("vmx", VMX, 1).unwrap();
         // Wrong count, wrong backend.
-        assert!(r.check_pass("vmx", 40).is_err());
-        assert!(r.check_pass("svm", 2).is_err());
+        assert!(r.check_pass("vmx", VMX, 20).is_err());
+        assert!(r.check_pass("svm", VMX, 1).is_err());
         assert!(r.check_caught("vmx").is_err());
         assert_eq!(
             r.per_pattern(),
@@ -388,20 +403,20 @@ logdirty: backend=vmx result=pass epochs=2 failed=0
             "dirty=1033 truth=1033 missing=0 extra=0 exits=1033",
             "dirty=9 truth=9 missing=0 extra=0 exits=9",
         );
-        let e = Report::parse(&idle).check_pass("vmx", 2).unwrap_err();
+        let e = Report::parse(&idle).check_pass("vmx", VMX, 1).unwrap_err();
         assert!(e.to_string().contains("writes 1024 distinct pages"), "{e}");
         // Half the pattern.
         let half = GOOD.replace(
             "truth=1033 missing=0 extra=0 exits=2",
             "truth=521 missing=0 extra=0 exits=2",
         );
-        assert!(Report::parse(&half).check_pass("vmx", 2).is_err());
+        assert!(Report::parse(&half).check_pass("vmx", VMX, 1).is_err());
         // No region line, or a region of another size (epoch 0 of seq
         // writes min(1024, region) pages).
         let none: String = GOOD.lines().skip(1).map(|l| format!("{l}\n")).collect();
-        assert!(Report::parse(&none).check_pass("vmx", 2).is_err());
+        assert!(Report::parse(&none).check_pass("vmx", VMX, 1).is_err());
         let small = GOOD.replace("region 15360 pages", "region 512 pages");
-        assert!(Report::parse(&small).check_pass("vmx", 2).is_err());
+        assert!(Report::parse(&small).check_pass("vmx", VMX, 1).is_err());
     }
 
     #[test]
@@ -416,7 +431,7 @@ logdirty: backend=vmx result=pass epochs=2 failed=0
                 "result=fail epochs=2 failed=1",
             );
         let r = Report::parse(&bad);
-        assert!(r.check_pass("vmx", 2).is_err());
+        assert!(r.check_pass("vmx", VMX, 1).is_err());
         r.check_caught("vmx").unwrap();
     }
 
@@ -424,17 +439,46 @@ logdirty: backend=vmx result=pass epochs=2 failed=0
     fn a_passing_summary_does_not_excuse_a_bad_epoch_line() {
         // The summary claims pass but one epoch has an extra page.
         let lie = GOOD.replace("missing=0 extra=0 exits=2", "missing=0 extra=1 exits=2");
-        assert!(Report::parse(&lie).check_pass("vmx", 2).is_err());
+        assert!(Report::parse(&lie).check_pass("vmx", VMX, 1).is_err());
         // A missing epoch line.
         let short: String = GOOD
             .lines()
             .filter(|l| !l.contains("mode=pml"))
             .map(|l| format!("{l}\n"))
             .collect();
-        assert!(Report::parse(&short).check_pass("vmx", 2).is_err());
+        assert!(Report::parse(&short).check_pass("vmx", VMX, 1).is_err());
         // A malformed line.
         let junk = format!("{GOOD}logdirty: backend=vmx mode=wp dirty=x\n");
-        assert!(Report::parse(&junk).check_pass("vmx", 2).is_err());
+        assert!(Report::parse(&junk).check_pass("vmx", VMX, 1).is_err());
+    }
+
+    #[test]
+    fn every_mode_must_run_its_epochs() {
+        // The epoch count is right (2) but PML never ran: write-protect
+        // ran twice.
+        let wp_twice = GOOD.replace("mode=pml", "mode=wp");
+        let e = Report::parse(&wp_twice)
+            .check_pass("vmx", VMX, 1)
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("mode=wp ran 2 epochs, expected 1"),
+            "{e}"
+        );
+        // A mode of the other backend instead of PML.
+        let ad = GOOD.replace("mode=pml", "mode=ad");
+        let e = Report::parse(&ad).check_pass("vmx", VMX, 1).unwrap_err();
+        assert!(e.to_string().contains("mode=ad ran"), "{e}");
+        // A report missing one mode's lines altogether.
+        let no_pml: String = GOOD
+            .lines()
+            .filter(|l| !l.contains("mode=pml"))
+            .map(|l| format!("{l}\n"))
+            .collect::<String>()
+            .replace("epochs=2", "epochs=1");
+        assert!(Report::parse(&no_pml).check_pass("vmx", VMX, 1).is_err());
+        // The names are the image's.
+        assert_eq!(backend(Emulator::Bochs), ("vmx", ["wp", "pml"]));
+        assert_eq!(backend(Emulator::Qemu), ("svm", ["wp", "ad"]));
     }
 
     #[test]
