@@ -69,7 +69,8 @@ pub fn guest_pages_parser() -> clap::builder::RangedU64ValueParser<u64> {
 pub struct PrimaryArgs {
     /// The machine's RAM as a host file (QEMU `-object
     /// memory-backend-file,mem-path=FILE,share=on`). The control area is
-    /// found by its magic at a 4 KiB boundary.
+    /// found through the hypervisor's locator page at 16 MiB, never by
+    /// scanning (the guest's RAM is in the file too).
     #[arg(long, value_name = "FILE")]
     machine_ram: PathBuf,
     /// Replicate to the backup listening at this address (host:port).
