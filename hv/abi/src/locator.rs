@@ -15,10 +15,12 @@
 
 use crate::control::Region;
 
-/// Machine address of the locator page (16 MiB: above the hypervisor
-/// image, which linker.ld keeps below it, and below the RAM of any machine
-/// that can hold a guest).
-pub const LOCATOR_AT: u64 = 0x100_0000;
+/// Machine address of the locator page (512 KiB: conventional memory
+/// below 1 MiB, which every PC has as RAM, which the frame allocator never
+/// hands out and where neither the image (linked at 1 MiB) nor GRUB's
+/// modules (placed above the image; a guest kernel module can be tens of
+/// MiB) ever lie).
+pub const LOCATOR_AT: u64 = 0x8_0000;
 /// Bytes of the locator page.
 pub const LOCATOR_SIZE: u64 = 4096;
 /// "DOPPELLO" read as a little-endian `u64`: the locator's first word.

@@ -69,7 +69,7 @@ pub fn guest_pages_parser() -> clap::builder::RangedU64ValueParser<u64> {
 pub struct PrimaryArgs {
     /// The machine's RAM as a host file (QEMU `-object
     /// memory-backend-file,mem-path=FILE,share=on`). The control area is
-    /// found through the hypervisor's locator page at 16 MiB, never by
+    /// found through the hypervisor's locator page at 512 KiB, never by
     /// scanning (the guest's RAM is in the file too).
     #[arg(long, value_name = "FILE")]
     machine_ram: PathBuf,

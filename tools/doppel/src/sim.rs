@@ -44,8 +44,8 @@ use crate::synth::Rng;
 
 /// Where the control area starts in the simulated machine: like the
 /// hypervisor's, in memory the guest cannot write, and found by the tool
-/// through the control locator at [`LOCATOR_AT`] (16 MiB), the MiB below.
-pub const CONTROL_AT: u64 = LOCATOR_AT + 0x10_0000;
+/// through the control locator at [`LOCATOR_AT`] (512 KiB), at 17 MiB.
+pub const CONTROL_AT: u64 = 0x110_0000;
 /// Where [`Sim::create`] plants a fake control area in the guest's RAM (a
 /// guest can write one there): pages from the start of the guest RAM.
 pub const FAKE_AT_PAGE: u64 = 2;

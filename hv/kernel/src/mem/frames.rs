@@ -61,7 +61,6 @@ pub fn init(
                 .map_err(|_| MemError::TooFragmented)?;
         }
     }
-    free.clamp(LOW_MEMORY_END..u64::MAX);
     let reserve = |free: &mut RangeSet<MAX_RANGES>, r: Range<u64>| {
         free.remove(r).map_err(|_| MemError::TooFragmented)
     };
@@ -71,16 +70,18 @@ pub fn init(
         reserve(&mut free, u64::from(m.start)..u64::from(m.end))?;
     }
     free.align_inward(PAGE_SIZE);
-    // The control locator's page (hv/abi locator.rs) is never handed out:
-    // so it is never guest RAM, nor mapped by any nested table. If it is
-    // not free RAM here (no RAM there, or the image or a module over it),
-    // publishing a control area fails later with a clear error.
+    // The control locator's page (hv/abi locator.rs, in low memory) is
+    // never handed out: so it is never guest RAM, nor mapped by any nested
+    // table. If it is not free RAM here (no RAM there, or the boot
+    // information or a module over it), publishing a control area fails
+    // later with a clear error.
     let loc = LOCATOR_AT..LOCATOR_AT + LOCATOR_SIZE;
     let loc_free = free
         .ranges()
         .iter()
         .any(|r| r.start <= loc.start && loc.end <= r.end);
-    reserve(&mut free, loc)?;
+    // Low memory (the locator page with it) is never allocated.
+    free.clamp(LOW_MEMORY_END..u64::MAX);
     if loc_free {
         // Zero it: a magic left from an earlier boot must not point the
         // tool at memory that is guest RAM now.

@@ -281,7 +281,7 @@ fn publish_locator(pa: u64, size: u64, total: u64, guest_ram: Region) -> Result<
     use core::sync::atomic::{fence, Ordering};
     use doppel_abi::locator::{Locator, LOCATOR_WORDS};
     let at = frames::locator_page().ok_or(
-        "the control locator page (16 MiB) is not free RAM; the tool could not find the area",
+        "the control locator page (512 KiB) is not free RAM; the tool could not find the area",
     )?;
     let loc = Locator {
         control_at: pa,
