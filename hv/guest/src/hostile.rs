@@ -55,9 +55,18 @@ fn execute(op: Op, arg: u64) -> u64 {
         Op::Invlpga => unsafe {
             asm!("invlpga rax, ecx", in("rax") 0u64, in("ecx") 0u32, options(nostack))
         },
-        // SAFETY: see above; XCR0 = x87 only.
+        // SAFETY: see above; XCR0 = x87 only. CR4.OSXSAVE first, so the
+        // instruction gets as far as the intercept (without it, it is #UD).
         Op::Xsetbv => unsafe {
-            asm!("xsetbv", in("ecx") 0u32, in("eax") 1u32, in("edx") 0u32, options(nostack))
+            asm!(
+                "mov {t}, cr4",
+                "bts {t}, 18",
+                "mov cr4, {t}",
+                "xsetbv",
+                t = out(reg) _,
+                in("ecx") 0u32, in("eax") 1u32, in("edx") 0u32,
+                options(nostack),
+            )
         },
         // SAFETY: see above.
         Op::Vmxon => unsafe { asm!("vmxon [{0}]", in(reg) m, options(nostack)) },

@@ -38,7 +38,6 @@ const HOST_MSRS: &[u32] = &[
     nr::EFER,
     nr::STAR,
     nr::LSTAR,
-    nr::CSTAR,
     nr::SFMASK,
     nr::FS_BASE,
     nr::GS_BASE,
@@ -90,8 +89,10 @@ impl HostState {
             *v = rdmsr(*m);
         }
         if vendor == Vendor::Svm {
-            // Intel has no VM_HSAVE_PA (RDMSR of it would fault).
+            // AMD's alone (RDMSR of VM_HSAVE_PA faults on Intel, and CSTAR
+            // is not architectural there).
             msrs[HOST_MSRS.len()] = rdmsr(nr::VM_HSAVE_PA);
+            msrs[HOST_MSRS.len() + 1] = rdmsr(nr::CSTAR);
         }
         Self {
             image: hash_range(layout.text.start, layout.text.end)
@@ -116,6 +117,7 @@ impl HostState {
 }
 
 const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
+const ACCESSED_DIRTY: u64 = (1 << 5) | (1 << 6);
 
 fn hash_range(start: u64, end: u64) -> u64 {
     // SAFETY: [start, end) is part of the kernel image (linker symbols),
@@ -132,7 +134,8 @@ fn hash_tables(table: u64, level: u32) -> u64 {
     let entries = unsafe { &*(table as *const [u64; 512]) };
     let mut h = FNV_START;
     for e in entries {
-        h = fnv1a(h, &e.to_le_bytes());
+        // Accessed and dirty are the CPU's, set as the host touches memory.
+        h = fnv1a(h, &(e & !ACCESSED_DIRTY).to_le_bytes());
     }
     if level > 1 {
         for e in entries {

@@ -315,6 +315,9 @@ impl SvmVcpu {
             | intercept3::SHUTDOWN
             | intercept3::INTR
             | intercept3::INVLPGA;
+        // CR4 writes exit and are refused: TCG lacks the XSETBV intercept,
+        // and CR4.OSXSAVE would let a guest reach the host's XCR0.
+        c.intercept_cr_write = 1 << 4;
         c.vintr = V_INTR_MASKING;
         // Every SVM instruction and XSETBV exit: VMLOAD/VMSAVE take host-
         // physical addresses, STGI/CLGI the host's interrupt gate, SKINIT
