@@ -210,6 +210,15 @@ fn broken(ctx: &mut Ctx, emulator: Emulator) -> Result<String> {
         .filter(|p| p.outcome == "escaped")
         .map(|p| p.name.as_str())
         .collect();
+    // The escapes the bug opens: reading the host's EFER, and on SVM the
+    // host save area's address.
+    let must: &[&str] = match emulator {
+        Emulator::Qemu => &["rdmsr-efer", "rdmsr-vm_hsave_pa"],
+        Emulator::Bochs => &["rdmsr-efer", "rdmsr-lstar"],
+    };
+    if let Some(m) = must.iter().find(|m| !names.contains(m)) {
+        bail!("broken=msr-passthrough: probe {m} did not escape (escaped: {names:?})");
+    }
     Ok(format!(
         "msr-passthrough caught: {} (escaped: {}) [{}]",
         s.line,
