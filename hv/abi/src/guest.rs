@@ -62,6 +62,10 @@ pub mod hypercall {
     /// full (retry; it drains as epochs commit), or `u64::MAX` for a buffer
     /// outside guest RAM or longer than [`super::MAX_RECORD`].
     pub const SEND: u64 = 4;
+    /// The hostile guest (`PROGRAM_HOSTILE`) got past its probe's
+    /// instruction: `rdi` = probe number, `rsi` = the value it read (RDMSR
+    /// probes; 0 otherwise). The hypervisor judges it and stops the guest.
+    pub const ESCAPED: u64 = 5;
 }
 
 /// `SEND` result: no room to hold the record now; retry later.
@@ -74,6 +78,10 @@ pub const PROGRAM_WORKLOAD: u32 = 0;
 /// [`BootInfo::program`]: serve the key-value service of
 /// [`crate::service`] forever over `RECV`/`SEND`.
 pub const PROGRAM_KV: u32 = 1;
+/// [`BootInfo::program`]: run one escape probe of
+/// `doppel_core::hostile::PROBES` (its number in `rsi` at entry, its
+/// argument in `rdx`) and report with `ESCAPED` if it got through.
+pub const PROGRAM_HOSTILE: u32 = 2;
 
 /// Console port: bytes written here are forwarded to the hypervisor's log,
 /// one line at a time, as [`GuestLine`] prints it.

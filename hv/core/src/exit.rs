@@ -55,12 +55,125 @@ pub enum ExitKind {
     EntryFailed {
         code: u64,
     },
+    /// A virtualization instruction (SVM's or VMX's) or another
+    /// instruction that reaches host state (XSETBV, INVLPGA): always
+    /// refused, never run on the guest's behalf.
+    Privileged(Insn),
+    /// An intercepted RDMSR (`write` false) or WRMSR of `msr`; `value` is
+    /// EDX:EAX for a write.
+    Msr {
+        msr: u32,
+        write: bool,
+        value: u64,
+    },
     /// Anything else, with the vendor's raw reason and details.
     Unknown {
         code: u64,
         info1: u64,
         info2: u64,
     },
+}
+
+/// Instructions a guest must never get to run: each exits and is refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Insn {
+    Vmrun,
+    Vmload,
+    Vmsave,
+    Stgi,
+    Clgi,
+    Skinit,
+    Invlpga,
+    Xsetbv,
+    Vmxon,
+    Vmclear,
+    Vmptrld,
+    Vmptrst,
+    Vmread,
+    Vmwrite,
+    Vmlaunch,
+    Vmresume,
+    Vmxoff,
+    Invept,
+    Invvpid,
+    Vmfunc,
+    Getsec,
+    /// MOV to CR4, intercepted on SVM (see `from_svm_exitcode`).
+    WriteCr4,
+}
+
+impl Insn {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Vmrun => "VMRUN",
+            Self::Vmload => "VMLOAD",
+            Self::Vmsave => "VMSAVE",
+            Self::Stgi => "STGI",
+            Self::Clgi => "CLGI",
+            Self::Skinit => "SKINIT",
+            Self::Invlpga => "INVLPGA",
+            Self::Xsetbv => "XSETBV",
+            Self::Vmxon => "VMXON",
+            Self::Vmclear => "VMCLEAR",
+            Self::Vmptrld => "VMPTRLD",
+            Self::Vmptrst => "VMPTRST",
+            Self::Vmread => "VMREAD",
+            Self::Vmwrite => "VMWRITE",
+            Self::Vmlaunch => "VMLAUNCH",
+            Self::Vmresume => "VMRESUME",
+            Self::Vmxoff => "VMXOFF",
+            Self::Invept => "INVEPT",
+            Self::Invvpid => "INVVPID",
+            Self::Vmfunc => "VMFUNC",
+            Self::Getsec => "GETSEC",
+            Self::WriteCr4 => "MOV-to-CR4",
+        }
+    }
+
+    /// The refused instruction an SVM EXITCODE names (AMD APM vol. 2,
+    /// appendix C), or `None` for any other code. CR4 writes (0x14) are
+    /// refused too: QEMU's TCG does not implement the XSETBV intercept, so
+    /// a guest that could set CR4.OSXSAVE would reach the host's XCR0; no
+    /// guest of ours writes CR4.
+    pub fn from_svm_exitcode(code: u64) -> Option<Self> {
+        Some(match code {
+            0x14 => Self::WriteCr4,
+            0x7a => Self::Invlpga,
+            0x80 => Self::Vmrun,
+            0x82 => Self::Vmload,
+            0x83 => Self::Vmsave,
+            0x84 => Self::Stgi,
+            0x85 => Self::Clgi,
+            0x86 => Self::Skinit,
+            0x8d => Self::Xsetbv,
+            _ => return None,
+        })
+    }
+
+    /// The refused instruction a VMX basic exit reason names (Intel SDM
+    /// vol. 3D, appendix C), or `None` for any other reason. The VMX
+    /// instructions, INVEPT, INVVPID, GETSEC and XSETBV exit unconditionally
+    /// in VMX non-root operation; VMFUNC exits when its function is
+    /// disabled (with VM functions off it is #UD in the guest).
+    pub fn from_vmx_reason(reason: u16) -> Option<Self> {
+        Some(match reason {
+            11 => Self::Getsec,
+            19 => Self::Vmclear,
+            20 => Self::Vmlaunch,
+            21 => Self::Vmptrld,
+            22 => Self::Vmptrst,
+            23 => Self::Vmread,
+            24 => Self::Vmresume,
+            25 => Self::Vmwrite,
+            26 => Self::Vmxoff,
+            27 => Self::Vmxon,
+            50 => Self::Invept,
+            53 => Self::Invvpid,
+            55 => Self::Xsetbv,
+            59 => Self::Vmfunc,
+            _ => return None,
+        })
+    }
 }
 
 /// An exit with where it happened.
@@ -332,6 +445,56 @@ mod tests {
         assert_eq!(exact_length(&ExitKind::Cpuid, &b[..n]), None);
         // A byte outside guest RAM stops them too.
         assert_eq!(read_code(&p, 0x7000, read, code).1, 0);
+    }
+
+    #[test]
+    fn virtualization_instructions_decode_on_both_vendors() {
+        for (code, insn) in [
+            (0x80, Insn::Vmrun),
+            (0x82, Insn::Vmload),
+            (0x83, Insn::Vmsave),
+            (0x84, Insn::Stgi),
+            (0x85, Insn::Clgi),
+            (0x86, Insn::Skinit),
+            (0x7a, Insn::Invlpga),
+            (0x8d, Insn::Xsetbv),
+            (0x14, Insn::WriteCr4),
+        ] {
+            assert_eq!(Insn::from_svm_exitcode(code), Some(insn), "{code:#x}");
+        }
+        for (reason, insn) in [
+            (27, Insn::Vmxon),
+            (19, Insn::Vmclear),
+            (21, Insn::Vmptrld),
+            (22, Insn::Vmptrst),
+            (23, Insn::Vmread),
+            (25, Insn::Vmwrite),
+            (20, Insn::Vmlaunch),
+            (24, Insn::Vmresume),
+            (26, Insn::Vmxoff),
+            (50, Insn::Invept),
+            (53, Insn::Invvpid),
+            (59, Insn::Vmfunc),
+            (55, Insn::Xsetbv),
+            (11, Insn::Getsec),
+        ] {
+            assert_eq!(Insn::from_vmx_reason(reason), Some(insn), "{reason}");
+        }
+        // VMMCALL/VMCALL, CPUID, MSR exits and unknown values are not
+        // refused instructions, and no value panics.
+        assert_eq!(Insn::from_svm_exitcode(0x81), None);
+        assert_eq!(Insn::from_svm_exitcode(0x7c), None);
+        assert_eq!(Insn::from_svm_exitcode(u64::MAX), None);
+        assert_eq!(Insn::from_vmx_reason(18), None);
+        assert_eq!(Insn::from_vmx_reason(31), None);
+        assert_eq!(Insn::from_vmx_reason(u16::MAX), None);
+        for c in 0..0x500u64 {
+            let _ = Insn::from_svm_exitcode(c).map(Insn::name);
+        }
+        for r in 0..=u16::MAX {
+            let _ = Insn::from_vmx_reason(r).map(Insn::name);
+        }
+        assert_eq!(Insn::Vmsave.name(), "VMSAVE");
     }
 
     #[test]

@@ -12,11 +12,12 @@ use core::arch::asm;
 
 use doppel_abi::guest::{
     hypercall, BootInfo, PatternId, BOOT_MAGIC, BOOT_VERSION, CONSOLE_PORT, HYPERCALL_VMMCALL,
-    PAGE_SIZE, PAGE_TABLES_GPA, PAGE_TABLES_PAGES, PROGRAM_KV, STACK_GPA, STACK_PAGES, TRUTH_GPA,
-    TRUTH_MAX_PFNS, TRUTH_PAGES,
+    PAGE_SIZE, PAGE_TABLES_GPA, PAGE_TABLES_PAGES, PROGRAM_HOSTILE, PROGRAM_KV, STACK_GPA,
+    STACK_PAGES, TRUTH_GPA, TRUTH_MAX_PFNS, TRUTH_PAGES,
 };
 use doppel_core::workload::{self, Write};
 
+mod hostile;
 mod kv;
 
 struct Guest {
@@ -151,7 +152,7 @@ impl Truth {
 }
 
 #[unsafe(no_mangle)]
-extern "C" fn _start(boot_gpa: u64) -> ! {
+extern "C" fn _start(boot_gpa: u64, probe: u64, probe_arg: u64) -> ! {
     // SAFETY: the hypervisor places BootInfo at `boot_gpa` (identity-mapped)
     // before starting the guest; we copy it out once.
     let boot: BootInfo = unsafe { core::ptr::read_volatile(boot_gpa as *const BootInfo) };
@@ -169,6 +170,11 @@ extern "C" fn _start(boot_gpa: u64) -> ! {
     if work_start / PAGE_SIZE + work_pages > TRUTH_MAX_PFNS {
         print("guest: memory larger than the truth bitmap\n");
         g.hypercall(hypercall::DONE, 2, 0, 0);
+        halt();
+    }
+    if boot.program == PROGRAM_HOSTILE {
+        let status = hostile::run(&g, probe, probe_arg);
+        g.hypercall(hypercall::DONE, status, 0, 0);
         halt();
     }
     if boot.program == PROGRAM_KV {

@@ -14,6 +14,10 @@
 //!   `primary` runs the test guest as a replicated primary for the dom0
 //!   tool (`doppel primary`). `standby` publishes a control area and waits
 //!   for the backup tool to fill the guest's RAM and send `Activate`.
+//!   `isolation` boots the hostile guest once per escape probe of the
+//!   backend (`doppel_core::hostile`), checks after each that the host is
+//!   untouched, and prints `isolation: backend=.. probes=N contained=N
+//!   escaped=0 result=pass`.
 //! - `service=workload|kv` (default `workload`): what the guest runs in
 //!   `mode=primary`: the dirty-tracking write patterns, or the key-value
 //!   service of `doppel_abi::service` (which never stops).
@@ -27,8 +31,10 @@
 //! - `epoch-ticks=N` (1000..=10^10): also end a tracking epoch every N TSC
 //!   ticks with the backend's epoch timer (default: only the guest's own
 //!   epoch ends).
-//! - `broken=none|no-fault-mark|no-pml-drain`: run the self-test with a
-//!   deliberate bug, to show that it fails (default `none`).
+//! - `broken=none|no-fault-mark|no-pml-drain|msr-passthrough`: run with a
+//!   deliberate bug, to show that the test catches it (default `none`).
+//!   `msr-passthrough` leaves the MSR intercept bitmaps all zero (the
+//!   guest reaches the host's MSRs), for `mode=isolation`.
 //!
 //! A word without `=` that starts with `/` is the image's own path (some
 //! loaders prepend it) and is skipped. Anything else is an error: a typo on
@@ -52,6 +58,8 @@ pub enum Mode {
     Primary,
     /// Standby: publish the control area and wait for `Activate`.
     Standby,
+    /// The hostile guest's escape probes, each in a fresh guest.
+    Isolation,
 }
 
 /// What the guest runs in `mode=primary`.
@@ -74,6 +82,8 @@ pub enum Broken {
     NoFaultMark,
     /// Skip the PML drain at epoch end.
     NoPmlDrain,
+    /// All-zero MSR intercept bitmaps: every MSR reaches the hardware.
+    MsrPassthrough,
 }
 
 /// A deliberate failure, to test that failures are reported.
@@ -196,6 +206,7 @@ impl Config {
                         "selftest" => Mode::SelfTest,
                         "primary" => Mode::Primary,
                         "standby" => Mode::Standby,
+                        "isolation" => Mode::Isolation,
                         _ => return Err(bad),
                     };
                 }
@@ -241,6 +252,7 @@ impl Config {
                         "none" => None,
                         "no-fault-mark" => Some(Broken::NoFaultMark),
                         "no-pml-drain" => Some(Broken::NoPmlDrain),
+                        "msr-passthrough" => Some(Broken::MsrPassthrough),
                         _ => return Err(bad),
                     };
                 }
@@ -301,6 +313,11 @@ mod tests {
             (Mode::Primary, Service::Kv, 64, Some(500))
         );
         assert_eq!(Config::parse("mode=standby").unwrap().mode, Mode::Standby);
+        let c = Config::parse("mode=isolation broken=msr-passthrough").unwrap();
+        assert_eq!(
+            (c.mode, c.broken),
+            (Mode::Isolation, Some(Broken::MsrPassthrough))
+        );
         for bad in ["service=web", "keys=0", "keys=4097", "epoch-exits=0"] {
             assert!(
                 matches!(Config::parse(bad), Err(ConfigError::BadValue { .. })),

@@ -79,7 +79,7 @@ extern "C" fn kmain(magic: u32, info_addr: usize) -> ! {
             }
         },
         Mode::Crash(kind) => crash::crash(kind),
-        Mode::SelfTest | Mode::Primary | Mode::Standby => {
+        Mode::SelfTest | Mode::Primary | Mode::Standby | Mode::Isolation => {
             let service = config.mode == Mode::Standby || config.service == Service::Kv;
             let plan = virt::selftest::Plan {
                 mem_bytes: u64::from(config.guest_mem_mib) << 20,
@@ -101,6 +101,7 @@ extern "C" fn kmain(magic: u32, info_addr: usize) -> ! {
             let ok = match config.mode {
                 Mode::Primary => virt::primary(&mut enabled, &plan),
                 Mode::Standby => virt::standby(&mut enabled, &plan),
+                Mode::Isolation => virt::isolation(&mut enabled, &plan),
                 _ => virt::selftest(&mut enabled, &plan),
             };
             exit(if ok { Status::Pass } else { Status::Fail })

@@ -10,6 +10,7 @@ mod emu;
 mod failover;
 mod fuzz;
 mod image;
+mod isolation;
 mod replica;
 mod selftest;
 mod setup;

@@ -78,13 +78,13 @@ pub struct Report {
     pub malformed: Vec<String>,
 }
 
-fn fields(line: &str) -> BTreeMap<&str, &str> {
+pub(crate) fn fields(line: &str) -> BTreeMap<&str, &str> {
     line.split_whitespace()
         .filter_map(|w| w.split_once('='))
         .collect()
 }
 
-fn num(f: &BTreeMap<&str, &str>, key: &str) -> Option<u64> {
+pub(crate) fn num(f: &BTreeMap<&str, &str>, key: &str) -> Option<u64> {
     f.get(key)?.parse().ok()
 }
 

@@ -65,6 +65,16 @@ fn steps() -> Vec<(&'static str, StepFn)> {
         ("selftest-qemu-svm-broken", step_selftest_svm_broken),
         ("selftest-bochs-vmx-timer", step_selftest_vmx_timer),
         ("selftest-qemu-svm-timer", step_selftest_svm_timer),
+        ("isolation-qemu-svm", crate::isolation::step_svm),
+        (
+            "isolation-qemu-svm-broken",
+            crate::isolation::step_svm_broken,
+        ),
+        ("isolation-bochs-vmx", crate::isolation::step_vmx),
+        (
+            "isolation-bochs-vmx-broken",
+            crate::isolation::step_vmx_broken,
+        ),
         ("replica-qemu-svm", crate::replica::step_replica_qemu),
         ("xen-verify-capture", crate::replica::step_verify_capture),
         ("failover-qemu-svm", crate::failover::step_failover),

@@ -6,6 +6,7 @@
 //! [`Enabled`].
 
 pub mod guest;
+pub mod isolation;
 pub mod replicate;
 pub mod run;
 pub mod selftest;
@@ -204,6 +205,15 @@ pub fn standby(enabled: &mut Enabled, plan: &selftest::Plan) -> bool {
             log::error!("standby: replication runs on the SVM backend only (QEMU -cpu EPYC)");
             false
         }
+    }
+}
+
+/// The hostile guest's escape probes on this CPU's backend (see
+/// [`isolation`]); true when every probe was contained.
+pub fn isolation(enabled: &mut Enabled, plan: &selftest::Plan) -> bool {
+    match enabled {
+        Enabled::Vmx(on) => vmx::isolation(on, plan),
+        Enabled::Svm(on) => svm::isolation(on, plan),
     }
 }
 

@@ -110,6 +110,15 @@ pub trait EpochSink {
         Ok(())
     }
 
+    /// The hostile guest's `ESCAPED`: it got past probe `probe` (having
+    /// read `value`). The run stops after it either way.
+    fn escaped(&mut self, _probe: u64, _value: u64) -> Result<(), &'static str> {
+        Err("ESCAPED from a guest that runs no probes")
+    }
+
+    /// The run stopped at `exit` (DONE, ESCAPED, a refusal or a failure).
+    fn stopped(&mut self, _exit: &VmExit) {}
+
     /// Asked at each epoch end: whether the next epoch's writes must be
     /// tracked. False once nobody uses the harvests (replication detached,
     /// or an activated standby); true again re-arms tracking from scratch.
@@ -357,7 +366,10 @@ impl<'a, E: NestedEntry, V: Vcpu, S: EpochSink> Run<'a, E, V, S> {
             let action = self.dispatch(&exit);
             match resume_rip(&exit, action) {
                 Some(rip) => self.vcpu.set_rip(rip),
-                None if action == Action::Stop => return self.finished_ok(&exit),
+                None if action == Action::Stop => {
+                    self.sink.stopped(&exit);
+                    return self.finished_ok(&exit);
+                }
                 None => {
                     log::error!("exit {:?} has no known instruction length", exit.kind);
                     return false;
@@ -487,11 +499,41 @@ impl<'a, E: NestedEntry, V: Vcpu, S: EpochSink> Run<'a, E, V, S> {
                 Err(e) => self.fail(e, exit),
             },
             ExitKind::Timer | ExitKind::ExternalInterrupt => Action::Retry,
+            ExitKind::Privileged(insn) => {
+                log::error!(
+                    "guest executed {} (refused) rip={:#x}",
+                    insn.name(),
+                    exit.rip
+                );
+                Action::Stop
+            }
+            ExitKind::Msr { msr, write, value } => self.msr(exit, msr, write, value),
             ExitKind::Hlt => self.fail("guest halted before finishing", exit),
             ExitKind::Shutdown => self.fail("guest shut down (triple fault)", exit),
             ExitKind::EntryFailed { .. } => self.fail("VM entry failed", exit),
             _ => self.fail("unexpected exit", exit),
         }
+    }
+
+    /// An intercepted RDMSR/WRMSR (the allow-list's MSRs never exit,
+    /// `doppel_core::msr`). No guest of ours needs another MSR, and none
+    /// is emulated yet: each is refused, naming the MSR. The real MSR is
+    /// never read or written for the guest.
+    fn msr(&self, exit: &VmExit, msr: u32, write: bool, value: u64) -> Action {
+        if write {
+            log::error!(
+                "guest WRMSR of MSR {msr:#x} ({}) value={value:#x} (refused) rip={:#x}",
+                doppel_core::msr::name(msr),
+                exit.rip
+            );
+        } else {
+            log::error!(
+                "guest RDMSR of MSR {msr:#x} ({}) (refused) rip={:#x}",
+                doppel_core::msr::name(msr),
+                exit.rip
+            );
+        }
+        Action::Stop
     }
 
     fn console_byte(&mut self, b: u8) {
@@ -538,6 +580,10 @@ impl<'a, E: NestedEntry, V: Vcpu, S: EpochSink> Run<'a, E, V, S> {
                 }
                 Action::Stop
             }
+            hypercall::ESCAPED => match self.sink.escaped(r.rdi, r.rsi) {
+                Ok(()) => Action::Stop,
+                Err(e) => self.fail(e, exit),
+            },
             hypercall::RECV => match self.recv(r.rdi, r.rsi) {
                 Ok(v) => {
                     self.vcpu.regs().rax = v;

@@ -22,14 +22,17 @@
 //! Timer exit if that handler ran.
 
 use doppel_core::addr::HostPhysAddr;
-use doppel_core::exit::{ExitKind, IoAccess, VmExit};
+use doppel_core::exit::{ExitKind, Insn, IoAccess, VmExit};
+use doppel_core::hostile::{fnv1a, FNV_START};
 use doppel_core::hvm::{DescTable, SegAttr, Segment, VcpuState};
 use doppel_core::hw::vmcb::{
     exitcode, intercept3, intercept4, tlb_control, IoExitInfo, Vmcb, VmcbSegment,
 };
+use doppel_core::msr::{self, nr};
 use doppel_core::paging::fault::decode_npf;
 use doppel_core::paging::{ncr3, Flush, NptEntry};
 use doppel_core::selftest::Mode;
+use doppel_kernel::config::Broken;
 
 use crate::arch::apic;
 use crate::arch::instr::{cpuid, interrupt_window, rdmsr, rdtsc, svm_run, vmsave, wrmsr};
@@ -113,10 +116,11 @@ impl SvmOn {
 /// The log-dirty self-test under SVM: NPT write-protect mode, and the
 /// dirty-bit scan mode (the nested walk sets NPT dirty bits in TCG).
 pub fn selftest(_on: &mut SvmOn, plan: &super::selftest::Plan) -> bool {
+    let pass = passthrough(plan);
     with_host_vmcb(|host_vmcb, nrips| {
         let modes = [Mode::WriteProtect, Mode::AdScan];
         super::selftest::run::<NptEntry, SvmVcpu, _>(&modes, plan, true, |start, root, mode| {
-            let mut v = SvmVcpu::new(start, root, host_vmcb, nrips)?;
+            let mut v = SvmVcpu::new(start, root, host_vmcb, nrips, pass)?;
             if mode == Mode::WriteProtect && !v.arm_timer(Some(TIMER_PROBE_TICKS)) {
                 return Err("arming the local APIC timer failed");
             }
@@ -128,16 +132,36 @@ pub fn selftest(_on: &mut SvmOn, plan: &super::selftest::Plan) -> bool {
 /// Run the test guest as a replicated primary under SVM (see
 /// [`super::replicate`]).
 pub fn primary(_on: &mut SvmOn, plan: &super::selftest::Plan) -> bool {
+    let pass = passthrough(plan);
     with_host_vmcb(|host_vmcb, nrips| {
         super::replicate::primary::<NptEntry, SvmVcpu, _>(plan, true, |start, root, _| {
-            SvmVcpu::new(start, root, host_vmcb, nrips)
+            SvmVcpu::new(start, root, host_vmcb, nrips, pass)
         })
     })
+}
+
+/// The hostile guest's escape probes under SVM (see [`super::isolation`]).
+pub fn isolation(_on: &mut SvmOn, plan: &super::selftest::Plan) -> bool {
+    let pass = passthrough(plan);
+    with_host_vmcb(|host_vmcb, nrips| {
+        super::isolation::run::<NptEntry, SvmVcpu, _>(
+            msr::Vendor::Svm,
+            plan,
+            true,
+            |start, root| SvmVcpu::new(start, root, host_vmcb, nrips, pass),
+        )
+    })
+}
+
+/// The deliberately broken build's all-zero MSR permission map.
+fn passthrough(plan: &super::selftest::Plan) -> bool {
+    plan.broken == Some(Broken::MsrPassthrough)
 }
 
 /// Wait as a standby; at `Activate`, run the guest from the vCPU record
 /// the backup tool wrote (see [`super::replicate::standby`]).
 pub fn standby(_on: &mut SvmOn, plan: &super::selftest::Plan) -> bool {
+    let pass = passthrough(plan);
     with_host_vmcb(|host_vmcb, nrips| {
         super::replicate::standby::<NptEntry, SvmVcpu, _>(plan, |state, root| {
             let start = GuestStart {
@@ -146,7 +170,7 @@ pub fn standby(_on: &mut SvmOn, plan: &super::selftest::Plan) -> bool {
                 rdi: state.rdi,
                 cr3: state.cr3,
             };
-            let mut v = SvmVcpu::new(&start, root, host_vmcb, nrips)?;
+            let mut v = SvmVcpu::new(&start, root, host_vmcb, nrips, pass)?;
             v.restore(state);
             Ok(v)
         })
@@ -186,8 +210,10 @@ const V_INTR_MASKING: u64 = 1 << 24;
 const GUEST_ASID: u32 = 1;
 /// I/O permission map: 12 KiB, every bit set = every port intercepted.
 const IOPM_BYTES: u64 = 3 * PAGE_SIZE;
-/// MSR permission map: 8 KiB of zeros = no MSR access intercepted.
+/// MSR permission map: 8 KiB, built by `doppel_core::msr::build_svm_msrpm`
+/// (every MSR intercepted but the allow-list).
 const MSRPM_BYTES: u64 = 2 * PAGE_SIZE;
+const _: () = assert!(MSRPM_BYTES as usize == msr::SVM_MSRPM_BYTES);
 
 const EFER_LME: u64 = 1 << 8;
 const EFER_LMA: u64 = 1 << 10;
@@ -224,6 +250,7 @@ impl SvmVcpu {
         nested_root: HostPhysAddr,
         host_vmcb: u64,
         nrips: bool,
+        msr_passthrough: bool,
     ) -> Result<Self, &'static str> {
         let vmcb = frames::alloc_zeroed()
             .ok_or("no frame for the VMCB")?
@@ -240,6 +267,14 @@ impl SvmVcpu {
         };
         // SAFETY: `iopm` is IOPM_BYTES of fresh identity-mapped memory.
         unsafe { core::ptr::write_bytes(iopm as *mut u8, 0xff, IOPM_BYTES as usize) };
+        // SAFETY: `msrpm` is MSRPM_BYTES (== SVM_MSRPM_BYTES) of fresh,
+        // identity-mapped, page-aligned memory this vCPU owns; the CPU
+        // reads it only while this vCPU runs.
+        let map = unsafe { &mut *(msrpm as *mut [u8; msr::SVM_MSRPM_BYTES]) };
+        msr::build_svm_msrpm(map, msr_passthrough);
+        if msr_passthrough {
+            log::warn!("svm: broken=msr-passthrough: the MSR permission map is all zero");
+        }
         let mut v = Self {
             vmcb,
             iopm,
@@ -278,9 +313,23 @@ impl SvmVcpu {
             | intercept3::IOIO_PROT
             | intercept3::MSR_PROT
             | intercept3::SHUTDOWN
-            | intercept3::INTR;
+            | intercept3::INTR
+            | intercept3::INVLPGA;
+        // CR4 writes exit and are refused: TCG lacks the XSETBV intercept,
+        // and CR4.OSXSAVE would let a guest reach the host's XCR0.
+        c.intercept_cr_write = 1 << 4;
         c.vintr = V_INTR_MASKING;
-        c.intercept4 = intercept4::VMRUN | intercept4::VMMCALL;
+        // Every SVM instruction and XSETBV exit: VMLOAD/VMSAVE take host-
+        // physical addresses, STGI/CLGI the host's interrupt gate, SKINIT
+        // the machine; the dispatch refuses them all.
+        c.intercept4 = intercept4::VMRUN
+            | intercept4::VMMCALL
+            | intercept4::VMLOAD
+            | intercept4::VMSAVE
+            | intercept4::STGI
+            | intercept4::CLGI
+            | intercept4::SKINIT
+            | intercept4::XSETBV;
         c.iopm_base_pa = iopm;
         c.msrpm_base_pa = msrpm;
         c.guest_asid = GUEST_ASID;
@@ -439,6 +488,19 @@ impl SvmVcpu {
             exitcode::INTR if self.intr_was_timer => (ExitKind::Timer, None),
             exitcode::INTR => (ExitKind::ExternalInterrupt, None),
             exitcode::INVALID => (ExitKind::EntryFailed { code: c.exitcode }, None),
+            exitcode::MSR => {
+                // EXITINFO1 bit 0: WRMSR; ECX the MSR, EDX:EAX the value.
+                let (rax, rdx) = (self.vmcb().save.rax, self.regs.rdx);
+                (
+                    ExitKind::Msr {
+                        msr: self.regs.rcx as u32,
+                        write: c.exitinfo1 & 1 != 0,
+                        value: (rdx << 32) | (rax & 0xffff_ffff),
+                    },
+                    nrip(),
+                )
+            }
+
             code if (exitcode::EXCP_BASE..exitcode::EXCP_BASE + 32).contains(&code) => (
                 ExitKind::Exception {
                     vector: (code - exitcode::EXCP_BASE) as u8,
@@ -446,7 +508,11 @@ impl SvmVcpu {
                 },
                 None,
             ),
-            _ => (self.unknown(), None),
+            // The virtualization instructions and XSETBV, refused.
+            code => match Insn::from_svm_exitcode(code) {
+                Some(insn) => (ExitKind::Privileged(insn), None),
+                None => (self.unknown(), None),
+            },
         };
         VmExit {
             kind,
@@ -587,6 +653,75 @@ impl Vcpu for SvmVcpu {
 
     fn cs_long(&self) -> bool {
         SegAttr::from_svm(self.vmcb().save.cs.attrib).long()
+    }
+
+    fn switched_msr(&self, m: u32) -> Option<u64> {
+        let s = &self.vmcb().save;
+        Some(match m {
+            nr::FS_BASE => s.fs.base,
+            nr::GS_BASE => s.gs.base,
+            nr::KERNEL_GS_BASE => s.kernel_gs_base,
+            nr::STAR => s.star,
+            nr::LSTAR => s.lstar,
+            nr::CSTAR => s.cstar,
+            nr::SFMASK => s.sfmask,
+            nr::SYSENTER_CS => s.sysenter_cs,
+            nr::SYSENTER_ESP => s.sysenter_esp,
+            nr::SYSENTER_EIP => s.sysenter_eip,
+            _ => return None,
+        })
+    }
+
+    fn set_switched_msr(&mut self, m: u32, value: u64) -> bool {
+        let s = &mut self.vmcb_mut().save;
+        let field = match m {
+            nr::FS_BASE => &mut s.fs.base,
+            nr::GS_BASE => &mut s.gs.base,
+            nr::KERNEL_GS_BASE => &mut s.kernel_gs_base,
+            nr::STAR => &mut s.star,
+            nr::LSTAR => &mut s.lstar,
+            nr::CSTAR => &mut s.cstar,
+            nr::SFMASK => &mut s.sfmask,
+            nr::SYSENTER_CS => &mut s.sysenter_cs,
+            nr::SYSENTER_ESP => &mut s.sysenter_esp,
+            nr::SYSENTER_EIP => &mut s.sysenter_eip,
+            _ => return false,
+        };
+        *field = value;
+        true
+    }
+
+    fn control_pa(&self) -> u64 {
+        self.vmcb
+    }
+
+    fn confinement(&self) -> u64 {
+        let c = &self.vmcb().control;
+        let words = [
+            u64::from(c.intercept_cr_read) | u64::from(c.intercept_cr_write) << 16,
+            u64::from(c.intercept_exceptions),
+            u64::from(c.intercept3) | u64::from(c.intercept4) << 32,
+            u64::from(c.intercept5),
+            c.iopm_base_pa,
+            c.msrpm_base_pa,
+            u64::from(c.guest_asid),
+            c.np_enable,
+            c.n_cr3,
+            c.vintr & V_INTR_MASKING,
+        ];
+        let mut h = FNV_START;
+        for w in words {
+            h = fnv1a(h, &w.to_le_bytes());
+        }
+        // SAFETY: both maps are this vCPU's own, identity mapped, of the
+        // sizes allocated in `new`; the CPU only reads them.
+        let (iopm, msrpm) = unsafe {
+            (
+                core::slice::from_raw_parts(self.iopm as *const u8, IOPM_BYTES as usize),
+                core::slice::from_raw_parts(self.msrpm as *const u8, MSRPM_BYTES as usize),
+            )
+        };
+        fnv1a(fnv1a(h, iopm), msrpm)
     }
 
     fn dump(&self) -> GuestDump {

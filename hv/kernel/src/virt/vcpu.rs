@@ -159,6 +159,27 @@ pub trait Vcpu {
         base_state(&self.dump())
     }
 
+    /// The guest's own copy of an allow-listed MSR that the world switch
+    /// saves and restores (`doppel_core::msr::ALLOW_LIST`), or `None` for
+    /// an MSR this backend does not switch.
+    fn switched_msr(&self, _msr: u32) -> Option<u64> {
+        None
+    }
+
+    /// Set the guest's own copy of such an MSR; false if not switched.
+    fn set_switched_msr(&mut self, _msr: u32, _value: u64) -> bool {
+        false
+    }
+
+    /// Host-physical address of the control structure the CPU runs this
+    /// vCPU from (the VMCB, or the VMCS region).
+    fn control_pa(&self) -> u64;
+
+    /// A fingerprint of everything that confines the guest: the intercept
+    /// and control settings and the MSR (and I/O) permission maps. It must
+    /// not change while the guest runs.
+    fn confinement(&self) -> u64;
+
     /// Whether the guest runs 64-bit code (CS.L). Asked at every CPUID,
     /// VMMCALL and HLT exit by a backend that cannot report instruction
     /// lengths, so a backend should read just this bit rather than build a

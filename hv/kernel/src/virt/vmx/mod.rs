@@ -200,8 +200,9 @@ pub fn selftest(on: &mut VmxOn, plan: &super::selftest::Plan) -> bool {
             // PML logs when the CPU sets EPT dirty flags, so that mode needs
             // A/D on; write-protect keeps it off (with A/D on, guest page-
             // table walks count as writes and would fault).
-            let mut v =
-                vcpu::VmxVcpu::new(revision, start, root, mode == Mode::Pml).map_err(|e| {
+            let pass = plan.broken == Some(doppel_kernel::config::Broken::MsrPassthrough);
+            let mut v = vcpu::VmxVcpu::new(revision, start, root, mode == Mode::Pml, pass)
+                .map_err(|e| {
                     log::error!("vmx: vCPU set-up: {e}");
                     "VMX vCPU set-up failed"
                 })?;
@@ -209,6 +210,26 @@ pub fn selftest(on: &mut VmxOn, plan: &super::selftest::Plan) -> bool {
                 return Err("arming the VMX-preemption timer failed");
             }
             Ok(v)
+        },
+    )
+}
+
+/// The hostile guest's escape probes under VMX (see
+/// [`super::isolation`]).
+pub fn isolation(on: &mut VmxOn, plan: &super::selftest::Plan) -> bool {
+    use doppel_core::paging::EptEntry;
+
+    let revision = on.revision;
+    let pass = plan.broken == Some(doppel_kernel::config::Broken::MsrPassthrough);
+    super::isolation::run::<EptEntry, vcpu::VmxVcpu, _>(
+        doppel_core::msr::Vendor::Vmx,
+        plan,
+        false,
+        |start, root| {
+            vcpu::VmxVcpu::new(revision, start, root, false, pass).map_err(|e| {
+                log::error!("vmx: vCPU set-up: {e}");
+                "VMX vCPU set-up failed"
+            })
         },
     )
 }

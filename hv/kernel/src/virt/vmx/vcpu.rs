@@ -9,11 +9,13 @@ use super::{
 };
 use doppel_core::addr::HostPhysAddr;
 use doppel_core::dirtylog::DirtyLog;
-use doppel_core::exit::{ExitKind, IoAccess, VmExit};
+use doppel_core::exit::{ExitKind, Insn, IoAccess, VmExit};
+use doppel_core::hostile::{fnv1a, FNV_START};
 use doppel_core::hw::vmcs::{
     exit_reason as reason, Control16, Control32, Control64, ControlN, Guest16, Guest32, Guest64,
     GuestN, Host16, Host32, Host64, HostN, IoQualification, ReadOnly32, ReadOnly64, ReadOnlyN,
 };
+use doppel_core::msr::{self, nr};
 use doppel_core::paging::fault::decode_ept_violation;
 use doppel_core::paging::{ept_pointer, Flush};
 use doppel_core::pml::{self, DrainStats, PmlError, PML_ENTRIES, PML_INDEX_EMPTY};
@@ -170,7 +172,7 @@ impl Drop for OwnedFrame {
 /// is built and cleared when it is dropped.
 pub struct VmxVcpu {
     vmcs: OwnedFrame,
-    _msr_bitmap: OwnedFrame,
+    msr_bitmap: OwnedFrame,
     pml: Option<OwnedFrame>,
     regs: GuestRegs,
     eptp: u64,
@@ -189,12 +191,14 @@ pub struct VmxVcpu {
 impl VmxVcpu {
     /// Build the VMCS for a 64-bit guest starting at `start`, with the EPT
     /// rooted at `ept_root`; `ad` enables EPT accessed/dirty flags (needed
-    /// for PML).
+    /// for PML). `msr_passthrough` leaves the MSR bitmap all zero (the
+    /// deliberately broken build, `broken=msr-passthrough`).
     pub fn new(
         revision: u32,
         start: &GuestStart,
         ept_root: HostPhysAddr,
         ad: bool,
+        msr_passthrough: bool,
     ) -> Result<Self, SetupError> {
         let m = CtlMsrs::read();
         if ad && m.ept_vpid & EPT_CAP_AD == 0 {
@@ -202,6 +206,13 @@ impl VmxVcpu {
         }
         let vmcs = OwnedFrame::new()?;
         let msr_bitmap = OwnedFrame::new()?;
+        // SAFETY: a fresh 4 KiB frame this vCPU owns, identity mapped and
+        // page aligned; the CPU only reads it while this vCPU runs.
+        let map = unsafe { &mut *(msr_bitmap.0 as *mut [u8; msr::VMX_BITMAP_BYTES]) };
+        msr::build_vmx_bitmap(map, msr_passthrough);
+        if msr_passthrough {
+            log::warn!("vmx: broken=msr-passthrough: the MSR bitmap is all zero");
+        }
         // SAFETY: a zeroed frame we own, identity mapped; the revision id
         // goes in its first 4 bytes (bit 31 clear: not a shadow VMCS).
         unsafe { (vmcs.0 as *mut u32).write_volatile(revision) };
@@ -239,7 +250,7 @@ impl VmxVcpu {
         vmcs::write(Control32::ExitMsrLoadCount, 0)?;
         vmcs::write(Control32::EntryMsrLoadCount, 0)?;
         vmcs::write(Control32::EntryInterruptionInfo, 0)?;
-        // An all-zero MSR bitmap: no RDMSR/WRMSR exits.
+        // Every MSR exits but the allow-list (`doppel_core::msr`).
         vmcs::write(Control64::MsrBitmap, msr_bitmap.0)?;
         vmcs::write(Control64::EptPointer, eptp)?;
         vmcs::write(Control16::Vpid, VPID)?;
@@ -254,7 +265,7 @@ impl VmxVcpu {
         let invept_single = m.ept_vpid & EPT_CAP_INVEPT_SINGLE != 0;
         let mut v = Self {
             vmcs,
-            _msr_bitmap: msr_bitmap,
+            msr_bitmap,
             pml: None,
             regs: GuestRegs {
                 rdi: start.rdi,
@@ -354,7 +365,20 @@ impl VmxVcpu {
             ),
             reason::PML_FULL => exit(ExitKind::PmlFull, None),
             reason::PREEMPTION_TIMER => exit(ExitKind::Timer, None),
-            _ => self.unknown(raw, qual, rip),
+            reason::RDMSR | reason::WRMSR => exit(
+                ExitKind::Msr {
+                    msr: self.regs.rcx as u32,
+                    write: (raw & 0xffff) as u16 == reason::WRMSR,
+                    value: (self.regs.rdx << 32) | (self.regs.rax & 0xffff_ffff),
+                },
+                next,
+            ),
+            // The VMX instructions, INVEPT/INVVPID, VMFUNC, GETSEC and
+            // XSETBV: refused.
+            r => match Insn::from_vmx_reason(r) {
+                Some(insn) => exit(ExitKind::Privileged(insn), None),
+                None => self.unknown(raw, qual, rip),
+            },
         }
     }
 
@@ -678,6 +702,55 @@ impl Vcpu for VmxVcpu {
                 false
             }
         }
+    }
+
+    fn switched_msr(&self, m: u32) -> Option<u64> {
+        Some(match m {
+            nr::FS_BASE => vmcs::read_or_zero(GuestN::FsBase),
+            nr::GS_BASE => vmcs::read_or_zero(GuestN::GsBase),
+            nr::SYSENTER_CS => u64::from(vmcs::read_or_zero(Guest32::SysenterCs)),
+            nr::SYSENTER_ESP => vmcs::read_or_zero(GuestN::SysenterEsp),
+            nr::SYSENTER_EIP => vmcs::read_or_zero(GuestN::SysenterEip),
+            _ => return None,
+        })
+    }
+
+    fn set_switched_msr(&mut self, m: u32, value: u64) -> bool {
+        let r = match m {
+            nr::FS_BASE => vmcs::write(GuestN::FsBase, value),
+            nr::GS_BASE => vmcs::write(GuestN::GsBase, value),
+            nr::SYSENTER_CS => vmcs::write(Guest32::SysenterCs, value as u32),
+            nr::SYSENTER_ESP => vmcs::write(GuestN::SysenterEsp, value),
+            nr::SYSENTER_EIP => vmcs::write(GuestN::SysenterEip, value),
+            _ => return false,
+        };
+        r.is_ok()
+    }
+
+    fn control_pa(&self) -> u64 {
+        self.vmcs.0
+    }
+
+    fn confinement(&self) -> u64 {
+        let words = [
+            u64::from(vmcs::read_or_zero(Control32::PinBasedControls)),
+            u64::from(vmcs::read_or_zero(Control32::PrimaryProcBasedControls)),
+            u64::from(vmcs::read_or_zero(Control32::SecondaryProcBasedControls)),
+            u64::from(vmcs::read_or_zero(Control32::ExitControls)) & !u64::from(EXIT_SAVE_TIMER),
+            u64::from(vmcs::read_or_zero(Control32::EntryControls)),
+            u64::from(vmcs::read_or_zero(Control32::ExceptionBitmap)),
+            vmcs::read_or_zero(Control64::MsrBitmap),
+            vmcs::read_or_zero(Control64::EptPointer),
+            u64::from(vmcs::read_or_zero(Control16::Vpid)),
+        ];
+        let mut h = FNV_START;
+        for w in words {
+            h = fnv1a(h, &w.to_le_bytes());
+        }
+        // SAFETY: the bitmap frame is this vCPU's own (identity mapped, 4
+        // KiB); the CPU only reads it.
+        let map = unsafe { core::slice::from_raw_parts(self.msr_bitmap.0 as *const u8, 4096) };
+        fnv1a(h, map)
     }
 
     fn dump(&self) -> GuestDump {
