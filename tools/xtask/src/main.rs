@@ -82,9 +82,27 @@ enum Cmd {
         /// Run only the steps whose name contains this text.
         #[arg(long)]
         only: Option<String>,
+        /// Run the chosen steps N times and print each step's pass count
+        /// (`step  passed/N`); the last line counts every step-run.
+        #[arg(long, value_name = "N", default_value_t = 1,
+              value_parser = clap::value_parser!(u32).range(1..))]
+        repeat: u32,
+        /// Keep K busy-loop processes running beside the steps (a loaded
+        /// machine); they are killed when the run ends.
+        #[arg(long, value_name = "K", default_value_t = 0)]
+        load: u32,
+        /// Replay the failover runs of an earlier run: the seed its
+        /// `failover:` lines printed (`seed=S`). Random when not given.
+        #[arg(long, value_name = "S")]
+        seed: Option<u64>,
     },
     /// Replication with a failover, shown as it happens.
-    Demo,
+    Demo {
+        /// Replay an earlier demo: the seed its `failover:` line printed
+        /// (`seed=S`). Random when not given.
+        #[arg(long, value_name = "S")]
+        seed: Option<u64>,
+    },
     /// Run every cargo-fuzz target (ring entries, control area, HVM
     /// context, migration stream) for a bounded time. Needs nightly and
     /// cargo-fuzz (installed when missing). Not part of `test`.
@@ -130,14 +148,26 @@ fn main() -> Result<()> {
             let img = image::build()?;
             selftest::command(&img, emulator, &cmdline)
         }
-        Cmd::Test { long, only } => {
+        Cmd::Test {
+            long,
+            only,
+            repeat,
+            load,
+            seed,
+        } => {
             setup::ensure()?;
-            test::run(long, only.as_deref())
+            test::run(&test::Options {
+                long,
+                only,
+                repeat,
+                load,
+                seed,
+            })
         }
         Cmd::Fuzz { seconds, only } => fuzz::run(seconds, only.as_deref()),
-        Cmd::Demo => {
+        Cmd::Demo { seed } => {
             setup::ensure()?;
-            test::demo()
+            test::demo(seed)
         }
     }
 }
