@@ -150,15 +150,6 @@ pub fn random_seed() -> u64 {
     RandomState::new().hash_one((now, std::process::id()))
 }
 
-/// The `seed=S` of a `failover:` line.
-pub fn seed_of(line: &str) -> Option<u64> {
-    line.strip_prefix("failover: ")?
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("seed="))?
-        .parse()
-        .ok()
-}
-
 /// One SplitMix64 step from state `z`.
 fn splitmix(z: u64) -> u64 {
     SplitMix64(z).next_u64()
@@ -976,6 +967,15 @@ pub fn demo(ctx: &mut Ctx) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The `seed=S` of a `failover:` line (what a reader replays with).
+    fn seed_of(line: &str) -> Option<u64> {
+        line.strip_prefix("failover: ")?
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("seed="))?
+            .parse()
+            .ok()
+    }
 
     fn plan(seed: u64) -> Vec<(Fault, u64, u64, u64)> {
         (0..21)

@@ -185,3 +185,46 @@ pub fn root() -> PathBuf {
 pub fn out_dir() -> PathBuf {
     root().join("target").join("doppel")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cmd, clap::Error> {
+        Cli::try_parse_from(["cargo xtask"].iter().chain(args)).map(|c| c.cmd)
+    }
+
+    #[test]
+    fn test_takes_repeat_load_and_seed() {
+        match parse(&[
+            "test", "--repeat", "20", "--only", "host", "--load", "2", "--seed", "77",
+        ])
+        .unwrap()
+        {
+            Cmd::Test {
+                repeat,
+                only,
+                load,
+                seed,
+                long,
+            } => {
+                assert_eq!(
+                    (repeat, only.as_deref(), load, seed, long),
+                    (20, Some("host"), 2, Some(77), false)
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        match parse(&["test"]).unwrap() {
+            Cmd::Test {
+                repeat, load, seed, ..
+            } => assert_eq!((repeat, load, seed), (1, 0, None)),
+            other => panic!("{other:?}"),
+        }
+        assert!(parse(&["test", "--repeat", "0"]).is_err());
+        match parse(&["demo", "--seed", "5"]).unwrap() {
+            Cmd::Demo { seed } => assert_eq!(seed, Some(5)),
+            other => panic!("{other:?}"),
+        }
+    }
+}
