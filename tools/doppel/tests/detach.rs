@@ -647,3 +647,64 @@ fn lines_holds_what_a_child_printed_after_it_was_waited_for() {
     assert!(child.wait().unwrap().success());
     assert_eq!(lines.all(), ["first", "last"]);
 }
+
+#[test]
+fn a_reattaching_primary_lets_no_client_request_in_before_log_dirty_is_on() {
+    // A guest an earlier tool detached runs unprotected: it answers a
+    // request at once, tagged UNPROTECTED_EPOCH, and the bridge drops
+    // that reply. So the second primary must not pass a client's request
+    // on before its LogDirtyEnable is answered. Here nobody answers it
+    // (the hypervisor stopped after the first session's Detach): the
+    // request must stay out of the input channel.
+    let dir = scratch("enable-first");
+    let ram = dir.join("m.ram");
+    let sim = KvSim::create(
+        &ram,
+        KvSpec {
+            guest_pages: 512,
+            keys: 8,
+            epoch: Duration::from_millis(20),
+            seed: 3,
+            standby: false,
+            max_run: Duration::from_secs(60),
+        },
+    )
+    .unwrap();
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let simt = s.spawn(|| sim.run(&stop));
+        let (_, r) = session(&ram, cfg(Some(2)), |_| {});
+        assert_eq!(r.unwrap().committed, 2);
+        stop.store(true, Ordering::Relaxed);
+        assert_eq!(simt.join().unwrap().detaches, 1);
+    });
+    let (mut backup, addr) = backup_into(&dir.join("bk"));
+    let (mut primary, _, clients) = started(
+        Proc::new(BIN)
+            .args(["primary", "--machine-ram"])
+            .arg(&ram)
+            .args(["--backup", &addr, "--serve-clients", "127.0.0.1:0"])
+            .args(["--wait-control", "10", "--reply-timeout", "30"]),
+        "clients on ",
+    );
+    let mut c = std::net::TcpStream::connect(&clients).unwrap();
+    std::io::Write::write_all(&mut c, Request::new(1, op::ADD, 1, 1).as_bytes()).unwrap();
+    // Time enough for a running bridge (it polls every 10 ms) to pass the
+    // frame on; the fixed primary has no bridge yet.
+    std::thread::sleep(Duration::from_secs(1));
+    let m = MachineRam::open(&ram).unwrap();
+    let ctl = m.find_control().unwrap();
+    let (io, is) = ctl.view.region(Field::InputChannel);
+    let mut inp = ChannelConsumer::attach(m.window(ctl.at as usize), io, is).unwrap();
+    let mut frame = [0u8; 64];
+    let early = inp.pop(&mut frame).unwrap();
+    let _ = primary.kill();
+    let _ = primary.wait();
+    let _ = backup.kill();
+    let _ = backup.wait();
+    assert!(
+        early.is_none(),
+        "a client request reached the unprotected guest before LogDirtyEnable was answered"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
