@@ -454,6 +454,14 @@ pub fn primary(a: PrimaryArgs) -> Res {
                 .map_err(io(addr.into()))?;
         }
         std::thread::scope(|s| {
+            // Protect the guest before the first client request reaches
+            // it: a guest left detached by an earlier tool runs
+            // unprotected until LogDirtyEnable, answering at once with
+            // replies the bridge must drop (issue 17: a client of the
+            // second session got no answer at all).
+            if clients.is_some() {
+                p.enable_log_dirty()?;
+            }
             let bridge = clients.map(|(l, inp, outc)| {
                 let (stop, stats) = (&stop, &stats);
                 s.spawn(move || bridge::serve(&l, inp, outc, stop, stats))

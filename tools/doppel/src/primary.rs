@@ -454,6 +454,8 @@ pub struct Primary<'m> {
     pages: Vec<u8>,
     blob: Vec<u8>,
     seen: Vec<u64>,
+    /// `LogDirtyEnable` was answered `Done` in this session.
+    enabled: bool,
 }
 
 fn ring(ring: &'static str) -> impl Fn(RingError) -> PrimaryError {
@@ -604,6 +606,7 @@ impl<'m> Primary<'m> {
             pages: Vec::new(),
             blob: Vec::new(),
             seen: vec![0; pages.div_ceil(64)],
+            enabled: false,
         })
     }
 
@@ -779,6 +782,40 @@ impl<'m> Primary<'m> {
         })
     }
 
+    /// Enable log-dirty (`LogDirtyEnable{WriteProtect}`) unless this
+    /// session did already: from here on the guest's output is held until
+    /// an epoch commits. Call it before letting clients' requests into
+    /// the guest: a detached guest answers them unprotected at once
+    /// (`UNPROTECTED_EPOCH`, which no bridge sends on). [`Primary::run`]
+    /// calls it too.
+    pub fn enable_log_dirty(&mut self) -> Result<(), PrimaryError> {
+        if self.enabled {
+            return Ok(());
+        }
+        self.expect_done(
+            Command::LogDirtyEnable {
+                mode: LogDirtyMode::WriteProtect,
+            },
+            "LogDirtyEnable",
+        )
+        .map_err(|e| match e {
+            PrimaryError::CommandFailed {
+                errno: Errno::EPERM,
+                ..
+            } => PrimaryError::Standby {
+                why: "the hypervisor refused LogDirtyEnable with EPERM",
+            },
+            e => e,
+        })?;
+        self.enabled = true;
+        tracing::info!(
+            "log-dirty enabled; guest of {} pages at machine {:#x}",
+            self.ctl.guest_pages(),
+            self.ctl.guest_ram().offset
+        );
+        Ok(())
+    }
+
     /// Run: enable log-dirty, then ship checkpoints until `cfg.epochs` are
     /// committed (or an error). `progress` runs after every commit.
     pub fn run<W: Write, R: Read>(
@@ -796,26 +833,7 @@ impl<'m> Primary<'m> {
             out.writer.headers(XEN_MAJOR, XEN_MINOR).map_err(send(0))?;
         }
         out.writer.static_data_end().map_err(send(0))?;
-        self.expect_done(
-            Command::LogDirtyEnable {
-                mode: LogDirtyMode::WriteProtect,
-            },
-            "LogDirtyEnable",
-        )
-        .map_err(|e| match e {
-            PrimaryError::CommandFailed {
-                errno: Errno::EPERM,
-                ..
-            } => PrimaryError::Standby {
-                why: "the hypervisor refused LogDirtyEnable with EPERM",
-            },
-            e => e,
-        })?;
-        tracing::info!(
-            "log-dirty enabled; guest of {} pages at machine {:#x}",
-            self.ctl.guest_pages(),
-            self.ctl.guest_ram().offset
-        );
+        self.enable_log_dirty()?;
         let mut want = 0u64;
         while self.cfg.epochs.is_none_or(|n| sum.committed < n) {
             let committed = sum.committed;

@@ -443,9 +443,26 @@ impl Drop for Shared {
 
 /// Sleep until the C side rings us, watching for its exit and a timeout.
 fn wait_bell(w: &[AtomicU32], seen: u32, child: &mut Child) -> Result<()> {
+    wait_bell_or_exit(w, seen, || Ok(child.try_wait()?.map(|st| st.to_string())))
+}
+
+/// [`wait_bell`] with the exit check given: `exited` says how the peer
+/// ended, if it has. The C side's last act is to ring and exit, so the
+/// exit is looked at before the bell: a bell rung just before the exit is
+/// seen, not taken for an early exit (issue 17: checking the bell first
+/// and the exit second failed when both happened in between).
+fn wait_bell_or_exit(
+    w: &[AtomicU32],
+    seen: u32,
+    mut exited: impl FnMut() -> Result<Option<String>>,
+) -> Result<()> {
     let t = Instant::now();
-    while w[BELL_TO_RUST].load(Ordering::SeqCst) == seen {
-        if let Some(st) = child.try_wait()? {
+    loop {
+        let gone = exited()?;
+        if w[BELL_TO_RUST].load(Ordering::SeqCst) != seen {
+            return Ok(());
+        }
+        if let Some(st) = gone {
             bail!("the C side exited early ({st})");
         }
         if t.elapsed() > Duration::from_secs(20) {
@@ -454,7 +471,6 @@ fn wait_bell(w: &[AtomicU32], seen: u32, child: &mut Child) -> Result<()> {
         }
         std::thread::yield_now();
     }
-    Ok(())
 }
 
 fn ring_c(w: &[AtomicU32]) {
@@ -670,4 +686,25 @@ pub fn step_ring_interop(ctx: &mut Ctx) -> Result<String> {
     Ok(format!(
         "{table} Xen decisions replayed; commands: {cmd}; events: {evt}"
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bell_rung_just_before_the_peer_exits_is_not_an_early_exit() {
+        let w: Vec<AtomicU32> = (0..3).map(|_| AtomicU32::new(0)).collect();
+        // The peer rings and exits between two looks of the waiter.
+        let ring_and_exit = || {
+            w[BELL_TO_RUST].fetch_add(1, Ordering::SeqCst);
+            Ok(Some("exit status: 0".to_string()))
+        };
+        wait_bell_or_exit(&w, 0, ring_and_exit).unwrap();
+        // A peer that exits without ringing is reported.
+        let e = wait_bell_or_exit(&w, 1, || Ok(Some("exit status: 1".into()))).unwrap_err();
+        assert!(e.to_string().contains("exited early"), "{e}");
+        // A bell already rung returns at once.
+        wait_bell_or_exit(&w, 0, || Ok(None)).unwrap();
+    }
 }

@@ -89,7 +89,11 @@ pub struct Scenario {
     pub at_epoch: u64,
     pub delay_ms: u64,
     pub ops: u64,
+    /// The client's workload seed (derived from `series`).
     pub seed: u64,
+    /// The seed of the series this run belongs to: printed in every
+    /// `failover:` line as `seed=S`; `--seed S` gives the same runs again.
+    pub series: u64,
 }
 
 impl Scenario {
@@ -105,8 +109,45 @@ impl Scenario {
             delay_ms: (x >> 32) % 400,
             ops: 1200,
             seed: splitmix(x),
+            series: seed,
         }
     }
+
+    /// The demo's run: the primary machine killed after epoch 100, the
+    /// moment inside the next epoch and the client's workload from `seed`.
+    pub fn demo(seed: u64) -> Self {
+        let x = splitmix(seed);
+        Scenario {
+            run: 0,
+            fault: Fault::Qemu,
+            at_epoch: 100,
+            delay_ms: (x >> 32) % 400,
+            ops: 4000,
+            seed: splitmix(x),
+            series: seed,
+        }
+    }
+
+    /// How every `failover:` line of this run starts: `failover: run=N
+    /// seed=S killed=FAULT`.
+    pub fn line_head(&self) -> String {
+        format!(
+            "failover: run={} seed={} killed={}",
+            self.run,
+            self.series,
+            self.fault.name()
+        )
+    }
+}
+
+/// A seed for a new series, different on every call (std's per-process
+/// random hash keys, the time and the process id; no extra crate).
+pub fn random_seed() -> u64 {
+    use std::hash::{BuildHasher, RandomState};
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    RandomState::new().hash_one((now, std::process::id()))
 }
 
 /// One SplitMix64 step from state `z`.
@@ -174,6 +215,8 @@ struct Watched {
     name: &'static str,
     out: Arc<Mutex<Vec<String>>>,
     err: Arc<Mutex<Vec<String>>>,
+    /// The collector threads, joined once the child has exited.
+    collectors: Vec<thread::JoinHandle<()>>,
 }
 
 /// Stderr lines worth showing live in the demo (the rest is per-epoch
@@ -195,7 +238,7 @@ fn collect<R: Read + Send + 'static>(
     into: Arc<Mutex<Vec<String>>>,
     echo: Option<&'static str>,
     only_notable: bool,
-) {
+) -> thread::JoinHandle<()> {
     thread::spawn(move || {
         for line in BufReader::new(r).lines() {
             let Ok(line) = line else { break };
@@ -208,7 +251,7 @@ fn collect<R: Read + Send + 'static>(
                 v.push(line);
             }
         }
-    });
+    })
 }
 
 impl Watched {
@@ -224,24 +267,41 @@ impl Watched {
         let out = Arc::new(Mutex::new(Vec::new()));
         let err = Arc::new(Mutex::new(Vec::new()));
         let tag = echo.then_some(name);
-        collect(
-            child.stdout.take().context("stdout")?,
-            out.clone(),
-            tag,
-            false,
-        );
-        collect(
-            child.stderr.take().context("stderr")?,
-            err.clone(),
-            tag,
-            true,
-        );
+        let collectors = vec![
+            collect(
+                child.stdout.take().context("stdout")?,
+                out.clone(),
+                tag,
+                false,
+            ),
+            collect(
+                child.stderr.take().context("stderr")?,
+                err.clone(),
+                tag,
+                true,
+            ),
+        ];
         Ok(Self {
             child,
             name,
             out,
             err,
+            collectors,
         })
+    }
+
+    /// Whether the child has exited. Once it has, the collectors are
+    /// joined first, so `out()` and `err()` hold every line it printed: a
+    /// line still in the pipe when the exit is seen is not missed (issue
+    /// 17: checking the lines right after the exit lost the last ones).
+    fn exited(&mut self) -> Result<bool> {
+        if self.child.try_wait()?.is_none() {
+            return Ok(false);
+        }
+        for c in self.collectors.drain(..) {
+            let _ = c.join();
+        }
+        Ok(true)
     }
 
     fn out(&self) -> Vec<String> {
@@ -256,13 +316,17 @@ impl Watched {
     fn wait_line(&mut self, prefix: &str, limit: Duration) -> Result<String> {
         let t = Instant::now();
         loop {
+            // Exit first, then the lines: what it printed before exiting
+            // is in by then.
+            let exited = self.exited()?;
             if let Some(l) = self.out().into_iter().find(|l| l.starts_with(prefix)) {
                 return Ok(l);
             }
-            if let Some(st) = self.child.try_wait()? {
+            if exited {
                 bail!(
-                    "{} exited ({st}) before printing `{prefix}`:\n{}",
+                    "{} exited ({}) before printing `{prefix}`:\n{}",
                     self.name,
+                    self.child.wait()?,
                     tail(&self.err(), 20)
                 );
             }
@@ -642,14 +706,11 @@ pub fn run(ctx: &mut Ctx, sc: &Scenario, progress: &mut Progress) -> Result<Outc
     let climit = Instant::now();
     let verdict = loop {
         progress.tick(t0, &backup, None, &client);
+        let exited = client.exited()?;
         if let Some(l) = client.out().into_iter().find(|l| l.starts_with("client:")) {
             break l;
         }
-        if !client.alive() {
-            thread::sleep(Duration::from_millis(200));
-            if let Some(l) = client.out().into_iter().find(|l| l.starts_with("client:")) {
-                break l;
-            }
+        if exited {
             bail!(
                 "the client died without a verdict:\n{}",
                 tail(&client.err(), 20)
@@ -811,10 +872,8 @@ pub fn run(ctx: &mut Ctx, sc: &Scenario, progress: &mut Progress) -> Result<Outc
         .find_map(|l| num(l, "epoch"));
     out.resumed = resumed;
     out.line = format!(
-        "failover: run={} killed={} at_epoch={at} client_ops={ops} lost_acked={} divergent={} \
-         resumed_epoch={} result={}",
-        sc.run,
-        sc.fault.name(),
+        "{} at_epoch={at} client_ops={ops} lost_acked={} divergent={} resumed_epoch={} result={}",
+        sc.line_head(),
         lost.map_or("?".into(), |v| v.to_string()),
         divergent.map_or("?".into(), |v| v.to_string()),
         resumed.map_or("?".into(), |v| v.to_string()),
@@ -839,7 +898,8 @@ pub fn run(ctx: &mut Ctx, sc: &Scenario, progress: &mut Progress) -> Result<Outc
 /// `--long`.
 pub fn step_failover(ctx: &mut Ctx) -> Result<String> {
     let runs: u32 = if ctx.long { 21 } else { 3 };
-    let seed = 0xd0bb_e1f0;
+    let seed = ctx.seed.unwrap_or_else(random_seed);
+    println!("failover: seed={seed} runs={runs} (replay: cargo xtask test --only failover --seed {seed})");
     let mut lines = Vec::new();
     let mut failed = 0;
     for n in 0..runs {
@@ -860,8 +920,8 @@ pub fn step_failover(ctx: &mut Ctx) -> Result<String> {
             Err(e) => {
                 failed += 1;
                 let line = format!(
-                    "failover: run={n} killed={} at_epoch={} result=fail ({e:#})",
-                    sc.fault.name(),
+                    "{} at_epoch={} result=fail ({e:#})",
+                    sc.line_head(),
                     sc.at_epoch
                 );
                 println!("{line}");
@@ -870,27 +930,21 @@ pub fn step_failover(ctx: &mut Ctx) -> Result<String> {
         }
     }
     if failed > 0 {
-        bail!("{failed} of {runs} failover runs failed");
+        bail!("{failed} of {runs} failover runs failed (seed={seed}; replay with --seed {seed})");
     }
     Ok(format!(
-        "{runs} failover runs passed (qemu, primary and link faults)"
+        "{runs} failover runs passed (qemu, primary and link faults; seed={seed})"
     ))
 }
 
 /// `cargo xtask demo`.
 pub fn demo(ctx: &mut Ctx) -> Result<()> {
-    let sc = Scenario {
-        run: 0,
-        fault: Fault::Qemu,
-        at_epoch: 100,
-        delay_ms: 0,
-        ops: 4000,
-        seed: 42,
-    };
+    let sc = Scenario::demo(ctx.seed.unwrap_or_else(random_seed));
     println!(
         "demo: a key-value service replicated from one QEMU machine to another; the client \
-         checks every answer; the primary machine is killed at epoch {}",
-        sc.at_epoch
+         checks every answer; the primary machine is killed at epoch {} (seed={}; replay: \
+         cargo xtask demo --seed {})",
+        sc.at_epoch, sc.series, sc.series
     );
     let mut p = Progress::new(true);
     let o = run(ctx, &sc, &mut p)?;
@@ -908,4 +962,67 @@ pub fn demo(ctx: &mut Ctx) -> Result<()> {
         bail!("the demo's failover did not pass");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The `seed=S` of a `failover:` line (what a reader replays with).
+    fn seed_of(line: &str) -> Option<u64> {
+        line.strip_prefix("failover: ")?
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("seed="))?
+            .parse()
+            .ok()
+    }
+
+    fn plan(seed: u64) -> Vec<(Fault, u64, u64, u64)> {
+        (0..21)
+            .map(|n| Scenario::nth(n, seed))
+            .map(|s| (s.fault, s.at_epoch, s.delay_ms, s.seed))
+            .collect()
+    }
+
+    #[test]
+    fn the_same_seed_gives_the_same_kill_plan() {
+        assert_eq!(plan(0xd0bb_e1f0), plan(0xd0bb_e1f0));
+        let (a, b) = (plan(1), plan(2));
+        assert_ne!(a, b, "the seed must choose the kill points");
+        // Every fault in turn; kill points inside the bounds.
+        assert_eq!(
+            a[..3].iter().map(|p| p.0).collect::<Vec<_>>(),
+            [Fault::Qemu, Fault::Primary, Fault::Link]
+        );
+        assert!(a.iter().all(|p| (6..36).contains(&p.1) && p.2 < 400));
+        let (d1, d2) = (Scenario::demo(9), Scenario::demo(9));
+        assert_eq!((d1.delay_ms, d1.seed), (d2.delay_ms, d2.seed));
+    }
+
+    #[test]
+    fn random_seeds_differ() {
+        let seeds: Vec<u64> = (0..8).map(|_| random_seed()).collect();
+        for (i, s) in seeds.iter().enumerate() {
+            assert!(!seeds[i + 1..].contains(s), "{seeds:?}");
+        }
+    }
+
+    #[test]
+    fn every_failover_line_carries_its_seed() {
+        let sc = Scenario::nth(4, 12_345_678_901);
+        let head = sc.line_head();
+        assert_eq!(head, "failover: run=4 seed=12345678901 killed=primary");
+        assert_eq!(
+            seed_of(&format!("{head} at_epoch=9 result=pass")),
+            Some(12_345_678_901)
+        );
+        // The seed read back from a line replays the same run.
+        let again = Scenario::nth(4, seed_of(&head).unwrap());
+        assert_eq!(
+            (again.fault, again.at_epoch, again.delay_ms, again.seed),
+            (sc.fault, sc.at_epoch, sc.delay_ms, sc.seed)
+        );
+        assert_eq!(seed_of("failover: run=4 killed=qemu result=pass"), None);
+        assert_eq!(seed_of("figures: seed=3"), None);
+    }
 }

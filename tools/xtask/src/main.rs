@@ -83,9 +83,27 @@ enum Cmd {
         /// Run only the steps whose name contains this text.
         #[arg(long)]
         only: Option<String>,
+        /// Run the chosen steps N times and print each step's pass count
+        /// (`step  passed/N`); the last line counts every step-run.
+        #[arg(long, value_name = "N", default_value_t = 1,
+              value_parser = clap::value_parser!(u32).range(1..))]
+        repeat: u32,
+        /// Keep K busy-loop processes running beside the steps (a loaded
+        /// machine); they are killed when the run ends.
+        #[arg(long, value_name = "K", default_value_t = 0)]
+        load: u32,
+        /// Replay the failover runs of an earlier run: the seed its
+        /// `failover:` lines printed (`seed=S`). Random when not given.
+        #[arg(long, value_name = "S")]
+        seed: Option<u64>,
     },
     /// Replication with a failover, shown as it happens.
-    Demo,
+    Demo {
+        /// Replay an earlier demo: the seed its `failover:` line printed
+        /// (`seed=S`). Random when not given.
+        #[arg(long, value_name = "S")]
+        seed: Option<u64>,
+    },
     /// Run every cargo-fuzz target (ring entries, control area, HVM
     /// context, migration stream) for a bounded time. Needs nightly and
     /// cargo-fuzz (installed when missing). Not part of `test`.
@@ -131,14 +149,26 @@ fn main() -> Result<()> {
             let img = image::build()?;
             selftest::command(&img, emulator, &cmdline)
         }
-        Cmd::Test { long, only } => {
+        Cmd::Test {
+            long,
+            only,
+            repeat,
+            load,
+            seed,
+        } => {
             setup::ensure()?;
-            test::run(long, only.as_deref())
+            test::run(&test::Options {
+                long,
+                only,
+                repeat,
+                load,
+                seed,
+            })
         }
         Cmd::Fuzz { seconds, only } => fuzz::run(seconds, only.as_deref()),
-        Cmd::Demo => {
+        Cmd::Demo { seed } => {
             setup::ensure()?;
-            test::demo()
+            test::demo(seed)
         }
     }
 }
@@ -155,4 +185,47 @@ pub fn root() -> PathBuf {
 /// Where xtask keeps what it builds and the logs of emulator runs.
 pub fn out_dir() -> PathBuf {
     root().join("target").join("doppel")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cmd, clap::Error> {
+        Cli::try_parse_from(["cargo xtask"].iter().chain(args)).map(|c| c.cmd)
+    }
+
+    #[test]
+    fn test_takes_repeat_load_and_seed() {
+        match parse(&[
+            "test", "--repeat", "20", "--only", "host", "--load", "2", "--seed", "77",
+        ])
+        .unwrap()
+        {
+            Cmd::Test {
+                repeat,
+                only,
+                load,
+                seed,
+                long,
+            } => {
+                assert_eq!(
+                    (repeat, only.as_deref(), load, seed, long),
+                    (20, Some("host"), 2, Some(77), false)
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        match parse(&["test"]).unwrap() {
+            Cmd::Test {
+                repeat, load, seed, ..
+            } => assert_eq!((repeat, load, seed), (1, 0, None)),
+            other => panic!("{other:?}"),
+        }
+        assert!(parse(&["test", "--repeat", "0"]).is_err());
+        match parse(&["demo", "--seed", "5"]).unwrap() {
+            Cmd::Demo { seed } => assert_eq!(seed, Some(5)),
+            other => panic!("{other:?}"),
+        }
+    }
 }

@@ -14,6 +14,9 @@ use crate::Emulator;
 /// Shared state of one test run (the image is built once).
 pub struct Ctx {
     pub long: bool,
+    /// `--seed`: replay the failover runs of an earlier run (each run
+    /// prints its seed); without it each failover step draws a new one.
+    pub seed: Option<u64>,
     image: Option<Image>,
 }
 
@@ -31,12 +34,26 @@ impl Ctx {
 type StepFn = fn(&mut Ctx) -> Result<String>;
 
 /// `cargo xtask demo`: one failover run shown live.
-pub fn demo() -> Result<()> {
+pub fn demo(seed: Option<u64>) -> Result<()> {
     let mut ctx = Ctx {
         long: false,
+        seed,
         image: None,
     };
     crate::failover::demo(&mut ctx)
+}
+
+/// How `cargo xtask test` runs its steps.
+#[derive(Debug, Default)]
+pub struct Options {
+    pub long: bool,
+    /// Run only the steps whose name contains this text.
+    pub only: Option<String>,
+    /// Run the chosen steps this many times (at least once).
+    pub repeat: u32,
+    /// Busy-loop processes kept running beside the steps.
+    pub load: u32,
+    pub seed: Option<u64>,
 }
 
 /// The steps, in order. Each returns a one-line detail on success.
@@ -81,8 +98,13 @@ fn steps() -> Vec<(&'static str, StepFn)> {
     ]
 }
 
-pub fn run(long: bool, only: Option<&str>) -> Result<()> {
-    let mut ctx = Ctx { long, image: None };
+pub fn run(opts: &Options) -> Result<()> {
+    let only = opts.only.as_deref();
+    let mut ctx = Ctx {
+        long: opts.long,
+        seed: opts.seed,
+        image: None,
+    };
     let all = steps();
     let chosen: Vec<_> = all
         .iter()
@@ -96,37 +118,147 @@ pub fn run(long: bool, only: Option<&str>) -> Result<()> {
             names.join(", ")
         );
     }
-    let (mut passed, mut failed) = (0u32, 0u32);
-    let mut failures = Vec::new();
-    for &&(name, f) in &chosen {
-        println!("---- {name}");
-        let t = Instant::now();
-        // Steps that build or run emulators can take minutes with nothing
-        // to say; show they are alive.
-        let (done, ticker) = still_running(name);
-        let result = f(&mut ctx);
-        drop(done);
-        let _ = ticker.join();
-        match result {
-            Ok(detail) => {
-                passed += 1;
-                println!("PASS {name} ({:.1}s) {detail}", t.elapsed().as_secs_f64());
+    let repeat = opts.repeat.max(1);
+    let load = Load::start(opts.load)?;
+    if opts.load > 0 {
+        println!("load: {} busy-loop processes beside the steps", opts.load);
+    }
+    let mut tally = Tally::new(chosen.iter().map(|(n, _)| *n), repeat);
+    for round in 1..=repeat {
+        for &&(name, f) in &chosen {
+            if repeat > 1 {
+                println!("---- {name} (round {round}/{repeat})");
+            } else {
+                println!("---- {name}");
             }
-            Err(e) => {
-                failed += 1;
-                println!("FAIL {name} ({:.1}s): {e:#}", t.elapsed().as_secs_f64());
-                failures.push(name);
+            let t = Instant::now();
+            // Steps that build or run emulators can take minutes with
+            // nothing to say; show they are alive.
+            let (done, ticker) = still_running(name);
+            let result = f(&mut ctx);
+            drop(done);
+            let _ = ticker.join();
+            tally.record(name, result.is_ok());
+            match result {
+                Ok(detail) => {
+                    println!("PASS {name} ({:.1}s) {detail}", t.elapsed().as_secs_f64());
+                }
+                Err(e) => {
+                    println!("FAIL {name} ({:.1}s): {e:#}", t.elapsed().as_secs_f64());
+                }
             }
         }
     }
-    if !failures.is_empty() {
-        println!("failed steps: {}", failures.join(", "));
-    }
-    println!("{passed} passed, {failed} failed");
-    if failed > 0 {
+    // The busy loops end before the summary (and before exit(), which
+    // runs no destructors).
+    drop(load);
+    print!("{}", tally.summary());
+    if tally.failed() > 0 {
         std::process::exit(1);
     }
     Ok(())
+}
+
+/// Pass counts per step over the rounds of a run.
+struct Tally {
+    repeat: u32,
+    /// (step, runs passed, runs failed), in the order the steps run.
+    steps: Vec<(&'static str, u32, u32)>,
+}
+
+impl Tally {
+    fn new(names: impl Iterator<Item = &'static str>, repeat: u32) -> Self {
+        Tally {
+            repeat,
+            steps: names.map(|n| (n, 0, 0)).collect(),
+        }
+    }
+
+    fn record(&mut self, name: &str, ok: bool) {
+        if let Some(s) = self.steps.iter_mut().find(|s| s.0 == name) {
+            if ok {
+                s.1 += 1;
+            } else {
+                s.2 += 1;
+            }
+        }
+    }
+
+    fn passed(&self) -> u32 {
+        self.steps.iter().map(|s| s.1).sum()
+    }
+
+    fn failed(&self) -> u32 {
+        self.steps.iter().map(|s| s.2).sum()
+    }
+
+    /// With `--repeat N` (N > 1) a table `step  passed/N`; then the
+    /// failed steps; last the `P passed, F failed` line, which counts
+    /// each step-run.
+    fn summary(&self) -> String {
+        let mut out = String::new();
+        if self.repeat > 1 {
+            let w = self.steps.iter().map(|s| s.0.len()).max().unwrap_or(0);
+            out += &format!("{:w$}  passed/{}\n", "step", self.repeat);
+            for (name, p, _) in &self.steps {
+                out += &format!("{name:w$}  {p}/{}\n", self.repeat);
+            }
+        }
+        let failures: Vec<String> = self
+            .steps
+            .iter()
+            .filter(|s| s.2 > 0)
+            .map(|(n, _, f)| {
+                if self.repeat > 1 {
+                    format!("{n} ({f} of {})", self.repeat)
+                } else {
+                    n.to_string()
+                }
+            })
+            .collect();
+        if !failures.is_empty() {
+            out += &format!("failed steps: {}\n", failures.join(", "));
+        }
+        out += &format!("{} passed, {} failed\n", self.passed(), self.failed());
+        out
+    }
+}
+
+/// `--load K`: K busy-loop processes for as long as this lives. They are
+/// killed when it is dropped, and each also ends by itself once this
+/// process is gone (it checks every so often), so none outlives a run
+/// that was killed.
+struct Load(Vec<std::process::Child>);
+
+impl Load {
+    fn start(k: u32) -> Result<Self> {
+        let mut load = Load(Vec::new());
+        let parent = std::process::id().to_string();
+        for _ in 0..k {
+            let child = Command::new("sh")
+                .args([
+                    "-c",
+                    "i=0; while :; do i=$((i + 1)); \
+                     if [ $((i % 200000)) -eq 0 ] && ! kill -0 \"$0\" 2>/dev/null; then exit 0; fi; \
+                     done",
+                    &parent,
+                ])
+                .stdin(std::process::Stdio::null())
+                .spawn()
+                .context("starting a busy-loop process for --load")?;
+            load.0.push(child);
+        }
+        Ok(load)
+    }
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
 }
 
 /// Prints `     NAME: still running (Ns)` every 30 s until the returned
@@ -541,4 +673,51 @@ fn selftest_broken(ctx: &mut Ctx, emulator: Emulator, bugs: &[&str]) -> Result<S
         ));
     }
     Ok(seen.join(" | "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repeat_summary_counts_each_step_run() {
+        let mut t = Tally::new(["fmt", "host-tests"].into_iter(), 3);
+        for ok in [true, true, true] {
+            t.record("fmt", ok);
+        }
+        for ok in [true, false, true] {
+            t.record("host-tests", ok);
+        }
+        assert_eq!(
+            t.summary(),
+            "step        passed/3\n\
+             fmt         3/3\n\
+             host-tests  2/3\n\
+             failed steps: host-tests (1 of 3)\n\
+             5 passed, 1 failed\n"
+        );
+    }
+
+    #[test]
+    fn a_single_round_prints_no_table() {
+        let mut t = Tally::new(["fmt", "clippy-host"].into_iter(), 1);
+        t.record("fmt", true);
+        t.record("clippy-host", false);
+        assert_eq!(
+            t.summary(),
+            "failed steps: clippy-host\n1 passed, 1 failed\n"
+        );
+    }
+
+    #[test]
+    fn load_processes_end_with_their_guard() {
+        let load = Load::start(2).unwrap();
+        let pids: Vec<u32> = load.0.iter().map(std::process::Child::id).collect();
+        assert_eq!(pids.len(), 2);
+        let alive = |p: &u32| std::path::Path::new(&format!("/proc/{p}")).exists();
+        assert!(pids.iter().all(alive));
+        drop(load);
+        // Killed and reaped: no such process any more.
+        assert!(!pids.iter().any(alive), "{pids:?}");
+    }
 }
