@@ -50,9 +50,10 @@ pub enum Arg {
     None,
     /// A host-physical address inside the hypervisor's own read-only image.
     HvImage,
-    /// The host-physical address of this vCPU's control structure (the
-    /// VMCB, whose control area holds the intercepts; or the VMCS).
-    ControlArea,
+    /// The host-physical address of this vCPU's own control structure
+    /// (the VMCB, whose control area holds the intercepts; or the VMCS).
+    /// Not the replication control area (hv/abi control.rs).
+    VcpuControl,
     /// For WRMSR: the host's current value of the MSR, so that a write that
     /// gets through changes nothing (the broken build's run stays safe);
     /// for an allow-listed MSR, a marker the guest's own copy must get.
@@ -91,18 +92,18 @@ macro_rules! probes {
 /// Every probe, in the order they run. Numbers index this table.
 pub const PROBES: &[Probe] = probes![
     ("vmsave-hv", Op::Vmsave, Arg::HvImage, SVM),
-    ("vmsave-vmcb", Op::Vmsave, Arg::ControlArea, SVM),
+    ("vmsave-vmcb", Op::Vmsave, Arg::VcpuControl, SVM),
     ("vmload-hv", Op::Vmload, Arg::HvImage, SVM),
-    ("vmload-vmcb", Op::Vmload, Arg::ControlArea, SVM),
-    ("vmrun-vmcb", Op::Vmrun, Arg::ControlArea, SVM),
+    ("vmload-vmcb", Op::Vmload, Arg::VcpuControl, SVM),
+    ("vmrun-vmcb", Op::Vmrun, Arg::VcpuControl, SVM),
     ("stgi", Op::Stgi, Arg::None, SVM),
     ("clgi", Op::Clgi, Arg::None, SVM),
     ("skinit", Op::Skinit, Arg::None, SVM),
     ("invlpga", Op::Invlpga, Arg::None, SVM),
     ("xsetbv", Op::Xsetbv, Arg::None, BOTH),
     ("vmxon-hv", Op::Vmxon, Arg::HvImage, VMX),
-    ("vmclear-vmcs", Op::Vmclear, Arg::ControlArea, VMX),
-    ("vmptrld-vmcs", Op::Vmptrld, Arg::ControlArea, VMX),
+    ("vmclear-vmcs", Op::Vmclear, Arg::VcpuControl, VMX),
+    ("vmptrld-vmcs", Op::Vmptrld, Arg::VcpuControl, VMX),
     ("vmptrst", Op::Vmptrst, Arg::None, VMX),
     ("vmread", Op::Vmread, Arg::None, VMX),
     ("vmwrite", Op::Vmwrite, Arg::None, VMX),

@@ -247,7 +247,7 @@ where
     let arg = match (probe.arg, probe.op) {
         (Arg::None, _) => 0,
         (Arg::HvImage, _) => KernelLayout::get().rodata.start,
-        (Arg::ControlArea, _) => vcpu.control_pa(),
+        (Arg::VcpuControl, _) => vcpu.control_pa(),
         (Arg::MsrValue, Op::Wrmsr(m)) if allowed(m) => hostile::WRITE_MARKER,
         // The host's own value: a write that gets through changes nothing
         // (so the broken build's run stays safe), and is still seen.
