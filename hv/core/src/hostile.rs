@@ -50,9 +50,13 @@ pub enum Arg {
     None,
     /// A host-physical address inside the hypervisor's own read-only image.
     HvImage,
-    /// The host-physical address of this vCPU's control structure (the
-    /// VMCB, whose control area holds the intercepts; or the VMCS).
-    ControlArea,
+    /// The host-physical address of this vCPU's own control structure
+    /// (the VMCB, whose control area holds the intercepts; or the VMCS).
+    VcpuControl,
+    /// The machine address of the replication control area (hv/abi
+    /// control.rs: header, rings, channels) the hypervisor published, as a
+    /// primary does, for the dom0 tool; the locator page points at it.
+    ReplicationControl,
     /// For WRMSR: the host's current value of the MSR, so that a write that
     /// gets through changes nothing (the broken build's run stays safe);
     /// for an allow-listed MSR, a marker the guest's own copy must get.
@@ -91,18 +95,22 @@ macro_rules! probes {
 /// Every probe, in the order they run. Numbers index this table.
 pub const PROBES: &[Probe] = probes![
     ("vmsave-hv", Op::Vmsave, Arg::HvImage, SVM),
-    ("vmsave-vmcb", Op::Vmsave, Arg::ControlArea, SVM),
+    ("vmsave-vmcb", Op::Vmsave, Arg::VcpuControl, SVM),
+    ("vmsave-ctl", Op::Vmsave, Arg::ReplicationControl, SVM),
     ("vmload-hv", Op::Vmload, Arg::HvImage, SVM),
-    ("vmload-vmcb", Op::Vmload, Arg::ControlArea, SVM),
-    ("vmrun-vmcb", Op::Vmrun, Arg::ControlArea, SVM),
+    ("vmload-vmcb", Op::Vmload, Arg::VcpuControl, SVM),
+    ("vmload-ctl", Op::Vmload, Arg::ReplicationControl, SVM),
+    ("vmrun-vmcb", Op::Vmrun, Arg::VcpuControl, SVM),
     ("stgi", Op::Stgi, Arg::None, SVM),
     ("clgi", Op::Clgi, Arg::None, SVM),
     ("skinit", Op::Skinit, Arg::None, SVM),
     ("invlpga", Op::Invlpga, Arg::None, SVM),
     ("xsetbv", Op::Xsetbv, Arg::None, BOTH),
     ("vmxon-hv", Op::Vmxon, Arg::HvImage, VMX),
-    ("vmclear-vmcs", Op::Vmclear, Arg::ControlArea, VMX),
-    ("vmptrld-vmcs", Op::Vmptrld, Arg::ControlArea, VMX),
+    ("vmclear-vmcs", Op::Vmclear, Arg::VcpuControl, VMX),
+    ("vmclear-ctl", Op::Vmclear, Arg::ReplicationControl, VMX),
+    ("vmptrld-vmcs", Op::Vmptrld, Arg::VcpuControl, VMX),
+    ("vmptrld-ctl", Op::Vmptrld, Arg::ReplicationControl, VMX),
     ("vmptrst", Op::Vmptrst, Arg::None, VMX),
     ("vmread", Op::Vmread, Arg::None, VMX),
     ("vmwrite", Op::Vmwrite, Arg::None, VMX),
@@ -212,8 +220,8 @@ mod tests {
 
     #[test]
     fn every_vendor_gets_its_escapes() {
-        assert_eq!(count(Vendor::Svm), 24);
-        assert_eq!(count(Vendor::Vmx), 25);
+        assert_eq!(count(Vendor::Svm), 26);
+        assert_eq!(count(Vendor::Vmx), 27);
         let names: Vec<_> = PROBES.iter().map(|p| p.name).collect();
         let mut unique = names.clone();
         unique.sort_unstable();
@@ -225,6 +233,8 @@ mod tests {
             "vmsave-vmcb",
             "vmload-hv",
             "vmload-vmcb",
+            "vmsave-ctl",
+            "vmload-ctl",
             "vmrun-vmcb",
             "stgi",
             "clgi",
@@ -240,6 +250,16 @@ mod tests {
             assert!(
                 PROBES.iter().any(|p| p.name == want && p.svm),
                 "{want} on svm"
+            );
+        }
+        // On VMX, the instructions that take a VMCS address aim at the
+        // replication control area too.
+        for want in ["vmclear-ctl", "vmptrld-ctl"] {
+            assert!(
+                PROBES
+                    .iter()
+                    .any(|p| p.name == want && p.vmx && p.arg == Arg::ReplicationControl),
+                "{want} on vmx"
             );
         }
         // VM_HSAVE_PA is AMD's alone.

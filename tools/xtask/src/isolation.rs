@@ -2,7 +2,7 @@
 //! guest tries every escape of its backend, one fresh guest per probe) and
 //! judge the `isolation:` lines it prints:
 //! `isolation: probe=vmsave-hv outcome=contained how=refused` per probe and
-//! one final `isolation: backend=svm probes=24 contained=24 escaped=0
+//! one final `isolation: backend=svm probes=26 contained=26 escaped=0
 //! result=pass`. The `-broken` steps boot `broken=msr-passthrough` (MSR
 //! bitmaps all zero) and must see escapes and result=fail.
 
@@ -17,8 +17,8 @@ use crate::Emulator;
 
 /// Probes each backend must run (doppel_core::hostile::PROBES, counted
 /// here on purpose: a probe dropped from the table fails the step).
-pub const SVM_PROBES: u64 = 24;
-pub const VMX_PROBES: u64 = 25;
+pub const SVM_PROBES: u64 = 26;
+pub const VMX_PROBES: u64 = 27;
 
 /// The final line.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -263,6 +263,13 @@ mod tests {
             escaped.len()
         );
         s
+    }
+
+    #[test]
+    fn the_expected_counts_are_the_probe_table() {
+        use doppel_core::{hostile, msr::Vendor};
+        assert_eq!(SVM_PROBES, hostile::count(Vendor::Svm) as u64);
+        assert_eq!(VMX_PROBES, hostile::count(Vendor::Vmx) as u64);
     }
 
     #[test]

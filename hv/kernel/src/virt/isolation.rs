@@ -9,12 +9,23 @@
 //! copy of an allow-listed MSR (`how=virtualized`: a read returned the
 //! marker planted in the guest's copy, a write landed in the guest's
 //! copy). After every probe the host must be exactly as before: the
-//! hypervisor's code and read-only data, its page tables, the vCPU's
-//! confinement (intercepts, MSR and I/O maps) and the host MSRs it relies
-//! on. Anything else is an escape. One line per probe, then
+//! hypervisor's code and read-only data, its page tables, the replication
+//! control area and its locator page, the vCPU's confinement (intercepts,
+//! MSR and I/O maps) and the host MSRs it relies on. Anything else is an
+//! escape.
+//!
+//! Before the first probe the run publishes a replication control area for
+//! the probe guest's RAM, as a replicated primary does
+//! (`replicate::publish_unserved`), so that the probes aimed at it
+//! (`Arg::ReplicationControl`) hit a real one, found through the real
+//! locator page. Nobody serves it: no tool attaches in this mode. One line per probe, then
 //! `isolation: backend=svm probes=N contained=N escaped=0 result=pass`.
 
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use doppel_abi::control::Field;
 use doppel_abi::guest::PROGRAM_HOSTILE;
+use doppel_abi::locator::{LOCATOR_AT, LOCATOR_SIZE};
 use doppel_core::addr::HostPhysAddr;
 use doppel_core::exit::{ExitKind, VmExit};
 use doppel_core::hostile::{self, fnv1a, Arg, Op, Probe, FNV_START, PROBES};
@@ -23,6 +34,7 @@ use doppel_core::paging::NestedEntry;
 use doppel_core::selftest::Mode;
 
 use super::guest::{self, GuestRam, Workload};
+use super::replicate::{self, Published};
 use super::run::{run_mode, EpochEnd, EpochSink, Plan};
 use super::vcpu::{GuestStart, Vcpu};
 use crate::arch::instr::{rdmsr, read_cr3};
@@ -78,11 +90,13 @@ impl EpochSink for Watch {
 struct HostState {
     image: u64,
     page_tables: u64,
+    /// The replication control area and the locator page.
+    control: u64,
     msrs: [u64; 16],
 }
 
 impl HostState {
-    fn take(vendor: Vendor) -> Self {
+    fn take(vendor: Vendor, ctl: &Published) -> Self {
         let layout = KernelLayout::get();
         let mut msrs = [0u64; 16];
         for (v, m) in msrs.iter_mut().zip(HOST_MSRS) {
@@ -98,6 +112,7 @@ impl HostState {
             image: hash_range(layout.text.start, layout.text.end)
                 ^ hash_range(layout.rodata.start, layout.rodata.end).rotate_left(1),
             page_tables: hash_tables(read_cr3() & ADDR_MASK, 4),
+            control: hash_control(ctl),
             msrs,
         }
     }
@@ -108,6 +123,8 @@ impl HostState {
             Some("image")
         } else if self.page_tables != before.page_tables {
             Some("page-tables")
+        } else if self.control != before.control {
+            Some("control-area")
         } else if self.msrs != before.msrs {
             Some("host-msrs")
         } else {
@@ -124,6 +141,44 @@ fn hash_range(start: u64, end: u64) -> u64 {
     // identity mapped and readable; reading it has no side effects.
     let bytes = unsafe { core::slice::from_raw_parts(start as *const u8, (end - start) as usize) };
     fnv1a(FNV_START, bytes)
+}
+
+/// Fingerprint of `len` bytes at machine address `pa`, read as the
+/// hypervisor and the tool access shared pages: 64-bit atomic loads.
+///
+/// # Safety
+/// `pa..pa + len` is identity-mapped memory that stays allocated for the
+/// whole run, 8-byte aligned, `len` a multiple of 8, and reached by
+/// everyone else only through atomic accesses.
+unsafe fn hash_shared(h: u64, pa: u64, len: u64) -> u64 {
+    // SAFETY: the caller's contract; every access is an atomic load.
+    let words = unsafe { core::slice::from_raw_parts(pa as *const AtomicU64, (len / 8) as usize) };
+    words
+        .iter()
+        .fold(h, |h, w| fnv1a(h, &w.load(Ordering::Relaxed).to_le_bytes()))
+}
+
+/// Fingerprint of the published replication control area and the locator
+/// page. Nothing writes either during a probe (no tool is attached and the
+/// hypervisor serves no command in this mode), so all of it must stay
+/// constant, header, rings, channels, vCPU area and pfn list alike; only
+/// the staging area is left out: it is as large as the guest's RAM (8 MiB),
+/// too slow to hash twice per probe under Bochs, and holds nothing the
+/// hypervisor or the tool reads before an epoch end the probes never reach.
+/// The probes aim at the header's page, which is hashed.
+fn hash_control(ctl: &Published) -> u64 {
+    let (s_off, s_len) = ctl.view.region(Field::Staging);
+    let (s_off, s_end) = (s_off as u64, (s_off + s_len) as u64);
+    // SAFETY: the control area (`publish_unserved`: page aligned, whole
+    // pages, never freed, every access atomic) split around its staging
+    // region, whose offset and size are page multiples (the header checks);
+    // the locator page is reserved at boot, identity mapped, accessed only
+    // atomically.
+    unsafe {
+        let h = hash_shared(FNV_START, ctl.pa, s_off);
+        let h = hash_shared(h, ctl.pa + s_end, ctl.size - s_end);
+        hash_shared(h, LOCATOR_AT, LOCATOR_SIZE)
+    }
 }
 
 /// Fingerprint of the host's page-table tree below the table at `table`
@@ -176,6 +231,18 @@ where
             return false;
         }
     };
+    let ctl = match replicate::publish_unserved(&ram) {
+        Ok(c) => c,
+        Err(e) => {
+            log::error!("isolation: publishing the replication control area: {e}");
+            return false;
+        }
+    };
+    log::info!(
+        "isolation: replication control area at {:#x} ({} bytes)",
+        ctl.pa,
+        ctl.size
+    );
     let (mut probes, mut contained, mut escaped) = (0u32, 0u32, 0u32);
     for (n, probe) in PROBES.iter().enumerate() {
         if !probe.runs_on(vendor) {
@@ -183,7 +250,7 @@ where
         }
         probes += 1;
         let outcome =
-            match run_probe::<E, V, F>(vendor, plan, vmmcall, &mut ram, n, probe, &mut make_vcpu) {
+            match run_probe::<E, V, F>(vendor, plan, vmmcall, &mut ram, &ctl, n, &mut make_vcpu) {
                 Ok(o) => o,
                 Err(e) => {
                     log::error!("isolation: probe {}: {e}", probe.name);
@@ -219,8 +286,8 @@ fn run_probe<E, V, F>(
     plan: &Plan,
     vmmcall: bool,
     ram: &mut GuestRam,
+    ctl: &Published,
     n: usize,
-    probe: &Probe,
     make_vcpu: &mut F,
 ) -> Result<Outcome, &'static str>
 where
@@ -228,6 +295,7 @@ where
     V: Vcpu,
     F: FnMut(&GuestStart, HostPhysAddr) -> Result<V, &'static str>,
 {
+    let probe: &Probe = PROBES.get(n).ok_or("no such probe")?;
     let workload = Workload {
         patterns: 0,
         epochs: 0,
@@ -247,7 +315,8 @@ where
     let arg = match (probe.arg, probe.op) {
         (Arg::None, _) => 0,
         (Arg::HvImage, _) => KernelLayout::get().rodata.start,
-        (Arg::ControlArea, _) => vcpu.control_pa(),
+        (Arg::VcpuControl, _) => vcpu.control_pa(),
+        (Arg::ReplicationControl, _) => ctl.pa,
         (Arg::MsrValue, Op::Wrmsr(m)) if allowed(m) => hostile::WRITE_MARKER,
         // The host's own value: a write that gets through changes nothing
         // (so the broken build's run stays safe), and is still seen.
@@ -263,7 +332,7 @@ where
     regs.rsi = n as u64;
     regs.rdx = arg;
     let confinement = vcpu.confinement();
-    let before = HostState::take(vendor);
+    let before = HostState::take(vendor, ctl);
     let mut watch = Watch::default();
     let plan = Plan {
         epoch_ticks: None,
@@ -278,7 +347,7 @@ where
         &plan,
         &mut watch,
     )?;
-    let after = HostState::take(vendor);
+    let after = HostState::take(vendor, ctl);
     if let Some(what) = after.changed(&before) {
         log::error!("isolation: probe {} changed the host's {what}", probe.name);
         return Ok(Outcome::Escaped(what));

@@ -236,6 +236,30 @@ where
     )
 }
 
+/// A control area published and left unserved: where it lies and its
+/// layout.
+#[derive(Clone, Copy, Debug)]
+pub struct Published {
+    /// Machine address of the header (page aligned).
+    pub pa: u64,
+    /// Bytes the frame allocator gave it (whole pages).
+    pub size: u64,
+    pub view: ControlView,
+}
+
+/// Publish a control area for `ram` exactly as a replicated primary of
+/// the workload does (header, rings, channels, locator), and never serve
+/// it: `mode=isolation` aims its hostile probes at it. The area stays
+/// allocated and published for the rest of the run.
+pub fn publish_unserved(ram: &GuestRam) -> Result<Published, &'static str> {
+    let area = ControlArea::publish(ram, Role::Workload)?;
+    Ok(Published {
+        pa: area.pa,
+        size: area.size,
+        view: area.view,
+    })
+}
+
 /// The published control area and the hypervisor's ends of its rings.
 struct ControlArea {
     role: Role,
