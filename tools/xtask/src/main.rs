@@ -80,7 +80,8 @@ enum Cmd {
         /// Also run the long, randomized suites.
         #[arg(long)]
         long: bool,
-        /// Run only the steps whose name contains this text.
+        /// Run only the steps whose name contains this text (several
+        /// texts separated by commas: a step matching any of them).
         #[arg(long)]
         only: Option<String>,
         /// Run the chosen steps N times and print each step's pass count

@@ -47,7 +47,8 @@ pub fn demo(seed: Option<u64>) -> Result<()> {
 #[derive(Debug, Default)]
 pub struct Options {
     pub long: bool,
-    /// Run only the steps whose name contains this text.
+    /// Run only the steps whose name contains this text (comma-separated
+    /// texts: any of them).
     pub only: Option<String>,
     /// Run the chosen steps this many times (at least once).
     pub repeat: u32,
@@ -108,7 +109,7 @@ pub fn run(opts: &Options) -> Result<()> {
     let all = steps();
     let chosen: Vec<_> = all
         .iter()
-        .filter(|(name, _)| only.is_none_or(|o| name.contains(o)))
+        .filter(|(name, _)| only.is_none_or(|o| selects(o, name)))
         .collect();
     if chosen.is_empty() {
         let names: Vec<&str> = all.iter().map(|(n, _)| *n).collect();
@@ -259,6 +260,16 @@ impl Drop for Load {
             let _ = c.wait();
         }
     }
+}
+
+/// Whether `--only FILTER` selects step `name`: FILTER is one or more
+/// texts separated by commas, and a step is chosen if its name contains
+/// any of them.
+fn selects(filter: &str, name: &str) -> bool {
+    filter
+        .split(',')
+        .filter(|t| !t.is_empty())
+        .any(|t| name.contains(t))
 }
 
 /// Prints `     NAME: still running (Ns)` every 30 s until the returned
@@ -678,6 +689,18 @@ fn selftest_broken(ctx: &mut Ctx, emulator: Emulator, bugs: &[&str]) -> Result<S
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_takes_comma_separated_alternatives() {
+        assert!(selects("boot", "boot-qemu-svm"));
+        assert!(!selects("boot", "selftest-qemu-svm"));
+        assert!(selects("boot,selftest-qemu", "selftest-qemu-svm-timer"));
+        assert!(selects("boot,selftest-qemu", "boot-bochs-vmx"));
+        assert!(!selects("boot,selftest-qemu", "selftest-bochs-vmx"));
+        // An empty alternative selects nothing by itself.
+        assert!(!selects("boot,", "failover-qemu-svm"));
+        assert!(!selects(",", "fmt"));
+    }
 
     #[test]
     fn repeat_summary_counts_each_step_run() {
