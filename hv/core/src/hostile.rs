@@ -5,39 +5,20 @@
 //! hypervisor's isolation run (`mode=isolation`) boots a fresh guest for
 //! every probe of its vendor and judges each.
 
+use crate::exit::Insn;
 use crate::msr::{nr, Vendor};
 
 /// What a probe executes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Op {
-    /// SVM: VMSAVE / VMLOAD / VMRUN at the physical address in the argument.
-    Vmsave,
-    Vmload,
-    Vmrun,
-    Stgi,
-    Clgi,
-    Skinit,
-    /// INVLPGA of address 0, ASID 0 (the host's).
-    Invlpga,
-    /// XSETBV XCR0 = x87 only.
-    Xsetbv,
-    /// VMX: VMXON / VMCLEAR / VMPTRLD / VMPTRST with the argument as the
-    /// physical address operand.
-    Vmxon,
-    Vmclear,
-    Vmptrld,
-    Vmptrst,
-    /// VMREAD / VMWRITE of the guest RIP field (0x681E).
-    Vmread,
-    Vmwrite,
-    Vmlaunch,
-    Vmresume,
-    Vmxoff,
-    /// INVEPT / INVVPID all-context.
-    Invept,
-    Invvpid,
+    /// One of the instructions the hypervisor refuses (the same names its
+    /// exit decoding gives them). Operands, where the instruction takes
+    /// one: VMSAVE / VMLOAD / VMRUN and VMXON / VMCLEAR / VMPTRLD /
+    /// VMPTRST get the probe's argument as the physical address; INVLPGA
+    /// address 0, ASID 0 (the host's); XSETBV XCR0 = x87 only; VMREAD /
+    /// VMWRITE the guest RIP field (0x681E); INVEPT / INVVPID all-context;
     /// VMFUNC 0 (EPTP switching).
-    Vmfunc,
+    Insn(Insn),
     /// RDMSR; the value read is reported with `ESCAPED`.
     Rdmsr(u32),
     /// WRMSR of the argument.
@@ -94,32 +75,62 @@ macro_rules! probes {
 
 /// Every probe, in the order they run. Numbers index this table.
 pub const PROBES: &[Probe] = probes![
-    ("vmsave-hv", Op::Vmsave, Arg::HvImage, SVM),
-    ("vmsave-vmcb", Op::Vmsave, Arg::VcpuControl, SVM),
-    ("vmsave-ctl", Op::Vmsave, Arg::ReplicationControl, SVM),
-    ("vmload-hv", Op::Vmload, Arg::HvImage, SVM),
-    ("vmload-vmcb", Op::Vmload, Arg::VcpuControl, SVM),
-    ("vmload-ctl", Op::Vmload, Arg::ReplicationControl, SVM),
-    ("vmrun-vmcb", Op::Vmrun, Arg::VcpuControl, SVM),
-    ("stgi", Op::Stgi, Arg::None, SVM),
-    ("clgi", Op::Clgi, Arg::None, SVM),
-    ("skinit", Op::Skinit, Arg::None, SVM),
-    ("invlpga", Op::Invlpga, Arg::None, SVM),
-    ("xsetbv", Op::Xsetbv, Arg::None, BOTH),
-    ("vmxon-hv", Op::Vmxon, Arg::HvImage, VMX),
-    ("vmclear-vmcs", Op::Vmclear, Arg::VcpuControl, VMX),
-    ("vmclear-ctl", Op::Vmclear, Arg::ReplicationControl, VMX),
-    ("vmptrld-vmcs", Op::Vmptrld, Arg::VcpuControl, VMX),
-    ("vmptrld-ctl", Op::Vmptrld, Arg::ReplicationControl, VMX),
-    ("vmptrst", Op::Vmptrst, Arg::None, VMX),
-    ("vmread", Op::Vmread, Arg::None, VMX),
-    ("vmwrite", Op::Vmwrite, Arg::None, VMX),
-    ("vmlaunch", Op::Vmlaunch, Arg::None, VMX),
-    ("vmresume", Op::Vmresume, Arg::None, VMX),
-    ("vmxoff", Op::Vmxoff, Arg::None, VMX),
-    ("invept", Op::Invept, Arg::None, VMX),
-    ("invvpid", Op::Invvpid, Arg::None, VMX),
-    ("vmfunc", Op::Vmfunc, Arg::None, VMX),
+    ("vmsave-hv", Op::Insn(Insn::Vmsave), Arg::HvImage, SVM),
+    ("vmsave-vmcb", Op::Insn(Insn::Vmsave), Arg::VcpuControl, SVM),
+    (
+        "vmsave-ctl",
+        Op::Insn(Insn::Vmsave),
+        Arg::ReplicationControl,
+        SVM
+    ),
+    ("vmload-hv", Op::Insn(Insn::Vmload), Arg::HvImage, SVM),
+    ("vmload-vmcb", Op::Insn(Insn::Vmload), Arg::VcpuControl, SVM),
+    (
+        "vmload-ctl",
+        Op::Insn(Insn::Vmload),
+        Arg::ReplicationControl,
+        SVM
+    ),
+    ("vmrun-vmcb", Op::Insn(Insn::Vmrun), Arg::VcpuControl, SVM),
+    ("stgi", Op::Insn(Insn::Stgi), Arg::None, SVM),
+    ("clgi", Op::Insn(Insn::Clgi), Arg::None, SVM),
+    ("skinit", Op::Insn(Insn::Skinit), Arg::None, SVM),
+    ("invlpga", Op::Insn(Insn::Invlpga), Arg::None, SVM),
+    ("xsetbv", Op::Insn(Insn::Xsetbv), Arg::None, BOTH),
+    ("vmxon-hv", Op::Insn(Insn::Vmxon), Arg::HvImage, VMX),
+    (
+        "vmclear-vmcs",
+        Op::Insn(Insn::Vmclear),
+        Arg::VcpuControl,
+        VMX
+    ),
+    (
+        "vmclear-ctl",
+        Op::Insn(Insn::Vmclear),
+        Arg::ReplicationControl,
+        VMX
+    ),
+    (
+        "vmptrld-vmcs",
+        Op::Insn(Insn::Vmptrld),
+        Arg::VcpuControl,
+        VMX
+    ),
+    (
+        "vmptrld-ctl",
+        Op::Insn(Insn::Vmptrld),
+        Arg::ReplicationControl,
+        VMX
+    ),
+    ("vmptrst", Op::Insn(Insn::Vmptrst), Arg::None, VMX),
+    ("vmread", Op::Insn(Insn::Vmread), Arg::None, VMX),
+    ("vmwrite", Op::Insn(Insn::Vmwrite), Arg::None, VMX),
+    ("vmlaunch", Op::Insn(Insn::Vmlaunch), Arg::None, VMX),
+    ("vmresume", Op::Insn(Insn::Vmresume), Arg::None, VMX),
+    ("vmxoff", Op::Insn(Insn::Vmxoff), Arg::None, VMX),
+    ("invept", Op::Insn(Insn::Invept), Arg::None, VMX),
+    ("invvpid", Op::Insn(Insn::Invvpid), Arg::None, VMX),
+    ("vmfunc", Op::Insn(Insn::Vmfunc), Arg::None, VMX),
     (
         "rdmsr-vm_hsave_pa",
         Op::Rdmsr(nr::VM_HSAVE_PA),
