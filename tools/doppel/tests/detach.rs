@@ -212,18 +212,7 @@ fn after_detach_the_sim_guest_runs_on_and_posts_no_event() {
 fn kv_sim_releases_held_replies_at_detach_and_answers_at_once_after() {
     let dir = scratch("kv");
     let ram = dir.join("m.ram");
-    let sim = KvSim::create(
-        &ram,
-        KvSpec {
-            guest_pages: 64,
-            keys: 8,
-            epoch: Duration::from_millis(20),
-            seed: 3,
-            standby: false,
-            max_run: Duration::from_secs(60),
-        },
-    )
-    .unwrap();
+    let sim = small_kv_sim(&ram, 64);
     let stop = AtomicBool::new(false);
     std::thread::scope(|s| {
         let simt = s.spawn(|| sim.run(&stop));
@@ -658,18 +647,7 @@ fn a_reattaching_primary_lets_no_client_request_in_before_log_dirty_is_on() {
     // request must stay out of the input channel.
     let dir = scratch("enable-first");
     let ram = dir.join("m.ram");
-    let sim = KvSim::create(
-        &ram,
-        KvSpec {
-            guest_pages: 512,
-            keys: 8,
-            epoch: Duration::from_millis(20),
-            seed: 3,
-            standby: false,
-            max_run: Duration::from_secs(60),
-        },
-    )
-    .unwrap();
+    let sim = small_kv_sim(&ram, 512);
     let stop = AtomicBool::new(false);
     std::thread::scope(|s| {
         let simt = s.spawn(|| sim.run(&stop));
@@ -707,4 +685,21 @@ fn a_reattaching_primary_lets_no_client_request_in_before_log_dirty_is_on() {
         "a client request reached the unprotected guest before LogDirtyEnable was answered"
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The in-process key-value simulator the session tests drive: `pages`
+/// pages of guest RAM, 8 keys, 20 ms epochs, seed 3, a primary.
+fn small_kv_sim(ram: &Path, pages: u64) -> KvSim {
+    KvSim::create(
+        ram,
+        KvSpec {
+            guest_pages: pages,
+            keys: 8,
+            epoch: Duration::from_millis(20),
+            seed: 3,
+            standby: false,
+            max_run: Duration::from_secs(60),
+        },
+    )
+    .unwrap()
 }
