@@ -30,7 +30,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use doppel_abi::control::{AbiError, Features, Field};
+use doppel_abi::control::{AbiError, Features, Field, ALIVE_OFFSET};
 use doppel_abi::msg::{op, Ack, CheckpointReady, LogDirtyMode, Reply};
 use doppel_abi::ring::{ring_entries, slot_size, RingError, HEADER_SIZE, REQ_PROD, RSP_PROD};
 use doppel_abi::{
@@ -259,6 +259,8 @@ pub struct Output<W: Write, R: Read> {
     /// Heartbeat interval (backup only) and when the last one went out.
     heartbeat: Option<Duration>,
     last_beat: Instant,
+    /// The hypervisor's liveness counter when the last heartbeat went out.
+    beat_alive: Option<u64>,
 }
 
 impl<W: Write, R: Read> Output<W, R> {
@@ -272,6 +274,7 @@ impl<W: Write, R: Read> Output<W, R> {
             xlz4: None,
             heartbeat: None,
             last_beat: Instant::now(),
+            beat_alive: None,
         }
     }
 
@@ -340,8 +343,12 @@ impl<W: Write, R: Read> Output<W, R> {
     }
 
     /// Send a DOPPEL_HEARTBEAT at least every `every` while waiting for the
-    /// hypervisor's next event (backup only: a capture never carries
-    /// heartbeats). The backup fails over when the stream stays silent.
+    /// hypervisor's next event, as long as the hypervisor is alive (its
+    /// liveness counter moved since the last heartbeat; backup only: a
+    /// capture never carries heartbeats). The backup fails over when the
+    /// stream stays silent, so a hypervisor that stops (hung, or its
+    /// emulator stopped) is failed over within the backup's heartbeat
+    /// timeout, not only after `--event-timeout`.
     pub fn with_heartbeat(mut self, every: Duration) -> Self {
         if self.acks.is_some() {
             self.heartbeat = Some(every);
@@ -349,14 +356,21 @@ impl<W: Write, R: Read> Output<W, R> {
         self
     }
 
-    /// Send a heartbeat if one is due.
-    fn beat(&mut self, committed: u64) -> Result<(), PrimaryError> {
+    /// Send a heartbeat if one is due and the hypervisor's liveness
+    /// counter reads `alive`, another value than at the last heartbeat.
+    fn beat(&mut self, committed: u64, alive: u64) -> Result<(), PrimaryError> {
         let Some(every) = self.heartbeat else {
             return Ok(());
         };
         if !self.started || self.last_beat.elapsed() < every {
             return Ok(());
         }
+        if self.beat_alive == Some(alive) {
+            // The hypervisor has not run since the last heartbeat: say
+            // nothing (checked again at the next poll).
+            return Ok(());
+        }
+        self.beat_alive = Some(alive);
         self.last_beat = Instant::now();
         self.writer
             .heartbeat(committed)
@@ -386,6 +400,7 @@ impl<W: Write, R: Read> Output<W, R> {
             xlz4: None,
             heartbeat: None,
             last_beat: Instant::now(),
+            beat_alive: None,
         }
     }
 }
@@ -675,20 +690,29 @@ impl<'m> Primary<'m> {
             .is_some_and(|s| s.load(Ordering::Relaxed))
     }
 
+    /// The hypervisor's liveness counter (hv/abi `ControlHeader::alive`),
+    /// read live from the header: it moves while the hypervisor runs.
+    pub fn alive(&self) -> u64 {
+        let mut b = [0u8; 8];
+        self.win.read_bytes(ALIVE_OFFSET, &mut b);
+        u64::from_le_bytes(b)
+    }
+
     /// Wait for the next event entry (copied out, not decoded); `tick`
-    /// runs between polls (heartbeats). `None`: the stop flag was set (an
-    /// event already posted stays unconsumed: `Detach` voids it).
+    /// runs between polls (heartbeats) with the liveness counter. `None`:
+    /// the stop flag was set (an event already posted stays unconsumed:
+    /// `Detach` voids it).
     fn next_event(
         &mut self,
         want: u64,
-        mut tick: impl FnMut() -> Result<(), PrimaryError>,
+        mut tick: impl FnMut(u64) -> Result<(), PrimaryError>,
     ) -> Result<Option<doppel_abi::EventEntry>, PrimaryError> {
         let mut poll = Poll::new(self.cfg.event_timeout, self.machine.path());
         loop {
             if self.stop_requested() {
                 return Ok(None);
             }
-            tick()?;
+            tick(self.alive())?;
             if let Some(e) = self.evt.pop_request().map_err(ring("event"))? {
                 return Ok(Some(e));
             }
@@ -837,7 +861,7 @@ impl<'m> Primary<'m> {
         let mut want = 0u64;
         while self.cfg.epochs.is_none_or(|n| sum.committed < n) {
             let committed = sum.committed;
-            let entry = match self.next_event(want, || out.beat(committed)) {
+            let entry = match self.next_event(want, |alive| out.beat(committed, alive)) {
                 Ok(Some(e)) => e,
                 Ok(None) => {
                     tracing::info!("stop requested: ending the stream after epoch {committed}");

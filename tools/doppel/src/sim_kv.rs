@@ -50,7 +50,7 @@ use zerocopy::{FromZeros, IntoBytes};
 use crate::machine::{MachineRam, PAGE};
 use crate::sim::{
     attach_rings, create_machine, detach, log_dirty_enable, placed_size, publish, region, respond,
-    stage, DirtyLog, CONTROL_AT,
+    stage, Alive, DirtyLog, CONTROL_AT,
 };
 use crate::synth::Rng;
 
@@ -273,7 +273,9 @@ impl KvSim {
         let mut last_epoch = Instant::now();
         let start = Instant::now();
         let mut frame = vec![0u8; is];
+        let mut alive = Alive::new();
         loop {
+            alive.beat(&win);
             if stop.load(Ordering::Relaxed) {
                 return Ok(());
             }

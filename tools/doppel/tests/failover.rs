@@ -503,6 +503,70 @@ fn replication_link_cut_fails_over_on_silence() {
     assert!(last.contains("result=pass"));
 }
 
+/// Send `sig` (`-STOP`, `-CONT`) to process `pid` with kill(1).
+fn signal(pid: u32, sig: &str) {
+    let st = Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success(), "kill {sig} {pid}: {st:?}");
+}
+
+/// A hypervisor that stops answering (here: its simulator stopped with
+/// SIGSTOP, as a hung hypervisor or a stopped emulator) freezes its
+/// liveness counter; the primary tool, still alive and waiting for the
+/// next event with the default 120 s --event-timeout, stops sending
+/// heartbeats, and the backup fails over within its --heartbeat-timeout.
+/// Before the liveness counter the tool kept beating for the hypervisor
+/// until its event timeout, and no failover came in time.
+#[test]
+fn a_stopped_hypervisor_is_failed_over_within_the_heartbeat_timeout() {
+    let mut p = pipeline(
+        "hvstopped",
+        Extra {
+            sim_primary: &["--epoch-ms", "20"],
+            backup: &["--heartbeat-timeout", "1.5"],
+            primary: &["--ack-timeout", "4", "--heartbeat-ms", "20"],
+            ..Extra::default()
+        },
+    );
+    let mut client = spawn_client(
+        &p.dir,
+        &p.pclients,
+        OPS,
+        &[
+            "--failover",
+            &p.bclients,
+            "--window",
+            "16",
+            "--reply-timeout",
+            "3",
+            "--connect-timeout",
+            "5",
+        ],
+    );
+    client.wait_err("client: answered", 15);
+    let pid = p.sim_primary.child.id();
+    signal(pid, "-STOP");
+    let stopped = Instant::now();
+    let fail = p.backup.wait_line("failover: ", 10);
+    let took = stopped.elapsed();
+    eprintln!("backup: {fail} ({:.2} s after SIGSTOP)", took.as_secs_f64());
+    assert!(
+        fail.contains("primary lost (nothing received for 1.5 s)"),
+        "{fail}"
+    );
+    // Within the heartbeat timeout (plus one heartbeat interval and
+    // scheduling slack), far below the 120 s event timeout.
+    assert!(took < Duration::from_secs(5), "failover after {took:?}");
+    let (last, _) = check_outcome(&p, &mut client);
+    assert!(last.contains("result=pass"), "{last}");
+    // The primary tool is still waiting for its hypervisor (event timeout
+    // 120 s): it noticed nothing itself, it only stopped vouching for it.
+    assert!(p.primary.child.try_wait().unwrap().is_none());
+    signal(pid, "-CONT");
+}
+
 #[test]
 fn malformed_client_frame_drops_the_connection_not_the_primary() {
     let mut p = pipeline("badframe", Extra::default());

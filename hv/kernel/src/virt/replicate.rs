@@ -30,7 +30,9 @@ use doppel_abi::chan::{ChannelConsumer, ChannelError, ChannelLayout, ChannelProd
 use doppel_abi::guest::MAX_RECORD;
 use heapless::Vec as HVec;
 
-use doppel_abi::control::{validate_header, ControlHeader, ControlView, Field, Region};
+use doppel_abi::control::{
+    validate_header, ControlHeader, ControlView, Field, Region, ALIVE_OFFSET,
+};
 use doppel_abi::msg::{
     CheckpointReady, Command, Event, LogDirtyMode, Reply, Response, Span, UNPROTECTED_EPOCH,
 };
@@ -284,6 +286,10 @@ struct ControlArea {
     staging: AtomicMem64<'static>,
     pfns: AtomicMem64<'static>,
     vcpu: AtomicMem64<'static>,
+    /// The header's liveness counter ([`ControlHeader::alive`]), written
+    /// only here, and its value.
+    alive: &'static AtomicU64,
+    beats: u64,
     enabled: bool,
     /// Events posted and not yet acknowledged, to match acks against.
     events: PostedEvents<EVENTS_IN_FLIGHT>,
@@ -462,6 +468,14 @@ impl ControlArea {
             Ok(AtomicMem64::new(words))
         };
         publish_locator(pa, size, h.total_size, h.guest_ram)?;
+        // SAFETY: `pa + ALIVE_OFFSET` lies in the header, inside the area
+        // described above, 8-byte aligned (`pa` is page aligned and the
+        // offset is checked at compile time in hv/abi). After the publish
+        // above the header is never written through `words` again: this
+        // word is reached through this reference alone on our side, by
+        // atomic stores; the tool only reads it.
+        let alive: &'static AtomicU64 =
+            unsafe { &*((pa + ALIVE_OFFSET as u64) as *const AtomicU64) };
         let staging = area_mem(Field::Staging)?;
         let pfns = area_mem(Field::PfnList)?;
         let vcpu = area_mem(Field::VcpuArea)?;
@@ -479,6 +493,8 @@ impl ControlArea {
             staging,
             pfns,
             vcpu,
+            alive,
+            beats: 0,
             enabled: false,
             events: PostedEvents::new(),
             detached: false,
@@ -498,8 +514,17 @@ impl ControlArea {
         Ok(())
     }
 
+    /// Advance the liveness counter: the hypervisor runs.
+    fn beat(&mut self) {
+        self.beats = self.beats.wrapping_add(1);
+        self.alive
+            .store(self.beats.to_le(), core::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Serve every queued command. True when there was at least one.
+    /// Every call (the wait loops poll here) is a liveness beat.
     fn serve_commands(&mut self) -> Result<bool, &'static str> {
+        self.beat();
         let mut any = false;
         loop {
             let req = match self.cmd.pop_request() {
@@ -977,6 +1002,7 @@ impl EpochSink for ControlArea {
     }
 
     fn epoch_end(&mut self, e: &EpochEnd<'_>) -> Result<(), &'static str> {
+        self.beat();
         if self.role == Role::Standby {
             // An activated standby runs unreplicated: nothing to stage.
             return Ok(());
@@ -1026,6 +1052,10 @@ impl EpochSink for ControlArea {
 
     fn checkpoint_at_stop(&self) -> bool {
         true
+    }
+
+    fn exited(&mut self) {
+        self.beat();
     }
 
     /// Nobody uses the harvests of a detached primary or of an activated
