@@ -159,6 +159,15 @@ pub struct BackupArgs {
     /// is active).
     #[arg(long, value_name = "ADDR", requires = "standby_ram")]
     serve_clients: Option<String>,
+    /// With --standby-ram: once activated, protect the service in its turn
+    /// to the backup listening at ADDR (another `doppel backup
+    /// --standby-ram`), exactly as `doppel primary --backup ADDR
+    /// --serve-clients` would: a chain A -> B -> C, where this standby is
+    /// B. Its clients are served once the new backup is connected and
+    /// log-dirty is on; their replies then wait for commit, as at any
+    /// primary. Default heartbeats and timeouts of `doppel primary`.
+    #[arg(long, value_name = "ADDR", requires = "standby_ram")]
+    then_backup: Option<String>,
     /// With --standby-ram: fail over when nothing (not even a heartbeat)
     /// arrives from the primary for this long (0.001 to 604800 s).
     #[arg(long, default_value = "5", value_name = "SECS", value_parser = parse_secs,
@@ -250,8 +259,10 @@ pub struct ClientArgs {
     connect: String,
     /// Where to go when the first address breaks or goes silent (`doppel
     /// backup --serve-clients`); unanswered requests are re-sent there.
-    #[arg(long, value_name = "ADDR")]
-    failover: Option<String>,
+    /// More than one (repeated, or comma-separated): tried in order, one
+    /// per failover (a chain: the backup, then the backup's own backup).
+    #[arg(long, value_name = "ADDR", value_delimiter = ',')]
+    failover: Vec<String>,
     /// Requests to send (ids 1..=N; N from 1 to 1000000).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=MAX_OPS))]
     ops: u64,
@@ -340,7 +351,7 @@ fn open_machine_waiting(
     }
 }
 
-type ClientSide<'m> = (
+pub(crate) type ClientSide<'m> = (
     TcpListener,
     ChannelProducer<AtomicMem64<'m>>,
     ChannelConsumer<AtomicMem64<'m>>,
@@ -408,17 +419,23 @@ pub fn primary(a: PrimaryArgs) -> Res {
         ctl.guest_pages()
     );
     let stop_flag = stop_on_signals()?;
-    let cfg = PrimaryConfig {
-        epochs: a.epochs,
-        reply_timeout: Duration::from_secs(a.reply_timeout),
-        event_timeout: Duration::from_secs(a.event_timeout),
-        stop: Some(stop_flag),
-    };
-    let mut p = Primary::attach(&m, ctl, cfg).map_err(|e| (e.to_string(), e.exit_code()))?;
+    let cfg = a.primary_config(Some(stop_flag));
+    let p = Primary::attach(&m, ctl, cfg).map_err(|e| (e.to_string(), e.exit_code()))?;
     let clients = match &a.serve_clients {
         Some(addr) => Some(client_side(&m, &ctl, addr, false)?),
         None => None,
     };
+    protect_attached(&a, p, clients)
+}
+
+/// `doppel primary` once attached: replicate `p`'s machine as `a` says,
+/// serving `clients`. Also the body of `doppel backup --then-backup`
+/// (an activated standby protected in its turn, doppel::chain).
+pub(crate) fn protect_attached(
+    a: &PrimaryArgs,
+    mut p: Primary<'_>,
+    clients: Option<ClientSide<'_>>,
+) -> Res {
     let stop = AtomicBool::new(false);
     let stats = BridgeStats::default();
     let io = |what: String| move |e: std::io::Error| (format!("{what}: {e}"), IO);
@@ -526,6 +543,23 @@ pub fn primary(a: PrimaryArgs) -> Res {
             Ok(())
         }
         Err(e) => Err((e.to_string(), e.exit_code())),
+    }
+}
+
+impl PrimaryArgs {
+    /// `--backup`, or empty.
+    pub(crate) fn backup_addr(&self) -> &str {
+        self.backup.as_deref().unwrap_or_default()
+    }
+
+    /// The tool's configuration these arguments give.
+    pub(crate) fn primary_config(&self, stop: Option<std::sync::Arc<AtomicBool>>) -> PrimaryConfig {
+        PrimaryConfig {
+            epochs: self.epochs,
+            reply_timeout: Duration::from_secs(self.reply_timeout),
+            event_timeout: Duration::from_secs(self.event_timeout),
+            stop,
+        }
     }
 }
 
@@ -706,6 +740,8 @@ fn standby_backup(a: BackupArgs) -> Res {
     let l = bind_listen(&a.listen)?;
     let caddr = a.serve_clients.as_deref().expect("clap requires it");
     let clients = client_side(&m, &ctl, caddr, true)?;
+    // A chain: fail fast on a bad address, before any primary connects.
+    let then = crate::chain::Then::new(a.then_backup.as_deref(), path, caddr)?;
     let conn = accept_primary(&l, a.accept_timeout)?;
     let _ = conn.set_nodelay(true);
     let hb = a.heartbeat_timeout;
@@ -803,13 +839,16 @@ fn standby_backup(a: BackupArgs) -> Res {
         event_timeout: Duration::from_secs(a.reply_timeout),
         stop: None,
     };
-    let epoch = standby
-        .activate(cfg)
+    let (epoch, activated) = standby
+        .activate_attached(cfg)
         .map_err(|e| (e.to_string(), INVALID))?;
     println!(
         "failover: primary lost ({reason}) after epoch {last}; standby activated from committed epoch {epoch}"
     );
     let _ = std::io::stdout().flush();
+    if let Some(then) = then {
+        return then.protect(activated, clients);
+    }
     let stop = AtomicBool::new(false);
     let stats = BridgeStats::default();
     let (l, inp, outc) = clients;

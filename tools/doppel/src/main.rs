@@ -20,6 +20,7 @@ use doppel::replica::{Replica, ReplicaError};
 use doppel::stream::{Limits, StreamError, StreamReader};
 use doppel::synth::{self, SynthSpec};
 
+mod chain;
 mod cli;
 
 /// Most epochs `stream synth` writes.

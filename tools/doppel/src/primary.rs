@@ -625,6 +625,12 @@ impl<'m> Primary<'m> {
         })
     }
 
+    /// Replace the configuration given at attach (a standby's backup tool
+    /// attached to send `Activate` and protects the machine afterwards).
+    pub fn reconfigure(&mut self, cfg: PrimaryConfig) {
+        self.cfg = cfg;
+    }
+
     /// The control area in use.
     pub fn control(&self) -> &Control {
         &self.ctl

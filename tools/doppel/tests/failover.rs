@@ -567,6 +567,89 @@ fn a_stopped_hypervisor_is_failed_over_within_the_heartbeat_timeout() {
     signal(pid, "-CONT");
 }
 
+/// A chain A -> B -> C on simulated hypervisors: `doppel primary` on A
+/// protects to B's `doppel backup --then-backup` C; A's hypervisor dies,
+/// B activates and protects itself to C (C commits epochs of B), B's
+/// hypervisor dies, C activates. One client with `--failover B,C` sees
+/// every request answered, nothing lost or divergent, two failovers.
+#[test]
+fn a_chain_fails_over_twice_and_the_client_loses_nothing() {
+    let dir = scratch("chain");
+    let mut sim_a = sim_hv(&dir, "a.ram", false, &["--epoch-ms", "20"]);
+    let mut sim_b = sim_hv(&dir, "b.ram", true, &["--epoch-ms", "20"]);
+    let _sim_c = sim_hv(&dir, "c.ram", true, &[]);
+    let backup_c = spawn_backup(&dir, "c.ram", &["--heartbeat-timeout", "1.5"]);
+    let c_listen = backup_c.addr("listening on ");
+    let c_clients = backup_c.addr("clients on ");
+    let backup_b = spawn_backup(
+        &dir,
+        "b.ram",
+        &["--heartbeat-timeout", "1.5", "--then-backup", &c_listen],
+    );
+    let b_listen = backup_b.addr("listening on ");
+    let b_clients = backup_b.addr("clients on ");
+    let primary = Proc::spawn(
+        "primary",
+        &dir,
+        &[
+            "primary",
+            "--machine-ram",
+            "a.ram",
+            "--backup",
+            &b_listen,
+            "--serve-clients",
+            "127.0.0.1:0",
+            "--heartbeat-ms",
+            "20",
+        ],
+    );
+    let a_clients = primary.addr("clients on ");
+    let ops = "6000";
+    let failover = format!("{b_clients},{c_clients}");
+    let mut client = spawn_client(
+        &dir,
+        &a_clients,
+        ops,
+        &[
+            "--failover",
+            &failover,
+            "--window",
+            "16",
+            "--reply-timeout",
+            "3",
+            "--connect-timeout",
+            "5",
+        ],
+    );
+    client.wait_err("client: answered", 15);
+    sim_a.kill9();
+    let first = backup_b.wait_line("failover: ", 10);
+    backup_b.wait_line("chain: protecting the activated standby to ", 10);
+    // C commits epochs of B's service before B dies.
+    backup_c.log.poll("no epoch of B committed", 15, 10, || {
+        backup_c
+            .err_lines()
+            .iter()
+            .any(|l| l.contains("backup: committed epoch 2 "))
+            .then_some(())
+    });
+    sim_b.kill9();
+    let second = backup_c.wait_line("failover: ", 10);
+    eprintln!("B: {first}\nC: {second}");
+    let st = client.wait_exit(30);
+    let last = client.lines().last().cloned().unwrap_or_default();
+    assert!(
+        last.starts_with(&format!("client: ops={ops} answered={ops} "))
+            && last.contains(" failovers=2 lost_acked=0 divergent=0 ")
+            && last.ends_with("result=pass"),
+        "client line {last:?}\nclient stderr: {:#?}\nB stderr: {:#?}\nC stderr: {:#?}",
+        client.err_lines(),
+        backup_b.err_lines(),
+        backup_c.err_lines()
+    );
+    assert!(st.success(), "client exit {st:?}");
+}
+
 #[test]
 fn malformed_client_frame_drops_the_connection_not_the_primary() {
     let mut p = pipeline("badframe", Extra::default());

@@ -221,10 +221,12 @@ where
         .nested_table::<E>()
         .map_err(|_| "building the nested page table")?;
     let mut vcpu = make_vcpu(&state, table.root())?;
+    // Epochs end as in a primary (the plan's epoch timer or exit count):
+    // an activated standby may be protected to a new backup, and then
+    // checkpoints at those ends; unprotected, an epoch end only serves the
+    // tool.
     let run = Plan {
         service: true,
-        epoch_exits: None,
-        epoch_ticks: None,
         pause_cycles: false,
         ..*plan
     };
@@ -346,12 +348,10 @@ const PEER_BROKE_ACKS: &str =
 impl ControlArea {
     fn publish(ram: &GuestRam, role: Role) -> Result<Self, &'static str> {
         let pages = ram.pages();
-        // A standby stages nothing: the backup tool writes guest RAM.
-        let (staging, pfns) = match role {
-            Role::Standby => (PAGE_SIZE, PAGE_SIZE),
-            // Epoch 0 stages every page.
-            Role::Workload | Role::Service => (pages * PAGE_SIZE, pages * 8),
-        };
+        // Epoch 0 stages every page. A standby stages nothing until it is
+        // activated, but then it can be protected to a new backup (a
+        // chain), whose epoch 0 carries every page too.
+        let (staging, pfns) = (pages * PAGE_SIZE, pages * 8);
         let sizes = [
             RING_BYTES,
             RING_BYTES,
@@ -366,7 +366,13 @@ impl ControlArea {
             Role::Service => {
                 Features::LOG_DIRTY_WP | Features::INPUT_CHANNEL | Features::OUTPUT_COMMIT
             }
-            Role::Standby => Features::STANDBY | Features::INPUT_CHANNEL,
+            // Log-dirty and output commit only after `Activate`.
+            Role::Standby => {
+                Features::STANDBY
+                    | Features::INPUT_CHANNEL
+                    | Features::LOG_DIRTY_WP
+                    | Features::OUTPUT_COMMIT
+            }
         };
         let mut h = ControlHeader::pack(sizes, features).map_err(|_| "control area layout")?;
         h.guest_ram = Region {
@@ -564,9 +570,20 @@ impl ControlArea {
             // A standby's RAM belongs to the backup that fills it; a
             // primary tool pointed at it must not take its rings (the
             // backup's `Activate` would then be refused).
-            Command::LogDirtyEnable { .. } if self.role == Role::Standby => {
+            Command::LogDirtyEnable { .. }
+                if self.role == Role::Standby && self.activated.is_none() =>
+            {
                 log::warn!("standby: LogDirtyEnable refused (EPERM): this machine is a standby");
                 Err(Errno::EPERM)
+            }
+            Command::LogDirtyEnable { mode }
+                if self.role == Role::Standby && mode == LogDirtyMode::WriteProtect =>
+            {
+                self.protect_activated().map_err(|e| {
+                    log::error!("standby: protecting the activated guest: {e}");
+                    Errno::EIO
+                })?;
+                Ok(Reply::Done)
             }
             Command::LogDirtyEnable { mode } => {
                 if self.enabled {
@@ -832,6 +849,32 @@ impl ControlArea {
         self.activated = Some((epoch, state.clone()));
         self.next_epoch = epoch.saturating_add(1);
         Ok(Reply::Done)
+    }
+}
+
+/// An activated standby protected in its turn (a chain A -> B -> C).
+impl ControlArea {
+    /// `LogDirtyEnable` on an activated standby: from now on it is a
+    /// replicated service like any primary (output held until
+    /// `CommitEpoch`, checkpoints staged at every epoch end), in a session
+    /// that starts at epoch 0 with every page. Before the next epoch end
+    /// the output goes out as before (it was released at once since
+    /// `Activate`; nothing is held), so no reply is lost or reordered.
+    fn protect_activated(&mut self) -> Result<(), &'static str> {
+        // The backup tool that sent `Activate` answers no events (the
+        // standby posted none); drop any answer left on the ring.
+        self.skip_acks()?;
+        self.role = Role::Service;
+        self.enabled = true;
+        self.full_next = true;
+        self.events.clear();
+        self.next_epoch = 0;
+        self.committed = None;
+        log::info!(
+            "standby: the activated guest is protected to a new backup (log-dirty enabled); \
+             replication starts at epoch 0"
+        );
+        Ok(())
     }
 }
 
