@@ -179,6 +179,15 @@ impl Running {
         let _ = self.child.wait();
     }
 
+    /// Stop the emulator's whole process group (SIGSTOP): the machine
+    /// freezes, as a hung host would, without exiting.
+    pub fn freeze(&self) {
+        let _ = Command::new("kill")
+            .args(["-STOP", "--", &format!("-{}", self.child.id())])
+            .stderr(Stdio::null())
+            .status();
+    }
+
     /// Wait for the emulator to exit on its own, or kill it at the limit.
     pub fn wait(mut self) -> Result<Run> {
         let mut timed_out = false;
