@@ -16,6 +16,10 @@
 //! 4. The client finishes on C with every request answered, none lost,
 //!    none divergent, two failovers.
 //!
+//! Before all that, a rogue tool sends `LogDirtyEnable` to C (a standby
+//! not activated yet): the hypervisor must refuse it (EPERM), while B
+//! accepts it after `Activate`.
+//!
 //! The step prints `chain: failovers=F lost_acked=L divergent=D
 //! result=pass|fail`: F counts the backups' `failover:` lines, L and D
 //! come from the client's verdict.
@@ -134,6 +138,9 @@ fn run(ctx: &mut Ctx, plan: &Plan) -> Result<(String, String)> {
     let mut b = boot(ctx, &doppel, &standby_cmd, "chain-b")?;
     let c = boot(ctx, &doppel, &standby_cmd, "chain-c")?;
 
+    // Before any Activate a standby refuses LogDirtyEnable (a rogue tool
+    // that skips the STANDBY check gets EPERM); after it, B accepts it.
+    let before_activate = log_dirty_enable_before_activate(&c.ram.0)?;
     let (mut backup_c, c_listen, c_clients) = spawn_backup(&doppel, "backup C", &c.ram.0, &[])?;
     let (mut backup_b, b_listen, b_clients) =
         spawn_backup(&doppel, "backup B", &b.ram.0, &["--then-backup", &c_listen])?;
@@ -262,7 +269,8 @@ fn run(ctx: &mut Ctx, plan: &Plan) -> Result<(String, String)> {
         && silent
         && in_time
         && a_tool_alive
-        && answered_before_b < OPS;
+        && answered_before_b < OPS
+        && before_activate == "EPERM";
     let show = |v: Option<u64>| v.map_or("?".to_string(), |v| v.to_string());
     let line = format!(
         "chain: failovers={failovers} lost_acked={} divergent={} result={}",
@@ -271,7 +279,8 @@ fn run(ctx: &mut Ctx, plan: &Plan) -> Result<(String, String)> {
         if pass { "pass" } else { "fail" }
     );
     let detail = format!(
-        "seed={} A frozen at B's epoch {frozen_at}: B failed over in {freeze_secs:.1} s \
+        "seed={} LogDirtyEnable to C before Activate: {before_activate}; \
+         A frozen at B's epoch {frozen_at}: B failed over in {freeze_secs:.1} s \
          (heartbeat timeout {HEARTBEAT_TIMEOUT} s, A's tool alive={a_tool_alive}, `{fail_b}`); \
          C committed {c_committed} of B's epochs; B killed: C failed over in {kill_secs:.1} s \
          (`{fail_c}`); client `{verdict}`",
@@ -280,4 +289,108 @@ fn run(ctx: &mut Ctx, plan: &Plan) -> Result<(String, String)> {
     println!("chain: {detail}");
     drop(c);
     Ok((line, detail))
+}
+
+/// The command ring of a machine RAM file, reached with positioned reads
+/// and writes of the file (which the emulator maps shared): enough for a
+/// rogue tool that sends one command and reads its answer.
+struct FileMem {
+    file: std::fs::File,
+    /// File offset of the window's start, and its size.
+    base: u64,
+    size: usize,
+}
+
+impl doppel_abi::SharedMem for FileMem {
+    fn size(&self) -> usize {
+        self.size
+    }
+    fn load_u32(&self, offset: usize) -> u32 {
+        let mut b = [0u8; 4];
+        self.read_bytes(offset, &mut b);
+        u32::from_le_bytes(b)
+    }
+    fn store_u32(&self, offset: usize, value: u32) {
+        self.write_bytes(offset, &value.to_le_bytes());
+    }
+    fn read_bytes(&self, offset: usize, dst: &mut [u8]) {
+        use std::os::unix::fs::FileExt;
+        // A failed read leaves zeros: the ring checks then refuse it.
+        dst.fill(0);
+        let _ = self.file.read_exact_at(dst, self.base + offset as u64);
+    }
+    fn write_bytes(&self, offset: usize, src: &[u8]) {
+        use std::os::unix::fs::FileExt;
+        let _ = self.file.write_all_at(src, self.base + offset as u64);
+    }
+}
+
+/// A rogue tool that skips the STANDBY check sends `LogDirtyEnable` to
+/// the standby in `ram` before any `Activate`: the hypervisor must refuse
+/// it with EPERM (after `Activate` it accepts it: the chain). Returns the
+/// answer's errno name.
+pub(crate) fn log_dirty_enable_before_activate(ram: &std::path::Path) -> Result<String> {
+    use anyhow::Context;
+    use doppel_abi::control::{validate_header, Features, Field, HEADER_SIZE};
+    use doppel_abi::locator::{Locator, LOCATOR_AT, LOCATOR_WORDS};
+    use doppel_abi::msg::{Command as HvCommand, LogDirtyMode};
+    use doppel_abi::{CommandFront, SharedMem};
+    use std::os::unix::fs::FileExt;
+
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(ram)
+        .with_context(|| format!("opening {}", ram.display()))?;
+    let len = file.metadata()?.len();
+    let mut words = [0u64; LOCATOR_WORDS];
+    for (i, w) in words.iter_mut().enumerate() {
+        let mut b = [0u8; 8];
+        file.read_exact_at(&mut b, LOCATOR_AT + 8 * i as u64)?;
+        *w = u64::from_le_bytes(b);
+    }
+    let loc = Locator::decode(words, len).map_err(|e| anyhow::anyhow!("locator: {e:?}"))?;
+    let mut hdr = [0u8; HEADER_SIZE];
+    file.read_exact_at(&mut hdr, loc.control_at)?;
+    let view = validate_header(&hdr, loc.control_size as usize)
+        .map_err(|e| anyhow::anyhow!("control header: {e:?}"))?;
+    if !view.features().contains(Features::STANDBY) {
+        bail!("{} is not a standby's", ram.display());
+    }
+    let (co, cs) = view.region(Field::CommandRing);
+    let mem = FileMem {
+        file,
+        base: loc.control_at + co as u64,
+        size: cs,
+    };
+    let req_prod = mem.load_u32(doppel_abi::ring::REQ_PROD);
+    let mut ring = CommandFront::attach_at(mem, 0, cs, req_prod)
+        .map_err(|e| anyhow::anyhow!("command ring: {e:?}"))?;
+    let cmd = HvCommand::LogDirtyEnable {
+        mode: LogDirtyMode::WriteProtect,
+    };
+    ring.push_request(&cmd.encode(0x0bad))
+        .map_err(|e| anyhow::anyhow!("command ring: {e:?}"))?;
+    ring.publish_requests();
+    let t = Instant::now();
+    let rsp = loop {
+        if let Some(r) = ring
+            .pop_response()
+            .map_err(|e| anyhow::anyhow!("command ring: {e:?}"))?
+        {
+            break r;
+        }
+        if t.elapsed() > Duration::from_secs(30) {
+            bail!("the standby did not answer LogDirtyEnable within 30 s");
+        }
+        thread::sleep(Duration::from_millis(20));
+    };
+    let rsp = rsp
+        .decode()
+        .map_err(|e| anyhow::anyhow!("response: {e:?}"))?;
+    Ok(match rsp.result {
+        Ok(r) => format!("accepted ({r:?})"),
+        Err(doppel_abi::Errno::EPERM) => "EPERM".into(),
+        Err(e) => format!("{e:?}"),
+    })
 }
