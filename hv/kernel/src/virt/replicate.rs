@@ -752,6 +752,11 @@ impl ControlArea {
                 self.staging.write_bytes(at, page);
                 self.pfns.write_bytes(n * 8, &pfn.to_le_bytes());
                 n += 1;
+                if n.is_multiple_of(256) {
+                    // Staging a large guest's epoch 0 takes a while under
+                    // an emulator: the hypervisor is alive meanwhile.
+                    self.beat();
+                }
             }
         }
         let header = HeaderInfo {
