@@ -226,3 +226,113 @@ fn a_holder_whose_etcd_dies_stops_being_allowed_to_release_within_the_ttl() {
         other => panic!("b must find etcd unreachable, got {other:?}"),
     }
 }
+
+/// `doppel sim-hv --service kv` on a new machine RAM file in `dir`.
+fn sim_kv(dir: &std::path::Path) -> (Child, PathBuf) {
+    let ram = dir.join("machine.ram");
+    let sim = Command::new(env!("CARGO_BIN_EXE_doppel"))
+        .args([
+            "sim-hv",
+            "--service",
+            "kv",
+            "--epoch-ms",
+            "50",
+            "--max-secs",
+            "60",
+        ])
+        .arg("--machine-ram")
+        .arg(&ram)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("sim-hv");
+    (sim, ram)
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let d = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("witness-{name}"));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn primary(ram: &std::path::Path, rec: &std::path::Path, etcd: &str, key: &str) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_doppel"));
+    c.args(["primary", "--wait-control", "20", "--machine-ram"])
+        .arg(ram)
+        .arg("--record")
+        .arg(rec)
+        .args([
+            "--witness",
+            etcd,
+            "--witness-key",
+            key,
+            "--witness-ttl",
+            "2",
+        ])
+        .env("RUST_BACKTRACE", "1");
+    c
+}
+
+#[test]
+fn a_primary_does_not_start_while_another_side_holds_the_key() {
+    if !etcd_installed() {
+        return;
+    }
+    let etcd = Etcd::start("refuse");
+    let dir = scratch("refuse");
+    let (mut sim, ram) = sim_kv(&dir);
+    let mut other = etcd.witness("/vm/active", 5, "backup:elsewhere:1");
+    other.acquire().expect("the other side takes the key");
+    let o = primary(&ram, &dir.join("c.xen"), &etcd.endpoint, "/vm/active")
+        .output()
+        .unwrap();
+    let _ = sim.kill();
+    let _ = sim.wait();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(6), "{err}");
+    assert!(err.contains("backup:elsewhere:1"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(!out.contains("primary: committed"), "{out}");
+}
+
+#[test]
+fn a_primary_whose_witness_dies_fences_itself_and_does_not_detach() {
+    if !etcd_installed() {
+        return;
+    }
+    let mut etcd = Etcd::start("fence");
+    let dir = scratch("fence");
+    let (mut sim, ram) = sim_kv(&dir);
+    let child = primary(&ram, &dir.join("c.xen"), &etcd.endpoint, "/vm/active")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Let it commit for a while (several lease renewals), then kill etcd.
+    std::thread::sleep(Duration::from_secs(4));
+    etcd.kill();
+    let killed = Instant::now();
+    let o = child.wait_with_output().unwrap();
+    let exited = killed.elapsed();
+    let _ = sim.kill();
+    let _ = sim.wait();
+    let (out, err) = (
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr),
+    );
+    assert_eq!(o.status.code(), Some(6), "{out}\n{err}");
+    assert!(
+        out.contains("primary: witness key /vm/active held"),
+        "{out}"
+    );
+    assert!(out.contains("primary: fenced:"), "{out}\n{err}");
+    assert!(!out.contains("primary: detached"), "{out}");
+    // Fenced before the 2 s lease could run out, plus the exit (a
+    // bounded attempt to revoke the lease).
+    assert!(
+        exited < Duration::from_secs(3),
+        "exited {exited:?} after etcd died"
+    );
+}

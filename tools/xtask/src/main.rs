@@ -16,6 +16,7 @@ mod selftest;
 mod setup;
 mod test;
 mod verifier;
+mod witness;
 
 use std::path::PathBuf;
 
