@@ -336,3 +336,144 @@ fn a_primary_whose_witness_dies_fences_itself_and_does_not_detach() {
         "exited {exited:?} after etcd died"
     );
 }
+
+/// A `doppel` child whose stdout lines are collected.
+struct Lines {
+    child: Child,
+    out: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Lines {
+    fn spawn(args: &[&str]) -> Lines {
+        use std::io::BufRead;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_doppel"))
+            .args(args)
+            .env("RUST_BACKTRACE", "1")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let out = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (r, into) = (child.stdout.take().unwrap(), std::sync::Arc::clone(&out));
+        std::thread::spawn(move || {
+            for l in std::io::BufReader::new(r).lines() {
+                let Ok(l) = l else { break };
+                into.lock().unwrap().push(l);
+            }
+        });
+        Lines { child, out }
+    }
+
+    fn lines(&self) -> Vec<String> {
+        self.out.lock().unwrap().clone()
+    }
+
+    /// Index and text of the first line starting with `prefix`.
+    fn wait_line(&self, prefix: &str, secs: u64) -> (usize, String) {
+        let t = Instant::now();
+        loop {
+            if let Some(hit) = self
+                .lines()
+                .into_iter()
+                .enumerate()
+                .find(|(_, l)| l.starts_with(prefix))
+            {
+                return hit;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(secs),
+                "no line starting with {prefix:?} within {secs} s: {:#?}",
+                self.lines()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Lines {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn the_backup_activates_only_once_the_primarys_lease_is_gone_and_fences_when_it_cannot_renew() {
+    if !etcd_installed() {
+        return;
+    }
+    let mut etcd = Etcd::start("backup");
+    let dir = scratch("backup");
+    let (mut sim, ram) = sim_kv(&dir);
+    let sram = dir.join("standby.ram");
+    let sram_s = sram.to_str().unwrap();
+    let _standby = Lines::spawn(&[
+        "sim-hv",
+        "--standby",
+        "--max-secs",
+        "60",
+        "--machine-ram",
+        sram_s,
+    ]);
+    let wit = ["--witness", &etcd.endpoint, "--witness-ttl", "2"];
+    let mut bargs = vec![
+        "backup",
+        "--listen",
+        "127.0.0.1:0",
+        "--standby-ram",
+        sram_s,
+        "--serve-clients",
+        "127.0.0.1:0",
+        "--heartbeat-timeout",
+        "1",
+        "--wait-control",
+        "20",
+    ];
+    bargs.extend(wit);
+    let mut backup = Lines::spawn(&bargs);
+    let (_, listen) = backup.wait_line("listening on ", 20);
+    let listen = listen["listening on ".len()..].trim().to_string();
+    let mut pargs = vec![
+        "primary",
+        "--wait-control",
+        "20",
+        "--machine-ram",
+        ram.to_str().unwrap(),
+        "--backup",
+        &listen,
+    ];
+    pargs.extend(wit);
+    let mut primary = Lines::spawn(&pargs);
+    primary.wait_line("primary: witness key", 20);
+    std::thread::sleep(Duration::from_secs(2));
+    // SIGKILL: no revoke, the lease runs out on its own.
+    let _ = primary.child.kill();
+    let _ = primary.child.wait();
+    let killed = Instant::now();
+    let _ = sim.kill();
+    let _ = sim.wait();
+    let (w, waiting) = backup.wait_line("backup: waiting:", 10);
+    assert!(waiting.contains("is held by \"primary:"), "{waiting}");
+    let (f, _) = backup.wait_line("failover:", 15);
+    let took = killed.elapsed();
+    assert!(w < f, "waited before activating: {:#?}", backup.lines());
+    let (t, _) = backup.wait_line("backup: witness key", 1);
+    assert!(t < f, "the key was taken before activation");
+    // Not before the primary's last renewal could have expired (it was
+    // renewed at most one round before the kill).
+    assert!(
+        took >= Duration::from_millis(2000 - 400),
+        "activated after {took:?}"
+    );
+    // The activated side loses etcd: it must stop serving within the TTL.
+    etcd.kill();
+    let down = Instant::now();
+    backup.wait_line("backup: fenced:", 5);
+    assert!(
+        down.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        down.elapsed()
+    );
+    let st = backup.child.wait().unwrap();
+    assert_eq!(st.code(), Some(6));
+}
