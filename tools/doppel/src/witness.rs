@@ -476,9 +476,12 @@ impl ReleaseGate for LeaseGate {
     }
 }
 
+/// A witness goes out of scope only once its side can release nothing
+/// more (the tools stop their bridges first, also on early errors), so
+/// the key is given up rather than left to expire.
 impl Drop for Witness {
     fn drop(&mut self) {
-        self.abandon();
+        self.release();
     }
 }
 
