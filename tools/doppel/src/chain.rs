@@ -14,6 +14,7 @@ use clap::{CommandFactory, FromArgMatches, Parser};
 
 use crate::cli::{self, ClientSide, PrimaryArgs};
 use doppel::primary::Primary;
+use doppel::witness::Gate;
 
 /// `doppel primary`'s arguments, parsed as its command line.
 #[derive(Parser, Debug)]
@@ -65,9 +66,13 @@ impl Then {
         self,
         mut p: Primary<'_>,
         clients: ClientSide<'_>,
+        gate: Option<Gate>,
     ) -> Result<(), (String, u8)> {
-        // `doppel primary`'s timeouts, not those `Activate` was sent with.
-        p.reconfigure(self.args.primary_config(None));
+        // `doppel primary`'s timeouts, not those `Activate` was sent with;
+        // with a witness, the lease this side took before activating.
+        let mut cfg = self.args.primary_config(None);
+        cfg.gate = gate;
+        p.reconfigure(cfg);
         println!(
             "chain: protecting the activated standby to {}",
             self.args.backup_addr()

@@ -126,6 +126,8 @@ pub struct PrimaryArgs {
     #[arg(long, default_value_t = 200, value_name = "MS", conflicts_with = "record",
           value_parser = clap::value_parser!(u64).range(1..=60_000))]
     heartbeat_ms: u64,
+    #[command(flatten)]
+    witness: crate::witness_cli::WitnessArgs,
 }
 
 #[derive(Args, Debug)]
@@ -188,6 +190,9 @@ pub struct BackupArgs {
     /// sends plain PAGE_DATA).
     #[arg(long)]
     no_compress: bool,
+    /// With --standby-ram: activate only after taking the witness key.
+    #[command(flatten)]
+    witness: crate::witness_cli::WitnessArgs,
 }
 
 #[derive(Args, Debug)]
@@ -419,13 +424,21 @@ pub fn primary(a: PrimaryArgs) -> Res {
         ctl.guest_pages()
     );
     let stop_flag = stop_on_signals()?;
-    let cfg = a.primary_config(Some(stop_flag));
+    let (mut witness, gate) = crate::witness_cli::primary_acquire(&a.witness)?.unzip();
+    let mut cfg = a.primary_config(Some(stop_flag));
+    cfg.gate = gate;
     let p = Primary::attach(&m, ctl, cfg).map_err(|e| (e.to_string(), e.exit_code()))?;
     let clients = match &a.serve_clients {
         Some(addr) => Some(client_side(&m, &ctl, addr, false)?),
         None => None,
     };
-    protect_attached(&a, p, clients)
+    let r = protect_attached(&a, p, clients);
+    // Nothing more is released by this side (bridge stopped, no commit
+    // follows): give the key up so a backup need not wait for the TTL.
+    if let Some(w) = &mut witness {
+        w.release();
+    }
+    r
 }
 
 /// `doppel primary` once attached: replicate `p`'s machine as `a` says,
@@ -529,6 +542,11 @@ pub(crate) fn protect_attached(
             "primary: not detaching: the backup got no END and takes over from its last \
              committed epoch; this guest stays stopped at its next epoch end (fenced)"
         );
+    } else if let Err(e @ doppel::primary::PrimaryError::Fenced { .. }) = &res {
+        println!(
+            "primary: fenced: {e}; no epoch is committed and no Detach sent, so the guest \
+             stays stopped at its epoch end with its output held"
+        );
     }
     match res {
         Ok(s) => {
@@ -559,6 +577,7 @@ impl PrimaryArgs {
             reply_timeout: Duration::from_secs(self.reply_timeout),
             event_timeout: Duration::from_secs(self.event_timeout),
             stop,
+            gate: None,
         }
     }
 }
@@ -603,6 +622,12 @@ fn accept_primary(l: &TcpListener, timeout: u64) -> Result<TcpStream, (String, u
 pub fn backup(a: BackupArgs) -> Res {
     if a.standby_ram.is_some() {
         return standby_backup(a);
+    }
+    if a.witness.witness.is_some() {
+        return Err((
+            "--witness is for a standby (--standby-ram): a file replica never activates".into(),
+            USAGE,
+        ));
     }
     let io = |what: String| move |e: std::io::Error| (format!("{what}: {e}"), IO);
     let (Some(dir), Some(guest_pages)) = (&a.replica, a.guest_pages) else {
@@ -731,6 +756,7 @@ fn standby_backup(a: BackupArgs) -> Res {
     let m = open_machine_waiting(path, wait)?;
     let ctl = find_control(&m, wait)?;
     let mut standby = Standby::new(&m, ctl).map_err(|e| (e.to_string(), INVALID))?;
+    let mut witness = crate::witness_cli::WitnessArgs::open(&a.witness, "backup")?;
     tracing::info!(
         "standby control area at {:#x}; guest RAM at {:#x}, {} pages",
         ctl.at,
@@ -838,7 +864,10 @@ fn standby_backup(a: BackupArgs) -> Res {
         reply_timeout: Duration::from_secs(a.reply_timeout),
         event_timeout: Duration::from_secs(a.reply_timeout),
         stop: None,
+        gate: None,
     };
+    // With a witness: only once the primary's lease is gone.
+    let gate = crate::witness_cli::backup_take(witness.as_mut());
     let (epoch, activated) = standby
         .activate_attached(cfg)
         .map_err(|e| (e.to_string(), INVALID))?;
@@ -847,12 +876,12 @@ fn standby_backup(a: BackupArgs) -> Res {
     );
     let _ = std::io::stdout().flush();
     if let Some(then) = then {
-        return then.protect(activated, clients);
+        return then.protect(activated, clients, gate);
     }
     let stop = AtomicBool::new(false);
     let stats = BridgeStats::default();
     let (l, inp, outc) = clients;
-    bridge::serve(&l, inp, outc, &stop, &stats)
+    crate::witness_cli::watch_serving(gate, &stop, || bridge::serve(&l, inp, outc, &stop, &stats))?
         .map_err(|e| (format!("serving clients: {e}"), INVALID))
 }
 

@@ -18,3 +18,4 @@ pub mod sim_kv;
 pub mod standby;
 pub mod stream;
 pub mod synth;
+pub mod witness;

@@ -100,6 +100,8 @@ pub enum PrimaryError {
     HelloTimeout { secs: u64 },
     #[error("the backup's answer to the feature hello is invalid: {detail}")]
     BadHello { detail: String },
+    #[error("fenced before committing epoch {epoch}: {why}")]
+    Fenced { epoch: u64, why: String },
 }
 
 impl PrimaryError {
@@ -111,6 +113,7 @@ impl PrimaryError {
             PrimaryError::Send { .. }
             | PrimaryError::AckClosed { .. }
             | PrimaryError::HelloTimeout { .. } => 5,
+            PrimaryError::Fenced { .. } => 6,
             PrimaryError::Ack { source, .. }
                 if source.is_truncation() || matches!(source, StreamError::Io { .. }) =>
             {
@@ -131,6 +134,7 @@ impl PrimaryError {
                 | PrimaryError::Machine(_)
                 | PrimaryError::HypervisorError { .. }
                 | PrimaryError::Standby { .. }
+                | PrimaryError::Fenced { .. }
         )
     }
 
@@ -180,6 +184,10 @@ pub struct PrimaryConfig {
     /// Set (by a signal handler) to end the run at the next epoch
     /// boundary, as if `epochs` had been reached: END is written.
     pub stop: Option<Arc<AtomicBool>>,
+    /// Asked right before every `CommitEpoch` (the one place output is
+    /// released): a refusal fences this primary for good (the witness
+    /// lease may run out: docs/REPLICATION.md, "Witness").
+    pub gate: Option<crate::witness::Gate>,
 }
 
 impl Default for PrimaryConfig {
@@ -189,6 +197,7 @@ impl Default for PrimaryConfig {
             reply_timeout: Duration::from_secs(30),
             event_timeout: Duration::from_secs(120),
             stop: None,
+            gate: None,
         }
     }
 }
@@ -471,6 +480,9 @@ pub struct Primary<'m> {
     seen: Vec<u64>,
     /// `LogDirtyEnable` was answered `Done` in this session.
     enabled: bool,
+    /// A [`PrimaryConfig::gate`] refused a release: no CommitEpoch and
+    /// no Detach from this session any more.
+    fenced: bool,
 }
 
 fn ring(ring: &'static str) -> impl Fn(RingError) -> PrimaryError {
@@ -622,6 +634,7 @@ impl<'m> Primary<'m> {
             blob: Vec::new(),
             seen: vec![0; pages.div_ceil(64)],
             enabled: false,
+            fenced: false,
         })
     }
 
@@ -977,6 +990,17 @@ impl<'m> Primary<'m> {
                     }
                 }
             }
+            // Fence here, before the event is answered: the hypervisor
+            // keeps the guest stopped at this epoch's end, output held.
+            if let Some(gate) = &self.cfg.gate {
+                if let Err(why) = gate.0.check(Instant::now()) {
+                    self.fenced = true;
+                    return Err(PrimaryError::Fenced {
+                        epoch: c.epoch,
+                        why,
+                    });
+                }
+            }
             self.ack_event(entry.kind, entry.seq, c.epoch, Ok(()));
             self.expect_done(Command::CommitEpoch { epoch: c.epoch }, "CommitEpoch")?;
             sum.committed += 1;
@@ -1020,6 +1044,13 @@ impl<'m> Primary<'m> {
     /// it only after the client bridge stopped: the output it releases
     /// was never committed and must not reach this tool's clients.
     pub fn detach(&mut self, wait: Duration) -> Result<(), PrimaryError> {
+        // Detach releases all held output: never after a fence.
+        if self.fenced {
+            return Err(PrimaryError::Fenced {
+                epoch: 0,
+                why: "a fenced primary never detaches".into(),
+            });
+        }
         let keep = self.cfg.reply_timeout;
         self.cfg.reply_timeout = wait;
         let r = self.expect_done(Command::Detach, "Detach");

@@ -811,6 +811,7 @@ fn heartbeats_flow_between_epochs_and_never_into_a_capture() {
             reply_timeout: Duration::from_secs(10),
             event_timeout: Duration::from_secs(10),
             stop: None,
+            gate: None,
         };
         let mut p = Primary::attach(&m, ctl, cfg).unwrap();
         let conn = TcpStream::connect(addr).unwrap();

@@ -172,6 +172,11 @@ impl Running {
         hv_text(&self.output_so_far())
     }
 
+    /// Whether the emulator is still running.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
     /// Kill the emulator's whole process group now (kill -9: the machine
     /// dies as a host would).
     pub fn kill(&mut self) {

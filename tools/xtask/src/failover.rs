@@ -39,11 +39,11 @@ use crate::test::Ctx;
 use crate::Emulator;
 
 /// Guest RAM of the protected machine (MiB) and the QEMU machines' RAM.
-const GUEST_MIB: u32 = 16;
+pub(crate) const GUEST_MIB: u32 = 16;
 const MACHINE_MIB: u32 = 128;
-const KEYS: u32 = 256;
+pub(crate) const KEYS: u32 = 256;
 /// Deterministic checkpoint policy for tests: one every this many exits.
-const EPOCH_EXITS: u32 = 3000;
+pub(crate) const EPOCH_EXITS: u32 = 3000;
 /// Seconds without a record before the backup takes over, and without an
 /// event before `doppel primary` gives its hypervisor up.
 const HEARTBEAT_TIMEOUT: u64 = 4;
@@ -52,7 +52,7 @@ const EVENT_TIMEOUT: u64 = 4;
 /// What the primary's hypervisor logs when the tool detaches, when its
 /// guest then stops being write-protected, and when a new session tracks
 /// it again; and what an activated standby logs (it never write-protects).
-const DETACHED: &str = "replication detached; guest runs unprotected";
+pub(crate) const DETACHED: &str = "replication detached; guest runs unprotected";
 const TRACKING_OFF: &str = "dirty tracking off:";
 const TRACKING_ON: &str = "dirty tracking on again";
 const STANDBY_UNTRACKED: &str = "dirty tracking off: nothing harvests";
@@ -365,33 +365,41 @@ pub(crate) fn tail(lines: &[String], n: usize) -> String {
 /// A TCP relay for the replication link: forwards both ways until cut;
 /// cut, it stops reading and writing but keeps both connections open, as a
 /// network partition would.
-struct Relay {
-    addr: String,
-    cut: Arc<AtomicBool>,
+pub(crate) struct Relay {
+    pub(crate) addr: String,
+    /// Both directions.
+    pub(crate) cut: Arc<AtomicBool>,
+    /// One direction only: primary to backup (the stream), backup to
+    /// primary (the acks).
+    pub(crate) cut_fwd: Arc<AtomicBool>,
+    pub(crate) cut_back: Arc<AtomicBool>,
 }
 
 impl Relay {
-    fn start(target: &str) -> Result<Self> {
+    pub(crate) fn start(target: &str) -> Result<Self> {
         let l = TcpListener::bind("127.0.0.1:0")?;
         let addr = l.local_addr()?.to_string();
         let cut = Arc::new(AtomicBool::new(false));
+        let (cut_fwd, cut_back) = (Arc::new(AtomicBool::new(false)), Arc::default());
         let target = target.to_string();
         let c = cut.clone();
+        let (cf, cb) = (Arc::clone(&cut_fwd), Arc::clone(&cut_back));
         thread::spawn(move || {
             let Ok((a, _)) = l.accept() else { return };
             let Ok(b) = TcpStream::connect(&target) else {
                 return;
             };
-            for (from, to) in [(&a, &b), (&b, &a)] {
+            for (from, to, one) in [(&a, &b, &cf), (&b, &a, &cb)] {
                 let (Ok(mut from), Ok(mut to)) = (from.try_clone(), to.try_clone()) else {
                     return;
                 };
-                let c = c.clone();
+                let (both, one) = (c.clone(), Arc::clone(one));
+                let c = move || both.load(Ordering::SeqCst) || one.load(Ordering::SeqCst);
                 thread::spawn(move || {
                     let _ = from.set_read_timeout(Some(Duration::from_millis(100)));
                     let mut buf = vec![0u8; 1 << 16];
                     loop {
-                        if c.load(Ordering::SeqCst) {
+                        if c() {
                             // Partitioned: hold the sockets, move nothing.
                             thread::sleep(Duration::from_millis(200));
                             continue;
@@ -402,7 +410,7 @@ impl Relay {
                                 return;
                             }
                             Ok(n) => {
-                                if c.load(Ordering::SeqCst) || to.write_all(&buf[..n]).is_err() {
+                                if c() || to.write_all(&buf[..n]).is_err() {
                                     continue;
                                 }
                             }
@@ -430,7 +438,12 @@ impl Relay {
                 thread::sleep(Duration::from_secs(3600));
             }
         });
-        Ok(Self { addr, cut })
+        Ok(Self {
+            addr,
+            cut,
+            cut_fwd,
+            cut_back,
+        })
     }
 }
 

@@ -17,6 +17,7 @@ mod selftest;
 mod setup;
 mod test;
 mod verifier;
+mod witness;
 
 use std::path::PathBuf;
 

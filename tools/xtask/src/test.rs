@@ -97,6 +97,8 @@ fn steps() -> Vec<(&'static str, StepFn)> {
         ("xen-verify-capture", crate::replica::step_verify_capture),
         ("failover-qemu-svm", crate::failover::step_failover),
         ("chain-qemu-svm", crate::chain::step_chain),
+        ("witness-down-qemu-svm", crate::witness::step_witness_down),
+        ("partition-qemu-svm", crate::witness::step_partition),
     ]
 }
 
