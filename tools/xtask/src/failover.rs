@@ -14,12 +14,15 @@
 //!    connections open: only the heartbeat timeout can tell).
 //! 4. The client finishes on the backup; its verdict and the backup's
 //!    failover line make the run's `failover:` line.
-//! 5. Link cut only: the old `doppel primary` must give up and Detach (its
-//!    hypervisor logs `replication detached; guest runs unprotected`), its
-//!    guest must stop being write-protected at the next epoch end (`dirty
-//!    tracking off`), and a second `doppel primary --record --epochs 2`
-//!    must attach to the still-running guest, commit two epochs of a new
-//!    session, and have tracking re-armed (`dirty tracking on again`).
+//! 5. Link cut only: the old `doppel primary` must give the backup up
+//!    (`primary: backup lost ...; serving unprotected`) and serve on
+//!    without it (split brain: no witness); stopped with SIGINT it ends in
+//!    order (exit 5: it served unprotected) and Detaches (its hypervisor
+//!    logs `replication detached; guest runs unprotected`), its guest must
+//!    stop being write-protected at the next epoch end (`dirty tracking
+//!    off`), and a second `doppel primary --record --epochs 2` must attach
+//!    to the still-running guest, commit two epochs of a new session, and
+//!    have tracking re-armed (`dirty tracking on again`).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -39,11 +42,11 @@ use crate::test::Ctx;
 use crate::Emulator;
 
 /// Guest RAM of the protected machine (MiB) and the QEMU machines' RAM.
-const GUEST_MIB: u32 = 16;
+pub(crate) const GUEST_MIB: u32 = 16;
 const MACHINE_MIB: u32 = 128;
-const KEYS: u32 = 256;
+pub(crate) const KEYS: u32 = 256;
 /// Deterministic checkpoint policy for tests: one every this many exits.
-const EPOCH_EXITS: u32 = 3000;
+pub(crate) const EPOCH_EXITS: u32 = 3000;
 /// Seconds without a record before the backup takes over, and without an
 /// event before `doppel primary` gives its hypervisor up.
 const HEARTBEAT_TIMEOUT: u64 = 4;
@@ -210,7 +213,7 @@ impl Outcome {
 
 /// A child process whose output lines are collected by threads (and
 /// echoed with a prefix when `echo` is set). Killed when dropped.
-struct Watched {
+pub(crate) struct Watched {
     child: std::process::Child,
     name: &'static str,
     out: Arc<Mutex<Vec<String>>>,
@@ -255,7 +258,7 @@ fn collect<R: Read + Send + 'static>(
 }
 
 impl Watched {
-    fn spawn(name: &'static str, cmd: &mut Command, echo: bool) -> Result<Self> {
+    pub(crate) fn spawn(name: &'static str, cmd: &mut Command, echo: bool) -> Result<Self> {
         let mut child = cmd
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
@@ -294,7 +297,7 @@ impl Watched {
     /// joined first, so `out()` and `err()` hold every line it printed: a
     /// line still in the pipe when the exit is seen is not missed (issue
     /// 17: checking the lines right after the exit lost the last ones).
-    fn exited(&mut self) -> Result<bool> {
+    pub(crate) fn exited(&mut self) -> Result<bool> {
         if self.child.try_wait()?.is_none() {
             return Ok(false);
         }
@@ -304,16 +307,16 @@ impl Watched {
         Ok(true)
     }
 
-    fn out(&self) -> Vec<String> {
+    pub(crate) fn out(&self) -> Vec<String> {
         self.out.lock().map(|v| v.clone()).unwrap_or_default()
     }
 
-    fn err(&self) -> Vec<String> {
+    pub(crate) fn err(&self) -> Vec<String> {
         self.err.lock().map(|v| v.clone()).unwrap_or_default()
     }
 
     /// The first stdout line starting with `prefix`, waiting up to `limit`.
-    fn wait_line(&mut self, prefix: &str, limit: Duration) -> Result<String> {
+    pub(crate) fn wait_line(&mut self, prefix: &str, limit: Duration) -> Result<String> {
         let t = Instant::now();
         loop {
             // Exit first, then the lines: what it printed before exiting
@@ -342,13 +345,40 @@ impl Watched {
         }
     }
 
-    fn kill(&mut self) {
+    pub(crate) fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
 
-    fn alive(&mut self) -> bool {
+    pub(crate) fn alive(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// SIGINT: a doppel tool ends in order at its next epoch boundary.
+    pub(crate) fn interrupt(&self) -> Result<()> {
+        let st = Command::new("kill")
+            .args(["-INT", &self.child.id().to_string()])
+            .status()?;
+        if !st.success() {
+            bail!("kill -INT {} ({}): {st}", self.child.id(), self.name);
+        }
+        Ok(())
+    }
+
+    /// The child's exit status, waiting up to `limit`; `None` if it still
+    /// runs by then. Its output is complete once this returns `Some`.
+    pub(crate) fn wait_exit(
+        &mut self,
+        limit: Duration,
+    ) -> Result<Option<std::process::ExitStatus>> {
+        let t = Instant::now();
+        while !self.exited()? {
+            if t.elapsed() > limit {
+                return Ok(None);
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+        Ok(self.child.try_wait()?)
     }
 }
 
@@ -358,7 +388,7 @@ impl Drop for Watched {
     }
 }
 
-fn tail(lines: &[String], n: usize) -> String {
+pub(crate) fn tail(lines: &[String], n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
@@ -435,12 +465,12 @@ impl Relay {
 }
 
 /// One QEMU machine with its RAM file.
-struct Machine {
-    qemu: Option<Running>,
-    ram: TempFile,
+pub(crate) struct Machine {
+    pub(crate) qemu: Option<Running>,
+    pub(crate) ram: TempFile,
 }
 
-fn boot(ctx: &mut Ctx, doppel: &Path, cmdline: &str, tag: &str) -> Result<Machine> {
+pub(crate) fn boot(ctx: &mut Ctx, doppel: &Path, cmdline: &str, tag: &str) -> Result<Machine> {
     let img = ctx.image()?;
     let ram = shm_file(tag);
     let f = fs::File::create(&ram.0).with_context(|| format!("creating {}", ram.0.display()))?;
@@ -478,7 +508,7 @@ fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
         .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
 }
 
-fn num(line: &str, key: &str) -> Option<u64> {
+pub(crate) fn num(line: &str, key: &str) -> Option<u64> {
     field(line, key)?.trim_end_matches([',', ';']).parse().ok()
 }
 
@@ -503,7 +533,7 @@ fn committed_epochs(backup: &Watched) -> Vec<(u64, u64, u64)> {
 
 /// Replies the client has checked so far (its `client: answered N/M`
 /// progress lines).
-fn client_answered(client: &Watched) -> u64 {
+pub(crate) fn client_answered(client: &Watched) -> u64 {
     client
         .err()
         .iter()
@@ -776,20 +806,22 @@ pub fn run(ctx: &mut Ctx, sc: &Scenario, progress: &mut Progress) -> Result<Outc
         out.notes.push(format!(
             "split-brain: run={} link cut at epoch {at}; primary machine still running={}, \
              doppel primary running={}; the backup activated on heartbeat loss ({failover_line}); \
-             the primary could commit nothing after the cut, so it released no reply the client \
-             could see (last hypervisor checkpoint line: `{}`)",
+             the primary could commit nothing until it gave the backup up (--ack-timeout), \
+             when the client had failed over already (last hypervisor checkpoint line: `{}`)",
             sc.run,
             prim.qemu.is_some(),
             primary.alive(),
             last_release.trim()
         ));
-        // The old tool gives up on the backup's ack and detaches; its
-        // guest runs on unprotected, and a second primary can attach to it.
-        let t = Instant::now();
-        while primary.alive() && t.elapsed() < Duration::from_secs(150) {
-            thread::sleep(Duration::from_millis(200));
-        }
-        let exited = !primary.alive();
+        // The old tool gives up on the backup's ack and serves on,
+        // unprotected (without a witness nothing stops it: README, "Split
+        // brain"). Stopped, it detaches; its guest runs on unprotected,
+        // and a second primary can attach to it.
+        let lost = primary.wait_line("primary: backup lost (", Duration::from_secs(150));
+        let serving = lost.is_ok() && primary.alive();
+        primary.interrupt()?;
+        let status = primary.wait_exit(Duration::from_secs(120))?;
+        let exited = status.is_some_and(|s| s.code() == Some(5));
         let hv_log = || {
             prim.qemu
                 .as_ref()
@@ -837,7 +869,8 @@ pub fn run(ctx: &mut Ctx, sc: &Scenario, progress: &mut Progress) -> Result<Outc
                 .is_some_and(|o| hv[o..].contains(TRACKING_ON))
         };
         out.notes.push(format!(
-            "after the cut: old doppel primary exited={exited}; its hypervisor logged \
+            "after the cut: old doppel primary gave the backup up and served on \
+             unprotected={serving}; stopped by SIGINT, it exited with 5={exited}; its hypervisor logged \
              `{DETACHED}`={detached}, then `{TRACKING_OFF}`={untracked}; a second doppel \
              primary attached to the running guest and committed 2 epochs={reattached}, \
              with `{TRACKING_ON}`={retracked}"
@@ -849,7 +882,7 @@ pub fn run(ctx: &mut Ctx, sc: &Scenario, progress: &mut Progress) -> Result<Outc
                 String::from_utf8_lossy(&again.stderr)
             ));
         }
-        pass &= exited && detached && untracked && reattached && retracked;
+        pass &= serving && exited && detached && untracked && reattached && retracked;
     }
     // Epoch 0 carries every page; the per-epoch figures are the steady
     // state after it.
