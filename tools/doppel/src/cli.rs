@@ -562,6 +562,9 @@ fn accept_primary(l: &TcpListener, timeout: u64) -> Result<TcpStream, (String, u
         }
     };
     conn.set_nonblocking(false).map_err(io("socket".into()))?;
+    // A primary host that vanished without a FIN is noticed by the kernel
+    // too, not only by the heartbeat timeout.
+    doppel::keepalive::enable(&conn);
     Ok(conn)
 }
 
