@@ -982,3 +982,131 @@ fn a_lost_backup_leaves_the_primary_serving_until_a_new_backup_protects_it() {
         .unwrap();
     assert!(n >= 2, "{done}");
 }
+
+#[test]
+fn a_reprotected_guest_fails_over_to_the_new_backup_consistently() {
+    // The new backup after a loss is a standby: its state comes from the
+    // re-protected session only (epoch 0 = the primary's mirror plus the
+    // vCPU of that checkpoint, then deltas). The primary's hypervisor is
+    // then killed: the standby must activate (the simulated standby checks
+    // that the guest RAM's KV version and checksum match the blob's) and
+    // the client, failing over to it, must lose no acknowledged answer.
+    let dir = scratch("reprotect");
+    let _sim = sim_hv(&dir, "p.ram", false, &["--epoch-ms", "20"]);
+    let mut sim_standby = sim_hv(&dir, "s.ram", true, &[]);
+    let mut first = Proc::spawn(
+        "backup",
+        &dir,
+        &[
+            "backup",
+            "--listen",
+            "127.0.0.1:0",
+            "--replica",
+            "r1",
+            "--guest-pages",
+            "64",
+        ],
+    );
+    let listen = first.addr("listening on ");
+    // The standby backup's client address, fixed now for the client's
+    // --failover.
+    let bclients = {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    };
+    let mut primary = Proc::spawn(
+        "primary",
+        &dir,
+        &[
+            "primary",
+            "--machine-ram",
+            "p.ram",
+            "--backup",
+            &listen,
+            "--serve-clients",
+            "127.0.0.1:0",
+            "--event-timeout",
+            "1",
+            "--reply-timeout",
+            "1",
+            "--ack-timeout",
+            "4",
+            "--heartbeat-ms",
+            "20",
+        ],
+    );
+    let pclients = primary.addr("clients on ");
+    let mut client = spawn_client(
+        &dir,
+        &pclients,
+        "12000",
+        &[
+            "--failover",
+            &bclients,
+            "--window",
+            "16",
+            "--reply-timeout",
+            "3",
+            "--connect-timeout",
+            "5",
+        ],
+    );
+    client.wait_err("client: answered", 15);
+    first.kill9();
+    primary.wait_line("primary: backup lost (", 10);
+    let second = spawn_backup_at(&dir, &listen, &bclients);
+    primary.wait_line("primary: re-protected by ", 10);
+    second.log.poll("no 3 epochs committed", 15, 20, || {
+        (second
+            .err_lines()
+            .iter()
+            .filter(|l| l.contains("backup: committed epoch "))
+            .count()
+            >= 3)
+            .then_some(())
+    });
+    assert!(
+        client.child.try_wait().unwrap().is_none(),
+        "client done too early"
+    );
+    // The primary's host dies.
+    let mut sim_primary = _sim;
+    sim_primary.kill9();
+    let fail = second.wait_line("failover: ", 15);
+    assert!(
+        fail.contains("standby activated from committed epoch"),
+        "{fail}"
+    );
+    let st = client.wait_exit(30);
+    let last = client.lines().last().cloned().unwrap_or_default();
+    assert!(
+        st.success()
+            && last.contains(" failovers=1 lost_acked=0 divergent=0 ")
+            && last.ends_with("result=pass"),
+        "{last}\nclient: {:#?}\nstandby sim: {:#?}",
+        client.err_lines(),
+        sim_standby.err_lines()
+    );
+    let _ = sim_standby.child.kill();
+    let _ = primary.child.kill();
+}
+
+/// `doppel backup --standby-ram s.ram` listening on `listen`, serving
+/// clients on `clients`, with a 1.5 s heartbeat timeout.
+fn spawn_backup_at(dir: &Path, listen: &str, clients: &str) -> Proc {
+    Proc::spawn(
+        "backup",
+        dir,
+        &[
+            "backup",
+            "--listen",
+            listen,
+            "--standby-ram",
+            "s.ram",
+            "--serve-clients",
+            clients,
+            "--heartbeat-timeout",
+            "1.5",
+        ],
+    )
+}
