@@ -16,6 +16,15 @@
 //!   counted: the client re-sends, and the service answers from its replay
 //!   cache.
 //!
+//! It cannot be frozen by a client: every client socket has TCP keepalive
+//! and a write timeout ([`WRITE_TIMEOUT`]); a client's replies are
+//! buffered only in its socket's send buffer plus one drain's worth of
+//! records, and a client that does not take them within the timeout is
+//! dropped (the replies counted as dropped), never waited for. Writes
+//! happen outside the bridge's lock, so accepting a new client never waits
+//! for a write. The accept loop outlives a full fd table (EMFILE, ENFILE)
+//! and other transient accept errors: it logs, backs off and goes on.
+//!
 //! The hypervisor releases output into `out_chan` only once the epoch that
 //! produced it is committed (`CommitEpoch`), so what the drainer finds
 //! there is safe to send, with one exception: records tagged
@@ -24,7 +33,7 @@
 //! They are dropped and counted, never sent.
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -37,6 +46,48 @@ use doppel_abi::SharedMem;
 /// Size of a request frame.
 pub const REQUEST_LEN: usize = core::mem::size_of::<Request>();
 
+/// Longest a write of replies to a client may block: a client whose
+/// socket buffer stays full this long does not read, and is dropped.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Longest pause of the accept loop after a transient accept error.
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// Where the bridge takes its clients from: a [`TcpListener`], or a test's
+/// stand-in that fails on purpose.
+pub trait Acceptor: Sync {
+    fn set_nonblocking(&self, on: bool) -> std::io::Result<()>;
+    fn accept(&self) -> std::io::Result<(TcpStream, SocketAddr)>;
+}
+
+impl Acceptor for TcpListener {
+    fn set_nonblocking(&self, on: bool) -> std::io::Result<()> {
+        TcpListener::set_nonblocking(self, on)
+    }
+    fn accept(&self) -> std::io::Result<(TcpStream, SocketAddr)> {
+        TcpListener::accept(self)
+    }
+}
+
+/// Accept errors that pass: out of file descriptors (process or system),
+/// buffers or memory, a connection that died in the backlog. The loop
+/// backs off and tries again; anything else stops the bridge.
+fn transient(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(
+            libc::EMFILE
+                | libc::ENFILE
+                | libc::ENOBUFS
+                | libc::ENOMEM
+                | libc::ECONNABORTED
+                | libc::EPROTO
+                | libc::EPERM
+                | libc::ETIMEDOUT
+        )
+    )
+}
+
 /// Counters of a bridge, readable while it runs.
 #[derive(Debug, Default)]
 pub struct BridgeStats {
@@ -47,13 +98,18 @@ pub struct BridgeStats {
     pub dropped: AtomicU64,
     /// Connections dropped for a malformed frame.
     pub refused: AtomicU64,
+    /// Clients dropped because they did not take their replies within
+    /// [`WRITE_TIMEOUT`].
+    pub stalled: AtomicU64,
+    /// Accept errors the loop outlived (EMFILE, ENFILE, ...).
+    pub accept_errors: AtomicU64,
 }
 
 struct Current {
     /// Connection generation: a reader whose generation is not the
     /// current one stops.
     generation: u64,
-    writer: Option<TcpStream>,
+    writer: Option<Arc<TcpStream>>,
 }
 
 /// Why the bridge stopped.
@@ -69,8 +125,8 @@ pub enum BridgeError {
 
 /// Run the bridge until `stop` is set or a channel breaks the protocol.
 /// `in_chan` / `out_chan` are the control area's channels (tool side).
-pub fn serve<M: SharedMem + Send>(
-    listener: &TcpListener,
+pub fn serve<M: SharedMem + Send, L: Acceptor>(
+    listener: &L,
     in_chan: ChannelProducer<M>,
     mut out_chan: ChannelConsumer<M>,
     stop: &AtomicBool,
@@ -89,12 +145,18 @@ pub fn serve<M: SharedMem + Send>(
         let (current, input, failed) = (&current, &input, &failed);
         // Accept loop.
         s.spawn(move || {
+            let mut backoff = Duration::from_millis(10);
+            let mut said = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 match listener.accept() {
                     Ok((conn, peer)) => {
+                        backoff = Duration::from_millis(10);
                         let _ = conn.set_nonblocking(false);
                         let _ = conn.set_nodelay(true);
+                        let _ = conn.set_write_timeout(Some(WRITE_TIMEOUT));
+                        crate::keepalive::enable(&conn);
                         let Ok(w) = conn.try_clone() else { continue };
+                        let w = Arc::new(w);
                         let generation = {
                             let mut c = current.lock().expect("bridge lock");
                             if let Some(old) = c.writer.take() {
@@ -118,6 +180,20 @@ pub fn serve<M: SharedMem + Send>(
                         std::thread::sleep(Duration::from_millis(10));
                     }
                     Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                    Err(e) if transient(&e) => {
+                        let n = stats.accept_errors.fetch_add(1, Ordering::Relaxed) + 1;
+                        // Bounded noise: the first error, then one line per
+                        // 100.
+                        if said == 0 || n >= said + 100 {
+                            tracing::warn!(
+                                "accepting clients: {e} ({n} so far); backing off {} ms",
+                                backoff.as_millis()
+                            );
+                            said = n;
+                        }
+                        std::thread::sleep(backoff);
+                        backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
+                    }
                     Err(e) => {
                         failed
                             .lock()
@@ -186,14 +262,31 @@ fn drain<M: SharedMem>(
         return Ok(0);
     }
     out_chan.publish();
-    let mut c = current.lock().expect("bridge lock");
-    let sent = match &mut c.writer {
-        Some(w) => match w.write_all(&bytes) {
+    // Write outside the lock: a new client is accepted meanwhile (and
+    // shuts this one down, which ends the write at once).
+    let (generation, writer) = {
+        let c = current.lock().expect("bridge lock");
+        (c.generation, c.writer.clone())
+    };
+    let sent = match writer {
+        Some(w) => match (&*w).write_all(&bytes) {
             Ok(()) => true,
             Err(e) => {
-                tracing::info!("client gone ({e}); {n} replies dropped");
+                if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) {
+                    stats.stalled.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(
+                        "client does not read its replies (none taken for {} s); \
+                         dropped with {n} replies",
+                        WRITE_TIMEOUT.as_secs()
+                    );
+                } else {
+                    tracing::info!("client gone ({e}); {n} replies dropped");
+                }
                 let _ = w.shutdown(Shutdown::Both);
-                c.writer = None;
+                let mut c = current.lock().expect("bridge lock");
+                if c.generation == generation {
+                    c.writer = None;
+                }
                 false
             }
         },
@@ -321,7 +414,7 @@ mod tests {
         let (server, _) = l.accept().unwrap();
         let current = Mutex::new(Current {
             generation: 1,
-            writer: Some(server),
+            writer: Some(Arc::new(server)),
         });
         let stats = BridgeStats::default();
         let mut out = ChannelConsumer::attach(&mem, 0, size).unwrap();
@@ -336,5 +429,182 @@ mod tests {
         assert_eq!(got, b"committed-acommitted-b");
         // All three records' space went back to the producer.
         assert_eq!(hv.free().unwrap(), hv.layout().capacity());
+    }
+
+    /// Sets the bridge's stop flag when dropped: a failing assertion ends
+    /// the bridge too, so the test reports instead of hanging in the
+    /// scope's join.
+    struct StopOnDrop<'a>(&'a AtomicBool);
+
+    impl Drop for StopOnDrop<'_> {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// A channel of `bytes` in its own memory: (producer, consumer).
+    fn chan(
+        words: &[Word],
+    ) -> (
+        ChannelProducer<AtomicMem64<'_>>,
+        ChannelConsumer<AtomicMem64<'_>>,
+    ) {
+        let mem = AtomicMem64::new(words);
+        let size = mem.size();
+        ChannelLayout::new(size, 0, size).unwrap().init_shared(&mem);
+        (
+            ChannelProducer::attach(mem, 0, size).unwrap(),
+            ChannelConsumer::attach(mem, 0, size).unwrap(),
+        )
+    }
+
+    fn words(bytes: usize) -> Vec<Word> {
+        (0..bytes / 8).map(|_| Word::new(0)).collect()
+    }
+
+    fn request(id: u64) -> [u8; REQUEST_LEN] {
+        let mut f = [0u8; REQUEST_LEN];
+        f[..4].copy_from_slice(&doppel_abi::service::REQ_MAGIC.to_le_bytes());
+        f[8..16].copy_from_slice(&id.to_le_bytes());
+        assert!(Request::parse(&f).is_some());
+        f
+    }
+
+    /// Play the hypervisor for one request: take it from `inp`, answer
+    /// `reply` on `out`; true once done within `secs`.
+    fn answer_one(
+        inp: &mut ChannelConsumer<AtomicMem64<'_>>,
+        out: &mut ChannelProducer<AtomicMem64<'_>>,
+        reply: &[u8],
+        secs: u64,
+    ) -> bool {
+        let t = std::time::Instant::now();
+        let mut buf = [0u8; 64];
+        while t.elapsed() < Duration::from_secs(secs) {
+            if inp.pop(&mut buf).unwrap().is_some() {
+                inp.publish();
+                out.write_record(1, reply).unwrap();
+                out.publish();
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        false
+    }
+
+    fn read_exact_within(c: &mut TcpStream, n: usize, secs: u64) -> Option<Vec<u8>> {
+        c.set_read_timeout(Some(Duration::from_secs(secs))).unwrap();
+        let mut got = vec![0u8; n];
+        c.read_exact(&mut got).ok().map(|_| got)
+    }
+
+    #[test]
+    fn a_client_that_never_reads_is_dropped_and_the_next_one_is_served() {
+        let (iw, ow) = (words(4096 + 64), words(65536 + 64));
+        let (tool_in, mut hv_in) = chan(&iw);
+        let (mut hv_out, tool_out) = chan(&ow);
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let (stop, stats) = (AtomicBool::new(false), BridgeStats::default());
+        std::thread::scope(|s| {
+            let bridge = s.spawn(|| serve(&l, tool_in, tool_out, &stop, &stats));
+            let _stop = StopOnDrop(&stop);
+            let stuck = TcpStream::connect(addr).unwrap();
+            while stats.connections.load(Ordering::Relaxed) < 1 {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            // Replies for it, far more than any socket buffer holds.
+            let rec = [0x42u8; 200];
+            let t = std::time::Instant::now();
+            let mut pushed = 0u64;
+            while stats.stalled.load(Ordering::Relaxed) == 0
+                && t.elapsed() < Duration::from_secs(30)
+            {
+                match hv_out.write_record(1, &rec) {
+                    Ok(()) => {
+                        hv_out.publish();
+                        pushed += 1;
+                    }
+                    Err(ChannelError::Full) => std::thread::sleep(Duration::from_millis(1)),
+                    Err(e) => panic!("{e:?}"),
+                }
+            }
+            let stalled = stats.stalled.load(Ordering::Relaxed);
+            // Unblock a bridge stuck writing before asserting (so a
+            // failure is reported, not hung on).
+            drop(stuck);
+            assert_eq!(stalled, 1, "the client that never reads was not dropped");
+            assert!(stats.dropped.load(Ordering::Relaxed) > 0);
+            // The output channel drains on (nobody waits for that client).
+            let t = std::time::Instant::now();
+            while hv_out.free().unwrap() != hv_out.layout().capacity() {
+                assert!(t.elapsed() < Duration::from_secs(5), "output not drained");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            // The next client is served.
+            let mut good = TcpStream::connect(addr).unwrap();
+            good.write_all(&request(1)).unwrap();
+            assert!(answer_one(&mut hv_in, &mut hv_out, b"reply-for-1", 5));
+            assert_eq!(
+                read_exact_within(&mut good, 11, 5).as_deref(),
+                Some(&b"reply-for-1"[..])
+            );
+            assert!(pushed > 0);
+            stop.store(true, Ordering::Relaxed);
+            bridge.join().unwrap().unwrap();
+        });
+    }
+
+    /// A listener whose first `fails` accepts fail with `errno`.
+    struct Flaky {
+        inner: TcpListener,
+        fails: AtomicU64,
+        errno: i32,
+    }
+
+    impl Acceptor for Flaky {
+        fn set_nonblocking(&self, on: bool) -> std::io::Result<()> {
+            self.inner.set_nonblocking(on)
+        }
+        fn accept(&self) -> std::io::Result<(TcpStream, SocketAddr)> {
+            if self
+                .fails
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+                .is_ok()
+            {
+                return Err(std::io::Error::from_raw_os_error(self.errno));
+            }
+            self.inner.accept()
+        }
+    }
+
+    #[test]
+    fn the_accept_loop_outlives_a_full_fd_table() {
+        for errno in [libc::EMFILE, libc::ENFILE] {
+            let (iw, ow) = (words(4096 + 64), words(4096 + 64));
+            let (tool_in, mut hv_in) = chan(&iw);
+            let (mut hv_out, tool_out) = chan(&ow);
+            let l = Flaky {
+                inner: TcpListener::bind("127.0.0.1:0").unwrap(),
+                fails: AtomicU64::new(6),
+                errno,
+            };
+            let addr = l.inner.local_addr().unwrap();
+            let (stop, stats) = (AtomicBool::new(false), BridgeStats::default());
+            std::thread::scope(|s| {
+                let bridge = s.spawn(|| serve(&l, tool_in, tool_out, &stop, &stats));
+                let _stop = StopOnDrop(&stop);
+                let mut c = TcpStream::connect(addr).unwrap();
+                c.write_all(&request(7)).unwrap();
+                let answered = answer_one(&mut hv_in, &mut hv_out, b"seven", 10);
+                let got = read_exact_within(&mut c, 5, 5);
+                stop.store(true, Ordering::Relaxed);
+                let r = bridge.join().unwrap();
+                assert!(r.is_ok(), "errno {errno}: the bridge stopped: {r:?}");
+                assert!(answered, "errno {errno}: the request never arrived");
+                assert_eq!(got.as_deref(), Some(&b"seven"[..]), "errno {errno}");
+                assert_eq!(stats.accept_errors.load(Ordering::Relaxed), 6);
+            });
+        }
     }
 }

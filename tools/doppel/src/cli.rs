@@ -8,13 +8,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::Args;
-use doppel::ack::AckReader;
 use doppel::backup::{self, ReceiveError};
 use doppel::bridge::{self, BridgeStats};
 use doppel::client::ClientConfig;
 use doppel::kv::{Checker, Workload};
 use doppel::machine::{Control, MachineError, MachineRam};
 use doppel::primary::{EpochReport, Output, Primary, PrimaryConfig};
+use doppel::protect::{self, ProtectOpts};
 use doppel::replica::{Journal, Replica, ReplicaError};
 use doppel::sim::{Sim, SimSpec};
 use doppel::sim_kv::{KvSim, KvSpec};
@@ -456,33 +456,16 @@ pub(crate) fn protect_attached(
         let f = File::create(path).map_err(io(path.display().to_string()))?;
         let mut out: Output<_, std::io::Empty> =
             Output::record(BufWriter::with_capacity(1 << 20, f));
-        p.run(&mut out, progress_printer())
+        p.run(&mut out, progress_printer()).map(|s| (s, None))
     } else {
-        let beat = Duration::from_millis(a.heartbeat_ms);
         let addr = a.backup.as_deref().unwrap_or_default();
-        let conn = TcpStream::connect(addr).map_err(io(format!("connecting to {addr}")))?;
-        let _ = conn.set_nodelay(true);
-        conn.set_read_timeout(Some(Duration::from_secs(a.ack_timeout)))
-            .map_err(io(addr.into()))?;
-        let back = conn.try_clone().map_err(io(addr.into()))?;
-        let acks = AckReader::open(BufReader::new(back), 0)
-            .map_err(|e| (format!("back channel from {addr}: {e}"), 5))?;
-        let sock = conn.try_clone().map_err(io(addr.into()))?;
-        let mut out =
-            Output::backup(BufWriter::with_capacity(1 << 20, conn), acks).with_heartbeat(beat);
-        if a.compress {
-            let t = Duration::from_secs(a.hello_timeout);
-            sock.set_read_timeout(Some(t)).map_err(io(addr.into()))?;
-            let guest = p.control().guest_pages();
-            let got = out
-                .negotiate(feature::XLZ4, guest, t)
-                .map_err(|e| (e.to_string(), e.exit_code()))?;
-            if got & feature::XLZ4 == 0 {
-                tracing::warn!("the backup refused compression; sending plain PAGE_DATA");
-            }
-            sock.set_read_timeout(Some(Duration::from_secs(a.ack_timeout)))
-                .map_err(io(addr.into()))?;
-        }
+        let opts = ProtectOpts {
+            ack_timeout: Duration::from_secs(a.ack_timeout),
+            heartbeat: Duration::from_millis(a.heartbeat_ms),
+            compress: a.compress,
+            hello_timeout: Duration::from_secs(a.hello_timeout),
+            ..ProtectOpts::new(addr)
+        };
         std::thread::scope(|s| {
             // Protect the guest before the first client request reaches
             // it: a guest left detached by an earlier tool runs
@@ -496,14 +479,14 @@ pub(crate) fn protect_attached(
                 let (stop, stats) = (&stop, &stats);
                 s.spawn(move || bridge::serve(&l, inp, outc, stop, stats))
             });
-            let r = p.run(&mut out, progress_printer());
-            // The stream (and the backup connection) ends with `out`.
-            drop(out);
+            // A lost backup does not end this: the guest serves on
+            // unprotected through the same bridge until a backup is back.
+            let r = protect::protect(&mut p, &opts, progress_printer());
             stop.store(true, Ordering::Relaxed);
             if let Some(Ok(Err(e))) = bridge.map(|b| b.join()) {
                 tracing::warn!("client bridge: {e}");
             }
-            r
+            r.map(|rep| (rep.summary.clone(), Some(rep)))
         })
     };
     if a.serve_clients.is_some() {
@@ -520,9 +503,9 @@ pub(crate) fn protect_attached(
         eprintln!();
     }
     // Hand the guest back (Detach) only where no backup takes over from
-    // it: after END (the run ended in order), with a capture only, or when
-    // the backup itself is lost (Remus: the primary runs on unprotected;
-    // README, "Split brain"). On any other failure the backup got no END
+    // it: after END or an orderly end while unprotected, with a capture
+    // only, or when the first backup could not be reached (a backup lost
+    // later does not end the run: protect serves on unprotected). On any other failure the backup got no END
     // and a standby activates, so this guest must stay stopped (fenced)
     // rather than run on beside it. The client bridge, if any, has
     // stopped: what Detach releases was never committed.
@@ -549,7 +532,7 @@ pub(crate) fn protect_attached(
         );
     }
     match res {
-        Ok(s) => {
+        Ok((s, rep)) => {
             if s.stopped {
                 println!("primary: stopped by signal");
             }
@@ -558,7 +541,23 @@ pub(crate) fn protect_attached(
                 s.committed, s.pages, s.bytes
             );
             println!("{}", s.compression_line());
-            Ok(())
+            match rep {
+                // The run ended in order, but the guest served without a
+                // backup for a while: say so in the exit status too (5,
+                // the backup connection was lost), now that it is over.
+                Some(r) if r.was_unprotected() => {
+                    println!("{}", r.unprotected_line());
+                    Err((
+                        format!(
+                            "the backup was lost {} times; the guest served unprotected for {} \
+                             epochs",
+                            r.lost, r.unprotected_epochs
+                        ),
+                        5,
+                    ))
+                }
+                _ => Ok(()),
+            }
         }
         Err(e) => Err((e.to_string(), e.exit_code())),
     }
@@ -616,6 +615,9 @@ fn accept_primary(l: &TcpListener, timeout: u64) -> Result<TcpStream, (String, u
         }
     };
     conn.set_nonblocking(false).map_err(io("socket".into()))?;
+    // A primary host that vanished without a FIN is noticed by the kernel
+    // too, not only by the heartbeat timeout.
+    doppel::keepalive::enable(&conn);
     Ok(conn)
 }
 

@@ -12,11 +12,14 @@
 //!    PAGE_DATA* X86_TSC_INFO HVM_CONTEXT HVM_PARAMS CHECKPOINT, flush.
 //! 3. With a backup: wait for its ack of that epoch on the back channel.
 //! 4. Push the `EventAck` (frees the staging area), then
-//!    `CommitEpoch{epoch}` and wait for `Done` (output release).
+//!    `CommitEpoch{epoch}` and wait for `Done` (output release):
+//!    [`Primary::release`], the one place output is released. A lost
+//!    backup does not end a run driven by [`crate::protect`]: it releases
+//!    on unprotected and starts a new stream session when a backup is back.
 //!
-//! 5. On every orderly exit (`--epochs N` reached, backup lost,
-//!    SIGINT/SIGTERM; an event timeout only for `--record`, since with a
-//!    backup a standby takes over) the caller sends `Detach` ([`Primary::detach`]):
+//! 5. On every orderly exit (`--epochs N` reached, SIGINT/SIGTERM; an
+//!    event timeout only for `--record`, since with a backup a standby
+//!    takes over) the caller sends `Detach` ([`Primary::detach`]):
 //!    the hypervisor runs the guest on, unprotected, and a later primary
 //!    can attach again ([`Primary::attach`] at the rings' current indices).
 //!
@@ -85,6 +88,11 @@ pub enum PrimaryError {
     Timeout { what: String, secs: u64 },
     #[error("{path}: the machine RAM file disappeared (hypervisor gone)")]
     Gone { path: String },
+    #[error("connecting to {addr}: {source}")]
+    Connect {
+        addr: String,
+        source: std::io::Error,
+    },
     #[error("sending epoch {epoch}: {source}")]
     Send { epoch: u64, source: std::io::Error },
     #[error("back channel, waiting for the ack of epoch {epoch}: {source}")]
@@ -108,7 +116,8 @@ impl PrimaryError {
     /// Exit code of `doppel primary` for this error (see main.rs).
     pub fn exit_code(&self) -> u8 {
         match self {
-            PrimaryError::Machine(crate::machine::MachineError::Io { .. }) => 3,
+            PrimaryError::Machine(crate::machine::MachineError::Io { .. })
+            | PrimaryError::Connect { .. } => 3,
             PrimaryError::Timeout { .. } | PrimaryError::Gone { .. } => 4,
             PrimaryError::Send { .. }
             | PrimaryError::AckClosed { .. }
@@ -483,6 +492,14 @@ pub struct Primary<'m> {
     /// A [`PrimaryConfig::gate`] refused a release: no CommitEpoch and
     /// no Detach from this session any more.
     fenced: bool,
+    /// The hypervisor epoch expected next (= epochs released so far in
+    /// this hypervisor session; stream sessions may start later).
+    next_epoch: u64,
+    /// The checkpoint taken and not yet released: (kind, seq, epoch).
+    pending: Option<(u32, u32, u64)>,
+    /// Every guest page as of the last checkpoint taken
+    /// ([`Primary::keep_mirror`]): what a new backup's epoch 0 carries.
+    mirror: Option<Vec<u8>>,
 }
 
 fn ring(ring: &'static str) -> impl Fn(RingError) -> PrimaryError {
@@ -635,6 +652,9 @@ impl<'m> Primary<'m> {
             seen: vec![0; pages.div_ceil(64)],
             enabled: false,
             fenced: false,
+            next_epoch: 0,
+            pending: None,
+            mirror: None,
         })
     }
 
@@ -644,9 +664,37 @@ impl<'m> Primary<'m> {
         self.cfg = cfg;
     }
 
+    /// The hypervisor's liveness counter (hv/abi `ControlHeader::alive`),
+    /// read live from the header: it moves while the hypervisor runs.
+    pub fn alive(&self) -> u64 {
+        let mut b = [0u8; 8];
+        self.win.read_bytes(ALIVE_OFFSET, &mut b);
+        u64::from_le_bytes(b)
+    }
+
     /// The control area in use.
     pub fn control(&self) -> &Control {
         &self.ctl
+    }
+
+    /// Keep a copy of every guest page as of the last checkpoint taken,
+    /// so that a later stream session (a new backup, [`crate::protect`])
+    /// can start with a full epoch 0 in the middle of the hypervisor's
+    /// session. Costs one guest's RAM; call it before the first epoch.
+    pub fn keep_mirror(&mut self) {
+        let bytes = self.ctl.guest_pages() as usize * PAGE;
+        self.mirror = Some(vec![0; bytes]);
+    }
+
+    /// The hypervisor epoch expected next: the number of epochs released
+    /// since `LogDirtyEnable`.
+    pub fn next_epoch(&self) -> u64 {
+        self.next_epoch
+    }
+
+    /// Whether `cfg.epochs` epochs are released.
+    pub(crate) fn epochs_done(&self) -> bool {
+        self.cfg.epochs.is_some_and(|n| self.next_epoch >= n)
     }
 
     /// Send one command and wait for its answer.
@@ -709,18 +757,9 @@ impl<'m> Primary<'m> {
             .is_some_and(|s| s.load(Ordering::Relaxed))
     }
 
-    /// The hypervisor's liveness counter (hv/abi `ControlHeader::alive`),
-    /// read live from the header: it moves while the hypervisor runs.
-    pub fn alive(&self) -> u64 {
-        let mut b = [0u8; 8];
-        self.win.read_bytes(ALIVE_OFFSET, &mut b);
-        u64::from_le_bytes(b)
-    }
-
     /// Wait for the next event entry (copied out, not decoded); `tick`
-    /// runs between polls (heartbeats) with the liveness counter. `None`:
-    /// the stop flag was set (an event already posted stays unconsumed:
-    /// `Detach` voids it).
+    /// runs between polls (heartbeats). `None`: the stop flag was set (an
+    /// event already posted stays unconsumed: `Detach` voids it).
     fn next_event(
         &mut self,
         want: u64,
@@ -825,6 +864,102 @@ impl<'m> Primary<'m> {
         })
     }
 
+    /// Wait for the next `CheckpointReady` (acking `OutputAvailable`
+    /// hints on the way), check it and copy it out: it is then pending
+    /// until [`Primary::release`]. `tick` runs between polls. `None`: the
+    /// stop flag was set. A checkpoint that fails a check is answered
+    /// with its errno and ends the run.
+    pub(crate) fn next_checkpoint(
+        &mut self,
+        mut tick: impl FnMut(u64) -> Result<(), PrimaryError>,
+    ) -> Result<Option<(CheckpointReady, TscInfo)>, PrimaryError> {
+        if let Some((_, _, epoch)) = self.pending {
+            return Err(PrimaryError::BadCheckpoint {
+                epoch,
+                detail: "taken and not released before the next one".into(),
+            });
+        }
+        let want = self.next_epoch;
+        loop {
+            let Some(entry) = self.next_event(want, &mut tick)? else {
+                return Ok(None);
+            };
+            let ev = match entry.decode() {
+                Ok(ev) => ev,
+                Err(err) => {
+                    self.ack_event(entry.kind, entry.seq, entry.epoch, Err(err.errno()));
+                    return Err(PrimaryError::Decode { what: "event", err });
+                }
+            };
+            let c = match ev {
+                Event::CheckpointReady(c) => c,
+                Event::OutputAvailable { epoch, bytes } => {
+                    tracing::debug!("output available: epoch {epoch}, {bytes} bytes");
+                    self.ack_event(entry.kind, entry.seq, epoch, Ok(()));
+                    continue;
+                }
+                Event::Error { epoch, op, errno } => {
+                    self.ack_event(entry.kind, entry.seq, epoch, Ok(()));
+                    return Err(PrimaryError::HypervisorError { epoch, op, errno });
+                }
+            };
+            if c.epoch != want {
+                self.ack_event(entry.kind, entry.seq, c.epoch, Err(Errno::EINVAL));
+                return Err(PrimaryError::EpochOrder { got: c.epoch, want });
+            }
+            let tsc = match self
+                .take_checkpoint(&c)
+                .and_then(|_| self.tsc_info(c.epoch))
+            {
+                Ok(t) => t,
+                Err(e) => {
+                    let errno = match &e {
+                        PrimaryError::Span { .. } => Errno::EFAULT,
+                        _ => Errno::EINVAL,
+                    };
+                    self.ack_event(entry.kind, entry.seq, c.epoch, Err(errno));
+                    return Err(e);
+                }
+            };
+            if let Some(m) = &mut self.mirror {
+                for (w, d) in self
+                    .pfn_bytes
+                    .chunks_exact(8)
+                    .zip(self.pages.chunks_exact(PAGE))
+                {
+                    // Checked below the guest's size by take_checkpoint.
+                    let at = u64::from_le_bytes(w.try_into().expect("8 bytes")) as usize * PAGE;
+                    m[at..at + PAGE].copy_from_slice(d);
+                }
+            }
+            self.pending = Some((entry.kind, entry.seq, c.epoch));
+            return Ok(Some((c, tsc)));
+        }
+    }
+
+    /// Release the pending checkpoint: push its `EventAck` (frees the
+    /// staging area), then `CommitEpoch` (the hypervisor releases the
+    /// epoch's held output). The one place output is released, protected
+    /// or not. Returns the epoch; `None` when nothing was pending.
+    pub(crate) fn release(&mut self) -> Result<Option<u64>, PrimaryError> {
+        let Some((kind, seq, epoch)) = self.pending else {
+            return Ok(None);
+        };
+        // Fence here, before the event is answered: the hypervisor keeps
+        // the guest stopped at this epoch's end, output held.
+        if let Some(gate) = &self.cfg.gate {
+            if let Err(why) = gate.0.check(Instant::now()) {
+                self.fenced = true;
+                return Err(PrimaryError::Fenced { epoch, why });
+            }
+        }
+        self.pending = None;
+        self.ack_event(kind, seq, epoch, Ok(()));
+        self.expect_done(Command::CommitEpoch { epoch }, "CommitEpoch")?;
+        self.next_epoch = epoch + 1;
+        Ok(Some(epoch))
+    }
+
     /// Enable log-dirty (`LogDirtyEnable{WriteProtect}`) unless this
     /// session did already: from here on the guest's output is held until
     /// an epoch commits. Call it before letting clients' requests into
@@ -877,11 +1012,16 @@ impl<'m> Primary<'m> {
         }
         out.writer.static_data_end().map_err(send(0))?;
         self.enable_log_dirty()?;
-        let mut want = 0u64;
-        while self.cfg.epochs.is_none_or(|n| sum.committed < n) {
+        // A stream session may start in the middle of the hypervisor's
+        // session (a new backup, crate::protect): its epoch 0 is then the
+        // mirror, every page, with the vCPU of the checkpoint it is taken
+        // at; stream epoch k is hypervisor epoch base + k.
+        let base = self.next_epoch;
+        while !self.epochs_done() {
+            let want = self.next_epoch;
             let committed = sum.committed;
-            let entry = match self.next_event(want, |alive| out.beat(committed, alive)) {
-                Ok(Some(e)) => e,
+            let (c, tsc) = match self.next_checkpoint(|alive| out.beat(committed, alive)) {
+                Ok(Some(c)) => c,
                 Ok(None) => {
                     tracing::info!("stop requested: ending the stream after epoch {committed}");
                     sum.stopped = true;
@@ -899,59 +1039,42 @@ impl<'m> Primary<'m> {
                 Err(e) => return Err(e),
             };
             let t0 = Instant::now();
-            let ev = match entry.decode() {
-                Ok(ev) => ev,
-                Err(err) => {
-                    self.ack_event(entry.kind, entry.seq, entry.epoch, Err(err.errno()));
-                    return Err(PrimaryError::Decode { what: "event", err });
-                }
-            };
-            let c = match ev {
-                Event::CheckpointReady(c) => c,
-                Event::OutputAvailable { epoch, bytes } => {
-                    tracing::debug!("output available: epoch {epoch}, {bytes} bytes");
-                    self.ack_event(entry.kind, entry.seq, epoch, Ok(()));
-                    continue;
-                }
-                Event::Error { epoch, op, errno } => {
-                    self.ack_event(entry.kind, entry.seq, epoch, Ok(()));
-                    return Err(PrimaryError::HypervisorError { epoch, op, errno });
-                }
-            };
-            if c.epoch != want {
-                self.ack_event(entry.kind, entry.seq, c.epoch, Err(Errno::EINVAL));
-                return Err(PrimaryError::EpochOrder { got: c.epoch, want });
-            }
-            let tsc = match self
-                .take_checkpoint(&c)
-                .and_then(|_| self.tsc_info(c.epoch))
-            {
-                Ok(t) => t,
-                Err(e) => {
-                    let errno = match &e {
-                        PrimaryError::Span { .. } => Errno::EFAULT,
-                        _ => Errno::EINVAL,
-                    };
-                    self.ack_event(entry.kind, entry.seq, c.epoch, Err(errno));
-                    return Err(e);
-                }
-            };
+            let epoch = c.epoch - base;
             let before = out.writer.bytes();
-            let batch: Vec<OutPage<'_>> = self
-                .pfn_bytes
-                .chunks_exact(8)
-                .zip(self.pages.chunks_exact(PAGE))
-                .map(|(w, d)| OutPage {
-                    pfn: u64::from_le_bytes(w.try_into().expect("8 bytes")),
-                    data: Some(d),
-                })
-                .collect();
+            let batch: Vec<OutPage<'_>> = match (&self.mirror, epoch == 0 && c.epoch != 0) {
+                (Some(m), true) => m
+                    .chunks_exact(PAGE)
+                    .enumerate()
+                    .map(|(pfn, d)| OutPage {
+                        pfn: pfn as u64,
+                        data: Some(d),
+                    })
+                    .collect(),
+                (None, true) => {
+                    return Err(PrimaryError::BadCheckpoint {
+                        epoch: c.epoch,
+                        detail: "a stream starting after hypervisor epoch 0 needs the page \
+                                 mirror (Primary::keep_mirror)"
+                            .into(),
+                    })
+                }
+                (_, false) => self
+                    .pfn_bytes
+                    .chunks_exact(8)
+                    .zip(self.pages.chunks_exact(PAGE))
+                    .map(|(w, d)| OutPage {
+                        pfn: u64::from_le_bytes(w.try_into().expect("8 bytes")),
+                        data: Some(d),
+                    })
+                    .collect(),
+            };
+            let pages = batch.len() as u64;
             let w = &mut out.writer;
             match &mut out.xlz4 {
                 Some(cache) => w.page_data_xlz4(&batch, cache),
                 None => w.page_data(&batch),
             }
-            .map_err(send(c.epoch))?;
+            .map_err(send(epoch))?;
             let page_wire = w.bytes() - before;
             let page_raw = (batch.len() * PAGE) as u64;
             drop(batch);
@@ -960,18 +1083,13 @@ impl<'m> Primary<'m> {
                 .and_then(|_| w.hvm_params(&[]))
                 .and_then(|_| w.checkpoint())
                 .and_then(|_| w.flush())
-                .map_err(send(c.epoch))?;
+                .map_err(send(epoch))?;
             let bytes = out.writer.bytes() - before;
             if let Some(acks) = &mut out.acks {
                 loop {
                     match acks.next_msg() {
-                        Ok(BackMsg::Ack(k)) if k == c.epoch => break,
-                        Ok(BackMsg::Ack(got)) => {
-                            return Err(PrimaryError::WrongAck {
-                                epoch: c.epoch,
-                                got,
-                            })
-                        }
+                        Ok(BackMsg::Ack(k)) if k == epoch => break,
+                        Ok(BackMsg::Ack(got)) => return Err(PrimaryError::WrongAck { epoch, got }),
                         Ok(BackMsg::State(s)) => tracing::debug!("backup state {s}"),
                         Ok(BackMsg::Features(f)) => {
                             return Err(PrimaryError::BadHello {
@@ -980,55 +1098,35 @@ impl<'m> Primary<'m> {
                                 ),
                             })
                         }
-                        Ok(BackMsg::End) => return Err(PrimaryError::AckClosed { epoch: c.epoch }),
-                        Err(source) => {
-                            return Err(PrimaryError::Ack {
-                                epoch: c.epoch,
-                                source,
-                            })
-                        }
+                        Ok(BackMsg::End) => return Err(PrimaryError::AckClosed { epoch }),
+                        Err(source) => return Err(PrimaryError::Ack { epoch, source }),
                     }
                 }
             }
-            // Fence here, before the event is answered: the hypervisor
-            // keeps the guest stopped at this epoch's end, output held.
-            if let Some(gate) = &self.cfg.gate {
-                if let Err(why) = gate.0.check(Instant::now()) {
-                    self.fenced = true;
-                    return Err(PrimaryError::Fenced {
-                        epoch: c.epoch,
-                        why,
-                    });
-                }
-            }
-            self.ack_event(entry.kind, entry.seq, c.epoch, Ok(()));
-            self.expect_done(Command::CommitEpoch { epoch: c.epoch }, "CommitEpoch")?;
+            self.release()?;
             sum.committed += 1;
-            sum.pages += c.dirty_count;
+            sum.pages += pages;
             sum.bytes += bytes;
             sum.page_raw += page_raw;
             sum.page_wire += page_wire;
             tracing::info!(
-                "epoch {}: {} pages, page bytes raw {page_raw} wire {page_wire} (ratio {:.2}), \
-                 stream {bytes} bytes",
-                c.epoch,
-                c.dirty_count,
+                "epoch {epoch}: {pages} pages, page bytes raw {page_raw} wire {page_wire} \
+                 (ratio {:.2}), stream {bytes} bytes",
                 page_raw as f64 / page_wire.max(1) as f64
             );
             progress(&EpochReport {
-                epoch: c.epoch,
-                pages: c.dirty_count,
+                epoch,
+                pages,
                 bytes,
                 page_raw,
                 page_wire,
                 lag: t0.elapsed(),
             });
-            want += 1;
         }
         out.writer
             .end()
             .and_then(|_| out.writer.flush())
-            .map_err(send(want))?;
+            .map_err(send(self.next_epoch - base))?;
         if let Some(acks) = &mut out.acks {
             match acks.next_msg() {
                 Ok(BackMsg::End) => tracing::debug!("backup closed the back channel"),

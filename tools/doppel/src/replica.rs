@@ -47,6 +47,11 @@ pub enum ReplicaError {
     #[error("epoch {epoch}: the HVM context blob does not decode: {detail}")]
     BadContext { epoch: u64, detail: String },
     #[error(
+        "epoch {epoch} refused, not acknowledged: the standby could not be activated from it: \
+         {detail}; the standby stays at the epoch before"
+    )]
+    Unactivatable { epoch: u64, detail: String },
+    #[error(
         "{path} is in use by another doppel process (a running backup or stream replay \
          holds its lock); stop that process first, or use `doppel inspect --replica` to look"
     )]

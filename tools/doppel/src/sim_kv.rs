@@ -24,8 +24,9 @@
 //! tool writes committed pages into it and, at failover, the HVM context
 //! blob into the vCPU area, then sends `Activate{epoch}`. The blob must
 //! decode (`doppel_core::hvm::decode`); its vCPU carries the epoch (rbx)
-//! and the KV version (rcx) of its checkpoint, which must match the
-//! `Activate` epoch and the state found in guest RAM (else `EINVAL`, and
+//! and the KV version (rcx) of its checkpoint, which must not be below the
+//! `Activate` epoch (a re-protected primary's stream counts from 0 again)
+//! and must match the state found in guest RAM (else `EINVAL`, and
 //! the standby keeps waiting). Then it serves the KV from that RAM, output
 //! released at once (tagged `epoch + 1`). A second `Activate` is `EINVAL`.
 //!
@@ -475,9 +476,13 @@ impl KvSim {
         win.read_bytes(r.offset as usize, &mut area);
         let d = hvm::decode_padded::<64>(&area).map_err(|x| format!("blob: {x:?}"))?;
         let (_, v) = d.vcpus.first().ok_or("blob has no vCPU")?;
-        if v.rbx != epoch {
+        // rbx is the hypervisor's epoch, Activate names the backup's: a
+        // stream session that started after hypervisor epoch 0 (a primary
+        // re-protected by a new backup, crate::protect) counts from 0
+        // again, so the stream epoch can only be the smaller.
+        if v.rbx < epoch {
             return Err(format!(
-                "blob is of epoch {}, Activate names {epoch}",
+                "blob is of hypervisor epoch {}, Activate names stream epoch {epoch} (later)",
                 v.rbx
             ));
         }

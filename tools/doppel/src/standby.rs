@@ -123,6 +123,44 @@ impl<'m> Standby<'m> {
     }
 }
 
+impl Standby<'_> {
+    /// What `Activate` needs of an epoch, checked before it is applied and
+    /// acknowledged: the HVM context record fits the standby's vCPU area
+    /// and decodes as the hypervisor decodes it at `Activate` (exactly one
+    /// CPU record, every descriptor of the size Xen's save format gives
+    /// it), and the epoch carried X86_TSC_INFO.
+    fn activatable(&self, epoch: u64, blob: &[u8], tsc: bool) -> Result<(), ReplicaError> {
+        let refuse = |detail: String| ReplicaError::Unactivatable { epoch, detail };
+        let (_, area) = self.ctl.view.region(Field::VcpuArea);
+        if blob.len() > area {
+            return Err(refuse(format!(
+                "its HVM context record ({} bytes) does not fit the standby's vcpu_area ({area} \
+                 bytes)",
+                blob.len()
+            )));
+        }
+        let cpus = match doppel_core::hvm::decode::<MAX_VCPUS>(blob) {
+            Ok(d) => d.vcpus.len(),
+            Err(e) => return Err(refuse(format!("its HVM context does not decode: {e:?}"))),
+        };
+        if cpus != 1 {
+            return Err(refuse(format!(
+                "its HVM context describes {cpus} vCPUs; the standby runs exactly one"
+            )));
+        }
+        // The hypervisor's own decoder, as Activate runs it.
+        doppel_core::hvm::decode::<1>(blob).map_err(|e| {
+            refuse(format!(
+                "its HVM context does not decode as Activate decodes it: {e:?}"
+            ))
+        })?;
+        if !tsc {
+            return Err(refuse("it carries no X86_TSC_INFO record".into()));
+        }
+        Ok(())
+    }
+}
+
 impl EpochSink for Standby<'_> {
     fn pages(&self) -> u64 {
         self.ctl.guest_pages()
@@ -147,6 +185,10 @@ impl EpochSink for Standby<'_> {
             epoch,
             detail: format!("{e:?}"),
         })?;
+        // Ack only what the standby can be activated from: found out now,
+        // the epoch is refused while the primary still runs; found out at
+        // failover, there would be nothing to fail over to.
+        self.activatable(epoch, &blob, staged.tsc.is_some())?;
         // Every check passed: apply (cannot fail).
         let mem = self.machine.mem();
         let base = self.ctl.guest_ram().offset as usize;

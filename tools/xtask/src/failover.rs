@@ -14,12 +14,15 @@
 //!    connections open: only the heartbeat timeout can tell).
 //! 4. The client finishes on the backup; its verdict and the backup's
 //!    failover line make the run's `failover:` line.
-//! 5. Link cut only: the old `doppel primary` must give up and Detach (its
-//!    hypervisor logs `replication detached; guest runs unprotected`), its
-//!    guest must stop being write-protected at the next epoch end (`dirty
-//!    tracking off`), and a second `doppel primary --record --epochs 2`
-//!    must attach to the still-running guest, commit two epochs of a new
-//!    session, and have tracking re-armed (`dirty tracking on again`).
+//! 5. Link cut only: the old `doppel primary` must give the backup up
+//!    (`primary: backup lost ...; serving unprotected`) and serve on
+//!    without it (split brain: no witness); stopped with SIGINT it ends in
+//!    order (exit 5: it served unprotected) and Detaches (its hypervisor
+//!    logs `replication detached; guest runs unprotected`), its guest must
+//!    stop being write-protected at the next epoch end (`dirty tracking
+//!    off`), and a second `doppel primary --record --epochs 2` must attach
+//!    to the still-running guest, commit two epochs of a new session, and
+//!    have tracking re-armed (`dirty tracking on again`).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -349,6 +352,33 @@ impl Watched {
 
     pub(crate) fn alive(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// SIGINT: a doppel tool ends in order at its next epoch boundary.
+    pub(crate) fn interrupt(&self) -> Result<()> {
+        let st = Command::new("kill")
+            .args(["-INT", &self.child.id().to_string()])
+            .status()?;
+        if !st.success() {
+            bail!("kill -INT {} ({}): {st}", self.child.id(), self.name);
+        }
+        Ok(())
+    }
+
+    /// The child's exit status, waiting up to `limit`; `None` if it still
+    /// runs by then. Its output is complete once this returns `Some`.
+    pub(crate) fn wait_exit(
+        &mut self,
+        limit: Duration,
+    ) -> Result<Option<std::process::ExitStatus>> {
+        let t = Instant::now();
+        while !self.exited()? {
+            if t.elapsed() > limit {
+                return Ok(None);
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+        Ok(self.child.try_wait()?)
     }
 }
 
@@ -789,20 +819,22 @@ pub fn run(ctx: &mut Ctx, sc: &Scenario, progress: &mut Progress) -> Result<Outc
         out.notes.push(format!(
             "split-brain: run={} link cut at epoch {at}; primary machine still running={}, \
              doppel primary running={}; the backup activated on heartbeat loss ({failover_line}); \
-             the primary could commit nothing after the cut, so it released no reply the client \
-             could see (last hypervisor checkpoint line: `{}`)",
+             the primary could commit nothing until it gave the backup up (--ack-timeout), \
+             when the client had failed over already (last hypervisor checkpoint line: `{}`)",
             sc.run,
             prim.qemu.is_some(),
             primary.alive(),
             last_release.trim()
         ));
-        // The old tool gives up on the backup's ack and detaches; its
-        // guest runs on unprotected, and a second primary can attach to it.
-        let t = Instant::now();
-        while primary.alive() && t.elapsed() < Duration::from_secs(150) {
-            thread::sleep(Duration::from_millis(200));
-        }
-        let exited = !primary.alive();
+        // The old tool gives up on the backup's ack and serves on,
+        // unprotected (without a witness nothing stops it: README, "Split
+        // brain"). Stopped, it detaches; its guest runs on unprotected,
+        // and a second primary can attach to it.
+        let lost = primary.wait_line("primary: backup lost (", Duration::from_secs(150));
+        let serving = lost.is_ok() && primary.alive();
+        primary.interrupt()?;
+        let status = primary.wait_exit(Duration::from_secs(120))?;
+        let exited = status.is_some_and(|s| s.code() == Some(5));
         let hv_log = || {
             prim.qemu
                 .as_ref()
@@ -850,7 +882,8 @@ pub fn run(ctx: &mut Ctx, sc: &Scenario, progress: &mut Progress) -> Result<Outc
                 .is_some_and(|o| hv[o..].contains(TRACKING_ON))
         };
         out.notes.push(format!(
-            "after the cut: old doppel primary exited={exited}; its hypervisor logged \
+            "after the cut: old doppel primary gave the backup up and served on \
+             unprotected={serving}; stopped by SIGINT, it exited with 5={exited}; its hypervisor logged \
              `{DETACHED}`={detached}, then `{TRACKING_OFF}`={untracked}; a second doppel \
              primary attached to the running guest and committed 2 epochs={reattached}, \
              with `{TRACKING_ON}`={retracked}"
@@ -862,7 +895,7 @@ pub fn run(ctx: &mut Ctx, sc: &Scenario, progress: &mut Progress) -> Result<Outc
                 String::from_utf8_lossy(&again.stderr)
             ));
         }
-        pass &= exited && detached && untracked && reattached && retracked;
+        pass &= serving && exited && detached && untracked && reattached && retracked;
     }
     // Epoch 0 carries every page; the per-epoch figures are the steady
     // state after it.

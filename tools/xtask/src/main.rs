@@ -5,6 +5,7 @@
 //! components; `fuzz` instead installs only what it needs (the nightly
 //! toolchain and cargo-fuzz).
 
+mod backuploss;
 mod chain;
 mod conformance;
 mod emu;

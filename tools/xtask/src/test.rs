@@ -99,6 +99,7 @@ fn steps() -> Vec<(&'static str, StepFn)> {
         ("chain-qemu-svm", crate::chain::step_chain),
         ("witness-down-qemu-svm", crate::witness::step_witness_down),
         ("partition-qemu-svm", crate::witness::step_partition),
+        ("backup-loss-qemu-svm", crate::backuploss::step_backup_loss),
     ]
 }
 
