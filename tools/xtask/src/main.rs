@@ -43,7 +43,8 @@ pub enum Emulator {
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Install what the project needs (Debian packages, rustup target and
-    /// components). Idempotent; quick when everything is there.
+    /// components, the Linux guest's Debian kernel and busybox under
+    /// target/guest/). Idempotent; quick when everything is there.
     Setup,
     /// Build the hypervisor image (ELF and GRUB ISO) into target/doppel/.
     Build,
@@ -122,7 +123,19 @@ enum Cmd {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Setup => setup::ensure(),
+        Cmd::Setup => {
+            setup::ensure()?;
+            let g = setup::ensure_guest()?;
+            println!(
+                "setup: guest {} unpacked in {}: kernel {} ({}), busybox {}",
+                g.packages.join(" "),
+                g.root.display(),
+                g.release,
+                g.bzimage.display(),
+                g.busybox.display()
+            );
+            Ok(())
+        }
         Cmd::Build => {
             setup::ensure()?;
             let img = image::build()?;
