@@ -7,11 +7,13 @@
 
 mod chain;
 mod conformance;
+mod cpio;
 mod emu;
 mod failover;
 mod fuzz;
 mod image;
 mod isolation;
+mod linux;
 mod replica;
 mod selftest;
 mod setup;
@@ -48,6 +50,10 @@ enum Cmd {
     Setup,
     /// Build the hypervisor image (ELF and GRUB ISO) into target/doppel/.
     Build,
+    /// Build the Linux guest into target/guest/: the vmlinux unpacked from
+    /// Debian's bzImage (checked for its PVH entry note) and a busybox
+    /// initramfs whose /init prints the transcript the boot tests check.
+    LinuxImage,
     /// Boot the image in an emulator and print what it says.
     Boot {
         /// Emulator (and CPU vendor) to boot in.
@@ -141,6 +147,10 @@ fn main() -> Result<()> {
             let img = image::build()?;
             println!("image: {}", img.iso.display());
             Ok(())
+        }
+        Cmd::LinuxImage => {
+            setup::ensure()?;
+            linux::command()
         }
         Cmd::Boot {
             emulator,

@@ -10,7 +10,8 @@ use anyhow::{bail, Context, Result};
 
 /// Debian packages: emulators (bochs-term is the headless display Bochs
 /// needs), the GRUB ISO tool chain, Xen's public headers
-/// (for the ABI conformance checks) and a C compiler.
+/// (for the ABI conformance checks), a C compiler and GNU cpio (an
+/// independent reader of the initramfs archives xtask writes).
 pub const DEBIAN_PACKAGES: &[&str] = &[
     "qemu-system-x86",
     "bochs",
@@ -24,6 +25,7 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     "libxen-dev",
     "gcc",
     "python3",
+    "cpio",
 ];
 
 const TARGET: &str = "x86_64-unknown-none";

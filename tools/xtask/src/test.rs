@@ -97,6 +97,7 @@ fn steps() -> Vec<(&'static str, StepFn)> {
         ("xen-verify-capture", crate::replica::step_verify_capture),
         ("failover-qemu-svm", crate::failover::step_failover),
         ("chain-qemu-svm", crate::chain::step_chain),
+        ("linux-image", crate::linux::step_linux_image),
     ]
 }
 
