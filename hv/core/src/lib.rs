@@ -17,5 +17,6 @@ pub mod msr;
 pub mod paging;
 pub mod pml;
 pub mod posted;
+pub mod pvh;
 pub mod selftest;
 pub mod workload;

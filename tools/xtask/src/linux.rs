@@ -394,7 +394,76 @@ pub fn command() -> Result<()> {
     Ok(())
 }
 
-/// Test step: the guest builds and its kernel checks out.
+/// Guest RAM the boot tests give Linux.
+pub const GUEST_RAM: u64 = 256 << 20;
+
+/// The command line the boot tests pass (PLATFORM.md; `tsc_early_khz`
+/// added by the run that knows the guest's TSC frequency).
+pub const CMDLINE: &str =
+    "console=ttyS0 8250.nr_uarts=1 reboot=t panic=-1 tsc=reliable no_timer_check quiet";
+
+/// Guest RAM on the host, as the hypervisor's would be.
+struct HostRam(std::cell::RefCell<Vec<u8>>);
+
+impl doppel_abi::SharedMem for HostRam {
+    fn size(&self) -> usize {
+        self.0.borrow().len()
+    }
+    fn load_u32(&self, offset: usize) -> u32 {
+        let mut b = [0; 4];
+        self.read_bytes(offset, &mut b);
+        u32::from_le_bytes(b)
+    }
+    fn store_u32(&self, offset: usize, value: u32) {
+        self.write_bytes(offset, &value.to_le_bytes());
+    }
+    fn read_bytes(&self, offset: usize, dst: &mut [u8]) {
+        dst.copy_from_slice(&self.0.borrow()[offset..offset + dst.len()]);
+    }
+    fn write_bytes(&self, offset: usize, src: &[u8]) {
+        self.0.borrow_mut()[offset..offset + src.len()].copy_from_slice(src);
+    }
+}
+
+/// Build the PVH domain of the real kernel and initramfs into host memory
+/// with hv/core's domain builder, and check what it wrote.
+pub fn build_domain(img: &LinuxImage) -> Result<doppel_core::pvh::PvhBoot> {
+    use doppel_abi::SharedMem;
+    use doppel_core::pvh;
+    let kernel = fs::read(&img.vmlinux)?;
+    let initrd = fs::read(&img.initramfs)?;
+    let ram = HostRam(std::cell::RefCell::new(vec![0; GUEST_RAM as usize]));
+    let boot = pvh::build(
+        &ram,
+        &pvh::PvhConfig {
+            kernel: &kernel,
+            initrd: &initrd,
+            cmdline: CMDLINE.as_bytes(),
+            ram_size: GUEST_RAM,
+            acpi: None,
+        },
+    )
+    .map_err(|e| anyhow::anyhow!("PVH domain builder: {e}"))?;
+    ensure!(
+        boot.entry == img.kernel.pvh_entry,
+        "builder entry {:#x}, the note says {:#x}",
+        boot.entry,
+        img.kernel.pvh_entry
+    );
+    let mut back = vec![0; initrd.len()];
+    ram.read_bytes(boot.initrd.0 as usize, &mut back);
+    ensure!(back == initrd, "the initrd in guest memory differs");
+    let mut magic = [0; 4];
+    ram.read_bytes(boot.start_info as usize, &mut magic);
+    ensure!(
+        u32::from_le_bytes(magic) == doppel_abi::pvh::XEN_HVM_START_MAGIC_VALUE,
+        "no start info magic"
+    );
+    Ok(boot)
+}
+
+/// Test step: the guest builds, its kernel checks out, and hv/core's PVH
+/// domain builder lays it out in 256 MiB.
 pub fn step_linux_image(_: &mut crate::test::Ctx) -> Result<String> {
     let img = build()?;
     if img.kernel.span.0 != 0x100_0000 {
@@ -403,7 +472,17 @@ pub fn step_linux_image(_: &mut crate::test::Ctx) -> Result<String> {
             img.kernel.span.0
         );
     }
-    Ok(describe(&img))
+    let boot = build_domain(&img)?;
+    Ok(format!(
+        "{}; pvh-domain: ram={} MiB entry={:#x} start-info={:#x} initrd={:#x}+{:#x} memmap={}",
+        describe(&img),
+        GUEST_RAM >> 20,
+        boot.entry,
+        boot.start_info,
+        boot.initrd.0,
+        boot.initrd.1,
+        boot.memmap.len()
+    ))
 }
 
 #[cfg(test)]
