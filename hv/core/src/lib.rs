@@ -5,6 +5,7 @@
 
 extern crate alloc;
 
+pub mod acpi;
 pub mod addr;
 pub mod dirtylog;
 pub mod elf;

@@ -554,6 +554,26 @@ mod tests {
     }
 
     #[test]
+    fn the_start_info_points_at_the_real_acpi_tables() {
+        let mem = TestRam::new(RAM);
+        let k = kernel();
+        let acpi = crate::acpi::build(ACPI_ADDR);
+        let c = PvhConfig {
+            acpi: Some(&acpi.bytes),
+            ..cfg(&k, &[])
+        };
+        build(&mem, &c).unwrap();
+        let info = HvmStartInfo::read_from_bytes(&read(&mem, START_INFO_ADDR, 56)).unwrap();
+        assert_eq!(read(&mem, info.rsdp_paddr, 8), b"RSD PTR ");
+        assert_eq!(read(&mem, ACPI_ADDR, acpi.bytes.len()), acpi.bytes);
+        // The tables lie in the memory map's reserved hole.
+        let hole = memmap(RAM)[1];
+        assert_eq!(hole.type_, memmap_type::RESERVED);
+        assert!(hole.addr <= ACPI_ADDR);
+        assert!(ACPI_ADDR + acpi.bytes.len() as u64 <= hole.addr + hole.size);
+    }
+
+    #[test]
     fn no_initrd_and_no_acpi() {
         let mem = TestRam::new(RAM);
         let k = kernel();
@@ -708,6 +728,58 @@ mod tests {
         let boot = build(&mem, &cfg(&k, &initrd)).unwrap();
         assert_eq!(boot.initrd.0, 0x14_3000);
         assert_eq!(read(&mem, 0x14_0000, 4), b"data");
+    }
+
+    /// The fuzz target's seeds (fuzz/corpus/pvh_domain, first two bytes
+    /// the initrd size in 64-byte units) give the outcomes they were made
+    /// for, in the fuzz target's 2 MiB of RAM.
+    #[test]
+    fn fuzz_seeds_mean_what_their_names_say() {
+        let seeds: [(&[u8], Result<u32, PvhError>); 6] = [
+            (
+                include_bytes!("../../../fuzz/corpus/pvh_domain/valid"),
+                Ok(0x10_0010),
+            ),
+            (
+                include_bytes!("../../../fuzz/corpus/pvh_domain/two_segments"),
+                Ok(0x10_0000),
+            ),
+            (
+                include_bytes!("../../../fuzz/corpus/pvh_domain/note_4byte"),
+                Ok(0x10_0004),
+            ),
+            (
+                include_bytes!("../../../fuzz/corpus/pvh_domain/over_start_info"),
+                Err(PvhError::SegmentOverBootData {
+                    paddr: 0x6000,
+                    end: 0x6100,
+                }),
+            ),
+            (
+                include_bytes!("../../../fuzz/corpus/pvh_domain/beyond_ram"),
+                Err(PvhError::SegmentOutsideRam {
+                    paddr: 0x1f_f000,
+                    end: 0x20_1000,
+                }),
+            ),
+            (
+                include_bytes!("../../../fuzz/corpus/pvh_domain/truncated"),
+                Err(PvhError::Elf(ElfError::BadProgramHeaders)),
+            ),
+        ];
+        for (seed, want) in seeds {
+            let units = usize::from(u16::from_le_bytes([seed[0], seed[1]]));
+            let initrd = vec![0x5a; units * 64];
+            let mem = TestRam::new(2 << 20);
+            let c = PvhConfig {
+                kernel: &seed[2..],
+                initrd: &initrd,
+                cmdline: b"console=ttyS0",
+                ram_size: 2 << 20,
+                acpi: Some(b"RSD PTR "),
+            };
+            assert_eq!(build(&mem, &c).map(|b| b.entry), want);
+        }
     }
 
     /// A mutated kernel image: flip bytes, maybe truncate.

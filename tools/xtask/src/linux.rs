@@ -433,6 +433,7 @@ pub fn build_domain(img: &LinuxImage) -> Result<doppel_core::pvh::PvhBoot> {
     let kernel = fs::read(&img.vmlinux)?;
     let initrd = fs::read(&img.initramfs)?;
     let ram = HostRam(std::cell::RefCell::new(vec![0; GUEST_RAM as usize]));
+    let acpi = doppel_core::acpi::build(pvh::ACPI_ADDR);
     let boot = pvh::build(
         &ram,
         &pvh::PvhConfig {
@@ -440,7 +441,7 @@ pub fn build_domain(img: &LinuxImage) -> Result<doppel_core::pvh::PvhBoot> {
             initrd: &initrd,
             cmdline: CMDLINE.as_bytes(),
             ram_size: GUEST_RAM,
-            acpi: None,
+            acpi: Some(&acpi.bytes),
         },
     )
     .map_err(|e| anyhow::anyhow!("PVH domain builder: {e}"))?;
@@ -459,6 +460,9 @@ pub fn build_domain(img: &LinuxImage) -> Result<doppel_core::pvh::PvhBoot> {
         u32::from_le_bytes(magic) == doppel_abi::pvh::XEN_HVM_START_MAGIC_VALUE,
         "no start info magic"
     );
+    let mut rsdp = [0; 8];
+    ram.read_bytes(pvh::ACPI_ADDR as usize, &mut rsdp);
+    ensure!(&rsdp == b"RSD PTR ", "no RSDP at {:#x}", pvh::ACPI_ADDR);
     Ok(boot)
 }
 
@@ -474,14 +478,15 @@ pub fn step_linux_image(_: &mut crate::test::Ctx) -> Result<String> {
     }
     let boot = build_domain(&img)?;
     Ok(format!(
-        "{}; pvh-domain: ram={} MiB entry={:#x} start-info={:#x} initrd={:#x}+{:#x} memmap={}",
+        "{}; pvh-domain: ram={} MiB entry={:#x} start-info={:#x} initrd={:#x}+{:#x} memmap={} rsdp={:#x}",
         describe(&img),
         GUEST_RAM >> 20,
         boot.entry,
         boot.start_info,
         boot.initrd.0,
         boot.initrd.1,
-        boot.memmap.len()
+        boot.memmap.len(),
+        doppel_core::pvh::ACPI_ADDR
     ))
 }
 
@@ -628,5 +633,75 @@ mod tests {
         }
         let archive = initramfs(b"\x7fELF busybox");
         assert!(archive.windows(INIT.len()).any(|w| w == INIT.as_bytes()));
+    }
+}
+
+/// hv/core's ACPI tables as an independent reader sees them: ACPICA's
+/// `iasl -d` (Debian's acpica-tools, installed by `cargo xtask setup`).
+#[cfg(test)]
+mod acpi_tests {
+    use std::process::Command;
+
+    use doppel_core::acpi;
+
+    /// Disassemble one table with iasl; its text.
+    fn iasl(name: &str, table: &[u8]) -> String {
+        let dir = std::env::temp_dir().join(format!("doppel-iasl-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let dat = dir.join(format!("{name}.dat"));
+        std::fs::write(&dat, table).unwrap();
+        let out = Command::new("iasl")
+            .arg("-d")
+            .arg(&dat)
+            .current_dir(&dir)
+            .output()
+            .expect("iasl is installed (`cargo xtask setup`)");
+        let log = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "iasl -d {name}: {log}");
+        let dsl = std::fs::read_to_string(dir.join(format!("{name}.dsl"))).unwrap();
+        std::fs::remove_dir_all(&dir).ok();
+        dsl
+    }
+
+    fn table(t: &acpi::AcpiTables, off: usize) -> &[u8] {
+        let len = u32::from_le_bytes(t.bytes[off + 4..off + 8].try_into().unwrap()) as usize;
+        &t.bytes[off..off + len]
+    }
+
+    #[test]
+    fn iasl_reads_dsdt_fadt_and_madt() {
+        let t = acpi::build(doppel_core::pvh::ACPI_ADDR);
+        let dsdt = iasl("dsdt", table(&t, t.dsdt));
+        for want in [
+            "Device (_SB.COM1)",
+            "EisaId (\"PNP0501\")",
+            "IO (Decode16,",
+            "0x03F8,",
+            "Interrupt (ResourceConsumer, Edge, ActiveHigh, Exclusive, ,, )",
+            "0x00000004,",
+        ] {
+            assert!(dsdt.contains(want), "DSDT lacks {want:?}:\n{dsdt}");
+        }
+        let fadt = iasl("facp", table(&t, t.fadt));
+        for want in [
+            "Hardware Reduced (V5) : 1",
+            "VGA Not Present (V4) : 1",
+            "MSI Not Supported (V4) : 1",
+        ] {
+            assert!(fadt.contains(want), "FADT lacks {want:?}:\n{fadt}");
+        }
+        let madt = iasl("apic", table(&t, t.madt));
+        for want in [
+            "Local Apic Address : FEE00000",
+            "Subtable Type : 00 [Processor Local APIC]",
+            "Subtable Type : 01 [I/O APIC]",
+            "Address : FEC00000",
+        ] {
+            assert!(madt.contains(want), "MADT lacks {want:?}:\n{madt}");
+        }
+        for dsl in [&dsdt, &fadt, &madt] {
+            assert!(!dsl.contains("Incorrect checksum"), "{dsl}");
+        }
     }
 }

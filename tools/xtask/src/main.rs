@@ -114,7 +114,7 @@ enum Cmd {
         seed: Option<u64>,
     },
     /// Run every cargo-fuzz target (ring entries, control area, HVM
-    /// context, migration stream) for a bounded time. Needs nightly and
+    /// context, PVH domain builder, migration stream) for a bounded time. Needs nightly and
     /// cargo-fuzz (installed when missing). Not part of `test`.
     Fuzz {
         /// Seconds per target.

@@ -10,8 +10,8 @@ use anyhow::{bail, Context, Result};
 
 /// Debian packages: emulators (bochs-term is the headless display Bochs
 /// needs), the GRUB ISO tool chain, Xen's public headers
-/// (for the ABI conformance checks), a C compiler and GNU cpio (an
-/// independent reader of the initramfs archives xtask writes).
+/// (for the ABI conformance checks), a C compiler, and GNU cpio and ACPICA's
+/// iasl (independent readers of the initramfs and the ACPI tables we write).
 pub const DEBIAN_PACKAGES: &[&str] = &[
     "qemu-system-x86",
     "bochs",
@@ -26,6 +26,7 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     "gcc",
     "python3",
     "cpio",
+    "acpica-tools",
 ];
 
 const TARGET: &str = "x86_64-unknown-none";
