@@ -12,6 +12,7 @@
 #include <xen/errno.h>
 #include <xen/hvm/save.h>
 #include <xen/domctl.h>
+#include <xen/arch-x86/hvm/start_info.h>
 
 #include "doppel_layout.h"
 
@@ -40,6 +41,20 @@ _Static_assert(CPU_MSR_CODE == DOPPEL_HVM_CODE_CPU_MSR, "CPU_MSR typecode");
 _Static_assert(HVM_FILE_MAGIC == DOPPEL_HVM_FILE_MAGIC, "HVM_FILE_MAGIC");
 _Static_assert(HVM_FILE_VERSION == DOPPEL_HVM_FILE_VERSION, "HVM_FILE_VERSION");
 _Static_assert(XEN_X86_FPU_INITIALISED == DOPPEL_XEN_X86_FPU_INITIALISED, "FPU_INITIALISED");
+
+/* PVH boot information. */
+#define SINFO(name, off, size) FIELD_OK(struct hvm_start_info, name, off, size)
+DOPPEL_START_INFO_FIELDS(SINFO)
+_Static_assert(sizeof(struct hvm_start_info) == DOPPEL_START_INFO_SIZE, "hvm_start_info size");
+#define MODL(name, off, size) FIELD_OK(struct hvm_modlist_entry, name, off, size)
+DOPPEL_MODLIST_ENTRY_FIELDS(MODL)
+_Static_assert(sizeof(struct hvm_modlist_entry) == DOPPEL_MODLIST_ENTRY_SIZE, "hvm_modlist_entry size");
+#define MMAP(name, off, size) FIELD_OK(struct hvm_memmap_table_entry, name, off, size)
+DOPPEL_MEMMAP_ENTRY_FIELDS(MMAP)
+_Static_assert(sizeof(struct hvm_memmap_table_entry) == DOPPEL_MEMMAP_ENTRY_SIZE, "hvm_memmap_table_entry size");
+_Static_assert(XEN_HVM_START_MAGIC_VALUE == DOPPEL_HVM_START_MAGIC, "XEN_HVM_START_MAGIC_VALUE");
+#define MTYPE(name, value) _Static_assert(XEN_HVM_MEMMAP_TYPE_##name == (value), "memmap type " #name);
+DOPPEL_MEMMAP_TYPES(MTYPE)
 
 /* Log-dirty operations. */
 #define SHADOW(name, value) _Static_assert(XEN_DOMCTL_SHADOW_OP_##name == (value), "shadow op " #name);
@@ -81,10 +96,12 @@ int main(void)
     int fields = 0 DOPPEL_HVM_HW_CPU_FIELDS(COUNT) DOPPEL_HVM_SAVE_HEADER_FIELDS(COUNT)
         DOPPEL_HVM_SAVE_DESCRIPTOR_FIELDS(COUNT) DOPPEL_SRING_FIELDS(COUNT)
         DOPPEL_COMMAND_FIELDS(COUNT) DOPPEL_RESPONSE_FIELDS(COUNT)
-        DOPPEL_EVENT_FIELDS(COUNT) DOPPEL_EVENT_ACK_FIELDS(COUNT);
+        DOPPEL_EVENT_FIELDS(COUNT) DOPPEL_EVENT_ACK_FIELDS(COUNT)
+        DOPPEL_START_INFO_FIELDS(COUNT) DOPPEL_MODLIST_ENTRY_FIELDS(COUNT)
+        DOPPEL_MEMMAP_ENTRY_FIELDS(COUNT);
     int consts = 0 DOPPEL_HVM_CODES(COUNT) DOPPEL_SHADOW_OPS(COUNT) DOPPEL_ERRNOS(COUNT)
-        DOPPEL_RING_ENTRIES(COUNT);
+        DOPPEL_RING_ENTRIES(COUNT) DOPPEL_MEMMAP_TYPES(COUNT);
     printf("layout ok: %d fields and %d constants match Xen's public headers (interface 0x%08x)\n",
-           fields, consts + 5, __XEN_LATEST_INTERFACE_VERSION__);
+           fields, consts + 6, __XEN_LATEST_INTERFACE_VERSION__);
     return 0;
 }

@@ -42,7 +42,7 @@ pub(crate) use layout_struct;
 
 #[cfg(test)]
 mod tests {
-    use crate::{chan, control, hvm, msg, ring};
+    use crate::{chan, control, hvm, msg, pvh, ring};
     use core::mem::size_of;
 
     #[test]
@@ -68,6 +68,15 @@ mod tests {
                 size_of::<control::ControlHeader>(),
             ),
             (control::Region::FIELDS, size_of::<control::Region>()),
+            (pvh::HvmStartInfo::FIELDS, size_of::<pvh::HvmStartInfo>()),
+            (
+                pvh::HvmModlistEntry::FIELDS,
+                size_of::<pvh::HvmModlistEntry>(),
+            ),
+            (
+                pvh::HvmMemmapTableEntry::FIELDS,
+                size_of::<pvh::HvmMemmapTableEntry>(),
+            ),
         ] {
             let mut at = 0;
             for f in fields {

@@ -12,6 +12,8 @@
 //! - [`chan`]: epoch-tagged byte channels for guest output and input.
 //! - [`control`]: the control area header and its validation.
 //! - [`hvm`]: Xen's HVM save record layouts and log-dirty op numbers.
+//! - [`pvh`]: Xen's PVH boot information (`hvm_start_info` and its module
+//!   list and memory map), as our domain builder writes it for Linux.
 //! - [`errno`]: Xen errno values used on the wire.
 //! - [`guest`]: the test guests' memory layout, boot information and
 //!   hypercalls.
@@ -30,6 +32,7 @@ pub mod layout;
 pub mod locator;
 pub mod mem;
 pub mod msg;
+pub mod pvh;
 pub mod ring;
 pub mod service;
 pub mod splitmix;

@@ -5,6 +5,7 @@
 
 extern crate alloc;
 
+pub mod acpi;
 pub mod addr;
 pub mod dirtylog;
 pub mod elf;
@@ -17,5 +18,6 @@ pub mod msr;
 pub mod paging;
 pub mod pml;
 pub mod posted;
+pub mod pvh;
 pub mod selftest;
 pub mod workload;

@@ -12,7 +12,10 @@ use anyhow::{bail, Context, Result};
 
 /// (package directory relative to the root, target names).
 const TARGETS: &[(&str, &[&str])] = &[
-    ("fuzz", &["ring_entries", "control_area", "hvm_context"]),
+    (
+        "fuzz",
+        &["ring_entries", "control_area", "hvm_context", "pvh_domain"],
+    ),
     ("tools/doppel/fuzz", &["stream_decoder"]),
 ];
 

@@ -8,11 +8,13 @@
 mod backuploss;
 mod chain;
 mod conformance;
+mod cpio;
 mod emu;
 mod failover;
 mod fuzz;
 mod image;
 mod isolation;
+mod linux;
 mod replica;
 mod selftest;
 mod setup;
@@ -45,10 +47,15 @@ pub enum Emulator {
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Install what the project needs (Debian packages, rustup target and
-    /// components). Idempotent; quick when everything is there.
+    /// components, the Linux guest's Debian kernel and busybox under
+    /// target/guest/). Idempotent; quick when everything is there.
     Setup,
     /// Build the hypervisor image (ELF and GRUB ISO) into target/doppel/.
     Build,
+    /// Build the Linux guest into target/guest/: the vmlinux unpacked from
+    /// Debian's bzImage (checked for its PVH entry note) and a busybox
+    /// initramfs whose /init prints the transcript the boot tests check.
+    LinuxImage,
     /// Boot the image in an emulator and print what it says.
     Boot {
         /// Emulator (and CPU vendor) to boot in.
@@ -109,7 +116,7 @@ enum Cmd {
         seed: Option<u64>,
     },
     /// Run every cargo-fuzz target (ring entries, control area, HVM
-    /// context, migration stream) for a bounded time. Needs nightly and
+    /// context, PVH domain builder, migration stream) for a bounded time. Needs nightly and
     /// cargo-fuzz (installed when missing). Not part of `test`.
     Fuzz {
         /// Seconds per target.
@@ -124,12 +131,28 @@ enum Cmd {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Setup => setup::ensure(),
+        Cmd::Setup => {
+            setup::ensure()?;
+            let g = setup::ensure_guest()?;
+            println!(
+                "setup: guest {} unpacked in {}: kernel {} ({}), busybox {}",
+                g.packages.join(" "),
+                g.root.display(),
+                g.release,
+                g.bzimage.display(),
+                g.busybox.display()
+            );
+            Ok(())
+        }
         Cmd::Build => {
             setup::ensure()?;
             let img = image::build()?;
             println!("image: {}", img.iso.display());
             Ok(())
+        }
+        Cmd::LinuxImage => {
+            setup::ensure()?;
+            linux::command()
         }
         Cmd::Boot {
             emulator,

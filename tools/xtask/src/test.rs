@@ -100,6 +100,7 @@ fn steps() -> Vec<(&'static str, StepFn)> {
         ("witness-down-qemu-svm", crate::witness::step_witness_down),
         ("partition-qemu-svm", crate::witness::step_partition),
         ("backup-loss-qemu-svm", crate::backuploss::step_backup_loss),
+        ("linux-image", crate::linux::step_linux_image),
     ]
 }
 
