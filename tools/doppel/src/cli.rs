@@ -2,13 +2,12 @@
 
 use std::fs::File;
 use std::io::{BufReader, BufWriter, IsTerminal, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::Args;
-use doppel::ack::AckReader;
 use doppel::backup::{self, ReceiveError};
 use doppel::bridge::{self, BridgeStats};
 use doppel::client::ClientConfig;
@@ -126,6 +125,8 @@ pub struct PrimaryArgs {
     #[arg(long, default_value_t = 200, value_name = "MS", conflicts_with = "record",
           value_parser = clap::value_parser!(u64).range(1..=60_000))]
     heartbeat_ms: u64,
+    #[command(flatten)]
+    tls: crate::linkcli::TlsArgs,
 }
 
 #[derive(Args, Debug)]
@@ -179,6 +180,8 @@ pub struct BackupArgs {
     /// sends plain PAGE_DATA).
     #[arg(long)]
     no_compress: bool,
+    #[command(flatten)]
+    tls: crate::linkcli::TlsArgs,
 }
 
 #[derive(Args, Debug)]
@@ -398,6 +401,18 @@ fn stop_on_signals() -> Result<std::sync::Arc<AtomicBool>, (String, u8)> {
 }
 
 pub fn primary(a: PrimaryArgs) -> Res {
+    let tls = match &a.record {
+        Some(_) if a.tls.any() => {
+            return Err((
+                "--tls-cert/--tls-key/--peer-cert secure the link to a backup; a --record \
+                 capture has none"
+                    .into(),
+                USAGE,
+            ))
+        }
+        Some(_) => None,
+        None => a.tls.load("primary")?,
+    };
     let wait = Duration::from_secs(a.wait_control);
     let m = open_machine_waiting(&a.machine_ram, wait)?;
     let ctl = find_control(&m, wait)?;
@@ -430,16 +445,15 @@ pub fn primary(a: PrimaryArgs) -> Res {
     } else {
         let beat = Duration::from_millis(a.heartbeat_ms);
         let addr = a.backup.as_deref().unwrap_or_default();
-        let conn = TcpStream::connect(addr).map_err(io(format!("connecting to {addr}")))?;
-        let _ = conn.set_nodelay(true);
-        conn.set_read_timeout(Some(Duration::from_secs(a.ack_timeout)))
-            .map_err(io(addr.into()))?;
-        let back = conn.try_clone().map_err(io(addr.into()))?;
-        let acks = AckReader::open(BufReader::new(back), 0)
-            .map_err(|e| (format!("back channel from {addr}: {e}"), 5))?;
-        let sock = conn.try_clone().map_err(io(addr.into()))?;
+        let (link, acks, nonce) =
+            crate::linkcli::connect(addr, tls.as_ref(), Duration::from_secs(a.ack_timeout))?;
+        let sock = link.socket().try_clone().map_err(io(addr.into()))?;
+        let (_, wr) = link.split();
         let mut out =
-            Output::backup(BufWriter::with_capacity(1 << 20, conn), acks).with_heartbeat(beat);
+            Output::backup(BufWriter::with_capacity(1 << 20, wr), acks).with_heartbeat(beat);
+        if let Some(n) = nonce {
+            out = out.with_session(n);
+        }
         if a.compress {
             let t = Duration::from_secs(a.hello_timeout);
             sock.set_read_timeout(Some(t)).map_err(io(addr.into()))?;
@@ -539,33 +553,6 @@ fn bind_listen(addr: &str) -> Result<TcpListener, (String, u8)> {
     Ok(l)
 }
 
-/// Wait for the primary's connection.
-fn accept_primary(l: &TcpListener, timeout: u64) -> Result<TcpStream, (String, u8)> {
-    let io = |what: String| move |e: std::io::Error| (format!("{what}: {e}"), IO);
-    l.set_nonblocking(true).map_err(io("listener".into()))?;
-    let start = Instant::now();
-    let conn = loop {
-        match l.accept() {
-            Ok((c, peer)) => {
-                tracing::info!("primary connected from {peer}");
-                break c;
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                if start.elapsed() >= Duration::from_secs(timeout) {
-                    return Err((
-                        format!("no primary connected within {timeout} s"),
-                        PEER_GONE,
-                    ));
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            Err(e) => return Err(io("accept".into())(e)),
-        }
-    };
-    conn.set_nonblocking(false).map_err(io("socket".into()))?;
-    Ok(conn)
-}
-
 pub fn backup(a: BackupArgs) -> Res {
     if a.standby_ram.is_some() {
         return standby_backup(a);
@@ -574,6 +561,7 @@ pub fn backup(a: BackupArgs) -> Res {
     let (Some(dir), Some(guest_pages)) = (&a.replica, a.guest_pages) else {
         return Err(("--replica and --guest-pages are required".into(), USAGE));
     };
+    let tls = a.tls.load("backup")?;
     // Bind before anything is created: a bad --listen leaves no files.
     let l = bind_listen(&a.listen)?;
     std::fs::create_dir_all(dir).map_err(io(dir.display().to_string()))?;
@@ -589,33 +577,39 @@ pub fn backup(a: BackupArgs) -> Res {
             USAGE,
         ));
     }
-    let conn = accept_primary(&l, a.accept_timeout)?;
-    let _ = conn.set_nodelay(true);
-    let ack_out = conn.try_clone().map_err(io("socket".into()))?;
     let tty = std::io::stderr().is_terminal();
-    let t0 = Instant::now();
-    let mut progress = Progress::new(t0);
     let offer = if a.no_compress { 0 } else { feature::KNOWN };
-    let got = backup::serve_opts(
-        BufReader::with_capacity(1 << 20, conn),
-        ack_out,
-        &mut rep,
-        offer,
-        |s| {
-            if tty {
-                eprint!(
-                    "\rcommitted epoch {:>6}  pages {:>7}  bytes {:>11}  {:>7.1} s   ",
-                    s.epoch,
-                    s.pages,
-                    s.bytes,
-                    t0.elapsed().as_secs_f64()
-                );
-            }
-            tracing::debug!("committed epoch {} ({} pages)", s.epoch, s.pages);
-            progress.epoch(s.pages, s.bytes, tty);
-        },
-    )
-    .map_err(io("back channel".into()))?;
+    let waiting = Instant::now();
+    let got = loop {
+        let (link, nonce) = crate::linkcli::accept(&l, waiting, a.accept_timeout, tls.as_ref())?;
+        let (conn, ack_out) = link.split();
+        let t0 = Instant::now();
+        let mut progress = Progress::new(t0);
+        let got = backup::serve_session(
+            BufReader::with_capacity(1 << 20, conn),
+            ack_out,
+            &mut rep,
+            offer,
+            nonce,
+            |s| {
+                if tty {
+                    eprint!(
+                        "\rcommitted epoch {:>6}  pages {:>7}  bytes {:>11}  {:>7.1} s   ",
+                        s.epoch,
+                        s.pages,
+                        s.bytes,
+                        t0.elapsed().as_secs_f64()
+                    );
+                }
+                tracing::debug!("committed epoch {} ({} pages)", s.epoch, s.pages);
+                progress.epoch(s.pages, s.bytes, tty);
+            },
+        )
+        .map_err(io("back channel".into()))?;
+        if !crate::linkcli::session_refused(&got) {
+            break got;
+        }
+    };
     if tty {
         eprintln!();
     }
@@ -693,6 +687,7 @@ impl Progress {
 fn standby_backup(a: BackupArgs) -> Res {
     let io = |what: String| move |e: std::io::Error| (format!("{what}: {e}"), IO);
     let path = a.standby_ram.as_deref().expect("checked by the caller");
+    let tls = a.tls.load("backup")?;
     let wait = Duration::from_secs(a.wait_control);
     let m = open_machine_waiting(path, wait)?;
     let ctl = find_control(&m, wait)?;
@@ -706,27 +701,37 @@ fn standby_backup(a: BackupArgs) -> Res {
     let l = bind_listen(&a.listen)?;
     let caddr = a.serve_clients.as_deref().expect("clap requires it");
     let clients = client_side(&m, &ctl, caddr, true)?;
-    let conn = accept_primary(&l, a.accept_timeout)?;
-    let _ = conn.set_nodelay(true);
     let hb = a.heartbeat_timeout;
-    conn.set_read_timeout(Some(hb))
-        .map_err(io("socket".into()))?;
-    let ack_out = conn.try_clone().map_err(io("socket".into()))?;
     let offer = if a.no_compress { 0 } else { feature::KNOWN };
-    let got = backup::serve_opts(
-        BufReader::with_capacity(1 << 20, conn),
-        ack_out,
-        &mut standby,
-        offer,
-        |s| {
-            tracing::info!(
-                "backup: committed epoch {} pages={} bytes={}",
-                s.epoch,
-                s.pages,
-                s.bytes
-            );
-        },
-    );
+    let waiting = Instant::now();
+    let got = loop {
+        let (link, nonce) = crate::linkcli::accept(&l, waiting, a.accept_timeout, tls.as_ref())?;
+        link.socket()
+            .set_read_timeout(Some(hb))
+            .map_err(io("socket".into()))?;
+        let (conn, ack_out) = link.split();
+        let got = backup::serve_session(
+            BufReader::with_capacity(1 << 20, conn),
+            ack_out,
+            &mut standby,
+            offer,
+            nonce,
+            |s| {
+                tracing::info!(
+                    "backup: committed epoch {} pages={} bytes={}",
+                    s.epoch,
+                    s.pages,
+                    s.bytes
+                );
+            },
+        );
+        if let Ok(g) = &got {
+            if crate::linkcli::session_refused(g) {
+                continue;
+            }
+        }
+        break got;
+    };
     let committed = standby.committed();
     let last = committed.checked_sub(1);
     let last_text = last.map_or("none".to_string(), |e| e.to_string());

@@ -10,6 +10,7 @@ pub mod client;
 pub mod epoch;
 pub mod figures;
 pub mod kv;
+pub mod link;
 pub mod machine;
 pub mod primary;
 pub mod replica;
