@@ -445,8 +445,12 @@ pub fn primary(a: PrimaryArgs) -> Res {
     } else {
         let beat = Duration::from_millis(a.heartbeat_ms);
         let addr = a.backup.as_deref().unwrap_or_default();
-        let (link, acks, nonce) =
-            crate::linkcli::connect(addr, tls.as_ref(), Duration::from_secs(a.ack_timeout))?;
+        let (link, acks, nonce) = crate::linkcli::connect(
+            addr,
+            tls.as_ref(),
+            a.tls.handshake(),
+            Duration::from_secs(a.ack_timeout),
+        )?;
         let sock = link.socket().try_clone().map_err(io(addr.into()))?;
         let (_, wr) = link.split();
         let mut out =
@@ -581,7 +585,13 @@ pub fn backup(a: BackupArgs) -> Res {
     let offer = if a.no_compress { 0 } else { feature::KNOWN };
     let waiting = Instant::now();
     let got = loop {
-        let (link, nonce) = crate::linkcli::accept(&l, waiting, a.accept_timeout, tls.as_ref())?;
+        let (link, nonce) = crate::linkcli::accept(
+            &l,
+            waiting,
+            a.accept_timeout,
+            tls.as_ref(),
+            a.tls.handshake(),
+        )?;
         let (conn, ack_out) = link.split();
         let t0 = Instant::now();
         let mut progress = Progress::new(t0);
@@ -705,7 +715,13 @@ fn standby_backup(a: BackupArgs) -> Res {
     let offer = if a.no_compress { 0 } else { feature::KNOWN };
     let waiting = Instant::now();
     let got = loop {
-        let (link, nonce) = crate::linkcli::accept(&l, waiting, a.accept_timeout, tls.as_ref())?;
+        let (link, nonce) = crate::linkcli::accept(
+            &l,
+            waiting,
+            a.accept_timeout,
+            tls.as_ref(),
+            a.tls.handshake(),
+        )?;
         link.socket()
             .set_read_timeout(Some(hb))
             .map_err(io("socket".into()))?;

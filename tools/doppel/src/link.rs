@@ -38,11 +38,6 @@ use rustls::{
 /// Length of the session nonce (DOPPEL_SESSION, docs/STREAM.md).
 pub use crate::stream::format::SESSION_NONCE_LEN;
 
-/// Longest TLS handshake the backup waits for by default: a peer that
-/// connects and says nothing (a primary without TLS waits for the back
-/// channel's header) is dropped after this long.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// Why a link could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use doppel::ack::{AckReader, BackMsg};
 use doppel::backup::{ReceiveError, Received};
-use doppel::link::{Link, LinkReader, LinkTls, TlsFiles, HANDSHAKE_TIMEOUT, SESSION_NONCE_LEN};
+use doppel::link::{Link, LinkReader, LinkTls, TlsFiles, SESSION_NONCE_LEN};
 
 const USAGE: u8 = 2;
 const IO: u8 = 3;
@@ -48,7 +48,7 @@ fn parse_name(s: &str) -> Result<String, String> {
 }
 
 /// The TLS flags of `primary` and `backup`.
-#[derive(Args, Debug, Default)]
+#[derive(Args, Debug)]
 pub struct TlsArgs {
     /// This side's certificate (PEM, from `doppel keygen`). With --tls-key
     /// and --peer-cert: the replication link is mutual TLS 1.3. Without
@@ -62,9 +62,20 @@ pub struct TlsArgs {
     /// accepts (pinned, byte for byte).
     #[arg(long, value_name = "FILE")]
     peer_cert: Option<PathBuf>,
+    /// With TLS: seconds the handshake may take (0.001 to 604800). The
+    /// backup drops a peer that does not finish it in time (e.g. one
+    /// without TLS, which waits silently) and keeps waiting.
+    #[arg(long, default_value = "10", value_name = "SECS",
+          value_parser = crate::cli::parse_secs, requires = "tls_cert")]
+    tls_handshake_timeout: Duration,
 }
 
 impl TlsArgs {
+    /// The TLS handshake's time limit.
+    pub fn handshake(&self) -> Duration {
+        self.tls_handshake_timeout
+    }
+
     /// Whether any of the three flags was given.
     pub fn any(&self) -> bool {
         self.tls_cert.is_some() || self.tls_key.is_some() || self.peer_cert.is_some()
@@ -161,13 +172,14 @@ pub fn keygen(a: KeygenArgs) -> Result<(), (String, u8)> {
 pub fn connect(
     addr: &str,
     tls: Option<&LinkTls>,
+    handshake: Duration,
     ack_timeout: Duration,
 ) -> Result<(Link, AckReader<BufReader<LinkReader>>, Option<Nonce>), (String, u8)> {
     let io = |what: String| move |e: std::io::Error| (format!("{what}: {e}"), IO);
     let conn = TcpStream::connect(addr).map_err(io(format!("connecting to {addr}")))?;
     let _ = conn.set_nodelay(true);
     let link = match tls {
-        Some(t) => Link::client(conn, t, HANDSHAKE_TIMEOUT),
+        Some(t) => Link::client(conn, t, handshake),
         None => Link::plain(conn),
     }
     .map_err(|e| (e.to_string(), LOST_BACKUP))?;
@@ -209,6 +221,7 @@ pub fn accept(
     start: Instant,
     timeout: u64,
     tls: Option<&LinkTls>,
+    handshake: Duration,
 ) -> Result<(Link, Option<Nonce>), (String, u8)> {
     let io = |what: String| move |e: std::io::Error| (format!("{what}: {e}"), IO);
     l.set_nonblocking(true).map_err(io("listener".into()))?;
@@ -236,7 +249,7 @@ pub fn accept(
             return Ok((Link::plain(conn).map_err(|e| (e.to_string(), IO))?, None));
         };
         let left = Duration::from_secs(timeout).saturating_sub(start.elapsed());
-        let hs = HANDSHAKE_TIMEOUT.min(left).max(Duration::from_millis(100));
+        let hs = handshake.min(left).max(Duration::from_millis(100));
         match Link::server(conn, t, hs) {
             Ok(link) => {
                 let n = doppel::link::nonce().map_err(|e| (e.to_string(), IO))?;
