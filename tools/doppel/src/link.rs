@@ -461,10 +461,12 @@ mod tests {
         assert!(p.verify_server_cert(&b, &[], &name, &[], now).is_err());
         // An intermediate list does not smuggle another end entity in.
         assert!(p
-            .verify_server_cert(&b, &[a.clone()], &name, &[], now)
+            .verify_server_cert(&b, std::slice::from_ref(&a), &name, &[], now)
             .is_err());
         assert!(p.verify_client_cert(&a, &[], now).is_ok());
-        assert!(p.verify_client_cert(&b, &[a.clone()], now).is_err());
+        assert!(p
+            .verify_client_cert(&b, std::slice::from_ref(&a), now)
+            .is_err());
         assert!(ClientCertVerifier::client_auth_mandatory(&p));
         assert!(!ServerCertVerifier::supported_verify_schemes(&p).is_empty());
     }
@@ -500,7 +502,7 @@ mod tests {
             let _ = w.write_all(b"hello").and_then(|_| w.flush());
         }
         let got = srv.join().unwrap();
-        (c.map(|c| c), got.map(|(_, b)| b).map_err(|e| e.to_string()))
+        (c, got.map(|(_, b)| b).map_err(|e| e.to_string()))
     }
 
     #[test]
@@ -532,5 +534,50 @@ mod tests {
         let e = c.err().expect("refused").to_string();
         assert!(e.contains("not the pinned one"), "{e}");
         assert!(got.is_err());
+    }
+
+    #[test]
+    fn a_read_timeout_works_through_tls_and_the_session_survives_it() {
+        let (p, pk) = ident("primary");
+        let (b, bk) = ident("backup");
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let st = LinkTls::from_der(b.clone(), bk, p.clone());
+        let srv = std::thread::spawn(move || {
+            let (s, _) = l.accept().unwrap();
+            Link::server(s, &st, Duration::from_secs(5)).unwrap()
+        });
+        let ct = LinkTls::from_der(p, pk, b);
+        let c = Link::client(
+            TcpStream::connect(addr).unwrap(),
+            &ct,
+            Duration::from_secs(5),
+        )
+        .unwrap();
+        let s = srv.join().unwrap();
+        assert!(s.is_tls() && c.is_tls());
+        // The handshake's own timeout was taken off again.
+        assert_eq!(s.socket().read_timeout().unwrap(), None);
+        s.socket()
+            .set_read_timeout(Some(Duration::from_millis(150)))
+            .unwrap();
+        let (mut r, _) = s.split();
+        let t = std::time::Instant::now();
+        let mut b = [0u8; 4];
+        let e = r.read(&mut b).unwrap_err();
+        assert!(
+            matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ),
+            "{e:?}"
+        );
+        assert!(t.elapsed() >= Duration::from_millis(100));
+        // A heartbeat after the timeout still gets through.
+        let (_, mut w) = c.split();
+        w.write_all(b"beat").unwrap();
+        w.flush().unwrap();
+        r.read_exact(&mut b).unwrap();
+        assert_eq!(&b, b"beat");
     }
 }

@@ -21,6 +21,10 @@ const LOST_BACKUP: u8 = 5;
 
 type Nonce = [u8; SESSION_NONCE_LEN];
 
+/// A connected link to the backup, its back channel, and the session
+/// nonce (TLS only).
+pub type Connected = (Link, AckReader<BufReader<LinkReader>>, Option<Nonce>);
+
 #[derive(Args, Debug)]
 pub struct KeygenArgs {
     /// Directory to write NAME.key and NAME.crt into (created if missing).
@@ -174,7 +178,7 @@ pub fn connect(
     tls: Option<&LinkTls>,
     handshake: Duration,
     ack_timeout: Duration,
-) -> Result<(Link, AckReader<BufReader<LinkReader>>, Option<Nonce>), (String, u8)> {
+) -> Result<Connected, (String, u8)> {
     let io = |what: String| move |e: std::io::Error| (format!("{what}: {e}"), IO);
     let conn = TcpStream::connect(addr).map_err(io(format!("connecting to {addr}")))?;
     let _ = conn.set_nodelay(true);
