@@ -280,3 +280,40 @@ pub fn session_refused(got: &Received) -> bool {
     }
     false
 }
+
+/// `doppel stream send FILE --backup ADDR [TLS flags]` (hidden): replay
+/// a recorded stream to a backup.
+pub fn send(file: &std::path::Path, addr: &str, tls: &TlsArgs) -> Result<(), (String, u8)> {
+    let bytes = std::fs::read(file).map_err(|e| (format!("{}: {e}", file.display()), IO))?;
+    let t = tls.load("stream send")?;
+    let (link, mut acks, _nonce) =
+        connect(addr, t.as_ref(), tls.handshake(), Duration::from_secs(10))?;
+    let (_, mut w) = link.split();
+    // As recorded: whatever session it had, not this connection's.
+    let sent = w.write_all(&bytes).and_then(|_| w.flush());
+    let mut acked = 0u64;
+    let why = loop {
+        match acks.next_msg() {
+            Ok(BackMsg::Ack(_)) => acked += 1,
+            Ok(BackMsg::End) => break None,
+            Ok(_) => {}
+            Err(e) => break Some(e.to_string()),
+        }
+    };
+    println!(
+        "stream send: {} of {} bytes sent; the backup acknowledged {acked} epochs{}",
+        if sent.is_ok() { bytes.len() } else { 0 },
+        bytes.len(),
+        why.as_deref()
+            .map_or(" and ended the back channel".to_string(), |w| format!(
+                ", then: {w}"
+            ))
+    );
+    match why {
+        None => Ok(()),
+        Some(w) => Err((
+            format!("the backup did not take the stream: {w}"),
+            PEER_GONE,
+        )),
+    }
+}

@@ -179,6 +179,21 @@ enum StreamCmd {
         #[arg(long, value_parser = cli::guest_pages_parser())]
         guest_pages: u64,
     },
+    /// Send a recorded stream to a backup as it is, the way a primary
+    /// connects (with the TLS flags: over TLS, with this side's
+    /// certificate), without echoing the backup's session nonce: a replay.
+    /// Testing only: a backup must refuse it. Prints what the backup
+    /// answered; exit 0 only if it acknowledged the stream to its END.
+    #[command(hide = true)]
+    Send {
+        /// The recorded stream.
+        file: PathBuf,
+        /// The backup's address.
+        #[arg(long, value_name = "ADDR")]
+        backup: String,
+        #[command(flatten)]
+        tls: linkcli::TlsArgs,
+    },
 }
 
 enum Failure {
@@ -219,6 +234,9 @@ fn main() -> ExitCode {
             image,
             guest_pages,
         }) => replay(&file, &image, guest_pages),
+        Cmd::Stream(StreamCmd::Send { file, backup, tls }) => {
+            linkcli::send(&file, &backup, &tls).map_err(|(m, c)| Failure::Code(m, c))
+        }
         Cmd::Primary(a) => cli::primary(a).map_err(|(m, c)| Failure::Code(m, c)),
         Cmd::Backup(a) => cli::backup(a).map_err(|(m, c)| Failure::Code(m, c)),
         Cmd::Inspect(a) => cli::inspect(a).map_err(|(m, c)| Failure::Code(m, c)),

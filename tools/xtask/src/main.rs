@@ -11,6 +11,7 @@ mod failover;
 mod fuzz;
 mod image;
 mod isolation;
+mod linkauth;
 mod replica;
 mod selftest;
 mod setup;

@@ -96,6 +96,7 @@ fn steps() -> Vec<(&'static str, StepFn)> {
         ("replica-qemu-svm", crate::replica::step_replica_qemu),
         ("xen-verify-capture", crate::replica::step_verify_capture),
         ("failover-qemu-svm", crate::failover::step_failover),
+        ("link-auth", crate::linkauth::step_link_auth),
     ]
 }
 
