@@ -270,10 +270,10 @@ pub fn accept(
 /// was applied (a replayed stream): the backup then waits for the next
 /// connection instead of ending.
 pub fn session_refused(got: &Received) -> bool {
-    if let Some(ReceiveError::Session(why)) = &got.error {
+    if let Some(e @ ReceiveError::Session(_)) = &got.error {
         if got.epochs.is_empty() {
             tracing::warn!(
-                "link: rejected the stream: {why}; nothing applied, still waiting for the primary"
+                "link: rejected the stream: {e}; nothing applied, still waiting for the primary"
             );
             return true;
         }

@@ -53,6 +53,7 @@ impl Watched {
     fn spawn(cmd: &mut Command) -> Result<Self> {
         let mut child = cmd
             .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -86,7 +87,7 @@ impl Watched {
             .count()
     }
 
-    /// Wait up to `secs` for `n` lines containing `pat`; the first one.
+    /// Wait up to `secs` for `n` lines containing `pat`; the n-th.
     fn wait_for(&self, pat: &str, n: usize, secs: u64) -> Option<String> {
         let t = Instant::now();
         loop {
@@ -94,7 +95,7 @@ impl Watched {
                 let l = self.lines.lock().unwrap_or_else(|e| e.into_inner());
                 let hits: Vec<&String> = l.iter().filter(|l| l.contains(pat)).collect();
                 if hits.len() >= n {
-                    return Some(hits[0].clone());
+                    return Some(hits[n - 1].clone());
                 }
             }
             if t.elapsed() >= Duration::from_secs(secs) {
@@ -232,14 +233,7 @@ pub fn step_link_auth(_: &mut Ctx) -> Result<String> {
         Ok(Command::new(&doppel)
             .args(["primary", "--machine-ram"])
             .arg(&ram.0)
-            .args([
-                "--epochs",
-                "3",
-                "--wait-control",
-                "30",
-                "--ack-timeout",
-                "30",
-            ])
+            .args(["--epochs", "3", "--wait-control", "30"])
             .args(dest)
             .args(extra)
             .output()?)
@@ -271,22 +265,33 @@ pub fn step_link_auth(_: &mut Ctx) -> Result<String> {
         .with_context(|| format!("the backup did not start:\n{}", bk.text()))?;
     let addr = addr.trim_start_matches("listening on ").trim().to_string();
     let mut log = Vec::new();
-    let hs = "link: rejected: TLS handshake";
 
-    let wrong = primary(&tls(&keys, "intruder", "backup"), &["--backup", &addr])?;
+    let wrong = primary(
+        &tls(&keys, "intruder", "backup"),
+        &["--backup", &addr, "--ack-timeout", "30"],
+    )?;
     let env = Env {
         doppel: &doppel,
         replica: &replica,
     };
-    let wrong_cert = verdict("wrong_cert", &wrong, &mut bk, (hs, 0), &env, &mut log)?;
-    let wrong_cert = if bk.count("its certificate is not the pinned one") == 1 {
-        wrong_cert
-    } else {
-        "accepted"
-    };
+    let wrong_cert = verdict(
+        "wrong_cert",
+        &wrong,
+        &mut bk,
+        ("failed: its certificate is not the pinned one", 0),
+        &env,
+        &mut log,
+    )?;
 
-    let plain = primary(&[], &["--backup", &addr])?;
-    let no_cert = verdict("no_cert", &plain, &mut bk, (hs, 1), &env, &mut log)?;
+    let plain = primary(&[], &["--backup", &addr, "--ack-timeout", "30"])?;
+    let no_cert = verdict(
+        "no_cert",
+        &plain,
+        &mut bk,
+        ("failed: no TLS handshake within", 0),
+        &env,
+        &mut log,
+    )?;
 
     let mut send: Vec<PathBuf> = vec!["stream".into(), "send".into(), cap.clone()];
     send.extend(["--backup".into(), PathBuf::from(&addr)]);
@@ -302,7 +307,10 @@ pub fn step_link_auth(_: &mut Ctx) -> Result<String> {
     )?;
 
     // The real primary, to the same backup process.
-    let real = primary(&tls(&keys, "primary", "backup"), &["--backup", &addr])?;
+    let real = primary(
+        &tls(&keys, "primary", "backup"),
+        &["--backup", &addr, "--ack-timeout", "30"],
+    )?;
     let (code, bk_text) = bk.finish(60)?;
     let replicated = real.status.success()
         && code == Some(0)
@@ -310,7 +318,10 @@ pub fn step_link_auth(_: &mut Ctx) -> Result<String> {
         && committed(&doppel, &replica)? == 3;
     log.push(format!(
         "real primary: {}; backup exit {code:?}",
-        out_text(&real).lines().last().unwrap_or_default()
+        String::from_utf8_lossy(&real.stdout)
+            .lines()
+            .find(|l| l.starts_with("primary: committed"))
+            .unwrap_or("no `primary: committed` line")
     ));
     let _ = sim.finish(30);
     for l in &log {
