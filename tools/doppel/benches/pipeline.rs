@@ -194,9 +194,11 @@ fn bench(c: &mut Criterion) {
         b.iter_custom(|iters| run_pipeline(&l, &mut rep, g, iters))
     });
     let sides = tls_sides();
-    run_pipeline_tls(&l, &sides, &mut rep, g, 1);
+    // Its own replica, so the ratio below can alternate the two runs.
+    let mut rep_tls = Replica::in_memory(PAGES);
+    run_pipeline_tls(&l, &sides, &mut rep_tls, g, 1);
     grp.bench_function("encode_tls_decode_stage_commit", |b| {
-        b.iter_custom(|iters| run_pipeline_tls(&l, &sides, &mut rep, g, iters))
+        b.iter_custom(|iters| run_pipeline_tls(&l, &sides, &mut rep_tls, g, iters))
     });
     grp.finish();
     c.final_summary();
@@ -216,7 +218,7 @@ fn bench(c: &mut Criterion) {
         ),
         Goal::Speedup(None),
         (10, 2),
-        || run_pipeline_tls(&l, &sides, &mut rep, g, 4),
+        || run_pipeline_tls(&l, &sides, &mut rep_tls, g, 4),
         || run_pipeline(&l, &mut rep, g, 4),
     );
 }

@@ -78,15 +78,6 @@ impl Watched {
             .join("\n")
     }
 
-    fn count(&self, pat: &str) -> usize {
-        self.lines
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .filter(|l| l.contains(pat))
-            .count()
-    }
-
     /// Wait up to `secs` for `n` lines containing `pat`; the n-th.
     fn wait_for(&self, pat: &str, n: usize, secs: u64) -> Option<String> {
         let t = Instant::now();
