@@ -466,8 +466,12 @@ fn no_certificate_and_no_tls_are_refused_and_the_backup_keeps_waiting() {
     // And still listening for the real primary.
     let ram = dir.join("m.ram");
     let mut simc = sim(&ram, 2);
-    let good = primary(&ram, &bk.addr, 2, &tls(&k, "primary", "backup"));
+    // With --compress: the hello follows the session record both ways.
+    let mut flags = tls(&k, "primary", "backup");
+    flags.push("--compress".into());
+    let good = primary(&ram, &bk.addr, 2, &flags);
     assert!(good.status.success(), "{}", text(&good));
+    assert!(text(&good).contains("(xlz4)"), "{}", text(&good));
     let (code, out, err) = bk.finish();
     assert_eq!(code, Some(0), "{out}\n{err}");
     assert!(out.contains("(2 epochs)"), "{out}");
