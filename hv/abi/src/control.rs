@@ -28,6 +28,9 @@ pub const MAGIC: u64 = u64::from_le_bytes(*b"DOPPELCA");
 pub const ABI_VERSION: u32 = 1;
 /// Size of [`ControlHeader`].
 pub const HEADER_SIZE: usize = 256;
+/// Offset of [`ControlHeader::alive`], the liveness counter, from the start
+/// of the control area (8-byte aligned).
+pub const ALIVE_OFFSET: usize = 160;
 
 bitflags::bitflags! {
     /// What the hypervisor offers.
@@ -88,8 +91,17 @@ layout_struct! {
         /// `size` its bytes; both page aligned. Guest-physical 0 is at
         /// `offset`. Zero size: no guest published.
         pub guest_ram: Region,
+        /// The hypervisor's liveness counter: it advances while the
+        /// hypervisor runs (every guest exit, epoch end and command poll),
+        /// and never otherwise. The tool reads it live from the mapping
+        /// (at [`ALIVE_OFFSET`], one aligned 64-bit word that only the
+        /// hypervisor writes) to tell a hypervisor that stopped (hung, or
+        /// its emulator stopped) from one that only has nothing to say;
+        /// its value means nothing, only whether it moved. Any value
+        /// validates.
+        pub alive: u64,
         /// Must be zero.
-        pub reserved: [u64; 12],
+        pub reserved: [u64; 11],
     }
 }
 
@@ -101,7 +113,8 @@ const _: () = assert!(offset_of!(ControlHeader, features) == 24);
 const _: () = assert!(offset_of!(ControlHeader, cmd_ring) == 32);
 const _: () = assert!(offset_of!(ControlHeader, pfn_list) == 128);
 const _: () = assert!(offset_of!(ControlHeader, guest_ram) == 144);
-const _: () = assert!(offset_of!(ControlHeader, reserved) == 160);
+const _: () = assert!(offset_of!(ControlHeader, alive) == ALIVE_OFFSET);
+const _: () = assert!(offset_of!(ControlHeader, reserved) == 168);
 const _: () = assert!(size_of::<Region>() == 16);
 const _: () = assert!(offset_of!(Region, offset) == 0);
 const _: () = assert!(offset_of!(Region, size) == 8);
@@ -243,7 +256,8 @@ impl ControlHeader {
             vcpu_area: Region::default(),
             pfn_list: Region::default(),
             guest_ram: Region::default(),
-            reserved: [0; 12],
+            alive: 0,
+            reserved: [0; 11],
         };
         let mut at = HEADER_SIZE as u64;
         for (f, size) in REGIONS.into_iter().zip(sizes) {
@@ -332,7 +346,7 @@ fn check(h: &ControlHeader, mapped: usize) -> Result<(), AbiError> {
             h.features & !Features::all().bits(),
         ));
     }
-    if h.reserved != [0; 12] {
+    if h.reserved != [0; 11] {
         return Err(AbiError::ReservedNonZero);
     }
     let g = h.guest_ram;

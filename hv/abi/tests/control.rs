@@ -60,7 +60,7 @@ fn each_header_field_has_its_error() {
     b.features |= 1 << 40;
     assert_eq!(check(&b).unwrap_err(), AbiError::UnknownFeatures(1 << 40));
     let mut b = h;
-    b.reserved[11] = 1;
+    b.reserved[10] = 1;
     assert_eq!(check(&b).unwrap_err(), AbiError::ReservedNonZero);
     // total_size larger than what is mapped.
     let mut bytes = area(&h);
@@ -85,6 +85,30 @@ fn each_header_field_has_its_error() {
         validate(&[0u8; 255]).unwrap_err(),
         AbiError::TooShort { have: 255 }
     );
+}
+
+/// The liveness counter sits at `ALIVE_OFFSET` in the header's bytes (the
+/// tool reads it there, live) and any value of it validates: it is not a
+/// reserved word.
+#[test]
+fn the_liveness_counter_is_at_its_offset_and_any_value_validates() {
+    let h = packed();
+    for alive in [1u64, 0x0123_4567_89ab_cdef, u64::MAX] {
+        let mut b = h;
+        b.alive = alive;
+        let bytes = area(&b);
+        assert_eq!(
+            bytes[ALIVE_OFFSET..ALIVE_OFFSET + 8],
+            alive.to_le_bytes(),
+            "alive at offset {ALIVE_OFFSET}"
+        );
+        let v = validate(&bytes).expect("a moving counter validates");
+        assert_eq!(v.header().alive, alive);
+    }
+    // One aligned word inside the header (the tool reads it with one
+    // 64-bit load).
+    let (off, end) = (ALIVE_OFFSET, ALIVE_OFFSET + 8);
+    assert!(off.is_multiple_of(8) && end <= area(&h)[..HEADER_SIZE].len());
 }
 
 fn with_region(h: &ControlHeader, f: Field, r: Region) -> ControlHeader {
@@ -311,7 +335,7 @@ fn break_one_field(h: &mut ControlHeader, mapped: usize, rng: &mut SplitMix64) {
         }
         3 => h.total_size = rng.below(2 * mapped as u64),
         4 => h.features = 1 << rng.below(64),
-        5 => h.reserved[rng.below(12) as usize] = 1 << rng.below(64),
+        5 => h.reserved[rng.below(11) as usize] = 1 << rng.below(64),
         6 => {
             h.guest_ram = Region {
                 offset: rng.below(8) * 2048,

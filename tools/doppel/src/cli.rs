@@ -126,6 +126,8 @@ pub struct PrimaryArgs {
           value_parser = clap::value_parser!(u64).range(1..=60_000))]
     heartbeat_ms: u64,
     #[command(flatten)]
+    witness: crate::witness_cli::WitnessArgs,
+    #[command(flatten)]
     tls: crate::linkcli::TlsArgs,
 }
 
@@ -160,6 +162,15 @@ pub struct BackupArgs {
     /// is active).
     #[arg(long, value_name = "ADDR", requires = "standby_ram")]
     serve_clients: Option<String>,
+    /// With --standby-ram: once activated, protect the service in its turn
+    /// to the backup listening at ADDR (another `doppel backup
+    /// --standby-ram`), exactly as `doppel primary --backup ADDR
+    /// --serve-clients` would: a chain A -> B -> C, where this standby is
+    /// B. Its clients are served once the new backup is connected and
+    /// log-dirty is on; their replies then wait for commit, as at any
+    /// primary. Default heartbeats and timeouts of `doppel primary`.
+    #[arg(long, value_name = "ADDR", requires = "standby_ram")]
+    then_backup: Option<String>,
     /// With --standby-ram: fail over when nothing (not even a heartbeat)
     /// arrives from the primary for this long (0.001 to 604800 s).
     #[arg(long, default_value = "5", value_name = "SECS", value_parser = parse_secs,
@@ -180,6 +191,9 @@ pub struct BackupArgs {
     /// sends plain PAGE_DATA).
     #[arg(long)]
     no_compress: bool,
+    /// With --standby-ram: activate only after taking the witness key.
+    #[command(flatten)]
+    witness: crate::witness_cli::WitnessArgs,
     #[command(flatten)]
     tls: crate::linkcli::TlsArgs,
 }
@@ -253,8 +267,10 @@ pub struct ClientArgs {
     connect: String,
     /// Where to go when the first address breaks or goes silent (`doppel
     /// backup --serve-clients`); unanswered requests are re-sent there.
-    #[arg(long, value_name = "ADDR")]
-    failover: Option<String>,
+    /// More than one (repeated, or comma-separated): tried in order, one
+    /// per failover (a chain: the backup, then the backup's own backup).
+    #[arg(long, value_name = "ADDR", value_delimiter = ',')]
+    failover: Vec<String>,
     /// Requests to send (ids 1..=N; N from 1 to 1000000).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=MAX_OPS))]
     ops: u64,
@@ -343,7 +359,7 @@ fn open_machine_waiting(
     }
 }
 
-type ClientSide<'m> = (
+pub(crate) type ClientSide<'m> = (
     TcpListener,
     ChannelProducer<AtomicMem64<'m>>,
     ChannelConsumer<AtomicMem64<'m>>,
@@ -401,18 +417,7 @@ fn stop_on_signals() -> Result<std::sync::Arc<AtomicBool>, (String, u8)> {
 }
 
 pub fn primary(a: PrimaryArgs) -> Res {
-    let tls = match &a.record {
-        Some(_) if a.tls.any() => {
-            return Err((
-                "--tls-cert/--tls-key/--peer-cert secure the link to a backup; a --record \
-                 capture has none"
-                    .into(),
-                USAGE,
-            ))
-        }
-        Some(_) => None,
-        None => a.tls.load("primary")?,
-    };
+    let tls = a.link_tls()?;
     let wait = Duration::from_secs(a.wait_control);
     let m = open_machine_waiting(&a.machine_ram, wait)?;
     let ctl = find_control(&m, wait)?;
@@ -423,17 +428,32 @@ pub fn primary(a: PrimaryArgs) -> Res {
         ctl.guest_pages()
     );
     let stop_flag = stop_on_signals()?;
-    let cfg = PrimaryConfig {
-        epochs: a.epochs,
-        reply_timeout: Duration::from_secs(a.reply_timeout),
-        event_timeout: Duration::from_secs(a.event_timeout),
-        stop: Some(stop_flag),
-    };
-    let mut p = Primary::attach(&m, ctl, cfg).map_err(|e| (e.to_string(), e.exit_code()))?;
+    let (mut witness, gate) = crate::witness_cli::primary_acquire(&a.witness)?.unzip();
+    let mut cfg = a.primary_config(Some(stop_flag));
+    cfg.gate = gate;
+    let p = Primary::attach(&m, ctl, cfg).map_err(|e| (e.to_string(), e.exit_code()))?;
     let clients = match &a.serve_clients {
         Some(addr) => Some(client_side(&m, &ctl, addr, false)?),
         None => None,
     };
+    let r = protect_attached(&a, p, clients, tls.as_ref());
+    // Nothing more is released by this side (bridge stopped, no commit
+    // follows): give the key up so a backup need not wait for the TTL.
+    if let Some(w) = &mut witness {
+        w.release();
+    }
+    r
+}
+
+/// `doppel primary` once attached: replicate `p`'s machine as `a` says,
+/// serving `clients`. Also the body of `doppel backup --then-backup`
+/// (an activated standby protected in its turn, doppel::chain).
+pub(crate) fn protect_attached(
+    a: &PrimaryArgs,
+    mut p: Primary<'_>,
+    clients: Option<ClientSide<'_>>,
+    tls: Option<&doppel::link::LinkTls>,
+) -> Res {
     let stop = AtomicBool::new(false);
     let stats = BridgeStats::default();
     let io = |what: String| move |e: std::io::Error| (format!("{what}: {e}"), IO);
@@ -447,7 +467,7 @@ pub fn primary(a: PrimaryArgs) -> Res {
         let addr = a.backup.as_deref().unwrap_or_default();
         let (link, acks, nonce) = crate::linkcli::connect(
             addr,
-            tls.as_ref(),
+            tls,
             a.tls.handshake(),
             Duration::from_secs(a.ack_timeout),
         )?;
@@ -530,6 +550,11 @@ pub fn primary(a: PrimaryArgs) -> Res {
             "primary: not detaching: the backup got no END and takes over from its last \
              committed epoch; this guest stays stopped at its next epoch end (fenced)"
         );
+    } else if let Err(e @ doppel::primary::PrimaryError::Fenced { .. }) = &res {
+        println!(
+            "primary: fenced: {e}; no epoch is committed and no Detach sent, so the guest \
+             stays stopped at its epoch end with its output held"
+        );
     }
     match res {
         Ok(s) => {
@@ -547,6 +572,39 @@ pub fn primary(a: PrimaryArgs) -> Res {
     }
 }
 
+impl PrimaryArgs {
+    /// The replication link's TLS side (None: plain TCP, warned about, or
+    /// a capture); flags that do not go together are a usage error.
+    pub(crate) fn link_tls(&self) -> Result<Option<doppel::link::LinkTls>, (String, u8)> {
+        match &self.record {
+            Some(_) if self.tls.any() => Err((
+                "--tls-cert/--tls-key/--peer-cert secure the link to a backup; a --record \
+                 capture has none"
+                    .into(),
+                USAGE,
+            )),
+            Some(_) => Ok(None),
+            None => self.tls.load("primary"),
+        }
+    }
+
+    /// `--backup`, or empty.
+    pub(crate) fn backup_addr(&self) -> &str {
+        self.backup.as_deref().unwrap_or_default()
+    }
+
+    /// The tool's configuration these arguments give.
+    pub(crate) fn primary_config(&self, stop: Option<std::sync::Arc<AtomicBool>>) -> PrimaryConfig {
+        PrimaryConfig {
+            epochs: self.epochs,
+            reply_timeout: Duration::from_secs(self.reply_timeout),
+            event_timeout: Duration::from_secs(self.event_timeout),
+            stop,
+            gate: None,
+        }
+    }
+}
+
 /// Bind the replication address and print `listening on ADDR`.
 fn bind_listen(addr: &str) -> Result<TcpListener, (String, u8)> {
     let io = |what: String| move |e: std::io::Error| (format!("{what}: {e}"), IO);
@@ -560,6 +618,12 @@ fn bind_listen(addr: &str) -> Result<TcpListener, (String, u8)> {
 pub fn backup(a: BackupArgs) -> Res {
     if a.standby_ram.is_some() {
         return standby_backup(a);
+    }
+    if a.witness.witness.is_some() {
+        return Err((
+            "--witness is for a standby (--standby-ram): a file replica never activates".into(),
+            USAGE,
+        ));
     }
     let io = |what: String| move |e: std::io::Error| (format!("{what}: {e}"), IO);
     let (Some(dir), Some(guest_pages)) = (&a.replica, a.guest_pages) else {
@@ -702,6 +766,7 @@ fn standby_backup(a: BackupArgs) -> Res {
     let m = open_machine_waiting(path, wait)?;
     let ctl = find_control(&m, wait)?;
     let mut standby = Standby::new(&m, ctl).map_err(|e| (e.to_string(), INVALID))?;
+    let mut witness = crate::witness_cli::WitnessArgs::open(&a.witness, "backup")?;
     tracing::info!(
         "standby control area at {:#x}; guest RAM at {:#x}, {} pages",
         ctl.at,
@@ -711,6 +776,8 @@ fn standby_backup(a: BackupArgs) -> Res {
     let l = bind_listen(&a.listen)?;
     let caddr = a.serve_clients.as_deref().expect("clap requires it");
     let clients = client_side(&m, &ctl, caddr, true)?;
+    // A chain: fail fast on a bad address, before any primary connects.
+    let then = crate::chain::Then::new(a.then_backup.as_deref(), path, caddr)?;
     let hb = a.heartbeat_timeout;
     let offer = if a.no_compress { 0 } else { feature::KNOWN };
     let waiting = Instant::now();
@@ -823,18 +890,24 @@ fn standby_backup(a: BackupArgs) -> Res {
         reply_timeout: Duration::from_secs(a.reply_timeout),
         event_timeout: Duration::from_secs(a.reply_timeout),
         stop: None,
+        gate: None,
     };
-    let epoch = standby
-        .activate(cfg)
+    // With a witness: only once the primary's lease is gone.
+    let gate = crate::witness_cli::backup_take(witness.as_mut());
+    let (epoch, activated) = standby
+        .activate_attached(cfg)
         .map_err(|e| (e.to_string(), INVALID))?;
     println!(
         "failover: primary lost ({reason}) after epoch {last}; standby activated from committed epoch {epoch}"
     );
     let _ = std::io::stdout().flush();
+    if let Some(then) = then {
+        return then.protect(activated, clients, gate);
+    }
     let stop = AtomicBool::new(false);
     let stats = BridgeStats::default();
     let (l, inp, outc) = clients;
-    bridge::serve(&l, inp, outc, &stop, &stats)
+    crate::witness_cli::watch_serving(gate, &stop, || bridge::serve(&l, inp, outc, &stop, &stats))?
         .map_err(|e| (format!("serving clients: {e}"), INVALID))
 }
 

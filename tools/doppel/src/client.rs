@@ -21,7 +21,10 @@ pub const REPLY_LEN: usize = core::mem::size_of::<Reply>();
 #[derive(Clone, Debug)]
 pub struct ClientConfig {
     pub connect: String,
-    pub failover: Option<String>,
+    /// Where to go when the current address breaks or goes silent, in
+    /// order: the first failover goes to the first, the next to the
+    /// second (a chain A -> B -> C).
+    pub failover: Vec<String>,
     /// Most unanswered requests.
     pub window: u64,
     /// Longest silence while requests are outstanding.
@@ -85,13 +88,13 @@ pub fn run(cfg: &ClientConfig, checker: &mut Checker) -> ClientRun {
                     checker.outstanding(),
                     checker.answered
                 );
-                match &cfg.failover {
-                    Some(b) if out.failovers == 0 => {
+                match cfg.failover.get(out.failovers as usize) {
+                    Some(b) => {
                         out.failovers += 1;
                         eprintln!("client: failing over to {b}");
                         addr = b.clone();
                     }
-                    _ => {
+                    None => {
                         out.gave_up = Some(format!("{addr}: {why}"));
                         return out;
                     }

@@ -19,3 +19,4 @@ pub mod sim_kv;
 pub mod standby;
 pub mod stream;
 pub mod synth;
+pub mod witness;

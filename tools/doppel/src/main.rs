@@ -6,7 +6,8 @@
 //! error (a file or socket cannot be opened, read or written); 4 the peer
 //! went away (hypervisor stopped answering or its RAM file disappeared;
 //! for `backup`: the primary's stream broke, the replica stays at its last
-//! committed epoch); 5 (`primary`) the backup connection was lost.
+//! committed epoch); 5 (`primary`) the backup connection was lost; 6 the
+//! witness refused this side or it fenced itself (`--witness`).
 //! A replica that already holds committed epochs is a usage error (2).
 
 use std::fs::File;
@@ -20,8 +21,10 @@ use doppel::replica::{Replica, ReplicaError};
 use doppel::stream::{Limits, StreamError, StreamReader};
 use doppel::synth::{self, SynthSpec};
 
+mod chain;
 mod cli;
 mod linkcli;
+mod witness_cli;
 
 /// Most epochs `stream synth` writes.
 const MAX_SYNTH_EPOCHS: u64 = 100_000;
@@ -41,7 +44,8 @@ const MAX_SYNTH_PAGES: u64 = 1 << 20;
 /// reached); 4 peer gone (hypervisor silent or its RAM file removed; for
 /// backup: the primary's stream broke, the replica stays at its last
 /// committed epoch; for client: the service went away); 5 backup
-/// connection lost.
+/// connection lost; 6 the witness (`--witness`) refused this side, or it
+/// fenced itself because its lease could no longer be confirmed.
 /// Logs: RUST_LOG (default info) on stderr.
 #[derive(Parser, Debug)]
 #[command(version, about, long_about)]

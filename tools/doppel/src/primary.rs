@@ -30,7 +30,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use doppel_abi::control::{AbiError, Features, Field};
+use doppel_abi::control::{AbiError, Features, Field, ALIVE_OFFSET};
 use doppel_abi::msg::{op, Ack, CheckpointReady, LogDirtyMode, Reply};
 use doppel_abi::ring::{ring_entries, slot_size, RingError, HEADER_SIZE, REQ_PROD, RSP_PROD};
 use doppel_abi::{
@@ -100,6 +100,8 @@ pub enum PrimaryError {
     HelloTimeout { secs: u64 },
     #[error("the backup's answer to the feature hello is invalid: {detail}")]
     BadHello { detail: String },
+    #[error("fenced before committing epoch {epoch}: {why}")]
+    Fenced { epoch: u64, why: String },
 }
 
 impl PrimaryError {
@@ -111,6 +113,7 @@ impl PrimaryError {
             PrimaryError::Send { .. }
             | PrimaryError::AckClosed { .. }
             | PrimaryError::HelloTimeout { .. } => 5,
+            PrimaryError::Fenced { .. } => 6,
             PrimaryError::Ack { source, .. }
                 if source.is_truncation() || matches!(source, StreamError::Io { .. }) =>
             {
@@ -131,6 +134,7 @@ impl PrimaryError {
                 | PrimaryError::Machine(_)
                 | PrimaryError::HypervisorError { .. }
                 | PrimaryError::Standby { .. }
+                | PrimaryError::Fenced { .. }
         )
     }
 
@@ -180,6 +184,10 @@ pub struct PrimaryConfig {
     /// Set (by a signal handler) to end the run at the next epoch
     /// boundary, as if `epochs` had been reached: END is written.
     pub stop: Option<Arc<AtomicBool>>,
+    /// Asked right before every `CommitEpoch` (the one place output is
+    /// released): a refusal fences this primary for good (the witness
+    /// lease may run out: docs/REPLICATION.md, "Witness").
+    pub gate: Option<crate::witness::Gate>,
 }
 
 impl Default for PrimaryConfig {
@@ -189,6 +197,7 @@ impl Default for PrimaryConfig {
             reply_timeout: Duration::from_secs(30),
             event_timeout: Duration::from_secs(120),
             stop: None,
+            gate: None,
         }
     }
 }
@@ -261,6 +270,8 @@ pub struct Output<W: Write, R: Read> {
     last_beat: Instant,
     /// The backup's session nonce, echoed right after the headers.
     session: Option<[u8; SESSION_NONCE_LEN]>,
+    /// The hypervisor's liveness counter when the last heartbeat went out.
+    beat_alive: Option<u64>,
 }
 
 impl<W: Write, R: Read> Output<W, R> {
@@ -275,6 +286,7 @@ impl<W: Write, R: Read> Output<W, R> {
             heartbeat: None,
             last_beat: Instant::now(),
             session: None,
+            beat_alive: None,
         }
     }
 
@@ -345,8 +357,12 @@ impl<W: Write, R: Read> Output<W, R> {
     }
 
     /// Send a DOPPEL_HEARTBEAT at least every `every` while waiting for the
-    /// hypervisor's next event (backup only: a capture never carries
-    /// heartbeats). The backup fails over when the stream stays silent.
+    /// hypervisor's next event, as long as the hypervisor is alive (its
+    /// liveness counter moved since the last heartbeat; backup only: a
+    /// capture never carries heartbeats). The backup fails over when the
+    /// stream stays silent, so a hypervisor that stops (hung, or its
+    /// emulator stopped) is failed over within the backup's heartbeat
+    /// timeout, not only after `--event-timeout`.
     pub fn with_heartbeat(mut self, every: Duration) -> Self {
         if self.acks.is_some() {
             self.heartbeat = Some(every);
@@ -364,14 +380,21 @@ impl<W: Write, R: Read> Output<W, R> {
         self
     }
 
-    /// Send a heartbeat if one is due.
-    fn beat(&mut self, committed: u64) -> Result<(), PrimaryError> {
+    /// Send a heartbeat if one is due and the hypervisor's liveness
+    /// counter reads `alive`, another value than at the last heartbeat.
+    fn beat(&mut self, committed: u64, alive: u64) -> Result<(), PrimaryError> {
         let Some(every) = self.heartbeat else {
             return Ok(());
         };
         if !self.started || self.last_beat.elapsed() < every {
             return Ok(());
         }
+        if self.beat_alive == Some(alive) {
+            // The hypervisor has not run since the last heartbeat: say
+            // nothing (checked again at the next poll).
+            return Ok(());
+        }
+        self.beat_alive = Some(alive);
         self.last_beat = Instant::now();
         self.writer
             .heartbeat(committed)
@@ -402,6 +425,7 @@ impl<W: Write, R: Read> Output<W, R> {
             heartbeat: None,
             last_beat: Instant::now(),
             session: None,
+            beat_alive: None,
         }
     }
 }
@@ -472,6 +496,9 @@ pub struct Primary<'m> {
     seen: Vec<u64>,
     /// `LogDirtyEnable` was answered `Done` in this session.
     enabled: bool,
+    /// A [`PrimaryConfig::gate`] refused a release: no CommitEpoch and
+    /// no Detach from this session any more.
+    fenced: bool,
 }
 
 fn ring(ring: &'static str) -> impl Fn(RingError) -> PrimaryError {
@@ -623,7 +650,14 @@ impl<'m> Primary<'m> {
             blob: Vec::new(),
             seen: vec![0; pages.div_ceil(64)],
             enabled: false,
+            fenced: false,
         })
+    }
+
+    /// Replace the configuration given at attach (a standby's backup tool
+    /// attached to send `Activate` and protects the machine afterwards).
+    pub fn reconfigure(&mut self, cfg: PrimaryConfig) {
+        self.cfg = cfg;
     }
 
     /// The control area in use.
@@ -691,20 +725,29 @@ impl<'m> Primary<'m> {
             .is_some_and(|s| s.load(Ordering::Relaxed))
     }
 
+    /// The hypervisor's liveness counter (hv/abi `ControlHeader::alive`),
+    /// read live from the header: it moves while the hypervisor runs.
+    pub fn alive(&self) -> u64 {
+        let mut b = [0u8; 8];
+        self.win.read_bytes(ALIVE_OFFSET, &mut b);
+        u64::from_le_bytes(b)
+    }
+
     /// Wait for the next event entry (copied out, not decoded); `tick`
-    /// runs between polls (heartbeats). `None`: the stop flag was set (an
-    /// event already posted stays unconsumed: `Detach` voids it).
+    /// runs between polls (heartbeats) with the liveness counter. `None`:
+    /// the stop flag was set (an event already posted stays unconsumed:
+    /// `Detach` voids it).
     fn next_event(
         &mut self,
         want: u64,
-        mut tick: impl FnMut() -> Result<(), PrimaryError>,
+        mut tick: impl FnMut(u64) -> Result<(), PrimaryError>,
     ) -> Result<Option<doppel_abi::EventEntry>, PrimaryError> {
         let mut poll = Poll::new(self.cfg.event_timeout, self.machine.path());
         loop {
             if self.stop_requested() {
                 return Ok(None);
             }
-            tick()?;
+            tick(self.alive())?;
             if let Some(e) = self.evt.pop_request().map_err(ring("event"))? {
                 return Ok(Some(e));
             }
@@ -856,7 +899,7 @@ impl<'m> Primary<'m> {
         let mut want = 0u64;
         while self.cfg.epochs.is_none_or(|n| sum.committed < n) {
             let committed = sum.committed;
-            let entry = match self.next_event(want, || out.beat(committed)) {
+            let entry = match self.next_event(want, |alive| out.beat(committed, alive)) {
                 Ok(Some(e)) => e,
                 Ok(None) => {
                     tracing::info!("stop requested: ending the stream after epoch {committed}");
@@ -971,6 +1014,17 @@ impl<'m> Primary<'m> {
                     }
                 }
             }
+            // Fence here, before the event is answered: the hypervisor
+            // keeps the guest stopped at this epoch's end, output held.
+            if let Some(gate) = &self.cfg.gate {
+                if let Err(why) = gate.0.check(Instant::now()) {
+                    self.fenced = true;
+                    return Err(PrimaryError::Fenced {
+                        epoch: c.epoch,
+                        why,
+                    });
+                }
+            }
             self.ack_event(entry.kind, entry.seq, c.epoch, Ok(()));
             self.expect_done(Command::CommitEpoch { epoch: c.epoch }, "CommitEpoch")?;
             sum.committed += 1;
@@ -1014,6 +1068,13 @@ impl<'m> Primary<'m> {
     /// it only after the client bridge stopped: the output it releases
     /// was never committed and must not reach this tool's clients.
     pub fn detach(&mut self, wait: Duration) -> Result<(), PrimaryError> {
+        // Detach releases all held output: never after a fence.
+        if self.fenced {
+            return Err(PrimaryError::Fenced {
+                epoch: 0,
+                why: "a fenced primary never detaches".into(),
+            });
+        }
         let keep = self.cfg.reply_timeout;
         self.cfg.reply_timeout = wait;
         let r = self.expect_done(Command::Detach, "Detach");

@@ -28,7 +28,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use doppel_abi::chan::ChannelLayout;
-use doppel_abi::control::{ControlHeader, Features, Field, Region, MAGIC};
+use doppel_abi::control::{ControlHeader, Features, Field, Region, ALIVE_OFFSET, MAGIC};
 use doppel_abi::locator::{Locator, LOCATOR_AT, LOCATOR_WORDS};
 use doppel_abi::msg::{kind, CheckpointReady, LogDirtyMode, Reply, Response, Span};
 use doppel_abi::ring::{slot_size, RingLayout, REQ_PROD};
@@ -233,7 +233,9 @@ impl Sim {
         let mut dirty = DirtyLog::all(pages);
         let start = Instant::now();
         let mut last_run = Instant::now();
+        let mut alive = Alive::new();
         loop {
+            alive.beat(&win);
             let done = res.committed >= self.spec.epochs && detached;
             if done || stop.load(Ordering::Relaxed) {
                 return Ok(());
@@ -460,6 +462,23 @@ pub(crate) fn publish(
 pub(crate) fn region(h: &ControlHeader, f: Field) -> (usize, usize) {
     let r = h.region(f);
     (r.offset as usize, r.size as usize)
+}
+
+/// The simulated hypervisor's liveness counter (hv/abi
+/// `ControlHeader::alive`): advanced on every pass of a serve loop, as the
+/// hypervisor advances it on every exit and command poll.
+pub(crate) struct Alive(u64);
+
+impl Alive {
+    pub(crate) fn new() -> Self {
+        Self(0)
+    }
+
+    /// One beat, written into the header of the area in `win`.
+    pub(crate) fn beat(&mut self, win: &AtomicMem64<'_>) {
+        self.0 = self.0.wrapping_add(1);
+        win.write_bytes(ALIVE_OFFSET, &self.0.to_le_bytes());
+    }
 }
 
 pub(crate) type CmdBack<'a> = doppel_abi::CommandBack<AtomicMem64<'a>>;

@@ -50,7 +50,7 @@ use zerocopy::{FromZeros, IntoBytes};
 use crate::machine::{MachineRam, PAGE};
 use crate::sim::{
     attach_rings, create_machine, detach, log_dirty_enable, placed_size, publish, region, respond,
-    stage, DirtyLog, CONTROL_AT,
+    stage, Alive, DirtyLog, CONTROL_AT,
 };
 use crate::synth::Rng;
 
@@ -260,6 +260,9 @@ impl KvSim {
             base: h.guest_ram.offset as usize,
             keys: self.spec.keys,
         });
+        // A standby until an activated one is protected in its turn
+        // (`LogDirtyEnable` after `Activate`: a chain), then a primary.
+        let mut standby = self.spec.standby;
         let mut enabled = false;
         let mut detached = false;
         // Checkpoints posted in this session.
@@ -273,7 +276,9 @@ impl KvSim {
         let mut last_epoch = Instant::now();
         let start = Instant::now();
         let mut frame = vec![0u8; is];
+        let mut alive = Alive::new();
         loop {
+            alive.beat(&win);
             if stop.load(Ordering::Relaxed) {
                 return Ok(());
             }
@@ -297,11 +302,26 @@ impl KvSim {
                     Err(x) => Err(x.errno()),
                     // As the hypervisor: a standby's RAM is the backup's
                     // to fill; a primary tool may not take its rings.
-                    Ok(Command::LogDirtyEnable { .. }) if self.spec.standby => {
+                    Ok(Command::LogDirtyEnable { mode })
+                        if standby && active.is_some() && mode == LogDirtyMode::WriteProtect =>
+                    {
+                        // As the hypervisor: the activated service becomes
+                        // a replicated primary, epoch 0 with every page.
+                        eprintln!("sim-hv: the activated standby is protected (LogDirtyEnable)");
+                        evt.skip_acks()?;
+                        standby = false;
+                        active = None;
+                        posted = 0;
+                        running = 0;
+                        committed = None;
+                        dirty = DirtyLog::all(self.spec.guest_pages);
+                        log_dirty_enable(&mut enabled, mode)
+                    }
+                    Ok(Command::LogDirtyEnable { .. }) if standby => {
                         eprintln!("sim-hv: LogDirtyEnable refused (EPERM): a standby");
                         Err(Errno::EPERM)
                     }
-                    Ok(Command::LogDirtyEnable { mode }) if !self.spec.standby => {
+                    Ok(Command::LogDirtyEnable { mode }) if !standby => {
                         if detached && mode == LogDirtyMode::WriteProtect {
                             // A new session (the new tool answered the old
                             // session's events before this command).
@@ -314,7 +334,7 @@ impl KvSim {
                         }
                         log_dirty_enable(&mut enabled, mode)
                     }
-                    Ok(Command::Detach) if !self.spec.standby => {
+                    Ok(Command::Detach) if !standby => {
                         let r = detach(&mut enabled, &mut evt)?;
                         if r.is_ok() {
                             detached = true;
@@ -328,7 +348,7 @@ impl KvSim {
                         }
                         r
                     }
-                    Ok(Command::CommitEpoch { epoch }) if !self.spec.standby && enabled => {
+                    Ok(Command::CommitEpoch { epoch }) if !standby && enabled => {
                         // The tool acks the event before committing; the
                         // ack may have landed after the drain above.
                         evt.drain_acks(|_, _| {})?;
@@ -350,8 +370,8 @@ impl KvSim {
                             Err(Errno::EINVAL)
                         }
                     }
-                    Ok(Command::CommitEpoch { .. }) if !self.spec.standby => Err(Errno::EINVAL),
-                    Ok(Command::Activate { epoch }) if self.spec.standby => {
+                    Ok(Command::CommitEpoch { .. }) if !standby => Err(Errno::EINVAL),
+                    Ok(Command::Activate { epoch }) if standby => {
                         if active.is_some() {
                             Err(Errno::EINVAL)
                         } else {
@@ -388,7 +408,7 @@ impl KvSim {
                 res.released += n;
             }
             // The guest: serve requests.
-            let serving = if self.spec.standby {
+            let serving = if standby {
                 active.is_some()
             } else {
                 enabled || detached
@@ -422,7 +442,7 @@ impl KvSim {
             }
             // Epoch end (primary only).
             let due = running == 0 || last_epoch.elapsed() >= self.spec.epoch;
-            if !self.spec.standby
+            if !standby
                 && enabled
                 && !evt.checkpoint_pending()
                 && due

@@ -84,6 +84,16 @@ impl<'m> Standby<'m> {
     /// area, send `Activate{last committed epoch}` (request id 1) and wait
     /// for `Done`. Returns the epoch activated.
     pub fn activate(&self, cfg: PrimaryConfig) -> Result<u64, StandbyError> {
+        self.activate_attached(cfg).map(|(epoch, _)| epoch)
+    }
+
+    /// [`Standby::activate`], keeping the tool's end of the standby's
+    /// rings: after `Activate` the machine can be protected in its turn
+    /// with it (`Primary::run`: `LogDirtyEnable` goes to the same ring).
+    pub fn activate_attached(
+        &self,
+        cfg: PrimaryConfig,
+    ) -> Result<(u64, Primary<'m>), StandbyError> {
         if self.committed == 0 {
             return Err(StandbyError::NothingCommitted);
         }
@@ -104,7 +114,7 @@ impl<'m> Standby<'m> {
             .command(Command::Activate { epoch }, "Activate")
             .map_err(StandbyError::Activate)?
         {
-            Reply::Done => Ok(epoch),
+            Reply::Done => Ok((epoch, p)),
             other => Err(StandbyError::Activate(PrimaryError::BadResponse {
                 cmd: "Activate",
                 detail: format!("{other:?} (expected Done)"),

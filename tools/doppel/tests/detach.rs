@@ -41,6 +41,7 @@ fn cfg(epochs: Option<u64>) -> PrimaryConfig {
         reply_timeout: Duration::from_secs(20),
         event_timeout: Duration::from_secs(20),
         stop: None,
+        gate: None,
     }
 }
 

@@ -503,6 +503,153 @@ fn replication_link_cut_fails_over_on_silence() {
     assert!(last.contains("result=pass"));
 }
 
+/// Send `sig` (`-STOP`, `-CONT`) to process `pid` with kill(1).
+fn signal(pid: u32, sig: &str) {
+    let st = Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success(), "kill {sig} {pid}: {st:?}");
+}
+
+/// A hypervisor that stops answering (here: its simulator stopped with
+/// SIGSTOP, as a hung hypervisor or a stopped emulator) freezes its
+/// liveness counter; the primary tool, still alive and waiting for the
+/// next event with the default 120 s --event-timeout, stops sending
+/// heartbeats, and the backup fails over within its --heartbeat-timeout.
+/// Before the liveness counter the tool kept beating for the hypervisor
+/// until its event timeout, and no failover came in time.
+#[test]
+fn a_stopped_hypervisor_is_failed_over_within_the_heartbeat_timeout() {
+    let mut p = pipeline(
+        "hvstopped",
+        Extra {
+            sim_primary: &["--epoch-ms", "20"],
+            backup: &["--heartbeat-timeout", "1.5"],
+            primary: &["--ack-timeout", "4", "--heartbeat-ms", "20"],
+            ..Extra::default()
+        },
+    );
+    let mut client = spawn_client(
+        &p.dir,
+        &p.pclients,
+        OPS,
+        &[
+            "--failover",
+            &p.bclients,
+            "--window",
+            "16",
+            "--reply-timeout",
+            "3",
+            "--connect-timeout",
+            "5",
+        ],
+    );
+    client.wait_err("client: answered", 15);
+    let pid = p.sim_primary.child.id();
+    signal(pid, "-STOP");
+    let stopped = Instant::now();
+    let fail = p.backup.wait_line("failover: ", 10);
+    let took = stopped.elapsed();
+    eprintln!("backup: {fail} ({:.2} s after SIGSTOP)", took.as_secs_f64());
+    assert!(
+        fail.contains("primary lost (nothing received for 1.5 s)"),
+        "{fail}"
+    );
+    // Within the heartbeat timeout (plus one heartbeat interval and
+    // scheduling slack), far below the 120 s event timeout.
+    assert!(took < Duration::from_secs(5), "failover after {took:?}");
+    let (last, _) = check_outcome(&p, &mut client);
+    assert!(last.contains("result=pass"), "{last}");
+    // The primary tool is still waiting for its hypervisor (event timeout
+    // 120 s): it noticed nothing itself, it only stopped vouching for it.
+    assert!(p.primary.child.try_wait().unwrap().is_none());
+    signal(pid, "-CONT");
+}
+
+/// A chain A -> B -> C on simulated hypervisors: `doppel primary` on A
+/// protects to B's `doppel backup --then-backup` C; A's hypervisor dies,
+/// B activates and protects itself to C (C commits epochs of B), B's
+/// hypervisor dies, C activates. One client with `--failover B,C` sees
+/// every request answered, nothing lost or divergent, two failovers.
+#[test]
+fn a_chain_fails_over_twice_and_the_client_loses_nothing() {
+    let dir = scratch("chain");
+    let mut sim_a = sim_hv(&dir, "a.ram", false, &["--epoch-ms", "20"]);
+    let mut sim_b = sim_hv(&dir, "b.ram", true, &["--epoch-ms", "20"]);
+    let _sim_c = sim_hv(&dir, "c.ram", true, &[]);
+    let backup_c = spawn_backup(&dir, "c.ram", &["--heartbeat-timeout", "1.5"]);
+    let c_listen = backup_c.addr("listening on ");
+    let c_clients = backup_c.addr("clients on ");
+    let backup_b = spawn_backup(
+        &dir,
+        "b.ram",
+        &["--heartbeat-timeout", "1.5", "--then-backup", &c_listen],
+    );
+    let b_listen = backup_b.addr("listening on ");
+    let b_clients = backup_b.addr("clients on ");
+    let primary = Proc::spawn(
+        "primary",
+        &dir,
+        &[
+            "primary",
+            "--machine-ram",
+            "a.ram",
+            "--backup",
+            &b_listen,
+            "--serve-clients",
+            "127.0.0.1:0",
+            "--heartbeat-ms",
+            "20",
+        ],
+    );
+    let a_clients = primary.addr("clients on ");
+    let ops = "6000";
+    let failover = format!("{b_clients},{c_clients}");
+    let mut client = spawn_client(
+        &dir,
+        &a_clients,
+        ops,
+        &[
+            "--failover",
+            &failover,
+            "--window",
+            "16",
+            "--reply-timeout",
+            "3",
+            "--connect-timeout",
+            "5",
+        ],
+    );
+    client.wait_err("client: answered", 15);
+    sim_a.kill9();
+    let first = backup_b.wait_line("failover: ", 10);
+    backup_b.wait_line("chain: protecting the activated standby to ", 10);
+    // C commits epochs of B's service before B dies.
+    backup_c.log.poll("no epoch of B committed", 15, 10, || {
+        backup_c
+            .err_lines()
+            .iter()
+            .any(|l| l.contains("backup: committed epoch 2 "))
+            .then_some(())
+    });
+    sim_b.kill9();
+    let second = backup_c.wait_line("failover: ", 10);
+    eprintln!("B: {first}\nC: {second}");
+    let st = client.wait_exit(30);
+    let last = client.lines().last().cloned().unwrap_or_default();
+    assert!(
+        last.starts_with(&format!("client: ops={ops} answered={ops} "))
+            && last.contains(" failovers=2 lost_acked=0 divergent=0 ")
+            && last.ends_with("result=pass"),
+        "client line {last:?}\nclient stderr: {:#?}\nB stderr: {:#?}\nC stderr: {:#?}",
+        client.err_lines(),
+        backup_b.err_lines(),
+        backup_c.err_lines()
+    );
+    assert!(st.success(), "client exit {st:?}");
+}
+
 #[test]
 fn malformed_client_frame_drops_the_connection_not_the_primary() {
     let mut p = pipeline("badframe", Extra::default());
@@ -664,6 +811,7 @@ fn heartbeats_flow_between_epochs_and_never_into_a_capture() {
             reply_timeout: Duration::from_secs(10),
             event_timeout: Duration::from_secs(10),
             stop: None,
+            gate: None,
         };
         let mut p = Primary::attach(&m, ctl, cfg).unwrap();
         let conn = TcpStream::connect(addr).unwrap();

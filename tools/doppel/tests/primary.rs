@@ -36,6 +36,7 @@ fn cfg(epochs: u64) -> PrimaryConfig {
         reply_timeout: Duration::from_secs(20),
         event_timeout: Duration::from_secs(20),
         stop: None,
+        gate: None,
     }
 }
 

@@ -172,11 +172,25 @@ impl Running {
         hv_text(&self.output_so_far())
     }
 
+    /// Whether the emulator is still running.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
     /// Kill the emulator's whole process group now (kill -9: the machine
     /// dies as a host would).
     pub fn kill(&mut self) {
         kill_group(self.child.id());
         let _ = self.child.wait();
+    }
+
+    /// Stop the emulator's whole process group (SIGSTOP): the machine
+    /// freezes, as a hung host would, without exiting.
+    pub fn freeze(&self) {
+        let _ = Command::new("kill")
+            .args(["-STOP", "--", &format!("-{}", self.child.id())])
+            .stderr(Stdio::null())
+            .status();
     }
 
     /// Wait for the emulator to exit on its own, or kill it at the limit.

@@ -39,11 +39,11 @@ use crate::test::Ctx;
 use crate::Emulator;
 
 /// Guest RAM of the protected machine (MiB) and the QEMU machines' RAM.
-const GUEST_MIB: u32 = 16;
+pub(crate) const GUEST_MIB: u32 = 16;
 const MACHINE_MIB: u32 = 128;
-const KEYS: u32 = 256;
+pub(crate) const KEYS: u32 = 256;
 /// Deterministic checkpoint policy for tests: one every this many exits.
-const EPOCH_EXITS: u32 = 3000;
+pub(crate) const EPOCH_EXITS: u32 = 3000;
 /// Seconds without a record before the backup takes over, and without an
 /// event before `doppel primary` gives its hypervisor up.
 const HEARTBEAT_TIMEOUT: u64 = 4;
@@ -52,7 +52,7 @@ const EVENT_TIMEOUT: u64 = 4;
 /// What the primary's hypervisor logs when the tool detaches, when its
 /// guest then stops being write-protected, and when a new session tracks
 /// it again; and what an activated standby logs (it never write-protects).
-const DETACHED: &str = "replication detached; guest runs unprotected";
+pub(crate) const DETACHED: &str = "replication detached; guest runs unprotected";
 const TRACKING_OFF: &str = "dirty tracking off:";
 const TRACKING_ON: &str = "dirty tracking on again";
 const STANDBY_UNTRACKED: &str = "dirty tracking off: nothing harvests";
@@ -151,7 +151,7 @@ pub fn random_seed() -> u64 {
 }
 
 /// One SplitMix64 step from state `z`.
-fn splitmix(z: u64) -> u64 {
+pub(crate) fn splitmix(z: u64) -> u64 {
     SplitMix64(z).next_u64()
 }
 
@@ -210,7 +210,7 @@ impl Outcome {
 
 /// A child process whose output lines are collected by threads (and
 /// echoed with a prefix when `echo` is set). Killed when dropped.
-struct Watched {
+pub(crate) struct Watched {
     child: std::process::Child,
     name: &'static str,
     out: Arc<Mutex<Vec<String>>>,
@@ -255,7 +255,7 @@ fn collect<R: Read + Send + 'static>(
 }
 
 impl Watched {
-    fn spawn(name: &'static str, cmd: &mut Command, echo: bool) -> Result<Self> {
+    pub(crate) fn spawn(name: &'static str, cmd: &mut Command, echo: bool) -> Result<Self> {
         let mut child = cmd
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
@@ -294,7 +294,7 @@ impl Watched {
     /// joined first, so `out()` and `err()` hold every line it printed: a
     /// line still in the pipe when the exit is seen is not missed (issue
     /// 17: checking the lines right after the exit lost the last ones).
-    fn exited(&mut self) -> Result<bool> {
+    pub(crate) fn exited(&mut self) -> Result<bool> {
         if self.child.try_wait()?.is_none() {
             return Ok(false);
         }
@@ -304,16 +304,16 @@ impl Watched {
         Ok(true)
     }
 
-    fn out(&self) -> Vec<String> {
+    pub(crate) fn out(&self) -> Vec<String> {
         self.out.lock().map(|v| v.clone()).unwrap_or_default()
     }
 
-    fn err(&self) -> Vec<String> {
+    pub(crate) fn err(&self) -> Vec<String> {
         self.err.lock().map(|v| v.clone()).unwrap_or_default()
     }
 
     /// The first stdout line starting with `prefix`, waiting up to `limit`.
-    fn wait_line(&mut self, prefix: &str, limit: Duration) -> Result<String> {
+    pub(crate) fn wait_line(&mut self, prefix: &str, limit: Duration) -> Result<String> {
         let t = Instant::now();
         loop {
             // Exit first, then the lines: what it printed before exiting
@@ -342,12 +342,12 @@ impl Watched {
         }
     }
 
-    fn kill(&mut self) {
+    pub(crate) fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
 
-    fn alive(&mut self) -> bool {
+    pub(crate) fn alive(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
     }
 }
@@ -358,40 +358,48 @@ impl Drop for Watched {
     }
 }
 
-fn tail(lines: &[String], n: usize) -> String {
+pub(crate) fn tail(lines: &[String], n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 /// A TCP relay for the replication link: forwards both ways until cut;
 /// cut, it stops reading and writing but keeps both connections open, as a
 /// network partition would.
-struct Relay {
-    addr: String,
-    cut: Arc<AtomicBool>,
+pub(crate) struct Relay {
+    pub(crate) addr: String,
+    /// Both directions.
+    pub(crate) cut: Arc<AtomicBool>,
+    /// One direction only: primary to backup (the stream), backup to
+    /// primary (the acks).
+    pub(crate) cut_fwd: Arc<AtomicBool>,
+    pub(crate) cut_back: Arc<AtomicBool>,
 }
 
 impl Relay {
-    fn start(target: &str) -> Result<Self> {
+    pub(crate) fn start(target: &str) -> Result<Self> {
         let l = TcpListener::bind("127.0.0.1:0")?;
         let addr = l.local_addr()?.to_string();
         let cut = Arc::new(AtomicBool::new(false));
+        let (cut_fwd, cut_back) = (Arc::new(AtomicBool::new(false)), Arc::default());
         let target = target.to_string();
         let c = cut.clone();
+        let (cf, cb) = (Arc::clone(&cut_fwd), Arc::clone(&cut_back));
         thread::spawn(move || {
             let Ok((a, _)) = l.accept() else { return };
             let Ok(b) = TcpStream::connect(&target) else {
                 return;
             };
-            for (from, to) in [(&a, &b), (&b, &a)] {
+            for (from, to, one) in [(&a, &b, &cf), (&b, &a, &cb)] {
                 let (Ok(mut from), Ok(mut to)) = (from.try_clone(), to.try_clone()) else {
                     return;
                 };
-                let c = c.clone();
+                let (both, one) = (c.clone(), Arc::clone(one));
+                let c = move || both.load(Ordering::SeqCst) || one.load(Ordering::SeqCst);
                 thread::spawn(move || {
                     let _ = from.set_read_timeout(Some(Duration::from_millis(100)));
                     let mut buf = vec![0u8; 1 << 16];
                     loop {
-                        if c.load(Ordering::SeqCst) {
+                        if c() {
                             // Partitioned: hold the sockets, move nothing.
                             thread::sleep(Duration::from_millis(200));
                             continue;
@@ -402,7 +410,7 @@ impl Relay {
                                 return;
                             }
                             Ok(n) => {
-                                if c.load(Ordering::SeqCst) || to.write_all(&buf[..n]).is_err() {
+                                if c() || to.write_all(&buf[..n]).is_err() {
                                     continue;
                                 }
                             }
@@ -430,17 +438,22 @@ impl Relay {
                 thread::sleep(Duration::from_secs(3600));
             }
         });
-        Ok(Self { addr, cut })
+        Ok(Self {
+            addr,
+            cut,
+            cut_fwd,
+            cut_back,
+        })
     }
 }
 
 /// One QEMU machine with its RAM file.
-struct Machine {
-    qemu: Option<Running>,
-    ram: TempFile,
+pub(crate) struct Machine {
+    pub(crate) qemu: Option<Running>,
+    pub(crate) ram: TempFile,
 }
 
-fn boot(ctx: &mut Ctx, doppel: &Path, cmdline: &str, tag: &str) -> Result<Machine> {
+pub(crate) fn boot(ctx: &mut Ctx, doppel: &Path, cmdline: &str, tag: &str) -> Result<Machine> {
     let img = ctx.image()?;
     let ram = shm_file(tag);
     let f = fs::File::create(&ram.0).with_context(|| format!("creating {}", ram.0.display()))?;
@@ -478,12 +491,12 @@ fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
         .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
 }
 
-fn num(line: &str, key: &str) -> Option<u64> {
+pub(crate) fn num(line: &str, key: &str) -> Option<u64> {
     field(line, key)?.trim_end_matches([',', ';']).parse().ok()
 }
 
 /// Highest epoch in the backup's `backup: committed epoch E ...` lines.
-fn committed_epochs(backup: &Watched) -> Vec<(u64, u64, u64)> {
+pub(crate) fn committed_epochs(backup: &Watched) -> Vec<(u64, u64, u64)> {
     backup
         .err()
         .iter()
@@ -503,7 +516,7 @@ fn committed_epochs(backup: &Watched) -> Vec<(u64, u64, u64)> {
 
 /// Replies the client has checked so far (its `client: answered N/M`
 /// progress lines).
-fn client_answered(client: &Watched) -> u64 {
+pub(crate) fn client_answered(client: &Watched) -> u64 {
     client
         .err()
         .iter()

@@ -5,6 +5,7 @@
 //! components; `fuzz` instead installs only what it needs (the nightly
 //! toolchain and cargo-fuzz).
 
+mod chain;
 mod conformance;
 mod emu;
 mod failover;
@@ -17,6 +18,7 @@ mod selftest;
 mod setup;
 mod test;
 mod verifier;
+mod witness;
 
 use std::path::PathBuf;
 

@@ -9,7 +9,10 @@ use anyhow::{bail, Context, Result};
 
 /// Debian packages: emulators (bochs-term is the headless display Bochs
 /// needs), the GRUB ISO tool chain, Xen's public headers
-/// (for the ABI conformance checks) and a C compiler.
+/// (for the ABI conformance checks), a C compiler, etcd (the split-brain
+/// witness; its tests start a real one on loopback) and protoc (the
+/// `etcd-client` crate compiles etcd's protocol files with it; the
+/// well-known google/protobuf/*.proto they import come with libprotobuf-dev).
 pub const DEBIAN_PACKAGES: &[&str] = &[
     "qemu-system-x86",
     "bochs",
@@ -23,6 +26,9 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     "libxen-dev",
     "gcc",
     "python3",
+    "etcd-server",
+    "protobuf-compiler",
+    "libprotobuf-dev",
 ];
 
 const TARGET: &str = "x86_64-unknown-none";

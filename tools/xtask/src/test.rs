@@ -96,6 +96,9 @@ fn steps() -> Vec<(&'static str, StepFn)> {
         ("replica-qemu-svm", crate::replica::step_replica_qemu),
         ("xen-verify-capture", crate::replica::step_verify_capture),
         ("failover-qemu-svm", crate::failover::step_failover),
+        ("chain-qemu-svm", crate::chain::step_chain),
+        ("witness-down-qemu-svm", crate::witness::step_witness_down),
+        ("partition-qemu-svm", crate::witness::step_partition),
         ("link-auth", crate::linkauth::step_link_auth),
     ]
 }

@@ -30,7 +30,9 @@ use doppel_abi::chan::{ChannelConsumer, ChannelError, ChannelLayout, ChannelProd
 use doppel_abi::guest::MAX_RECORD;
 use heapless::Vec as HVec;
 
-use doppel_abi::control::{validate_header, ControlHeader, ControlView, Field, Region};
+use doppel_abi::control::{
+    validate_header, ControlHeader, ControlView, Field, Region, ALIVE_OFFSET,
+};
 use doppel_abi::msg::{
     CheckpointReady, Command, Event, LogDirtyMode, Reply, Response, Span, UNPROTECTED_EPOCH,
 };
@@ -219,10 +221,12 @@ where
         .nested_table::<E>()
         .map_err(|_| "building the nested page table")?;
     let mut vcpu = make_vcpu(&state, table.root())?;
+    // Epochs end as in a primary (the plan's epoch timer or exit count):
+    // an activated standby may be protected to a new backup, and then
+    // checkpoints at those ends; unprotected, an epoch end only serves the
+    // tool.
     let run = Plan {
         service: true,
-        epoch_exits: None,
-        epoch_ticks: None,
         pause_cycles: false,
         ..*plan
     };
@@ -284,6 +288,10 @@ struct ControlArea {
     staging: AtomicMem64<'static>,
     pfns: AtomicMem64<'static>,
     vcpu: AtomicMem64<'static>,
+    /// The header's liveness counter ([`ControlHeader::alive`]), written
+    /// only here, and its value.
+    alive: &'static AtomicU64,
+    beats: u64,
     enabled: bool,
     /// Events posted and not yet acknowledged, to match acks against.
     events: PostedEvents<EVENTS_IN_FLIGHT>,
@@ -340,12 +348,10 @@ const PEER_BROKE_ACKS: &str =
 impl ControlArea {
     fn publish(ram: &GuestRam, role: Role) -> Result<Self, &'static str> {
         let pages = ram.pages();
-        // A standby stages nothing: the backup tool writes guest RAM.
-        let (staging, pfns) = match role {
-            Role::Standby => (PAGE_SIZE, PAGE_SIZE),
-            // Epoch 0 stages every page.
-            Role::Workload | Role::Service => (pages * PAGE_SIZE, pages * 8),
-        };
+        // Epoch 0 stages every page. A standby stages nothing until it is
+        // activated, but then it can be protected to a new backup (a
+        // chain), whose epoch 0 carries every page too.
+        let (staging, pfns) = (pages * PAGE_SIZE, pages * 8);
         let sizes = [
             RING_BYTES,
             RING_BYTES,
@@ -360,7 +366,13 @@ impl ControlArea {
             Role::Service => {
                 Features::LOG_DIRTY_WP | Features::INPUT_CHANNEL | Features::OUTPUT_COMMIT
             }
-            Role::Standby => Features::STANDBY | Features::INPUT_CHANNEL,
+            // Log-dirty and output commit only after `Activate`.
+            Role::Standby => {
+                Features::STANDBY
+                    | Features::INPUT_CHANNEL
+                    | Features::LOG_DIRTY_WP
+                    | Features::OUTPUT_COMMIT
+            }
         };
         let mut h = ControlHeader::pack(sizes, features).map_err(|_| "control area layout")?;
         h.guest_ram = Region {
@@ -462,6 +474,14 @@ impl ControlArea {
             Ok(AtomicMem64::new(words))
         };
         publish_locator(pa, size, h.total_size, h.guest_ram)?;
+        // SAFETY: `pa + ALIVE_OFFSET` lies in the header, inside the area
+        // described above, 8-byte aligned (`pa` is page aligned and the
+        // offset is checked at compile time in hv/abi). After the publish
+        // above the header is never written through `words` again: this
+        // word is reached through this reference alone on our side, by
+        // atomic stores; the tool only reads it.
+        let alive: &'static AtomicU64 =
+            unsafe { &*((pa + ALIVE_OFFSET as u64) as *const AtomicU64) };
         let staging = area_mem(Field::Staging)?;
         let pfns = area_mem(Field::PfnList)?;
         let vcpu = area_mem(Field::VcpuArea)?;
@@ -479,6 +499,8 @@ impl ControlArea {
             staging,
             pfns,
             vcpu,
+            alive,
+            beats: 0,
             enabled: false,
             events: PostedEvents::new(),
             detached: false,
@@ -498,8 +520,17 @@ impl ControlArea {
         Ok(())
     }
 
+    /// Advance the liveness counter: the hypervisor runs.
+    fn beat(&mut self) {
+        self.beats = self.beats.wrapping_add(1);
+        self.alive
+            .store(self.beats.to_le(), core::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Serve every queued command. True when there was at least one.
+    /// Every call (the wait loops poll here) is a liveness beat.
     fn serve_commands(&mut self) -> Result<bool, &'static str> {
+        self.beat();
         let mut any = false;
         loop {
             let req = match self.cmd.pop_request() {
@@ -539,9 +570,20 @@ impl ControlArea {
             // A standby's RAM belongs to the backup that fills it; a
             // primary tool pointed at it must not take its rings (the
             // backup's `Activate` would then be refused).
-            Command::LogDirtyEnable { .. } if self.role == Role::Standby => {
+            Command::LogDirtyEnable { .. }
+                if self.role == Role::Standby && self.activated.is_none() =>
+            {
                 log::warn!("standby: LogDirtyEnable refused (EPERM): this machine is a standby");
                 Err(Errno::EPERM)
+            }
+            Command::LogDirtyEnable { mode }
+                if self.role == Role::Standby && mode == LogDirtyMode::WriteProtect =>
+            {
+                self.protect_activated().map_err(|e| {
+                    log::error!("standby: protecting the activated guest: {e}");
+                    Errno::EIO
+                })?;
+                Ok(Reply::Done)
             }
             Command::LogDirtyEnable { mode } => {
                 if self.enabled {
@@ -710,6 +752,11 @@ impl ControlArea {
                 self.staging.write_bytes(at, page);
                 self.pfns.write_bytes(n * 8, &pfn.to_le_bytes());
                 n += 1;
+                if n.is_multiple_of(256) {
+                    // Staging a large guest's epoch 0 takes a while under
+                    // an emulator: the hypervisor is alive meanwhile.
+                    self.beat();
+                }
             }
         }
         let header = HeaderInfo {
@@ -807,6 +854,32 @@ impl ControlArea {
         self.activated = Some((epoch, state.clone()));
         self.next_epoch = epoch.saturating_add(1);
         Ok(Reply::Done)
+    }
+}
+
+/// An activated standby protected in its turn (a chain A -> B -> C).
+impl ControlArea {
+    /// `LogDirtyEnable` on an activated standby: from now on it is a
+    /// replicated service like any primary (output held until
+    /// `CommitEpoch`, checkpoints staged at every epoch end), in a session
+    /// that starts at epoch 0 with every page. Before the next epoch end
+    /// the output goes out as before (it was released at once since
+    /// `Activate`; nothing is held), so no reply is lost or reordered.
+    fn protect_activated(&mut self) -> Result<(), &'static str> {
+        // The backup tool that sent `Activate` answers no events (the
+        // standby posted none); drop any answer left on the ring.
+        self.skip_acks()?;
+        self.role = Role::Service;
+        self.enabled = true;
+        self.full_next = true;
+        self.events.clear();
+        self.next_epoch = 0;
+        self.committed = None;
+        log::info!(
+            "standby: the activated guest is protected to a new backup (log-dirty enabled); \
+             replication starts at epoch 0"
+        );
+        Ok(())
     }
 }
 
@@ -977,6 +1050,7 @@ impl EpochSink for ControlArea {
     }
 
     fn epoch_end(&mut self, e: &EpochEnd<'_>) -> Result<(), &'static str> {
+        self.beat();
         if self.role == Role::Standby {
             // An activated standby runs unreplicated: nothing to stage.
             return Ok(());
@@ -1026,6 +1100,10 @@ impl EpochSink for ControlArea {
 
     fn checkpoint_at_stop(&self) -> bool {
         true
+    }
+
+    fn exited(&mut self) {
+        self.beat();
     }
 
     /// Nobody uses the harvests of a detached primary or of an activated

@@ -119,6 +119,11 @@ pub trait EpochSink {
     /// The run stopped at `exit` (DONE, ESCAPED, a refusal or a failure).
     fn stopped(&mut self, _exit: &VmExit) {}
 
+    /// The guest exited (any exit, timer and epoch ends included): the
+    /// hypervisor is alive. The replication service advances the control
+    /// area's liveness counter here.
+    fn exited(&mut self) {}
+
     /// Asked at each epoch end: whether the next epoch's writes must be
     /// tracked. False once nobody uses the harvests (replication detached,
     /// or an activated standby); true again re-arms tracking from scratch.
@@ -358,6 +363,7 @@ impl<'a, E: NestedEntry, V: Vcpu, S: EpochSink> Run<'a, E, V, S> {
             }
             exits += 1;
             let exit = self.vcpu.run();
+            self.sink.exited();
             let exit = self.complete_length(exit);
             if self.plan.pause_cycles {
                 self.exit_tsc = rdtsc();
