@@ -7,6 +7,13 @@
 //! After criterion's figures it prints the ratio baseline_time /
 //! pipeline_time (higher is better; target at least 0.7x), the two
 //! interleaved (doppel-benchkit). Ratio alone: `-- ratio`.
+//!
+//! The TLS line runs the same pipeline over the authenticated link (mutual
+//! TLS 1.3 with pinned certificates, doppel::link; handshake outside the
+//! timed part, as it happens once per connection) and reports its speed
+//! as a ratio to the plain pipeline in the same process, the two
+//! interleaved: `ratio epoch_16MiB/pipeline_tls: ... = X` (1.0 = TLS costs
+//! nothing). TLS alone: `-- pipeline_tls`.
 
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -15,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, Criterion, Throughput};
 use doppel::backup::receive;
+use doppel::link::{Link, LinkTls};
 use doppel::replica::Replica;
 use doppel::stream::{HvmParam, OutPage, StreamWriter, TscInfo};
 use doppel::synth::{hvm_context_blob, Rng, XEN_MAJOR, XEN_MINOR};
@@ -82,6 +90,59 @@ fn run_pipeline(l: &TcpListener, rep: &mut Replica, g: &'static [u8], iters: u64
     t
 }
 
+/// Two link sides, each pinning the other (what `doppel keygen` makes).
+fn tls_sides() -> (LinkTls, LinkTls) {
+    use rustls::pki_types::PrivateKeyDer;
+    let id = |name: &str| {
+        let k = rcgen::generate_simple_self_signed(vec![name.to_string()]).unwrap();
+        let key = PrivateKeyDer::try_from(k.signing_key.serialize_der()).unwrap();
+        (k.cert.der().clone(), key)
+    };
+    let (p, pk) = id("primary");
+    let (b, bk) = id("backup");
+    (
+        LinkTls::from_der(p.clone(), pk, b.clone()),
+        LinkTls::from_der(b, bk, p),
+    )
+}
+
+/// `run_pipeline` over a TLS link (`sides`: primary, backup).
+fn run_pipeline_tls(
+    l: &TcpListener,
+    sides: &(LinkTls, LinkTls),
+    rep: &mut Replica,
+    g: &'static [u8],
+    iters: u64,
+) -> Duration {
+    let (a, b) = pair(l);
+    let hs = Duration::from_secs(10);
+    let (tx, rx) = thread::scope(|s| {
+        let srv = s.spawn(|| Link::server(b, &sides.1, hs).unwrap());
+        let tx = Link::client(a, &sides.0, hs).unwrap();
+        (tx, srv.join().unwrap())
+    });
+    let (_, w) = tx.split();
+    let (r, _) = rx.split();
+    let start = Instant::now();
+    let sender = thread::spawn(move || {
+        let mut w = StreamWriter::new(BufWriter::with_capacity(BUF, w));
+        w.headers(XEN_MAJOR, XEN_MINOR).unwrap();
+        w.static_data_end().unwrap();
+        for e in 0..iters {
+            write_epoch(&mut w, g, e).unwrap();
+        }
+        w.end().unwrap();
+        w.flush().unwrap();
+        tx
+    });
+    let got = receive(BufReader::with_capacity(RBUF, r), rep, |_| Ok(()));
+    assert!(got.error.is_none() && got.epochs.len() as u64 == iters);
+    drop(sender.join().unwrap());
+    let t = start.elapsed();
+    assert!(rep.memory().unwrap() == g);
+    t
+}
+
 /// Baseline: the same bytes (one pre-encoded epoch, sent `iters` times)
 /// through the same loopback, read and discarded.
 fn run_raw(l: &TcpListener, epoch: &'static [u8], iters: u64) -> Duration {
@@ -132,6 +193,13 @@ fn bench(c: &mut Criterion) {
     grp.bench_function("encode_tcp_decode_stage_commit", |b| {
         b.iter_custom(|iters| run_pipeline(&l, &mut rep, g, iters))
     });
+    let sides = tls_sides();
+    // Its own replica, so the ratio below can alternate the two runs.
+    let mut rep_tls = Replica::in_memory(PAGES);
+    run_pipeline_tls(&l, &sides, &mut rep_tls, g, 1);
+    grp.bench_function("encode_tls_decode_stage_commit", |b| {
+        b.iter_custom(|iters| run_pipeline_tls(&l, &sides, &mut rep_tls, g, iters))
+    });
     grp.finish();
     c.final_summary();
     report(
@@ -141,6 +209,17 @@ fn bench(c: &mut Criterion) {
         (10, 2),
         || run_pipeline(&l, &mut rep, g, 4),
         || run_raw(&l, epoch, 4),
+    );
+    report(
+        "epoch_16MiB/pipeline_tls",
+        (
+            "encode_tls_decode_stage_commit",
+            "encode_tcp_decode_stage_commit",
+        ),
+        Goal::Speedup(None),
+        (10, 2),
+        || run_pipeline_tls(&l, &sides, &mut rep_tls, g, 4),
+        || run_pipeline(&l, &mut rep, g, 4),
     );
 }
 

@@ -16,7 +16,7 @@ use zerocopy::{FromBytes, IntoBytes};
 use crate::stream::error::{RecCtx, StreamError};
 use crate::stream::format::{
     control, libxl_rec, padded, LibxlHeader, RecordHeader, LIBXL_IDENT, LIBXL_VERSION,
-    REC_TYPE_OPTIONAL,
+    REC_TYPE_OPTIONAL, SESSION_NONCE_LEN,
 };
 
 /// Largest back channel record body accepted (they are all tiny).
@@ -75,6 +75,15 @@ impl<W: Write> AckWriter<W> {
         self.w.flush()
     }
 
+    /// Send the session nonce (first record of the channel, TLS links
+    /// only); the primary must echo it as its stream's first record.
+    pub fn session(&mut self, nonce: &[u8; SESSION_NONCE_LEN]) -> io::Result<()> {
+        let mut out = Vec::with_capacity(8 + SESSION_NONCE_LEN);
+        rec_bytes(libxl_rec::DOPPEL_SESSION, nonce, &mut out);
+        self.w.write_all(&out)?;
+        self.w.flush()
+    }
+
     /// Close the channel with END.
     pub fn end(mut self) -> io::Result<W> {
         let mut out = Vec::new();
@@ -96,6 +105,8 @@ pub enum BackMsg {
     /// The backup's answer to DOPPEL_HELLO: the feature bits it accepts
     /// (only as the first record).
     Features(u64),
+    /// The backup's session nonce (TLS links; only as the first record).
+    Session([u8; SESSION_NONCE_LEN]),
     /// The backup closed the channel.
     End,
 }
@@ -110,6 +121,8 @@ pub struct AckReader<R> {
     /// Epoch from a DOPPEL_EPOCH_ACK awaiting its CHECKPOINT_STATE.
     pending: Option<(u64, RecCtx)>,
     ended: bool,
+    /// Record #0 was DOPPEL_SESSION.
+    session: bool,
 }
 
 impl<R: Read> AckReader<R> {
@@ -135,6 +148,7 @@ impl<R: Read> AckReader<R> {
             next_epoch: first_epoch,
             pending: None,
             ended: false,
+            session: false,
         })
     }
 
@@ -163,6 +177,7 @@ impl<R: Read> AckReader<R> {
                     | libxl_rec::CHECKPOINT_STATE
                     | libxl_rec::DOPPEL_EPOCH_ACK
                     | libxl_rec::DOPPEL_FEATURES
+                    | libxl_rec::DOPPEL_SESSION
             );
             if !known && rec.rtype & REC_TYPE_OPTIONAL == 0 {
                 return Err(if rec.rtype <= 4 {
@@ -195,13 +210,29 @@ impl<R: Read> AckReader<R> {
             };
             let bad_ack = |msg: String| StreamError::BadAck { rec, msg };
             match rec.rtype {
+                libxl_rec::DOPPEL_SESSION => {
+                    if body.len() != SESSION_NONCE_LEN {
+                        return Err(bad_len("32"));
+                    }
+                    if rec.index != 0 {
+                        return Err(bad_ack(
+                            "DOPPEL_SESSION is only allowed as the first record".into(),
+                        ));
+                    }
+                    self.session = true;
+                    let mut n = [0u8; SESSION_NONCE_LEN];
+                    n.copy_from_slice(&body);
+                    return Ok(BackMsg::Session(n));
+                }
                 libxl_rec::DOPPEL_FEATURES => {
                     if body.len() != 16 {
                         return Err(bad_len("16"));
                     }
-                    if rec.index != 0 {
+                    if rec.index != u64::from(self.session) {
                         return Err(bad_ack(
-                            "DOPPEL_FEATURES is only allowed as the first record".into(),
+                            "DOPPEL_FEATURES is only allowed as the first record \
+                             (after DOPPEL_SESSION)"
+                                .into(),
                         ));
                     }
                     return Ok(BackMsg::Features(value_then_reserved(rec, &body)?));

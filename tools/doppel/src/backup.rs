@@ -8,7 +8,7 @@
 use std::io::Read;
 
 use crate::replica::{Replica, ReplicaError, StagedEpoch};
-use crate::stream::format::feature;
+use crate::stream::format::{feature, SESSION_NONCE_LEN};
 use crate::stream::records::PageBuf;
 use crate::stream::{Limits, Record, StreamError, StreamReader};
 
@@ -46,6 +46,11 @@ pub enum ReceiveError {
     Hello(std::io::Error),
     #[error("compressed pages were asked for, but {0}")]
     Cache(std::io::Error),
+    /// The stream does not belong to this connection's session (a replay,
+    /// or a primary that did not echo the nonce): refused before any
+    /// record was applied.
+    #[error("session check failed: {0}")]
+    Session(String),
 }
 
 /// Counts of one epoch.
@@ -193,7 +198,7 @@ pub fn receive_opts<R: Read>(
     mut on_commit: impl FnMut(&EpochStats) -> std::io::Result<()>,
 ) -> Received {
     let preset = if xlz4 { feature::XLZ4 } else { 0 };
-    receive_inner(input, replica, preset, 0, |ev| match ev {
+    receive_inner(input, replica, preset, 0, None, |ev| match ev {
         Event::Hello { .. } => Ok(()),
         Event::Commit(s) => on_commit(s),
     })
@@ -209,7 +214,21 @@ pub fn receive_negotiated<R: Read>(
     offer: u64,
     on_event: impl FnMut(Event<'_>) -> std::io::Result<()>,
 ) -> Received {
-    receive_inner(input, replica, 0, offer, on_event)
+    receive_inner(input, replica, 0, offer, None, on_event)
+}
+
+/// `receive_negotiated` on a session: the stream's first record must be
+/// DOPPEL_SESSION carrying `nonce` (sent to the primary on the back
+/// channel for this connection), else nothing is applied and the error is
+/// [`ReceiveError::Session`].
+pub fn receive_session<R: Read>(
+    input: R,
+    replica: &mut (impl EpochSink + ?Sized),
+    offer: u64,
+    nonce: [u8; SESSION_NONCE_LEN],
+    on_event: impl FnMut(Event<'_>) -> std::io::Result<()>,
+) -> Received {
+    receive_inner(input, replica, 0, offer, Some(nonce), on_event)
 }
 
 fn receive_inner<R: Read>(
@@ -217,6 +236,7 @@ fn receive_inner<R: Read>(
     replica: &mut (impl EpochSink + ?Sized),
     preset: u64,
     offer: u64,
+    session: Option<[u8; SESSION_NONCE_LEN]>,
     mut on_event: impl FnMut(Event<'_>) -> std::io::Result<()>,
 ) -> Received {
     let mut out = Received {
@@ -235,9 +255,42 @@ fn receive_inner<R: Read>(
         if preset & feature::XLZ4 != 0 {
             reader.enable_xlz4().map_err(ReceiveError::Cache)?;
         }
+        if let Some(want) = session {
+            // Before anything else: a replayed capture, or a stream of an
+            // earlier connection, has no (or another) nonce here.
+            match reader.next_record() {
+                Ok(Record::Session(n)) if n == want => {
+                    tracing::debug!("session nonce echoed");
+                }
+                Ok(Record::Session(_)) => {
+                    return Err(ReceiveError::Session(
+                        "DOPPEL_SESSION carries another nonce than this connection's \
+                         (a replayed stream?)"
+                            .into(),
+                    ))
+                }
+                Ok(other) => {
+                    return Err(ReceiveError::Session(format!(
+                        "the first record is {}, not DOPPEL_SESSION with this connection's \
+                         nonce (a replayed capture, or a primary without TLS session support?)",
+                        record_name(&other)
+                    )))
+                }
+                Err(e) => {
+                    return Err(ReceiveError::Session(format!(
+                        "no DOPPEL_SESSION record: {e}"
+                    )))
+                }
+            }
+        }
         loop {
             let before = reader.offset();
             let rec = reader.next_record()?;
+            if let Record::Session(_) = rec {
+                return Err(ReceiveError::Session(
+                    "DOPPEL_SESSION arrived, but this connection has no session nonce".into(),
+                ));
+            }
             if let Record::Hello(requested) = rec {
                 // The reader allows it only as the first record.
                 let mut accepted = requested & offer & feature::KNOWN;
@@ -286,6 +339,22 @@ fn receive_inner<R: Read>(
     out
 }
 
+fn record_name(r: &Record) -> &'static str {
+    match r {
+        Record::End => "END",
+        Record::PageData(_) => "PAGE_DATA",
+        Record::TscInfo(_) => "X86_TSC_INFO",
+        Record::HvmContext(_) => "HVM_CONTEXT",
+        Record::HvmParams(_) => "HVM_PARAMS",
+        Record::Checkpoint => "CHECKPOINT",
+        Record::StaticDataEnd => "STATIC_DATA_END",
+        Record::CpuidPolicy(_) => "X86_CPUID_POLICY",
+        Record::MsrPolicy(_) => "X86_MSR_POLICY",
+        Record::Hello(_) => "DOPPEL_HELLO",
+        Record::Session(_) => "DOPPEL_SESSION",
+    }
+}
+
 /// Serve one primary: receive its stream from `input` into `replica` and
 /// acknowledge every committed epoch on `ack_out` (the back channel).
 /// `on_commit` runs after each commit, before its ack is sent. The back
@@ -307,10 +376,27 @@ pub fn serve_opts<R: Read, W: std::io::Write>(
     ack_out: W,
     replica: &mut (impl EpochSink + ?Sized),
     offer: u64,
+    on_commit: impl FnMut(&EpochStats),
+) -> std::io::Result<Received> {
+    serve_session(input, ack_out, replica, offer, None, on_commit)
+}
+
+/// `serve_opts` with an optional session: with `nonce`, DOPPEL_SESSION
+/// carrying it goes out as the back channel's first record, and the
+/// stream must start with its echo (see [`receive_session`]).
+pub fn serve_session<R: Read, W: std::io::Write>(
+    input: R,
+    ack_out: W,
+    replica: &mut (impl EpochSink + ?Sized),
+    offer: u64,
+    nonce: Option<[u8; SESSION_NONCE_LEN]>,
     mut on_commit: impl FnMut(&EpochStats),
 ) -> std::io::Result<Received> {
     let mut acks = crate::ack::AckWriter::new(ack_out)?;
-    let got = receive_negotiated(input, replica, offer, |ev| match ev {
+    if let Some(n) = &nonce {
+        acks.session(n)?;
+    }
+    let got = receive_inner(input, replica, 0, offer, nonce, |ev| match ev {
         Event::Hello { accepted, .. } => acks.features(accepted),
         Event::Commit(s) => {
             on_commit(s);

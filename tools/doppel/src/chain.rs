@@ -77,6 +77,9 @@ impl Then {
             "chain: protecting the activated standby to {}",
             self.args.backup_addr()
         );
-        cli::protect_attached(&self.args, p, Some(clients))
+        // The link to the next backup is plain TCP (warned about): the
+        // TLS flags are not passed on to it (yet).
+        let tls = self.args.link_tls()?;
+        cli::protect_attached(&self.args, p, Some(clients), tls.map(std::sync::Arc::new))
     }
 }

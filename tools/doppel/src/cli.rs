@@ -2,7 +2,7 @@
 
 use std::fs::File;
 use std::io::{BufReader, BufWriter, IsTerminal, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -128,6 +128,8 @@ pub struct PrimaryArgs {
     heartbeat_ms: u64,
     #[command(flatten)]
     witness: crate::witness_cli::WitnessArgs,
+    #[command(flatten)]
+    tls: crate::linkcli::TlsArgs,
 }
 
 #[derive(Args, Debug)]
@@ -193,6 +195,8 @@ pub struct BackupArgs {
     /// With --standby-ram: activate only after taking the witness key.
     #[command(flatten)]
     witness: crate::witness_cli::WitnessArgs,
+    #[command(flatten)]
+    tls: crate::linkcli::TlsArgs,
 }
 
 #[derive(Args, Debug)]
@@ -414,6 +418,7 @@ fn stop_on_signals() -> Result<std::sync::Arc<AtomicBool>, (String, u8)> {
 }
 
 pub fn primary(a: PrimaryArgs) -> Res {
+    let tls = a.link_tls()?;
     let wait = Duration::from_secs(a.wait_control);
     let m = open_machine_waiting(&a.machine_ram, wait)?;
     let ctl = find_control(&m, wait)?;
@@ -432,7 +437,7 @@ pub fn primary(a: PrimaryArgs) -> Res {
         Some(addr) => Some(client_side(&m, &ctl, addr, false)?),
         None => None,
     };
-    let r = protect_attached(&a, p, clients);
+    let r = protect_attached(&a, p, clients, tls.map(std::sync::Arc::new));
     // Nothing more is released by this side (bridge stopped, no commit
     // follows): give the key up so a backup need not wait for the TTL.
     if let Some(w) = &mut witness {
@@ -448,6 +453,7 @@ pub(crate) fn protect_attached(
     a: &PrimaryArgs,
     mut p: Primary<'_>,
     clients: Option<ClientSide<'_>>,
+    tls: Option<std::sync::Arc<doppel::link::LinkTls>>,
 ) -> Res {
     let stop = AtomicBool::new(false);
     let stats = BridgeStats::default();
@@ -464,6 +470,8 @@ pub(crate) fn protect_attached(
             heartbeat: Duration::from_millis(a.heartbeat_ms),
             compress: a.compress,
             hello_timeout: Duration::from_secs(a.hello_timeout),
+            tls,
+            handshake: a.tls.handshake(),
             ..ProtectOpts::new(addr)
         };
         std::thread::scope(|s| {
@@ -564,6 +572,21 @@ pub(crate) fn protect_attached(
 }
 
 impl PrimaryArgs {
+    /// The replication link's TLS side (None: plain TCP, warned about, or
+    /// a capture); flags that do not go together are a usage error.
+    pub(crate) fn link_tls(&self) -> Result<Option<doppel::link::LinkTls>, (String, u8)> {
+        match &self.record {
+            Some(_) if self.tls.any() => Err((
+                "--tls-cert/--tls-key/--peer-cert secure the link to a backup; a --record \
+                 capture has none"
+                    .into(),
+                USAGE,
+            )),
+            Some(_) => Ok(None),
+            None => self.tls.load("primary"),
+        }
+    }
+
     /// `--backup`, or empty.
     pub(crate) fn backup_addr(&self) -> &str {
         self.backup.as_deref().unwrap_or_default()
@@ -591,36 +614,6 @@ fn bind_listen(addr: &str) -> Result<TcpListener, (String, u8)> {
     Ok(l)
 }
 
-/// Wait for the primary's connection.
-fn accept_primary(l: &TcpListener, timeout: u64) -> Result<TcpStream, (String, u8)> {
-    let io = |what: String| move |e: std::io::Error| (format!("{what}: {e}"), IO);
-    l.set_nonblocking(true).map_err(io("listener".into()))?;
-    let start = Instant::now();
-    let conn = loop {
-        match l.accept() {
-            Ok((c, peer)) => {
-                tracing::info!("primary connected from {peer}");
-                break c;
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                if start.elapsed() >= Duration::from_secs(timeout) {
-                    return Err((
-                        format!("no primary connected within {timeout} s"),
-                        PEER_GONE,
-                    ));
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            Err(e) => return Err(io("accept".into())(e)),
-        }
-    };
-    conn.set_nonblocking(false).map_err(io("socket".into()))?;
-    // A primary host that vanished without a FIN is noticed by the kernel
-    // too, not only by the heartbeat timeout.
-    doppel::keepalive::enable(&conn);
-    Ok(conn)
-}
-
 pub fn backup(a: BackupArgs) -> Res {
     if a.standby_ram.is_some() {
         return standby_backup(a);
@@ -635,6 +628,7 @@ pub fn backup(a: BackupArgs) -> Res {
     let (Some(dir), Some(guest_pages)) = (&a.replica, a.guest_pages) else {
         return Err(("--replica and --guest-pages are required".into(), USAGE));
     };
+    let tls = a.tls.load("backup")?;
     // Bind before anything is created: a bad --listen leaves no files.
     let l = bind_listen(&a.listen)?;
     std::fs::create_dir_all(dir).map_err(io(dir.display().to_string()))?;
@@ -650,33 +644,45 @@ pub fn backup(a: BackupArgs) -> Res {
             USAGE,
         ));
     }
-    let conn = accept_primary(&l, a.accept_timeout)?;
-    let _ = conn.set_nodelay(true);
-    let ack_out = conn.try_clone().map_err(io("socket".into()))?;
     let tty = std::io::stderr().is_terminal();
-    let t0 = Instant::now();
-    let mut progress = Progress::new(t0);
     let offer = if a.no_compress { 0 } else { feature::KNOWN };
-    let got = backup::serve_opts(
-        BufReader::with_capacity(1 << 20, conn),
-        ack_out,
-        &mut rep,
-        offer,
-        |s| {
-            if tty {
-                eprint!(
-                    "\rcommitted epoch {:>6}  pages {:>7}  bytes {:>11}  {:>7.1} s   ",
-                    s.epoch,
-                    s.pages,
-                    s.bytes,
-                    t0.elapsed().as_secs_f64()
-                );
-            }
-            tracing::debug!("committed epoch {} ({} pages)", s.epoch, s.pages);
-            progress.epoch(s.pages, s.bytes, tty);
-        },
-    )
-    .map_err(io("back channel".into()))?;
+    let waiting = Instant::now();
+    let got = loop {
+        let (link, nonce) = crate::linkcli::accept(
+            &l,
+            waiting,
+            a.accept_timeout,
+            tls.as_ref(),
+            a.tls.handshake(),
+        )?;
+        let (conn, ack_out) = link.split();
+        let t0 = Instant::now();
+        let mut progress = Progress::new(t0);
+        let got = backup::serve_session(
+            BufReader::with_capacity(1 << 20, conn),
+            ack_out,
+            &mut rep,
+            offer,
+            nonce,
+            |s| {
+                if tty {
+                    eprint!(
+                        "\rcommitted epoch {:>6}  pages {:>7}  bytes {:>11}  {:>7.1} s   ",
+                        s.epoch,
+                        s.pages,
+                        s.bytes,
+                        t0.elapsed().as_secs_f64()
+                    );
+                }
+                tracing::debug!("committed epoch {} ({} pages)", s.epoch, s.pages);
+                progress.epoch(s.pages, s.bytes, tty);
+            },
+        )
+        .map_err(io("back channel".into()))?;
+        if !crate::linkcli::session_refused(&got) {
+            break got;
+        }
+    };
     if tty {
         eprintln!();
     }
@@ -754,6 +760,7 @@ impl Progress {
 fn standby_backup(a: BackupArgs) -> Res {
     let io = |what: String| move |e: std::io::Error| (format!("{what}: {e}"), IO);
     let path = a.standby_ram.as_deref().expect("checked by the caller");
+    let tls = a.tls.load("backup")?;
     let wait = Duration::from_secs(a.wait_control);
     let m = open_machine_waiting(path, wait)?;
     let ctl = find_control(&m, wait)?;
@@ -770,27 +777,43 @@ fn standby_backup(a: BackupArgs) -> Res {
     let clients = client_side(&m, &ctl, caddr, true)?;
     // A chain: fail fast on a bad address, before any primary connects.
     let then = crate::chain::Then::new(a.then_backup.as_deref(), path, caddr)?;
-    let conn = accept_primary(&l, a.accept_timeout)?;
-    let _ = conn.set_nodelay(true);
     let hb = a.heartbeat_timeout;
-    conn.set_read_timeout(Some(hb))
-        .map_err(io("socket".into()))?;
-    let ack_out = conn.try_clone().map_err(io("socket".into()))?;
     let offer = if a.no_compress { 0 } else { feature::KNOWN };
-    let got = backup::serve_opts(
-        BufReader::with_capacity(1 << 20, conn),
-        ack_out,
-        &mut standby,
-        offer,
-        |s| {
-            tracing::info!(
-                "backup: committed epoch {} pages={} bytes={}",
-                s.epoch,
-                s.pages,
-                s.bytes
-            );
-        },
-    );
+    let waiting = Instant::now();
+    let got = loop {
+        let (link, nonce) = crate::linkcli::accept(
+            &l,
+            waiting,
+            a.accept_timeout,
+            tls.as_ref(),
+            a.tls.handshake(),
+        )?;
+        link.socket()
+            .set_read_timeout(Some(hb))
+            .map_err(io("socket".into()))?;
+        let (conn, ack_out) = link.split();
+        let got = backup::serve_session(
+            BufReader::with_capacity(1 << 20, conn),
+            ack_out,
+            &mut standby,
+            offer,
+            nonce,
+            |s| {
+                tracing::info!(
+                    "backup: committed epoch {} pages={} bytes={}",
+                    s.epoch,
+                    s.pages,
+                    s.bytes
+                );
+            },
+        );
+        if let Ok(g) = &got {
+            if crate::linkcli::session_refused(g) {
+                continue;
+            }
+        }
+        break got;
+    };
     let committed = standby.committed();
     let last = committed.checked_sub(1);
     let last_text = last.map_or("none".to_string(), |e| e.to_string());

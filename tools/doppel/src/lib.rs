@@ -11,6 +11,7 @@ pub mod epoch;
 pub mod figures;
 pub mod keepalive;
 pub mod kv;
+pub mod link;
 pub mod machine;
 pub mod primary;
 pub mod protect;

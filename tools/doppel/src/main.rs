@@ -23,6 +23,7 @@ use doppel::synth::{self, SynthSpec};
 
 mod chain;
 mod cli;
+mod linkcli;
 mod witness_cli;
 
 /// Most epochs `stream synth` writes.
@@ -88,6 +89,25 @@ enum Cmd {
     #[command(after_help = "Example:
   doppel client --connect 10.0.0.1:7100 --failover 10.0.0.2:7100 --ops 4000")]
     Client(cli::ClientArgs),
+    /// Make this side's key pair and self-signed certificate for the
+    /// replication link: DIR/NAME.key (private, mode 0600) and
+    /// DIR/NAME.crt. Refuses to overwrite.
+    #[command(
+        after_help = "Each side pins the other (mutual TLS 1.3, exact certificate match):
+  primary$ doppel keygen --out /etc/doppel --name primary
+  backup$  doppel keygen --out /etc/doppel --name backup
+  # copy primary.crt to the backup and backup.crt to the primary (public,
+  # but copy them over a channel you trust: they are the identities), then:
+  backup$  doppel backup --listen 0.0.0.0:7000 --replica /var/lib/doppel/vm1 --guest-pages 16384 \\
+             --tls-cert /etc/doppel/backup.crt --tls-key /etc/doppel/backup.key \\
+             --peer-cert /etc/doppel/primary.crt
+  primary$ doppel primary --machine-ram /dev/shm/vm.ram --backup 10.0.0.2:7000 \\
+             --tls-cert /etc/doppel/primary.crt --tls-key /etc/doppel/primary.key \\
+             --peer-cert /etc/doppel/backup.crt
+A peer with another certificate, no certificate or no TLS is refused in the handshake,
+before any record is read; the backup logs why and keeps waiting. Keys never leave their host."
+    )]
+    Keygen(linkcli::KeygenArgs),
     /// Play the hypervisor's side on a new machine RAM file (a software
     /// model for testing the tool without an emulator).
     #[command(hide = true)]
@@ -163,6 +183,21 @@ enum StreamCmd {
         #[arg(long, value_parser = cli::guest_pages_parser())]
         guest_pages: u64,
     },
+    /// Send a recorded stream to a backup as it is, the way a primary
+    /// connects (with the TLS flags: over TLS, with this side's
+    /// certificate), without echoing the backup's session nonce: a replay.
+    /// Testing only: a backup must refuse it. Prints what the backup
+    /// answered; exit 0 only if it acknowledged the stream to its END.
+    #[command(hide = true)]
+    Send {
+        /// The recorded stream.
+        file: PathBuf,
+        /// The backup's address.
+        #[arg(long, value_name = "ADDR")]
+        backup: String,
+        #[command(flatten)]
+        tls: linkcli::TlsArgs,
+    },
 }
 
 enum Failure {
@@ -203,10 +238,14 @@ fn main() -> ExitCode {
             image,
             guest_pages,
         }) => replay(&file, &image, guest_pages),
+        Cmd::Stream(StreamCmd::Send { file, backup, tls }) => {
+            linkcli::send(&file, &backup, &tls).map_err(|(m, c)| Failure::Code(m, c))
+        }
         Cmd::Primary(a) => cli::primary(a).map_err(|(m, c)| Failure::Code(m, c)),
         Cmd::Backup(a) => cli::backup(a).map_err(|(m, c)| Failure::Code(m, c)),
         Cmd::Inspect(a) => cli::inspect(a).map_err(|(m, c)| Failure::Code(m, c)),
         Cmd::Client(a) => cli::client(a).map_err(|(m, c)| Failure::Code(m, c)),
+        Cmd::Keygen(a) => linkcli::keygen(a).map_err(|(m, c)| Failure::Code(m, c)),
         Cmd::SimHv(a) => cli::sim_hv(a).map_err(|(m, c)| Failure::Code(m, c)),
     };
     match r {

@@ -44,7 +44,7 @@ use zerocopy::FromBytes;
 
 use crate::ack::{AckReader, BackMsg};
 use crate::machine::{describe, Control, MachineRam, PAGE};
-use crate::stream::format::feature;
+use crate::stream::format::{feature, SESSION_NONCE_LEN};
 use crate::stream::{OutPage, StreamError, StreamWriter, TscInfo, XorCache};
 
 /// Xen version written in the domain header (the verifier's reference).
@@ -277,6 +277,8 @@ pub struct Output<W: Write, R: Read> {
     /// Heartbeat interval (backup only) and when the last one went out.
     heartbeat: Option<Duration>,
     last_beat: Instant,
+    /// The backup's session nonce, echoed right after the headers.
+    session: Option<[u8; SESSION_NONCE_LEN]>,
     /// The hypervisor's liveness counter when the last heartbeat went out.
     beat_alive: Option<u64>,
 }
@@ -292,6 +294,7 @@ impl<W: Write, R: Read> Output<W, R> {
             xlz4: None,
             heartbeat: None,
             last_beat: Instant::now(),
+            session: None,
             beat_alive: None,
         }
     }
@@ -329,7 +332,9 @@ impl<W: Write, R: Read> Output<W, R> {
             }
         }
         let w = &mut self.writer;
+        let session = self.session;
         w.headers(XEN_MAJOR, XEN_MINOR)
+            .and_then(|_| session.map_or(Ok(()), |n| w.session(&n)))
             .and_then(|_| w.hello(want))
             .and_then(|_| w.flush())
             .map_err(|source| PrimaryError::Send { epoch: 0, source })?;
@@ -370,6 +375,16 @@ impl<W: Write, R: Read> Output<W, R> {
     pub fn with_heartbeat(mut self, every: Duration) -> Self {
         if self.acks.is_some() {
             self.heartbeat = Some(every);
+        }
+        self
+    }
+
+    /// Echo the backup's session nonce (the back channel's DOPPEL_SESSION,
+    /// TLS links) as the stream's first record. Backup only: a capture
+    /// never carries it.
+    pub fn with_session(mut self, nonce: [u8; SESSION_NONCE_LEN]) -> Self {
+        if self.acks.is_some() {
+            self.session = Some(nonce);
         }
         self
     }
@@ -418,6 +433,7 @@ impl<W: Write, R: Read> Output<W, R> {
             xlz4: None,
             heartbeat: None,
             last_beat: Instant::now(),
+            session: None,
             beat_alive: None,
         }
     }
@@ -1009,6 +1025,9 @@ impl<'m> Primary<'m> {
         if !out.started {
             out.started = true;
             out.writer.headers(XEN_MAJOR, XEN_MINOR).map_err(send(0))?;
+            if let Some(n) = out.session {
+                out.writer.session(&n).map_err(send(0))?;
+            }
         }
         out.writer.static_data_end().map_err(send(0))?;
         self.enable_log_dirty()?;
@@ -1091,6 +1110,11 @@ impl<'m> Primary<'m> {
                         Ok(BackMsg::Ack(k)) if k == epoch => break,
                         Ok(BackMsg::Ack(got)) => return Err(PrimaryError::WrongAck { epoch, got }),
                         Ok(BackMsg::State(s)) => tracing::debug!("backup state {s}"),
+                        Ok(BackMsg::Session(_)) => {
+                            return Err(PrimaryError::BadHello {
+                                detail: "DOPPEL_SESSION after the first record".into(),
+                            })
+                        }
                         Ok(BackMsg::Features(f)) => {
                             return Err(PrimaryError::BadHello {
                                 detail: format!(

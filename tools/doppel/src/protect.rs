@@ -37,12 +37,13 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::ack::AckReader;
+use crate::ack::{AckReader, BackMsg};
+use crate::link::{LinkReader, LinkTls, LinkWriter};
 use crate::primary::{EpochReport, Output, Primary, PrimaryError, Summary};
 use crate::stream::format::feature;
 
-/// The stream to a backup over TCP.
-pub type Link = Output<BufWriter<TcpStream>, BufReader<TcpStream>>;
+/// The stream to a backup over TCP, plain or TLS (crate::link).
+pub type Link = Output<BufWriter<LinkWriter>, BufReader<LinkReader>>;
 
 /// How to reach and talk to the backup.
 #[derive(Clone, Debug)]
@@ -62,6 +63,10 @@ pub struct ProtectOpts {
     /// stream header (a listener that never accepts must not hold the
     /// helper thread for `ack_timeout`).
     pub connect_timeout: Duration,
+    /// Mutual TLS with pinned certificates (None: plain TCP).
+    pub tls: Option<Arc<LinkTls>>,
+    /// Longest wait for the TLS handshake.
+    pub handshake: Duration,
 }
 
 impl ProtectOpts {
@@ -74,6 +79,8 @@ impl ProtectOpts {
             hello_timeout: Duration::from_secs(10),
             retry: Duration::from_secs(1),
             connect_timeout: Duration::from_secs(2),
+            tls: None,
+            handshake: Duration::from_secs(10),
         }
     }
 }
@@ -147,12 +154,35 @@ pub fn connect(opts: &ProtectOpts, guest_pages: u64) -> Result<Link, PrimaryErro
     conn.set_write_timeout(Some(opts.ack_timeout))
         .and_then(|_| conn.set_read_timeout(Some(opts.connect_timeout)))
         .map_err(cerr)?;
-    let back = conn.try_clone().map_err(cerr)?;
-    let acks = AckReader::open(BufReader::new(back), 0)
-        .map_err(|source| PrimaryError::Ack { epoch: 0, source })?;
     let sock = conn.try_clone().map_err(cerr)?;
-    let mut out = Output::backup(BufWriter::with_capacity(1 << 20, conn), acks)
-        .with_heartbeat(opts.heartbeat);
+    let link = match &opts.tls {
+        Some(t) => crate::link::Link::client(conn, t, opts.handshake),
+        None => crate::link::Link::plain(conn),
+    }
+    .map_err(|e| cerr(std::io::Error::other(e.to_string())))?;
+    let (back, wr) = link.split();
+    let mut acks = AckReader::open(BufReader::new(back), 0)
+        .map_err(|source| PrimaryError::Ack { epoch: 0, source })?;
+    // On TLS the backup opens with a fresh session nonce, which the stream
+    // must echo before anything else (docs/STREAM.md): a replayed stream
+    // cannot.
+    let nonce = match &opts.tls {
+        None => None,
+        Some(_) => match acks.next_msg() {
+            Ok(BackMsg::Session(n)) => Some(n),
+            Ok(other) => {
+                return Err(PrimaryError::BadHello {
+                    detail: format!("{other:?} instead of DOPPEL_SESSION"),
+                })
+            }
+            Err(source) => return Err(PrimaryError::Ack { epoch: 0, source }),
+        },
+    };
+    let mut out =
+        Output::backup(BufWriter::with_capacity(1 << 20, wr), acks).with_heartbeat(opts.heartbeat);
+    if let Some(n) = nonce {
+        out = out.with_session(n);
+    }
     if opts.compress {
         sock.set_read_timeout(Some(opts.hello_timeout))
             .map_err(cerr)?;

@@ -117,6 +117,7 @@ impl StagedEpoch {
                 self.msr_policy = Some(c);
             }
             Record::Checkpoint | Record::End | Record::StaticDataEnd | Record::Hello(_) => {}
+            Record::Session(_) => {}
         }
     }
 

@@ -14,6 +14,7 @@ mod failover;
 mod fuzz;
 mod image;
 mod isolation;
+mod linkauth;
 mod linux;
 mod replica;
 mod selftest;

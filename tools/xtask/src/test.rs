@@ -101,6 +101,7 @@ fn steps() -> Vec<(&'static str, StepFn)> {
         ("partition-qemu-svm", crate::witness::step_partition),
         ("backup-loss-qemu-svm", crate::backuploss::step_backup_loss),
         ("linux-image", crate::linux::step_linux_image),
+        ("link-auth", crate::linkauth::step_link_auth),
     ]
 }
 

@@ -79,7 +79,14 @@ pub mod rec {
     /// makes progress (u64 epochs committed so far, u64 reserved); only at
     /// an epoch boundary, only on a live connection (never in a capture).
     pub const DOPPEL_HEARTBEAT: u32 = super::REC_TYPE_OPTIONAL | 0xD0_0004;
+    /// Doppel extension, optional: the primary's echo of the backup's
+    /// session nonce (SESSION_NONCE_LEN bytes), only as the first record
+    /// after the headers, only on a TLS link (never in a capture).
+    pub const DOPPEL_SESSION: u32 = super::REC_TYPE_OPTIONAL | 0xD0_0005;
 }
+
+/// Bytes of the session nonce (DOPPEL_SESSION, both directions).
+pub const SESSION_NONCE_LEN: usize = 32;
 
 /// Feature bits of DOPPEL_HELLO / DOPPEL_FEATURES.
 pub mod feature {
@@ -114,6 +121,7 @@ pub fn rec_name(t: u32) -> &'static str {
         rec::DOPPEL_PAGE_DATA_XLZ4 => "DOPPEL_PAGE_DATA_XLZ4",
         rec::DOPPEL_HELLO => "DOPPEL_HELLO",
         rec::DOPPEL_HEARTBEAT => "DOPPEL_HEARTBEAT",
+        rec::DOPPEL_SESSION => "DOPPEL_SESSION",
         t if t & REC_TYPE_OPTIONAL != 0 => "unknown optional record",
         _ => "unknown record",
     }
@@ -246,6 +254,10 @@ pub mod libxl_rec {
     /// Doppel extension, optional: the backup's answer to DOPPEL_HELLO (u64
     /// accepted feature bits, u64 reserved), only as the first record.
     pub const DOPPEL_FEATURES: u32 = super::REC_TYPE_OPTIONAL | 0xD0_0002;
+    /// Doppel extension, optional: the backup's fresh session nonce
+    /// (SESSION_NONCE_LEN bytes), only as the first record, only on a TLS
+    /// link; the primary echoes it in its stream's DOPPEL_SESSION.
+    pub const DOPPEL_SESSION: u32 = super::REC_TYPE_OPTIONAL | 0xD0_0003;
 }
 
 /// CHECKPOINT_STATE control ids.
@@ -267,6 +279,7 @@ pub fn libxl_rec_name(t: u32) -> &'static str {
         libxl_rec::CHECKPOINT_STATE => "CHECKPOINT_STATE",
         libxl_rec::DOPPEL_EPOCH_ACK => "DOPPEL_EPOCH_ACK",
         libxl_rec::DOPPEL_FEATURES => "DOPPEL_FEATURES",
+        libxl_rec::DOPPEL_SESSION => "DOPPEL_SESSION",
         t if t & REC_TYPE_OPTIONAL != 0 => "unknown optional record",
         _ => "unknown record",
     }

@@ -73,6 +73,8 @@ pub struct StreamReader<R> {
     /// DOPPEL_HEARTBEAT records consumed, and the last one's value.
     heartbeats: u64,
     last_heartbeat: u64,
+    /// Record #0 was DOPPEL_SESSION.
+    session: bool,
 }
 
 /// Most spare page buffers kept (128 MiB).
@@ -208,6 +210,7 @@ impl<R: Read> StreamReader<R> {
             xlz4: None,
             heartbeats: 0,
             last_heartbeat: 0,
+            session: false,
         })
     }
 
@@ -400,11 +403,33 @@ impl<R: Read> StreamReader<R> {
             return Err(StreamError::Unsupported { rec });
         }
         // The feature request: first record only, answered by the caller.
-        if rec.rtype == rec::DOPPEL_HELLO {
+        if rec.rtype == rec::DOPPEL_SESSION {
             if rec.index != 0 {
                 return Err(StreamError::OutOfOrder {
                     rec,
-                    expected: "DOPPEL_HELLO only as the first record after the headers",
+                    expected: "DOPPEL_SESSION only as the first record after the headers",
+                });
+            }
+            if len as usize != SESSION_NONCE_LEN {
+                return Err(StreamError::BadLength {
+                    rec,
+                    length: len.into(),
+                    expected: SESSION_NONCE_LEN.to_string(),
+                });
+            }
+            let body = self.read_body(SESSION_NONCE_LEN)?;
+            self.session = true;
+            let mut n = [0u8; SESSION_NONCE_LEN];
+            n.copy_from_slice(&body);
+            return Ok(Some(Record::Session(n)));
+        }
+        if rec.rtype == rec::DOPPEL_HELLO {
+            // First, or second after the session record.
+            if rec.index != u64::from(self.session) {
+                return Err(StreamError::OutOfOrder {
+                    rec,
+                    expected: "DOPPEL_HELLO only as the first record after the headers \
+                               (and DOPPEL_SESSION)",
                 });
             }
             return Ok(Some(Record::Hello(

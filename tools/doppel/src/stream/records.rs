@@ -129,4 +129,7 @@ pub enum Record {
     /// DOPPEL_HELLO: the feature bits the primary asks for (only as the
     /// first record; the backup answers on the back channel).
     Hello(u64),
+    /// DOPPEL_SESSION: the primary's echo of the backup's session nonce
+    /// (only as the first record).
+    Session([u8; super::format::SESSION_NONCE_LEN]),
 }

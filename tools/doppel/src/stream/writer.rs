@@ -227,6 +227,13 @@ impl<W: Write> StreamWriter<W> {
         self.record(rec::DOPPEL_HELLO, &[&body])
     }
 
+    /// DOPPEL_SESSION (Doppel extension): echo the backup's session nonce.
+    /// Only right after the headers, and only on a TLS link: a capture
+    /// never carries it.
+    pub fn session(&mut self, nonce: &[u8; SESSION_NONCE_LEN]) -> io::Result<()> {
+        self.record(rec::DOPPEL_SESSION, &[&nonce[..]])
+    }
+
     /// DOPPEL_HEARTBEAT (Doppel extension): `committed` epochs so far. Only
     /// between epochs, and only on a live connection (never in a capture).
     pub fn heartbeat(&mut self, committed: u64) -> io::Result<()> {
