@@ -517,17 +517,23 @@ pub(crate) fn protect_attached(
     // and a standby activates, so this guest must stay stopped (fenced)
     // rather than run on beside it. The client bridge, if any, has
     // stopped: what Detach releases was never committed.
-    let detach = match &res {
-        Ok(_) => true,
-        Err(e) if !e.can_detach() => false,
-        Err(_) if a.record.is_some() => true,
-        Err(e) => e.lost_backup(),
-    };
+    // A session that never enabled log-dirty (its first backup refused
+    // it, e.g. in the TLS handshake) sent no command: a Detach would only
+    // be refused and leave the ring looking used to the next primary.
+    let detach = p.log_dirty_enabled()
+        && match &res {
+            Ok(_) => true,
+            Err(e) if !e.can_detach() => false,
+            Err(_) if a.record.is_some() => true,
+            Err(e) => e.lost_backup(),
+        };
     if detach {
         match p.detach(Duration::from_secs(a.reply_timeout.min(10))) {
             Ok(()) => println!("primary: detached; the hypervisor runs the guest unprotected"),
             Err(e) => tracing::warn!("Detach: {e}"),
         }
+    } else if !p.log_dirty_enabled() {
+        tracing::info!("nothing to detach: this session never enabled log-dirty");
     } else if res.as_ref().is_err_and(|e| e.can_detach()) {
         println!(
             "primary: not detaching: the backup got no END and takes over from its last \

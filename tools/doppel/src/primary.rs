@@ -674,6 +674,12 @@ impl<'m> Primary<'m> {
         })
     }
 
+    /// Whether this session enabled log-dirty (`LogDirtyEnable` answered
+    /// `Done`): only then is there anything for `Detach` to end.
+    pub fn log_dirty_enabled(&self) -> bool {
+        self.enabled
+    }
+
     /// Replace the configuration given at attach (a standby's backup tool
     /// attached to send `Activate` and protects the machine afterwards).
     pub fn reconfigure(&mut self, cfg: PrimaryConfig) {
