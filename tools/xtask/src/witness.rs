@@ -12,15 +12,14 @@
 //! - the client's verdict must show no acknowledged answer lost
 //!   (`lost_acked=0`; it gives up, no side serves any more).
 
-use std::fs;
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+use crate::etcd::Etcd;
 use crate::failover::{
     boot, client_answered, client_verdict, committed_epochs, kv_primary_cmdline, num, spawn_backup,
     spawn_primary, tail, wait_for, Machine, Relay, Watched, DETACHED, GUEST_MIB, KEYS,
@@ -50,77 +49,6 @@ fn machines(ctx: &mut Ctx, doppel: &Path, tag: &str) -> Result<(Machine, Machine
         &format!("{tag}-standby"),
     )?;
     Ok((prim, stby))
-}
-
-/// A single-member etcd on loopback with a temporary data directory.
-pub(crate) struct Etcd {
-    child: Child,
-    dir: PathBuf,
-    pub(crate) endpoint: String,
-}
-
-fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-impl Etcd {
-    pub(crate) fn start(tag: &str) -> Result<Self> {
-        let (client, peer) = (free_port()?, free_port()?);
-        let dir = std::env::temp_dir().join(format!("doppel-etcd-{tag}-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir)?;
-        let log = dir.with_extension("log");
-        let c = format!("http://127.0.0.1:{client}");
-        let p = format!("http://127.0.0.1:{peer}");
-        let child = Command::new("etcd")
-            .args(["--name", "w", "--data-dir"])
-            .arg(dir.join("data"))
-            .args(["--listen-client-urls", &c, "--advertise-client-urls", &c])
-            .args([
-                "--listen-peer-urls",
-                &p,
-                "--initial-advertise-peer-urls",
-                &p,
-            ])
-            .args(["--initial-cluster", &format!("w={p}")])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(fs::File::create(&log)?)
-            .spawn()
-            .context("starting etcd (installed by `cargo xtask setup`: etcd-server)")?;
-        let mut e = Etcd {
-            child,
-            dir,
-            endpoint: format!("127.0.0.1:{client}"),
-        };
-        let t = Instant::now();
-        loop {
-            let text = fs::read_to_string(&log).unwrap_or_default();
-            if text.contains("ready to serve client requests") {
-                return Ok(e);
-            }
-            if e.child.try_wait()?.is_some() || t.elapsed() > Duration::from_secs(30) {
-                bail!(
-                    "etcd did not come up:\n{}",
-                    tail(&text.lines().map(String::from).collect::<Vec<_>>(), 10)
-                );
-            }
-            thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    pub(crate) fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        self.kill();
-        let _ = fs::remove_file(self.dir.with_extension("log"));
-        let _ = fs::remove_dir_all(&self.dir);
-    }
 }
 
 pub fn step_witness_down(ctx: &mut Ctx) -> Result<String> {
