@@ -348,7 +348,7 @@ pub fn step_partition(ctx: &mut Ctx) -> Result<String> {
 mod tests {
     use super::*;
     use std::io::{Read, Write};
-    use std::net::TcpStream;
+    use std::net::{TcpListener, TcpStream};
     use std::sync::atomic::Ordering;
 
     #[test]
