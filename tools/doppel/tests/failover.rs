@@ -7,12 +7,12 @@
 //! over. Also: heartbeats on the stream, a malformed client frame, a
 //! non-standby area given to `--standby-ram`.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufReader, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use doppel::ack::AckWriter;
@@ -25,7 +25,8 @@ use doppel::stream::{Limits, Record, StreamError, StreamReader, StreamWriter};
 use doppel_abi::msg::LogDirtyMode;
 use doppel_abi::{Command as HvCommand, Errno};
 
-const BIN: &str = env!("CARGO_BIN_EXE_doppel");
+mod common;
+use common::Proc;
 
 fn scratch(name: &str) -> PathBuf {
     // Under the target directory (as replica_file.rs), not the system's
@@ -35,143 +36,6 @@ fn scratch(name: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d
-}
-
-/// A child process whose stdout and stderr lines are collected.
-struct Proc {
-    child: Child,
-    log: Log,
-    /// The two collector threads; joined once the child has exited.
-    collectors: Vec<std::thread::JoinHandle<()>>,
-}
-
-/// The name of a [`Proc`] and its output so far.
-struct Log {
-    name: &'static str,
-    out: Arc<Mutex<Vec<String>>>,
-    err: Arc<Mutex<Vec<String>>>,
-}
-
-fn collect(
-    r: impl Read + Send + 'static,
-    into: Arc<Mutex<Vec<String>>>,
-) -> std::thread::JoinHandle<()> {
-    std::thread::spawn(move || {
-        for l in BufReader::new(r).lines() {
-            let Ok(l) = l else { break };
-            into.lock().unwrap().push(l);
-        }
-    })
-}
-
-impl Log {
-    /// Call `ready` every `every_ms` until it gives a value; after `secs`
-    /// fail with "NAME: WHAT within SECS s" and the output.
-    fn poll<T>(
-        &self,
-        what: &str,
-        secs: u64,
-        every_ms: u64,
-        mut ready: impl FnMut() -> Option<T>,
-    ) -> T {
-        let start = Instant::now();
-        loop {
-            if let Some(v) = ready() {
-                return v;
-            }
-            if start.elapsed() >= Duration::from_secs(secs) {
-                let out = self.out.lock().unwrap().clone();
-                let err = self.err.lock().unwrap().clone();
-                panic!(
-                    "{}: {what} within {secs} s\nstdout: {out:#?}\nstderr: {err:#?}",
-                    self.name
-                );
-            }
-            std::thread::sleep(Duration::from_millis(every_ms));
-        }
-    }
-}
-
-impl Proc {
-    fn spawn(name: &'static str, dir: &Path, args: &[&str]) -> Proc {
-        let mut child = Command::new(BIN)
-            .args(args)
-            .current_dir(dir)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let (out, err) = (Arc::default(), Arc::default());
-        let collectors = vec![
-            collect(child.stdout.take().unwrap(), Arc::clone(&out)),
-            collect(child.stderr.take().unwrap(), Arc::clone(&err)),
-        ];
-        Proc {
-            child,
-            log: Log { name, out, err },
-            collectors,
-        }
-    }
-
-    fn lines(&self) -> Vec<String> {
-        self.log.out.lock().unwrap().clone()
-    }
-
-    fn err_lines(&self) -> Vec<String> {
-        self.log.err.lock().unwrap().clone()
-    }
-
-    /// The first stdout line starting with `prefix`.
-    fn wait_line(&self, prefix: &str, secs: u64) -> String {
-        let what = format!("no line starting with {prefix:?}");
-        self.log.poll(&what, secs, 10, || {
-            self.lines().into_iter().find(|l| l.starts_with(prefix))
-        })
-    }
-
-    /// Wait for a stderr line containing `needle`.
-    fn wait_err(&self, needle: &str, secs: u64) {
-        let what = format!("no stderr line with {needle:?}");
-        self.log.poll(&what, secs, 10, || {
-            self.err_lines()
-                .iter()
-                .any(|l| l.contains(needle))
-                .then_some(())
-        })
-    }
-
-    fn wait_exit(&mut self, secs: u64) -> ExitStatus {
-        let st = self
-            .log
-            .poll("did not exit", secs, 20, || self.child.try_wait().unwrap());
-        // The child is gone, but its last lines may still sit in the pipes:
-        // the collectors end at the pipes' end, so joining them makes
-        // `lines()` and `err_lines()` complete (a fixed sleep did not
-        // under load; issue 17).
-        for c in self.collectors.drain(..) {
-            c.join().unwrap();
-        }
-        st
-    }
-
-    /// The address at the end of the first stdout line starting with
-    /// `prefix` (`listening on HOST:PORT`, `clients on HOST:PORT`).
-    fn addr(&self, prefix: &str) -> String {
-        let line = self.wait_line(prefix, 10);
-        line.rsplit(' ').next().unwrap().to_string()
-    }
-
-    fn kill9(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill9();
-    }
 }
 
 /// A TCP forwarder between the primary and the backup; `blackhole` makes
@@ -255,6 +119,28 @@ fn spawn_client(dir: &Path, connect: &str, ops: &str, extra: &[&str]) -> Proc {
     let mut a = vec!["client", "--connect", connect, "--ops", ops];
     a.extend(extra);
     Proc::spawn("client", dir, &a)
+}
+
+/// A client of `ops` requests to `connect` that fails over to
+/// `failover` (window 16, 3 s reply timeout), once it got answers.
+fn failing_over_client(dir: &Path, connect: &str, ops: &str, failover: &str) -> Proc {
+    let c = spawn_client(
+        dir,
+        connect,
+        ops,
+        &[
+            "--failover",
+            failover,
+            "--window",
+            "16",
+            "--reply-timeout",
+            "3",
+            "--connect-timeout",
+            "5",
+        ],
+    );
+    c.wait_err("client: answered", 15);
+    c
 }
 
 /// The replicated service, started in order: both simulated hypervisors
@@ -361,22 +247,7 @@ fn fail_over_with(
             on_standby,
         },
     );
-    let mut client = spawn_client(
-        &p.dir,
-        &p.pclients,
-        OPS,
-        &[
-            "--failover",
-            &p.bclients,
-            "--window",
-            "16",
-            "--reply-timeout",
-            "3",
-            "--connect-timeout",
-            "5",
-        ],
-    );
-    client.wait_err("client: answered", 15);
+    let mut client = failing_over_client(&p.dir, &p.pclients, OPS, &p.bclients);
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -547,22 +418,7 @@ fn a_stopped_hypervisor_is_failed_over_within_the_heartbeat_timeout() {
             ..Extra::default()
         },
     );
-    let mut client = spawn_client(
-        &p.dir,
-        &p.pclients,
-        OPS,
-        &[
-            "--failover",
-            &p.bclients,
-            "--window",
-            "16",
-            "--reply-timeout",
-            "3",
-            "--connect-timeout",
-            "5",
-        ],
-    );
-    client.wait_err("client: answered", 15);
+    let mut client = failing_over_client(&p.dir, &p.pclients, OPS, &p.bclients);
     let pid = p.sim_primary.child.id();
     signal(pid, "-STOP");
     let stopped = Instant::now();
@@ -623,22 +479,7 @@ fn a_chain_fails_over_twice_and_the_client_loses_nothing() {
     let a_clients = primary.addr("clients on ");
     let ops = "6000";
     let failover = format!("{b_clients},{c_clients}");
-    let mut client = spawn_client(
-        &dir,
-        &a_clients,
-        ops,
-        &[
-            "--failover",
-            &failover,
-            "--window",
-            "16",
-            "--reply-timeout",
-            "3",
-            "--connect-timeout",
-            "5",
-        ],
-    );
-    client.wait_err("client: answered", 15);
+    let mut client = failing_over_client(&dir, &a_clients, ops, &failover);
     sim_a.kill9();
     let first = backup_b.wait_line("failover: ", 10);
     backup_b.wait_line("chain: protecting the activated standby to ", 10);
@@ -1184,22 +1025,7 @@ fn a_reprotected_guest_fails_over_to_the_new_backup_consistently() {
         ],
     );
     let pclients = primary.addr("clients on ");
-    let mut client = spawn_client(
-        &dir,
-        &pclients,
-        "12000",
-        &[
-            "--failover",
-            &bclients,
-            "--window",
-            "16",
-            "--reply-timeout",
-            "3",
-            "--connect-timeout",
-            "5",
-        ],
-    );
-    client.wait_err("client: answered", 15);
+    let mut client = failing_over_client(&dir, &pclients, "12000", &bclients);
     first.kill9();
     primary.wait_line("primary: backup lost (", 10);
     let second = spawn_backup_at(&dir, &listen, &bclients);
