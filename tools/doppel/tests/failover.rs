@@ -183,18 +183,7 @@ fn pipeline(name: &str, x: Extra<'_>) -> Pipeline {
     let bclients = backup.addr("clients on ");
     let proxy = x.proxy.then(|| proxy(listen.clone()));
     let to = proxy.as_ref().map_or(listen, |p| p.addr.clone());
-    let mut a = vec![
-        "primary",
-        "--machine-ram",
-        "p.ram",
-        "--backup",
-        &to,
-        "--serve-clients",
-        "127.0.0.1:0",
-    ];
-    a.extend(x.primary);
-    let primary = Proc::spawn("primary", &dir, &a);
-    let pclients = primary.addr("clients on ");
+    let (primary, pclients) = common::spawn_primary(&dir, "p.ram", &to, x.primary);
     Pipeline {
         dir,
         sim_primary,
@@ -461,22 +450,8 @@ fn a_chain_fails_over_twice_and_the_client_loses_nothing() {
     );
     let b_listen = backup_b.addr("listening on ");
     let b_clients = backup_b.addr("clients on ");
-    let primary = Proc::spawn(
-        "primary",
-        &dir,
-        &[
-            "primary",
-            "--machine-ram",
-            "a.ram",
-            "--backup",
-            &b_listen,
-            "--serve-clients",
-            "127.0.0.1:0",
-            "--heartbeat-ms",
-            "20",
-        ],
-    );
-    let a_clients = primary.addr("clients on ");
+    let (_primary, a_clients) =
+        common::spawn_primary(&dir, "a.ram", &b_listen, &["--heartbeat-ms", "20"]);
     let ops = "6000";
     let failover = format!("{b_clients},{c_clients}");
     let mut client = failing_over_client(&dir, &a_clients, ops, &failover);
@@ -880,24 +855,12 @@ fn a_lost_backup_leaves_the_primary_serving_until_a_new_backup_protects_it() {
     };
     let mut first = file_backup("127.0.0.1:0", "r1");
     let listen = first.addr("listening on ");
-    let mut primary = Proc::spawn(
-        "primary",
+    let (mut primary, pclients) = common::spawn_primary(
         &dir,
-        &[
-            "primary",
-            "--machine-ram",
-            "p.ram",
-            "--backup",
-            &listen,
-            "--serve-clients",
-            "127.0.0.1:0",
-            "--ack-timeout",
-            "4",
-            "--heartbeat-ms",
-            "20",
-        ],
+        "p.ram",
+        &listen,
+        &["--ack-timeout", "4", "--heartbeat-ms", "20"],
     );
-    let pclients = primary.addr("clients on ");
     let mut client = spawn_client(
         &dir,
         &pclients,
@@ -1003,17 +966,11 @@ fn a_reprotected_guest_fails_over_to_the_new_backup_consistently() {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().to_string()
     };
-    let mut primary = Proc::spawn(
-        "primary",
+    let (mut primary, pclients) = common::spawn_primary(
         &dir,
+        "p.ram",
+        &listen,
         &[
-            "primary",
-            "--machine-ram",
-            "p.ram",
-            "--backup",
-            &listen,
-            "--serve-clients",
-            "127.0.0.1:0",
             "--event-timeout",
             "1",
             "--reply-timeout",
@@ -1024,7 +981,6 @@ fn a_reprotected_guest_fails_over_to_the_new_backup_consistently() {
             "20",
         ],
     );
-    let pclients = primary.addr("clients on ");
     let mut client = failing_over_client(&dir, &pclients, "12000", &bclients);
     first.kill9();
     primary.wait_line("primary: backup lost (", 10);

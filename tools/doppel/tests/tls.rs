@@ -715,22 +715,9 @@ fn a_standby_fails_over_when_the_tls_stream_goes_silent() {
     let bk = Proc::spawn("backup", &dir, &b);
     let listen = bk.addr("listening on ");
     let bclients = bk.addr("clients on ");
-    let mut p = os(&[
-        "primary",
-        "--machine-ram",
-        "p.ram",
-        "--backup",
-        &listen,
-        "--serve-clients",
-        "127.0.0.1:0",
-        "--heartbeat-ms",
-        "20",
-        "--ack-timeout",
-        "4",
-    ]);
+    let mut p = os(&["--heartbeat-ms", "20", "--ack-timeout", "4"]);
     p.extend(tls(&k, "primary", "backup"));
-    let pr = Proc::spawn("primary", &dir, &p);
-    let pclients = pr.addr("clients on ");
+    let (pr, pclients) = common::spawn_primary(&dir, "p.ram", &listen, &p);
     let client = Proc::spawn(
         "client",
         &dir,

@@ -33,6 +33,30 @@ const TTL: u64 = 3;
 /// The backup's timeouts in both runs.
 const BACKUP_TIMEOUTS: [&str; 4] = ["--heartbeat-timeout", "4", "--accept-timeout", "120"];
 
+/// Wait (up to 300 s) until the backup committed `epoch` and the client
+/// has answers; failing if one of the three ended before `before`.
+fn replicating(epoch: u64, before: &str, [p, b, c]: [&mut Watched; 3]) -> Result<()> {
+    wait_for(
+        &format!("epoch {epoch} committed with client answers"),
+        Duration::from_secs(300),
+        || {
+            let e = committed_epochs(b).last().map_or(0, |e| e.0);
+            if e >= epoch && client_answered(c) > 0 {
+                return Ok(true);
+            }
+            if !p.alive() || !b.alive() || !c.alive() {
+                bail!(
+                    "a process ended before {before}:\nprimary:\n{}\nbackup:\n{}\nclient:\n{}",
+                    tail(&p.err(), 15),
+                    tail(&b.err(), 15),
+                    tail(&c.err(), 5)
+                );
+            }
+            Ok(false)
+        },
+    )
+}
+
 /// A kv primary and a standby machine, tagged `{tag}-primary` and
 /// `{tag}-standby`.
 fn machines(ctx: &mut Ctx, doppel: &Path, tag: &str) -> Result<(Machine, Machine)> {
@@ -92,24 +116,10 @@ pub fn step_witness_down(ctx: &mut Ctx) -> Result<String> {
         false,
     )?;
     // Replicating, and the client has answers.
-    wait_for(
-        "3 committed epochs with client answers",
-        Duration::from_secs(300),
-        || {
-            let e = committed_epochs(&backup).last().map_or(0, |e| e.0);
-            if e >= 3 && client_answered(&client) > 0 {
-                return Ok(true);
-            }
-            if !primary.alive() || !backup.alive() || !client.alive() {
-                bail!(
-                    "a process died before etcd was stopped:\nprimary:\n{}\nbackup:\n{}\nclient:\n{}",
-                    tail(&primary.err(), 15),
-                    tail(&backup.err(), 15),
-                    tail(&client.err(), 5)
-                );
-            }
-            Ok(false)
-        },
+    replicating(
+        3,
+        "etcd was stopped",
+        [&mut primary, &mut backup, &mut client],
     )?;
     etcd.kill();
     let killed = Instant::now();
@@ -260,24 +270,10 @@ fn partition_run(ctx: &mut Ctx, k: u32, seed: u64, cut: Cut) -> Result<String> {
             .args(["--reply-timeout", "30", "--connect-timeout", "30"]),
         false,
     )?;
-    wait_for(
-        &format!("epoch {at_epoch} committed"),
-        Duration::from_secs(300),
-        || {
-            let e = committed_epochs(&backup).last().map_or(0, |e| e.0);
-            if e >= at_epoch && client_answered(&client) > 0 {
-                return Ok(true);
-            }
-            if !primary.alive() || !backup.alive() || !client.alive() {
-                bail!(
-                    "a process ended before the cut:\nprimary:\n{}\nbackup:\n{}\nclient:\n{}",
-                    tail(&primary.err(), 15),
-                    tail(&backup.err(), 15),
-                    tail(&client.out(), 5)
-                );
-            }
-            Ok(false)
-        },
+    replicating(
+        at_epoch,
+        "the cut",
+        [&mut primary, &mut backup, &mut client],
     )?;
     match cut {
         Cut::Both => &relay.cut,

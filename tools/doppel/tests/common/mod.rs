@@ -2,7 +2,7 @@
 //! (`mod common;` in each).
 #![allow(dead_code)] // each test crate uses a part
 
-use std::ffi::OsStr;
+use std::ffi::{OsStr, OsString};
 use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -154,4 +154,30 @@ impl Drop for Proc {
     fn drop(&mut self) {
         self.kill9();
     }
+}
+
+/// `doppel primary` in `dir` on the machine RAM file `ram`, replicating to
+/// `backup` and serving clients, with `extra`; and its clients' address.
+pub fn spawn_primary(
+    dir: &Path,
+    ram: &str,
+    backup: &str,
+    extra: &[impl AsRef<OsStr>],
+) -> (Proc, String) {
+    let mut a: Vec<OsString> = [
+        "primary",
+        "--machine-ram",
+        ram,
+        "--backup",
+        backup,
+        "--serve-clients",
+        "127.0.0.1:0",
+    ]
+    .iter()
+    .map(OsString::from)
+    .collect();
+    a.extend(extra.iter().map(|e| e.as_ref().to_owned()));
+    let p = Proc::spawn("primary", dir, &a);
+    let clients = p.addr("clients on ");
+    (p, clients)
 }
