@@ -26,7 +26,7 @@ use doppel_abi::msg::LogDirtyMode;
 use doppel_abi::{Command as HvCommand, Errno};
 
 mod common;
-use common::Proc;
+use common::{failing_over_client, spawn_client, Proc};
 
 fn scratch(name: &str) -> PathBuf {
     // Under the target directory (as replica_file.rs), not the system's
@@ -113,36 +113,6 @@ fn spawn_backup(dir: &Path, standby_ram: &str, extra: &[&str]) -> Proc {
     Proc::spawn("backup", dir, &a)
 }
 
-/// `doppel client` in `dir` sending `ops` requests to `connect`, with
-/// `extra` arguments.
-fn spawn_client(dir: &Path, connect: &str, ops: &str, extra: &[&str]) -> Proc {
-    let mut a = vec!["client", "--connect", connect, "--ops", ops];
-    a.extend(extra);
-    Proc::spawn("client", dir, &a)
-}
-
-/// A client of `ops` requests to `connect` that fails over to
-/// `failover` (window 16, 3 s reply timeout), once it got answers.
-fn failing_over_client(dir: &Path, connect: &str, ops: &str, failover: &str) -> Proc {
-    let c = spawn_client(
-        dir,
-        connect,
-        ops,
-        &[
-            "--failover",
-            failover,
-            "--window",
-            "16",
-            "--reply-timeout",
-            "3",
-            "--connect-timeout",
-            "5",
-        ],
-    );
-    c.wait_err("client: answered", 15);
-    c
-}
-
 /// The replicated service, started in order: both simulated hypervisors
 /// (the KV service's on p.ram, a standby on s.ram), `doppel backup` on the
 /// standby, `doppel primary` on the service replicating to the backup
@@ -198,6 +168,18 @@ fn pipeline(name: &str, x: Extra<'_>) -> Pipeline {
 
 const OPS: &str = "4000";
 
+/// The primary's short timeouts and 20 ms heartbeats for a quick failover.
+const FAST_PRIMARY: &[&str] = &[
+    "--event-timeout",
+    "1",
+    "--reply-timeout",
+    "1",
+    "--ack-timeout",
+    "4",
+    "--heartbeat-ms",
+    "20",
+];
+
 /// A failover run: 20 ms epochs, short timeouts and heartbeats, and a
 /// client of [`OPS`] requests that fails over to the backup; once the
 /// client got answers (plus a random delay), `break_it` breaks the primary
@@ -222,16 +204,7 @@ fn fail_over_with(
         Extra {
             sim_primary: &["--epoch-ms", "20"],
             backup: &["--heartbeat-timeout", "1.5"],
-            primary: &[
-                "--event-timeout",
-                "1",
-                "--reply-timeout",
-                "1",
-                "--ack-timeout",
-                "4",
-                "--heartbeat-ms",
-                "20",
-            ],
+            primary: FAST_PRIMARY,
             proxy: with_proxy,
             on_standby,
         },
@@ -966,21 +939,7 @@ fn a_reprotected_guest_fails_over_to_the_new_backup_consistently() {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().to_string()
     };
-    let (mut primary, pclients) = common::spawn_primary(
-        &dir,
-        "p.ram",
-        &listen,
-        &[
-            "--event-timeout",
-            "1",
-            "--reply-timeout",
-            "1",
-            "--ack-timeout",
-            "4",
-            "--heartbeat-ms",
-            "20",
-        ],
-    );
+    let (mut primary, pclients) = common::spawn_primary(&dir, "p.ram", &listen, FAST_PRIMARY);
     let mut client = failing_over_client(&dir, &pclients, "12000", &bclients);
     first.kill9();
     primary.wait_line("primary: backup lost (", 10);

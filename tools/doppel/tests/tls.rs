@@ -718,26 +718,7 @@ fn a_standby_fails_over_when_the_tls_stream_goes_silent() {
     let mut p = os(&["--heartbeat-ms", "20", "--ack-timeout", "4"]);
     p.extend(tls(&k, "primary", "backup"));
     let (pr, pclients) = common::spawn_primary(&dir, "p.ram", &listen, &p);
-    let client = Proc::spawn(
-        "client",
-        &dir,
-        &os(&[
-            "client",
-            "--connect",
-            &pclients,
-            "--failover",
-            &bclients,
-            "--ops",
-            "4000",
-            "--window",
-            "16",
-            "--reply-timeout",
-            "3",
-            "--connect-timeout",
-            "5",
-        ]),
-    );
-    client.wait_err("client: answered", 20);
+    let client = common::failing_over_client(&dir, &pclients, "4000", &bclients);
     // Epochs went through TLS, then heartbeats keep the link alive.
     bk.wait_err("backup: committed epoch 3 ", 20);
     let st = Command::new("kill")

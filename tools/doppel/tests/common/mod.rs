@@ -181,3 +181,33 @@ pub fn spawn_primary(
     let clients = p.addr("clients on ");
     (p, clients)
 }
+
+/// `doppel client` in `dir` sending `ops` requests to `connect`, with
+/// `extra` arguments.
+pub fn spawn_client(dir: &Path, connect: &str, ops: &str, extra: &[&str]) -> Proc {
+    let mut a = vec!["client", "--connect", connect, "--ops", ops];
+    a.extend(extra);
+    Proc::spawn("client", dir, &a)
+}
+
+/// A client of `ops` requests to `connect` that fails over to
+/// `failover` (window 16, 3 s reply timeout), once it got answers.
+pub fn failing_over_client(dir: &Path, connect: &str, ops: &str, failover: &str) -> Proc {
+    let c = spawn_client(
+        dir,
+        connect,
+        ops,
+        &[
+            "--failover",
+            failover,
+            "--window",
+            "16",
+            "--reply-timeout",
+            "3",
+            "--connect-timeout",
+            "5",
+        ],
+    );
+    c.wait_err("client: answered", 15);
+    c
+}
