@@ -3,35 +3,11 @@
 //! outside it), and a success keeps the builder's promises.
 #![no_main]
 
-use std::cell::RefCell;
-
-use doppel_abi::SharedMem;
+use doppel_abi::ByteMem;
 use doppel_core::pvh::{build, PvhConfig, HIGH_RAM};
 use libfuzzer_sys::fuzz_target;
 
 const RAM: u64 = 2 << 20;
-
-struct Ram(RefCell<Vec<u8>>);
-
-impl SharedMem for Ram {
-    fn size(&self) -> usize {
-        self.0.borrow().len()
-    }
-    fn load_u32(&self, offset: usize) -> u32 {
-        let mut b = [0; 4];
-        self.read_bytes(offset, &mut b);
-        u32::from_le_bytes(b)
-    }
-    fn store_u32(&self, offset: usize, value: u32) {
-        self.write_bytes(offset, &value.to_le_bytes());
-    }
-    fn read_bytes(&self, offset: usize, dst: &mut [u8]) {
-        dst.copy_from_slice(&self.0.borrow()[offset..offset + dst.len()]);
-    }
-    fn write_bytes(&self, offset: usize, src: &[u8]) {
-        self.0.borrow_mut()[offset..offset + src.len()].copy_from_slice(src);
-    }
-}
 
 fuzz_target!(|data: &[u8]| {
     // The first two bytes pick the initrd size (in 64-byte units), the rest
@@ -41,7 +17,7 @@ fuzz_target!(|data: &[u8]| {
         _ => return,
     };
     let initrd = vec![0x5a; initrd_units * 64];
-    let ram = Ram(RefCell::new(vec![0; RAM as usize]));
+    let ram = ByteMem::new(vec![0; RAM as usize]);
     let cfg = PvhConfig {
         kernel,
         initrd: &initrd,

@@ -39,7 +39,7 @@ pub mod splitmix;
 
 pub use control::{validate, AbiError, ControlHeader, ControlView, Features, Field};
 pub use errno::Errno;
-pub use mem::{AtomicMem, AtomicMem64, SharedMem};
+pub use mem::{AtomicMem, AtomicMem64, ByteMem, SharedMem};
 pub use msg::{
     Command, CommandEntry, DecodeError, Event, EventAck, EventEntry, Response, ResponseEntry,
 };

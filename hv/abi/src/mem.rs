@@ -4,10 +4,13 @@
 //! this crate and has no unsafe code, so it never touches raw shared memory.
 //! It goes through [`SharedMem`]: the hypervisor implements it over its own
 //! memory, the dom0 tool over an `mmap` of machine memory, tests and benches
-//! use [`AtomicMem`], which is safe code over `&[AtomicU32]`.
+//! use [`AtomicMem`], which is safe code over `&[AtomicU32]`; one-thread
+//! tests, fuzz targets and host-side builders use [`ByteMem`] over a plain
+//! byte buffer.
 //!
 //! All multi-byte values in shared memory are little endian.
 
+use core::cell::RefCell;
 use core::mem::size_of;
 use core::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
 
@@ -343,6 +346,27 @@ mod tests {
     }
 
     #[test]
+    fn byte_mem_is_little_endian_and_writes_only_where_asked() {
+        let m = ByteMem::new(std::vec![0xa5u8; 16]);
+        assert_eq!(m.size(), 16);
+        m.store_u32(4, 0x0403_0201);
+        m.write_bytes(10, b"xy");
+        assert_eq!(m.load_u32(4), 0x0403_0201);
+        let mut back = [0u8; 16];
+        m.read_bytes(0, &mut back);
+        let mut want = [0xa5u8; 16];
+        want[4..8].copy_from_slice(&[1, 2, 3, 4]);
+        want[10..12].copy_from_slice(b"xy");
+        assert_eq!(back, want);
+    }
+
+    #[test]
+    #[should_panic]
+    fn byte_mem_panics_on_a_write_past_its_end() {
+        ByteMem::new([0u8; 8]).write_bytes(6, b"abc");
+    }
+
+    #[test]
     fn bytes_and_words_agree_little_endian() {
         let b = buf(4);
         let m = AtomicMem::new(&b);
@@ -428,5 +452,39 @@ mod tests {
                 }
             }
         }
+    }
+}
+
+/// A [`SharedMem`] over a plain byte buffer (a `Vec<u8>`, an array), for
+/// one thread: tests, fuzz targets and host-side builders (the PVH domain
+/// builder run on the host). An access outside the buffer panics (slice
+/// indexing), which is what a test wants of a stray write; the
+/// hypervisor's own memory never goes through it.
+#[derive(Debug)]
+pub struct ByteMem<B>(pub RefCell<B>);
+
+impl<B> ByteMem<B> {
+    pub fn new(bytes: B) -> Self {
+        Self(RefCell::new(bytes))
+    }
+}
+
+impl<B: AsRef<[u8]> + AsMut<[u8]>> SharedMem for ByteMem<B> {
+    fn size(&self) -> usize {
+        self.0.borrow().as_ref().len()
+    }
+    fn load_u32(&self, offset: usize) -> u32 {
+        let mut b = [0; 4];
+        self.read_bytes(offset, &mut b);
+        u32::from_le_bytes(b)
+    }
+    fn store_u32(&self, offset: usize, value: u32) {
+        self.write_bytes(offset, &value.to_le_bytes());
+    }
+    fn read_bytes(&self, offset: usize, dst: &mut [u8]) {
+        dst.copy_from_slice(&self.0.borrow().as_ref()[offset..offset + dst.len()]);
+    }
+    fn write_bytes(&self, offset: usize, src: &[u8]) {
+        self.0.borrow_mut().as_mut()[offset..offset + src.len()].copy_from_slice(src);
     }
 }

@@ -381,7 +381,7 @@ mod tests {
     use crate::elf::testing::{build_elf, pvh_note, Load, NoteSpec};
     use crate::elf::XEN_ELFNOTE_PHYS32_ENTRY;
     use crate::hvm::{from_hw_cpu, to_hw_cpu};
-    use core::cell::RefCell;
+    use doppel_abi::ByteMem;
     use proptest::prelude::*;
     use zerocopy::FromBytes;
 
@@ -389,36 +389,15 @@ mod tests {
 
     /// Guest RAM for tests: a byte vector whose accessors panic (slice
     /// indexing) on any access outside it, so a stray write fails the test.
-    struct TestRam(RefCell<Vec<u8>>);
+    type TestRam = ByteMem<Vec<u8>>;
 
-    impl TestRam {
-        fn new(bytes: u64) -> Self {
-            // A pattern, so zeroing and untouched areas both show.
-            Self(RefCell::new(vec![0xa5; bytes as usize]))
-        }
-        fn untouched(&self) -> bool {
-            self.0.borrow().iter().all(|&b| b == 0xa5)
-        }
+    fn test_ram(bytes: u64) -> TestRam {
+        // A pattern, so zeroing and untouched areas both show.
+        ByteMem::new(vec![0xa5; bytes as usize])
     }
 
-    impl SharedMem for TestRam {
-        fn size(&self) -> usize {
-            self.0.borrow().len()
-        }
-        fn load_u32(&self, offset: usize) -> u32 {
-            let mut b = [0; 4];
-            self.read_bytes(offset, &mut b);
-            u32::from_le_bytes(b)
-        }
-        fn store_u32(&self, offset: usize, value: u32) {
-            self.write_bytes(offset, &value.to_le_bytes());
-        }
-        fn read_bytes(&self, offset: usize, dst: &mut [u8]) {
-            dst.copy_from_slice(&self.0.borrow()[offset..offset + dst.len()]);
-        }
-        fn write_bytes(&self, offset: usize, src: &[u8]) {
-            self.0.borrow_mut()[offset..offset + src.len()].copy_from_slice(src);
-        }
+    fn untouched(mem: &TestRam) -> bool {
+        mem.0.borrow().iter().all(|&b| b == 0xa5)
     }
 
     fn read(mem: &TestRam, at: u64, len: usize) -> Vec<u8> {
@@ -460,7 +439,7 @@ mod tests {
 
     #[test]
     fn loads_segments_and_writes_the_start_info() {
-        let mem = TestRam::new(RAM);
+        let mem = test_ram(RAM);
         let k = kernel();
         let initrd = vec![0x42u8; 10_000];
         let boot = build(&mem, &cfg(&k, &initrd)).unwrap();
@@ -555,7 +534,7 @@ mod tests {
 
     #[test]
     fn the_start_info_points_at_the_real_acpi_tables() {
-        let mem = TestRam::new(RAM);
+        let mem = test_ram(RAM);
         let k = kernel();
         let acpi = crate::acpi::build(ACPI_ADDR);
         let c = PvhConfig {
@@ -575,7 +554,7 @@ mod tests {
 
     #[test]
     fn no_initrd_and_no_acpi() {
-        let mem = TestRam::new(RAM);
+        let mem = test_ram(RAM);
         let k = kernel();
         let c = PvhConfig {
             acpi: None,
@@ -591,12 +570,12 @@ mod tests {
     }
 
     fn err<'a>(kernel: &'a [u8], initrd: &'a [u8], f: impl FnOnce(&mut PvhConfig<'a>)) -> PvhError {
-        let mem = TestRam::new(RAM);
+        let mem = test_ram(RAM);
         let mut c = cfg(kernel, initrd);
         f(&mut c);
         let e = build(&mem, &c).unwrap_err();
         // An error leaves memory untouched.
-        assert!(mem.untouched());
+        assert!(untouched(&mem));
         e
     }
 
@@ -722,7 +701,7 @@ mod tests {
 
     #[test]
     fn the_largest_initrd_that_fits_does_not_touch_the_kernel() {
-        let mem = TestRam::new(RAM);
+        let mem = test_ram(RAM);
         let k = kernel();
         let initrd = vec![0x42u8; (RAM - 0x14_3000) as usize];
         let boot = build(&mem, &cfg(&k, &initrd)).unwrap();
@@ -770,7 +749,7 @@ mod tests {
         for (seed, want) in seeds {
             let units = usize::from(u16::from_le_bytes([seed[0], seed[1]]));
             let initrd = vec![0x5a; units * 64];
-            let mem = TestRam::new(2 << 20);
+            let mem = test_ram(2 << 20);
             let c = PvhConfig {
                 kernel: &seed[2..],
                 initrd: &initrd,
@@ -809,7 +788,7 @@ mod tests {
         /// and apart.
         #[test]
         fn untrusted_kernels_never_panic(k in mutated(), initrd_len in 0usize..0x30_0000) {
-            let mem = TestRam::new(RAM);
+            let mem = test_ram(RAM);
             let initrd = vec![7u8; initrd_len];
             if let Ok(b) = build(&mem, &cfg(&k, &initrd)) {
                 prop_assert!(b.kernel_span.0 >= HIGH_RAM && b.kernel_span.1 <= RAM);
@@ -824,7 +803,7 @@ mod tests {
         /// Random program-header fields over a valid layout.
         #[test]
         fn random_segments_are_checked(paddr in any::<u64>(), memsz in any::<u64>(), entry in any::<u64>()) {
-            let mem = TestRam::new(RAM);
+            let mem = test_ram(RAM);
             let k = one_segment(paddr, memsz.max(1), entry);
             match build(&mem, &cfg(&k, &[])) {
                 Ok(b) => {

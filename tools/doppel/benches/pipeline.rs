@@ -71,9 +71,24 @@ fn pair(l: &TcpListener) -> (TcpStream, TcpStream) {
 /// thread receives, validates, stages and commits each.
 fn run_pipeline(l: &TcpListener, rep: &mut Replica, g: &'static [u8], iters: u64) -> Duration {
     let (tx, rx) = pair(l);
+    transfer(tx, rx, (), rep, g, iters)
+}
+
+/// A sender thread writes `iters` epochs of `g` into `w` (holding `keep`
+/// until it is done); this thread receives them from `r`, validates,
+/// stages and commits each into `rep`. The time from the first byte sent
+/// to the last commit.
+fn transfer<W: Write + Send + 'static, R: Read, K: Send + 'static>(
+    w: W,
+    r: R,
+    keep: K,
+    rep: &mut Replica,
+    g: &'static [u8],
+    iters: u64,
+) -> Duration {
     let start = Instant::now();
     let sender = thread::spawn(move || {
-        let mut w = StreamWriter::new(BufWriter::with_capacity(BUF, tx));
+        let mut w = StreamWriter::new(BufWriter::with_capacity(BUF, w));
         w.headers(XEN_MAJOR, XEN_MINOR).unwrap();
         w.static_data_end().unwrap();
         for e in 0..iters {
@@ -81,10 +96,11 @@ fn run_pipeline(l: &TcpListener, rep: &mut Replica, g: &'static [u8], iters: u64
         }
         w.end().unwrap();
         w.flush().unwrap();
+        keep
     });
-    let got = receive(BufReader::with_capacity(RBUF, rx), rep, |_| Ok(()));
+    let got = receive(BufReader::with_capacity(RBUF, r), rep, |_| Ok(()));
     assert!(got.error.is_none() && got.epochs.len() as u64 == iters);
-    sender.join().unwrap();
+    drop(sender.join().unwrap());
     let t = start.elapsed();
     assert!(rep.memory().unwrap() == g);
     t
@@ -123,24 +139,7 @@ fn run_pipeline_tls(
     });
     let (_, w) = tx.split();
     let (r, _) = rx.split();
-    let start = Instant::now();
-    let sender = thread::spawn(move || {
-        let mut w = StreamWriter::new(BufWriter::with_capacity(BUF, w));
-        w.headers(XEN_MAJOR, XEN_MINOR).unwrap();
-        w.static_data_end().unwrap();
-        for e in 0..iters {
-            write_epoch(&mut w, g, e).unwrap();
-        }
-        w.end().unwrap();
-        w.flush().unwrap();
-        tx
-    });
-    let got = receive(BufReader::with_capacity(RBUF, r), rep, |_| Ok(()));
-    assert!(got.error.is_none() && got.epochs.len() as u64 == iters);
-    drop(sender.join().unwrap());
-    let t = start.elapsed();
-    assert!(rep.memory().unwrap() == g);
-    t
+    transfer(w, r, tx, rep, g, iters)
 }
 
 /// Baseline: the same bytes (one pre-encoded epoch, sent `iters` times)

@@ -652,43 +652,40 @@ pub fn backup(a: BackupArgs) -> Res {
     }
     let tty = std::io::stderr().is_terminal();
     let offer = if a.no_compress { 0 } else { feature::KNOWN };
-    let waiting = Instant::now();
-    let got = loop {
-        let (link, nonce) = crate::linkcli::accept(
-            &l,
-            waiting,
-            a.accept_timeout,
-            tls.as_ref(),
-            a.tls.handshake(),
-        )?;
-        let (conn, ack_out) = link.split();
-        let t0 = Instant::now();
-        let mut progress = Progress::new(t0);
-        let got = backup::serve_session(
-            BufReader::with_capacity(1 << 20, conn),
-            ack_out,
-            &mut rep,
-            offer,
-            nonce,
-            |s| {
-                if tty {
-                    eprint!(
-                        "\rcommitted epoch {:>6}  pages {:>7}  bytes {:>11}  {:>7.1} s   ",
-                        s.epoch,
-                        s.pages,
-                        s.bytes,
-                        t0.elapsed().as_secs_f64()
-                    );
-                }
-                tracing::debug!("committed epoch {} ({} pages)", s.epoch, s.pages);
-                progress.epoch(s.pages, s.bytes, tty);
-            },
-        )
-        .map_err(io("back channel".into()))?;
-        if !crate::linkcli::session_refused(&got) {
-            break got;
-        }
-    };
+    let got = crate::linkcli::serve_until_accepted(
+        &l,
+        a.accept_timeout,
+        tls.as_ref(),
+        a.tls.handshake(),
+        |link, nonce| {
+            let (conn, ack_out) = link.split();
+            let t0 = Instant::now();
+            let mut progress = Progress::new(t0);
+            let got = backup::serve_session(
+                BufReader::with_capacity(1 << 20, conn),
+                ack_out,
+                &mut rep,
+                offer,
+                nonce,
+                |s| {
+                    if tty {
+                        eprint!(
+                            "\rcommitted epoch {:>6}  pages {:>7}  bytes {:>11}  {:>7.1} s   ",
+                            s.epoch,
+                            s.pages,
+                            s.bytes,
+                            t0.elapsed().as_secs_f64()
+                        );
+                    }
+                    tracing::debug!("committed epoch {} ({} pages)", s.epoch, s.pages);
+                    progress.epoch(s.pages, s.bytes, tty);
+                },
+            )
+            .map_err(io("back channel".into()))?;
+            Ok(got)
+        },
+        crate::linkcli::session_refused,
+    )?;
     if tty {
         eprintln!();
     }
@@ -785,41 +782,35 @@ fn standby_backup(a: BackupArgs) -> Res {
     let then = crate::chain::Then::new(a.then_backup.as_deref(), path, caddr)?;
     let hb = a.heartbeat_timeout;
     let offer = if a.no_compress { 0 } else { feature::KNOWN };
-    let waiting = Instant::now();
-    let got = loop {
-        let (link, nonce) = crate::linkcli::accept(
-            &l,
-            waiting,
-            a.accept_timeout,
-            tls.as_ref(),
-            a.tls.handshake(),
-        )?;
-        link.socket()
-            .set_read_timeout(Some(hb))
-            .map_err(io("socket".into()))?;
-        let (conn, ack_out) = link.split();
-        let got = backup::serve_session(
-            BufReader::with_capacity(1 << 20, conn),
-            ack_out,
-            &mut standby,
-            offer,
-            nonce,
-            |s| {
-                tracing::info!(
-                    "backup: committed epoch {} pages={} bytes={}",
-                    s.epoch,
-                    s.pages,
-                    s.bytes
-                );
-            },
-        );
-        if let Ok(g) = &got {
-            if crate::linkcli::session_refused(g) {
-                continue;
-            }
-        }
-        break got;
-    };
+    let got = crate::linkcli::serve_until_accepted(
+        &l,
+        a.accept_timeout,
+        tls.as_ref(),
+        a.tls.handshake(),
+        |link, nonce| {
+            link.socket()
+                .set_read_timeout(Some(hb))
+                .map_err(io("socket".into()))?;
+            let (conn, ack_out) = link.split();
+            let got = backup::serve_session(
+                BufReader::with_capacity(1 << 20, conn),
+                ack_out,
+                &mut standby,
+                offer,
+                nonce,
+                |s| {
+                    tracing::info!(
+                        "backup: committed epoch {} pages={} bytes={}",
+                        s.epoch,
+                        s.pages,
+                        s.bytes
+                    );
+                },
+            );
+            Ok(got)
+        },
+        |got| got.as_ref().is_ok_and(crate::linkcli::session_refused),
+    )?;
     let committed = standby.committed();
     let last = committed.checked_sub(1);
     let last_text = last.map_or("none".to_string(), |e| e.to_string());

@@ -270,6 +270,27 @@ pub fn accept(
     }
 }
 
+/// Accept primaries (as [`accept`], the wait bounded by `timeout` from
+/// now) and give each link to `serve`, until a session is not `refused`
+/// (a refused session lets the next primary in).
+pub fn serve_until_accepted<R>(
+    l: &TcpListener,
+    timeout: u64,
+    tls: Option<&LinkTls>,
+    handshake: Duration,
+    mut serve: impl FnMut(Link, Option<Nonce>) -> Result<R, (String, u8)>,
+    refused: impl Fn(&R) -> bool,
+) -> Result<R, (String, u8)> {
+    let waiting = Instant::now();
+    loop {
+        let (link, nonce) = accept(l, waiting, timeout, tls, handshake)?;
+        let got = serve(link, nonce)?;
+        if !refused(&got) {
+            return Ok(got);
+        }
+    }
+}
+
 /// Whether a receive was refused by the session check before anything
 /// was applied (a replayed stream): the backup then waits for the next
 /// connection instead of ending.

@@ -7,12 +7,12 @@
 //! over. Also: heartbeats on the stream, a malformed client frame, a
 //! non-standby area given to `--standby-ram`.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufReader, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use doppel::ack::AckWriter;
@@ -25,7 +25,8 @@ use doppel::stream::{Limits, Record, StreamError, StreamReader, StreamWriter};
 use doppel_abi::msg::LogDirtyMode;
 use doppel_abi::{Command as HvCommand, Errno};
 
-const BIN: &str = env!("CARGO_BIN_EXE_doppel");
+mod common;
+use common::{failing_over_client, spawn_client, Proc};
 
 fn scratch(name: &str) -> PathBuf {
     // Under the target directory (as replica_file.rs), not the system's
@@ -35,143 +36,6 @@ fn scratch(name: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d
-}
-
-/// A child process whose stdout and stderr lines are collected.
-struct Proc {
-    child: Child,
-    log: Log,
-    /// The two collector threads; joined once the child has exited.
-    collectors: Vec<std::thread::JoinHandle<()>>,
-}
-
-/// The name of a [`Proc`] and its output so far.
-struct Log {
-    name: &'static str,
-    out: Arc<Mutex<Vec<String>>>,
-    err: Arc<Mutex<Vec<String>>>,
-}
-
-fn collect(
-    r: impl Read + Send + 'static,
-    into: Arc<Mutex<Vec<String>>>,
-) -> std::thread::JoinHandle<()> {
-    std::thread::spawn(move || {
-        for l in BufReader::new(r).lines() {
-            let Ok(l) = l else { break };
-            into.lock().unwrap().push(l);
-        }
-    })
-}
-
-impl Log {
-    /// Call `ready` every `every_ms` until it gives a value; after `secs`
-    /// fail with "NAME: WHAT within SECS s" and the output.
-    fn poll<T>(
-        &self,
-        what: &str,
-        secs: u64,
-        every_ms: u64,
-        mut ready: impl FnMut() -> Option<T>,
-    ) -> T {
-        let start = Instant::now();
-        loop {
-            if let Some(v) = ready() {
-                return v;
-            }
-            if start.elapsed() >= Duration::from_secs(secs) {
-                let out = self.out.lock().unwrap().clone();
-                let err = self.err.lock().unwrap().clone();
-                panic!(
-                    "{}: {what} within {secs} s\nstdout: {out:#?}\nstderr: {err:#?}",
-                    self.name
-                );
-            }
-            std::thread::sleep(Duration::from_millis(every_ms));
-        }
-    }
-}
-
-impl Proc {
-    fn spawn(name: &'static str, dir: &Path, args: &[&str]) -> Proc {
-        let mut child = Command::new(BIN)
-            .args(args)
-            .current_dir(dir)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let (out, err) = (Arc::default(), Arc::default());
-        let collectors = vec![
-            collect(child.stdout.take().unwrap(), Arc::clone(&out)),
-            collect(child.stderr.take().unwrap(), Arc::clone(&err)),
-        ];
-        Proc {
-            child,
-            log: Log { name, out, err },
-            collectors,
-        }
-    }
-
-    fn lines(&self) -> Vec<String> {
-        self.log.out.lock().unwrap().clone()
-    }
-
-    fn err_lines(&self) -> Vec<String> {
-        self.log.err.lock().unwrap().clone()
-    }
-
-    /// The first stdout line starting with `prefix`.
-    fn wait_line(&self, prefix: &str, secs: u64) -> String {
-        let what = format!("no line starting with {prefix:?}");
-        self.log.poll(&what, secs, 10, || {
-            self.lines().into_iter().find(|l| l.starts_with(prefix))
-        })
-    }
-
-    /// Wait for a stderr line containing `needle`.
-    fn wait_err(&self, needle: &str, secs: u64) {
-        let what = format!("no stderr line with {needle:?}");
-        self.log.poll(&what, secs, 10, || {
-            self.err_lines()
-                .iter()
-                .any(|l| l.contains(needle))
-                .then_some(())
-        })
-    }
-
-    fn wait_exit(&mut self, secs: u64) -> ExitStatus {
-        let st = self
-            .log
-            .poll("did not exit", secs, 20, || self.child.try_wait().unwrap());
-        // The child is gone, but its last lines may still sit in the pipes:
-        // the collectors end at the pipes' end, so joining them makes
-        // `lines()` and `err_lines()` complete (a fixed sleep did not
-        // under load; issue 17).
-        for c in self.collectors.drain(..) {
-            c.join().unwrap();
-        }
-        st
-    }
-
-    /// The address at the end of the first stdout line starting with
-    /// `prefix` (`listening on HOST:PORT`, `clients on HOST:PORT`).
-    fn addr(&self, prefix: &str) -> String {
-        let line = self.wait_line(prefix, 10);
-        line.rsplit(' ').next().unwrap().to_string()
-    }
-
-    fn kill9(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill9();
-    }
 }
 
 /// A TCP forwarder between the primary and the backup; `blackhole` makes
@@ -249,14 +113,6 @@ fn spawn_backup(dir: &Path, standby_ram: &str, extra: &[&str]) -> Proc {
     Proc::spawn("backup", dir, &a)
 }
 
-/// `doppel client` in `dir` sending `ops` requests to `connect`, with
-/// `extra` arguments.
-fn spawn_client(dir: &Path, connect: &str, ops: &str, extra: &[&str]) -> Proc {
-    let mut a = vec!["client", "--connect", connect, "--ops", ops];
-    a.extend(extra);
-    Proc::spawn("client", dir, &a)
-}
-
 /// The replicated service, started in order: both simulated hypervisors
 /// (the KV service's on p.ram, a standby on s.ram), `doppel backup` on the
 /// standby, `doppel primary` on the service replicating to the backup
@@ -297,18 +153,7 @@ fn pipeline(name: &str, x: Extra<'_>) -> Pipeline {
     let bclients = backup.addr("clients on ");
     let proxy = x.proxy.then(|| proxy(listen.clone()));
     let to = proxy.as_ref().map_or(listen, |p| p.addr.clone());
-    let mut a = vec![
-        "primary",
-        "--machine-ram",
-        "p.ram",
-        "--backup",
-        &to,
-        "--serve-clients",
-        "127.0.0.1:0",
-    ];
-    a.extend(x.primary);
-    let primary = Proc::spawn("primary", &dir, &a);
-    let pclients = primary.addr("clients on ");
+    let (primary, pclients) = common::spawn_primary(&dir, "p.ram", &to, x.primary);
     Pipeline {
         dir,
         sim_primary,
@@ -322,6 +167,18 @@ fn pipeline(name: &str, x: Extra<'_>) -> Pipeline {
 }
 
 const OPS: &str = "4000";
+
+/// The primary's short timeouts and 20 ms heartbeats for a quick failover.
+const FAST_PRIMARY: &[&str] = &[
+    "--event-timeout",
+    "1",
+    "--reply-timeout",
+    "1",
+    "--ack-timeout",
+    "4",
+    "--heartbeat-ms",
+    "20",
+];
 
 /// A failover run: 20 ms epochs, short timeouts and heartbeats, and a
 /// client of [`OPS`] requests that fails over to the backup; once the
@@ -347,36 +204,12 @@ fn fail_over_with(
         Extra {
             sim_primary: &["--epoch-ms", "20"],
             backup: &["--heartbeat-timeout", "1.5"],
-            primary: &[
-                "--event-timeout",
-                "1",
-                "--reply-timeout",
-                "1",
-                "--ack-timeout",
-                "4",
-                "--heartbeat-ms",
-                "20",
-            ],
+            primary: FAST_PRIMARY,
             proxy: with_proxy,
             on_standby,
         },
     );
-    let mut client = spawn_client(
-        &p.dir,
-        &p.pclients,
-        OPS,
-        &[
-            "--failover",
-            &p.bclients,
-            "--window",
-            "16",
-            "--reply-timeout",
-            "3",
-            "--connect-timeout",
-            "5",
-        ],
-    );
-    client.wait_err("client: answered", 15);
+    let mut client = failing_over_client(&p.dir, &p.pclients, OPS, &p.bclients);
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -547,22 +380,7 @@ fn a_stopped_hypervisor_is_failed_over_within_the_heartbeat_timeout() {
             ..Extra::default()
         },
     );
-    let mut client = spawn_client(
-        &p.dir,
-        &p.pclients,
-        OPS,
-        &[
-            "--failover",
-            &p.bclients,
-            "--window",
-            "16",
-            "--reply-timeout",
-            "3",
-            "--connect-timeout",
-            "5",
-        ],
-    );
-    client.wait_err("client: answered", 15);
+    let mut client = failing_over_client(&p.dir, &p.pclients, OPS, &p.bclients);
     let pid = p.sim_primary.child.id();
     signal(pid, "-STOP");
     let stopped = Instant::now();
@@ -605,40 +423,11 @@ fn a_chain_fails_over_twice_and_the_client_loses_nothing() {
     );
     let b_listen = backup_b.addr("listening on ");
     let b_clients = backup_b.addr("clients on ");
-    let primary = Proc::spawn(
-        "primary",
-        &dir,
-        &[
-            "primary",
-            "--machine-ram",
-            "a.ram",
-            "--backup",
-            &b_listen,
-            "--serve-clients",
-            "127.0.0.1:0",
-            "--heartbeat-ms",
-            "20",
-        ],
-    );
-    let a_clients = primary.addr("clients on ");
+    let (_primary, a_clients) =
+        common::spawn_primary(&dir, "a.ram", &b_listen, &["--heartbeat-ms", "20"]);
     let ops = "6000";
     let failover = format!("{b_clients},{c_clients}");
-    let mut client = spawn_client(
-        &dir,
-        &a_clients,
-        ops,
-        &[
-            "--failover",
-            &failover,
-            "--window",
-            "16",
-            "--reply-timeout",
-            "3",
-            "--connect-timeout",
-            "5",
-        ],
-    );
-    client.wait_err("client: answered", 15);
+    let mut client = failing_over_client(&dir, &a_clients, ops, &failover);
     sim_a.kill9();
     let first = backup_b.wait_line("failover: ", 10);
     backup_b.wait_line("chain: protecting the activated standby to ", 10);
@@ -1039,24 +828,12 @@ fn a_lost_backup_leaves_the_primary_serving_until_a_new_backup_protects_it() {
     };
     let mut first = file_backup("127.0.0.1:0", "r1");
     let listen = first.addr("listening on ");
-    let mut primary = Proc::spawn(
-        "primary",
+    let (mut primary, pclients) = common::spawn_primary(
         &dir,
-        &[
-            "primary",
-            "--machine-ram",
-            "p.ram",
-            "--backup",
-            &listen,
-            "--serve-clients",
-            "127.0.0.1:0",
-            "--ack-timeout",
-            "4",
-            "--heartbeat-ms",
-            "20",
-        ],
+        "p.ram",
+        &listen,
+        &["--ack-timeout", "4", "--heartbeat-ms", "20"],
     );
-    let pclients = primary.addr("clients on ");
     let mut client = spawn_client(
         &dir,
         &pclients,
@@ -1162,44 +939,8 @@ fn a_reprotected_guest_fails_over_to_the_new_backup_consistently() {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().to_string()
     };
-    let mut primary = Proc::spawn(
-        "primary",
-        &dir,
-        &[
-            "primary",
-            "--machine-ram",
-            "p.ram",
-            "--backup",
-            &listen,
-            "--serve-clients",
-            "127.0.0.1:0",
-            "--event-timeout",
-            "1",
-            "--reply-timeout",
-            "1",
-            "--ack-timeout",
-            "4",
-            "--heartbeat-ms",
-            "20",
-        ],
-    );
-    let pclients = primary.addr("clients on ");
-    let mut client = spawn_client(
-        &dir,
-        &pclients,
-        "12000",
-        &[
-            "--failover",
-            &bclients,
-            "--window",
-            "16",
-            "--reply-timeout",
-            "3",
-            "--connect-timeout",
-            "5",
-        ],
-    );
-    client.wait_err("client: answered", 15);
+    let (mut primary, pclients) = common::spawn_primary(&dir, "p.ram", &listen, FAST_PRIMARY);
+    let mut client = failing_over_client(&dir, &pclients, "12000", &bclients);
     first.kill9();
     primary.wait_line("primary: backup lost (", 10);
     let second = spawn_backup_at(&dir, &listen, &bclients);

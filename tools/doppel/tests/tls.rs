@@ -21,7 +21,8 @@ use doppel::stream::StreamWriter;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 
-const BIN: &str = env!("CARGO_BIN_EXE_doppel");
+mod common;
+use common::{Proc, BIN};
 const PAGES: u64 = 256;
 
 fn scratch(name: &str) -> PathBuf {
@@ -669,44 +670,6 @@ fn the_session_record_must_come_first_and_carry_this_connections_nonce() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// A spawned process with its stdout and stderr lines (killed on drop).
-struct Spawned {
-    child: Child,
-    out: Lines,
-    err: Lines,
-}
-
-impl Spawned {
-    fn new(dir: &Path, args: &[OsString]) -> Self {
-        let mut child = Command::new(BIN)
-            .current_dir(dir)
-            .args(args)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let (out, _) = Lines::read(child.stdout.take().unwrap());
-        let (err, _) = Lines::read(child.stderr.take().unwrap());
-        Self { child, out, err }
-    }
-
-    fn addr(&self, prefix: &str) -> String {
-        self.out
-            .wait(prefix)
-            .trim_start_matches(prefix)
-            .trim()
-            .to_string()
-    }
-}
-
-impl Drop for Spawned {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[test]
 fn a_standby_fails_over_when_the_tls_stream_goes_silent() {
     // The protected KV service over a TLS link: heartbeats and the
@@ -729,13 +692,14 @@ fn a_standby_fails_over_when_the_tls_stream_goes_silent() {
         ]));
         a
     };
-    let sp = Spawned::new(
+    let sp = Proc::spawn(
+        "sim primary",
         &dir,
         &sim_args("p.ram", &["--service", "kv", "--epoch-ms", "20"]),
     );
-    sp.out.wait("kv service control area published");
-    let ss = Spawned::new(&dir, &sim_args("s.ram", &["--standby"]));
-    ss.out.wait("standby control area published");
+    sp.wait_out("kv service control area published", 20);
+    let ss = Proc::spawn("sim standby", &dir, &sim_args("s.ram", &["--standby"]));
+    ss.wait_out("standby control area published", 20);
     let mut b = os(&[
         "backup",
         "--listen",
@@ -748,65 +712,34 @@ fn a_standby_fails_over_when_the_tls_stream_goes_silent() {
         "1.5",
     ]);
     b.extend(tls(&k, "backup", "primary"));
-    let bk = Spawned::new(&dir, &b);
+    let bk = Proc::spawn("backup", &dir, &b);
     let listen = bk.addr("listening on ");
     let bclients = bk.addr("clients on ");
-    let mut p = os(&[
-        "primary",
-        "--machine-ram",
-        "p.ram",
-        "--backup",
-        &listen,
-        "--serve-clients",
-        "127.0.0.1:0",
-        "--heartbeat-ms",
-        "20",
-        "--ack-timeout",
-        "4",
-    ]);
+    let mut p = os(&["--heartbeat-ms", "20", "--ack-timeout", "4"]);
     p.extend(tls(&k, "primary", "backup"));
-    let pr = Spawned::new(&dir, &p);
-    let pclients = pr.addr("clients on ");
-    let client = Spawned::new(
-        &dir,
-        &os(&[
-            "client",
-            "--connect",
-            &pclients,
-            "--failover",
-            &bclients,
-            "--ops",
-            "4000",
-            "--window",
-            "16",
-            "--reply-timeout",
-            "3",
-            "--connect-timeout",
-            "5",
-        ]),
-    );
-    client.err.wait("client: answered");
+    let (pr, pclients) = common::spawn_primary(&dir, "p.ram", &listen, &p);
+    let client = common::failing_over_client(&dir, &pclients, "4000", &bclients);
     // Epochs went through TLS, then heartbeats keep the link alive.
-    bk.err.wait("backup: committed epoch 3 ");
+    bk.wait_err("backup: committed epoch 3 ", 20);
     let st = Command::new("kill")
         .args(["-STOP", &pr.child.id().to_string()])
         .status()
         .unwrap();
     assert!(st.success());
-    let fail = bk.out.wait("failover: ");
+    let fail = bk.wait_out("failover: ", 20);
     assert!(
         fail.contains("primary lost (nothing received for 1.5 s)"),
         "{fail}"
     );
-    let last = client.out.wait("client: ops=");
+    let last = client.wait_out("client: ops=", 20);
     assert!(
         last.contains("answered=4000")
             && last.contains(" failovers=1 lost_acked=0 divergent=0 ")
             && last.ends_with("result=pass"),
         "{last}\n{}",
-        client.err.text()
+        client.err_lines().join("\n")
     );
-    assert!(bk.err.text().contains("mutual TLS 1.3"));
+    assert!(bk.err_lines().iter().any(|l| l.contains("mutual TLS 1.3")));
     let _ = Command::new("kill")
         .args(["-CONT", &pr.child.id().to_string()])
         .status();

@@ -3,25 +3,16 @@
 //! binary is installed (`cargo xtask setup` installs Debian's
 //! etcd-server, so CI runs them).
 
-use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use doppel::witness::{Witness, WitnessError};
 
-struct Etcd {
-    child: Child,
-    dir: PathBuf,
-    endpoint: String,
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
-}
+// The etcd start-up the xtask witness steps use, std only.
+#[path = "../../xtask/src/etcd.rs"]
+mod etcd;
+use etcd::Etcd;
 
 fn etcd_installed() -> bool {
     let ok = Command::new("etcd")
@@ -39,55 +30,28 @@ fn etcd_installed() -> bool {
     ok
 }
 
-impl Etcd {
-    fn start(name: &str) -> Etcd {
-        let dir = std::env::temp_dir().join(format!(
-            "doppel-witness-{name}-{}-{}",
-            std::process::id(),
-            free_port()
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        let (client, peer) = (free_port(), free_port());
-        let c = format!("http://127.0.0.1:{client}");
-        let p = format!("http://127.0.0.1:{peer}");
-        let child = Command::new("etcd")
-            .args(["--name", "t", "--data-dir"])
-            .arg(&dir)
-            .args(["--listen-client-urls", &c, "--advertise-client-urls", &c])
-            .args([
-                "--listen-peer-urls",
-                &p,
-                "--initial-advertise-peer-urls",
-                &p,
-            ])
-            .args(["--initial-cluster", &format!("t={p}")])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("starting etcd");
-        let e = Etcd {
-            child,
-            dir,
-            endpoint: format!("127.0.0.1:{client}"),
-        };
-        // Ready once a lease can be granted and a key taken.
-        let start = Instant::now();
-        loop {
-            let mut probe = e.witness("/probe", 2, "probe");
-            match probe.try_take() {
-                Ok(_) => {
-                    probe.release();
-                    break;
-                }
-                Err(err) if start.elapsed() > Duration::from_secs(30) => {
-                    panic!("etcd did not come up within 30 s: {err}")
-                }
-                Err(_) => std::thread::sleep(Duration::from_millis(200)),
+/// Started (a test-named one), and ready once a lease can be granted
+/// and a key taken.
+fn start(name: &str) -> Etcd {
+    let e = Etcd::start(&format!("witness-{name}")).expect("starting etcd");
+    let start = Instant::now();
+    loop {
+        let mut probe = e.witness("/probe", 2, "probe");
+        match probe.try_take() {
+            Ok(_) => {
+                probe.release();
+                break;
             }
+            Err(err) if start.elapsed() > Duration::from_secs(30) => {
+                panic!("etcd did not come up within 30 s: {err}")
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(200)),
         }
-        e
     }
+    e
+}
 
+impl Etcd {
     fn witness(&self, key: &str, ttl: u64, owner: &str) -> Witness {
         Witness::new(
             std::slice::from_ref(&self.endpoint),
@@ -97,18 +61,6 @@ impl Etcd {
         )
         .expect("witness")
     }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        self.kill();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
 }
 
 #[test]
@@ -116,7 +68,7 @@ fn a_second_owner_is_refused_while_the_first_holds_the_key() {
     if !etcd_installed() {
         return;
     }
-    let etcd = Etcd::start("contend");
+    let etcd = start("contend");
     let mut a = etcd.witness("/doppel/t/active", 3, "side-a");
     let mut b = etcd.witness("/doppel/t/active", 3, "side-b");
     let token = a.acquire().expect("a takes the free key");
@@ -142,7 +94,7 @@ fn a_crashed_holders_key_is_taken_only_after_its_lease_expired() {
     if !etcd_installed() {
         return;
     }
-    let etcd = Etcd::start("expire");
+    let etcd = start("expire");
     let ttl = 2;
     let mut a = etcd.witness("/k", ttl, "a");
     let mut b = etcd.witness("/k", ttl, "b");
@@ -179,7 +131,7 @@ fn a_released_key_is_taken_at_once() {
     if !etcd_installed() {
         return;
     }
-    let etcd = Etcd::start("release");
+    let etcd = start("release");
     let mut a = etcd.witness("/k", 5, "a");
     let mut b = etcd.witness("/k", 5, "b");
     a.acquire().expect("a takes the key");
@@ -194,7 +146,7 @@ fn a_holder_whose_etcd_dies_stops_being_allowed_to_release_within_the_ttl() {
     if !etcd_installed() {
         return;
     }
-    let mut etcd = Etcd::start("down");
+    let mut etcd = start("down");
     let ttl = 2;
     let mut a = etcd.witness("/k", ttl, "a");
     let mut b = etcd.witness("/k", ttl, "b");
@@ -279,7 +231,7 @@ fn a_primary_does_not_start_while_another_side_holds_the_key() {
     if !etcd_installed() {
         return;
     }
-    let etcd = Etcd::start("refuse");
+    let etcd = start("refuse");
     let dir = scratch("refuse");
     let (mut sim, ram) = sim_kv(&dir);
     let mut other = etcd.witness("/vm/active", 5, "backup:elsewhere:1");
@@ -302,7 +254,7 @@ fn a_primary_whose_witness_dies_fences_itself_and_does_not_detach() {
     if !etcd_installed() {
         return;
     }
-    let mut etcd = Etcd::start("fence");
+    let mut etcd = start("fence");
     let dir = scratch("fence");
     let (mut sim, ram) = sim_kv(&dir);
     let child = primary(&ram, &dir.join("c.xen"), &etcd.endpoint, "/vm/active")
@@ -402,7 +354,7 @@ fn the_backup_activates_only_once_the_primarys_lease_is_gone_and_fences_when_it_
     if !etcd_installed() {
         return;
     }
-    let mut etcd = Etcd::start("backup");
+    let mut etcd = start("backup");
     let dir = scratch("backup");
     let (mut sim, ram) = sim_kv(&dir);
     let sram = dir.join("standby.ram");

@@ -15,12 +15,14 @@
 //!    0), and the primary's exit status says it served unprotected (5).
 
 use std::process::Command;
-use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
-use crate::failover::{boot, client_answered, num, tail, Watched, EPOCH_EXITS, GUEST_MIB, KEYS};
+use crate::failover::{
+    boot, client_answered, client_verdict, kv_primary_cmdline, num, spawn_primary, tail, wait_for,
+    Watched, KEYS,
+};
 use crate::replica::{doppel_bin, guest_ram};
 use crate::test::Ctx;
 
@@ -54,23 +56,9 @@ fn backup_epochs(b: &Watched) -> u64 {
         .unwrap_or(0)
 }
 
-/// Wait until `ready` holds, failing after `limit` with `what`.
-fn wait_for(what: &str, limit: Duration, mut ready: impl FnMut() -> Result<bool>) -> Result<()> {
-    let t = Instant::now();
-    while !ready()? {
-        if t.elapsed() > limit {
-            bail!("{what} within {} s", limit.as_secs());
-        }
-        thread::sleep(Duration::from_millis(200));
-    }
-    Ok(())
-}
-
 pub fn step_backup_loss(ctx: &mut Ctx) -> Result<String> {
     let doppel = doppel_bin()?;
-    let cmdline = format!(
-        "mode=primary service=kv keys={KEYS} guest-mem={GUEST_MIB} epoch-exits={EPOCH_EXITS}"
-    );
+    let cmdline = kv_primary_cmdline();
     let mut prim = boot(ctx, &doppel, &cmdline, "backup-loss-primary")?;
     let (_, size) = guest_ram(&doppel, &prim.ram.0)?.context("no guest RAM published")?;
     let pages = (size / 4096).to_string();
@@ -88,20 +76,15 @@ pub fn step_backup_loss(ctx: &mut Ctx) -> Result<String> {
         )
     };
     let mut first = file_backup("127.0.0.1:0", "r1")?;
-    let listen = first.wait_line("listening on ", Duration::from_secs(30))?;
-    let listen = listen["listening on ".len()..].trim().to_string();
-    let mut primary = Watched::spawn(
+    let listen = first.wait_value("listening on ", Duration::from_secs(30))?;
+    let (mut primary, pclients) = spawn_primary(
+        &doppel,
         "primary",
-        Command::new(&doppel)
-            .args(["primary", "--machine-ram"])
-            .arg(&prim.ram.0)
-            .args(["--backup", &listen, "--serve-clients", "127.0.0.1:0"])
-            .args(["--wait-control", "60", "--event-timeout", "60"])
-            .args(["--ack-timeout", "20"]),
+        &prim.ram.0,
+        &listen,
+        &["--event-timeout", "60", "--ack-timeout", "20"],
         false,
     )?;
-    let pclients = primary.wait_line("clients on ", Duration::from_secs(60))?;
-    let pclients = pclients["clients on ".len()..].trim().to_string();
     let mut client = Watched::spawn(
         "client",
         Command::new(&doppel)
@@ -121,7 +104,7 @@ pub fn step_backup_loss(ctx: &mut Ctx) -> Result<String> {
         Ok(())
     };
     wait_for(
-        &format!("the first backup committed no {BEFORE} epochs"),
+        &format!("the first backup committing {BEFORE} epochs"),
         Duration::from_secs(300),
         || {
             alive(&mut primary, "doppel primary")?;
@@ -138,7 +121,7 @@ pub fn step_backup_loss(ctx: &mut Ctx) -> Result<String> {
     // Answers while no backup exists at all: the guest serves unprotected.
     let at_loss = client_answered(&client);
     let served = wait_for(
-        "no answer while unprotected",
+        "an answer while unprotected",
         Duration::from_secs(120),
         || {
             alive(&mut primary, "doppel primary")?;
@@ -153,7 +136,7 @@ pub fn step_backup_loss(ctx: &mut Ctx) -> Result<String> {
     second.wait_line("listening on ", Duration::from_secs(30))?;
     let again = primary.wait_line("primary: re-protected by ", Duration::from_secs(60));
     let committed = wait_for(
-        &format!("the new backup committed no {AFTER} epochs"),
+        &format!("the new backup committing {AFTER} epochs"),
         Duration::from_secs(300),
         || {
             alive(&mut second, "the new backup")?;
@@ -170,20 +153,9 @@ pub fn step_backup_loss(ctx: &mut Ctx) -> Result<String> {
             .map_or(String::new(), |e| format!(" ({e:#})"))
     );
     // The client's verdict.
-    let verdict = loop {
-        let exited = client.exited()?;
-        if let Some(l) = client.out().into_iter().find(|l| l.starts_with("client:")) {
-            break l;
-        }
-        if exited {
-            bail!(
-                "the client died without a verdict:\n{}",
-                tail(&client.err(), 20)
-            );
-        }
-        alive(&mut primary, "doppel primary")?;
-        thread::sleep(Duration::from_millis(200));
-    };
+    let verdict = client_verdict(&mut client, Duration::from_secs(900), |_| {
+        alive(&mut primary, "doppel primary")
+    })?;
     println!("backup-loss: {verdict}");
     // Stop the primary in order: END to the new backup.
     primary.interrupt()?;

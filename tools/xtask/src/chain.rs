@@ -28,11 +28,12 @@ use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use doppel_abi::splitmix::GAMMA;
 
 use crate::failover::{
-    boot, client_answered, committed_epochs, num, random_seed, splitmix, tail, Watched,
+    boot, client_answered, client_verdict, committed_epochs, num, random_seed, spawn_backup,
+    spawn_primary, splitmix, tail, wait_for, Watched,
 };
 use crate::replica::doppel_bin;
 use crate::test::Ctx;
@@ -74,44 +75,6 @@ impl Plan {
     }
 }
 
-/// Wait until `ready` says so (asked every 100 ms), failing after `limit`
-/// or with the error `ready` gives (a process the run needs has died).
-fn wait_for(what: &str, limit: Duration, mut ready: impl FnMut() -> Result<bool>) -> Result<()> {
-    let t = Instant::now();
-    while !ready()? {
-        if t.elapsed() > limit {
-            bail!("{what}: not within {} s", limit.as_secs());
-        }
-        thread::sleep(Duration::from_millis(100));
-    }
-    Ok(())
-}
-
-/// `backup --standby-ram` on `ram`, serving clients, with `extra`.
-fn spawn_backup(
-    doppel: &std::path::Path,
-    name: &'static str,
-    ram: &std::path::Path,
-    extra: &[&str],
-) -> Result<(Watched, String, String)> {
-    let mut b = Watched::spawn(
-        name,
-        Command::new(doppel)
-            .args(["backup", "--listen", "127.0.0.1:0", "--standby-ram"])
-            .arg(ram)
-            .args(["--serve-clients", "127.0.0.1:0"])
-            .args(["--heartbeat-timeout", &HEARTBEAT_TIMEOUT.to_string()])
-            .args(["--accept-timeout", "900"])
-            .args(extra),
-        false,
-    )?;
-    let listen = b.wait_line("listening on ", Duration::from_secs(30))?;
-    let clients = b.wait_line("clients on ", Duration::from_secs(30))?;
-    let listen = listen["listening on ".len()..].trim().to_string();
-    let clients = clients["clients on ".len()..].trim().to_string();
-    Ok((b, listen, clients))
-}
-
 /// `cargo xtask test` step `chain-qemu-svm`.
 pub fn step_chain(ctx: &mut Ctx) -> Result<String> {
     let plan = Plan::new(ctx.seed.unwrap_or_else(random_seed));
@@ -141,20 +104,19 @@ fn run(ctx: &mut Ctx, plan: &Plan) -> Result<(String, String)> {
     // Before any Activate a standby refuses LogDirtyEnable (a rogue tool
     // that skips the STANDBY check gets EPERM); after it, B accepts it.
     let before_activate = log_dirty_enable_before_activate(&c.ram.0)?;
-    let (mut backup_c, c_listen, c_clients) = spawn_backup(&doppel, "backup C", &c.ram.0, &[])?;
-    let (mut backup_b, b_listen, b_clients) =
-        spawn_backup(&doppel, "backup B", &b.ram.0, &["--then-backup", &c_listen])?;
-    let mut primary = Watched::spawn(
-        "primary A",
-        Command::new(&doppel)
-            .args(["primary", "--machine-ram"])
-            .arg(&a.ram.0)
-            .args(["--backup", &b_listen, "--serve-clients", "127.0.0.1:0"])
-            .args(["--wait-control", "60"]),
+    let hb = HEARTBEAT_TIMEOUT.to_string();
+    let timeouts = ["--heartbeat-timeout", &hb, "--accept-timeout", "900"];
+    let (mut backup_c, c_listen, c_clients) =
+        spawn_backup(&doppel, "backup C", &c.ram.0, &timeouts, false)?;
+    let (mut backup_b, b_listen, b_clients) = spawn_backup(
+        &doppel,
+        "backup B",
+        &b.ram.0,
+        &[&timeouts[..], &["--then-backup", &c_listen]].concat(),
         false,
     )?;
-    let a_clients = primary.wait_line("clients on ", Duration::from_secs(60))?;
-    let a_clients = a_clients["clients on ".len()..].trim().to_string();
+    let (mut primary, a_clients) =
+        spawn_primary(&doppel, "primary A", &a.ram.0, &b_listen, &[], false)?;
     let mut client = Watched::spawn(
         "client",
         Command::new(&doppel)
@@ -237,23 +199,8 @@ fn run(ctx: &mut Ctx, plan: &Plan) -> Result<(String, String)> {
     let kill_secs = t_kill.elapsed().as_secs_f64();
 
     // 4. The client's verdict.
-    let t = Instant::now();
-    let verdict = loop {
-        let exited = client.exited()?;
-        if let Some(l) = client.out().into_iter().find(|l| l.starts_with("client:")) {
-            break l;
-        }
-        if exited {
-            bail!(
-                "the client died without a verdict:\n{}",
-                tail(&client.err(), 20)
-            );
-        }
-        if t.elapsed() > Duration::from_secs(300) {
-            bail!("the client did not finish within 300 s after C's failover");
-        }
-        thread::sleep(Duration::from_millis(100));
-    };
+    let verdict = client_verdict(&mut client, Duration::from_secs(300), |_| Ok(()))
+        .context("after C's failover")?;
     let failovers = [&fail_b, &fail_c]
         .iter()
         .filter(|l| l.contains("standby activated from committed epoch"))

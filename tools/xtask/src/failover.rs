@@ -354,6 +354,36 @@ impl Watched {
         matches!(self.child.try_wait(), Ok(None))
     }
 
+    /// The rest of the first stdout line starting with `prefix` (trimmed),
+    /// waiting up to `limit`: the address in `listening on ADDR`.
+    pub(crate) fn wait_value(&mut self, prefix: &str, limit: Duration) -> Result<String> {
+        let l = self.wait_line(prefix, limit)?;
+        Ok(l[prefix.len()..].trim().to_string())
+    }
+
+    /// The `n`-th line (stdout, then stderr) containing `pat`, waiting up
+    /// to `limit`; `None` if there are fewer by then.
+    pub(crate) fn wait_nth(&self, pat: &str, n: usize, limit: Duration) -> Option<String> {
+        let t = Instant::now();
+        loop {
+            let hits = self.out().into_iter().chain(self.err());
+            if let Some(l) = hits.filter(|l| l.contains(pat)).nth(n.saturating_sub(1)) {
+                return Some(l);
+            }
+            if t.elapsed() >= limit {
+                return None;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Every line it printed so far: stdout, then stderr.
+    pub(crate) fn text(&self) -> String {
+        let mut all = self.out();
+        all.extend(self.err());
+        all.join("\n")
+    }
+
     /// SIGINT: a doppel tool ends in order at its next epoch boundary.
     pub(crate) fn interrupt(&self) -> Result<()> {
         let st = Command::new("kill")
@@ -379,6 +409,23 @@ impl Watched {
             thread::sleep(Duration::from_millis(100));
         }
         Ok(self.child.try_wait()?)
+    }
+}
+
+impl Watched {
+    /// Wait up to `limit` for the exit; its code and every line it
+    /// printed. Killed (an error) if it still runs by then.
+    pub(crate) fn finish(&mut self, limit: Duration) -> Result<(Option<i32>, String)> {
+        let Some(st) = self.wait_exit(limit)? else {
+            self.kill();
+            bail!(
+                "{} did not finish within {} s:\n{}",
+                self.name,
+                limit.as_secs(),
+                self.text()
+            );
+        };
+        Ok((st.code(), self.text()))
     }
 }
 
@@ -515,6 +562,103 @@ pub(crate) fn boot(ctx: &mut Ctx, doppel: &Path, cmdline: &str, tag: &str) -> Re
     }
 }
 
+/// The kv primary's hypervisor command line.
+pub(crate) fn kv_primary_cmdline() -> String {
+    format!("mode=primary service=kv keys={KEYS} guest-mem={GUEST_MIB} epoch-exits={EPOCH_EXITS}")
+}
+
+/// `doppel backup --standby-ram RAM` serving clients, with `args` (its
+/// timeouts and the rest); the backup, its listen address and its
+/// clients' address.
+pub(crate) fn spawn_backup(
+    doppel: &Path,
+    name: &'static str,
+    ram: &Path,
+    args: &[&str],
+    echo: bool,
+) -> Result<(Watched, String, String)> {
+    let mut b = Watched::spawn(
+        name,
+        Command::new(doppel)
+            .args(["backup", "--listen", "127.0.0.1:0", "--standby-ram"])
+            .arg(ram)
+            .args(["--serve-clients", "127.0.0.1:0"])
+            .args(args),
+        echo,
+    )?;
+    let listen = b.wait_value("listening on ", Duration::from_secs(30))?;
+    let clients = b.wait_value("clients on ", Duration::from_secs(30))?;
+    Ok((b, listen, clients))
+}
+
+/// `doppel primary --machine-ram RAM --backup BACKUP` serving clients,
+/// with `args`; the primary and its clients' address.
+pub(crate) fn spawn_primary(
+    doppel: &Path,
+    name: &'static str,
+    ram: &Path,
+    backup: &str,
+    args: &[&str],
+    echo: bool,
+) -> Result<(Watched, String)> {
+    let mut p = Watched::spawn(
+        name,
+        Command::new(doppel)
+            .args(["primary", "--machine-ram"])
+            .arg(ram)
+            .args(["--backup", backup, "--serve-clients", "127.0.0.1:0"])
+            .args(["--wait-control", "60"])
+            .args(args),
+        echo,
+    )?;
+    let clients = p.wait_value("clients on ", Duration::from_secs(60))?;
+    Ok((p, clients))
+}
+
+/// Wait until `ready` says so (asked every 100 ms), failing after `limit`
+/// or with the error `ready` gives (a process the run needs has died).
+pub(crate) fn wait_for(
+    what: &str,
+    limit: Duration,
+    mut ready: impl FnMut() -> Result<bool>,
+) -> Result<()> {
+    let t = Instant::now();
+    while !ready()? {
+        if t.elapsed() > limit {
+            bail!("{what}: not within {} s", limit.as_secs());
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}
+
+/// The client's `client:` verdict line, waiting up to `limit`; `each`
+/// runs at every look (progress, or failing when a tool has died).
+pub(crate) fn client_verdict(
+    client: &mut Watched,
+    limit: Duration,
+    mut each: impl FnMut(&Watched) -> Result<()>,
+) -> Result<String> {
+    let t = Instant::now();
+    loop {
+        each(client)?;
+        let exited = client.exited()?;
+        if let Some(l) = client.out().into_iter().find(|l| l.starts_with("client:")) {
+            return Ok(l);
+        }
+        if exited {
+            bail!(
+                "the client died without a verdict:\n{}",
+                tail(&client.err(), 20)
+            );
+        }
+        if t.elapsed() > limit {
+            bail!("the client did not finish within {} s", limit.as_secs());
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// `key=value` of a line's words.
 fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
     line.split_whitespace()
@@ -624,9 +768,7 @@ impl Progress {
 pub fn run(ctx: &mut Ctx, sc: &Scenario, progress: &mut Progress) -> Result<Outcome> {
     let doppel = doppel_bin()?;
     let echo = progress.enabled;
-    let primary_cmd = format!(
-        "mode=primary service=kv keys={KEYS} guest-mem={GUEST_MIB} epoch-exits={EPOCH_EXITS}"
-    );
+    let primary_cmd = kv_primary_cmdline();
     let standby_cmd = format!("mode=standby keys={KEYS} guest-mem={GUEST_MIB}");
     if echo {
         println!("demo: booting the primary machine (QEMU, AMD SVM): {primary_cmd}");
@@ -647,33 +789,23 @@ pub fn run(ctx: &mut Ctx, sc: &Scenario, progress: &mut Progress) -> Result<Outc
         &format!("failover-{}-standby", sc.run),
     )?;
 
-    let mut backup = Watched::spawn(
+    let hb = HEARTBEAT_TIMEOUT.to_string();
+    let (mut backup, listen, bclients) = spawn_backup(
+        &doppel,
         "backup",
-        Command::new(&doppel)
-            .args(["backup", "--listen", "127.0.0.1:0", "--standby-ram"])
-            .arg(&stby.ram.0)
-            .args(["--serve-clients", "127.0.0.1:0"])
-            .args(["--heartbeat-timeout", &HEARTBEAT_TIMEOUT.to_string()])
-            .args(["--accept-timeout", "120"]),
+        &stby.ram.0,
+        &["--heartbeat-timeout", &hb, "--accept-timeout", "120"],
         echo,
     )?;
-    let listen = backup.wait_line("listening on ", Duration::from_secs(30))?;
-    let listen = listen["listening on ".len()..].trim().to_string();
-    let bclients = backup.wait_line("clients on ", Duration::from_secs(30))?;
-    let bclients = bclients["clients on ".len()..].trim().to_string();
     let relay = Relay::start(&listen)?;
-    let mut primary = Watched::spawn(
+    let (mut primary, pclients) = spawn_primary(
+        &doppel,
         "primary",
-        Command::new(&doppel)
-            .args(["primary", "--machine-ram"])
-            .arg(&prim.ram.0)
-            .args(["--backup", &relay.addr, "--serve-clients", "127.0.0.1:0"])
-            .args(["--wait-control", "60"])
-            .args(["--event-timeout", &EVENT_TIMEOUT.to_string()]),
+        &prim.ram.0,
+        &relay.addr,
+        &["--event-timeout", &EVENT_TIMEOUT.to_string()],
         echo,
     )?;
-    let pclients = primary.wait_line("clients on ", Duration::from_secs(60))?;
-    let pclients = pclients["clients on ".len()..].trim().to_string();
     let mut client = Watched::spawn(
         "client",
         Command::new(&doppel)
@@ -746,24 +878,11 @@ pub fn run(ctx: &mut Ctx, sc: &Scenario, progress: &mut Progress) -> Result<Outc
     // The backup takes over; the client finishes against it.
     let failover_line = backup.wait_line("failover:", Duration::from_secs(120))?;
     out.failover_secs = t_fault.elapsed().as_secs_f64();
-    let climit = Instant::now();
-    let verdict = loop {
-        progress.tick(t0, &backup, None, &client);
-        let exited = client.exited()?;
-        if let Some(l) = client.out().into_iter().find(|l| l.starts_with("client:")) {
-            break l;
-        }
-        if exited {
-            bail!(
-                "the client died without a verdict:\n{}",
-                tail(&client.err(), 20)
-            );
-        }
-        if climit.elapsed() > Duration::from_secs(300) {
-            bail!("the client did not finish within 300 s after the failover");
-        }
-        thread::sleep(Duration::from_millis(100));
-    };
+    let verdict = client_verdict(&mut client, Duration::from_secs(300), |c| {
+        progress.tick(t0, &backup, None, c);
+        Ok(())
+    })
+    .context("after the failover")?;
     let resumed = failover_line
         .split("committed epoch ")
         .nth(1)

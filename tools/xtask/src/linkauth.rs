@@ -17,116 +17,17 @@
 //! `result=pass` needs all three rejected and that run complete.
 
 use std::fs;
-use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::process::{Command, Output};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
+use crate::failover::Watched;
 use crate::replica::{doppel_bin, shm_file};
 use crate::test::Ctx;
 
 const PAGES: &str = "256";
-
-/// A child whose stdout and stderr lines are collected as they come;
-/// killed when dropped.
-struct Watched {
-    child: Child,
-    lines: Arc<Mutex<Vec<String>>>,
-    readers: Vec<JoinHandle<()>>,
-}
-
-fn collect(out: impl Read + Send + 'static, lines: &Arc<Mutex<Vec<String>>>) -> JoinHandle<()> {
-    let lines = Arc::clone(lines);
-    std::thread::spawn(move || {
-        for l in BufReader::new(out).lines() {
-            let Ok(l) = l else { break };
-            lines.lock().unwrap_or_else(|e| e.into_inner()).push(l);
-        }
-    })
-}
-
-impl Watched {
-    fn spawn(cmd: &mut Command) -> Result<Self> {
-        let mut child = cmd
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("starting doppel")?;
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let readers = vec![
-            collect(child.stdout.take().context("stdout")?, &lines),
-            collect(child.stderr.take().context("stderr")?, &lines),
-        ];
-        Ok(Self {
-            child,
-            lines,
-            readers,
-        })
-    }
-
-    fn text(&self) -> String {
-        self.lines
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .join("\n")
-    }
-
-    /// Wait up to `secs` for `n` lines containing `pat`; the n-th.
-    fn wait_for(&self, pat: &str, n: usize, secs: u64) -> Option<String> {
-        let t = Instant::now();
-        loop {
-            {
-                let l = self.lines.lock().unwrap_or_else(|e| e.into_inner());
-                let hits: Vec<&String> = l.iter().filter(|l| l.contains(pat)).collect();
-                if hits.len() >= n {
-                    return Some(hits[n - 1].clone());
-                }
-            }
-            if t.elapsed() >= Duration::from_secs(secs) {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn alive(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
-
-    /// Wait up to `secs` for the exit; its code, once every line is in.
-    fn finish(mut self, secs: u64) -> Result<(Option<i32>, String)> {
-        let t = Instant::now();
-        let st = loop {
-            if let Some(st) = self.child.try_wait()? {
-                break st;
-            }
-            if t.elapsed() >= Duration::from_secs(secs) {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                bail!("did not finish within {secs} s:\n{}", self.text());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        for r in std::mem::take(&mut self.readers) {
-            let _ = r.join();
-        }
-        Ok((st.code(), self.text()))
-    }
-}
-
-impl Drop for Watched {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn tls(keys: &Path, me: &str, peer: &str) -> Vec<PathBuf> {
     vec![
@@ -177,7 +78,7 @@ fn verdict(
     env: &Env<'_>,
     log: &mut Vec<String>,
 ) -> Result<&'static str> {
-    let logged = bk.wait_for(mark, before + 1, 15);
+    let logged = bk.wait_nth(mark, before + 1, Duration::from_secs(15));
     let alive = bk.alive();
     let epochs = committed(env.doppel, env.replica)?;
     let failed = !attempt.status.success();
@@ -211,13 +112,18 @@ pub fn step_link_auth(_: &mut Ctx) -> Result<String> {
     }
     let ram = shm_file("link-auth");
     // Two sessions of 3 epochs: the earlier one recorded, the real one.
-    let sim = Watched::spawn(
+    let mut sim = Watched::spawn(
+        "sim-hv",
         Command::new(&doppel)
             .args(["sim-hv", "--machine-ram"])
             .arg(&ram.0)
             .args(["--epochs", "6", "--guest-pages", PAGES, "--dirty", "20"]),
+        false,
     )?;
-    if sim.wait_for("control area published", 1, 30).is_none() {
+    if sim
+        .wait_nth("control area published", 1, Duration::from_secs(30))
+        .is_none()
+    {
         bail!("sim-hv did not start:\n{}", sim.text());
     }
     let primary = |extra: &[PathBuf], dest: &[&str]| -> Result<Output> {
@@ -250,9 +156,9 @@ pub fn step_link_auth(_: &mut Ctx) -> Result<String> {
         "2".into(),
     ];
     bk_args.extend(tls(&keys, "backup", "primary"));
-    let mut bk = Watched::spawn(Command::new(&doppel).args(&bk_args))?;
+    let mut bk = Watched::spawn("backup", Command::new(&doppel).args(&bk_args), false)?;
     let addr = bk
-        .wait_for("listening on ", 1, 30)
+        .wait_nth("listening on ", 1, Duration::from_secs(30))
         .with_context(|| format!("the backup did not start:\n{}", bk.text()))?;
     let addr = addr.trim_start_matches("listening on ").trim().to_string();
     let mut log = Vec::new();
@@ -302,7 +208,7 @@ pub fn step_link_auth(_: &mut Ctx) -> Result<String> {
         &tls(&keys, "primary", "backup"),
         &["--backup", &addr, "--ack-timeout", "30"],
     )?;
-    let (code, bk_text) = bk.finish(60)?;
+    let (code, bk_text) = bk.finish(Duration::from_secs(60))?;
     let replicated = real.status.success()
         && code == Some(0)
         && bk_text.contains("backup: last committed epoch 2 (3 epochs)")
@@ -314,7 +220,7 @@ pub fn step_link_auth(_: &mut Ctx) -> Result<String> {
             .find(|l| l.starts_with("primary: committed"))
             .unwrap_or("no `primary: committed` line")
     ));
-    let _ = sim.finish(30);
+    let _ = sim.finish(Duration::from_secs(30));
     for l in &log {
         println!("  {l}");
     }

@@ -402,29 +402,6 @@ pub const GUEST_RAM: u64 = 256 << 20;
 pub const CMDLINE: &str =
     "console=ttyS0 8250.nr_uarts=1 reboot=t panic=-1 tsc=reliable no_timer_check quiet";
 
-/// Guest RAM on the host, as the hypervisor's would be.
-struct HostRam(std::cell::RefCell<Vec<u8>>);
-
-impl doppel_abi::SharedMem for HostRam {
-    fn size(&self) -> usize {
-        self.0.borrow().len()
-    }
-    fn load_u32(&self, offset: usize) -> u32 {
-        let mut b = [0; 4];
-        self.read_bytes(offset, &mut b);
-        u32::from_le_bytes(b)
-    }
-    fn store_u32(&self, offset: usize, value: u32) {
-        self.write_bytes(offset, &value.to_le_bytes());
-    }
-    fn read_bytes(&self, offset: usize, dst: &mut [u8]) {
-        dst.copy_from_slice(&self.0.borrow()[offset..offset + dst.len()]);
-    }
-    fn write_bytes(&self, offset: usize, src: &[u8]) {
-        self.0.borrow_mut()[offset..offset + src.len()].copy_from_slice(src);
-    }
-}
-
 /// Build the PVH domain of the real kernel and initramfs into host memory
 /// with hv/core's domain builder, and check what it wrote.
 pub fn build_domain(img: &LinuxImage) -> Result<doppel_core::pvh::PvhBoot> {
@@ -432,7 +409,8 @@ pub fn build_domain(img: &LinuxImage) -> Result<doppel_core::pvh::PvhBoot> {
     use doppel_core::pvh;
     let kernel = fs::read(&img.vmlinux)?;
     let initrd = fs::read(&img.initramfs)?;
-    let ram = HostRam(std::cell::RefCell::new(vec![0; GUEST_RAM as usize]));
+    // Guest RAM on the host, as the hypervisor's would be.
+    let ram = doppel_abi::ByteMem::new(vec![0; GUEST_RAM as usize]);
     let acpi = doppel_core::acpi::build(pvh::ACPI_ADDR);
     let boot = pvh::build(
         &ram,

@@ -10,6 +10,7 @@ mod chain;
 mod conformance;
 mod cpio;
 mod emu;
+mod etcd;
 mod failover;
 mod fuzz;
 mod image;

@@ -12,18 +12,17 @@
 //! - the client's verdict must show no acknowledged answer lost
 //!   (`lost_acked=0`; it gives up, no side serves any more).
 
-use std::fs;
-use std::net::TcpListener;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+use crate::etcd::Etcd;
 use crate::failover::{
-    boot, client_answered, committed_epochs, num, tail, Relay, Watched, DETACHED, EPOCH_EXITS,
-    GUEST_MIB, KEYS,
+    boot, client_answered, client_verdict, committed_epochs, kv_primary_cmdline, num, spawn_backup,
+    spawn_primary, tail, wait_for, Machine, Relay, Watched, DETACHED, GUEST_MIB, KEYS,
 };
 use crate::replica::doppel_bin;
 use crate::test::Ctx;
@@ -31,75 +30,49 @@ use crate::test::Ctx;
 /// Lease TTL of the step (s): short, so the fence comes soon.
 const TTL: u64 = 3;
 
-/// A single-member etcd on loopback with a temporary data directory.
-pub(crate) struct Etcd {
-    child: Child,
-    dir: PathBuf,
-    pub(crate) endpoint: String,
-}
+/// The backup's timeouts in both runs.
+const BACKUP_TIMEOUTS: [&str; 4] = ["--heartbeat-timeout", "4", "--accept-timeout", "120"];
 
-fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-impl Etcd {
-    pub(crate) fn start(tag: &str) -> Result<Self> {
-        let (client, peer) = (free_port()?, free_port()?);
-        let dir = std::env::temp_dir().join(format!("doppel-etcd-{tag}-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir)?;
-        let log = dir.with_extension("log");
-        let c = format!("http://127.0.0.1:{client}");
-        let p = format!("http://127.0.0.1:{peer}");
-        let child = Command::new("etcd")
-            .args(["--name", "w", "--data-dir"])
-            .arg(dir.join("data"))
-            .args(["--listen-client-urls", &c, "--advertise-client-urls", &c])
-            .args([
-                "--listen-peer-urls",
-                &p,
-                "--initial-advertise-peer-urls",
-                &p,
-            ])
-            .args(["--initial-cluster", &format!("w={p}")])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(fs::File::create(&log)?)
-            .spawn()
-            .context("starting etcd (installed by `cargo xtask setup`: etcd-server)")?;
-        let mut e = Etcd {
-            child,
-            dir,
-            endpoint: format!("127.0.0.1:{client}"),
-        };
-        let t = Instant::now();
-        loop {
-            let text = fs::read_to_string(&log).unwrap_or_default();
-            if text.contains("ready to serve client requests") {
-                return Ok(e);
+/// Wait (up to 300 s) until the backup committed `epoch` and the client
+/// has answers; failing if one of the three ended before `before`.
+fn replicating(epoch: u64, before: &str, [p, b, c]: [&mut Watched; 3]) -> Result<()> {
+    wait_for(
+        &format!("epoch {epoch} committed with client answers"),
+        Duration::from_secs(300),
+        || {
+            let e = committed_epochs(b).last().map_or(0, |e| e.0);
+            if e >= epoch && client_answered(c) > 0 {
+                return Ok(true);
             }
-            if e.child.try_wait()?.is_some() || t.elapsed() > Duration::from_secs(30) {
+            if !p.alive() || !b.alive() || !c.alive() {
                 bail!(
-                    "etcd did not come up:\n{}",
-                    tail(&text.lines().map(String::from).collect::<Vec<_>>(), 10)
+                    "a process ended before {before}:\nprimary:\n{}\nbackup:\n{}\nclient:\n{}",
+                    tail(&p.err(), 15),
+                    tail(&b.err(), 15),
+                    tail(&c.err(), 5)
                 );
             }
-            thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    pub(crate) fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+            Ok(false)
+        },
+    )
 }
 
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        self.kill();
-        let _ = fs::remove_file(self.dir.with_extension("log"));
-        let _ = fs::remove_dir_all(&self.dir);
-    }
+/// A kv primary and a standby machine, tagged `{tag}-primary` and
+/// `{tag}-standby`.
+fn machines(ctx: &mut Ctx, doppel: &Path, tag: &str) -> Result<(Machine, Machine)> {
+    let prim = boot(
+        ctx,
+        doppel,
+        &kv_primary_cmdline(),
+        &format!("{tag}-primary"),
+    )?;
+    let stby = boot(
+        ctx,
+        doppel,
+        &format!("mode=standby keys={KEYS} guest-mem={GUEST_MIB}"),
+        &format!("{tag}-standby"),
+    )?;
+    Ok((prim, stby))
 }
 
 pub fn step_witness_down(ctx: &mut Ctx) -> Result<String> {
@@ -112,49 +85,28 @@ pub fn step_witness_down(ctx: &mut Ctx) -> Result<String> {
         &TTL.to_string(),
     ];
     let key = format!("/doppel/witness-down-{}/active", std::process::id());
-    let prim = boot(
-        ctx,
+    let (prim, stby) = machines(ctx, &doppel, "witness-down")?;
+    let (mut backup, listen, bclients) = spawn_backup(
         &doppel,
-        &format!(
-            "mode=primary service=kv keys={KEYS} guest-mem={GUEST_MIB} epoch-exits={EPOCH_EXITS}"
-        ),
-        "witness-down-primary",
-    )?;
-    let stby = boot(
-        ctx,
-        &doppel,
-        &format!("mode=standby keys={KEYS} guest-mem={GUEST_MIB}"),
-        "witness-down-standby",
-    )?;
-    let mut backup = Watched::spawn(
         "backup",
-        Command::new(&doppel)
-            .args(["backup", "--listen", "127.0.0.1:0", "--standby-ram"])
-            .arg(&stby.ram.0)
-            .args(["--serve-clients", "127.0.0.1:0", "--heartbeat-timeout", "4"])
-            .args(["--accept-timeout", "120"])
-            .args(wit)
-            .args(["--witness-key", &key]),
+        &stby.ram.0,
+        &[&BACKUP_TIMEOUTS[..], &wit, &["--witness-key", &key]].concat(),
         false,
     )?;
-    let listen = backup.wait_line("listening on ", Duration::from_secs(30))?;
-    let listen = listen["listening on ".len()..].trim().to_string();
-    let bclients = backup.wait_line("clients on ", Duration::from_secs(30))?;
-    let bclients = bclients["clients on ".len()..].trim().to_string();
-    let mut primary = Watched::spawn(
+    let (mut primary, pclients) = spawn_primary(
+        &doppel,
         "primary",
-        Command::new(&doppel)
-            .args(["primary", "--machine-ram"])
-            .arg(&prim.ram.0)
-            .args(["--backup", &listen, "--serve-clients", "127.0.0.1:0"])
-            .args(["--wait-control", "60", "--event-timeout", "4"])
-            .args(wit)
-            .args(["--witness-key", &key]),
+        &prim.ram.0,
+        &listen,
+        &[
+            &["--event-timeout", "4"][..],
+            &wit,
+            &["--witness-key", &key],
+        ]
+        .concat(),
         false,
     )?;
     primary.wait_line("primary: witness key", Duration::from_secs(60))?;
-    let pclients = primary.wait_line("clients on ", Duration::from_secs(60))?;
-    let pclients = pclients["clients on ".len()..].trim().to_string();
     let mut client = Watched::spawn(
         "client",
         Command::new(&doppel)
@@ -164,25 +116,11 @@ pub fn step_witness_down(ctx: &mut Ctx) -> Result<String> {
         false,
     )?;
     // Replicating, and the client has answers.
-    let t0 = Instant::now();
-    loop {
-        let e = committed_epochs(&backup).last().map_or(0, |e| e.0);
-        if e >= 3 && client_answered(&client) > 0 {
-            break;
-        }
-        if !primary.alive() || !backup.alive() || !client.alive() {
-            bail!(
-                "a process died before etcd was stopped:\nprimary:\n{}\nbackup:\n{}\nclient:\n{}",
-                tail(&primary.err(), 15),
-                tail(&backup.err(), 15),
-                tail(&client.err(), 5)
-            );
-        }
-        if t0.elapsed() > Duration::from_secs(300) {
-            bail!("no 3 committed epochs with client answers within 300 s");
-        }
-        thread::sleep(Duration::from_millis(100));
-    }
+    replicating(
+        3,
+        "etcd was stopped",
+        [&mut primary, &mut backup, &mut client],
+    )?;
     etcd.kill();
     let killed = Instant::now();
     let fenced = primary.wait_line("primary: fenced:", Duration::from_secs(TTL + 60));
@@ -212,17 +150,7 @@ pub fn step_witness_down(ctx: &mut Ctx) -> Result<String> {
     let activated = backup.out().iter().any(|l| l.starts_with("failover:"));
     let backup_waiting = waiting.is_ok() && !activated && backup.alive();
     // The client gives up (nobody serves); its verdict counts lost answers.
-    let t = Instant::now();
-    let verdict = loop {
-        let exited = client.exited()?;
-        if let Some(l) = client.out().into_iter().find(|l| l.starts_with("client:")) {
-            break l;
-        }
-        if exited || t.elapsed() > Duration::from_secs(120) {
-            bail!("the client gave no verdict:\n{}", tail(&client.err(), 10));
-        }
-        thread::sleep(Duration::from_millis(100));
-    };
+    let verdict = client_verdict(&mut client, Duration::from_secs(120), |_| Ok(()))?;
     println!("witness-down: {verdict}");
     let lost = num(&verdict, "lost_acked").context("the verdict has no lost_acked")?;
     let pass = primary_fenced && !detached && backup_waiting && lost == 0;
@@ -310,50 +238,28 @@ fn partition_run(ctx: &mut Ctx, k: u32, seed: u64, cut: Cut) -> Result<String> {
         &TTL.to_string(),
     ];
     let key = format!("/doppel/partition-{}-{k}/active", std::process::id());
-    let mut prim = boot(
-        ctx,
+    let (mut prim, mut stby) = machines(ctx, &doppel, &format!("partition-{k}"))?;
+    let (mut backup, listen, bclients) = spawn_backup(
         &doppel,
-        &format!(
-            "mode=primary service=kv keys={KEYS} guest-mem={GUEST_MIB} epoch-exits={EPOCH_EXITS}"
-        ),
-        &format!("partition-{k}-primary"),
-    )?;
-    let mut stby = boot(
-        ctx,
-        &doppel,
-        &format!("mode=standby keys={KEYS} guest-mem={GUEST_MIB}"),
-        &format!("partition-{k}-standby"),
-    )?;
-    let mut backup = Watched::spawn(
         "backup",
-        Command::new(&doppel)
-            .args(["backup", "--listen", "127.0.0.1:0", "--standby-ram"])
-            .arg(&stby.ram.0)
-            .args(["--serve-clients", "127.0.0.1:0", "--heartbeat-timeout", "4"])
-            .args(["--accept-timeout", "120"])
-            .args(wit)
-            .args(["--witness-key", &key]),
+        &stby.ram.0,
+        &[&BACKUP_TIMEOUTS[..], &wit, &["--witness-key", &key]].concat(),
         false,
     )?;
-    let listen = backup.wait_line("listening on ", Duration::from_secs(30))?;
-    let listen = listen["listening on ".len()..].trim().to_string();
-    let bclients = backup.wait_line("clients on ", Duration::from_secs(30))?;
-    let bclients = bclients["clients on ".len()..].trim().to_string();
     let relay = Relay::start(&listen)?;
-    let mut primary = Watched::spawn(
+    let (mut primary, pclients) = spawn_primary(
+        &doppel,
         "primary",
-        Command::new(&doppel)
-            .args(["primary", "--machine-ram"])
-            .arg(&prim.ram.0)
-            .args(["--backup", &relay.addr, "--serve-clients", "127.0.0.1:0"])
-            .args(["--wait-control", "60", "--event-timeout", "4"])
-            .args(["--ack-timeout", "10"])
-            .args(wit)
-            .args(["--witness-key", &key]),
+        &prim.ram.0,
+        &relay.addr,
+        &[
+            &["--event-timeout", "4", "--ack-timeout", "10"][..],
+            &wit,
+            &["--witness-key", &key],
+        ]
+        .concat(),
         false,
     )?;
-    let pclients = primary.wait_line("clients on ", Duration::from_secs(60))?;
-    let pclients = pclients["clients on ".len()..].trim().to_string();
     let ops = 3000;
     let mut client = Watched::spawn(
         "client",
@@ -364,25 +270,11 @@ fn partition_run(ctx: &mut Ctx, k: u32, seed: u64, cut: Cut) -> Result<String> {
             .args(["--reply-timeout", "30", "--connect-timeout", "30"]),
         false,
     )?;
-    let t0 = Instant::now();
-    loop {
-        let e = committed_epochs(&backup).last().map_or(0, |e| e.0);
-        if e >= at_epoch && client_answered(&client) > 0 {
-            break;
-        }
-        if !primary.alive() || !backup.alive() || !client.alive() {
-            bail!(
-                "a process ended before the cut:\nprimary:\n{}\nbackup:\n{}\nclient:\n{}",
-                tail(&primary.err(), 15),
-                tail(&backup.err(), 15),
-                tail(&client.out(), 5)
-            );
-        }
-        if t0.elapsed() > Duration::from_secs(300) {
-            bail!("epoch {at_epoch} not committed within 300 s");
-        }
-        thread::sleep(Duration::from_millis(100));
-    }
+    replicating(
+        at_epoch,
+        "the cut",
+        [&mut primary, &mut backup, &mut client],
+    )?;
     match cut {
         Cut::Both => &relay.cut,
         Cut::PrimaryToBackup => &relay.cut_fwd,
@@ -390,17 +282,7 @@ fn partition_run(ctx: &mut Ctx, k: u32, seed: u64, cut: Cut) -> Result<String> {
     }
     .store(true, std::sync::atomic::Ordering::SeqCst);
     // The client finishes on whichever side serves.
-    let t = Instant::now();
-    let verdict = loop {
-        let exited = client.exited()?;
-        if let Some(l) = client.out().into_iter().find(|l| l.starts_with("client:")) {
-            break l;
-        }
-        if exited || t.elapsed() > Duration::from_secs(180) {
-            bail!("the client gave no verdict:\n{}", tail(&client.err(), 10));
-        }
-        thread::sleep(Duration::from_millis(100));
-    };
+    let verdict = client_verdict(&mut client, Duration::from_secs(180), |_| Ok(()))?;
     let lost = num(&verdict, "lost_acked").context("the verdict has no lost_acked")?;
     let activated = backup.out().iter().any(|l| l.starts_with("failover:"));
     let waited_while_held = backup
@@ -462,7 +344,7 @@ pub fn step_partition(ctx: &mut Ctx) -> Result<String> {
 mod tests {
     use super::*;
     use std::io::{Read, Write};
-    use std::net::TcpStream;
+    use std::net::{TcpListener, TcpStream};
     use std::sync::atomic::Ordering;
 
     #[test]
