@@ -838,13 +838,16 @@ fn a_lost_backup_leaves_the_primary_serving_until_a_new_backup_protects_it() {
         &dir,
         &pclients,
         "12000",
+        // No failover address: a reply timeout would end the client, so
+        // it is long enough for a loaded machine (a CI run failed once
+        // with 5 s); stalls are caught by the 10 s progress checks below.
         &[
             "--window",
             "16",
             "--reply-timeout",
-            "5",
+            "20",
             "--connect-timeout",
-            "5",
+            "20",
         ],
     );
     client.wait_err("client: answered", 15);
