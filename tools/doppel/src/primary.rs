@@ -93,6 +93,10 @@ pub enum PrimaryError {
         addr: String,
         source: std::io::Error,
     },
+    /// The backup answered but the link could not be set up: the TLS
+    /// handshake failed (not the pinned certificate, no TLS).
+    #[error("connecting to {addr}: {why}")]
+    LinkRefused { addr: String, why: String },
     #[error("sending epoch {epoch}: {source}")]
     Send { epoch: u64, source: std::io::Error },
     #[error("back channel, waiting for the ack of epoch {epoch}: {source}")]
@@ -121,6 +125,7 @@ impl PrimaryError {
             PrimaryError::Timeout { .. } | PrimaryError::Gone { .. } => 4,
             PrimaryError::Send { .. }
             | PrimaryError::AckClosed { .. }
+            | PrimaryError::LinkRefused { .. }
             | PrimaryError::HelloTimeout { .. } => 5,
             PrimaryError::Fenced { .. } => 6,
             PrimaryError::Ack { source, .. }

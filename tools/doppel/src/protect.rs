@@ -159,7 +159,10 @@ pub fn connect(opts: &ProtectOpts, guest_pages: u64) -> Result<Link, PrimaryErro
         Some(t) => crate::link::Link::client(conn, t, opts.handshake),
         None => crate::link::Link::plain(conn),
     }
-    .map_err(|e| cerr(std::io::Error::other(e.to_string())))?;
+    .map_err(|e| PrimaryError::LinkRefused {
+        addr: opts.backup.clone(),
+        why: e.to_string(),
+    })?;
     let (back, wr) = link.split();
     let mut acks = AckReader::open(BufReader::new(back), 0)
         .map_err(|source| PrimaryError::Ack { epoch: 0, source })?;
