@@ -80,112 +80,64 @@ fn side(k: &Path, me: &str, peer: &str) -> LinkTls {
     LinkTls::from_der(c, key, der(k, peer).0)
 }
 
-/// Lines a child writes to one pipe, collected by a thread.
-#[derive(Clone)]
-struct Lines(Arc<Mutex<Vec<String>>>);
-
-impl Lines {
-    fn read(out: impl Read + Send + 'static) -> (Self, std::thread::JoinHandle<()>) {
-        let l = Lines(Arc::new(Mutex::new(Vec::new())));
-        let l2 = l.clone();
-        let h = std::thread::spawn(move || {
-            for line in std::io::BufRead::lines(std::io::BufReader::new(out)) {
-                let Ok(line) = line else { break };
-                l2.0.lock().unwrap().push(line);
-            }
-        });
-        (l, h)
-    }
-
-    fn text(&self) -> String {
-        self.0.lock().unwrap().join("\n")
-    }
-
-    /// Wait (up to 20 s) for a line containing `pat`; the line.
-    fn wait(&self, pat: &str) -> String {
-        let t = Instant::now();
-        loop {
-            if let Some(l) = self.0.lock().unwrap().iter().find(|l| l.contains(pat)) {
-                return l.clone();
-            }
-            assert!(
-                t.elapsed() < Duration::from_secs(20),
-                "no line with {pat:?} in:\n{}",
-                self.text()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// How many lines contain `pat`.
-    fn count(&self, pat: &str) -> usize {
-        self.0
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|l| l.contains(pat))
-            .count()
-    }
-}
-
-/// A running `doppel backup` into `dir/bk`: child, address, stdout, stderr.
+/// A running `doppel backup` into `dir/bk` and the address it listens on.
 struct Backup {
-    child: Child,
+    p: Proc,
     addr: String,
-    out: Lines,
-    err: Lines,
-    readers: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl Backup {
     fn start(dir: &Path, extra: &[OsString]) -> Self {
-        let mut child = Command::new(BIN)
-            .args(["backup", "--listen", "127.0.0.1:0", "--replica"])
-            .arg(dir.join("bk"))
-            .args([
+        let mut args: Vec<OsString> = ["backup", "--listen", "127.0.0.1:0", "--replica"]
+            .map(OsString::from)
+            .to_vec();
+        args.push(dir.join("bk").into());
+        args.extend(
+            [
                 "--guest-pages",
                 &PAGES.to_string(),
                 "--accept-timeout",
                 "60",
-            ])
-            .args(extra)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let (out, h1) = Lines::read(child.stdout.take().unwrap());
-        let (err, h2) = Lines::read(child.stderr.take().unwrap());
-        let addr = out
-            .wait("listening on ")
-            .trim_start_matches("listening on ")
-            .to_string();
-        Self {
-            child,
-            addr,
-            out,
-            err,
-            readers: vec![h1, h2],
-        }
+            ]
+            .map(OsString::from),
+        );
+        args.extend(extra.iter().cloned());
+        let p = Proc::spawn("backup", dir, &args);
+        let addr = p.addr("listening on ");
+        Self { p, addr }
+    }
+
+    /// Wait (up to 20 s) for a stderr line containing `pat`.
+    fn wait_err(&self, pat: &str) {
+        self.p.wait_err(pat, 20);
+    }
+
+    fn err_text(&self) -> String {
+        self.p.err_lines().join("\n")
+    }
+
+    /// How many stderr lines contain `pat`.
+    fn err_count(&self, pat: &str) -> usize {
+        self.p
+            .err_lines()
+            .iter()
+            .filter(|l| l.contains(pat))
+            .count()
     }
 
     /// Still running (waiting for the primary).
     fn alive(&mut self) -> bool {
-        self.child.try_wait().unwrap().is_none()
+        self.p.child.try_wait().unwrap().is_none()
     }
 
     /// Wait for the exit; (code, stdout, stderr).
     fn finish(mut self) -> (Option<i32>, String, String) {
-        let st = self.child.wait().unwrap();
-        for h in self.readers {
-            h.join().unwrap();
-        }
-        (st.code(), self.out.text(), self.err.text())
+        let st = self.p.wait_exit(60);
+        (st.code(), self.p.lines().join("\n"), self.err_text())
     }
 
     fn kill(mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.p.kill9();
     }
 }
 
@@ -381,10 +333,9 @@ fn pinned_certificates_replicate_and_wrong_ones_are_refused_in_the_handshake() {
     let bad = primary(&ram, &bk.addr, 3, &tls(&k, "intruder", "backup"));
     assert_eq!(bad.status.code(), Some(5), "{}", text(&bad));
     assert!(text(&bad).contains("fatal alert"), "{}", text(&bad));
-    bk.err.wait("rejected: TLS handshake");
+    bk.wait_err("rejected: TLS handshake");
     assert!(bk
-        .err
-        .text()
+        .err_text()
         .contains("its certificate is not the pinned one"));
     // A primary that pins another backup refuses this one itself.
     let wary = primary(&ram, &bk.addr, 3, &tls(&k, "primary", "intruder"));
@@ -394,7 +345,7 @@ fn pinned_certificates_replicate_and_wrong_ones_are_refused_in_the_handshake() {
         "{}",
         text(&wary)
     );
-    assert!(bk.alive(), "{}", bk.err.text());
+    assert!(bk.alive(), "{}", bk.err_text());
     assert_eq!(committed(&dir), 0);
     // The real primary: replicated over TLS, every epoch.
     let good = primary(&ram, &bk.addr, 3, &tls(&k, "primary", "backup"));
@@ -440,7 +391,7 @@ fn no_certificate_and_no_tls_are_refused_and_the_backup_keeps_waiting() {
     // TLS, but no certificate: nothing of the stream ever comes back.
     let r = connect_without_certificate(&bk.addr, &k);
     assert!(r.is_err(), "{r:?}");
-    bk.err.wait("it presented no certificate");
+    bk.wait_err("it presented no certificate");
     // A capture sent in the clear (a primary without TLS).
     let cap = dir.join("synth.xen");
     let o = run(&[
@@ -456,13 +407,13 @@ fn no_certificate_and_no_tls_are_refused_and_the_backup_keeps_waiting() {
     assert!(o.status.success(), "{}", text(&o));
     let mut s = TcpStream::connect(&bk.addr).unwrap();
     let _ = s.write_all(&std::fs::read(&cap).unwrap());
-    bk.err.wait("it does not speak TLS 1.3");
+    bk.wait_err("it does not speak TLS 1.3");
     // Connected and silent (a plain primary waits for the back channel).
     let quiet = TcpStream::connect(&bk.addr).unwrap();
-    bk.err.wait("no TLS handshake within 0.5 s");
+    bk.wait_err("no TLS handshake within 0.5 s");
     drop(quiet);
-    assert_eq!(bk.err.count("link: rejected"), 3, "{}", bk.err.text());
-    assert!(bk.alive(), "{}", bk.err.text());
+    assert_eq!(bk.err_count("link: rejected"), 3, "{}", bk.err_text());
+    assert!(bk.alive(), "{}", bk.err_text());
     assert_eq!(committed(&dir), 0, "nothing of the refused peers applied");
     // And still listening for the real primary.
     let ram = dir.join("m.ram");
@@ -581,20 +532,19 @@ fn a_replayed_stream_is_refused_before_anything_is_applied() {
     // counting them (waiting for the reason raced with the count).
     let said = replay(&bk.addr, &k, &session1);
     assert!(!said.contains("Ack"), "{said}");
-    bk.err.wait(
+    bk.wait_err(
         "link: rejected the stream: session check failed: DOPPEL_SESSION carries another nonce",
     );
     let said = replay(&bk.addr, &k, &capture);
     assert!(!said.contains("Ack"), "{said}");
-    bk.err
-        .wait("link: rejected the stream: session check failed: the first record is");
+    bk.wait_err("link: rejected the stream: session check failed: the first record is");
     assert_eq!(
-        bk.err.count("link: rejected the stream"),
+        bk.err_count("link: rejected the stream"),
         2,
         "{}",
-        bk.err.text()
+        bk.err_text()
     );
-    assert!(bk.alive(), "{}", bk.err.text());
+    assert!(bk.alive(), "{}", bk.err_text());
     assert_eq!(committed(&dir), 0, "the replica is unchanged");
     bk.kill();
     let _ = simc.kill();

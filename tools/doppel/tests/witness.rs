@@ -14,6 +14,9 @@ use doppel::witness::{Witness, WitnessError};
 mod etcd;
 use etcd::Etcd;
 
+mod common;
+use common::Proc;
+
 fn etcd_installed() -> bool {
     let ok = Command::new("etcd")
         .arg("--version")
@@ -289,66 +292,6 @@ fn a_primary_whose_witness_dies_fences_itself_and_does_not_detach() {
     );
 }
 
-/// A `doppel` child whose stdout lines are collected.
-struct Lines {
-    child: Child,
-    out: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
-}
-
-impl Lines {
-    fn spawn(args: &[&str]) -> Lines {
-        use std::io::BufRead;
-        let mut child = Command::new(env!("CARGO_BIN_EXE_doppel"))
-            .args(args)
-            .env("RUST_BACKTRACE", "1")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let out = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let (r, into) = (child.stdout.take().unwrap(), std::sync::Arc::clone(&out));
-        std::thread::spawn(move || {
-            for l in std::io::BufReader::new(r).lines() {
-                let Ok(l) = l else { break };
-                into.lock().unwrap().push(l);
-            }
-        });
-        Lines { child, out }
-    }
-
-    fn lines(&self) -> Vec<String> {
-        self.out.lock().unwrap().clone()
-    }
-
-    /// Index and text of the first line starting with `prefix`.
-    fn wait_line(&self, prefix: &str, secs: u64) -> (usize, String) {
-        let t = Instant::now();
-        loop {
-            if let Some(hit) = self
-                .lines()
-                .into_iter()
-                .enumerate()
-                .find(|(_, l)| l.starts_with(prefix))
-            {
-                return hit;
-            }
-            assert!(
-                t.elapsed() < Duration::from_secs(secs),
-                "no line starting with {prefix:?} within {secs} s: {:#?}",
-                self.lines()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Lines {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[test]
 fn the_backup_activates_only_once_the_primarys_lease_is_gone_and_fences_when_it_cannot_renew() {
     if !etcd_installed() {
@@ -359,14 +302,18 @@ fn the_backup_activates_only_once_the_primarys_lease_is_gone_and_fences_when_it_
     let (mut sim, ram) = sim_kv(&dir);
     let sram = dir.join("standby.ram");
     let sram_s = sram.to_str().unwrap();
-    let _standby = Lines::spawn(&[
-        "sim-hv",
-        "--standby",
-        "--max-secs",
-        "60",
-        "--machine-ram",
-        sram_s,
-    ]);
+    let _standby = Proc::spawn(
+        "standby",
+        &dir,
+        &[
+            "sim-hv",
+            "--standby",
+            "--max-secs",
+            "60",
+            "--machine-ram",
+            sram_s,
+        ],
+    );
     let wit = ["--witness", &etcd.endpoint, "--witness-ttl", "2"];
     let mut bargs = vec![
         "backup",
@@ -382,8 +329,8 @@ fn the_backup_activates_only_once_the_primarys_lease_is_gone_and_fences_when_it_
         "20",
     ];
     bargs.extend(wit);
-    let mut backup = Lines::spawn(&bargs);
-    let (_, listen) = backup.wait_line("listening on ", 20);
+    let mut backup = Proc::spawn("backup", &dir, &bargs);
+    let (_, listen) = backup.wait_line_at("listening on ", 20);
     let listen = listen["listening on ".len()..].trim().to_string();
     let mut pargs = vec![
         "primary",
@@ -395,8 +342,8 @@ fn the_backup_activates_only_once_the_primarys_lease_is_gone_and_fences_when_it_
         &listen,
     ];
     pargs.extend(wit);
-    let mut primary = Lines::spawn(&pargs);
-    primary.wait_line("primary: witness key", 20);
+    let mut primary = Proc::spawn("primary", &dir, &pargs);
+    primary.wait_line_at("primary: witness key", 20);
     std::thread::sleep(Duration::from_secs(2));
     // SIGKILL: no revoke, the lease runs out on its own.
     let _ = primary.child.kill();
@@ -404,12 +351,12 @@ fn the_backup_activates_only_once_the_primarys_lease_is_gone_and_fences_when_it_
     let killed = Instant::now();
     let _ = sim.kill();
     let _ = sim.wait();
-    let (w, waiting) = backup.wait_line("backup: waiting:", 10);
+    let (w, waiting) = backup.wait_line_at("backup: waiting:", 10);
     assert!(waiting.contains("is held by \"primary:"), "{waiting}");
-    let (f, _) = backup.wait_line("failover:", 15);
+    let (f, _) = backup.wait_line_at("failover:", 15);
     let took = killed.elapsed();
     assert!(w < f, "waited before activating: {:#?}", backup.lines());
-    let (t, _) = backup.wait_line("backup: witness key", 1);
+    let (t, _) = backup.wait_line_at("backup: witness key", 1);
     assert!(t < f, "the key was taken before activation");
     // Not before the primary's last renewal could have expired (it was
     // renewed at most one round before the kill).
@@ -420,7 +367,7 @@ fn the_backup_activates_only_once_the_primarys_lease_is_gone_and_fences_when_it_
     // The activated side loses etcd: it must stop serving within the TTL.
     etcd.kill();
     let down = Instant::now();
-    backup.wait_line("backup: fenced:", 5);
+    backup.wait_line_at("backup: fenced:", 5);
     assert!(
         down.elapsed() < Duration::from_secs(2),
         "{:?}",

@@ -98,9 +98,18 @@ impl Proc {
 
     /// The first stdout line starting with `prefix`.
     pub fn wait_line(&self, prefix: &str, secs: u64) -> String {
+        self.wait_line_at(prefix, secs).1
+    }
+
+    /// The index (order of output) and text of the first stdout line
+    /// starting with `prefix`.
+    pub fn wait_line_at(&self, prefix: &str, secs: u64) -> (usize, String) {
         let what = format!("no line starting with {prefix:?}");
         self.log.poll(&what, secs, 10, || {
-            self.lines().into_iter().find(|l| l.starts_with(prefix))
+            self.lines()
+                .into_iter()
+                .enumerate()
+                .find(|(_, l)| l.starts_with(prefix))
         })
     }
 
