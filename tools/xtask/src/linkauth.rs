@@ -152,8 +152,12 @@ pub fn step_link_auth(_: &mut Ctx) -> Result<String> {
         PAGES.into(),
         "--accept-timeout".into(),
         "300".into(),
+        // Shorter than the 2 s a primary waits for the backup's first
+        // bytes: the backup's own "no TLS handshake within" verdict must
+        // come first (with both at 2 s the plain primary sometimes hung up
+        // first and the probe read "the peer closed the connection").
         "--tls-handshake-timeout".into(),
-        "2".into(),
+        "1".into(),
     ];
     bk_args.extend(tls(&keys, "backup", "primary"));
     let mut bk = Watched::spawn("backup", Command::new(&doppel).args(&bk_args), false)?;
