@@ -33,7 +33,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use doppel_abi::control::{AbiError, Features, Field, ALIVE_OFFSET};
+use doppel_abi::control::{AbiError, Features, Field, ALIVE_OFFSET, PAUSE_OFFSET};
 use doppel_abi::msg::{op, Ack, CheckpointReady, LogDirtyMode, Reply};
 use doppel_abi::ring::{ring_entries, slot_size, RingError, HEADER_SIZE, REQ_PROD, RSP_PROD};
 use doppel_abi::{
@@ -518,6 +518,8 @@ pub struct Primary<'m> {
     next_epoch: u64,
     /// The checkpoint taken and not yet released: (kind, seq, epoch).
     pending: Option<(u32, u32, u64)>,
+    /// When the pending checkpoint was taken, and its pages.
+    taken: Option<(Instant, u64)>,
     /// Every guest page as of the last checkpoint taken
     /// ([`Primary::keep_mirror`]): what a new backup's epoch 0 carries.
     mirror: Option<Vec<u8>>,
@@ -675,6 +677,7 @@ impl<'m> Primary<'m> {
             fenced: false,
             next_epoch: 0,
             pending: None,
+            taken: None,
             mirror: None,
         })
     }
@@ -697,6 +700,15 @@ impl<'m> Primary<'m> {
         let mut b = [0u8; 8];
         self.win.read_bytes(ALIVE_OFFSET, &mut b);
         u64::from_le_bytes(b)
+    }
+
+    /// The hypervisor's most recent epoch-end pause in TSC cycles (hv/abi
+    /// `ControlHeader::pause_cycles`), read live; `None` when it reports
+    /// none (0).
+    pub fn pause_cycles(&self) -> Option<u64> {
+        let mut b = [0u8; 8];
+        self.win.read_bytes(PAUSE_OFFSET, &mut b);
+        Some(u64::from_le_bytes(b)).filter(|&c| c != 0)
     }
 
     /// The control area in use.
@@ -922,6 +934,7 @@ impl<'m> Primary<'m> {
                 Event::CheckpointReady(c) => c,
                 Event::OutputAvailable { epoch, bytes } => {
                     tracing::debug!("output available: epoch {epoch}, {bytes} bytes");
+                    crate::telemetry::global().output_announced(epoch, bytes);
                     self.ack_event(entry.kind, entry.seq, epoch, Ok(()));
                     continue;
                 }
@@ -960,6 +973,8 @@ impl<'m> Primary<'m> {
                 }
             }
             self.pending = Some((entry.kind, entry.seq, c.epoch));
+            self.taken = Some((Instant::now(), c.dirty_count));
+            crate::telemetry::global().set_epoch(c.epoch);
             return Ok(Some((c, tsc)));
         }
     }
@@ -977,6 +992,7 @@ impl<'m> Primary<'m> {
         if let Some(gate) = &self.cfg.gate {
             if let Err(why) = gate.0.check(Instant::now()) {
                 self.fenced = true;
+                crate::telemetry::global().set_state(crate::telemetry::State::Fenced);
                 return Err(PrimaryError::Fenced { epoch, why });
             }
         }
@@ -984,6 +1000,16 @@ impl<'m> Primary<'m> {
         self.ack_event(kind, seq, epoch, Ok(()));
         self.expect_done(Command::CommitEpoch { epoch }, "CommitEpoch")?;
         self.next_epoch = epoch + 1;
+        let (lag, pages) = self
+            .taken
+            .take()
+            .map_or((None, 0), |(t, n)| (Some(t.elapsed()), n));
+        crate::telemetry::global().committed(&crate::telemetry::Committed {
+            epoch,
+            pages,
+            lag,
+            pause_cycles: self.pause_cycles(),
+        });
         Ok(Some(epoch))
     }
 
@@ -1115,6 +1141,8 @@ impl<'m> Primary<'m> {
                 .and_then(|_| w.flush())
                 .map_err(send(epoch))?;
             let bytes = out.writer.bytes() - before;
+            let sent = Instant::now();
+            let acked = out.acks.is_some();
             if let Some(acks) = &mut out.acks {
                 loop {
                     match acks.next_msg() {
@@ -1138,6 +1166,13 @@ impl<'m> Primary<'m> {
                     }
                 }
             }
+            crate::telemetry::global().shipped(&crate::telemetry::Shipped {
+                bytes,
+                page_raw,
+                page_wire,
+                xlz4: out.xlz4.is_some(),
+                ack: acked.then(|| sent.elapsed()),
+            });
             self.release()?;
             sum.committed += 1;
             sum.pages += pages;

@@ -31,8 +31,11 @@ use doppel_abi::guest::MAX_RECORD;
 use heapless::Vec as HVec;
 
 use doppel_abi::control::{
-    validate_header, ControlHeader, ControlView, Field, Region, ALIVE_OFFSET,
+    validate_header, ControlHeader, ControlView, Field, Region, ALIVE_OFFSET, PAUSE_OFFSET,
 };
+// The two live header words are mapped as one pair.
+const _: () = assert!(PAUSE_OFFSET == ALIVE_OFFSET + 8);
+
 use doppel_abi::msg::{
     CheckpointReady, Command, Event, LogDirtyMode, Reply, Response, Span, UNPROTECTED_EPOCH,
 };
@@ -291,6 +294,8 @@ struct ControlArea {
     /// The header's liveness counter ([`ControlHeader::alive`]), written
     /// only here, and its value.
     alive: &'static AtomicU64,
+    /// The header's last epoch-end pause ([`ControlHeader::pause_cycles`]).
+    pause: &'static AtomicU64,
     beats: u64,
     enabled: bool,
     /// Events posted and not yet acknowledged, to match acks against.
@@ -474,14 +479,17 @@ impl ControlArea {
             Ok(AtomicMem64::new(words))
         };
         publish_locator(pa, size, h.total_size, h.guest_ram)?;
-        // SAFETY: `pa + ALIVE_OFFSET` lies in the header, inside the area
-        // described above, 8-byte aligned (`pa` is page aligned and the
-        // offset is checked at compile time in hv/abi). After the publish
-        // above the header is never written through `words` again: this
-        // word is reached through this reference alone on our side, by
-        // atomic stores; the tool only reads it.
-        let alive: &'static AtomicU64 =
-            unsafe { &*((pa + ALIVE_OFFSET as u64) as *const AtomicU64) };
+        // SAFETY: `pa + ALIVE_OFFSET` and the word after it
+        // (`PAUSE_OFFSET`, asserted adjacent below) lie in the header,
+        // inside the area described above, 8-byte aligned (`pa` is page
+        // aligned and the offsets are checked at compile time in hv/abi).
+        // After the publish above the header is never written through
+        // `words` again: these two words are reached through this
+        // reference alone on our side, by atomic stores; the tool only
+        // reads them.
+        let live: &'static [AtomicU64; 2] =
+            unsafe { &*((pa + ALIVE_OFFSET as u64) as *const [AtomicU64; 2]) };
+        let [alive, pause] = live;
         let staging = area_mem(Field::Staging)?;
         let pfns = area_mem(Field::PfnList)?;
         let vcpu = area_mem(Field::VcpuArea)?;
@@ -500,6 +508,7 @@ impl ControlArea {
             pfns,
             vcpu,
             alive,
+            pause,
             beats: 0,
             enabled: false,
             events: PostedEvents::new(),
@@ -1120,5 +1129,10 @@ impl EpochSink for ControlArea {
                 self.next_epoch.saturating_sub(1)
             );
         }
+    }
+
+    fn pause_measured(&mut self, cycles: u64) {
+        self.pause
+            .store(cycles.to_le(), core::sync::atomic::Ordering::Relaxed);
     }
 }
