@@ -34,6 +34,9 @@ pub const ALIVE_OFFSET: usize = 160;
 /// Offset of [`ControlHeader::pause_cycles`], the last epoch-end pause,
 /// right after the liveness counter (8-byte aligned).
 pub const PAUSE_OFFSET: usize = 168;
+/// Offset of [`ControlHeader::held_output`], the guest output held until
+/// commit, right after the pause (8-byte aligned).
+pub const HELD_OFFSET: usize = 176;
 
 bitflags::bitflags! {
     /// What the hypervisor offers.
@@ -110,8 +113,14 @@ layout_struct! {
         /// tool reads it live (at [`PAUSE_OFFSET`]) when it commits an
         /// epoch, for its status and metrics. Any value validates.
         pub pause_cycles: u64,
+        /// Bytes of guest output the hypervisor holds until their epoch
+        /// commits (or a Detach releases them), updated as output is
+        /// produced and released; the tool reads it live (at
+        /// [`HELD_OFFSET`]) for its status and metrics. Any value
+        /// validates.
+        pub held_output: u64,
         /// Must be zero.
-        pub reserved: [u64; 10],
+        pub reserved: [u64; 9],
     }
 }
 
@@ -125,7 +134,8 @@ const _: () = assert!(offset_of!(ControlHeader, pfn_list) == 128);
 const _: () = assert!(offset_of!(ControlHeader, guest_ram) == 144);
 const _: () = assert!(offset_of!(ControlHeader, alive) == ALIVE_OFFSET);
 const _: () = assert!(offset_of!(ControlHeader, pause_cycles) == PAUSE_OFFSET);
-const _: () = assert!(offset_of!(ControlHeader, reserved) == 176);
+const _: () = assert!(offset_of!(ControlHeader, held_output) == HELD_OFFSET);
+const _: () = assert!(offset_of!(ControlHeader, reserved) == 184);
 const _: () = assert!(size_of::<Region>() == 16);
 const _: () = assert!(offset_of!(Region, offset) == 0);
 const _: () = assert!(offset_of!(Region, size) == 8);
@@ -269,7 +279,8 @@ impl ControlHeader {
             guest_ram: Region::default(),
             alive: 0,
             pause_cycles: 0,
-            reserved: [0; 10],
+            held_output: 0,
+            reserved: [0; 9],
         };
         let mut at = HEADER_SIZE as u64;
         for (f, size) in REGIONS.into_iter().zip(sizes) {
@@ -358,7 +369,7 @@ fn check(h: &ControlHeader, mapped: usize) -> Result<(), AbiError> {
             h.features & !Features::all().bits(),
         ));
     }
-    if h.reserved != [0; 10] {
+    if h.reserved != [0; 9] {
         return Err(AbiError::ReservedNonZero);
     }
     let g = h.guest_ram;

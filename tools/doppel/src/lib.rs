@@ -15,6 +15,7 @@ pub mod link;
 pub mod machine;
 pub mod metrics;
 pub mod primary;
+pub mod progress;
 pub mod protect;
 pub mod replica;
 pub mod sim;

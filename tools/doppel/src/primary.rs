@@ -33,7 +33,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use doppel_abi::control::{AbiError, Features, Field, ALIVE_OFFSET, PAUSE_OFFSET};
+use doppel_abi::control::{AbiError, Features, Field, ALIVE_OFFSET, HELD_OFFSET, PAUSE_OFFSET};
 use doppel_abi::msg::{op, Ack, CheckpointReady, LogDirtyMode, Reply};
 use doppel_abi::ring::{ring_entries, slot_size, RingError, HEADER_SIZE, REQ_PROD, RSP_PROD};
 use doppel_abi::{
@@ -711,6 +711,14 @@ impl<'m> Primary<'m> {
         Some(u64::from_le_bytes(b)).filter(|&c| c != 0)
     }
 
+    /// Guest output the hypervisor holds until commit (hv/abi
+    /// `ControlHeader::held_output`), read live.
+    pub fn held_output(&self) -> u64 {
+        let mut b = [0u8; 8];
+        self.win.read_bytes(HELD_OFFSET, &mut b);
+        u64::from_le_bytes(b)
+    }
+
     /// The control area in use.
     pub fn control(&self) -> &Control {
         &self.ctl
@@ -934,7 +942,6 @@ impl<'m> Primary<'m> {
                 Event::CheckpointReady(c) => c,
                 Event::OutputAvailable { epoch, bytes } => {
                     tracing::debug!("output available: epoch {epoch}, {bytes} bytes");
-                    crate::telemetry::global().output_announced(epoch, bytes);
                     self.ack_event(entry.kind, entry.seq, epoch, Ok(()));
                     continue;
                 }
@@ -1010,6 +1017,7 @@ impl<'m> Primary<'m> {
             lag,
             pause_cycles: self.pause_cycles(),
         });
+        crate::telemetry::global().set_held_output(self.held_output());
         Ok(Some(epoch))
     }
 
@@ -1126,11 +1134,24 @@ impl<'m> Primary<'m> {
             };
             let pages = batch.len() as u64;
             let w = &mut out.writer;
-            match &mut out.xlz4 {
-                Some(cache) => w.page_data_xlz4(&batch, cache),
-                None => w.page_data(&batch),
+            // Whole records at a time, so the stream is the same bytes
+            // with or without progress shown.
+            let chunk = crate::stream::format::MAX_BATCH_PFNS as usize * 16;
+            let mut shown = (epoch == 0 && pages >= crate::progress::SHOW_FROM_PAGES)
+                .then(|| crate::progress::Progress::pages("initial sync (epoch 0)", pages));
+            for part in batch.chunks(chunk) {
+                match &mut out.xlz4 {
+                    Some(cache) => w.page_data_xlz4(part, cache),
+                    None => w.page_data(part),
+                }
+                .map_err(send(epoch))?;
+                if let Some(p) = &mut shown {
+                    p.add(part.len() as u64);
+                }
             }
-            .map_err(send(epoch))?;
+            if let Some(p) = shown {
+                p.finish();
+            }
             let page_wire = w.bytes() - before;
             let page_raw = (batch.len() * PAGE) as u64;
             drop(batch);

@@ -132,8 +132,8 @@ pub struct Status {
     /// posted), in its TSC cycles; absent when the hypervisor does not
     /// report it.
     pub pause_cycles: Option<u64>,
-    /// Guest output the hypervisor announced and has not released yet
-    /// (bytes of epochs not committed).
+    /// Guest output the hypervisor holds until its epoch commits, bytes
+    /// (primary; read from the control header at each commit).
     pub held_output_bytes: u64,
     pub witness: Option<WitnessStatus>,
     /// The other side: the backup's address (primary) or the primary's
@@ -294,8 +294,6 @@ struct Inner {
     status: Status,
     commits: VecDeque<Instant>,
     last_commit: Option<Instant>,
-    /// Announced output bytes by epoch, not yet released.
-    held: VecDeque<(u64, u64)>,
 }
 
 pub struct Telemetry {
@@ -334,7 +332,6 @@ impl Telemetry {
                 },
                 commits: VecDeque::new(),
                 last_commit: None,
-                held: VecDeque::new(),
             }),
             metrics: Metrics::new(role),
         };
@@ -398,7 +395,7 @@ impl Telemetry {
     /// acknowledged (backup).
     pub fn committed(&self, c: &Committed) {
         let now = Instant::now();
-        let held = self.with(|i| {
+        self.with(|i| {
             let s = &mut i.status;
             s.last_committed = Some(c.epoch);
             s.epoch = s.epoch.max(c.epoch + 1);
@@ -412,12 +409,6 @@ impl Telemetry {
             }
             i.commits.push_back(now);
             i.last_commit = Some(now);
-            while i.held.front().is_some_and(|&(e, _)| e <= c.epoch) {
-                i.held.pop_front();
-            }
-            let held: u64 = i.held.iter().map(|&(_, b)| b).sum();
-            i.status.held_output_bytes = held;
-            held
         });
         let m = &self.metrics;
         m.epochs.inc();
@@ -429,7 +420,6 @@ impl Telemetry {
         if let Some(l) = c.lag {
             m.commit_lag.observe(l.as_secs_f64());
         }
-        m.held_output.set(held.min(i64::MAX as u64) as i64);
         m.last_committed.set(c.epoch.min(i64::MAX as u64) as i64);
     }
 
@@ -457,24 +447,13 @@ impl Telemetry {
         }
     }
 
-    /// The hypervisor announced `bytes` of output produced in `epoch`,
-    /// held until that epoch commits.
-    pub fn output_announced(&self, epoch: u64, bytes: u64) {
-        let held = self.with(|i| {
-            if i.status.last_committed.is_some_and(|l| epoch <= l) {
-                return i.status.held_output_bytes;
-            }
-            match i.held.back_mut() {
-                Some((e, b)) if *e == epoch => *b = b.saturating_add(bytes),
-                _ => i.held.push_back((epoch, bytes)),
-            }
-            let held: u64 = i.held.iter().map(|&(_, b)| b).sum();
-            i.status.held_output_bytes = held;
-            held
-        });
+    /// The guest output the hypervisor holds until commit (read from
+    /// its control header).
+    pub fn set_held_output(&self, bytes: u64) {
+        self.with(|i| i.status.held_output_bytes = bytes);
         self.metrics
             .held_output
-            .set(held.min(i64::MAX as u64) as i64);
+            .set(bytes.min(i64::MAX as u64) as i64);
     }
 
     /// The primary released an epoch with no backup.
@@ -587,9 +566,12 @@ mod tests {
         assert_eq!(t.snapshot().state, State::Starting);
         assert_eq!(t.snapshot().last_committed, None);
         t.set_state(State::Protected);
-        t.output_announced(0, 100);
-        t.output_announced(1, 50);
+        t.set_held_output(150);
         assert_eq!(t.snapshot().held_output_bytes, 150);
+        assert!(t
+            .metrics_text()
+            .contains("doppel_held_output_bytes{role=\"primary\"} 150"));
+        t.set_held_output(0);
         epoch(&t, 0, 10);
         epoch(&t, 1, 3);
         let s = t.snapshot();
@@ -620,16 +602,6 @@ mod tests {
             "{m}"
         );
         assert!(m.ends_with("# EOF\n"), "{m}");
-    }
-
-    #[test]
-    fn output_of_an_epoch_already_committed_is_not_held() {
-        let t = Telemetry::new(Role::Primary);
-        epoch(&t, 4, 1);
-        t.output_announced(4, 80);
-        assert_eq!(t.snapshot().held_output_bytes, 0);
-        t.output_announced(5, 80);
-        assert_eq!(t.snapshot().held_output_bytes, 80);
     }
 
     #[test]

@@ -31,10 +31,11 @@ use doppel_abi::guest::MAX_RECORD;
 use heapless::Vec as HVec;
 
 use doppel_abi::control::{
-    validate_header, ControlHeader, ControlView, Field, Region, ALIVE_OFFSET, PAUSE_OFFSET,
+    validate_header, ControlHeader, ControlView, Field, Region, ALIVE_OFFSET, HELD_OFFSET,
+    PAUSE_OFFSET,
 };
-// The two live header words are mapped as one pair.
-const _: () = assert!(PAUSE_OFFSET == ALIVE_OFFSET + 8);
+// The three live header words are mapped as one array.
+const _: () = assert!(PAUSE_OFFSET == ALIVE_OFFSET + 8 && HELD_OFFSET == ALIVE_OFFSET + 16);
 
 use doppel_abi::msg::{
     CheckpointReady, Command, Event, LogDirtyMode, Reply, Response, Span, UNPROTECTED_EPOCH,
@@ -296,6 +297,10 @@ struct ControlArea {
     alive: &'static AtomicU64,
     /// The header's last epoch-end pause ([`ControlHeader::pause_cycles`]).
     pause: &'static AtomicU64,
+    /// The header's held output ([`ControlHeader::held_output`]), and
+    /// the bytes in `held` it mirrors.
+    held_word: &'static AtomicU64,
+    held_bytes: u64,
     beats: u64,
     enabled: bool,
     /// Events posted and not yet acknowledged, to match acks against.
@@ -479,17 +484,18 @@ impl ControlArea {
             Ok(AtomicMem64::new(words))
         };
         publish_locator(pa, size, h.total_size, h.guest_ram)?;
-        // SAFETY: `pa + ALIVE_OFFSET` and the word after it
-        // (`PAUSE_OFFSET`, asserted adjacent below) lie in the header,
+        // SAFETY: `pa + ALIVE_OFFSET` and the two words after it
+        // (`PAUSE_OFFSET`, `HELD_OFFSET`, asserted adjacent at the top of
+        // this file) lie in the header,
         // inside the area described above, 8-byte aligned (`pa` is page
         // aligned and the offsets are checked at compile time in hv/abi).
         // After the publish above the header is never written through
         // `words` again: these two words are reached through this
         // reference alone on our side, by atomic stores; the tool only
         // reads them.
-        let live: &'static [AtomicU64; 2] =
-            unsafe { &*((pa + ALIVE_OFFSET as u64) as *const [AtomicU64; 2]) };
-        let [alive, pause] = live;
+        let live: &'static [AtomicU64; 3] =
+            unsafe { &*((pa + ALIVE_OFFSET as u64) as *const [AtomicU64; 3]) };
+        let [alive, pause, held_word] = live;
         let staging = area_mem(Field::Staging)?;
         let pfns = area_mem(Field::PfnList)?;
         let vcpu = area_mem(Field::VcpuArea)?;
@@ -509,6 +515,8 @@ impl ControlArea {
             vcpu,
             alive,
             pause,
+            held_word,
+            held_bytes: 0,
             beats: 0,
             enabled: false,
             events: PostedEvents::new(),
@@ -527,6 +535,15 @@ impl ControlArea {
             }
         }
         Ok(())
+    }
+
+    /// `held` grew or shrank by `delta` bytes: publish the new total.
+    fn held_changed(&mut self, delta: i64) {
+        self.held_bytes = self.held_bytes.saturating_add_signed(delta);
+        self.held_word.store(
+            self.held_bytes.to_le(),
+            core::sync::atomic::Ordering::Relaxed,
+        );
     }
 
     /// Advance the liveness counter: the hypervisor runs.
@@ -821,6 +838,7 @@ impl ControlArea {
             match self.output.write_record(h.epoch, &h.bytes) {
                 Ok(()) => {
                     bytes += h.bytes.len() as u64;
+                    self.held_changed(-(h.bytes.len() as i64));
                     self.held.pop_front();
                 }
                 Err(ChannelError::Full) => break,
@@ -964,6 +982,7 @@ impl ControlArea {
             match self.output.write_record(h.epoch, &h.bytes) {
                 Ok(()) => {
                     any = true;
+                    self.held_changed(-(h.bytes.len() as i64));
                     self.held.pop_front();
                 }
                 Err(ChannelError::Full) => break,
@@ -1027,6 +1046,7 @@ impl EpochSink for ControlArea {
         } else {
             self.next_epoch
         };
+        self.held_changed(bytes.len() as i64);
         self.held.push_back(Held { epoch, bytes });
         if self.detached {
             // Unprotected: out as soon as the channel has room.
