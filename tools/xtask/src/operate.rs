@@ -103,13 +103,13 @@ fn check_status(v: &serde_json::Value, role: &str) -> (bool, usize, Vec<String>)
     if v["state"] != "protected" {
         bad.push(format!("state {}", v["state"]));
     }
-    if !v["last_committed"].is_u64() || !v["epochs_committed"].as_u64().is_some_and(|n| n > 0) {
+    if !v["last_committed"].is_u64() || v["epochs_committed"].as_u64().is_none_or(|n| n == 0) {
         bad.push("no committed epoch".into());
     }
     if !v["peer"].is_string() {
         bad.push("no peer".into());
     }
-    if !v["bytes"]["stream"].as_u64().is_some_and(|b| b > 0) {
+    if v["bytes"]["stream"].as_u64().is_none_or(|b| b == 0) {
         bad.push("no stream bytes".into());
     }
     (bad.is_empty(), o.len(), bad)
