@@ -85,7 +85,7 @@ pub struct Bytes {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WitnessStatus {
     pub key: String,
-    /// Who holds the key, as written in it (`role@host:pid`), when known.
+    /// Who holds the key, as written in it (`role:host:pid`), when known.
     pub holder: Option<String>,
     /// This side's fencing token (the revision that took the key).
     pub token: Option<i64>,
