@@ -130,6 +130,9 @@ pub struct PrimaryArgs {
     witness: crate::witness_cli::WitnessArgs,
     #[command(flatten)]
     tls: crate::linkcli::TlsArgs,
+    #[command(flatten)]
+    #[allow(dead_code)] // read before clap parses (config::expand)
+    config: crate::config::ConfigArg,
 }
 
 #[derive(Args, Debug)]
@@ -197,6 +200,9 @@ pub struct BackupArgs {
     witness: crate::witness_cli::WitnessArgs,
     #[command(flatten)]
     tls: crate::linkcli::TlsArgs,
+    #[command(flatten)]
+    #[allow(dead_code)] // read before clap parses (config::expand)
+    config: crate::config::ConfigArg,
 }
 
 #[derive(Args, Debug)]
