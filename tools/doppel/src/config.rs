@@ -314,7 +314,7 @@ fn key_args(key: Key, v: &Value) -> Result<Vec<OsString>, String> {
         .map_or("value".to_string(), |s| s.to_string());
     let items: Vec<&Value> = match v {
         Value::Array(a) if key.kind == Kind::Values => a.iter().collect(),
-        Value::Array(_) => return Err(format!("takes one {vn}, not an array")),
+        Value::Array(_) => return Err(format!("takes one value ({vn}), not an array")),
         v => vec![v],
     };
     let mut out = Vec::new();
@@ -322,13 +322,13 @@ fn key_args(key: Key, v: &Value) -> Result<Vec<OsString>, String> {
         let s = match item {
             Value::String(s) if s.trim().is_empty() => {
                 return Err(format!(
-                    "empty value: give a {vn}, or remove the key for the flag's default"
+                    "empty value: give a {vn}, or remove the key (the flag's default applies)"
                 ))
             }
             Value::String(s) => s.clone(),
             Value::Integer(i) => i.to_string(),
             Value::Float(f) => f.to_string(),
-            other => return Err(format!("takes a {vn}, not {}", describe(other))),
+            other => return Err(format!("takes a value ({vn}), not {}", describe(other))),
         };
         check_value(key, &s).map_err(|why| format!("invalid value `{s}`: {why}"))?;
         out.push(format!("--{name}={s}").into());
