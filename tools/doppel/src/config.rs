@@ -52,9 +52,11 @@ pub struct ConfigArg {
 /// `doppel config ...`.
 #[derive(Subcommand, Debug)]
 pub enum ConfigCmd {
-    /// Check a config file the way `doppel primary|backup --config FILE`
-    /// reads it: key names, value types, each value with its flag's
-    /// parser, then a full parse of the role's flags from the file alone
+    /// Check a config file, one line per role.
+    ///
+    /// The checks of `doppel primary|backup --config FILE` (key names,
+    /// value types, each value with its flag's parser), then a full parse
+    /// of the role's flags from the file alone
     /// (required flags present, no conflicting keys). Prints one line per
     /// role: `config: FILE: primary ok (N keys)` or its errors. Exit 0
     /// when every checked role is ok, 2 otherwise, 3 if the file cannot be
