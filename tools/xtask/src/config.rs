@@ -17,11 +17,9 @@ use std::collections::BTreeSet;
 use std::fs;
 use std::path::Path;
 use std::process::{Command, Output};
-use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
-use crate::failover::Watched;
 use crate::replica::{doppel_bin, shm_file};
 use crate::test::Ctx;
 
@@ -303,20 +301,11 @@ fn epochs_of(doppel: &Path, dir: &Path, cap: &str) -> Result<u64> {
 /// the file, epochs with `--epochs 2`).
 fn real_run(doppel: &Path, dir: &Path) -> Result<(u64, u64)> {
     let ram = shm_file("config");
-    let mut sim = Watched::spawn(
-        "sim-hv",
-        Command::new(doppel)
-            .args(["sim-hv", "--machine-ram"])
-            .arg(&ram.0)
-            .args(["--epochs", "100000", "--guest-pages", "64", "--dirty", "8"]),
-        false,
+    let mut sim = crate::failover::spawn_sim_hv(
+        doppel,
+        &ram.0,
+        &["--epochs", "100000", "--guest-pages", "64", "--dirty", "8"],
     )?;
-    if sim
-        .wait_nth("control area published", 1, Duration::from_secs(30))
-        .is_none()
-    {
-        bail!("sim-hv did not start:\n{}", sim.text());
-    }
     // One file for both roles: the primary reads its table and the
     // top level, and leaves the backup's keys alone.
     let file = format!(
