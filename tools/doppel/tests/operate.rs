@@ -17,6 +17,15 @@ fn scratch(name: &str) -> PathBuf {
     d
 }
 
+/// `doppel sim-hv` on `ram` with `args`, once its control area is up.
+fn sim_hv(dir: &std::path::Path, ram: &str, args: &[&str]) -> Proc {
+    let mut a = vec!["sim-hv", "--machine-ram", ram];
+    a.extend(args);
+    let sim = Proc::spawn("sim", dir, &a);
+    sim.wait_line("sim-hv: ", 30);
+    sim
+}
+
 fn status(args: &[&str]) -> (Option<i32>, String, String) {
     let o = Command::new(BIN)
         .arg("status")
@@ -57,20 +66,7 @@ fn status_follows_a_pair_through_protection_and_the_loss_of_its_backup() {
     let dir = scratch("pair");
     let ram = dir.join("m.ram");
     let ram_s = ram.to_str().expect("utf-8 path");
-    let mut sim = Proc::spawn(
-        "sim",
-        &dir,
-        &[
-            "sim-hv",
-            "--machine-ram",
-            ram_s,
-            "--service",
-            "kv",
-            "--max-secs",
-            "120",
-        ],
-    );
-    sim.wait_line("sim-hv: ", 30);
+    let mut sim = sim_hv(&dir, ram_s, &["--service", "kv", "--max-secs", "120"]);
     let bsock = dir.join("b.sock").display().to_string();
     let psock = dir.join("p.sock").display().to_string();
     let mut backup = Proc::spawn(
@@ -170,20 +166,7 @@ fn the_initial_sync_of_a_large_guest_reports_progress() {
     let ram = dir.join("m.ram");
     let ram_s = ram.to_str().expect("utf-8 path");
     let pages = "20000";
-    let mut sim = Proc::spawn(
-        "sim",
-        &dir,
-        &[
-            "sim-hv",
-            "--machine-ram",
-            ram_s,
-            "--guest-pages",
-            pages,
-            "--epochs",
-            "2",
-        ],
-    );
-    sim.wait_line("sim-hv: ", 30);
+    let mut sim = sim_hv(&dir, ram_s, &["--guest-pages", pages, "--epochs", "2"]);
     let cap = dir.join("cap.xen");
     let mut p = Proc::spawn(
         "primary",
