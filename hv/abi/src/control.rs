@@ -31,6 +31,12 @@ pub const HEADER_SIZE: usize = 256;
 /// Offset of [`ControlHeader::alive`], the liveness counter, from the start
 /// of the control area (8-byte aligned).
 pub const ALIVE_OFFSET: usize = 160;
+/// Offset of [`ControlHeader::pause_cycles`], the last epoch-end pause,
+/// right after the liveness counter (8-byte aligned).
+pub const PAUSE_OFFSET: usize = 168;
+/// Offset of [`ControlHeader::held_output`], the guest output held until
+/// commit, right after the pause (8-byte aligned).
+pub const HELD_OFFSET: usize = 176;
 
 bitflags::bitflags! {
     /// What the hypervisor offers.
@@ -100,8 +106,21 @@ layout_struct! {
         /// its value means nothing, only whether it moved. Any value
         /// validates.
         pub alive: u64,
+        /// The most recent epoch-end pause, in the hypervisor's TSC
+        /// cycles: from the exit that ended the epoch (guest stopped) to
+        /// the guest resuming with its checkpoint posted. Written by the
+        /// hypervisor after each checkpoint (0: none measured yet); the
+        /// tool reads it live (at [`PAUSE_OFFSET`]) when it commits an
+        /// epoch, for its status and metrics. Any value validates.
+        pub pause_cycles: u64,
+        /// Bytes of guest output the hypervisor holds until their epoch
+        /// commits (or a Detach releases them), updated as output is
+        /// produced and released; the tool reads it live (at
+        /// [`HELD_OFFSET`]) for its status and metrics. Any value
+        /// validates.
+        pub held_output: u64,
         /// Must be zero.
-        pub reserved: [u64; 11],
+        pub reserved: [u64; 9],
     }
 }
 
@@ -114,7 +133,9 @@ const _: () = assert!(offset_of!(ControlHeader, cmd_ring) == 32);
 const _: () = assert!(offset_of!(ControlHeader, pfn_list) == 128);
 const _: () = assert!(offset_of!(ControlHeader, guest_ram) == 144);
 const _: () = assert!(offset_of!(ControlHeader, alive) == ALIVE_OFFSET);
-const _: () = assert!(offset_of!(ControlHeader, reserved) == 168);
+const _: () = assert!(offset_of!(ControlHeader, pause_cycles) == PAUSE_OFFSET);
+const _: () = assert!(offset_of!(ControlHeader, held_output) == HELD_OFFSET);
+const _: () = assert!(offset_of!(ControlHeader, reserved) == 184);
 const _: () = assert!(size_of::<Region>() == 16);
 const _: () = assert!(offset_of!(Region, offset) == 0);
 const _: () = assert!(offset_of!(Region, size) == 8);
@@ -257,7 +278,9 @@ impl ControlHeader {
             pfn_list: Region::default(),
             guest_ram: Region::default(),
             alive: 0,
-            reserved: [0; 11],
+            pause_cycles: 0,
+            held_output: 0,
+            reserved: [0; 9],
         };
         let mut at = HEADER_SIZE as u64;
         for (f, size) in REGIONS.into_iter().zip(sizes) {
@@ -346,7 +369,7 @@ fn check(h: &ControlHeader, mapped: usize) -> Result<(), AbiError> {
             h.features & !Features::all().bits(),
         ));
     }
-    if h.reserved != [0; 11] {
+    if h.reserved != [0; 9] {
         return Err(AbiError::ReservedNonZero);
     }
     let g = h.guest_ram;

@@ -60,7 +60,7 @@ fn each_header_field_has_its_error() {
     b.features |= 1 << 40;
     assert_eq!(check(&b).unwrap_err(), AbiError::UnknownFeatures(1 << 40));
     let mut b = h;
-    b.reserved[10] = 1;
+    b.reserved[8] = 1;
     assert_eq!(check(&b).unwrap_err(), AbiError::ReservedNonZero);
     // total_size larger than what is mapped.
     let mut bytes = area(&h);
@@ -335,7 +335,7 @@ fn break_one_field(h: &mut ControlHeader, mapped: usize, rng: &mut SplitMix64) {
         }
         3 => h.total_size = rng.below(2 * mapped as u64),
         4 => h.features = 1 << rng.below(64),
-        5 => h.reserved[rng.below(11) as usize] = 1 << rng.below(64),
+        5 => h.reserved[rng.below(9) as usize] = 1 << rng.below(64),
         6 => {
             h.guest_ram = Region {
                 offset: rng.below(8) * 2048,

@@ -20,6 +20,7 @@ use doppel::sim::{Sim, SimSpec};
 use doppel::sim_kv::{KvSim, KvSpec};
 use doppel::standby::Standby;
 use doppel::stream::format::feature;
+use doppel::telemetry::{self, Committed, Role, Shipped, State};
 use doppel_abi::chan::{ChannelConsumer, ChannelProducer};
 use doppel_abi::control::{Features, Field};
 use doppel_abi::{AtomicMem64, SharedMem};
@@ -130,6 +131,8 @@ pub struct PrimaryArgs {
     witness: crate::witness_cli::WitnessArgs,
     #[command(flatten)]
     tls: crate::linkcli::TlsArgs,
+    #[command(flatten)]
+    pub(crate) ops: crate::opscli::OpsArgs,
 }
 
 #[derive(Args, Debug)]
@@ -197,6 +200,8 @@ pub struct BackupArgs {
     witness: crate::witness_cli::WitnessArgs,
     #[command(flatten)]
     tls: crate::linkcli::TlsArgs,
+    #[command(flatten)]
+    ops: crate::opscli::OpsArgs,
 }
 
 #[derive(Args, Debug)]
@@ -419,6 +424,7 @@ fn stop_on_signals() -> Result<std::sync::Arc<AtomicBool>, (String, u8)> {
 
 pub fn primary(a: PrimaryArgs) -> Res {
     let tls = a.link_tls()?;
+    let _ops = a.ops.start(Role::Primary)?;
     let wait = Duration::from_secs(a.wait_control);
     let m = open_machine_waiting(&a.machine_ram, wait)?;
     let ctl = find_control(&m, wait)?;
@@ -462,6 +468,8 @@ pub(crate) fn protect_attached(
         let f = File::create(path).map_err(io(path.display().to_string()))?;
         let mut out: Output<_, std::io::Empty> =
             Output::record(BufWriter::with_capacity(1 << 20, f));
+        // A capture protects nothing: its epochs are released at once.
+        telemetry::global().set_state(State::Degraded);
         p.run(&mut out, progress_printer()).map(|s| (s, None))
     } else {
         let addr = a.backup.as_deref().unwrap_or_default();
@@ -497,6 +505,9 @@ pub(crate) fn protect_attached(
             r.map(|rep| (rep.summary.clone(), Some(rep)))
         })
     };
+    if !matches!(res, Err(doppel::primary::PrimaryError::Fenced { .. })) {
+        telemetry::global().set_state(State::Stopping);
+    }
     if a.serve_clients.is_some() {
         println!(
             "clients: connections={} requests={} replies={} dropped={} refused={}",
@@ -621,6 +632,13 @@ fn bind_listen(addr: &str) -> Result<TcpListener, (String, u8)> {
 }
 
 pub fn backup(a: BackupArgs) -> Res {
+    let _ops = a.ops.start(Role::Backup)?;
+    let r = backup_inner(a);
+    telemetry::global().set_state(State::Stopping);
+    r
+}
+
+fn backup_inner(a: BackupArgs) -> Res {
     if a.standby_ram.is_some() {
         return standby_backup(a);
     }
@@ -652,12 +670,14 @@ pub fn backup(a: BackupArgs) -> Res {
     }
     let tty = std::io::stderr().is_terminal();
     let offer = if a.no_compress { 0 } else { feature::KNOWN };
+    telemetry::global().set_state(State::Waiting);
     let got = crate::linkcli::serve_until_accepted(
         &l,
         a.accept_timeout,
         tls.as_ref(),
         a.tls.handshake(),
         |link, nonce| {
+            session_started(link.socket());
             let (conn, ack_out) = link.split();
             let t0 = Instant::now();
             let mut progress = Progress::new(t0);
@@ -679,6 +699,7 @@ pub fn backup(a: BackupArgs) -> Res {
                     }
                     tracing::debug!("committed epoch {} ({} pages)", s.epoch, s.pages);
                     progress.epoch(s.pages, s.bytes, tty);
+                    backup_epoch(s);
                 },
             )
             .map_err(io("back channel".into()))?;
@@ -722,6 +743,28 @@ pub fn backup(a: BackupArgs) -> Res {
         ) => Err((e.to_string(), IO)),
         Some(e) => Err((format!("{e}; replica at epoch {last}"), INVALID)),
     }
+}
+
+/// A primary connected: the backup is now protecting it.
+fn session_started(sock: &std::net::TcpStream) {
+    let t = telemetry::global();
+    t.set_peer(sock.peer_addr().ok().map(|a| a.to_string()));
+    t.set_state(State::Protected);
+}
+
+/// A committed epoch, for the status and metrics.
+fn backup_epoch(s: &backup::EpochStats) {
+    let t = telemetry::global();
+    t.shipped(&Shipped {
+        bytes: s.bytes,
+        page_raw: s.pages * 4096,
+        ..Shipped::default()
+    });
+    t.committed(&Committed {
+        epoch: s.epoch,
+        pages: s.pages,
+        ..Committed::default()
+    });
 }
 
 /// Totals of a backup run, logged at info about once a second (not on a
@@ -782,12 +825,15 @@ fn standby_backup(a: BackupArgs) -> Res {
     let then = crate::chain::Then::new(a.then_backup.as_deref(), path, caddr)?;
     let hb = a.heartbeat_timeout;
     let offer = if a.no_compress { 0 } else { feature::KNOWN };
+    let tel = telemetry::global();
+    tel.set_state(State::Waiting);
     let got = crate::linkcli::serve_until_accepted(
         &l,
         a.accept_timeout,
         tls.as_ref(),
         a.tls.handshake(),
         |link, nonce| {
+            session_started(link.socket());
             link.socket()
                 .set_read_timeout(Some(hb))
                 .map_err(io("socket".into()))?;
@@ -805,6 +851,7 @@ fn standby_backup(a: BackupArgs) -> Res {
                         s.pages,
                         s.bytes
                     );
+                    backup_epoch(s);
                 },
             );
             Ok(got)
@@ -889,6 +936,8 @@ fn standby_backup(a: BackupArgs) -> Res {
         gate: None,
     };
     // With a witness: only once the primary's lease is gone.
+    tel.set_peer(None);
+    tel.set_state(State::Waiting);
     let gate = crate::witness_cli::backup_take(witness.as_mut());
     let (epoch, activated) = standby
         .activate_attached(cfg)
@@ -897,7 +946,10 @@ fn standby_backup(a: BackupArgs) -> Res {
         "failover: primary lost ({reason}) after epoch {last}; standby activated from committed epoch {epoch}"
     );
     let _ = std::io::stdout().flush();
+    tel.failover(epoch, &reason);
     if let Some(then) = then {
+        // It protects the service in its turn: a primary from here on.
+        tel.set_role(Role::Primary);
         return then.protect(activated, clients, gate);
     }
     let stop = AtomicBool::new(false);

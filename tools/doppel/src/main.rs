@@ -24,6 +24,7 @@ use doppel::synth::{self, SynthSpec};
 mod chain;
 mod cli;
 mod linkcli;
+mod opscli;
 mod witness_cli;
 
 /// Most epochs `stream synth` writes.
@@ -108,6 +109,17 @@ A peer with another certificate, no certificate or no TLS is refused in the hand
 before any record is read; the backup logs why and keeps waiting. Keys never leave their host."
     )]
     Keygen(linkcli::KeygenArgs),
+    /// Show the live state of a running primary or backup, read from its
+    /// `--status-socket`: role, state (protected, degraded, fenced, ...),
+    /// epochs, lag, rate, dirty pages, bytes, pause, held output, witness,
+    /// peer, last failover. Exit 3 when nothing answers there.
+    #[command(after_help = "Examples:
+  doppel status --socket /run/doppel/vm1.sock
+  doppel status --socket /run/doppel/vm1.sock --json
+  doppel status --socket /run/doppel/vm1.sock --field state
+States: primary protected | degraded | fenced; backup waiting | protected | active | fenced;
+either side starting | stopping. The JSON schema is in docs/OPERATING.md.")]
+    Status(opscli::StatusArgs),
     /// Play the hypervisor's side on a new machine RAM file (a software
     /// model for testing the tool without an emulator).
     #[command(hide = true)]
@@ -246,6 +258,7 @@ fn main() -> ExitCode {
         Cmd::Inspect(a) => cli::inspect(a).map_err(|(m, c)| Failure::Code(m, c)),
         Cmd::Client(a) => cli::client(a).map_err(|(m, c)| Failure::Code(m, c)),
         Cmd::Keygen(a) => linkcli::keygen(a).map_err(|(m, c)| Failure::Code(m, c)),
+        Cmd::Status(a) => opscli::status(a).map_err(|(m, c)| Failure::Code(m, c)),
         Cmd::SimHv(a) => cli::sim_hv(a).map_err(|(m, c)| Failure::Code(m, c)),
     };
     match r {

@@ -33,7 +33,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use doppel_abi::control::{AbiError, Features, Field, ALIVE_OFFSET};
+use doppel_abi::control::{AbiError, Features, Field, ALIVE_OFFSET, HELD_OFFSET, PAUSE_OFFSET};
 use doppel_abi::msg::{op, Ack, CheckpointReady, LogDirtyMode, Reply};
 use doppel_abi::ring::{ring_entries, slot_size, RingError, HEADER_SIZE, REQ_PROD, RSP_PROD};
 use doppel_abi::{
@@ -518,6 +518,8 @@ pub struct Primary<'m> {
     next_epoch: u64,
     /// The checkpoint taken and not yet released: (kind, seq, epoch).
     pending: Option<(u32, u32, u64)>,
+    /// When the pending checkpoint was taken, and its pages.
+    taken: Option<(Instant, u64)>,
     /// Every guest page as of the last checkpoint taken
     /// ([`Primary::keep_mirror`]): what a new backup's epoch 0 carries.
     mirror: Option<Vec<u8>>,
@@ -675,6 +677,7 @@ impl<'m> Primary<'m> {
             fenced: false,
             next_epoch: 0,
             pending: None,
+            taken: None,
             mirror: None,
         })
     }
@@ -696,6 +699,23 @@ impl<'m> Primary<'m> {
     pub fn alive(&self) -> u64 {
         let mut b = [0u8; 8];
         self.win.read_bytes(ALIVE_OFFSET, &mut b);
+        u64::from_le_bytes(b)
+    }
+
+    /// The hypervisor's most recent epoch-end pause in TSC cycles (hv/abi
+    /// `ControlHeader::pause_cycles`), read live; `None` when it reports
+    /// none (0).
+    pub fn pause_cycles(&self) -> Option<u64> {
+        let mut b = [0u8; 8];
+        self.win.read_bytes(PAUSE_OFFSET, &mut b);
+        Some(u64::from_le_bytes(b)).filter(|&c| c != 0)
+    }
+
+    /// Guest output the hypervisor holds until commit (hv/abi
+    /// `ControlHeader::held_output`), read live.
+    pub fn held_output(&self) -> u64 {
+        let mut b = [0u8; 8];
+        self.win.read_bytes(HELD_OFFSET, &mut b);
         u64::from_le_bytes(b)
     }
 
@@ -960,6 +980,8 @@ impl<'m> Primary<'m> {
                 }
             }
             self.pending = Some((entry.kind, entry.seq, c.epoch));
+            self.taken = Some((Instant::now(), c.dirty_count));
+            crate::telemetry::global().set_epoch(c.epoch);
             return Ok(Some((c, tsc)));
         }
     }
@@ -977,6 +999,7 @@ impl<'m> Primary<'m> {
         if let Some(gate) = &self.cfg.gate {
             if let Err(why) = gate.0.check(Instant::now()) {
                 self.fenced = true;
+                crate::telemetry::global().set_state(crate::telemetry::State::Fenced);
                 return Err(PrimaryError::Fenced { epoch, why });
             }
         }
@@ -984,6 +1007,17 @@ impl<'m> Primary<'m> {
         self.ack_event(kind, seq, epoch, Ok(()));
         self.expect_done(Command::CommitEpoch { epoch }, "CommitEpoch")?;
         self.next_epoch = epoch + 1;
+        let (lag, pages) = self
+            .taken
+            .take()
+            .map_or((None, 0), |(t, n)| (Some(t.elapsed()), n));
+        crate::telemetry::global().committed(&crate::telemetry::Committed {
+            epoch,
+            pages,
+            lag,
+            pause_cycles: self.pause_cycles(),
+        });
+        crate::telemetry::global().set_held_output(self.held_output());
         Ok(Some(epoch))
     }
 
@@ -1100,11 +1134,24 @@ impl<'m> Primary<'m> {
             };
             let pages = batch.len() as u64;
             let w = &mut out.writer;
-            match &mut out.xlz4 {
-                Some(cache) => w.page_data_xlz4(&batch, cache),
-                None => w.page_data(&batch),
+            // Whole records at a time, so the stream is the same bytes
+            // with or without progress shown.
+            let chunk = crate::stream::format::MAX_BATCH_PFNS as usize * 16;
+            let mut shown = (epoch == 0 && pages >= crate::progress::SHOW_FROM_PAGES)
+                .then(|| crate::progress::Progress::pages("initial sync (epoch 0)", pages));
+            for part in batch.chunks(chunk) {
+                match &mut out.xlz4 {
+                    Some(cache) => w.page_data_xlz4(part, cache),
+                    None => w.page_data(part),
+                }
+                .map_err(send(epoch))?;
+                if let Some(p) = &mut shown {
+                    p.add(part.len() as u64);
+                }
             }
-            .map_err(send(epoch))?;
+            if let Some(p) = shown {
+                p.finish();
+            }
             let page_wire = w.bytes() - before;
             let page_raw = (batch.len() * PAGE) as u64;
             drop(batch);
@@ -1115,6 +1162,8 @@ impl<'m> Primary<'m> {
                 .and_then(|_| w.flush())
                 .map_err(send(epoch))?;
             let bytes = out.writer.bytes() - before;
+            let sent = Instant::now();
+            let acked = out.acks.is_some();
             if let Some(acks) = &mut out.acks {
                 loop {
                     match acks.next_msg() {
@@ -1138,6 +1187,13 @@ impl<'m> Primary<'m> {
                     }
                 }
             }
+            crate::telemetry::global().shipped(&crate::telemetry::Shipped {
+                bytes,
+                page_raw,
+                page_wire,
+                xlz4: out.xlz4.is_some(),
+                ack: acked.then(|| sent.elapsed()),
+            });
             self.release()?;
             sum.committed += 1;
             sum.pages += pages;

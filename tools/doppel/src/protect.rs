@@ -41,6 +41,7 @@ use crate::ack::{AckReader, BackMsg};
 use crate::link::{LinkReader, LinkTls, LinkWriter};
 use crate::primary::{EpochReport, Output, Primary, PrimaryError, Summary};
 use crate::stream::format::feature;
+use crate::telemetry::State;
 
 /// The stream to a backup over TCP, plain or TLS (crate::link).
 pub type Link = Output<BufWriter<LinkWriter>, BufReader<LinkReader>>;
@@ -293,6 +294,9 @@ pub fn protect(
     p.keep_mirror();
     let mut rep = Report::default();
     let mut link = connect(opts, guest_pages)?;
+    let tel = crate::telemetry::global();
+    tel.set_peer(Some(opts.backup.clone()));
+    tel.set_state(State::Protected);
     loop {
         rep.sessions += 1;
         rep.summary.compressed |= link.compressed();
@@ -314,6 +318,7 @@ pub fn protect(
             }
             Err(e) if e.lost_backup() => {
                 rep.lost += 1;
+                tel.backup_lost();
                 let after = match p.next_epoch() {
                     0 => "none".to_string(),
                     n => (n - 1).to_string(),
@@ -328,6 +333,8 @@ pub fn protect(
                 match next? {
                     Some(l) => {
                         println!("primary: re-protected by {} (new session)", opts.backup);
+                        tel.set_peer(Some(opts.backup.clone()));
+                        tel.set_state(State::Protected);
                         link = l;
                     }
                     None => {
@@ -351,8 +358,10 @@ fn unprotected(
 ) -> Result<Option<Link>, PrimaryError> {
     // The checkpoint the lost backup never acknowledged (if any) goes out
     // now, unprotected.
+    let tel = crate::telemetry::global();
     if p.release()?.is_some() {
         rep.unprotected_epochs += 1;
+        tel.unprotected_epoch();
     }
     let again = Reconnect::start(opts, guest_pages);
     loop {
@@ -371,6 +380,7 @@ fn unprotected(
             Some(_) => {
                 p.release()?;
                 rep.unprotected_epochs += 1;
+                tel.unprotected_epoch();
             }
         }
     }

@@ -239,6 +239,11 @@ impl Witness {
         &self.key
     }
 
+    /// What this side writes into the key when it takes it.
+    pub fn owner(&self) -> &str {
+        &self.owner
+    }
+
     /// The fencing token (the key's revision when this side took it).
     pub fn token(&self) -> Option<i64> {
         self.held.map(|(_, t)| t)

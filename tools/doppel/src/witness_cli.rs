@@ -66,6 +66,16 @@ fn say(line: String) {
     let _ = std::io::stdout().flush();
 }
 
+/// The witness as the status shows it.
+fn report(key: &str, holder: Option<String>, token: Option<i64>, held: bool) {
+    doppel::telemetry::global().set_witness(doppel::telemetry::WitnessStatus {
+        key: key.to_string(),
+        holder,
+        token,
+        held,
+    });
+}
+
 /// The primary at start: take the key or refuse to run.
 pub fn primary_acquire(a: &WitnessArgs) -> Result<Option<(Witness, Gate)>, (String, u8)> {
     let Some(mut w) = a.open("primary")? else {
@@ -78,6 +88,7 @@ pub fn primary_acquire(a: &WitnessArgs) -> Result<Option<(Witness, Gate)>, (Stri
                 w.key(),
                 w.timing().ttl.as_secs()
             ));
+            report(w.key(), Some(w.owner().to_string()), Some(token), true);
             let gate = w.gate();
             Ok(Some((w, gate)))
         }
@@ -105,11 +116,15 @@ pub fn backup_take(w: Option<&mut Witness>) -> Option<Gate> {
                     "backup: witness key {} taken (fencing token {token})",
                     w.key()
                 ));
+                report(w.key(), Some(w.owner().to_string()), Some(token), true);
                 return Some(w.gate());
             }
             Err(e) => {
                 let why = match &e {
-                    WitnessError::Held { .. } => format!("{e}; the primary may be alive"),
+                    WitnessError::Held { owner, .. } => {
+                        report(w.key(), Some(owner.clone()), None, false);
+                        format!("{e}; the primary may be alive")
+                    }
                     _ => e.to_string(),
                 };
                 say(format!(
@@ -149,6 +164,7 @@ pub fn watch_serving<T: Send>(
                 say(format!(
                     "backup: fenced: {why}; the client bridge stops, no reply is sent any more"
                 ));
+                doppel::telemetry::global().set_state(doppel::telemetry::State::Fenced);
                 stop.store(true, Ordering::Relaxed);
                 fenced = Some(why);
                 break;

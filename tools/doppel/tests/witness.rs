@@ -15,7 +15,7 @@ mod etcd;
 use etcd::Etcd;
 
 mod common;
-use common::Proc;
+use common::{Proc, BIN};
 
 fn etcd_installed() -> bool {
     let ok = Command::new("etcd")
@@ -260,13 +260,23 @@ fn a_primary_whose_witness_dies_fences_itself_and_does_not_detach() {
     let mut etcd = start("fence");
     let dir = scratch("fence");
     let (mut sim, ram) = sim_kv(&dir);
+    let sock = dir.join("p.sock");
     let child = primary(&ram, &dir.join("c.xen"), &etcd.endpoint, "/vm/active")
+        .arg("--status-socket")
+        .arg(&sock)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     // Let it commit for a while (several lease renewals), then kill etcd.
     std::thread::sleep(Duration::from_secs(4));
+    // Its status names the key, that it holds it, and its token.
+    let st = Command::new(BIN)
+        .args(["status", "--json", "--socket"])
+        .arg(&sock)
+        .output()
+        .unwrap();
+    let st: serde_json::Value = serde_json::from_slice(&st.stdout).expect("status JSON");
     etcd.kill();
     let killed = Instant::now();
     let o = child.wait_with_output().unwrap();
@@ -284,6 +294,23 @@ fn a_primary_whose_witness_dies_fences_itself_and_does_not_detach() {
     );
     assert!(out.contains("primary: fenced:"), "{out}\n{err}");
     assert!(!out.contains("primary: detached"), "{out}");
+    let w = &st["witness"];
+    assert_eq!(
+        (&w["key"], &w["held"]),
+        (&"/vm/active".into(), &true.into()),
+        "{st}"
+    );
+    let token = w["token"].as_i64().expect("a token");
+    assert!(
+        out.contains(&format!("(fencing token {token},")),
+        "{st}\n{out}"
+    );
+    assert!(
+        w["holder"]
+            .as_str()
+            .is_some_and(|h| h.starts_with("primary")),
+        "{st}"
+    );
     // Fenced before the 2 s lease could run out, plus the exit (a
     // bounded attempt to revoke the lease).
     assert!(

@@ -102,6 +102,10 @@ fn steps() -> Vec<(&'static str, StepFn)> {
         ("backup-loss-qemu-svm", crate::backuploss::step_backup_loss),
         ("linux-image", crate::linux::step_linux_image),
         ("link-auth", crate::linkauth::step_link_auth),
+        (
+            "status-metrics-qemu-svm",
+            crate::operate::step_status_metrics,
+        ),
     ]
 }
 

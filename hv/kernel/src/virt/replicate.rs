@@ -31,8 +31,12 @@ use doppel_abi::guest::MAX_RECORD;
 use heapless::Vec as HVec;
 
 use doppel_abi::control::{
-    validate_header, ControlHeader, ControlView, Field, Region, ALIVE_OFFSET,
+    validate_header, ControlHeader, ControlView, Field, Region, ALIVE_OFFSET, HELD_OFFSET,
+    PAUSE_OFFSET,
 };
+// The three live header words are mapped as one array.
+const _: () = assert!(PAUSE_OFFSET == ALIVE_OFFSET + 8 && HELD_OFFSET == ALIVE_OFFSET + 16);
+
 use doppel_abi::msg::{
     CheckpointReady, Command, Event, LogDirtyMode, Reply, Response, Span, UNPROTECTED_EPOCH,
 };
@@ -291,6 +295,12 @@ struct ControlArea {
     /// The header's liveness counter ([`ControlHeader::alive`]), written
     /// only here, and its value.
     alive: &'static AtomicU64,
+    /// The header's last epoch-end pause ([`ControlHeader::pause_cycles`]).
+    pause: &'static AtomicU64,
+    /// The header's held output ([`ControlHeader::held_output`]), and
+    /// the bytes in `held` it mirrors.
+    held_word: &'static AtomicU64,
+    held_bytes: u64,
     beats: u64,
     enabled: bool,
     /// Events posted and not yet acknowledged, to match acks against.
@@ -474,14 +484,18 @@ impl ControlArea {
             Ok(AtomicMem64::new(words))
         };
         publish_locator(pa, size, h.total_size, h.guest_ram)?;
-        // SAFETY: `pa + ALIVE_OFFSET` lies in the header, inside the area
-        // described above, 8-byte aligned (`pa` is page aligned and the
-        // offset is checked at compile time in hv/abi). After the publish
-        // above the header is never written through `words` again: this
-        // word is reached through this reference alone on our side, by
-        // atomic stores; the tool only reads it.
-        let alive: &'static AtomicU64 =
-            unsafe { &*((pa + ALIVE_OFFSET as u64) as *const AtomicU64) };
+        // SAFETY: `pa + ALIVE_OFFSET` and the two words after it
+        // (`PAUSE_OFFSET`, `HELD_OFFSET`, asserted adjacent at the top of
+        // this file) lie in the header,
+        // inside the area described above, 8-byte aligned (`pa` is page
+        // aligned and the offsets are checked at compile time in hv/abi).
+        // After the publish above the header is never written through
+        // `words` again: these two words are reached through this
+        // reference alone on our side, by atomic stores; the tool only
+        // reads them.
+        let live: &'static [AtomicU64; 3] =
+            unsafe { &*((pa + ALIVE_OFFSET as u64) as *const [AtomicU64; 3]) };
+        let [alive, pause, held_word] = live;
         let staging = area_mem(Field::Staging)?;
         let pfns = area_mem(Field::PfnList)?;
         let vcpu = area_mem(Field::VcpuArea)?;
@@ -500,6 +514,9 @@ impl ControlArea {
             pfns,
             vcpu,
             alive,
+            pause,
+            held_word,
+            held_bytes: 0,
             beats: 0,
             enabled: false,
             events: PostedEvents::new(),
@@ -518,6 +535,15 @@ impl ControlArea {
             }
         }
         Ok(())
+    }
+
+    /// `held` grew or shrank by `delta` bytes: publish the new total.
+    fn held_changed(&mut self, delta: i64) {
+        self.held_bytes = self.held_bytes.saturating_add_signed(delta);
+        self.held_word.store(
+            self.held_bytes.to_le(),
+            core::sync::atomic::Ordering::Relaxed,
+        );
     }
 
     /// Advance the liveness counter: the hypervisor runs.
@@ -812,6 +838,7 @@ impl ControlArea {
             match self.output.write_record(h.epoch, &h.bytes) {
                 Ok(()) => {
                     bytes += h.bytes.len() as u64;
+                    self.held_changed(-(h.bytes.len() as i64));
                     self.held.pop_front();
                 }
                 Err(ChannelError::Full) => break,
@@ -955,6 +982,7 @@ impl ControlArea {
             match self.output.write_record(h.epoch, &h.bytes) {
                 Ok(()) => {
                     any = true;
+                    self.held_changed(-(h.bytes.len() as i64));
                     self.held.pop_front();
                 }
                 Err(ChannelError::Full) => break,
@@ -1018,6 +1046,7 @@ impl EpochSink for ControlArea {
         } else {
             self.next_epoch
         };
+        self.held_changed(bytes.len() as i64);
         self.held.push_back(Held { epoch, bytes });
         if self.detached {
             // Unprotected: out as soon as the channel has room.
@@ -1120,5 +1149,10 @@ impl EpochSink for ControlArea {
                 self.next_epoch.saturating_sub(1)
             );
         }
+    }
+
+    fn pause_measured(&mut self, cycles: u64) {
+        self.pause
+            .store(cycles.to_le(), core::sync::atomic::Ordering::Relaxed);
     }
 }

@@ -89,6 +89,10 @@ pub trait EpochSink {
     /// cycles from guest stop to now (when measured).
     fn resumed(&mut self, _pause: Option<u64>) {}
 
+    /// The epoch-end pause just measured (every service checkpoint,
+    /// whether or not the plan prints it), in TSC cycles.
+    fn pause_measured(&mut self, _cycles: u64) {}
+
     /// Whether the guest's stop (DONE) ends one more epoch, so that what
     /// the sink saw last is exactly the memory the guest stopped with.
     fn checkpoint_at_stop(&self) -> bool {
@@ -365,7 +369,7 @@ impl<'a, E: NestedEntry, V: Vcpu, S: EpochSink> Run<'a, E, V, S> {
             let exit = self.vcpu.run();
             self.sink.exited();
             let exit = self.complete_length(exit);
-            if self.plan.pause_cycles {
+            if self.plan.pause_cycles || self.plan.service {
                 self.exit_tsc = rdtsc();
             }
             self.epoch_exit_count += 1;
@@ -419,11 +423,9 @@ impl<'a, E: NestedEntry, V: Vcpu, S: EpochSink> Run<'a, E, V, S> {
         self.timer_due = false;
         self.rearm()?;
         self.arm_epoch_timer()?;
-        let pause = self
-            .plan
-            .pause_cycles
-            .then(|| rdtsc().wrapping_sub(self.exit_tsc));
-        self.sink.resumed(pause);
+        let pause = rdtsc().wrapping_sub(self.exit_tsc);
+        self.sink.pause_measured(pause);
+        self.sink.resumed(self.plan.pause_cycles.then_some(pause));
         self.epoch_start_tsc = rdtsc();
         Ok(())
     }
@@ -569,11 +571,9 @@ impl<'a, E: NestedEntry, V: Vcpu, S: EpochSink> Run<'a, E, V, S> {
                 if let Err(e) = self.rearm().and_then(|()| self.arm_epoch_timer()) {
                     return self.fail(e, exit);
                 }
-                let pause = self
-                    .plan
-                    .pause_cycles
-                    .then(|| rdtsc().wrapping_sub(stopped));
-                self.sink.resumed(pause);
+                let pause = rdtsc().wrapping_sub(stopped);
+                self.sink.pause_measured(pause);
+                self.sink.resumed(self.plan.pause_cycles.then_some(pause));
                 Action::Skip
             }
             hypercall::DONE => {
