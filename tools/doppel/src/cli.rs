@@ -133,6 +133,9 @@ pub struct PrimaryArgs {
     tls: crate::linkcli::TlsArgs,
     #[command(flatten)]
     pub(crate) ops: crate::opscli::OpsArgs,
+    #[command(flatten)]
+    #[allow(dead_code)] // read before clap parses (config::expand)
+    config: crate::config::ConfigArg,
 }
 
 #[derive(Args, Debug)]
@@ -202,6 +205,9 @@ pub struct BackupArgs {
     tls: crate::linkcli::TlsArgs,
     #[command(flatten)]
     ops: crate::opscli::OpsArgs,
+    #[command(flatten)]
+    #[allow(dead_code)] // read before clap parses (config::expand)
+    config: crate::config::ConfigArg,
 }
 
 #[derive(Args, Debug)]

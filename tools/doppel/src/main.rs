@@ -15,7 +15,7 @@ use std::io::{BufReader, BufWriter};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use doppel::backup::{self, Staged, Stager};
 use doppel::replica::{Replica, ReplicaError};
 use doppel::stream::{Limits, StreamError, StreamReader};
@@ -23,6 +23,7 @@ use doppel::synth::{self, SynthSpec};
 
 mod chain;
 mod cli;
+mod config;
 mod linkcli;
 mod opscli;
 mod witness_cli;
@@ -124,6 +125,9 @@ either side starting | stopping. The JSON schema is in docs/OPERATING.md.")]
     /// model for testing the tool without an emulator).
     #[command(hide = true)]
     SimHv(cli::SimArgs),
+    /// Config files of `primary` and `backup` (`--config FILE`).
+    #[command(subcommand)]
+    Config(config::ConfigCmd),
 }
 
 #[derive(Subcommand, Debug)]
@@ -227,7 +231,15 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
+    // `primary|backup --config FILE`: the file's keys become flags.
+    let args = match config::expand(Cli::command(), std::env::args_os().collect()) {
+        Ok(a) => a,
+        Err((m, c)) => {
+            eprintln!("doppel: {m}");
+            return ExitCode::from(c);
+        }
+    };
+    let cli = Cli::parse_from(args);
     let r = match cli.cmd {
         Cmd::Stream(StreamCmd::Verify { file, guest_pages }) => verify(&file, guest_pages),
         Cmd::Stream(StreamCmd::Synth {
@@ -260,6 +272,10 @@ fn main() -> ExitCode {
         Cmd::Keygen(a) => linkcli::keygen(a).map_err(|(m, c)| Failure::Code(m, c)),
         Cmd::Status(a) => opscli::status(a).map_err(|(m, c)| Failure::Code(m, c)),
         Cmd::SimHv(a) => cli::sim_hv(a).map_err(|(m, c)| Failure::Code(m, c)),
+        Cmd::Config(c) => match config::run(Cli::command(), c) {
+            0 => Ok(()),
+            c => return ExitCode::from(c),
+        },
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

@@ -20,8 +20,8 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 
 use crate::failover::{
-    boot, client_answered, client_verdict, kv_primary_cmdline, num, spawn_primary, tail, wait_for,
-    Watched, KEYS,
+    boot, client_answered, client_verdict, kv_primary_cmdline, num, spawn_kv_client, spawn_primary,
+    tail, wait_for, Watched,
 };
 use crate::replica::{doppel_bin, guest_ram};
 use crate::test::Ctx;
@@ -85,14 +85,7 @@ pub fn step_backup_loss(ctx: &mut Ctx) -> Result<String> {
         &["--event-timeout", "60", "--ack-timeout", "20"],
         false,
     )?;
-    let mut client = Watched::spawn(
-        "client",
-        Command::new(&doppel)
-            .args(["client", "--connect", &pclients])
-            .args(["--ops", &OPS.to_string(), "--keys", &KEYS.to_string()])
-            .args(["--reply-timeout", "60", "--connect-timeout", "60"]),
-        false,
-    )?;
+    let mut client = spawn_kv_client(&doppel, &pclients, OPS)?;
     let alive = |w: &mut Watched, what: &str| -> Result<()> {
         if !w.alive() {
             bail!(

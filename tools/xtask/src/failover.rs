@@ -591,6 +591,39 @@ pub(crate) fn spawn_backup(
     Ok((b, listen, clients))
 }
 
+/// `doppel sim-hv` (the host simulator as the hypervisor) on `ram` with
+/// `args`, once it has published its control area.
+pub(crate) fn spawn_sim_hv(doppel: &Path, ram: &Path, args: &[&str]) -> Result<Watched> {
+    let sim = Watched::spawn(
+        "sim-hv",
+        Command::new(doppel)
+            .args(["sim-hv", "--machine-ram"])
+            .arg(ram)
+            .args(args),
+        false,
+    )?;
+    if sim
+        .wait_nth("control area published", 1, Duration::from_secs(30))
+        .is_none()
+    {
+        bail!("sim-hv did not start:\n{}", sim.text());
+    }
+    Ok(sim)
+}
+
+/// `doppel client` of the key-value service at `connect`: `ops` requests
+/// on [`KEYS`] keys, patient (60 s) with a slow emulated guest.
+pub(crate) fn spawn_kv_client(doppel: &Path, connect: &str, ops: u64) -> Result<Watched> {
+    Watched::spawn(
+        "client",
+        Command::new(doppel)
+            .args(["client", "--connect", connect])
+            .args(["--ops", &ops.to_string(), "--keys", &KEYS.to_string()])
+            .args(["--reply-timeout", "60", "--connect-timeout", "60"]),
+        false,
+    )
+}
+
 /// `doppel primary --machine-ram RAM --backup BACKUP` serving clients,
 /// with `args`; the primary and its clients' address.
 pub(crate) fn spawn_primary(

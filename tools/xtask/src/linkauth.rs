@@ -112,20 +112,11 @@ pub fn step_link_auth(_: &mut Ctx) -> Result<String> {
     }
     let ram = shm_file("link-auth");
     // Two sessions of 3 epochs: the earlier one recorded, the real one.
-    let mut sim = Watched::spawn(
-        "sim-hv",
-        Command::new(&doppel)
-            .args(["sim-hv", "--machine-ram"])
-            .arg(&ram.0)
-            .args(["--epochs", "6", "--guest-pages", PAGES, "--dirty", "20"]),
-        false,
+    let mut sim = crate::failover::spawn_sim_hv(
+        &doppel,
+        &ram.0,
+        &["--epochs", "6", "--guest-pages", PAGES, "--dirty", "20"],
     )?;
-    if sim
-        .wait_nth("control area published", 1, Duration::from_secs(30))
-        .is_none()
-    {
-        bail!("sim-hv did not start:\n{}", sim.text());
-    }
     let primary = |extra: &[PathBuf], dest: &[&str]| -> Result<Output> {
         Ok(Command::new(&doppel)
             .args(["primary", "--machine-ram"])

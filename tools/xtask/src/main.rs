@@ -7,6 +7,7 @@
 
 mod backuploss;
 mod chain;
+mod config;
 mod conformance;
 mod cpio;
 mod emu;

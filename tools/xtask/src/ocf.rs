@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
-use crate::failover::Watched;
+use crate::failover::{spawn_kv_client, spawn_sim_hv, Watched};
 use crate::replica::{doppel_bin, shm_file};
 use crate::test::Ctx;
 
@@ -171,27 +171,21 @@ pub fn step_ocf(_: &mut Ctx) -> Result<String> {
     let _ = fs::remove_dir_all(&dir);
     fs::create_dir_all(&dir)?;
     let ram = shm_file("ocf");
-    let mut sim = Watched::spawn(
-        "sim-hv",
-        Command::new(&doppel)
-            .args(["sim-hv", "--machine-ram"])
-            .arg(&ram.0)
-            .args([
-                "--service",
-                "kv",
-                "--guest-pages",
-                PAGES,
-                "--max-secs",
-                "120",
-            ]),
-        false,
+    let keys = crate::failover::KEYS.to_string();
+    let mut sim = spawn_sim_hv(
+        &doppel,
+        &ram.0,
+        &[
+            "--service",
+            "kv",
+            "--keys",
+            &keys,
+            "--guest-pages",
+            PAGES,
+            "--max-secs",
+            "120",
+        ],
     )?;
-    if sim
-        .wait_nth("control area published", 1, Duration::from_secs(30))
-        .is_none()
-    {
-        bail!("sim-hv did not start:\n{}", sim.text());
-    }
     let peer_addr = free_addr()?;
     let clients = free_addr()?;
     let mut peer = Peer::start(&doppel, &dir, &peer_addr)?;
@@ -258,14 +252,19 @@ pub fn step_ocf(_: &mut Ctx) -> Result<String> {
         role == "primary" && state == "protected",
         format!("role={role} state={state}"),
     );
-    let client = Command::new(&doppel)
-        .args(["client", "--connect", &clients, "--ops", "40"])
-        .args(["--reply-timeout", "10", "--connect-timeout", "10"])
-        .output()?;
+    let mut client = spawn_kv_client(&doppel, &clients, 40)?;
+    let (code, _) = client.finish(Duration::from_secs(30))?;
     check(
         "client",
-        client.status.success(),
-        text(&client).lines().last().unwrap_or_default().to_string(),
+        code == Some(0),
+        format!(
+            "exit {code:?}: {}",
+            client
+                .out()
+                .into_iter()
+                .find(|l| l.starts_with("client:"))
+                .unwrap_or_default()
+        ),
     );
     let (rc, out) = a.run("demote")?;
     check("demote", rc == 0, format!("rc={rc} {}", out.trim()));

@@ -24,7 +24,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 use crate::failover::{
-    boot, client_answered, kv_primary_cmdline, spawn_primary, tail, wait_for, Watched, KEYS,
+    boot, client_answered, kv_primary_cmdline, spawn_kv_client, spawn_primary, tail, wait_for,
+    Watched,
 };
 use crate::replica::{doppel_bin, guest_ram};
 use crate::test::Ctx;
@@ -192,14 +193,7 @@ pub fn step_status_metrics(ctx: &mut Ctx) -> Result<String> {
         false,
     )?;
     let pmetrics = primary.wait_value("metrics on ", Duration::from_secs(30))?;
-    let mut client = Watched::spawn(
-        "client",
-        Command::new(&doppel)
-            .args(["client", "--connect", &pclients])
-            .args(["--ops", &OPS.to_string(), "--keys", &KEYS.to_string()])
-            .args(["--reply-timeout", "60", "--connect-timeout", "60"]),
-        false,
-    )?;
+    let mut client = spawn_kv_client(&doppel, &pclients, OPS)?;
     wait_for(
         "the client's first answers",
         Duration::from_secs(300),

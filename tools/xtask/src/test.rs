@@ -106,6 +106,7 @@ fn steps() -> Vec<(&'static str, StepFn)> {
             "status-metrics-qemu-svm",
             crate::operate::step_status_metrics,
         ),
+        ("config", crate::config::step_config),
         ("ocf", crate::ocf::step_ocf),
     ]
 }
