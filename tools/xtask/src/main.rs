@@ -18,6 +18,7 @@ mod image;
 mod isolation;
 mod linkauth;
 mod linux;
+mod ocf;
 mod operate;
 mod replica;
 mod selftest;

@@ -14,8 +14,11 @@ use anyhow::{bail, Context, Result};
 /// witness; its tests start a real one on loopback), protoc (the
 /// `etcd-client` crate compiles etcd's protocol files with it; the
 /// well-known google/protobuf/*.proto they import come with libprotobuf-dev),
-/// and GNU cpio and ACPICA's iasl (independent readers of the initramfs and
-/// the ACPI tables we write).
+/// GNU cpio and ACPICA's iasl (independent readers of the initramfs and
+/// the ACPI tables we write), and Pacemaker's `resource-agents`
+/// (ocf-tester, ocf-shellfuncs and ra-api-1.dtd, which the `ocf` step checks
+/// tools/ocf/doppel against) with xmllint (libxml2-utils), which ocf-tester
+/// validates the agent's meta-data with.
 pub const DEBIAN_PACKAGES: &[&str] = &[
     "qemu-system-x86",
     "bochs",
@@ -34,6 +37,8 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     "libprotobuf-dev",
     "cpio",
     "acpica-tools",
+    "resource-agents",
+    "libxml2-utils",
 ];
 
 const TARGET: &str = "x86_64-unknown-none";

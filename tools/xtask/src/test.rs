@@ -107,6 +107,7 @@ fn steps() -> Vec<(&'static str, StepFn)> {
             crate::operate::step_status_metrics,
         ),
         ("config", crate::config::step_config),
+        ("ocf", crate::ocf::step_ocf),
     ]
 }
 
