@@ -279,8 +279,9 @@ impl<R: SharedMem + Clone, B: SharedMem, P: EpochPolicy, H: Hooks> Engine<R, B, 
     }
 
     fn store_live(&self, offset: usize, value: u64) {
-        // One aligned 8-byte write: a single atomic store on `bulk`.
-        self.bulk.write_bytes(offset, &value.to_le_bytes());
+        // At every exit: one aligned atomic store where `bulk` has 64-bit
+        // words (the hypervisor's), not a byte copy.
+        self.bulk.store_u64(offset, value);
     }
 
     /// Serve commands until the tool enabled log-dirty; `idle` between
