@@ -149,6 +149,18 @@ fn engine<H: Hooks>(mem: &Mem, view: ControlView, role: Role, hooks: H) -> Eng<'
     Engine::attach(mem, mem, view, role, Remus::default(), hooks).unwrap()
 }
 
+/// An engine of `role` enabled by the tool, epoch 0 staged and acked.
+fn past_epoch_zero(mem: &Mem, view: ControlView, role: Role) -> (Eng<'_>, Tool<'_>, Ram) {
+    let mut e = engine(mem, view, role, ());
+    let mut t = tool(mem, &view);
+    let ram = Ram::new();
+    assert_eq!(t.send(&mut e, ENABLE), Ok(Reply::Done));
+    e.stage(core::iter::empty(), &ram, &vcpu(0), header())
+        .unwrap();
+    t.ack(Ok(()));
+    (e, t, ram)
+}
+
 fn held_word(mem: &Mem) -> u64 {
     let mut b = [0u8; 8];
     mem.read_bytes(HELD_OFFSET, &mut b);
@@ -208,13 +220,7 @@ fn epoch_zero_carries_every_page_then_only_the_harvest() {
 #[test]
 fn staging_is_bounded_by_its_regions_and_guest_ram() {
     let (mem, view) = area(Role::Workload);
-    let mut e = engine(&mem, view, Role::Workload, ());
-    let mut t = tool(&mem, &view);
-    let ram = Ram::new();
-    t.send(&mut e, ENABLE).unwrap();
-    e.stage(core::iter::empty(), &ram, &vcpu(0), header())
-        .unwrap();
-    t.ack(Ok(()));
+    let (mut e, _tool, ram) = past_epoch_zero(&mem, view, Role::Workload);
     e.poll().unwrap();
     // A pfn outside guest RAM.
     let r = e.stage([PAGES].into_iter(), &ram, &vcpu(1), header());
@@ -279,13 +285,7 @@ fn role_checks_primary_and_standby() {
 #[test]
 fn hostile_commands_are_refused_without_state_change() {
     let (mem, view) = area(Role::Service);
-    let mut e = engine(&mem, view, Role::Service, ());
-    let mut t = tool(&mem, &view);
-    let ram = Ram::new();
-    t.send(&mut e, ENABLE).unwrap();
-    e.stage(core::iter::empty(), &ram, &vcpu(0), header())
-        .unwrap();
-    t.ack(Ok(()));
+    let (mut e, mut t, ram) = past_epoch_zero(&mem, view, Role::Service);
     assert_eq!(
         t.send(&mut e, Command::CommitEpoch { epoch: 0 }),
         Ok(Reply::Done)

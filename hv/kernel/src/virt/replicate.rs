@@ -15,7 +15,7 @@ use core::sync::atomic::{AtomicU32, AtomicU64};
 use doppel_abi::control::{ControlHeader, ControlView, Region};
 use doppel_abi::guest::{PAGE_SIZE, PROGRAM_KV, PROGRAM_WORKLOAD};
 use doppel_abi::locator::{Locator, LOCATOR_WORDS};
-use doppel_abi::{errno::Errno, AtomicMem, AtomicMem64, SharedMem};
+use doppel_abi::{errno::Errno, AtomicMem, AtomicMem64};
 use doppel_core::addr::HostPhysAddr;
 use doppel_core::engine::control::{features, publish_area, publish_locator, region_sizes};
 use doppel_core::engine::{self, bitmap_pfns, EpochClock, EpochPolicy, Remus, Role};
