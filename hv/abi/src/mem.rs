@@ -39,6 +39,12 @@ pub trait SharedMem {
     fn read_bytes(&self, offset: usize, dst: &mut [u8]);
     /// Copy `src` into shared memory starting at `offset`.
     fn write_bytes(&self, offset: usize, src: &[u8]);
+    /// Little-endian store of the `u64` at `offset` (8-byte aligned): one
+    /// atomic store where the implementation has 64-bit words. The default
+    /// writes the 8 bytes with [`SharedMem::write_bytes`].
+    fn store_u64(&self, offset: usize, value: u64) {
+        self.write_bytes(offset, &value.to_le_bytes())
+    }
     /// Hint that this side will soon write the `len` bytes at `offset`
     /// (and may read them first): an implementation over real memory can
     /// fetch their cache lines for ownership now, so that the read and the
@@ -79,6 +85,9 @@ impl<T: SharedMem + ?Sized> SharedMem for &T {
     }
     fn write_bytes(&self, offset: usize, src: &[u8]) {
         (**self).write_bytes(offset, src)
+    }
+    fn store_u64(&self, offset: usize, value: u64) {
+        (**self).store_u64(offset, value)
     }
     fn prefetch_write(&self, offset: usize, len: usize) {
         (**self).prefetch_write(offset, len)
@@ -254,6 +263,14 @@ impl SharedMem for AtomicMem64<'_> {
         self.words.len() * 8
     }
 
+    fn store_u64(&self, offset: usize, value: u64) {
+        if offset.is_multiple_of(8) {
+            self.words[offset / 8].store(value.to_le(), Ordering::Relaxed);
+        } else {
+            self.write_bytes(offset, &value.to_le_bytes());
+        }
+    }
+
     #[inline]
     fn prefetch_write(&self, offset: usize, len: usize) {
         prefetch_words(self.words, offset, len);
@@ -364,6 +381,32 @@ mod tests {
     #[should_panic]
     fn byte_mem_panics_on_a_write_past_its_end() {
         ByteMem::new([0u8; 8]).write_bytes(6, b"abc");
+    }
+
+    #[test]
+    fn u64_stores_are_little_endian_bytes_everywhere() {
+        let b64: Vec<AtomicU64> = (0..4).map(|_| AtomicU64::new(0)).collect();
+        let b32 = buf(8);
+        let m64 = AtomicMem64::new(&b64);
+        let m32 = AtomicMem::new(&b32);
+        let bytes = ByteMem::new([0u8; 32]);
+        let mems: [&dyn SharedMem; 3] = [&m64, &m32, &bytes];
+        for m in mems {
+            m.store_u64(8, 0x0807_0605_0403_0201);
+            m.store_u64(20, 0x1817_1615_1413_1211);
+            let mut back = [0u8; 32];
+            m.read_bytes(0, &mut back);
+            assert_eq!(back[8..16], [1, 2, 3, 4, 5, 6, 7, 8]);
+            assert_eq!(
+                back[20..28],
+                [0x11, 0x12, 0x13, 0x14, 0x15, 0x16, 0x17, 0x18]
+            );
+            assert_eq!(back[..8], [0; 8]);
+        }
+        assert_eq!(
+            b64[1].load(Ordering::Relaxed),
+            0x0807_0605_0403_0201u64.to_le()
+        );
     }
 
     #[test]

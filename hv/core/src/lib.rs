@@ -9,6 +9,7 @@ pub mod acpi;
 pub mod addr;
 pub mod dirtylog;
 pub mod elf;
+pub mod engine;
 pub mod exit;
 pub mod frame;
 pub mod hostile;

@@ -1,41 +1,31 @@
-//! A software model of the hypervisor's side of the control area, for
-//! tests and for `doppel sim-hv`: it lays out a machine RAM file the way
-//! the hypervisor does (`ControlHeader::pack`, `RingLayout::init_shared`,
-//! magic written last), runs a deterministic fake guest that dirties pages,
-//! and serves the protocol in docs/REPLICATION.md: answers LogDirtyEnable,
-//! stages each epoch's dirty pages (copies), posts CheckpointReady, waits
-//! for the tool's EventAck before staging the next, answers CommitEpoch.
-//!
-//! `Detach` (the tool ends replication): log-dirty off, the pending event
-//! and every later ack dropped, and the fake guest runs on unprotected
-//! (its writes go on, no checkpoint is posted). A later `LogDirtyEnable`
-//! starts a new session: epochs from 0 again, epoch 0 with every page.
-//! The run ends once `epochs` checkpoints (over all sessions) are
-//! committed and the tool detached, or at `stop`.
+//! `doppel sim-hv`: the hypervisor's side of replication on the host, for
+//! tests and for the xtask steps that need a hypervisor without an
+//! emulator. The protocol is hv/core's engine (`doppel_core::engine`), the
+//! very code the image runs, over the machine RAM file; this module is
+//! only the simulated machine (the file, laid out like the hypervisor's:
+//! junk below, the control area at [`CONTROL_AT`] found through the
+//! locator, guest RAM after it) and a workload: a deterministic fake guest
+//! that dirties pages (hv/core's `FlatLog` logs them) and ends an epoch as
+//! soon as the staging area is free, until `epochs` checkpoints (over all
+//! sessions) are committed and the tool detached, or `stop`.
 //!
 //! It keeps the guest memory and the HVM context blob of the last
 //! checkpoint it posted, so a test can compare a replica with them byte
-//! for byte.
-//!
-//! The hypervisor side that `sim_kv` shares with it lives here once:
-//! creating and publishing the control area, the command ring's answers,
-//! the event ring with its pending acks, the dirty log and the staging of
-//! a checkpoint.
+//! for byte. `sim_kv` is the other workload (the key-value service).
 
-use std::collections::VecDeque;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use doppel_abi::chan::ChannelLayout;
-use doppel_abi::control::{ControlHeader, Features, Field, Region, ALIVE_OFFSET, MAGIC};
-use doppel_abi::locator::{Locator, LOCATOR_AT, LOCATOR_WORDS};
-use doppel_abi::msg::{kind, CheckpointReady, LogDirtyMode, Reply, Response, Span};
-use doppel_abi::ring::{slot_size, RingLayout, REQ_PROD};
-use doppel_abi::{
-    AtomicMem64, Command, CommandEntry, Errno, Event, EventAck, EventEntry, ResponseEntry,
-    SharedMem,
+use doppel_abi::control::{
+    validate_header, ControlHeader, ControlView, Features, Field, Region, MAGIC,
 };
+use doppel_abi::locator::{Locator, LOCATOR_AT};
+use doppel_abi::ring::REQ_PROD;
+use doppel_abi::{AtomicMem64, SharedMem};
+use doppel_core::dirtylog::{DirtyLog, DirtyPfns, DirtyWord, FlatLog};
+use doppel_core::engine::control::{publish_area, publish_locator};
+use doppel_core::engine::{self, EpochPolicy, GuestPages, Hooks, Remus, Role, Stats};
 use doppel_core::hvm::{self, HeaderInfo, VcpuState};
 use zerocopy::IntoBytes;
 
@@ -176,7 +166,7 @@ impl Sim {
         }
         // A tampered header may name rings that do not fit: those are left
         // as they are, the area is published all the same.
-        if let Err(e) = publish(&machine, &h, placed, false) {
+        if let Err(e) = publish(&machine, &h, placed) {
             if spec.tamper.is_none() {
                 return Err(std::io::Error::other(e));
             }
@@ -194,19 +184,6 @@ impl Sim {
         &self.header
     }
 
-    fn vcpu_blob(epoch: u64, rng: &mut Rng) -> Vec<u8> {
-        let mut v = VcpuState {
-            rip: 0x10_0000 + epoch * 0x40,
-            rax: rng.next_u64(),
-            rbx: epoch,
-            rsp: 0x8000 - epoch * 8,
-            tsc: 1_000_000 * (epoch + 1),
-            ..VcpuState::default()
-        };
-        v.cr0 = 0x11;
-        encode_vcpu(v)
-    }
-
     /// Play the hypervisor until `spec.epochs` are committed, `stop` is
     /// set, the time limit passes or the tool misbehaves.
     pub fn run(mut self, stop: &AtomicBool) -> SimResult {
@@ -218,120 +195,72 @@ impl Sim {
     }
 
     fn serve(&mut self, stop: &AtomicBool, res: &mut SimResult) -> Result<(), String> {
-        let h = self.header;
-        let win: AtomicMem64<'_> = self.machine.window(CONTROL_AT as usize);
-        let gmem = self.machine.mem();
-        let guest_at = h.guest_ram.offset as usize;
-        let pages = self.spec.guest_pages;
-        let (mut cmd, mut evt) = attach_rings(win, &h)?;
-        let mut enabled = false;
-        let mut detached = false;
-        // Per session: the next epoch to post and the next to commit.
-        let mut next_epoch = 0u64;
-        let mut session_committed = 0u64;
-        let mut acked: Option<u64> = None;
-        let mut dirty = DirtyLog::all(pages);
+        let (machine, spec, rng) = (&self.machine, &self.spec, &mut self.rng);
+        let win = machine.window(CONTROL_AT as usize);
+        let view = view_of(&self.header, &win)?;
+        let jump = AtomicBool::new(false);
+        let rings = Rings {
+            mem: win,
+            jump_at: spec
+                .misbehave
+                .map(|_| view.region(Field::EventRing).0 + REQ_PROD),
+            jump: &jump,
+        };
+        let mut hv =
+            engine::Engine::attach(rings, win, view, Role::Workload, Remus::default(), ())?;
+        let ram = SimRam::new(machine, &self.header);
+        let log = FlatLog::new(ram.pages - 1).map_err(|e| format!("dirty log: {e:?}"))?;
         let start = Instant::now();
         let mut last_run = Instant::now();
-        let mut alive = Alive::new();
         loop {
-            alive.beat(&win);
-            let done = res.committed >= self.spec.epochs && detached;
+            hv.beat();
+            let Stats {
+                posted,
+                commits,
+                detaches,
+                ..
+            } = hv.stats();
+            (res.posted, res.committed, res.detaches) = (posted, commits, detaches);
+            let done = res.committed >= spec.epochs && hv.detached();
             if done || stop.load(Ordering::Relaxed) {
                 return Ok(());
             }
-            if start.elapsed() > self.spec.timeout {
+            if start.elapsed() > spec.timeout {
                 return Err(format!(
                     "timed out: {} posted, {} committed",
                     res.posted, res.committed
                 ));
             }
-            let mut busy = false;
-            if detached {
-                evt.skip_acks()?;
+            let before = hv.stats();
+            hv.poll()?;
+            let mut busy = hv.stats() != before;
+            note_detach(&before, &hv.stats());
+            if hv.detached() && last_run.elapsed() >= Duration::from_millis(2) {
                 // The guest runs on, unprotected.
-                if last_run.elapsed() >= Duration::from_millis(2) {
-                    last_run = Instant::now();
-                    guest_runs(&mut self.rng, &self.spec, &gmem, guest_at, &mut dirty);
-                    res.unprotected_runs += 1;
-                }
-            } else {
-                busy |= evt.drain_acks(|_, epoch| acked = Some(epoch))?;
-            }
-            while let Some(req) = cmd
-                .pop_request()
-                .map_err(|e| format!("command ring: {e:?}"))?
-            {
-                busy = true;
-                let result = match req.decode() {
-                    Err(e) => Err(e.errno()),
-                    Ok(Command::LogDirtyEnable { mode }) => {
-                        if detached && mode == LogDirtyMode::WriteProtect {
-                            // A new session: the new tool answered the old
-                            // session's events before this command.
-                            evt.skip_acks()?;
-                            detached = false;
-                            next_epoch = 0;
-                            session_committed = 0;
-                            acked = None;
-                            dirty = DirtyLog::all(pages);
-                        }
-                        log_dirty_enable(&mut enabled, mode)
-                    }
-                    Ok(Command::CommitEpoch { epoch }) if enabled => {
-                        // The tool acks the event before committing; the
-                        // ack may have landed after the drain above.
-                        evt.drain_acks(|_, e| acked = Some(e))?;
-                        if Some(epoch) == acked && epoch == session_committed {
-                            session_committed += 1;
-                            res.committed += 1;
-                            Ok(Reply::Done)
-                        } else {
-                            Err(Errno::EINVAL)
-                        }
-                    }
-                    Ok(Command::CommitEpoch { .. }) => Err(Errno::EINVAL),
-                    Ok(Command::Detach) => {
-                        let r = detach(&mut enabled, &mut evt)?;
-                        if r.is_ok() {
-                            detached = true;
-                            res.detaches += 1;
-                        }
-                        r
-                    }
-                    Ok(_) => Err(Errno::ENOSYS),
-                };
-                respond(&mut cmd, &req, result)?;
+                last_run = Instant::now();
+                guest_runs(rng, spec, &ram, &log);
+                res.unprotected_runs += 1;
             }
             // Checkpoints voided by Detach do not count towards `epochs`.
-            let in_flight = next_epoch - session_committed;
-            if enabled && evt.pending.is_empty() && res.committed + in_flight < self.spec.epochs {
+            let in_flight = hv.next_epoch() - hv.committed().map_or(0, |c| c + 1);
+            if hv.replicating() && hv.staging_free() && hv.stats().commits + in_flight < spec.epochs
+            {
                 busy = true;
-                let epoch = next_epoch;
+                let epoch = hv.next_epoch();
                 if epoch > 0 {
-                    guest_runs(&mut self.rng, &self.spec, &gmem, guest_at, &mut dirty);
+                    guest_runs(rng, spec, &ram, &log);
                 }
-                let blob = Self::vcpu_blob(epoch, &mut self.rng);
-                let c = stage(&self.machine, &h, epoch, dirty.pfns(), &blob);
-                evt.push(&Event::CheckpointReady(c))?;
-                if self.spec.misbehave == Some(Misbehave::EventIndexJump { epoch }) {
-                    // Publish a producer index far beyond the one entry
-                    // written: the tool must refuse it before reading any.
-                    let (eo, _) = region(&h, Field::EventRing);
-                    win.fence_release();
-                    win.store_u32(eo + REQ_PROD, evt.ring.req_prod_pvt().wrapping_add(1000));
-                } else {
-                    evt.ring.publish_requests();
-                }
-                next_epoch += 1;
-                res.posted += 1;
-                res.memory = vec![0u8; pages as usize * PAGE];
-                gmem.read_bytes(guest_at, &mut res.memory);
-                res.blob = blob;
-                dirty.clear();
-                // The guest keeps running while the tool copies the
-                // staged pages: these writes belong to the next epoch.
-                guest_runs(&mut self.rng, &self.spec, &gmem, guest_at, &mut dirty);
+                jump.store(
+                    spec.misbehave == Some(Misbehave::EventIndexJump { epoch }),
+                    Ordering::Relaxed,
+                );
+                let vcpu = fake_vcpu(rng, epoch);
+                let s = stage(&mut hv, &log, &ram, &vcpu)?;
+                res.memory = ram.snapshot();
+                res.blob = read_blob(&win, &view, s.blob_len);
+                // The guest keeps running while the tool copies the staged
+                // pages: these writes belong to the next epoch.
+                guest_runs(rng, spec, &ram, &log);
             }
             if !busy {
                 std::thread::sleep(Duration::from_micros(200));
@@ -341,34 +270,153 @@ impl Sim {
 }
 
 /// The fake guest: write a few words into `spec.dirty / 2` random pages.
-fn guest_runs(
-    rng: &mut Rng,
-    spec: &SimSpec,
-    gmem: &AtomicMem64<'_>,
-    guest_at: usize,
-    dirty: &mut DirtyLog,
-) {
-    let pages = spec.guest_pages;
+fn guest_runs(rng: &mut Rng, spec: &SimSpec, ram: &SimRam<'_>, log: &FlatLog) {
     for _ in 0..spec.dirty.div_ceil(2) {
-        let pfn = rng.below(pages);
+        let pfn = rng.below(spec.guest_pages);
         for _ in 0..4 {
             let at = rng.below((PAGE / 8) as u64) as usize * 8;
             let v = rng.next_u64();
-            gmem.write_bytes(guest_at + pfn as usize * PAGE + at, &v.to_le_bytes());
+            ram.mem
+                .write_bytes(ram.at + pfn as usize * PAGE + at, &v.to_le_bytes());
         }
-        dirty.mark(pfn);
+        // In range: pfn < guest pages.
+        let _ = log.mark(pfn);
     }
 }
 
-// What both simulated hypervisors (this one and `sim_kv`'s) do alike:
-// lay out and publish the control area, serve the command ring, stage
-// checkpoints and post events.
+/// The fake guest's vCPU at the end of `epoch`.
+fn fake_vcpu(rng: &mut Rng, epoch: u64) -> VcpuState {
+    VcpuState {
+        rip: 0x10_0000 + epoch * 0x40,
+        rax: rng.next_u64(),
+        rbx: epoch,
+        rsp: 0x8000 - epoch * 8,
+        tsc: 1_000_000 * (epoch + 1),
+        cr0: 0x11,
+        ..VcpuState::default()
+    }
+}
+
+/// Say so on stderr when a `Detach` was answered between `before` and
+/// `after`.
+pub(crate) fn note_detach(before: &Stats, after: &Stats) {
+    if after.detaches > before.detaches {
+        eprintln!("sim-hv: replication detached; guest runs unprotected");
+    }
+}
+
+// The simulated machine, which both workloads (this one and `sim_kv`'s)
+// run on.
+
+/// The HVM save header the simulated machines put on their checkpoints.
+pub(crate) const SIM_HEADER: HeaderInfo = HeaderInfo {
+    cpuid: 0x00a2_0f10,
+    gtsc_khz: 2_000_000,
+    changeset: 0,
+};
+
+/// Stage the epoch's harvest: CLEAN `log` into words, hand its pfns and
+/// `vcpu` to the engine.
+pub(crate) fn stage<R: SharedMem + Clone, B: SharedMem, P: EpochPolicy, H: Hooks>(
+    hv: &mut engine::Engine<R, B, P, H>,
+    log: &FlatLog,
+    ram: &SimRam<'_>,
+    vcpu: &VcpuState,
+) -> Result<engine::Staged, String> {
+    let mut words: Vec<DirtyWord> = Vec::new();
+    log.clean_with(|w| words.push(w));
+    Ok(hv.stage(DirtyPfns::new(words.into_iter()), ram, vcpu, SIM_HEADER)?)
+}
+
+/// The validated view of the published header (a tampered one does not
+/// validate: nothing is served then).
+pub(crate) fn view_of(h: &ControlHeader, win: &AtomicMem64<'_>) -> Result<ControlView, String> {
+    validate_header(h.as_bytes(), win.size()).map_err(|e| format!("control area: {e:?}"))
+}
+
+/// The first `len` bytes of the vCPU area: the blob just staged.
+fn read_blob(win: &AtomicMem64<'_>, view: &ControlView, len: usize) -> Vec<u8> {
+    let mut blob = vec![0u8; len];
+    win.read_bytes(view.region(Field::VcpuArea).0, &mut blob);
+    blob
+}
+
+/// The simulated guest's RAM in the machine file.
+pub(crate) struct SimRam<'a> {
+    pub(crate) mem: AtomicMem64<'a>,
+    /// Machine address of guest-physical 0.
+    pub(crate) at: usize,
+    pub(crate) pages: u64,
+}
+
+impl<'a> SimRam<'a> {
+    pub(crate) fn new(machine: &'a MachineRam, h: &ControlHeader) -> Self {
+        Self {
+            mem: machine.mem(),
+            at: h.guest_ram.offset as usize,
+            pages: h.guest_ram.size / PAGE as u64,
+        }
+    }
+
+    fn snapshot(&self) -> Vec<u8> {
+        let mut m = vec![0u8; self.pages as usize * PAGE];
+        self.mem.read_bytes(self.at, &mut m);
+        m
+    }
+}
+
+impl GuestPages for SimRam<'_> {
+    fn pages(&self) -> u64 {
+        self.pages
+    }
+
+    fn copy_page<S: SharedMem>(&self, pfn: u64, dst: &S, at: usize) -> bool {
+        if pfn >= self.pages {
+            return false;
+        }
+        let mut page = [0u8; PAGE];
+        self.mem
+            .read_bytes(self.at + pfn as usize * PAGE, &mut page);
+        dst.write_bytes(at, &page);
+        true
+    }
+}
+
+/// The engine's view of the rings and channels: the control area, with
+/// [`Misbehave::EventIndexJump`] wired in (while `jump` is set, the event
+/// ring's producer index is published 1000 too far).
+#[derive(Clone, Copy)]
+struct Rings<'a> {
+    mem: AtomicMem64<'a>,
+    jump_at: Option<usize>,
+    jump: &'a AtomicBool,
+}
+
+impl SharedMem for Rings<'_> {
+    fn size(&self) -> usize {
+        self.mem.size()
+    }
+    fn load_u32(&self, offset: usize) -> u32 {
+        self.mem.load_u32(offset)
+    }
+    fn store_u32(&self, offset: usize, value: u32) {
+        let off = Some(offset) == self.jump_at && self.jump.load(Ordering::Relaxed);
+        self.mem
+            .store_u32(offset, if off { value.wrapping_add(1000) } else { value })
+    }
+    fn read_bytes(&self, offset: usize, dst: &mut [u8]) {
+        self.mem.read_bytes(offset, dst)
+    }
+    fn write_bytes(&self, offset: usize, src: &[u8]) {
+        self.mem.write_bytes(offset, src)
+    }
+}
 
 /// Create the machine RAM file at `path`: the control area packed from
 /// `sizes` with `features` at [`CONTROL_AT`] (above the locator page),
-/// `guest_pages` of guest RAM
-/// from the next MiB after it, a MiB of slack at the end (all zero). The
-/// header names the guest RAM and is not published yet ([`publish`]).
+/// `guest_pages` of guest RAM from the next MiB after it, a MiB of slack
+/// at the end (all zero). The header names the guest RAM and is not
+/// published yet ([`publish`]).
 pub(crate) fn create_machine(
     path: &Path,
     sizes: [u64; 7],
@@ -397,309 +445,26 @@ pub(crate) fn placed_size(h: &ControlHeader) -> u64 {
     h.total_size.next_multiple_of(PAGE as u64)
 }
 
-/// Publish `h` at [`CONTROL_AT`] the way the hypervisor does: everything
-/// but the magic, then the shared indices of both rings (and of both
-/// channels with `channels`), then, after a release fence, `h.magic`;
-/// then the control locator at [`LOCATOR_AT`] (`placed` bytes at
-/// [`CONTROL_AT`]), its magic last.
-/// A ring or channel whose region does not fit its layout is left as it
-/// is and named in the error; the rest is published all the same.
-pub(crate) fn publish(
-    machine: &MachineRam,
-    h: &ControlHeader,
-    placed: u64,
-    channels: bool,
-) -> Result<(), String> {
-    let win = machine.window(CONTROL_AT as usize);
-    let mut bytes = h.as_bytes().to_vec();
-    bytes[..8].fill(0);
-    win.write_bytes(0, &bytes);
-    let mut bad = None;
-    for (f, slot) in [
-        (
-            Field::CommandRing,
-            slot_size::<CommandEntry, ResponseEntry>(),
-        ),
-        (Field::EventRing, slot_size::<EventEntry, EventAck>()),
-    ] {
-        let (o, s) = region(h, f);
-        match RingLayout::new(win.size(), o, s, slot) {
-            Ok(l) => l.init_shared(&win),
-            Err(e) => bad = bad.or(Some(format!("{f:?}: {e:?}"))),
-        }
-    }
-    let chans: &[Field] = if channels {
-        &[Field::OutputChannel, Field::InputChannel]
-    } else {
-        &[]
-    };
-    for &f in chans {
-        let (o, s) = region(h, f);
-        match ChannelLayout::new(win.size(), o, s) {
-            Ok(l) => l.init_shared(&win),
-            Err(e) => bad = bad.or(Some(format!("{f:?}: {e:?}"))),
-        }
-    }
-    win.fence_release();
-    win.write_bytes(0, &h.magic.to_le_bytes());
+/// Publish `h` at [`CONTROL_AT`] as the hypervisor does (the engine's
+/// `publish_area`), then the control locator at [`LOCATOR_AT`] naming
+/// `placed` bytes there. A ring or channel whose region does not fit is
+/// left as it is and named in the error; the rest is published all the
+/// same.
+pub(crate) fn publish(machine: &MachineRam, h: &ControlHeader, placed: u64) -> Result<(), String> {
+    let published = publish_area(&machine.window(CONTROL_AT as usize), h);
     let loc = Locator {
         control_at: CONTROL_AT,
         control_size: placed,
-    }
-    .encode();
-    let lwin = machine.window(LOCATOR_AT as usize);
-    for (i, w) in loc.iter().enumerate().skip(1) {
-        lwin.write_bytes(i * 8, &w.to_le_bytes());
-    }
-    lwin.fence_release();
-    lwin.write_bytes(0, &loc[0].to_le_bytes());
-    debug_assert_eq!(loc.len(), LOCATOR_WORDS);
-    win.fence_full();
-    bad.map_or(Ok(()), Err)
-}
-
-/// Region `f` of `h` as (offset, size) in the control area window.
-pub(crate) fn region(h: &ControlHeader, f: Field) -> (usize, usize) {
-    let r = h.region(f);
-    (r.offset as usize, r.size as usize)
-}
-
-/// The simulated hypervisor's liveness counter (hv/abi
-/// `ControlHeader::alive`): advanced on every pass of a serve loop, as the
-/// hypervisor advances it on every exit and command poll.
-pub(crate) struct Alive(u64);
-
-impl Alive {
-    pub(crate) fn new() -> Self {
-        Self(0)
-    }
-
-    /// One beat, written into the header of the area in `win`.
-    pub(crate) fn beat(&mut self, win: &AtomicMem64<'_>) {
-        self.0 = self.0.wrapping_add(1);
-        win.write_bytes(ALIVE_OFFSET, &self.0.to_le_bytes());
-    }
-}
-
-pub(crate) type CmdBack<'a> = doppel_abi::CommandBack<AtomicMem64<'a>>;
-type EvtFront<'a> = doppel_abi::EventFront<AtomicMem64<'a>>;
-
-/// The hypervisor's ends of the published rings: the command ring's back
-/// and the event ring's front.
-pub(crate) fn attach_rings<'a>(
-    win: AtomicMem64<'a>,
-    h: &ControlHeader,
-) -> Result<(CmdBack<'a>, Events<'a>), String> {
-    let (co, cs) = region(h, Field::CommandRing);
-    let (eo, es) = region(h, Field::EventRing);
-    let cmd =
-        doppel_abi::CommandBack::attach(win, co, cs).map_err(|e| format!("command ring: {e:?}"))?;
-    let ring =
-        doppel_abi::EventFront::attach(win, eo, es).map_err(|e| format!("event ring: {e:?}"))?;
-    Ok((
-        cmd,
-        Events {
-            ring,
-            pending: VecDeque::new(),
-            seq: 0,
-        },
-    ))
-}
-
-/// `LogDirtyEnable{mode}`: write protection only, and only once.
-pub(crate) fn log_dirty_enable(enabled: &mut bool, mode: LogDirtyMode) -> Result<Reply, Errno> {
-    if *enabled {
-        Err(Errno::EINVAL)
-    } else if mode != LogDirtyMode::WriteProtect {
-        Err(Errno::EOPNOTSUPP)
-    } else {
-        *enabled = true;
-        Ok(Reply::Done)
-    }
-}
-
-/// `Detach`: log-dirty off, the events posted so far void (their acks,
-/// whenever they come, are dropped). `EINVAL` when nothing is attached.
-pub(crate) fn detach(
-    enabled: &mut bool,
-    evt: &mut Events<'_>,
-) -> Result<Result<Reply, Errno>, String> {
-    if !*enabled {
-        return Ok(Err(Errno::EINVAL));
-    }
-    *enabled = false;
-    evt.skip_acks()?;
-    eprintln!("sim-hv: replication detached; guest runs unprotected");
-    Ok(Ok(Reply::Done))
-}
-
-/// Answer command `req` with `result` and publish the response.
-pub(crate) fn respond(
-    cmd: &mut CmdBack<'_>,
-    req: &CommandEntry,
-    result: Result<Reply, Errno>,
-) -> Result<(), String> {
-    let rsp = Response {
-        id: req.id,
-        op: req.op,
-        result,
     };
-    cmd.push_response(&rsp.encode())
-        .map_err(|e| format!("command ring: {e:?}"))?;
-    cmd.publish_responses();
-    Ok(())
+    publish_locator(&machine.window(LOCATOR_AT as usize), &loc);
+    published.map(|_| ()).map_err(|e| format!("{e:?}"))
 }
 
-/// The event ring from the hypervisor's side, with the events posted and
-/// not acked yet.
-pub(crate) struct Events<'a> {
-    pub(crate) ring: EvtFront<'a>,
-    /// (seq, kind, epoch) of every event posted and not acked, in order.
-    pub(crate) pending: VecDeque<(u32, u32, u64)>,
-    seq: u32,
-}
-
-impl Events<'_> {
-    /// Write `ev` into the ring with the next sequence number (publishing
-    /// is the caller's) and expect its ack.
-    pub(crate) fn push(&mut self, ev: &Event) -> Result<(), String> {
-        let e = ev.encode(self.seq);
-        self.ring
-            .push_request(&e)
-            .map_err(|x| format!("event ring: {x:?}"))?;
-        self.pending.push_back((e.seq, e.kind, e.epoch));
-        self.seq = self.seq.wrapping_add(1);
-        Ok(())
-    }
-
-    /// Detached: consume whatever acks the tool posted without looking at
-    /// them (they answer events of a session that is over) and forget the
-    /// pending events. A bad ring index is still an error.
-    pub(crate) fn skip_acks(&mut self) -> Result<(), String> {
-        self.ring
-            .skip_responses(u32::MAX)
-            .map_err(|x| format!("event ring: {x:?}"))?;
-        self.pending.clear();
-        Ok(())
-    }
-
-    /// Whether a `CheckpointReady` is posted and not acked.
-    pub(crate) fn checkpoint_pending(&self) -> bool {
-        self.pending
-            .iter()
-            .any(|&(_, k, _)| k == kind::CHECKPOINT_READY)
-    }
-
-    /// Consume the tool's event acks, which must come in order and accept
-    /// the event; `acked(kind, epoch)` for each. True if there were any.
-    pub(crate) fn drain_acks(&mut self, mut acked: impl FnMut(u32, u64)) -> Result<bool, String> {
-        let mut any = false;
-        while let Some(a) = self
-            .ring
-            .pop_response()
-            .map_err(|x| format!("event ring: {x:?}"))?
-        {
-            any = true;
-            let a = a.decode().map_err(|x| format!("event ack: {x:?}"))?;
-            match self.pending.pop_front() {
-                Some((s, k, ep)) if s == a.seq && k == a.kind && ep == a.epoch => {
-                    a.result
-                        .map_err(|x| format!("the tool rejected event {k} of epoch {ep}: {x:?}"))?;
-                    acked(k, ep);
-                }
-                other => return Err(format!("unexpected event ack {a:?} (pending {other:?})")),
-            }
-        }
-        Ok(any)
-    }
-}
-
-/// The pages written since the last checkpoint, in the order first
-/// written.
-pub(crate) struct DirtyLog {
-    pfns: Vec<u64>,
-    seen: Vec<bool>,
-}
-
-impl DirtyLog {
-    /// Every one of `pages` dirty (epoch 0 carries the whole guest).
-    pub(crate) fn all(pages: u64) -> Self {
-        Self {
-            pfns: (0..pages).collect(),
-            seen: vec![true; pages as usize],
-        }
-    }
-
-    pub(crate) fn mark(&mut self, pfn: u64) {
-        if !self.seen[pfn as usize] {
-            self.seen[pfn as usize] = true;
-            self.pfns.push(pfn);
-        }
-    }
-
-    pub(crate) fn pfns(&self) -> &[u64] {
-        &self.pfns
-    }
-
-    /// A checkpoint took them: nothing is dirty.
-    pub(crate) fn clear(&mut self) {
-        self.pfns.clear();
-        self.seen.fill(false);
-    }
-}
-
-/// Stage epoch `epoch`'s checkpoint the way the hypervisor does: the pfn
-/// list in `dirty` order, each of those guest pages copied into staging,
-/// `blob` at the start of the vCPU area. Returns the event that names it.
-pub(crate) fn stage(
-    machine: &MachineRam,
-    h: &ControlHeader,
-    epoch: u64,
-    dirty: &[u64],
-    blob: &[u8],
-) -> CheckpointReady {
-    let win = machine.window(CONTROL_AT as usize);
-    let gmem = machine.mem();
-    let guest_at = h.guest_ram.offset as usize;
-    let (po, _) = region(h, Field::PfnList);
-    let (so, _) = region(h, Field::Staging);
-    let (vo, _) = region(h, Field::VcpuArea);
-    let mut page = [0u8; PAGE];
-    for (i, &pfn) in dirty.iter().enumerate() {
-        win.write_bytes(po + i * 8, &pfn.to_le_bytes());
-        gmem.read_bytes(guest_at + pfn as usize * PAGE, &mut page);
-        win.write_bytes(so + i * PAGE, &page);
-    }
-    win.write_bytes(vo, blob);
-    let n = dirty.len() as u64;
-    CheckpointReady {
-        epoch,
-        dirty_count: n,
-        pfn_list: Span {
-            offset: po as u64,
-            len: n * 8,
-        },
-        pages: Span {
-            offset: so as u64,
-            len: n * PAGE as u64,
-        },
-        vcpu: Span {
-            offset: vo as u64,
-            len: blob.len() as u64,
-        },
-    }
-}
-
-/// The HVM context blob of one simulated vCPU (the header both simulators
-/// put on their checkpoints).
+/// The HVM context blob of one simulated vCPU, as the simulated machines
+/// stage it.
 pub fn encode_vcpu(v: VcpuState) -> Vec<u8> {
     let mut out = vec![0u8; hvm::encoded_len(1).expect("one vCPU")];
-    let header = HeaderInfo {
-        cpuid: 0x00a2_0f10,
-        gtsc_khz: 2_000_000,
-        changeset: 0,
-    };
-    let n = hvm::encode(&[v], header, &mut out).expect("the simulator's vCPU encodes");
+    let n = hvm::encode(&[v], SIM_HEADER, &mut out).expect("the simulator's vCPU encodes");
     out.truncate(n);
     out
 }

@@ -1,60 +1,46 @@
-//! A software model of the hypervisor running the protected key-value
-//! service (`doppel sim-hv --service kv` and `--standby`), so the whole
-//! failover pipeline (client, primary tool, backup tool, two hypervisors)
-//! runs on the host in seconds.
-//!
-//! Primary (`features LOG_DIRTY_WP | INPUT_CHANNEL | OUTPUT_COMMIT`):
-//! requests are taken from `in_chan` and applied per
-//! `doppel_abi::service` to a KV state that lives in the simulated guest
-//! RAM; exactly the pages written are logged dirty; each reply is held,
-//! tagged with the running epoch, and `CommitEpoch{E}` moves the held
-//! replies of epochs `<= E` into `out_chan` before it answers `Done`, then
-//! posts `OutputAvailable` (a hint). An epoch ends every `epoch_ms` (epoch
-//! 0 at once, with every page), never before the tool acked the previous
-//! checkpoint.
-//!
-//! `Detach` (primary): log-dirty off, no more checkpoints, acks dropped;
-//! every held reply goes into `out_chan` at once (tagged
-//! `UNPROTECTED_EPOCH`: it was never committed) and the service runs on,
-//! unprotected, its replies released as soon as they are made. A later
-//! `LogDirtyEnable` starts a new session (epoch 0 with every page, output
-//! held again).
+//! The key-value service as a `doppel sim-hv` workload (`--service kv`
+//! and `--standby`), so the whole failover pipeline (client, primary tool,
+//! backup tool, two hypervisors) runs on the host in seconds. The
+//! hypervisor's side is hv/core's engine (`doppel_core::engine`), as in
+//! the image; this module is what the service is: requests taken from the
+//! input channel and applied per `doppel_abi::service` to a KV state that
+//! lives in the simulated guest RAM (exactly the pages written are logged
+//! dirty), each reply handed to the engine (which holds it until its epoch
+//! commits, releases it at `Detach`, or at once on an activated standby),
+//! an epoch ending every `epoch` (epoch 0 at once) when staging is free.
 //!
 //! Standby (`features STANDBY`): the guest RAM starts as junk; the backup
 //! tool writes committed pages into it and, at failover, the HVM context
-//! blob into the vCPU area, then sends `Activate{epoch}`. The blob must
-//! decode (`doppel_core::hvm::decode`); its vCPU carries the epoch (rbx)
-//! and the KV version (rcx) of its checkpoint, which must not be below the
-//! `Activate` epoch (a re-protected primary's stream counts from 0 again)
-//! and must match the state found in guest RAM (else `EINVAL`, and
-//! the standby keeps waiting). Then it serves the KV from that RAM, output
-//! released at once (tagged `epoch + 1`). A second `Activate` is `EINVAL`.
+//! blob into the vCPU area, then sends `Activate{epoch}`. Besides the
+//! engine's own checks, the service checks the blob against its state: the
+//! vCPU carries the epoch (rbx) and the KV version (rcx) of its
+//! checkpoint, which must not be below the `Activate` epoch (a
+//! re-protected primary's stream counts from 0 again) and must match the
+//! state found in guest RAM (else `EINVAL`, and the standby keeps
+//! waiting). Then it serves the KV from that RAM.
 //!
 //! Guest RAM layout of the service (this simulator's; the real guest has
 //! its own): page 0 = state page: magic "DKVSTATE" @0, keys @8, version
 //! @16, checksum @24, reply cache @64 (`REPLAY_WINDOW` replies of 48
 //! bytes, slot = id % REPLAY_WINDOW); page 1 + k = key k's value @0.
 
-use std::collections::VecDeque;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use doppel_abi::chan::{ChannelConsumer, ChannelProducer};
-use doppel_abi::control::{ControlHeader, Features, Field};
-use doppel_abi::msg::{kind, LogDirtyMode, Reply, UNPROTECTED_EPOCH};
+use doppel_abi::control::{ControlHeader, Features};
 use doppel_abi::service::{self, Outcome, REPLAY_WINDOW};
-use doppel_abi::{AtomicMem64, Command, Errno, Event, SharedMem};
-use doppel_core::hvm::{self, VcpuState};
+use doppel_abi::{Errno, SharedMem};
+use doppel_core::dirtylog::{DirtyLog, FlatLog};
+use doppel_core::engine::{self, EpochClock, Hooks, Recv, Remus, Role};
+use doppel_core::hvm::VcpuState;
 use zerocopy::{FromZeros, IntoBytes};
 
 use crate::machine::{MachineRam, PAGE};
 use crate::sim::{
-    attach_rings, create_machine, detach, log_dirty_enable, placed_size, publish, region, respond,
-    stage, Alive, DirtyLog, CONTROL_AT,
+    create_machine, note_detach, placed_size, publish, stage, view_of, SimRam, CONTROL_AT,
 };
 use crate::synth::Rng;
-
 /// "DKVSTATE": magic of the simulated service's state page.
 pub const STATE_MAGIC: u64 = u64::from_le_bytes(*b"DKVSTATE");
 /// Offset of the reply cache in the state page.
@@ -225,7 +211,7 @@ impl KvSim {
         if !spec.standby {
             KvGuest::init(&mem, guest_at, spec.keys);
         }
-        publish(&machine, &h, placed_size(&h), true).map_err(bad)?;
+        publish(&machine, &h, placed_size(&h)).map_err(bad)?;
         Ok(Self {
             machine,
             spec,
@@ -249,37 +235,34 @@ impl KvSim {
 
     fn serve(&self, stop: &AtomicBool, res: &mut KvResult) -> Result<(), String> {
         let h = self.header;
-        let win: AtomicMem64<'_> = self.machine.window(CONTROL_AT as usize);
-        let gmem = self.machine.mem();
-        let e = |what: &'static str| move |x: &dyn std::fmt::Debug| format!("{what}: {x:?}");
-        let (oo, os) = region(&h, Field::OutputChannel);
-        let (io, is) = region(&h, Field::InputChannel);
-        let (mut cmd, mut evt) = attach_rings(win, &h)?;
-        let mut out = ChannelProducer::attach(win, oo, os).map_err(|x| e("output channel")(&x))?;
-        let mut inp = ChannelConsumer::attach(win, io, is).map_err(|x| e("input channel")(&x))?;
+        let win = self.machine.window(CONTROL_AT as usize);
+        let view = view_of(&h, &win)?;
+        let ram = SimRam::new(&self.machine, &h);
+        let role = if self.spec.standby {
+            Role::Standby
+        } else {
+            Role::Service
+        };
+        let check = Activation {
+            ram: &ram,
+            found: None,
+        };
+        let mut hv = engine::Engine::attach(win, win, view, role, Remus::default(), check)?;
         let mut kv = (!self.spec.standby).then_some(KvGuest {
-            base: h.guest_ram.offset as usize,
+            base: ram.at,
             keys: self.spec.keys,
         });
-        // A standby until an activated one is protected in its turn
-        // (`LogDirtyEnable` after `Activate`: a chain), then a primary.
-        let mut standby = self.spec.standby;
-        let mut enabled = false;
-        let mut detached = false;
-        // Checkpoints posted in this session.
-        let mut posted = 0u64;
-        // Standby: the epoch activated from.
-        let mut active: Option<u64> = None;
-        let mut running = 0u64; // epoch whose checkpoint will hold the state
-        let mut committed: Option<u64> = None;
-        let mut held: VecDeque<(u64, service::Reply)> = VecDeque::new();
-        let mut dirty = DirtyLog::all(self.spec.guest_pages);
+        let log = FlatLog::new(ram.pages - 1).map_err(|e| format!("dirty log: {e:?}"))?;
+        // A reply the engine had no room for yet (the guest's SEND retry).
+        let mut unsent: Option<service::Reply> = None;
+        let mut frame = vec![0u8; view.region(doppel_abi::Field::InputChannel).1];
         let mut last_epoch = Instant::now();
         let start = Instant::now();
-        let mut frame = vec![0u8; is];
-        let mut alive = Alive::new();
         loop {
-            alive.beat(&win);
+            hv.beat();
+            let s = hv.stats();
+            (res.epochs_posted, res.committed, res.detaches, res.released) =
+                (s.posted, s.commits, s.detaches, s.released);
             if stop.load(Ordering::Relaxed) {
                 return Ok(());
             }
@@ -289,193 +272,86 @@ impl KvSim {
                     self.spec.max_run, res.epochs_posted
                 ));
             }
-            let mut busy = false;
-            if detached {
-                evt.skip_acks()?;
-            } else {
-                busy |= evt.drain_acks(|_, _| {})?;
-            }
-            // Commands.
-            while let Some(req) = cmd.pop_request().map_err(|x| e("command ring")(&x))? {
-                busy = true;
-                let mut post_output: Option<(u64, u64)> = None;
-                let result = match req.decode() {
-                    Err(x) => Err(x.errno()),
-                    // As the hypervisor: a standby's RAM is the backup's
-                    // to fill; a primary tool may not take its rings.
-                    Ok(Command::LogDirtyEnable { mode })
-                        if standby && active.is_some() && mode == LogDirtyMode::WriteProtect =>
-                    {
-                        // As the hypervisor: the activated service becomes
-                        // a replicated primary, epoch 0 with every page.
-                        eprintln!("sim-hv: the activated standby is protected (LogDirtyEnable)");
-                        evt.skip_acks()?;
-                        standby = false;
-                        active = None;
-                        posted = 0;
-                        running = 0;
-                        committed = None;
-                        dirty = DirtyLog::all(self.spec.guest_pages);
-                        log_dirty_enable(&mut enabled, mode)
-                    }
-                    Ok(Command::LogDirtyEnable { .. }) if standby => {
-                        eprintln!("sim-hv: LogDirtyEnable refused (EPERM): a standby");
-                        Err(Errno::EPERM)
-                    }
-                    Ok(Command::LogDirtyEnable { mode }) if !standby => {
-                        if detached && mode == LogDirtyMode::WriteProtect {
-                            // A new session (the new tool answered the old
-                            // session's events before this command).
-                            evt.skip_acks()?;
-                            detached = false;
-                            posted = 0;
-                            running = 0;
-                            committed = None;
-                            dirty = DirtyLog::all(self.spec.guest_pages);
-                        }
-                        log_dirty_enable(&mut enabled, mode)
-                    }
-                    Ok(Command::Detach) if !standby => {
-                        let r = detach(&mut enabled, &mut evt)?;
-                        if r.is_ok() {
-                            detached = true;
-                            res.detaches += 1;
-                            // Nothing will ever commit these: out they go.
-                            for h in held.iter_mut() {
-                                h.0 = UNPROTECTED_EPOCH;
-                            }
-                            let (n, _) = release_unprotected(&mut held, &mut out)?;
-                            res.released += n;
-                        }
-                        r
-                    }
-                    Ok(Command::CommitEpoch { epoch }) if !standby && enabled => {
-                        // The tool acks the event before committing; the
-                        // ack may have landed after the drain above.
-                        evt.drain_acks(|_, _| {})?;
-                        let staged_acked = !evt
-                            .pending
-                            .iter()
-                            .any(|&(_, k, ep)| k == kind::CHECKPOINT_READY && ep == epoch);
-                        let next = committed.map_or(0, |c| c + 1);
-                        if epoch == next && epoch < posted && staged_acked {
-                            committed = Some(epoch);
-                            res.committed += 1;
-                            let (n, bytes) = release(&mut held, &mut out, epoch)?;
-                            res.released += n;
-                            if n > 0 {
-                                post_output = Some((epoch, bytes));
-                            }
-                            Ok(Reply::Done)
-                        } else {
-                            Err(Errno::EINVAL)
-                        }
-                    }
-                    Ok(Command::CommitEpoch { .. }) if !standby => Err(Errno::EINVAL),
-                    Ok(Command::Activate { epoch }) if standby => {
-                        if active.is_some() {
-                            Err(Errno::EINVAL)
-                        } else {
-                            match self.activate(epoch) {
-                                Ok(g) => {
-                                    kv = Some(g);
-                                    active = Some(epoch);
-                                    res.activated = Some(epoch);
-                                    Ok(Reply::Done)
-                                }
-                                Err(why) => {
-                                    eprintln!("sim-hv: Activate({epoch}) refused: {why}");
-                                    Err(Errno::EINVAL)
-                                }
-                            }
-                        }
-                    }
-                    Ok(_) => Err(Errno::ENOSYS),
-                };
-                respond(&mut cmd, &req, result)?;
-                if let Some((epoch, bytes)) = post_output {
-                    if evt.ring.free_requests() > 0 {
-                        evt.push(&Event::OutputAvailable { epoch, bytes })?;
-                        evt.ring.publish_requests();
-                    }
-                }
-            }
-            // Held output that did not fit before: first what Detach
-            // released (while detached, that is all of it).
-            let (n, _) = release_unprotected(&mut held, &mut out)?;
-            res.released += n;
-            if let Some(c) = committed.filter(|_| !detached) {
-                let (n, _) = release(&mut held, &mut out, c)?;
-                res.released += n;
+            hv.poll()?;
+            let mut busy = hv.stats() != s;
+            note_detach(&s, &hv.stats());
+            if let Some(g) = hv.hooks().found.take() {
+                kv = Some(g);
+                res.activated = hv.activated().map(|a| a.0);
             }
             // The guest: serve requests.
-            let serving = if standby {
-                active.is_some()
-            } else {
-                enabled || detached
+            let serving = match hv.role() {
+                Role::Standby => hv.activated().is_some(),
+                _ => hv.enabled() || hv.detached(),
             };
             if let (true, Some(g)) = (serving, kv) {
-                let mut any = false;
-                while let Some(info) = inp.pop(&mut frame).map_err(|x| e("input channel")(&x))? {
-                    any = true;
-                    res.requests += 1;
-                    let rep = g.handle(&gmem, &frame[..info.len], |pfn| dirty.mark(pfn));
-                    match active {
-                        // Standby, activated: unreplicated, released at once.
-                        Some(a) => {
-                            held.push_back((a + 1, rep));
-                            let (n, _) = release(&mut held, &mut out, a + 1)?;
-                            res.released += n;
+                loop {
+                    if let Some(rep) = unsent {
+                        if !hv.send(rep.as_bytes())? {
+                            break;
                         }
-                        // Detached: unprotected, released at once.
-                        None if detached => {
-                            held.push_back((UNPROTECTED_EPOCH, rep));
-                            let (n, _) = release_unprotected(&mut held, &mut out)?;
-                            res.released += n;
+                        unsent = None;
+                    }
+                    match hv.recv(&mut frame)? {
+                        Recv::Record(n) => {
+                            busy = true;
+                            res.requests += 1;
+                            unsent = Some(g.handle(&ram.mem, &frame[..n], |pfn| {
+                                // In range: the service's pages are.
+                                let _ = log.mark(pfn);
+                            }));
                         }
-                        None => held.push_back((running, rep)),
+                        Recv::Empty => break,
+                        Recv::TooSmall => {
+                            return Err("request larger than the input channel".into())
+                        }
                     }
                 }
-                if any {
-                    busy = true;
-                    inp.publish();
-                }
             }
-            // Epoch end (primary only).
-            let due = running == 0 || last_epoch.elapsed() >= self.spec.epoch;
-            if !standby
-                && enabled
-                && !evt.checkpoint_pending()
-                && due
-                && evt.ring.free_requests() > 0
-            {
+            // Epoch end (a replicating primary).
+            let clock = EpochClock {
+                timer_fired: last_epoch.elapsed() >= self.spec.epoch,
+                ..EpochClock::default()
+            };
+            if hv.epoch_due(clock) && hv.staging_free() {
                 busy = true;
                 last_epoch = Instant::now();
-                let g = kv.expect("primary has a service");
-                let blob = vcpu_blob(running, g.version(&gmem));
-                let c = stage(&self.machine, &h, running, dirty.pfns(), &blob);
-                evt.push(&Event::CheckpointReady(c))?;
-                evt.ring.publish_requests();
-                res.epochs_posted += 1;
-                posted += 1;
-                running += 1;
-                dirty.clear();
+                let g = kv.ok_or("a primary without its service")?;
+                let vcpu = vcpu_state(hv.next_epoch(), g.version(&ram.mem));
+                stage(&mut hv, &log, &ram, &vcpu)?;
             }
             if !busy {
                 std::thread::sleep(Duration::from_micros(200));
             }
         }
     }
+}
 
-    /// Standby: check the blob and the state in guest RAM.
-    fn activate(&self, epoch: u64) -> Result<KvGuest, String> {
-        let h = self.header;
-        let win = self.machine.window(CONTROL_AT as usize);
-        let r = h.region(Field::VcpuArea);
-        let mut area = vec![0u8; r.size as usize];
-        win.read_bytes(r.offset as usize, &mut area);
-        let d = hvm::decode_padded::<64>(&area).map_err(|x| format!("blob: {x:?}"))?;
-        let (_, v) = d.vcpus.first().ok_or("blob has no vCPU")?;
+/// The service's own check of an `Activate` (after the engine decoded the
+/// vCPU record): the state in guest RAM must be the checkpoint's.
+struct Activation<'a> {
+    ram: &'a SimRam<'a>,
+    /// The service found by an accepted check.
+    found: Option<KvGuest>,
+}
+
+impl Hooks for Activation<'_> {
+    fn check_activation(&mut self, epoch: u64, v: &VcpuState) -> Result<(), Errno> {
+        match self.check(epoch, v) {
+            Ok(g) => {
+                self.found = Some(g);
+                Ok(())
+            }
+            Err(why) => {
+                eprintln!("sim-hv: Activate({epoch}) refused: {why}");
+                Err(Errno::EINVAL)
+            }
+        }
+    }
+}
+
+impl Activation<'_> {
+    fn check(&self, epoch: u64, v: &VcpuState) -> Result<KvGuest, String> {
         // rbx is the hypervisor's epoch, Activate names the backup's: a
         // stream session that started after hypervisor epoch 0 (a primary
         // re-protected by a new backup, crate::protect) counts from 0
@@ -486,17 +362,17 @@ impl KvSim {
                 v.rbx
             ));
         }
-        let mem = self.machine.mem();
-        let g = KvGuest::load(&mem, h.guest_ram.offset as usize, self.spec.guest_pages)?;
-        if g.version(&mem) != v.rcx {
+        let mem = &self.ram.mem;
+        let g = KvGuest::load(mem, self.ram.at, self.ram.pages)?;
+        if g.version(mem) != v.rcx {
             return Err(format!(
                 "guest RAM holds version {}, the blob's checkpoint version {}",
-                g.version(&mem),
+                g.version(mem),
                 v.rcx
             ));
         }
-        let sum = service::checksum((0..g.keys).map(|k| g.value(&mem, k)));
-        if sum != g.checksum(&mem) {
+        let sum = service::checksum((0..g.keys).map(|k| g.value(mem, k)));
+        if sum != g.checksum(mem) {
             return Err("the state checksum does not match the values".into());
         }
         Ok(g)
@@ -504,62 +380,21 @@ impl KvSim {
 }
 
 /// The checkpoint's vCPU: rbx = epoch, rcx = KV version.
-pub fn vcpu_blob(epoch: u64, version: u64) -> Vec<u8> {
-    let mut v = VcpuState {
+fn vcpu_state(epoch: u64, version: u64) -> VcpuState {
+    VcpuState {
         rip: 0x10_0000 + (version % 64) * 0x10,
         rbx: epoch,
         rcx: version,
         rsp: 0x8000,
         tsc: 1_000_000 * (epoch + 1),
+        cr0: 0x11,
         ..VcpuState::default()
-    };
-    v.cr0 = 0x11;
-    crate::sim::encode_vcpu(v)
-}
-
-/// Move held replies of epochs `<= upto` into the output channel, in
-/// order, as many as fit. (count, bytes) moved.
-fn release(
-    held: &mut VecDeque<(u64, service::Reply)>,
-    out: &mut ChannelProducer<AtomicMem64<'_>>,
-    upto: u64,
-) -> Result<(u64, u64), String> {
-    release_while(held, out, |ep| ep <= upto)
-}
-
-/// Move the replies at the front tagged [`UNPROTECTED_EPOCH`] (released by
-/// `Detach` or made while detached) into the output channel, as many as
-/// fit; they go before anything a later session holds.
-fn release_unprotected(
-    held: &mut VecDeque<(u64, service::Reply)>,
-    out: &mut ChannelProducer<AtomicMem64<'_>>,
-) -> Result<(u64, u64), String> {
-    release_while(held, out, |ep| ep == UNPROTECTED_EPOCH)
-}
-
-fn release_while(
-    held: &mut VecDeque<(u64, service::Reply)>,
-    out: &mut ChannelProducer<AtomicMem64<'_>>,
-    go: impl Fn(u64) -> bool,
-) -> Result<(u64, u64), String> {
-    let mut n = 0u64;
-    while let Some(&(ep, rep)) = held.front() {
-        if !go(ep) {
-            break;
-        }
-        match out.write_record(ep, rep.as_bytes()) {
-            Ok(()) => {
-                held.pop_front();
-                n += 1;
-            }
-            Err(doppel_abi::chan::ChannelError::Full) => break,
-            Err(x) => return Err(format!("output channel: {x:?}")),
-        }
     }
-    if n > 0 {
-        out.publish();
-    }
-    Ok((n, n * REPLY_LEN as u64))
+}
+
+/// The checkpoint's vCPU as its HVM context blob.
+pub fn vcpu_blob(epoch: u64, version: u64) -> Vec<u8> {
+    crate::sim::encode_vcpu(vcpu_state(epoch, version))
 }
 
 #[cfg(test)]
@@ -567,6 +402,7 @@ mod tests {
     use super::*;
     use doppel_abi::service::{op, status, Request};
     use doppel_abi::AtomicMem64;
+    use doppel_core::hvm;
     use std::sync::atomic::AtomicU64;
 
     fn req(id: u64, o: u32, key: u64, value: u64) -> Vec<u8> {

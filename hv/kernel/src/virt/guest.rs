@@ -266,3 +266,21 @@ fn write_guest_page_tables(ram: &mut GuestRam) -> Result<(), GuestError> {
     }
     Ok(())
 }
+
+/// The replication engine stages dirty pages straight from guest RAM.
+impl doppel_core::engine::GuestPages for GuestRam {
+    fn pages(&self) -> u64 {
+        GuestRam::pages(self)
+    }
+
+    fn copy_page<S: doppel_abi::SharedMem>(&self, pfn: u64, dst: &S, at: usize) -> bool {
+        let Some(page) = pfn
+            .checked_mul(PAGE_SIZE)
+            .and_then(|gpa| self.slice(gpa, PAGE_SIZE))
+        else {
+            return false;
+        };
+        dst.write_bytes(at, page);
+        true
+    }
+}

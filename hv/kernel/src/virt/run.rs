@@ -11,6 +11,7 @@ use alloc::vec::Vec;
 
 use doppel_abi::guest::{hypercall, PatternId, CONSOLE_PORT, MAX_RECORD, PAGE_SIZE, SEND_AGAIN};
 use doppel_core::dirtylog::{DirtyLog, DirtyTree};
+use doppel_core::engine::EpochClock;
 use doppel_core::exit::{exact_length, read_code, resume_rip, Action, ExitKind, VmExit};
 use doppel_core::hvm::VcpuState;
 use doppel_core::paging::{Flush, NestedEntry, NestedPageTable, RestoreWrite};
@@ -128,6 +129,13 @@ pub trait EpochSink {
     /// area's liveness counter here.
     fn exited(&mut self) {}
 
+    /// Service runs, at every exit: whether the epoch ends here (the
+    /// replication engine's epoch policy decides; by default the epoch
+    /// timer alone).
+    fn epoch_due(&self, clock: &EpochClock) -> bool {
+        clock.timer_fired
+    }
+
     /// Asked at each epoch end: whether the next epoch's writes must be
     /// tracked. False once nobody uses the harvests (replication detached,
     /// or an activated standby); true again re-arms tracking from scratch.
@@ -136,16 +144,8 @@ pub trait EpochSink {
     }
 }
 
-/// What a `RECV` found.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Recv {
-    /// A record of this many bytes was copied.
-    Record(usize),
-    /// Nothing queued.
-    Empty,
-    /// The next record does not fit the guest's buffer (it stays queued).
-    TooSmall,
-}
+/// What a `RECV` found (the replication engine's answer).
+pub use doppel_core::engine::Recv;
 
 /// Run the guest in `mode` until it says DONE (true when its status is 0
 /// and every sink call succeeded).
@@ -397,11 +397,11 @@ impl<'a, E: NestedEntry, V: Vcpu, S: EpochSink> Run<'a, E, V, S> {
     /// Service runs: the epoch timer expired or the exit budget is spent.
     fn checkpoint_due(&self) -> bool {
         self.plan.service
-            && (self.timer_due
-                || self
-                    .plan
-                    .epoch_exits
-                    .is_some_and(|n| self.epoch_exit_count >= n))
+            && self.sink.epoch_due(&EpochClock {
+                timer_fired: self.timer_due,
+                exits: self.epoch_exit_count,
+                first: false,
+            })
     }
 
     /// End a checkpoint epoch of a service run at this exit: the vCPU is
