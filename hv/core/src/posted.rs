@@ -11,10 +11,9 @@
 //! particular an ack claiming to answer a checkpoint frees the staging area
 //! only when a checkpoint is the oldest unanswered event.
 //!
-//! It also decides when an `OutputAvailable` hint may go out: at most one
-//! unanswered hint at a time (hints coalesce: the tool reads the whole
-//! output channel), and only while the ring keeps a slot for the next
-//! `CheckpointReady` besides the hint, so hints can never fill the ring.
+//! The engine posts no `OutputAvailable` hints any more (the tool's bridge
+//! reads the output channel by itself, docs/REPLICATION.md); an ack of one
+//! is still matched like any event's, should a hypervisor post it.
 
 use doppel_abi::errno::Errno;
 use doppel_abi::msg::{kind, Ack, DecodeError};
@@ -57,7 +56,6 @@ pub struct PostedEvents<const N: usize> {
     queue: Deque<Posted, N>,
     next_seq: u32,
     checkpoints: u32,
-    hints: u32,
 }
 
 impl<const N: usize> Default for PostedEvents<N> {
@@ -72,7 +70,6 @@ impl<const N: usize> PostedEvents<N> {
             queue: Deque::new(),
             next_seq: 0,
             checkpoints: 0,
-            hints: 0,
         }
     }
 
@@ -97,10 +94,8 @@ impl<const N: usize> PostedEvents<N> {
         };
         self.queue.push_back(p).map_err(|_| RecordFull)?;
         self.next_seq = self.next_seq.wrapping_add(1);
-        match kind {
-            kind::CHECKPOINT_READY => self.checkpoints += 1,
-            kind::OUTPUT_AVAILABLE => self.hints += 1,
-            _ => {}
+        if kind == kind::CHECKPOINT_READY {
+            self.checkpoints += 1;
         }
         Ok(())
     }
@@ -115,10 +110,8 @@ impl<const N: usize> PostedEvents<N> {
             return Err(AckError::Mismatch { want, got });
         }
         self.queue.pop_front();
-        match want.kind {
-            kind::CHECKPOINT_READY => self.checkpoints -= 1,
-            kind::OUTPUT_AVAILABLE => self.hints -= 1,
-            _ => {}
+        if want.kind == kind::CHECKPOINT_READY {
+            self.checkpoints -= 1;
         }
         Ok(Answered {
             event: want,
@@ -132,7 +125,6 @@ impl<const N: usize> PostedEvents<N> {
     pub fn clear(&mut self) {
         self.queue.clear();
         self.checkpoints = 0;
-        self.hints = 0;
     }
 
     /// Checkpoints not answered yet (the staging area is busy while > 0).
@@ -147,14 +139,6 @@ impl<const N: usize> PostedEvents<N> {
 
     pub fn is_empty(&self) -> bool {
         self.queue.is_empty()
-    }
-
-    /// Whether an `OutputAvailable` hint may be posted now, with
-    /// `free_slots` free request slots in the event ring: no hint is
-    /// unanswered, and after the hint a slot (and a record entry) is left
-    /// for a `CheckpointReady`.
-    pub fn may_post_hint(&self, free_slots: u32) -> bool {
-        self.hints == 0 && free_slots > 1 && self.queue.len() + 1 < N
     }
 }
 
@@ -257,28 +241,9 @@ mod tests {
     }
 
     #[test]
-    fn hints_coalesce_and_keep_a_slot_for_the_checkpoint() {
-        let mut ev = PostedEvents::<16>::new();
-        assert!(ev.may_post_hint(16));
-        assert!(!ev.may_post_hint(1), "the last slot is the checkpoint's");
-        assert!(!ev.may_post_hint(0));
-        ev.posted(kind::OUTPUT_AVAILABLE, 0).unwrap();
-        assert!(!ev.may_post_hint(15), "one unanswered hint at a time");
-        ev.posted(kind::CHECKPOINT_READY, 1).unwrap();
-        ev.take(ack(
-            Posted {
-                kind: kind::OUTPUT_AVAILABLE,
-                seq: 0,
-                epoch: 0,
-            },
-            Ok(()),
-        ))
-        .unwrap();
-        assert!(ev.may_post_hint(15));
-        // The record itself also keeps room for a checkpoint.
+    fn the_record_keeps_no_more_than_its_size() {
         let mut small = PostedEvents::<2>::new();
         small.posted(kind::CHECKPOINT_READY, 0).unwrap();
-        assert!(!small.may_post_hint(16));
         small.posted(kind::ERROR, 0).unwrap();
         assert!(!small.can_post());
         assert_eq!(small.posted(kind::ERROR, 0), Err(RecordFull));
@@ -293,7 +258,6 @@ mod tests {
         ev.clear();
         assert!(ev.is_empty());
         assert_eq!(ev.checkpoints(), 0);
-        assert!(ev.may_post_hint(4), "the cleared hint no longer blocks one");
         // An ack of a forgotten event is now unsolicited, not a match.
         let old = Posted {
             kind: kind::CHECKPOINT_READY,
@@ -388,8 +352,6 @@ mod tests {
                 prop_assert_eq!(ev.checkpoints() as usize, cps);
                 prop_assert_eq!(ev.len(), model.len());
                 prop_assert_eq!(ev.next_seq(), seq);
-                let hints = model.iter().any(|p| p.kind == kind::OUTPUT_AVAILABLE);
-                prop_assert_eq!(ev.may_post_hint(2), !hints && model.len() + 1 < 8);
             }
         }
     }

@@ -362,6 +362,12 @@ fn output_is_held_until_commit_and_detach_releases_it_unprotected() {
     );
     assert_eq!(t.output(), [(0, b"r0".to_vec())]);
     assert_eq!(held_word(&mem), 4);
+    // Released output comes with no OutputAvailable hint: the tool's
+    // bridge reads the channel by itself (docs/REPLICATION.md).
+    assert!(
+        t.evt.pop_request().unwrap().is_none(),
+        "no event after a commit that released output"
+    );
     // Epoch 1 is staged but never committed: Detach lets its output go,
     // tagged unprotected.
     e.stage(core::iter::empty(), &ram, &vcpu(1), header())
