@@ -124,7 +124,10 @@ fn boot_info(addr: u64) -> Result<BootInfo<'static>, &'static str> {
     // SAFETY: as above for the whole block, whose size the header gives;
     // the frame allocator reserves it, so it stays intact.
     let bytes = unsafe { core::slice::from_raw_parts(addr as *const u8, size as usize) };
-    BootInfo::parse(bytes).map_err(|_| "malformed Multiboot2 boot information")
+    BootInfo::parse(bytes).map_err(|e| {
+        error!("{e}");
+        "malformed Multiboot2 boot information"
+    })
 }
 
 static PANICKING: AtomicBool = AtomicBool::new(false);
