@@ -21,4 +21,5 @@ pub mod pml;
 pub mod posted;
 pub mod pvh;
 pub mod selftest;
+pub mod start;
 pub mod workload;

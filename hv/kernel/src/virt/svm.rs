@@ -215,13 +215,6 @@ const IOPM_BYTES: u64 = 3 * PAGE_SIZE;
 const MSRPM_BYTES: u64 = 2 * PAGE_SIZE;
 const _: () = assert!(MSRPM_BYTES as usize == msr::SVM_MSRPM_BYTES);
 
-const EFER_LME: u64 = 1 << 8;
-const EFER_LMA: u64 = 1 << 10;
-const CR0_PE: u64 = 1 << 0;
-const CR0_ET: u64 = 1 << 4;
-const CR0_NE: u64 = 1 << 5;
-const CR0_PG: u64 = 1 << 31;
-const CR4_PAE: u64 = 1 << 5;
 /// The power-on default PAT (must be a valid PAT when nested paging is on).
 const DEFAULT_PAT: u64 = 0x0007_0406_0007_0406;
 
@@ -337,50 +330,8 @@ impl SvmVcpu {
         c.np_enable = 1;
         c.n_cr3 = ncr3(nested_root);
 
-        let s = &mut v.save;
-        let code = VmcbSegment {
-            selector: 0x08,
-            // 64-bit code: type 0xb, S, P, L, G.
-            attrib: VmcbSegment::attrib_from_access_rights(0xa09b),
-            limit: 0xffff_ffff,
-            base: 0,
-        };
-        let data = VmcbSegment {
-            selector: 0x10,
-            // Read/write data, accessed: type 3, S, P, D/B, G.
-            attrib: VmcbSegment::attrib_from_access_rights(0xc093),
-            limit: 0xffff_ffff,
-            base: 0,
-        };
-        s.cs = code;
-        s.ds = data;
-        s.es = data;
-        s.ss = data;
-        s.fs = data;
-        s.gs = data;
-        // A busy 64-bit TSS (type 0xb, P); the guest takes no interrupts.
-        s.tr = VmcbSegment {
-            selector: 0x18,
-            attrib: 0x008b,
-            limit: 0x67,
-            base: 0,
-        };
-        s.ldtr = VmcbSegment::default();
-        s.gdtr = VmcbSegment::default();
-        s.idtr = VmcbSegment::default();
-        s.cpl = 0;
-        s.efer = EFER_LME | EFER_LMA | EFER_SVME;
-        s.cr0 = CR0_PE | CR0_ET | CR0_NE | CR0_PG;
-        s.cr3 = start.cr3;
-        s.cr4 = CR4_PAE;
-        s.dr6 = 0xffff_0ff0;
-        s.dr7 = 0x400;
-        s.rflags = 0x2;
-        s.rip = start.rip;
-        s.rsp = start.rsp;
-        s.rax = 0;
-        s.g_pat = DEFAULT_PAT;
-        self.regs.rdi = start.rdi;
+        v.save.g_pat = DEFAULT_PAT;
+        self.restore(&VcpuState::long_mode_start(start));
     }
 
     /// Load a checkpointed vCPU (the inverse of [`Vcpu::state`]): every
@@ -436,23 +387,7 @@ impl SvmVcpu {
         s.lstar = st.lstar;
         s.cstar = st.cstar;
         s.sfmask = st.sfmask;
-        self.regs = GuestRegs {
-            rax: st.rax,
-            rbx: st.rbx,
-            rcx: st.rcx,
-            rdx: st.rdx,
-            rsi: st.rsi,
-            rdi: st.rdi,
-            rbp: st.rbp,
-            r8: st.r8,
-            r9: st.r9,
-            r10: st.r10,
-            r11: st.r11,
-            r12: st.r12,
-            r13: st.r13,
-            r14: st.r14,
-            r15: st.r15,
-        };
+        self.regs = GuestRegs::of(st);
     }
 
     /// Decode the #VMEXIT in the VMCB.

@@ -53,16 +53,31 @@ const _: () = assert!(core::mem::offset_of!(GuestRegs, r13) == 96);
 const _: () = assert!(core::mem::offset_of!(GuestRegs, r14) == 104);
 const _: () = assert!(core::mem::offset_of!(GuestRegs, r15) == 112);
 
-/// Where and how a guest starts: 64-bit mode, paging on with the given
-/// guest page tables, interrupts off.
-#[derive(Clone, Copy, Debug)]
-pub struct GuestStart {
-    pub rip: u64,
-    pub rsp: u64,
-    /// First argument (the boot information's address).
-    pub rdi: u64,
-    /// Guest-physical address of the guest's PML4.
-    pub cr3: u64,
+/// Where a guest starts; its state is [`VcpuState::long_mode_start`], which
+/// each backend translates into its VMCS or VMCB.
+pub use doppel_core::start::GuestStart;
+
+impl GuestRegs {
+    /// The general registers of `st` the entry stub loads.
+    pub fn of(st: &VcpuState) -> Self {
+        Self {
+            rax: st.rax,
+            rbx: st.rbx,
+            rcx: st.rcx,
+            rdx: st.rdx,
+            rsi: st.rsi,
+            rdi: st.rdi,
+            rbp: st.rbp,
+            r8: st.r8,
+            r9: st.r9,
+            r10: st.r10,
+            r11: st.r11,
+            r12: st.r12,
+            r13: st.r13,
+            r14: st.r14,
+            r15: st.r15,
+        }
+    }
 }
 
 /// Guest state worth printing when a run fails.
