@@ -33,10 +33,11 @@ use doppel_core::paging::fault::decode_npf;
 use doppel_core::paging::{ncr3, Flush, NptEntry};
 use doppel_core::selftest::Mode;
 use doppel_kernel::config::Broken;
+use x86_64::registers::model_specific::EferFlags;
 
 use crate::arch::apic;
 use crate::arch::instr::{cpuid, interrupt_window, rdmsr, rdtsc, svm_run, vmsave, wrmsr};
-use crate::arch::{EFER_SVME, IA32_EFER};
+use crate::arch::IA32_EFER;
 use crate::mem::{frames, PAGE_SIZE};
 
 use super::vcpu::{base_state, GuestDump, GuestRegs, GuestStart, Vcpu};
@@ -215,6 +216,8 @@ const IOPM_BYTES: u64 = 3 * PAGE_SIZE;
 const MSRPM_BYTES: u64 = 2 * PAGE_SIZE;
 const _: () = assert!(MSRPM_BYTES as usize == msr::SVM_MSRPM_BYTES);
 
+/// EFER.SVME: SVM on (the host's), required in every guest's EFER too.
+const EFER_SVME: u64 = EferFlags::SECURE_VIRTUAL_MACHINE_ENABLE.bits();
 /// The power-on default PAT (must be a valid PAT when nested paging is on).
 const DEFAULT_PAT: u64 = 0x0007_0406_0007_0406;
 
