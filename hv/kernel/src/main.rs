@@ -33,7 +33,7 @@ const BOOT_MAPPED: u64 = 4 << 30;
 extern "C" fn kmain(magic: u32, info_addr: usize) -> ! {
     console::init();
     console::init_logger(LevelFilter::Info);
-    arch::init();
+    arch::init(fault);
     if magic != BOOTLOADER_MAGIC {
         error!("not started by a Multiboot2 loader (eax={magic:#x})");
         exit(Status::Fail);
@@ -128,6 +128,12 @@ fn boot_info(addr: u64) -> Result<BootInfo<'static>, &'static str> {
         error!("{e}");
         "malformed Multiboot2 boot information"
     })
+}
+
+/// An exception ends the run with one error line.
+fn fault(f: &arch::idt::Fault<'_>) -> ! {
+    console::emergency(format_args!("doppel-hv: error: {f}\n"));
+    exit(Status::Fail)
 }
 
 static PANICKING: AtomicBool = AtomicBool::new(false);

@@ -61,13 +61,18 @@ pub struct Apic {
 
 static APIC: Once<Result<Apic, &'static str>> = Once::new();
 
-/// The local APIC, set up (and the timer calibrated) on first use; an
-/// error when it is in x2APIC mode or cannot be mapped.
-pub fn get() -> Result<&'static Apic, &'static str> {
-    APIC.call_once(init).as_ref().map_err(|e| *e)
+/// The local APIC, set up (its register page made uncached by `uncached`,
+/// the timer calibrated) on first use; an error when it is in x2APIC mode
+/// or cannot be mapped.
+pub fn get(uncached: Uncached) -> Result<&'static Apic, &'static str> {
+    APIC.call_once(|| init(uncached)).as_ref().map_err(|e| *e)
 }
 
-fn init() -> Result<Apic, &'static str> {
+/// Makes the page at a physical address uncached in the kernel's page
+/// tables (which are `mem`'s, not the CPU set-up's, to edit).
+pub type Uncached = fn(u64) -> Result<(), &'static str>;
+
+fn init(uncached: Uncached) -> Result<Apic, &'static str> {
     let msr = rdmsr(IA32_APIC_BASE);
     let flags = ApicBaseFlags::from_bits_truncate(msr);
     if flags.contains(ApicBaseFlags::X2APIC_ENABLE) {
@@ -80,7 +85,7 @@ fn init() -> Result<Apic, &'static str> {
         unsafe { wrmsr(IA32_APIC_BASE, msr | ApicBaseFlags::LAPIC_ENABLE.bits()) };
     }
     let base = msr & APIC_BASE_ADDR_MASK;
-    crate::mem::paging::set_uncached(base)?;
+    uncached(base)?;
     let mut apic = Apic {
         base,
         apic_ticks: 0,

@@ -20,10 +20,10 @@ pub fn has_nx() -> bool {
 
 /// Load the kernel's GDT (with TSS and the double-fault stack) and IDT, and
 /// turn on no-execute pages where the CPU has them. Runs first in `kmain`
-/// so every later fault is reported.
-pub fn init() {
+/// so every later fault is reported, by `on_fault`.
+pub fn init(on_fault: fn(&idt::Fault<'_>) -> !) {
     gdt::init();
-    idt::init();
+    idt::init(on_fault);
     if has_nx() {
         let efer = instr::rdmsr(IA32_EFER);
         // SAFETY: setting EFER.NXE only makes the NX page bit meaningful;

@@ -525,7 +525,7 @@ impl Vcpu for SvmVcpu {
     }
 
     fn arm_timer(&mut self, tsc_ticks: Option<u64>) -> bool {
-        let apic = match apic::get() {
+        let apic = match apic::get(crate::mem::paging::set_uncached) {
             Ok(a) => a,
             Err(e) => {
                 log::error!("svm: local APIC timer: {e}");

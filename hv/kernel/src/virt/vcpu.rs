@@ -10,75 +10,13 @@ use doppel_core::hvm::VcpuState;
 use doppel_core::paging::Flush;
 use doppel_core::pml::{DrainStats, PmlError};
 
-/// Guest general-purpose registers that neither the VMCS nor the VMCB holds
-/// for us (RSP and RIP live there), saved and restored by the entry stub.
-/// RAX is here too: on SVM the backend copies it to and from the VMCB.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct GuestRegs {
-    pub rax: u64,
-    pub rbx: u64,
-    pub rcx: u64,
-    pub rdx: u64,
-    pub rsi: u64,
-    pub rdi: u64,
-    pub rbp: u64,
-    pub r8: u64,
-    pub r9: u64,
-    pub r10: u64,
-    pub r11: u64,
-    pub r12: u64,
-    pub r13: u64,
-    pub r14: u64,
-    pub r15: u64,
-}
-
-// The entry stubs (`arch::instr::vmx_enter`, `svm_run`) address every
-// field; their `const` operands come from `offset_of!`, and the layout is
-// pinned here: 15 u64 in declaration order.
-const _: () = assert!(core::mem::size_of::<GuestRegs>() == 15 * 8);
-const _: () = assert!(core::mem::offset_of!(GuestRegs, rax) == 0);
-const _: () = assert!(core::mem::offset_of!(GuestRegs, rbx) == 8);
-const _: () = assert!(core::mem::offset_of!(GuestRegs, rcx) == 16);
-const _: () = assert!(core::mem::offset_of!(GuestRegs, rdx) == 24);
-const _: () = assert!(core::mem::offset_of!(GuestRegs, rsi) == 32);
-const _: () = assert!(core::mem::offset_of!(GuestRegs, rdi) == 40);
-const _: () = assert!(core::mem::offset_of!(GuestRegs, rbp) == 48);
-const _: () = assert!(core::mem::offset_of!(GuestRegs, r8) == 56);
-const _: () = assert!(core::mem::offset_of!(GuestRegs, r9) == 64);
-const _: () = assert!(core::mem::offset_of!(GuestRegs, r10) == 72);
-const _: () = assert!(core::mem::offset_of!(GuestRegs, r11) == 80);
-const _: () = assert!(core::mem::offset_of!(GuestRegs, r12) == 88);
-const _: () = assert!(core::mem::offset_of!(GuestRegs, r13) == 96);
-const _: () = assert!(core::mem::offset_of!(GuestRegs, r14) == 104);
-const _: () = assert!(core::mem::offset_of!(GuestRegs, r15) == 112);
+/// The registers the entry stubs save and restore (a leaf type in hv/core,
+/// so `arch::instr` reads its layout without depending on this module).
+pub use doppel_core::regs::GuestRegs;
 
 /// Where a guest starts; its state is [`VcpuState::long_mode_start`], which
 /// each backend translates into its VMCS or VMCB.
 pub use doppel_core::start::GuestStart;
-
-impl GuestRegs {
-    /// The general registers of `st` the entry stub loads.
-    pub fn of(st: &VcpuState) -> Self {
-        Self {
-            rax: st.rax,
-            rbx: st.rbx,
-            rcx: st.rcx,
-            rdx: st.rdx,
-            rsi: st.rsi,
-            rdi: st.rdi,
-            rbp: st.rbp,
-            r8: st.r8,
-            r9: st.r9,
-            r10: st.r10,
-            r11: st.r11,
-            r12: st.r12,
-            r13: st.r13,
-            r14: st.r14,
-            r15: st.r15,
-        }
-    }
-}
 
 /// Guest state worth printing when a run fails.
 #[derive(Clone, Copy, Debug, Default)]
@@ -221,24 +159,8 @@ impl GuestDump {
 /// The architectural state a [`GuestDump`] carries: general registers,
 /// RIP, RSP, RFLAGS, control registers and EFER; everything else default.
 pub fn base_state(d: &GuestDump) -> VcpuState {
-    let r = d.regs;
-    VcpuState {
-        rax: r.rax,
-        rbx: r.rbx,
-        rcx: r.rcx,
-        rdx: r.rdx,
-        rbp: r.rbp,
-        rsi: r.rsi,
-        rdi: r.rdi,
+    let mut st = VcpuState {
         rsp: d.rsp,
-        r8: r.r8,
-        r9: r.r9,
-        r10: r.r10,
-        r11: r.r11,
-        r12: r.r12,
-        r13: r.r13,
-        r14: r.r14,
-        r15: r.r15,
         rip: d.rip,
         rflags: d.rflags,
         cr0: d.cr0,
@@ -246,5 +168,7 @@ pub fn base_state(d: &GuestDump) -> VcpuState {
         cr4: d.cr4,
         efer: d.efer,
         ..VcpuState::default()
-    }
+    };
+    d.regs.store(&mut st);
+    st
 }
