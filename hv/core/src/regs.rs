@@ -3,6 +3,9 @@
 //! the stubs and the vCPU code above them share one layout without a
 //! cycle between them.
 
+use core::fmt;
+
+use crate::exit::CodePaging;
 use crate::hvm::VcpuState;
 
 /// Guest general-purpose registers that neither the VMCS nor the VMCB holds
@@ -90,6 +93,57 @@ impl GuestRegs {
     }
 }
 
+/// The registers worth printing when a run fails, on one line:
+/// `rip=.. rsp=.. rflags=.. cr0=.. cr3=.. cr4=.. efer=.. rax=.. .. r15=..`.
+pub struct Brief<'a>(pub &'a VcpuState);
+
+impl fmt::Display for Brief<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = self.0;
+        write!(
+            f,
+            "rip={:#x} rsp={:#x} rflags={:#x} cr0={:#x} cr3={:#x} cr4={:#x} efer={:#x}",
+            s.rip, s.rsp, s.rflags, s.cr0, s.cr3, s.cr4, s.efer
+        )?;
+        let r = GuestRegs::of(s);
+        let named = [
+            ("rax", r.rax),
+            ("rbx", r.rbx),
+            ("rcx", r.rcx),
+            ("rdx", r.rdx),
+            ("rsi", r.rsi),
+            ("rdi", r.rdi),
+            ("rbp", r.rbp),
+            ("r8", r.r8),
+            ("r9", r.r9),
+            ("r10", r.r10),
+            ("r11", r.r11),
+            ("r12", r.r12),
+            ("r13", r.r13),
+            ("r14", r.r14),
+            ("r15", r.r15),
+        ];
+        for (name, v) in named {
+            write!(f, " {name}={v:#x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl VcpuState {
+    /// What a walk of the guest's page tables for the code at RIP needs:
+    /// the control registers and EFER, and CS.L as the backend reads it.
+    pub fn code_paging(&self, cs_long: bool) -> CodePaging {
+        CodePaging {
+            cr0: self.cr0,
+            cr3: self.cr3,
+            cr4: self.cr4,
+            efer: self.efer,
+            cs_long,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -132,5 +186,39 @@ mod tests {
         assert_eq!(st.rsp, 99);
         r.store(&mut st);
         assert_eq!(st, before);
+    }
+
+    /// The failure line's text, as the kernel printed it before the
+    /// registers had one home.
+    #[test]
+    fn brief_prints_the_failure_registers_in_order() {
+        let mut st = VcpuState {
+            rip: 0x1000,
+            rsp: 0x2000,
+            rflags: 0x2,
+            cr0: 0x8000_0031,
+            cr3: 0x3000,
+            cr4: 0x20,
+            efer: 0x500,
+            ..VcpuState::default()
+        };
+        GuestRegs {
+            rax: 1,
+            rdi: 0xa,
+            r15: 0xf,
+            ..GuestRegs::default()
+        }
+        .store(&mut st);
+        assert_eq!(
+            Brief(&st).to_string(),
+            "rip=0x1000 rsp=0x2000 rflags=0x2 cr0=0x80000031 cr3=0x3000 cr4=0x20 efer=0x500 \
+             rax=0x1 rbx=0x0 rcx=0x0 rdx=0x0 rsi=0x0 rdi=0xa rbp=0x0 \
+             r8=0x0 r9=0x0 r10=0x0 r11=0x0 r12=0x0 r13=0x0 r14=0x0 r15=0xf"
+        );
+        let p = st.code_paging(true);
+        assert_eq!(
+            (p.cr0, p.cr3, p.cr4, p.efer, p.cs_long),
+            (0x8000_0031, 0x3000, 0x20, 0x500, true)
+        );
     }
 }

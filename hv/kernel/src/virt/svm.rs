@@ -40,7 +40,7 @@ use crate::arch::instr::{cpuid, interrupt_window, rdmsr, rdtsc, svm_run, vmsave,
 use crate::arch::IA32_EFER;
 use crate::mem::{frames, PAGE_SIZE};
 
-use super::vcpu::{base_state, GuestDump, GuestRegs, GuestStart, Vcpu};
+use super::vcpu::{GuestRegs, GuestStart, Vcpu};
 use super::Error;
 
 const VM_CR: u32 = 0xC001_0114;
@@ -559,7 +559,11 @@ impl Vcpu for SvmVcpu {
             base: v.base,
             limit: v.limit as u16,
         };
-        VcpuState {
+        let mut st = VcpuState {
+            rip: s.rip,
+            rsp: s.rsp,
+            rflags: s.rflags,
+            cr0: s.cr0,
             cr2: s.cr2,
             cr3: s.cr3,
             cr4: s.cr4,
@@ -585,8 +589,10 @@ impl Vcpu for SvmVcpu {
             lstar: s.lstar,
             cstar: s.cstar,
             sfmask: s.sfmask,
-            ..base_state(&self.dump())
-        }
+            ..VcpuState::default()
+        };
+        self.regs.store(&mut st);
+        st
     }
 
     fn cs_long(&self) -> bool {
@@ -660,20 +666,6 @@ impl Vcpu for SvmVcpu {
             )
         };
         fnv1a(fnv1a(h, iopm), msrpm)
-    }
-
-    fn dump(&self) -> GuestDump {
-        let s = &self.vmcb().save;
-        GuestDump {
-            regs: self.regs,
-            rip: s.rip,
-            rsp: s.rsp,
-            rflags: s.rflags,
-            cr0: s.cr0,
-            cr3: s.cr3,
-            cr4: s.cr4,
-            efer: s.efer,
-        }
     }
 }
 

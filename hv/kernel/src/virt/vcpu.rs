@@ -2,10 +2,8 @@
 //! share. Everything above this line (dispatch, log-dirty, epochs, the
 //! self-test) is vendor-neutral and never asks which backend it drives.
 
-use core::fmt;
-
 use doppel_core::dirtylog::DirtyLog;
-use doppel_core::exit::{CodePaging, VmExit};
+use doppel_core::exit::VmExit;
 use doppel_core::hvm::VcpuState;
 use doppel_core::paging::Flush;
 use doppel_core::pml::{DrainStats, PmlError};
@@ -17,53 +15,6 @@ pub use doppel_core::regs::GuestRegs;
 /// Where a guest starts; its state is [`VcpuState::long_mode_start`], which
 /// each backend translates into its VMCS or VMCB.
 pub use doppel_core::start::GuestStart;
-
-/// Guest state worth printing when a run fails.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct GuestDump {
-    pub regs: GuestRegs,
-    pub rip: u64,
-    pub rsp: u64,
-    pub rflags: u64,
-    pub cr0: u64,
-    pub cr3: u64,
-    pub cr4: u64,
-    pub efer: u64,
-}
-
-impl fmt::Display for GuestDump {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let r = &self.regs;
-        write!(
-            f,
-            "rip={:#x} rsp={:#x} rflags={:#x} cr0={:#x} cr3={:#x} cr4={:#x} efer={:#x} \
-             rax={:#x} rbx={:#x} rcx={:#x} rdx={:#x} rsi={:#x} rdi={:#x} rbp={:#x} \
-             r8={:#x} r9={:#x} r10={:#x} r11={:#x} r12={:#x} r13={:#x} r14={:#x} r15={:#x}",
-            self.rip,
-            self.rsp,
-            self.rflags,
-            self.cr0,
-            self.cr3,
-            self.cr4,
-            self.efer,
-            r.rax,
-            r.rbx,
-            r.rcx,
-            r.rdx,
-            r.rsi,
-            r.rdi,
-            r.rbp,
-            r.r8,
-            r.r9,
-            r.r10,
-            r.r11,
-            r.r12,
-            r.r13,
-            r.r14,
-            r.r15
-        )
-    }
-}
 
 /// A virtual CPU of one backend, running one guest over one nested page
 /// table.
@@ -101,16 +52,10 @@ pub trait Vcpu {
         false
     }
 
-    /// Guest state for failure reports.
-    fn dump(&self) -> GuestDump;
-
-    /// The architectural vCPU state for a checkpoint (Xen's HVM CPU
-    /// record). The default carries what [`GuestDump`] has (registers,
-    /// control registers, EFER); backends override it with their segment
-    /// and MSR state.
-    fn state(&self) -> VcpuState {
-        base_state(&self.dump())
-    }
+    /// The architectural vCPU state: for a checkpoint (Xen's HVM CPU
+    /// record) and, shown by [`doppel_core::regs::Brief`], for failure
+    /// reports. What a backend does not read is zero.
+    fn state(&self) -> VcpuState;
 
     /// The guest's own copy of an allow-listed MSR that the world switch
     /// saves and restores (`doppel_core::msr::ALLOW_LIST`), or `None` for
@@ -140,35 +85,4 @@ pub trait Vcpu {
     fn cs_long(&self) -> bool {
         self.state().cs.attr.long()
     }
-}
-
-impl GuestDump {
-    /// What a walk of the guest's page tables for the code at RIP needs:
-    /// this dump's control registers and EFER, and `cs_long`.
-    pub fn code_paging(&self, cs_long: bool) -> CodePaging {
-        CodePaging {
-            cr0: self.cr0,
-            cr3: self.cr3,
-            cr4: self.cr4,
-            efer: self.efer,
-            cs_long,
-        }
-    }
-}
-
-/// The architectural state a [`GuestDump`] carries: general registers,
-/// RIP, RSP, RFLAGS, control registers and EFER; everything else default.
-pub fn base_state(d: &GuestDump) -> VcpuState {
-    let mut st = VcpuState {
-        rsp: d.rsp,
-        rip: d.rip,
-        rflags: d.rflags,
-        cr0: d.cr0,
-        cr3: d.cr3,
-        cr4: d.cr4,
-        efer: d.efer,
-        ..VcpuState::default()
-    };
-    d.regs.store(&mut st);
-    st
 }

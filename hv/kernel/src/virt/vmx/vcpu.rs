@@ -25,7 +25,7 @@ use super::vmcs::{self, VmcsError};
 use crate::arch::instr::{self, rdmsr, VmFail};
 use crate::arch::IA32_EFER;
 use crate::mem::{frames, PAGE_SIZE};
-use crate::virt::vcpu::{GuestDump, GuestRegs, GuestStart, Vcpu};
+use crate::virt::vcpu::{GuestRegs, GuestStart, Vcpu};
 
 const IA32_VMX_PINBASED_CTLS: u32 = 0x481;
 const IA32_VMX_EXIT_CTLS: u32 = 0x483;
@@ -743,9 +743,10 @@ impl Vcpu for VmxVcpu {
         fnv1a(h, map)
     }
 
-    fn dump(&self) -> GuestDump {
-        GuestDump {
-            regs: self.regs,
+    /// Registers, RIP, RSP, RFLAGS, control registers and EFER (the VMX
+    /// backend does not checkpoint; this serves failure reports).
+    fn state(&self) -> VcpuState {
+        let mut st = VcpuState {
             rip: vmcs::read_or_zero(GuestN::Rip),
             rsp: vmcs::read_or_zero(GuestN::Rsp),
             rflags: vmcs::read_or_zero(GuestN::Rflags),
@@ -753,7 +754,10 @@ impl Vcpu for VmxVcpu {
             cr3: vmcs::read_or_zero(GuestN::Cr3),
             cr4: vmcs::read_or_zero(GuestN::Cr4),
             efer: vmcs::read_or_zero(Guest64::Ia32Efer),
-        }
+            ..VcpuState::default()
+        };
+        self.regs.store(&mut st);
+        st
     }
 }
 
