@@ -6,6 +6,10 @@
 //! decides what to do and answers with an [`Action`]; RIP is advanced in one
 //! place, by the backend, from that answer.
 
+use x86_64::registers::control::{Cr0Flags, Cr4Flags};
+use x86_64::registers::model_specific::EferFlags;
+use x86_64::structures::paging::PageTableFlags;
+
 use crate::paging::NestedFault;
 
 /// A port I/O access by the guest.
@@ -251,12 +255,12 @@ pub struct CodePaging {
     pub cs_long: bool,
 }
 
-const CR0_PG: u64 = 1 << 31;
-const CR4_PAE: u64 = 1 << 5;
-const CR4_LA57: u64 = 1 << 12;
-const EFER_LMA: u64 = 1 << 10;
-const PTE_P: u64 = 1;
-const PTE_PS: u64 = 1 << 7;
+const CR0_PG: u64 = Cr0Flags::PAGING.bits();
+const CR4_PAE: u64 = Cr4Flags::PHYSICAL_ADDRESS_EXTENSION.bits();
+const CR4_LA57: u64 = Cr4Flags::L5_PAGING.bits();
+const EFER_LMA: u64 = EferFlags::LONG_MODE_ACTIVE.bits();
+const PTE_P: u64 = PageTableFlags::PRESENT.bits();
+const PTE_PS: u64 = PageTableFlags::HUGE_PAGE.bits();
 const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
 
 /// The guest-physical address of the code byte at `rip`, through the

@@ -20,5 +20,7 @@ pub mod paging;
 pub mod pml;
 pub mod posted;
 pub mod pvh;
+pub mod regs;
 pub mod selftest;
+pub mod start;
 pub mod workload;

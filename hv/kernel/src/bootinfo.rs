@@ -1,78 +1,42 @@
 //! Multiboot2 boot information (the structure GRUB leaves at the address in
-//! EBX), parsed from a byte slice with bounds checks on every tag.
+//! EBX), read with the `multiboot2` crate.
 //!
-//! Layout (Multiboot2 specification, section 3.6): a fixed 8-byte header
-//! `total_size: u32, reserved: u32`, then tags, each 8-byte aligned, each
-//! starting with `type: u32, size: u32`; a tag of type 0 and size 8 ends
-//! the list.
+//! The crate checks the block's structure (alignment, sizes, the tag chain
+//! and its end tag). What stays here is what it leaves to its user: the
+//! block is taken as a byte slice, so its claimed size is checked against
+//! the bytes there before anything reads it, and the three tags the image
+//! reads (command line, memory map, modules) are checked for shape before
+//! the crate's typed accessors see them, since those assert (panic) on a
+//! tag too short for its fixed part or on memory map entries that are not
+//! 24 bytes. After [`BootInfo::parse`] no accessor can fail or panic.
 
 use core::fmt;
 
-use zerocopy::{FromBytes, Immutable, KnownLayout};
+use multiboot2::{
+    parse_slice_as_string, BootInformation, BootInformationHeader, LoadError, MemoryAreaType,
+    TagType,
+};
 
 /// Value of EAX when a Multiboot2 loader enters the image.
-pub const BOOTLOADER_MAGIC: u32 = 0x36d7_6289;
+pub const BOOTLOADER_MAGIC: u32 = multiboot2::MAGIC;
 
-const TAG_END: u32 = 0;
-const TAG_CMDLINE: u32 = 1;
-const TAG_MODULE: u32 = 3;
-const TAG_MMAP: u32 = 6;
-
-#[derive(FromBytes, KnownLayout, Immutable, Clone, Copy, Debug)]
-#[repr(C)]
-struct FixedHeader {
-    total_size: u32,
-    reserved: u32,
-}
-
-#[derive(FromBytes, KnownLayout, Immutable, Clone, Copy, Debug)]
-#[repr(C)]
-struct TagHeader {
-    typ: u32,
-    size: u32,
-}
-
-#[derive(FromBytes, KnownLayout, Immutable, Clone, Copy, Debug)]
-#[repr(C)]
-struct MmapHeader {
-    entry_size: u32,
-    entry_version: u32,
-}
-
-#[derive(FromBytes, KnownLayout, Immutable, Clone, Copy, Debug)]
-#[repr(C)]
-struct MmapEntry {
-    base_addr: u64,
-    length: u64,
-    typ: u32,
-    reserved: u32,
-}
-
-#[derive(FromBytes, KnownLayout, Immutable, Clone, Copy, Debug)]
-#[repr(C)]
-struct ModuleHeader {
-    mod_start: u32,
-    mod_end: u32,
-}
-
-const _: () = assert!(core::mem::size_of::<FixedHeader>() == 8);
-const _: () = assert!(core::mem::size_of::<TagHeader>() == 8);
-const _: () = assert!(core::mem::size_of::<MmapHeader>() == 8);
-const _: () = assert!(core::mem::size_of::<MmapEntry>() == 24);
-const _: () = assert!(core::mem::offset_of!(MmapEntry, length) == 8);
-const _: () = assert!(core::mem::offset_of!(MmapEntry, typ) == 16);
-const _: () = assert!(core::mem::size_of::<ModuleHeader>() == 8);
+/// The boot information's fixed header (`total_size`, `reserved`).
+const HEADER: usize = 8;
+/// The memory map entry the crate (and the specification's version 0)
+/// reads: `base_addr: u64, length: u64, type: u32, reserved: u32`.
+const MMAP_ENTRY: u32 = 24;
 
 /// Why a boot information block was rejected.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BootInfoError {
     /// Fewer bytes than the fixed header, or than `total_size` claims.
     Truncated { have: usize, need: usize },
-    /// A tag at `offset` is smaller than its header or runs past the end.
-    BadTag { offset: usize, size: u32 },
-    /// No end tag before `total_size`.
-    MissingEnd,
-    /// The memory map tag has entries smaller than 24 bytes.
+    /// The tag chain is malformed (sizes, alignment, padding, end tag).
+    Structure(LoadError),
+    /// A tag the image reads is shorter than its fixed part, or a memory
+    /// map's entries do not fill it exactly.
+    BadTag { tag: u32, size: u32 },
+    /// The memory map tag has entries of another size than 24 bytes.
     BadMmapEntrySize(u32),
     /// A string tag is not NUL-terminated UTF-8.
     BadString { tag: u32 },
@@ -84,11 +48,10 @@ impl fmt::Display for BootInfoError {
             Self::Truncated { have, need } => {
                 write!(f, "boot info truncated: {have} bytes, need {need}")
             }
-            Self::BadTag { offset, size } => {
-                write!(f, "boot info tag at offset {offset} has bad size {size}")
-            }
-            Self::MissingEnd => write!(f, "boot info has no end tag"),
-            Self::BadMmapEntrySize(s) => write!(f, "memory map entry size {s} < 24"),
+            Self::Structure(LoadError::NoEndTag) => write!(f, "boot info has no end tag"),
+            Self::Structure(LoadError::Memory(e)) => write!(f, "boot info malformed: {e}"),
+            Self::BadTag { tag, size } => write!(f, "boot info tag {tag} has bad size {size}"),
+            Self::BadMmapEntrySize(s) => write!(f, "memory map entry size {s}, expected 24"),
             Self::BadString { tag } => write!(f, "boot info tag {tag}: bad string"),
         }
     }
@@ -111,12 +74,12 @@ pub enum RegionKind {
 
 impl From<u32> for RegionKind {
     fn from(t: u32) -> Self {
-        match t {
-            1 => Self::Available,
-            3 => Self::AcpiReclaimable,
-            4 => Self::AcpiNvs,
-            5 => Self::Defective,
-            other => Self::Reserved(other),
+        match MemoryAreaType::from_val(t) {
+            MemoryAreaType::Available => Self::Available,
+            MemoryAreaType::AcpiAvailable => Self::AcpiReclaimable,
+            MemoryAreaType::ReservedHibernate => Self::AcpiNvs,
+            MemoryAreaType::Defective => Self::Defective,
+            other => Self::Reserved(other.val()),
         }
     }
 }
@@ -145,194 +108,160 @@ pub struct Module<'a> {
 }
 
 /// A validated boot information block.
-#[derive(Clone, Copy, Debug)]
+#[derive(Debug)]
 pub struct BootInfo<'a> {
-    bytes: &'a [u8],
-}
-
-#[derive(Clone, Copy, Debug)]
-struct Tag<'a> {
-    typ: u32,
-    /// Offset of the tag's header in the block.
-    offset: usize,
-    /// The tag's bytes after its 8-byte header.
-    body: &'a [u8],
+    mbi: BootInformation<'a>,
 }
 
 impl<'a> BootInfo<'a> {
     /// Size the block claims for itself (the first `u32`), so a caller that
     /// only has a pointer knows how many bytes to hand to [`BootInfo::parse`].
     pub fn claimed_size(first8: &[u8]) -> Result<usize, BootInfoError> {
-        let (h, _) =
-            FixedHeader::read_from_prefix(first8).map_err(|_| BootInfoError::Truncated {
+        match first8.first_chunk::<4>() {
+            Some(b) if first8.len() >= HEADER => Ok(u32::from_le_bytes(*b) as usize),
+            _ => Err(BootInfoError::Truncated {
                 have: first8.len(),
-                need: 8,
-            })?;
-        Ok(h.total_size as usize)
+                need: HEADER,
+            }),
+        }
     }
 
-    /// Validate every tag of the block in `bytes` (which may be longer than
-    /// the block). Later accessors never fail on structure.
+    /// Validate the block at the start of `bytes` (which may be longer than
+    /// the block; it must be 8-byte aligned). Later accessors never fail
+    /// on structure.
     pub fn parse(bytes: &'a [u8]) -> Result<Self, BootInfoError> {
         let total = Self::claimed_size(bytes)?;
-        if total < 16 || bytes.len() < total {
+        if total < 2 * HEADER || bytes.len() < total {
             return Err(BootInfoError::Truncated {
                 have: bytes.len(),
-                need: total.max(16),
+                need: total.max(2 * HEADER),
             });
         }
-        let info = Self {
-            bytes: &bytes[..total],
-        };
-        let mut saw_end = false;
-        for tag in info.raw_tags() {
-            let tag = tag?;
-            match tag.typ {
-                TAG_END => saw_end = true,
-                TAG_CMDLINE => {
-                    c_str(tag.body).ok_or(BootInfoError::BadString { tag: tag.typ })?;
+        // SAFETY: `bytes` is readable for `total` bytes from its start (the
+        // block's claimed size, checked just above), which is all `load`
+        // reads, and the shared borrow keeps it unchanged for 'a. `load`
+        // checks alignment itself.
+        let mbi = unsafe { BootInformation::load(bytes.as_ptr().cast::<BootInformationHeader>()) }
+            .map_err(BootInfoError::Structure)?;
+        for tag in mbi.tags() {
+            let (typ, size, body) = (tag.header().typ.get(), tag.header().size, tag.payload());
+            let bad_tag = BootInfoError::BadTag { tag: typ, size };
+            let bad_string = BootInfoError::BadString { tag: typ };
+            match TagType::from_val(typ) {
+                TagType::Cmdline => {
+                    parse_slice_as_string(body).map_err(|_| bad_string)?;
                 }
-                TAG_MODULE => {
-                    let (_, rest) = ModuleHeader::read_from_prefix(tag.body).map_err(|_| {
-                        BootInfoError::BadTag {
-                            offset: tag.offset,
-                            size: tag.body.len() as u32 + 8,
-                        }
-                    })?;
-                    c_str(rest).ok_or(BootInfoError::BadString { tag: tag.typ })?;
+                TagType::Module => {
+                    let name = body.get(8..).ok_or(bad_tag)?;
+                    parse_slice_as_string(name).map_err(|_| bad_string)?;
                 }
-                TAG_MMAP => {
-                    let (h, _) = MmapHeader::read_from_prefix(tag.body).map_err(|_| {
-                        BootInfoError::BadTag {
-                            offset: tag.offset,
-                            size: tag.body.len() as u32 + 8,
-                        }
-                    })?;
-                    if (h.entry_size as usize) < core::mem::size_of::<MmapEntry>() {
-                        return Err(BootInfoError::BadMmapEntrySize(h.entry_size));
+                TagType::Mmap => {
+                    let entry_size = body.first_chunk::<4>().ok_or(bad_tag)?;
+                    let entry_size = u32::from_le_bytes(*entry_size);
+                    if entry_size != MMAP_ENTRY {
+                        return Err(BootInfoError::BadMmapEntrySize(entry_size));
+                    }
+                    let entries = body.get(8..).ok_or(bad_tag)?;
+                    if !entries.len().is_multiple_of(MMAP_ENTRY as usize) {
+                        return Err(bad_tag);
                     }
                 }
                 _ => {}
             }
         }
-        if !saw_end {
-            return Err(BootInfoError::MissingEnd);
-        }
-        Ok(info)
+        Ok(Self { mbi })
     }
 
     /// Bytes the block covers (for reserving it from the frame allocator).
     pub fn total_size(&self) -> usize {
-        self.bytes.len()
+        self.mbi.total_size()
     }
 
-    fn raw_tags(&self) -> RawTags<'a> {
-        RawTags {
-            bytes: self.bytes,
-            offset: 8,
-            done: false,
-        }
+    /// The kernel command line (the first such tag), if the loader passed
+    /// one.
+    pub fn cmdline(&self) -> Option<&str> {
+        self.mbi.command_line_tag().and_then(|t| t.cmdline().ok())
     }
 
-    fn tags(&self) -> impl Iterator<Item = Tag<'a>> {
-        // `parse` validated the structure, so no error can appear here.
-        self.raw_tags().map_while(Result::ok)
-    }
-
-    /// The kernel command line, if the loader passed one.
-    pub fn cmdline(&self) -> Option<&'a str> {
-        self.tags()
-            .find(|t| t.typ == TAG_CMDLINE)
-            .and_then(|t| c_str(t.body))
-    }
-
-    /// The physical memory map, empty if the loader gave none.
-    pub fn memory_map(&self) -> impl Iterator<Item = MemoryRegion> + 'a {
-        let body = self
-            .tags()
-            .find(|t| t.typ == TAG_MMAP)
-            .map(|t| t.body)
-            .unwrap_or(&[]);
-        let (entry_size, entries) = match MmapHeader::read_from_prefix(body) {
-            Ok((h, rest)) => (h.entry_size as usize, rest),
-            Err(_) => (core::mem::size_of::<MmapEntry>(), &[][..]),
-        };
-        entries.chunks_exact(entry_size).filter_map(|c| {
-            MmapEntry::read_from_prefix(c)
-                .ok()
-                .map(|(e, _)| MemoryRegion {
-                    base: e.base_addr,
-                    len: e.length,
-                    kind: RegionKind::from(e.typ),
-                })
+    /// The physical memory map (of the first such tag), empty if the
+    /// loader gave none.
+    pub fn memory_map(&self) -> impl Iterator<Item = MemoryRegion> + '_ {
+        let areas = self
+            .mbi
+            .memory_map_tag()
+            .map_or(&[][..], |t| t.memory_areas());
+        areas.iter().map(|a| MemoryRegion {
+            base: a.start_address(),
+            len: a.size(),
+            kind: RegionKind::from(a.typ().val()),
         })
     }
 
     /// Boot modules.
-    pub fn modules(&self) -> impl Iterator<Item = Module<'a>> + 'a {
-        self.tags().filter(|t| t.typ == TAG_MODULE).filter_map(|t| {
-            let (h, rest) = ModuleHeader::read_from_prefix(t.body).ok()?;
+    pub fn modules(&self) -> impl Iterator<Item = Module<'_>> + '_ {
+        self.mbi.module_tags().filter_map(|m| {
             Some(Module {
-                start: h.mod_start,
-                end: h.mod_end,
-                cmdline: c_str(rest)?,
+                start: m.start_address(),
+                end: m.end_address(),
+                cmdline: m.cmdline().ok()?,
             })
         })
     }
-}
-
-struct RawTags<'a> {
-    bytes: &'a [u8],
-    offset: usize,
-    done: bool,
-}
-
-impl<'a> Iterator for RawTags<'a> {
-    type Item = Result<Tag<'a>, BootInfoError>;
-
-    fn next(&mut self) -> Option<Self::Item> {
-        if self.done || self.offset >= self.bytes.len() {
-            return None;
-        }
-        let at = self.offset;
-        let Ok((h, _)) = TagHeader::read_from_prefix(&self.bytes[at..]) else {
-            self.done = true;
-            return Some(Err(BootInfoError::BadTag {
-                offset: at,
-                size: 0,
-            }));
-        };
-        let size = h.size as usize;
-        if size < 8 || size > self.bytes.len() - at {
-            self.done = true;
-            return Some(Err(BootInfoError::BadTag {
-                offset: at,
-                size: h.size,
-            }));
-        }
-        if h.typ == TAG_END {
-            self.done = true;
-        }
-        // Tags start 8-byte aligned; the last one may end unpadded.
-        self.offset = at.saturating_add(size.next_multiple_of(8));
-        Some(Ok(Tag {
-            typ: h.typ,
-            offset: at,
-            body: &self.bytes[at + 8..at + size],
-        }))
-    }
-}
-
-/// The UTF-8 text before the first NUL, or `None` without a NUL.
-fn c_str(b: &[u8]) -> Option<&str> {
-    let n = b.iter().position(|&c| c == 0)?;
-    core::str::from_utf8(&b[..n]).ok()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use doppel_abi::splitmix::SplitMix64;
+    use zerocopy::IntoBytes;
+
+    const TAG_END: u32 = 0;
+    const TAG_CMDLINE: u32 = 1;
+    const TAG_MODULE: u32 = 3;
+    const TAG_MMAP: u32 = 6;
+
+    /// Bytes starting 8-byte aligned, as GRUB leaves the block (the
+    /// crate refuses anything else).
+    #[derive(Clone)]
+    struct Block(Vec<u64>, usize);
+
+    impl Block {
+        fn from(b: &[u8]) -> Self {
+            let mut words = vec![0u64; b.len().div_ceil(8)];
+            words.as_mut_bytes()[..b.len()].copy_from_slice(b);
+            Self(words, b.len())
+        }
+    }
+
+    impl core::ops::Deref for Block {
+        type Target = [u8];
+        fn deref(&self) -> &[u8] {
+            &self.0.as_bytes()[..self.1]
+        }
+    }
+
+    impl core::ops::DerefMut for Block {
+        fn deref_mut(&mut self) -> &mut [u8] {
+            &mut self.0.as_mut_bytes()[..self.1]
+        }
+    }
+
+    /// A tag as the block holds it: type and the bytes after its header.
+    struct RawTag<'a> {
+        typ: u32,
+        body: &'a [u8],
+    }
+
+    /// Every tag of a parsed block, the end tag last.
+    fn raw_tags<'a>(info: &'a BootInfo<'_>) -> Vec<RawTag<'a>> {
+        info.mbi
+            .tags()
+            .map(|t| RawTag {
+                typ: t.header().typ.get(),
+                body: t.payload(),
+            })
+            .collect()
+    }
 
     /// Builds a boot information block the way the specification lays it
     /// out, independent of the parser.
@@ -352,7 +281,10 @@ mod tests {
             }
             self
         }
-        fn finish(self) -> Vec<u8> {
+        fn finish(self) -> Block {
+            Block::from(&self.finish_vec())
+        }
+        fn finish_vec(self) -> Vec<u8> {
             let mut b = self.tag(TAG_END, &[]).0;
             let n = b.len() as u32;
             b[..4].copy_from_slice(&n.to_le_bytes());
@@ -434,21 +366,37 @@ mod tests {
         );
     }
 
+    /// The crate reads 24-byte entries only (all GRUB writes); a map with
+    /// larger ones is refused with a clear error, never misread or a panic.
     #[test]
-    fn larger_mmap_entries_are_stepped_by_entry_size() {
-        let mut body = Vec::new();
-        body.extend_from_slice(&32u32.to_le_bytes());
-        body.extend_from_slice(&0u32.to_le_bytes());
-        for (base, len) in [(0x1000u64, 0x2000u64), (0x10_0000, 0x4000)] {
-            body.extend_from_slice(&base.to_le_bytes());
-            body.extend_from_slice(&len.to_le_bytes());
-            body.extend_from_slice(&1u32.to_le_bytes());
-            body.extend_from_slice(&[0xAA; 12]);
-        }
+    fn other_mmap_entry_sizes_are_refused() {
+        let b = Builder::new()
+            .tag(TAG_MMAP, &mmap_body_sized(32, &[(0x1000, 0x2000, 1)]))
+            .finish();
+        assert_eq!(
+            BootInfo::parse(&b).unwrap_err(),
+            BootInfoError::BadMmapEntrySize(32)
+        );
+        // Entries that do not fill the tag exactly.
+        let mut body = mmap_body(&[(0x1000, 0x2000, 1)]);
+        body.truncate(body.len() - 4);
         let b = Builder::new().tag(TAG_MMAP, &body).finish();
-        let info = BootInfo::parse(&b).unwrap();
-        let bases: Vec<(u64, u64)> = info.memory_map().map(|r| (r.base, r.len)).collect();
-        assert_eq!(bases, vec![(0x1000, 0x2000), (0x10_0000, 0x4000)]);
+        assert_eq!(
+            BootInfo::parse(&b).unwrap_err(),
+            BootInfoError::BadTag {
+                tag: TAG_MMAP,
+                size: 8 + body.len() as u32
+            }
+        );
+        // A tag too short for the entry size field.
+        let b = Builder::new().tag(TAG_MMAP, &[24, 0]).finish();
+        assert_eq!(
+            BootInfo::parse(&b).unwrap_err(),
+            BootInfoError::BadTag {
+                tag: TAG_MMAP,
+                size: 10
+            }
+        );
     }
 
     #[test]
@@ -470,19 +418,24 @@ mod tests {
         // A tag whose size runs past the end.
         let mut bad = good.clone();
         bad[12..16].copy_from_slice(&1000u32.to_le_bytes());
+        let e = BootInfo::parse(&bad).unwrap_err();
+        assert!(matches!(e, BootInfoError::Structure(LoadError::Memory(_))));
         assert_eq!(
-            BootInfo::parse(&bad).unwrap_err(),
-            BootInfoError::BadTag {
-                offset: 8,
-                size: 1000
-            }
+            e.to_string(),
+            format!(
+                "boot info malformed: header reports an invalid total size of 0x3e8 \
+                 while only {:#x} bytes are available",
+                good.len() - 8
+            )
         );
         // A tag smaller than its own header.
         let mut bad = good.clone();
         bad[12..16].copy_from_slice(&4u32.to_le_bytes());
+        let e = BootInfo::parse(&bad).unwrap_err();
+        assert!(matches!(e, BootInfoError::Structure(LoadError::Memory(_))));
         assert_eq!(
-            BootInfo::parse(&bad).unwrap_err(),
-            BootInfoError::BadTag { offset: 8, size: 4 }
+            e.to_string(),
+            "boot info malformed: memory range is shorter than the size of the header structure"
         );
         // No end tag: claim a size that stops before it.
         let mut bad = good.clone();
@@ -490,7 +443,7 @@ mod tests {
         bad[..4].copy_from_slice(&n.to_le_bytes());
         assert_eq!(
             BootInfo::parse(&bad).unwrap_err(),
-            BootInfoError::MissingEnd
+            BootInfoError::Structure(LoadError::NoEndTag)
         );
         // Command line without its NUL.
         let bad = Builder::new().tag(TAG_CMDLINE, b"abc").finish();
@@ -509,7 +462,7 @@ mod tests {
     }
 
     #[test]
-    fn short_module_tag_is_rejected_with_its_offset() {
+    fn short_module_tag_is_rejected_with_its_size() {
         let b = Builder::new()
             .tag(TAG_CMDLINE, b"\0")
             .tag(TAG_MODULE, &[1, 2, 3, 4])
@@ -517,7 +470,7 @@ mod tests {
         assert_eq!(
             BootInfo::parse(&b).unwrap_err(),
             BootInfoError::BadTag {
-                offset: 24,
+                tag: TAG_MODULE,
                 size: 12
             }
         );
@@ -531,6 +484,7 @@ mod tests {
             if bytes.len() >= 4 {
                 bytes[..4].copy_from_slice(&size.to_le_bytes());
             }
+            let bytes = Block::from(&bytes);
             if let Ok(info) = BootInfo::parse(&bytes) {
                 proptest::prop_assert!(info.total_size() <= bytes.len());
                 let _ = info.cmdline();
@@ -596,7 +550,7 @@ mod tests {
             .collect()
     }
 
-    fn build(tags: &[GenTag]) -> Vec<u8> {
+    fn build(tags: &[GenTag]) -> Builder {
         let mut b = Builder::new();
         for t in tags {
             b = match t {
@@ -620,7 +574,7 @@ mod tests {
                 GenTag::Other { typ, body } => b.tag(*typ, body),
             };
         }
-        b.finish()
+        b
     }
 
     /// Whether `part` lies inside `whole`.
@@ -651,7 +605,7 @@ mod tests {
         use proptest::{prop_assert, prop_assert_eq};
         let mut rng = SplitMix64::new(seed);
         let tags = random_tags(&mut rng);
-        let mut bytes = build(&tags);
+        let mut bytes = build(&tags).finish_vec();
         let intact = bytes.clone();
         for _ in 0..rng.below(4) {
             let at = rng.below(bytes.len() as u64) as usize;
@@ -661,10 +615,25 @@ mod tests {
             bytes.extend((0..1 + rng.below(16)).map(|_| rng.next_u64() as u8));
         }
         let changed = bytes[..intact.len()] != intact[..];
+        // The one refusal of an intact block: a memory map whose entries
+        // are not the 24 bytes the crate reads.
+        let odd_mmap = tags.iter().find_map(|t| match t {
+            GenTag::Mmap { entry_size, .. } if *entry_size != MMAP_ENTRY => Some(*entry_size),
+            _ => None,
+        });
+        let bytes = Block::from(&bytes);
         let info = match BootInfo::parse(&bytes) {
-            Ok(info) => info,
+            Ok(info) => {
+                prop_assert!(changed || odd_mmap.is_none(), "{:?} accepted", tags);
+                info
+            }
             Err(e) => {
-                prop_assert!(changed, "{:?} refused: {:?}", tags, e);
+                prop_assert!(
+                    changed || odd_mmap.map(BootInfoError::BadMmapEntrySize) == Some(e),
+                    "{:?} refused: {:?}",
+                    tags,
+                    e
+                );
                 return Ok(Outcome {
                     changed,
                     ..Outcome::default()
@@ -679,7 +648,7 @@ mod tests {
         prop_assert!(mmap.len() <= bytes.len() / 24);
         // One module per module tag, a command line if there is a tag
         // for it, every entry the first memory map tag holds.
-        let raw: Vec<Tag> = info.tags().collect();
+        let raw = raw_tags(&info);
         prop_assert_eq!(raw.last().map(|t| t.typ), Some(TAG_END));
         prop_assert_eq!(
             modules.len(),

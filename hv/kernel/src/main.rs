@@ -33,7 +33,7 @@ const BOOT_MAPPED: u64 = 4 << 30;
 extern "C" fn kmain(magic: u32, info_addr: usize) -> ! {
     console::init();
     console::init_logger(LevelFilter::Info);
-    arch::init();
+    arch::init(fault);
     if magic != BOOTLOADER_MAGIC {
         error!("not started by a Multiboot2 loader (eax={magic:#x})");
         exit(Status::Fail);
@@ -124,7 +124,16 @@ fn boot_info(addr: u64) -> Result<BootInfo<'static>, &'static str> {
     // SAFETY: as above for the whole block, whose size the header gives;
     // the frame allocator reserves it, so it stays intact.
     let bytes = unsafe { core::slice::from_raw_parts(addr as *const u8, size as usize) };
-    BootInfo::parse(bytes).map_err(|_| "malformed Multiboot2 boot information")
+    BootInfo::parse(bytes).map_err(|e| {
+        error!("{e}");
+        "malformed Multiboot2 boot information"
+    })
+}
+
+/// An exception ends the run with one error line.
+fn fault(f: &arch::idt::Fault<'_>) -> ! {
+    console::emergency(format_args!("doppel-hv: error: {f}\n"));
+    exit(Status::Fail)
 }
 
 static PANICKING: AtomicBool = AtomicBool::new(false);

@@ -13,6 +13,7 @@
 use core::sync::atomic::{AtomicU64, Ordering};
 
 use spin::Once;
+use x86_64::registers::model_specific::ApicBaseFlags;
 
 use super::instr::{self, rdmsr, rdtsc, wrmsr};
 
@@ -23,8 +24,6 @@ pub const TIMER_VECTOR: u8 = 0x40;
 pub const SPURIOUS_VECTOR: u8 = 0xff;
 
 const IA32_APIC_BASE: u32 = 0x1B;
-const APIC_BASE_ENABLE: u64 = 1 << 11;
-const APIC_BASE_X2APIC: u64 = 1 << 10;
 const APIC_BASE_ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
 
 /// Register offsets in the xAPIC page.
@@ -62,25 +61,31 @@ pub struct Apic {
 
 static APIC: Once<Result<Apic, &'static str>> = Once::new();
 
-/// The local APIC, set up (and the timer calibrated) on first use; an
-/// error when it is in x2APIC mode or cannot be mapped.
-pub fn get() -> Result<&'static Apic, &'static str> {
-    APIC.call_once(init).as_ref().map_err(|e| *e)
+/// The local APIC, set up (its register page made uncached by `uncached`,
+/// the timer calibrated) on first use; an error when it is in x2APIC mode
+/// or cannot be mapped.
+pub fn get(uncached: Uncached) -> Result<&'static Apic, &'static str> {
+    APIC.call_once(|| init(uncached)).as_ref().map_err(|e| *e)
 }
 
-fn init() -> Result<Apic, &'static str> {
+/// Makes the page at a physical address uncached in the kernel's page
+/// tables (which are `mem`'s, not the CPU set-up's, to edit).
+pub type Uncached = fn(u64) -> Result<(), &'static str>;
+
+fn init(uncached: Uncached) -> Result<Apic, &'static str> {
     let msr = rdmsr(IA32_APIC_BASE);
-    if msr & APIC_BASE_X2APIC != 0 {
+    let flags = ApicBaseFlags::from_bits_truncate(msr);
+    if flags.contains(ApicBaseFlags::X2APIC_ENABLE) {
         return Err("the local APIC is in x2APIC mode (only xAPIC MMIO is supported)");
     }
-    if msr & APIC_BASE_ENABLE == 0 {
+    if !flags.contains(ApicBaseFlags::LAPIC_ENABLE) {
         // SAFETY: setting the global enable bit only turns the local APIC
         // on at the base it already has; no interrupt reaches the kernel
         // until it sets RFLAGS.IF.
-        unsafe { wrmsr(IA32_APIC_BASE, msr | APIC_BASE_ENABLE) };
+        unsafe { wrmsr(IA32_APIC_BASE, msr | ApicBaseFlags::LAPIC_ENABLE.bits()) };
     }
     let base = msr & APIC_BASE_ADDR_MASK;
-    crate::mem::paging::set_uncached(base)?;
+    uncached(base)?;
     let mut apic = Apic {
         base,
         apic_ticks: 0,

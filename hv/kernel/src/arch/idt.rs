@@ -1,12 +1,14 @@
 //! Exception handling: one assembly stub per vector pushes a uniform frame
 //! (a zero where the CPU pushes no error code, then the vector number and
-//! the general registers) and calls [`trap_handler`], which reports vector,
-//! error code, RIP (and CR2 for #PF) and fails the run. Stable Rust has no
+//! the general registers) and calls [`trap_handler`], which hands vector,
+//! error code, RIP (and CR2 for #PF) to the kernel's fault handler given to
+//! [`init`], which reports them and fails the run. Stable Rust has no
 //! `x86-interrupt` ABI, hence the stubs. Two interrupt vectors, the local
 //! APIC timer's and its spurious vector, have stubs that return (see
 //! `arch::apic`); every other interrupt vector is not present.
 
 use core::arch::global_asm;
+use core::fmt;
 
 use spin::Once;
 use x86_64::structures::idt::InterruptDescriptorTable;
@@ -186,7 +188,8 @@ fn stub(vector: u8) -> VirtAddr {
 
 static IDT: Once<InterruptDescriptorTable> = Once::new();
 
-pub fn init() {
+pub fn init(on_fault: fn(&Fault<'_>) -> !) {
+    ON_FAULT.call_once(|| on_fault);
     let idt = IDT.call_once(|| {
         let mut idt = InterruptDescriptorTable::new();
         macro_rules! set {
@@ -292,30 +295,48 @@ fn name(vector: u64) -> &'static str {
         .unwrap_or("unknown")
 }
 
+/// An exception the kernel took: its frame and, for #PF, CR2. Displays
+/// as `exception V (NAME) error=E rip=R rsp=S rflags=F[ cr2=A]`.
+pub struct Fault<'a> {
+    pub frame: &'a TrapFrame,
+    pub cr2: Option<u64>,
+}
+
+impl fmt::Display for Fault<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let t = self.frame;
+        let v = t.vector;
+        write!(
+            f,
+            "exception {v} ({}) error={:#x}{} rip={:#x} rsp={:#x} rflags={:#x}",
+            name(v),
+            t.error_code,
+            if u8::try_from(v).is_ok_and(has_error_code) {
+                ""
+            } else {
+                " (none pushed)"
+            },
+            t.rip,
+            t.rsp,
+            t.rflags,
+        )?;
+        if let Some(cr2) = self.cr2 {
+            write!(f, " cr2={cr2:#x}")?;
+        }
+        Ok(())
+    }
+}
+
+/// What the kernel does with an exception (report it and end the run),
+/// given to [`init`]: the CPU set-up knows no console.
+static ON_FAULT: Once<fn(&Fault<'_>) -> !> = Once::new();
+
 /// Every exception ends the run: the kernel takes none on purpose.
 extern "C" fn trap_handler(frame: &TrapFrame) -> ! {
-    let v = frame.vector;
-    let cr2 = if v == 14 {
-        Some(instr::read_cr2())
-    } else {
-        None
-    };
-    crate::console::emergency(format_args!(
-        "doppel-hv: error: exception {v} ({}) error={:#x}{} rip={:#x} rsp={:#x} rflags={:#x}",
-        name(v),
-        frame.error_code,
-        if u8::try_from(v).is_ok_and(has_error_code) {
-            ""
-        } else {
-            " (none pushed)"
-        },
-        frame.rip,
-        frame.rsp,
-        frame.rflags,
-    ));
-    if let Some(cr2) = cr2 {
-        crate::console::emergency(format_args!(" cr2={cr2:#x}"));
+    let cr2 = (frame.vector == 14).then(instr::read_cr2);
+    match ON_FAULT.get() {
+        Some(on_fault) => on_fault(&Fault { frame, cr2 }),
+        // `init` sets it before it loads the IDT.
+        None => instr::halt_forever(),
     }
-    crate::console::emergency(format_args!("\n"));
-    crate::exit::exit(crate::exit::Status::Fail)
 }

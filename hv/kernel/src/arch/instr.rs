@@ -409,10 +409,10 @@ pub const VMX_ENTER_FAIL_VALID: u64 = 2;
 
 /// Offsets of the `GuestRegs` fields, as the entry stubs below address
 /// them: taken from the struct itself, so the assembly follows its layout
-/// (`virt::vcpu` asserts that layout too).
+/// (`doppel_core::regs` asserts that layout too).
 mod gr {
-    use crate::virt::vcpu::GuestRegs;
     use core::mem::offset_of;
+    use doppel_core::regs::GuestRegs;
     pub const RAX: usize = offset_of!(GuestRegs, rax);
     pub const RBX: usize = offset_of!(GuestRegs, rbx);
     pub const RCX: usize = offset_of!(GuestRegs, rcx);
@@ -458,7 +458,7 @@ macro_rules! store_guest_gprs_at_rax {
 /// Enter the guest of the current VMCS and come back at its next VM exit.
 ///
 /// `regs` points at the guest's general-purpose registers in the layout of
-/// `virt::vcpu::GuestRegs` (rax, rbx, rcx, rdx, rsi, rdi, rbp, r8..r15);
+/// `doppel_core::regs::GuestRegs` (rax, rbx, rcx, rdx, rsi, rdi, rbp, r8..r15);
 /// they are loaded before entry and stored back at the exit. `launched` = 0
 /// uses VMLAUNCH, anything else VMRESUME. Returns [`VMX_ENTER_EXITED`]
 /// after a VM exit, or a failure code when the instruction itself failed

@@ -241,11 +241,9 @@ pub fn load(ram: &mut GuestRam, w: &Workload) -> Result<GuestStart, GuestError> 
 /// are preset everywhere so the CPU never writes these pages itself (a
 /// hardware A/D update would be a write the guest's truth cannot know).
 fn write_guest_page_tables(ram: &mut GuestRam) -> Result<(), GuestError> {
-    const P: u64 = 1;
-    const RW: u64 = 1 << 1;
-    const A: u64 = 1 << 5;
-    const D: u64 = 1 << 6;
-    const PS: u64 = 1 << 7;
+    use x86_64::structures::paging::PageTableFlags as F;
+    let table = (F::PRESENT | F::WRITABLE | F::ACCESSED).bits();
+    let leaf = (F::PRESENT | F::WRITABLE | F::ACCESSED | F::DIRTY | F::HUGE_PAGE).bits();
     let pml4 = PAGE_TABLES_GPA;
     let pdpt = pml4 + PAGE_SIZE;
     let pd0 = pdpt + PAGE_SIZE;
@@ -255,13 +253,13 @@ fn write_guest_page_tables(ram: &mut GuestRam) -> Result<(), GuestError> {
             .copy_from_slice(&v.to_le_bytes());
         Ok(())
     };
-    put(pml4, pdpt | P | RW | A)?;
+    put(pml4, pdpt | table)?;
     for i in 0..4u64 {
         let pd = pd0 + i * PAGE_SIZE;
-        put(pdpt + i * 8, pd | P | RW | A)?;
+        put(pdpt + i * 8, pd | table)?;
         for j in 0..512u64 {
             let addr = (i * 512 + j) * TWO_MIB;
-            put(pd + j * 8, addr | P | RW | A | D | PS)?;
+            put(pd + j * 8, addr | leaf)?;
         }
     }
     Ok(())

@@ -32,6 +32,7 @@ use doppel_core::hostile::{self, fnv1a, Arg, Op, Probe, FNV_START, PROBES};
 use doppel_core::msr::{self, nr, Vendor};
 use doppel_core::paging::NestedEntry;
 use doppel_core::selftest::Mode;
+use x86_64::structures::paging::PageTableFlags;
 
 use super::guest::{self, GuestRam, Workload};
 use super::replicate::{self, Published};
@@ -134,7 +135,7 @@ impl HostState {
 }
 
 const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
-const ACCESSED_DIRTY: u64 = (1 << 5) | (1 << 6);
+const ACCESSED_DIRTY: u64 = PageTableFlags::ACCESSED.bits() | PageTableFlags::DIRTY.bits();
 
 fn hash_range(start: u64, end: u64) -> u64 {
     // SAFETY: [start, end) is part of the kernel image (linker symbols),

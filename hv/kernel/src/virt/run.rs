@@ -15,6 +15,7 @@ use doppel_core::engine::EpochClock;
 use doppel_core::exit::{exact_length, read_code, resume_rip, Action, ExitKind, VmExit};
 use doppel_core::hvm::VcpuState;
 use doppel_core::paging::{Flush, NestedEntry, NestedPageTable, RestoreWrite};
+use doppel_core::regs::Brief;
 use doppel_core::selftest::Mode;
 use doppel_kernel::config::Broken;
 use heapless::Vec as HVec;
@@ -339,7 +340,7 @@ impl<'a, E: NestedEntry, V: Vcpu, S: EpochSink> Run<'a, E, V, S> {
         if exit.next_rip.is_some() || !skipped {
             return exit;
         }
-        let paging = self.vcpu.dump().code_paging(self.vcpu.cs_long());
+        let paging = self.vcpu.state().code_paging(self.vcpu.cs_long());
         let read = |gpa: u64| {
             self.ram
                 .slice(gpa, 8)
@@ -387,7 +388,7 @@ impl<'a, E: NestedEntry, V: Vcpu, S: EpochSink> Run<'a, E, V, S> {
             }
             if self.checkpoint_due() {
                 if let Err(e) = self.service_checkpoint() {
-                    log::error!("checkpoint: {e}; guest: {}", self.vcpu.dump());
+                    log::error!("checkpoint: {e}; guest: {}", Brief(&self.vcpu.state()));
                     return false;
                 }
             }
@@ -439,7 +440,7 @@ impl<'a, E: NestedEntry, V: Vcpu, S: EpochSink> Run<'a, E, V, S> {
             "{what}: {:?} at rip={:#x}; guest: {}",
             exit.kind,
             exit.rip,
-            self.vcpu.dump()
+            Brief(&self.vcpu.state())
         );
         Action::Stop
     }

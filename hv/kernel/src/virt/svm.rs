@@ -33,13 +33,14 @@ use doppel_core::paging::fault::decode_npf;
 use doppel_core::paging::{ncr3, Flush, NptEntry};
 use doppel_core::selftest::Mode;
 use doppel_kernel::config::Broken;
+use x86_64::registers::model_specific::EferFlags;
 
 use crate::arch::apic;
 use crate::arch::instr::{cpuid, interrupt_window, rdmsr, rdtsc, svm_run, vmsave, wrmsr};
-use crate::arch::{EFER_SVME, IA32_EFER};
+use crate::arch::IA32_EFER;
 use crate::mem::{frames, PAGE_SIZE};
 
-use super::vcpu::{base_state, GuestDump, GuestRegs, GuestStart, Vcpu};
+use super::vcpu::{GuestRegs, GuestStart, Vcpu};
 use super::Error;
 
 const VM_CR: u32 = 0xC001_0114;
@@ -215,13 +216,8 @@ const IOPM_BYTES: u64 = 3 * PAGE_SIZE;
 const MSRPM_BYTES: u64 = 2 * PAGE_SIZE;
 const _: () = assert!(MSRPM_BYTES as usize == msr::SVM_MSRPM_BYTES);
 
-const EFER_LME: u64 = 1 << 8;
-const EFER_LMA: u64 = 1 << 10;
-const CR0_PE: u64 = 1 << 0;
-const CR0_ET: u64 = 1 << 4;
-const CR0_NE: u64 = 1 << 5;
-const CR0_PG: u64 = 1 << 31;
-const CR4_PAE: u64 = 1 << 5;
+/// EFER.SVME: SVM on (the host's), required in every guest's EFER too.
+const EFER_SVME: u64 = EferFlags::SECURE_VIRTUAL_MACHINE_ENABLE.bits();
 /// The power-on default PAT (must be a valid PAT when nested paging is on).
 const DEFAULT_PAT: u64 = 0x0007_0406_0007_0406;
 
@@ -337,50 +333,8 @@ impl SvmVcpu {
         c.np_enable = 1;
         c.n_cr3 = ncr3(nested_root);
 
-        let s = &mut v.save;
-        let code = VmcbSegment {
-            selector: 0x08,
-            // 64-bit code: type 0xb, S, P, L, G.
-            attrib: VmcbSegment::attrib_from_access_rights(0xa09b),
-            limit: 0xffff_ffff,
-            base: 0,
-        };
-        let data = VmcbSegment {
-            selector: 0x10,
-            // Read/write data, accessed: type 3, S, P, D/B, G.
-            attrib: VmcbSegment::attrib_from_access_rights(0xc093),
-            limit: 0xffff_ffff,
-            base: 0,
-        };
-        s.cs = code;
-        s.ds = data;
-        s.es = data;
-        s.ss = data;
-        s.fs = data;
-        s.gs = data;
-        // A busy 64-bit TSS (type 0xb, P); the guest takes no interrupts.
-        s.tr = VmcbSegment {
-            selector: 0x18,
-            attrib: 0x008b,
-            limit: 0x67,
-            base: 0,
-        };
-        s.ldtr = VmcbSegment::default();
-        s.gdtr = VmcbSegment::default();
-        s.idtr = VmcbSegment::default();
-        s.cpl = 0;
-        s.efer = EFER_LME | EFER_LMA | EFER_SVME;
-        s.cr0 = CR0_PE | CR0_ET | CR0_NE | CR0_PG;
-        s.cr3 = start.cr3;
-        s.cr4 = CR4_PAE;
-        s.dr6 = 0xffff_0ff0;
-        s.dr7 = 0x400;
-        s.rflags = 0x2;
-        s.rip = start.rip;
-        s.rsp = start.rsp;
-        s.rax = 0;
-        s.g_pat = DEFAULT_PAT;
-        self.regs.rdi = start.rdi;
+        v.save.g_pat = DEFAULT_PAT;
+        self.restore(&VcpuState::long_mode_start(start));
     }
 
     /// Load a checkpointed vCPU (the inverse of [`Vcpu::state`]): every
@@ -436,23 +390,7 @@ impl SvmVcpu {
         s.lstar = st.lstar;
         s.cstar = st.cstar;
         s.sfmask = st.sfmask;
-        self.regs = GuestRegs {
-            rax: st.rax,
-            rbx: st.rbx,
-            rcx: st.rcx,
-            rdx: st.rdx,
-            rsi: st.rsi,
-            rdi: st.rdi,
-            rbp: st.rbp,
-            r8: st.r8,
-            r9: st.r9,
-            r10: st.r10,
-            r11: st.r11,
-            r12: st.r12,
-            r13: st.r13,
-            r14: st.r14,
-            r15: st.r15,
-        };
+        self.regs = GuestRegs::of(st);
     }
 
     /// Decode the #VMEXIT in the VMCB.
@@ -587,7 +525,7 @@ impl Vcpu for SvmVcpu {
     }
 
     fn arm_timer(&mut self, tsc_ticks: Option<u64>) -> bool {
-        let apic = match apic::get() {
+        let apic = match apic::get(crate::mem::paging::set_uncached) {
             Ok(a) => a,
             Err(e) => {
                 log::error!("svm: local APIC timer: {e}");
@@ -621,7 +559,11 @@ impl Vcpu for SvmVcpu {
             base: v.base,
             limit: v.limit as u16,
         };
-        VcpuState {
+        let mut st = VcpuState {
+            rip: s.rip,
+            rsp: s.rsp,
+            rflags: s.rflags,
+            cr0: s.cr0,
             cr2: s.cr2,
             cr3: s.cr3,
             cr4: s.cr4,
@@ -647,8 +589,10 @@ impl Vcpu for SvmVcpu {
             lstar: s.lstar,
             cstar: s.cstar,
             sfmask: s.sfmask,
-            ..base_state(&self.dump())
-        }
+            ..VcpuState::default()
+        };
+        self.regs.store(&mut st);
+        st
     }
 
     fn cs_long(&self) -> bool {
@@ -722,20 +666,6 @@ impl Vcpu for SvmVcpu {
             )
         };
         fnv1a(fnv1a(h, iopm), msrpm)
-    }
-
-    fn dump(&self) -> GuestDump {
-        let s = &self.vmcb().save;
-        GuestDump {
-            regs: self.regs,
-            rip: s.rip,
-            rsp: s.rsp,
-            rflags: s.rflags,
-            cr0: s.cr0,
-            cr3: s.cr3,
-            cr4: s.cr4,
-            efer: s.efer,
-        }
     }
 }
 

@@ -2,115 +2,19 @@
 //! share. Everything above this line (dispatch, log-dirty, epochs, the
 //! self-test) is vendor-neutral and never asks which backend it drives.
 
-use core::fmt;
-
 use doppel_core::dirtylog::DirtyLog;
-use doppel_core::exit::{CodePaging, VmExit};
+use doppel_core::exit::VmExit;
 use doppel_core::hvm::VcpuState;
 use doppel_core::paging::Flush;
 use doppel_core::pml::{DrainStats, PmlError};
 
-/// Guest general-purpose registers that neither the VMCS nor the VMCB holds
-/// for us (RSP and RIP live there), saved and restored by the entry stub.
-/// RAX is here too: on SVM the backend copies it to and from the VMCB.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct GuestRegs {
-    pub rax: u64,
-    pub rbx: u64,
-    pub rcx: u64,
-    pub rdx: u64,
-    pub rsi: u64,
-    pub rdi: u64,
-    pub rbp: u64,
-    pub r8: u64,
-    pub r9: u64,
-    pub r10: u64,
-    pub r11: u64,
-    pub r12: u64,
-    pub r13: u64,
-    pub r14: u64,
-    pub r15: u64,
-}
+/// The registers the entry stubs save and restore (a leaf type in hv/core,
+/// so `arch::instr` reads its layout without depending on this module).
+pub use doppel_core::regs::GuestRegs;
 
-// The entry stubs (`arch::instr::vmx_enter`, `svm_run`) address every
-// field; their `const` operands come from `offset_of!`, and the layout is
-// pinned here: 15 u64 in declaration order.
-const _: () = assert!(core::mem::size_of::<GuestRegs>() == 15 * 8);
-const _: () = assert!(core::mem::offset_of!(GuestRegs, rax) == 0);
-const _: () = assert!(core::mem::offset_of!(GuestRegs, rbx) == 8);
-const _: () = assert!(core::mem::offset_of!(GuestRegs, rcx) == 16);
-const _: () = assert!(core::mem::offset_of!(GuestRegs, rdx) == 24);
-const _: () = assert!(core::mem::offset_of!(GuestRegs, rsi) == 32);
-const _: () = assert!(core::mem::offset_of!(GuestRegs, rdi) == 40);
-const _: () = assert!(core::mem::offset_of!(GuestRegs, rbp) == 48);
-const _: () = assert!(core::mem::offset_of!(GuestRegs, r8) == 56);
-const _: () = assert!(core::mem::offset_of!(GuestRegs, r9) == 64);
-const _: () = assert!(core::mem::offset_of!(GuestRegs, r10) == 72);
-const _: () = assert!(core::mem::offset_of!(GuestRegs, r11) == 80);
-const _: () = assert!(core::mem::offset_of!(GuestRegs, r12) == 88);
-const _: () = assert!(core::mem::offset_of!(GuestRegs, r13) == 96);
-const _: () = assert!(core::mem::offset_of!(GuestRegs, r14) == 104);
-const _: () = assert!(core::mem::offset_of!(GuestRegs, r15) == 112);
-
-/// Where and how a guest starts: 64-bit mode, paging on with the given
-/// guest page tables, interrupts off.
-#[derive(Clone, Copy, Debug)]
-pub struct GuestStart {
-    pub rip: u64,
-    pub rsp: u64,
-    /// First argument (the boot information's address).
-    pub rdi: u64,
-    /// Guest-physical address of the guest's PML4.
-    pub cr3: u64,
-}
-
-/// Guest state worth printing when a run fails.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct GuestDump {
-    pub regs: GuestRegs,
-    pub rip: u64,
-    pub rsp: u64,
-    pub rflags: u64,
-    pub cr0: u64,
-    pub cr3: u64,
-    pub cr4: u64,
-    pub efer: u64,
-}
-
-impl fmt::Display for GuestDump {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let r = &self.regs;
-        write!(
-            f,
-            "rip={:#x} rsp={:#x} rflags={:#x} cr0={:#x} cr3={:#x} cr4={:#x} efer={:#x} \
-             rax={:#x} rbx={:#x} rcx={:#x} rdx={:#x} rsi={:#x} rdi={:#x} rbp={:#x} \
-             r8={:#x} r9={:#x} r10={:#x} r11={:#x} r12={:#x} r13={:#x} r14={:#x} r15={:#x}",
-            self.rip,
-            self.rsp,
-            self.rflags,
-            self.cr0,
-            self.cr3,
-            self.cr4,
-            self.efer,
-            r.rax,
-            r.rbx,
-            r.rcx,
-            r.rdx,
-            r.rsi,
-            r.rdi,
-            r.rbp,
-            r.r8,
-            r.r9,
-            r.r10,
-            r.r11,
-            r.r12,
-            r.r13,
-            r.r14,
-            r.r15
-        )
-    }
-}
+/// Where a guest starts; its state is [`VcpuState::long_mode_start`], which
+/// each backend translates into its VMCS or VMCB.
+pub use doppel_core::start::GuestStart;
 
 /// A virtual CPU of one backend, running one guest over one nested page
 /// table.
@@ -148,16 +52,10 @@ pub trait Vcpu {
         false
     }
 
-    /// Guest state for failure reports.
-    fn dump(&self) -> GuestDump;
-
-    /// The architectural vCPU state for a checkpoint (Xen's HVM CPU
-    /// record). The default carries what [`GuestDump`] has (registers,
-    /// control registers, EFER); backends override it with their segment
-    /// and MSR state.
-    fn state(&self) -> VcpuState {
-        base_state(&self.dump())
-    }
+    /// The architectural vCPU state: for a checkpoint (Xen's HVM CPU
+    /// record) and, shown by [`doppel_core::regs::Brief`], for failure
+    /// reports. What a backend does not read is zero.
+    fn state(&self) -> VcpuState;
 
     /// The guest's own copy of an allow-listed MSR that the world switch
     /// saves and restores (`doppel_core::msr::ALLOW_LIST`), or `None` for
@@ -186,50 +84,5 @@ pub trait Vcpu {
     /// whole [`Vcpu::state`] as the default does.
     fn cs_long(&self) -> bool {
         self.state().cs.attr.long()
-    }
-}
-
-impl GuestDump {
-    /// What a walk of the guest's page tables for the code at RIP needs:
-    /// this dump's control registers and EFER, and `cs_long`.
-    pub fn code_paging(&self, cs_long: bool) -> CodePaging {
-        CodePaging {
-            cr0: self.cr0,
-            cr3: self.cr3,
-            cr4: self.cr4,
-            efer: self.efer,
-            cs_long,
-        }
-    }
-}
-
-/// The architectural state a [`GuestDump`] carries: general registers,
-/// RIP, RSP, RFLAGS, control registers and EFER; everything else default.
-pub fn base_state(d: &GuestDump) -> VcpuState {
-    let r = d.regs;
-    VcpuState {
-        rax: r.rax,
-        rbx: r.rbx,
-        rcx: r.rcx,
-        rdx: r.rdx,
-        rbp: r.rbp,
-        rsi: r.rsi,
-        rdi: r.rdi,
-        rsp: d.rsp,
-        r8: r.r8,
-        r9: r.r9,
-        r10: r.r10,
-        r11: r.r11,
-        r12: r.r12,
-        r13: r.r13,
-        r14: r.r14,
-        r15: r.r15,
-        rip: d.rip,
-        rflags: d.rflags,
-        cr0: d.cr0,
-        cr3: d.cr3,
-        cr4: d.cr4,
-        efer: d.efer,
-        ..VcpuState::default()
     }
 }

@@ -7,6 +7,8 @@
 pub mod vcpu;
 pub mod vmcs;
 
+use x86_64::registers::control::Cr4Flags;
+
 use crate::arch::instr::{self, cpuid, rdmsr, wrmsr};
 use crate::mem::frames;
 
@@ -37,7 +39,7 @@ const PROC2_PML: u32 = 1 << 17;
 /// IA32_VMX_EPT_VPID_CAP bit 21: accessed and dirty flags for EPT.
 const EPT_CAP_AD: u64 = 1 << 21;
 
-const CR4_VMXE: u64 = 1 << 13;
+const CR4_VMXE: u64 = Cr4Flags::VIRTUAL_MACHINE_EXTENSIONS.bits();
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct VmxCaps {

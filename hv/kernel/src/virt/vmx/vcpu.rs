@@ -11,6 +11,7 @@ use doppel_core::addr::HostPhysAddr;
 use doppel_core::dirtylog::DirtyLog;
 use doppel_core::exit::{ExitKind, Insn, IoAccess, VmExit};
 use doppel_core::hostile::{fnv1a, FNV_START};
+use doppel_core::hvm::VcpuState;
 use doppel_core::hw::vmcs::{
     exit_reason as reason, Control16, Control32, Control64, ControlN, Guest16, Guest32, Guest64,
     GuestN, Host16, Host32, Host64, HostN, IoQualification, ReadOnly32, ReadOnly64, ReadOnlyN,
@@ -24,7 +25,7 @@ use super::vmcs::{self, VmcsError};
 use crate::arch::instr::{self, rdmsr, VmFail};
 use crate::arch::IA32_EFER;
 use crate::mem::{frames, PAGE_SIZE};
-use crate::virt::vcpu::{GuestDump, GuestRegs, GuestStart, Vcpu};
+use crate::virt::vcpu::{GuestRegs, GuestStart, Vcpu};
 
 const IA32_VMX_PINBASED_CTLS: u32 = 0x481;
 const IA32_VMX_EXIT_CTLS: u32 = 0x483;
@@ -58,26 +59,6 @@ const ENTRY_LOAD_EFER: u32 = 1 << 15;
 
 const EPT_CAP_INVEPT_SINGLE: u64 = 1 << 25;
 const VPID_CAP_INVVPID_SINGLE: u64 = 1 << 41;
-
-const CR0_PE: u64 = 1 << 0;
-const CR0_ET: u64 = 1 << 4;
-const CR0_NE: u64 = 1 << 5;
-const CR0_PG: u64 = 1 << 31;
-const CR4_PAE: u64 = 1 << 5;
-const EFER_LME: u64 = 1 << 8;
-const EFER_LMA: u64 = 1 << 10;
-
-/// Segment access rights (SDM "Format of Access-Rights"): type, S, DPL, P,
-/// L, D/B, G, unusable.
-const AR_CODE64: u32 = 0xB | 1 << 4 | 1 << 7 | 1 << 13 | 1 << 15;
-const AR_DATA: u32 = 0x3 | 1 << 4 | 1 << 7 | 1 << 14 | 1 << 15;
-/// Busy 64-bit TSS, present, byte granularity.
-const AR_TSS_BUSY64: u32 = 0xB | 1 << 7;
-const AR_UNUSABLE: u32 = 1 << 16;
-/// Guest selectors: a flat GDT layout (the guest never loads a segment).
-const GUEST_CS: u16 = 0x08;
-const GUEST_DS: u16 = 0x10;
-const GUEST_TR: u16 = 0x18;
 
 /// The only VPID this hypervisor uses (0 is the host's).
 const VPID: u16 = 1;
@@ -260,17 +241,15 @@ impl VmxVcpu {
         vmcs::write(ControlN::Cr4ReadShadow, 0)?;
 
         write_host_state()?;
-        write_guest_state(start)?;
+        let st = VcpuState::long_mode_start(start);
+        write_guest_state(&st)?;
 
         let invept_single = m.ept_vpid & EPT_CAP_INVEPT_SINGLE != 0;
         let mut v = Self {
             vmcs,
             msr_bitmap,
             pml: None,
-            regs: GuestRegs {
-                rdi: start.rdi,
-                ..GuestRegs::default()
-            },
+            regs: GuestRegs::of(&st),
             eptp,
             launched: false,
             pin,
@@ -439,88 +418,99 @@ fn write_host_state() -> Result<(), VmcsError> {
     Ok(())
 }
 
-/// Guest state: 64-bit mode with paging on at `start.cr3`, flat segments,
-/// interrupts off.
-fn write_guest_state(start: &GuestStart) -> Result<(), VmcsError> {
+/// Guest state: `st` (the long-mode start state) in the VMCS, CR0 and
+/// CR4 with the bits VMX operation fixes; no event pending, the guest
+/// active and interruptible.
+fn write_guest_state(st: &VcpuState) -> Result<(), VmcsError> {
     let fixed = |v: u64, f0: u32, f1: u32| (v | rdmsr(f0)) & rdmsr(f1);
-    let cr0 = fixed(
-        CR0_PE | CR0_ET | CR0_NE | CR0_PG,
-        IA32_VMX_CR0_FIXED0,
-        IA32_VMX_CR0_FIXED1,
-    );
-    let cr4 = fixed(CR4_PAE, IA32_VMX_CR4_FIXED0, IA32_VMX_CR4_FIXED1);
+    let cr0 = fixed(st.cr0, IA32_VMX_CR0_FIXED0, IA32_VMX_CR0_FIXED1);
+    let cr4 = fixed(st.cr4, IA32_VMX_CR4_FIXED0, IA32_VMX_CR4_FIXED1);
     vmcs::write(GuestN::Cr0, cr0)?;
-    vmcs::write(GuestN::Cr3, start.cr3)?;
+    vmcs::write(GuestN::Cr3, st.cr3)?;
     vmcs::write(GuestN::Cr4, cr4)?;
-    vmcs::write(GuestN::Dr7, 0x400)?;
-    vmcs::write(GuestN::Rsp, start.rsp)?;
-    vmcs::write(GuestN::Rip, start.rip)?;
-    vmcs::write(GuestN::Rflags, 0x2)?;
-    vmcs::write(Guest64::Ia32Efer, EFER_LME | EFER_LMA)?;
+    vmcs::write(GuestN::Dr7, st.dr7)?;
+    vmcs::write(GuestN::Rsp, st.rsp)?;
+    vmcs::write(GuestN::Rip, st.rip)?;
+    vmcs::write(GuestN::Rflags, st.rflags)?;
+    vmcs::write(Guest64::Ia32Efer, st.efer)?;
     vmcs::write(Guest64::Ia32Debugctl, 0)?;
     vmcs::write(Guest64::VmcsLinkPointer, u64::MAX)?;
 
-    vmcs::write(Guest16::CsSelector, GUEST_CS)?;
-    vmcs::write(GuestN::CsBase, 0)?;
-    vmcs::write(Guest32::CsLimit, 0xffff_ffff)?;
-    vmcs::write(Guest32::CsAccessRights, AR_CODE64)?;
-    let data = [
+    let segments = [
         (
+            &st.cs,
+            Guest16::CsSelector,
+            GuestN::CsBase,
+            Guest32::CsLimit,
+            Guest32::CsAccessRights,
+        ),
+        (
+            &st.ss,
             Guest16::SsSelector,
             GuestN::SsBase,
             Guest32::SsLimit,
             Guest32::SsAccessRights,
         ),
         (
+            &st.ds,
             Guest16::DsSelector,
             GuestN::DsBase,
             Guest32::DsLimit,
             Guest32::DsAccessRights,
         ),
         (
+            &st.es,
             Guest16::EsSelector,
             GuestN::EsBase,
             Guest32::EsLimit,
             Guest32::EsAccessRights,
         ),
         (
+            &st.fs,
             Guest16::FsSelector,
             GuestN::FsBase,
             Guest32::FsLimit,
             Guest32::FsAccessRights,
         ),
         (
+            &st.gs,
             Guest16::GsSelector,
             GuestN::GsBase,
             Guest32::GsLimit,
             Guest32::GsAccessRights,
         ),
+        (
+            &st.tr,
+            Guest16::TrSelector,
+            GuestN::TrBase,
+            Guest32::TrLimit,
+            Guest32::TrAccessRights,
+        ),
+        (
+            &st.ldtr,
+            Guest16::LdtrSelector,
+            GuestN::LdtrBase,
+            Guest32::LdtrLimit,
+            Guest32::LdtrAccessRights,
+        ),
     ];
-    for (sel, base, limit, ar) in data {
-        vmcs::write(sel, GUEST_DS)?;
-        vmcs::write(base, 0)?;
-        vmcs::write(limit, 0xffff_ffff)?;
-        vmcs::write(ar, AR_DATA)?;
+    for (seg, sel, base, limit, ar) in segments {
+        vmcs::write(sel, seg.selector)?;
+        vmcs::write(base, seg.base)?;
+        vmcs::write(limit, seg.limit)?;
+        vmcs::write(ar, seg.attr.to_vmx_ar())?;
     }
-    vmcs::write(Guest16::TrSelector, GUEST_TR)?;
-    vmcs::write(GuestN::TrBase, 0)?;
-    vmcs::write(Guest32::TrLimit, 0x67)?;
-    vmcs::write(Guest32::TrAccessRights, AR_TSS_BUSY64)?;
-    vmcs::write(Guest16::LdtrSelector, 0)?;
-    vmcs::write(GuestN::LdtrBase, 0)?;
-    vmcs::write(Guest32::LdtrLimit, 0)?;
-    vmcs::write(Guest32::LdtrAccessRights, AR_UNUSABLE)?;
-    vmcs::write(GuestN::GdtrBase, 0)?;
-    vmcs::write(Guest32::GdtrLimit, 0)?;
-    vmcs::write(GuestN::IdtrBase, 0)?;
-    vmcs::write(Guest32::IdtrLimit, 0)?;
+    vmcs::write(GuestN::GdtrBase, st.gdtr.base)?;
+    vmcs::write(Guest32::GdtrLimit, u32::from(st.gdtr.limit))?;
+    vmcs::write(GuestN::IdtrBase, st.idtr.base)?;
+    vmcs::write(Guest32::IdtrLimit, u32::from(st.idtr.limit))?;
 
     vmcs::write(Guest32::InterruptibilityState, 0)?;
     vmcs::write(Guest32::ActivityState, 0)?;
     vmcs::write(GuestN::PendingDebugExceptions, 0)?;
-    vmcs::write(Guest32::SysenterCs, 0)?;
-    vmcs::write(GuestN::SysenterEsp, 0)?;
-    vmcs::write(GuestN::SysenterEip, 0)?;
+    vmcs::write(Guest32::SysenterCs, st.sysenter_cs as u32)?;
+    vmcs::write(GuestN::SysenterEsp, st.sysenter_esp)?;
+    vmcs::write(GuestN::SysenterEip, st.sysenter_eip)?;
     Ok(())
 }
 
@@ -753,9 +743,10 @@ impl Vcpu for VmxVcpu {
         fnv1a(h, map)
     }
 
-    fn dump(&self) -> GuestDump {
-        GuestDump {
-            regs: self.regs,
+    /// Registers, RIP, RSP, RFLAGS, control registers and EFER (the VMX
+    /// backend does not checkpoint; this serves failure reports).
+    fn state(&self) -> VcpuState {
+        let mut st = VcpuState {
             rip: vmcs::read_or_zero(GuestN::Rip),
             rsp: vmcs::read_or_zero(GuestN::Rsp),
             rflags: vmcs::read_or_zero(GuestN::Rflags),
@@ -763,7 +754,10 @@ impl Vcpu for VmxVcpu {
             cr3: vmcs::read_or_zero(GuestN::Cr3),
             cr4: vmcs::read_or_zero(GuestN::Cr4),
             efer: vmcs::read_or_zero(Guest64::Ia32Efer),
-        }
+            ..VcpuState::default()
+        };
+        self.regs.store(&mut st);
+        st
     }
 }
 
