@@ -24,12 +24,12 @@
 //!    to the still-running guest, commit two epochs of a new session, and
 //!    have tracking re-armed (`dirty tracking on again`).
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use std::{fs, thread};
 
@@ -37,6 +37,8 @@ use anyhow::{bail, Context, Result};
 use doppel_abi::splitmix::{SplitMix64, GAMMA};
 
 use crate::emu::{self, RunSpec, Running};
+use crate::logline::num;
+use crate::proc::{tail, Proc};
 use crate::replica::{doppel_bin, guest_ram, shm_file, TempFile};
 use crate::test::Ctx;
 use crate::Emulator;
@@ -211,234 +213,6 @@ impl Outcome {
     }
 }
 
-/// A child process whose output lines are collected by threads (and
-/// echoed with a prefix when `echo` is set). Killed when dropped.
-pub(crate) struct Watched {
-    child: std::process::Child,
-    name: &'static str,
-    out: Arc<Mutex<Vec<String>>>,
-    err: Arc<Mutex<Vec<String>>>,
-    /// The collector threads, joined once the child has exited.
-    collectors: Vec<thread::JoinHandle<()>>,
-}
-
-/// Stderr lines worth showing live in the demo (the rest is per-epoch
-/// noise the progress line summarises).
-const NOTABLE: [&str; 9] = [
-    "failover",
-    "failing over",
-    "re-sending",
-    "LOST",
-    "DIVERGENT",
-    "ERROR",
-    "WARN",
-    "activat",
-    "connected to",
-];
-
-fn collect<R: Read + Send + 'static>(
-    r: R,
-    into: Arc<Mutex<Vec<String>>>,
-    echo: Option<&'static str>,
-    only_notable: bool,
-) -> thread::JoinHandle<()> {
-    thread::spawn(move || {
-        for line in BufReader::new(r).lines() {
-            let Ok(line) = line else { break };
-            if let Some(p) = echo {
-                if !only_notable || NOTABLE.iter().any(|n| line.contains(n)) {
-                    println!("  {p}| {line}");
-                }
-            }
-            if let Ok(mut v) = into.lock() {
-                v.push(line);
-            }
-        }
-    })
-}
-
-impl Watched {
-    pub(crate) fn spawn(name: &'static str, cmd: &mut Command, echo: bool) -> Result<Self> {
-        let mut child = cmd
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("starting {name}"))?;
-        let out = Arc::new(Mutex::new(Vec::new()));
-        let err = Arc::new(Mutex::new(Vec::new()));
-        let tag = echo.then_some(name);
-        let collectors = vec![
-            collect(
-                child.stdout.take().context("stdout")?,
-                out.clone(),
-                tag,
-                false,
-            ),
-            collect(
-                child.stderr.take().context("stderr")?,
-                err.clone(),
-                tag,
-                true,
-            ),
-        ];
-        Ok(Self {
-            child,
-            name,
-            out,
-            err,
-            collectors,
-        })
-    }
-
-    /// Whether the child has exited. Once it has, the collectors are
-    /// joined first, so `out()` and `err()` hold every line it printed: a
-    /// line still in the pipe when the exit is seen is not missed (issue
-    /// 17: checking the lines right after the exit lost the last ones).
-    pub(crate) fn exited(&mut self) -> Result<bool> {
-        if self.child.try_wait()?.is_none() {
-            return Ok(false);
-        }
-        for c in self.collectors.drain(..) {
-            let _ = c.join();
-        }
-        Ok(true)
-    }
-
-    pub(crate) fn out(&self) -> Vec<String> {
-        self.out.lock().map(|v| v.clone()).unwrap_or_default()
-    }
-
-    pub(crate) fn err(&self) -> Vec<String> {
-        self.err.lock().map(|v| v.clone()).unwrap_or_default()
-    }
-
-    /// The first stdout line starting with `prefix`, waiting up to `limit`.
-    pub(crate) fn wait_line(&mut self, prefix: &str, limit: Duration) -> Result<String> {
-        let t = Instant::now();
-        loop {
-            // Exit first, then the lines: what it printed before exiting
-            // is in by then.
-            let exited = self.exited()?;
-            if let Some(l) = self.out().into_iter().find(|l| l.starts_with(prefix)) {
-                return Ok(l);
-            }
-            if exited {
-                bail!(
-                    "{} exited ({}) before printing `{prefix}`:\n{}",
-                    self.name,
-                    self.child.wait()?,
-                    tail(&self.err(), 20)
-                );
-            }
-            if t.elapsed() > limit {
-                bail!(
-                    "{} printed no `{prefix}` line within {} s:\n{}",
-                    self.name,
-                    limit.as_secs(),
-                    tail(&self.err(), 20)
-                );
-            }
-            thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    pub(crate) fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    pub(crate) fn alive(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
-
-    /// The rest of the first stdout line starting with `prefix` (trimmed),
-    /// waiting up to `limit`: the address in `listening on ADDR`.
-    pub(crate) fn wait_value(&mut self, prefix: &str, limit: Duration) -> Result<String> {
-        let l = self.wait_line(prefix, limit)?;
-        Ok(l[prefix.len()..].trim().to_string())
-    }
-
-    /// The `n`-th line (stdout, then stderr) containing `pat`, waiting up
-    /// to `limit`; `None` if there are fewer by then.
-    pub(crate) fn wait_nth(&self, pat: &str, n: usize, limit: Duration) -> Option<String> {
-        let t = Instant::now();
-        loop {
-            let hits = self.out().into_iter().chain(self.err());
-            if let Some(l) = hits.filter(|l| l.contains(pat)).nth(n.saturating_sub(1)) {
-                return Some(l);
-            }
-            if t.elapsed() >= limit {
-                return None;
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// Every line it printed so far: stdout, then stderr.
-    pub(crate) fn text(&self) -> String {
-        let mut all = self.out();
-        all.extend(self.err());
-        all.join("\n")
-    }
-
-    /// SIGINT: a doppel tool ends in order at its next epoch boundary.
-    pub(crate) fn interrupt(&self) -> Result<()> {
-        let st = Command::new("kill")
-            .args(["-INT", &self.child.id().to_string()])
-            .status()?;
-        if !st.success() {
-            bail!("kill -INT {} ({}): {st}", self.child.id(), self.name);
-        }
-        Ok(())
-    }
-
-    /// The child's exit status, waiting up to `limit`; `None` if it still
-    /// runs by then. Its output is complete once this returns `Some`.
-    pub(crate) fn wait_exit(
-        &mut self,
-        limit: Duration,
-    ) -> Result<Option<std::process::ExitStatus>> {
-        let t = Instant::now();
-        while !self.exited()? {
-            if t.elapsed() > limit {
-                return Ok(None);
-            }
-            thread::sleep(Duration::from_millis(100));
-        }
-        Ok(self.child.try_wait()?)
-    }
-}
-
-impl Watched {
-    /// Wait up to `limit` for the exit; its code and every line it
-    /// printed. Killed (an error) if it still runs by then.
-    pub(crate) fn finish(&mut self, limit: Duration) -> Result<(Option<i32>, String)> {
-        let Some(st) = self.wait_exit(limit)? else {
-            self.kill();
-            bail!(
-                "{} did not finish within {} s:\n{}",
-                self.name,
-                limit.as_secs(),
-                self.text()
-            );
-        };
-        Ok((st.code(), self.text()))
-    }
-}
-
-impl Drop for Watched {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-pub(crate) fn tail(lines: &[String], n: usize) -> String {
-    lines[lines.len().saturating_sub(n)..].join("\n")
-}
-
 /// A TCP relay for the replication link: forwards both ways until cut;
 /// cut, it stops reading and writing but keeps both connections open, as a
 /// network partition would.
@@ -576,8 +350,8 @@ pub(crate) fn spawn_backup(
     ram: &Path,
     args: &[&str],
     echo: bool,
-) -> Result<(Watched, String, String)> {
-    let mut b = Watched::spawn(
+) -> Result<(Proc, String, String)> {
+    let mut b = Proc::spawn(
         name,
         Command::new(doppel)
             .args(["backup", "--listen", "127.0.0.1:0", "--standby-ram"])
@@ -593,8 +367,8 @@ pub(crate) fn spawn_backup(
 
 /// `doppel sim-hv` (the host simulator as the hypervisor) on `ram` with
 /// `args`, once it has published its control area.
-pub(crate) fn spawn_sim_hv(doppel: &Path, ram: &Path, args: &[&str]) -> Result<Watched> {
-    let sim = Watched::spawn(
+pub(crate) fn spawn_sim_hv(doppel: &Path, ram: &Path, args: &[&str]) -> Result<Proc> {
+    let sim = Proc::spawn(
         "sim-hv",
         Command::new(doppel)
             .args(["sim-hv", "--machine-ram"])
@@ -613,8 +387,8 @@ pub(crate) fn spawn_sim_hv(doppel: &Path, ram: &Path, args: &[&str]) -> Result<W
 
 /// `doppel client` of the key-value service at `connect`: `ops` requests
 /// on [`KEYS`] keys, patient (60 s) with a slow emulated guest.
-pub(crate) fn spawn_kv_client(doppel: &Path, connect: &str, ops: u64) -> Result<Watched> {
-    Watched::spawn(
+pub(crate) fn spawn_kv_client(doppel: &Path, connect: &str, ops: u64) -> Result<Proc> {
+    Proc::spawn(
         "client",
         Command::new(doppel)
             .args(["client", "--connect", connect])
@@ -633,8 +407,8 @@ pub(crate) fn spawn_primary(
     backup: &str,
     args: &[&str],
     echo: bool,
-) -> Result<(Watched, String)> {
-    let mut p = Watched::spawn(
+) -> Result<(Proc, String)> {
+    let mut p = Proc::spawn(
         name,
         Command::new(doppel)
             .args(["primary", "--machine-ram"])
@@ -668,9 +442,9 @@ pub(crate) fn wait_for(
 /// The client's `client:` verdict line, waiting up to `limit`; `each`
 /// runs at every look (progress, or failing when a tool has died).
 pub(crate) fn client_verdict(
-    client: &mut Watched,
+    client: &mut Proc,
     limit: Duration,
-    mut each: impl FnMut(&Watched) -> Result<()>,
+    mut each: impl FnMut(&Proc) -> Result<()>,
 ) -> Result<String> {
     let t = Instant::now();
     loop {
@@ -692,18 +466,8 @@ pub(crate) fn client_verdict(
     }
 }
 
-/// `key=value` of a line's words.
-fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
-}
-
-pub(crate) fn num(line: &str, key: &str) -> Option<u64> {
-    field(line, key)?.trim_end_matches([',', ';']).parse().ok()
-}
-
 /// Highest epoch in the backup's `backup: committed epoch E ...` lines.
-pub(crate) fn committed_epochs(backup: &Watched) -> Vec<(u64, u64, u64)> {
+pub(crate) fn committed_epochs(backup: &Proc) -> Vec<(u64, u64, u64)> {
     backup
         .err()
         .iter()
@@ -723,7 +487,7 @@ pub(crate) fn committed_epochs(backup: &Watched) -> Vec<(u64, u64, u64)> {
 
 /// Replies the client has checked so far (its `client: answered N/M`
 /// progress lines).
-pub(crate) fn client_answered(client: &Watched) -> u64 {
+pub(crate) fn client_answered(client: &Proc) -> u64 {
     client
         .err()
         .iter()
@@ -751,13 +515,7 @@ impl Progress {
         }
     }
 
-    fn tick(
-        &mut self,
-        t0: Instant,
-        backup: &Watched,
-        primary_hv: Option<&Running>,
-        client: &Watched,
-    ) {
+    fn tick(&mut self, t0: Instant, backup: &Proc, primary_hv: Option<&Running>, client: &Proc) {
         if !self.enabled || self.last.elapsed() < Duration::from_secs(1) {
             return;
         }
@@ -839,7 +597,7 @@ pub fn run(ctx: &mut Ctx, sc: &Scenario, progress: &mut Progress) -> Result<Outc
         &["--event-timeout", &EVENT_TIMEOUT.to_string()],
         echo,
     )?;
-    let mut client = Watched::spawn(
+    let mut client = Proc::spawn(
         "client",
         Command::new(&doppel)
             .args(["client", "--connect", &pclients, "--failover", &bclients])

@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
-use crate::failover::Watched;
+use crate::proc::Proc;
 use crate::replica::{doppel_bin, shm_file};
 use crate::test::Ctx;
 
@@ -73,7 +73,7 @@ struct Env<'a> {
 fn verdict(
     what: &str,
     attempt: &Output,
-    bk: &mut Watched,
+    bk: &mut Proc,
     (mark, before): (&str, usize),
     env: &Env<'_>,
     log: &mut Vec<String>,
@@ -151,7 +151,7 @@ pub fn step_link_auth(_: &mut Ctx) -> Result<String> {
         "1".into(),
     ];
     bk_args.extend(tls(&keys, "backup", "primary"));
-    let mut bk = Watched::spawn("backup", Command::new(&doppel).args(&bk_args), false)?;
+    let mut bk = Proc::spawn("backup", Command::new(&doppel).args(&bk_args), false)?;
     let addr = bk
         .wait_nth("listening on ", 1, Duration::from_secs(30))
         .with_context(|| format!("the backup did not start:\n{}", bk.text()))?;

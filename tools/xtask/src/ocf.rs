@@ -26,7 +26,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
-use crate::failover::{spawn_kv_client, spawn_sim_hv, Watched};
+use crate::failover::{spawn_kv_client, spawn_sim_hv};
+use crate::proc::Proc;
 use crate::replica::{doppel_bin, shm_file};
 use crate::test::Ctx;
 
@@ -53,9 +54,9 @@ impl Peer {
         let stop = Arc::new(AtomicBool::new(false));
         let spawn = {
             let (doppel, dir, addr) = (doppel.to_path_buf(), dir.to_path_buf(), addr.to_string());
-            move |n: u32| -> Result<Watched> {
+            move |n: u32| -> Result<Proc> {
                 let replica = dir.join(format!("peer-replica-{n}"));
-                Watched::spawn(
+                Proc::spawn(
                     "peer backup",
                     Command::new(&doppel)
                         .args(["backup", "--listen", &addr, "--replica"])

@@ -14,14 +14,15 @@
 //!   real hypervisor, accepted by verify-stream-v2.
 
 use std::fs;
-use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
+use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
 use crate::emu::{self, RunSpec, Running};
+use crate::proc::Proc;
 use crate::test::{cargo, Ctx};
 use crate::Emulator;
 
@@ -31,44 +32,6 @@ use crate::Emulator;
 const CMDLINE: &str = "mode=primary epochs=4";
 const EPOCHS: u64 = 21;
 const MEM_MIB: u32 = 256;
-
-/// A child process killed when dropped.
-struct Proc {
-    child: Child,
-    name: &'static str,
-}
-
-impl Proc {
-    fn wait(&mut self, limit: Duration) -> Result<ExitStatus> {
-        let t = Instant::now();
-        loop {
-            if let Some(st) = self.child.try_wait()? {
-                return Ok(st);
-            }
-            if t.elapsed() >= limit {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                bail!("{} did not finish within {} s", self.name, limit.as_secs());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn stderr(&mut self) -> String {
-        let mut s = String::new();
-        if let Some(e) = self.child.stderr.as_mut() {
-            let _ = e.read_to_string(&mut s);
-        }
-        s
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// A file removed when dropped.
 pub(crate) struct TempFile(pub(crate) PathBuf);
@@ -127,14 +90,7 @@ pub(crate) fn doppel_bin() -> Result<PathBuf> {
 }
 
 fn spawn(name: &'static str, cmd: &mut Command) -> Result<Proc> {
-    let child = cmd
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("starting {name}"))?;
-    Ok(Proc { child, name })
+    Proc::spawn(name, cmd, false)
 }
 
 /// `doppel inspect --machine-ram`: (guest RAM offset, size) once the
@@ -233,14 +189,7 @@ pub fn step_replica_qemu(ctx: &mut Ctx) -> Result<String> {
             .arg(&rdir)
             .args(["--guest-pages", &pages.to_string()]),
     )?;
-    let mut out = BufReader::new(backup.child.stdout.take().context("backup stdout")?);
-    let mut line = String::new();
-    out.read_line(&mut line)?;
-    let addr = line
-        .trim()
-        .strip_prefix("listening on ")
-        .with_context(|| format!("backup printed {line:?}"))?
-        .to_string();
+    let addr = backup.wait_value("listening on ", Duration::from_secs(60))?;
     let mut primary = spawn(
         "doppel primary",
         Command::new(&doppel)
@@ -251,8 +200,7 @@ pub fn step_replica_qemu(ctx: &mut Ctx) -> Result<String> {
     let pst = primary.wait(Duration::from_secs(900))?;
     let perr = primary.stderr();
     let bst = backup.wait(Duration::from_secs(60))?;
-    let mut bout = String::new();
-    out.read_to_string(&mut bout)?;
+    let bout = backup.out().join("\n");
     let berr = backup.stderr();
     let run = qemu.wait()?;
     if !pst.success() || !bst.success() {

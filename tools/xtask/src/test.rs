@@ -9,6 +9,7 @@ use anyhow::{bail, Context, Result};
 
 use crate::emu::{self, RunSpec};
 use crate::image::{self, Image, KERNEL_TARGET};
+use crate::proc::Proc;
 use crate::Emulator;
 
 /// Shared state of one test run (the image is built once).
@@ -241,36 +242,32 @@ impl Tally {
 /// killed when it is dropped, and each also ends by itself once this
 /// process is gone (it checks every so often), so none outlives a run
 /// that was killed.
-struct Load(Vec<std::process::Child>);
+struct Load {
+    /// Killed when dropped ([`Proc`]).
+    _procs: Vec<Proc>,
+}
+
+/// One `--load` process: busy until its parent (`$0`) is gone.
+const BUSY_LOOP: &str = "i=0; while :; do i=$((i + 1)); \
+     if [ $((i % 200000)) -eq 0 ] && ! kill -0 \"$0\" 2>/dev/null; then exit 0; fi; \
+     done";
 
 impl Load {
     fn start(k: u32) -> Result<Self> {
-        let mut load = Load(Vec::new());
+        let mut load = Load { _procs: Vec::new() };
         let parent = std::process::id().to_string();
         for _ in 0..k {
-            let child = Command::new("sh")
-                .args([
-                    "-c",
-                    "i=0; while :; do i=$((i + 1)); \
-                     if [ $((i % 200000)) -eq 0 ] && ! kill -0 \"$0\" 2>/dev/null; then exit 0; fi; \
-                     done",
-                    &parent,
-                ])
-                .stdin(std::process::Stdio::null())
-                .spawn()
-                .context("starting a busy-loop process for --load")?;
-            load.0.push(child);
+            let child = Proc::start(
+                "busy loop",
+                Command::new("sh")
+                    .args(["-c", BUSY_LOOP, &parent])
+                    .stdin(std::process::Stdio::null()),
+                false,
+            )
+            .context("starting a busy-loop process for --load")?;
+            load._procs.push(child);
         }
         Ok(load)
-    }
-}
-
-impl Drop for Load {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
     }
 }
 
@@ -431,8 +428,7 @@ pub fn capability(run: &emu::Run) -> Option<BTreeMap<String, String>> {
     let line = run.lines_with("doppel-hv: vendor=").next()?;
     let body = line.strip_prefix("doppel-hv: ")?;
     Some(
-        body.split_whitespace()
-            .filter_map(|kv| kv.split_once('='))
+        crate::logline::pairs(body)
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
     )
@@ -747,7 +743,7 @@ mod tests {
     #[test]
     fn load_processes_end_with_their_guard() {
         let load = Load::start(2).unwrap();
-        let pids: Vec<u32> = load.0.iter().map(std::process::Child::id).collect();
+        let pids: Vec<u32> = load._procs.iter().map(Proc::id).collect();
         assert_eq!(pids.len(), 2);
         let alive = |p: &u32| std::path::Path::new(&format!("/proc/{p}")).exists();
         assert!(pids.iter().all(alive));
