@@ -19,14 +19,14 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
-use crate::failover::{
+use crate::ctx::Ctx;
+use crate::harness::{
     boot, client_answered, client_verdict, kv_primary_cmdline, spawn_kv_client, spawn_primary,
     wait_for,
 };
+use crate::harness::{doppel_bin, guest_ram};
 use crate::logline::num;
 use crate::proc::{tail, Proc};
-use crate::replica::{doppel_bin, guest_ram};
-use crate::test::Ctx;
 
 /// Client requests: enough to outlast the loss and the re-protection.
 const OPS: u64 = 3000;

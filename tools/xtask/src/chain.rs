@@ -31,14 +31,14 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use doppel_abi::splitmix::GAMMA;
 
-use crate::failover::{
+use crate::ctx::Ctx;
+use crate::harness::doppel_bin;
+use crate::harness::{
     boot, client_answered, client_verdict, committed_epochs, random_seed, spawn_backup,
     spawn_primary, splitmix, wait_for,
 };
 use crate::logline::num;
 use crate::proc::{tail, Proc};
-use crate::replica::doppel_bin;
-use crate::test::Ctx;
 
 /// A small guest: three TCG machines share two cores.
 const GUEST_MIB: u32 = 8;

@@ -10,9 +10,9 @@ use std::time::Duration;
 
 use anyhow::{bail, Result};
 
+use crate::ctx::Ctx;
 use crate::emu::{self, Run, RunSpec};
 use crate::logline::{field, num};
-use crate::test::Ctx;
 use crate::Emulator;
 
 /// Probes each backend must run (doppel_core::hostile::PROBES, counted

@@ -23,9 +23,10 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
+use crate::ctx::Ctx;
+use crate::harness::doppel_bin;
 use crate::proc::Proc;
-use crate::replica::{doppel_bin, shm_file};
-use crate::test::Ctx;
+use crate::shm::shm_file;
 
 const PAGES: &str = "256";
 
@@ -112,7 +113,7 @@ pub fn step_link_auth(_: &mut Ctx) -> Result<String> {
     }
     let ram = shm_file("link-auth");
     // Two sessions of 3 epochs: the earlier one recorded, the real one.
-    let mut sim = crate::failover::spawn_sim_hv(
+    let mut sim = crate::harness::spawn_sim_hv(
         &doppel,
         &ram.0,
         &["--epochs", "6", "--guest-pages", PAGES, "--dirty", "20"],

@@ -446,7 +446,7 @@ pub fn build_domain(img: &LinuxImage) -> Result<doppel_core::pvh::PvhBoot> {
 
 /// Test step: the guest builds, its kernel checks out, and hv/core's PVH
 /// domain builder lays it out in 256 MiB.
-pub fn step_linux_image(_: &mut crate::test::Ctx) -> Result<String> {
+pub fn step_linux_image(_: &mut crate::ctx::Ctx) -> Result<String> {
     let img = build()?;
     if img.kernel.span.0 != 0x100_0000 {
         bail!(

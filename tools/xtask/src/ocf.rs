@@ -26,10 +26,11 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
-use crate::failover::{spawn_kv_client, spawn_sim_hv};
+use crate::ctx::Ctx;
+use crate::harness::doppel_bin;
+use crate::harness::{spawn_kv_client, spawn_sim_hv};
 use crate::proc::Proc;
-use crate::replica::{doppel_bin, shm_file};
-use crate::test::Ctx;
+use crate::shm::shm_file;
 
 const PAGES: &str = "512";
 const OCF_RUNNING_MASTER: i32 = 8;
@@ -172,7 +173,7 @@ pub fn step_ocf(_: &mut Ctx) -> Result<String> {
     let _ = fs::remove_dir_all(&dir);
     fs::create_dir_all(&dir)?;
     let ram = shm_file("ocf");
-    let keys = crate::failover::KEYS.to_string();
+    let keys = crate::harness::KEYS.to_string();
     let mut sim = spawn_sim_hv(
         &doppel,
         &ram.0,

@@ -23,12 +23,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::failover::{
+use crate::ctx::Ctx;
+use crate::harness::{
     boot, client_answered, kv_primary_cmdline, spawn_kv_client, spawn_primary, wait_for,
 };
+use crate::harness::{doppel_bin, guest_ram};
 use crate::proc::{tail, Proc};
-use crate::replica::{doppel_bin, guest_ram};
-use crate::test::Ctx;
 
 /// The fields of the status document (docs/OPERATING.md, "Status").
 pub(crate) const STATUS_FIELDS: &[&str] = &[

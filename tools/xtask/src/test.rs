@@ -7,40 +7,17 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+use crate::ctx::{cargo, cargo_env, Ctx};
 use crate::emu::{self, RunSpec};
-use crate::image::{self, Image, KERNEL_TARGET};
+use crate::image::KERNEL_TARGET;
 use crate::proc::Proc;
 use crate::Emulator;
-
-/// Shared state of one test run (the image is built once).
-pub struct Ctx {
-    pub long: bool,
-    /// `--seed`: replay the failover runs of an earlier run (each run
-    /// prints its seed); without it each failover step draws a new one.
-    pub seed: Option<u64>,
-    image: Option<Image>,
-}
-
-impl Ctx {
-    pub fn image(&mut self) -> Result<Image> {
-        if let Some(i) = &self.image {
-            return Ok(i.clone());
-        }
-        let i = image::build()?;
-        self.image = Some(i.clone());
-        Ok(i)
-    }
-}
 
 type StepFn = fn(&mut Ctx) -> Result<String>;
 
 /// `cargo xtask demo`: one failover run shown live.
 pub fn demo(seed: Option<u64>) -> Result<()> {
-    let mut ctx = Ctx {
-        long: false,
-        seed,
-        image: None,
-    };
+    let mut ctx = Ctx::new(false, seed);
     crate::failover::demo(&mut ctx)
 }
 
@@ -114,11 +91,7 @@ fn steps() -> Vec<(&'static str, StepFn)> {
 
 pub fn run(opts: &Options) -> Result<()> {
     let only = opts.only.as_deref();
-    let mut ctx = Ctx {
-        long: opts.long,
-        seed: opts.seed,
-        image: None,
-    };
+    let mut ctx = Ctx::new(opts.long, opts.seed);
     let all = steps();
     let chosen: Vec<_> = all
         .iter()
@@ -295,32 +268,6 @@ fn still_running(name: &'static str) -> (mpsc::Sender<()>, std::thread::JoinHand
         }
     });
     (tx, h)
-}
-
-/// Run a command in the workspace root; fail with its output's tail.
-pub fn cargo(args: &[&str]) -> Result<String> {
-    cargo_env(args, &[])
-}
-
-/// As [`cargo`], with extra environment variables.
-pub fn cargo_env(args: &[&str], envs: &[(&str, &str)]) -> Result<String> {
-    let out = Command::new(env!("CARGO"))
-        .args(args)
-        .envs(envs.iter().copied())
-        .current_dir(crate::root())
-        .output()
-        .with_context(|| format!("running cargo {}", args.join(" ")))?;
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    if !out.status.success() {
-        let tail: Vec<&str> = text.lines().rev().take(60).collect();
-        let tail: Vec<&str> = tail.into_iter().rev().collect();
-        bail!("cargo {} failed:\n{}", args.join(" "), tail.join("\n"));
-    }
-    Ok(text)
 }
 
 fn step_fmt(_: &mut Ctx) -> Result<String> {

@@ -19,15 +19,16 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+use crate::ctx::Ctx;
 use crate::etcd::Etcd;
-use crate::failover::{
+use crate::harness::doppel_bin;
+use crate::harness::{
     boot, client_answered, client_verdict, committed_epochs, kv_primary_cmdline, spawn_backup,
-    spawn_primary, wait_for, Machine, Relay, DETACHED, GUEST_MIB, KEYS,
+    spawn_primary, wait_for, Machine, DETACHED, GUEST_MIB, KEYS,
 };
 use crate::logline::num;
 use crate::proc::{tail, Proc};
-use crate::replica::doppel_bin;
-use crate::test::Ctx;
+use crate::relay::Relay;
 
 /// Lease TTL of the step (s): short, so the fence comes soon.
 const TTL: u64 = 3;
@@ -316,7 +317,7 @@ fn partition_run(ctx: &mut Ctx, k: u32, seed: u64, cut: Cut) -> Result<String> {
 }
 
 pub fn step_partition(ctx: &mut Ctx) -> Result<String> {
-    let seed = ctx.seed.unwrap_or_else(crate::failover::random_seed);
+    let seed = ctx.seed.unwrap_or_else(crate::harness::random_seed);
     let mut failed = 0;
     let mut last = String::new();
     for (k, cut) in [Cut::Both, Cut::PrimaryToBackup, Cut::BackupToPrimary]
