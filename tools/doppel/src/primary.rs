@@ -47,9 +47,7 @@ use crate::machine::{describe, Control, MachineRam, PAGE};
 use crate::stream::format::{feature, SESSION_NONCE_LEN};
 use crate::stream::{OutPage, StreamError, StreamWriter, TscInfo, XorCache};
 
-/// Xen version written in the domain header (the verifier's reference).
-pub const XEN_MAJOR: u32 = crate::synth::XEN_MAJOR;
-pub const XEN_MINOR: u32 = crate::synth::XEN_MINOR;
+pub use crate::stream::format::{XEN_MAJOR, XEN_MINOR};
 
 /// Most vCPUs a context blob may describe.
 pub const MAX_VCPUS: usize = 64;
