@@ -25,12 +25,7 @@ use doppel_abi::chan::{ChannelConsumer, ChannelProducer};
 use doppel_abi::control::{Features, Field};
 use doppel_abi::{AtomicMem64, SharedMem};
 
-type Res = Result<(), (String, u8)>;
-
-const INVALID: u8 = 1;
-const USAGE: u8 = 2;
-const IO: u8 = 3;
-const PEER_GONE: u8 = 4;
+use crate::exit::{Res, INVALID, IO, PEER_GONE, USAGE};
 
 /// Longest timeout any flag takes: one week.
 pub const MAX_SECS: u64 = 7 * 24 * 3600;

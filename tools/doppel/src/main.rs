@@ -24,6 +24,7 @@ use doppel::synth::{self, SynthSpec};
 mod chain;
 mod cli;
 mod config;
+mod exit;
 mod linkcli;
 mod opscli;
 mod witness_cli;
@@ -281,11 +282,11 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Invalid(m)) => {
             eprintln!("doppel: invalid: {m}");
-            ExitCode::from(1)
+            ExitCode::from(exit::INVALID)
         }
         Err(Failure::Io(m)) => {
             eprintln!("doppel: {m}");
-            ExitCode::from(3)
+            ExitCode::from(exit::IO)
         }
         Err(Failure::Code(m, c)) => {
             eprintln!("doppel: {m}");
