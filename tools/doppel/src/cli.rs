@@ -20,6 +20,7 @@ use doppel::sim::{Sim, SimSpec};
 use doppel::sim_kv::{KvSim, KvSpec};
 use doppel::standby::Standby;
 use doppel::stream::format::feature;
+use doppel::takeover::{self, Takeover};
 use doppel::telemetry::{self, Committed, Role, Shipped, State};
 use doppel_abi::chan::{ChannelConsumer, ChannelProducer};
 use doppel_abi::control::{Features, Field};
@@ -884,50 +885,14 @@ fn standby_backup(a: BackupArgs) -> Res {
             p.pages
         );
     }
-    let reason = match &got.error {
-        None if got.ended => {
+    let (reason, last) = match takeover::decide(&got, committed, hb) {
+        Takeover::Ended => {
             println!("backup: the primary ended the stream after epoch {last_text}; standby not activated");
             return Ok(());
         }
-        None => "the stream ended".to_string(),
-        Some(ReceiveError::Stream(e @ doppel::stream::StreamError::Io { source, .. }))
-            if matches!(
-                source.kind(),
-                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-            ) =>
-        {
-            let _ = e;
-            format!("nothing received for {:.1} s", hb.as_secs_f64())
-        }
-        Some(ReceiveError::Stream(e)) if e.is_truncation() => "connection closed".to_string(),
-        Some(ReceiveError::Stream(e @ doppel::stream::StreamError::Io { .. })) => {
-            format!("connection failed: {e}")
-        }
-        Some(ReceiveError::Ack { source, .. }) => format!("acknowledging failed: {source}"),
-        Some(e @ ReceiveError::Replica(_)) => {
-            return Err((
-                format!("{e}; standby not activated (guest RAM at epoch {last_text})"),
-                INVALID,
-            ))
-        }
-        Some(e) => {
-            return Err((
-                format!(
-                    "the primary broke the protocol: {e}; standby not activated \
-                     (guest RAM at epoch {last_text})"
-                ),
-                INVALID,
-            ))
-        }
-    };
-    let Some(last) = last else {
-        return Err((
-            format!(
-                "primary lost ({reason}) before any epoch was committed: \
-                 nothing to activate the standby from"
-            ),
-            PEER_GONE,
-        ));
+        Takeover::Activate { reason, last } => (reason, last),
+        Takeover::Refuse(why) => return Err((why, INVALID)),
+        Takeover::NothingCommitted(why) => return Err((why, PEER_GONE)),
     };
     let cfg = PrimaryConfig {
         epochs: None,
