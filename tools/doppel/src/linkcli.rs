@@ -66,7 +66,7 @@ pub struct TlsArgs {
     /// backup drops a peer that does not finish it in time (e.g. one
     /// without TLS, which waits silently) and keeps waiting.
     #[arg(long, default_value = "10", value_name = "SECS",
-          value_parser = crate::cli::parse_secs, requires = "tls_cert")]
+          value_parser = crate::units::parse_secs, requires = "tls_cert")]
     tls_handshake_timeout: Duration,
 }
 
