@@ -332,7 +332,8 @@ mod tests {
     #[test]
     fn a_group_is_killed_as_a_whole() {
         // The shell's own child (the sleep) must die with it.
-        let pidfile = std::env::temp_dir().join(format!("xtask-proc-{}.pid", std::process::id()));
+        let tmp = tempfile::tempdir().unwrap();
+        let pidfile = tmp.path().join("sleep.pid");
         let mut p = Proc::start(
             "group",
             Command::new("sh")
@@ -353,7 +354,6 @@ mod tests {
             thread::sleep(Duration::from_millis(20));
         };
         p.kill();
-        let _ = std::fs::remove_file(&pidfile);
         let t = Instant::now();
         // Killed, the sleep is gone or a zombie until its new parent
         // reaps it.

@@ -72,9 +72,8 @@ mod tests {
 
     #[test]
     fn only_files_of_gone_processes_are_removed() {
-        let dir = std::env::temp_dir().join(format!("xtask-shm-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
         // pid_max is at most 2^22: this pid cannot exist.
         let gone = format!("{SHM_PREFIX}{}-replica", (1u32 << 22) + 1);
         let live = format!("{SHM_PREFIX}{}-sim", std::process::id());
@@ -82,8 +81,8 @@ mod tests {
         for n in [&gone, &live, &other] {
             fs::write(dir.join(n), b"x").unwrap();
         }
-        remove_stale_shm(&dir);
-        let mut left: Vec<String> = fs::read_dir(&dir)
+        remove_stale_shm(dir);
+        let mut left: Vec<String> = fs::read_dir(dir)
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect();
@@ -91,6 +90,5 @@ mod tests {
         let mut want = vec![live, other];
         want.sort();
         assert_eq!(left, want);
-        fs::remove_dir_all(&dir).unwrap();
     }
 }
