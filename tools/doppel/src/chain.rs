@@ -1,7 +1,7 @@
 //! A chain A -> B -> C (`doppel backup --standby-ram ... --then-backup
 //! ADDR`): once B's standby is activated (A lost), B protects its own
 //! machine to the next backup C exactly as `doppel primary --backup ADDR
-//! --serve-clients` does, through the same code (`cli::protect_attached`,
+//! --serve-clients` does, through the same code (`primary_cmd::protect_attached`,
 //! with `doppel primary`'s own defaults, parsed from its command line), on
 //! the command ring B's backup tool already holds (the one `Activate` went
 //! through). The hypervisor accepts `LogDirtyEnable` on an activated
@@ -12,7 +12,9 @@ use std::path::Path;
 
 use clap::{CommandFactory, FromArgMatches, Parser};
 
-use crate::cli::{self, ClientSide, PrimaryArgs};
+use crate::args::PrimaryArgs;
+use crate::cli::ClientSide;
+use crate::primary_cmd;
 use doppel::primary::Primary;
 use doppel::witness::Gate;
 
@@ -80,6 +82,6 @@ impl Then {
         // The link to the next backup is plain TCP (warned about): the
         // TLS flags are not passed on to it (yet).
         let tls = self.args.link_tls()?;
-        cli::protect_attached(&self.args, p, Some(clients), tls.map(std::sync::Arc::new))
+        primary_cmd::protect_attached(&self.args, p, Some(clients), tls.map(std::sync::Arc::new))
     }
 }

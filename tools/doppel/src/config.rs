@@ -23,8 +23,7 @@ use std::path::{Path, PathBuf};
 use clap::{Arg, ArgAction, Args, Command, Subcommand};
 use toml::{Table, Value};
 
-const USAGE: u8 = 2;
-const IO: u8 = 3;
+use crate::exit::{IO, USAGE};
 
 /// The subcommands that read a config file.
 pub const ROLES: [&str; 2] = ["primary", "backup"];

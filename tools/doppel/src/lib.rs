@@ -24,5 +24,6 @@ pub mod standby;
 pub mod status;
 pub mod stream;
 pub mod synth;
+pub mod takeover;
 pub mod telemetry;
 pub mod witness;

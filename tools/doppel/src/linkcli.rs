@@ -13,11 +13,7 @@ use doppel::ack::{AckReader, BackMsg};
 use doppel::backup::{ReceiveError, Received};
 use doppel::link::{Link, LinkReader, LinkTls, TlsFiles, SESSION_NONCE_LEN};
 
-const USAGE: u8 = 2;
-const IO: u8 = 3;
-const PEER_GONE: u8 = 4;
-/// `doppel primary`: the backup connection failed.
-const LOST_BACKUP: u8 = 5;
+use crate::exit::{IO, LOST_BACKUP, PEER_GONE, USAGE};
 
 type Nonce = [u8; SESSION_NONCE_LEN];
 
@@ -70,7 +66,7 @@ pub struct TlsArgs {
     /// backup drops a peer that does not finish it in time (e.g. one
     /// without TLS, which waits silently) and keeps waiting.
     #[arg(long, default_value = "10", value_name = "SECS",
-          value_parser = crate::cli::parse_secs, requires = "tls_cert")]
+          value_parser = crate::units::parse_secs, requires = "tls_cert")]
     tls_handshake_timeout: Duration,
 }
 

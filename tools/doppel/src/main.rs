@@ -21,11 +21,16 @@ use doppel::replica::{Replica, ReplicaError};
 use doppel::stream::{Limits, StreamError, StreamReader};
 use doppel::synth::{self, SynthSpec};
 
+mod args;
+mod backup_cmd;
 mod chain;
 mod cli;
 mod config;
+mod exit;
 mod linkcli;
 mod opscli;
+mod primary_cmd;
+mod units;
 mod witness_cli;
 
 /// Most epochs `stream synth` writes.
@@ -68,7 +73,7 @@ enum Cmd {
   doppel primary --machine-ram /dev/shm/vm.ram --backup 10.0.0.2:7000 --compress \
       --serve-clients 0.0.0.0:7100
   doppel primary --machine-ram /dev/shm/vm.ram --record capture.xen --epochs 5")]
-    Primary(cli::PrimaryArgs),
+    Primary(args::PrimaryArgs),
     /// Receive one primary's stream into a file replica (or a standby's
     /// guest RAM), acknowledging each committed epoch. Prints the last
     /// committed epoch on exit.
@@ -76,13 +81,13 @@ enum Cmd {
   doppel backup --listen 0.0.0.0:7000 --replica /var/lib/doppel/vm1 --guest-pages 16384
   doppel backup --listen 0.0.0.0:7000 --standby-ram /dev/shm/standby.ram \
       --serve-clients 0.0.0.0:7100 --heartbeat-timeout 2")]
-    Backup(cli::BackupArgs),
+    Backup(args::BackupArgs),
     /// Print the control area and guest RAM location found in a machine
     /// RAM file, or the state of a replica; optionally dump blobs.
     #[command(after_help = "Examples:
   doppel inspect --machine-ram /dev/shm/vm.ram
   doppel inspect --replica /var/lib/doppel/vm1 --vcpu-out vcpu.bin")]
-    Inspect(cli::InspectArgs),
+    Inspect(args::InspectArgs),
     /// Drive the protected key-value service (`primary --serve-clients`)
     /// and check every reply against a model; fail over to a second
     /// address. Last stdout line: `client: ops=N answered=N ... result=pass|fail`
@@ -90,7 +95,7 @@ enum Cmd {
     /// reached; 4 it went away before answering everything).
     #[command(after_help = "Example:
   doppel client --connect 10.0.0.1:7100 --failover 10.0.0.2:7100 --ops 4000")]
-    Client(cli::ClientArgs),
+    Client(args::ClientArgs),
     /// Make this side's key pair and self-signed certificate for the
     /// replication link: DIR/NAME.key (private, mode 0600) and
     /// DIR/NAME.crt. Refuses to overwrite.
@@ -124,7 +129,7 @@ either side starting | stopping. The JSON schema is in docs/OPERATING.md.")]
     /// Play the hypervisor's side on a new machine RAM file (a software
     /// model for testing the tool without an emulator).
     #[command(hide = true)]
-    SimHv(cli::SimArgs),
+    SimHv(args::SimArgs),
     /// Config files of `primary` and `backup` (`--config FILE`).
     #[command(subcommand)]
     Config(config::ConfigCmd),
@@ -196,7 +201,7 @@ enum StreamCmd {
         #[arg(long)]
         image: PathBuf,
         /// Guest size in pages (1 to 2^32).
-        #[arg(long, value_parser = cli::guest_pages_parser())]
+        #[arg(long, value_parser = units::guest_pages_parser())]
         guest_pages: u64,
     },
     /// Send a recorded stream to a backup as it is, the way a primary
@@ -265,8 +270,8 @@ fn main() -> ExitCode {
         Cmd::Stream(StreamCmd::Send { file, backup, tls }) => {
             linkcli::send(&file, &backup, &tls).map_err(|(m, c)| Failure::Code(m, c))
         }
-        Cmd::Primary(a) => cli::primary(a).map_err(|(m, c)| Failure::Code(m, c)),
-        Cmd::Backup(a) => cli::backup(a).map_err(|(m, c)| Failure::Code(m, c)),
+        Cmd::Primary(a) => primary_cmd::primary(a).map_err(|(m, c)| Failure::Code(m, c)),
+        Cmd::Backup(a) => backup_cmd::backup(a).map_err(|(m, c)| Failure::Code(m, c)),
         Cmd::Inspect(a) => cli::inspect(a).map_err(|(m, c)| Failure::Code(m, c)),
         Cmd::Client(a) => cli::client(a).map_err(|(m, c)| Failure::Code(m, c)),
         Cmd::Keygen(a) => linkcli::keygen(a).map_err(|(m, c)| Failure::Code(m, c)),
@@ -281,11 +286,11 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Invalid(m)) => {
             eprintln!("doppel: invalid: {m}");
-            ExitCode::from(1)
+            ExitCode::from(exit::INVALID)
         }
         Err(Failure::Io(m)) => {
             eprintln!("doppel: {m}");
-            ExitCode::from(3)
+            ExitCode::from(exit::IO)
         }
         Err(Failure::Code(m, c)) => {
             eprintln!("doppel: {m}");

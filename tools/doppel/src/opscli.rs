@@ -10,8 +10,7 @@ use doppel::metrics::MetricsServer;
 use doppel::status::{self, StatusError, StatusServer};
 use doppel::telemetry::{self, Role, Status};
 
-const IO: u8 = 3;
-const USAGE: u8 = 2;
+use crate::exit::{IO, USAGE};
 
 #[derive(Args, Debug, Clone, Default)]
 pub struct OpsArgs {

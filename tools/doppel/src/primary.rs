@@ -47,9 +47,7 @@ use crate::machine::{describe, Control, MachineRam, PAGE};
 use crate::stream::format::{feature, SESSION_NONCE_LEN};
 use crate::stream::{OutPage, StreamError, StreamWriter, TscInfo, XorCache};
 
-/// Xen version written in the domain header (the verifier's reference).
-pub const XEN_MAJOR: u32 = crate::synth::XEN_MAJOR;
-pub const XEN_MINOR: u32 = crate::synth::XEN_MINOR;
+pub use crate::stream::format::{XEN_MAJOR, XEN_MINOR};
 
 /// Most vCPUs a context blob may describe.
 pub const MAX_VCPUS: usize = 64;
@@ -232,6 +230,11 @@ pub struct EpochReport {
     pub lag: Duration,
 }
 
+/// A stream write error of `epoch` as a [`PrimaryError`].
+fn send(epoch: u64) -> impl Fn(std::io::Error) -> PrimaryError {
+    move |source| PrimaryError::Send { epoch, source }
+}
+
 /// What a finished run did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Summary {
@@ -249,6 +252,15 @@ pub struct Summary {
 }
 
 impl Summary {
+    /// Count one shipped and committed epoch.
+    fn add(&mut self, r: &EpochReport) {
+        self.committed += 1;
+        self.pages += r.pages;
+        self.bytes += r.bytes;
+        self.page_raw += r.page_raw;
+        self.page_wire += r.page_wire;
+    }
+
     /// Raw page bytes per wire page byte (1.0 = no gain; plain PAGE_DATA is
     /// slightly below 1 because of pfn words and headers).
     pub fn ratio(&self) -> f64 {
@@ -289,6 +301,84 @@ pub struct Output<W: Write, R: Read> {
 }
 
 impl<W: Write, R: Read> Output<W, R> {
+    /// The stream's headers (and the session hello) unless `negotiate`
+    /// wrote them, then STATIC_DATA_END.
+    fn open_stream(&mut self) -> Result<(), PrimaryError> {
+        if !self.started {
+            self.started = true;
+            self.writer.headers(XEN_MAJOR, XEN_MINOR).map_err(send(0))?;
+            if let Some(n) = self.session {
+                self.writer.session(&n).map_err(send(0))?;
+            }
+        }
+        self.writer.static_data_end().map_err(send(0))
+    }
+
+    /// One epoch's pages, whole records at a time (so the stream is the
+    /// same bytes with or without the progress bar the initial sync shows).
+    fn write_pages(&mut self, batch: &[OutPage<'_>], epoch: u64) -> Result<(), PrimaryError> {
+        let pages = batch.len() as u64;
+        let chunk = crate::stream::format::MAX_BATCH_PFNS as usize * 16;
+        let mut shown = (epoch == 0 && pages >= crate::progress::SHOW_FROM_PAGES)
+            .then(|| crate::progress::Progress::pages("initial sync (epoch 0)", pages));
+        for part in batch.chunks(chunk) {
+            match &mut self.xlz4 {
+                Some(cache) => self.writer.page_data_xlz4(part, cache),
+                None => self.writer.page_data(part),
+            }
+            .map_err(send(epoch))?;
+            if let Some(p) = &mut shown {
+                p.add(part.len() as u64);
+            }
+        }
+        if let Some(p) = shown {
+            p.finish();
+        }
+        Ok(())
+    }
+
+    /// Wait for the backup's ack of `epoch`; whether there is a backup to
+    /// ack (a capture has none).
+    fn await_ack(&mut self, epoch: u64) -> Result<bool, PrimaryError> {
+        let Some(acks) = &mut self.acks else {
+            return Ok(false);
+        };
+        loop {
+            match acks.next_msg() {
+                Ok(BackMsg::Ack(k)) if k == epoch => return Ok(true),
+                Ok(BackMsg::Ack(got)) => return Err(PrimaryError::WrongAck { epoch, got }),
+                Ok(BackMsg::State(s)) => tracing::debug!("backup state {s}"),
+                Ok(BackMsg::Session(_)) => {
+                    return Err(PrimaryError::BadHello {
+                        detail: "DOPPEL_SESSION after the first record".into(),
+                    })
+                }
+                Ok(BackMsg::Features(f)) => {
+                    return Err(PrimaryError::BadHello {
+                        detail: format!("DOPPEL_FEATURES ({f:#x}) although no hello was sent"),
+                    })
+                }
+                Ok(BackMsg::End) => return Err(PrimaryError::AckClosed { epoch }),
+                Err(source) => return Err(PrimaryError::Ack { epoch, source }),
+            }
+        }
+    }
+
+    /// END the stream after stream epoch `next` - 1 and see the backup
+    /// close its back channel.
+    fn close_stream(&mut self, next: u64) -> Result<(), PrimaryError> {
+        self.writer
+            .end()
+            .and_then(|_| self.writer.flush())
+            .map_err(send(next))?;
+        if let Some(acks) = &mut self.acks {
+            match acks.next_msg() {
+                Ok(BackMsg::End) => tracing::debug!("backup closed the back channel"),
+                other => tracing::warn!("back channel after END: {other:?}"),
+            }
+        }
+        Ok(())
+    }
     /// Replicate to a backup: stream on `w`, acks read from `acks`
     /// (already opened, expecting epoch 0 first).
     pub fn backup(w: W, acks: AckReader<R>) -> Self {
@@ -1066,15 +1156,7 @@ impl<'m> Primary<'m> {
             compressed: out.xlz4.is_some(),
             ..Summary::default()
         };
-        let send = |epoch| move |source| PrimaryError::Send { epoch, source };
-        if !out.started {
-            out.started = true;
-            out.writer.headers(XEN_MAJOR, XEN_MINOR).map_err(send(0))?;
-            if let Some(n) = out.session {
-                out.writer.session(&n).map_err(send(0))?;
-            }
-        }
-        out.writer.static_data_end().map_err(send(0))?;
+        out.open_stream()?;
         self.enable_log_dirty()?;
         // A stream session may start in the middle of the hypervisor's
         // session (a new backup, crate::protect): its epoch 0 is then the
@@ -1104,127 +1186,102 @@ impl<'m> Primary<'m> {
             };
             let t0 = Instant::now();
             let epoch = c.epoch - base;
-            let before = out.writer.bytes();
-            let batch: Vec<OutPage<'_>> = match (&self.mirror, epoch == 0 && c.epoch != 0) {
-                (Some(m), true) => m
-                    .chunks_exact(PAGE)
-                    .enumerate()
-                    .map(|(pfn, d)| OutPage {
-                        pfn: pfn as u64,
-                        data: Some(d),
-                    })
-                    .collect(),
-                (None, true) => {
-                    return Err(PrimaryError::BadCheckpoint {
-                        epoch: c.epoch,
-                        detail: "a stream starting after hypervisor epoch 0 needs the page \
-                                 mirror (Primary::keep_mirror)"
-                            .into(),
-                    })
-                }
-                (_, false) => self
-                    .pfn_bytes
-                    .chunks_exact(8)
-                    .zip(self.pages.chunks_exact(PAGE))
-                    .map(|(w, d)| OutPage {
-                        pfn: u64::from_le_bytes(w.try_into().expect("8 bytes")),
-                        data: Some(d),
-                    })
-                    .collect(),
-            };
-            let pages = batch.len() as u64;
-            let w = &mut out.writer;
-            // Whole records at a time, so the stream is the same bytes
-            // with or without progress shown.
-            let chunk = crate::stream::format::MAX_BATCH_PFNS as usize * 16;
-            let mut shown = (epoch == 0 && pages >= crate::progress::SHOW_FROM_PAGES)
-                .then(|| crate::progress::Progress::pages("initial sync (epoch 0)", pages));
-            for part in batch.chunks(chunk) {
-                match &mut out.xlz4 {
-                    Some(cache) => w.page_data_xlz4(part, cache),
-                    None => w.page_data(part),
-                }
-                .map_err(send(epoch))?;
-                if let Some(p) = &mut shown {
-                    p.add(part.len() as u64);
-                }
-            }
-            if let Some(p) = shown {
-                p.finish();
-            }
-            let page_wire = w.bytes() - before;
-            let page_raw = (batch.len() * PAGE) as u64;
-            drop(batch);
-            w.tsc_info(&tsc)
-                .and_then(|_| w.hvm_context(&self.blob))
-                .and_then(|_| w.hvm_params(&[]))
-                .and_then(|_| w.checkpoint())
-                .and_then(|_| w.flush())
-                .map_err(send(epoch))?;
-            let bytes = out.writer.bytes() - before;
+            let mut report = self.ship_checkpoint(out, c.epoch, epoch, &tsc)?;
             let sent = Instant::now();
-            let acked = out.acks.is_some();
-            if let Some(acks) = &mut out.acks {
-                loop {
-                    match acks.next_msg() {
-                        Ok(BackMsg::Ack(k)) if k == epoch => break,
-                        Ok(BackMsg::Ack(got)) => return Err(PrimaryError::WrongAck { epoch, got }),
-                        Ok(BackMsg::State(s)) => tracing::debug!("backup state {s}"),
-                        Ok(BackMsg::Session(_)) => {
-                            return Err(PrimaryError::BadHello {
-                                detail: "DOPPEL_SESSION after the first record".into(),
-                            })
-                        }
-                        Ok(BackMsg::Features(f)) => {
-                            return Err(PrimaryError::BadHello {
-                                detail: format!(
-                                    "DOPPEL_FEATURES ({f:#x}) although no hello was sent"
-                                ),
-                            })
-                        }
-                        Ok(BackMsg::End) => return Err(PrimaryError::AckClosed { epoch }),
-                        Err(source) => return Err(PrimaryError::Ack { epoch, source }),
-                    }
-                }
-            }
+            let acked = out.await_ack(epoch)?;
             crate::telemetry::global().shipped(&crate::telemetry::Shipped {
-                bytes,
-                page_raw,
-                page_wire,
+                bytes: report.bytes,
+                page_raw: report.page_raw,
+                page_wire: report.page_wire,
                 xlz4: out.xlz4.is_some(),
                 ack: acked.then(|| sent.elapsed()),
             });
             self.release()?;
-            sum.committed += 1;
-            sum.pages += pages;
-            sum.bytes += bytes;
-            sum.page_raw += page_raw;
-            sum.page_wire += page_wire;
+            sum.add(&report);
             tracing::info!(
-                "epoch {epoch}: {pages} pages, page bytes raw {page_raw} wire {page_wire} \
-                 (ratio {:.2}), stream {bytes} bytes",
-                page_raw as f64 / page_wire.max(1) as f64
+                "epoch {epoch}: {} pages, page bytes raw {} wire {} \
+                 (ratio {:.2}), stream {} bytes",
+                report.pages,
+                report.page_raw,
+                report.page_wire,
+                report.page_raw as f64 / report.page_wire.max(1) as f64,
+                report.bytes
             );
-            progress(&EpochReport {
-                epoch,
-                pages,
-                bytes,
-                page_raw,
-                page_wire,
-                lag: t0.elapsed(),
-            });
+            report.lag = t0.elapsed();
+            progress(&report);
         }
-        out.writer
-            .end()
-            .and_then(|_| out.writer.flush())
-            .map_err(send(self.next_epoch - base))?;
-        if let Some(acks) = &mut out.acks {
-            match acks.next_msg() {
-                Ok(BackMsg::End) => tracing::debug!("backup closed the back channel"),
-                other => tracing::warn!("back channel after END: {other:?}"),
-            }
-        }
+        out.close_stream(self.next_epoch - base)?;
         Ok(sum)
+    }
+
+    /// The pages of stream epoch `epoch` (hypervisor epoch `hv_epoch`): the
+    /// staged dirty pages, or every page (the mirror) when a stream starts
+    /// after the hypervisor's epoch 0.
+    fn checkpoint_pages(
+        &self,
+        hv_epoch: u64,
+        epoch: u64,
+    ) -> Result<Vec<OutPage<'_>>, PrimaryError> {
+        Ok(match (&self.mirror, epoch == 0 && hv_epoch != 0) {
+            (Some(m), true) => m
+                .chunks_exact(PAGE)
+                .enumerate()
+                .map(|(pfn, d)| OutPage {
+                    pfn: pfn as u64,
+                    data: Some(d),
+                })
+                .collect(),
+            (None, true) => {
+                return Err(PrimaryError::BadCheckpoint {
+                    epoch: hv_epoch,
+                    detail: "a stream starting after hypervisor epoch 0 needs the page \
+                             mirror (Primary::keep_mirror)"
+                        .into(),
+                })
+            }
+            (_, false) => self
+                .pfn_bytes
+                .chunks_exact(8)
+                .zip(self.pages.chunks_exact(PAGE))
+                .map(|(w, d)| OutPage {
+                    pfn: u64::from_le_bytes(w.try_into().expect("8 bytes")),
+                    data: Some(d),
+                })
+                .collect(),
+        })
+    }
+
+    /// Write one checkpoint: its pages, TSC, vCPU context, parameters and
+    /// the CHECKPOINT record, flushed. Its figures (`lag` still zero).
+    fn ship_checkpoint<W: Write, R: Read>(
+        &self,
+        out: &mut Output<W, R>,
+        hv_epoch: u64,
+        epoch: u64,
+        tsc: &TscInfo,
+    ) -> Result<EpochReport, PrimaryError> {
+        let before = out.writer.bytes();
+        let batch = self.checkpoint_pages(hv_epoch, epoch)?;
+        let pages = batch.len() as u64;
+        out.write_pages(&batch, epoch)?;
+        let page_wire = out.writer.bytes() - before;
+        let page_raw = (batch.len() * PAGE) as u64;
+        drop(batch);
+        let w = &mut out.writer;
+        w.tsc_info(tsc)
+            .and_then(|_| w.hvm_context(&self.blob))
+            .and_then(|_| w.hvm_params(&[]))
+            .and_then(|_| w.checkpoint())
+            .and_then(|_| w.flush())
+            .map_err(send(epoch))?;
+        Ok(EpochReport {
+            epoch,
+            pages,
+            bytes: out.writer.bytes() - before,
+            page_raw,
+            page_wire,
+            lag: Duration::ZERO,
+        })
     }
 
     /// End replication: send `Detach` and wait up to `wait` for `Done`.

@@ -165,7 +165,9 @@ struct FileStore {
     journal_path: PathBuf,
 }
 
-/// Where a test wants the file commit to stop, simulating a crash.
+/// Where a test wants the file commit to stop, simulating a crash (the
+/// `crash-hooks` feature, which only the tests turn on).
+#[cfg(feature = "crash-hooks")]
 #[doc(hidden)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CrashPoint {
@@ -280,15 +282,78 @@ impl Replica {
     /// Memory store: pages are moved into the replica by pointer (the
     /// displaced buffers are returned), so a commit copies no page data.
     pub fn commit(&mut self, staged: StagedEpoch) -> Result<Vec<PageBuf>, ReplicaError> {
-        self.commit_at(staged, CrashPoint::None)
+        let (staged, next) = self.prepare(staged)?;
+        // Nothing below fails for the memory store; the file store's
+        // commit point is the synced journal.
+        let spare = match &mut self.store {
+            Store::Memory(m) => {
+                let mut spare = Vec::new();
+                for p in staged.pages {
+                    for (pfn, d) in p.into_entries() {
+                        let slot = &mut m[pfn as usize];
+                        match d {
+                            Some(b) => spare.push(std::mem::replace(slot, b)),
+                            None => slot.fill(0),
+                        }
+                    }
+                }
+                spare
+            }
+            Store::File(f) => {
+                {
+                    let pages = staged.final_pages();
+                    write_journal(f, &next, &pages)?;
+                    apply_pages(f, &pages)?;
+                    finish_commit(f, &next)?;
+                }
+                staged.into_pages().collect()
+            }
+        };
+        self.state = next;
+        Ok(spare)
     }
 
+    /// [`Replica::commit`] cut short at `crash`, as a crash there would
+    /// leave a file replica (a memory replica commits in full).
+    #[cfg(feature = "crash-hooks")]
     #[doc(hidden)]
     pub fn commit_at(
         &mut self,
-        mut staged: StagedEpoch,
+        staged: StagedEpoch,
         crash: CrashPoint,
     ) -> Result<Vec<PageBuf>, ReplicaError> {
+        if crash == CrashPoint::None || !matches!(self.store, Store::File(_)) {
+            return self.commit(staged);
+        }
+        let (staged, next) = self.prepare(staged)?;
+        let Store::File(f) = &mut self.store else {
+            unreachable!("checked above")
+        };
+        let pages = staged.final_pages();
+        write_journal(f, &next, &pages)?;
+        match crash {
+            CrashPoint::TornJournal => {
+                // Half the payload made it to the disk.
+                let j = &f.journal_path;
+                let len = fs::metadata(j).map_err(io_err(j))?.len();
+                File::options()
+                    .write(true)
+                    .open(j)
+                    .and_then(|file| file.set_len(24 + (len - 24) / 2))
+                    .map_err(io_err(j))?;
+            }
+            CrashPoint::AfterPages => apply_pages(f, &pages)?,
+            CrashPoint::None | CrashPoint::AfterJournal => {}
+        }
+        Ok(Vec::new())
+    }
+
+    /// Check a staged epoch against this replica; the epoch with its
+    /// state taken out, and the state committing it gives.
+    fn prepare(
+        &self,
+        mut staged: StagedEpoch,
+    ) -> Result<(StagedEpoch, CommittedState), ReplicaError> {
         staged.check_complete()?;
         if let Some(pfn) = staged
             .pages
@@ -324,42 +389,7 @@ impl Replica {
         if let Some(c) = staged.msr_policy.take() {
             next.msr_policy = c;
         }
-        // Nothing below fails for the memory store; the file store's
-        // commit point is the synced journal.
-        let spare = match &mut self.store {
-            Store::Memory(m) => {
-                let mut spare = Vec::new();
-                for p in staged.pages {
-                    for (pfn, d) in p.into_entries() {
-                        let slot = &mut m[pfn as usize];
-                        match d {
-                            Some(b) => spare.push(std::mem::replace(slot, b)),
-                            None => slot.fill(0),
-                        }
-                    }
-                }
-                spare
-            }
-            Store::File(f) => {
-                {
-                    let pages = staged.final_pages();
-                    let payload = encode_journal(&next, &pages);
-                    let torn = crash == CrashPoint::TornJournal;
-                    write_framed(&f.journal_path, JOURNAL_MAGIC, &payload, torn)?;
-                    if crash == CrashPoint::AfterJournal || torn {
-                        return Ok(Vec::new());
-                    }
-                    apply_pages(f, &pages)?;
-                    if crash == CrashPoint::AfterPages {
-                        return Ok(Vec::new());
-                    }
-                    finish_commit(f, &next)?;
-                }
-                staged.into_pages().collect()
-            }
-        };
-        self.state = next;
-        Ok(spare)
+        Ok((staged, next))
     }
 
     fn recover(&mut self) -> Result<(), ReplicaError> {
@@ -534,6 +564,16 @@ fn read_state(path: &Path) -> Result<CommittedState, ReplicaError> {
     }
 }
 
+/// Write and sync the journal of the epoch that gives `next`: the file
+/// store's commit point.
+fn write_journal(
+    f: &FileStore,
+    next: &CommittedState,
+    pages: &BTreeMap<u64, Option<&[u8]>>,
+) -> Result<(), ReplicaError> {
+    write_framed(&f.journal_path, JOURNAL_MAGIC, &encode_journal(next, pages))
+}
+
 fn apply_pages(f: &FileStore, pages: &BTreeMap<u64, Option<&[u8]>>) -> Result<(), ReplicaError> {
     for (&pfn, d) in pages {
         f.image
@@ -549,7 +589,7 @@ fn finish_commit(f: &FileStore, next: &CommittedState) -> Result<(), ReplicaErro
     let mut tmp = f.state_path.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = PathBuf::from(tmp);
-    write_framed(&tmp, STATE_MAGIC, &payload, false)?;
+    write_framed(&tmp, STATE_MAGIC, &payload)?;
     fs::rename(&tmp, &f.state_path).map_err(io_err(&f.state_path))?;
     sync_dir(&f.state_path)?;
     fs::remove_file(&f.journal_path).map_err(io_err(&f.journal_path))?;
@@ -567,25 +607,15 @@ fn sync_dir(p: &Path) -> Result<(), ReplicaError> {
 }
 
 /// File = magic, payload length u64, crc32c u32, 4 zero bytes, payload.
-fn write_framed(
-    path: &Path,
-    magic: &[u8; 8],
-    payload: &[u8],
-    torn: bool,
-) -> Result<(), ReplicaError> {
+fn write_framed(path: &Path, magic: &[u8; 8], payload: &[u8]) -> Result<(), ReplicaError> {
     let mut f = File::create(path).map_err(io_err(path))?;
     let mut head = Vec::with_capacity(24);
     head.extend_from_slice(magic);
     head.extend_from_slice(&(payload.len() as u64).to_le_bytes());
     head.extend_from_slice(&crc32c::crc32c(payload).to_le_bytes());
     head.extend_from_slice(&[0; 4]);
-    let body = if torn {
-        &payload[..payload.len() / 2]
-    } else {
-        payload
-    };
     f.write_all(&head)
-        .and_then(|_| f.write_all(body))
+        .and_then(|_| f.write_all(payload))
         .and_then(|_| f.sync_all())
         .map_err(io_err(path))?;
     sync_dir(path)

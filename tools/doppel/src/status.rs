@@ -168,7 +168,8 @@ mod tests {
 
     #[test]
     fn a_client_reads_the_live_status_and_a_second_server_is_refused() {
-        let dir = std::env::temp_dir().join(format!("doppel-status-{}", std::process::id()));
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let dir = tmp.path();
         let path = dir.join("s.sock");
         let tel: &'static Telemetry = Box::leak(Box::new(Telemetry::new(Role::Backup)));
         let server = StatusServer::start(&path, tel).expect("start");
@@ -203,6 +204,5 @@ mod tests {
         let again = StatusServer::start(&path, tel).expect("replaces a stale socket");
         assert!(query(&path).is_ok());
         drop(again);
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -7,9 +7,7 @@ use std::io::{self, Write};
 use crate::epoch::EpochData;
 use crate::stream::{HvmParam, StreamWriter, TscInfo, PAGE_SIZE};
 
-/// Xen version written in the domain header.
-pub const XEN_MAJOR: u32 = 4;
-pub const XEN_MINOR: u32 = 17;
+pub use crate::stream::format::{XEN_MAJOR, XEN_MINOR};
 
 /// Parameters of a synthetic stream.
 #[derive(Clone, Copy, Debug)]

@@ -8,8 +8,7 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use doppel::witness::{self, Gate, Witness, WitnessError};
 
-/// Exit code of a side that was fenced, or refused by the witness.
-pub const FENCED: u8 = 6;
+use crate::exit::FENCED;
 
 #[derive(Args, Debug, Clone)]
 pub struct WitnessArgs {

@@ -4,17 +4,18 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{spawn_client, spawn_primary, Proc, BIN};
+use tempfile::TempDir;
 
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("doppel-operate-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).expect("scratch dir");
-    d
+/// A directory of its own, removed when dropped (passed or not).
+fn scratch(name: &str) -> TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("doppel-operate-{name}-"))
+        .tempdir()
+        .expect("scratch dir")
 }
 
 /// `doppel sim-hv` on `ram` with `args`, once its control area is up.
@@ -63,15 +64,16 @@ fn wait_field(sock: &str, name: &str, want: &str) {
 
 #[test]
 fn status_follows_a_pair_through_protection_and_the_loss_of_its_backup() {
-    let dir = scratch("pair");
+    let tmp = scratch("pair");
+    let dir = tmp.path();
     let ram = dir.join("m.ram");
     let ram_s = ram.to_str().expect("utf-8 path");
-    let mut sim = sim_hv(&dir, ram_s, &["--service", "kv", "--max-secs", "120"]);
+    let mut sim = sim_hv(dir, ram_s, &["--service", "kv", "--max-secs", "120"]);
     let bsock = dir.join("b.sock").display().to_string();
     let psock = dir.join("p.sock").display().to_string();
     let mut backup = Proc::spawn(
         "backup",
-        &dir,
+        dir,
         &[
             "backup",
             "--listen",
@@ -89,8 +91,8 @@ fn status_follows_a_pair_through_protection_and_the_loss_of_its_backup() {
     wait_field(&bsock, "state", "waiting");
     assert_eq!(field(&bsock, "role"), "backup");
     assert_eq!(field(&bsock, "last_committed"), "none");
-    let (mut primary, clients) = spawn_primary(&dir, ram_s, &listen, &["--status-socket", &psock]);
-    let mut client = spawn_client(&dir, &clients, "400", &[]);
+    let (mut primary, clients) = spawn_primary(dir, ram_s, &listen, &["--status-socket", &psock]);
+    let mut client = spawn_client(dir, &clients, "400", &[]);
     assert!(client.wait_exit(60).success(), "the client failed");
     wait_field(&psock, "state", "protected");
     wait_field(&bsock, "state", "protected");
@@ -124,7 +126,7 @@ fn status_follows_a_pair_through_protection_and_the_loss_of_its_backup() {
     // A second process may not take a live socket.
     let mut second = Proc::spawn(
         "backup2",
-        &dir,
+        dir,
         &[
             "backup",
             "--listen",
@@ -157,20 +159,20 @@ fn status_follows_a_pair_through_protection_and_the_loss_of_its_backup() {
     assert_eq!(code, Some(3), "{err}");
     assert!(err.contains("nothing answers there"), "{err}");
     sim.kill9();
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn the_initial_sync_of_a_large_guest_reports_progress() {
-    let dir = scratch("progress");
+    let tmp = scratch("progress");
+    let dir = tmp.path();
     let ram = dir.join("m.ram");
     let ram_s = ram.to_str().expect("utf-8 path");
     let pages = "20000";
-    let mut sim = sim_hv(&dir, ram_s, &["--guest-pages", pages, "--epochs", "2"]);
+    let mut sim = sim_hv(dir, ram_s, &["--guest-pages", pages, "--epochs", "2"]);
     let cap = dir.join("cap.xen");
     let mut p = Proc::spawn(
         "primary",
-        &dir,
+        dir,
         &[
             "primary",
             "--machine-ram",
@@ -202,5 +204,4 @@ fn the_initial_sync_of_a_large_guest_reports_progress() {
         .expect("verify");
     assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stderr));
     let _ = sim.wait_exit(30);
-    let _ = std::fs::remove_dir_all(&dir);
 }

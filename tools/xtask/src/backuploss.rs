@@ -19,12 +19,14 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
-use crate::failover::{
-    boot, client_answered, client_verdict, kv_primary_cmdline, num, spawn_kv_client, spawn_primary,
-    tail, wait_for, Watched,
+use crate::ctx::Ctx;
+use crate::harness::{
+    boot, client_answered, client_verdict, kv_primary_cmdline, spawn_kv_client, spawn_primary,
+    wait_for,
 };
-use crate::replica::{doppel_bin, guest_ram};
-use crate::test::Ctx;
+use crate::harness::{doppel_bin, guest_ram};
+use crate::logline::num;
+use crate::proc::{tail, Proc};
 
 /// Client requests: enough to outlast the loss and the re-protection.
 const OPS: u64 = 3000;
@@ -36,7 +38,7 @@ const AFTER: u64 = 3;
 /// The epoch count of a file backup's `backup: N epochs committed` info
 /// lines (about one a second), or of its `backup: last committed epoch E
 /// (N epochs)` exit line.
-fn backup_epochs(b: &Watched) -> u64 {
+fn backup_epochs(b: &Proc) -> u64 {
     b.err()
         .iter()
         .chain(b.out().iter())
@@ -66,7 +68,7 @@ pub fn step_backup_loss(ctx: &mut Ctx) -> Result<String> {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
     let file_backup = |listen: &str, replica: &str| {
-        Watched::spawn(
+        Proc::spawn(
             "backup",
             Command::new(&doppel)
                 .args(["backup", "--listen", listen, "--replica"])
@@ -86,7 +88,7 @@ pub fn step_backup_loss(ctx: &mut Ctx) -> Result<String> {
         false,
     )?;
     let mut client = spawn_kv_client(&doppel, &pclients, OPS)?;
-    let alive = |w: &mut Watched, what: &str| -> Result<()> {
+    let alive = |w: &mut Proc, what: &str| -> Result<()> {
         if !w.alive() {
             bail!(
                 "{what} exited:\n{}\n{}",

@@ -31,12 +31,14 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use doppel_abi::splitmix::GAMMA;
 
-use crate::failover::{
-    boot, client_answered, client_verdict, committed_epochs, num, random_seed, spawn_backup,
-    spawn_primary, splitmix, tail, wait_for, Watched,
+use crate::ctx::Ctx;
+use crate::harness::doppel_bin;
+use crate::harness::{
+    boot, client_answered, client_verdict, committed_epochs, random_seed, spawn_backup,
+    spawn_primary, splitmix, wait_for,
 };
-use crate::replica::doppel_bin;
-use crate::test::Ctx;
+use crate::logline::num;
+use crate::proc::{tail, Proc};
 
 /// A small guest: three TCG machines share two cores.
 const GUEST_MIB: u32 = 8;
@@ -117,7 +119,7 @@ fn run(ctx: &mut Ctx, plan: &Plan) -> Result<(String, String)> {
     )?;
     let (mut primary, a_clients) =
         spawn_primary(&doppel, "primary A", &a.ram.0, &b_listen, &[], false)?;
-    let mut client = Watched::spawn(
+    let mut client = Proc::spawn(
         "client",
         Command::new(&doppel)
             .args(["client", "--connect", &a_clients])
@@ -129,7 +131,7 @@ fn run(ctx: &mut Ctx, plan: &Plan) -> Result<(String, String)> {
     )?;
 
     // 1. Freeze A at the seeded epoch B committed.
-    let b_epoch = |w: &Watched| committed_epochs(w).last().map(|e| e.0);
+    let b_epoch = |w: &Proc| committed_epochs(w).last().map(|e| e.0);
     wait_for(
         "B committing A's seeded epoch",
         Duration::from_secs(300),

@@ -20,8 +20,9 @@ use std::process::{Command, Output};
 
 use anyhow::{bail, Context, Result};
 
-use crate::replica::{doppel_bin, shm_file};
-use crate::test::Ctx;
+use crate::ctx::Ctx;
+use crate::harness::doppel_bin;
+use crate::shm::shm_file;
 
 /// Two good files that hold every key of both roles between them. Shared
 /// keys at the top level; each role's own in its table.
@@ -301,7 +302,7 @@ fn epochs_of(doppel: &Path, dir: &Path, cap: &str) -> Result<u64> {
 /// the file, epochs with `--epochs 2`).
 fn real_run(doppel: &Path, dir: &Path) -> Result<(u64, u64)> {
     let ram = shm_file("config");
-    let mut sim = crate::failover::spawn_sim_hv(
+    let mut sim = crate::harness::spawn_sim_hv(
         doppel,
         &ram.0,
         &["--epochs", "100000", "--guest-pages", "64", "--dirty", "8"],

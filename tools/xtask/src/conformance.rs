@@ -29,7 +29,7 @@ use doppel_abi::pvh;
 use doppel_abi::ring::{self, ring_entries, slot_size, RingLayout, SringHeader};
 use doppel_abi::{AtomicMem, BackRing, CommandBack, Errno, EventFront, FrontRing, SharedMem};
 
-use crate::test::Ctx;
+use crate::ctx::Ctx;
 
 fn src_dir() -> PathBuf {
     crate::root().join("ci").join("xen-conformance")

@@ -13,14 +13,14 @@
 
 use std::fmt::Write as _;
 use std::fs;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 
 use crate::image::Image;
+use crate::proc::Proc;
 use crate::Emulator;
 
 /// The line the image prints last when it decided the run passed.
@@ -150,7 +150,7 @@ pub fn run(img: &Image, spec: &RunSpec) -> Result<Run> {
 
 /// A running emulator, in its own process group.
 pub struct Running {
-    child: Child,
+    proc: Proc,
     started: Instant,
     spec: RunSpec,
     dir: PathBuf,
@@ -174,37 +174,32 @@ impl Running {
 
     /// Whether the emulator is still running.
     pub fn alive(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
+        self.proc.alive()
     }
 
     /// Kill the emulator's whole process group now (kill -9: the machine
     /// dies as a host would).
     pub fn kill(&mut self) {
-        kill_group(self.child.id());
-        let _ = self.child.wait();
+        self.proc.kill();
     }
 
     /// Stop the emulator's whole process group (SIGSTOP): the machine
     /// freezes, as a hung host would, without exiting.
     pub fn freeze(&self) {
-        let _ = Command::new("kill")
-            .args(["-STOP", "--", &format!("-{}", self.child.id())])
-            .stderr(Stdio::null())
-            .status();
+        self.proc.freeze();
     }
 
     /// Wait for the emulator to exit on its own, or kill it at the limit.
     pub fn wait(mut self) -> Result<Run> {
         let mut timed_out = false;
         let exit_code = loop {
-            if let Some(st) = self.child.try_wait()? {
+            if let Some(st) = self.proc.try_status()? {
                 break st.code();
             }
             if self.started.elapsed() >= self.spec.timeout {
                 timed_out = true;
-                kill_group(self.child.id());
-                let st = self.child.wait()?;
-                break st.code();
+                self.proc.kill();
+                break self.proc.try_status()?.and_then(|st| st.code());
             }
             // Bochs does not always leave on its own after the shutdown port
             // write; the image's final line is the real end of the run.
@@ -217,21 +212,21 @@ impl Running {
                 // a moment to leave with its status before killing it.
                 let grace = Instant::now();
                 let st = loop {
-                    if let Some(st) = self.child.try_wait()? {
-                        break st;
+                    if let Some(st) = self.proc.try_status()? {
+                        break Some(st);
                     }
                     if grace.elapsed() >= Duration::from_secs(2) {
-                        kill_group(self.child.id());
-                        break self.child.wait()?;
+                        self.proc.kill();
+                        break self.proc.try_status()?;
                     }
                     std::thread::sleep(Duration::from_millis(20));
                 };
-                break st.code();
+                break st.and_then(|st| st.code());
             }
             std::thread::sleep(Duration::from_millis(50));
         };
         // Whatever happened, nothing of this run outlives it.
-        kill_group(self.child.id());
+        self.proc.kill();
         Ok(Run {
             output: self.output_so_far(),
             exit_code,
@@ -241,19 +236,6 @@ impl Running {
             dir: self.dir.clone(),
         })
     }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        kill_group(self.child.id());
-    }
-}
-
-fn kill_group(pgid: u32) {
-    let _ = Command::new("kill")
-        .args(["-KILL", "--", &format!("-{pgid}")])
-        .stderr(Stdio::null())
-        .status();
 }
 
 /// Start the emulator without waiting (for runs a host tool talks to).
@@ -271,12 +253,11 @@ pub fn spawn(img: &Image, spec: &RunSpec) -> Result<Running> {
         Emulator::Qemu => qemu_command(&iso, spec, &dir, &text)?,
         Emulator::Bochs => bochs_command(&iso, spec, &dir)?,
     };
-    cmd.stdin(Stdio::null()).process_group(0);
-    let child = cmd
-        .spawn()
+    cmd.stdin(Stdio::null());
+    let proc = Proc::start("emulator", &mut cmd, true)
         .with_context(|| format!("starting {:?} (try `cargo xtask setup`)", spec.emulator))?;
     Ok(Running {
-        child,
+        proc,
         started: Instant::now(),
         spec: spec.clone(),
         dir,

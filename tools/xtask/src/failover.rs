@@ -24,38 +24,29 @@
 //!    to the still-running guest, commit two epochs of a new session, and
 //!    have tracking re-armed (`dirty tracking on again`).
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::path::Path;
-use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::atomic::Ordering;
+use std::thread;
 use std::time::{Duration, Instant};
-use std::{fs, thread};
 
 use anyhow::{bail, Context, Result};
-use doppel_abi::splitmix::{SplitMix64, GAMMA};
+use doppel_abi::splitmix::GAMMA;
 
-use crate::emu::{self, RunSpec, Running};
-use crate::replica::{doppel_bin, guest_ram, shm_file, TempFile};
-use crate::test::Ctx;
-use crate::Emulator;
+use crate::ctx::Ctx;
+use crate::emu::Running;
+use crate::harness::{
+    boot, client_answered, client_verdict, committed_epochs, doppel_bin, kv_primary_cmdline,
+    random_seed, spawn_backup, spawn_primary, splitmix, Machine, DETACHED, GUEST_MIB, KEYS,
+};
+use crate::logline::num;
+use crate::proc::{tail, Proc};
+use crate::relay::Relay;
 
-/// Guest RAM of the protected machine (MiB) and the QEMU machines' RAM.
-pub(crate) const GUEST_MIB: u32 = 16;
-const MACHINE_MIB: u32 = 128;
-pub(crate) const KEYS: u32 = 256;
-/// Deterministic checkpoint policy for tests: one every this many exits.
-pub(crate) const EPOCH_EXITS: u32 = 3000;
 /// Seconds without a record before the backup takes over, and without an
 /// event before `doppel primary` gives its hypervisor up.
 const HEARTBEAT_TIMEOUT: u64 = 4;
 const EVENT_TIMEOUT: u64 = 4;
-
-/// What the primary's hypervisor logs when the tool detaches, when its
-/// guest then stops being write-protected, and when a new session tracks
-/// it again; and what an activated standby logs (it never write-protects).
-pub(crate) const DETACHED: &str = "replication detached; guest runs unprotected";
 const TRACKING_OFF: &str = "dirty tracking off:";
 const TRACKING_ON: &str = "dirty tracking on again";
 const STANDBY_UNTRACKED: &str = "dirty tracking off: nothing harvests";
@@ -143,21 +134,6 @@ impl Scenario {
     }
 }
 
-/// A seed for a new series, different on every call (std's per-process
-/// random hash keys, the time and the process id; no extra crate).
-pub fn random_seed() -> u64 {
-    use std::hash::{BuildHasher, RandomState};
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    RandomState::new().hash_one((now, std::process::id()))
-}
-
-/// One SplitMix64 step from state `z`.
-pub(crate) fn splitmix(z: u64) -> u64 {
-    SplitMix64(z).next_u64()
-}
-
 /// What a run showed.
 #[derive(Debug, Default)]
 pub struct Outcome {
@@ -179,6 +155,15 @@ pub struct Outcome {
     /// standby resumed from.
     pub last_primary_epoch: Option<u64>,
     pub resumed: Option<u64>,
+    /// The client's verdict line, and what the run reads from it.
+    pub verdict: String,
+    pub verdict_ops: u64,
+    pub lost: Option<u64>,
+    pub divergent: Option<u64>,
+    /// The backup's `failover:` line.
+    pub failover_line: String,
+    /// When the fault was injected.
+    pub fault_at: Option<Instant>,
 }
 
 fn median(v: &[u64]) -> u64 {
@@ -211,530 +196,6 @@ impl Outcome {
     }
 }
 
-/// A child process whose output lines are collected by threads (and
-/// echoed with a prefix when `echo` is set). Killed when dropped.
-pub(crate) struct Watched {
-    child: std::process::Child,
-    name: &'static str,
-    out: Arc<Mutex<Vec<String>>>,
-    err: Arc<Mutex<Vec<String>>>,
-    /// The collector threads, joined once the child has exited.
-    collectors: Vec<thread::JoinHandle<()>>,
-}
-
-/// Stderr lines worth showing live in the demo (the rest is per-epoch
-/// noise the progress line summarises).
-const NOTABLE: [&str; 9] = [
-    "failover",
-    "failing over",
-    "re-sending",
-    "LOST",
-    "DIVERGENT",
-    "ERROR",
-    "WARN",
-    "activat",
-    "connected to",
-];
-
-fn collect<R: Read + Send + 'static>(
-    r: R,
-    into: Arc<Mutex<Vec<String>>>,
-    echo: Option<&'static str>,
-    only_notable: bool,
-) -> thread::JoinHandle<()> {
-    thread::spawn(move || {
-        for line in BufReader::new(r).lines() {
-            let Ok(line) = line else { break };
-            if let Some(p) = echo {
-                if !only_notable || NOTABLE.iter().any(|n| line.contains(n)) {
-                    println!("  {p}| {line}");
-                }
-            }
-            if let Ok(mut v) = into.lock() {
-                v.push(line);
-            }
-        }
-    })
-}
-
-impl Watched {
-    pub(crate) fn spawn(name: &'static str, cmd: &mut Command, echo: bool) -> Result<Self> {
-        let mut child = cmd
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("starting {name}"))?;
-        let out = Arc::new(Mutex::new(Vec::new()));
-        let err = Arc::new(Mutex::new(Vec::new()));
-        let tag = echo.then_some(name);
-        let collectors = vec![
-            collect(
-                child.stdout.take().context("stdout")?,
-                out.clone(),
-                tag,
-                false,
-            ),
-            collect(
-                child.stderr.take().context("stderr")?,
-                err.clone(),
-                tag,
-                true,
-            ),
-        ];
-        Ok(Self {
-            child,
-            name,
-            out,
-            err,
-            collectors,
-        })
-    }
-
-    /// Whether the child has exited. Once it has, the collectors are
-    /// joined first, so `out()` and `err()` hold every line it printed: a
-    /// line still in the pipe when the exit is seen is not missed (issue
-    /// 17: checking the lines right after the exit lost the last ones).
-    pub(crate) fn exited(&mut self) -> Result<bool> {
-        if self.child.try_wait()?.is_none() {
-            return Ok(false);
-        }
-        for c in self.collectors.drain(..) {
-            let _ = c.join();
-        }
-        Ok(true)
-    }
-
-    pub(crate) fn out(&self) -> Vec<String> {
-        self.out.lock().map(|v| v.clone()).unwrap_or_default()
-    }
-
-    pub(crate) fn err(&self) -> Vec<String> {
-        self.err.lock().map(|v| v.clone()).unwrap_or_default()
-    }
-
-    /// The first stdout line starting with `prefix`, waiting up to `limit`.
-    pub(crate) fn wait_line(&mut self, prefix: &str, limit: Duration) -> Result<String> {
-        let t = Instant::now();
-        loop {
-            // Exit first, then the lines: what it printed before exiting
-            // is in by then.
-            let exited = self.exited()?;
-            if let Some(l) = self.out().into_iter().find(|l| l.starts_with(prefix)) {
-                return Ok(l);
-            }
-            if exited {
-                bail!(
-                    "{} exited ({}) before printing `{prefix}`:\n{}",
-                    self.name,
-                    self.child.wait()?,
-                    tail(&self.err(), 20)
-                );
-            }
-            if t.elapsed() > limit {
-                bail!(
-                    "{} printed no `{prefix}` line within {} s:\n{}",
-                    self.name,
-                    limit.as_secs(),
-                    tail(&self.err(), 20)
-                );
-            }
-            thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    pub(crate) fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    pub(crate) fn alive(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
-
-    /// The rest of the first stdout line starting with `prefix` (trimmed),
-    /// waiting up to `limit`: the address in `listening on ADDR`.
-    pub(crate) fn wait_value(&mut self, prefix: &str, limit: Duration) -> Result<String> {
-        let l = self.wait_line(prefix, limit)?;
-        Ok(l[prefix.len()..].trim().to_string())
-    }
-
-    /// The `n`-th line (stdout, then stderr) containing `pat`, waiting up
-    /// to `limit`; `None` if there are fewer by then.
-    pub(crate) fn wait_nth(&self, pat: &str, n: usize, limit: Duration) -> Option<String> {
-        let t = Instant::now();
-        loop {
-            let hits = self.out().into_iter().chain(self.err());
-            if let Some(l) = hits.filter(|l| l.contains(pat)).nth(n.saturating_sub(1)) {
-                return Some(l);
-            }
-            if t.elapsed() >= limit {
-                return None;
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// Every line it printed so far: stdout, then stderr.
-    pub(crate) fn text(&self) -> String {
-        let mut all = self.out();
-        all.extend(self.err());
-        all.join("\n")
-    }
-
-    /// SIGINT: a doppel tool ends in order at its next epoch boundary.
-    pub(crate) fn interrupt(&self) -> Result<()> {
-        let st = Command::new("kill")
-            .args(["-INT", &self.child.id().to_string()])
-            .status()?;
-        if !st.success() {
-            bail!("kill -INT {} ({}): {st}", self.child.id(), self.name);
-        }
-        Ok(())
-    }
-
-    /// The child's exit status, waiting up to `limit`; `None` if it still
-    /// runs by then. Its output is complete once this returns `Some`.
-    pub(crate) fn wait_exit(
-        &mut self,
-        limit: Duration,
-    ) -> Result<Option<std::process::ExitStatus>> {
-        let t = Instant::now();
-        while !self.exited()? {
-            if t.elapsed() > limit {
-                return Ok(None);
-            }
-            thread::sleep(Duration::from_millis(100));
-        }
-        Ok(self.child.try_wait()?)
-    }
-}
-
-impl Watched {
-    /// Wait up to `limit` for the exit; its code and every line it
-    /// printed. Killed (an error) if it still runs by then.
-    pub(crate) fn finish(&mut self, limit: Duration) -> Result<(Option<i32>, String)> {
-        let Some(st) = self.wait_exit(limit)? else {
-            self.kill();
-            bail!(
-                "{} did not finish within {} s:\n{}",
-                self.name,
-                limit.as_secs(),
-                self.text()
-            );
-        };
-        Ok((st.code(), self.text()))
-    }
-}
-
-impl Drop for Watched {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-pub(crate) fn tail(lines: &[String], n: usize) -> String {
-    lines[lines.len().saturating_sub(n)..].join("\n")
-}
-
-/// A TCP relay for the replication link: forwards both ways until cut;
-/// cut, it stops reading and writing but keeps both connections open, as a
-/// network partition would.
-pub(crate) struct Relay {
-    pub(crate) addr: String,
-    /// Both directions.
-    pub(crate) cut: Arc<AtomicBool>,
-    /// One direction only: primary to backup (the stream), backup to
-    /// primary (the acks).
-    pub(crate) cut_fwd: Arc<AtomicBool>,
-    pub(crate) cut_back: Arc<AtomicBool>,
-}
-
-impl Relay {
-    pub(crate) fn start(target: &str) -> Result<Self> {
-        let l = TcpListener::bind("127.0.0.1:0")?;
-        let addr = l.local_addr()?.to_string();
-        let cut = Arc::new(AtomicBool::new(false));
-        let (cut_fwd, cut_back) = (Arc::new(AtomicBool::new(false)), Arc::default());
-        let target = target.to_string();
-        let c = cut.clone();
-        let (cf, cb) = (Arc::clone(&cut_fwd), Arc::clone(&cut_back));
-        thread::spawn(move || {
-            let Ok((a, _)) = l.accept() else { return };
-            let Ok(b) = TcpStream::connect(&target) else {
-                return;
-            };
-            for (from, to, one) in [(&a, &b, &cf), (&b, &a, &cb)] {
-                let (Ok(mut from), Ok(mut to)) = (from.try_clone(), to.try_clone()) else {
-                    return;
-                };
-                let (both, one) = (c.clone(), Arc::clone(one));
-                let c = move || both.load(Ordering::SeqCst) || one.load(Ordering::SeqCst);
-                thread::spawn(move || {
-                    let _ = from.set_read_timeout(Some(Duration::from_millis(100)));
-                    let mut buf = vec![0u8; 1 << 16];
-                    loop {
-                        if c() {
-                            // Partitioned: hold the sockets, move nothing.
-                            thread::sleep(Duration::from_millis(200));
-                            continue;
-                        }
-                        match from.read(&mut buf) {
-                            Ok(0) => {
-                                let _ = to.shutdown(std::net::Shutdown::Write);
-                                return;
-                            }
-                            Ok(n) => {
-                                if c() || to.write_all(&buf[..n]).is_err() {
-                                    continue;
-                                }
-                            }
-                            Err(e)
-                                if matches!(
-                                    e.kind(),
-                                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                                ) => {}
-                            // Reset: a process killed with unread data in
-                            // its socket resets it. Over a direct link the
-                            // peer would see that at once; pass it on as a
-                            // close, not as silence until the heartbeat
-                            // timeout.
-                            Err(_) => {
-                                let _ = to.shutdown(std::net::Shutdown::Write);
-                                return;
-                            }
-                        }
-                    }
-                });
-            }
-            // Keep both ends alive for the life of the process.
-            let _keep = (a, b);
-            loop {
-                thread::sleep(Duration::from_secs(3600));
-            }
-        });
-        Ok(Self {
-            addr,
-            cut,
-            cut_fwd,
-            cut_back,
-        })
-    }
-}
-
-/// One QEMU machine with its RAM file.
-pub(crate) struct Machine {
-    pub(crate) qemu: Option<Running>,
-    pub(crate) ram: TempFile,
-}
-
-pub(crate) fn boot(ctx: &mut Ctx, doppel: &Path, cmdline: &str, tag: &str) -> Result<Machine> {
-    let img = ctx.image()?;
-    let ram = shm_file(tag);
-    let f = fs::File::create(&ram.0).with_context(|| format!("creating {}", ram.0.display()))?;
-    f.set_len(u64::from(MACHINE_MIB) << 20)?;
-    drop(f);
-    let mut spec = RunSpec::new(Emulator::Qemu, tag);
-    spec.ram_file = Some(ram.0.clone());
-    spec.mem_mib = MACHINE_MIB;
-    spec.cmdline = cmdline.into();
-    spec.icount = true;
-    spec.timeout = Duration::from_secs(1200);
-    let qemu = emu::spawn(&img, &spec)?;
-    let t = Instant::now();
-    loop {
-        if guest_ram(doppel, &ram.0)?.is_some() {
-            return Ok(Machine {
-                qemu: Some(qemu),
-                ram,
-            });
-        }
-        let out = qemu.hv_output_so_far();
-        if out.contains(emu::FAIL_LINE) || out.contains(emu::PASS_LINE) {
-            bail!("the hypervisor ({cmdline}) ended before publishing its control area:\n{out}");
-        }
-        if t.elapsed() > Duration::from_secs(120) {
-            bail!("no control area from `{cmdline}` within 120 s:\n{out}");
-        }
-        thread::sleep(Duration::from_millis(300));
-    }
-}
-
-/// The kv primary's hypervisor command line.
-pub(crate) fn kv_primary_cmdline() -> String {
-    format!("mode=primary service=kv keys={KEYS} guest-mem={GUEST_MIB} epoch-exits={EPOCH_EXITS}")
-}
-
-/// `doppel backup --standby-ram RAM` serving clients, with `args` (its
-/// timeouts and the rest); the backup, its listen address and its
-/// clients' address.
-pub(crate) fn spawn_backup(
-    doppel: &Path,
-    name: &'static str,
-    ram: &Path,
-    args: &[&str],
-    echo: bool,
-) -> Result<(Watched, String, String)> {
-    let mut b = Watched::spawn(
-        name,
-        Command::new(doppel)
-            .args(["backup", "--listen", "127.0.0.1:0", "--standby-ram"])
-            .arg(ram)
-            .args(["--serve-clients", "127.0.0.1:0"])
-            .args(args),
-        echo,
-    )?;
-    let listen = b.wait_value("listening on ", Duration::from_secs(30))?;
-    let clients = b.wait_value("clients on ", Duration::from_secs(30))?;
-    Ok((b, listen, clients))
-}
-
-/// `doppel sim-hv` (the host simulator as the hypervisor) on `ram` with
-/// `args`, once it has published its control area.
-pub(crate) fn spawn_sim_hv(doppel: &Path, ram: &Path, args: &[&str]) -> Result<Watched> {
-    let sim = Watched::spawn(
-        "sim-hv",
-        Command::new(doppel)
-            .args(["sim-hv", "--machine-ram"])
-            .arg(ram)
-            .args(args),
-        false,
-    )?;
-    if sim
-        .wait_nth("control area published", 1, Duration::from_secs(30))
-        .is_none()
-    {
-        bail!("sim-hv did not start:\n{}", sim.text());
-    }
-    Ok(sim)
-}
-
-/// `doppel client` of the key-value service at `connect`: `ops` requests
-/// on [`KEYS`] keys, patient (60 s) with a slow emulated guest.
-pub(crate) fn spawn_kv_client(doppel: &Path, connect: &str, ops: u64) -> Result<Watched> {
-    Watched::spawn(
-        "client",
-        Command::new(doppel)
-            .args(["client", "--connect", connect])
-            .args(["--ops", &ops.to_string(), "--keys", &KEYS.to_string()])
-            .args(["--reply-timeout", "60", "--connect-timeout", "60"]),
-        false,
-    )
-}
-
-/// `doppel primary --machine-ram RAM --backup BACKUP` serving clients,
-/// with `args`; the primary and its clients' address.
-pub(crate) fn spawn_primary(
-    doppel: &Path,
-    name: &'static str,
-    ram: &Path,
-    backup: &str,
-    args: &[&str],
-    echo: bool,
-) -> Result<(Watched, String)> {
-    let mut p = Watched::spawn(
-        name,
-        Command::new(doppel)
-            .args(["primary", "--machine-ram"])
-            .arg(ram)
-            .args(["--backup", backup, "--serve-clients", "127.0.0.1:0"])
-            .args(["--wait-control", "60"])
-            .args(args),
-        echo,
-    )?;
-    let clients = p.wait_value("clients on ", Duration::from_secs(60))?;
-    Ok((p, clients))
-}
-
-/// Wait until `ready` says so (asked every 100 ms), failing after `limit`
-/// or with the error `ready` gives (a process the run needs has died).
-pub(crate) fn wait_for(
-    what: &str,
-    limit: Duration,
-    mut ready: impl FnMut() -> Result<bool>,
-) -> Result<()> {
-    let t = Instant::now();
-    while !ready()? {
-        if t.elapsed() > limit {
-            bail!("{what}: not within {} s", limit.as_secs());
-        }
-        thread::sleep(Duration::from_millis(100));
-    }
-    Ok(())
-}
-
-/// The client's `client:` verdict line, waiting up to `limit`; `each`
-/// runs at every look (progress, or failing when a tool has died).
-pub(crate) fn client_verdict(
-    client: &mut Watched,
-    limit: Duration,
-    mut each: impl FnMut(&Watched) -> Result<()>,
-) -> Result<String> {
-    let t = Instant::now();
-    loop {
-        each(client)?;
-        let exited = client.exited()?;
-        if let Some(l) = client.out().into_iter().find(|l| l.starts_with("client:")) {
-            return Ok(l);
-        }
-        if exited {
-            bail!(
-                "the client died without a verdict:\n{}",
-                tail(&client.err(), 20)
-            );
-        }
-        if t.elapsed() > limit {
-            bail!("the client did not finish within {} s", limit.as_secs());
-        }
-        thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// `key=value` of a line's words.
-fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
-}
-
-pub(crate) fn num(line: &str, key: &str) -> Option<u64> {
-    field(line, key)?.trim_end_matches([',', ';']).parse().ok()
-}
-
-/// Highest epoch in the backup's `backup: committed epoch E ...` lines.
-pub(crate) fn committed_epochs(backup: &Watched) -> Vec<(u64, u64, u64)> {
-    backup
-        .err()
-        .iter()
-        .chain(backup.out().iter())
-        .filter_map(|l| {
-            let at = l.find("backup: committed epoch ")?;
-            let rest = &l[at + "backup: committed epoch ".len()..];
-            let e = rest.split_whitespace().next()?.parse().ok()?;
-            Some((
-                e,
-                num(rest, "pages").unwrap_or(0),
-                num(rest, "bytes").unwrap_or(0),
-            ))
-        })
-        .collect()
-}
-
-/// Replies the client has checked so far (its `client: answered N/M`
-/// progress lines).
-pub(crate) fn client_answered(client: &Watched) -> u64 {
-    client
-        .err()
-        .iter()
-        .rev()
-        .find_map(|l| {
-            let rest = l.split("client: answered ").nth(1)?;
-            rest.split('/').next()?.trim().parse().ok()
-        })
-        .unwrap_or(0)
-}
-
 /// Live progress for the demo, once a second until `stop` says so.
 pub struct Progress {
     pub enabled: bool,
@@ -751,13 +212,7 @@ impl Progress {
         }
     }
 
-    fn tick(
-        &mut self,
-        t0: Instant,
-        backup: &Watched,
-        primary_hv: Option<&Running>,
-        client: &Watched,
-    ) {
+    fn tick(&mut self, t0: Instant, backup: &Proc, primary_hv: Option<&Running>, client: &Proc) {
         if !self.enabled || self.last.elapsed() < Duration::from_secs(1) {
             return;
         }
@@ -797,16 +252,84 @@ impl Progress {
     }
 }
 
+/// The machines and tools of one run.
+struct Rig {
+    doppel: PathBuf,
+    prim: Machine,
+    stby: Machine,
+    backup: Proc,
+    relay: Relay,
+    primary: Proc,
+    client: Proc,
+}
+
+impl Rig {
+    /// The primary hypervisor's lines so far (its log file outlives a
+    /// killed machine).
+    fn primary_hv(&self) -> String {
+        self.prim
+            .qemu
+            .as_ref()
+            .map(Running::hv_output_so_far)
+            .unwrap_or_default()
+    }
+}
+
 /// Run one scenario end to end.
 pub fn run(ctx: &mut Ctx, sc: &Scenario, progress: &mut Progress) -> Result<Outcome> {
+    let mut rig = start(ctx, sc, progress.enabled)?;
+    let t0 = Instant::now();
+    let mut out = Outcome::default();
+    wait_for_fault_epoch(&mut rig, sc, progress, t0)?;
+    let at = inject(&mut rig, sc, progress.enabled, &mut out)?;
+    let mut pass = take_over(&mut rig, sc, progress, t0, &mut out)?;
+    pass &= standby_untracked(&rig, &mut out);
+    if sc.fault == Fault::Link {
+        pass &= split_brain(&mut rig, sc, at, &mut out)?;
+    }
+    figures(&rig, &mut out);
+    out.line = format!(
+        "{} at_epoch={at} client_ops={} lost_acked={} divergent={} resumed_epoch={} result={}",
+        sc.line_head(),
+        out.verdict_ops,
+        out.lost.map_or("?".into(), |v| v.to_string()),
+        out.divergent.map_or("?".into(), |v| v.to_string()),
+        out.resumed.map_or("?".into(), |v| v.to_string()),
+        if pass { "pass" } else { "fail" }
+    );
+    out.pass = pass;
+    if !pass {
+        out.notes.push(format!("client: {}", out.verdict));
+        out.notes.push(format!("backup: {}", out.failover_line));
+        out.notes
+            .push(format!("client stderr:\n{}", tail(&rig.client.err(), 15)));
+    }
+    let Rig {
+        client,
+        primary,
+        backup,
+        stby,
+        mut prim,
+        ..
+    } = rig;
+    drop(client);
+    drop(primary);
+    drop(backup);
+    drop(stby);
+    prim.qemu.take();
+    Ok(out)
+}
+
+/// Boot both machines and start the backup, the relay, the primary and
+/// the client.
+fn start(ctx: &mut Ctx, sc: &Scenario, echo: bool) -> Result<Rig> {
     let doppel = doppel_bin()?;
-    let echo = progress.enabled;
     let primary_cmd = kv_primary_cmdline();
     let standby_cmd = format!("mode=standby keys={KEYS} guest-mem={GUEST_MIB}");
     if echo {
         println!("demo: booting the primary machine (QEMU, AMD SVM): {primary_cmd}");
     }
-    let mut prim = boot(
+    let prim = boot(
         ctx,
         &doppel,
         &primary_cmd,
@@ -823,7 +346,7 @@ pub fn run(ctx: &mut Ctx, sc: &Scenario, progress: &mut Progress) -> Result<Outc
     )?;
 
     let hb = HEARTBEAT_TIMEOUT.to_string();
-    let (mut backup, listen, bclients) = spawn_backup(
+    let (backup, listen, bclients) = spawn_backup(
         &doppel,
         "backup",
         &stby.ram.0,
@@ -831,7 +354,7 @@ pub fn run(ctx: &mut Ctx, sc: &Scenario, progress: &mut Progress) -> Result<Outc
         echo,
     )?;
     let relay = Relay::start(&listen)?;
-    let (mut primary, pclients) = spawn_primary(
+    let (primary, pclients) = spawn_primary(
         &doppel,
         "primary",
         &prim.ram.0,
@@ -839,7 +362,7 @@ pub fn run(ctx: &mut Ctx, sc: &Scenario, progress: &mut Progress) -> Result<Outc
         &["--event-timeout", &EVENT_TIMEOUT.to_string()],
         echo,
     )?;
-    let mut client = Watched::spawn(
+    let client = Proc::spawn(
         "client",
         Command::new(&doppel)
             .args(["client", "--connect", &pclients, "--failover", &bclients])
@@ -848,28 +371,44 @@ pub fn run(ctx: &mut Ctx, sc: &Scenario, progress: &mut Progress) -> Result<Outc
             .args(["--reply-timeout", "8", "--connect-timeout", "60"]),
         echo,
     )?;
-    let t0 = Instant::now();
-    let mut out = Outcome::default();
-    // Wait for the fault's epoch.
+    Ok(Rig {
+        doppel,
+        prim,
+        stby,
+        backup,
+        relay,
+        primary,
+        client,
+    })
+}
+
+/// Wait until the backup has committed the scenario's epoch, with every
+/// tool still at work.
+fn wait_for_fault_epoch(
+    rig: &mut Rig,
+    sc: &Scenario,
+    progress: &mut Progress,
+    t0: Instant,
+) -> Result<()> {
     let limit = Duration::from_secs(300);
     loop {
-        progress.tick(t0, &backup, prim.qemu.as_ref(), &client);
-        let e = committed_epochs(&backup).last().map(|e| e.0);
+        progress.tick(t0, &rig.backup, rig.prim.qemu.as_ref(), &rig.client);
+        let e = committed_epochs(&rig.backup).last().map(|e| e.0);
         if e.is_some_and(|e| e >= sc.at_epoch) {
-            break;
+            return Ok(());
         }
-        if !client.alive() {
+        if !rig.client.alive() {
             bail!(
                 "the client finished before epoch {} (make --ops larger):\n{}",
                 sc.at_epoch,
-                tail(&client.out(), 5)
+                tail(&rig.client.out(), 5)
             );
         }
-        if !primary.alive() || !backup.alive() {
+        if !rig.primary.alive() || !rig.backup.alive() {
             bail!(
                 "a tool died before the fault:\nprimary:\n{}\nbackup:\n{}",
-                tail(&primary.err(), 20),
-                tail(&backup.err(), 20)
+                tail(&rig.primary.err(), 20),
+                tail(&rig.backup.err(), 20)
             );
         }
         if t0.elapsed() > limit {
@@ -881,38 +420,56 @@ pub fn run(ctx: &mut Ctx, sc: &Scenario, progress: &mut Progress) -> Result<Outc
         }
         thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// After the scenario's delay, inject its fault; the epoch it landed at.
+fn inject(rig: &mut Rig, sc: &Scenario, echo: bool, out: &mut Outcome) -> Result<u64> {
     thread::sleep(Duration::from_millis(sc.delay_ms));
-    let at = committed_epochs(&backup).last().map_or(0, |e| e.0);
-    out.client_answered_before = client_answered(&client);
+    let at = committed_epochs(&rig.backup).last().map_or(0, |e| e.0);
+    out.client_answered_before = client_answered(&rig.client);
     // A client that is done already would pass without ever talking to
     // the activated standby: the run would prove nothing about failover.
-    if !client.alive() || out.client_answered_before >= sc.ops {
+    if !rig.client.alive() || out.client_answered_before >= sc.ops {
         bail!(
             "the client finished before the fault at epoch {at} (answered {} of {}; \
              make --ops larger):\n{}",
             out.client_answered_before,
             sc.ops,
-            tail(&client.out(), 5)
+            tail(&rig.client.out(), 5)
         );
     }
-    let t_fault = Instant::now();
+    out.fault_at = Some(Instant::now());
     if echo {
         println!("demo: *** killing {} at epoch {at} ***", sc.fault.name());
     }
     match sc.fault {
         Fault::Qemu => {
-            if let Some(q) = prim.qemu.as_mut() {
+            if let Some(q) = rig.prim.qemu.as_mut() {
                 q.kill();
             }
         }
-        Fault::Primary => primary.kill(),
-        Fault::Link => relay.cut.store(true, Ordering::SeqCst),
+        Fault::Primary => rig.primary.kill(),
+        Fault::Link => rig.relay.cut.store(true, Ordering::SeqCst),
     }
-    // The backup takes over; the client finishes against it.
-    let failover_line = backup.wait_line("failover:", Duration::from_secs(120))?;
-    out.failover_secs = t_fault.elapsed().as_secs_f64();
-    let verdict = client_verdict(&mut client, Duration::from_secs(300), |c| {
-        progress.tick(t0, &backup, None, c);
+    Ok(at)
+}
+
+/// The backup takes over and the client finishes against it: whether it
+/// lost nothing, agreed on everything and failed over exactly once.
+fn take_over(
+    rig: &mut Rig,
+    sc: &Scenario,
+    progress: &mut Progress,
+    t0: Instant,
+    out: &mut Outcome,
+) -> Result<bool> {
+    let failover_line = rig
+        .backup
+        .wait_line("failover:", Duration::from_secs(120))?;
+    out.failover_secs = out.fault_at.map_or(0.0, |t| t.elapsed().as_secs_f64());
+    let backup = &rig.backup;
+    let verdict = client_verdict(&mut rig.client, Duration::from_secs(300), |c| {
+        progress.tick(t0, backup, None, c);
         Ok(())
     })
     .context("after the failover")?;
@@ -921,17 +478,17 @@ pub fn run(ctx: &mut Ctx, sc: &Scenario, progress: &mut Progress) -> Result<Outc
         .nth(1)
         .and_then(|s| s.split_whitespace().next())
         .and_then(|s| s.trim_end_matches([',', ';', '.']).parse::<u64>().ok());
-    let lost = num(&verdict, "lost_acked");
-    let divergent = num(&verdict, "divergent");
-    let ops = num(&verdict, "ops").unwrap_or(0);
+    out.lost = num(&verdict, "lost_acked");
+    out.divergent = num(&verdict, "divergent");
+    out.verdict_ops = num(&verdict, "ops").unwrap_or(0);
     // Every request answered, and by the standby for some of them: the
     // client failed over exactly once (`ops` only echoes the workload).
     let answered = num(&verdict, "answered");
     let failovers = num(&verdict, "failovers");
-    let mut pass = verdict.contains("result=pass")
-        && lost == Some(0)
-        && divergent == Some(0)
-        && ops == sc.ops
+    let pass = verdict.contains("result=pass")
+        && out.lost == Some(0)
+        && out.divergent == Some(0)
+        && out.verdict_ops == sc.ops
         && answered == Some(sc.ops)
         && failovers == Some(1)
         && resumed.is_some();
@@ -940,9 +497,17 @@ pub fn run(ctx: &mut Ctx, sc: &Scenario, progress: &mut Progress) -> Result<Outc
             "the client failed over {failovers:?} times, not once: `{verdict}`"
         ));
     }
-    // The activated standby never checkpoints, so it runs its guest
-    // without write-protecting it.
-    let sb = stby
+    out.resumed = resumed;
+    out.verdict = verdict;
+    out.failover_line = failover_line;
+    Ok(pass)
+}
+
+/// The activated standby never checkpoints, so it runs its guest without
+/// write-protecting it.
+fn standby_untracked(rig: &Rig, out: &mut Outcome) -> bool {
+    let sb = rig
+        .stby
         .qemu
         .as_ref()
         .map(Running::hv_output_so_far)
@@ -954,113 +519,107 @@ pub fn run(ctx: &mut Ctx, sc: &Scenario, progress: &mut Progress) -> Result<Outc
         out.notes.push(format!(
             "the activated standby did not log `{STANDBY_UNTRACKED}`"
         ));
-        pass = false;
+        return false;
     }
-    if sc.fault == Fault::Link {
-        // Split brain: the primary is still up. Say what it did.
-        let hv = prim
-            .qemu
-            .as_ref()
-            .map(Running::hv_output_so_far)
-            .unwrap_or_default();
-        let last_release = hv
-            .lines()
-            .rev()
-            .find(|l| l.contains("checkpoint epoch="))
-            .unwrap_or("");
-        out.notes.push(format!(
-            "split-brain: run={} link cut at epoch {at}; primary machine still running={}, \
-             doppel primary running={}; the backup activated on heartbeat loss ({failover_line}); \
-             the primary could commit nothing until it gave the backup up (--ack-timeout), \
-             when the client had failed over already (last hypervisor checkpoint line: `{}`)",
-            sc.run,
-            prim.qemu.is_some(),
-            primary.alive(),
-            last_release.trim()
-        ));
-        // The old tool gives up on the backup's ack and serves on,
-        // unprotected (without a witness nothing stops it: README, "Split
-        // brain"). Stopped, it detaches; its guest runs on unprotected,
-        // and a second primary can attach to it.
-        let lost = primary.wait_line("primary: backup lost (", Duration::from_secs(150));
-        let serving = lost.is_ok() && primary.alive();
-        primary.interrupt()?;
-        let status = primary.wait_exit(Duration::from_secs(120))?;
-        let exited = status.is_some_and(|s| s.code() == Some(5));
-        let hv_log = || {
-            prim.qemu
-                .as_ref()
-                .map(Running::hv_output_so_far)
-                .unwrap_or_default()
-        };
-        let detached = hv_log().contains(DETACHED);
-        // At its next epoch end the detached guest stops being
-        // write-protected (no exit per first write any more).
-        let t = Instant::now();
-        let untracked = loop {
-            let hv = hv_log();
-            let off = hv
-                .find(DETACHED)
-                .is_some_and(|d| hv[d..].contains(TRACKING_OFF));
-            if off || t.elapsed() > Duration::from_secs(60) {
-                break off;
-            }
-            thread::sleep(Duration::from_millis(200));
-        };
-        let cap = crate::out_dir().join(format!("failover-{}-reattach.bin", sc.run));
-        let again = Command::new(&doppel)
-            .args(["primary", "--machine-ram"])
-            .arg(&prim.ram.0)
-            .arg("--record")
-            .arg(&cap)
-            .args([
-                "--epochs",
-                "2",
-                "--wait-control",
-                "10",
-                "--event-timeout",
-                "120",
-            ])
-            .output()?;
-        let reattached = again.status.success();
-        let _ = std::fs::remove_file(&cap);
-        // The new session's epochs were tracked again: "on" after the
-        // "off" that followed the first Detach. (The second tool detaches
-        // too, so a later "off" may already follow.)
-        let retracked = {
-            let hv = hv_log();
-            hv.find(DETACHED)
-                .and_then(|d| hv[d..].find(TRACKING_OFF).map(|o| d + o))
-                .is_some_and(|o| hv[o..].contains(TRACKING_ON))
-        };
-        out.notes.push(format!(
-            "after the cut: old doppel primary gave the backup up and served on \
-             unprotected={serving}; stopped by SIGINT, it exited with 5={exited}; its hypervisor logged \
-             `{DETACHED}`={detached}, then `{TRACKING_OFF}`={untracked}; a second doppel \
-             primary attached to the running guest and committed 2 epochs={reattached}, \
-             with `{TRACKING_ON}`={retracked}"
-        ));
-        if !reattached {
-            out.notes.push(format!(
-                "second primary {}: {}",
-                again.status,
-                String::from_utf8_lossy(&again.stderr)
-            ));
+    true
+}
+
+/// Link cut only (split brain: the primary is still up): say what it did;
+/// the old tool must give the backup up and serve on unprotected (without
+/// a witness nothing stops it: README, "Split brain"); stopped, it
+/// detaches, its guest runs on unprotected, and a second primary can
+/// attach to it.
+fn split_brain(rig: &mut Rig, sc: &Scenario, at: u64, out: &mut Outcome) -> Result<bool> {
+    let hv = rig.primary_hv();
+    let last_release = hv
+        .lines()
+        .rev()
+        .find(|l| l.contains("checkpoint epoch="))
+        .unwrap_or("");
+    out.notes.push(format!(
+        "split-brain: run={} link cut at epoch {at}; primary machine still running={}, \
+         doppel primary running={}; the backup activated on heartbeat loss ({}); \
+         the primary could commit nothing until it gave the backup up (--ack-timeout), \
+         when the client had failed over already (last hypervisor checkpoint line: `{}`)",
+        sc.run,
+        rig.prim.qemu.is_some(),
+        rig.primary.alive(),
+        out.failover_line,
+        last_release.trim()
+    ));
+    let lost = rig
+        .primary
+        .wait_line("primary: backup lost (", Duration::from_secs(150));
+    let serving = lost.is_ok() && rig.primary.alive();
+    rig.primary.interrupt()?;
+    let status = rig.primary.wait_exit(Duration::from_secs(120))?;
+    let exited = status.is_some_and(|s| s.code() == Some(5));
+    let detached = rig.primary_hv().contains(DETACHED);
+    // At its next epoch end the detached guest stops being
+    // write-protected (no exit per first write any more).
+    let t = Instant::now();
+    let untracked = loop {
+        let hv = rig.primary_hv();
+        let off = hv
+            .find(DETACHED)
+            .is_some_and(|d| hv[d..].contains(TRACKING_OFF));
+        if off || t.elapsed() > Duration::from_secs(60) {
+            break off;
         }
-        pass &= serving && exited && detached && untracked && reattached && retracked;
+        thread::sleep(Duration::from_millis(200));
+    };
+    let cap = crate::out_dir().join(format!("failover-{}-reattach.bin", sc.run));
+    let again = Command::new(&rig.doppel)
+        .args(["primary", "--machine-ram"])
+        .arg(&rig.prim.ram.0)
+        .arg("--record")
+        .arg(&cap)
+        .args([
+            "--epochs",
+            "2",
+            "--wait-control",
+            "10",
+            "--event-timeout",
+            "120",
+        ])
+        .output()?;
+    let reattached = again.status.success();
+    let _ = std::fs::remove_file(&cap);
+    // The new session's epochs were tracked again: "on" after the "off"
+    // that followed the first Detach. (The second tool detaches too, so a
+    // later "off" may already follow.)
+    let retracked = {
+        let hv = rig.primary_hv();
+        hv.find(DETACHED)
+            .and_then(|d| hv[d..].find(TRACKING_OFF).map(|o| d + o))
+            .is_some_and(|o| hv[o..].contains(TRACKING_ON))
+    };
+    out.notes.push(format!(
+        "after the cut: old doppel primary gave the backup up and served on \
+         unprotected={serving}; stopped by SIGINT, it exited with 5={exited}; its hypervisor logged \
+         `{DETACHED}`={detached}, then `{TRACKING_OFF}`={untracked}; a second doppel \
+         primary attached to the running guest and committed 2 epochs={reattached}, \
+         with `{TRACKING_ON}`={retracked}"
+    ));
+    if !reattached {
+        out.notes.push(format!(
+            "second primary {}: {}",
+            again.status,
+            String::from_utf8_lossy(&again.stderr)
+        ));
     }
-    // Epoch 0 carries every page; the per-epoch figures are the steady
-    // state after it.
-    let eps = committed_epochs(&backup);
+    Ok(serving && exited && detached && untracked && reattached && retracked)
+}
+
+/// The run's figures: epoch 0 carries every page, so the per-epoch
+/// figures are the steady state after it; the killed machine's text stays
+/// readable in its log file.
+fn figures(rig: &Rig, out: &mut Outcome) {
+    let eps = committed_epochs(&rig.backup);
     out.epochs = eps.len() as u64;
     out.pages = eps.iter().filter(|e| e.0 > 0).map(|e| e.1).sum();
     out.bytes = eps.iter().filter(|e| e.0 > 0).map(|e| e.2).sum();
-    // The killed machine's text stays readable in its log file.
-    let hv = prim
-        .qemu
-        .as_ref()
-        .map(Running::hv_output_so_far)
-        .unwrap_or_default();
+    let hv = rig.primary_hv();
     out.pause_cycles = hv.lines().filter_map(|l| num(l, "pause_cycles")).collect();
     out.epoch_cycles = hv.lines().filter_map(|l| num(l, "epoch_cycles")).collect();
     out.last_primary_epoch = hv
@@ -1068,28 +627,6 @@ pub fn run(ctx: &mut Ctx, sc: &Scenario, progress: &mut Progress) -> Result<Outc
         .rev()
         .filter(|l| l.contains("checkpoint epoch="))
         .find_map(|l| num(l, "epoch"));
-    out.resumed = resumed;
-    out.line = format!(
-        "{} at_epoch={at} client_ops={ops} lost_acked={} divergent={} resumed_epoch={} result={}",
-        sc.line_head(),
-        lost.map_or("?".into(), |v| v.to_string()),
-        divergent.map_or("?".into(), |v| v.to_string()),
-        resumed.map_or("?".into(), |v| v.to_string()),
-        if pass { "pass" } else { "fail" }
-    );
-    out.pass = pass;
-    if !pass {
-        out.notes.push(format!("client: {verdict}"));
-        out.notes.push(format!("backup: {failover_line}"));
-        out.notes
-            .push(format!("client stderr:\n{}", tail(&client.err(), 15)));
-    }
-    drop(client);
-    drop(primary);
-    drop(backup);
-    drop(stby);
-    prim.qemu.take();
-    Ok(out)
 }
 
 /// `cargo xtask test` step: a few runs (one per fault), or 21 with

@@ -10,9 +10,9 @@ use std::time::Duration;
 
 use anyhow::{bail, Result};
 
+use crate::ctx::Ctx;
 use crate::emu::{self, Run, RunSpec};
-use crate::selftest::{fields, num};
-use crate::test::Ctx;
+use crate::logline::{field, num};
 use crate::Emulator;
 
 /// Probes each backend must run (doppel_core::hostile::PROBES, counted
@@ -55,15 +55,14 @@ impl Report {
             let Some(body) = line.strip_prefix("isolation: ") else {
                 continue;
             };
-            let f = fields(body);
-            if f.contains_key("result") {
+            if field(body, "result").is_some() {
                 let s = (|| {
                     Some(Summary {
-                        backend: f.get("backend")?.to_string(),
-                        probes: num(&f, "probes")?,
-                        contained: num(&f, "contained")?,
-                        escaped: num(&f, "escaped")?,
-                        pass: match *f.get("result")? {
+                        backend: field(body, "backend")?.to_string(),
+                        probes: num(body, "probes")?,
+                        contained: num(body, "contained")?,
+                        escaped: num(body, "escaped")?,
+                        pass: match field(body, "result")? {
                             "pass" => true,
                             "fail" => false,
                             _ => return None,
@@ -75,9 +74,11 @@ impl Report {
                     Some(s) => r.summaries.push(s),
                     None => r.malformed.push(line.to_string()),
                 }
-            } else if let (Some(n), Some(o), Some(h)) =
-                (f.get("probe"), f.get("outcome"), f.get("how"))
-            {
+            } else if let (Some(n), Some(o), Some(h)) = (
+                field(body, "probe"),
+                field(body, "outcome"),
+                field(body, "how"),
+            ) {
                 r.probes.push(ProbeLine {
                     name: n.to_string(),
                     outcome: o.to_string(),

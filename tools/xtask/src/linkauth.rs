@@ -23,9 +23,10 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
-use crate::failover::Watched;
-use crate::replica::{doppel_bin, shm_file};
-use crate::test::Ctx;
+use crate::ctx::Ctx;
+use crate::harness::doppel_bin;
+use crate::proc::Proc;
+use crate::shm::shm_file;
 
 const PAGES: &str = "256";
 
@@ -73,7 +74,7 @@ struct Env<'a> {
 fn verdict(
     what: &str,
     attempt: &Output,
-    bk: &mut Watched,
+    bk: &mut Proc,
     (mark, before): (&str, usize),
     env: &Env<'_>,
     log: &mut Vec<String>,
@@ -112,7 +113,7 @@ pub fn step_link_auth(_: &mut Ctx) -> Result<String> {
     }
     let ram = shm_file("link-auth");
     // Two sessions of 3 epochs: the earlier one recorded, the real one.
-    let mut sim = crate::failover::spawn_sim_hv(
+    let mut sim = crate::harness::spawn_sim_hv(
         &doppel,
         &ram.0,
         &["--epochs", "6", "--guest-pages", PAGES, "--dirty", "20"],
@@ -151,7 +152,7 @@ pub fn step_link_auth(_: &mut Ctx) -> Result<String> {
         "1".into(),
     ];
     bk_args.extend(tls(&keys, "backup", "primary"));
-    let mut bk = Watched::spawn("backup", Command::new(&doppel).args(&bk_args), false)?;
+    let mut bk = Proc::spawn("backup", Command::new(&doppel).args(&bk_args), false)?;
     let addr = bk
         .wait_nth("listening on ", 1, Duration::from_secs(30))
         .with_context(|| format!("the backup did not start:\n{}", bk.text()))?;

@@ -446,7 +446,7 @@ pub fn build_domain(img: &LinuxImage) -> Result<doppel_core::pvh::PvhBoot> {
 
 /// Test step: the guest builds, its kernel checks out, and hv/core's PVH
 /// domain builder lays it out in 256 MiB.
-pub fn step_linux_image(_: &mut crate::test::Ctx) -> Result<String> {
+pub fn step_linux_image(_: &mut crate::ctx::Ctx) -> Result<String> {
     let img = build()?;
     if img.kernel.span.0 != 0x100_0000 {
         bail!(
@@ -624,22 +624,20 @@ mod acpi_tests {
 
     /// Disassemble one table with iasl; its text.
     fn iasl(name: &str, table: &[u8]) -> String {
-        let dir = std::env::temp_dir().join(format!("doppel-iasl-{}-{name}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
         let dat = dir.join(format!("{name}.dat"));
         std::fs::write(&dat, table).unwrap();
         let out = Command::new("iasl")
             .arg("-d")
             .arg(&dat)
-            .current_dir(&dir)
+            .current_dir(dir)
             .output()
             .expect("iasl is installed (`cargo xtask setup`)");
         let log = String::from_utf8_lossy(&out.stdout).into_owned()
             + &String::from_utf8_lossy(&out.stderr);
         assert!(out.status.success(), "iasl -d {name}: {log}");
-        let dsl = std::fs::read_to_string(dir.join(format!("{name}.dsl"))).unwrap();
-        std::fs::remove_dir_all(&dir).ok();
-        dsl
+        std::fs::read_to_string(dir.join(format!("{name}.dsl"))).unwrap()
     }
 
     fn table(t: &acpi::AcpiTables, off: usize) -> &[u8] {

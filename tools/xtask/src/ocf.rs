@@ -26,9 +26,11 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
-use crate::failover::{spawn_kv_client, spawn_sim_hv, Watched};
-use crate::replica::{doppel_bin, shm_file};
-use crate::test::Ctx;
+use crate::ctx::Ctx;
+use crate::harness::doppel_bin;
+use crate::harness::{spawn_kv_client, spawn_sim_hv};
+use crate::proc::Proc;
+use crate::shm::shm_file;
 
 const PAGES: &str = "512";
 const OCF_RUNNING_MASTER: i32 = 8;
@@ -53,9 +55,9 @@ impl Peer {
         let stop = Arc::new(AtomicBool::new(false));
         let spawn = {
             let (doppel, dir, addr) = (doppel.to_path_buf(), dir.to_path_buf(), addr.to_string());
-            move |n: u32| -> Result<Watched> {
+            move |n: u32| -> Result<Proc> {
                 let replica = dir.join(format!("peer-replica-{n}"));
-                Watched::spawn(
+                Proc::spawn(
                     "peer backup",
                     Command::new(&doppel)
                         .args(["backup", "--listen", &addr, "--replica"])
@@ -171,7 +173,7 @@ pub fn step_ocf(_: &mut Ctx) -> Result<String> {
     let _ = fs::remove_dir_all(&dir);
     fs::create_dir_all(&dir)?;
     let ram = shm_file("ocf");
-    let keys = crate::failover::KEYS.to_string();
+    let keys = crate::harness::KEYS.to_string();
     let mut sim = spawn_sim_hv(
         &doppel,
         &ram.0,

@@ -23,12 +23,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::failover::{
-    boot, client_answered, kv_primary_cmdline, spawn_kv_client, spawn_primary, tail, wait_for,
-    Watched,
+use crate::ctx::Ctx;
+use crate::harness::{
+    boot, client_answered, kv_primary_cmdline, spawn_kv_client, spawn_primary, wait_for,
 };
-use crate::replica::{doppel_bin, guest_ram};
-use crate::test::Ctx;
+use crate::harness::{doppel_bin, guest_ram};
+use crate::proc::{tail, Proc};
 
 /// The fields of the status document (docs/OPERATING.md, "Status").
 pub(crate) const STATUS_FIELDS: &[&str] = &[
@@ -161,7 +161,7 @@ pub fn step_status_metrics(ctx: &mut Ctx) -> Result<String> {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
     let (psock, bsock) = (dir.join("primary.sock"), dir.join("backup.sock"));
-    let mut backup = Watched::spawn(
+    let mut backup = Proc::spawn(
         "backup",
         Command::new(&doppel)
             .args(["backup", "--listen", "127.0.0.1:0", "--replica"])

@@ -14,15 +14,18 @@
 //!   real hypervisor, accepted by verify-stream-v2.
 
 use std::fs;
-use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::io::{Read, Seek, SeekFrom};
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+use crate::ctx::Ctx;
 use crate::emu::{self, RunSpec, Running};
-use crate::test::{cargo, Ctx};
+use crate::harness::{doppel_bin, guest_ram};
+use crate::proc::Proc;
+use crate::shm::{shm_file, TempFile};
 use crate::Emulator;
 
 /// Epochs per guest pass (`epochs=4`) give 20 checkpoints, and the primary
@@ -32,133 +35,8 @@ const CMDLINE: &str = "mode=primary epochs=4";
 const EPOCHS: u64 = 21;
 const MEM_MIB: u32 = 256;
 
-/// A child process killed when dropped.
-struct Proc {
-    child: Child,
-    name: &'static str,
-}
-
-impl Proc {
-    fn wait(&mut self, limit: Duration) -> Result<ExitStatus> {
-        let t = Instant::now();
-        loop {
-            if let Some(st) = self.child.try_wait()? {
-                return Ok(st);
-            }
-            if t.elapsed() >= limit {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                bail!("{} did not finish within {} s", self.name, limit.as_secs());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn stderr(&mut self) -> String {
-        let mut s = String::new();
-        if let Some(e) = self.child.stderr.as_mut() {
-            let _ = e.read_to_string(&mut s);
-        }
-        s
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A file removed when dropped.
-pub(crate) struct TempFile(pub(crate) PathBuf);
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        let _ = fs::remove_file(&self.0);
-    }
-}
-
-/// Prefix of the machine RAM files in /dev/shm: `doppel-xtask-<pid>-<tag>`.
-const SHM_PREFIX: &str = "doppel-xtask-";
-
-/// A machine RAM file `/dev/shm/doppel-xtask-<pid>-<tag>`, removed when
-/// dropped. Files of earlier runs whose process is gone (stopped by
-/// Ctrl-C or killed, so their drop never ran; each is up to 256 MiB of
-/// RAM) are removed first.
-pub(crate) fn shm_file(tag: &str) -> TempFile {
-    remove_stale_shm(Path::new("/dev/shm"));
-    TempFile(PathBuf::from(format!(
-        "/dev/shm/{SHM_PREFIX}{}-{tag}",
-        std::process::id()
-    )))
-}
-
-/// The pid in a file name made by [`shm_file`].
-fn shm_pid(name: &str) -> Option<u32> {
-    let rest = name.strip_prefix(SHM_PREFIX)?;
-    let (pid, _tag) = rest.split_once('-')?;
-    pid.parse().ok()
-}
-
-/// Remove the [`shm_file`] files in `dir` whose process no longer exists.
-fn remove_stale_shm(dir: &Path) {
-    let Ok(entries) = fs::read_dir(dir) else {
-        return;
-    };
-    for e in entries.flatten() {
-        let name = e.file_name();
-        let Some(pid) = name.to_str().and_then(shm_pid) else {
-            continue;
-        };
-        if !Path::new(&format!("/proc/{pid}")).exists() {
-            let path = e.path();
-            match fs::remove_file(&path) {
-                Ok(()) => println!("removed {} (its run, pid {pid}, is gone)", path.display()),
-                Err(err) => println!("cannot remove stale {}: {err}", path.display()),
-            }
-        }
-    }
-}
-
-pub(crate) fn doppel_bin() -> Result<PathBuf> {
-    cargo(&["build", "--release", "--package", "doppel"])?;
-    Ok(crate::root().join("target/release/doppel"))
-}
-
 fn spawn(name: &'static str, cmd: &mut Command) -> Result<Proc> {
-    let child = cmd
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("starting {name}"))?;
-    Ok(Proc { child, name })
-}
-
-/// `doppel inspect --machine-ram`: (guest RAM offset, size) once the
-/// control area validates.
-pub(crate) fn guest_ram(doppel: &Path, ram: &Path) -> Result<Option<(u64, u64)>> {
-    let out = Command::new(doppel)
-        .args(["inspect", "--machine-ram"])
-        .arg(ram)
-        .env("RUST_LOG", "warn")
-        .output()?;
-    if !out.status.success() {
-        return Ok(None);
-    }
-    let text = String::from_utf8_lossy(&out.stdout);
-    let line = text
-        .lines()
-        .find(|l| l.starts_with("guest_ram "))
-        .context("doppel inspect printed no guest_ram line")?;
-    let w: Vec<&str> = line.split_whitespace().collect();
-    let hex = |s: &str| u64::from_str_radix(s.trim_start_matches("0x"), 16);
-    match w.as_slice() {
-        ["guest_ram", "offset", o, "size", s, ..] => Ok(Some((hex(o)?, hex(s)?))),
-        _ => bail!("unexpected guest_ram line: {line}"),
-    }
+    Proc::spawn(name, cmd, false)
 }
 
 /// Boot the hypervisor in `mode=primary` with its RAM in a /dev/shm file
@@ -233,14 +111,7 @@ pub fn step_replica_qemu(ctx: &mut Ctx) -> Result<String> {
             .arg(&rdir)
             .args(["--guest-pages", &pages.to_string()]),
     )?;
-    let mut out = BufReader::new(backup.child.stdout.take().context("backup stdout")?);
-    let mut line = String::new();
-    out.read_line(&mut line)?;
-    let addr = line
-        .trim()
-        .strip_prefix("listening on ")
-        .with_context(|| format!("backup printed {line:?}"))?
-        .to_string();
+    let addr = backup.wait_value("listening on ", Duration::from_secs(60))?;
     let mut primary = spawn(
         "doppel primary",
         Command::new(&doppel)
@@ -251,8 +122,7 @@ pub fn step_replica_qemu(ctx: &mut Ctx) -> Result<String> {
     let pst = primary.wait(Duration::from_secs(900))?;
     let perr = primary.stderr();
     let bst = backup.wait(Duration::from_secs(60))?;
-    let mut bout = String::new();
-    out.read_to_string(&mut bout)?;
+    let bout = backup.out().join("\n");
     let berr = backup.stderr();
     let run = qemu.wait()?;
     if !pst.success() || !bst.success() {
@@ -396,43 +266,4 @@ pub fn step_verify_capture(ctx: &mut Ctx) -> Result<String> {
         bail!("primary {pst}: {}", primary.stderr());
     }
     verify_capture(&cap, 5)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn shm_names_carry_the_pid() {
-        let f = shm_file("failover-qemu-1-standby");
-        let name = f.0.file_name().unwrap().to_str().unwrap().to_string();
-        assert_eq!(shm_pid(&name), Some(std::process::id()));
-        assert!(name.ends_with("-failover-qemu-1-standby"), "{name}");
-        assert_eq!(shm_pid("doppel-replica-123"), None);
-        assert_eq!(shm_pid("doppel-xtask-12x-a"), None);
-    }
-
-    #[test]
-    fn only_files_of_gone_processes_are_removed() {
-        let dir = std::env::temp_dir().join(format!("xtask-shm-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).unwrap();
-        // pid_max is at most 2^22: this pid cannot exist.
-        let gone = format!("{SHM_PREFIX}{}-replica", (1u32 << 22) + 1);
-        let live = format!("{SHM_PREFIX}{}-sim", std::process::id());
-        let other = "doppel-replica-999999999".to_string();
-        for n in [&gone, &live, &other] {
-            fs::write(dir.join(n), b"x").unwrap();
-        }
-        remove_stale_shm(&dir);
-        let mut left: Vec<String> = fs::read_dir(&dir)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .collect();
-        left.sort();
-        let mut want = vec![live, other];
-        want.sort();
-        assert_eq!(left, want);
-        fs::remove_dir_all(&dir).unwrap();
-    }
 }

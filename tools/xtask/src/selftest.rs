@@ -15,6 +15,7 @@ use anyhow::{bail, Result};
 
 use crate::emu::{self, Run, RunSpec};
 use crate::image::Image;
+use crate::logline::{field, num};
 use crate::Emulator;
 
 /// Workload patterns the image runs (doppel_abi::guest::PatternId::ALL).
@@ -78,16 +79,6 @@ pub struct Report {
     pub malformed: Vec<String>,
 }
 
-pub(crate) fn fields(line: &str) -> BTreeMap<&str, &str> {
-    line.split_whitespace()
-        .filter_map(|w| w.split_once('='))
-        .collect()
-}
-
-pub(crate) fn num(f: &BTreeMap<&str, &str>, key: &str) -> Option<u64> {
-    f.get(key)?.parse().ok()
-}
-
 impl Report {
     pub fn parse(output: &str) -> Self {
         let mut r = Report::default();
@@ -108,18 +99,17 @@ impl Report {
                 continue;
             };
             r.lines.push(line.to_string());
-            let f = fields(body);
-            if let Some(result) = f.get("result") {
+            if let Some(result) = field(body, "result") {
                 let s = (|| {
                     Some(Summary {
-                        backend: f.get("backend")?.to_string(),
-                        pass: match *result {
+                        backend: field(body, "backend")?.to_string(),
+                        pass: match result {
                             "pass" => true,
                             "fail" => false,
                             _ => return None,
                         },
-                        epochs: num(&f, "epochs")?,
-                        failed: num(&f, "failed")?,
+                        epochs: num(body, "epochs")?,
+                        failed: num(body, "failed")?,
                     })
                 })();
                 match s {
@@ -130,16 +120,16 @@ impl Report {
             }
             let e = (|| {
                 Some(Epoch {
-                    backend: f.get("backend")?.to_string(),
-                    mode: f.get("mode")?.to_string(),
-                    pattern: f.get("pattern")?.to_string(),
-                    epoch: num(&f, "epoch")?,
-                    dirty: num(&f, "dirty")?,
-                    truth: num(&f, "truth")?,
-                    missing: num(&f, "missing")?,
-                    extra: num(&f, "extra")?,
-                    exits: num(&f, "exits")?,
-                    timer_epochs: num(&f, "timer_epochs").unwrap_or(0),
+                    backend: field(body, "backend")?.to_string(),
+                    mode: field(body, "mode")?.to_string(),
+                    pattern: field(body, "pattern")?.to_string(),
+                    epoch: num(body, "epoch")?,
+                    dirty: num(body, "dirty")?,
+                    truth: num(body, "truth")?,
+                    missing: num(body, "missing")?,
+                    extra: num(body, "extra")?,
+                    exits: num(body, "exits")?,
+                    timer_epochs: num(body, "timer_epochs").unwrap_or(0),
                     fail_mark: body.split_whitespace().any(|w| w == "FAIL"),
                 })
             })();

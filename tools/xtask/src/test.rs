@@ -7,39 +7,17 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+use crate::ctx::{cargo, cargo_env, Ctx};
 use crate::emu::{self, RunSpec};
-use crate::image::{self, Image, KERNEL_TARGET};
+use crate::image::KERNEL_TARGET;
+use crate::proc::Proc;
 use crate::Emulator;
-
-/// Shared state of one test run (the image is built once).
-pub struct Ctx {
-    pub long: bool,
-    /// `--seed`: replay the failover runs of an earlier run (each run
-    /// prints its seed); without it each failover step draws a new one.
-    pub seed: Option<u64>,
-    image: Option<Image>,
-}
-
-impl Ctx {
-    pub fn image(&mut self) -> Result<Image> {
-        if let Some(i) = &self.image {
-            return Ok(i.clone());
-        }
-        let i = image::build()?;
-        self.image = Some(i.clone());
-        Ok(i)
-    }
-}
 
 type StepFn = fn(&mut Ctx) -> Result<String>;
 
 /// `cargo xtask demo`: one failover run shown live.
 pub fn demo(seed: Option<u64>) -> Result<()> {
-    let mut ctx = Ctx {
-        long: false,
-        seed,
-        image: None,
-    };
+    let mut ctx = Ctx::new(false, seed);
     crate::failover::demo(&mut ctx)
 }
 
@@ -113,11 +91,7 @@ fn steps() -> Vec<(&'static str, StepFn)> {
 
 pub fn run(opts: &Options) -> Result<()> {
     let only = opts.only.as_deref();
-    let mut ctx = Ctx {
-        long: opts.long,
-        seed: opts.seed,
-        image: None,
-    };
+    let mut ctx = Ctx::new(opts.long, opts.seed);
     let all = steps();
     let chosen: Vec<_> = all
         .iter()
@@ -241,36 +215,32 @@ impl Tally {
 /// killed when it is dropped, and each also ends by itself once this
 /// process is gone (it checks every so often), so none outlives a run
 /// that was killed.
-struct Load(Vec<std::process::Child>);
+struct Load {
+    /// Killed when dropped ([`Proc`]).
+    _procs: Vec<Proc>,
+}
+
+/// One `--load` process: busy until its parent (`$0`) is gone.
+const BUSY_LOOP: &str = "i=0; while :; do i=$((i + 1)); \
+     if [ $((i % 200000)) -eq 0 ] && ! kill -0 \"$0\" 2>/dev/null; then exit 0; fi; \
+     done";
 
 impl Load {
     fn start(k: u32) -> Result<Self> {
-        let mut load = Load(Vec::new());
+        let mut load = Load { _procs: Vec::new() };
         let parent = std::process::id().to_string();
         for _ in 0..k {
-            let child = Command::new("sh")
-                .args([
-                    "-c",
-                    "i=0; while :; do i=$((i + 1)); \
-                     if [ $((i % 200000)) -eq 0 ] && ! kill -0 \"$0\" 2>/dev/null; then exit 0; fi; \
-                     done",
-                    &parent,
-                ])
-                .stdin(std::process::Stdio::null())
-                .spawn()
-                .context("starting a busy-loop process for --load")?;
-            load.0.push(child);
+            let child = Proc::start(
+                "busy loop",
+                Command::new("sh")
+                    .args(["-c", BUSY_LOOP, &parent])
+                    .stdin(std::process::Stdio::null()),
+                false,
+            )
+            .context("starting a busy-loop process for --load")?;
+            load._procs.push(child);
         }
         Ok(load)
-    }
-}
-
-impl Drop for Load {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
     }
 }
 
@@ -298,32 +268,6 @@ fn still_running(name: &'static str) -> (mpsc::Sender<()>, std::thread::JoinHand
         }
     });
     (tx, h)
-}
-
-/// Run a command in the workspace root; fail with its output's tail.
-pub fn cargo(args: &[&str]) -> Result<String> {
-    cargo_env(args, &[])
-}
-
-/// As [`cargo`], with extra environment variables.
-pub fn cargo_env(args: &[&str], envs: &[(&str, &str)]) -> Result<String> {
-    let out = Command::new(env!("CARGO"))
-        .args(args)
-        .envs(envs.iter().copied())
-        .current_dir(crate::root())
-        .output()
-        .with_context(|| format!("running cargo {}", args.join(" ")))?;
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    if !out.status.success() {
-        let tail: Vec<&str> = text.lines().rev().take(60).collect();
-        let tail: Vec<&str> = tail.into_iter().rev().collect();
-        bail!("cargo {} failed:\n{}", args.join(" "), tail.join("\n"));
-    }
-    Ok(text)
 }
 
 fn step_fmt(_: &mut Ctx) -> Result<String> {
@@ -431,8 +375,7 @@ pub fn capability(run: &emu::Run) -> Option<BTreeMap<String, String>> {
     let line = run.lines_with("doppel-hv: vendor=").next()?;
     let body = line.strip_prefix("doppel-hv: ")?;
     Some(
-        body.split_whitespace()
-            .filter_map(|kv| kv.split_once('='))
+        crate::logline::pairs(body)
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
     )
@@ -747,7 +690,7 @@ mod tests {
     #[test]
     fn load_processes_end_with_their_guard() {
         let load = Load::start(2).unwrap();
-        let pids: Vec<u32> = load.0.iter().map(std::process::Child::id).collect();
+        let pids: Vec<u32> = load._procs.iter().map(Proc::id).collect();
         assert_eq!(pids.len(), 2);
         let alive = |p: &u32| std::path::Path::new(&format!("/proc/{p}")).exists();
         assert!(pids.iter().all(alive));

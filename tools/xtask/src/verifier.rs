@@ -10,7 +10,7 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
-use crate::test::{cargo, Ctx};
+use crate::ctx::{cargo, Ctx};
 
 const PACKAGE: &str = "xen-utils-4.17";
 const VERIFIER: &str = "usr/lib/xen-4.17/bin/verify-stream-v2";

@@ -19,13 +19,16 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+use crate::ctx::Ctx;
 use crate::etcd::Etcd;
-use crate::failover::{
-    boot, client_answered, client_verdict, committed_epochs, kv_primary_cmdline, num, spawn_backup,
-    spawn_primary, tail, wait_for, Machine, Relay, Watched, DETACHED, GUEST_MIB, KEYS,
+use crate::harness::doppel_bin;
+use crate::harness::{
+    boot, client_answered, client_verdict, committed_epochs, kv_primary_cmdline, spawn_backup,
+    spawn_primary, wait_for, Machine, DETACHED, GUEST_MIB, KEYS,
 };
-use crate::replica::doppel_bin;
-use crate::test::Ctx;
+use crate::logline::num;
+use crate::proc::{tail, Proc};
+use crate::relay::Relay;
 
 /// Lease TTL of the step (s): short, so the fence comes soon.
 const TTL: u64 = 3;
@@ -35,7 +38,7 @@ const BACKUP_TIMEOUTS: [&str; 4] = ["--heartbeat-timeout", "4", "--accept-timeou
 
 /// Wait (up to 300 s) until the backup committed `epoch` and the client
 /// has answers; failing if one of the three ended before `before`.
-fn replicating(epoch: u64, before: &str, [p, b, c]: [&mut Watched; 3]) -> Result<()> {
+fn replicating(epoch: u64, before: &str, [p, b, c]: [&mut Proc; 3]) -> Result<()> {
     wait_for(
         &format!("epoch {epoch} committed with client answers"),
         Duration::from_secs(300),
@@ -107,7 +110,7 @@ pub fn step_witness_down(ctx: &mut Ctx) -> Result<String> {
         false,
     )?;
     primary.wait_line("primary: witness key", Duration::from_secs(60))?;
-    let mut client = Watched::spawn(
+    let mut client = Proc::spawn(
         "client",
         Command::new(&doppel)
             .args(["client", "--connect", &pclients, "--failover", &bclients])
@@ -202,7 +205,7 @@ impl Cut {
 /// The leading RFC 3339 timestamp of the first stderr line containing
 /// `needle` (tracing's format; one host, one clock, so the two tools'
 /// stamps compare).
-fn stamp(w: &Watched, needle: &str) -> Option<String> {
+fn stamp(w: &Proc, needle: &str) -> Option<String> {
     w.err()
         .iter()
         .find(|l| l.contains(needle))
@@ -261,7 +264,7 @@ fn partition_run(ctx: &mut Ctx, k: u32, seed: u64, cut: Cut) -> Result<String> {
         false,
     )?;
     let ops = 3000;
-    let mut client = Watched::spawn(
+    let mut client = Proc::spawn(
         "client",
         Command::new(&doppel)
             .args(["client", "--connect", &pclients, "--failover", &bclients])
@@ -314,7 +317,7 @@ fn partition_run(ctx: &mut Ctx, k: u32, seed: u64, cut: Cut) -> Result<String> {
 }
 
 pub fn step_partition(ctx: &mut Ctx) -> Result<String> {
-    let seed = ctx.seed.unwrap_or_else(crate::failover::random_seed);
+    let seed = ctx.seed.unwrap_or_else(crate::harness::random_seed);
     let mut failed = 0;
     let mut last = String::new();
     for (k, cut) in [Cut::Both, Cut::PrimaryToBackup, Cut::BackupToPrimary]

@@ -35,6 +35,11 @@ pub const IHDR_VERSION: u32 = 3;
 /// Image header option bit 0: stream is big endian (refused).
 pub const IHDR_OPT_BIG_ENDIAN: u16 = 1;
 
+/// Xen version written in the domain header (the verifier's reference):
+/// what the primary sends and the test-data generator imitates.
+pub const XEN_MAJOR: u32 = 4;
+pub const XEN_MINOR: u32 = 17;
+
 /// Domain type x86 PV.
 pub const DHDR_TYPE_X86_PV: u32 = 1;
 /// Domain type x86 HVM (the only one Doppel replicates).

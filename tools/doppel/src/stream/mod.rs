@@ -3,6 +3,7 @@
 
 pub mod error;
 pub mod format;
+pub mod pages;
 pub mod reader;
 pub mod records;
 pub mod writer;

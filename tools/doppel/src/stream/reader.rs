@@ -10,24 +10,10 @@ use zerocopy::FromBytes;
 
 use super::error::{RecCtx, StreamError};
 use super::format::*;
+use super::pages::validate_pfn_words;
+pub use super::pages::Limits;
 use super::records::{zero_page, HvmParam, PageBuf, PageData, Record, TscInfo};
 use super::xlz4::XorCache;
-
-/// What the receiver knows about the guest.
-#[derive(Clone, Copy, Debug)]
-pub struct Limits {
-    /// Guest size in pages: every pfn must be below it.
-    pub guest_pages: u64,
-}
-
-impl Limits {
-    /// No guest size known (pfn checked only against the 52-bit field).
-    pub fn any() -> Self {
-        Self {
-            guest_pages: PFN_MASK + 1,
-        }
-    }
-}
 
 /// Position in the record order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -636,79 +622,4 @@ impl<R: Read> StreamReader<R> {
             _ => unreachable!("only known non-page types reach decode"),
         }
     }
-}
-
-/// Validate the count header and pfn words shared by PAGE_DATA and the
-/// compressed variant; returns (count, pfns that carry data).
-pub(crate) fn validate_pfn_words(
-    rec: RecCtx,
-    body: &[u8],
-    limits: Limits,
-) -> Result<(usize, usize), StreamError> {
-    let len = body.len() as u64;
-    if body.len() < 8 {
-        return Err(StreamError::BadLength {
-            rec,
-            length: len,
-            expected: "at least 8".into(),
-        });
-    }
-    let h = CountHeader::read_from_bytes(&body[..8]).expect("8 bytes");
-    let count = h.count.get();
-    if count == 0 || count > MAX_BATCH_PFNS {
-        return Err(StreamError::BadCount {
-            rec,
-            count,
-            max: MAX_BATCH_PFNS,
-        });
-    }
-    if h.reserved.get() != 0 {
-        return Err(StreamError::Reserved {
-            rec,
-            field: "reserved",
-            value: h.reserved.get().into(),
-        });
-    }
-    let words_end = 8 + 8 * count as usize;
-    if body.len() < words_end {
-        return Err(StreamError::BadLength {
-            rec,
-            length: len,
-            expected: format!("at least {words_end} (8 + 8 * count {count})"),
-        });
-    }
-    let mut pages = 0usize;
-    for (i, w) in body[8..words_end].chunks_exact(8).enumerate() {
-        let w = u64::from_le_bytes(w.try_into().expect("8 bytes"));
-        let r = w & PFN_RESERVED_MASK;
-        if r != 0 {
-            return Err(StreamError::Reserved {
-                rec,
-                field: "pfn word bits 52-59",
-                value: r,
-            });
-        }
-        let ptype = (w >> PFN_TYPE_SHIFT) as u8;
-        match ptype {
-            PAGE_TYPE_NORMAL => pages += 1,
-            PAGE_TYPE_INVALID => {}
-            _ => {
-                return Err(StreamError::PageType {
-                    rec,
-                    entry: i,
-                    ptype,
-                })
-            }
-        }
-        let pfn = w & PFN_MASK;
-        if pfn >= limits.guest_pages {
-            return Err(StreamError::PfnOutOfRange {
-                rec,
-                entry: i,
-                pfn,
-                limit: limits.guest_pages,
-            });
-        }
-    }
-    Ok((count as usize, pages))
 }

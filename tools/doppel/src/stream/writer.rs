@@ -9,15 +9,9 @@ use std::io::{self, IoSlice, Write};
 use zerocopy::IntoBytes;
 
 use super::format::*;
+pub use super::pages::OutPage;
 use super::records::{HvmParam, TscInfo};
 use super::xlz4::XorCache;
-
-/// A page to send: pfn and its contents (`None` = invalid pfn, no data).
-#[derive(Clone, Copy, Debug)]
-pub struct OutPage<'a> {
-    pub pfn: u64,
-    pub data: Option<&'a [u8]>,
-}
 
 /// Writes records and counts bytes.
 pub struct StreamWriter<W> {

@@ -12,9 +12,8 @@
 
 use super::error::{RecCtx, StreamError};
 use super::format::{PAGE_SIZE, PAGE_TYPE_INVALID, PFN_MASK, PFN_TYPE_SHIFT};
-use super::reader::{validate_pfn_words, Limits};
+use super::pages::{validate_pfn_words, Limits, OutPage};
 use super::records::{zero_page, PageData};
-use super::writer::OutPage;
 
 /// Last version of every page sent (or received) on one connection.
 /// Anonymous memory: its pages are zero until written, so a large guest's
