@@ -42,6 +42,27 @@ _Static_assert(HVM_FILE_MAGIC == DOPPEL_HVM_FILE_MAGIC, "HVM_FILE_MAGIC");
 _Static_assert(HVM_FILE_VERSION == DOPPEL_HVM_FILE_VERSION, "HVM_FILE_VERSION");
 _Static_assert(XEN_X86_FPU_INITIALISED == DOPPEL_XEN_X86_FPU_INITIALISED, "FPU_INITIALISED");
 
+/* The platform devices' records. */
+#define LAPIC(name, off, size) FIELD_OK(struct hvm_hw_lapic, name, off, size)
+DOPPEL_HVM_HW_LAPIC_FIELDS(LAPIC)
+_Static_assert(sizeof(struct hvm_hw_lapic) == DOPPEL_HVM_HW_LAPIC_SIZE, "hvm_hw_lapic size");
+_Static_assert(sizeof(HVM_SAVE_TYPE(LAPIC)) == DOPPEL_HVM_HW_LAPIC_SIZE, "HVM_SAVE_TYPE(LAPIC)");
+#define LREGS(name, off, size) FIELD_OK(struct hvm_hw_lapic_regs, name, off, size)
+DOPPEL_HVM_HW_LAPIC_REGS_FIELDS(LREGS)
+_Static_assert(sizeof(struct hvm_hw_lapic_regs) == DOPPEL_HVM_HW_LAPIC_REGS_SIZE, "hvm_hw_lapic_regs size");
+_Static_assert(sizeof(HVM_SAVE_TYPE(LAPIC_REGS)) == DOPPEL_HVM_HW_LAPIC_REGS_SIZE, "HVM_SAVE_TYPE(LAPIC_REGS)");
+#define VIOAPIC(name, off, size) FIELD_OK(struct hvm_hw_vioapic, name, off, size)
+DOPPEL_HVM_HW_VIOAPIC_FIELDS(VIOAPIC)
+_Static_assert(sizeof(struct hvm_hw_vioapic) == DOPPEL_HVM_HW_VIOAPIC_SIZE, "hvm_hw_vioapic size");
+_Static_assert(sizeof(HVM_SAVE_TYPE(IOAPIC)) == DOPPEL_HVM_HW_VIOAPIC_SIZE, "HVM_SAVE_TYPE(IOAPIC)");
+_Static_assert(sizeof(union vioapic_redir_entry) == 8, "vioapic_redir_entry size");
+#define RTC(name, off, size) FIELD_OK(struct hvm_hw_rtc, name, off, size)
+DOPPEL_HVM_HW_RTC_FIELDS(RTC)
+_Static_assert(sizeof(struct hvm_hw_rtc) == DOPPEL_HVM_HW_RTC_SIZE, "hvm_hw_rtc size");
+_Static_assert(sizeof(HVM_SAVE_TYPE(RTC)) == DOPPEL_HVM_HW_RTC_SIZE, "HVM_SAVE_TYPE(RTC)");
+#define BOUND(name, value) _Static_assert(name == (value), #name);
+DOPPEL_HVM_BOUNDS(BOUND)
+
 /* PVH boot information. */
 #define SINFO(name, off, size) FIELD_OK(struct hvm_start_info, name, off, size)
 DOPPEL_START_INFO_FIELDS(SINFO)
@@ -98,9 +119,11 @@ int main(void)
         DOPPEL_COMMAND_FIELDS(COUNT) DOPPEL_RESPONSE_FIELDS(COUNT)
         DOPPEL_EVENT_FIELDS(COUNT) DOPPEL_EVENT_ACK_FIELDS(COUNT)
         DOPPEL_START_INFO_FIELDS(COUNT) DOPPEL_MODLIST_ENTRY_FIELDS(COUNT)
-        DOPPEL_MEMMAP_ENTRY_FIELDS(COUNT);
+        DOPPEL_MEMMAP_ENTRY_FIELDS(COUNT) DOPPEL_HVM_HW_LAPIC_FIELDS(COUNT)
+        DOPPEL_HVM_HW_LAPIC_REGS_FIELDS(COUNT) DOPPEL_HVM_HW_VIOAPIC_FIELDS(COUNT)
+        DOPPEL_HVM_HW_RTC_FIELDS(COUNT);
     int consts = 0 DOPPEL_HVM_CODES(COUNT) DOPPEL_SHADOW_OPS(COUNT) DOPPEL_ERRNOS(COUNT)
-        DOPPEL_RING_ENTRIES(COUNT) DOPPEL_MEMMAP_TYPES(COUNT);
+        DOPPEL_RING_ENTRIES(COUNT) DOPPEL_MEMMAP_TYPES(COUNT) DOPPEL_HVM_BOUNDS(COUNT);
     printf("layout ok: %d fields and %d constants match Xen's public headers (interface 0x%08x)\n",
            fields, consts + 6, __XEN_LATEST_INTERFACE_VERSION__);
     return 0;

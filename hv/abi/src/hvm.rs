@@ -175,6 +175,89 @@ const _: () = assert!(offset_of!(HvmHwCpu, error_code) == 1020);
 const _: () = assert!(offset_of!(HvmHwCpu, flags) == 1024);
 const _: () = assert!(offset_of!(HvmHwCpu, pad0) == 1028);
 
+layout_struct! {
+    /// `struct hvm_hw_lapic` (typecode 5), one per vCPU.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct HvmHwLapic {
+        /// IA32_APIC_BASE.
+        pub apic_base_msr: u64,
+        /// [`VLAPIC_SW_DISABLED`] | [`VLAPIC_HW_DISABLED`].
+        pub disabled: u32,
+        /// The timer's divide value (1, 2, 4, ... 128), from TDCR.
+        pub timer_divisor: u32,
+        /// IA32_TSC_DEADLINE.
+        pub tdt_msr: u64,
+    }
+}
+
+/// `VLAPIC_SW_DISABLED` in [`HvmHwLapic::disabled`] (SVR bit 8 clear).
+pub const VLAPIC_SW_DISABLED: u32 = 0x1;
+/// `VLAPIC_HW_DISABLED` in [`HvmHwLapic::disabled`] (APIC_BASE bit 11 clear).
+pub const VLAPIC_HW_DISABLED: u32 = 0x2;
+
+/// Bytes of the local APIC register page in [`HvmHwLapicRegs`].
+pub const LAPIC_REGS_SIZE: usize = 1024;
+
+layout_struct! {
+    /// `struct hvm_hw_lapic_regs` (typecode 6): the first KiB of the xAPIC
+    /// register page, register at offset `0x10 * n` for x2APIC MSR
+    /// `0x800 + n`, each a little-endian u32.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct HvmHwLapicRegs {
+        pub data: [u8; LAPIC_REGS_SIZE],
+    }
+}
+
+/// `VIOAPIC_NUM_PINS`: redirection entries in Xen's HVM IOAPIC record.
+pub const VIOAPIC_NUM_PINS: usize = 48;
+
+layout_struct! {
+    /// `struct hvm_hw_vioapic` (typecode 4). Each `redirtbl` entry is the
+    /// 64-bit `union vioapic_redir_entry` (the IOAPIC's redirection
+    /// register: vector 0-7, delivery mode 8-10, dest mode 11, delivery
+    /// status 12, polarity 13, remote IRR 14, trigger 15, mask 16,
+    /// destination 56-63).
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct HvmHwVioapic {
+        pub base_address: u64,
+        pub ioregsel: u32,
+        pub id: u32,
+        pub redirtbl: [u64; VIOAPIC_NUM_PINS],
+    }
+}
+
+/// `RTC_CMOS_SIZE`: CMOS bytes in Xen's RTC record (time, registers A-D).
+pub const RTC_CMOS_SIZE: usize = 14;
+
+layout_struct! {
+    /// `struct hvm_hw_rtc` (typecode 11).
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct HvmHwRtc {
+        /// CMOS bytes 0-13: seconds, alarm seconds, minutes, alarm minutes,
+        /// hours, alarm hours, day of week, day, month, year, A, B, C, D.
+        pub cmos_data: [u8; RTC_CMOS_SIZE],
+        /// The index register (port 0x70).
+        pub cmos_index: u8,
+        pub pad0: u8,
+        /// RTC offset from host time, in seconds.
+        pub rtc_offset: i64,
+    }
+}
+
+const _: () = assert!(size_of::<HvmHwLapic>() == 24);
+const _: () = assert!(offset_of!(HvmHwLapic, disabled) == 8);
+const _: () = assert!(offset_of!(HvmHwLapic, timer_divisor) == 12);
+const _: () = assert!(offset_of!(HvmHwLapic, tdt_msr) == 16);
+const _: () = assert!(size_of::<HvmHwLapicRegs>() == 1024);
+const _: () = assert!(size_of::<HvmHwVioapic>() == 16 + 8 * 48);
+const _: () = assert!(offset_of!(HvmHwVioapic, ioregsel) == 8);
+const _: () = assert!(offset_of!(HvmHwVioapic, id) == 12);
+const _: () = assert!(offset_of!(HvmHwVioapic, redirtbl) == 16);
+const _: () = assert!(size_of::<HvmHwRtc>() == 24);
+const _: () = assert!(offset_of!(HvmHwRtc, cmos_index) == 14);
+const _: () = assert!(offset_of!(HvmHwRtc, pad0) == 15);
+const _: () = assert!(offset_of!(HvmHwRtc, rtc_offset) == 16);
+
 /// Xen's log-dirty operations (`XEN_DOMCTL_SHADOW_OP_*`).
 pub mod shadow_op {
     pub const OFF: u32 = 0;

@@ -56,6 +56,13 @@ mod tests {
             ),
             (hvm::HvmSaveHeader::FIELDS, size_of::<hvm::HvmSaveHeader>()),
             (hvm::HvmHwCpu::FIELDS, size_of::<hvm::HvmHwCpu>()),
+            (hvm::HvmHwLapic::FIELDS, size_of::<hvm::HvmHwLapic>()),
+            (
+                hvm::HvmHwLapicRegs::FIELDS,
+                size_of::<hvm::HvmHwLapicRegs>(),
+            ),
+            (hvm::HvmHwVioapic::FIELDS, size_of::<hvm::HvmHwVioapic>()),
+            (hvm::HvmHwRtc::FIELDS, size_of::<hvm::HvmHwRtc>()),
             (ring::SringHeader::FIELDS, size_of::<ring::SringHeader>()),
             (msg::CommandEntry::FIELDS, size_of::<msg::CommandEntry>()),
             (msg::ResponseEntry::FIELDS, size_of::<msg::ResponseEntry>()),

@@ -19,7 +19,10 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use doppel_abi::hvm::{self, HvmHwCpu, HvmSaveDescriptor, HvmSaveHeader};
+use doppel_abi::hvm::{
+    self, HvmHwCpu, HvmHwLapic, HvmHwLapicRegs, HvmHwRtc, HvmHwVioapic, HvmSaveDescriptor,
+    HvmSaveHeader,
+};
 use doppel_abi::layout::FieldInfo;
 use doppel_abi::msg::{
     self, CheckpointReady, Command as Cmd, CommandEntry, Event, EventAck, EventEntry, Response,
@@ -254,6 +257,7 @@ pub fn layout_header(moved: Option<&str>) -> String {
         .map(|(n, c)| (n.to_string(), c.to_string()))
         .collect();
     list(&mut o, "DOPPEL_MEMMAP_TYPES", &types);
+    platform_records(&mut o, moved);
     o.push_str("#endif\n");
     o
 }
@@ -307,6 +311,8 @@ pub fn step_layout(_: &mut Ctx) -> Result<String> {
     for (field, says) in [
         ("rip", "struct hvm_hw_cpu.rip offset"),
         ("memmap_paddr", "struct hvm_start_info.memmap_paddr offset"),
+        ("rtc_offset", "struct hvm_hw_rtc.rtc_offset offset"),
+        ("tdt_msr", "struct hvm_hw_lapic.tdt_msr offset"),
     ] {
         let bad = work.join(format!("gen-moved-{field}"));
         fs::create_dir_all(&bad)?;
@@ -319,6 +325,58 @@ pub fn step_layout(_: &mut Ctx) -> Result<String> {
         );
     }
     Ok(format!("{line}; a moved field is caught"))
+}
+
+/// The platform device records (LAPIC, LAPIC_REGS, IOAPIC, RTC) and their
+/// array bounds. `moved` shifts a field of the same name, as above.
+fn platform_records(o: &mut String, moved: Option<&str>) {
+    let shift = |f: &[FieldInfo]| -> Vec<FieldInfo> {
+        f.iter()
+            .map(|fi| {
+                let mut fi = *fi;
+                if Some(fi.name) == moved {
+                    fi.offset += 8;
+                }
+                fi
+            })
+            .collect()
+    };
+    let records: [(&str, usize, &[FieldInfo]); 4] = [
+        (
+            "LAPIC",
+            std::mem::size_of::<HvmHwLapic>(),
+            HvmHwLapic::FIELDS,
+        ),
+        (
+            "LAPIC_REGS",
+            std::mem::size_of::<HvmHwLapicRegs>(),
+            HvmHwLapicRegs::FIELDS,
+        ),
+        (
+            "VIOAPIC",
+            std::mem::size_of::<HvmHwVioapic>(),
+            HvmHwVioapic::FIELDS,
+        ),
+        ("RTC", std::mem::size_of::<HvmHwRtc>(), HvmHwRtc::FIELDS),
+    ];
+    for (name, size, f) in records {
+        fields(
+            o,
+            &format!("DOPPEL_HVM_HW_{name}_FIELDS"),
+            &format!("DOPPEL_HVM_HW_{name}_SIZE"),
+            size,
+            &shift(f),
+        );
+    }
+    let bounds = [
+        ("VIOAPIC_NUM_PINS", hvm::VIOAPIC_NUM_PINS),
+        ("RTC_CMOS_SIZE", hvm::RTC_CMOS_SIZE),
+    ];
+    let bounds: Vec<_> = bounds
+        .iter()
+        .map(|(n, c)| (n.to_string(), c.to_string()))
+        .collect();
+    list(o, "DOPPEL_HVM_BOUNDS", &bounds);
 }
 
 fn build_interop() -> Result<PathBuf> {
