@@ -17,6 +17,7 @@ pub mod hvm;
 pub mod hw;
 pub mod msr;
 pub mod paging;
+pub mod platform;
 pub mod pml;
 pub mod posted;
 pub mod pvh;
