@@ -128,7 +128,7 @@ impl Rtc {
         if self.b & B_BINARY != 0 {
             v as u8
         } else {
-            ((v / 10) << 4 | v % 10) as u8
+            (((v / 10) << 4) | (v % 10)) as u8
         }
     }
 
