@@ -7,6 +7,7 @@ extern crate alloc;
 
 pub mod acpi;
 pub mod addr;
+pub mod cpuid_policy;
 pub mod dirtylog;
 pub mod elf;
 pub mod engine;
@@ -15,6 +16,7 @@ pub mod frame;
 pub mod hostile;
 pub mod hvm;
 pub mod hw;
+pub mod mmio;
 pub mod msr;
 pub mod paging;
 pub mod platform;
