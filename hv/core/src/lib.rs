@@ -18,6 +18,7 @@ pub mod hvm;
 pub mod hw;
 pub mod mmio;
 pub mod msr;
+pub mod msr_policy;
 pub mod paging;
 pub mod platform;
 pub mod pml;
