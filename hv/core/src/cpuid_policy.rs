@@ -694,6 +694,39 @@ pub(crate) mod tests {
         assert!(has(l7.ebx, FSGSBASE | SMEP | SMAP | ERMS | BMI1 | BMI2));
     }
 
+    /// docs/KERNEL.md's CPUID table lists exactly the policy's leaves with
+    /// the same rule.
+    #[test]
+    fn doc_table_matches_policy() {
+        let doc = include_str!("../../../docs/KERNEL.md");
+        let mut rows: Vec<(u32, String)> =
+            crate::msr_policy::tests::doc_table(doc, "### CPUID policy")
+                .iter()
+                .map(|c| {
+                    let leaf = u32::from_str_radix(c[0].trim_start_matches("0x"), 16)
+                        .unwrap_or_else(|_| panic!("bad leaf {:?}", c[0]));
+                    (leaf, c[1].clone())
+                })
+                .collect();
+        let mut code: Vec<(u32, String)> = TABLE
+            .iter()
+            .map(|l| {
+                let rule = match l.rule {
+                    Rule::Masked { .. } => "masked",
+                    Rule::Synthesized => "synthesized",
+                    Rule::Zero => "zero",
+                };
+                (l.leaf, rule.to_string())
+            })
+            .collect();
+        rows.sort();
+        code.sort();
+        assert_eq!(
+            rows, code,
+            "docs/KERNEL.md CPUID policy table vs cpuid_policy::TABLE"
+        );
+    }
+
     proptest! {
         /// For any host: a passed-through bit the guest sees, the host has
         /// (or the platform sets it); the forced bits are always there.

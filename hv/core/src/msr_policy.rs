@@ -356,7 +356,7 @@ impl MsrState {
             MISC_ENABLE => MISC_ENABLE_VALUE,
             MTRR_PHYS_BASE0..=MTRR_PHYS_LAST => {
                 let (base, mask) = self.mtrr_var[((msr - MTRR_PHYS_BASE0) / 2) as usize];
-                if msr % 2 == 0 {
+                if msr & 1 == 0 {
                     base
                 } else {
                     mask
@@ -470,12 +470,14 @@ impl MsrState {
             }
             MTRR_PHYS_BASE0..=MTRR_PHYS_LAST => {
                 let pair = &mut self.mtrr_var[((msr - MTRR_PHYS_BASE0) / 2) as usize];
+                // Even MSRs are bases, odd ones masks.
+                let is_base = msr & 1 == 0;
                 let reserved =
-                    (!((1u64 << self.phys_bits) - 1)) | if msr % 2 == 0 { 0xf00 } else { 0x7ff };
-                if value & reserved != 0 || (msr % 2 == 0 && !mtrr_type(value & 0xff)) {
+                    (!((1u64 << self.phys_bits) - 1)) | if is_base { 0xf00 } else { 0x7ff };
+                if value & reserved != 0 || (is_base && !mtrr_type(value & 0xff)) {
                     return bad;
                 }
-                if msr % 2 == 0 {
+                if is_base {
                     pair.0 = value;
                 } else {
                     pair.1 = value;
@@ -506,7 +508,7 @@ impl MsrState {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use proptest::prelude::*;
 
@@ -847,6 +849,70 @@ mod tests {
                 assert_eq!(s, before);
             }
         }
+    }
+
+    /// The table rows of the markdown section titled `heading`, split into
+    /// trimmed cells (header and separator rows dropped).
+    pub(crate) fn doc_table(doc: &str, heading: &str) -> Vec<Vec<String>> {
+        let start = doc
+            .find(heading)
+            .unwrap_or_else(|| panic!("{heading} missing from docs/KERNEL.md"));
+        doc[start..]
+            .lines()
+            .skip_while(|l| !l.starts_with('|'))
+            .take_while(|l| l.starts_with('|'))
+            .skip(2)
+            .map(|l| {
+                l.trim_matches('|')
+                    .split('|')
+                    .map(|c| c.trim().to_string())
+                    .collect()
+            })
+            .collect()
+    }
+
+    fn hex(s: &str) -> u32 {
+        u32::from_str_radix(s.trim_start_matches("0x"), 16)
+            .unwrap_or_else(|_| panic!("bad number {s:?}"))
+    }
+
+    /// docs/KERNEL.md's MSR table lists exactly the policy's rows, with
+    /// the same numbers, class and vendors.
+    #[test]
+    fn doc_table_matches_policy() {
+        let doc = include_str!("../../../docs/KERNEL.md");
+        let mut rows: Vec<(u32, u32, String, String)> = doc_table(doc, "### MSR policy")
+            .iter()
+            .map(|c| {
+                let (first, last) = match c[1].split_once('-') {
+                    Some((a, b)) => (hex(a), hex(b)),
+                    None => (hex(&c[1]), hex(&c[1])),
+                };
+                (first, last, c[2].clone(), c[3].clone())
+            })
+            .collect();
+        let mut code: Vec<(u32, u32, String, String)> = POLICY
+            .iter()
+            .map(|r| {
+                let only = match r.only {
+                    Only::Both => "both",
+                    Only::Intel => "intel",
+                    Only::Amd => "amd",
+                };
+                (
+                    r.first,
+                    r.last,
+                    r.class.as_str().to_string(),
+                    only.to_string(),
+                )
+            })
+            .collect();
+        rows.sort();
+        code.sort();
+        assert_eq!(
+            rows, code,
+            "docs/KERNEL.md MSR policy table vs msr_policy::POLICY"
+        );
     }
 
     proptest! {
