@@ -3,8 +3,9 @@
 //! emulated ones.
 //!
 //! Three classes (`Class`):
-//! - emulated: the value lives in `MsrState` (or, for the x2APIC range, in
-//!   the APIC model the caller forwards to); writes are checked as the CPU
+//! - emulated: the value lives in `MsrState` (or, for APIC_BASE,
+//!   TSC_DEADLINE and the x2APIC range, in the LAPIC model
+//!   `crate::platform::lapic`, which `Read::Apic`/`Write::Apic` forward to); writes are checked as the CPU
 //!   checks them and a bad value is refused with #GP;
 //! - read-as-zero: reads give 0, writes are dropped (MSRs Linux reads or
 //!   writes with the unchecked accessors on boot, whose content means
@@ -98,10 +99,7 @@ const fn emu(msr: u32, name: &'static str) -> Row {
 /// The policy. MSRs absent from it are refused (#GP).
 pub const POLICY: &[Row] = &[
     emu(TSC, "TSC (guest TSC = host TSC + offset)"),
-    emu(
-        APIC_BASE,
-        "APIC_BASE (0xFEE00000, enabled, x2APIC, BSP; fixed)",
-    ),
+    emu(APIC_BASE, "APIC_BASE (the LAPIC model)"),
     row(
         PLATFORM_ID,
         PLATFORM_ID,
@@ -159,11 +157,11 @@ pub const POLICY: &[Row] = &[
     ),
     emu(PAT, "PAT"),
     emu(MTRR_DEF_TYPE, "MTRRdefType"),
-    emu(TSC_DEADLINE, "TSC_DEADLINE (the APIC timer's deadline)"),
+    emu(TSC_DEADLINE, "TSC_DEADLINE (the LAPIC model's timer)"),
     row(
         X2APIC_FIRST,
         X2APIC_LAST,
-        "x2APIC registers (forwarded to the APIC model)",
+        "x2APIC registers (the LAPIC model)",
         Class::Emulated,
         Only::Both,
     ),
@@ -212,10 +210,11 @@ pub enum Gp {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Read {
     Value(u64),
-    /// An x2APIC register: the APIC model answers. `reg` is the MSR minus
-    /// 0x800 (the xAPIC offset divided by 16).
-    X2Apic {
-        reg: u32,
+    /// APIC_BASE, TSC_DEADLINE or an x2APIC register: the caller asks the
+    /// LAPIC model (`platform::lapic::Lapic::read_msr(msr, guest_tsc)`),
+    /// whose refusal is a #GP too.
+    Apic {
+        msr: u32,
     },
     Gp(Gp),
 }
@@ -224,11 +223,9 @@ pub enum Read {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Write {
     Done,
-    /// TSC_DEADLINE written: the APIC model (re)arms or disarms (0) its
-    /// timer; the value is also in `MsrState::tsc_deadline`.
-    Deadline(u64),
-    X2Apic {
-        reg: u32,
+    /// For the LAPIC model (`Lapic::write_msr(msr, value, guest_tsc)`).
+    Apic {
+        msr: u32,
         value: u64,
     },
     Gp(Gp),
@@ -238,8 +235,6 @@ pub const EFER_SCE: u64 = 1 << 0;
 pub const EFER_LME: u64 = 1 << 8;
 pub const EFER_LMA: u64 = 1 << 10;
 pub const EFER_NXE: u64 = 1 << 11;
-/// APIC_BASE of the one vCPU: base 0xFEE00000, EN (11), EXTD (10), BSP (8).
-pub const APIC_BASE_VALUE: u64 = 0xfee0_0000 | (1 << 11) | (1 << 10) | (1 << 8);
 /// MTRRcap: VCNT = 8, FIX, WC; no SMRR.
 pub const MTRR_CAP_VALUE: u64 = 8 | (1 << 8) | (1 << 10);
 /// MTRRdefType at reset, as firmware leaves it: MTRRs enabled (E), fixed
@@ -272,7 +267,6 @@ pub struct MsrState {
     /// Guest TSC = host TSC + `tsc_offset` (wrapping).
     pub tsc_offset: u64,
     pub tsc_adjust: u64,
-    pub tsc_deadline: u64,
     pub pat: u64,
     pub mtrr_def_type: u64,
     /// 0x250, 0x258, 0x259, 0x268..=0x26F in that order.
@@ -323,7 +317,6 @@ impl MsrState {
             sysenter_eip: 0,
             tsc_offset: 0,
             tsc_adjust: 0,
-            tsc_deadline: 0,
             pat: PAT_RESET,
             mtrr_def_type: MTRR_DEF_TYPE_RESET,
             mtrr_fixed: [0x0606_0606_0606_0606; 11],
@@ -346,7 +339,6 @@ impl MsrState {
         }
         Read::Value(match msr {
             TSC => self.guest_tsc(host_tsc),
-            APIC_BASE => APIC_BASE_VALUE,
             FEATURE_CONTROL => FEATURE_CONTROL_VALUE,
             TSC_ADJUST => self.tsc_adjust,
             MTRR_CAP => MTRR_CAP_VALUE,
@@ -364,12 +356,7 @@ impl MsrState {
             }
             PAT => self.pat,
             MTRR_DEF_TYPE => self.mtrr_def_type,
-            TSC_DEADLINE => self.tsc_deadline,
-            X2APIC_FIRST..=X2APIC_LAST => {
-                return Read::X2Apic {
-                    reg: msr - X2APIC_FIRST,
-                };
-            }
+            APIC_BASE | TSC_DEADLINE | X2APIC_FIRST..=X2APIC_LAST => return Read::Apic { msr },
             EFER => self.efer,
             STAR => self.star,
             LSTAR => self.lstar,
@@ -410,13 +397,8 @@ impl MsrState {
                     .wrapping_add(value.wrapping_sub(self.tsc_adjust));
                 self.tsc_adjust = value;
             }
-            // The x2APIC stays enabled: only a write of the same value (BSP
-            // is read-only) is accepted. Linux does not switch modes once
-            // it finds x2APIC enabled.
-            APIC_BASE => {
-                if (value ^ APIC_BASE_VALUE) & !(1 << 8) != 0 {
-                    return bad;
-                }
+            APIC_BASE | TSC_DEADLINE | X2APIC_FIRST..=X2APIC_LAST => {
+                return Write::Apic { msr, value };
             }
             FEATURE_CONTROL | MTRR_CAP => return Write::Gp(Gp::ReadOnly),
             // Writable bits on hardware (e.g. fast strings, limit CPUID)
@@ -482,16 +464,6 @@ impl MsrState {
                 } else {
                     pair.1 = value;
                 }
-            }
-            TSC_DEADLINE => {
-                self.tsc_deadline = value;
-                return Write::Deadline(value);
-            }
-            X2APIC_FIRST..=X2APIC_LAST => {
-                return Write::X2Apic {
-                    reg: msr - X2APIC_FIRST,
-                    value,
-                };
             }
             _ => match fixed_index(msr) {
                 Some(i) => {
@@ -634,50 +606,44 @@ pub(crate) mod tests {
         // Going backwards wraps instead of panicking.
         assert_eq!(s.write(Vendor::Svm, TSC, 0, u64::MAX), Write::Done);
         assert_eq!(value(s.read(Vendor::Svm, TSC, u64::MAX)), 0);
-        assert_eq!(
-            s.write(Vendor::Svm, TSC_DEADLINE, 123_456, 0),
-            Write::Deadline(123_456)
-        );
-        assert_eq!(value(s.read(Vendor::Svm, TSC_DEADLINE, 0)), 123_456);
-        assert_eq!(
-            s.write(Vendor::Svm, TSC_DEADLINE, 0, 0),
-            Write::Deadline(0),
-            "disarm"
-        );
     }
 
+    /// APIC_BASE, TSC_DEADLINE and the x2APIC range go to the LAPIC model
+    /// untouched, and the model takes what the policy forwards.
     #[test]
-    fn apic_base_is_fixed_x2apic() {
+    fn apic_msrs_go_to_the_lapic_model() {
+        use crate::platform::lapic::Lapic;
         let mut s = MsrState::new(40);
+        let before = s.clone();
         for vendor in V {
-            assert_eq!(value(s.read(vendor, APIC_BASE, 0)), 0xfee0_0d00);
-            assert_eq!(s.write(vendor, APIC_BASE, 0xfee0_0d00, 0), Write::Done);
-            assert_eq!(
-                s.write(vendor, APIC_BASE, 0xfee0_0c00, 0),
-                Write::Done,
-                "BSP is read-only"
-            );
-            // xAPIC mode, disabled, moved base: #GP.
-            for v in [0xfee0_0900, 0, 0xfed0_0d00] {
+            for msr in [APIC_BASE, TSC_DEADLINE, 0x800, 0x802, 0x80b, 0x838, 0x8ff] {
+                assert_eq!(s.read(vendor, msr, 0), Read::Apic { msr }, "{msr:#x}");
                 assert_eq!(
-                    s.write(vendor, APIC_BASE, v, 0),
-                    Write::Gp(Gp::BadValue),
-                    "{v:#x}"
+                    s.write(vendor, msr, 77, 0),
+                    Write::Apic { msr, value: 77 },
+                    "{msr:#x}"
                 );
             }
-            assert_eq!(s.read(vendor, 0x802, 0), Read::X2Apic { reg: 2 }, "APIC ID");
-            assert_eq!(
-                s.write(vendor, 0x80b, 0, 0),
-                Write::X2Apic { reg: 0xb, value: 0 },
-                "EOI"
-            );
-            assert_eq!(
-                s.write(vendor, 0x838, 77, 0),
-                Write::X2Apic {
-                    reg: 0x38,
-                    value: 77
-                }
-            );
+        }
+        assert_eq!(s, before, "no APIC state kept here");
+        let mut lapic = Lapic::new(0, true, 1);
+        assert_eq!(
+            lapic.read_msr(APIC_BASE, 0),
+            Ok(0xfee0_0d00),
+            "x2APIC enabled, BSP"
+        );
+        assert_eq!(lapic.read_msr(0x802, 0), Ok(0), "APIC ID");
+        // SVR enabled, LVT timer in TSC-deadline mode, then a deadline.
+        assert!(lapic.write_msr(0x80f, 0x1ff, 0).is_ok());
+        assert!(lapic.write_msr(0x832, (2 << 17) | 0xec, 0).is_ok());
+        assert!(lapic.write_msr(TSC_DEADLINE, 1000, 0).is_ok());
+        assert_eq!(lapic.read_msr(TSC_DEADLINE, 0), Ok(1000));
+        // Every forwarded x2APIC MSR: the model answers or refuses (#GP),
+        // never panics.
+        for msr in X2APIC_FIRST..=X2APIC_LAST {
+            assert_eq!(s.read(Vendor::Vmx, msr, 0), Read::Apic { msr });
+            let _ = lapic.read_msr(msr, 0);
+            let _ = lapic.write_msr(msr, u64::MAX, 0);
         }
     }
 
