@@ -268,12 +268,13 @@ fn drain<M: SharedMem>(
         let c = current.lock().expect("bridge lock");
         (c.generation, c.writer.clone())
     };
+    let mut stalled = false;
     let sent = match writer {
         Some(w) => match (&*w).write_all(&bytes) {
             Ok(()) => true,
             Err(e) => {
                 if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) {
-                    stats.stalled.fetch_add(1, Ordering::Relaxed);
+                    stalled = true;
                     tracing::warn!(
                         "client does not read its replies (none taken for {} s); \
                          dropped with {n} replies",
@@ -297,6 +298,11 @@ fn drain<M: SharedMem>(
     } else {
         let total = stats.dropped.fetch_add(n, Ordering::Relaxed) + n;
         tracing::debug!("no client: {n} replies dropped ({total} so far)");
+    }
+    // Counted once its replies are: whoever sees the stall (Acquire) sees
+    // them dropped.
+    if stalled {
+        stats.stalled.fetch_add(1, Ordering::Release);
     }
     Ok(n)
 }
@@ -517,7 +523,7 @@ mod tests {
             let rec = [0x42u8; 200];
             let t = std::time::Instant::now();
             let mut pushed = 0u64;
-            while stats.stalled.load(Ordering::Relaxed) == 0
+            while stats.stalled.load(Ordering::Acquire) == 0
                 && t.elapsed() < Duration::from_secs(30)
             {
                 match hv_out.write_record(1, &rec) {
@@ -529,7 +535,7 @@ mod tests {
                     Err(e) => panic!("{e:?}"),
                 }
             }
-            let stalled = stats.stalled.load(Ordering::Relaxed);
+            let stalled = stats.stalled.load(Ordering::Acquire);
             // Unblock a bridge stuck writing before asserting (so a
             // failure is reported, not hung on).
             drop(stuck);
