@@ -340,7 +340,7 @@ impl<'a, E: NestedEntry, V: Vcpu, S: EpochSink> Run<'a, E, V, S> {
         if exit.next_rip.is_some() || !skipped {
             return exit;
         }
-        let paging = self.vcpu.state().code_paging(self.vcpu.cs_long());
+        let paging = self.vcpu.code_paging();
         let read = |gpa: u64| {
             self.ram
                 .slice(gpa, 8)

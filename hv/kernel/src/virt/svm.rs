@@ -22,7 +22,7 @@
 //! Timer exit if that handler ran.
 
 use doppel_core::addr::HostPhysAddr;
-use doppel_core::exit::{ExitKind, Insn, IoAccess, VmExit};
+use doppel_core::exit::{CodePaging, ExitKind, Insn, IoAccess, VmExit};
 use doppel_core::hostile::{fnv1a, FNV_START};
 use doppel_core::hvm::{DescTable, SegAttr, Segment, VcpuState};
 use doppel_core::hw::vmcb::{
@@ -597,6 +597,17 @@ impl Vcpu for SvmVcpu {
 
     fn cs_long(&self) -> bool {
         SegAttr::from_svm(self.vmcb().save.cs.attrib).long()
+    }
+
+    fn code_paging(&self) -> CodePaging {
+        let s = &self.vmcb().save;
+        CodePaging {
+            cr0: s.cr0,
+            cr3: s.cr3,
+            cr4: s.cr4,
+            efer: s.efer,
+            cs_long: self.cs_long(),
+        }
     }
 
     fn switched_msr(&self, m: u32) -> Option<u64> {

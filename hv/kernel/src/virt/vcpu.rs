@@ -3,7 +3,7 @@
 //! self-test) is vendor-neutral and never asks which backend it drives.
 
 use doppel_core::dirtylog::DirtyLog;
-use doppel_core::exit::VmExit;
+use doppel_core::exit::{CodePaging, VmExit};
 use doppel_core::hvm::VcpuState;
 use doppel_core::paging::Flush;
 use doppel_core::pml::{DrainStats, PmlError};
@@ -84,5 +84,14 @@ pub trait Vcpu {
     /// whole [`Vcpu::state`] as the default does.
     fn cs_long(&self) -> bool {
         self.state().cs.attr.long()
+    }
+
+    /// What a walk of the guest's page tables for the code at RIP needs
+    /// (the control registers, EFER and CS.L). Asked at the same exits as
+    /// [`Vcpu::cs_long`]: a backend that gets asked (SVM without NRIP
+    /// save) reads just these rather than build a whole [`Vcpu::state`]
+    /// (segments, MSRs: some 400 emulated instructions per exit).
+    fn code_paging(&self) -> CodePaging {
+        self.state().code_paging(self.cs_long())
     }
 }
