@@ -58,14 +58,12 @@ pub(crate) fn backup_inner(a: BackupArgs) -> Res {
     }
     let tty = std::io::stderr().is_terminal();
     let offer = if a.no_compress { 0 } else { feature::KNOWN };
-    telemetry::global().set_state(State::Waiting);
     let got = crate::linkcli::serve_until_accepted(
         &l,
         a.accept_timeout,
         tls.as_ref(),
         a.tls.handshake(),
         |link, nonce| {
-            session_started(link.socket());
             let (conn, ack_out) = link.split();
             let t0 = Instant::now();
             let mut progress = Progress::new(t0);
@@ -131,13 +129,6 @@ pub(crate) fn backup_inner(a: BackupArgs) -> Res {
         ) => Err((e.to_string(), IO)),
         Some(e) => Err((format!("{e}; replica at epoch {last}"), INVALID)),
     }
-}
-
-/// A primary connected: the backup is now protecting it.
-pub(crate) fn session_started(sock: &std::net::TcpStream) {
-    let t = telemetry::global();
-    t.set_peer(sock.peer_addr().ok().map(|a| a.to_string()));
-    t.set_state(State::Protected);
 }
 
 /// A committed epoch, for the status and metrics.
@@ -214,14 +205,12 @@ pub(crate) fn standby_backup(a: BackupArgs) -> Res {
     let hb = a.heartbeat_timeout;
     let offer = if a.no_compress { 0 } else { feature::KNOWN };
     let tel = telemetry::global();
-    tel.set_state(State::Waiting);
     let got = crate::linkcli::serve_until_accepted(
         &l,
         a.accept_timeout,
         tls.as_ref(),
         a.tls.handshake(),
         |link, nonce| {
-            session_started(link.socket());
             link.socket()
                 .set_read_timeout(Some(hb))
                 .map_err(io("socket".into()))?;

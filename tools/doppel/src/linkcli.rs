@@ -12,6 +12,7 @@ use clap::Args;
 use doppel::ack::{AckReader, BackMsg};
 use doppel::backup::{ReceiveError, Received};
 use doppel::link::{Link, LinkReader, LinkTls, TlsFiles, SESSION_NONCE_LEN};
+use doppel::telemetry::State;
 
 use crate::exit::{IO, LOST_BACKUP, PEER_GONE, USAGE};
 
@@ -278,8 +279,13 @@ pub fn serve_until_accepted<R>(
     refused: impl Fn(&R) -> bool,
 ) -> Result<R, (String, u8)> {
     let waiting = Instant::now();
+    let tel = doppel::telemetry::global();
     loop {
+        tel.set_state(State::Waiting);
         let (link, nonce) = accept(l, waiting, timeout, tls, handshake)?;
+        // A primary connected: this backup now protects it.
+        tel.set_peer(link.socket().peer_addr().ok().map(|a| a.to_string()));
+        tel.set_state(State::Protected);
         let got = serve(link, nonce)?;
         if !refused(&got) {
             return Ok(got);

@@ -21,14 +21,9 @@ use x86_64::structures::gdt::{GlobalDescriptorTable, SegmentSelector};
 use x86_64::structures::idt::InterruptDescriptorTable;
 use x86_64::structures::paging::PhysFrame;
 
-/// The four registers CPUID returns.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Cpuid {
-    pub eax: u32,
-    pub ebx: u32,
-    pub ecx: u32,
-    pub edx: u32,
-}
+/// The four registers CPUID returns (hv/core's, which the CPUID policy
+/// takes the host's answers in).
+pub use doppel_core::cpuid_policy::Cpuid;
 
 /// CPUID with `leaf` in EAX and `subleaf` in ECX.
 pub fn cpuid(leaf: u32, subleaf: u32) -> Cpuid {
