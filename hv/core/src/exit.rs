@@ -70,6 +70,18 @@ pub enum ExitKind {
         write: bool,
         value: u64,
     },
+    /// The guest can take a maskable interrupt now (it asked for an
+    /// interrupt window: SVM's VINTR intercept, VMX interrupt-window
+    /// exiting).
+    InterruptWindow,
+    /// A write of control register `cr` (0, 3, 4 or 8) from general
+    /// register `gpr` (0 = RAX .. 15 = R15, the ModRM order), or `None`
+    /// when the backend does not report it (SVM without decode assists:
+    /// the dispatch decodes the instruction's bytes).
+    CrWrite {
+        cr: u8,
+        gpr: Option<u8>,
+    },
     /// Anything else, with the vendor's raw reason and details.
     Unknown {
         code: u64,

@@ -4,7 +4,7 @@
 
 use doppel_core::dirtylog::DirtyLog;
 use doppel_core::exit::{CodePaging, VmExit};
-use doppel_core::hvm::VcpuState;
+use doppel_core::hvm::{PendingEvent, VcpuState};
 use doppel_core::paging::Flush;
 use doppel_core::pml::{DrainStats, PmlError};
 
@@ -93,5 +93,63 @@ pub trait Vcpu {
     /// (segments, MSRs: some 400 emulated instructions per exit).
     fn code_paging(&self) -> CodePaging {
         self.state().code_paging(self.cs_long())
+    }
+
+    // ---- The platform's needs (issue 19: a stock Linux guest). A backend
+    // that runs only the test guests may keep the defaults.
+
+    /// Deliver `ev` at the next entry (an external interrupt, NMI or
+    /// exception; SVM EVENTINJ, VMX VM-entry interruption information).
+    /// Replaces an event still waiting. False: not supported.
+    fn inject(&mut self, _ev: PendingEvent) -> bool {
+        false
+    }
+
+    /// The event the last exit interrupted while it was being delivered
+    /// (SVM EXITINTINFO, VMX IDT-vectoring information), which the backend
+    /// re-injects at the next entry unless [`Vcpu::inject`] replaces it.
+    /// [`Vcpu::state`] reports it as `pending_event`.
+    fn interrupted_event(&self) -> Option<PendingEvent> {
+        None
+    }
+
+    /// Whether the guest can take a maskable interrupt right now:
+    /// RFLAGS.IF set, no STI/MOV-SS shadow, no event waiting to be
+    /// injected.
+    fn interruptible(&self) -> bool {
+        false
+    }
+
+    /// Ask for (true) or stop asking for an [`ExitKind::InterruptWindow`]
+    /// exit as soon as the guest can take an interrupt.
+    ///
+    /// [`ExitKind::InterruptWindow`]: doppel_core::exit::ExitKind::InterruptWindow
+    fn set_interrupt_window(&mut self, _on: bool) {}
+
+    /// Guest TSC = host TSC + `offset` (wrapping), for RDTSC and for
+    /// everything else the CPU reads the TSC for. False: not supported.
+    fn set_tsc_offset(&mut self, _offset: u64) -> bool {
+        false
+    }
+
+    /// Write control register `cr` (0, 3 or 4) with a value the platform
+    /// has already checked, with what the CPU does on such a write (VMX:
+    /// EFER.LMA and the IA-32e-mode entry control on a CR0.PG change, the
+    /// read shadows; both: the guest TLB as the architecture says).
+    fn set_cr(&mut self, _cr: u8, _value: u64) -> bool {
+        false
+    }
+
+    /// Set the guest's EFER (already checked; LMA as the CPU keeps it).
+    fn set_efer(&mut self, _value: u64) -> bool {
+        false
+    }
+
+    /// Load a whole architectural state (a restore from records): every
+    /// register, segment, control register, EFER and switched MSR of
+    /// `st`, and its `pending_event` as the event to inject. The nested
+    /// tables and intercepts stay as they are. False: not supported.
+    fn load_state(&mut self, _st: &VcpuState) -> bool {
+        false
     }
 }
