@@ -37,6 +37,18 @@ pub const IOAPIC_ADDR: u32 = 0xFEC0_0000;
 pub const COM1_PORT: u16 = 0x3F8;
 pub const COM1_GSI: u32 = 4;
 
+/// The HW-reduced sleep control and status registers (I/O ports): Linux
+/// powers off by writing S5's SLP_TYP (bits 2-4) with SLP_EN (bit 5).
+pub const SLEEP_CONTROL_PORT: u16 = 0x600;
+pub const SLEEP_STATUS_PORT: u16 = 0x601;
+pub const S5_SLP_TYP: u8 = 5;
+const SLP_EN: u8 = 1 << 5;
+
+/// Whether a byte written to `port` is the guest entering S5.
+pub fn is_poweroff(port: u16, value: u8) -> bool {
+    port == SLEEP_CONTROL_PORT && value & SLP_EN != 0 && (value >> 2) & 7 == S5_SLP_TYP
+}
+
 /// FADT IA-PC boot architecture flags: no VGA, no MSI (there is no PCI).
 const IAPC_VGA_NOT_PRESENT: u16 = 1 << 2;
 const IAPC_MSI_NOT_SUPPORTED: u16 = 1 << 3;

@@ -31,10 +31,19 @@
 //! - `epoch-ticks=N` (1000..=10^10): also end a tracking epoch every N TSC
 //!   ticks with the backend's epoch timer (default: only the guest's own
 //!   epoch ends).
-//! - `broken=none|no-fault-mark|no-pml-drain|msr-passthrough`: run with a
-//!   deliberate bug, to show that the test catches it (default `none`).
-//!   `msr-passthrough` leaves the MSR intercept bitmaps all zero (the
-//!   guest reaches the host's MSRs), for `mode=isolation`.
+//! - `broken=none|no-fault-mark|no-pml-drain|msr-passthrough|skip-lapic-regs`:
+//!   run with a deliberate bug, to show that the test catches it (default
+//!   `none`). `msr-passthrough` leaves the MSR intercept bitmaps all zero
+//!   (the guest reaches the host's MSRs), for `mode=isolation`;
+//!   `skip-lapic-regs` leaves the LAPIC_REGS record out of every save of
+//!   `mode=linux restore-every=N`.
+//! - `mode=linux` runs the stock Linux kernel given as Multiboot2 module 0
+//!   (its module string is the kernel's command line) with module 1 as its
+//!   initrd, through Xen's PVH entry, in `guest-mem` MiB (default 256 in
+//!   this mode). `tsc-khz=N` (1000..=10^8, required) is the guest's TSC
+//!   rate, which the platform's clocks are timed by; `restore-every=N`
+//!   (1..=10^7) saves the whole guest to Xen's records every N exits,
+//!   destroys the vCPU and platform and rebuilds them from the records.
 //!
 //! A word without `=` that starts with `/` is the image's own path (some
 //! loaders prepend it) and is skipped. Anything else is an error: a typo on
@@ -60,6 +69,8 @@ pub enum Mode {
     Standby,
     /// The hostile guest's escape probes, each in a fresh guest.
     Isolation,
+    /// A stock Linux kernel (Multiboot2 modules) through the PVH entry.
+    Linux,
 }
 
 /// What the guest runs in `mode=primary`.
@@ -84,6 +95,8 @@ pub enum Broken {
     NoPmlDrain,
     /// All-zero MSR intercept bitmaps: every MSR reaches the hardware.
     MsrPassthrough,
+    /// The Linux restore loop's saves leave out the LAPIC_REGS record.
+    SkipLapicRegs,
 }
 
 /// A deliberate failure, to test that failures are reported.
@@ -110,6 +123,12 @@ pub struct Config {
     pub service: Service,
     pub keys: u32,
     pub epoch_exits: Option<u64>,
+    /// `mode=linux`: the guest's TSC rate in kHz.
+    pub tsc_khz: Option<u32>,
+    /// `mode=linux`: save and rebuild the guest every this many exits.
+    pub restore_every: Option<u64>,
+    /// `guest-mem` was given (Linux's default differs).
+    pub guest_mem_given: bool,
 }
 
 impl Default for Config {
@@ -124,6 +143,9 @@ impl Default for Config {
             service: Service::Workload,
             keys: 256,
             epoch_exits: None,
+            tsc_khz: None,
+            restore_every: None,
+            guest_mem_given: false,
         }
     }
 }
@@ -167,7 +189,7 @@ impl Config {
                 return Err(ConfigError::NotKeyValue(word));
             };
             let bad = ConfigError::BadValue { key, value };
-            const KEYS: [&str; 9] = [
+            const KEYS: [&str; 11] = [
                 "log",
                 "mode",
                 "epochs",
@@ -177,6 +199,8 @@ impl Config {
                 "service",
                 "keys",
                 "epoch-exits",
+                "tsc-khz",
+                "restore-every",
             ];
             let Some(i) = KEYS.iter().position(|k| *k == key) else {
                 return Err(ConfigError::UnknownKey(key));
@@ -207,6 +231,7 @@ impl Config {
                         "primary" => Mode::Primary,
                         "standby" => Mode::Standby,
                         "isolation" => Mode::Isolation,
+                        "linux" => Mode::Linux,
                         _ => return Err(bad),
                     };
                 }
@@ -219,6 +244,19 @@ impl Config {
                 "guest-mem" => {
                     cfg.guest_mem_mib = match value.parse::<u32>() {
                         Ok(n) if (8..=1024).contains(&n) && n % 2 == 0 => n,
+                        _ => return Err(bad),
+                    };
+                    cfg.guest_mem_given = true;
+                }
+                "tsc-khz" => {
+                    cfg.tsc_khz = match value.parse::<u32>() {
+                        Ok(n) if (1000..=100_000_000).contains(&n) => Some(n),
+                        _ => return Err(bad),
+                    };
+                }
+                "restore-every" => {
+                    cfg.restore_every = match value.parse::<u64>() {
+                        Ok(n) if (1..=10_000_000).contains(&n) => Some(n),
                         _ => return Err(bad),
                     };
                 }
@@ -253,6 +291,7 @@ impl Config {
                         "no-fault-mark" => Some(Broken::NoFaultMark),
                         "no-pml-drain" => Some(Broken::NoPmlDrain),
                         "msr-passthrough" => Some(Broken::MsrPassthrough),
+                        "skip-lapic-regs" => Some(Broken::SkipLapicRegs),
                         _ => return Err(bad),
                     };
                 }
@@ -298,6 +337,33 @@ mod tests {
         let c = Config::parse("mode=selftest epochs=7 guest-mem=128 broken=no-pml-drain").unwrap();
         assert_eq!(c.mode, Mode::SelfTest);
         assert_eq!(Config::parse("mode=primary").unwrap().mode, Mode::Primary);
+        let l =
+            Config::parse("mode=linux tsc-khz=1000000 restore-every=5000 broken=skip-lapic-regs")
+                .unwrap();
+        assert_eq!(
+            (
+                l.mode,
+                l.tsc_khz,
+                l.restore_every,
+                l.broken,
+                l.guest_mem_given
+            ),
+            (
+                Mode::Linux,
+                Some(1_000_000),
+                Some(5000),
+                Some(Broken::SkipLapicRegs),
+                false
+            )
+        );
+        for bad in [
+            "tsc-khz=999",
+            "tsc-khz=x",
+            "restore-every=0",
+            "restore-every=20000000",
+        ] {
+            assert!(Config::parse(bad).is_err(), "{bad}");
+        }
         assert_eq!(c.epochs, 7);
         assert_eq!(c.guest_mem_mib, 128);
         assert_eq!(c.broken, Some(Broken::NoPmlDrain));

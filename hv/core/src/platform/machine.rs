@@ -1,0 +1,415 @@
+//! The platform as one machine: the device models of this module wired to
+//! each other and to the guest's port, MMIO and MSR accesses, the way the
+//! hypervisor's exit dispatch sees them.
+//!
+//! Routing: COM1's interrupt line drives IOAPIC pin 4 (the DSDT's `COM1`,
+//! edge, active high); IOAPIC deliveries and the LAPIC timer go into the
+//! LAPIC's IRR; a level-triggered vector's EOI goes back to the IOAPIC.
+//! The hypervisor asks [`Machine::pending`] before each entry and injects
+//! what [`Machine::ack`] returns.
+//!
+//! Time is the guest's TSC throughout (host TSC plus the MSR state's
+//! offset): the LAPIC's TSC-deadline and count-down timers and the RTC run
+//! on it. Ports no device claims read as all ones and drop writes, as on a
+//! PC with nothing at that address.
+
+use crate::acpi;
+use crate::msr::Vendor;
+use crate::msr_policy::{self, Gp, MsrState, Read, Write};
+
+use super::ioapic::{Delivery, DeliveryKind, Ioapic};
+use super::lapic::{Effect, Lapic};
+use super::rtc::{Clock, Rtc};
+use super::uart::Uart;
+
+/// COM1's eight ports.
+pub const COM1_FIRST: u16 = acpi::COM1_PORT;
+pub const COM1_LAST: u16 = acpi::COM1_PORT + 7;
+/// The CMOS RTC's index and data ports.
+pub const RTC_FIRST: u16 = 0x70;
+pub const RTC_LAST: u16 = 0x71;
+/// A byte written here is a mark the test harness times the guest by
+/// (`doppel-hv: linux: mark=..`): the guest's /init writes it through
+/// /dev/port. Not a device Linux knows; reads give all ones.
+pub const MARK_PORT: u16 = 0x602;
+/// The IOAPIC's MMIO window.
+pub const IOAPIC_BASE: u64 = acpi::IOAPIC_ADDR as u64;
+pub const IOAPIC_SIZE: u64 = 0x1000;
+
+/// What a port write asks of the hypervisor besides the device update.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PortEffect {
+    None,
+    /// A byte for the console (COM1's THR).
+    Console(u8),
+    /// A mark for the test harness.
+    Mark(u8),
+    /// ACPI S5 through the sleep control register: the guest powered off.
+    Poweroff,
+}
+
+/// An MMIO access no device claims.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NoDevice {
+    pub gpa: u64,
+}
+
+/// A guest's platform: its devices and emulated MSRs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Machine {
+    pub vendor: Vendor,
+    pub lapic: Lapic,
+    pub ioapic: Ioapic,
+    pub rtc: Rtc,
+    pub uart: Uart,
+    pub msrs: MsrState,
+    /// The level last driven on IOAPIC pin 4 by COM1.
+    com1_line: bool,
+    /// Deliveries the LAPIC could not take (NMI), counted.
+    pub dropped_deliveries: u64,
+}
+
+impl Machine {
+    /// The machine at the PVH entry: LAPIC in x2APIC mode (id 0),
+    /// IOAPIC masked, RTC at `clock`, COM1 idle, MSRs at reset. The TSC
+    /// offset is the caller's (it sets `msrs.tsc_offset` and the vCPU's).
+    pub fn new(vendor: Vendor, phys_bits: u8, clock: Clock) -> Self {
+        Machine {
+            vendor,
+            // The APIC bus runs at TSC/1: only the count-down timer uses
+            // it (Linux takes the TSC-deadline timer it is offered).
+            lapic: Lapic::new(0, true, 1),
+            ioapic: Ioapic::new(0),
+            rtc: Rtc::new(clock),
+            uart: Uart::new(),
+            msrs: MsrState::new(phys_bits),
+            com1_line: false,
+            dropped_deliveries: 0,
+        }
+    }
+
+    /// Put back the parts that are not in any record (COM1 is a device
+    /// model's state, the pin level follows from it).
+    pub fn from_parts(
+        vendor: Vendor,
+        lapic: Lapic,
+        ioapic: Ioapic,
+        rtc: Rtc,
+        uart: Uart,
+        msrs: MsrState,
+    ) -> Self {
+        let mut m = Machine {
+            vendor,
+            lapic,
+            ioapic,
+            rtc,
+            uart,
+            msrs,
+            com1_line: false,
+            dropped_deliveries: 0,
+        };
+        m.drive_com1();
+        m
+    }
+
+    /// The guest's TSC at host TSC `host_tsc`.
+    pub fn guest_tsc(&self, host_tsc: u64) -> u64 {
+        self.msrs.guest_tsc(host_tsc)
+    }
+
+    fn deliver(&mut self, d: Option<Delivery>) {
+        let Some(d) = d else { return };
+        match d.kind {
+            // One vCPU: every fixed or lowest-priority message is its.
+            DeliveryKind::Fixed | DeliveryKind::LowestPriority => {
+                self.lapic.accept(d.vector, d.level);
+            }
+            DeliveryKind::Nmi => self.dropped_deliveries += 1,
+        }
+    }
+
+    /// Re-drive IOAPIC pin 4 from COM1's interrupt output.
+    fn drive_com1(&mut self) {
+        let level = self.uart.irq();
+        if level != self.com1_line {
+            self.com1_line = level;
+            let d = self.ioapic.set_irq(acpi::COM1_GSI, level);
+            self.deliver(d);
+        }
+    }
+
+    /// IN of `size` bytes from `port`. Unclaimed ports (and refused
+    /// reads) give all ones.
+    pub fn port_read(&mut self, port: u16, size: u8, host_tsc: u64) -> u32 {
+        let ones = match size {
+            1 => 0xff,
+            2 => 0xffff,
+            _ => u32::MAX,
+        };
+        if size != 1 {
+            return ones;
+        }
+        let tsc = self.guest_tsc(host_tsc);
+        let v = match port {
+            COM1_FIRST..=COM1_LAST => {
+                let v = self.uart.read(port - COM1_FIRST);
+                self.drive_com1();
+                v.ok()
+            }
+            RTC_FIRST..=RTC_LAST => self.rtc.read(port, tsc).ok(),
+            acpi::SLEEP_STATUS_PORT => Some(0),
+            _ => None,
+        };
+        v.map_or(ones, u32::from)
+    }
+
+    /// OUT of `size` bytes of `value` to `port`. Unclaimed ports (and
+    /// refused writes) drop it.
+    pub fn port_write(&mut self, port: u16, size: u8, value: u32, host_tsc: u64) -> PortEffect {
+        if size != 1 {
+            return PortEffect::None;
+        }
+        let byte = value as u8;
+        let tsc = self.guest_tsc(host_tsc);
+        match port {
+            COM1_FIRST..=COM1_LAST => {
+                let out = self.uart.write(port - COM1_FIRST, byte);
+                self.drive_com1();
+                match out {
+                    Ok(Some(b)) => PortEffect::Console(b),
+                    _ => PortEffect::None,
+                }
+            }
+            RTC_FIRST..=RTC_LAST => {
+                let _ = self.rtc.write(port, byte, tsc);
+                PortEffect::None
+            }
+            MARK_PORT => PortEffect::Mark(byte),
+            p if acpi::is_poweroff(p, byte) => PortEffect::Poweroff,
+            _ => PortEffect::None,
+        }
+    }
+
+    /// Whether `gpa` is in a device's MMIO window.
+    pub fn claims_mmio(gpa: u64) -> bool {
+        (IOAPIC_BASE..IOAPIC_BASE + IOAPIC_SIZE).contains(&gpa)
+    }
+
+    /// An MMIO read of `size` bytes at `gpa`. A refused access to a device
+    /// reads all ones; no device at all is an error for the caller.
+    pub fn mmio_read(&mut self, gpa: u64, size: u8) -> Result<u64, NoDevice> {
+        if !Self::claims_mmio(gpa) {
+            return Err(NoDevice { gpa });
+        }
+        Ok(self.ioapic.read(gpa - IOAPIC_BASE, size).map_or(
+            u64::MAX >> (64 - 8 * u32::from(size.clamp(1, 8))),
+            u64::from,
+        ))
+    }
+
+    /// An MMIO write; a refused one is dropped.
+    pub fn mmio_write(&mut self, gpa: u64, size: u8, value: u64) -> Result<(), NoDevice> {
+        if !Self::claims_mmio(gpa) {
+            return Err(NoDevice { gpa });
+        }
+        if let Ok(d) = self.ioapic.write(gpa - IOAPIC_BASE, size, value as u32) {
+            self.deliver(d);
+        }
+        Ok(())
+    }
+
+    /// An intercepted RDMSR the MSR policy or the LAPIC answers.
+    pub fn rdmsr(&mut self, msr: u32, host_tsc: u64) -> Result<u64, Gp> {
+        match self.msrs.read(self.vendor, msr, host_tsc) {
+            Read::Value(v) => Ok(v),
+            Read::Apic { msr } => self
+                .lapic
+                .read_msr(msr, self.msrs.guest_tsc(host_tsc))
+                .map_err(|_| Gp::BadValue),
+            Read::Gp(g) => Err(g),
+        }
+    }
+
+    /// An intercepted WRMSR; on `Ok` the value is the new state (the
+    /// caller copies MSRs the vCPU holds into it: EFER, the switched
+    /// ones, the TSC offset).
+    pub fn wrmsr(&mut self, msr: u32, value: u64, host_tsc: u64) -> Result<(), Gp> {
+        match self.msrs.write(self.vendor, msr, value, host_tsc) {
+            Write::Done => Ok(()),
+            Write::Apic { msr, value } => {
+                let tsc = self.msrs.guest_tsc(host_tsc);
+                match self.lapic.write_msr(msr, value, tsc) {
+                    Ok(Effect::None) => Ok(()),
+                    Ok(Effect::LevelEoi { vector }) => {
+                        let d = self.ioapic.eoi(vector);
+                        self.deliver(d);
+                        Ok(())
+                    }
+                    Ok(Effect::SelfNmi) => {
+                        self.dropped_deliveries += 1;
+                        Ok(())
+                    }
+                    Err(_) => Err(Gp::BadValue),
+                }
+            }
+            Write::Gp(g) => Err(g),
+        }
+    }
+
+    /// Advance the timers to now.
+    pub fn update(&mut self, host_tsc: u64) {
+        let tsc = self.msrs.guest_tsc(host_tsc);
+        self.lapic.tick(tsc);
+    }
+
+    /// The host TSC at which [`Machine::update`] next has work.
+    pub fn next_deadline(&self) -> Option<u64> {
+        self.lapic
+            .next_deadline()
+            .map(|g| g.wrapping_sub(self.msrs.tsc_offset))
+    }
+
+    /// The vector to inject now, if any.
+    pub fn pending(&self) -> Option<u8> {
+        self.lapic.pending()
+    }
+
+    /// The caller injects [`Machine::pending`]: move it to in-service.
+    pub fn ack(&mut self) -> Option<u8> {
+        self.lapic.ack()
+    }
+
+    /// Whether an MSR is one the vCPU itself holds (the world switch or
+    /// the CPU's own state): its value is read from the vCPU, and a write
+    /// the policy accepts is copied into the vCPU.
+    pub fn vcpu_held(msr: u32) -> bool {
+        use msr_policy::nr::*;
+        matches!(
+            msr,
+            EFER | STAR
+                | LSTAR
+                | CSTAR
+                | SFMASK
+                | FS_BASE
+                | GS_BASE
+                | KERNEL_GS_BASE
+                | SYSENTER_CS
+                | SYSENTER_ESP
+                | SYSENTER_EIP
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::platform::lapic;
+
+    fn machine() -> Machine {
+        Machine::new(
+            Vendor::Svm,
+            40,
+            Clock {
+                secs: 1_700_000_000,
+                tsc: 0,
+                khz: 1_000_000,
+            },
+        )
+    }
+
+    /// Route GSI 4 to `vector`, edge, unmasked, as Linux programs it.
+    fn route_com1(m: &mut Machine, vector: u8) {
+        let base = IOAPIC_BASE;
+        m.mmio_write(base, 4, 0x10 + 2 * 4).unwrap();
+        m.mmio_write(base + 0x10, 4, u64::from(vector)).unwrap();
+        m.mmio_write(base, 4, 0x10 + 2 * 4 + 1).unwrap();
+        m.mmio_write(base + 0x10, 4, 0).unwrap();
+    }
+
+    fn enable_lapic(m: &mut Machine) {
+        m.wrmsr(0x80f, 0x1ff, 0).unwrap();
+    }
+
+    #[test]
+    fn com1_thre_interrupt_reaches_the_lapic_through_the_ioapic() {
+        let mut m = machine();
+        enable_lapic(&mut m);
+        route_com1(&mut m, 0x24);
+        assert_eq!(m.pending(), None);
+        // MCR OUT2, then IER THRE: THR is empty, so the line rises.
+        m.port_write(COM1_FIRST + 4, 1, 0x08, 0);
+        m.port_write(COM1_FIRST + 1, 1, 0x02, 0);
+        assert_eq!(m.pending(), Some(0x24));
+        assert_eq!(m.ack(), Some(0x24));
+        assert_eq!(m.pending(), None);
+        // A byte out is console output.
+        assert_eq!(
+            m.port_write(COM1_FIRST, 1, u32::from(b'x'), 0),
+            PortEffect::Console(b'x')
+        );
+        // EOI clears in-service.
+        m.wrmsr(0x80b, 0, 0).unwrap();
+    }
+
+    #[test]
+    fn tsc_deadline_fires_at_the_guest_tsc_and_maps_to_host_time() {
+        let mut m = machine();
+        m.msrs.tsc_offset = 1000;
+        enable_lapic(&mut m);
+        // LVT timer: TSC-deadline mode, vector 0xec.
+        m.wrmsr(0x832, 0xec | (2 << 17), 0).unwrap();
+        m.wrmsr(0x6e0, 50_000, 0).unwrap();
+        assert_eq!(m.next_deadline(), Some(49_000));
+        m.update(48_999);
+        assert_eq!(m.pending(), None);
+        m.update(49_000);
+        assert_eq!(m.pending(), Some(0xec));
+        assert_eq!(m.lapic.timer_mode(), lapic::TimerMode::TscDeadline);
+    }
+
+    #[test]
+    fn unclaimed_ports_read_ones_and_poweroff_is_seen() {
+        let mut m = machine();
+        assert_eq!(m.port_read(0x80, 1, 0), 0xff);
+        assert_eq!(m.port_read(0x3f8, 2, 0), 0xffff);
+        assert_eq!(m.port_write(0x80, 1, 0, 0), PortEffect::None);
+        assert_eq!(m.port_write(MARK_PORT, 1, 7, 0), PortEffect::Mark(7));
+        let slp = (acpi::S5_SLP_TYP << 2) | (1 << 5);
+        assert_eq!(
+            m.port_write(acpi::SLEEP_CONTROL_PORT, 1, u32::from(slp), 0),
+            PortEffect::Poweroff
+        );
+        // SLP_EN without S5's type is not a poweroff.
+        assert_eq!(
+            m.port_write(acpi::SLEEP_CONTROL_PORT, 1, 1 << 5, 0),
+            PortEffect::None
+        );
+    }
+
+    #[test]
+    fn rtc_reads_the_clock_and_unknown_mmio_is_no_device() {
+        let mut m = machine();
+        m.port_write(RTC_FIRST, 1, 0x0b, 0);
+        m.port_write(RTC_LAST, 1, 0x06, 0); // binary, 24 h
+        m.port_write(RTC_FIRST, 1, 0x09, 0);
+        // 1_700_000_000 is 2023-11-14 22:13:20 UTC.
+        assert_eq!(m.port_read(RTC_LAST, 1, 0), 23);
+        assert_eq!(
+            m.mmio_read(0xfee0_0000, 4),
+            Err(NoDevice { gpa: 0xfee0_0000 })
+        );
+        m.mmio_write(IOAPIC_BASE, 4, 1).unwrap();
+        assert_eq!(m.mmio_read(IOAPIC_BASE + 0x10, 4), Ok(0x0017_0011));
+    }
+
+    #[test]
+    fn refused_msrs_are_gp_and_change_nothing() {
+        let mut m = machine();
+        let before = m.clone();
+        assert_eq!(m.wrmsr(0xc001_0117, 0, 0), Err(Gp::Unknown));
+        assert_eq!(m.rdmsr(0x48, 0), Err(Gp::Unknown));
+        assert_eq!(m, before);
+        assert!(Machine::vcpu_held(0xc000_0080));
+        assert!(!Machine::vcpu_held(0x10));
+    }
+}
