@@ -230,7 +230,8 @@ pub fn resume_rip(exit: &VmExit, action: Action) -> Option<u64> {
 }
 
 /// The one encoding each skipped-by-length exit is accepted in: CPUID
-/// (`0F A2`), VMMCALL (`0F 01 D9`) or VMCALL (`0F 01 C1`), HLT (`F4`).
+/// (`0F A2`), VMMCALL (`0F 01 D9`) or VMCALL (`0F 01 C1`), HLT (`F4`),
+/// RDMSR (`0F 32`), WRMSR (`0F 30`).
 /// No prefixes: a prefixed form is legal but rare, and is reported as
 /// unknown (a stop) rather than skipped by a wrong length.
 fn encoding(kind: &ExitKind) -> &'static [&'static [u8]] {
@@ -238,6 +239,8 @@ fn encoding(kind: &ExitKind) -> &'static [&'static [u8]] {
         ExitKind::Cpuid => &[&[0x0f, 0xa2]],
         ExitKind::Hypercall => &[&[0x0f, 0x01, 0xd9], &[0x0f, 0x01, 0xc1]],
         ExitKind::Hlt => &[&[0xf4]],
+        ExitKind::Msr { write: false, .. } => &[&[0x0f, 0x32]],
+        ExitKind::Msr { write: true, .. } => &[&[0x0f, 0x30]],
         _ => &[],
     }
 }
@@ -318,25 +321,43 @@ pub fn translate_code(
 pub fn read_code(
     p: &CodePaging,
     rip: u64,
-    mut read: impl FnMut(u64) -> Option<u64>,
-    mut byte: impl FnMut(u64) -> Option<u8>,
+    read: impl FnMut(u64) -> Option<u64>,
+    byte: impl FnMut(u64) -> Option<u8>,
 ) -> ([u8; MAX_EXACT_LEN], usize) {
     let mut bytes = [0u8; MAX_EXACT_LEN];
+    let n = read_code_into(p, rip, read, byte, &mut bytes);
+    (bytes, n)
+}
+
+/// Fill `out` with the code at `rip` as [`read_code`] does (one walk per
+/// code page touched); returns how many bytes were readable. With paging
+/// off (CR0.PG clear) the code address is the guest-physical one (a flat
+/// code segment, as at Linux's PVH entry).
+pub fn read_code_into(
+    p: &CodePaging,
+    rip: u64,
+    mut read: impl FnMut(u64) -> Option<u64>,
+    mut byte: impl FnMut(u64) -> Option<u8>,
+    out: &mut [u8],
+) -> usize {
+    let paged = p.cr0 & CR0_PG != 0;
     let mut gpa = None;
-    for (i, b) in bytes.iter_mut().enumerate() {
+    for (i, b) in out.iter_mut().enumerate() {
         let at = rip.wrapping_add(i as u64);
         // The next byte of the same page is the next guest-physical byte.
-        gpa = if i == 0 || at.is_multiple_of(4096) {
+        gpa = if !paged {
+            Some(at & 0xffff_ffff)
+        } else if i == 0 || at.is_multiple_of(4096) {
             translate_code(p, at, &mut read)
         } else {
             gpa.map(|g: u64| g + 1)
         };
         match gpa.and_then(&mut byte) {
             Some(v) => *b = v,
-            None => return (bytes, i),
+            None => return i,
         }
     }
-    (bytes, MAX_EXACT_LEN)
+    out.len()
 }
 
 #[cfg(test)]

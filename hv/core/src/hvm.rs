@@ -152,6 +152,10 @@ impl SegAttr {
     pub const fn long(self) -> bool {
         self.0 & (1 << 9) != 0
     }
+    /// Default operation size 32 bits (D/B).
+    pub const fn db(self) -> bool {
+        self.0 & (1 << 10) != 0
+    }
 }
 
 /// A segment register as the guest sees it.

@@ -166,6 +166,39 @@ pub fn decode_mmio(bytes: &[u8], mode: Mode) -> Result<MmioOp, MmioError> {
     })
 }
 
+/// A decoded `mov crN, reg` (0F 22 /r): the control register, the source
+/// general register (hardware index) and the instruction length.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MovToCr {
+    pub cr: u8,
+    pub gpr: u8,
+    pub len: u8,
+}
+
+/// Decodes the first instruction of `bytes` as a MOV to a control
+/// register (what an SVM CR-write intercept without decode assists needs).
+pub fn decode_mov_to_cr(bytes: &[u8], mode: Mode) -> Result<MovToCr, MmioError> {
+    let mut decoder = Decoder::try_with_ip(mode.bitness(), bytes, 0, DecoderOptions::NONE)
+        .map_err(|_| MmioError::Invalid)?;
+    let ins = decoder.decode();
+    if ins.is_invalid() {
+        return Err(match decoder.last_error() {
+            DecoderError::NoMoreBytes => MmioError::Truncated,
+            _ => MmioError::Invalid,
+        });
+    }
+    if !matches!(ins.code(), Code::Mov_cr_r32 | Code::Mov_cr_r64) {
+        return Err(MmioError::Unsupported);
+    }
+    let cr = (ins.op_register(0) as u32).wrapping_sub(Register::CR0 as u32);
+    let src = gpr(ins.op_register(1)).ok_or(MmioError::Unsupported)?;
+    Ok(MovToCr {
+        cr: u8::try_from(cr).map_err(|_| MmioError::Unsupported)?,
+        gpr: src.index,
+        len: u8::try_from(ins.len()).map_err(|_| MmioError::Invalid)?,
+    })
+}
+
 /// The accepted forms: direction, device access size, extension.
 fn form(code: Code) -> Option<(Direction, u8, Extension)> {
     use Direction::{Read, Write};
@@ -276,6 +309,66 @@ impl MmioOp {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mov_to_cr_is_decoded_with_its_register() {
+        // mov cr4, rax (64-bit); mov cr4, eax (32-bit, Linux's PVH entry);
+        // mov cr4, r9 (REX.B); mov cr0, rdx.
+        let cases: [(&[u8], Mode, MovToCr); 4] = [
+            (
+                &[0x0f, 0x22, 0xe0],
+                Mode::Bits64,
+                MovToCr {
+                    cr: 4,
+                    gpr: 0,
+                    len: 3,
+                },
+            ),
+            (
+                &[0x0f, 0x22, 0xe0],
+                Mode::Bits32,
+                MovToCr {
+                    cr: 4,
+                    gpr: 0,
+                    len: 3,
+                },
+            ),
+            (
+                &[0x41, 0x0f, 0x22, 0xe1],
+                Mode::Bits64,
+                MovToCr {
+                    cr: 4,
+                    gpr: 9,
+                    len: 4,
+                },
+            ),
+            (
+                &[0x0f, 0x22, 0xc2],
+                Mode::Bits64,
+                MovToCr {
+                    cr: 0,
+                    gpr: 2,
+                    len: 3,
+                },
+            ),
+        ];
+        for (bytes, mode, want) in cases {
+            assert_eq!(decode_mov_to_cr(bytes, mode), Ok(want), "{bytes:02x?}");
+        }
+        // mov rax, cr4 is a read, not a write; a plain mov is not a CR form.
+        assert_eq!(
+            decode_mov_to_cr(&[0x0f, 0x20, 0xe0], Mode::Bits64),
+            Err(MmioError::Unsupported)
+        );
+        assert_eq!(
+            decode_mov_to_cr(&[0x89, 0x07], Mode::Bits64),
+            Err(MmioError::Unsupported)
+        );
+        assert_eq!(
+            decode_mov_to_cr(&[0x0f, 0x22], Mode::Bits64),
+            Err(MmioError::Truncated)
+        );
+    }
     use proptest::prelude::*;
 
     fn reg(index: u8, width: u8) -> Operand {

@@ -76,6 +76,8 @@ pub mod nr {
     pub const TSC_DEADLINE: u32 = 0x6e0;
     pub const X2APIC_FIRST: u32 = 0x800;
     pub const X2APIC_LAST: u32 = 0x8ff;
+    pub const AMD_SYSCFG: u32 = 0xc001_0010;
+    pub const AMD_NB_CFG: u32 = 0xc001_001f;
     pub const AMD_HWCR: u32 = 0xc001_0015;
     pub const AMD_DE_CFG: u32 = 0xc001_1029;
 }
@@ -173,7 +175,9 @@ pub const POLICY: &[Row] = &[
     emu(FS_BASE, "FS_BASE"),
     emu(GS_BASE, "GS_BASE"),
     emu(KERNEL_GS_BASE, "KERNEL_GS_BASE"),
+    row(AMD_SYSCFG, AMD_SYSCFG, "SYSCFG", Class::ReadZero, Only::Amd),
     row(AMD_HWCR, AMD_HWCR, "HWCR", Class::ReadZero, Only::Amd),
+    row(AMD_NB_CFG, AMD_NB_CFG, "NB_CFG", Class::ReadZero, Only::Amd),
     row(AMD_DE_CFG, AMD_DE_CFG, "DE_CFG", Class::ReadZero, Only::Amd),
 ];
 
@@ -772,6 +776,8 @@ pub(crate) mod tests {
             (Vendor::Svm, UCODE_REV),
             (Vendor::Svm, AMD_DE_CFG),
             (Vendor::Svm, AMD_HWCR),
+            (Vendor::Svm, AMD_SYSCFG),
+            (Vendor::Svm, AMD_NB_CFG),
             (Vendor::Vmx, PLATFORM_ID),
         ] {
             let before = s.clone();

@@ -73,6 +73,31 @@ impl GuestRegs {
         }
     }
 
+    /// The register with hardware index `index` (0 = RAX, 1 = RCX, 2 = RDX,
+    /// 3 = RBX, 5 = RBP, 6 = RSI, 7 = RDI, 8..=15 = R8..R15, the ModRM
+    /// order); `None` for 4 (RSP is not here: it is in the VMCS/VMCB) and
+    /// anything above 15.
+    pub fn gpr_mut(&mut self, index: u8) -> Option<&mut u64> {
+        Some(match index {
+            0 => &mut self.rax,
+            1 => &mut self.rcx,
+            2 => &mut self.rdx,
+            3 => &mut self.rbx,
+            5 => &mut self.rbp,
+            6 => &mut self.rsi,
+            7 => &mut self.rdi,
+            8 => &mut self.r8,
+            9 => &mut self.r9,
+            10 => &mut self.r10,
+            11 => &mut self.r11,
+            12 => &mut self.r12,
+            13 => &mut self.r13,
+            14 => &mut self.r14,
+            15 => &mut self.r15,
+            _ => return None,
+        })
+    }
+
     /// Write these registers into `st` (RSP, RIP and the rest untouched).
     pub fn store(&self, st: &mut VcpuState) {
         st.rax = self.rax;
@@ -151,6 +176,39 @@ mod tests {
     /// Each register lands in its own field (a swapped pair in a
     /// field-by-field copy would go unnoticed with equal values), RSP is
     /// not one of them, and `store` is the inverse of `of`.
+    /// The ModRM order: RAX RCX RDX RBX (RSP) RBP RSI RDI R8..R15.
+    #[test]
+    fn gpr_index_follows_the_hardware_encoding() {
+        let st = VcpuState {
+            rax: 10,
+            rcx: 11,
+            rdx: 12,
+            rbx: 13,
+            rbp: 15,
+            rsi: 16,
+            rdi: 17,
+            r8: 18,
+            r15: 25,
+            ..VcpuState::default()
+        };
+        let mut r = GuestRegs::of(&st);
+        for (i, want) in [
+            (0, 10),
+            (1, 11),
+            (2, 12),
+            (3, 13),
+            (5, 15),
+            (6, 16),
+            (7, 17),
+            (8, 18),
+            (15, 25),
+        ] {
+            assert_eq!(r.gpr_mut(i).map(|v| *v), Some(want), "index {i}");
+        }
+        assert!(r.gpr_mut(4).is_none());
+        assert!(r.gpr_mut(16).is_none());
+    }
+
     #[test]
     fn of_and_store_map_every_register_to_its_own() {
         let mut st = VcpuState {

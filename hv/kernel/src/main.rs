@@ -79,6 +79,10 @@ extern "C" fn kmain(magic: u32, info_addr: usize) -> ! {
             }
         },
         Mode::Crash(kind) => crash::crash(kind),
+        Mode::Linux => {
+            let ok = linux(&info, &config, &mut enabled);
+            exit(if ok { Status::Pass } else { Status::Fail })
+        }
         Mode::SelfTest | Mode::Primary | Mode::Standby | Mode::Isolation => {
             let service = config.mode == Mode::Standby || config.service == Service::Kv;
             let plan = virt::selftest::Plan {
@@ -107,6 +111,45 @@ extern "C" fn kmain(magic: u32, info_addr: usize) -> ! {
             exit(if ok { Status::Pass } else { Status::Fail })
         }
     }
+}
+
+/// `mode=linux`: the kernel (module 0, whose string is its command line)
+/// and the initrd (module 1) as GRUB loaded them.
+fn linux(info: &BootInfo<'_>, config: &Config, enabled: &mut virt::Enabled) -> bool {
+    let mods: alloc::vec::Vec<_> = info.modules().collect();
+    let (Some(kernel), Some(initrd)) = (mods.first(), mods.get(1)) else {
+        error!(
+            "mode=linux needs two Multiboot2 modules (the kernel, then the initrd); the loader gave {}",
+            mods.len()
+        );
+        return false;
+    };
+    let Some(tsc_khz) = config.tsc_khz else {
+        error!("mode=linux needs tsc-khz=<the guest TSC rate in kHz>");
+        return false;
+    };
+    let bytes = |m: &doppel_kernel::bootinfo::Module<'_>| {
+        // SAFETY: GRUB loaded the module at [start, end) below 4 GiB (the
+        // boot information checks say so), which the identity map covers;
+        // the frame allocator reserved it, so nothing else writes it.
+        unsafe {
+            core::slice::from_raw_parts(m.start as usize as *const u8, (m.end - m.start) as usize)
+        }
+    };
+    let plan = virt::linux::LinuxPlan {
+        kernel: bytes(kernel),
+        initrd: bytes(initrd),
+        cmdline: kernel.cmdline.as_bytes(),
+        mem_bytes: u64::from(if config.guest_mem_given {
+            config.guest_mem_mib
+        } else {
+            256
+        }) << 20,
+        tsc_khz,
+        restore_every: config.restore_every,
+        skip_lapic_regs: config.broken == Some(doppel_kernel::config::Broken::SkipLapicRegs),
+    };
+    virt::linux(enabled, &plan)
 }
 
 /// The loader's boot information, validated.

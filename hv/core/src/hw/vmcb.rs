@@ -71,6 +71,8 @@ pub mod exitcode {
     pub const INTR: u64 = 0x60;
     pub const NMI: u64 = 0x61;
     pub const VINTR: u64 = 0x64;
+    /// MOV to CR4 (CR writes are 0x10 + the register number).
+    pub const CR4_WRITE: u64 = 0x14;
     pub const RDTSC: u64 = 0x6e;
     pub const CPUID: u64 = 0x72;
     pub const HLT: u64 = 0x78;

@@ -300,6 +300,49 @@ impl Machine {
     }
 }
 
+/// CR4 bits a guest may set: what the CPUID policy shows (VME, PVI, TSD,
+/// DE, PSE, PAE, PGE, PCE, OSFXSR, OSXMMEXCPT, FSGSBASE, SMEP, SMAP).
+/// Not MCE (no machine checks), UMIP, VMXE, SMXE, PCIDE, OSXSAVE (no
+/// XSAVE: the world switch does not switch XCR0), PKE, LA57, CET.
+pub const CR4_ALLOWED: u64 = 0x1
+    | 0x2
+    | 0x4
+    | 0x8
+    | 0x10
+    | 0x20
+    | 0x80
+    | 0x100
+    | 0x200
+    | 0x400
+    | (1 << 16)
+    | (1 << 20)
+    | (1 << 21);
+
+/// A MOV to CR4 of `value`: the value to load, or #GP.
+pub fn check_cr4(value: u64) -> Result<u64, Gp> {
+    if value & !CR4_ALLOWED != 0 {
+        return Err(Gp::BadValue);
+    }
+    Ok(value)
+}
+
+/// A MOV to CR0 of `value` (reserved high bits, PG without PE, NW
+/// without CD are #GP; ET is hard-wired to 1).
+pub fn check_cr0(value: u64) -> Result<u64, Gp> {
+    const PE: u64 = 1;
+    const ET: u64 = 1 << 4;
+    const NW: u64 = 1 << 29;
+    const CD: u64 = 1 << 30;
+    const PG: u64 = 1 << 31;
+    if value >> 32 != 0
+        || (value & PG != 0 && value & PE == 0)
+        || (value & NW != 0 && value & CD == 0)
+    {
+        return Err(Gp::BadValue);
+    }
+    Ok(value | ET)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -400,6 +443,21 @@ mod tests {
         );
         m.mmio_write(IOAPIC_BASE, 4, 1).unwrap();
         assert_eq!(m.mmio_read(IOAPIC_BASE + 0x10, 4), Ok(0x0017_0011));
+    }
+
+    #[test]
+    fn control_register_writes_are_checked() {
+        // Linux's PVH entry sets PAE, later PGE, OSFXSR, OSXMMEXCPT.
+        assert_eq!(check_cr4(0x20), Ok(0x20));
+        assert_eq!(check_cr4(0x6a0), Ok(0x6a0));
+        // OSXSAVE (18), VMXE (13), LA57 (12), PCIDE (17) are refused.
+        for bit in [18, 13, 12, 17] {
+            assert_eq!(check_cr4(1 << bit), Err(Gp::BadValue), "bit {bit}");
+        }
+        assert_eq!(check_cr0(0x8000_0001), Ok(0x8000_0011));
+        assert_eq!(check_cr0(0x8000_0000), Err(Gp::BadValue));
+        assert_eq!(check_cr0(1 << 29 | 1), Err(Gp::BadValue));
+        assert_eq!(check_cr0(1 << 32 | 1), Err(Gp::BadValue));
     }
 
     #[test]

@@ -169,6 +169,18 @@ impl Rtc {
         ]
     }
 
+    /// Unix time of a real CMOS clock's time registers 0-9, read with its
+    /// register B = `b` (the host's clock, read once at boot).
+    pub fn unix_of_cmos(regs: &[u8; 10], b: u8) -> Option<i64> {
+        let mut r = Rtc::new(Clock {
+            secs: 0,
+            tsc: 0,
+            khz: 1,
+        });
+        r.b = b;
+        r.time_of(regs)
+    }
+
     /// Unix time of time registers, if they hold a valid date.
     fn time_of(&self, r: &[u8; 10]) -> Option<i64> {
         let se = self.dec(r[0])?;

@@ -111,6 +111,61 @@ pub unsafe fn write_cr4(value: u64) {
     unsafe { x86_64::registers::control::Cr4::write_raw(value) }
 }
 
+/// The FXSAVE image (512 bytes, 16-byte aligned).
+#[repr(C, align(16))]
+pub struct FxArea(pub [u8; 512]);
+
+/// Let FXSAVE/FXRSTOR carry the XMM registers and MXCSR (CR4.OSFXSR,
+/// OSXMMEXCPT) and make x87/SSE instructions run rather than fault (CR0.EM
+/// and TS clear). The hypervisor itself never uses the FPU (the target is
+/// soft-float): the guest's FPU state stays in the registers across exits,
+/// and only a save or a restore of the whole guest moves it.
+pub fn enable_fxsr() {
+    use x86_64::registers::control::{Cr0Flags, Cr4Flags};
+    let cr4 = read_cr4() | (Cr4Flags::OSFXSR | Cr4Flags::OSXMMEXCPT_ENABLE).bits();
+    // SAFETY: OSFXSR/OSXMMEXCPT only change how FXSAVE/FXRSTOR and SSE
+    // faults behave; every x86-64 CPU has them. PAE stays on.
+    unsafe { write_cr4(cr4) };
+    let cr0 = read_cr0() & !(Cr0Flags::EMULATE_COPROCESSOR | Cr0Flags::TASK_SWITCHED).bits();
+    // SAFETY: clearing EM and TS only lets FPU instructions run.
+    unsafe { write_cr0(cr0) };
+}
+
+/// FXSAVE the FPU/SSE registers (the guest's: see [`enable_fxsr`]).
+pub fn fxsave(area: &mut FxArea) {
+    // SAFETY: FXSAVE writes 512 bytes at a 16-byte aligned address, which
+    // `FxArea` is; it reads only registers.
+    unsafe {
+        asm!("fxsave64 [{a}]", a = in(reg) area.0.as_mut_ptr(), options(nostack, preserves_flags))
+    };
+}
+
+/// FXRSTOR the FPU/SSE registers from `area`. Reserved MXCSR bits set
+/// would fault (#GP): the caller passes only images FXSAVE made or that
+/// [`mxcsr_ok`] accepted.
+pub fn fxrstor(area: &FxArea) {
+    // SAFETY: FXRSTOR reads 512 aligned bytes and loads only FPU/SSE
+    // registers, which the hypervisor does not use; the caller checked
+    // MXCSR against MXCSR_MASK.
+    unsafe {
+        asm!("fxrstor64 [{a}]", a = in(reg) area.0.as_ptr(), options(nostack, preserves_flags, readonly))
+    };
+}
+
+/// Whether an FXSAVE image's MXCSR (bytes 24-27) has no bit outside the
+/// CPU's MXCSR_MASK (bytes 28-31 of an image this CPU saved).
+pub fn mxcsr_ok(image: &[u8; 512]) -> bool {
+    let mut own = FxArea([0; 512]);
+    fxsave(&mut own);
+    let word =
+        |b: &[u8; 512], at: usize| u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
+    let mask = match word(&own.0, 28) {
+        0 => 0xffbf,
+        m => m,
+    };
+    word(image, 24) & !mask == 0
+}
+
 /// Load `gdt`, reload CS/SS/DS/ES with its kernel selectors and load the
 /// task register with its TSS.
 ///
@@ -143,8 +198,9 @@ pub fn load_idt(idt: &'static InterruptDescriptorTable) {
 /// Write one byte to an I/O port.
 pub fn outb(port: u16, value: u8) {
     // SAFETY: the kernel owns every device; callers only address the debug
-    // console (0xE9), COM1, the emulators' exit/power-off ports and the
-    // 8259 mask registers (0x21, 0xA1), none of which can touch memory.
+    // console (0xE9), COM1, the emulators' exit/power-off ports, the 8259
+    // mask registers (0x21, 0xA1) and the CMOS clock's index (0x70), none
+    // of which can touch memory.
     unsafe { Port::<u8>::new(port).write(value) }
 }
 

@@ -7,6 +7,7 @@
 
 pub mod guest;
 pub mod isolation;
+pub mod linux;
 pub mod replicate;
 pub mod run;
 pub mod selftest;
@@ -214,6 +215,15 @@ pub fn isolation(enabled: &mut Enabled, plan: &selftest::Plan) -> bool {
     match enabled {
         Enabled::Vmx(on) => vmx::isolation(on, plan),
         Enabled::Svm(on) => svm::isolation(on, plan),
+    }
+}
+
+/// Boot a stock Linux guest (see [`linux`]); true when it powered off
+/// cleanly.
+pub fn linux(enabled: &mut Enabled, plan: &linux::LinuxPlan<'_>) -> bool {
+    match enabled {
+        Enabled::Svm(on) => svm::linux(on, plan),
+        Enabled::Vmx(on) => vmx::linux(on, plan),
     }
 }
 

@@ -516,6 +516,12 @@ impl<'a, E: NestedEntry, V: Vcpu, S: EpochSink> Run<'a, E, V, S> {
                 );
                 Action::Stop
             }
+            // The test guests write no control register (only Linux's
+            // platform emulates CR writes).
+            ExitKind::CrWrite { cr, .. } => {
+                log::error!("guest executed MOV-to-CR{cr} (refused) rip={:#x}", exit.rip);
+                Action::Stop
+            }
             ExitKind::Msr { msr, write, value } => self.msr(exit, msr, write, value),
             ExitKind::Hlt => self.fail("guest halted before finishing", exit),
             ExitKind::Shutdown => self.fail("guest shut down (triple fault)", exit),

@@ -24,7 +24,7 @@
 use doppel_core::addr::HostPhysAddr;
 use doppel_core::exit::{CodePaging, ExitKind, Insn, IoAccess, VmExit};
 use doppel_core::hostile::{fnv1a, FNV_START};
-use doppel_core::hvm::{DescTable, SegAttr, Segment, VcpuState};
+use doppel_core::hvm::{DescTable, PendingEvent, SegAttr, Segment, VcpuState};
 use doppel_core::hw::vmcb::{
     exitcode, intercept3, intercept4, tlb_control, IoExitInfo, Vmcb, VmcbSegment,
 };
@@ -151,6 +151,15 @@ pub fn isolation(_on: &mut SvmOn, plan: &super::selftest::Plan) -> bool {
             true,
             |start, root| SvmVcpu::new(start, root, host_vmcb, nrips, pass),
         )
+    })
+}
+
+/// Boot a stock Linux guest under SVM (see [`super::linux`]).
+pub fn linux(_on: &mut SvmOn, plan: &super::linux::LinuxPlan<'_>) -> bool {
+    with_host_vmcb(|host_vmcb, nrips| {
+        super::linux::run::<NptEntry, SvmVcpu, _>(msr::Vendor::Svm, plan, |st, root| {
+            SvmVcpu::with_state(st, root, host_vmcb, nrips)
+        })
     })
 }
 
@@ -288,6 +297,26 @@ impl SvmVcpu {
         Ok(v)
     }
 
+    /// A vCPU that starts from a whole architectural state (the Linux
+    /// guest's PVH entry, or a restore from records) rather than the test
+    /// guests' long-mode start.
+    pub fn with_state(
+        st: &VcpuState,
+        nested_root: HostPhysAddr,
+        host_vmcb: u64,
+        nrips: bool,
+    ) -> Result<Self, &'static str> {
+        let start = GuestStart {
+            rip: st.rip,
+            rsp: st.rsp,
+            rdi: st.rdi,
+            cr3: st.cr3,
+        };
+        let mut v = Self::new(&start, nested_root, host_vmcb, nrips, false)?;
+        v.load_state(st);
+        Ok(v)
+    }
+
     fn vmcb(&self) -> &Vmcb {
         // SAFETY: `self.vmcb` is a frame this vCPU owns for its lifetime;
         // `Vmcb` is a plain 4 KiB repr(C) struct valid for any bytes. The CPU
@@ -342,11 +371,8 @@ impl SvmVcpu {
     /// general registers. The control area (intercepts, nested paging)
     /// stays as `setup` made it.
     fn restore(&mut self, st: &VcpuState) {
-        if st.pending_event.is_some() {
-            // The service guest runs with interrupts off and takes no
-            // exceptions; a pending event would be a foreign record.
-            log::warn!("svm: the vCPU record has a pending event; it is dropped");
-        }
+        // An event that was being delivered is delivered at the next VMRUN.
+        self.vmcb_mut().control.eventinj = st.pending_event.map_or(0, eventinj);
         let seg = |g: &Segment| VmcbSegment {
             selector: g.selector,
             attrib: g.attr.to_svm(),
@@ -423,6 +449,16 @@ impl SvmVcpu {
             exitcode::VMMCALL => (ExitKind::Hypercall, nrip()),
             exitcode::HLT => (ExitKind::Hlt, nrip()),
             exitcode::SHUTDOWN => (ExitKind::Shutdown, None),
+            exitcode::VINTR => (ExitKind::InterruptWindow, None),
+            // MOV to CR4. With decode assists EXITINFO1 bit 63 says the
+            // GPR is in bits 3:0; TCG has none, so the dispatch decodes.
+            exitcode::CR4_WRITE => (
+                ExitKind::CrWrite {
+                    cr: 4,
+                    gpr: (c.exitinfo1 >> 63 != 0).then_some((c.exitinfo1 & 15) as u8),
+                },
+                None,
+            ),
             exitcode::INTR if self.intr_was_timer => (ExitKind::Timer, None),
             exitcode::INTR => (ExitKind::ExternalInterrupt, None),
             exitcode::INVALID => (ExitKind::EntryFailed { code: c.exitcode }, None),
@@ -469,6 +505,42 @@ impl SvmVcpu {
     }
 }
 
+/// EVENTINJ / EXITINTINFO (APM vol. 2, "Event Injection"): vector in
+/// 7:0, type in 10:8 (0 INTR, 2 NMI, 3 exception, 4 software interrupt),
+/// error code valid in 11, valid in 31, error code in 63:32.
+const EVENT_VALID: u64 = 1 << 31;
+const EVENT_EV: u64 = 1 << 11;
+const RFLAGS_IF: u64 = 1 << 9;
+/// V_IRQ (bit 8), V_INTR_PRIO (19:16), V_IGN_TPR (20) of the VINTR word.
+const V_IRQ: u64 = 1 << 8;
+const V_INTR_PRIO: u64 = 0xf << 16;
+const V_IGN_TPR: u64 = 1 << 20;
+
+/// Xen's event (VMX interruption types) as SVM's EVENTINJ word. SVM has
+/// no software-exception types: those are exceptions (type 3) for it.
+fn eventinj(ev: PendingEvent) -> u64 {
+    let kind = match ev.kind {
+        0 => 0,
+        2 => 2,
+        4 => 4,
+        _ => 3,
+    };
+    let mut w = EVENT_VALID | u64::from(ev.vector) | (kind << 8);
+    if let Some(code) = ev.error_code {
+        w |= EVENT_EV | (u64::from(code) << 32);
+    }
+    w
+}
+
+/// The event an EVENTINJ/EXITINTINFO word holds, if valid.
+fn pending_of(w: u64) -> Option<PendingEvent> {
+    (w & EVENT_VALID != 0).then(|| PendingEvent {
+        vector: w as u8,
+        kind: ((w >> 8) & 7) as u8,
+        error_code: (w & EVENT_EV != 0).then_some((w >> 32) as u32),
+    })
+}
+
 impl Vcpu for SvmVcpu {
     fn backend(&self) -> &'static str {
         "svm"
@@ -504,8 +576,16 @@ impl Vcpu for SvmVcpu {
                 self.timer_on = false;
             }
         }
-        // A requested flush has been done by this VMRUN.
-        self.vmcb_mut().control.tlb_control = tlb_control::DO_NOTHING;
+        // A requested flush has been done by this VMRUN, an injected event
+        // delivered; one the exit interrupted is delivered again at the
+        // next VMRUN (APM "Event Injection": EXITINTINFO).
+        let c = &mut self.vmcb_mut().control;
+        c.tlb_control = tlb_control::DO_NOTHING;
+        c.eventinj = if c.exitintinfo & EVENT_VALID != 0 {
+            c.exitintinfo
+        } else {
+            0
+        };
         self.decode()
     }
 
@@ -514,7 +594,13 @@ impl Vcpu for SvmVcpu {
     }
 
     fn set_rip(&mut self, rip: u64) {
-        self.vmcb_mut().save.rip = rip;
+        let v = self.vmcb_mut();
+        if v.save.rip != rip {
+            // The instruction in an STI/MOV-SS shadow (Linux's idle `sti;
+            // hlt`) is done: the shadow ends with it.
+            v.control.interrupt_shadow &= !1;
+        }
+        v.save.rip = rip;
     }
 
     fn flush(&mut self, flush: Flush) {
@@ -589,10 +675,68 @@ impl Vcpu for SvmVcpu {
             lstar: s.lstar,
             cstar: s.cstar,
             sfmask: s.sfmask,
+            pending_event: pending_of(self.vmcb().control.eventinj),
             ..VcpuState::default()
         };
         self.regs.store(&mut st);
         st
+    }
+
+    fn inject(&mut self, ev: PendingEvent) -> bool {
+        self.vmcb_mut().control.eventinj = eventinj(ev);
+        true
+    }
+
+    fn interrupted_event(&self) -> Option<PendingEvent> {
+        pending_of(self.vmcb().control.exitintinfo)
+    }
+
+    fn interruptible(&self) -> bool {
+        let v = self.vmcb();
+        v.save.rflags & RFLAGS_IF != 0
+            && v.control.interrupt_shadow & 1 == 0
+            && v.control.eventinj & EVENT_VALID == 0
+    }
+
+    fn set_interrupt_window(&mut self, on: bool) {
+        let c = &mut self.vmcb_mut().control;
+        if on {
+            // A virtual interrupt of the highest priority, TPR ignored:
+            // the VINTR intercept fires as soon as the guest could take it.
+            c.vintr |= V_IRQ | V_IGN_TPR | V_INTR_PRIO;
+            c.intercept3 |= intercept3::VINTR;
+        } else {
+            c.vintr &= !(V_IRQ | V_IGN_TPR | V_INTR_PRIO);
+            c.intercept3 &= !intercept3::VINTR;
+        }
+    }
+
+    fn set_tsc_offset(&mut self, offset: u64) -> bool {
+        self.vmcb_mut().control.tsc_offset = offset;
+        true
+    }
+
+    fn set_cr(&mut self, cr: u8, value: u64) -> bool {
+        let v = self.vmcb_mut();
+        match cr {
+            0 => v.save.cr0 = value,
+            3 => v.save.cr3 = value,
+            4 => v.save.cr4 = value,
+            _ => return false,
+        }
+        // Paging-mode bits change what the TLB may hold.
+        v.control.tlb_control = tlb_control::FLUSH_ALL;
+        true
+    }
+
+    fn set_efer(&mut self, value: u64) -> bool {
+        self.vmcb_mut().save.efer = value | EFER_SVME;
+        true
+    }
+
+    fn load_state(&mut self, st: &VcpuState) -> bool {
+        self.restore(st);
+        true
     }
 
     fn cs_long(&self) -> bool {

@@ -235,3 +235,9 @@ pub fn isolation(on: &mut VmxOn, plan: &super::selftest::Plan) -> bool {
         },
     )
 }
+
+/// Boot a stock Linux guest under VMX (see [`super::linux`]).
+pub fn linux(_on: &mut VmxOn, _plan: &super::linux::LinuxPlan<'_>) -> bool {
+    log::error!("linux: the VMX backend cannot start a guest from its PVH state yet");
+    false
+}

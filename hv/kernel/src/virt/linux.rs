@@ -1,0 +1,716 @@
+//! A stock Linux guest (issue 19): the kernel and initrd GRUB loaded as
+//! Multiboot2 modules, booted through Xen's PVH entry by hv/core's domain
+//! builder, on the platform of `doppel_core::platform::machine` (x2APIC
+//! LAPIC, IOAPIC, CMOS RTC, COM1, ACPI tables, CPUID and MSR policies).
+//!
+//! This is the Linux guest's exit dispatch, vendor-neutral over [`Vcpu`]:
+//! each exit is counted by reason, emulated, and answered with the RIP to
+//! resume at; anything the platform does not handle stops the guest with
+//! an error line naming the exit. Before each entry the LAPIC's highest
+//! pending vector is injected when the guest can take it (otherwise an
+//! interrupt window is asked for), and the host timer is armed for the
+//! LAPIC timer's next deadline. A HLT waits in the host for that deadline.
+//!
+//! Lines (after `doppel-hv: `): `guest: ..` per console line,
+//! `linux: mark=B exits=N guest-tsc=T <counts>` when the guest writes a
+//! byte to the mark port, and at the end `linux: stop=poweroff|
+//! triple-fault|halted|error exits=N restores=R guest-tsc=T <counts>`.
+
+use alloc::vec::Vec;
+use core::fmt;
+
+use doppel_abi::guest::GuestLine;
+use doppel_abi::ByteMem;
+use doppel_core::addr::HostPhysAddr;
+use doppel_core::cpuid_policy::guest_cpuid;
+use doppel_core::exit::{exact_length, read_code, read_code_into, ExitKind, VmExit};
+use doppel_core::hvm::{PendingEvent, VcpuState};
+use doppel_core::mmio::{self, decode_mmio, decode_mov_to_cr, Direction, MmioOp};
+use doppel_core::msr::Vendor;
+use doppel_core::msr_policy::nr;
+use doppel_core::paging::NestedEntry;
+use doppel_core::platform::machine::{self, Machine, PortEffect};
+use doppel_core::platform::rtc::{Clock, Rtc};
+use doppel_core::regs::Brief;
+use doppel_core::{acpi, pvh};
+
+use super::guest::GuestRam;
+use super::vcpu::Vcpu;
+use crate::arch::instr::{cpuid, enable_fxsr, inb, outb, rdtsc};
+
+/// What to run.
+pub struct LinuxPlan<'a> {
+    pub kernel: &'a [u8],
+    pub initrd: &'a [u8],
+    pub cmdline: &'a [u8],
+    pub mem_bytes: u64,
+    pub tsc_khz: u32,
+    pub restore_every: Option<u64>,
+    pub skip_lapic_regs: bool,
+}
+
+/// Exits without the guest powering off before the run is given up: a
+/// guest stuck in a loop of exits fails rather than hangs.
+const MAX_EXITS: u64 = 50_000_000;
+
+/// Exits by reason.
+#[derive(Clone, Copy, Debug, Default)]
+struct Counts {
+    total: u64,
+    cpuid: u64,
+    msr: u64,
+    io: u64,
+    mmio: u64,
+    hlt: u64,
+    timer: u64,
+    intr: u64,
+    window: u64,
+    cr: u64,
+    npf: u64,
+    other: u64,
+}
+
+impl Counts {
+    fn count(&mut self, kind: &ExitKind, ram_bytes: u64) {
+        self.total += 1;
+        let slot = match kind {
+            ExitKind::Cpuid => &mut self.cpuid,
+            ExitKind::Msr { .. } => &mut self.msr,
+            ExitKind::Io(_) => &mut self.io,
+            ExitKind::NestedPageFault(f) if f.gpa.as_u64() >= ram_bytes => &mut self.mmio,
+            ExitKind::NestedPageFault(_) => &mut self.npf,
+            ExitKind::Hlt => &mut self.hlt,
+            ExitKind::Timer => &mut self.timer,
+            ExitKind::ExternalInterrupt => &mut self.intr,
+            ExitKind::InterruptWindow => &mut self.window,
+            ExitKind::CrWrite { .. } => &mut self.cr,
+            _ => &mut self.other,
+        };
+        *slot += 1;
+    }
+}
+
+impl fmt::Display for Counts {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "cpuid={} msr={} io={} mmio={} hlt={} timer={} intr={} window={} cr={} npf={} other={}",
+            self.cpuid,
+            self.msr,
+            self.io,
+            self.mmio,
+            self.hlt,
+            self.timer,
+            self.intr,
+            self.window,
+            self.cr,
+            self.npf,
+            self.other
+        )
+    }
+}
+
+/// How the guest stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stop {
+    Poweroff,
+    TripleFault,
+    Halted,
+    Error,
+}
+
+impl Stop {
+    fn as_str(self) -> &'static str {
+        match self {
+            Stop::Poweroff => "poweroff",
+            Stop::TripleFault => "triple-fault",
+            Stop::Halted => "halted",
+            Stop::Error => "error",
+        }
+    }
+}
+
+/// What the dispatch wants after an exit.
+enum Next {
+    /// Resume at this RIP.
+    Resume(u64),
+    /// Resume where the guest stopped (the access is retried or a fault
+    /// was injected at it).
+    Retry,
+    Stop(Stop),
+}
+
+/// The host's wall clock, read once from its CMOS RTC.
+fn host_unix_seconds() -> i64 {
+    let read = |r: u8| {
+        outb(0x70, r);
+        inb(0x71)
+    };
+    // Wait out an update in progress (at most one second; bounded here).
+    for _ in 0..1_000_000 {
+        if read(0x0a) & 0x80 == 0 {
+            break;
+        }
+    }
+    let mut regs = [0u8; 10];
+    for (i, r) in regs.iter_mut().enumerate() {
+        *r = read(i as u8);
+    }
+    let b = read(0x0b);
+    Rtc::unix_of_cmos(&regs, b).unwrap_or_else(|| {
+        log::warn!("linux: the host's CMOS clock holds no valid date; the guest's RTC starts at 2000-01-01");
+        946_684_800
+    })
+}
+
+/// The guest-physical address width the guest is shown.
+fn phys_bits() -> u8 {
+    let max = cpuid(0x8000_0000, 0).eax;
+    if max >= 0x8000_0008 {
+        cpuid(0x8000_0008, 0).eax as u8
+    } else {
+        36
+    }
+}
+
+/// Boot `plan` under a backend: `make` builds a vCPU from a state over
+/// the nested table rooted at its second argument.
+pub fn run<E, V, F>(vendor: Vendor, plan: &LinuxPlan<'_>, mut make: F) -> bool
+where
+    E: NestedEntry,
+    V: Vcpu,
+    F: FnMut(&VcpuState, HostPhysAddr) -> Result<V, &'static str>,
+{
+    enable_fxsr();
+    let mut ram = match GuestRam::new(plan.mem_bytes) {
+        Ok(r) => r,
+        Err(e) => {
+            log::error!("linux: guest RAM of {} MiB: {e}", plan.mem_bytes >> 20);
+            return false;
+        }
+    };
+    let tables = acpi::build(pvh::ACPI_ADDR);
+    let boot = {
+        let Some(bytes) = ram.slice_mut(0, plan.mem_bytes) else {
+            log::error!("linux: guest RAM is not addressable");
+            return false;
+        };
+        let mem = ByteMem::new(bytes);
+        pvh::build(
+            &mem,
+            &pvh::PvhConfig {
+                kernel: plan.kernel,
+                initrd: plan.initrd,
+                cmdline: plan.cmdline,
+                ram_size: plan.mem_bytes,
+                acpi: Some(&tables.bytes),
+            },
+        )
+    };
+    let boot = match boot {
+        Ok(b) => b,
+        Err(e) => {
+            log::error!("linux: the PVH domain builder refused the kernel: {e}");
+            return false;
+        }
+    };
+    log::info!(
+        "linux: entry={:#x} kernel={:#x}-{:#x} initrd={:#x}+{:#x} ram={}MiB tsc-khz={}",
+        boot.entry,
+        boot.kernel_span.0,
+        boot.kernel_span.1,
+        boot.initrd.0,
+        boot.initrd.1,
+        plan.mem_bytes >> 20,
+        plan.tsc_khz
+    );
+    let table = match ram.nested_table::<E>() {
+        Ok(t) => t,
+        Err(e) => {
+            log::error!("linux: nested page table: {e}");
+            return false;
+        }
+    };
+    // The guest's TSC starts at 0 now; its RTC at the host's wall clock.
+    let offset = 0u64.wrapping_sub(rdtsc());
+    let clock = Clock {
+        secs: host_unix_seconds(),
+        tsc: 0,
+        khz: plan.tsc_khz,
+    };
+    let mut m = Machine::new(vendor, phys_bits(), clock);
+    m.msrs.tsc_offset = offset;
+    let mut vcpu = match make(&boot.vcpu, table.root()) {
+        Ok(v) => v,
+        Err(e) => {
+            log::error!("linux: vCPU: {e}");
+            return false;
+        }
+    };
+    if !vcpu.set_tsc_offset(offset) {
+        log::error!("linux: the {} backend has no TSC offset", vcpu.backend());
+        return false;
+    }
+    let mut l = Linux {
+        vcpu,
+        m,
+        ram: &ram,
+        counts: Counts::default(),
+        line: Vec::new(),
+        restores: 0,
+    };
+    let stop = l.run_loop();
+    l.flush_line();
+    let gtsc = l.m.guest_tsc(rdtsc());
+    log::info!(
+        "linux: stop={} exits={} restores={} guest-tsc={gtsc} {}",
+        stop.as_str(),
+        l.counts.total,
+        l.restores,
+        l.counts
+    );
+    stop == Stop::Poweroff
+}
+
+struct Linux<'r, V: Vcpu> {
+    vcpu: V,
+    m: Machine,
+    ram: &'r GuestRam,
+    counts: Counts,
+    /// The console line being assembled.
+    line: Vec<u8>,
+    restores: u64,
+}
+
+impl<V: Vcpu> Linux<'_, V> {
+    fn run_loop(&mut self) -> Stop {
+        loop {
+            self.prepare_entry();
+            let exit = self.vcpu.run();
+            self.counts.count(&exit.kind, self.ram.bytes());
+            match self.dispatch(&exit) {
+                Next::Resume(rip) => self.vcpu.set_rip(rip),
+                Next::Retry => {}
+                Next::Stop(s) => {
+                    if s == Stop::Error {
+                        let st = self.vcpu.state();
+                        log::error!("linux: guest state at the stop: {}", Brief(&st));
+                    }
+                    return s;
+                }
+            }
+            if self.counts.total >= MAX_EXITS {
+                log::error!("linux: {MAX_EXITS} exits without a poweroff; giving up");
+                return Stop::Error;
+            }
+        }
+    }
+
+    /// Deliver what the LAPIC has pending, and arm the host timer for its
+    /// next deadline.
+    fn prepare_entry(&mut self) {
+        self.m.update(rdtsc());
+        if self.m.pending().is_some() {
+            if self.vcpu.interruptible() {
+                if let Some(v) = self.m.ack() {
+                    self.vcpu.inject(PendingEvent {
+                        vector: v,
+                        kind: 0,
+                        error_code: None,
+                    });
+                }
+                self.vcpu.set_interrupt_window(false);
+            } else {
+                self.vcpu.set_interrupt_window(true);
+            }
+        }
+        let ticks = self
+            .m
+            .next_deadline()
+            .map(|d| d.saturating_sub(rdtsc()).max(1));
+        self.vcpu.arm_timer(ticks);
+    }
+
+    fn inject_fault(&mut self, vector: u8, error_code: Option<u32>) -> Next {
+        self.vcpu.inject(PendingEvent {
+            vector,
+            kind: 3,
+            error_code,
+        });
+        Next::Retry
+    }
+
+    /// Where the instruction that caused `exit` ends: the backend's report,
+    /// or its one encoding found at RIP (SVM without NRIP save).
+    fn next_rip(&self, exit: &VmExit) -> Option<u64> {
+        if let Some(n) = exit.next_rip {
+            return Some(n);
+        }
+        let p = self.vcpu.code_paging();
+        let (bytes, n) = read_code(
+            &p,
+            exit.rip,
+            |gpa| self.read_u64(gpa),
+            |gpa| self.read_u8(gpa),
+        );
+        exact_length(&exit.kind, bytes.get(..n).unwrap_or(&[]))
+            .map(|len| exit.rip.wrapping_add(len))
+    }
+
+    fn read_u64(&self, gpa: u64) -> Option<u64> {
+        let b = self.ram.slice(gpa, 8)?;
+        Some(u64::from_le_bytes(b.try_into().ok()?))
+    }
+
+    fn read_u8(&self, gpa: u64) -> Option<u8> {
+        self.ram.slice(gpa, 1)?.first().copied()
+    }
+
+    /// Up to 15 bytes of code at `rip`, and the mode they run in.
+    fn fetch(&self, rip: u64) -> ([u8; 15], usize, mmio::Mode) {
+        let st = self.vcpu.state();
+        let p = st.code_paging(st.cs.attr.long());
+        let mut bytes = [0u8; 15];
+        let n = read_code_into(
+            &p,
+            rip,
+            |gpa| self.read_u64(gpa),
+            |gpa| self.read_u8(gpa),
+            &mut bytes,
+        );
+        let mode = if st.cs.attr.long() {
+            mmio::Mode::Bits64
+        } else if st.cs.attr.db() {
+            mmio::Mode::Bits32
+        } else {
+            mmio::Mode::Bits16
+        };
+        (bytes, n, mode)
+    }
+
+    fn skip(&self, exit: &VmExit, what: &str) -> Next {
+        match self.next_rip(exit) {
+            Some(rip) => Next::Resume(rip),
+            None => {
+                log::error!(
+                    "linux: {what} at rip={:#x}: the instruction's length is unknown",
+                    exit.rip
+                );
+                Next::Stop(Stop::Error)
+            }
+        }
+    }
+
+    fn dispatch(&mut self, exit: &VmExit) -> Next {
+        match exit.kind {
+            ExitKind::Cpuid => {
+                let r = self.vcpu.regs();
+                let (leaf, sub) = (r.rax as u32, r.rcx as u32);
+                let c = guest_cpuid(|l, s| cpuid(l, s), leaf, sub);
+                r.rax = u64::from(c.eax);
+                r.rbx = u64::from(c.ebx);
+                r.rcx = u64::from(c.ecx);
+                r.rdx = u64::from(c.edx);
+                self.skip(exit, "CPUID")
+            }
+            ExitKind::Msr { msr, write, value } => self.msr(exit, msr, write, value),
+            ExitKind::Io(io) => {
+                if io.string || io.rep {
+                    log::error!(
+                        "linux: string I/O on port {:#x} (not emulated) rip={:#x}",
+                        io.port,
+                        exit.rip
+                    );
+                    return Next::Stop(Stop::Error);
+                }
+                let now = rdtsc();
+                if io.input {
+                    let v = self.m.port_read(io.port, io.size, now);
+                    let r = self.vcpu.regs();
+                    r.rax = match io.size {
+                        1 => (r.rax & !0xff) | u64::from(v & 0xff),
+                        2 => (r.rax & !0xffff) | u64::from(v & 0xffff),
+                        // A 32-bit register write zero-extends.
+                        _ => u64::from(v),
+                    };
+                } else {
+                    let v = self.vcpu.regs().rax as u32;
+                    match self.m.port_write(io.port, io.size, v, now) {
+                        PortEffect::None => {}
+                        PortEffect::Console(b) => self.console(b),
+                        PortEffect::Mark(b) => {
+                            self.flush_line();
+                            log::info!(
+                                "linux: mark={b} exits={} guest-tsc={} {}",
+                                self.counts.total,
+                                self.m.guest_tsc(now),
+                                self.counts
+                            );
+                        }
+                        PortEffect::Poweroff => return Next::Stop(Stop::Poweroff),
+                    }
+                }
+                self.skip(exit, "port I/O")
+            }
+            ExitKind::NestedPageFault(f) if f.gpa.as_u64() >= self.ram.bytes() => {
+                self.mmio(exit, f.gpa.as_u64())
+            }
+            ExitKind::Hlt => self.hlt(exit),
+            ExitKind::Timer | ExitKind::ExternalInterrupt => Next::Retry,
+            ExitKind::InterruptWindow => {
+                self.vcpu.set_interrupt_window(false);
+                Next::Retry
+            }
+            ExitKind::CrWrite { cr, gpr } => self.cr_write(exit, cr, gpr),
+            // Refused instructions (the virtualization instructions,
+            // XSETBV) and hypercalls: #UD, as on a CPU without them.
+            ExitKind::Privileged(_) | ExitKind::Hypercall => self.inject_fault(6, None),
+            ExitKind::Shutdown => {
+                log::info!(
+                    "linux: the guest shut down (triple fault) at rip={:#x}",
+                    exit.rip
+                );
+                Next::Stop(Stop::TripleFault)
+            }
+            kind => {
+                log::error!("linux: unhandled exit {kind:?} at rip={:#x}", exit.rip);
+                Next::Stop(Stop::Error)
+            }
+        }
+    }
+
+    fn console(&mut self, b: u8) {
+        match b {
+            b'\n' => self.flush_line(),
+            b'\r' => {}
+            _ if self.line.len() >= 512 => {
+                self.flush_line();
+                self.line.push(b);
+            }
+            _ => self.line.push(b),
+        }
+    }
+
+    fn flush_line(&mut self) {
+        if !self.line.is_empty() {
+            log::info!("{}", GuestLine(&self.line));
+            self.line.clear();
+        }
+    }
+
+    fn msr(&mut self, exit: &VmExit, msr: u32, write: bool, value: u64) -> Next {
+        let now = rdtsc();
+        let held = Machine::vcpu_held(msr);
+        if write {
+            if msr == nr::EFER {
+                // The CPU keeps LMA: check the write against its EFER.
+                self.m.msrs.efer = self.vcpu.state().efer;
+            }
+            match self.m.wrmsr(msr, value, now) {
+                Ok(()) => {
+                    let done = if msr == nr::EFER {
+                        self.vcpu.set_efer(self.m.msrs.efer)
+                    } else if held {
+                        self.vcpu.set_switched_msr(msr, value)
+                    } else {
+                        if msr == nr::TSC || msr == nr::TSC_ADJUST {
+                            self.vcpu.set_tsc_offset(self.m.msrs.tsc_offset);
+                        }
+                        true
+                    };
+                    if !done {
+                        log::error!(
+                            "linux: the {} backend cannot set MSR {msr:#x} ({})",
+                            self.vcpu.backend(),
+                            doppel_core::msr::name(msr)
+                        );
+                        return Next::Stop(Stop::Error);
+                    }
+                    self.skip(exit, "WRMSR")
+                }
+                Err(gp) => {
+                    log::debug!("linux: WRMSR {msr:#x}={value:#x} refused ({gp:?}): #GP");
+                    self.inject_fault(13, Some(0))
+                }
+            }
+        } else {
+            let v = if msr == nr::EFER {
+                Ok(self.vcpu.state().efer)
+            } else if let Some(v) = held.then(|| self.vcpu.switched_msr(msr)).flatten() {
+                Ok(v)
+            } else {
+                self.m.rdmsr(msr, now)
+            };
+            match v {
+                Ok(v) => {
+                    let r = self.vcpu.regs();
+                    r.rax = v & 0xffff_ffff;
+                    r.rdx = v >> 32;
+                    self.skip(exit, "RDMSR")
+                }
+                Err(gp) => {
+                    log::debug!("linux: RDMSR {msr:#x} refused ({gp:?}): #GP");
+                    self.inject_fault(13, Some(0))
+                }
+            }
+        }
+    }
+
+    fn mmio(&mut self, exit: &VmExit, gpa: u64) -> Next {
+        let (bytes, n, mode) = self.fetch(exit.rip);
+        let op: MmioOp = match decode_mmio(bytes.get(..n).unwrap_or(&[]), mode) {
+            Ok(op) => op,
+            Err(e) => {
+                log::error!(
+                    "linux: MMIO access to {gpa:#x} at rip={:#x}: {} (bytes {:02x?})",
+                    exit.rip,
+                    e.as_str(),
+                    bytes.get(..n).unwrap_or(&[])
+                );
+                return Next::Stop(Stop::Error);
+            }
+        };
+        let reg = match op.operand {
+            mmio::Operand::Reg(g) => Some(g.index),
+            mmio::Operand::Imm(_) => None,
+        };
+        if reg.is_some_and(|i| self.vcpu.regs().gpr_mut(i).is_none()) {
+            log::error!(
+                "linux: MMIO through RSP at rip={:#x} (not emulated)",
+                exit.rip
+            );
+            return Next::Stop(Stop::Error);
+        }
+        let result = match op.dir {
+            Direction::Read => self.m.mmio_read(gpa, op.size).map(|data| {
+                if let Some(r) = reg.and_then(|i| self.vcpu.regs().gpr_mut(i)) {
+                    if let Some(v) = op.read_merge(*r, data) {
+                        *r = v;
+                    }
+                }
+            }),
+            Direction::Write => {
+                let src = reg
+                    .and_then(|i| self.vcpu.regs().gpr_mut(i).map(|r| *r))
+                    .unwrap_or(0);
+                self.m.mmio_write(gpa, op.size, op.write_value(src))
+            }
+        };
+        match result {
+            Ok(()) => Next::Resume(exit.rip.wrapping_add(u64::from(op.len))),
+            Err(machine::NoDevice { gpa }) => {
+                log::error!(
+                    "linux: MMIO {} of {} bytes at {gpa:#x}: no device there, rip={:#x}",
+                    if op.dir == Direction::Read {
+                        "read"
+                    } else {
+                        "write"
+                    },
+                    op.size,
+                    exit.rip
+                );
+                Next::Stop(Stop::Error)
+            }
+        }
+    }
+
+    fn cr_write(&mut self, exit: &VmExit, cr: u8, gpr: Option<u8>) -> Next {
+        let (gpr, next) = match gpr {
+            Some(g) => match self.next_rip(exit) {
+                Some(n) => (g, n),
+                None => {
+                    log::error!(
+                        "linux: MOV to CR{cr}: no instruction length, rip={:#x}",
+                        exit.rip
+                    );
+                    return Next::Stop(Stop::Error);
+                }
+            },
+            None => {
+                let (bytes, n, mode) = self.fetch(exit.rip);
+                match decode_mov_to_cr(bytes.get(..n).unwrap_or(&[]), mode) {
+                    Ok(d) if d.cr == cr => (d.gpr, exit.rip.wrapping_add(u64::from(d.len))),
+                    other => {
+                        log::error!(
+                            "linux: CR{cr} write at rip={:#x} not decoded ({other:?}, bytes {:02x?})",
+                            exit.rip,
+                            bytes.get(..n).unwrap_or(&[])
+                        );
+                        return Next::Stop(Stop::Error);
+                    }
+                }
+            }
+        };
+        let long = self.vcpu.cs_long();
+        let Some(v) = self.vcpu.regs().gpr_mut(gpr).map(|r| *r) else {
+            log::error!(
+                "linux: MOV to CR{cr} from RSP at rip={:#x} (not emulated)",
+                exit.rip
+            );
+            return Next::Stop(Stop::Error);
+        };
+        let v = if long { v } else { v & 0xffff_ffff };
+        let checked = match cr {
+            0 => machine::check_cr0(v),
+            4 => machine::check_cr4(v),
+            _ => Ok(v),
+        };
+        match checked {
+            Ok(v) if self.vcpu.set_cr(cr, v) => Next::Resume(next),
+            Ok(_) => {
+                log::error!(
+                    "linux: the {} backend cannot write CR{cr}",
+                    self.vcpu.backend()
+                );
+                Next::Stop(Stop::Error)
+            }
+            Err(_) => {
+                log::debug!("linux: MOV to CR{cr} of {v:#x} refused: #GP");
+                self.inject_fault(13, Some(0))
+            }
+        }
+    }
+
+    /// HLT: resume after it, once an interrupt is there to wake the guest
+    /// (waiting in the host for the LAPIC timer's deadline).
+    fn hlt(&mut self, exit: &VmExit) -> Next {
+        let Some(next) = self.next_rip(exit) else {
+            log::error!("linux: HLT at rip={:#x} of unknown length", exit.rip);
+            return Next::Stop(Stop::Error);
+        };
+        self.vcpu.set_rip(next);
+        if !self.vcpu.interruptible() && self.m.pending().is_none() {
+            // `cli; hlt`: nothing can wake it (Linux's halt after a failed
+            // poweroff, or a stop on panic).
+            self.flush_line();
+            log::info!(
+                "linux: the guest halted with interrupts off at rip={:#x}",
+                exit.rip
+            );
+            return Next::Stop(Stop::Halted);
+        }
+        loop {
+            let now = rdtsc();
+            self.m.update(now);
+            if self.m.pending().is_some() {
+                return Next::Retry;
+            }
+            match self.m.next_deadline() {
+                Some(d) if d > now => {
+                    while rdtsc() < d {
+                        core::hint::spin_loop();
+                    }
+                }
+                Some(_) => {}
+                None => {
+                    self.flush_line();
+                    log::error!(
+                        "linux: the guest waits in HLT at rip={:#x} for an interrupt that nothing will raise (no timer armed)",
+                        exit.rip
+                    );
+                    return Next::Stop(Stop::Error);
+                }
+            }
+        }
+    }
+}
