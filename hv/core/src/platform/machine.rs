@@ -17,10 +17,17 @@ use crate::acpi;
 use crate::msr::Vendor;
 use crate::msr_policy::{self, Gp, MsrState, Read, Write};
 
+use doppel_abi::hvm::{HvmHwLapicRegs, HvmTscAdjust};
+use zerocopy::FromZeros;
+
+use crate::hvm::VcpuState;
+
 use super::ioapic::{Delivery, DeliveryKind, Ioapic};
 use super::lapic::{Effect, Lapic};
+use super::records::MachineRecords;
 use super::rtc::{Clock, Rtc};
 use super::uart::Uart;
+use super::RecordError;
 
 /// COM1's eight ports.
 pub const COM1_FIRST: u16 = acpi::COM1_PORT;
@@ -35,6 +42,18 @@ pub const MARK_PORT: u16 = 0x602;
 /// The IOAPIC's MMIO window.
 pub const IOAPIC_BASE: u64 = acpi::IOAPIC_ADDR as u64;
 pub const IOAPIC_SIZE: u64 = 0x1000;
+
+/// TSC cycles per APIC bus clock: only the count-down timer uses it
+/// (Linux takes the TSC-deadline timer it is offered).
+pub const APIC_TSC_PER_TICK: u64 = 1;
+
+/// A restore that broke on purpose (the test suite's broken variant).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sabotage {
+    None,
+    /// Rebuild the LAPIC without its LAPIC_REGS record (a zero page).
+    SkipLapicRegs,
+}
 
 /// What a port write asks of the hypervisor besides the device update.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -76,9 +95,7 @@ impl Machine {
     pub fn new(vendor: Vendor, phys_bits: u8, clock: Clock) -> Self {
         Machine {
             vendor,
-            // The APIC bus runs at TSC/1: only the count-down timer uses
-            // it (Linux takes the TSC-deadline timer it is offered).
-            lapic: Lapic::new(0, true, 1),
+            lapic: Lapic::new(0, true, APIC_TSC_PER_TICK),
             ioapic: Ioapic::new(0),
             rtc: Rtc::new(clock),
             uart: Uart::new(),
@@ -279,6 +296,68 @@ impl Machine {
         self.lapic.ack()
     }
 
+    /// The machine's records at host TSC `host_tsc`, with the vCPU's
+    /// architectural state `cpu` (its FPU image included); the CPU
+    /// record's TSC is the guest's now.
+    pub fn save(&mut self, mut cpu: VcpuState, host_tsc: u64) -> MachineRecords {
+        let tsc = self.guest_tsc(host_tsc);
+        cpu.tsc = tsc;
+        let (lapic, lapic_regs) = self.lapic.save(tsc);
+        MachineRecords {
+            cpu,
+            lapic,
+            lapic_regs,
+            ioapic: self.ioapic.save(),
+            rtc: self.rtc.save(tsc),
+            mtrr: self.msrs.save_mtrr(),
+            tsc_adjust: self.msrs.save_tsc_adjust().tsc_adjust,
+        }
+    }
+
+    /// A machine rebuilt from records alone, plus what no record holds: the
+    /// platform's configuration (`vendor`, `phys_bits`, the RTC's `clock`)
+    /// and COM1 (a device model's state in Xen's split, which lives
+    /// outside the HVM context). The guest's TSC continues from the CPU
+    /// record's at host TSC `host_tsc`.
+    pub fn restore(
+        r: &MachineRecords,
+        vendor: Vendor,
+        phys_bits: u8,
+        clock: Clock,
+        uart: Uart,
+        host_tsc: u64,
+        sabotage: Sabotage,
+    ) -> Result<Self, RecordError> {
+        let zero_page = HvmHwLapicRegs::new_zeroed();
+        let page = match sabotage {
+            Sabotage::None => &r.lapic_regs,
+            Sabotage::SkipLapicRegs => &zero_page,
+        };
+        let lapic = Lapic::restore(&r.lapic, page, APIC_TSC_PER_TICK, r.cpu.tsc)?;
+        let ioapic = Ioapic::restore(&r.ioapic)?;
+        let rtc = Rtc::restore(&r.rtc, clock)?;
+        let mut msrs = MsrState::new(phys_bits);
+        msrs.restore_mtrr(&r.mtrr)?;
+        msrs.restore_tsc_adjust(&HvmTscAdjust {
+            tsc_adjust: r.tsc_adjust,
+        });
+        msrs.restore_guest_tsc(r.cpu.tsc, host_tsc);
+        // The MSRs the vCPU holds, as the CPU record has them (the
+        // policy's copy is checked against them on the next write).
+        msrs.efer = r.cpu.efer;
+        msrs.star = r.cpu.star;
+        msrs.lstar = r.cpu.lstar;
+        msrs.cstar = r.cpu.cstar;
+        msrs.sfmask = r.cpu.sfmask;
+        msrs.kernel_gs_base = r.cpu.kernel_gs_base;
+        msrs.sysenter_cs = r.cpu.sysenter_cs;
+        msrs.sysenter_esp = r.cpu.sysenter_esp;
+        msrs.sysenter_eip = r.cpu.sysenter_eip;
+        msrs.fs_base = r.cpu.fs.base;
+        msrs.gs_base = r.cpu.gs.base;
+        Ok(Self::from_parts(vendor, lapic, ioapic, rtc, uart, msrs))
+    }
+
     /// Whether an MSR is one the vCPU itself holds (the world switch or
     /// the CPU's own state): its value is read from the vCPU, and a write
     /// the policy accepts is copied into the vCPU.
@@ -443,6 +522,63 @@ mod tests {
         );
         m.mmio_write(IOAPIC_BASE, 4, 1).unwrap();
         assert_eq!(m.mmio_read(IOAPIC_BASE + 0x10, 4), Ok(0x0017_0011));
+    }
+
+    /// A machine mid-run (LAPIC timer armed, IOAPIC routed, RTC set, MTRRs
+    /// and TSC_ADJUST written) saved, put through Xen's stream and
+    /// restored from it alone is the same machine, with its TSC going on
+    /// from where it was; without LAPIC_REGS it is not.
+    #[test]
+    fn save_encode_decode_restore_is_the_same_machine() {
+        use crate::hvm::HeaderInfo;
+        use crate::platform::records;
+        let mut m = machine();
+        m.msrs.tsc_offset = 5_000;
+        enable_lapic(&mut m);
+        route_com1(&mut m, 0x24);
+        m.wrmsr(0x832, 0xec | (2 << 17), 100).unwrap();
+        m.wrmsr(0x6e0, 900_000, 100).unwrap();
+        m.wrmsr(0x2ff, 0xc06, 100).unwrap();
+        m.wrmsr(0x3b, 77, 100).unwrap();
+        m.port_write(COM1_FIRST + 4, 1, 0x08, 100);
+        let cpu = VcpuState {
+            rip: 0xffff_ffff_8100_0000,
+            efer: 0xd01,
+            lstar: 0xffff_ffff_8120_0000,
+            ..VcpuState::default()
+        };
+        let recs = m.save(cpu, 1_000);
+        let header = HeaderInfo {
+            cpuid: 0x800f12,
+            gtsc_khz: 1_000_000,
+            changeset: 0,
+        };
+        let blob = records::encode(&recs, header, None).unwrap();
+        let back = records::decode(&blob).unwrap();
+        assert_eq!(back, recs);
+        let clock = Clock {
+            secs: 1_700_000_000,
+            tsc: 0,
+            khz: 1_000_000,
+        };
+        // Restored 10 000 host ticks later: the guest TSC goes on from
+        // the record, so the offset moves by as much.
+        let r = Machine::restore(&back, Vendor::Svm, 40, clock, m.uart.clone(), 11_000, Sabotage::None)
+            .unwrap();
+        assert_eq!(r.msrs.tsc_offset, 5_000u64.wrapping_sub(10_000));
+        assert_eq!(r.guest_tsc(11_000), m.guest_tsc(1_000));
+        assert_eq!(r.lapic.save(6_000), m.lapic.save(6_000));
+        assert_eq!(r.ioapic, m.ioapic);
+        assert_eq!(r.msrs.save_mtrr(), m.msrs.save_mtrr());
+        assert_eq!(r.msrs.tsc_adjust, 77);
+        assert_eq!(r.msrs.lstar, 0xffff_ffff_8120_0000);
+        // The deadline, in host time, moved with the offset.
+        assert_eq!(r.next_deadline(), Some(900_000 - 5_000 + 10_000));
+        let broken =
+            Machine::restore(&back, Vendor::Svm, 40, clock, m.uart.clone(), 11_000, Sabotage::SkipLapicRegs)
+                .unwrap();
+        assert_ne!(broken.lapic, r.lapic);
+        assert_eq!(broken.next_deadline(), None, "no timer without its registers");
     }
 
     #[test]

@@ -29,14 +29,27 @@ use doppel_core::mmio::{self, decode_mmio, decode_mov_to_cr, Direction, MmioOp};
 use doppel_core::msr::Vendor;
 use doppel_core::msr_policy::nr;
 use doppel_core::paging::NestedEntry;
-use doppel_core::platform::machine::{self, Machine, PortEffect};
+use doppel_core::hvm::HeaderInfo;
+use doppel_core::platform::machine::{self, Machine, PortEffect, Sabotage};
+use doppel_core::platform::records;
 use doppel_core::platform::rtc::{Clock, Rtc};
 use doppel_core::regs::Brief;
 use doppel_core::{acpi, pvh};
 
 use super::guest::GuestRam;
 use super::vcpu::Vcpu;
-use crate::arch::instr::{cpuid, enable_fxsr, inb, outb, rdtsc};
+use crate::arch::instr::{cpuid, enable_fxsr, fxrstor, fxsave, inb, mxcsr_ok, outb, rdtsc, FxArea};
+
+/// The FPU image after FNINIT with SSE reset: FCW 0x37F, MXCSR 0x1F80,
+/// everything else zero.
+const FPU_RESET: [u8; 512] = {
+    let mut a = [0u8; 512];
+    a[0] = 0x7f;
+    a[1] = 0x03;
+    a[24] = 0x80;
+    a[25] = 0x1f;
+    a
+};
 
 /// What to run.
 pub struct LinuxPlan<'a> {
@@ -258,6 +271,11 @@ where
         counts: Counts::default(),
         line: Vec::new(),
         restores: 0,
+        last_restore: 0,
+        make,
+        root: table.root(),
+        clock,
+        plan,
     };
     let stop = l.run_loop();
     l.flush_line();
@@ -272,7 +290,7 @@ where
     stop == Stop::Poweroff
 }
 
-struct Linux<'r, V: Vcpu> {
+struct Linux<'r, V: Vcpu, F> {
     vcpu: V,
     m: Machine,
     ram: &'r GuestRam,
@@ -280,11 +298,32 @@ struct Linux<'r, V: Vcpu> {
     /// The console line being assembled.
     line: Vec<u8>,
     restores: u64,
+    /// The exit count at the last restore (one restore per count).
+    last_restore: u64,
+    /// What builds a vCPU, over the nested table at `root`.
+    make: F,
+    root: HostPhysAddr,
+    /// The RTC's wall clock (platform configuration, not guest state).
+    clock: Clock,
+    plan: &'r LinuxPlan<'r>,
 }
 
-impl<V: Vcpu> Linux<'_, V> {
+impl<V, F> Linux<'_, V, F>
+where
+    V: Vcpu,
+    F: FnMut(&VcpuState, HostPhysAddr) -> Result<V, &'static str>,
+{
     fn run_loop(&mut self) -> Stop {
         loop {
+            if let Some(n) = self.plan.restore_every {
+                if self.counts.total > 0 && self.counts.total % n == 0 && self.last_restore != self.counts.total {
+                    self.last_restore = self.counts.total;
+                    if let Err(e) = self.save_and_rebuild() {
+                        log::error!("linux: restore {}: {e}", self.restores + 1);
+                        return Stop::Error;
+                    }
+                }
+            }
             self.prepare_entry();
             let exit = self.vcpu.run();
             self.counts.count(&exit.kind, self.ram.bytes());
@@ -304,6 +343,61 @@ impl<V: Vcpu> Linux<'_, V> {
                 return Stop::Error;
             }
         }
+    }
+
+    /// Save the whole guest (vCPU with its FPU image, LAPIC, LAPIC_REGS,
+    /// IOAPIC, RTC, MTRR, TSC_ADJUST) to Xen's HVM context stream, throw
+    /// the vCPU and the platform away, and rebuild both from the stream
+    /// alone. Guest memory stays where it is (a checkpoint carries it
+    /// separately); COM1 is a device model's state, outside the records.
+    fn save_and_rebuild(&mut self) -> Result<(), &'static str> {
+        let mut fx = FxArea([0; 512]);
+        fxsave(&mut fx);
+        let mut cpu = self.vcpu.state();
+        cpu.fpu = fx.0;
+        cpu.fpu_initialised = true;
+        let records = self.m.save(cpu, rdtsc());
+        let header = HeaderInfo {
+            cpuid: cpuid(1, 0).eax,
+            gtsc_khz: self.plan.tsc_khz,
+            changeset: 0,
+        };
+        let blob = records::encode(&records, header, None).map_err(|e| {
+            log::error!("linux: encoding the records: {e:?}");
+            "the machine's records could not be encoded"
+        })?;
+        drop(records);
+        // Nothing of the old machine survives but COM1 and the platform's
+        // configuration; the FPU is scrubbed to its reset image.
+        let uart = self.m.uart.clone();
+        fxrstor(&FxArea(FPU_RESET));
+        let r = records::decode(&blob).map_err(|e| {
+            log::error!("linux: decoding the records: {e:?}");
+            "the machine's records could not be decoded"
+        })?;
+        let sabotage = if self.plan.skip_lapic_regs {
+            Sabotage::SkipLapicRegs
+        } else {
+            Sabotage::None
+        };
+        let m = Machine::restore(&r, self.m.vendor, self.m.msrs.phys_bits, self.clock, uart, rdtsc(), sabotage)
+            .map_err(|e| {
+                log::error!("linux: a record was refused: {} = {:#x}", e.field, e.value);
+                "a record was refused"
+            })?;
+        let vcpu = (self.make)(&r.cpu, self.root)?;
+        self.vcpu = vcpu;
+        self.m = m;
+        if !self.vcpu.set_tsc_offset(self.m.msrs.tsc_offset) {
+            return Err("the backend has no TSC offset");
+        }
+        if !mxcsr_ok(&r.cpu.fpu) {
+            return Err("the FPU image's MXCSR has reserved bits set");
+        }
+        fxrstor(&FxArea(r.cpu.fpu));
+        self.restores += 1;
+        log::debug!("linux: restore {} at exit {} ({} bytes of records)", self.restores, self.counts.total, blob.len());
+        Ok(())
     }
 
     /// Deliver what the LAPIC has pending, and arm the host timer for its
