@@ -251,7 +251,11 @@ pub fn spawn(img: &Image, spec: &RunSpec) -> Result<Running> {
     let dir = crate::out_dir().join("runs").join(&spec.tag);
     let _ = fs::remove_dir_all(&dir);
     fs::create_dir_all(&dir)?;
-    let iso = img.iso_with_modules(&spec.cmdline, &spec.modules)?;
+    let iso = if spec.modules.is_empty() {
+        img.iso_with(&spec.cmdline)?
+    } else {
+        img.iso_with_modules(&spec.cmdline, &spec.modules)?
+    };
     let text = match spec.emulator {
         Emulator::Qemu => dir.join("e9.log"),
         Emulator::Bochs => dir.join("com1.log"),
