@@ -122,7 +122,7 @@ pub struct Report {
     pub guest: String,
     /// The hypervisor's lines naming an error.
     pub errors: Vec<String>,
-    /// `linux:` lines that are neither a mark nor a stop, or lack a field.
+    /// `linux: mark=` or `linux: stop=` lines lacking a field.
     pub malformed: Vec<String>,
 }
 
@@ -159,9 +159,9 @@ impl Report {
                     (Ok(m), Some(c)) => r.marks.push((m, c)),
                     _ => r.malformed.push(line.to_string()),
                 }
-            } else if !body.starts_with("error") {
-                r.malformed.push(line.to_string());
             }
+            // Other `linux:` lines (the hypervisor's own notes) are not
+            // judged here.
         }
         r
     }
@@ -668,6 +668,12 @@ mod tests {
         assert_eq!(c.by_reason["cpuid"], 10);
         assert_eq!(c.by_reason["other"], 20);
         assert!(c.reasons().starts_with("cpuid=10 msr=11 io=12"));
+        // The hypervisor's other notes are no part of the judgement.
+        let noted = run_text("poweroff", 0).replace(
+            "doppel-hv: exit=pass",
+            "doppel-hv: linux: kernel entry=0x1000850 initrd=0xf000000\ndoppel-hv: exit=pass",
+        );
+        Report::parse(&noted).check_clean(REL).unwrap();
         let s = r.stop().unwrap();
         assert_eq!(
             (s.kind.as_str(), s.restores, s.counts.exits),
@@ -707,6 +713,7 @@ mod tests {
             (without("uname="), "uname"),
             (good.replace("guest-tsc=5000000 ", ""), "malformed"),
             (good.replace(" npf=29", ""), "malformed"),
+            (good.replace("mark=2 ", "mark=x "), "malformed"),
             (
                 good.replace(
                     "doppel-hv: exit=pass",
