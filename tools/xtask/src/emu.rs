@@ -50,6 +50,11 @@ pub fn hv_text(output: &str) -> String {
     hv_lines(output).flat_map(|l| [l, "\n"]).collect()
 }
 
+/// Bochs' emulated instructions per second of emulated time (`cpu: ips=`).
+/// Bochs' TSC advances one tick per emulated instruction, so this is also
+/// the TSC rate a guest sees there (Hz).
+pub const BOCHS_IPS: u64 = 50_000_000;
+
 /// What an emulator run left behind.
 #[derive(Debug)]
 pub struct Run {
@@ -105,6 +110,8 @@ pub struct RunSpec {
     pub icount: bool,
     /// Name of this run's log directory under target/doppel/runs/.
     pub tag: String,
+    /// Multiboot2 modules the ISO carries (none for the test guests).
+    pub modules: Vec<crate::image::Module>,
 }
 
 impl RunSpec {
@@ -118,6 +125,7 @@ impl RunSpec {
             ram_file: None,
             icount: false,
             tag: tag.into(),
+            modules: Vec::new(),
         }
     }
 }
@@ -243,7 +251,11 @@ pub fn spawn(img: &Image, spec: &RunSpec) -> Result<Running> {
     let dir = crate::out_dir().join("runs").join(&spec.tag);
     let _ = fs::remove_dir_all(&dir);
     fs::create_dir_all(&dir)?;
-    let iso = img.iso_with(&spec.cmdline)?;
+    let iso = if spec.modules.is_empty() {
+        img.iso_with(&spec.cmdline)?
+    } else {
+        img.iso_with_modules(&spec.cmdline, &spec.modules)?
+    };
     let text = match spec.emulator {
         Emulator::Qemu => dir.join("e9.log"),
         Emulator::Bochs => dir.join("com1.log"),
@@ -304,7 +316,7 @@ fn bochs_command(iso: &Path, spec: &RunSpec, dir: &Path) -> Result<Command> {
         &rc,
         format!(
             "megs: {mem}\n\
-             cpu: model=corei7_skylake_x, count=1, ips=50000000\n\
+             cpu: model=corei7_skylake_x, count=1, ips={ips}\n\
              romimage: file=/usr/share/bochs/BIOS-bochs-latest\n\
              vgaromimage: file=/usr/share/vgabios/vgabios.bin\n\
              ata0: enabled=1, ioaddr1=0x1f0, ioaddr2=0x3f0, irq=14\n\
@@ -321,6 +333,7 @@ fn bochs_command(iso: &Path, spec: &RunSpec, dir: &Path) -> Result<Command> {
              info: action=ignore\n\
              debug: action=ignore\n",
             mem = spec.mem_mib,
+            ips = BOCHS_IPS,
             iso = iso.display(),
             com1 = dir.join("com1.log").display(),
             log = dir.join("bochs.log").display(),

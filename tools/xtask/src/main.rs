@@ -20,6 +20,7 @@ mod image;
 mod isolation;
 mod linkauth;
 mod linux;
+mod linuxboot;
 mod logline;
 mod ocf;
 mod operate;

@@ -86,6 +86,18 @@ fn steps() -> Vec<(&'static str, StepFn)> {
         ),
         ("config", crate::config::step_config),
         ("ocf", crate::ocf::step_ocf),
+        ("linux-direct-qemu", crate::linuxboot::step_direct),
+        ("linux-qemu-svm", crate::linuxboot::step_linux_qemu),
+        ("linux-bochs-vmx", crate::linuxboot::step_linux_bochs),
+        ("restore-loop-qemu-svm", crate::linuxboot::step_restore_qemu),
+        (
+            "restore-loop-bochs-vmx",
+            crate::linuxboot::step_restore_bochs,
+        ),
+        (
+            "restore-loop-qemu-svm-broken",
+            crate::linuxboot::step_restore_qemu_broken,
+        ),
     ]
 }
 
