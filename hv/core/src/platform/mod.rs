@@ -48,7 +48,7 @@ pub struct RecordError {
 }
 
 impl RecordError {
-    fn new(field: &'static str, value: u64) -> Self {
+    pub(crate) fn new(field: &'static str, value: u64) -> Self {
         RecordError { field, value }
     }
 }
