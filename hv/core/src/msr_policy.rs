@@ -937,7 +937,7 @@ pub(crate) mod tests {
         assert_eq!(s.write(v, PAT, 0x0407_0501_0007_0106, 0), Write::Done);
         assert_eq!(s.write(v, MTRR_DEF_TYPE, 0xc00, 0), Write::Done);
         for i in 0..8u32 {
-            let base = 0x1000_0000 * u64::from(i) | [0, 1, 4, 5, 6][i as usize % 5];
+            let base = (0x1000_0000 * u64::from(i)) | [0, 1, 4, 5, 6][i as usize % 5];
             let mask = 0xff_f000_0800 - 0x1000 * u64::from(i);
             assert_eq!(s.write(v, 0x200 + 2 * i, base, 0), Write::Done);
             assert_eq!(s.write(v, 0x201 + 2 * i, mask, 0), Write::Done);
@@ -979,7 +979,8 @@ pub(crate) mod tests {
     #[test]
     fn mtrr_restore_refuses_what_a_guest_write_would_and_names_it() {
         let good = programmed().save_mtrr();
-        let cases: [(&str, fn(&mut HvmHwMtrr)); 8] = [
+        type Spoil = fn(&mut HvmHwMtrr);
+        let cases: [(&str, Spoil); 8] = [
             ("msr_mtrr_cap", |r| r.msr_mtrr_cap = 0x50a),
             ("msr_pat_cr", |r| r.msr_pat_cr = 0x0200),
             ("msr_mtrr_def_type", |r| r.msr_mtrr_def_type = 0x1006),

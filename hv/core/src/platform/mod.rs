@@ -22,6 +22,7 @@
 
 pub mod ioapic;
 pub mod lapic;
+pub mod records;
 pub mod rtc;
 pub mod uart;
 
