@@ -559,4 +559,27 @@ mod tests {
             changeset: h.changeset,
         }
     }
+
+    /// The fuzz seeds in fuzz/corpus/machine_records are what their names
+    /// say (written once from [`machine`]).
+    #[test]
+    fn fuzz_seeds_mean_what_their_names_say() {
+        let valid = include_bytes!("../../../../fuzz/corpus/machine_records/valid");
+        assert_eq!(decode(valid), Ok(machine()));
+        assert_eq!(
+            decode(include_bytes!(
+                "../../../../fuzz/corpus/machine_records/no_mtrr"
+            )),
+            Err(HvmError::MissingRecord(code::MTRR))
+        );
+        assert_eq!(
+            decode(include_bytes!(
+                "../../../../fuzz/corpus/machine_records/truncated_lapic"
+            )),
+            Err(HvmError::TruncatedPayload {
+                offset: 1480,
+                length: 24
+            })
+        );
+    }
 }
