@@ -60,6 +60,14 @@ _Static_assert(sizeof(union vioapic_redir_entry) == 8, "vioapic_redir_entry size
 DOPPEL_HVM_HW_RTC_FIELDS(RTC)
 _Static_assert(sizeof(struct hvm_hw_rtc) == DOPPEL_HVM_HW_RTC_SIZE, "hvm_hw_rtc size");
 _Static_assert(sizeof(HVM_SAVE_TYPE(RTC)) == DOPPEL_HVM_HW_RTC_SIZE, "HVM_SAVE_TYPE(RTC)");
+#define MTRR(name, off, size) FIELD_OK(struct hvm_hw_mtrr, name, off, size)
+DOPPEL_HVM_HW_MTRR_FIELDS(MTRR)
+_Static_assert(sizeof(struct hvm_hw_mtrr) == DOPPEL_HVM_HW_MTRR_SIZE, "hvm_hw_mtrr size");
+_Static_assert(sizeof(HVM_SAVE_TYPE(MTRR)) == DOPPEL_HVM_HW_MTRR_SIZE, "HVM_SAVE_TYPE(MTRR)");
+#define TSCADJ(name, off, size) FIELD_OK(struct hvm_tsc_adjust, name, off, size)
+DOPPEL_HVM_HW_TSC_ADJUST_FIELDS(TSCADJ)
+_Static_assert(sizeof(struct hvm_tsc_adjust) == DOPPEL_HVM_HW_TSC_ADJUST_SIZE, "hvm_tsc_adjust size");
+_Static_assert(sizeof(HVM_SAVE_TYPE(TSC_ADJUST)) == DOPPEL_HVM_HW_TSC_ADJUST_SIZE, "HVM_SAVE_TYPE(TSC_ADJUST)");
 #define BOUND(name, value) _Static_assert(name == (value), #name);
 DOPPEL_HVM_BOUNDS(BOUND)
 
@@ -121,7 +129,8 @@ int main(void)
         DOPPEL_START_INFO_FIELDS(COUNT) DOPPEL_MODLIST_ENTRY_FIELDS(COUNT)
         DOPPEL_MEMMAP_ENTRY_FIELDS(COUNT) DOPPEL_HVM_HW_LAPIC_FIELDS(COUNT)
         DOPPEL_HVM_HW_LAPIC_REGS_FIELDS(COUNT) DOPPEL_HVM_HW_VIOAPIC_FIELDS(COUNT)
-        DOPPEL_HVM_HW_RTC_FIELDS(COUNT);
+        DOPPEL_HVM_HW_RTC_FIELDS(COUNT) DOPPEL_HVM_HW_MTRR_FIELDS(COUNT)
+        DOPPEL_HVM_HW_TSC_ADJUST_FIELDS(COUNT);
     int consts = 0 DOPPEL_HVM_CODES(COUNT) DOPPEL_SHADOW_OPS(COUNT) DOPPEL_ERRNOS(COUNT)
         DOPPEL_RING_ENTRIES(COUNT) DOPPEL_MEMMAP_TYPES(COUNT) DOPPEL_HVM_BOUNDS(COUNT);
     printf("layout ok: %d fields and %d constants match Xen's public headers (interface 0x%08x)\n",

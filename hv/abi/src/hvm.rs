@@ -7,7 +7,7 @@
 
 use core::mem::{offset_of, size_of};
 #[cfg(test)]
-use zerocopy::{FromBytes, IntoBytes};
+use zerocopy::{FromBytes, FromZeros, IntoBytes};
 
 use crate::layout::layout_struct;
 
@@ -24,7 +24,37 @@ pub mod code {
     pub const RTC: u16 = 11;
     pub const MTRR: u16 = 14;
     pub const CPU_XSAVE: u16 = 16;
+    pub const TSC_ADJUST: u16 = 19;
     pub const CPU_MSR: u16 = 20;
+
+    /// Xen's name of a typecode (`HVM_SAVE_CODE(name)`), for error lines;
+    /// `"unknown"` for one Xen does not define.
+    pub const fn name(typecode: u16) -> &'static str {
+        match typecode {
+            END => "END",
+            HEADER => "HEADER",
+            CPU => "CPU",
+            PIC => "PIC",
+            IOAPIC => "IOAPIC",
+            LAPIC => "LAPIC",
+            LAPIC_REGS => "LAPIC_REGS",
+            7 => "PCI_IRQ",
+            8 => "ISA_IRQ",
+            9 => "PCI_LINK",
+            PIT => "PIT",
+            RTC => "RTC",
+            12 => "HPET",
+            13 => "PMTIMER",
+            MTRR => "MTRR",
+            15 => "VIRIDIAN_DOMAIN",
+            CPU_XSAVE => "CPU_XSAVE",
+            17 => "VIRIDIAN_VCPU",
+            18 => "VMCE_VCPU",
+            TSC_ADJUST => "TSC_ADJUST",
+            CPU_MSR => "CPU_MSR",
+            _ => "unknown",
+        }
+    }
 }
 
 /// `HVM_FILE_MAGIC`.
@@ -258,6 +288,45 @@ const _: () = assert!(offset_of!(HvmHwRtc, cmos_index) == 14);
 const _: () = assert!(offset_of!(HvmHwRtc, pad0) == 15);
 const _: () = assert!(offset_of!(HvmHwRtc, rtc_offset) == 16);
 
+/// `MTRR_VCNT`: variable-range MTRR pairs in Xen's MTRR record.
+pub const MTRR_VCNT: usize = 8;
+/// `NUM_FIXED_MSR`: fixed-range MTRR MSRs in Xen's MTRR record.
+pub const NUM_FIXED_MSR: usize = 11;
+
+layout_struct! {
+    /// `struct hvm_hw_mtrr` (typecode 14), one per vCPU.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct HvmHwMtrr {
+        /// IA32_PAT.
+        pub msr_pat_cr: u64,
+        /// MTRRphysBase*n* at `2n`, MTRRphysMask*n* at `2n + 1`
+        /// (MSRs 0x200..=0x20F in order).
+        pub msr_mtrr_var: [u64; 2 * MTRR_VCNT],
+        /// MSRs 0x250, 0x258, 0x259, 0x268..=0x26F in that order.
+        pub msr_mtrr_fixed: [u64; NUM_FIXED_MSR],
+        /// IA32_MTRRCAP.
+        pub msr_mtrr_cap: u64,
+        /// IA32_MTRR_DEF_TYPE.
+        pub msr_mtrr_def_type: u64,
+    }
+}
+
+layout_struct! {
+    /// `struct hvm_tsc_adjust` (typecode 19), one per vCPU.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct HvmTscAdjust {
+        /// IA32_TSC_ADJUST.
+        pub tsc_adjust: u64,
+    }
+}
+
+const _: () = assert!(size_of::<HvmHwMtrr>() == 8 * (1 + 16 + 11 + 2));
+const _: () = assert!(offset_of!(HvmHwMtrr, msr_mtrr_var) == 8);
+const _: () = assert!(offset_of!(HvmHwMtrr, msr_mtrr_fixed) == 136);
+const _: () = assert!(offset_of!(HvmHwMtrr, msr_mtrr_cap) == 224);
+const _: () = assert!(offset_of!(HvmHwMtrr, msr_mtrr_def_type) == 232);
+const _: () = assert!(size_of::<HvmTscAdjust>() == 8);
+
 /// Xen's log-dirty operations (`XEN_DOMCTL_SHADOW_OP_*`).
 pub mod shadow_op {
     pub const OFF: u32 = 0;
@@ -283,5 +352,47 @@ mod tests {
         assert_eq!(&b[0..8], &[0x86, 0x12, 0x38, 0x54, 1, 0, 0, 0]);
         assert_eq!(&b[8..16], &[8, 7, 6, 5, 4, 3, 2, 1]);
         assert_eq!(HvmSaveHeader::read_from_bytes(b).unwrap(), h);
+    }
+
+    #[test]
+    fn typecode_names_are_xens() {
+        let known = [
+            (code::END, "END"),
+            (code::HEADER, "HEADER"),
+            (code::CPU, "CPU"),
+            (code::IOAPIC, "IOAPIC"),
+            (code::LAPIC, "LAPIC"),
+            (code::LAPIC_REGS, "LAPIC_REGS"),
+            (code::RTC, "RTC"),
+            (code::MTRR, "MTRR"),
+            (code::TSC_ADJUST, "TSC_ADJUST"),
+            (code::CPU_MSR, "CPU_MSR"),
+        ];
+        for (c, n) in known {
+            assert_eq!(code::name(c), n);
+        }
+        // Every code up to HVM_SAVE_CODE_MAX (20) has its own name.
+        for a in 0..=20u16 {
+            assert_ne!(code::name(a), "unknown", "{a}");
+            for b in 0..a {
+                assert_ne!(code::name(a), code::name(b), "{a} and {b}");
+            }
+        }
+        assert_eq!(code::name(21), "unknown");
+        assert_eq!(code::name(u16::MAX), "unknown");
+    }
+
+    #[test]
+    fn mtrr_record_bytes_follow_xens_order() {
+        let mut m = HvmHwMtrr::new_zeroed();
+        m.msr_pat_cr = 1;
+        m.msr_mtrr_var[1] = 2; // mask of pair 0
+        m.msr_mtrr_fixed[10] = 3; // 0x26F
+        m.msr_mtrr_def_type = 4;
+        let b = m.as_bytes();
+        let at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap());
+        assert_eq!((at(0), at(16), at(216), at(232)), (1, 2, 3, 4));
+        let t = HvmTscAdjust { tsc_adjust: 5 };
+        assert_eq!(t.as_bytes(), &[5, 0, 0, 0, 0, 0, 0, 0]);
     }
 }

@@ -63,6 +63,8 @@ mod tests {
             ),
             (hvm::HvmHwVioapic::FIELDS, size_of::<hvm::HvmHwVioapic>()),
             (hvm::HvmHwRtc::FIELDS, size_of::<hvm::HvmHwRtc>()),
+            (hvm::HvmHwMtrr::FIELDS, size_of::<hvm::HvmHwMtrr>()),
+            (hvm::HvmTscAdjust::FIELDS, size_of::<hvm::HvmTscAdjust>()),
             (ring::SringHeader::FIELDS, size_of::<ring::SringHeader>()),
             (msg::CommandEntry::FIELDS, size_of::<msg::CommandEntry>()),
             (msg::ResponseEntry::FIELDS, size_of::<msg::ResponseEntry>()),

@@ -8,14 +8,27 @@
 //! IRQ 4). Tables come from rust-vmm's `acpi_tables` crate; nothing here is
 //! hand-encoded.
 //!
+//! # Poweroff
+//!
+//! A hardware-reduced platform has no PM1 blocks: Linux powers off through
+//! the FADT's SLEEP_CONTROL_REG and SLEEP_STATUS_REG and the DSDT's `_S5_`
+//! package (its `acpi_sleep_state_supported(S5)` wants all three, and only
+//! then installs `acpi_power_off`). Both registers are one byte in I/O
+//! space: sleep control at [`SLEEP_CONTROL_PORT`] (SLP_TYPx in bits 2-4,
+//! SLP_EN bit 5), sleep status at [`SLEEP_STATUS_PORT`] (WAK_STS bit 7,
+//! which ACPICA writes to clear before sleeping). `_S5_` is
+//! `Package { S5_SLP_TYP, S5_SLP_TYP }`; the write that powers off is
+//! recognised by [`is_poweroff`].
+//!
 //! [`build`] lays everything out in one blob for a given guest-physical
 //! base, RSDP first (the PVH start info's `rsdp_paddr` is the base), each
 //! table 16-byte aligned.
 
 use alloc::vec::Vec;
 
-use acpi_tables::aml::{Device, EISAName, Interrupt, Name, ResourceTemplate, IO, ZERO};
+use acpi_tables::aml::{Device, EISAName, Interrupt, Name, Package, ResourceTemplate, IO, ZERO};
 use acpi_tables::fadt::{FADTBuilder, Flags};
+use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
 use acpi_tables::madt::{
     EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT,
 };
@@ -37,16 +50,27 @@ pub const IOAPIC_ADDR: u32 = 0xFEC0_0000;
 pub const COM1_PORT: u16 = 0x3F8;
 pub const COM1_GSI: u32 = 4;
 
-/// The HW-reduced sleep control and status registers (I/O ports): Linux
-/// powers off by writing S5's SLP_TYP (bits 2-4) with SLP_EN (bit 5).
+/// The FADT's SLEEP_CONTROL_REG: one byte at this I/O port.
 pub const SLEEP_CONTROL_PORT: u16 = 0x600;
+/// The FADT's SLEEP_STATUS_REG: one byte at this I/O port.
 pub const SLEEP_STATUS_PORT: u16 = 0x601;
+/// The sleep type of S5 (soft off) in `_S5_`, written as SLP_TYPx.
 pub const S5_SLP_TYP: u8 = 5;
-const SLP_EN: u8 = 1 << 5;
+/// SLP_TYPx in the sleep control register (ACPI 6.5 §4.8.3.7).
+pub const SLP_TYP_SHIFT: u8 = 2;
+pub const SLP_TYP_MASK: u8 = 0x7 << SLP_TYP_SHIFT;
+/// SLP_EN in the sleep control register.
+pub const SLP_EN: u8 = 1 << 5;
+/// WAK_STS in the sleep status register.
+pub const WAK_STS: u8 = 1 << 7;
 
-/// Whether a byte written to `port` is the guest entering S5.
+/// A guest write of `value` to I/O `port` asks for soft off: SLP_EN set
+/// with S5's sleep type on the sleep control port. Other bits (reserved)
+/// do not matter, as for hardware that only decodes SLP_TYP and SLP_EN.
 pub fn is_poweroff(port: u16, value: u8) -> bool {
-    port == SLEEP_CONTROL_PORT && value & SLP_EN != 0 && (value >> 2) & 7 == S5_SLP_TYP
+    port == SLEEP_CONTROL_PORT
+        && value & SLP_EN != 0
+        && (value & SLP_TYP_MASK) >> SLP_TYP_SHIFT == S5_SLP_TYP
 }
 
 /// FADT IA-PC boot architecture flags: no VGA, no MSI (there is no PCI).
@@ -72,7 +96,7 @@ fn aml_bytes(t: &dyn Aml) -> Vec<u8> {
     v
 }
 
-/// The DSDT: COM1 under `\_SB`.
+/// The DSDT: COM1 under `\_SB`, and `_S5_`.
 pub fn dsdt() -> Vec<u8> {
     let hid = EISAName::new("PNP0501");
     let io = IO::new(COM1_PORT, COM1_PORT, 0, 8);
@@ -83,8 +107,12 @@ pub fn dsdt() -> Vec<u8> {
     let uid = Name::new("_UID".into(), &ZERO);
     let crs = Name::new("_CRS".into(), &crs);
     let com1 = Device::new("_SB_.COM1".into(), alloc::vec![&hid, &uid, &crs]);
+    // SLP_TYPa, SLP_TYPb (a hardware-reduced platform uses only the first).
+    let s5 = Package::new(alloc::vec![&S5_SLP_TYP, &S5_SLP_TYP]);
+    let s5 = Name::new("_S5_".into(), &s5);
     let mut sdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     sdt.append_slice(&aml_bytes(&com1));
+    sdt.append_slice(&aml_bytes(&s5));
     sdt.as_slice().to_vec()
 }
 
@@ -93,6 +121,17 @@ fn fadt(dsdt_addr: u64) -> Vec<u8> {
         .flag(Flags::HwReducedAcpi)
         .dsdt_64(dsdt_addr);
     f.iapc_boot_arch = (IAPC_VGA_NOT_PRESENT | IAPC_MSI_NOT_SUPPORTED).into();
+    let byte_port = |port: u16| {
+        GAS::new(
+            AddressSpace::SystemIo,
+            8,
+            0,
+            AccessSize::ByteAccess,
+            u64::from(port),
+        )
+    };
+    f.sleep_control_reg = byte_port(SLEEP_CONTROL_PORT);
+    f.sleep_status_reg = byte_port(SLEEP_STATUS_PORT);
     aml_bytes(&f.finalize())
 }
 
@@ -275,6 +314,58 @@ mod tests {
         assert!(find(&[
             0x89, 0x06, 0x00, 0x03, 0x01, 0x04, 0x00, 0x00, 0x00
         ]));
+    }
+
+    #[test]
+    fn fadt_names_the_sleep_registers_in_io_space() {
+        let t = build(BASE);
+        let fadt = &t.bytes[t.fadt..t.fadt + 276];
+        // GAS at 244 (SLEEP_CONTROL_REG) and 256 (SLEEP_STATUS_REG):
+        // space 1 (I/O), 8 bits wide, offset 0, byte access, the port.
+        let gas = |at: usize| (fadt[at..at + 4].to_vec(), u64_at(fadt, at + 4));
+        assert_eq!(gas(244), (vec![1, 8, 0, 1], 0x600));
+        assert_eq!(gas(256), (vec![1, 8, 0, 1], 0x601));
+        assert_eq!(sum(fadt), 0, "checksum still right");
+    }
+
+    #[test]
+    fn dsdt_declares_s5() {
+        let d = dsdt();
+        // Name (_S5_, Package (2) { 5, 5 }): NameOp, "_S5_", PackageOp,
+        // PkgLength 6, 2 elements, BytePrefix 5 twice.
+        let s5 = [
+            0x08, b'_', b'S', b'5', b'_', 0x12, 0x06, 0x02, 0x0a, 5, 0x0a, 5,
+        ];
+        assert!(d.windows(s5.len()).any(|w| w == s5), "{d:x?}");
+    }
+
+    #[test]
+    fn poweroff_is_slp_en_with_s5_on_the_control_port() {
+        // What ACPICA's acpi_hw_extended_sleep writes for S5.
+        let off = (S5_SLP_TYP << SLP_TYP_SHIFT) | SLP_EN;
+        assert_eq!(off, 0x34);
+        assert!(is_poweroff(SLEEP_CONTROL_PORT, off));
+        assert!(is_poweroff(SLEEP_CONTROL_PORT, off | 0xc3), "reserved bits");
+        // Its first write (clearing WAK_STS) and the S5 type without SLP_EN,
+        // other sleep types, other ports: not poweroff.
+        assert!(!is_poweroff(SLEEP_STATUS_PORT, WAK_STS));
+        assert!(!is_poweroff(SLEEP_STATUS_PORT, off));
+        assert!(!is_poweroff(SLEEP_CONTROL_PORT, off & !SLP_EN));
+        for typ in (0..8).filter(|&t| t != S5_SLP_TYP) {
+            assert!(!is_poweroff(
+                SLEEP_CONTROL_PORT,
+                (typ << SLP_TYP_SHIFT) | SLP_EN
+            ));
+        }
+        assert!(!is_poweroff(0x604, off));
+        let hits = (0..=u16::MAX)
+            .flat_map(|p| (0..=u8::MAX).map(move |v| (p, v)))
+            .filter(|&(p, v)| is_poweroff(p, v))
+            .count();
+        assert_eq!(
+            hits, 16,
+            "only 0x34 with any of bits 0-1 and 6-7, on port 0x600"
+        );
     }
 
     #[test]

@@ -436,6 +436,50 @@ pub enum HvmError {
     PendingEventReserved(u32),
     /// `error_code` non-zero without the error-code-valid bit.
     StrayErrorCode(u32),
+    /// Machine records: a record the stream must hold is absent (its
+    /// typecode).
+    MissingRecord(u16),
+    /// Machine records: a record appears more than once (its typecode).
+    DuplicateRecord(u16),
+    /// Machine records: a type Xen defines that the machine stream does
+    /// not carry (PIC, PIT, HPET, ...).
+    UnexpectedRecord(u16),
+}
+
+impl core::fmt::Display for HvmError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        let name = code::name;
+        match *self {
+            HvmError::MissingRecord(t) => {
+                write!(f, "HVM context: no {} record (typecode {t})", name(t))
+            }
+            HvmError::DuplicateRecord(t) => {
+                write!(f, "HVM context: {} record (typecode {t}) twice", name(t))
+            }
+            HvmError::UnexpectedRecord(t) => write!(
+                f,
+                "HVM context: unexpected {} record (typecode {t})",
+                name(t)
+            ),
+            HvmError::UnknownType(t) => write!(f, "HVM context: unknown typecode {t}"),
+            HvmError::BadLength { typecode, length } => write!(
+                f,
+                "HVM context: {} record (typecode {typecode}) of {length} bytes",
+                name(typecode)
+            ),
+            HvmError::BadInstance { typecode, instance } => write!(
+                f,
+                "HVM context: {} record with instance {instance}",
+                name(typecode)
+            ),
+            HvmError::OutOfOrder { typecode, instance } => write!(
+                f,
+                "HVM context: {} record (instance {instance}) out of order",
+                name(typecode)
+            ),
+            other => write!(f, "HVM context: {other:?}"),
+        }
+    }
 }
 
 /// Bytes [`encode`] writes for `n_vcpus` vCPUs (`None` on overflow).
@@ -462,11 +506,11 @@ fn put(out: &mut [u8], at: &mut usize, bytes: &[u8]) -> Result<(), HvmError> {
     Ok(())
 }
 
-fn desc(typecode: u16, instance: u16, length: usize) -> HvmSaveDescriptor {
+pub(crate) fn desc(typecode: u16, instance: u16, length: usize) -> HvmSaveDescriptor {
     HvmSaveDescriptor {
         typecode,
         instance,
-        // Only called with the constant struct sizes (24, 1032) and 0.
+        // Only called with the constant struct sizes (at most 1032) and 0.
         length: length as u32,
     }
 }
@@ -655,14 +699,7 @@ pub fn encode(vcpus: &[VcpuState], header: HeaderInfo, out: &mut [u8]) -> Result
     }
     let mut at = 0;
     put(out, &mut at, desc(code::HEADER, 0, HEADER_LEN).as_bytes())?;
-    let h = HvmSaveHeader {
-        magic: HVM_FILE_MAGIC,
-        version: HVM_FILE_VERSION,
-        changeset: header.changeset,
-        cpuid: header.cpuid,
-        gtsc_khz: header.gtsc_khz,
-    };
-    put(out, &mut at, h.as_bytes())?;
+    put(out, &mut at, save_header(header).as_bytes())?;
     for (id, v) in vcpus.iter().enumerate() {
         let id = u16::try_from(id).map_err(|_| HvmError::TooManyVcpus(vcpus.len()))?;
         let c = to_hw_cpu(v)?;
@@ -674,10 +711,21 @@ pub fn encode(vcpus: &[VcpuState], header: HeaderInfo, out: &mut [u8]) -> Result
 }
 
 /// One record of a blob: its descriptor and payload bytes.
-struct Record<'a> {
-    offset: usize,
-    desc: HvmSaveDescriptor,
-    payload: &'a [u8],
+pub(crate) struct Record<'a> {
+    pub(crate) offset: usize,
+    pub(crate) desc: HvmSaveDescriptor,
+    pub(crate) payload: &'a [u8],
+}
+
+impl Record<'_> {
+    /// The payload as `T`; a length other than `T`'s size is
+    /// [`HvmError::BadLength`] naming the record's typecode.
+    pub(crate) fn read<T: FromBytes>(&self) -> Result<T, HvmError> {
+        T::read_from_bytes(self.payload).map_err(|_| HvmError::BadLength {
+            typecode: self.desc.typecode,
+            length: self.desc.length,
+        })
+    }
 }
 
 /// Split the record at `at`.
@@ -702,10 +750,26 @@ fn record(blob: &[u8], at: usize) -> Result<Record<'_>, HvmError> {
     })
 }
 
-/// Validate the whole blob, calling `cpu` for each CPU record in order.
-fn walk(
+/// The HEADER payload [`encode`] and [`crate::platform::records::encode`]
+/// write.
+pub(crate) fn save_header(header: HeaderInfo) -> HvmSaveHeader {
+    HvmSaveHeader {
+        magic: HVM_FILE_MAGIC,
+        version: HVM_FILE_VERSION,
+        changeset: header.changeset,
+        cpuid: header.cpuid,
+        gtsc_khz: header.gtsc_khz,
+    }
+}
+
+/// The framing every HVM context blob shares, checked: a well-formed
+/// HEADER first, then `each` called for every record up to the first END
+/// (typecodes above [`MAX_TYPECODE`] refused before `each` sees them), END
+/// well-formed, nothing after it. Ordering and which types may appear are
+/// the caller's rules, in `each`.
+pub(crate) fn walk_stream(
     blob: &[u8],
-    cpu: &mut dyn FnMut(u16, VcpuState) -> Result<(), HvmError>,
+    each: &mut dyn FnMut(&Record<'_>) -> Result<(), HvmError>,
 ) -> Result<HeaderInfo, HvmError> {
     let r = record(blob, 0)?;
     if r.desc.typecode != code::HEADER {
@@ -717,10 +781,7 @@ fn walk(
             instance: r.desc.instance,
         });
     }
-    let h = HvmSaveHeader::read_from_bytes(r.payload).map_err(|_| HvmError::BadLength {
-        typecode: code::HEADER,
-        length: r.desc.length,
-    })?;
+    let h: HvmSaveHeader = r.read()?;
     if h.magic != HVM_FILE_MAGIC {
         return Err(HvmError::BadMagic(h.magic));
     }
@@ -732,11 +793,9 @@ fn walk(
         gtsc_khz: h.gtsc_khz,
         changeset: h.changeset,
     };
-    let mut last = (code::HEADER, 0u16);
     let mut at = DESC_LEN
         .checked_add(r.payload.len())
         .ok_or(HvmError::MissingEnd)?;
-    let mut n_cpus = 0usize;
     loop {
         if at == blob.len() {
             return Err(HvmError::MissingEnd);
@@ -766,6 +825,23 @@ fn walk(
         if t > MAX_TYPECODE {
             return Err(HvmError::UnknownType(t));
         }
+        each(&r)?;
+    }
+    if at != blob.len() {
+        return Err(HvmError::TrailingBytes(blob.len().saturating_sub(at)));
+    }
+    Ok(info)
+}
+
+/// Validate the whole blob, calling `cpu` for each CPU record in order.
+fn walk(
+    blob: &[u8],
+    cpu: &mut dyn FnMut(u16, VcpuState) -> Result<(), HvmError>,
+) -> Result<HeaderInfo, HvmError> {
+    let mut last = (code::HEADER, 0u16);
+    let mut n_cpus = 0usize;
+    let info = walk_stream(blob, &mut |r| {
+        let (t, i) = (r.desc.typecode, r.desc.instance);
         if (t, i) <= last {
             return Err(HvmError::OutOfOrder {
                 typecode: t,
@@ -774,18 +850,12 @@ fn walk(
         }
         last = (t, i);
         if t == code::CPU {
-            let c = HvmHwCpu::read_from_bytes(r.payload).map_err(|_| HvmError::BadLength {
-                typecode: t,
-                length: r.desc.length,
-            })?;
-            let v = from_hw_cpu(&c)?;
+            let v = from_hw_cpu(&r.read::<HvmHwCpu>()?)?;
             n_cpus = n_cpus.saturating_add(1);
             cpu(i, v)?;
         }
-    }
-    if at != blob.len() {
-        return Err(HvmError::TrailingBytes(blob.len().saturating_sub(at)));
-    }
+        Ok(())
+    })?;
     if n_cpus == 0 {
         return Err(HvmError::NoVcpus);
     }

@@ -17,7 +17,10 @@
 //! an exit does. docs/KERNEL.md ("MSR policy") lists the table; a test
 //! checks the two agree.
 
+use doppel_abi::hvm::{HvmHwMtrr, HvmTscAdjust, MTRR_VCNT};
+
 use crate::msr::Vendor;
+use crate::platform::RecordError;
 
 /// How an MSR is handled.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -252,6 +255,25 @@ pub const MISC_ENABLE_VALUE: u64 = 1 | (1 << 11) | (1 << 12);
 pub const FEATURE_CONTROL_VALUE: u64 = 1;
 
 /// The emulated MSRs of one vCPU.
+///
+/// # What travels where across a save and restore
+///
+/// Xen's records carry all of it; nothing Linux relies on is left out:
+///
+/// | state | record |
+/// |---|---|
+/// | `efer`, `star`, `lstar`, `cstar`, `sfmask`, `sysenter_*`, `kernel_gs_base` | CPU (`msr_efer`, `msr_star`, ..., `shadow_gs`, through [`crate::hvm::VcpuState`]) |
+/// | `fs_base`, `gs_base` | CPU (`fs_base`, `gs_base`: the segment bases) |
+/// | `tsc_offset` | CPU (`tsc`, the guest's TSC at the save; [`MsrState::restore_guest_tsc`] turns it back into an offset for the new host TSC) |
+/// | `tsc_adjust` | TSC_ADJUST ([`MsrState::save_tsc_adjust`] / [`MsrState::restore_tsc_adjust`]) |
+/// | `pat`, `mtrr_def_type`, `mtrr_fixed`, `mtrr_var` | MTRR ([`MsrState::save_mtrr`] / [`MsrState::restore_mtrr`]; `msr_mtrr_cap` is [`MTRR_CAP_VALUE`]) |
+/// | `phys_bits` | none: the platform's (CPUID), the same on both hosts |
+///
+/// Constant MSRs travel nowhere: MTRRcap, MISC_ENABLE, FEATURE_CONTROL and
+/// the read-as-zero rows read the same on any host. APIC_BASE,
+/// TSC_DEADLINE and the x2APIC registers are the LAPIC model's (LAPIC and
+/// LAPIC_REGS records). TSC_AUX is refused (no RDTSCP), so the CPU
+/// record's `msr_tsc_aux` stays 0.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MsrState {
     /// Guest-physical address width (CPUID 0x8000_0008 EAX[7:0]): bits
@@ -291,6 +313,27 @@ fn mtrr_type(t: u64) -> bool {
 /// A memory type valid in the PAT (MTRR types plus UC-).
 fn pat_type(t: u64) -> bool {
     matches!(t, 0 | 1 | 4 | 5 | 6 | 7)
+}
+
+/// A PAT value whose eight entries are all valid types.
+fn pat_ok(v: u64) -> bool {
+    (0..8).all(|i| pat_type((v >> (8 * i)) & 0xff))
+}
+
+/// An MTRRdefType value: type, FE (10) and E (11) only.
+fn def_type_ok(v: u64) -> bool {
+    v & !0xcff == 0 && mtrr_type(v & 0xff)
+}
+
+/// A fixed-range MTRR value: eight valid memory types.
+fn fixed_ok(v: u64) -> bool {
+    (0..8).all(|b| mtrr_type((v >> (8 * b)) & 0xff))
+}
+
+/// A variable-range MTRR base (`is_base`) or mask for `phys_bits`.
+fn var_ok(phys_bits: u8, is_base: bool, v: u64) -> bool {
+    let reserved = (!((1u64 << phys_bits) - 1)) | if is_base { 0xf00 } else { 0x7ff };
+    v & reserved == 0 && (!is_base || mtrr_type(v & 0xff))
 }
 
 fn fixed_index(msr: u32) -> Option<usize> {
@@ -443,13 +486,13 @@ impl MsrState {
                 self.efer = (value & !EFER_LMA) | (self.efer & EFER_LMA);
             }
             PAT => {
-                if (0..8).any(|i| !pat_type((value >> (8 * i)) & 0xff)) {
+                if !pat_ok(value) {
                     return bad;
                 }
                 self.pat = value;
             }
             MTRR_DEF_TYPE => {
-                if value & !0xcff != 0 || !mtrr_type(value & 0xff) {
+                if !def_type_ok(value) {
                     return bad;
                 }
                 self.mtrr_def_type = value;
@@ -458,9 +501,7 @@ impl MsrState {
                 let pair = &mut self.mtrr_var[((msr - MTRR_PHYS_BASE0) / 2) as usize];
                 // Even MSRs are bases, odd ones masks.
                 let is_base = msr & 1 == 0;
-                let reserved =
-                    (!((1u64 << self.phys_bits) - 1)) | if is_base { 0xf00 } else { 0x7ff };
-                if value & reserved != 0 || (is_base && !mtrr_type(value & 0xff)) {
+                if !var_ok(self.phys_bits, is_base, value) {
                     return bad;
                 }
                 if is_base {
@@ -471,7 +512,7 @@ impl MsrState {
             }
             _ => match fixed_index(msr) {
                 Some(i) => {
-                    if (0..8).any(|b| !mtrr_type((value >> (8 * b)) & 0xff)) {
+                    if !fixed_ok(value) {
                         return bad;
                     }
                     self.mtrr_fixed[i] = value;
@@ -480,6 +521,78 @@ impl MsrState {
             },
         }
         Write::Done
+    }
+
+    /// Xen's MTRR record (typecode 14): PAT, the MTRRs and MTRRcap.
+    pub fn save_mtrr(&self) -> HvmHwMtrr {
+        let mut var = [0u64; 2 * MTRR_VCNT];
+        for (pair, (base, mask)) in var.chunks_exact_mut(2).zip(self.mtrr_var) {
+            pair.copy_from_slice(&[base, mask]);
+        }
+        HvmHwMtrr {
+            msr_pat_cr: self.pat,
+            msr_mtrr_var: var,
+            msr_mtrr_fixed: self.mtrr_fixed,
+            msr_mtrr_cap: MTRR_CAP_VALUE,
+            msr_mtrr_def_type: self.mtrr_def_type,
+        }
+    }
+
+    /// Take PAT and the MTRRs from Xen's MTRR record, each value checked
+    /// as a guest WRMSR of it would be. MTRRcap must be ours
+    /// ([`MTRR_CAP_VALUE`]): the guest sized its MTRR code by it. A bad
+    /// value is an error naming the field; then nothing changes.
+    pub fn restore_mtrr(&mut self, rec: &HvmHwMtrr) -> Result<(), RecordError> {
+        if rec.msr_mtrr_cap != MTRR_CAP_VALUE {
+            return Err(RecordError::new("msr_mtrr_cap", rec.msr_mtrr_cap));
+        }
+        if !pat_ok(rec.msr_pat_cr) {
+            return Err(RecordError::new("msr_pat_cr", rec.msr_pat_cr));
+        }
+        if !def_type_ok(rec.msr_mtrr_def_type) {
+            return Err(RecordError::new("msr_mtrr_def_type", rec.msr_mtrr_def_type));
+        }
+        if let Some(&v) = rec.msr_mtrr_fixed.iter().find(|&&v| !fixed_ok(v)) {
+            return Err(RecordError::new("msr_mtrr_fixed", v));
+        }
+        let mut var = [(0u64, 0u64); MTRR_VCNT];
+        for (i, slot) in var.iter_mut().enumerate() {
+            let (base, mask) = (rec.msr_mtrr_var[2 * i], rec.msr_mtrr_var[2 * i + 1]);
+            if !var_ok(self.phys_bits, true, base) {
+                return Err(RecordError::new("msr_mtrr_var (base)", base));
+            }
+            if !var_ok(self.phys_bits, false, mask) {
+                return Err(RecordError::new("msr_mtrr_var (mask)", mask));
+            }
+            *slot = (base, mask);
+        }
+        self.pat = rec.msr_pat_cr;
+        self.mtrr_def_type = rec.msr_mtrr_def_type;
+        self.mtrr_fixed = rec.msr_mtrr_fixed;
+        self.mtrr_var = var;
+        Ok(())
+    }
+
+    /// Xen's TSC_ADJUST record (typecode 19).
+    pub fn save_tsc_adjust(&self) -> HvmTscAdjust {
+        HvmTscAdjust {
+            tsc_adjust: self.tsc_adjust,
+        }
+    }
+
+    /// Take IA32_TSC_ADJUST from Xen's record. Only the MSR's value
+    /// changes, not the guest's TSC (as Xen's `hvm_load_tsc_adjust`): the
+    /// TSC itself comes from the CPU record, through
+    /// [`Self::restore_guest_tsc`]. Every value is valid.
+    pub fn restore_tsc_adjust(&mut self, rec: &HvmTscAdjust) {
+        self.tsc_adjust = rec.tsc_adjust;
+    }
+
+    /// Make the guest's TSC read `guest_tsc` at host TSC `host_tsc`
+    /// without moving TSC_ADJUST: the restore of the CPU record's `tsc`
+    /// (a guest WRMSR to the TSC moves TSC_ADJUST, a restore does not).
+    pub fn restore_guest_tsc(&mut self, guest_tsc: u64, host_tsc: u64) {
+        self.tsc_offset = guest_tsc.wrapping_sub(host_tsc);
     }
 }
 
@@ -821,6 +934,113 @@ pub(crate) mod tests {
                 assert_eq!(s, before);
             }
         }
+    }
+
+    /// A state with every MTRR and PAT changed by guest writes.
+    fn programmed() -> MsrState {
+        let mut s = MsrState::new(40);
+        let v = Vendor::Vmx;
+        assert_eq!(s.write(v, PAT, 0x0407_0501_0007_0106, 0), Write::Done);
+        assert_eq!(s.write(v, MTRR_DEF_TYPE, 0xc00, 0), Write::Done);
+        for i in 0..8u32 {
+            let base = (0x1000_0000 * u64::from(i)) | [0, 1, 4, 5, 6][i as usize % 5];
+            let mask = 0xff_f000_0800 - 0x1000 * u64::from(i);
+            assert_eq!(s.write(v, 0x200 + 2 * i, base, 0), Write::Done);
+            assert_eq!(s.write(v, 0x201 + 2 * i, mask, 0), Write::Done);
+        }
+        for (i, msr) in [0x250, 0x258, 0x259, 0x26a, 0x26f].into_iter().enumerate() {
+            let t = [0u64, 1, 4, 5, 6][i];
+            assert_eq!(s.write(v, msr, t * 0x0101_0101_0101_0101, 0), Write::Done);
+        }
+        s
+    }
+
+    #[test]
+    fn mtrr_record_round_trips_in_xens_layout() {
+        let s = programmed();
+        let rec = s.save_mtrr();
+        // Xen's layout: PAT, then base/mask pairs in MSR order, fixed
+        // ranges in MSR order, MTRRcap, MTRRdefType.
+        assert_eq!(rec.msr_pat_cr, 0x0407_0501_0007_0106);
+        assert_eq!(rec.msr_mtrr_var[6], s.mtrr_var[3].0);
+        assert_eq!(rec.msr_mtrr_var[7], s.mtrr_var[3].1);
+        assert_eq!(rec.msr_mtrr_fixed[5], 0x0505_0505_0505_0505, "0x26A");
+        assert_eq!(rec.msr_mtrr_cap, 0x508);
+        assert_eq!(rec.msr_mtrr_def_type, 0xc00);
+        let mut t = MsrState::new(40);
+        assert_ne!(t, s);
+        assert_eq!(t.restore_mtrr(&rec), Ok(()));
+        assert_eq!(t, s, "the MTRR record is all of the MTRR/PAT state");
+        assert_eq!(t.save_mtrr(), rec);
+        // What the guest reads back after the restore.
+        for msr in [PAT, MTRR_DEF_TYPE, 0x200, 0x20f, 0x250, 0x26f] {
+            assert_eq!(
+                t.read(Vendor::Svm, msr, 0),
+                s.read(Vendor::Svm, msr, 0),
+                "{msr:#x}"
+            );
+        }
+    }
+
+    #[test]
+    fn mtrr_restore_refuses_what_a_guest_write_would_and_names_it() {
+        let good = programmed().save_mtrr();
+        type Spoil = fn(&mut HvmHwMtrr);
+        let cases: [(&str, Spoil); 8] = [
+            ("msr_mtrr_cap", |r| r.msr_mtrr_cap = 0x50a),
+            ("msr_pat_cr", |r| r.msr_pat_cr = 0x0200),
+            ("msr_mtrr_def_type", |r| r.msr_mtrr_def_type = 0x1006),
+            ("msr_mtrr_def_type", |r| r.msr_mtrr_def_type = 0x807),
+            ("msr_mtrr_fixed", |r| r.msr_mtrr_fixed[10] = 0x07),
+            ("msr_mtrr_var (base)", |r| r.msr_mtrr_var[4] = 1 << 40),
+            ("msr_mtrr_var (base)", |r| r.msr_mtrr_var[14] = 0x2),
+            ("msr_mtrr_var (mask)", |r| r.msr_mtrr_var[15] = 0x801),
+        ];
+        for (field, spoil) in cases {
+            let mut rec = good;
+            spoil(&mut rec);
+            let mut t = MsrState::new(40);
+            let before = t.clone();
+            let e = t.restore_mtrr(&rec).expect_err(field);
+            assert_eq!(e.field, field);
+            assert_eq!(t, before, "{field}: nothing restored");
+        }
+        // A wider guest-physical space takes what a 40-bit one refuses.
+        let mut rec = good;
+        rec.msr_mtrr_var[4] = 1 << 40;
+        assert_eq!(MsrState::new(48).restore_mtrr(&rec), Ok(()));
+    }
+
+    #[test]
+    fn tsc_and_tsc_adjust_survive_a_move_to_another_host() {
+        let v = Vendor::Vmx;
+        let mut s = MsrState::new(40);
+        // The guest sets its TSC (moving TSC_ADJUST), then runs on.
+        assert_eq!(s.write(v, TSC, 1_000_000, 500), Write::Done);
+        let adjust = value(s.read(v, TSC_ADJUST, 0));
+        assert_eq!(adjust, 999_500);
+        // Saved at host TSC 2000: the CPU record's `tsc` and TSC_ADJUST.
+        let guest_tsc = s.guest_tsc(2000);
+        let rec = s.save_tsc_adjust();
+        assert_eq!(rec.tsc_adjust, adjust);
+        // Restored on a host whose TSC reads 7_000_000.
+        let mut t = MsrState::new(40);
+        t.restore_tsc_adjust(&rec);
+        t.restore_guest_tsc(guest_tsc, 7_000_000);
+        assert_eq!(value(t.read(v, TSC, 7_000_000)), guest_tsc, "no jump");
+        assert_eq!(value(t.read(v, TSC, 7_000_100)), guest_tsc + 100);
+        assert_eq!(
+            value(t.read(v, TSC_ADJUST, 0)),
+            adjust,
+            "a restore is not a guest write"
+        );
+        // Order does not matter, and a later guest write still moves both.
+        let mut u = MsrState::new(40);
+        u.restore_guest_tsc(guest_tsc, 7_000_000);
+        u.restore_tsc_adjust(&rec);
+        assert_eq!(u, t);
+        assert_eq!(u.write(v, TSC_ADJUST, adjust + 10, 0), Write::Done);
+        assert_eq!(value(u.read(v, TSC, 7_000_000)), guest_tsc + 10);
     }
 
     /// The table rows of the markdown section titled `heading`, split into

@@ -20,8 +20,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use doppel_abi::hvm::{
-    self, HvmHwCpu, HvmHwLapic, HvmHwLapicRegs, HvmHwRtc, HvmHwVioapic, HvmSaveDescriptor,
-    HvmSaveHeader,
+    self, HvmHwCpu, HvmHwLapic, HvmHwLapicRegs, HvmHwMtrr, HvmHwRtc, HvmHwVioapic,
+    HvmSaveDescriptor, HvmSaveHeader, HvmTscAdjust,
 };
 use doppel_abi::layout::FieldInfo;
 use doppel_abi::msg::{
@@ -168,6 +168,7 @@ pub fn layout_header(moved: Option<&str>) -> String {
         ("PIT", hvm::code::PIT),
         ("RTC", hvm::code::RTC),
         ("MTRR", hvm::code::MTRR),
+        ("TSC_ADJUST", hvm::code::TSC_ADJUST),
     ];
     let codes: Vec<_> = codes
         .iter()
@@ -313,6 +314,10 @@ pub fn step_layout(_: &mut Ctx) -> Result<String> {
         ("memmap_paddr", "struct hvm_start_info.memmap_paddr offset"),
         ("rtc_offset", "struct hvm_hw_rtc.rtc_offset offset"),
         ("tdt_msr", "struct hvm_hw_lapic.tdt_msr offset"),
+        (
+            "msr_mtrr_def_type",
+            "struct hvm_hw_mtrr.msr_mtrr_def_type offset",
+        ),
     ] {
         let bad = work.join(format!("gen-moved-{field}"));
         fs::create_dir_all(&bad)?;
@@ -327,8 +332,8 @@ pub fn step_layout(_: &mut Ctx) -> Result<String> {
     Ok(format!("{line}; a moved field is caught"))
 }
 
-/// The platform device records (LAPIC, LAPIC_REGS, IOAPIC, RTC) and their
-/// array bounds. `moved` shifts a field of the same name, as above.
+/// The platform device records (LAPIC, LAPIC_REGS, IOAPIC, RTC, MTRR,
+/// TSC_ADJUST) and their array bounds. `moved` shifts a field of the same name, as above.
 fn platform_records(o: &mut String, moved: Option<&str>) {
     let shift = |f: &[FieldInfo]| -> Vec<FieldInfo> {
         f.iter()
@@ -341,7 +346,7 @@ fn platform_records(o: &mut String, moved: Option<&str>) {
             })
             .collect()
     };
-    let records: [(&str, usize, &[FieldInfo]); 4] = [
+    let records: [(&str, usize, &[FieldInfo]); 6] = [
         (
             "LAPIC",
             std::mem::size_of::<HvmHwLapic>(),
@@ -358,6 +363,12 @@ fn platform_records(o: &mut String, moved: Option<&str>) {
             HvmHwVioapic::FIELDS,
         ),
         ("RTC", std::mem::size_of::<HvmHwRtc>(), HvmHwRtc::FIELDS),
+        ("MTRR", std::mem::size_of::<HvmHwMtrr>(), HvmHwMtrr::FIELDS),
+        (
+            "TSC_ADJUST",
+            std::mem::size_of::<HvmTscAdjust>(),
+            HvmTscAdjust::FIELDS,
+        ),
     ];
     for (name, size, f) in records {
         fields(
@@ -371,6 +382,8 @@ fn platform_records(o: &mut String, moved: Option<&str>) {
     let bounds = [
         ("VIOAPIC_NUM_PINS", hvm::VIOAPIC_NUM_PINS),
         ("RTC_CMOS_SIZE", hvm::RTC_CMOS_SIZE),
+        ("MTRR_VCNT", hvm::MTRR_VCNT),
+        ("NUM_FIXED_MSR", hvm::NUM_FIXED_MSR),
     ];
     let bounds: Vec<_> = bounds
         .iter()

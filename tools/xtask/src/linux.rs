@@ -821,6 +821,8 @@ mod acpi_tests {
             "0x03F8,",
             "Interrupt (ResourceConsumer, Edge, ActiveHigh, Exclusive, ,, )",
             "0x00000004,",
+            "Name (_S5, Package (0x02)",
+            "0x05,",
         ] {
             assert!(dsdt.contains(want), "DSDT lacks {want:?}:\n{dsdt}");
         }
@@ -831,6 +833,28 @@ mod acpi_tests {
             "MSI Not Supported (V4) : 1",
         ] {
             assert!(fadt.contains(want), "FADT lacks {want:?}:\n{fadt}");
+        }
+        // The hardware-reduced sleep registers (what Linux powers off
+        // through): one byte each in I/O space at 0x600 and 0x601.
+        for (reg, port) in [
+            ("Sleep Control Register", "0000000000000600"),
+            ("Sleep Status Register", "0000000000000601"),
+        ] {
+            let block: Vec<&str> = fadt
+                .lines()
+                .skip_while(|l| !l.contains(reg))
+                .take(6)
+                .collect();
+            let block = block.join("\n");
+            for want in [
+                "Space ID : 01 [SystemIO]",
+                "Bit Width : 08",
+                "Bit Offset : 00",
+                "Encoded Access Width : 01 [Byte Access:8]",
+                &format!("Address : {port}"),
+            ] {
+                assert!(block.contains(want), "{reg} lacks {want:?}:\n{block}");
+            }
         }
         let madt = iasl("apic", table(&t, t.madt));
         for want in [

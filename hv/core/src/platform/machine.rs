@@ -18,7 +18,6 @@ use crate::msr::Vendor;
 use crate::msr_policy::{self, Gp, MsrState, Read, Write};
 
 use doppel_abi::hvm::{HvmHwLapicRegs, HvmTscAdjust};
-use zerocopy::FromZeros;
 
 use crate::hvm::VcpuState;
 
@@ -51,7 +50,8 @@ pub const APIC_TSC_PER_TICK: u64 = 1;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Sabotage {
     None,
-    /// Rebuild the LAPIC without its LAPIC_REGS record (a zero page).
+    /// Rebuild the LAPIC without its LAPIC_REGS record (the register page
+    /// of a LAPIC out of reset instead).
     SkipLapicRegs,
 }
 
@@ -328,10 +328,12 @@ impl Machine {
         host_tsc: u64,
         sabotage: Sabotage,
     ) -> Result<Self, RecordError> {
-        let zero_page = HvmHwLapicRegs::new_zeroed();
+        // The sabotaged restore has no LAPIC_REGS: the register page of a
+        // LAPIC just out of reset stands in for it.
+        let reset_page: HvmHwLapicRegs = Lapic::new(0, true, APIC_TSC_PER_TICK).save(r.cpu.tsc).1;
         let page = match sabotage {
             Sabotage::None => &r.lapic_regs,
-            Sabotage::SkipLapicRegs => &zero_page,
+            Sabotage::SkipLapicRegs => &reset_page,
         };
         let lapic = Lapic::restore(&r.lapic, page, APIC_TSC_PER_TICK, r.cpu.tsc)?;
         let ioapic = Ioapic::restore(&r.ioapic)?;
@@ -563,9 +565,18 @@ mod tests {
         };
         // Restored 10 000 host ticks later: the guest TSC goes on from
         // the record, so the offset moves by as much.
-        let r = Machine::restore(&back, Vendor::Svm, 40, clock, m.uart.clone(), 11_000, Sabotage::None)
-            .unwrap();
-        assert_eq!(r.msrs.tsc_offset, 5_000u64.wrapping_sub(10_000));
+        let mut r = Machine::restore(
+            &back,
+            Vendor::Svm,
+            40,
+            clock,
+            m.uart.clone(),
+            11_000,
+            Sabotage::None,
+        )
+        .unwrap();
+        // (5 000 plus the 77 the TSC_ADJUST write added.)
+        assert_eq!(r.msrs.tsc_offset, 5_077u64.wrapping_sub(10_000));
         assert_eq!(r.guest_tsc(11_000), m.guest_tsc(1_000));
         assert_eq!(r.lapic.save(6_000), m.lapic.save(6_000));
         assert_eq!(r.ioapic, m.ioapic);
@@ -573,12 +584,19 @@ mod tests {
         assert_eq!(r.msrs.tsc_adjust, 77);
         assert_eq!(r.msrs.lstar, 0xffff_ffff_8120_0000);
         // The deadline, in host time, moved with the offset.
-        assert_eq!(r.next_deadline(), Some(900_000 - 5_000 + 10_000));
-        let broken =
-            Machine::restore(&back, Vendor::Svm, 40, clock, m.uart.clone(), 11_000, Sabotage::SkipLapicRegs)
-                .unwrap();
-        assert_ne!(broken.lapic, r.lapic);
-        assert_eq!(broken.next_deadline(), None, "no timer without its registers");
+        assert_eq!(r.next_deadline(), Some(900_000 - 5_077 + 10_000));
+        // Without LAPIC_REGS (a reset register page instead) the LAPIC
+        // record's enabled state contradicts the page: refused.
+        let broken = Machine::restore(
+            &back,
+            Vendor::Svm,
+            40,
+            clock,
+            m.uart.clone(),
+            11_000,
+            Sabotage::SkipLapicRegs,
+        );
+        assert_eq!(broken.map(|_| ()).map_err(|e| e.field), Err("disabled"));
     }
 
     #[test]

@@ -23,6 +23,7 @@
 pub mod ioapic;
 pub mod lapic;
 pub mod machine;
+pub mod records;
 pub mod rtc;
 pub mod uart;
 
@@ -49,7 +50,7 @@ pub struct RecordError {
 }
 
 impl RecordError {
-    fn new(field: &'static str, value: u64) -> Self {
+    pub(crate) fn new(field: &'static str, value: u64) -> Self {
         RecordError { field, value }
     }
 }

@@ -24,12 +24,12 @@ use doppel_abi::ByteMem;
 use doppel_core::addr::HostPhysAddr;
 use doppel_core::cpuid_policy::guest_cpuid;
 use doppel_core::exit::{exact_length, read_code, read_code_into, ExitKind, VmExit};
+use doppel_core::hvm::HeaderInfo;
 use doppel_core::hvm::{PendingEvent, VcpuState};
 use doppel_core::mmio::{self, decode_mmio, decode_mov_to_cr, Direction, MmioOp};
 use doppel_core::msr::Vendor;
 use doppel_core::msr_policy::nr;
 use doppel_core::paging::NestedEntry;
-use doppel_core::hvm::HeaderInfo;
 use doppel_core::platform::machine::{self, Machine, PortEffect, Sabotage};
 use doppel_core::platform::records;
 use doppel_core::platform::rtc::{Clock, Rtc};
@@ -316,10 +316,13 @@ where
     fn run_loop(&mut self) -> Stop {
         loop {
             if let Some(n) = self.plan.restore_every {
-                if self.counts.total > 0 && self.counts.total % n == 0 && self.last_restore != self.counts.total {
+                if self.counts.total > 0
+                    && self.counts.total % n == 0
+                    && self.last_restore != self.counts.total
+                {
                     self.last_restore = self.counts.total;
                     if let Err(e) = self.save_and_rebuild() {
-                        log::error!("linux: restore {}: {e}", self.restores + 1);
+                        log::error!("linux: restore {}: {e}", self.restores);
                         return Stop::Error;
                     }
                 }
@@ -351,6 +354,9 @@ where
     /// alone. Guest memory stays where it is (a checkpoint carries it
     /// separately); COM1 is a device model's state, outside the records.
     fn save_and_rebuild(&mut self) -> Result<(), &'static str> {
+        // Counted when it starts: a rebuild that fails is a restore that
+        // ran (and stops the guest).
+        self.restores += 1;
         let mut fx = FxArea([0; 512]);
         fxsave(&mut fx);
         let mut cpu = self.vcpu.state();
@@ -380,11 +386,19 @@ where
         } else {
             Sabotage::None
         };
-        let m = Machine::restore(&r, self.m.vendor, self.m.msrs.phys_bits, self.clock, uart, rdtsc(), sabotage)
-            .map_err(|e| {
-                log::error!("linux: a record was refused: {} = {:#x}", e.field, e.value);
-                "a record was refused"
-            })?;
+        let m = Machine::restore(
+            &r,
+            self.m.vendor,
+            self.m.msrs.phys_bits,
+            self.clock,
+            uart,
+            rdtsc(),
+            sabotage,
+        )
+        .map_err(|e| {
+            log::error!("linux: a record was refused: {} = {:#x}", e.field, e.value);
+            "a record was refused"
+        })?;
         let vcpu = (self.make)(&r.cpu, self.root)?;
         self.vcpu = vcpu;
         self.m = m;
@@ -395,8 +409,12 @@ where
             return Err("the FPU image's MXCSR has reserved bits set");
         }
         fxrstor(&FxArea(r.cpu.fpu));
-        self.restores += 1;
-        log::debug!("linux: restore {} at exit {} ({} bytes of records)", self.restores, self.counts.total, blob.len());
+        log::debug!(
+            "linux: restore {} at exit {} ({} bytes of records)",
+            self.restores,
+            self.counts.total,
+            blob.len()
+        );
         Ok(())
     }
 
