@@ -49,6 +49,8 @@ pub const IOAPIC_ADDR: u32 = 0xFEC0_0000;
 /// COM1's I/O base and IRQ (GSI).
 pub const COM1_PORT: u16 = 0x3F8;
 pub const COM1_GSI: u32 = 4;
+/// The CMOS RTC's index port (data at the next).
+pub const RTC_PORT: u16 = 0x70;
 
 /// The FADT's SLEEP_CONTROL_REG: one byte at this I/O port.
 pub const SLEEP_CONTROL_PORT: u16 = 0x600;
@@ -107,11 +109,20 @@ pub fn dsdt() -> Vec<u8> {
     let uid = Name::new("_UID".into(), &ZERO);
     let crs = Name::new("_CRS".into(), &crs);
     let com1 = Device::new("_SB_.COM1".into(), alloc::vec![&hid, &uid, &crs]);
+    // The CMOS RTC: with ACPI's PNP devices Linux creates rtc_cmos only
+    // from this entry. No IRQ: the model raises no RTC interrupts.
+    let rtc_hid = EISAName::new("PNP0B00");
+    let rtc_io = IO::new(RTC_PORT, RTC_PORT, 0, 2);
+    let rtc_crs = ResourceTemplate::new(alloc::vec![&rtc_io]);
+    let rtc_hid = Name::new("_HID".into(), &rtc_hid);
+    let rtc_crs = Name::new("_CRS".into(), &rtc_crs);
+    let rtc = Device::new("_SB_.RTC_".into(), alloc::vec![&rtc_hid, &rtc_crs]);
     // SLP_TYPa, SLP_TYPb (a hardware-reduced platform uses only the first).
     let s5 = Package::new(alloc::vec![&S5_SLP_TYP, &S5_SLP_TYP]);
     let s5 = Name::new("_S5_".into(), &s5);
     let mut sdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     sdt.append_slice(&aml_bytes(&com1));
+    sdt.append_slice(&aml_bytes(&rtc));
     sdt.append_slice(&aml_bytes(&s5));
     sdt.as_slice().to_vec()
 }
