@@ -371,7 +371,9 @@ where
         }
         (Some(_), _) => Outcome::Escaped("reached"),
         (None, _) => match watch.stop {
-            Some(ExitKind::Privileged(_) | ExitKind::Msr { .. }) => Outcome::Contained("refused"),
+            Some(ExitKind::Privileged(_) | ExitKind::Msr { .. } | ExitKind::CrWrite { .. }) => {
+                Outcome::Contained("refused")
+            }
             Some(ExitKind::Shutdown | ExitKind::Exception { .. }) => Outcome::Contained("fault"),
             _ => Outcome::Unclear("stopped"),
         },

@@ -517,6 +517,12 @@ impl<'a, E: NestedEntry, V: Vcpu, S: EpochSink> Run<'a, E, V, S> {
                 Action::Stop
             }
             ExitKind::Msr { msr, write, value } => self.msr(exit, msr, write, value),
+            // A write of a CR bit the host owns (VMX: CR4.OSXSAVE, VMXE,
+            // ...): no test guest needs one emulated.
+            ExitKind::CrWrite { cr, .. } => {
+                log::error!("guest wrote CR{cr} (refused) rip={:#x}", exit.rip);
+                Action::Stop
+            }
             ExitKind::Hlt => self.fail("guest halted before finishing", exit),
             ExitKind::Shutdown => self.fail("guest shut down (triple fault)", exit),
             ExitKind::EntryFailed { .. } => self.fail("VM entry failed", exit),
