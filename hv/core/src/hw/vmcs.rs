@@ -324,6 +324,150 @@ impl IoQualification {
     }
 }
 
+/// The access a control-register exit reports (SDM table "Exit
+/// Qualification for Control-Register Accesses").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CrAccess {
+    /// MOV to CR`cr` from general register `gpr` (0 = RAX .. 15 = R15).
+    MovTo {
+        cr: u8,
+        gpr: u8,
+    },
+    /// MOV from CR`cr` into general register `gpr`.
+    MovFrom {
+        cr: u8,
+        gpr: u8,
+    },
+    Clts,
+    /// LMSW with its 16-bit source operand.
+    Lmsw {
+        source: u16,
+    },
+}
+
+impl CrAccess {
+    pub const fn decode(q: u64) -> Self {
+        let cr = (q & 0xf) as u8;
+        let gpr = ((q >> 8) & 0xf) as u8;
+        match (q >> 4) & 3 {
+            0 => Self::MovTo { cr, gpr },
+            1 => Self::MovFrom { cr, gpr },
+            2 => Self::Clts,
+            _ => Self::Lmsw {
+                source: (q >> 16) as u16,
+            },
+        }
+    }
+}
+
+/// CR0 or CR4 as the guest reads it: the bits the guest/host mask owns
+/// come from the read shadow, the others from the real register.
+pub const fn cr_guest_view(real: u64, shadow: u64, mask: u64) -> u64 {
+    (real & !mask) | (shadow & mask)
+}
+
+/// The real CR0/CR4 for a guest value `guest`, given the bits VMX operation
+/// fixes to 1 (`must1`, the FIXED0 MSR, less PE/PG for an unrestricted
+/// guest) and the bits it allows to be 1 (`may1`, the FIXED1 MSR).
+pub const fn cr_real(guest: u64, must1: u64, may1: u64) -> u64 {
+    (guest | must1) & may1
+}
+
+/// The guest/host mask for CR0/CR4: the bits the host wants to see
+/// written (`owned`) and every bit whose real value VMX may force away
+/// from the guest's (must-be-1 and must-be-0 bits), so that the guest
+/// reads its own value of those from the shadow and a write changing one
+/// exits.
+pub const fn cr_mask(owned: u64, must1: u64, may1: u64) -> u64 {
+    owned | must1 | !may1
+}
+
+/// EFER after a write of CR0 (or of EFER): LMA is LME and CR0.PG, as the
+/// CPU keeps it (SDM vol. 3A, "IA-32e Mode Initialization").
+pub const fn efer_with_lma(efer: u64, cr0: u64) -> u64 {
+    const LME: u64 = 1 << 8;
+    const LMA: u64 = 1 << 10;
+    const PG: u64 = 1 << 31;
+    if efer & LME != 0 && cr0 & PG != 0 {
+        efer | LMA
+    } else {
+        efer & !LMA
+    }
+}
+
+/// Interruption-information bits (VM-entry interruption information,
+/// IDT-vectoring information; SDM "Format of the VM-Entry
+/// Interruption-Information Field").
+pub mod intr_info {
+    pub const VALID: u32 = 1 << 31;
+    pub const ERROR_CODE: u32 = 1 << 11;
+    /// IDT-vectoring / exit information only: NMI unblocking due to IRET.
+    pub const NMI_UNBLOCKED: u32 = 1 << 12;
+    pub const TYPE_SHIFT: u32 = 8;
+    /// Event types that need the VM-entry instruction length (software
+    /// interrupt, privileged software exception, software exception).
+    pub const fn needs_length(kind: u8) -> bool {
+        matches!(kind, 4..=6)
+    }
+}
+
+/// An event as VM-entry interruption information (and its error code).
+pub const fn event_to_info(ev: &crate::hvm::PendingEvent) -> (u32, u32) {
+    let mut info =
+        intr_info::VALID | ev.vector as u32 | ((ev.kind as u32 & 7) << intr_info::TYPE_SHIFT);
+    let code = match ev.error_code {
+        Some(c) => {
+            info |= intr_info::ERROR_CODE;
+            c
+        }
+        None => 0,
+    };
+    (info, code)
+}
+
+/// The event an IDT-vectoring (or entry) information field describes;
+/// `None` when its valid bit is clear. Bits other than vector, type,
+/// error-code-valid and valid are not part of the event and are dropped.
+pub const fn event_from_info(info: u32, code: u32) -> Option<crate::hvm::PendingEvent> {
+    if info & intr_info::VALID == 0 {
+        return None;
+    }
+    Some(crate::hvm::PendingEvent {
+        vector: info as u8,
+        kind: ((info >> intr_info::TYPE_SHIFT) & 7) as u8,
+        error_code: if info & intr_info::ERROR_CODE != 0 {
+            Some(code)
+        } else {
+            None
+        },
+    })
+}
+
+/// Guest interruptibility-state bits.
+pub mod interruptibility {
+    pub const STI: u32 = 1 << 0;
+    pub const MOV_SS: u32 = 1 << 1;
+}
+
+/// Whether a maskable interrupt can be injected now: RFLAGS.IF set, no
+/// STI or MOV-SS shadow, and no event already set up for injection.
+pub const fn can_take_interrupt(rflags: u64, interruptibility: u32, entry_info: u32) -> bool {
+    rflags & (1 << 9) != 0
+        && interruptibility & (interruptibility::STI | interruptibility::MOV_SS) == 0
+        && entry_info & intr_info::VALID == 0
+}
+
+/// One entry of a VM-entry MSR-load, VM-exit MSR-store or VM-exit
+/// MSR-load list (SDM "VM-Entry Controls for MSRs"): 16 bytes, the list
+/// 16-byte aligned.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(C, align(16))]
+pub struct MsrEntry {
+    pub index: u32,
+    pub reserved: u32,
+    pub value: u64,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -387,5 +531,116 @@ mod tests {
         assert_eq!(q.size, 4);
         assert!(q.input);
         assert_eq!(IoQualification::decode(2), None);
+    }
+    #[test]
+    fn cr_access_decodes() {
+        // mov cr0, rax: CR 0, type 0, GPR 0.
+        assert_eq!(CrAccess::decode(0), CrAccess::MovTo { cr: 0, gpr: 0 });
+        // mov cr4, r13.
+        assert_eq!(
+            CrAccess::decode(4 | (13 << 8)),
+            CrAccess::MovTo { cr: 4, gpr: 13 }
+        );
+        // mov rbx, cr3.
+        assert_eq!(
+            CrAccess::decode(3 | (1 << 4) | (3 << 8)),
+            CrAccess::MovFrom { cr: 3, gpr: 3 }
+        );
+        assert_eq!(CrAccess::decode(2 << 4), CrAccess::Clts);
+        assert_eq!(
+            CrAccess::decode((3 << 4) | (0x0011 << 16)),
+            CrAccess::Lmsw { source: 0x11 }
+        );
+    }
+
+    #[test]
+    fn cr_shadow_merge_shows_the_guest_its_own_value() {
+        // PVH start: the guest has CR0 = PE|ET; VMX wants NE (and, without
+        // unrestricted guest, PG); with unrestricted guest PE/PG may be 0.
+        let guest = 0x11;
+        let must1 = 1 << 5; // NE
+        let may1 = 0xffff_ffff;
+        let real = cr_real(guest, must1, may1);
+        assert_eq!(real, 0x31);
+        let owned = (1 << 31) | 1 | (1 << 29) | (1 << 30);
+        let mask = cr_mask(owned, must1, may1);
+        assert_eq!(cr_guest_view(real, guest, mask), guest);
+        // Bits above 31 cannot be 1: owned, so a write setting one exits.
+        assert_eq!(mask >> 32, 0xffff_ffff);
+        // An unowned bit (WP) comes from the real register.
+        let real_wp = real | (1 << 16);
+        assert_eq!(cr_guest_view(real_wp, guest, mask), guest | (1 << 16));
+        // CR4: VMXE is real but not the guest's.
+        let cr4_guest = 1 << 5; // PAE
+        let vmxe = 1 << 13;
+        let real4 = cr_real(cr4_guest, vmxe, 0x3f_ffff);
+        assert_eq!(real4, cr4_guest | vmxe);
+        let mask4 = cr_mask(vmxe | (1 << 18), vmxe, 0x3f_ffff);
+        assert_eq!(cr_guest_view(real4, cr4_guest, mask4), cr4_guest);
+        // A bit the CPU cannot have stays the guest's in the view.
+        assert_eq!(cr_real(1 << 40, 0, 0x3f_ffff), 0);
+        assert_eq!(cr_guest_view(0, 1 << 40, mask4), 1 << 40);
+    }
+
+    #[test]
+    fn lma_follows_lme_and_pg() {
+        let lme = 1 << 8;
+        let lma = 1 << 10;
+        let pg = 1 << 31;
+        assert_eq!(efer_with_lma(lme, pg | 1), lme | lma);
+        assert_eq!(efer_with_lma(lme | lma, 1), lme);
+        assert_eq!(efer_with_lma(0, pg | 1), 0);
+        assert_eq!(efer_with_lma(lma | 1, pg), 1);
+    }
+
+    #[test]
+    fn events_encode_as_interruption_information() {
+        use crate::hvm::PendingEvent;
+        // #GP(0): hardware exception 13 with an error code.
+        let gp = PendingEvent {
+            vector: 13,
+            kind: 3,
+            error_code: Some(0),
+        };
+        assert_eq!(event_to_info(&gp), (0x8000_0b0d, 0));
+        // External interrupt 0xec, no error code.
+        let irq = PendingEvent {
+            vector: 0xec,
+            kind: 0,
+            error_code: None,
+        };
+        assert_eq!(event_to_info(&irq), (0x8000_00ec, 0));
+        // #PF with error code 2.
+        let pf = PendingEvent {
+            vector: 14,
+            kind: 3,
+            error_code: Some(2),
+        };
+        let (info, code) = event_to_info(&pf);
+        assert_eq!(event_from_info(info, code), Some(pf));
+        assert_eq!(event_from_info(event_to_info(&irq).0, 0), Some(irq));
+        // NMI-unblocked bit and reserved bits are not part of the event.
+        assert_eq!(event_from_info(info | (1 << 12), code), Some(pf));
+        assert_eq!(event_from_info(0x0000_0b0d, 7), None);
+        assert!(intr_info::needs_length(4) && intr_info::needs_length(6));
+        assert!(!intr_info::needs_length(3) && !intr_info::needs_length(0));
+    }
+
+    #[test]
+    fn interrupts_wait_for_if_shadows_and_pending_injection() {
+        let if_ = 1 << 9;
+        assert!(can_take_interrupt(if_ | 2, 0, 0));
+        assert!(!can_take_interrupt(2, 0, 0));
+        assert!(!can_take_interrupt(if_, interruptibility::STI, 0));
+        assert!(!can_take_interrupt(if_, interruptibility::MOV_SS, 0));
+        // Blocking by NMI (bit 3) does not block an interrupt.
+        assert!(can_take_interrupt(if_, 1 << 3, 0));
+        assert!(!can_take_interrupt(if_, 0, intr_info::VALID | 0x20));
+    }
+
+    #[test]
+    fn msr_entries_are_16_bytes() {
+        assert_eq!(core::mem::size_of::<MsrEntry>(), 16);
+        assert_eq!(core::mem::align_of::<MsrEntry>(), 16);
     }
 }

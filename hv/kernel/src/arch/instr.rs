@@ -86,6 +86,14 @@ pub fn read_cr2() -> u64 {
     x86_64::registers::control::Cr2::read_raw()
 }
 
+/// Set CR2, the last page-fault address: only a guest reads it (VMX does
+/// not switch it, so the VMX backend puts the guest's value back here).
+pub fn write_cr2(value: u64) {
+    // SAFETY: the kernel never reads CR2 outside its fault report; writing
+    // it changes nothing else.
+    unsafe { asm!("mov cr2, {v}", v = in(reg) value, options(nostack, preserves_flags)) };
+}
+
 pub fn read_cr3() -> u64 {
     Cr3::read_raw().0.start_address().as_u64()
 }

@@ -317,7 +317,7 @@ where
         loop {
             if let Some(n) = self.plan.restore_every {
                 if self.counts.total > 0
-                    && self.counts.total % n == 0
+                    && self.counts.total.is_multiple_of(n)
                     && self.last_restore != self.counts.total
                 {
                     self.last_restore = self.counts.total;
@@ -336,7 +336,11 @@ where
                 Next::Stop(s) => {
                     if s == Stop::Error {
                         let st = self.vcpu.state();
-                        log::error!("linux: guest state at the stop: {}", Brief(&st));
+                        log::error!(
+                            "linux: guest state at the stop: {} (event being delivered: {:?})",
+                            Brief(&st),
+                            self.vcpu.interrupted_event()
+                        );
                     }
                     return s;
                 }
@@ -372,7 +376,7 @@ where
             log::error!("linux: encoding the records: {e:?}");
             "the machine's records could not be encoded"
         })?;
-        drop(records);
+
         // Nothing of the old machine survives but COM1 and the platform's
         // configuration; the FPU is scrubbed to its reset image.
         let uart = self.m.uart.clone();
@@ -518,7 +522,7 @@ where
             ExitKind::Cpuid => {
                 let r = self.vcpu.regs();
                 let (leaf, sub) = (r.rax as u32, r.rcx as u32);
-                let c = guest_cpuid(|l, s| cpuid(l, s), leaf, sub);
+                let c = guest_cpuid(cpuid, leaf, sub);
                 r.rax = u64::from(c.eax);
                 r.rbx = u64::from(c.ebx);
                 r.rcx = u64::from(c.ecx);

@@ -4,6 +4,7 @@
 //! (Intel SDM vol. 3, chapter 24 "Introduction to VMX operation" and
 //! appendix A "VMX capability reporting facility".)
 
+pub mod roundtrip;
 pub mod vcpu;
 pub mod vmcs;
 
@@ -194,7 +195,9 @@ pub fn selftest(on: &mut VmxOn, plan: &super::selftest::Plan) -> bool {
         return false;
     }
     let revision = on.revision;
-    super::selftest::run::<EptEntry, vcpu::VmxVcpu, _>(
+    // Every vCPU saves and reloads its whole state every few entries
+    // (`roundtrip`): the test guests prove the save/restore path.
+    super::selftest::run::<EptEntry, roundtrip::RoundTrip, _>(
         &[Mode::WriteProtect, Mode::Pml],
         plan,
         false,
@@ -211,7 +214,7 @@ pub fn selftest(on: &mut VmxOn, plan: &super::selftest::Plan) -> bool {
             if mode == Mode::WriteProtect && !v.arm_timer(Some(TIMER_PROBE_TICKS)) {
                 return Err("arming the VMX-preemption timer failed");
             }
-            Ok(v)
+            Ok(roundtrip::RoundTrip::new(v))
         },
     )
 }
@@ -237,7 +240,18 @@ pub fn isolation(on: &mut VmxOn, plan: &super::selftest::Plan) -> bool {
 }
 
 /// Boot a stock Linux guest under VMX (see [`super::linux`]).
-pub fn linux(_on: &mut VmxOn, _plan: &super::linux::LinuxPlan<'_>) -> bool {
-    log::error!("linux: the VMX backend cannot start a guest from its PVH state yet");
-    false
+pub fn linux(on: &mut VmxOn, plan: &super::linux::LinuxPlan<'_>) -> bool {
+    use doppel_core::paging::EptEntry;
+
+    let revision = on.revision;
+    super::linux::run::<EptEntry, vcpu::VmxVcpu, _>(
+        doppel_core::msr::Vendor::Vmx,
+        plan,
+        |st, root| {
+            vcpu::VmxVcpu::with_state(revision, st, root, false, false).map_err(|e| {
+                log::error!("vmx: vCPU set-up: {e}");
+                "VMX vCPU set-up failed"
+            })
+        },
+    )
 }

@@ -5,16 +5,18 @@
 use super::{
     EPT_CAP_AD, IA32_VMX_BASIC, IA32_VMX_CR0_FIXED0, IA32_VMX_CR0_FIXED1, IA32_VMX_CR4_FIXED0,
     IA32_VMX_CR4_FIXED1, IA32_VMX_EPT_VPID_CAP, IA32_VMX_PROCBASED_CTLS, IA32_VMX_PROCBASED_CTLS2,
-    IA32_VMX_TRUE_PROCBASED_CTLS, PROC2_EPT, PROC2_PML, PROC_SECONDARY,
+    IA32_VMX_TRUE_PROCBASED_CTLS, PROC2_EPT, PROC2_PML, PROC2_UNRESTRICTED, PROC_SECONDARY,
 };
 use doppel_core::addr::HostPhysAddr;
 use doppel_core::dirtylog::DirtyLog;
 use doppel_core::exit::{ExitKind, Insn, IoAccess, VmExit};
 use doppel_core::hostile::{fnv1a, FNV_START};
-use doppel_core::hvm::VcpuState;
+use doppel_core::hvm::{DescTable, PendingEvent, SegAttr, Segment, VcpuState};
 use doppel_core::hw::vmcs::{
-    exit_reason as reason, Control16, Control32, Control64, ControlN, Guest16, Guest32, Guest64,
-    GuestN, Host16, Host32, Host64, HostN, IoQualification, ReadOnly32, ReadOnly64, ReadOnlyN,
+    can_take_interrupt, cr_guest_view, cr_mask, cr_real, efer_with_lma, event_from_info,
+    event_to_info, exit_reason as reason, interruptibility, intr_info, Control16, Control32,
+    Control64, ControlN, CrAccess, Guest16, Guest32, Guest64, GuestN, Host16, Host32, Host64,
+    HostN, IoQualification, MsrEntry, ReadOnly32, ReadOnly64, ReadOnlyN,
 };
 use doppel_core::msr::{self, nr};
 use doppel_core::paging::fault::decode_ept_violation;
@@ -43,7 +45,11 @@ const IA32_SYSENTER_EIP: u32 = 0x176;
 /// Pin-based controls.
 const PIN_PREEMPTION_TIMER: u32 = 1 << 6;
 /// Primary processor-based controls.
+const PROC_INTERRUPT_WINDOW: u32 = 1 << 2;
+const PROC_TSC_OFFSETTING: u32 = 1 << 3;
 const PROC_HLT_EXITING: u32 = 1 << 7;
+const PROC_CR8_LOAD_EXITING: u32 = 1 << 19;
+const PROC_CR8_STORE_EXITING: u32 = 1 << 20;
 const PROC_UNCONDITIONAL_IO: u32 = 1 << 24;
 const PROC_MSR_BITMAPS: u32 = 1 << 28;
 /// Secondary processor-based controls (EPT and PML come from the parent).
@@ -56,6 +62,35 @@ const EXIT_LOAD_EFER: u32 = 1 << 21;
 /// VM-entry controls.
 const ENTRY_IA32E_GUEST: u32 = 1 << 9;
 const ENTRY_LOAD_EFER: u32 = 1 << 15;
+
+/// CR0 bits the host owns (a guest write changing one exits): PE and PG
+/// (paging-mode changes: EFER.LMA and the IA-32e-mode entry control
+/// follow them), CD and NW (the guest must not make memory uncacheable
+/// unchecked). NE and every bit VMX fixes are owned too ([`cr_mask`]).
+const CR0_OWNED: u64 = (1 << 0) | (1 << 29) | (1 << 30) | (1 << 31);
+/// CR0.PE and CR0.PG: VMX fixes them to 1 unless the guest is
+/// unrestricted.
+const CR0_PE_PG: u64 = (1 << 0) | (1 << 31);
+/// CR4 bits the host owns: PAE (a paging-mode change), VMXE (the host's,
+/// never the guest's) and OSXSAVE (XSAVE state is not switched).
+const CR4_OWNED: u64 = (1 << 5) | (1 << 13) | (1 << 18);
+const CR0_PG: u64 = 1 << 31;
+const CR4_PAE: u64 = 1 << 5;
+const EFER_LMA: u64 = 1 << 10;
+
+/// MSRs the VMCS has no fields for, switched through the VM-entry
+/// MSR-load list (guest values), the VM-exit MSR-store list (the same
+/// guest list) and the VM-exit MSR-load list (host values).
+const LIST_MSRS: [u32; 5] = [
+    nr::STAR,
+    nr::LSTAR,
+    nr::CSTAR,
+    nr::SFMASK,
+    nr::KERNEL_GS_BASE,
+];
+/// Byte offset of the host list in the MSR-list frame (the guest list is
+/// at 0).
+const HOST_LIST_OFFSET: u64 = 2048;
 
 const EPT_CAP_INVEPT_SINGLE: u64 = 1 << 25;
 const VPID_CAP_INVVPID_SINGLE: u64 = 1 << 41;
@@ -159,9 +194,21 @@ pub struct VmxVcpu {
     eptp: u64,
     launched: bool,
     pin: u32,
+    proc: u32,
     proc2: u32,
     exit: u32,
+    entry: u32,
     invept_single: bool,
+    invvpid_single: bool,
+    /// The guest's STAR, LSTAR, CSTAR, SFMASK, KERNEL_GS_BASE list, then
+    /// the host's at [`HOST_LIST_OFFSET`].
+    msr_lists: OwnedFrame,
+    /// Real CR0/CR4 bits VMX operation forces to 1 and allows to be 1.
+    cr0_fixed: (u64, u64),
+    cr4_fixed: (u64, u64),
+    /// The guest's CR2 (VMX does not switch it): put into the CPU before
+    /// each entry, read back after each exit.
+    cr2: u64,
     /// log2 of TSC ticks per preemption-timer tick (IA32_VMX_MISC[4:0]).
     timer_shift: u32,
     /// Preemption-timer exits seen, and the last period armed.
@@ -170,13 +217,29 @@ pub struct VmxVcpu {
 }
 
 impl VmxVcpu {
-    /// Build the VMCS for a 64-bit guest starting at `start`, with the EPT
-    /// rooted at `ept_root`; `ad` enables EPT accessed/dirty flags (needed
-    /// for PML). `msr_passthrough` leaves the MSR bitmap all zero (the
-    /// deliberately broken build, `broken=msr-passthrough`).
+    /// Build the VMCS for a 64-bit test guest starting at `start` (see
+    /// [`Self::with_state`]).
     pub fn new(
         revision: u32,
         start: &GuestStart,
+        ept_root: HostPhysAddr,
+        ad: bool,
+        msr_passthrough: bool,
+    ) -> Result<Self, SetupError> {
+        let st = VcpuState::long_mode_start(start);
+        Self::with_state(revision, &st, ept_root, ad, msr_passthrough)
+    }
+
+    /// Build the VMCS for a guest in state `st` (any mode: the long-mode
+    /// start of the test guests, Linux's 32-bit PVH start with paging off,
+    /// a restored record), with the EPT rooted at `ept_root`; `ad` enables
+    /// EPT accessed/dirty flags (needed for PML). `msr_passthrough` leaves
+    /// the MSR bitmap all zero (the deliberately broken build,
+    /// `broken=msr-passthrough`). A state with CR0.PE or CR0.PG clear needs
+    /// the "unrestricted guest" control.
+    pub fn with_state(
+        revision: u32,
+        st: &VcpuState,
         ept_root: HostPhysAddr,
         ad: bool,
         msr_passthrough: bool,
@@ -187,6 +250,7 @@ impl VmxVcpu {
         }
         let vmcs = OwnedFrame::new()?;
         let msr_bitmap = OwnedFrame::new()?;
+        let msr_lists = OwnedFrame::new()?;
         // SAFETY: a fresh 4 KiB frame this vCPU owns, identity mapped and
         // page aligned; the CPU only reads it while this vCPU runs.
         let map = unsafe { &mut *(msr_bitmap.0 as *mut [u8; msr::VMX_BITMAP_BYTES]) };
@@ -206,16 +270,34 @@ impl VmxVcpu {
         let pin = adjust(m.pin, 0, "pin-based")?;
         let proc = adjust(
             m.proc,
-            PROC_HLT_EXITING | PROC_UNCONDITIONAL_IO | PROC_MSR_BITMAPS | PROC_SECONDARY,
+            PROC_HLT_EXITING
+                | PROC_UNCONDITIONAL_IO
+                | PROC_MSR_BITMAPS
+                | PROC_SECONDARY
+                | PROC_CR8_LOAD_EXITING
+                | PROC_CR8_STORE_EXITING,
             "processor-based",
         )?;
-        let proc2 = adjust(m.proc2, PROC2_EPT | PROC2_VPID, "secondary")?;
+        // Unrestricted guest where the CPU has it (the PVH start runs with
+        // paging off); only a state that needs it fails without it.
+        let unrestricted = (m.proc2 >> 32) as u32 & PROC2_UNRESTRICTED != 0;
+        if !unrestricted && st.cr0 & CR0_PE_PG != CR0_PE_PG {
+            return Err(SetupError::Control(
+                "secondary (unrestricted guest, for CR0.PE/PG clear)",
+                PROC2_UNRESTRICTED,
+            ));
+        }
+        let want2 = PROC2_EPT | PROC2_VPID | if unrestricted { PROC2_UNRESTRICTED } else { 0 };
+        let proc2 = adjust(m.proc2, want2, "secondary")?;
         let exit = adjust(
             m.exit,
             EXIT_HOST_ADDR_SPACE_64 | EXIT_SAVE_EFER | EXIT_LOAD_EFER,
             "VM-exit",
         )?;
+        // The IA-32e-mode control must be allowed; it is set from EFER.LMA
+        // by `write_guest_state`.
         let entry = adjust(m.entry, ENTRY_IA32E_GUEST | ENTRY_LOAD_EFER, "VM-entry")?;
+        let entry = entry & !ENTRY_IA32E_GUEST;
         let eptp = ept_pointer(ept_root, ad);
 
         vmcs::write(Control32::PinBasedControls, pin)?;
@@ -227,42 +309,67 @@ impl VmxVcpu {
         vmcs::write(Control32::PageFaultErrorCodeMask, 0)?;
         vmcs::write(Control32::PageFaultErrorCodeMatch, 0)?;
         vmcs::write(Control32::Cr3TargetCount, 0)?;
-        vmcs::write(Control32::ExitMsrStoreCount, 0)?;
-        vmcs::write(Control32::ExitMsrLoadCount, 0)?;
-        vmcs::write(Control32::EntryMsrLoadCount, 0)?;
+        let n = LIST_MSRS.len() as u32;
+        vmcs::write(Control64::EntryMsrLoadAddr, msr_lists.0)?;
+        vmcs::write(Control64::ExitMsrStoreAddr, msr_lists.0)?;
+        vmcs::write(Control64::ExitMsrLoadAddr, msr_lists.0 + HOST_LIST_OFFSET)?;
+        vmcs::write(Control32::ExitMsrStoreCount, n)?;
+        vmcs::write(Control32::ExitMsrLoadCount, n)?;
+        vmcs::write(Control32::EntryMsrLoadCount, n)?;
         vmcs::write(Control32::EntryInterruptionInfo, 0)?;
         // Every MSR exits but the allow-list (`doppel_core::msr`).
         vmcs::write(Control64::MsrBitmap, msr_bitmap.0)?;
         vmcs::write(Control64::EptPointer, eptp)?;
         vmcs::write(Control16::Vpid, VPID)?;
-        vmcs::write(ControlN::Cr0GuestHostMask, 0)?;
-        vmcs::write(ControlN::Cr4GuestHostMask, 0)?;
-        vmcs::write(ControlN::Cr0ReadShadow, 0)?;
-        vmcs::write(ControlN::Cr4ReadShadow, 0)?;
+        let pe_pg = if unrestricted { CR0_PE_PG } else { 0 };
+        let cr0_fixed = (
+            rdmsr(IA32_VMX_CR0_FIXED0) & !pe_pg,
+            rdmsr(IA32_VMX_CR0_FIXED1),
+        );
+        let cr4_fixed = (rdmsr(IA32_VMX_CR4_FIXED0), rdmsr(IA32_VMX_CR4_FIXED1));
+        vmcs::write(
+            ControlN::Cr0GuestHostMask,
+            cr_mask(CR0_OWNED, cr0_fixed.0, cr0_fixed.1),
+        )?;
+        vmcs::write(
+            ControlN::Cr4GuestHostMask,
+            cr_mask(CR4_OWNED, cr4_fixed.0, cr4_fixed.1),
+        )?;
 
         write_host_state()?;
-        let st = VcpuState::long_mode_start(start);
-        write_guest_state(&st)?;
 
         let invept_single = m.ept_vpid & EPT_CAP_INVEPT_SINGLE != 0;
+        let invvpid_single = m.ept_vpid & VPID_CAP_INVVPID_SINGLE != 0;
         let mut v = Self {
             vmcs,
             msr_bitmap,
             pml: None,
-            regs: GuestRegs::of(&st),
+            regs: GuestRegs::of(st),
             eptp,
             launched: false,
             pin,
+            proc,
             proc2,
             exit,
+            entry,
             invept_single,
+            invvpid_single,
+            msr_lists,
+            cr0_fixed,
+            cr4_fixed,
+            cr2: st.cr2,
             timer_shift: (m.misc & 0x1f) as u32,
             timer_exits: 0,
             timer_armed: None,
         };
+        for (i, &m) in LIST_MSRS.iter().enumerate() {
+            v.set_list_entry(HOST_LIST_OFFSET, i, m, rdmsr(m));
+            v.set_list_entry(0, i, m, 0);
+        }
+        v.write_state(st)?;
         // A fresh guest must not see translations an earlier one (same
         // VPID) left behind.
-        if m.ept_vpid & VPID_CAP_INVVPID_SINGLE != 0 {
+        if invvpid_single {
             instr::invvpid_single(VPID).map_err(|e| SetupError::Instr("INVVPID", e))?;
         }
         v.flush(Flush::All);
@@ -272,6 +379,229 @@ impl VmxVcpu {
             v.vmcs.0
         );
         Ok(v)
+    }
+
+    /// Write entry `i` of the MSR list at byte `offset` of the list frame.
+    fn set_list_entry(&mut self, offset: u64, i: usize, index: u32, value: u64) {
+        let Some(slot) = list_slot(self.msr_lists.0, offset, i) else {
+            return;
+        };
+        // SAFETY: `list_slot` gives an aligned entry inside the list frame
+        // this vCPU owns (identity mapped); the CPU reads and writes the
+        // lists only while the guest runs, and `&mut self` here means it
+        // does not.
+        unsafe {
+            slot.write_volatile(MsrEntry {
+                index,
+                reserved: 0,
+                value,
+            })
+        };
+    }
+
+    /// The guest's value of list MSR `m`, if it is one.
+    fn list_msr(&self, m: u32) -> Option<u64> {
+        let i = LIST_MSRS.iter().position(|&x| x == m)?;
+        let slot = list_slot(self.msr_lists.0, 0, i)?;
+        // SAFETY: as in `set_list_entry`; `&self` is only taken between
+        // exits, when the CPU does not touch the list.
+        Some(unsafe { slot.read_volatile() }.value)
+    }
+
+    fn set_list_msr(&mut self, m: u32, value: u64) -> bool {
+        match LIST_MSRS.iter().position(|&x| x == m) {
+            Some(i) => {
+                self.set_list_entry(0, i, m, value);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Real CR0 for the guest's value, the read shadow set to the guest's.
+    fn write_cr0(&self, guest: u64) -> Result<(), VmcsError> {
+        vmcs::write(
+            GuestN::Cr0,
+            cr_real(guest, self.cr0_fixed.0, self.cr0_fixed.1),
+        )?;
+        vmcs::write(ControlN::Cr0ReadShadow, guest)
+    }
+
+    fn write_cr4(&self, guest: u64) -> Result<(), VmcsError> {
+        vmcs::write(
+            GuestN::Cr4,
+            cr_real(guest, self.cr4_fixed.0, self.cr4_fixed.1),
+        )?;
+        vmcs::write(ControlN::Cr4ReadShadow, guest)
+    }
+
+    /// CR0 and CR4 as the guest sees them (read shadows merged).
+    fn guest_cr0(&self) -> u64 {
+        cr_guest_view(
+            vmcs::read_or_zero(GuestN::Cr0),
+            vmcs::read_or_zero(ControlN::Cr0ReadShadow),
+            vmcs::read_or_zero(ControlN::Cr0GuestHostMask),
+        )
+    }
+
+    fn guest_cr4(&self) -> u64 {
+        cr_guest_view(
+            vmcs::read_or_zero(GuestN::Cr4),
+            vmcs::read_or_zero(ControlN::Cr4ReadShadow),
+            vmcs::read_or_zero(ControlN::Cr4GuestHostMask),
+        )
+    }
+
+    /// Guest EFER and the IA-32e-mode entry control, which VM entry
+    /// requires to equal EFER.LMA.
+    fn write_efer(&mut self, efer: u64) -> Result<(), VmcsError> {
+        let entry = if efer & EFER_LMA != 0 {
+            self.entry | ENTRY_IA32E_GUEST
+        } else {
+            self.entry & !ENTRY_IA32E_GUEST
+        };
+        vmcs::write(Guest64::Ia32Efer, efer)?;
+        vmcs::write(Control32::EntryControls, entry)?;
+        self.entry = entry;
+        Ok(())
+    }
+
+    fn write_proc(&mut self, proc: u32) -> bool {
+        match vmcs::write(Control32::PrimaryProcBasedControls, proc) {
+            Ok(()) => {
+                self.proc = proc;
+                true
+            }
+            Err(e) => {
+                log::error!("vmx: writing the processor-based controls: {e}");
+                false
+            }
+        }
+    }
+
+    /// Flush the guest's own (VPID-tagged) linear translations, as a CR
+    /// write that changes paging does on hardware.
+    fn flush_guest_tlb(&self) {
+        let r = if self.invvpid_single {
+            instr::invvpid_single(VPID)
+        } else {
+            instr::invept_all()
+        };
+        if let Err(e) = r {
+            log::error!("vmx: flushing the guest TLB failed ({e:?})");
+        }
+    }
+
+    /// Everything of `st` into the VMCS (and CR2, the MSR list, the
+    /// general registers): the one writer of guest state, for a new vCPU
+    /// and for [`Vcpu::load_state`]. Its pending event is set up for
+    /// injection; the guest is active, with no interrupt shadow.
+    fn write_state(&mut self, st: &VcpuState) -> Result<(), VmcsError> {
+        self.write_cr0(st.cr0)?;
+        self.write_cr4(st.cr4)?;
+        vmcs::write(GuestN::Cr3, st.cr3)?;
+        vmcs::write(GuestN::Dr7, st.dr7)?;
+        vmcs::write(GuestN::Rsp, st.rsp)?;
+        vmcs::write(GuestN::Rip, st.rip)?;
+        vmcs::write(GuestN::Rflags, st.rflags)?;
+        self.write_efer(st.efer)?;
+        vmcs::write(Guest64::Ia32Debugctl, 0)?;
+        vmcs::write(Guest64::VmcsLinkPointer, u64::MAX)?;
+        for (seg, (sel, base, limit, ar)) in segments(st) {
+            vmcs::write(sel, seg.selector)?;
+            vmcs::write(base, seg.base)?;
+            vmcs::write(limit, seg.limit)?;
+            vmcs::write(ar, seg.attr.to_vmx_ar())?;
+        }
+        vmcs::write(GuestN::GdtrBase, st.gdtr.base)?;
+        vmcs::write(Guest32::GdtrLimit, u32::from(st.gdtr.limit))?;
+        vmcs::write(GuestN::IdtrBase, st.idtr.base)?;
+        vmcs::write(Guest32::IdtrLimit, u32::from(st.idtr.limit))?;
+        vmcs::write(Guest32::InterruptibilityState, 0)?;
+        vmcs::write(Guest32::ActivityState, 0)?;
+        vmcs::write(GuestN::PendingDebugExceptions, 0)?;
+        vmcs::write(Guest32::SysenterCs, st.sysenter_cs as u32)?;
+        vmcs::write(GuestN::SysenterEsp, st.sysenter_esp)?;
+        vmcs::write(GuestN::SysenterEip, st.sysenter_eip)?;
+        for m in LIST_MSRS {
+            let v = match m {
+                nr::STAR => st.star,
+                nr::LSTAR => st.lstar,
+                nr::CSTAR => st.cstar,
+                nr::SFMASK => st.sfmask,
+                _ => st.kernel_gs_base,
+            };
+            self.set_list_msr(m, v);
+        }
+        self.cr2 = st.cr2;
+        self.regs = GuestRegs::of(st);
+        match st.pending_event {
+            Some(ev) => self.write_event(ev, 0)?,
+            None => vmcs::write(Control32::EntryInterruptionInfo, 0)?,
+        }
+        Ok(())
+    }
+
+    /// Set `ev` up for injection at the next entry; `len` is the
+    /// instruction length a software event needs.
+    fn write_event(&self, ev: PendingEvent, len: u32) -> Result<(), VmcsError> {
+        let (info, code) = event_to_info(&ev);
+        if ev.error_code.is_some() {
+            vmcs::write(Control32::EntryExceptionErrorCode, code)?;
+        }
+        if intr_info::needs_length(ev.kind) {
+            vmcs::write(Control32::EntryInstructionLength, len)?;
+        }
+        vmcs::write(Control32::EntryInterruptionInfo, info)
+    }
+
+    /// After an exit: an event the exit interrupted while it was being
+    /// delivered goes back in for the next entry (SDM "Information for VM
+    /// Exits That Occur During Event Delivery").
+    fn requeue_interrupted(&self) {
+        let info = vmcs::read_or_zero(ReadOnly32::IdtVectoringInfo);
+        let code = vmcs::read_or_zero(ReadOnly32::IdtVectoringErrorCode);
+        if let Some(ev) = event_from_info(info, code) {
+            let len = vmcs::read_or_zero(ReadOnly32::ExitInstructionLength);
+            if let Err(e) = self.write_event(ev, len) {
+                log::error!("vmx: re-injecting the interrupted event {ev:?}: {e}");
+            }
+        }
+    }
+
+    /// The guest state VM entry checks, for an entry-failure report.
+    fn log_entry_state(&self) {
+        let ar = |f| vmcs::read_or_zero(f);
+        log::error!(
+            "vmx: entry state: cr0={:#x} (shadow {:#x}) cr4={:#x} (shadow {:#x}) cr3={:#x} \
+             efer={:#x} rip={:#x} rflags={:#x} pin={:#x} proc={:#x} proc2={:#x} entry={:#x} \
+             exit={:#x} cs={:#x}/ar={:#x} ss={:#x}/ar={:#x} tr={:#x}/ar={:#x} ldtr ar={:#x} \
+             interruptibility={:#x} activity={} entry_info={:#x} entry_len={}",
+            vmcs::read_or_zero(GuestN::Cr0),
+            vmcs::read_or_zero(ControlN::Cr0ReadShadow),
+            vmcs::read_or_zero(GuestN::Cr4),
+            vmcs::read_or_zero(ControlN::Cr4ReadShadow),
+            vmcs::read_or_zero(GuestN::Cr3),
+            vmcs::read_or_zero(Guest64::Ia32Efer),
+            vmcs::read_or_zero(GuestN::Rip),
+            vmcs::read_or_zero(GuestN::Rflags),
+            vmcs::read_or_zero(Control32::PinBasedControls),
+            vmcs::read_or_zero(Control32::PrimaryProcBasedControls),
+            vmcs::read_or_zero(Control32::SecondaryProcBasedControls),
+            vmcs::read_or_zero(Control32::EntryControls),
+            vmcs::read_or_zero(Control32::ExitControls),
+            vmcs::read_or_zero(Guest16::CsSelector),
+            ar(Guest32::CsAccessRights),
+            vmcs::read_or_zero(Guest16::SsSelector),
+            ar(Guest32::SsAccessRights),
+            vmcs::read_or_zero(Guest16::TrSelector),
+            ar(Guest32::TrAccessRights),
+            ar(Guest32::LdtrAccessRights),
+            vmcs::read_or_zero(Guest32::InterruptibilityState),
+            vmcs::read_or_zero(Guest32::ActivityState),
+            vmcs::read_or_zero(Control32::EntryInterruptionInfo),
+            vmcs::read_or_zero(Control32::EntryInstructionLength),
+        );
     }
 
     fn decode_exit(&self) -> VmExit {
@@ -296,6 +626,12 @@ impl VmxVcpu {
                     _ => "?",
                 }
             );
+            if (raw & 0xffff) as u16 == reason::MSR_LOADING {
+                // The qualification is the failing entry, counted from 1.
+                let m = LIST_MSRS.get((qual as usize).wrapping_sub(1));
+                log::error!("vmx: the VM-entry MSR-load list failed at MSR {m:#x?}");
+            }
+            self.log_entry_state();
             return exit(ExitKind::EntryFailed { code: raw.into() }, None);
         }
         match (raw & 0xffff) as u16 {
@@ -312,6 +648,19 @@ impl VmxVcpu {
                 )
             }
             reason::EXTERNAL_INTERRUPT => exit(ExitKind::ExternalInterrupt, None),
+            reason::INTERRUPT_WINDOW => exit(ExitKind::InterruptWindow, None),
+            reason::CR_ACCESS => match CrAccess::decode(qual) {
+                CrAccess::MovTo { cr, gpr } if matches!(cr, 0 | 3 | 4 | 8) => {
+                    exit(ExitKind::CrWrite { cr, gpr: Some(gpr) }, next)
+                }
+                // CR3-store, CR8-store exiting; LMSW changing PE (CLTS
+                // cannot exit: CR0.TS is not owned). No guest needs them
+                // emulated yet.
+                a => {
+                    log::error!("vmx: control-register access {a:?} is not emulated");
+                    self.unknown(raw, qual, rip)
+                }
+            },
             reason::TRIPLE_FAULT => exit(ExitKind::Shutdown, None),
             reason::CPUID => exit(ExitKind::Cpuid, next),
             reason::HLT => exit(ExitKind::Hlt, next),
@@ -389,6 +738,11 @@ impl VmxVcpu {
     }
 }
 
+/// Entry `i` of the MSR list at byte `offset` of the list frame at `frame`.
+fn list_slot(frame: u64, offset: u64, i: usize) -> Option<*mut MsrEntry> {
+    (i < LIST_MSRS.len()).then(|| (frame + offset + 16 * i as u64) as *mut MsrEntry)
+}
+
 /// Host state: the kernel as it runs now. RSP and RIP are written by the
 /// entry stub on every entry.
 fn write_host_state() -> Result<(), VmcsError> {
@@ -418,100 +772,102 @@ fn write_host_state() -> Result<(), VmcsError> {
     Ok(())
 }
 
-/// Guest state: `st` (the long-mode start state) in the VMCS, CR0 and
-/// CR4 with the bits VMX operation fixes; no event pending, the guest
-/// active and interruptible.
-fn write_guest_state(st: &VcpuState) -> Result<(), VmcsError> {
-    let fixed = |v: u64, f0: u32, f1: u32| (v | rdmsr(f0)) & rdmsr(f1);
-    let cr0 = fixed(st.cr0, IA32_VMX_CR0_FIXED0, IA32_VMX_CR0_FIXED1);
-    let cr4 = fixed(st.cr4, IA32_VMX_CR4_FIXED0, IA32_VMX_CR4_FIXED1);
-    vmcs::write(GuestN::Cr0, cr0)?;
-    vmcs::write(GuestN::Cr3, st.cr3)?;
-    vmcs::write(GuestN::Cr4, cr4)?;
-    vmcs::write(GuestN::Dr7, st.dr7)?;
-    vmcs::write(GuestN::Rsp, st.rsp)?;
-    vmcs::write(GuestN::Rip, st.rip)?;
-    vmcs::write(GuestN::Rflags, st.rflags)?;
-    vmcs::write(Guest64::Ia32Efer, st.efer)?;
-    vmcs::write(Guest64::Ia32Debugctl, 0)?;
-    vmcs::write(Guest64::VmcsLinkPointer, u64::MAX)?;
+/// The guest segment registers' VMCS fields: selector, base, limit,
+/// access rights.
+type SegFields = (Guest16, GuestN, Guest32, Guest32);
 
-    let segments = [
+const SEG_CS: SegFields = (
+    Guest16::CsSelector,
+    GuestN::CsBase,
+    Guest32::CsLimit,
+    Guest32::CsAccessRights,
+);
+
+fn read_segment((sel, base, limit, ar): SegFields) -> Segment {
+    Segment {
+        selector: vmcs::read_or_zero(sel),
+        base: vmcs::read_or_zero(base),
+        limit: vmcs::read_or_zero(limit),
+        attr: SegAttr::from_vmx_ar(vmcs::read_or_zero(ar)),
+    }
+}
+
+/// Every segment register of `st` with its VMCS fields.
+fn segments(st: &VcpuState) -> [(&Segment, SegFields); 8] {
+    [
         (
             &st.cs,
-            Guest16::CsSelector,
-            GuestN::CsBase,
-            Guest32::CsLimit,
-            Guest32::CsAccessRights,
+            (
+                Guest16::CsSelector,
+                GuestN::CsBase,
+                Guest32::CsLimit,
+                Guest32::CsAccessRights,
+            ),
         ),
         (
             &st.ss,
-            Guest16::SsSelector,
-            GuestN::SsBase,
-            Guest32::SsLimit,
-            Guest32::SsAccessRights,
+            (
+                Guest16::SsSelector,
+                GuestN::SsBase,
+                Guest32::SsLimit,
+                Guest32::SsAccessRights,
+            ),
         ),
         (
             &st.ds,
-            Guest16::DsSelector,
-            GuestN::DsBase,
-            Guest32::DsLimit,
-            Guest32::DsAccessRights,
+            (
+                Guest16::DsSelector,
+                GuestN::DsBase,
+                Guest32::DsLimit,
+                Guest32::DsAccessRights,
+            ),
         ),
         (
             &st.es,
-            Guest16::EsSelector,
-            GuestN::EsBase,
-            Guest32::EsLimit,
-            Guest32::EsAccessRights,
+            (
+                Guest16::EsSelector,
+                GuestN::EsBase,
+                Guest32::EsLimit,
+                Guest32::EsAccessRights,
+            ),
         ),
         (
             &st.fs,
-            Guest16::FsSelector,
-            GuestN::FsBase,
-            Guest32::FsLimit,
-            Guest32::FsAccessRights,
+            (
+                Guest16::FsSelector,
+                GuestN::FsBase,
+                Guest32::FsLimit,
+                Guest32::FsAccessRights,
+            ),
         ),
         (
             &st.gs,
-            Guest16::GsSelector,
-            GuestN::GsBase,
-            Guest32::GsLimit,
-            Guest32::GsAccessRights,
+            (
+                Guest16::GsSelector,
+                GuestN::GsBase,
+                Guest32::GsLimit,
+                Guest32::GsAccessRights,
+            ),
         ),
         (
             &st.tr,
-            Guest16::TrSelector,
-            GuestN::TrBase,
-            Guest32::TrLimit,
-            Guest32::TrAccessRights,
+            (
+                Guest16::TrSelector,
+                GuestN::TrBase,
+                Guest32::TrLimit,
+                Guest32::TrAccessRights,
+            ),
         ),
         (
             &st.ldtr,
-            Guest16::LdtrSelector,
-            GuestN::LdtrBase,
-            Guest32::LdtrLimit,
-            Guest32::LdtrAccessRights,
+            (
+                Guest16::LdtrSelector,
+                GuestN::LdtrBase,
+                Guest32::LdtrLimit,
+                Guest32::LdtrAccessRights,
+            ),
         ),
-    ];
-    for (seg, sel, base, limit, ar) in segments {
-        vmcs::write(sel, seg.selector)?;
-        vmcs::write(base, seg.base)?;
-        vmcs::write(limit, seg.limit)?;
-        vmcs::write(ar, seg.attr.to_vmx_ar())?;
-    }
-    vmcs::write(GuestN::GdtrBase, st.gdtr.base)?;
-    vmcs::write(Guest32::GdtrLimit, u32::from(st.gdtr.limit))?;
-    vmcs::write(GuestN::IdtrBase, st.idtr.base)?;
-    vmcs::write(Guest32::IdtrLimit, u32::from(st.idtr.limit))?;
-
-    vmcs::write(Guest32::InterruptibilityState, 0)?;
-    vmcs::write(Guest32::ActivityState, 0)?;
-    vmcs::write(GuestN::PendingDebugExceptions, 0)?;
-    vmcs::write(Guest32::SysenterCs, st.sysenter_cs as u32)?;
-    vmcs::write(GuestN::SysenterEsp, st.sysenter_esp)?;
-    vmcs::write(GuestN::SysenterEip, st.sysenter_eip)?;
-    Ok(())
+    ]
 }
 
 impl Vcpu for VmxVcpu {
@@ -520,6 +876,9 @@ impl Vcpu for VmxVcpu {
     }
 
     fn run(&mut self) -> VmExit {
+        if instr::read_cr2() != self.cr2 {
+            instr::write_cr2(self.cr2);
+        }
         let regs = (&raw mut self.regs).cast::<u64>();
         // SAFETY: this vCPU's VMCS is current (made so in `new`, and only
         // one vCPU exists at a time); its host-state area was written by
@@ -529,7 +888,9 @@ impl Vcpu for VmxVcpu {
         let rc = unsafe { instr::vmx_enter(regs, u64::from(self.launched)) };
         match rc {
             instr::VMX_ENTER_EXITED => {
+                self.cr2 = instr::read_cr2();
                 let e = self.decode_exit();
+                self.requeue_interrupted();
                 // A VM entry that failed while loading guest state leaves
                 // the VMCS not launched (SDM "VM-Entry Failures During or
                 // After Loading Guest State").
@@ -552,6 +913,7 @@ impl Vcpu for VmxVcpu {
                         if self.launched { "RESUME" } else { "LAUNCH" },
                         vmcs::instruction_error_text(n)
                     );
+                    self.log_entry_state();
                     u64::from(n)
                 } else {
                     log::error!("vmx: VM entry failed with VMfailInvalid (no current VMCS)");
@@ -583,6 +945,16 @@ impl Vcpu for VmxVcpu {
             // Cannot happen with a current VMCS; the next entry then runs
             // at the old RIP and the dispatch sees the same exit again.
             log::error!("vmx: setting guest RIP: {e}");
+        }
+        // The instruction that exited is done: an STI or MOV-SS shadow it
+        // stood in is over (left set, the next injection would fail the
+        // entry checks).
+        let s = vmcs::read_or_zero(Guest32::InterruptibilityState);
+        let shadow = interruptibility::STI | interruptibility::MOV_SS;
+        if s & shadow != 0 {
+            if let Err(e) = vmcs::write(Guest32::InterruptibilityState, s & !shadow) {
+                log::error!("vmx: clearing the interrupt shadow: {e}");
+            }
         }
     }
 
@@ -695,6 +1067,9 @@ impl Vcpu for VmxVcpu {
     }
 
     fn switched_msr(&self, m: u32) -> Option<u64> {
+        if let Some(v) = self.list_msr(m) {
+            return Some(v);
+        }
         Some(match m {
             nr::FS_BASE => vmcs::read_or_zero(GuestN::FsBase),
             nr::GS_BASE => vmcs::read_or_zero(GuestN::GsBase),
@@ -706,6 +1081,9 @@ impl Vcpu for VmxVcpu {
     }
 
     fn set_switched_msr(&mut self, m: u32, value: u64) -> bool {
+        if self.set_list_msr(m, value) {
+            return true;
+        }
         let r = match m {
             nr::FS_BASE => vmcs::write(GuestN::FsBase, value),
             nr::GS_BASE => vmcs::write(GuestN::GsBase, value),
@@ -724,10 +1102,18 @@ impl Vcpu for VmxVcpu {
     fn confinement(&self) -> u64 {
         let words = [
             u64::from(vmcs::read_or_zero(Control32::PinBasedControls)),
-            u64::from(vmcs::read_or_zero(Control32::PrimaryProcBasedControls)),
+            // The interrupt window and TSC offsetting come and go as the
+            // platform runs the guest; they confine nothing.
+            u64::from(
+                vmcs::read_or_zero(Control32::PrimaryProcBasedControls)
+                    & !(PROC_INTERRUPT_WINDOW | PROC_TSC_OFFSETTING),
+            ),
             u64::from(vmcs::read_or_zero(Control32::SecondaryProcBasedControls)),
             u64::from(vmcs::read_or_zero(Control32::ExitControls)) & !u64::from(EXIT_SAVE_TIMER),
-            u64::from(vmcs::read_or_zero(Control32::EntryControls)),
+            // IA-32e mode follows the guest's EFER.LMA.
+            u64::from(vmcs::read_or_zero(Control32::EntryControls) & !ENTRY_IA32E_GUEST),
+            vmcs::read_or_zero(ControlN::Cr0GuestHostMask),
+            vmcs::read_or_zero(ControlN::Cr4GuestHostMask),
             u64::from(vmcs::read_or_zero(Control32::ExceptionBitmap)),
             vmcs::read_or_zero(Control64::MsrBitmap),
             vmcs::read_or_zero(Control64::EptPointer),
@@ -743,21 +1129,208 @@ impl Vcpu for VmxVcpu {
         fnv1a(h, map)
     }
 
-    /// Registers, RIP, RSP, RFLAGS, control registers and EFER (the VMX
-    /// backend does not checkpoint; this serves failure reports).
+    /// Everything the VMCS, the MSR list and the entry stub hold of the
+    /// guest: registers, CR0/CR4 as the guest sees them, CR2, segments,
+    /// descriptor tables, EFER, SYSENTER and the list MSRs, DR7 and the
+    /// event set up for the next entry (an interrupted one being
+    /// re-injected, or one the platform injected). Not here: DR0-3/DR6
+    /// (not switched; no guest of ours uses them), the FPU and the TSC
+    /// (the platform's).
     fn state(&self) -> VcpuState {
+        let seg = |sel, base, limit, ar| read_segment((sel, base, limit, ar));
+        let table = |base, limit| DescTable {
+            base: vmcs::read_or_zero(base),
+            limit: vmcs::read_or_zero(limit) as u16,
+        };
+        let list = |m| self.list_msr(m).unwrap_or(0);
         let mut st = VcpuState {
             rip: vmcs::read_or_zero(GuestN::Rip),
             rsp: vmcs::read_or_zero(GuestN::Rsp),
             rflags: vmcs::read_or_zero(GuestN::Rflags),
-            cr0: vmcs::read_or_zero(GuestN::Cr0),
+            cr0: self.guest_cr0(),
+            cr2: self.cr2,
             cr3: vmcs::read_or_zero(GuestN::Cr3),
-            cr4: vmcs::read_or_zero(GuestN::Cr4),
+            cr4: self.guest_cr4(),
+            dr7: vmcs::read_or_zero(GuestN::Dr7),
+            cs: read_segment(SEG_CS),
+            ss: seg(
+                Guest16::SsSelector,
+                GuestN::SsBase,
+                Guest32::SsLimit,
+                Guest32::SsAccessRights,
+            ),
+            ds: seg(
+                Guest16::DsSelector,
+                GuestN::DsBase,
+                Guest32::DsLimit,
+                Guest32::DsAccessRights,
+            ),
+            es: seg(
+                Guest16::EsSelector,
+                GuestN::EsBase,
+                Guest32::EsLimit,
+                Guest32::EsAccessRights,
+            ),
+            fs: seg(
+                Guest16::FsSelector,
+                GuestN::FsBase,
+                Guest32::FsLimit,
+                Guest32::FsAccessRights,
+            ),
+            gs: seg(
+                Guest16::GsSelector,
+                GuestN::GsBase,
+                Guest32::GsLimit,
+                Guest32::GsAccessRights,
+            ),
+            tr: seg(
+                Guest16::TrSelector,
+                GuestN::TrBase,
+                Guest32::TrLimit,
+                Guest32::TrAccessRights,
+            ),
+            ldtr: seg(
+                Guest16::LdtrSelector,
+                GuestN::LdtrBase,
+                Guest32::LdtrLimit,
+                Guest32::LdtrAccessRights,
+            ),
+            gdtr: table(GuestN::GdtrBase, Guest32::GdtrLimit),
+            idtr: table(GuestN::IdtrBase, Guest32::IdtrLimit),
             efer: vmcs::read_or_zero(Guest64::Ia32Efer),
+            sysenter_cs: u64::from(vmcs::read_or_zero(Guest32::SysenterCs)),
+            sysenter_esp: vmcs::read_or_zero(GuestN::SysenterEsp),
+            sysenter_eip: vmcs::read_or_zero(GuestN::SysenterEip),
+            star: list(nr::STAR),
+            lstar: list(nr::LSTAR),
+            cstar: list(nr::CSTAR),
+            sfmask: list(nr::SFMASK),
+            kernel_gs_base: list(nr::KERNEL_GS_BASE),
+            pending_event: event_from_info(
+                vmcs::read_or_zero(Control32::EntryInterruptionInfo),
+                vmcs::read_or_zero(Control32::EntryExceptionErrorCode),
+            ),
             ..VcpuState::default()
         };
         self.regs.store(&mut st);
         st
+    }
+
+    fn cs_long(&self) -> bool {
+        SegAttr::from_vmx_ar(vmcs::read_or_zero(Guest32::CsAccessRights)).long()
+    }
+
+    fn inject(&mut self, ev: PendingEvent) -> bool {
+        let len = vmcs::read_or_zero(ReadOnly32::ExitInstructionLength);
+        match self.write_event(ev, len) {
+            Ok(()) => true,
+            Err(e) => {
+                log::error!("vmx: injecting {ev:?}: {e}");
+                false
+            }
+        }
+    }
+
+    fn interrupted_event(&self) -> Option<PendingEvent> {
+        event_from_info(
+            vmcs::read_or_zero(ReadOnly32::IdtVectoringInfo),
+            vmcs::read_or_zero(ReadOnly32::IdtVectoringErrorCode),
+        )
+    }
+
+    fn interruptible(&self) -> bool {
+        can_take_interrupt(
+            vmcs::read_or_zero(GuestN::Rflags),
+            vmcs::read_or_zero(Guest32::InterruptibilityState),
+            vmcs::read_or_zero(Control32::EntryInterruptionInfo),
+        )
+    }
+
+    fn set_interrupt_window(&mut self, on: bool) {
+        let proc = if on {
+            self.proc | PROC_INTERRUPT_WINDOW
+        } else {
+            self.proc & !PROC_INTERRUPT_WINDOW
+        };
+        if proc != self.proc {
+            self.write_proc(proc);
+        }
+    }
+
+    fn set_tsc_offset(&mut self, offset: u64) -> bool {
+        if let Err(e) = vmcs::write(Control64::TscOffset, offset) {
+            log::error!("vmx: writing the TSC offset: {e}");
+            return false;
+        }
+        self.proc & PROC_TSC_OFFSETTING != 0 || self.write_proc(self.proc | PROC_TSC_OFFSETTING)
+    }
+
+    fn set_cr(&mut self, cr: u8, value: u64) -> bool {
+        let r = match cr {
+            0 => {
+                let old = self.guest_cr0();
+                let efer = efer_with_lma(vmcs::read_or_zero(Guest64::Ia32Efer), value);
+                if value & CR0_PG != 0 && efer & EFER_LMA == 0 && self.guest_cr4() & CR4_PAE != 0 {
+                    // With EPT, PAE paging takes its PDPTEs from the VMCS,
+                    // which nothing here loads; Linux goes from paging off
+                    // straight to long mode.
+                    log::error!(
+                        "vmx: CR0 write {value:#x}: PAE paging outside long mode is not supported"
+                    );
+                    return false;
+                }
+                let r = self.write_cr0(value).and_then(|()| self.write_efer(efer));
+                if (old ^ value) & CR0_PG != 0 {
+                    self.flush_guest_tlb();
+                }
+                r
+            }
+            3 => {
+                let r = vmcs::write(GuestN::Cr3, value);
+                self.flush_guest_tlb();
+                r
+            }
+            4 => {
+                let r = self.write_cr4(value);
+                self.flush_guest_tlb();
+                r
+            }
+            _ => {
+                log::error!("vmx: CR{cr} is not a register set_cr writes");
+                return false;
+            }
+        };
+        match r {
+            Ok(()) => true,
+            Err(e) => {
+                log::error!("vmx: writing CR{cr} = {value:#x}: {e}");
+                false
+            }
+        }
+    }
+
+    fn set_efer(&mut self, value: u64) -> bool {
+        let efer = efer_with_lma(value, self.guest_cr0());
+        match self.write_efer(efer) {
+            Ok(()) => true,
+            Err(e) => {
+                log::error!("vmx: writing EFER = {value:#x}: {e}");
+                false
+            }
+        }
+    }
+
+    fn load_state(&mut self, st: &VcpuState) -> bool {
+        match self.write_state(st) {
+            Ok(()) => {
+                self.flush_guest_tlb();
+                true
+            }
+            Err(e) => {
+                log::error!("vmx: loading the vCPU state: {e}");
+                false
+            }
+        }
     }
 }
 
