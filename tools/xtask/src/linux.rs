@@ -277,7 +277,14 @@ pub fn initramfs(busybox: &[u8]) -> Vec<u8> {
 /// accepted by name. On AMD CPU models without the SRSO fix (QEMU's
 /// `-cpu EPYC`) Linux prints `Speculative Return Stack Overflow: WARNING:
 /// See ... for mitigation options.`: a mitigation notice, not a `WARN()`.
-pub const DMESG_ACCEPTED: [&str; 1] = ["Speculative Return Stack Overflow: WARNING: See "];
+/// On Intel models whose Spectre v2 mitigation is retpolines (the CPUID
+/// policy shows no SPEC_CTRL, so there is no IBRS), Bochs's Skylake among
+/// them, it prints `RETBleed: WARNING: Spectre v2 mitigation leaves CPU
+/// vulnerable to RETBleed attacks, data leaks possible!`: another notice.
+pub const DMESG_ACCEPTED: [&str; 2] = [
+    "Speculative Return Stack Overflow: WARNING: See ",
+    "RETBleed: WARNING: Spectre v2 mitigation leaves CPU vulnerable to RETBleed attacks",
+];
 
 /// What a transcript showed.
 #[derive(Debug, PartialEq, Eq)]
@@ -740,6 +747,13 @@ pub(crate) mod tests {
                 "dmesg-bad=0",
                 "dmesg-bad: [    0.07] Speculative Return Stack Overflow: WARNING: See x\r\nlinux-init: dmesg-bad: [    0.08] WARNING: CPU: 0 PID: 1\r\nlinux-init: dmesg-bad=2",
                 "CPU: 0 PID: 1",
+            ),
+            // So is the RETBleed notice; a RETBleed line of another
+            // wording is not.
+            (
+                "dmesg-bad=0",
+                "dmesg-bad: [    1.69] RETBleed: WARNING: Spectre v2 mitigation leaves CPU vulnerable to RETBleed attacks, data leaks possible!\r\nlinux-init: dmesg-bad: [    1.70] RETBleed: WARNING: something else\r\nlinux-init: dmesg-bad=2",
+                "something else",
             ),
             // A count that does not match the lines printed.
             (

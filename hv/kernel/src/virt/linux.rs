@@ -195,6 +195,12 @@ where
     F: FnMut(&VcpuState, HostPhysAddr) -> Result<V, &'static str>,
 {
     enable_fxsr();
+    // No host interrupt source may stay live while a guest that enables
+    // interrupts runs: the local APIC set-up masks the 8259s and LINT0.
+    if let Err(e) = crate::arch::apic::get(crate::mem::paging::set_uncached) {
+        log::error!("linux: the host's local APIC: {e}");
+        return false;
+    }
     let mut ram = match GuestRam::new(plan.mem_bytes) {
         Ok(r) => r,
         Err(e) => {

@@ -44,6 +44,10 @@ const IA32_SYSENTER_EIP: u32 = 0x176;
 
 /// Pin-based controls.
 const PIN_PREEMPTION_TIMER: u32 = 1 << 6;
+/// Host interrupts exit instead of going through the guest's IDT (with it
+/// clear, a pending 8259 IRQ0 reached a Linux guest as vector 8: a "double
+/// fault" without an error code).
+const PIN_EXTERNAL_INTERRUPT: u32 = 1 << 0;
 /// Primary processor-based controls.
 const PROC_INTERRUPT_WINDOW: u32 = 1 << 2;
 const PROC_TSC_OFFSETTING: u32 = 1 << 3;
@@ -267,7 +271,7 @@ impl VmxVcpu {
         // SAFETY: as above; this VMCS becomes the current one.
         unsafe { instr::vmptrld(vmcs.0) }.map_err(|e| SetupError::Instr("VMPTRLD", e))?;
 
-        let pin = adjust(m.pin, 0, "pin-based")?;
+        let pin = adjust(m.pin, PIN_EXTERNAL_INTERRUPT, "pin-based")?;
         let proc = adjust(
             m.proc,
             PROC_HLT_EXITING
