@@ -62,6 +62,8 @@ pub struct LinuxPlan<'a> {
     pub skip_lapic_regs: bool,
 }
 
+const RFLAGS_IF: u64 = 1 << 9;
+
 /// Exits without the guest powering off before the run is given up: a
 /// guest stuck in a loop of exits fails rather than hangs.
 const MAX_EXITS: u64 = 50_000_000;
@@ -801,14 +803,11 @@ where
             return Next::Stop(Stop::Error);
         };
         self.vcpu.set_rip(next);
-        if !self.vcpu.interruptible() && self.m.pending().is_none() {
-            // `cli; hlt`: nothing can wake it (Linux's halt after a failed
-            // poweroff, or a stop on panic).
+        if self.vcpu.state().rflags & RFLAGS_IF == 0 {
+            // `cli; hlt`: no maskable interrupt can wake it (Linux's halt
+            // after a failed poweroff, or a stop on panic).
             self.flush_line();
-            log::info!(
-                "linux: the guest halted with interrupts off at rip={:#x}",
-                exit.rip
-            );
+            log::info!("linux: the guest halted with interrupts off at rip={:#x}", exit.rip);
             return Next::Stop(Stop::Halted);
         }
         loop {
