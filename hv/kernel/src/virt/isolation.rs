@@ -12,7 +12,9 @@
 //! MSR, a control-register write; `doppel_core::fault`), or the CPU raised
 //! its own. The hostile guest's IDT handler reports it with `FAULTED`:
 //! `how=fault vector=V error=E` (decimal; E is 0 for a vector without an
-//! error code). A run that stopped at the refusal instead (a backend that
+//! error code). After a refusal the report must name the exception
+//! injected and the refused instruction's RIP; any other is
+//! `outcome=unclear how=fault-elsewhere`. A run that stopped at the refusal instead (a backend that
 //! could not inject) reads `how=refused`; a guest that shut down (triple
 //! fault) `how=shutdown`; one stopped at an intercepted exception
 //! `how=exception`. After every probe the host must be exactly as before: the
@@ -37,6 +39,7 @@ use doppel_core::addr::HostPhysAddr;
 use doppel_core::exit::{ExitKind, VmExit};
 use doppel_core::fault;
 use doppel_core::hostile::{self, fnv1a, Arg, Op, Probe, FNV_START, PROBES};
+use doppel_core::hvm::PendingEvent;
 use doppel_core::msr::{self, nr, Vendor};
 use doppel_core::paging::NestedEntry;
 use doppel_core::selftest::Mode;
@@ -75,8 +78,10 @@ const HOST_MSRS: &[u32] = &[
 struct Watch {
     /// `ESCAPED` with the value it read.
     escaped: Option<u64>,
-    /// `FAULTED`: the vector and error code the guest's handler got.
-    faulted: Option<(u64, u64)>,
+    /// `FAULTED`: the vector, error code and RIP the guest's handler got.
+    faulted: Option<(u64, u64, u64)>,
+    /// The last refusal: where it was, and the vector injected there.
+    refused: Option<(u64, u8)>,
     /// The exit the run stopped at.
     stop: Option<ExitKind>,
 }
@@ -95,8 +100,12 @@ impl EpochSink for Watch {
         log::info!(
             "isolation: the probe took vector {vector} error code {error:#x} at rip={rip:#x}"
         );
-        self.faulted = Some((vector, error));
+        self.faulted = Some((vector, error, rip));
         Ok(())
+    }
+
+    fn refused(&mut self, exit: &VmExit, ev: &PendingEvent) {
+        self.refused = Some((exit.rip, ev.vector));
     }
 
     fn stopped(&mut self, exit: &VmExit) {
@@ -400,14 +409,7 @@ where
         }
         (Some(_), _) => Outcome::Escaped("reached"),
         (None, _) => match (watch.faulted, watch.stop) {
-            // What the guest's handler reported, if it is an exception
-            // with an error code that fits one.
-            (Some((vector, error)), _) => match (u8::try_from(vector), u32::try_from(error)) {
-                (Ok(vector), Ok(error)) if vector < fault::vector::EXCEPTIONS => {
-                    Outcome::Faulted { vector, error }
-                }
-                _ => Outcome::Unclear("fault-report"),
-            },
+            (Some(report), _) => fault_outcome(probe, report, watch.refused),
             (
                 None,
                 Some(ExitKind::Privileged(_) | ExitKind::CrWrite { .. } | ExitKind::Msr { .. }),
@@ -417,4 +419,27 @@ where
             _ => Outcome::Unclear("stopped"),
         },
     })
+}
+
+/// A `FAULTED` report (`vector`, error code, RIP): contained if it is an
+/// exception with an error code that fits one and, after a refusal, the
+/// exception injected, taken at the refused instruction.
+fn fault_outcome(probe: &Probe, report: (u64, u64, u64), refused: Option<(u64, u8)>) -> Outcome {
+    let (vector, error, rip) = report;
+    let (Ok(vector), Ok(error)) = (u8::try_from(vector), u32::try_from(error)) else {
+        return Outcome::Unclear("fault-report");
+    };
+    if vector >= fault::vector::EXCEPTIONS {
+        return Outcome::Unclear("fault-report");
+    }
+    match refused {
+        Some((at, v)) if at != rip || v != vector => {
+            log::error!(
+                "isolation: probe {}: vector {v} injected at rip={at:#x}, the guest took vector {vector} at rip={rip:#x}",
+                probe.name
+            );
+            Outcome::Unclear("fault-elsewhere")
+        }
+        _ => Outcome::Faulted { vector, error },
+    }
 }

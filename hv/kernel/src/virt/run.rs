@@ -14,7 +14,7 @@ use doppel_core::dirtylog::{DirtyLog, DirtyTree};
 use doppel_core::engine::EpochClock;
 use doppel_core::exit::{exact_length, read_code, resume_rip, Action, ExitKind, VmExit};
 use doppel_core::fault;
-use doppel_core::hvm::VcpuState;
+use doppel_core::hvm::{PendingEvent, VcpuState};
 use doppel_core::paging::{Flush, NestedEntry, NestedPageTable, RestoreWrite};
 use doppel_core::regs::Brief;
 use doppel_core::selftest::Mode;
@@ -129,6 +129,10 @@ pub trait EpochSink {
     fn faulted(&mut self, _vector: u64, _error: u64, _rip: u64) -> Result<(), &'static str> {
         Err("FAULTED from a guest that runs no probes")
     }
+
+    /// The dispatch refused `exit` and injected `ev`; the guest resumes at
+    /// the instruction, where `ev` is delivered.
+    fn refused(&mut self, _exit: &VmExit, _ev: &PendingEvent) {}
 
     /// The run stopped at `exit` (DONE, ESCAPED, FAULTED or a failure).
     fn stopped(&mut self, _exit: &VmExit) {}
@@ -546,7 +550,10 @@ impl<'a, E: NestedEntry, V: Vcpu, S: EpochSink> Run<'a, E, V, S> {
     /// there; a guest without one shuts down (triple fault).
     fn refuse(&mut self, exit: &VmExit) -> Action {
         match fault::refusal(&exit.kind) {
-            Some(ev) if self.vcpu.inject(ev) => Action::Retry,
+            Some(ev) if self.vcpu.inject(ev) => {
+                self.sink.refused(exit, &ev);
+                Action::Retry
+            }
             Some(_) => self.fail("the backend cannot inject the refusal's exception", exit),
             None => self.fail("not a refusal", exit),
         }
