@@ -66,6 +66,12 @@ pub mod hypercall {
     /// instruction: `rdi` = probe number, `rsi` = the value it read (RDMSR
     /// probes; 0 otherwise). The hypervisor judges it and stops the guest.
     pub const ESCAPED: u64 = 5;
+    /// The hostile guest took an exception at its probe's instruction (one
+    /// the hypervisor injected for a refusal, or the CPU's own): its IDT
+    /// handler reports `rdi` = vector (0..=31), `rsi` = error code (0 when
+    /// the vector has none), `rdx` = the RIP the exception was taken at.
+    /// The hypervisor records it and stops the guest.
+    pub const FAULTED: u64 = 6;
 }
 
 /// `SEND` result: no room to hold the record now; retry later.

@@ -208,7 +208,8 @@ pub struct VmExit {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Action {
     /// Resume at the same RIP (the access is retried, e.g. after restoring
-    /// write access).
+    /// write access, or an exception injected for a refusal is delivered
+    /// there).
     Retry,
     /// The instruction is done: resume at `next_rip`.
     Skip,

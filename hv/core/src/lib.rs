@@ -12,6 +12,7 @@ pub mod dirtylog;
 pub mod elf;
 pub mod engine;
 pub mod exit;
+pub mod fault;
 pub mod frame;
 pub mod hostile;
 pub mod hvm;

@@ -3,12 +3,21 @@
 //! per fresh guest (fresh RAM contents, nested table and vCPU), and the
 //! hypervisor judges each.
 //!
-//! A probe is contained when the guest never gets past its instruction
-//! (the dispatch refused it: `how=refused`; or it faulted inside the guest,
-//! which then shut down: `how=fault`), or when it touched only its own
-//! copy of an allow-listed MSR (`how=virtualized`: a read returned the
-//! marker planted in the guest's copy, a write landed in the guest's
-//! copy). After every probe the host must be exactly as before: the
+//! A probe is contained when the guest never gets past its instruction,
+//! or when it touched only its own copy of an allow-listed MSR
+//! (`how=virtualized`: a read returned the marker planted in the guest's
+//! copy, a write landed in the guest's copy). Not getting past it means,
+//! normally, that the instruction raised an exception in the guest: the
+//! dispatch refused it and injected #UD (an instruction) or #GP(0) (an
+//! MSR, a control-register write; `doppel_core::fault`), or the CPU raised
+//! its own. The hostile guest's IDT handler reports it with `FAULTED`:
+//! `how=fault vector=V error=E` (decimal; E is 0 for a vector without an
+//! error code). After a refusal the report must name the exception
+//! injected and the refused instruction's RIP; any other is
+//! `outcome=unclear how=fault-elsewhere`. A run that stopped at the refusal instead (a backend that
+//! could not inject) reads `how=refused`; a guest that shut down (triple
+//! fault) `how=shutdown`; one stopped at an intercepted exception
+//! `how=exception`. After every probe the host must be exactly as before: the
 //! hypervisor's code and read-only data, its page tables, the replication
 //! control area and its locator page, the vCPU's confinement (intercepts,
 //! MSR and I/O maps) and the host MSRs it relies on. Anything else is an
@@ -28,7 +37,9 @@ use doppel_abi::guest::PROGRAM_HOSTILE;
 use doppel_abi::locator::{LOCATOR_AT, LOCATOR_SIZE};
 use doppel_core::addr::HostPhysAddr;
 use doppel_core::exit::{ExitKind, VmExit};
+use doppel_core::fault;
 use doppel_core::hostile::{self, fnv1a, Arg, Op, Probe, FNV_START, PROBES};
+use doppel_core::hvm::PendingEvent;
 use doppel_core::msr::{self, nr, Vendor};
 use doppel_core::paging::NestedEntry;
 use doppel_core::selftest::Mode;
@@ -67,6 +78,10 @@ const HOST_MSRS: &[u32] = &[
 struct Watch {
     /// `ESCAPED` with the value it read.
     escaped: Option<u64>,
+    /// `FAULTED`: the vector, error code and RIP the guest's handler got.
+    faulted: Option<(u64, u64, u64)>,
+    /// The last refusal: where it was, and the vector injected there.
+    refused: Option<(u64, u8)>,
     /// The exit the run stopped at.
     stop: Option<ExitKind>,
 }
@@ -79,6 +94,18 @@ impl EpochSink for Watch {
     fn escaped(&mut self, _probe: u64, value: u64) -> Result<(), &'static str> {
         self.escaped = Some(value);
         Ok(())
+    }
+
+    fn faulted(&mut self, vector: u64, error: u64, rip: u64) -> Result<(), &'static str> {
+        log::info!(
+            "isolation: the probe took vector {vector} error code {error:#x} at rip={rip:#x}"
+        );
+        self.faulted = Some((vector, error, rip));
+        Ok(())
+    }
+
+    fn refused(&mut self, exit: &VmExit, ev: &PendingEvent) {
+        self.refused = Some((exit.rip, ev.vector));
     }
 
     fn stopped(&mut self, exit: &VmExit) {
@@ -208,6 +235,12 @@ fn hash_tables(table: u64, level: u32) -> u64 {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Outcome {
     Contained(&'static str),
+    /// Contained: the probe's instruction raised exception `vector` (with
+    /// error code `error`) in the guest, whose handler said so.
+    Faulted {
+        vector: u8,
+        error: u32,
+    },
     Escaped(&'static str),
     /// Neither: the run stopped some other way (an unknown exit, an entry
     /// failure). Not counted as contained.
@@ -258,21 +291,26 @@ where
                     Outcome::Unclear("setup-failed")
                 }
             };
-        let (word, how) = match outcome {
-            Outcome::Contained(h) => {
-                contained += 1;
-                ("contained", h)
-            }
-            Outcome::Escaped(h) => {
-                escaped += 1;
-                ("escaped", h)
-            }
-            Outcome::Unclear(h) => ("unclear", h),
-        };
-        console::print(format_args!(
-            "isolation: probe={} outcome={word} how={how}\n",
-            probe.name
-        ));
+        match outcome {
+            Outcome::Contained(_) | Outcome::Faulted { .. } => contained += 1,
+            Outcome::Escaped(_) => escaped += 1,
+            Outcome::Unclear(_) => {}
+        }
+        let name = probe.name;
+        match outcome {
+            Outcome::Faulted { vector, error } => console::print(format_args!(
+                "isolation: probe={name} outcome=contained how=fault vector={vector} error={error}\n"
+            )),
+            Outcome::Contained(how) => console::print(format_args!(
+                "isolation: probe={name} outcome=contained how={how}\n"
+            )),
+            Outcome::Escaped(how) => console::print(format_args!(
+                "isolation: probe={name} outcome=escaped how={how}\n"
+            )),
+            Outcome::Unclear(how) => console::print(format_args!(
+                "isolation: probe={name} outcome=unclear how={how}\n"
+            )),
+        }
     }
     let pass = escaped == 0 && contained == probes && probes as usize == hostile::count(vendor);
     console::print(format_args!(
@@ -370,12 +408,38 @@ where
             Outcome::Contained("virtualized")
         }
         (Some(_), _) => Outcome::Escaped("reached"),
-        (None, _) => match watch.stop {
-            Some(ExitKind::Privileged(_) | ExitKind::CrWrite { .. } | ExitKind::Msr { .. }) => {
-                Outcome::Contained("refused")
-            }
-            Some(ExitKind::Shutdown | ExitKind::Exception { .. }) => Outcome::Contained("fault"),
+        (None, _) => match (watch.faulted, watch.stop) {
+            (Some(report), _) => fault_outcome(probe, report, watch.refused),
+            (
+                None,
+                Some(ExitKind::Privileged(_) | ExitKind::CrWrite { .. } | ExitKind::Msr { .. }),
+            ) => Outcome::Contained("refused"),
+            (None, Some(ExitKind::Shutdown)) => Outcome::Contained("shutdown"),
+            (None, Some(ExitKind::Exception { .. })) => Outcome::Contained("exception"),
             _ => Outcome::Unclear("stopped"),
         },
     })
+}
+
+/// A `FAULTED` report (`vector`, error code, RIP): contained if it is an
+/// exception with an error code that fits one and, after a refusal, the
+/// exception injected, taken at the refused instruction.
+fn fault_outcome(probe: &Probe, report: (u64, u64, u64), refused: Option<(u64, u8)>) -> Outcome {
+    let (vector, error, rip) = report;
+    let (Ok(vector), Ok(error)) = (u8::try_from(vector), u32::try_from(error)) else {
+        return Outcome::Unclear("fault-report");
+    };
+    if vector >= fault::vector::EXCEPTIONS {
+        return Outcome::Unclear("fault-report");
+    }
+    match refused {
+        Some((at, v)) if at != rip || v != vector => {
+            log::error!(
+                "isolation: probe {}: vector {v} injected at rip={at:#x}, the guest took vector {vector} at rip={rip:#x}",
+                probe.name
+            );
+            Outcome::Unclear("fault-elsewhere")
+        }
+        _ => Outcome::Faulted { vector, error },
+    }
 }

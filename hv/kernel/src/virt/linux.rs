@@ -24,6 +24,7 @@ use doppel_abi::ByteMem;
 use doppel_core::addr::HostPhysAddr;
 use doppel_core::cpuid_policy::guest_cpuid;
 use doppel_core::exit::{exact_length, read_code, read_code_into, ExitKind, VmExit};
+use doppel_core::fault;
 use doppel_core::hvm::HeaderInfo;
 use doppel_core::hvm::{PendingEvent, VcpuState};
 use doppel_core::mmio::{self, decode_mmio, decode_mov_to_cr, Direction, MmioOp};
@@ -455,13 +456,23 @@ where
         self.vcpu.arm_timer(ticks);
     }
 
-    fn inject_fault(&mut self, vector: u8, error_code: Option<u32>) -> Next {
-        self.vcpu.inject(PendingEvent {
-            vector,
-            kind: 3,
-            error_code,
-        });
+    /// Deliver `ev` (an exception) at the faulting instruction.
+    fn inject_fault(&mut self, ev: PendingEvent) -> Next {
+        self.vcpu.inject(ev);
         Next::Retry
+    }
+
+    /// Refuse what `exit` tried: the exception every refusal injects
+    /// (`doppel_core::fault::refusal`: #UD for an instruction, #GP(0) for
+    /// an MSR or a control-register value).
+    fn refuse(&mut self, exit: &VmExit) -> Next {
+        match fault::refusal(&exit.kind) {
+            Some(ev) => self.inject_fault(ev),
+            None => {
+                log::error!("linux: {:?} is not a refusal", exit.kind);
+                Next::Stop(Stop::Error)
+            }
+        }
     }
 
     /// Where the instruction that caused `exit` ends: the backend's report,
@@ -587,8 +598,11 @@ where
             }
             ExitKind::CrWrite { cr, gpr } => self.cr_write(exit, cr, gpr),
             // Refused instructions (the virtualization instructions,
-            // XSETBV) and hypercalls: #UD, as on a CPU without them.
-            ExitKind::Privileged(_) | ExitKind::Hypercall => self.inject_fault(6, None),
+            // XSETBV): what every refusal injects (`doppel_core::fault`,
+            // #UD). Hypercalls too: Linux gets none, as on a CPU without
+            // VMCALL/VMMCALL.
+            ExitKind::Privileged(_) => self.refuse(exit),
+            ExitKind::Hypercall => self.inject_fault(fault::UNDEFINED_OPCODE),
             ExitKind::Shutdown => {
                 log::info!(
                     "linux: the guest shut down (triple fault) at rip={:#x}",
@@ -654,7 +668,7 @@ where
                 }
                 Err(gp) => {
                     log::debug!("linux: WRMSR {msr:#x}={value:#x} refused ({gp:?}): #GP");
-                    self.inject_fault(13, Some(0))
+                    self.refuse(exit)
                 }
             }
         } else {
@@ -674,7 +688,7 @@ where
                 }
                 Err(gp) => {
                     log::debug!("linux: RDMSR {msr:#x} refused ({gp:?}): #GP");
-                    self.inject_fault(13, Some(0))
+                    self.refuse(exit)
                 }
             }
         }
@@ -790,7 +804,7 @@ where
             }
             Err(_) => {
                 log::debug!("linux: MOV to CR{cr} of {v:#x} refused: #GP");
-                self.inject_fault(13, Some(0))
+                self.refuse(exit)
             }
         }
     }

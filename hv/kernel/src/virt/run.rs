@@ -13,7 +13,8 @@ use doppel_abi::guest::{hypercall, PatternId, CONSOLE_PORT, MAX_RECORD, PAGE_SIZ
 use doppel_core::dirtylog::{DirtyLog, DirtyTree};
 use doppel_core::engine::EpochClock;
 use doppel_core::exit::{exact_length, read_code, resume_rip, Action, ExitKind, VmExit};
-use doppel_core::hvm::VcpuState;
+use doppel_core::fault;
+use doppel_core::hvm::{PendingEvent, VcpuState};
 use doppel_core::paging::{Flush, NestedEntry, NestedPageTable, RestoreWrite};
 use doppel_core::regs::Brief;
 use doppel_core::selftest::Mode;
@@ -122,7 +123,18 @@ pub trait EpochSink {
         Err("ESCAPED from a guest that runs no probes")
     }
 
-    /// The run stopped at `exit` (DONE, ESCAPED, a refusal or a failure).
+    /// The hostile guest's `FAULTED`: its probe took exception `vector`
+    /// (error code `error`, 0 when none) at `rip`. The run stops after it
+    /// either way.
+    fn faulted(&mut self, _vector: u64, _error: u64, _rip: u64) -> Result<(), &'static str> {
+        Err("FAULTED from a guest that runs no probes")
+    }
+
+    /// The dispatch refused `exit` and injected `ev`; the guest resumes at
+    /// the instruction, where `ev` is delivered.
+    fn refused(&mut self, _exit: &VmExit, _ev: &PendingEvent) {}
+
+    /// The run stopped at `exit` (DONE, ESCAPED, FAULTED or a failure).
     fn stopped(&mut self, _exit: &VmExit) {}
 
     /// The guest exited (any exit, timer and epoch ends included): the
@@ -514,13 +526,13 @@ impl<'a, E: NestedEntry, V: Vcpu, S: EpochSink> Run<'a, E, V, S> {
                     insn.name(),
                     exit.rip
                 );
-                Action::Stop
+                self.refuse(exit)
             }
             // The test guests write no control register (only Linux's
             // platform emulates CR writes).
             ExitKind::CrWrite { cr, .. } => {
                 log::error!("guest executed MOV-to-CR{cr} (refused) rip={:#x}", exit.rip);
-                Action::Stop
+                self.refuse(exit)
             }
             ExitKind::Msr { msr, write, value } => self.msr(exit, msr, write, value),
             ExitKind::Hlt => self.fail("guest halted before finishing", exit),
@@ -530,11 +542,29 @@ impl<'a, E: NestedEntry, V: Vcpu, S: EpochSink> Run<'a, E, V, S> {
         }
     }
 
+    /// Refuse what `exit` tried (its error line already printed): inject
+    /// the exception every refusal gets (`doppel_core::fault::refusal`:
+    /// #UD for an instruction, #GP(0) for an MSR or a control-register
+    /// write) and resume the guest at the instruction, where the
+    /// exception is delivered. The guest's own handler takes it from
+    /// there; a guest without one shuts down (triple fault).
+    fn refuse(&mut self, exit: &VmExit) -> Action {
+        match fault::refusal(&exit.kind) {
+            Some(ev) if self.vcpu.inject(ev) => {
+                self.sink.refused(exit, &ev);
+                Action::Retry
+            }
+            Some(_) => self.fail("the backend cannot inject the refusal's exception", exit),
+            None => self.fail("not a refusal", exit),
+        }
+    }
+
     /// An intercepted RDMSR/WRMSR (the allow-list's MSRs never exit,
     /// `doppel_core::msr`). No guest of ours needs another MSR, and none
-    /// is emulated yet: each is refused, naming the MSR. The real MSR is
-    /// never read or written for the guest.
-    fn msr(&self, exit: &VmExit, msr: u32, write: bool, value: u64) -> Action {
+    /// is emulated yet: each is refused, naming the MSR, and the guest
+    /// gets #GP(0) ([`Run::refuse`]). The real MSR is never read or
+    /// written for the guest.
+    fn msr(&mut self, exit: &VmExit, msr: u32, write: bool, value: u64) -> Action {
         if write {
             log::error!(
                 "guest WRMSR of MSR {msr:#x} ({}) value={value:#x} (refused) rip={:#x}",
@@ -548,7 +578,7 @@ impl<'a, E: NestedEntry, V: Vcpu, S: EpochSink> Run<'a, E, V, S> {
                 exit.rip
             );
         }
-        Action::Stop
+        self.refuse(exit)
     }
 
     fn console_byte(&mut self, b: u8) {
@@ -594,6 +624,10 @@ impl<'a, E: NestedEntry, V: Vcpu, S: EpochSink> Run<'a, E, V, S> {
                 Action::Stop
             }
             hypercall::ESCAPED => match self.sink.escaped(r.rdi, r.rsi) {
+                Ok(()) => Action::Stop,
+                Err(e) => self.fail(e, exit),
+            },
+            hypercall::FAULTED => match self.sink.faulted(r.rdi, r.rsi, r.rdx) {
                 Ok(()) => Action::Stop,
                 Err(e) => self.fail(e, exit),
             },
