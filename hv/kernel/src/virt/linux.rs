@@ -821,7 +821,10 @@ where
             // `cli; hlt`: no maskable interrupt can wake it (Linux's halt
             // after a failed poweroff, or a stop on panic).
             self.flush_line();
-            log::info!("linux: the guest halted with interrupts off at rip={:#x}", exit.rip);
+            log::info!(
+                "linux: the guest halted with interrupts off at rip={:#x}",
+                exit.rip
+            );
             return Next::Stop(Stop::Halted);
         }
         loop {
