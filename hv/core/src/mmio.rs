@@ -23,7 +23,7 @@
 //! whose operand is not memory (it cannot fault on MMIO), and anything the
 //! decoder calls invalid or that runs past the bytes given.
 
-use iced_x86::{Code, Decoder, DecoderError, DecoderOptions, OpKind, Register};
+use iced_x86::{Code, Decoder, DecoderError, DecoderOptions, Instruction, OpKind, Register};
 
 /// The processor mode the instruction was fetched in (the code segment's
 /// default operand and address size).
@@ -124,8 +124,8 @@ impl MmioError {
     }
 }
 
-/// Decodes the first instruction of `bytes` as an MMIO access.
-pub fn decode_mmio(bytes: &[u8], mode: Mode) -> Result<MmioOp, MmioError> {
+/// The first instruction of `bytes`, or why it is not one.
+fn first(bytes: &[u8], mode: Mode) -> Result<Instruction, MmioError> {
     let mut decoder = Decoder::try_with_ip(mode.bitness(), bytes, 0, DecoderOptions::NONE)
         .map_err(|_| MmioError::Invalid)?;
     let ins = decoder.decode();
@@ -135,6 +135,12 @@ pub fn decode_mmio(bytes: &[u8], mode: Mode) -> Result<MmioOp, MmioError> {
             _ => MmioError::Invalid,
         });
     }
+    Ok(ins)
+}
+
+/// Decodes the first instruction of `bytes` as an MMIO access.
+pub fn decode_mmio(bytes: &[u8], mode: Mode) -> Result<MmioOp, MmioError> {
+    let ins = first(bytes, mode)?;
     let (dir, size, extend) = form(ins.code()).ok_or(MmioError::Unsupported)?;
     if ins.has_lock_prefix() || ins.has_rep_prefix() || ins.has_repne_prefix() {
         return Err(MmioError::Prefix);
@@ -178,15 +184,7 @@ pub struct MovToCr {
 /// Decodes the first instruction of `bytes` as a MOV to a control
 /// register (what an SVM CR-write intercept without decode assists needs).
 pub fn decode_mov_to_cr(bytes: &[u8], mode: Mode) -> Result<MovToCr, MmioError> {
-    let mut decoder = Decoder::try_with_ip(mode.bitness(), bytes, 0, DecoderOptions::NONE)
-        .map_err(|_| MmioError::Invalid)?;
-    let ins = decoder.decode();
-    if ins.is_invalid() {
-        return Err(match decoder.last_error() {
-            DecoderError::NoMoreBytes => MmioError::Truncated,
-            _ => MmioError::Invalid,
-        });
-    }
+    let ins = first(bytes, mode)?;
     if !matches!(ins.code(), Code::Mov_cr_r32 | Code::Mov_cr_r64) {
         return Err(MmioError::Unsupported);
     }

@@ -566,16 +566,18 @@ mod tests {
         };
         // Restored 10 000 host ticks later: the guest TSC goes on from
         // the record, so the offset moves by as much.
-        let mut r = Machine::restore(
-            &back,
-            Vendor::Svm,
-            40,
-            clock,
-            m.uart.clone(),
-            11_000,
-            Sabotage::None,
-        )
-        .unwrap();
+        let restore = |sabotage| {
+            Machine::restore(
+                &back,
+                Vendor::Svm,
+                40,
+                clock,
+                m.uart.clone(),
+                11_000,
+                sabotage,
+            )
+        };
+        let mut r = restore(Sabotage::None).unwrap();
         // (5 000 plus the 77 the TSC_ADJUST write added.)
         assert_eq!(r.msrs.tsc_offset, 5_077u64.wrapping_sub(10_000));
         assert_eq!(r.guest_tsc(11_000), m.guest_tsc(1_000));
@@ -588,15 +590,7 @@ mod tests {
         assert_eq!(r.next_deadline(), Some(900_000 - 5_077 + 10_000));
         // Without LAPIC_REGS (a reset register page instead) the LAPIC
         // record's enabled state contradicts the page: refused.
-        let broken = Machine::restore(
-            &back,
-            Vendor::Svm,
-            40,
-            clock,
-            m.uart.clone(),
-            11_000,
-            Sabotage::SkipLapicRegs,
-        );
+        let broken = restore(Sabotage::SkipLapicRegs);
         assert_eq!(broken.map(|_| ()).map_err(|e| e.field), Err("disabled"));
     }
 

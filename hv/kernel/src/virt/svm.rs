@@ -158,7 +158,7 @@ pub fn isolation(_on: &mut SvmOn, plan: &super::selftest::Plan) -> bool {
 pub fn linux(_on: &mut SvmOn, plan: &super::linux::LinuxPlan<'_>) -> bool {
     with_host_vmcb(|host_vmcb, nrips| {
         super::linux::run::<NptEntry, SvmVcpu, _>(msr::Vendor::Svm, plan, |st, root| {
-            SvmVcpu::with_state(st, root, host_vmcb, nrips)
+            SvmVcpu::with_state(st, root, host_vmcb, nrips, false)
         })
     })
 }
@@ -174,15 +174,7 @@ pub fn standby(_on: &mut SvmOn, plan: &super::selftest::Plan) -> bool {
     let pass = passthrough(plan);
     with_host_vmcb(|host_vmcb, nrips| {
         super::replicate::standby::<NptEntry, SvmVcpu, _>(plan, |state, root| {
-            let start = GuestStart {
-                rip: state.rip,
-                rsp: state.rsp,
-                rdi: state.rdi,
-                cr3: state.cr3,
-            };
-            let mut v = SvmVcpu::new(&start, root, host_vmcb, nrips, pass)?;
-            v.restore(state);
-            Ok(v)
+            SvmVcpu::with_state(state, root, host_vmcb, nrips, pass)
         })
     })
 }
@@ -305,6 +297,7 @@ impl SvmVcpu {
         nested_root: HostPhysAddr,
         host_vmcb: u64,
         nrips: bool,
+        msr_passthrough: bool,
     ) -> Result<Self, &'static str> {
         let start = GuestStart {
             rip: st.rip,
@@ -312,7 +305,7 @@ impl SvmVcpu {
             rdi: st.rdi,
             cr3: st.cr3,
         };
-        let mut v = Self::new(&start, nested_root, host_vmcb, nrips, false)?;
+        let mut v = Self::new(&start, nested_root, host_vmcb, nrips, msr_passthrough)?;
         v.load_state(st);
         Ok(v)
     }
