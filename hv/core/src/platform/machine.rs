@@ -447,6 +447,7 @@ pub fn check_cr0(value: u64) -> Result<u64, Gp> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
 mod tests {
     use super::*;
     use crate::platform::lapic;

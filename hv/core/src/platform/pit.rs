@@ -174,7 +174,7 @@ impl Pit {
                 // Down by two: the high half lasts (n + 1) / 2 clocks, the
                 // low half the rest.
                 let p = d % n;
-                let high = (n + 1) / 2;
+                let high = n.div_ceil(2);
                 let q = if p < high { p } else { p - high };
                 n.saturating_sub(2 * q).max(1)
             }
@@ -197,7 +197,7 @@ impl Pit {
         match self.mode {
             0 | 1 => d >= n,
             2 => d % n != n - 1,
-            3 => d % n < (n + 1) / 2,
+            3 => d % n < n.div_ceil(2),
             _ => d != n,
         }
     }
