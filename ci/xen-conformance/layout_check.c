@@ -56,6 +56,15 @@ DOPPEL_HVM_HW_VIOAPIC_FIELDS(VIOAPIC)
 _Static_assert(sizeof(struct hvm_hw_vioapic) == DOPPEL_HVM_HW_VIOAPIC_SIZE, "hvm_hw_vioapic size");
 _Static_assert(sizeof(HVM_SAVE_TYPE(IOAPIC)) == DOPPEL_HVM_HW_VIOAPIC_SIZE, "HVM_SAVE_TYPE(IOAPIC)");
 _Static_assert(sizeof(union vioapic_redir_entry) == 8, "vioapic_redir_entry size");
+#define PIT(name, off, size) FIELD_OK(struct hvm_hw_pit, name, off, size)
+DOPPEL_HVM_HW_PIT_FIELDS(PIT)
+_Static_assert(sizeof(struct hvm_hw_pit) == DOPPEL_HVM_HW_PIT_SIZE, "hvm_hw_pit size");
+_Static_assert(sizeof(HVM_SAVE_TYPE(PIT)) == DOPPEL_HVM_HW_PIT_SIZE, "HVM_SAVE_TYPE(PIT)");
+#define PITCH(name, off, size) FIELD_OK(struct hvm_hw_pit_channel, name, off, size)
+DOPPEL_HVM_HW_PIT_CHANNEL_FIELDS(PITCH)
+_Static_assert(sizeof(struct hvm_hw_pit_channel) == DOPPEL_HVM_HW_PIT_CHANNEL_SIZE, "hvm_hw_pit_channel size");
+_Static_assert(sizeof(((struct hvm_hw_pit *)0)->channels) / sizeof(struct hvm_hw_pit_channel) == DOPPEL_PIT_CHANNELS,
+               "hvm_hw_pit channels");
 #define RTC(name, off, size) FIELD_OK(struct hvm_hw_rtc, name, off, size)
 DOPPEL_HVM_HW_RTC_FIELDS(RTC)
 _Static_assert(sizeof(struct hvm_hw_rtc) == DOPPEL_HVM_HW_RTC_SIZE, "hvm_hw_rtc size");
@@ -129,11 +138,12 @@ int main(void)
         DOPPEL_START_INFO_FIELDS(COUNT) DOPPEL_MODLIST_ENTRY_FIELDS(COUNT)
         DOPPEL_MEMMAP_ENTRY_FIELDS(COUNT) DOPPEL_HVM_HW_LAPIC_FIELDS(COUNT)
         DOPPEL_HVM_HW_LAPIC_REGS_FIELDS(COUNT) DOPPEL_HVM_HW_VIOAPIC_FIELDS(COUNT)
+        DOPPEL_HVM_HW_PIT_FIELDS(COUNT) DOPPEL_HVM_HW_PIT_CHANNEL_FIELDS(COUNT)
         DOPPEL_HVM_HW_RTC_FIELDS(COUNT) DOPPEL_HVM_HW_MTRR_FIELDS(COUNT)
         DOPPEL_HVM_HW_TSC_ADJUST_FIELDS(COUNT);
     int consts = 0 DOPPEL_HVM_CODES(COUNT) DOPPEL_SHADOW_OPS(COUNT) DOPPEL_ERRNOS(COUNT)
         DOPPEL_RING_ENTRIES(COUNT) DOPPEL_MEMMAP_TYPES(COUNT) DOPPEL_HVM_BOUNDS(COUNT);
     printf("layout ok: %d fields and %d constants match Xen's public headers (interface 0x%08x)\n",
-           fields, consts + 6, __XEN_LATEST_INTERFACE_VERSION__);
+           fields, consts + 7, __XEN_LATEST_INTERFACE_VERSION__);
     return 0;
 }

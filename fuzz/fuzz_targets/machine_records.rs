@@ -10,6 +10,7 @@ use doppel_core::hvm::HeaderInfo;
 use doppel_core::msr_policy::MsrState;
 use doppel_core::platform::ioapic::Ioapic;
 use doppel_core::platform::lapic::Lapic;
+use doppel_core::platform::pit::Pit;
 use doppel_core::platform::records::{decode, encode};
 use doppel_core::platform::rtc::{Clock, Rtc};
 use libfuzzer_sys::fuzz_target;
@@ -34,6 +35,12 @@ fuzz_target!(|data: &[u8]| {
         khz: 2_000_000,
     };
     let _ = Rtc::restore(&m.rtc, clock);
+    if let Ok(mut pit) = Pit::restore(&m.pit, clock.khz, m.cpu.tsc) {
+        assert_eq!(pit.save(), m.pit, "a restored PIT saves its record back");
+        for port in [0x42, 0x61] {
+            let _ = pit.read(port, m.cpu.tsc.wrapping_add(1 << 40));
+        }
+    }
     let mut msrs = MsrState::new(40);
     let before = msrs.clone();
     if msrs.restore_mtrr(&m.mtrr).is_err() {

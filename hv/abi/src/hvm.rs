@@ -288,6 +288,64 @@ const _: () = assert!(offset_of!(HvmHwRtc, cmos_index) == 14);
 const _: () = assert!(offset_of!(HvmHwRtc, pad0) == 15);
 const _: () = assert!(offset_of!(HvmHwRtc, rtc_offset) == 16);
 
+/// `struct hvm_hw_pit`'s channel count (channels 0-2).
+pub const PIT_CHANNELS: usize = 3;
+
+layout_struct! {
+    /// `struct hvm_hw_pit_channel`: one i8254 counter in [`HvmHwPit`].
+    /// Xen keeps its i8254 model's state here; the byte-state fields use
+    /// the values 1 (LSB), 2 (MSB), 3 (first byte of a word), 4 (second).
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct HvmHwPitChannel {
+        /// The reload value last loaded (1-65536; Xen's load of 0 is 65536).
+        /// Xen restarts counting from it on restore.
+        pub count: u32,
+        /// The count latched by a latch or read-back command.
+        pub latched_count: u16,
+        /// Byte state of a pending latched count (0: none latched).
+        pub count_latched: u8,
+        /// 1 if a status byte is latched.
+        pub status_latched: u8,
+        /// The latched status byte.
+        pub status: u8,
+        /// Byte state of the next unlatched read.
+        pub read_state: u8,
+        /// Byte state of the next count write.
+        pub write_state: u8,
+        /// The first byte of a two-byte count write.
+        pub write_latch: u8,
+        /// Access mode from the control word: 1 LSB, 2 MSB, 3 LSB then MSB.
+        pub rw_mode: u8,
+        /// Operating mode 0-5.
+        pub mode: u8,
+        /// 1 for BCD counting.
+        pub bcd: u8,
+        /// The gate input (channel 2: port 0x61 bit 0).
+        pub gate: u8,
+    }
+}
+
+layout_struct! {
+    /// `struct hvm_hw_pit` (typecode 10): the i8254's three channels and
+    /// the speaker data enable (port 0x61 bit 1).
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct HvmHwPit {
+        pub channels: [HvmHwPitChannel; PIT_CHANNELS],
+        pub speaker_data_on: u32,
+        pub pad0: u32,
+    }
+}
+
+const _: () = assert!(size_of::<HvmHwPitChannel>() == 16);
+const _: () = assert!(offset_of!(HvmHwPitChannel, latched_count) == 4);
+const _: () = assert!(offset_of!(HvmHwPitChannel, count_latched) == 6);
+const _: () = assert!(offset_of!(HvmHwPitChannel, read_state) == 9);
+const _: () = assert!(offset_of!(HvmHwPitChannel, rw_mode) == 12);
+const _: () = assert!(offset_of!(HvmHwPitChannel, gate) == 15);
+const _: () = assert!(size_of::<HvmHwPit>() == 56);
+const _: () = assert!(offset_of!(HvmHwPit, speaker_data_on) == 48);
+const _: () = assert!(offset_of!(HvmHwPit, pad0) == 52);
+
 /// `MTRR_VCNT`: variable-range MTRR pairs in Xen's MTRR record.
 pub const MTRR_VCNT: usize = 8;
 /// `NUM_FIXED_MSR`: fixed-range MTRR MSRs in Xen's MTRR record.
@@ -363,6 +421,7 @@ mod tests {
             (code::IOAPIC, "IOAPIC"),
             (code::LAPIC, "LAPIC"),
             (code::LAPIC_REGS, "LAPIC_REGS"),
+            (code::PIT, "PIT"),
             (code::RTC, "RTC"),
             (code::MTRR, "MTRR"),
             (code::TSC_ADJUST, "TSC_ADJUST"),
@@ -380,6 +439,21 @@ mod tests {
         }
         assert_eq!(code::name(21), "unknown");
         assert_eq!(code::name(u16::MAX), "unknown");
+    }
+
+    #[test]
+    fn pit_record_bytes_follow_xens_order() {
+        let mut p = HvmHwPit::new_zeroed();
+        p.channels[2].count = 0x1_0000;
+        p.channels[2].latched_count = 0xabcd;
+        p.channels[2].mode = 3;
+        p.channels[2].gate = 1;
+        p.speaker_data_on = 1;
+        let b = p.as_bytes();
+        assert_eq!(b.len(), 56);
+        assert_eq!(&b[32..38], &[0, 0, 1, 0, 0xcd, 0xab]);
+        assert_eq!((b[45], b[47], b[48]), (3, 1, 1));
+        assert!(b[..32].iter().all(|&x| x == 0));
     }
 
     #[test]

@@ -63,6 +63,11 @@ mod tests {
             ),
             (hvm::HvmHwVioapic::FIELDS, size_of::<hvm::HvmHwVioapic>()),
             (hvm::HvmHwRtc::FIELDS, size_of::<hvm::HvmHwRtc>()),
+            (
+                hvm::HvmHwPitChannel::FIELDS,
+                size_of::<hvm::HvmHwPitChannel>(),
+            ),
+            (hvm::HvmHwPit::FIELDS, size_of::<hvm::HvmHwPit>()),
             (hvm::HvmHwMtrr::FIELDS, size_of::<hvm::HvmHwMtrr>()),
             (hvm::HvmTscAdjust::FIELDS, size_of::<hvm::HvmTscAdjust>()),
             (ring::SringHeader::FIELDS, size_of::<ring::SringHeader>()),

@@ -20,8 +20,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use doppel_abi::hvm::{
-    self, HvmHwCpu, HvmHwLapic, HvmHwLapicRegs, HvmHwMtrr, HvmHwRtc, HvmHwVioapic,
-    HvmSaveDescriptor, HvmSaveHeader, HvmTscAdjust,
+    self, HvmHwCpu, HvmHwLapic, HvmHwLapicRegs, HvmHwMtrr, HvmHwPit, HvmHwPitChannel, HvmHwRtc,
+    HvmHwVioapic, HvmSaveDescriptor, HvmSaveHeader, HvmTscAdjust,
 };
 use doppel_abi::layout::FieldInfo;
 use doppel_abi::msg::{
@@ -295,7 +295,17 @@ pub fn step_layout(_: &mut Ctx) -> Result<String> {
     let work = work_dir()?;
     let gen = work.join("gen");
     fs::create_dir_all(&gen)?;
-    fs::write(gen.join("doppel_layout.h"), layout_header(None))?;
+    let header = layout_header(None);
+    fs::write(gen.join("doppel_layout.h"), &header)?;
+    // The save records whose every field the check compares, by the name
+    // of their field table.
+    let records: Vec<&str> = header
+        .lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix("#define DOPPEL_HVM_HW_")?;
+            rest.split_once("_FIELDS(X)").map(|(name, _)| name)
+        })
+        .collect();
     let exe = work.join("layout_check");
     let out = compile_layout_check(&gen, &exe)?;
     if !out.status.success() {
@@ -313,6 +323,14 @@ pub fn step_layout(_: &mut Ctx) -> Result<String> {
         ("rip", "struct hvm_hw_cpu.rip offset"),
         ("memmap_paddr", "struct hvm_start_info.memmap_paddr offset"),
         ("rtc_offset", "struct hvm_hw_rtc.rtc_offset offset"),
+        (
+            "speaker_data_on",
+            "struct hvm_hw_pit.speaker_data_on offset",
+        ),
+        (
+            "write_latch",
+            "struct hvm_hw_pit_channel.write_latch offset",
+        ),
         ("tdt_msr", "struct hvm_hw_lapic.tdt_msr offset"),
         (
             "msr_mtrr_def_type",
@@ -329,11 +347,14 @@ pub fn step_layout(_: &mut Ctx) -> Result<String> {
             "the check did not catch a moved {says}:\n{err}"
         );
     }
-    Ok(format!("{line}; a moved field is caught"))
+    Ok(format!(
+        "{line}; records {}; a moved field is caught",
+        records.join(" ")
+    ))
 }
 
-/// The platform device records (LAPIC, LAPIC_REGS, IOAPIC, RTC, MTRR,
-/// TSC_ADJUST) and their array bounds. `moved` shifts a field of the same name, as above.
+/// The platform device records (LAPIC, LAPIC_REGS, IOAPIC, PIT and its
+/// channel, RTC, MTRR, TSC_ADJUST) and their array bounds. `moved` shifts a field of the same name, as above.
 fn platform_records(o: &mut String, moved: Option<&str>) {
     let shift = |f: &[FieldInfo]| -> Vec<FieldInfo> {
         f.iter()
@@ -346,7 +367,7 @@ fn platform_records(o: &mut String, moved: Option<&str>) {
             })
             .collect()
     };
-    let records: [(&str, usize, &[FieldInfo]); 6] = [
+    let records: [(&str, usize, &[FieldInfo]); 8] = [
         (
             "LAPIC",
             std::mem::size_of::<HvmHwLapic>(),
@@ -361,6 +382,12 @@ fn platform_records(o: &mut String, moved: Option<&str>) {
             "VIOAPIC",
             std::mem::size_of::<HvmHwVioapic>(),
             HvmHwVioapic::FIELDS,
+        ),
+        ("PIT", std::mem::size_of::<HvmHwPit>(), HvmHwPit::FIELDS),
+        (
+            "PIT_CHANNEL",
+            std::mem::size_of::<HvmHwPitChannel>(),
+            HvmHwPitChannel::FIELDS,
         ),
         ("RTC", std::mem::size_of::<HvmHwRtc>(), HvmHwRtc::FIELDS),
         ("MTRR", std::mem::size_of::<HvmHwMtrr>(), HvmHwMtrr::FIELDS),
@@ -379,6 +406,7 @@ fn platform_records(o: &mut String, moved: Option<&str>) {
             &shift(f),
         );
     }
+    let _ = writeln!(o, "#define DOPPEL_PIT_CHANNELS {}\n", hvm::PIT_CHANNELS);
     let bounds = [
         ("VIOAPIC_NUM_PINS", hvm::VIOAPIC_NUM_PINS),
         ("RTC_CMOS_SIZE", hvm::RTC_CMOS_SIZE),

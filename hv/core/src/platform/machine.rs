@@ -9,8 +9,9 @@
 //! what [`Machine::ack`] returns.
 //!
 //! Time is the guest's TSC throughout (host TSC plus the MSR state's
-//! offset): the LAPIC's TSC-deadline and count-down timers and the RTC run
-//! on it. Ports no device claims read as all ones and drop writes, as on a
+//! offset): the LAPIC's TSC-deadline and count-down timers, the RTC and
+//! the PIT's channel 2 (at the RTC clock's TSC rate) run on it. Ports no
+//! device claims read as all ones and drop writes, as on a
 //! PC with nothing at that address.
 
 use crate::acpi;
@@ -23,6 +24,7 @@ use crate::hvm::VcpuState;
 
 use super::ioapic::{Delivery, DeliveryKind, Ioapic};
 use super::lapic::{Effect, Lapic};
+use super::pit::{self, Pit};
 use super::records::MachineRecords;
 use super::rtc::{Clock, Rtc};
 use super::uart::Uart;
@@ -34,6 +36,11 @@ pub const COM1_LAST: u16 = acpi::COM1_PORT + 7;
 /// The CMOS RTC's index and data ports.
 pub const RTC_FIRST: u16 = 0x70;
 pub const RTC_LAST: u16 = 0x71;
+/// The PIT's channel 2 and control ports, and port 0x61 (gate 2, speaker
+/// enable, OUT2). Channels 0 and 1 (0x40, 0x41) are not there.
+pub const PIT_CH2: u16 = pit::PORT_CH2;
+pub const PIT_CONTROL: u16 = pit::PORT_CONTROL;
+pub const PIT_SPEAKER: u16 = pit::PORT_SPEAKER;
 /// A byte written here is a mark the test harness times the guest by
 /// (`doppel-hv: linux: mark=..`): the guest's /init writes it through
 /// /dev/port. Not a device Linux knows; reads give all ones.
@@ -80,6 +87,7 @@ pub struct Machine {
     pub lapic: Lapic,
     pub ioapic: Ioapic,
     pub rtc: Rtc,
+    pub pit: Pit,
     pub uart: Uart,
     pub msrs: MsrState,
     /// The level last driven on IOAPIC pin 4 by COM1.
@@ -90,7 +98,8 @@ pub struct Machine {
 
 impl Machine {
     /// The machine at the PVH entry: LAPIC in x2APIC mode (id 0),
-    /// IOAPIC masked, RTC at `clock`, COM1 idle, MSRs at reset. The TSC
+    /// IOAPIC masked, RTC at `clock`, PIT channel 2 unprogrammed (counting
+    /// at `clock.khz`), COM1 idle, MSRs at reset. The TSC
     /// offset is the caller's (it sets `msrs.tsc_offset` and the vCPU's).
     pub fn new(vendor: Vendor, phys_bits: u8, clock: Clock) -> Self {
         Machine {
@@ -98,6 +107,7 @@ impl Machine {
             lapic: Lapic::new(0, true, APIC_TSC_PER_TICK),
             ioapic: Ioapic::new(0),
             rtc: Rtc::new(clock),
+            pit: Pit::new(clock.khz),
             uart: Uart::new(),
             msrs: MsrState::new(phys_bits),
             com1_line: false,
@@ -112,6 +122,7 @@ impl Machine {
         lapic: Lapic,
         ioapic: Ioapic,
         rtc: Rtc,
+        pit: Pit,
         uart: Uart,
         msrs: MsrState,
     ) -> Self {
@@ -120,6 +131,7 @@ impl Machine {
             lapic,
             ioapic,
             rtc,
+            pit,
             uart,
             msrs,
             com1_line: false,
@@ -174,6 +186,7 @@ impl Machine {
                 v.ok()
             }
             RTC_FIRST..=RTC_LAST => self.rtc.read(port, tsc).ok(),
+            PIT_CH2 | PIT_CONTROL | PIT_SPEAKER => self.pit.read(port, tsc).ok(),
             acpi::SLEEP_STATUS_PORT => Some(0),
             _ => None,
         };
@@ -199,6 +212,10 @@ impl Machine {
             }
             RTC_FIRST..=RTC_LAST => {
                 let _ = self.rtc.write(port, byte, tsc);
+                PortEffect::None
+            }
+            PIT_CH2 | PIT_CONTROL | PIT_SPEAKER => {
+                let _ = self.pit.write(port, byte, tsc);
                 PortEffect::None
             }
             MARK_PORT => PortEffect::Mark(byte),
@@ -308,6 +325,7 @@ impl Machine {
             lapic,
             lapic_regs,
             ioapic: self.ioapic.save(),
+            pit: self.pit.save(),
             rtc: self.rtc.save(tsc),
             mtrr: self.msrs.save_mtrr(),
             tsc_adjust: self.msrs.save_tsc_adjust().tsc_adjust,
@@ -318,7 +336,8 @@ impl Machine {
     /// platform's configuration (`vendor`, `phys_bits`, the RTC's `clock`)
     /// and COM1 (a device model's state in Xen's split, which lives
     /// outside the HVM context). The guest's TSC continues from the CPU
-    /// record's at host TSC `host_tsc`.
+    /// record's at host TSC `host_tsc`; the PIT's channel 2 restarts its
+    /// count there (Xen's semantics, see [`super::pit`]).
     pub fn restore(
         r: &MachineRecords,
         vendor: Vendor,
@@ -338,6 +357,7 @@ impl Machine {
         let lapic = Lapic::restore(&r.lapic, page, APIC_TSC_PER_TICK, r.cpu.tsc)?;
         let ioapic = Ioapic::restore(&r.ioapic)?;
         let rtc = Rtc::restore(&r.rtc, clock)?;
+        let pit = Pit::restore(&r.pit, clock.khz, r.cpu.tsc)?;
         let mut msrs = MsrState::new(phys_bits);
         msrs.restore_mtrr(&r.mtrr)?;
         msrs.restore_tsc_adjust(&HvmTscAdjust {
@@ -357,7 +377,9 @@ impl Machine {
         msrs.sysenter_eip = r.cpu.sysenter_eip;
         msrs.fs_base = r.cpu.fs.base;
         msrs.gs_base = r.cpu.gs.base;
-        Ok(Self::from_parts(vendor, lapic, ioapic, rtc, uart, msrs))
+        Ok(Self::from_parts(
+            vendor, lapic, ioapic, rtc, pit, uart, msrs,
+        ))
     }
 
     /// Whether an MSR is one the vCPU itself holds (the world switch or
@@ -527,6 +549,66 @@ mod tests {
         assert_eq!(m.mmio_read(IOAPIC_BASE + 0x10, 4), Ok(0x0017_0011));
     }
 
+    /// Linux's `quick_pit_calibrate` through the port dispatch: gate on and
+    /// speaker off through port 0x61, mode 0 from 0xffff, then LSB/MSB
+    /// pairs until the MSB changes. It falls by one every 256 PIT clocks of
+    /// the guest's TSC (here 1 GHz: 214 552 cycles), starting at the load.
+    #[test]
+    fn linux_quick_pit_calibration_sees_the_msb_fall_at_the_pit_rate() {
+        let mut m = machine();
+        m.msrs.tsc_offset = 3_000;
+        let v = m.port_read(PIT_SPEAKER, 1, 0);
+        assert_eq!(v & !0x10, 0, "gate, speaker and OUT2 low after reset");
+        m.port_write(PIT_SPEAKER, 1, (v & !0x02) | 0x01, 0);
+        m.port_write(PIT_CONTROL, 1, 0xb0, 0);
+        m.port_write(PIT_CH2, 1, 0xff, 0);
+        m.port_write(PIT_CH2, 1, 0xff, 0);
+        let step = 50;
+        let (mut host, mut msb, mut changes) = (0u64, 0xff, Vec::new());
+        while changes.len() < 20 {
+            let _lsb = m.port_read(PIT_CH2, 1, host);
+            let b = m.port_read(PIT_CH2, 1, host);
+            if b != msb {
+                assert_eq!(b, msb - 1, "at host TSC {host}");
+                changes.push(host);
+                msb = b;
+            }
+            host += step;
+        }
+        let per = 256 * 1_000_000_000 / pit::PIT_HZ;
+        assert_eq!(per, 214_552);
+        assert!(changes[0].abs_diff(per) <= step, "{}", changes[0]);
+        for w in changes.windows(2) {
+            assert!((w[1] - w[0]).abs_diff(per) <= step, "{w:?}");
+        }
+        // A word-sized IN, channel 0 and the unused 0x40/0x41 stay unclaimed.
+        assert_eq!(m.port_read(PIT_CH2, 2, host), 0xffff);
+        assert_eq!(m.port_read(0x40, 1, host), 0xff);
+        let before = m.pit.clone();
+        m.port_write(PIT_CONTROL, 1, 0x34, host); // channel 0, mode 2
+        m.port_write(0x40, 1, 0x12, host);
+        assert_eq!(m.pit, before);
+    }
+
+    /// `pit_calibrate_tsc`'s countdown: mode 0 with a 50 ms latch sets OUT2
+    /// (port 0x61 bit 5) at the first host TSC where the guest's TSC is
+    /// 59 659 PIT clocks past the load, not one cycle before.
+    #[test]
+    fn pit_mode0_countdown_sets_out2_at_the_right_tsc() {
+        let mut m = machine();
+        m.msrs.tsc_offset = 1_000_000;
+        m.port_write(PIT_SPEAKER, 1, 0x01, 0);
+        m.port_write(PIT_CONTROL, 1, 0xb0, 0);
+        let latch: u32 = 59_659;
+        m.port_write(PIT_CH2, 1, latch & 0xff, 500);
+        m.port_write(PIT_CH2, 1, latch >> 8, 500);
+        let due = 500 + (u64::from(latch) * 1_000_000_000).div_ceil(pit::PIT_HZ);
+        assert_eq!(due, 500 + 49_999_917);
+        assert_eq!(m.port_read(PIT_SPEAKER, 1, 500) & 0x21, 0x01);
+        assert_eq!(m.port_read(PIT_SPEAKER, 1, due - 1) & 0x21, 0x01);
+        assert_eq!(m.port_read(PIT_SPEAKER, 1, due) & 0x21, 0x21);
+    }
+
     /// A machine mid-run (LAPIC timer armed, IOAPIC routed, RTC set, MTRRs
     /// and TSC_ADJUST written) saved, put through Xen's stream and
     /// restored from it alone is the same machine, with its TSC going on
@@ -544,6 +626,10 @@ mod tests {
         m.wrmsr(0x2ff, 0xc06, 100).unwrap();
         m.wrmsr(0x3b, 77, 100).unwrap();
         m.port_write(COM1_FIRST + 4, 1, 0x08, 100);
+        m.port_write(PIT_SPEAKER, 1, 0x03, 100);
+        m.port_write(PIT_CONTROL, 1, 0xb6, 100); // mode 3
+        m.port_write(PIT_CH2, 1, 0x34, 100);
+        m.port_write(PIT_CH2, 1, 0x12, 100);
         let cpu = VcpuState {
             rip: 0xffff_ffff_8100_0000,
             efer: 0xd01,
@@ -583,6 +669,12 @@ mod tests {
         assert_eq!(r.guest_tsc(11_000), m.guest_tsc(1_000));
         assert_eq!(r.lapic.save(6_000), m.lapic.save(6_000));
         assert_eq!(r.ioapic, m.ioapic);
+        assert_eq!(r.pit.save(), m.pit.save());
+        assert_eq!(r.pit.save().channels[2].count, 0x1234);
+        // Counting restarts from the reload value at the restore.
+        r.port_write(PIT_CONTROL, 1, 0x80, 11_000);
+        assert_eq!(r.port_read(PIT_CH2, 1, 11_000), 0x34);
+        assert_eq!(r.port_read(PIT_CH2, 1, 11_000), 0x12);
         assert_eq!(r.msrs.save_mtrr(), m.msrs.save_mtrr());
         assert_eq!(r.msrs.tsc_adjust, 77);
         assert_eq!(r.msrs.lstar, 0xffff_ffff_8120_0000);

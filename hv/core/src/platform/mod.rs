@@ -1,6 +1,7 @@
 //! The platform devices a stock Linux guest needs (issue 19), as pure
 //! models: a local APIC in x2APIC form ([`lapic`]), an IOAPIC ([`ioapic`]),
-//! a CMOS RTC ([`rtc`]) and a 16550 UART on COM1 ([`uart`]).
+//! a CMOS RTC ([`rtc`]), the i8254's channel 2 ([`pit`]: the counter Linux
+//! calibrates against) and a 16550 UART on COM1 ([`uart`]).
 //!
 //! Each model owns its device state, takes guest accesses as plain values
 //! (an MSR number, an MMIO offset, a port) and time as a TSC value, and
@@ -9,8 +10,8 @@
 //! into a fault (#GP for an MSR) or ignores (port and MMIO accesses). The
 //! hypervisor wires them to exits; here they are host-tested only.
 //!
-//! The LAPIC, IOAPIC and RTC state travels in Xen's HVM save records
-//! (LAPIC, LAPIC_REGS, IOAPIC, RTC; layouts in [`doppel_abi::hvm`]): each
+//! The LAPIC, IOAPIC, PIT and RTC state travels in Xen's HVM save records
+//! (LAPIC, LAPIC_REGS, IOAPIC, PIT, RTC; layouts in [`doppel_abi::hvm`]): each
 //! model has a `save` and a `restore` that round-trip exactly. The UART is a
 //! device model's state in Xen's split (QEMU's), so it has no Xen record.
 #![deny(
@@ -23,6 +24,7 @@
 pub mod ioapic;
 pub mod lapic;
 pub mod machine;
+pub mod pit;
 pub mod records;
 pub mod rtc;
 pub mod uart;

@@ -15,6 +15,7 @@
 //! | 4 | IOAPIC | 400 | `Ioapic::save` |
 //! | 5 | LAPIC | 24 | `Lapic::save` |
 //! | 6 | LAPIC_REGS | 1024 | `Lapic::save` |
+//! | 10 | PIT | 56 | `Pit::save` |
 //! | 11 | RTC | 24 | `Rtc::save` |
 //! | 14 | MTRR | 240 | `MsrState::save_mtrr` |
 //! | 19 | TSC_ADJUST | 8 | `MsrState::save_tsc_adjust` |
@@ -27,7 +28,7 @@
 //! typecodes above 20 refused) and, for the machine:
 //!
 //! - a record type it does not carry ([`HvmError::UnexpectedRecord`]:
-//!   PIC, PIT, HPET, CPU_XSAVE, ...; a second HEADER is a
+//!   PIC, HPET, PMTIMER, CPU_XSAVE, ...; a second HEADER is a
 //!   [`HvmError::DuplicateRecord`]);
 //! - a record twice ([`HvmError::DuplicateRecord`]), or out of ascending
 //!   typecode order ([`HvmError::OutOfOrder`]);
@@ -35,7 +36,7 @@
 //! - a payload shorter or longer than the record's struct
 //!   ([`HvmError::BadLength`]);
 //! - a CPU record [`crate::hvm::from_hw_cpu`] refuses;
-//! - any of the eight records missing ([`HvmError::MissingRecord`], the
+//! - any of the nine records missing ([`HvmError::MissingRecord`], the
 //!   first missing in stream order).
 //!
 //! Every error names the typecode; [`HvmError`]'s `Display` names the
@@ -52,7 +53,7 @@
 use alloc::vec::Vec;
 
 use doppel_abi::hvm::{
-    code, HvmHwLapic, HvmHwLapicRegs, HvmHwMtrr, HvmHwRtc, HvmHwVioapic, HvmTscAdjust,
+    code, HvmHwLapic, HvmHwLapicRegs, HvmHwMtrr, HvmHwPit, HvmHwRtc, HvmHwVioapic, HvmTscAdjust,
 };
 use zerocopy::{Immutable, IntoBytes};
 
@@ -65,6 +66,7 @@ pub struct MachineRecords {
     pub lapic: HvmHwLapic,
     pub lapic_regs: HvmHwLapicRegs,
     pub ioapic: HvmHwVioapic,
+    pub pit: HvmHwPit,
     pub rtc: HvmHwRtc,
     pub mtrr: HvmHwMtrr,
     /// IA32_TSC_ADJUST (`struct hvm_tsc_adjust`).
@@ -72,11 +74,12 @@ pub struct MachineRecords {
 }
 
 /// The records between HEADER and END, in stream order.
-pub const RECORDS: [u16; 7] = [
+pub const RECORDS: [u16; 8] = [
     code::CPU,
     code::IOAPIC,
     code::LAPIC,
     code::LAPIC_REGS,
+    code::PIT,
     code::RTC,
     code::MTRR,
     code::TSC_ADJUST,
@@ -115,6 +118,7 @@ pub fn encode(
     push(&mut out, skip, code::IOAPIC, &r.ioapic);
     push(&mut out, skip, code::LAPIC, &r.lapic);
     push(&mut out, skip, code::LAPIC_REGS, &r.lapic_regs);
+    push(&mut out, skip, code::PIT, &r.pit);
     push(&mut out, skip, code::RTC, &r.rtc);
     push(&mut out, skip, code::MTRR, &r.mtrr);
     push(&mut out, skip, code::TSC_ADJUST, &tsc_adjust);
@@ -138,6 +142,7 @@ pub fn decode(blob: &[u8]) -> Result<MachineRecords, HvmError> {
     let mut lapic = None;
     let mut lapic_regs = None;
     let mut ioapic = None;
+    let mut pit = None;
     let mut rtc = None;
     let mut mtrr = None;
     let mut tsc_adjust = None;
@@ -163,6 +168,7 @@ pub fn decode(blob: &[u8]) -> Result<MachineRecords, HvmError> {
             code::IOAPIC => once(&mut ioapic, t, r.read()?)?,
             code::LAPIC => once(&mut lapic, t, r.read()?)?,
             code::LAPIC_REGS => once(&mut lapic_regs, t, r.read()?)?,
+            code::PIT => once(&mut pit, t, r.read()?)?,
             code::RTC => once(&mut rtc, t, r.read()?)?,
             code::MTRR => once(&mut mtrr, t, r.read()?)?,
             _ => once(&mut tsc_adjust, t, r.read::<HvmTscAdjust>()?.tsc_adjust)?,
@@ -182,6 +188,7 @@ pub fn decode(blob: &[u8]) -> Result<MachineRecords, HvmError> {
         ioapic: ioapic.ok_or(missing(code::IOAPIC))?,
         lapic: lapic.ok_or(missing(code::LAPIC))?,
         lapic_regs: lapic_regs.ok_or(missing(code::LAPIC_REGS))?,
+        pit: pit.ok_or(missing(code::PIT))?,
         rtc: rtc.ok_or(missing(code::RTC))?,
         mtrr: mtrr.ok_or(missing(code::MTRR))?,
         tsc_adjust: tsc_adjust.ok_or(missing(code::TSC_ADJUST))?,
@@ -203,6 +210,7 @@ mod tests {
     use crate::msr_policy::{self, MsrState, Write};
     use crate::platform::ioapic::{Ioapic, IOREGSEL, IOWIN};
     use crate::platform::lapic::Lapic;
+    use crate::platform::pit::{self, Pit};
     use crate::platform::rtc::{Clock, Rtc};
     use doppel_abi::hvm::HvmSaveDescriptor;
     use doppel_abi::splitmix::SplitMix64;
@@ -283,6 +291,14 @@ mod tests {
         io.write(IOREGSEL, 4, 0x10 + 2 * 4).unwrap();
         io.write(IOWIN, 4, 0x24).unwrap(); // COM1: vector 0x24, unmasked
         let rtc = Rtc::new(RTC_CLOCK);
+        // Channel 2 as Linux's calibration leaves it: gate on, mode 0,
+        // counting down from 0xffff, the LSB of a pair read.
+        let mut pit = Pit::new(KHZ);
+        pit.write(pit::PORT_SPEAKER, 0x01, TSC).unwrap();
+        pit.write(pit::PORT_CONTROL, 0xb0, TSC).unwrap();
+        pit.write(pit::PORT_CH2, 0xff, TSC).unwrap();
+        pit.write(pit::PORT_CH2, 0xff, TSC).unwrap();
+        pit.read(pit::PORT_CH2, TSC + 5000).unwrap();
         let mut msrs = MsrState::new(40);
         assert_eq!(
             msrs.write(Vendor::Svm, msr_policy::nr::PAT, 0x0407_0501_0007_0106, 0),
@@ -297,6 +313,7 @@ mod tests {
             lapic,
             lapic_regs,
             ioapic: io.save(),
+            pit: pit.save(),
             rtc: rtc.save(TSC),
             mtrr: msrs.save_mtrr(),
             tsc_adjust: msrs.save_tsc_adjust().tsc_adjust,
@@ -327,6 +344,7 @@ mod tests {
                 (4, 0, 400),
                 (5, 0, 24),
                 (6, 0, 1024),
+                (10, 0, 56),
                 (11, 0, 24),
                 (14, 0, 240),
                 (19, 0, 8),
@@ -358,6 +376,12 @@ mod tests {
         assert_eq!(io.entry(4), Some(0x24));
         let rtc = Rtc::restore(&back.rtc, RTC_CLOCK).unwrap();
         assert_eq!(rtc.save(TSC), back.rtc);
+        let mut pit = Pit::restore(&back.pit, KHZ, TSC).unwrap();
+        assert_eq!(pit.save(), back.pit);
+        assert_eq!(back.pit.channels[2].count, 0xffff);
+        // The MSB of the pair is due; counting restarted from 0xffff.
+        assert_eq!(pit.read(pit::PORT_CH2, TSC).unwrap(), 0xff);
+        assert_eq!(pit.read(pit::PORT_CH2, TSC).unwrap(), 0xff);
         let mut msrs = MsrState::new(40);
         msrs.restore_mtrr(&back.mtrr).unwrap();
         msrs.restore_tsc_adjust(&HvmTscAdjust {
@@ -381,6 +405,14 @@ mod tests {
         assert_eq!(decode(&no_header), Err(HvmError::HeaderNotFirst(code::CPU)));
         let no_end = encode(&m, header(), Some(code::END)).unwrap();
         assert_eq!(decode(&no_end), Err(HvmError::MissingEnd));
+        assert_eq!(
+            decode(&encode(&m, header(), Some(code::PIT)).unwrap()),
+            Err(HvmError::MissingRecord(code::PIT))
+        );
+        assert_eq!(
+            HvmError::MissingRecord(code::PIT).to_string(),
+            "HVM context: no PIT record (typecode 10)"
+        );
         assert_eq!(
             HvmError::MissingRecord(code::TSC_ADJUST).to_string(),
             "HVM context: no TSC_ADJUST record (typecode 19)"
@@ -407,11 +439,12 @@ mod tests {
         let d = descriptors(&blob);
         let whole = |k: usize| blob[d[k].3..d[k].3 + 8 + d[k].2 as usize].to_vec();
         // Each record twice in a row, and the RTC again after MTRR.
+        assert_eq!(d[6].0, code::RTC);
         for (k, t) in RECORDS.into_iter().enumerate() {
             let twice = splice(&blob, k + 1, &[whole(k + 1), whole(k + 1)].concat());
             assert_eq!(decode(&twice), Err(HvmError::DuplicateRecord(t)), "{t}");
         }
-        let rtc_again = splice(&blob, 7, &[whole(7), whole(5)].concat());
+        let rtc_again = splice(&blob, 7, &[whole(7), whole(6)].concat());
         assert_eq!(
             decode(&rtc_again),
             Err(HvmError::DuplicateRecord(code::RTC))
@@ -425,12 +458,12 @@ mod tests {
         let end_again = [&blob[..], &rec(0, 0, &[])].concat();
         assert_eq!(decode(&end_again), Err(HvmError::TrailingBytes(8)));
         // Types Xen defines that the machine does not carry.
-        for t in [3u16, 7, 10, 12, 13, 16, 18, 20] {
-            let with = splice(&blob, 8, &[rec(t, 0, &[0; 16]), whole(8)].concat());
+        for t in [3u16, 7, 12, 13, 16, 18, 20] {
+            let with = splice(&blob, 9, &[rec(t, 0, &[0; 16]), whole(9)].concat());
             assert_eq!(decode(&with), Err(HvmError::UnexpectedRecord(t)), "{t}");
         }
         // Beyond Xen's last typecode.
-        let with = splice(&blob, 8, &[rec(21, 0, &[]), whole(8)].concat());
+        let with = splice(&blob, 9, &[rec(21, 0, &[]), whole(9)].concat());
         assert_eq!(decode(&with), Err(HvmError::UnknownType(21)));
         // LAPIC before IOAPIC: all present once, but not Xen's order.
         let swapped = splice(&blob, 2, &[whole(3), whole(2)].concat());
