@@ -232,9 +232,11 @@ impl EpochSink for ReplicaSink {
         if !replicating {
             return Ok(());
         }
+        if self.tool.epochs > 0 {
+            self.tool.tracking_exits += e.exits;
+        }
         self.tool.take_checkpoint(&mut self.bind.engine)?;
         self.tool.compare(e.ram, &e.vcpu)?;
-        self.tool.tracking_exits += e.exits;
         self.tool.client_step()
     }
 
@@ -426,8 +428,12 @@ impl Tool {
         engine.take_acks()?;
         self.expect_done(engine, Command::CommitEpoch { epoch: r.epoch })?;
         self.committed = Some(r.epoch);
+        if self.epochs > 0 {
+            // The session's first checkpoint carries every page; the
+            // figures count what the guest dirtied.
+            self.dirty_pages += r.dirty_count;
+        }
         self.epochs += 1;
-        self.dirty_pages += r.dirty_count;
         Ok(())
     }
 
