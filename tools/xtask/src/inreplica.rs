@@ -137,6 +137,16 @@ impl Outcome {
     }
 }
 
+/// The hypervisor's own epoch-end pause (the replica's work taken out)
+/// over the epochs after the full epoch 0: (min, max), in TSC cycles.
+fn hv_pauses(output: &str) -> Option<(u64, u64)> {
+    let p: Vec<u64> = emu::hv_lines(output)
+        .filter(|l| l.contains("replica: epoch=") && num(l, "epoch").is_some_and(|e| e > 0))
+        .filter_map(|l| num(l, "hv_pause_cycles"))
+        .collect();
+    Some((*p.iter().min()?, *p.iter().max()?))
+}
+
 fn boot(ctx: &mut Ctx, emulator: Emulator, tracker: &str, broken: bool) -> Result<Run> {
     let img = ctx.image()?;
     let backend = crate::selftest::backend(emulator).0;
@@ -168,8 +178,10 @@ fn pass(ctx: &mut Ctx, emulator: Emulator, tracker: &str) -> Result<String> {
         bail!("the image did not report exit=pass ({})", run.describe());
     }
     println!("{}", o.line());
+    let pause = hv_pauses(&run.output).map_or("n/a".into(), |(lo, hi)| format!("{lo}-{hi}"));
     Ok(format!(
-        "{} replies={} tracking_exits={} dirty_pages={} exits_per_dirty_page={} [{}]",
+        "{} replies={} tracking_exits={} dirty_pages={} exits_per_dirty_page={} \
+         hv_pause_cycles={pause} [{}]",
         o.line(),
         o.replies,
         o.tracking_exits,
@@ -189,6 +201,11 @@ pub fn step_vmx_wp(ctx: &mut Ctx) -> Result<String> {
 
 pub fn step_svm_ad(ctx: &mut Ctx) -> Result<String> {
     pass(ctx, Emulator::Qemu, "ad")
+}
+
+/// Write-protect under SVM too: both vendors on one tracker.
+pub fn step_svm_wp(ctx: &mut Ctx) -> Result<String> {
+    pass(ctx, Emulator::Qemu, "wp")
 }
 
 /// PML with the epoch-end drain skipped: passes only when the replica
@@ -241,6 +258,15 @@ mod tests {
         let lying = Outcome::parse(&text(5, "pass")).unwrap();
         assert!(lying.check_pass("vmx", "pml").is_err());
         assert!(lying.check_caught("vmx", "pml").is_err());
+    }
+
+    #[test]
+    fn pauses_leave_out_epoch_zero() {
+        let out = "doppel-hv: replica: epoch=0 pause_cycles=9 consumer_cycles=1 hv_pause_cycles=8\n\
+                   doppel-hv: replica: epoch=1 pause_cycles=7 consumer_cycles=2 hv_pause_cycles=5\n\
+                   doppel-hv: replica: epoch=2 pause_cycles=9 consumer_cycles=2 hv_pause_cycles=7\n";
+        assert_eq!(hv_pauses(out), Some((5, 7)));
+        assert_eq!(hv_pauses("doppel-hv: exit=pass\n"), None);
     }
 
     #[test]

@@ -101,6 +101,7 @@ fn steps() -> Vec<(&'static str, StepFn)> {
         ("replica-bochs-vmx-pml", crate::inreplica::step_vmx_pml),
         ("replica-bochs-vmx-wp", crate::inreplica::step_vmx_wp),
         ("replica-qemu-svm-ad", crate::inreplica::step_svm_ad),
+        ("replica-qemu-svm-wp", crate::inreplica::step_svm_wp),
         (
             "replica-bochs-vmx-pml-broken",
             crate::inreplica::step_vmx_pml_broken,

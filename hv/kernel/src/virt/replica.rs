@@ -47,6 +47,7 @@ use super::guest::{self, GuestRam, Workload};
 use super::replicate::{checkpoint_header, said, tracker, Binding, Engine};
 use super::run::{run_mode, EpochEnd, EpochSink, Plan};
 use super::vcpu::{GuestStart, Vcpu};
+use crate::arch::instr::rdtsc;
 use crate::console;
 
 type Rings = AtomicMem<'static>;
@@ -126,6 +127,7 @@ where
         tool,
         epochs: u64::from(plan.epochs),
         failed_over: None,
+        consumer_cycles: None,
     };
     let ran = run_mode(&mut ram, &mut table, &mut vcpu, tracked, plan, &mut sink)?;
     let backend = vcpu.backend();
@@ -219,6 +221,8 @@ struct ReplicaSink {
     epochs: u64,
     /// After the failover: replies verified at that point.
     failed_over: Option<u64>,
+    /// TSC cycles the replica spent in the last epoch end.
+    consumer_cycles: Option<u64>,
 }
 
 impl EpochSink for ReplicaSink {
@@ -235,13 +239,27 @@ impl EpochSink for ReplicaSink {
         if self.tool.epochs > 0 {
             self.tool.tracking_exits += e.exits;
         }
+        let began = rdtsc();
         self.tool.take_checkpoint(&mut self.bind.engine)?;
         self.tool.compare(e.ram, &e.vcpu)?;
-        self.tool.client_step()
+        self.tool.client_step()?;
+        self.consumer_cycles = Some(rdtsc().wrapping_sub(began));
+        Ok(())
     }
 
     fn resumed(&mut self, pause: Option<u64>) {
         self.bind.resumed(pause);
+        // The replica's own work (copy, compare, client) runs inside the
+        // pause here, on the same CPU; a real tool's runs beside the
+        // guest. What the hypervisor itself paused the guest for is the
+        // rest.
+        if let (Some(p), Some(c)) = (pause, self.consumer_cycles.take()) {
+            log::info!(
+                "replica: epoch={} pause_cycles={p} consumer_cycles={c} hv_pause_cycles={}",
+                self.tool.committed.unwrap_or(0),
+                p.saturating_sub(c)
+            );
+        }
     }
 
     fn pause_measured(&mut self, cycles: u64) {
