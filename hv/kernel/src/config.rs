@@ -18,6 +18,17 @@
 //!   backend (`doppel_core::hostile`), checks after each that the host is
 //!   untouched, and prints `isolation: backend=.. probes=N contained=N
 //!   escaped=0 result=pass`.
+//!   `replica` (test only: never a normal primary) runs the key-value
+//!   service replicated to an in-machine replica that plays the dom0
+//!   tool's part over the real rings, compares its shadow with the guest
+//!   after every epoch, then fails over to it inside the machine
+//!   (`virt::replica`); it prints `replica: backend=.. mode=.. epochs=N
+//!   pages_compared=M mismatches=K vcpu_blob=.. failover=.. result=..`.
+//!   `epochs` is the epochs replicated before the failover.
+//! - `tracker=wp|pml|ad` (default `wp`): with `mode=replica`, the
+//!   log-dirty mode the replica asks for (`LogDirtyEnable`): EPT/NPT
+//!   write-protect, PML (VMX) or the NPT dirty-bit scan (SVM). Another
+//!   mode refuses it.
 //! - `service=workload|kv` (default `workload`): what the guest runs in
 //!   `mode=primary`: the dirty-tracking write patterns, or the key-value
 //!   service of `doppel_abi::service` (which never stops).
@@ -71,6 +82,20 @@ pub enum Mode {
     Isolation,
     /// A stock Linux kernel (Multiboot2 modules) through the PVH entry.
     Linux,
+    /// Test only: the key-value service replicated to the in-machine
+    /// replica, then failed over to it.
+    Replica,
+}
+
+/// The log-dirty mode `mode=replica` asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tracker {
+    /// Write-protect the nested tables.
+    WriteProtect,
+    /// Intel page-modification logging.
+    Pml,
+    /// Scan the nested tables' dirty bits.
+    AdScan,
 }
 
 /// What the guest runs in `mode=primary`.
@@ -129,6 +154,8 @@ pub struct Config {
     pub restore_every: Option<u64>,
     /// `guest-mem` was given (Linux's default differs).
     pub guest_mem_given: bool,
+    /// `mode=replica`: the tracker asked for; `None` unless given.
+    pub tracker: Option<Tracker>,
 }
 
 impl Default for Config {
@@ -146,6 +173,7 @@ impl Default for Config {
             tsc_khz: None,
             restore_every: None,
             guest_mem_given: false,
+            tracker: None,
         }
     }
 }
@@ -189,7 +217,7 @@ impl Config {
                 return Err(ConfigError::NotKeyValue(word));
             };
             let bad = ConfigError::BadValue { key, value };
-            const KEYS: [&str; 11] = [
+            const KEYS: [&str; 12] = [
                 "log",
                 "mode",
                 "epochs",
@@ -201,6 +229,7 @@ impl Config {
                 "epoch-exits",
                 "tsc-khz",
                 "restore-every",
+                "tracker",
             ];
             let Some(i) = KEYS.iter().position(|k| *k == key) else {
                 return Err(ConfigError::UnknownKey(key));
@@ -232,6 +261,7 @@ impl Config {
                         "standby" => Mode::Standby,
                         "isolation" => Mode::Isolation,
                         "linux" => Mode::Linux,
+                        "replica" => Mode::Replica,
                         _ => return Err(bad),
                     };
                 }
@@ -284,6 +314,14 @@ impl Config {
                         Ok(n) if (1..=10_000_000).contains(&n) => Some(n),
                         _ => return Err(bad),
                     };
+                }
+                "tracker" => {
+                    cfg.tracker = Some(match value {
+                        "wp" => Tracker::WriteProtect,
+                        "pml" => Tracker::Pml,
+                        "ad" => Tracker::AdScan,
+                        _ => return Err(bad),
+                    });
                 }
                 "broken" => {
                     cfg.broken = match value {
@@ -390,6 +428,40 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn replica_mode_and_tracker_are_read() {
+        let c = Config::parse("mode=replica tracker=pml broken=no-pml-drain epochs=8").unwrap();
+        assert_eq!(
+            (c.mode, c.tracker, c.broken, c.epochs),
+            (
+                Mode::Replica,
+                Some(Tracker::Pml),
+                Some(Broken::NoPmlDrain),
+                8
+            )
+        );
+        assert_eq!(
+            Config::parse("tracker=wp").unwrap().tracker,
+            Some(Tracker::WriteProtect)
+        );
+        assert_eq!(
+            Config::parse("tracker=ad").unwrap().tracker,
+            Some(Tracker::AdScan)
+        );
+        assert_eq!(Config::parse("mode=replica").unwrap().tracker, None);
+        assert_eq!(Config::default().tracker, None);
+        for bad in ["tracker=ept", "tracker=", "tracker=PML"] {
+            assert!(
+                matches!(Config::parse(bad), Err(ConfigError::BadValue { .. })),
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            Config::parse("tracker=wp tracker=pml").unwrap_err(),
+            ConfigError::Duplicate("tracker")
+        );
     }
 
     #[test]

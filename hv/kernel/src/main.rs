@@ -19,7 +19,7 @@ mod virt;
 use core::sync::atomic::{AtomicBool, Ordering};
 
 use doppel_kernel::bootinfo::{BootInfo, BOOTLOADER_MAGIC};
-use doppel_kernel::config::{Config, Mode, Service, SERVICE_EPOCH_TICKS};
+use doppel_kernel::config::{Config, Mode, Service, Tracker, SERVICE_EPOCH_TICKS};
 use log::{error, info, LevelFilter};
 
 use exit::{exit, Status};
@@ -83,8 +83,9 @@ extern "C" fn kmain(magic: u32, info_addr: usize) -> ! {
             let ok = linux(&info, &config, &mut enabled);
             exit(if ok { Status::Pass } else { Status::Fail })
         }
-        Mode::SelfTest | Mode::Primary | Mode::Standby | Mode::Isolation => {
-            let service = config.mode == Mode::Standby || config.service == Service::Kv;
+        Mode::SelfTest | Mode::Primary | Mode::Standby | Mode::Isolation | Mode::Replica => {
+            let service = matches!(config.mode, Mode::Standby | Mode::Replica)
+                || config.service == Service::Kv;
             let plan = virt::selftest::Plan {
                 mem_bytes: u64::from(config.guest_mem_mib) << 20,
                 epochs: config.epochs,
@@ -106,6 +107,15 @@ extern "C" fn kmain(magic: u32, info_addr: usize) -> ! {
                 Mode::Primary => virt::primary(&mut enabled, &plan),
                 Mode::Standby => virt::standby(&mut enabled, &plan),
                 Mode::Isolation => virt::isolation(&mut enabled, &plan),
+                Mode::Replica => {
+                    use doppel_abi::msg::LogDirtyMode;
+                    let mode = match config.tracker {
+                        None | Some(Tracker::WriteProtect) => LogDirtyMode::WriteProtect,
+                        Some(Tracker::Pml) => LogDirtyMode::Pml,
+                        Some(Tracker::AdScan) => LogDirtyMode::AdScan,
+                    };
+                    virt::replica(&mut enabled, &plan, mode)
+                }
                 _ => virt::selftest(&mut enabled, &plan),
             };
             exit(if ok { Status::Pass } else { Status::Fail })

@@ -17,6 +17,7 @@ mod failover;
 mod fuzz;
 mod harness;
 mod image;
+mod inreplica;
 mod isolation;
 mod linkauth;
 mod linux;

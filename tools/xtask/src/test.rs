@@ -98,6 +98,14 @@ fn steps() -> Vec<(&'static str, StepFn)> {
             "restore-loop-qemu-svm-broken",
             crate::linuxboot::step_restore_qemu_broken,
         ),
+        ("replica-bochs-vmx-pml", crate::inreplica::step_vmx_pml),
+        ("replica-bochs-vmx-wp", crate::inreplica::step_vmx_wp),
+        ("replica-qemu-svm-ad", crate::inreplica::step_svm_ad),
+        ("replica-qemu-svm-wp", crate::inreplica::step_svm_wp),
+        (
+            "replica-bochs-vmx-pml-broken",
+            crate::inreplica::step_vmx_pml_broken,
+        ),
     ]
 }
 

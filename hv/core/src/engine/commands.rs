@@ -71,9 +71,12 @@ impl<R: SharedMem + Clone, B: SharedMem, P: EpochPolicy, H: Hooks> Engine<R, B, 
                 if self.enabled {
                     // Xen: enabling twice is -EINVAL.
                     Err(Errno::EINVAL)
-                } else if mode != LogDirtyMode::WriteProtect {
+                } else if !self.accepts(mode) {
+                    // Not a tracker this backend has, or not the one the
+                    // guest already runs with.
                     Err(Errno::EOPNOTSUPP)
                 } else {
+                    self.mode = Some(mode);
                     if self.detached {
                         self.reattach().map_err(|e| {
                             log::error!("primary: re-attach: {e}");

@@ -38,6 +38,7 @@ use alloc::collections::VecDeque;
 
 use doppel_abi::chan::{ChannelConsumer, ChannelProducer};
 use doppel_abi::control::{ControlView, Field, ALIVE_OFFSET, HELD_OFFSET, PAUSE_OFFSET};
+use doppel_abi::msg::LogDirtyMode;
 use doppel_abi::{CommandBack, Errno, EventFront, SharedMem};
 
 use crate::hvm::VcpuState;
@@ -140,6 +141,12 @@ pub struct Engine<R: SharedMem + Clone, B: SharedMem, P: EpochPolicy = Remus, H:
     detached: bool,
     /// The next checkpoint carries every page (a new session).
     full_next: bool,
+    /// The log-dirty modes the backend offers (bit `mode as u32`); write-
+    /// protect unless the caller offers more ([`Engine::offer_modes`]).
+    offered: u32,
+    /// The mode the first `LogDirtyEnable` chose: the guest's tracker is
+    /// built for it, so later sessions must ask for the same one.
+    mode: Option<LogDirtyMode>,
     next_epoch: u64,
     committed: Option<u64>,
     /// Events posted and not yet acknowledged, to match acks against.
@@ -188,6 +195,8 @@ impl<R: SharedMem + Clone, B: SharedMem, P: EpochPolicy, H: Hooks> Engine<R, B, 
             enabled: false,
             detached: false,
             full_next: false,
+            offered: 1 << LogDirtyMode::WriteProtect as u32,
+            mode: None,
             next_epoch: 0,
             committed: None,
             events: PostedEvents::new(),
@@ -218,6 +227,22 @@ impl<R: SharedMem + Clone, B: SharedMem, P: EpochPolicy, H: Hooks> Engine<R, B, 
     }
     pub fn stats(&self) -> Stats {
         self.stats
+    }
+    /// Offer `modes` to the tool's `LogDirtyEnable` (what the backend can
+    /// track with; write-protect alone by default). Call before the first
+    /// session.
+    pub fn offer_modes(&mut self, modes: &[LogDirtyMode]) {
+        self.offered = modes.iter().fold(0, |a, m| a | 1 << *m as u32);
+    }
+    /// Whether `LogDirtyEnable` may ask for `mode`: offered, and the mode
+    /// of every earlier session (the guest's tracker is built for it).
+    pub fn accepts(&self, mode: LogDirtyMode) -> bool {
+        self.offered & (1 << mode as u32) != 0 && self.mode.is_none_or(|m| m == mode)
+    }
+    /// The log-dirty mode the tool chose (write-protect before any
+    /// `LogDirtyEnable`).
+    pub fn log_dirty_mode(&self) -> LogDirtyMode {
+        self.mode.unwrap_or(LogDirtyMode::WriteProtect)
     }
     /// Log-dirty is enabled: a replication session is on.
     pub fn enabled(&self) -> bool {

@@ -469,3 +469,34 @@ fn activate_checks_the_record_then_the_standby_serves_and_can_be_protected() {
     assert!(s.send(b"b").unwrap());
     assert!(t.output().is_empty(), "held again");
 }
+
+/// `LogDirtyEnable` takes exactly the modes the backend offered, and a
+/// later session (after `Detach`) only the mode the guest already tracks
+/// with: its tracker was built for it.
+#[test]
+fn log_dirty_modes_are_the_backends() {
+    let enable = |mode| Command::LogDirtyEnable { mode };
+    let (mem, view) = area(Role::Service);
+    let mut e = engine(&mem, view, Role::Service, ());
+    let mut t = tool(&mem, &view);
+    e.offer_modes(&[LogDirtyMode::WriteProtect, LogDirtyMode::Pml]);
+    assert_eq!(e.log_dirty_mode(), LogDirtyMode::WriteProtect);
+    assert_eq!(
+        t.send(&mut e, enable(LogDirtyMode::AdScan)),
+        Err(Errno::EOPNOTSUPP),
+        "not offered"
+    );
+    assert!(!e.enabled());
+    assert_eq!(t.send(&mut e, enable(LogDirtyMode::Pml)), Ok(Reply::Done));
+    assert_eq!(e.log_dirty_mode(), LogDirtyMode::Pml);
+    assert_eq!(t.send(&mut e, Command::Detach), Ok(Reply::Done));
+    assert_eq!(
+        t.send(&mut e, enable(LogDirtyMode::WriteProtect)),
+        Err(Errno::EOPNOTSUPP),
+        "offered, but the guest tracks with PML"
+    );
+    assert!(e.detached());
+    assert_eq!(t.send(&mut e, enable(LogDirtyMode::Pml)), Ok(Reply::Done));
+    assert!(e.replicating());
+    assert_eq!(e.log_dirty_mode(), LogDirtyMode::Pml);
+}

@@ -8,6 +8,7 @@
 pub mod guest;
 pub mod isolation;
 pub mod linux;
+pub mod replica;
 pub mod replicate;
 pub mod run;
 pub mod selftest;
@@ -186,26 +187,35 @@ pub fn selftest(enabled: &mut Enabled, plan: &selftest::Plan) -> bool {
 }
 
 /// Run the guest as a replicated primary (the dom0 tool drives it through
-/// the control area). Only the SVM backend serves it so far.
+/// the control area), on either backend, with the tracker the tool asks
+/// for among the backend's.
 pub fn primary(enabled: &mut Enabled, plan: &selftest::Plan) -> bool {
     match enabled {
         Enabled::Svm(on) => svm::primary(on, plan),
-        Enabled::Vmx(_) => {
-            log::error!("primary: replication runs on the SVM backend only (QEMU -cpu EPYC)");
-            false
-        }
+        Enabled::Vmx(on) => vmx::primary(on, plan),
     }
 }
 
 /// Wait as a standby for the backup tool's `Activate`, then run the guest
-/// from the committed checkpoint (SVM only, as the primary).
+/// from the committed checkpoint.
 pub fn standby(enabled: &mut Enabled, plan: &selftest::Plan) -> bool {
     match enabled {
         Enabled::Svm(on) => svm::standby(on, plan),
-        Enabled::Vmx(_) => {
-            log::error!("standby: replication runs on the SVM backend only (QEMU -cpu EPYC)");
-            false
-        }
+        Enabled::Vmx(on) => vmx::standby(on, plan),
+    }
+}
+
+/// The in-machine replica (test only, see [`replica`]): the key-value
+/// service replicated with tracker `mode` to a consumer inside the
+/// machine, which then fails over.
+pub fn replica(
+    enabled: &mut Enabled,
+    plan: &selftest::Plan,
+    mode: doppel_abi::msg::LogDirtyMode,
+) -> bool {
+    match enabled {
+        Enabled::Svm(on) => svm::replica(on, plan, mode),
+        Enabled::Vmx(on) => vmx::replica(on, plan, mode),
     }
 }
 

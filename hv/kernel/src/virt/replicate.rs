@@ -15,6 +15,7 @@ use core::sync::atomic::{AtomicU32, AtomicU64};
 use doppel_abi::control::{ControlHeader, ControlView, Region};
 use doppel_abi::guest::{PAGE_SIZE, PROGRAM_KV, PROGRAM_WORKLOAD};
 use doppel_abi::locator::{Locator, LOCATOR_WORDS};
+use doppel_abi::msg::LogDirtyMode;
 use doppel_abi::{errno::Errno, AtomicMem, AtomicMem64};
 use doppel_core::addr::HostPhysAddr;
 use doppel_core::engine::control::{features, publish_area, publish_locator, region_sizes};
@@ -30,11 +31,13 @@ use crate::arch::instr::cpuid;
 use crate::mem::frames;
 
 /// The engine over the control area in machine memory.
-type Engine = engine::Engine<AtomicMem<'static>, AtomicMem64<'static>>;
+pub(super) type Engine = engine::Engine<AtomicMem<'static>, AtomicMem64<'static>>;
 
 /// Run the guest as a replicated primary. True when the guest finished and
 /// every checkpoint was acknowledged by the tool.
-pub fn primary<E, V, F>(plan: &Plan, vmmcall: bool, make_vcpu: F) -> bool
+/// `offered` are the log-dirty modes the backend tracks with; the tool's
+/// `LogDirtyEnable` picks one, and the vCPU is built for it.
+pub fn primary<E, V, F>(plan: &Plan, vmmcall: bool, offered: &[LogDirtyMode], make_vcpu: F) -> bool
 where
     E: NestedEntry,
     V: Vcpu,
@@ -42,19 +45,33 @@ where
 {
     said(
         "primary",
-        primary_inner::<E, V, F>(plan, vmmcall, make_vcpu),
+        primary_inner::<E, V, F>(plan, vmmcall, offered, make_vcpu),
     )
 }
 
+/// The run loop's tracker for a log-dirty mode of the protocol.
+pub fn tracker(mode: LogDirtyMode) -> Mode {
+    match mode {
+        LogDirtyMode::WriteProtect => Mode::WriteProtect,
+        LogDirtyMode::Pml => Mode::Pml,
+        LogDirtyMode::AdScan => Mode::AdScan,
+    }
+}
+
 /// The run's verdict; an error is logged as `who: error`.
-fn said(who: &str, run: Result<bool, &'static str>) -> bool {
+pub(super) fn said(who: &str, run: Result<bool, &'static str>) -> bool {
     run.unwrap_or_else(|e| {
         log::error!("{who}: {e}");
         false
     })
 }
 
-fn primary_inner<E, V, F>(plan: &Plan, vmmcall: bool, make_vcpu: F) -> Result<bool, &'static str>
+fn primary_inner<E, V, F>(
+    plan: &Plan,
+    vmmcall: bool,
+    offered: &[LogDirtyMode],
+    make_vcpu: F,
+) -> Result<bool, &'static str>
 where
     E: NestedEntry,
     V: Vcpu,
@@ -74,16 +91,13 @@ where
         keys: plan.keys,
     };
     let start = guest::load(&mut ram, &workload).map_err(|_| "loading the guest")?;
-    let mut table = ram
-        .nested_table::<E>()
-        .map_err(|_| "building the nested page table")?;
-    let mut vcpu = make_vcpu(&start, table.root(), Mode::WriteProtect)?;
     let role = if plan.service {
         Role::Service
     } else {
         Role::Workload
     };
     let mut area = Binding::publish(&ram, role, plan)?;
+    area.engine.offer_modes(offered);
     log::info!(
         "primary: control area at {:#x} ({} bytes), guest RAM at {:#x} ({} bytes); waiting for the dom0 tool",
         area.pa,
@@ -92,15 +106,17 @@ where
         ram.bytes()
     );
     area.engine.wait_enabled(core::hint::spin_loop)?;
-    log::info!("primary: log-dirty enabled by the tool; guest starts");
-    let ran = run_mode(
-        &mut ram,
-        &mut table,
-        &mut vcpu,
-        Mode::WriteProtect,
-        plan,
-        &mut area,
+    // The vCPU and its tracker are built for the mode the tool chose.
+    let mode = tracker(area.engine.log_dirty_mode());
+    let mut table = ram
+        .nested_table::<E>()
+        .map_err(|_| "building the nested page table")?;
+    let mut vcpu = make_vcpu(&start, table.root(), mode)?;
+    log::info!(
+        "primary: log-dirty enabled by the tool (mode={}); guest starts",
+        mode.name()
     );
+    let ran = run_mode(&mut ram, &mut table, &mut vcpu, mode, plan, &mut area);
     if ran != Ok(true) {
         // The guest or an epoch end failed: tell the tool on the event ring
         // (it stops with the hypervisor's errno) before giving up.
@@ -174,6 +190,15 @@ where
     )
 }
 
+/// The record header of every checkpoint this hypervisor stages.
+pub(super) fn checkpoint_header() -> HeaderInfo {
+    HeaderInfo {
+        cpuid: cpuid(1, 0).eax,
+        gtsc_khz: 0,
+        changeset: 0,
+    }
+}
+
 /// A control area published and left unserved: where it lies and its
 /// layout.
 #[derive(Clone, Copy, Debug)]
@@ -190,22 +215,38 @@ pub struct Published {
 /// it: `mode=isolation` aims its hostile probes at it. The area stays
 /// allocated and published for the rest of the run.
 pub fn publish_unserved(ram: &GuestRam) -> Result<Published, &'static str> {
-    let (pa, size, view) = map_area(ram, Role::Workload)?.1;
-    Ok(Published { pa, size, view })
+    let (pa, size, views) = map_area(ram, Role::Workload)?.1;
+    Ok(Published {
+        pa,
+        size,
+        view: views.view,
+    })
 }
 
 /// The engine and where its area lies.
-struct Binding {
-    engine: Engine,
+pub(super) struct Binding {
+    pub(super) engine: Engine,
     pa: u64,
     size: u64,
     /// When a service epoch ends (the engine's policy, from the plan).
     policy: Remus,
+    /// The area's two views (as the engine has them), for the in-machine
+    /// replica (`super::replica`), which plays the tool over them.
+    pub(super) views: Views,
+}
+
+/// The whole control area as 32-bit words (header, rings, channels) and
+/// as 64-bit words (staging, pfn list, vCPU area).
+#[derive(Clone, Copy)]
+pub(super) struct Views {
+    pub(super) rings: AtomicMem<'static>,
+    pub(super) bulk: AtomicMem64<'static>,
+    pub(super) view: ControlView,
 }
 
 impl Binding {
-    fn publish(ram: &GuestRam, role: Role, plan: &Plan) -> Result<Self, &'static str> {
-        let (engine, (pa, size, _)) = map_area(ram, role)?;
+    pub(super) fn publish(ram: &GuestRam, role: Role, plan: &Plan) -> Result<Self, &'static str> {
+        let (engine, (pa, size, views)) = map_area(ram, role)?;
         Ok(Self {
             engine,
             pa,
@@ -213,13 +254,14 @@ impl Binding {
             policy: Remus {
                 epoch_exits: plan.epoch_exits,
             },
+            views,
         })
     }
 }
 
 /// Allocate, publish and attach the control area for `ram` (the locator
-/// names it); the engine, and the area's address, size and layout.
-fn map_area(ram: &GuestRam, role: Role) -> Result<(Engine, (u64, u64, ControlView)), &'static str> {
+/// names it); the engine, and the area's address, size and views.
+fn map_area(ram: &GuestRam, role: Role) -> Result<(Engine, (u64, u64, Views)), &'static str> {
     let mut h = ControlHeader::pack(region_sizes(ram.pages()), features(role))
         .map_err(|_| "control area layout")?;
     h.guest_ram = Region {
@@ -256,7 +298,7 @@ fn map_area(ram: &GuestRam, role: Role) -> Result<(Engine, (u64, u64, ControlVie
     let view = publish_area(&rings, &h).map_err(|e| e.text())?;
     let engine = Engine::attach(rings, bulk, view, role, Remus::default(), ())?;
     write_locator(pa, size, h.total_size, h.guest_ram)?;
-    Ok((engine, (pa, size, view)))
+    Ok((engine, (pa, size, Views { rings, bulk, view })))
 }
 
 /// Write the control locator (hv/abi locator.rs) for the area at `pa`
@@ -314,14 +356,9 @@ impl EpochSink for Binding {
             // Detach arrived while the guest waited: stage nothing.
             return Ok(());
         }
-        let header = HeaderInfo {
-            cpuid: cpuid(1, 0).eax,
-            gtsc_khz: 0,
-            changeset: 0,
-        };
         let s = self
             .engine
-            .stage(bitmap_pfns(e.harvest), e.ram, &e.vcpu, header)?;
+            .stage(bitmap_pfns(e.harvest), e.ram, &e.vcpu, checkpoint_header())?;
         let what = match (e.pattern, self.engine.role()) {
             (Some(p), _) => p.name(),
             (None, Role::Workload) => "stop",

@@ -149,6 +149,14 @@ pub trait EpochSink {
         clock.timer_fired
     }
 
+    /// Asked after every exit, with the guest's state complete (RIP set,
+    /// any epoch end staged): true ends the run here as a success, the
+    /// guest not finished (the in-machine replica fails over now, or has
+    /// seen the service do its work).
+    fn finished(&self) -> bool {
+        false
+    }
+
     /// Asked at each epoch end: whether the next epoch's writes must be
     /// tracked. False once nobody uses the harvests (replication detached,
     /// or an activated standby); true again re-arms tracking from scratch.
@@ -403,6 +411,9 @@ impl<'a, E: NestedEntry, V: Vcpu, S: EpochSink> Run<'a, E, V, S> {
                     log::error!("checkpoint: {e}; guest: {}", Brief(&self.vcpu.state()));
                     return false;
                 }
+            }
+            if self.sink.finished() {
+                return true;
             }
         }
     }

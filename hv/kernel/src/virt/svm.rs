@@ -21,6 +21,7 @@
 //! IDT's timer handler counts it and sends the EOI, and the exit is a
 //! Timer exit if that handler ran.
 
+use doppel_abi::msg::LogDirtyMode;
 use doppel_core::addr::HostPhysAddr;
 use doppel_core::exit::{CodePaging, ExitKind, Insn, IoAccess, VmExit};
 use doppel_core::hostile::{fnv1a, FNV_START};
@@ -135,9 +136,28 @@ pub fn selftest(_on: &mut SvmOn, plan: &super::selftest::Plan) -> bool {
 pub fn primary(_on: &mut SvmOn, plan: &super::selftest::Plan) -> bool {
     let pass = passthrough(plan);
     with_host_vmcb(|host_vmcb, nrips| {
-        super::replicate::primary::<NptEntry, SvmVcpu, _>(plan, true, |start, root, _| {
+        super::replicate::primary::<NptEntry, SvmVcpu, _>(plan, true, &MODES, |start, root, _| {
             SvmVcpu::new(start, root, host_vmcb, nrips, pass)
         })
+    })
+}
+
+/// The log-dirty modes SVM tracks with: NPT write-protect and the scan of
+/// the NPT dirty bits.
+const MODES: [LogDirtyMode; 2] = [LogDirtyMode::WriteProtect, LogDirtyMode::AdScan];
+
+/// The key-value service replicated to the in-machine replica under SVM
+/// (see [`super::replica`]).
+pub fn replica(_on: &mut SvmOn, plan: &super::selftest::Plan, mode: LogDirtyMode) -> bool {
+    with_host_vmcb(|host_vmcb, nrips| {
+        super::replica::replica::<NptEntry, SvmVcpu, _, _>(
+            plan,
+            true,
+            &MODES,
+            mode,
+            |start, root, _| SvmVcpu::new(start, root, host_vmcb, nrips, false),
+            |state, root| SvmVcpu::with_state(state, root, host_vmcb, nrips, false),
+        )
     })
 }
 

@@ -255,3 +255,91 @@ pub fn linux(on: &mut VmxOn, plan: &super::linux::LinuxPlan<'_>) -> bool {
         },
     )
 }
+
+/// The log-dirty modes this CPU's VMX tracks with: EPT write-protect, and
+/// PML where EPT A/D and PML are there.
+fn modes() -> &'static [doppel_abi::msg::LogDirtyMode] {
+    use doppel_abi::msg::LogDirtyMode;
+    const BOTH: [LogDirtyMode; 2] = [LogDirtyMode::WriteProtect, LogDirtyMode::Pml];
+    if detect().is_some_and(|c| c.ept_ad && c.pml) {
+        &BOTH
+    } else {
+        &BOTH[..1]
+    }
+}
+
+/// A vCPU for the replicated guest: EPT A/D on for PML (which logs as
+/// the CPU sets dirty flags), off for write-protect.
+fn replicated_vcpu(
+    revision: u32,
+    start: &super::vcpu::GuestStart,
+    root: doppel_core::addr::HostPhysAddr,
+    mode: doppel_core::selftest::Mode,
+    pass: bool,
+) -> Result<vcpu::VmxVcpu, &'static str> {
+    use doppel_core::selftest::Mode;
+    vcpu::VmxVcpu::new(revision, start, root, mode == Mode::Pml, pass).map_err(|e| {
+        log::error!("vmx: vCPU set-up: {e}");
+        "VMX vCPU set-up failed"
+    })
+}
+
+/// A vCPU resuming from a checkpoint's record (untracked: the failed-over
+/// or activated guest runs unreplicated).
+fn resumed_vcpu(
+    revision: u32,
+    st: &doppel_core::hvm::VcpuState,
+    root: doppel_core::addr::HostPhysAddr,
+    pass: bool,
+) -> Result<vcpu::VmxVcpu, &'static str> {
+    vcpu::VmxVcpu::with_state(revision, st, root, false, pass).map_err(|e| {
+        log::error!("vmx: vCPU set-up: {e}");
+        "VMX vCPU set-up failed"
+    })
+}
+
+/// Run the test guest as a replicated primary under VMX (see
+/// [`super::replicate`]), tracking with the mode the tool chose.
+pub fn primary(on: &mut VmxOn, plan: &super::selftest::Plan) -> bool {
+    use doppel_core::paging::EptEntry;
+
+    let revision = on.revision;
+    let pass = plan.broken == Some(doppel_kernel::config::Broken::MsrPassthrough);
+    super::replicate::primary::<EptEntry, vcpu::VmxVcpu, _>(
+        plan,
+        false,
+        modes(),
+        |start, root, mode| replicated_vcpu(revision, start, root, mode, pass),
+    )
+}
+
+/// Wait as a standby under VMX (see [`super::replicate::standby`]).
+pub fn standby(on: &mut VmxOn, plan: &super::selftest::Plan) -> bool {
+    use doppel_core::paging::EptEntry;
+
+    let revision = on.revision;
+    let pass = plan.broken == Some(doppel_kernel::config::Broken::MsrPassthrough);
+    super::replicate::standby::<EptEntry, vcpu::VmxVcpu, _>(plan, |st, root| {
+        resumed_vcpu(revision, st, root, pass)
+    })
+}
+
+/// The key-value service replicated to the in-machine replica under VMX
+/// (see [`super::replica`]).
+pub fn replica(
+    on: &mut VmxOn,
+    plan: &super::selftest::Plan,
+    mode: doppel_abi::msg::LogDirtyMode,
+) -> bool {
+    use doppel_core::paging::EptEntry;
+
+    let revision = on.revision;
+    super::replica::replica::<EptEntry, vcpu::VmxVcpu, _, _>(
+        plan,
+        false,
+        modes(),
+        mode,
+        |start, root, m| replicated_vcpu(revision, start, root, m, false),
+        |st, root| resumed_vcpu(revision, st, root, false),
+    )
+}
