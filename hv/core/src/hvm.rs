@@ -188,9 +188,11 @@ pub struct PendingEvent {
     pub error_code: Option<u32>,
 }
 
-const EV_VALID: u32 = 1 << 31;
-const EV_ERROR: u32 = 1 << 11;
-const EV_KNOWN: u32 = EV_VALID | EV_ERROR | 0x7ff;
+use crate::hw::vmcs::{event_from_info, event_to_info, intr_info};
+
+/// Xen's `pending_event` is VMX's interruption-information word: the bits
+/// it may hold (vector, type, error code valid, valid).
+const EV_KNOWN: u32 = intr_info::VALID | intr_info::ERROR_CODE | 0x7ff;
 
 impl PendingEvent {
     /// Xen's (`pending_event`, `error_code`) pair.
@@ -199,38 +201,19 @@ impl PendingEvent {
         if e.kind > 7 {
             return Err(HvmError::BadEventKind(e.kind));
         }
-        let mut w = EV_VALID | u32::from(e.vector) | (u32::from(e.kind) << 8);
-        let code = match e.error_code {
-            Some(c) => {
-                w |= EV_ERROR;
-                c
-            }
-            None => 0,
-        };
-        Ok((w, code))
+        Ok(event_to_info(&e))
     }
 
     /// From Xen's pair. Not valid means both words are zero; a set
     /// reserved bit or an error code without its flag is an error.
     pub fn from_xen(word: u32, code: u32) -> Result<Option<Self>, HvmError> {
-        if word & !EV_KNOWN != 0 || (word & EV_VALID == 0 && word != 0) {
+        if word & !EV_KNOWN != 0 || (word & intr_info::VALID == 0 && word != 0) {
             return Err(HvmError::PendingEventReserved(word));
         }
-        if word & EV_ERROR == 0 && code != 0 {
+        if word & intr_info::ERROR_CODE == 0 && code != 0 {
             return Err(HvmError::StrayErrorCode(code));
         }
-        if word == 0 {
-            return Ok(None);
-        }
-        Ok(Some(Self {
-            vector: (word & 0xff) as u8,
-            kind: ((word >> 8) & 7) as u8,
-            error_code: if word & EV_ERROR != 0 {
-                Some(code)
-            } else {
-                None
-            },
-        }))
+        Ok(event_from_info(word, code))
     }
 }
 

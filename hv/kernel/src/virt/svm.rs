@@ -29,6 +29,7 @@ use doppel_core::hvm::{DescTable, PendingEvent, SegAttr, Segment, VcpuState};
 use doppel_core::hw::vmcb::{
     exitcode, intercept3, intercept4, tlb_control, IoExitInfo, Vmcb, VmcbSegment,
 };
+use doppel_core::hw::vmcs::{event_from_info, event_to_info, intr_info};
 use doppel_core::msr::{self, nr};
 use doppel_core::paging::fault::decode_npf;
 use doppel_core::paging::{ncr3, Flush, NptEntry};
@@ -518,40 +519,34 @@ impl SvmVcpu {
     }
 }
 
-/// EVENTINJ / EXITINTINFO (APM vol. 2, "Event Injection"): vector in
-/// 7:0, type in 10:8 (0 INTR, 2 NMI, 3 exception, 4 software interrupt),
-/// error code valid in 11, valid in 31, error code in 63:32.
-const EVENT_VALID: u64 = 1 << 31;
-const EVENT_EV: u64 = 1 << 11;
+/// EVENTINJ / EXITINTINFO (APM vol. 2, "Event Injection"): the low 32
+/// bits are VMX's interruption-information word (vector 7:0, type 10:8,
+/// error code valid 11, valid 31; `doppel_core::hw::vmcs::event_to_info`),
+/// the error code is in 63:32.
+const EVENT_VALID: u64 = intr_info::VALID as u64;
 const RFLAGS_IF: u64 = 1 << 9;
 /// V_IRQ (bit 8), V_INTR_PRIO (19:16), V_IGN_TPR (20) of the VINTR word.
 const V_IRQ: u64 = 1 << 8;
 const V_INTR_PRIO: u64 = 0xf << 16;
 const V_IGN_TPR: u64 = 1 << 20;
 
-/// Xen's event (VMX interruption types) as SVM's EVENTINJ word. SVM has
-/// no software-exception types: those are exceptions (type 3) for it.
+/// An event as SVM's EVENTINJ word. SVM has no software-exception types:
+/// those (5, 6) are exceptions (3) for it.
 fn eventinj(ev: PendingEvent) -> u64 {
-    let kind = match ev.kind {
-        0 => 0,
-        2 => 2,
-        4 => 4,
-        _ => 3,
+    let ev = PendingEvent {
+        kind: match ev.kind {
+            0 | 2 | 3 | 4 => ev.kind,
+            _ => 3,
+        },
+        ..ev
     };
-    let mut w = EVENT_VALID | u64::from(ev.vector) | (kind << 8);
-    if let Some(code) = ev.error_code {
-        w |= EVENT_EV | (u64::from(code) << 32);
-    }
-    w
+    let (info, code) = event_to_info(&ev);
+    u64::from(info) | (u64::from(code) << 32)
 }
 
 /// The event an EVENTINJ/EXITINTINFO word holds, if valid.
 fn pending_of(w: u64) -> Option<PendingEvent> {
-    (w & EVENT_VALID != 0).then(|| PendingEvent {
-        vector: w as u8,
-        kind: ((w >> 8) & 7) as u8,
-        error_code: (w & EVENT_EV != 0).then_some((w >> 32) as u32),
-    })
+    event_from_info(w as u32, (w >> 32) as u32)
 }
 
 impl Vcpu for SvmVcpu {
