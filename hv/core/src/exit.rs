@@ -114,8 +114,6 @@ pub enum Insn {
     Invvpid,
     Vmfunc,
     Getsec,
-    /// MOV to CR4, intercepted on SVM (see `from_svm_exitcode`).
-    WriteCr4,
 }
 
 impl Insn {
@@ -142,18 +140,16 @@ impl Insn {
             Self::Invvpid => "INVVPID",
             Self::Vmfunc => "VMFUNC",
             Self::Getsec => "GETSEC",
-            Self::WriteCr4 => "MOV-to-CR4",
         }
     }
 
     /// The refused instruction an SVM EXITCODE names (AMD APM vol. 2,
-    /// appendix C), or `None` for any other code. CR4 writes (0x14) are
-    /// refused too: QEMU's TCG does not implement the XSETBV intercept, so
-    /// a guest that could set CR4.OSXSAVE would reach the host's XCR0; no
-    /// guest of ours writes CR4.
+    /// appendix C), or `None` for any other code. (CR4 writes, 0x14, are
+    /// intercepted too, but as [`ExitKind::CrWrite`]: the platform checks
+    /// the value; CR4.OSXSAVE is refused because QEMU's TCG does not
+    /// implement the XSETBV intercept.)
     pub fn from_svm_exitcode(code: u64) -> Option<Self> {
         Some(match code {
-            0x14 => Self::WriteCr4,
             0x7a => Self::Invlpga,
             0x80 => Self::Vmrun,
             0x82 => Self::Vmload,
@@ -496,7 +492,6 @@ mod tests {
             (0x86, Insn::Skinit),
             (0x7a, Insn::Invlpga),
             (0x8d, Insn::Xsetbv),
-            (0x14, Insn::WriteCr4),
         ] {
             assert_eq!(Insn::from_svm_exitcode(code), Some(insn), "{code:#x}");
         }

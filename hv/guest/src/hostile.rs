@@ -237,10 +237,9 @@ fn execute(op: Op, arg: u64) -> u64 {
         Op::Insn(Insn::Vmfunc) => unsafe {
             asm!("vmfunc", in("eax") 0u32, in("ecx") 0u32, options(nostack))
         },
-        // No probe runs these: GETSEC needs SMX, and the CR4 write is what
-        // the XSETBV probe's CR4.OSXSAVE step runs into on SVM. A table
-        // entry naming one would be reported as an escape, never passed.
-        Op::Insn(Insn::Getsec | Insn::WriteCr4) => {}
+        // No probe runs it: GETSEC needs SMX. A table entry naming it would
+        // be reported as an escape, never passed.
+        Op::Insn(Insn::Getsec) => {}
         Op::Rdmsr(msr) => {
             let (lo, hi): (u32, u32);
             // SAFETY: see above.
