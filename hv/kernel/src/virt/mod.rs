@@ -13,6 +13,7 @@ pub mod replicate;
 pub mod run;
 pub mod selftest;
 pub mod svm;
+pub mod track;
 pub mod vcpu;
 pub mod vmx;
 

@@ -10,18 +10,19 @@ use alloc::vec;
 use alloc::vec::Vec;
 
 use doppel_abi::guest::{hypercall, PatternId, CONSOLE_PORT, MAX_RECORD, PAGE_SIZE, SEND_AGAIN};
-use doppel_core::dirtylog::{DirtyLog, DirtyTree};
+use doppel_core::dirtylog::DirtyTree;
 use doppel_core::engine::EpochClock;
 use doppel_core::exit::{exact_length, read_code, resume_rip, Action, ExitKind, VmExit};
 use doppel_core::fault;
 use doppel_core::hvm::{PendingEvent, VcpuState};
-use doppel_core::paging::{Flush, NestedEntry, NestedPageTable, RestoreWrite};
+use doppel_core::paging::{NestedEntry, NestedPageTable};
 use doppel_core::regs::Brief;
 use doppel_core::selftest::Mode;
 use doppel_kernel::config::Broken;
 use heapless::Vec as HVec;
 
 use super::guest::{GuestRam, KernelFrames};
+use super::track::{self, Tracker};
 use super::vcpu::Vcpu;
 use crate::arch::instr::{cpuid, rdtsc};
 
@@ -179,7 +180,7 @@ pub fn run_mode<E: NestedEntry, V: Vcpu, S: EpochSink>(
     sink: &mut S,
 ) -> Result<bool, &'static str> {
     let mut run = Run::new(ram, table, vcpu, mode, plan, sink)?;
-    run.sink.start(&run.log, run.ram)?;
+    run.sink.start(run.tracker.log(), run.ram)?;
     Ok(run.go())
 }
 
@@ -191,15 +192,11 @@ struct Run<'a, E: NestedEntry, V: Vcpu, S: EpochSink> {
     mode: Mode,
     plan: &'a Plan,
     sink: &'a mut S,
-    log: DirtyTree,
-    harvest: Vec<u8>,
+    tracker: Tracker,
     /// Union of the timer epochs' harvests since the guest's last epoch end.
     timer_union: Vec<u8>,
     timer_epochs: u64,
     tracked_dirty: u64,
-    /// Dirty-tracking exits and PML drains in the current epoch.
-    exits: u64,
-    drains: u64,
     console: HVec<u8, 160>,
     /// The guest's DONE status, once it said it.
     done_status: Option<u64>,
@@ -211,9 +208,6 @@ struct Run<'a, E: NestedEntry, V: Vcpu, S: EpochSink> {
     exit_tsc: u64,
     /// TSC when the current service epoch began (guest resumed).
     epoch_start_tsc: u64,
-    /// Write-protect tracking is off because the sink wants none
-    /// ([`EpochSink::tracking`]): the guest writes without exits.
-    untracked: bool,
 }
 
 impl<'a, E: NestedEntry, V: Vcpu, S: EpochSink> Run<'a, E, V, S> {
@@ -225,9 +219,12 @@ impl<'a, E: NestedEntry, V: Vcpu, S: EpochSink> Run<'a, E, V, S> {
         plan: &'a Plan,
         sink: &'a mut S,
     ) -> Result<Self, &'static str> {
-        let log = DirtyTree::new(ram.pages() - 1).map_err(|_| "dirty log")?;
-        let harvest = vec![0u8; log.bitmap_len()];
-        let timer_union = vec![0u8; log.bitmap_len()];
+        let sabotage = track::Sabotage {
+            no_fault_mark: plan.broken == Some(Broken::NoFaultMark),
+            no_pml_drain: plan.broken == Some(Broken::NoPmlDrain),
+        };
+        let tracker = Tracker::new(ram.pages(), mode, sabotage)?;
+        let timer_union = vec![0u8; tracker.harvested().len()];
         let mut r = Self {
             ram,
             table,
@@ -235,13 +232,10 @@ impl<'a, E: NestedEntry, V: Vcpu, S: EpochSink> Run<'a, E, V, S> {
             mode,
             plan,
             sink,
-            log,
-            harvest,
+            tracker,
             timer_union,
             timer_epochs: 0,
             tracked_dirty: 0,
-            exits: 0,
-            drains: 0,
             console: HVec::new(),
             done_status: None,
             epoch_exit_count: 0,
@@ -249,14 +243,12 @@ impl<'a, E: NestedEntry, V: Vcpu, S: EpochSink> Run<'a, E, V, S> {
             checkpoints: 0,
             exit_tsc: 0,
             epoch_start_tsc: rdtsc(),
-            untracked: false,
         };
         if r.mode == Mode::WriteProtect && !r.sink.tracking() {
             // Nobody will harvest (an activated standby): never protect.
-            r.untracked = true;
-            log::info!("dirty tracking off: nothing harvests this run's pages");
+            r.tracker.off();
         } else {
-            r.arm(true)?;
+            r.tracker.arm(r.table, r.vcpu, true)?;
         }
         r.arm_epoch_timer()?;
         Ok(r)
@@ -284,67 +276,18 @@ impl<'a, E: NestedEntry, V: Vcpu, S: EpochSink> Run<'a, E, V, S> {
     fn timer_epoch(&mut self) -> Result<(), &'static str> {
         self.stop_epoch_timer();
         self.harvest_epoch()?;
-        for (u, h) in self.timer_union.iter_mut().zip(&self.harvest) {
+        for (u, h) in self.timer_union.iter_mut().zip(self.tracker.harvested()) {
             *u |= *h;
         }
         self.timer_epochs += 1;
         self.rearm()?;
         self.arm_epoch_timer()
     }
-    /// Start (or re-start, after a harvest) tracking for the next epoch.
-    fn arm(&mut self, first: bool) -> Result<(), &'static str> {
-        let flush = match self.mode {
-            Mode::WriteProtect => {
-                self.table
-                    .enable_write_protect()
-                    .map_err(|_| "write-protecting the nested table")?
-                    .flush
-            }
-            Mode::Pml | Mode::AdScan => {
-                if first {
-                    // Dirty bits are per leaf: split every large page into
-                    // 4 KiB leaves (write-protect splits; then re-grant).
-                    // Flushed below with everything else.
-                    let _ = self
-                        .table
-                        .enable_write_protect()
-                        .map_err(|_| "splitting the nested table")?;
-                    let _ = self.table.disable_write_protect();
-                    if self.mode == Mode::Pml && !self.vcpu.set_pml(true) {
-                        return Err("the backend has no page-modification logging");
-                    }
-                }
-                // Clear the dirty bits so the next first write is seen again.
-                self.table.scan_and_clear_dirty(false, |_| {}).flush
-            }
-        };
-        self.vcpu.flush(flush.merge(Flush::All));
-        Ok(())
-    }
-
     /// After an epoch end: track the next epoch, unless the sink wants no
-    /// tracking. Then, in write-protect mode, every leaf gets its hardware
-    /// write permission back once, so an unprotected guest pays no exit per
-    /// first write; when the sink wants tracking again, [`Run::arm`]
-    /// write-protects every leaf anew. (PML and the A/D scan cost the
-    /// guest no exits and stay armed.)
+    /// tracking ([`Tracker::rearm`]).
     fn rearm(&mut self) -> Result<(), &'static str> {
-        if self.mode != Mode::WriteProtect || self.sink.tracking() {
-            if core::mem::take(&mut self.untracked) {
-                log::info!("dirty tracking on again: every guest page write-protected");
-            }
-            return self.arm(false);
-        }
-        if !self.untracked {
-            self.untracked = true;
-            let walk = self.table.disable_write_protect();
-            self.vcpu.flush(walk.flush);
-            log::info!(
-                "dirty tracking off: {} leaves writable again, guest writes no longer trapped",
-                walk.changed
-            );
-        }
-        Ok(())
+        let wanted = self.sink.tracking();
+        self.tracker.rearm(self.table, self.vcpu, wanted)
     }
 
     /// Fill in the next RIP of a CPUID, hypercall or HLT exit whose backend
@@ -471,35 +414,18 @@ impl<'a, E: NestedEntry, V: Vcpu, S: EpochSink> Run<'a, E, V, S> {
     fn dispatch(&mut self, exit: &VmExit) -> Action {
         match exit.kind {
             ExitKind::NestedPageFault(f) if f.is_write_protect_candidate() => {
-                match self.table.restore_write(f.gpa) {
-                    Ok(RestoreWrite::Restored(flush)) => {
-                        self.exits += 1;
-                        log::trace!("write fault {:?} stage {:?}", f.gpa, f.stage);
-                        if self.plan.broken != Some(Broken::NoFaultMark)
-                            && self.log.mark(f.gpa.as_u64() / PAGE_SIZE).is_err()
-                        {
-                            return self.fail("dirty log refused a guest page", exit);
-                        }
-                        self.vcpu.flush(flush);
-                        Action::Retry
-                    }
-                    Ok(RestoreWrite::Spurious) => {
-                        self.vcpu.flush(Flush::Page(f.gpa));
-                        Action::Retry
-                    }
-                    Err(_) => self.fail("write fault outside guest RAM", exit),
+                match self.tracker.write_fault(self.table, self.vcpu, &f) {
+                    Ok(_) => Action::Retry,
+                    Err(e) => self.fail(e, exit),
                 }
             }
             ExitKind::NestedPageFault(_) | ExitKind::NestedMisconfig { .. } => {
                 self.fail("unexpected nested page fault", exit)
             }
-            ExitKind::PmlFull => {
-                self.exits += 1;
-                match self.vcpu.drain_pml(&self.log) {
-                    Ok(_) => Action::Retry,
-                    Err(_) => self.fail("PML drain failed", exit),
-                }
-            }
+            ExitKind::PmlFull => match self.tracker.pml_full(self.vcpu) {
+                Ok(()) => Action::Retry,
+                Err(e) => self.fail(e, exit),
+            },
             ExitKind::Io(io) if io.port == CONSOLE_PORT && !io.input && !io.string => {
                 let b = self.vcpu.regs().rax as u8;
                 self.console_byte(b);
@@ -682,7 +608,8 @@ impl<'a, E: NestedEntry, V: Vcpu, S: EpochSink> Run<'a, E, V, S> {
                 dst.copy_from_slice(&buf[..n]);
                 if n > 0 {
                     for pfn in gpa / PAGE_SIZE..=(gpa + n as u64 - 1) / PAGE_SIZE {
-                        self.log
+                        self.tracker
+                            .log()
                             .mark(pfn)
                             .map_err(|_| "dirty log refused a RECV page")?;
                     }
@@ -738,59 +665,30 @@ impl<'a, E: NestedEntry, V: Vcpu, S: EpochSink> Run<'a, E, V, S> {
     ) -> Result<(), &'static str> {
         self.stop_epoch_timer();
         self.harvest_epoch()?;
-        for (h, u) in self.harvest.iter_mut().zip(self.timer_union.iter_mut()) {
-            *h |= *u;
-            *u = 0;
-        }
+        self.tracker.absorb(&mut self.timer_union);
+        let (exits, drains) = self.tracker.take_counts();
         let end = EpochEnd {
             backend: self.vcpu.backend(),
             mode: self.mode,
             pattern,
             epoch,
-            harvest: &self.harvest,
+            harvest: self.tracker.harvested(),
             ram: &*self.ram,
-            exits: self.exits,
-            drains: self.drains,
+            exits,
+            drains,
             timer_epochs: self.timer_epochs,
             tracked_dirty: self.tracked_dirty,
             vcpu: state,
         };
         self.sink.epoch_end(&end)?;
-        self.exits = 0;
-        self.drains = 0;
         self.timer_epochs = 0;
         self.tracked_dirty = 0;
         Ok(())
     }
 
-    /// The guest is stopped in this exit: drain, CLEAN into `harvest`.
+    /// The guest is stopped in this exit: drain, CLEAN into the harvest.
     fn harvest_epoch(&mut self) -> Result<(), &'static str> {
-        match self.mode {
-            Mode::Pml => {
-                if self.plan.broken != Some(Broken::NoPmlDrain) {
-                    self.vcpu
-                        .drain_pml(&self.log)
-                        .map_err(|_| "PML drain at epoch end failed")?;
-                    self.drains += 1;
-                }
-            }
-            Mode::AdScan => {
-                let log = &self.log;
-                let mut bad = false;
-                let _ = self.table.scan_and_clear_dirty(false, |gfn| {
-                    bad |= log.mark(gfn.as_u64()).is_err();
-                });
-                if bad {
-                    return Err("dirty bit outside guest RAM");
-                }
-            }
-            Mode::WriteProtect => {}
-        }
-        let stats = self
-            .log
-            .clean_bitmap(&mut self.harvest)
-            .map_err(|_| "CLEAN failed")?;
-        self.tracked_dirty += stats.dirty_count;
+        self.tracked_dirty += self.tracker.harvest(self.table, self.vcpu)?;
         Ok(())
     }
 }
