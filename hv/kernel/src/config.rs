@@ -55,6 +55,14 @@
 //!   rate, which the platform's clocks are timed by; `restore-every=N`
 //!   (1..=10^7) saves the whole guest to Xen's records every N exits,
 //!   destroys the vCPU and platform and rebuilds them from the records.
+//!   With `tracker=wp|pml|ad` (test only) the Linux guest is replicated
+//!   to the in-machine replica instead: an epoch ends every `epoch-exits`
+//!   exits (default 4000), each checkpoint carries the dirty pages and the
+//!   whole machine's records, and after `epochs` epochs the guest fails
+//!   over to the replica's copy and finishes there (`virt::replica::
+//!   LinuxReplica`); it prints `replica: backend=.. guest=linux mode=..
+//!   epochs=N pages_compared=M mismatches=K vcpu_blob=.. failover=..
+//!   at_epoch=E .. result=..`.
 //!
 //! A word without `=` that starts with `/` is the image's own path (some
 //! loaders prepend it) and is skipped. Anything else is an error: a typo on
@@ -451,6 +459,13 @@ mod tests {
             Some(Tracker::AdScan)
         );
         assert_eq!(Config::parse("mode=replica").unwrap().tracker, None);
+        // The replicated Linux guest takes the same keys.
+        let l = Config::parse("mode=linux tsc-khz=50000 tracker=pml epoch-exits=3000 epochs=5")
+            .unwrap();
+        assert_eq!(
+            (l.mode, l.tracker, l.epoch_exits, l.epochs),
+            (Mode::Linux, Some(Tracker::Pml), Some(3000), 5)
+        );
         assert_eq!(Config::default().tracker, None);
         for bad in ["tracker=ept", "tracker=", "tracker=PML"] {
             assert!(

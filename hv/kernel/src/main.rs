@@ -107,21 +107,27 @@ extern "C" fn kmain(magic: u32, info_addr: usize) -> ! {
                 Mode::Primary => virt::primary(&mut enabled, &plan),
                 Mode::Standby => virt::standby(&mut enabled, &plan),
                 Mode::Isolation => virt::isolation(&mut enabled, &plan),
-                Mode::Replica => {
-                    use doppel_abi::msg::LogDirtyMode;
-                    let mode = match config.tracker {
-                        None | Some(Tracker::WriteProtect) => LogDirtyMode::WriteProtect,
-                        Some(Tracker::Pml) => LogDirtyMode::Pml,
-                        Some(Tracker::AdScan) => LogDirtyMode::AdScan,
-                    };
-                    virt::replica(&mut enabled, &plan, mode)
-                }
+                Mode::Replica => virt::replica(&mut enabled, &plan, log_dirty_mode(config.tracker)),
                 _ => virt::selftest(&mut enabled, &plan),
             };
             exit(if ok { Status::Pass } else { Status::Fail })
         }
     }
 }
+
+/// The log-dirty mode `tracker=` asks for (write-protect by default).
+fn log_dirty_mode(t: Option<Tracker>) -> doppel_abi::msg::LogDirtyMode {
+    use doppel_abi::msg::LogDirtyMode;
+    match t {
+        None | Some(Tracker::WriteProtect) => LogDirtyMode::WriteProtect,
+        Some(Tracker::Pml) => LogDirtyMode::Pml,
+        Some(Tracker::AdScan) => LogDirtyMode::AdScan,
+    }
+}
+
+/// `mode=linux tracker=..`: a replicated epoch ends every this many exits
+/// unless `epoch-exits=` says otherwise.
+const LINUX_EPOCH_EXITS: u64 = 4000;
 
 /// `mode=linux`: the kernel (module 0, whose string is its command line)
 /// and the initrd (module 1) as GRUB loaded them.
@@ -158,6 +164,11 @@ fn linux(info: &BootInfo<'_>, config: &Config, enabled: &mut virt::Enabled) -> b
         tsc_khz,
         restore_every: config.restore_every,
         skip_lapic_regs: config.broken == Some(doppel_kernel::config::Broken::SkipLapicRegs),
+        replica: config.tracker.map(|t| virt::linux::ReplicaPlan {
+            mode: log_dirty_mode(Some(t)),
+            epoch_exits: config.epoch_exits.unwrap_or(LINUX_EPOCH_EXITS),
+            epochs: u64::from(config.epochs),
+        }),
     };
     virt::linux(enabled, &plan)
 }

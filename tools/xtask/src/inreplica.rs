@@ -20,24 +20,28 @@ const EPOCHS: u64 = 8;
 /// Guest RAM in MiB (the replica compares every page at every epoch).
 const GUEST_MIB: u64 = 8;
 
-/// What the image reported on its `replica:` line.
+/// What the image reported on its `replica:` line (the key-value
+/// service's, or with `guest=linux` the Linux guest's: no replies, the
+/// committed epoch it failed over at instead).
 #[derive(Debug, PartialEq, Eq)]
-struct Outcome {
-    backend: String,
-    mode: String,
-    epochs: u64,
-    pages_compared: u64,
-    mismatches: u64,
-    vcpu_blob: String,
-    failover: String,
-    replies: u64,
-    tracking_exits: u64,
-    dirty_pages: u64,
-    result: String,
+pub struct Outcome {
+    pub backend: String,
+    pub guest: Option<String>,
+    pub mode: String,
+    pub epochs: u64,
+    pub pages_compared: u64,
+    pub mismatches: u64,
+    pub vcpu_blob: String,
+    pub failover: String,
+    pub at_epoch: Option<u64>,
+    pub replies: u64,
+    pub tracking_exits: u64,
+    pub dirty_pages: u64,
+    pub result: String,
 }
 
 impl Outcome {
-    fn parse(output: &str) -> Result<Self> {
+    pub fn parse(output: &str) -> Result<Self> {
         let line = emu::hv_lines(output)
             .find_map(|l| l.split_once("replica: backend=").map(|_| l))
             .context("the image printed no `replica: backend=` line")?;
@@ -47,15 +51,19 @@ impl Outcome {
                 .with_context(|| format!("no {k}= in {line:?}"))
         };
         let n = |k: &str| num(line, k).with_context(|| format!("no number {k}= in {line:?}"));
+        let guest = field(line, "guest").map(str::to_string);
+        let linux = guest.as_deref() == Some("linux");
         Ok(Self {
             backend: s("backend")?,
+            guest,
             mode: s("mode")?,
             epochs: n("epochs")?,
             pages_compared: n("pages_compared")?,
             mismatches: n("mismatches")?,
             vcpu_blob: s("vcpu_blob")?,
             failover: s("failover")?,
-            replies: n("replies")?,
+            at_epoch: if linux { Some(n("at_epoch")?) } else { None },
+            replies: if linux { 0 } else { n("replies")? },
             tracking_exits: n("tracking_exits")?,
             dirty_pages: n("dirty_pages")?,
             result: s("result")?,
@@ -63,11 +71,14 @@ impl Outcome {
     }
 
     /// The acceptance line.
-    fn line(&self) -> String {
+    pub fn line(&self) -> String {
         format!(
-            "replica-{}: mode={} epochs={} pages_compared={} mismatches={} vcpu_blob={} \
+            "replica-{}: {}mode={} epochs={} pages_compared={} mismatches={} vcpu_blob={} \
              failover={} result={}",
             self.backend,
+            self.guest
+                .as_ref()
+                .map_or(String::new(), |g| format!("guest={g} ")),
             self.mode,
             self.epochs,
             self.pages_compared,
@@ -76,6 +87,37 @@ impl Outcome {
             self.failover,
             self.result
         )
+    }
+
+    /// A correct run of the Linux guest: the backend and tracker asked
+    /// for, `epochs` epochs each compared over all `pages` of the guest,
+    /// everything equal, and the failover taken at the last of them.
+    pub fn check_linux(&self, backend: &str, mode: &str, epochs: u64, pages: u64) -> Result<()> {
+        if self.guest.as_deref() != Some("linux") || self.backend != backend || self.mode != mode {
+            bail!(
+                "ran guest={:?} backend={} mode={}, expected linux {backend} {mode}",
+                self.guest,
+                self.backend,
+                self.mode
+            );
+        }
+        if self.epochs != epochs || self.pages_compared != epochs * pages {
+            bail!(
+                "epochs={} pages_compared={}: expected {epochs} epochs of {pages} pages each \
+                 (did Linux power off before the failover?)",
+                self.epochs,
+                self.pages_compared
+            );
+        }
+        if self.mismatches != 0
+            || self.vcpu_blob != "equal"
+            || self.failover != "ok"
+            || self.at_epoch != Some(epochs - 1)
+            || self.result != "pass"
+        {
+            bail!("the replica run did not pass: {}", self.line());
+        }
+        Ok(())
     }
 
     /// Checks every run must meet: the backend and tracker asked for, and
@@ -126,7 +168,7 @@ impl Outcome {
     }
 
     /// Dirty-tracking exits per staged page (the figures).
-    fn exits_per_page(&self) -> String {
+    pub fn exits_per_page(&self) -> String {
         if self.dirty_pages == 0 {
             return "n/a".into();
         }
@@ -139,7 +181,7 @@ impl Outcome {
 
 /// The hypervisor's own epoch-end pause (the replica's work taken out)
 /// over the epochs after the full epoch 0: (min, max), in TSC cycles.
-fn hv_pauses(output: &str) -> Option<(u64, u64)> {
+pub fn hv_pauses(output: &str) -> Option<(u64, u64)> {
     let p: Vec<u64> = emu::hv_lines(output)
         .filter(|l| l.contains("replica: epoch=") && num(l, "epoch").is_some_and(|e| e > 0))
         .filter_map(|l| num(l, "hv_pause_cycles"))
@@ -267,6 +309,43 @@ mod tests {
                    doppel-hv: replica: epoch=2 pause_cycles=9 consumer_cycles=2 hv_pause_cycles=7\n";
         assert_eq!(hv_pauses(out), Some((5, 7)));
         assert_eq!(hv_pauses("doppel-hv: exit=pass\n"), None);
+    }
+
+    fn linux_text(mismatches: u64, at: u64, result: &str) -> String {
+        format!(
+            "doppel-hv: replica: backend=vmx guest=linux mode=pml epochs=5 \
+             pages_compared=327680 mismatches={mismatches} vcpu_blob=equal failover=ok \
+             at_epoch={at} tracking_exits=40 dirty_pages=9000 result={result}\n"
+        )
+    }
+
+    #[test]
+    fn the_linux_line_needs_every_epoch_compared_and_the_failover_at_the_last() {
+        let o = Outcome::parse(&linux_text(0, 4, "pass")).unwrap();
+        o.check_linux("vmx", "pml", 5, 65536).unwrap();
+        assert_eq!(
+            o.line(),
+            "replica-vmx: guest=linux mode=pml epochs=5 pages_compared=327680 mismatches=0 \
+             vcpu_blob=equal failover=ok result=pass"
+        );
+        assert!(
+            o.check_linux("vmx", "wp", 5, 65536).is_err(),
+            "another tracker"
+        );
+        assert!(
+            o.check_linux("vmx", "pml", 6, 65536).is_err(),
+            "fewer epochs"
+        );
+        let early = Outcome::parse(&linux_text(0, 2, "pass")).unwrap();
+        assert!(early.check_linux("vmx", "pml", 5, 65536).is_err());
+        let bad = Outcome::parse(&linux_text(3, 4, "fail")).unwrap();
+        assert!(bad.check_linux("vmx", "pml", 5, 65536).is_err());
+        // The key-value line is not a Linux one, and needs its replies.
+        assert!(Outcome::parse(&text(0, "pass"))
+            .unwrap()
+            .check_linux("vmx", "pml", 8, 4096)
+            .is_err());
+        assert!(Outcome::parse(&text(0, "pass").replace(" replies=60", "")).is_err());
     }
 
     #[test]

@@ -98,6 +98,22 @@ fn steps() -> Vec<(&'static str, StepFn)> {
             "restore-loop-qemu-svm-broken",
             crate::linuxboot::step_restore_qemu_broken,
         ),
+        (
+            "replica-linux-bochs-vmx-pml",
+            crate::linuxboot::step_replica_bochs_pml,
+        ),
+        (
+            "replica-linux-bochs-vmx-wp",
+            crate::linuxboot::step_replica_bochs_wp,
+        ),
+        (
+            "replica-linux-qemu-svm-ad",
+            crate::linuxboot::step_replica_qemu_ad,
+        ),
+        (
+            "replica-linux-qemu-svm-wp",
+            crate::linuxboot::step_replica_qemu_wp,
+        ),
         ("replica-bochs-vmx-pml", crate::inreplica::step_vmx_pml),
         ("replica-bochs-vmx-wp", crate::inreplica::step_vmx_wp),
         ("replica-qemu-svm-ad", crate::inreplica::step_svm_ad),

@@ -165,11 +165,32 @@ impl<R: SharedMem + Clone, B: SharedMem, P: EpochPolicy, H: Hooks> Engine<R, B, 
         vcpu: &VcpuState,
         header: HeaderInfo,
     ) -> Result<Staged, &'static str> {
+        let (_, vs) = self.view.region(Field::VcpuArea);
+        let mut blob = alloc::vec![0u8; vs];
+        let blob_len = hvm::encode(core::slice::from_ref(vcpu), header, &mut blob)
+            .map_err(|_| "encoding the vCPU record")?;
+        self.stage_context(pfns, ram, &blob[..blob_len])
+    }
+
+    /// [`Engine::stage`] for a guest whose whole machine is recorded:
+    /// `context` is its HVM context stream, already encoded (the vCPU and
+    /// the platform's records, `doppel_core::platform::records`), carried
+    /// in the vCPU area as it is.
+    pub fn stage_context<G: GuestPages>(
+        &mut self,
+        pfns: impl Iterator<Item = u64>,
+        ram: &G,
+        context: &[u8],
+    ) -> Result<Staged, &'static str> {
         if !self.replicating() {
             return Err("no replication session to stage in");
         }
         if !self.staging_free() {
             return Err("staging area still held by the tool");
+        }
+        let (vo, vs) = self.view.region(Field::VcpuArea);
+        if context.len() > vs {
+            return Err("the HVM context does not fit the vCPU area");
         }
         let n = if core::mem::take(&mut self.full_next) {
             // A new session: every page, whatever this epoch dirtied.
@@ -177,11 +198,8 @@ impl<R: SharedMem + Clone, B: SharedMem, P: EpochPolicy, H: Hooks> Engine<R, B, 
         } else {
             self.stage_pages(pfns, ram)?
         };
-        let (vo, vs) = self.view.region(Field::VcpuArea);
-        let mut blob = alloc::vec![0u8; vs];
-        let blob_len = hvm::encode(core::slice::from_ref(vcpu), header, &mut blob)
-            .map_err(|_| "encoding the vCPU record")?;
-        self.bulk.write_bytes(vo, &blob[..blob_len]);
+        let blob_len = context.len();
+        self.bulk.write_bytes(vo, context);
         let off = |f: Field| self.view.region(f).0 as u64;
         let epoch = self.next_epoch;
         let ready = CheckpointReady {

@@ -218,6 +218,35 @@ fn epoch_zero_carries_every_page_then_only_the_harvest() {
 }
 
 #[test]
+fn a_whole_machine_context_is_carried_as_it_is_and_one_too_big_is_refused() {
+    let (mem, view) = area(Role::Workload);
+    let (mut e, mut t, ram) = past_epoch_zero(&mem, view, Role::Workload);
+    e.poll().unwrap();
+    let (_, room) = view.region(Field::VcpuArea);
+    // Larger than the area: refused before anything is staged or posted.
+    let big = vec![0x5a; room + 1];
+    assert_eq!(
+        e.stage_context(bitmap_pfns(&[0b10]), &ram, &big),
+        Err("the HVM context does not fit the vCPU area")
+    );
+    assert_eq!(e.next_epoch(), 1, "nothing posted");
+    assert!(e.staging_free());
+    // Any context that fits arrives byte for byte, with its pages.
+    let context: Vec<u8> = (0..room as u32).map(|i| (i * 7) as u8).collect();
+    let s = e
+        .stage_context(bitmap_pfns(&[0b10]), &ram, &context)
+        .unwrap();
+    assert_eq!((s.epoch, s.dirty, s.blob_len), (1, 1, room));
+    let Event::CheckpointReady(c) = t.ack(Ok(())) else {
+        panic!("not a checkpoint")
+    };
+    view.check_checkpoint(&c).unwrap();
+    let mut got = vec![0u8; c.vcpu.len as usize];
+    mem.read_bytes(c.vcpu.offset as usize, &mut got);
+    assert_eq!(got, context);
+}
+
+#[test]
 fn staging_is_bounded_by_its_regions_and_guest_ram() {
     let (mem, view) = area(Role::Workload);
     let (mut e, _tool, ram) = past_epoch_zero(&mem, view, Role::Workload);

@@ -20,6 +20,7 @@ use alloc::vec::Vec;
 use core::fmt;
 
 use doppel_abi::guest::GuestLine;
+use doppel_abi::msg::LogDirtyMode;
 use doppel_abi::ByteMem;
 use doppel_core::addr::HostPhysAddr;
 use doppel_core::cpuid_policy::guest_cpuid;
@@ -30,14 +31,17 @@ use doppel_core::hvm::{PendingEvent, VcpuState};
 use doppel_core::mmio::{self, decode_mmio, decode_mov_to_cr, Direction, MmioOp};
 use doppel_core::msr::Vendor;
 use doppel_core::msr_policy::nr;
-use doppel_core::paging::NestedEntry;
+use doppel_core::paging::{NestedEntry, NestedPageTable};
 use doppel_core::platform::machine::{self, Machine, PortEffect, Sabotage};
 use doppel_core::platform::records;
 use doppel_core::platform::rtc::{Clock, Rtc};
 use doppel_core::regs::Brief;
+use doppel_core::selftest::Mode;
 use doppel_core::{acpi, pvh};
 
-use super::guest::GuestRam;
+use super::guest::{GuestRam, KernelFrames};
+use super::replica::LinuxReplica;
+use super::track::{Sabotage as TrackSabotage, Tracker};
 use super::vcpu::Vcpu;
 use crate::arch::instr::{cpuid, enable_fxsr, fxrstor, fxsave, inb, mxcsr_ok, outb, rdtsc, FxArea};
 
@@ -61,6 +65,20 @@ pub struct LinuxPlan<'a> {
     pub tsc_khz: u32,
     pub restore_every: Option<u64>,
     pub skip_lapic_regs: bool,
+    /// Replicate the guest to the in-machine replica (test only).
+    pub replica: Option<ReplicaPlan>,
+}
+
+/// `mode=linux tracker=..`: the guest replicated to the in-machine replica
+/// ([`LinuxReplica`]), which fails over after `epochs` epochs.
+#[derive(Clone, Copy, Debug)]
+pub struct ReplicaPlan {
+    /// The log-dirty mode the replica asks for.
+    pub mode: LogDirtyMode,
+    /// An epoch ends every this many exits.
+    pub epoch_exits: u64,
+    /// Epochs before the failover.
+    pub epochs: u64,
 }
 
 const RFLAGS_IF: u64 = 1 << 9;
@@ -190,12 +208,19 @@ fn phys_bits() -> u8 {
 }
 
 /// Boot `plan` under a backend: `make` builds a vCPU from a state over
-/// the nested table rooted at its second argument.
-pub fn run<E, V, F>(vendor: Vendor, plan: &LinuxPlan<'_>, mut make: F) -> bool
+/// the nested table rooted at its second argument, for the dirty tracker
+/// in its third (PML needs the nested A/D bits). `offered` are the
+/// log-dirty modes the backend tracks with.
+pub fn run<E, V, F>(
+    vendor: Vendor,
+    plan: &LinuxPlan<'_>,
+    offered: &[LogDirtyMode],
+    mut make: F,
+) -> bool
 where
     E: NestedEntry,
     V: Vcpu,
-    F: FnMut(&VcpuState, HostPhysAddr) -> Result<V, &'static str>,
+    F: FnMut(&VcpuState, HostPhysAddr, Mode) -> Result<V, &'static str>,
 {
     enable_fxsr();
     // No host interrupt source may stay live while a guest that enables
@@ -246,13 +271,28 @@ where
         plan.mem_bytes >> 20,
         plan.tsc_khz
     );
-    let table = match ram.nested_table::<E>() {
+    let mut table = match ram.nested_table::<E>() {
         Ok(t) => t,
         Err(e) => {
             log::error!("linux: nested page table: {e}");
             return false;
         }
     };
+    // The replica, when asked for, starts from the loaded boot image (its
+    // first checkpoint carries every page).
+    let replica = match plan.replica {
+        None => None,
+        Some(r) => match LinuxReplica::start(&ram, offered, r.mode, r.epoch_exits, r.epochs) {
+            Ok(rep) => Some(rep),
+            Err(e) => {
+                log::error!("linux: the in-machine replica: {e}");
+                return false;
+            }
+        },
+    };
+    let mode = replica
+        .as_ref()
+        .map_or(Mode::WriteProtect, LinuxReplica::tracker);
     // The guest's TSC starts at 0 now; its RTC at the host's wall clock.
     let offset = 0u64.wrapping_sub(rdtsc());
     let clock = Clock {
@@ -262,7 +302,7 @@ where
     };
     let mut m = Machine::new(vendor, phys_bits(), clock);
     m.msrs.tsc_offset = offset;
-    let mut vcpu = match make(&boot.vcpu, table.root()) {
+    let mut vcpu = match make(&boot.vcpu, table.root(), mode) {
         Ok(v) => v,
         Err(e) => {
             log::error!("linux: vCPU: {e}");
@@ -273,16 +313,33 @@ where
         log::error!("linux: the {} backend has no TSC offset", vcpu.backend());
         return false;
     }
+    let tracker = match &replica {
+        None => None,
+        Some(_) => {
+            let t = Tracker::new(ram.pages(), mode, TrackSabotage::default())
+                .and_then(|mut t| t.arm(&mut table, &mut vcpu, true).map(|()| t));
+            match t {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    log::error!("linux: dirty tracking: {e}");
+                    return false;
+                }
+            }
+        }
+    };
     let mut l = Linux {
         vcpu,
         m,
-        ram: &ram,
+        ram,
+        table,
+        mode,
+        tracker,
+        replica,
         counts: Counts::default(),
         line: Vec::new(),
         restores: 0,
         last_restore: 0,
         make,
-        root: table.root(),
         clock,
         plan,
     };
@@ -296,31 +353,43 @@ where
         l.restores,
         l.counts
     );
-    stop == Stop::Poweroff
+    match &l.replica {
+        Some(r) => r.report(l.vcpu.backend(), stop == Stop::Poweroff),
+        None => stop == Stop::Poweroff,
+    }
 }
 
-struct Linux<'r, V: Vcpu, F> {
+struct Linux<'r, E: NestedEntry, V: Vcpu, F> {
     vcpu: V,
     m: Machine,
-    ram: &'r GuestRam,
+    ram: GuestRam,
+    /// The guest's nested table (the vCPU runs on it: replaced only
+    /// together with the vCPU).
+    table: NestedPageTable<E, KernelFrames>,
+    /// What the vCPU is built for (PML needs the nested A/D bits).
+    mode: Mode,
+    /// Dirty tracking, while the guest is replicated.
+    tracker: Option<Tracker>,
+    replica: Option<LinuxReplica>,
     counts: Counts,
     /// The console line being assembled.
     line: Vec<u8>,
     restores: u64,
     /// The exit count at the last restore (one restore per count).
     last_restore: u64,
-    /// What builds a vCPU, over the nested table at `root`.
+    /// What builds a vCPU, over the nested table rooted at its second
+    /// argument, for the tracker in its third.
     make: F,
-    root: HostPhysAddr,
     /// The RTC's wall clock (platform configuration, not guest state).
     clock: Clock,
     plan: &'r LinuxPlan<'r>,
 }
 
-impl<V, F> Linux<'_, V, F>
+impl<E, V, F> Linux<'_, E, V, F>
 where
+    E: NestedEntry,
     V: Vcpu,
-    F: FnMut(&VcpuState, HostPhysAddr) -> Result<V, &'static str>,
+    F: FnMut(&VcpuState, HostPhysAddr, Mode) -> Result<V, &'static str>,
 {
     fn run_loop(&mut self) -> Stop {
         loop {
@@ -339,6 +408,7 @@ where
             self.prepare_entry();
             let exit = self.vcpu.run();
             self.counts.count(&exit.kind, self.ram.bytes());
+            let epoch_due = self.replica.as_mut().is_some_and(LinuxReplica::exited);
             match self.dispatch(&exit) {
                 Next::Resume(rip) => self.vcpu.set_rip(rip),
                 Next::Retry => {}
@@ -354,6 +424,14 @@ where
                     return s;
                 }
             }
+            if epoch_due {
+                // The guest is stopped with its state complete (RIP moved,
+                // any fault injected): what a checkpoint must record.
+                if let Err(e) = self.epoch_end() {
+                    log::error!("linux: epoch end: {e}");
+                    return Stop::Error;
+                }
+            }
             if self.counts.total >= MAX_EXITS {
                 log::error!("linux: {MAX_EXITS} exits without a poweroff; giving up");
                 return Stop::Error;
@@ -361,36 +439,111 @@ where
         }
     }
 
-    /// Save the whole guest (vCPU with its FPU image, LAPIC, LAPIC_REGS,
-    /// IOAPIC, RTC, MTRR, TSC_ADJUST) to Xen's HVM context stream, throw
-    /// the vCPU and the platform away, and rebuild both from the stream
-    /// alone. Guest memory stays where it is (a checkpoint carries it
-    /// separately); COM1 is a device model's state, outside the records.
+    /// End a replicated epoch: harvest, checkpoint the whole machine to
+    /// the replica, and track the next epoch, or fail over to the replica
+    /// when it says so.
+    fn epoch_end(&mut self) -> Result<(), &'static str> {
+        let stopped = rdtsc();
+        let Some(tracker) = self.tracker.as_mut() else {
+            return Err("an epoch end without dirty tracking");
+        };
+        tracker.harvest(&mut self.table, &mut self.vcpu)?;
+        let (exits, _) = tracker.take_counts();
+        let context = self.save_context(rdtsc())?;
+        let (Some(tracker), Some(replica)) = (self.tracker.as_mut(), self.replica.as_mut()) else {
+            return Err("an epoch end without a replica");
+        };
+        if replica.epoch_end(tracker.harvested(), &self.ram, &context, exits)? {
+            return self.fail_over();
+        }
+        tracker.rearm(&mut self.table, &mut self.vcpu, true)?;
+        replica.resumed(rdtsc().wrapping_sub(stopped));
+        Ok(())
+    }
+
+    /// The primary fails: its vCPU, platform and nested table are thrown
+    /// away, guest RAM is rewritten from the replica's shadow, and the
+    /// machine is rebuilt from the last committed context alone. The guest
+    /// then runs on, unreplicated.
+    fn fail_over(&mut self) -> Result<(), &'static str> {
+        let replica = self.replica.as_mut().ok_or("no replica to fail over to")?;
+        self.tracker = None;
+        let context = replica.fail_over(&mut self.ram)?;
+        let table = self
+            .ram
+            .nested_table::<E>()
+            .map_err(|_| "building the nested page table")?;
+        let now = rdtsc();
+        self.mode = Mode::WriteProtect;
+        self.rebuild(&context, table.root(), now)?;
+        // The old vCPU is gone: its table can go too.
+        self.table = table;
+        let again = self.save_context(now)?;
+        if let Some(r) = self.replica.as_mut() {
+            r.rebuilt(&again);
+        }
+        Ok(())
+    }
+
+    /// Save the whole guest to Xen's HVM context stream, throw the vCPU
+    /// and the platform away, and rebuild both from the stream alone
+    /// ([`Linux::save_context`], [`Linux::rebuild`]). Guest memory stays
+    /// where it is (a checkpoint carries it separately); COM1 is a device
+    /// model's state, outside the records.
     fn save_and_rebuild(&mut self) -> Result<(), &'static str> {
         // Counted when it starts: a rebuild that fails is a restore that
         // ran (and stops the guest).
         self.restores += 1;
+        let now = rdtsc();
+        let blob = self.save_context(now)?;
+        if let Some(t) = self.tracker.as_mut() {
+            // What the hardware logged for the old vCPU goes to the log
+            // before the vCPU goes.
+            t.drain(&mut self.table, &mut self.vcpu)?;
+        }
+        self.rebuild(&blob, self.table.root(), rdtsc())?;
+        if let Some(t) = self.tracker.as_mut() {
+            t.arm(&mut self.table, &mut self.vcpu, true)?;
+        }
+        log::debug!(
+            "linux: restore {} at exit {} ({} bytes of records)",
+            self.restores,
+            self.counts.total,
+            blob.len()
+        );
+        Ok(())
+    }
+
+    /// The whole guest (vCPU with its FPU image, LAPIC, LAPIC_REGS,
+    /// IOAPIC, PIT, RTC, MTRR, TSC_ADJUST) as Xen's HVM context stream,
+    /// its clocks read at host TSC `now`.
+    fn save_context(&mut self, now: u64) -> Result<Vec<u8>, &'static str> {
         let mut fx = FxArea([0; 512]);
         fxsave(&mut fx);
         let mut cpu = self.vcpu.state();
         cpu.fpu = fx.0;
         cpu.fpu_initialised = true;
-        let records = self.m.save(cpu, rdtsc());
+        let records = self.m.save(cpu, now);
         let header = HeaderInfo {
             cpuid: cpuid(1, 0).eax,
             gtsc_khz: self.plan.tsc_khz,
             changeset: 0,
         };
-        let blob = records::encode(&records, header, None).map_err(|e| {
+        records::encode(&records, header, None).map_err(|e| {
             log::error!("linux: encoding the records: {e:?}");
             "the machine's records could not be encoded"
-        })?;
+        })
+    }
 
-        // Nothing of the old machine survives but COM1 and the platform's
-        // configuration; the FPU is scrubbed to its reset image.
+    /// Replace the vCPU and the platform with ones built from `blob` alone
+    /// (an HVM context stream from [`Linux::save_context`]), the vCPU over
+    /// the nested table at `root`, its clocks resuming at host TSC `now`.
+    /// Nothing of the old machine survives but COM1 and the platform's
+    /// configuration; the FPU is scrubbed to its reset image first.
+    fn rebuild(&mut self, blob: &[u8], root: HostPhysAddr, now: u64) -> Result<(), &'static str> {
         let uart = self.m.uart.clone();
         fxrstor(&FxArea(FPU_RESET));
-        let r = records::decode(&blob).map_err(|e| {
+        let r = records::decode(blob).map_err(|e| {
             log::error!("linux: decoding the records: {e:?}");
             "the machine's records could not be decoded"
         })?;
@@ -405,29 +558,23 @@ where
             self.m.msrs.phys_bits,
             self.clock,
             uart,
-            rdtsc(),
+            now,
             sabotage,
         )
         .map_err(|e| {
             log::error!("linux: a record was refused: {} = {:#x}", e.field, e.value);
             "a record was refused"
         })?;
-        let vcpu = (self.make)(&r.cpu, self.root)?;
+        if !mxcsr_ok(&r.cpu.fpu) {
+            return Err("the FPU image's MXCSR has reserved bits set");
+        }
+        let vcpu = (self.make)(&r.cpu, root, self.mode)?;
         self.vcpu = vcpu;
         self.m = m;
         if !self.vcpu.set_tsc_offset(self.m.msrs.tsc_offset) {
             return Err("the backend has no TSC offset");
         }
-        if !mxcsr_ok(&r.cpu.fpu) {
-            return Err("the FPU image's MXCSR has reserved bits set");
-        }
         fxrstor(&FxArea(r.cpu.fpu));
-        log::debug!(
-            "linux: restore {} at exit {} ({} bytes of records)",
-            self.restores,
-            self.counts.total,
-            blob.len()
-        );
         Ok(())
     }
 
@@ -590,6 +737,30 @@ where
             ExitKind::NestedPageFault(f) if f.gpa.as_u64() >= self.ram.bytes() => {
                 self.mmio(exit, f.gpa.as_u64())
             }
+            ExitKind::NestedPageFault(f) if f.is_write_protect_candidate() => {
+                let Some(t) = self.tracker.as_mut() else {
+                    log::error!(
+                        "linux: a write fault in guest RAM at {:#x} with no dirty tracking, rip={:#x}",
+                        f.gpa.as_u64(),
+                        exit.rip
+                    );
+                    return Next::Stop(Stop::Error);
+                };
+                match t.write_fault(&mut self.table, &mut self.vcpu, &f) {
+                    Ok(_) => Next::Retry,
+                    Err(e) => {
+                        log::error!("linux: {e} ({:#x}), rip={:#x}", f.gpa.as_u64(), exit.rip);
+                        Next::Stop(Stop::Error)
+                    }
+                }
+            }
+            ExitKind::PmlFull => match self.tracker.as_mut().map(|t| t.pml_full(&mut self.vcpu)) {
+                Some(Ok(())) => Next::Retry,
+                other => {
+                    log::error!("linux: PML buffer full: {other:?}");
+                    Next::Stop(Stop::Error)
+                }
+            },
             ExitKind::Hlt => self.hlt(exit),
             ExitKind::Timer | ExitKind::ExternalInterrupt => Next::Retry,
             ExitKind::InterruptWindow => {

@@ -44,7 +44,7 @@ use doppel_core::selftest::Mode;
 use zerocopy::IntoBytes;
 
 use super::guest::{self, GuestRam, Workload};
-use super::replicate::{checkpoint_header, said, tracker, Binding, Engine};
+use super::replicate::{checkpoint_header, said, tracker, Binding, Context, Engine};
 use super::run::{run_mode, EpochEnd, EpochSink, Plan};
 use super::vcpu::{GuestStart, Vcpu};
 use crate::arch::instr::rdtsc;
@@ -108,9 +108,9 @@ where
         keys: plan.keys,
     };
     let start = guest::load(&mut ram, &workload).map_err(|_| "loading the guest")?;
-    let mut bind = Binding::publish(&ram, Role::Service, plan)?;
+    let mut bind = Binding::publish(&ram, Role::Service, plan.epoch_exits)?;
     bind.engine.offer_modes(offered);
-    let mut tool = Tool::attach(&bind, plan)?;
+    let mut tool = Tool::attach(&bind, plan.mem_bytes, plan.keys)?;
     tool.expect_done(&mut bind.engine, Command::LogDirtyEnable { mode })?;
     let tracked = tracker(bind.engine.log_dirty_mode());
     let mut table = ram
@@ -178,21 +178,13 @@ where
 {
     let tool = &mut sink.tool;
     let state = tool.committed_state()?;
-    let bytes = ram.bytes();
-    let shadow = tool
-        .shadow
-        .slice(0, bytes)
-        .ok_or("shadow smaller than guest RAM")?;
-    ram.slice_mut(0, bytes)
-        .ok_or("guest RAM")?
-        .copy_from_slice(shadow);
-    tool.expect_done(&mut sink.bind.engine, Command::Detach)?;
+    tool.take_over(ram, &mut sink.bind.engine)?;
     let mut table = ram
         .nested_table::<E>()
         .map_err(|_| "building the nested page table")?;
     let mut vcpu = restore(&state, table.root())?;
     // The new vCPU must be the committed record, byte for byte.
-    tool.restored_blob = tool.blob_matches(&vcpu.state())?;
+    tool.restored_blob = tool.blob_matches(&vcpu_context(&vcpu.state(), tool.vcpu_area)?);
     if !tool.restored_blob {
         log::warn!("replica: the restored vCPU's record differs from the committed one");
     }
@@ -241,7 +233,8 @@ impl EpochSink for ReplicaSink {
         }
         let began = rdtsc();
         self.tool.take_checkpoint(&mut self.bind.engine)?;
-        self.tool.compare(e.ram, &e.vcpu)?;
+        self.tool
+            .compare(e.ram, &vcpu_context(&e.vcpu, self.tool.vcpu_area)?)?;
         self.tool.client_step()?;
         self.consumer_cycles = Some(rdtsc().wrapping_sub(began));
         Ok(())
@@ -306,6 +299,181 @@ impl EpochSink for ReplicaSink {
     }
 }
 
+/// The in-machine replica of a Linux guest (`mode=linux tracker=..`):
+/// the Linux run loop ([`super::linux`]) ends an epoch every
+/// `epoch_exits` exits with the guest stopped, hands the harvest and the
+/// whole machine's HVM context here, and the replica takes the
+/// checkpoint over the real rings exactly as for the key-value service
+/// ([`Tool`]), then compares its shadow with the guest's RAM and the
+/// committed context with the machine's. After `epochs` epochs it fails
+/// over: [`LinuxReplica::fail_over`] rewrites the guest's RAM from the
+/// shadow and returns the committed context, from which the run loop
+/// rebuilds the vCPU and the platform; Linux must then finish its
+/// transcript and power off.
+pub(super) struct LinuxReplica {
+    bind: Binding,
+    tool: Tool,
+    mode: Mode,
+    epochs: u64,
+    /// Exits since the last epoch end.
+    exits: u64,
+    failover: Failover,
+    /// TSC cycles the replica's own work took in the last epoch end.
+    consumer_cycles: u64,
+}
+
+/// Where the failover stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Failover {
+    NotYet,
+    /// The guest runs from the replica's last committed epoch.
+    Done {
+        epoch: u64,
+    },
+    Failed,
+}
+
+impl LinuxReplica {
+    /// Publish the control area for `ram` (whose boot image is loaded),
+    /// attach the replica and have it enable log-dirty with `mode`, one
+    /// of `offered`. The run loop tracks with [`LinuxReplica::tracker`].
+    pub(super) fn start(
+        ram: &GuestRam,
+        offered: &[LogDirtyMode],
+        mode: LogDirtyMode,
+        epoch_exits: u64,
+        epochs: u64,
+    ) -> Result<Self, &'static str> {
+        let mut bind = Binding::publish(ram, Role::Workload, Some(epoch_exits.max(1)))?;
+        bind.engine.offer_modes(offered);
+        let mut tool = Tool::attach(&bind, ram.bytes(), 1)?;
+        tool.expect_done(&mut bind.engine, Command::LogDirtyEnable { mode })?;
+        let mode = tracker(bind.engine.log_dirty_mode());
+        log::info!(
+            "replica: the in-machine replica of the Linux guest enabled log-dirty (mode={}); \
+             an epoch every {epoch_exits} exits, failover after {epochs}; shadow of {} pages",
+            mode.name(),
+            ram.pages()
+        );
+        Ok(Self {
+            bind,
+            tool,
+            mode,
+            epochs,
+            exits: 0,
+            failover: Failover::NotYet,
+            consumer_cycles: 0,
+        })
+    }
+
+    /// The tracker the run loop must use.
+    pub(super) fn tracker(&self) -> Mode {
+        self.mode
+    }
+
+    /// The guest exited: whether its epoch ends here (before the next
+    /// entry). Never after the failover (the guest runs unprotected).
+    pub(super) fn exited(&mut self) -> bool {
+        self.bind.engine.beat();
+        if self.failover != Failover::NotYet {
+            return false;
+        }
+        self.exits += 1;
+        // The engine's epoch policy decides, as for every replicated guest.
+        self.bind.epoch_due(&EpochClock {
+            timer_fired: false,
+            exits: self.exits,
+            first: false,
+        })
+    }
+
+    /// An epoch ended with the guest stopped: checkpoint `harvest`'s pages
+    /// of `ram` and `context` (the machine as it resumes), have the
+    /// replica take and commit it, and compare. `exits` are the epoch's
+    /// tracking exits. True when the failover is due now.
+    pub(super) fn epoch_end(
+        &mut self,
+        harvest: &[u8],
+        ram: &GuestRam,
+        context: &[u8],
+        exits: u64,
+    ) -> Result<bool, &'static str> {
+        self.exits = 0;
+        self.bind
+            .checkpoint(harvest, ram, Context::Machine(context), "linux", exits)?;
+        if self.tool.epochs > 0 {
+            self.tool.tracking_exits += exits;
+        }
+        let began = rdtsc();
+        self.tool.take_checkpoint(&mut self.bind.engine)?;
+        self.tool.compare(ram, context)?;
+        self.consumer_cycles = rdtsc().wrapping_sub(began);
+        Ok(self.tool.epochs >= self.epochs)
+    }
+
+    /// The guest resumes after an epoch end that held it `pause` TSC
+    /// cycles: log them, and the hypervisor's share (the replica's work
+    /// runs inside the pause here, on the same CPU; a real tool's runs
+    /// beside the guest).
+    pub(super) fn resumed(&mut self, pause: u64) {
+        let c = core::mem::take(&mut self.consumer_cycles);
+        log::info!(
+            "replica: epoch={} pause_cycles={pause} consumer_cycles={c} hv_pause_cycles={}",
+            self.tool.committed.unwrap_or(0),
+            pause.saturating_sub(c)
+        );
+    }
+
+    /// Fail over: the primary's RAM is rewritten from the shadow, the
+    /// engine detached; the last committed context, to rebuild the vCPU
+    /// and platform from.
+    pub(super) fn fail_over(&mut self, ram: &mut GuestRam) -> Result<Vec<u8>, &'static str> {
+        self.failover = Failover::Failed;
+        self.tool.take_over(ram, &mut self.bind.engine)?;
+        let epoch = self.tool.committed.ok_or("no epoch was committed")?;
+        log::info!("replica: failed over to the replica at committed epoch {epoch}");
+        self.failover = Failover::Done { epoch };
+        Ok(self.tool.blob.clone())
+    }
+
+    /// The rebuilt machine, saved again at the instant it was rebuilt:
+    /// it must be the committed context byte for byte.
+    pub(super) fn rebuilt(&mut self, context: &[u8]) {
+        self.tool.restored_blob = self.tool.blob_matches(context);
+        if !self.tool.restored_blob {
+            log::warn!("replica: the rebuilt machine's records differ from the committed ones");
+        }
+    }
+
+    /// Print the verdict line; true when it passes (`powered_off`: Linux
+    /// finished its run cleanly after the failover).
+    pub(super) fn report(&self, backend: &str, powered_off: bool) -> bool {
+        let t = &self.tool;
+        let equal = t.blob_mismatches == 0 && t.restored_blob;
+        let failover = matches!(self.failover, Failover::Done { .. }) && powered_off;
+        let pass = t.mismatches == 0 && equal && failover;
+        let at = match self.failover {
+            Failover::Done { epoch } => epoch,
+            _ => 0,
+        };
+        console::print(format_args!(
+            "replica: backend={backend} guest=linux mode={} epochs={} pages_compared={} \
+             mismatches={} vcpu_blob={} failover={} at_epoch={at} tracking_exits={} \
+             dirty_pages={} result={}\n",
+            self.mode.name(),
+            t.epochs,
+            t.pages_compared,
+            t.mismatches,
+            if equal { "equal" } else { "differs" },
+            if failover { "ok" } else { "failed" },
+            t.tracking_exits,
+            t.dirty_pages,
+            if pass { "pass" } else { "fail" },
+        ));
+        pass
+    }
+}
+
 /// The tool's part, in the machine.
 struct Tool {
     cmd: CommandFront<Rings>,
@@ -335,7 +503,7 @@ struct Tool {
 }
 
 impl Tool {
-    fn attach(bind: &Binding, plan: &Plan) -> Result<Self, &'static str> {
+    fn attach(bind: &Binding, mem_bytes: u64, keys: u32) -> Result<Self, &'static str> {
         let v = &bind.views;
         let region = |f: Field| v.view.region(f);
         let (co, cs) = region(Field::CommandRing);
@@ -352,7 +520,7 @@ impl Tool {
             bulk: v.bulk,
             vcpu_area: region(Field::VcpuArea).1,
             next_id: 0,
-            shadow: GuestRam::new(plan.mem_bytes).map_err(|_| "no memory for the shadow")?,
+            shadow: GuestRam::new(mem_bytes).map_err(|_| "no memory for the shadow")?,
             blob: Vec::new(),
             committed: None,
             epochs: 0,
@@ -362,7 +530,7 @@ impl Tool {
             restored_blob: false,
             tracking_exits: 0,
             dirty_pages: 0,
-            client: Client::new(plan.keys),
+            client: Client::new(keys),
             error: None,
         })
     }
@@ -456,8 +624,9 @@ impl Tool {
     }
 
     /// The guest is still stopped at the epoch end: the shadow must equal
-    /// its memory, every page, and the record its vCPU.
-    fn compare(&mut self, ram: &GuestRam, vcpu: &VcpuState) -> Result<(), &'static str> {
+    /// its memory, every page, and the committed record `context`, the
+    /// guest's state encoded now.
+    fn compare(&mut self, ram: &GuestRam, context: &[u8]) -> Result<(), &'static str> {
         let mut differ = 0;
         for pfn in 0..ram.pages() {
             let at = pfn * PAGE_SIZE;
@@ -465,7 +634,7 @@ impl Tool {
             else {
                 return Err("replica: page outside guest RAM or shadow");
             };
-            if a != b {
+            if !same_page(a, b) {
                 if self.mismatches + differ < SHOWN {
                     log::warn!(
                         "replica: epoch {} pfn {pfn:#x}: the shadow differs from guest memory",
@@ -477,7 +646,7 @@ impl Tool {
         }
         self.pages_compared += ram.pages();
         self.mismatches += differ;
-        if !self.blob_matches(vcpu)? {
+        if !self.blob_matches(context) {
             log::warn!(
                 "replica: epoch {}: the vCPU record differs from the guest's vCPU",
                 self.committed.unwrap_or(0)
@@ -487,13 +656,24 @@ impl Tool {
         Ok(())
     }
 
-    /// Whether `vcpu`, encoded as the engine encodes a checkpoint, is the
-    /// last committed record byte for byte.
-    fn blob_matches(&self, vcpu: &VcpuState) -> Result<bool, &'static str> {
-        let mut want = vec![0u8; self.vcpu_area];
-        let n = hvm::encode(core::slice::from_ref(vcpu), checkpoint_header(), &mut want)
-            .map_err(|_| "replica: encoding the vCPU record")?;
-        Ok(want[..n] == self.blob[..])
+    /// Whether `context` is the last committed record byte for byte.
+    fn blob_matches(&self, context: &[u8]) -> bool {
+        context == &self.blob[..]
+    }
+
+    /// The failover's memory half: guest RAM rewritten from the shadow
+    /// (the last committed epoch), and the engine detached (the guest runs
+    /// unprotected from now on, as an activated standby does).
+    fn take_over(&mut self, ram: &mut GuestRam, engine: &mut Engine) -> Result<(), &'static str> {
+        let bytes = ram.bytes();
+        let shadow = self
+            .shadow
+            .slice(0, bytes)
+            .ok_or("shadow smaller than guest RAM")?;
+        ram.slice_mut(0, bytes)
+            .ok_or("guest RAM")?
+            .copy_from_slice(shadow);
+        self.expect_done(engine, Command::Detach)
     }
 
     /// The vCPU of the last committed record.
@@ -533,6 +713,28 @@ impl Tool {
         }
         Ok(())
     }
+}
+
+/// Whether two pages hold the same bytes, compared a word at a time
+/// (a byte loop is slow under an emulator, and this runs over all of a
+/// Linux guest's RAM at every epoch).
+fn same_page(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len()
+        && a.chunks_exact(8).zip(b.chunks_exact(8)).all(|(x, y)| {
+            let w = |c: &[u8]| u64::from_ne_bytes(c.try_into().unwrap_or([0; 8]));
+            w(x) == w(y)
+        })
+        && a.chunks_exact(8).remainder() == b.chunks_exact(8).remainder()
+}
+
+/// `vcpu` encoded as the engine encodes a checkpoint of the test guests
+/// (at most `room` bytes).
+fn vcpu_context(vcpu: &VcpuState, room: usize) -> Result<Vec<u8>, &'static str> {
+    let mut blob = vec![0u8; room];
+    let n = hvm::encode(core::slice::from_ref(vcpu), checkpoint_header(), &mut blob)
+        .map_err(|_| "replica: encoding the vCPU record")?;
+    blob.truncate(n);
+    Ok(blob)
 }
 
 /// The service's user: deterministic requests, and a model of the state

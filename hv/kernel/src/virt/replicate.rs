@@ -96,7 +96,7 @@ where
     } else {
         Role::Workload
     };
-    let mut area = Binding::publish(&ram, role, plan)?;
+    let mut area = Binding::publish(&ram, role, plan.epoch_exits)?;
     area.engine.offer_modes(offered);
     log::info!(
         "primary: control area at {:#x} ({} bytes), guest RAM at {:#x} ({} bytes); waiting for the dom0 tool",
@@ -154,7 +154,7 @@ where
     F: FnOnce(&VcpuState, HostPhysAddr) -> Result<V, &'static str>,
 {
     let mut ram = GuestRam::new(plan.mem_bytes).map_err(|_| "no memory for the guest")?;
-    let mut area = Binding::publish(&ram, Role::Standby, plan)?;
+    let mut area = Binding::publish(&ram, Role::Standby, plan.epoch_exits)?;
     log::info!(
         "standby: control area at {:#x} ({} bytes), guest RAM at {:#x} ({} bytes); waiting for Activate",
         area.pa,
@@ -245,15 +245,19 @@ pub(super) struct Views {
 }
 
 impl Binding {
-    pub(super) fn publish(ram: &GuestRam, role: Role, plan: &Plan) -> Result<Self, &'static str> {
+    /// Publish the area for `ram` with role `role`; a service epoch ends
+    /// every `epoch_exits` exits when given.
+    pub(super) fn publish(
+        ram: &GuestRam,
+        role: Role,
+        epoch_exits: Option<u64>,
+    ) -> Result<Self, &'static str> {
         let (engine, (pa, size, views)) = map_area(ram, role)?;
         Ok(Self {
             engine,
             pa,
             size,
-            policy: Remus {
-                epoch_exits: plan.epoch_exits,
-            },
+            policy: Remus { epoch_exits },
             views,
         })
     }
@@ -327,20 +331,28 @@ fn write_locator(pa: u64, size: u64, total: u64, guest_ram: Region) -> Result<()
     Ok(())
 }
 
-impl EpochSink for Binding {
-    fn recv(&mut self, dst: &mut [u8]) -> Result<Recv, &'static str> {
-        self.engine.recv(dst)
-    }
+/// What a checkpoint records besides memory.
+pub(super) enum Context<'a> {
+    /// The test guests: one vCPU, encoded by the engine.
+    Vcpu(&'a VcpuState),
+    /// A whole machine (the Linux guest): its HVM context stream, encoded.
+    Machine(&'a [u8]),
+}
 
-    fn send(&mut self, record: &[u8]) -> Result<bool, &'static str> {
-        self.engine.send(record)
-    }
-
-    fn poll(&mut self) -> Result<(), &'static str> {
-        self.engine.poll()
-    }
-
-    fn epoch_end(&mut self, e: &EpochEnd<'_>) -> Result<(), &'static str> {
+impl Binding {
+    /// The epoch ended with the guest stopped: stage its harvest's pages
+    /// from `ram` and `context` for the tool (after the tool has taken the
+    /// previous checkpoint: back-pressure), unless nothing is replicated
+    /// (an activated standby; a detached primary, which serves the tool's
+    /// successor instead). `what` names the epoch end in the log line.
+    pub(super) fn checkpoint(
+        &mut self,
+        harvest: &[u8],
+        ram: &GuestRam,
+        context: Context<'_>,
+        what: &str,
+        exits: u64,
+    ) -> Result<(), &'static str> {
         self.engine.beat();
         if self.engine.role() == Role::Standby {
             // An activated standby runs unreplicated: nothing to stage.
@@ -356,22 +368,41 @@ impl EpochSink for Binding {
             // Detach arrived while the guest waited: stage nothing.
             return Ok(());
         }
-        let s = self
-            .engine
-            .stage(bitmap_pfns(e.harvest), e.ram, &e.vcpu, checkpoint_header())?;
+        let pfns = bitmap_pfns(harvest);
+        let s = match context {
+            Context::Vcpu(v) => self.engine.stage(pfns, ram, v, checkpoint_header())?,
+            Context::Machine(m) => self.engine.stage_context(pfns, ram, m)?,
+        };
+        log::info!(
+            "primary: checkpoint epoch={} pattern={what} dirty={} exits={exits} held={}",
+            s.epoch,
+            s.dirty,
+            self.engine.held_records()
+        );
+        Ok(())
+    }
+}
+
+impl EpochSink for Binding {
+    fn recv(&mut self, dst: &mut [u8]) -> Result<Recv, &'static str> {
+        self.engine.recv(dst)
+    }
+
+    fn send(&mut self, record: &[u8]) -> Result<bool, &'static str> {
+        self.engine.send(record)
+    }
+
+    fn poll(&mut self) -> Result<(), &'static str> {
+        self.engine.poll()
+    }
+
+    fn epoch_end(&mut self, e: &EpochEnd<'_>) -> Result<(), &'static str> {
         let what = match (e.pattern, self.engine.role()) {
             (Some(p), _) => p.name(),
             (None, Role::Workload) => "stop",
             (None, _) => "service",
         };
-        log::info!(
-            "primary: checkpoint epoch={} pattern={what} dirty={} exits={} held={}",
-            s.epoch,
-            s.dirty,
-            e.exits,
-            self.engine.held_records()
-        );
-        Ok(())
+        self.checkpoint(e.harvest, e.ram, Context::Vcpu(&e.vcpu), what, e.exits)
     }
 
     fn checkpoint_at_stop(&self) -> bool {

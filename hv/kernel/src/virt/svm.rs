@@ -178,7 +178,7 @@ pub fn isolation(_on: &mut SvmOn, plan: &super::selftest::Plan) -> bool {
 /// Boot a stock Linux guest under SVM (see [`super::linux`]).
 pub fn linux(_on: &mut SvmOn, plan: &super::linux::LinuxPlan<'_>) -> bool {
     with_host_vmcb(|host_vmcb, nrips| {
-        super::linux::run::<NptEntry, SvmVcpu, _>(msr::Vendor::Svm, plan, |st, root| {
+        super::linux::run::<NptEntry, SvmVcpu, _>(msr::Vendor::Svm, plan, &MODES, |st, root, _| {
             SvmVcpu::with_state(st, root, host_vmcb, nrips, false)
         })
     })

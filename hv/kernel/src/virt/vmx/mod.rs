@@ -247,8 +247,11 @@ pub fn linux(on: &mut VmxOn, plan: &super::linux::LinuxPlan<'_>) -> bool {
     super::linux::run::<EptEntry, vcpu::VmxVcpu, _>(
         doppel_core::msr::Vendor::Vmx,
         plan,
-        |st, root| {
-            vcpu::VmxVcpu::with_state(revision, st, root, false, false).map_err(|e| {
+        modes(),
+        |st, root, mode| {
+            // EPT A/D on for PML (which logs as the CPU sets dirty flags).
+            let ad = mode == doppel_core::selftest::Mode::Pml;
+            vcpu::VmxVcpu::with_state(revision, st, root, ad, false).map_err(|e| {
                 log::error!("vmx: vCPU set-up: {e}");
                 "VMX vCPU set-up failed"
             })
