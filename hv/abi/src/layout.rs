@@ -42,7 +42,7 @@ pub(crate) use layout_struct;
 
 #[cfg(test)]
 mod tests {
-    use crate::{chan, control, hvm, msg, pvh, ring};
+    use crate::{chan, control, hvm, ioreq, msg, pvh, ring};
     use core::mem::size_of;
 
     #[test]
@@ -55,6 +55,9 @@ mod tests {
                 size_of::<hvm::HvmSaveDescriptor>(),
             ),
             (hvm::HvmSaveHeader::FIELDS, size_of::<hvm::HvmSaveHeader>()),
+            (ioreq::Ioreq::FIELDS, size_of::<ioreq::Ioreq>()),
+            (ioreq::DmDevice::FIELDS, size_of::<ioreq::DmDevice>()),
+            (ioreq::DmHeader::FIELDS, size_of::<ioreq::DmHeader>()),
             (hvm::HvmHwCpu::FIELDS, size_of::<hvm::HvmHwCpu>()),
             (hvm::HvmHwLapic::FIELDS, size_of::<hvm::HvmHwLapic>()),
             (

@@ -12,6 +12,8 @@
 //! - [`chan`]: epoch-tagged byte channels for guest output and input.
 //! - [`control`]: the control area header and its validation.
 //! - [`hvm`]: Xen's HVM save record layouts and log-dirty op numbers.
+//! - [`ioreq`]: Xen's ioreq page and buffered ioreq ring, in the device-
+//!   model area the hypervisor shares with `doppel run`.
 //! - [`pvh`]: Xen's PVH boot information (`hvm_start_info` and its module
 //!   list and memory map), as our domain builder writes it for Linux.
 //! - [`errno`]: Xen errno values used on the wire.
@@ -28,6 +30,7 @@ pub mod control;
 pub mod errno;
 pub mod guest;
 pub mod hvm;
+pub mod ioreq;
 pub mod layout;
 pub mod locator;
 pub mod mem;
