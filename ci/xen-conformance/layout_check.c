@@ -13,6 +13,9 @@
 #include <xen/hvm/save.h>
 #include <xen/domctl.h>
 #include <xen/arch-x86/hvm/start_info.h>
+#include <xen/hvm/ioreq.h>
+#include <stdint.h>
+#include <string.h>
 
 #include "doppel_layout.h"
 
@@ -94,6 +97,48 @@ _Static_assert(XEN_HVM_START_MAGIC_VALUE == DOPPEL_HVM_START_MAGIC, "XEN_HVM_STA
 #define MTYPE(name, value) _Static_assert(XEN_HVM_MEMMAP_TYPE_##name == (value), "memmap type " #name);
 DOPPEL_MEMMAP_TYPES(MTYPE)
 
+/* The device model's ioreq slot and buffered page. */
+#define IOREQ(name, off, size) FIELD_OK(struct ioreq, name, off, size)
+DOPPEL_IOREQ_FIELDS(IOREQ)
+_Static_assert(sizeof(struct ioreq) == DOPPEL_IOREQ_SIZE, "ioreq size");
+_Static_assert(sizeof(struct shared_iopage) == DOPPEL_IOREQ_SIZE, "shared_iopage: one vCPU's slot");
+_Static_assert(sizeof(buf_ioreq_t) == DOPPEL_BUF_SLOT, "buf_ioreq size");
+_Static_assert(offsetof(struct buffered_iopage, buf_ioreq) == DOPPEL_BUF_HEADER, "buf_ioreq slots start");
+_Static_assert(sizeof(struct buffered_iopage) == DOPPEL_BUF_HEADER + IOREQ_BUFFER_SLOT_NUM * DOPPEL_BUF_SLOT,
+               "buffered_iopage size");
+#define IOCONST(name, value) _Static_assert(name == (value), #name);
+DOPPEL_IOREQ_CONSTS(IOCONST)
+
+/* Bit-fields have no offsetof: compare their bytes at run time. */
+static int ioreq_bits_ok(void)
+{
+    struct ioreq r;
+    buf_ioreq_t b;
+    uint8_t flags;
+    uint64_t word;
+    memset(&r, 0, sizeof r);
+    r.state = STATE_IORESP_READY;
+    r.dir = IOREQ_READ;
+    memcpy(&flags, (const uint8_t *)&r + 30, 1);
+    memset(&b, 0, sizeof b);
+    b.type = IOREQ_TYPE_COPY;
+    b.dir = IOREQ_WRITE;
+    b.size = 2;
+    b.addr = 0x12345;
+    b.data = 0xdeadbeef;
+    memcpy(&word, &b, 8);
+    if (flags != DOPPEL_FLAGS_RESP_READ) {
+        printf("struct ioreq flags byte: Xen 0x%02x, hv/abi 0x%02x\n", flags, DOPPEL_FLAGS_RESP_READ);
+        return 0;
+    }
+    if (word != DOPPEL_BUF_WRITE) {
+        printf("buf_ioreq: Xen 0x%016llx, hv/abi 0x%016llx\n", (unsigned long long)word,
+               (unsigned long long)DOPPEL_BUF_WRITE);
+        return 0;
+    }
+    return 1;
+}
+
 /* Log-dirty operations. */
 #define SHADOW(name, value) _Static_assert(XEN_DOMCTL_SHADOW_OP_##name == (value), "shadow op " #name);
 DOPPEL_SHADOW_OPS(SHADOW)
@@ -140,10 +185,13 @@ int main(void)
         DOPPEL_HVM_HW_LAPIC_REGS_FIELDS(COUNT) DOPPEL_HVM_HW_VIOAPIC_FIELDS(COUNT)
         DOPPEL_HVM_HW_PIT_FIELDS(COUNT) DOPPEL_HVM_HW_PIT_CHANNEL_FIELDS(COUNT)
         DOPPEL_HVM_HW_RTC_FIELDS(COUNT) DOPPEL_HVM_HW_MTRR_FIELDS(COUNT)
-        DOPPEL_HVM_HW_TSC_ADJUST_FIELDS(COUNT);
+        DOPPEL_HVM_HW_TSC_ADJUST_FIELDS(COUNT) DOPPEL_IOREQ_FIELDS(COUNT);
     int consts = 0 DOPPEL_HVM_CODES(COUNT) DOPPEL_SHADOW_OPS(COUNT) DOPPEL_ERRNOS(COUNT)
-        DOPPEL_RING_ENTRIES(COUNT) DOPPEL_MEMMAP_TYPES(COUNT) DOPPEL_HVM_BOUNDS(COUNT);
-    printf("layout ok: %d fields and %d constants match Xen's public headers (interface 0x%08x)\n",
+        DOPPEL_RING_ENTRIES(COUNT) DOPPEL_MEMMAP_TYPES(COUNT) DOPPEL_HVM_BOUNDS(COUNT)
+        DOPPEL_IOREQ_CONSTS(COUNT);
+    if (!ioreq_bits_ok())
+        return 1;
+    printf("layout ok: %d fields and %d constants match Xen's public headers, ioreq bit-fields too (interface 0x%08x)\n",
            fields, consts + 7, __XEN_LATEST_INTERFACE_VERSION__);
     return 0;
 }

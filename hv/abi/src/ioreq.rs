@@ -240,6 +240,35 @@ layout_struct! {
 
 const _: () = assert!(core::mem::size_of::<DmHeader>() <= PAGE);
 
+/// Where the hypervisor puts virtio-mmio devices: the forwarded window
+/// (guest-physical, above any guest RAM this version gives and below the
+/// IOAPIC), one device every [`VIRTIO_STRIDE`] bytes from its base, each
+/// with [`VIRTIO_REGS`] bytes of registers, device `i` on GSI
+/// [`VIRTIO_FIRST_GSI`]` + i`.
+pub const VIRTIO_WINDOW_BASE: u64 = 0xD000_0000;
+pub const VIRTIO_WINDOW_SIZE: u64 = 1 << 20;
+pub const VIRTIO_STRIDE: u64 = 0x1000;
+pub const VIRTIO_REGS: u64 = 0x200;
+pub const VIRTIO_FIRST_GSI: u32 = 5;
+/// virtio-mmio's QueueNotify register: the one write the hypervisor posts
+/// on the buffered ring (the guest needs no answer to it).
+pub const VIRTIO_QUEUE_NOTIFY: u64 = 0x50;
+
+/// The devices of `kinds` ([`device`] values, at most [`MAX_DEVICES`]),
+/// placed as [`VIRTIO_WINDOW_BASE`] says.
+pub fn virtio_devices(kinds: &[u32]) -> impl Iterator<Item = DmDevice> + '_ {
+    kinds
+        .iter()
+        .take(MAX_DEVICES)
+        .enumerate()
+        .map(|(i, &kind)| DmDevice {
+            kind,
+            gsi: VIRTIO_FIRST_GSI + i as u32,
+            base: VIRTIO_WINDOW_BASE + i as u64 * VIRTIO_STRIDE,
+            size: VIRTIO_REGS,
+        })
+}
+
 /// Offsets of the header's live words.
 pub const HV_ALIVE_OFFSET: usize = core::mem::offset_of!(DmHeader, hv_alive);
 pub const DM_ALIVE_OFFSET: usize = core::mem::offset_of!(DmHeader, dm_alive);
@@ -778,6 +807,25 @@ mod tests {
             irq_check(1, 6, irq_word(2, 4), 1),
             Err(IoreqError::ForeignGsi { slot: 1, gsi: 4 })
         );
+    }
+
+    #[test]
+    fn placed_devices_validate() {
+        let mut d = [DmDevice::default(); MAX_DEVICES];
+        let n = virtio_devices(&[device::NET, device::BLK])
+            .zip(d.iter_mut())
+            .map(|(v, slot)| *slot = v)
+            .count();
+        let h = DmHeader::new(
+            0x1000_0000,
+            1 << 28,
+            VIRTIO_WINDOW_BASE,
+            VIRTIO_WINDOW_SIZE,
+            &d[..n],
+        );
+        assert_eq!(h.validate(), Ok(()));
+        assert_eq!((h.devices[1].gsi, h.devices[1].base), (6, 0xD000_1000));
+        assert_eq!(virtio_devices(&[device::NET; 12]).count(), MAX_DEVICES);
     }
 
     #[test]

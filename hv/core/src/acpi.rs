@@ -26,7 +26,10 @@
 
 use alloc::vec::Vec;
 
-use acpi_tables::aml::{Device, EISAName, Interrupt, Name, Package, ResourceTemplate, IO, ZERO};
+use acpi_tables::aml::{
+    AmlString, Device, EISAName, Interrupt, Memory32Fixed, Name, Package, ResourceTemplate, IO,
+    ZERO,
+};
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
 use acpi_tables::madt::{
@@ -36,6 +39,7 @@ use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
 use acpi_tables::Aml;
+use doppel_abi::ioreq::DmDevice;
 
 /// OEM id and table id in every header.
 pub const OEM_ID: [u8; 6] = *b"DOPPEL";
@@ -100,6 +104,15 @@ fn aml_bytes(t: &dyn Aml) -> Vec<u8> {
 
 /// The DSDT: COM1 under `\_SB`, and `_S5_`.
 pub fn dsdt() -> Vec<u8> {
+    dsdt_with(&[])
+}
+
+/// The DSDT with one `LNRO0005` device (virtio-mmio, which Linux finds
+/// only through ACPI: `_CRS` = the registers as Memory32Fixed and the GSI,
+/// edge-triggered, active high) per entry of `virtio`, named `VRT0`,
+/// `VRT1`, ... in order. Devices whose registers lie above 4 GiB cannot be
+/// declared this way and are left out.
+pub fn dsdt_with(virtio: &[DmDevice]) -> Vec<u8> {
     let hid = EISAName::new("PNP0501");
     let io = IO::new(COM1_PORT, COM1_PORT, 0, 8);
     // Consumer, edge-triggered, active high, exclusive: an ISA IRQ.
@@ -123,6 +136,22 @@ pub fn dsdt() -> Vec<u8> {
     let mut sdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     sdt.append_slice(&aml_bytes(&com1));
     sdt.append_slice(&aml_bytes(&rtc));
+    for (i, d) in virtio.iter().enumerate().take(10) {
+        let (Ok(base), Ok(size)) = (u32::try_from(d.base), u32::try_from(d.size)) else {
+            continue;
+        };
+        let hid = AmlString::from("LNRO0005");
+        let uid = i as u8;
+        let regs = Memory32Fixed::new(true, base, size);
+        let irq = Interrupt::new(true, true, false, false, d.gsi);
+        let crs = ResourceTemplate::new(alloc::vec![&regs, &irq]);
+        let hid = Name::new("_HID".into(), &hid);
+        let uid = Name::new("_UID".into(), &uid);
+        let crs = Name::new("_CRS".into(), &crs);
+        let path = alloc::format!("_SB_.VRT{i}");
+        let dev = Device::new(path.as_str().into(), alloc::vec![&hid, &uid, &crs]);
+        sdt.append_slice(&aml_bytes(&dev));
+    }
     sdt.append_slice(&aml_bytes(&s5));
     sdt.as_slice().to_vec()
 }
@@ -165,10 +194,16 @@ fn align16(v: &mut Vec<u8>) -> usize {
 
 /// All tables for guest-physical `base`, RSDP first.
 pub fn build(base: u64) -> AcpiTables {
+    build_with(base, &[])
+}
+
+/// [`build`] with the virtio-mmio devices `virtio` in the DSDT
+/// ([`dsdt_with`]).
+pub fn build_with(base: u64, virtio: &[DmDevice]) -> AcpiTables {
     // Table sizes do not depend on the addresses they hold, so lay out
     // first and fill in after.
     let rsdp_len = Rsdp::len();
-    let dsdt = dsdt();
+    let dsdt = dsdt_with(virtio);
     let madt = madt();
     let fadt_len = fadt(0).len();
     let xsdt_len = 36 + 2 * 8;
@@ -337,6 +372,31 @@ mod tests {
         assert_eq!(gas(244), (vec![1, 8, 0, 1], 0x600));
         assert_eq!(gas(256), (vec![1, 8, 0, 1], 0x601));
         assert_eq!(sum(fadt), 0, "checksum still right");
+    }
+
+    #[test]
+    fn dsdt_declares_each_virtio_device_as_lnro0005() {
+        use doppel_abi::ioreq::{device, virtio_devices};
+        let devs: Vec<DmDevice> = virtio_devices(&[device::NET, device::BLK]).collect();
+        let d = dsdt_with(&devs);
+        let find = |needle: &[u8]| d.windows(needle.len()).any(|w| w == needle);
+        assert!(find(b"VRT0") && find(b"VRT1") && !find(b"VRT2"));
+        // String _HID: StringPrefix, "LNRO0005", NUL.
+        let hid = b"\x0dLNRO0005\x00";
+        assert_eq!(d.windows(hid.len()).filter(|w| w == hid).count(), 2);
+        // Memory32Fixed, read-write, base 0xD0001000, length 0x200.
+        assert!(find(&[
+            0x86, 0x09, 0x00, 0x01, 0x00, 0x10, 0x00, 0xd0, 0x00, 0x02, 0x00, 0x00
+        ]));
+        // Extended IRQ: consumer + edge, one interrupt, GSI 6.
+        assert!(find(&[
+            0x89, 0x06, 0x00, 0x03, 0x01, 0x06, 0x00, 0x00, 0x00
+        ]));
+        // Without devices the DSDT is the one Linux boots with today.
+        assert_eq!(dsdt_with(&[]), dsdt());
+        assert!(!dsdt().windows(8).any(|w| w == b"LNRO0005"));
+        let t = build_with(BASE, &devs);
+        assert!(t.bytes.len() > build(BASE).bytes.len());
     }
 
     #[test]

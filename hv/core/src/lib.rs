@@ -9,6 +9,7 @@ pub mod acpi;
 pub mod addr;
 pub mod cpuid_policy;
 pub mod dirtylog;
+pub mod dm;
 pub mod elf;
 pub mod engine;
 pub mod exit;

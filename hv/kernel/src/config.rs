@@ -55,6 +55,9 @@
 //!   rate, which the platform's clocks are timed by; `restore-every=N`
 //!   (1..=10^7) saves the whole guest to Xen's records every N exits,
 //!   destroys the vCPU and platform and rebuilds them from the records.
+//!   `devices=net,blk` (default `none`) gives the guest those virtio-mmio
+//!   devices, in order, declared in its DSDT and served by `doppel run`
+//!   through the device-model area (`virt::devmodel`).
 //!   With `tracker=wp|pml|ad` (test only) the Linux guest is replicated
 //!   to the in-machine replica instead: an epoch ends every `epoch-exits`
 //!   exits (default 4000), each checkpoint carries the dirty pages and the
@@ -93,6 +96,38 @@ pub enum Mode {
     /// Test only: the key-value service replicated to the in-machine
     /// replica, then failed over to it.
     Replica,
+}
+
+/// `devices=`: the virtio-mmio devices the Linux guest gets, in order
+/// (hv/abi `ioreq::device` kinds), served by `doppel run`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Devices {
+    kinds: [u32; doppel_abi::ioreq::MAX_DEVICES],
+    len: u8,
+}
+
+impl Devices {
+    pub fn kinds(&self) -> &[u32] {
+        &self.kinds[..usize::from(self.len)]
+    }
+
+    /// `net,blk,...` (`none` for no device).
+    fn parse(value: &str) -> Option<Self> {
+        let mut d = Self::default();
+        if value == "none" {
+            return Some(d);
+        }
+        for word in value.split(',') {
+            let kind = match word {
+                "net" => doppel_abi::ioreq::device::NET,
+                "blk" => doppel_abi::ioreq::device::BLK,
+                _ => return None,
+            };
+            *d.kinds.get_mut(usize::from(d.len))? = kind;
+            d.len += 1;
+        }
+        Some(d)
+    }
 }
 
 /// The log-dirty mode `mode=replica` asks for.
@@ -164,6 +199,8 @@ pub struct Config {
     pub guest_mem_given: bool,
     /// `mode=replica`: the tracker asked for; `None` unless given.
     pub tracker: Option<Tracker>,
+    /// `mode=linux`: the guest's virtio devices.
+    pub devices: Devices,
 }
 
 impl Default for Config {
@@ -182,6 +219,7 @@ impl Default for Config {
             restore_every: None,
             guest_mem_given: false,
             tracker: None,
+            devices: Devices::default(),
         }
     }
 }
@@ -225,7 +263,7 @@ impl Config {
                 return Err(ConfigError::NotKeyValue(word));
             };
             let bad = ConfigError::BadValue { key, value };
-            const KEYS: [&str; 12] = [
+            const KEYS: [&str; 13] = [
                 "log",
                 "mode",
                 "epochs",
@@ -238,6 +276,7 @@ impl Config {
                 "tsc-khz",
                 "restore-every",
                 "tracker",
+                "devices",
             ];
             let Some(i) = KEYS.iter().position(|k| *k == key) else {
                 return Err(ConfigError::UnknownKey(key));
@@ -323,6 +362,7 @@ impl Config {
                         _ => return Err(bad),
                     };
                 }
+                "devices" => cfg.devices = Devices::parse(value).ok_or(bad)?,
                 "tracker" => {
                     cfg.tracker = Some(match value {
                         "wp" => Tracker::WriteProtect,
@@ -459,6 +499,26 @@ mod tests {
             Some(Tracker::AdScan)
         );
         assert_eq!(Config::parse("mode=replica").unwrap().tracker, None);
+        let d = Config::parse("mode=linux devices=net,blk").unwrap().devices;
+        assert_eq!(
+            d.kinds(),
+            [
+                doppel_abi::ioreq::device::NET,
+                doppel_abi::ioreq::device::BLK
+            ]
+        );
+        assert!(Config::default().devices.kinds().is_empty());
+        for bad in [
+            "devices=",
+            "devices=net,",
+            "devices=gpu",
+            "devices=net,net,net,net,net,net,net,net,net",
+        ] {
+            assert!(
+                matches!(Config::parse(bad), Err(ConfigError::BadValue { .. })),
+                "{bad}"
+            );
+        }
         // The replicated Linux guest takes the same keys.
         let l = Config::parse("mode=linux tsc-khz=50000 tracker=pml epoch-exits=3000 epochs=5")
             .unwrap();

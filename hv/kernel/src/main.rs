@@ -164,6 +164,7 @@ fn linux(info: &BootInfo<'_>, config: &Config, enabled: &mut virt::Enabled) -> b
         tsc_khz,
         restore_every: config.restore_every,
         skip_lapic_regs: config.broken == Some(doppel_kernel::config::Broken::SkipLapicRegs),
+        devices: config.devices.kinds(),
         replica: config.tracker.map(|t| virt::linux::ReplicaPlan {
             mode: log_dirty_mode(Some(t)),
             epoch_exits: config.epoch_exits.unwrap_or(LINUX_EPOCH_EXITS),

@@ -259,6 +259,7 @@ pub fn layout_header(moved: Option<&str>) -> String {
         .collect();
     list(&mut o, "DOPPEL_MEMMAP_TYPES", &types);
     platform_records(&mut o, moved);
+    ioreq_layout(&mut o, moved);
     o.push_str("#endif\n");
     o
 }
@@ -332,6 +333,7 @@ pub fn step_layout(_: &mut Ctx) -> Result<String> {
             "struct hvm_hw_pit_channel.write_latch offset",
         ),
         ("tdt_msr", "struct hvm_hw_lapic.tdt_msr offset"),
+        ("vp_eport", "struct ioreq.vp_eport offset"),
         (
             "msr_mtrr_def_type",
             "struct hvm_hw_mtrr.msr_mtrr_def_type offset",
@@ -351,6 +353,69 @@ pub fn step_layout(_: &mut Ctx) -> Result<String> {
         "{line}; records {}; a moved field is caught",
         records.join(" ")
     ))
+}
+
+/// Xen's ioreq slot (the named fields; `flags` holds C bit-fields, checked
+/// at run time), the buffered page, their constants, and two encodings the
+/// C program rebuilds with Xen's bit-fields: a slot's flags byte (state
+/// IORESP_READY, dir read) and a buffered write (COPY, 4 bytes at offset
+/// 0x12345, data 0xdeadbeef). `moved` shifts an ioreq field of that name.
+fn ioreq_layout(o: &mut String, moved: Option<&str>) {
+    use doppel_abi::ioreq::{
+        self, flag, kind, state, BufIoreq, BufWrite, Ioreq, BUF_HEADER, BUF_SLOT,
+        IOREQ_BUFFER_SLOT_NUM,
+    };
+    let named: Vec<FieldInfo> = Ioreq::FIELDS
+        .iter()
+        .filter(|f| f.name != "pad0" && f.name != "flags")
+        .map(|f| {
+            let mut f = *f;
+            if Some(f.name) == moved {
+                f.offset += 8;
+            }
+            f
+        })
+        .collect();
+    fields(
+        o,
+        "DOPPEL_IOREQ_FIELDS",
+        "DOPPEL_IOREQ_SIZE",
+        std::mem::size_of::<Ioreq>(),
+        &named,
+    );
+    let consts = [
+        ("IOREQ_READ", u64::from(ioreq::IOREQ_READ)),
+        ("IOREQ_WRITE", u64::from(ioreq::IOREQ_WRITE)),
+        ("STATE_IOREQ_NONE", u64::from(state::NONE)),
+        ("STATE_IOREQ_READY", u64::from(state::READY)),
+        ("STATE_IOREQ_INPROCESS", u64::from(state::INPROCESS)),
+        ("STATE_IORESP_READY", u64::from(state::IORESP_READY)),
+        ("IOREQ_TYPE_PIO", u64::from(kind::PIO)),
+        ("IOREQ_TYPE_COPY", u64::from(kind::COPY)),
+        ("IOREQ_TYPE_PCI_CONFIG", u64::from(kind::PCI_CONFIG)),
+        ("IOREQ_TYPE_TIMEOFFSET", u64::from(kind::TIMEOFFSET)),
+        ("IOREQ_TYPE_INVALIDATE", u64::from(kind::INVALIDATE)),
+        ("IOREQ_BUFFER_SLOT_NUM", u64::from(IOREQ_BUFFER_SLOT_NUM)),
+    ];
+    let consts: Vec<_> = consts
+        .iter()
+        .map(|(n, v)| (n.to_string(), v.to_string()))
+        .collect();
+    list(o, "DOPPEL_IOREQ_CONSTS", &consts);
+    let _ = writeln!(o, "#define DOPPEL_BUF_HEADER {BUF_HEADER}");
+    let _ = writeln!(o, "#define DOPPEL_BUF_SLOT {BUF_SLOT}");
+    let _ = writeln!(
+        o,
+        "#define DOPPEL_FLAGS_RESP_READ 0x{:02x}",
+        state::IORESP_READY | flag::DIR_READ
+    );
+    let w = BufIoreq::write(BufWrite {
+        offset: 0x12345,
+        size: 4,
+        data: 0xdead_beef,
+    })
+    .map_or(0, |b| b.0);
+    let _ = writeln!(o, "#define DOPPEL_BUF_WRITE 0x{w:016x}ULL\n");
 }
 
 /// The platform device records (LAPIC, LAPIC_REGS, IOAPIC, PIT and its

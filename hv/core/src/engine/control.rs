@@ -120,9 +120,19 @@ pub fn publish_area<M: SharedMem>(mem: &M, h: &ControlHeader) -> Result<ControlV
 /// word but the magic, a release fence, the magic.
 pub fn publish_locator<M: SharedMem>(mem: &M, loc: &Locator) {
     let w = loc.encode();
-    for (i, word) in w.iter().enumerate().take(LOCATOR_WORDS).skip(1) {
+    publish_locator_words(mem, &w[..LOCATOR_WORDS]);
+}
+
+/// Write a locator's words (magic first) at the start of `mem`: every
+/// word but the magic, a release fence, the magic, so a reader that sees
+/// the magic sees the rest (the control locator's and the device-model
+/// locator's publication).
+pub fn publish_locator_words<M: SharedMem>(mem: &M, words: &[u64]) {
+    for (i, word) in words.iter().enumerate().skip(1) {
         mem.write_bytes(i * 8, &word.to_le_bytes());
     }
     mem.fence_release();
-    mem.write_bytes(0, &w[0].to_le_bytes());
+    if let Some(magic) = words.first() {
+        mem.write_bytes(0, &magic.to_le_bytes());
+    }
 }

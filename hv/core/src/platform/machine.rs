@@ -157,6 +157,12 @@ impl Machine {
         }
     }
 
+    /// An edge on `gsi` (a device model's device asked for one).
+    pub fn pulse_gsi(&mut self, gsi: u32) {
+        let d = self.ioapic.pulse_irq(gsi);
+        self.deliver(d);
+    }
+
     /// Re-drive IOAPIC pin 4 from COM1's interrupt output.
     fn drive_com1(&mut self) {
         let level = self.uart.irq();

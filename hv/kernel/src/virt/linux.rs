@@ -20,10 +20,12 @@ use alloc::vec::Vec;
 use core::fmt;
 
 use doppel_abi::guest::GuestLine;
+use doppel_abi::ioreq::{self, DmDevice};
 use doppel_abi::msg::LogDirtyMode;
 use doppel_abi::ByteMem;
 use doppel_core::addr::HostPhysAddr;
 use doppel_core::cpuid_policy::guest_cpuid;
+use doppel_core::dm::{DmError, Route};
 use doppel_core::exit::{exact_length, read_code, read_code_into, ExitKind, VmExit};
 use doppel_core::fault;
 use doppel_core::hvm::HeaderInfo;
@@ -39,6 +41,7 @@ use doppel_core::regs::Brief;
 use doppel_core::selftest::Mode;
 use doppel_core::{acpi, pvh};
 
+use super::devmodel;
 use super::guest::{GuestRam, KernelFrames};
 use super::replica::LinuxReplica;
 use super::track::{Sabotage as TrackSabotage, Tracker};
@@ -67,6 +70,9 @@ pub struct LinuxPlan<'a> {
     pub skip_lapic_regs: bool,
     /// Replicate the guest to the in-machine replica (test only).
     pub replica: Option<ReplicaPlan>,
+    /// The guest's virtio-mmio devices (hv/abi `ioreq::device` kinds),
+    /// served by `doppel run` through the device-model area.
+    pub devices: &'a [u32],
 }
 
 /// `mode=linux tracker=..`: the guest replicated to the in-machine replica
@@ -82,6 +88,15 @@ pub struct ReplicaPlan {
 }
 
 const RFLAGS_IF: u64 = 1 << 9;
+
+/// How long an access waits for the device model's answer (host time)
+/// before the guest is stopped: it covers `doppel run` starting after the
+/// guest (the first access waits for it).
+const DM_PATIENCE_S: u64 = 120;
+
+/// TSC ticks between looks at the device model's interrupt words while
+/// the guest waits in HLT.
+const DM_POLL_TICKS: u64 = 20_000;
 
 /// Exits without the guest powering off before the run is given up: a
 /// guest stuck in a loop of exits fails rather than hangs.
@@ -236,7 +251,8 @@ where
             return false;
         }
     };
-    let tables = acpi::build(pvh::ACPI_ADDR);
+    let devices: Vec<DmDevice> = ioreq::virtio_devices(plan.devices).collect();
+    let tables = acpi::build_with(pvh::ACPI_ADDR, &devices);
     let boot = {
         let Some(bytes) = ram.slice_mut(0, plan.mem_bytes) else {
             log::error!("linux: guest RAM is not addressable");
@@ -293,6 +309,22 @@ where
     let mode = replica
         .as_ref()
         .map_or(Mode::WriteProtect, LinuxReplica::tracker);
+    let dm = if devices.is_empty() {
+        None
+    } else {
+        match devmodel::publish(
+            &ram,
+            ioreq::VIRTIO_WINDOW_BASE,
+            ioreq::VIRTIO_WINDOW_SIZE,
+            &devices,
+        ) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                log::error!("linux: devices: {e}");
+                return false;
+            }
+        }
+    };
     // The guest's TSC starts at 0 now; its RTC at the host's wall clock.
     let offset = 0u64.wrapping_sub(rdtsc());
     let clock = Clock {
@@ -335,6 +367,7 @@ where
         mode,
         tracker,
         replica,
+        dm,
         counts: Counts::default(),
         line: Vec::new(),
         restores: 0,
@@ -345,6 +378,16 @@ where
     };
     let stop = l.run_loop();
     l.flush_line();
+    if let Some(dm) = &l.dm {
+        let s = dm.stats;
+        log::info!(
+            "devices: sync={} buffered={} irqs={} refused_irqs={}",
+            s.sync,
+            s.buffered,
+            s.irqs,
+            s.refused_irqs
+        );
+    }
     let gtsc = l.m.guest_tsc(rdtsc());
     log::info!(
         "linux: stop={} exits={} restores={} guest-tsc={gtsc} {}",
@@ -371,6 +414,8 @@ struct Linux<'r, E: NestedEntry, V: Vcpu, F> {
     /// Dirty tracking, while the guest is replicated.
     tracker: Option<Tracker>,
     replica: Option<LinuxReplica>,
+    /// The device-model area, when the guest has devices.
+    dm: Option<devmodel::Link>,
     counts: Counts,
     /// The console line being assembled.
     line: Vec<u8>,
@@ -581,6 +626,7 @@ where
     /// Deliver what the LAPIC has pending, and arm the host timer for its
     /// next deadline.
     fn prepare_entry(&mut self) {
+        self.device_interrupts();
         self.m.update(rdtsc());
         if self.m.pending().is_some() {
             if self.vcpu.interruptible() {
@@ -601,6 +647,43 @@ where
             .next_deadline()
             .map(|d| d.saturating_sub(rdtsc()).max(1));
         self.vcpu.arm_timer(ticks);
+    }
+
+    /// Raise the edges the device model asked for since the last look.
+    fn device_interrupts(&mut self) {
+        let Some(dm) = self.dm.as_mut() else { return };
+        dm.beat();
+        let m = &mut self.m;
+        dm.interrupts(
+            |gsi| m.pulse_gsi(gsi),
+            |e| log::error!("devices: {} ({e:?}); ignored", e.text()),
+        );
+    }
+
+    /// Carry the access at `gpa` in the device model's window to it: what
+    /// a read reads. Waits for the answer up to [`DM_PATIENCE_S`] seconds
+    /// of host time, beating meanwhile.
+    fn forward(&mut self, gpa: u64, size: u8, read: bool, data: u64) -> Result<u64, DmError> {
+        let Some(dm) = self.dm.as_mut() else {
+            return Err(DmError::NoDevice { addr: gpa });
+        };
+        let a = ioreq::Access {
+            kind: ioreq::kind::COPY,
+            addr: gpa,
+            size,
+            read,
+            data,
+        };
+        let patience = u64::from(self.plan.tsc_khz) * 1000 * DM_PATIENCE_S;
+        let began = rdtsc();
+        let wait = || {
+            core::hint::spin_loop();
+            rdtsc().wrapping_sub(began) < patience
+        };
+        match dm.route(gpa, size, read) {
+            Route::Buffered => dm.post(a, wait).map(|()| 0),
+            Route::Sync => dm.access(a, wait),
+        }
     }
 
     /// Deliver `ev` (an exception) at the faulting instruction.
@@ -890,6 +973,9 @@ where
             );
             return Next::Stop(Stop::Error);
         }
+        if self.dm.as_ref().is_some_and(|d| d.claims(gpa)) {
+            return self.mmio_forward(exit, gpa, &op, reg);
+        }
         let result = match op.dir {
             Direction::Read => self.m.mmio_read(gpa, op.size).map(|data| {
                 if let Some(r) = reg.and_then(|i| self.vcpu.regs().gpr_mut(i)) {
@@ -918,6 +1004,51 @@ where
                     op.size,
                     exit.rip
                 );
+                Next::Stop(Stop::Error)
+            }
+        }
+    }
+
+    /// The MMIO access `op` at `gpa` in the device model's window: carried
+    /// to `doppel run`, the guest resumed after it with what it read.
+    fn mmio_forward(&mut self, exit: &VmExit, gpa: u64, op: &MmioOp, reg: Option<u8>) -> Next {
+        let read = op.dir == Direction::Read;
+        let data = if read {
+            0
+        } else {
+            let src = reg
+                .and_then(|i| self.vcpu.regs().gpr_mut(i).map(|r| *r))
+                .unwrap_or(0);
+            op.write_value(src)
+        };
+        match self.forward(gpa, op.size, read, data) {
+            Ok(v) => {
+                if read {
+                    if let Some(r) = reg.and_then(|i| self.vcpu.regs().gpr_mut(i)) {
+                        if let Some(n) = op.read_merge(*r, v) {
+                            *r = n;
+                        }
+                    }
+                }
+                Next::Resume(exit.rip.wrapping_add(u64::from(op.len)))
+            }
+            Err(e) => {
+                self.flush_line();
+                match e {
+                    DmError::Protocol(p) => log::error!(
+                        "linux: device model: {} ({p:?}) at {gpa:#x}, rip={:#x}",
+                        p.text(),
+                        exit.rip
+                    ),
+                    DmError::NoAnswer => log::error!(
+                        "linux: device model: no answer in {DM_PATIENCE_S} s to the access at {gpa:#x} (is `doppel run` serving this machine?), rip={:#x}",
+                        exit.rip
+                    ),
+                    DmError::NoDevice { addr } => log::error!(
+                        "linux: MMIO at {addr:#x} in the device window but in no device's registers, rip={:#x}",
+                        exit.rip
+                    ),
+                }
                 Next::Stop(Stop::Error)
             }
         }
@@ -999,18 +1130,33 @@ where
             return Next::Stop(Stop::Halted);
         }
         loop {
+            self.device_interrupts();
             let now = rdtsc();
             self.m.update(now);
             if self.m.pending().is_some() {
                 return Next::Retry;
             }
+            // With devices, an interrupt may come from the device model
+            // before the deadline (or with none armed): look every so often.
+            let step = if self.dm.is_some() {
+                DM_POLL_TICKS
+            } else {
+                u64::MAX
+            };
             match self.m.next_deadline() {
                 Some(d) if d > now => {
-                    while rdtsc() < d {
+                    let until = d.min(now.saturating_add(step));
+                    while rdtsc() < until {
                         core::hint::spin_loop();
                     }
                 }
                 Some(_) => {}
+                None if self.dm.is_some() => {
+                    let until = now.saturating_add(step);
+                    while rdtsc() < until {
+                        core::hint::spin_loop();
+                    }
+                }
                 None => {
                     self.flush_line();
                     log::error!(

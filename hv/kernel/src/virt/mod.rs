@@ -5,6 +5,7 @@
 //! next issues live next to this in `vmx.rs` and `svm.rs`, behind
 //! [`Enabled`].
 
+pub mod devmodel;
 pub mod guest;
 pub mod isolation;
 pub mod linux;
