@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use doppel_abi::ioreq::{
-    buffered_pop, device, flag, kind, publish_slot, read_slot, slot_state, state, Access,
+    buffered_pop, device, flag, kind, publish_slot, read_slot, slot_state, state, Access, Ioreq,
 };
 
 pub use area::{Area, AreaError, DM_LOCATOR_AT};
@@ -131,6 +131,10 @@ pub struct DeviceModel {
     /// One per declared device slot.
     devices: Vec<Mmio>,
     stats: Stats,
+    /// The last slot refused: left as it is (the hypervisor never posts
+    /// one, so its state is not ours to change) and not refused again
+    /// until it changes.
+    refused_slot: Option<Ioreq>,
 }
 
 impl DeviceModel {
@@ -206,6 +210,7 @@ impl DeviceModel {
             area,
             devices,
             stats: Stats::default(),
+            refused_slot: None,
         })
     }
 
@@ -252,7 +257,9 @@ impl DeviceModel {
         let slot = read_slot(&mem, at);
         let access = match Access::from_slot(&slot) {
             Ok(a) => a,
+            Err(_) if self.refused_slot == Some(slot) => return false,
             Err(e) => {
+                self.refused_slot = Some(slot);
                 self.stats.errors += 1;
                 tracing::error!(
                     "run: ioreq slot refused ({}): addr {:#x} size {} count {} flags {:#x} type {}; dropped",
