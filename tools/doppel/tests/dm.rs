@@ -810,3 +810,36 @@ fn a_disk_that_cannot_be_opened_is_named() {
     .unwrap();
     assert!(e.to_string().contains("/nonexistent/disk.img"), "{e}");
 }
+
+#[test]
+fn the_ioreq_fuzz_seeds_mean_what_their_names_say() {
+    use zerocopy::FromBytes;
+    let seed = |name: &str| {
+        std::fs::read(format!(
+            "{}/../../fuzz/corpus/ioreq/{name}",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .unwrap()
+    };
+    let b = seed("read_slot");
+    let (slot, rest) = ioreq::Ioreq::read_from_prefix(&b).unwrap();
+    let a = Access::from_slot(&slot).unwrap();
+    assert!(a.read && a.size == 4 && a.addr == 0xd000_0070);
+    let (ans, _) = ioreq::Ioreq::read_from_prefix(rest).unwrap();
+    assert_eq!(a.answer(&ans), Ok(0xf));
+    let (w, _) = ioreq::Ioreq::read_from_prefix(&seed("write_slot")[..]).unwrap();
+    assert!(!Access::from_slot(&w).unwrap().read);
+    let n = seed("buffered_notify");
+    let bw = BufIoreq(u64::from_le_bytes(n[..8].try_into().unwrap()))
+        .decode()
+        .unwrap();
+    assert_eq!((bw.offset, bw.size, bw.data), (0x50, 4, 1));
+    let (h, _) = DmHeader::read_from_prefix(&seed("header_two_devices")[..]).unwrap();
+    assert_eq!(h.validate(), Ok(()));
+    assert_eq!(h.devices().len(), 2);
+    let page = doppel_abi::ByteMem::new(seed("wild_pointers"));
+    assert!(matches!(
+        ioreq::buffered_pop(&page, 0),
+        Some(Err(IoreqError::BadPointers { .. }))
+    ));
+}

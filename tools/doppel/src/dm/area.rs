@@ -109,7 +109,7 @@ impl Area {
                 let mem = ram.mem();
                 for (i, s) in irq_seq.iter_mut().enumerate() {
                     // Continue the sequence a previous device model left.
-                    *s = (mem.load_u32(at + IRQ_OFFSET + i * 8 + 4)) as u32;
+                    *s = mem.load_u32(at + IRQ_OFFSET + i * 8 + 4);
                 }
                 Ok(Self {
                     ram,
@@ -161,7 +161,7 @@ impl Area {
             return Err(place("header's total_size exceeds what the locator gives"));
         }
         let (g, gn) = (header.guest_ram_at, header.guest_ram_size);
-        if g % PAGE as u64 != 0 || gn % PAGE as u64 != 0 {
+        if !g.is_multiple_of(PAGE as u64) || !gn.is_multiple_of(PAGE as u64) {
             return Err(place("guest RAM is not whole pages"));
         }
         if g.checked_add(gn).is_none_or(|e| e > len) {

@@ -142,7 +142,7 @@ impl Blk {
     fn range(&self, sector: u64, len: usize, what: &str) -> Option<u64> {
         let at = sector.checked_mul(SECTOR)?;
         let end = at.checked_add(len as u64)?;
-        if end > self.size || len as u64 % SECTOR != 0 {
+        if end > self.size || !(len as u64).is_multiple_of(SECTOR) {
             tracing::warn!(
                 "run: {}: {what} of {len} bytes at sector {sector}: outside the {}-byte disk or not whole sectors; IOERR",
                 self.name,

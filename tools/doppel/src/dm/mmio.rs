@@ -145,7 +145,7 @@ impl Mmio {
             }
             return u64::from_le_bytes(b);
         }
-        if size != 4 || offset % 4 != 0 {
+        if size != 4 || !offset.is_multiple_of(4) {
             self.refuse(&format!(
                 "a {size}-byte read at register {offset:#x} (registers are 32-bit)"
             ));
@@ -200,7 +200,7 @@ impl Mmio {
             ));
             return Effect::default();
         }
-        if size != 4 || offset % 4 != 0 {
+        if size != 4 || !offset.is_multiple_of(4) {
             self.refuse(&format!(
                 "a {size}-byte write at register {offset:#x} (registers are 32-bit)"
             ));
