@@ -843,3 +843,71 @@ fn the_ioreq_fuzz_seeds_mean_what_their_names_say() {
         Some(Err(IoreqError::BadPointers { .. }))
     ));
 }
+
+/// `doppel run` itself: serves the slot, and ends with the summary line
+/// once the hypervisor's liveness word stands still.
+#[test]
+fn doppel_run_serves_and_ends_with_the_summary_when_the_machine_goes() {
+    let m = Machine::new();
+    let (_dd, path) = disk(4096);
+    let mut link = m.publish(Machine::header(&[device::BLK]));
+    link.beat();
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_doppel"))
+        .args(["run", "--hv-timeout", "1", "--machine-ram"])
+        .arg(&m.path)
+        .arg("--disk")
+        .arg(&path)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t = std::time::Instant::now();
+    let magic = link
+        .access(
+            Access {
+                kind: kind::COPY,
+                addr: VIRTIO_WINDOW_BASE + MAGIC,
+                size: 4,
+                read: true,
+                data: 0,
+            },
+            || {
+                std::thread::sleep(Duration::from_millis(1));
+                t.elapsed() < Duration::from_secs(20)
+            },
+        )
+        .unwrap();
+    assert_eq!(magic, 0x7472_6976);
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        stdout.lines().last(),
+        Some(
+            "run: requests=1 buffered=0 irqs=0 tx_frames=0 rx_frames=0 rx_dropped=0 \
+             blk_reads=0 blk_writes=0 flushes=0"
+        ),
+        "{stdout}"
+    );
+    assert!(link.dm_alive() > 0);
+}
+
+#[test]
+fn doppel_run_names_a_declared_device_without_its_option() {
+    let m = Machine::new();
+    m.publish(Machine::header(&[device::NET, device::BLK]));
+    let (_dd, path) = disk(4096);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_doppel"))
+        .args(["run", "--machine-ram"])
+        .arg(&m.path)
+        .arg("--disk")
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("declares a virtio-net device (slot 0, GSI 5) but no --net"),
+        "{stderr}"
+    );
+}
