@@ -850,8 +850,6 @@ fn the_ioreq_fuzz_seeds_mean_what_their_names_say() {
 fn doppel_run_serves_and_ends_with_the_summary_when_the_machine_goes() {
     let m = Machine::new();
     let (_dd, path) = disk(4096);
-    let mut link = m.publish(Machine::header(&[device::BLK]));
-    link.beat();
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_doppel"))
         .args(["run", "--hv-timeout", "1", "--machine-ram"])
         .arg(&m.path)
@@ -861,6 +859,10 @@ fn doppel_run_serves_and_ends_with_the_summary_when_the_machine_goes() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
+    // It waits for the area, then finds it once published.
+    std::thread::sleep(Duration::from_millis(300));
+    let mut link = m.publish(Machine::header(&[device::BLK]));
+    link.beat();
     let t = std::time::Instant::now();
     let magic = link
         .access(
@@ -890,6 +892,11 @@ fn doppel_run_serves_and_ends_with_the_summary_when_the_machine_goes() {
         "{stdout}"
     );
     assert!(link.dm_alive() > 0);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("run: waiting for the device-model area in"),
+        "{stderr}"
+    );
 }
 
 #[test]

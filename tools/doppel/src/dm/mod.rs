@@ -383,7 +383,7 @@ impl DeviceModel {
 }
 
 /// Wait for the hypervisor to publish the area in `ram`: a progress line
-/// every `every`; an area that is not published after `patience` (the
+/// at once and then every `every`; an area that is not published after `patience` (the
 /// locator still zero: the hypervisor is booting) is waited for as long as
 /// `stop` is clear, but a locator holding another magic for `patience`,
 /// or a published area that does not validate, is an error at once.
@@ -394,7 +394,7 @@ pub fn wait_for_area(
     stop: &AtomicBool,
 ) -> Result<Area, DmError> {
     let start = Instant::now();
-    let mut last_note = Instant::now();
+    let mut last_note: Option<Instant> = None;
     let mut ram = ram;
     loop {
         match Area::find(ram) {
@@ -403,13 +403,13 @@ pub fn wait_for_area(
                 if (magic != 0 && start.elapsed() >= patience) || stop.load(Ordering::Relaxed) {
                     return Err(AreaError::NotPublished { path, at, magic }.into());
                 }
-                if last_note.elapsed() >= every {
+                if last_note.is_none_or(|t| t.elapsed() >= every) {
                     eprintln!(
                         "run: waiting for the device-model area in {} (locator at {at:#x} not published yet, {:.0} s)",
                         path.display(),
                         start.elapsed().as_secs_f64()
                     );
-                    last_note = Instant::now();
+                    last_note = Some(Instant::now());
                 }
                 ram = r;
                 std::thread::sleep(Duration::from_millis(20));
