@@ -435,3 +435,30 @@ pub fn parse_net(s: &str) -> Result<NetSpec, String> {
         _ => Err("both tap=NAME and mac=MAC are needed".into()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn net_options_parse_only_a_tap_name_and_a_unicast_mac() {
+        assert_eq!(
+            parse_net("tap=tap0,mac=52:54:00:12:34:56"),
+            Ok(NetSpec {
+                tap: "tap0".into(),
+                mac: [0x52, 0x54, 0, 0x12, 0x34, 0x56],
+            })
+        );
+        for bad in [
+            "tap=tap0",
+            "mac=52:54:00:12:34:56",
+            "tap=,mac=52:54:00:12:34:56",
+            "tap=t,mac=52:54:00:12:34",
+            "tap=t,mac=52:54:00:12:34:5g",
+            "tap=t,mac=01:00:5e:00:00:01",
+            "tap=t,mac=52:54:00:12:34:56,mtu=9000",
+        ] {
+            assert!(parse_net(bad).is_err(), "{bad}");
+        }
+    }
+}
