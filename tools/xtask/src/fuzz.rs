@@ -14,7 +14,13 @@ use anyhow::{bail, Context, Result};
 const TARGETS: &[(&str, &[&str])] = &[
     (
         "fuzz",
-        &["ring_entries", "control_area", "hvm_context", "pvh_domain"],
+        &[
+            "ring_entries",
+            "control_area",
+            "hvm_context",
+            "pvh_domain",
+            "ioreq",
+        ],
     ),
     ("tools/doppel/fuzz", &["stream_decoder"]),
 ];
