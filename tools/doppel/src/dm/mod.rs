@@ -230,8 +230,11 @@ impl DeviceModel {
     /// One round: the synchronous slot, the buffered ring, the devices'
     /// own work, the liveness word. Whether anything was done.
     pub fn step(&mut self) -> bool {
-        let mut busy = self.serve_slot();
-        busy |= self.drain_buffered();
+        // Program order: the buffered writes were posted before the
+        // access now waiting in the slot (the vCPU stops at that one), so
+        // they are done first.
+        let mut busy = self.drain_buffered();
+        busy |= self.serve_slot();
         for slot in 0..self.devices.len() {
             let e = self.devices[slot].poll(self.area.guest(), &mut self.stats);
             if e.interrupt {
