@@ -539,13 +539,25 @@ pub(crate) fn checker_main(
         }
     };
     println!("checker: ready");
+    let track = incr_until(&mut w, &mut r, || stop_file.exists());
+    println!("{}", track.line());
+    Ok(())
+}
+
+/// INCR [`COUNTER_KEY`] on one connection until `stop` says so; an error
+/// reply or a broken connection ends it (counted in `errors`).
+pub(crate) fn incr_until(
+    w: &mut impl Write,
+    r: &mut impl BufRead,
+    stop: impl Fn() -> bool,
+) -> IncrTrack {
     let mut track = IncrTrack::default();
     let incr = resp_command(&[b"INCR", COUNTER_KEY.as_bytes()]);
-    while !stop_file.exists() {
+    while !stop() {
         let reply = w
             .write_all(&incr)
             .map_err(anyhow::Error::from)
-            .and_then(|_| read_reply(&mut r));
+            .and_then(|_| read_reply(r));
         match reply {
             Ok(Some(Reply::Int(v))) => track.reply(v),
             Ok(other) => {
@@ -560,8 +572,7 @@ pub(crate) fn checker_main(
             }
         }
     }
-    println!("{}", track.line());
-    Ok(())
+    track
 }
 
 fn is_reset(e: &anyhow::Error) -> bool {
@@ -724,6 +735,71 @@ mod tests {
         );
     }
 
+    /// The checker's loop against a server whose third reply skips a
+    /// value and who then hangs up: one gap, one error, every INCR sent
+    /// as RESP.
+    #[test]
+    fn the_checker_loop_sees_a_skipped_value_and_a_hang_up() {
+        let mut sent = Vec::new();
+        let mut r = BufReader::new(&b":1\r\n:2\r\n:4\r\n"[..]);
+        let t = incr_until(&mut sent, &mut r, || false);
+        assert_eq!((t.acked, t.gaps, t.errors), (3, 1, 1));
+        assert_eq!((t.first, t.last), (Some(1), Some(4)));
+        let one = resp_command(&[b"INCR", b"doppel:counter"]);
+        assert_eq!(sent, one.repeat(4));
+        let mut r = BufReader::new(&b":5\r\n:6\r\n-ERR busy\r\n"[..]);
+        let t = incr_until(&mut Vec::new(), &mut r, || false);
+        assert_eq!((t.acked, t.gaps, t.errors), (2, 0, 1));
+        let n = std::cell::Cell::new(0);
+        let mut r = BufReader::new(&b":5\r\n:6\r\n:7\r\n"[..]);
+        let t = incr_until(&mut Vec::new(), &mut r, || {
+            n.set(n.get() + 1);
+            n.get() > 2
+        });
+        assert_eq!((t.acked, t.gaps, t.errors), (2, 0, 0));
+    }
+
+    fn netns_list() -> String {
+        let out = Command::new("ip").args(["netns", "list"]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The guard makes both namespaces, the TAP in the host-side one and
+    /// the client's address, with names unique per call; dropping it
+    /// leaves nothing behind.
+    #[test]
+    fn the_network_guard_builds_and_removes_everything() {
+        let (a, b) = (NetGuard::create().unwrap(), NetGuard::create().unwrap());
+        assert_ne!(a.tap, b.tap);
+        assert!(a.tap.len() <= 15 && a.bridge.len() <= 15);
+        let list = netns_list();
+        for ns in [&a.host_ns, &a.client_ns, &b.host_ns, &b.client_ns] {
+            assert!(list.contains(ns.as_str()), "{ns} in {list}");
+        }
+        let out = a
+            .host_command("ip")
+            .args(["-d", "link", "show", &a.tap])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("tun type tap"), "{text}");
+        assert!(text.contains(&format!("master {}", a.bridge)), "{text}");
+        let out = a
+            .client_command("ip")
+            .args(["-4", "addr"])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains(&format!("inet {CLIENT_IP}/24")), "{text}");
+        let names = [a.host_ns.clone(), a.client_ns.clone()];
+        drop(a);
+        let list = netns_list();
+        for ns in &names {
+            assert!(!list.contains(ns.as_str()), "{ns} left behind: {list}");
+        }
+        assert!(list.contains(b.host_ns.as_str()), "the other run's kept");
+    }
+
     #[test]
     fn the_aof_counter_flags_a_missing_incr() {
         let mut aof = resp_command(&[b"SELECT", b"0"]);
@@ -749,6 +825,70 @@ mod tests {
         for n in 0..aof.len() {
             let _ = count_incr(&aof[..n], COUNTER_KEY);
         }
+    }
+
+    /// Run debugfs's `-w` commands on `disk`, with `files` (name, bytes)
+    /// written to the host first in `dir` so `write` can take them.
+    fn debugfs_w(disk: &Path, dir: &Path, files: &[(&str, &[u8])], cmds: &str) {
+        for (n, b) in files {
+            fs::write(dir.join(n), b).unwrap();
+        }
+        fs::write(dir.join("cmds"), cmds).unwrap();
+        let out = Command::new("debugfs")
+            .arg("-w")
+            .arg("-f")
+            .arg(dir.join("cmds"))
+            .arg(disk)
+            .current_dir(dir)
+            .output()
+            .expect("debugfs is installed (`cargo xtask setup`: e2fsprogs)");
+        assert!(out.status.success(), "{out:?}");
+    }
+
+    /// check_disk on a real ext4 image made as the step makes it, with an
+    /// AOF written into it by debugfs: the INCR count, a missing INCR, a
+    /// missing manifest and an unclean file system are each caught.
+    #[test]
+    fn the_disk_check_reads_the_aof_and_runs_fsck() {
+        let t = tempfile::tempdir().unwrap();
+        let disk = t.path().join("disk.img");
+        make_disk(&disk).unwrap();
+        assert_eq!(fs::metadata(&disk).unwrap().len(), DISK_MIB << 20);
+        let err = format!("{:#}", check_disk(&disk, 0).unwrap_err());
+        assert!(err.contains("File not found"), "{err}");
+        let mut incr = resp_command(&[b"SELECT", b"0"]);
+        for _ in 0..3 {
+            incr.extend(resp_command(&[b"INCR", COUNTER_KEY.as_bytes()]));
+        }
+        let mut incr2 = Vec::new();
+        for _ in 0..2 {
+            incr2.extend(resp_command(&[b"INCR", COUNTER_KEY.as_bytes()]));
+        }
+        let manifest = b"file appendonly.aof.1.base.rdb seq 1 type b\nfile appendonly.aof.2.incr.aof seq 2 type i\nfile appendonly.aof.1.incr.aof seq 1 type i\n";
+        debugfs_w(
+            &disk,
+            t.path(),
+            &[
+                ("m", manifest),
+                ("b", b"REDIS0010 not RESP"),
+                ("i1", &incr),
+                ("i2", &incr2),
+            ],
+            "mkdir /appendonlydir\ncd /appendonlydir\nwrite m appendonly.aof.manifest\nwrite b appendonly.aof.1.base.rdb\nwrite i1 appendonly.aof.1.incr.aof\nwrite i2 appendonly.aof.2.incr.aof\n",
+        );
+        let d = check_disk(&disk, 5).unwrap();
+        assert!(d.fsck_clean);
+        assert_eq!(d.aof_incr, 5);
+        assert_eq!(
+            d.aof_files,
+            ["appendonly.aof.1.incr.aof", "appendonly.aof.2.incr.aof"]
+        );
+        let err = format!("{:#}", check_disk(&disk, 6).unwrap_err());
+        assert!(err.contains("holds 5 INCRs"), "{err}");
+        // A wrong link count on the root directory: e2fsck -fn must fail.
+        debugfs_w(&disk, t.path(), &[], "set_inode_field <2> links_count 9\n");
+        let err = format!("{:#}", check_disk(&disk, 0).unwrap_err());
+        assert!(err.contains("e2fsck -fn"), "{err}");
     }
 
     #[test]
