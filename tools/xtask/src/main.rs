@@ -22,6 +22,7 @@ mod isolation;
 mod linkauth;
 mod linux;
 mod linuxboot;
+mod linuxnet;
 mod logline;
 mod ocf;
 mod operate;
@@ -34,6 +35,7 @@ mod shm;
 mod test;
 mod verifier;
 mod witness;
+mod workload;
 
 use std::path::PathBuf;
 
@@ -139,6 +141,19 @@ enum Cmd {
         #[arg(long)]
         only: Option<String>,
     },
+    /// The INCR checker of issue 20's workload (workload.rs), run by the
+    /// test harness inside the client network namespace.
+    #[command(hide = true)]
+    NetChecker {
+        #[arg(long)]
+        addr: String,
+        #[arg(long)]
+        stop_file: Option<PathBuf>,
+        #[arg(long, default_value_t = 120)]
+        ready_timeout: u64,
+        #[arg(long)]
+        shutdown: bool,
+    },
 }
 
 fn main() -> Result<()> {
@@ -206,6 +221,17 @@ fn main() -> Result<()> {
             })
         }
         Cmd::Fuzz { seconds, only } => fuzz::run(seconds, only.as_deref()),
+        Cmd::NetChecker {
+            addr,
+            stop_file,
+            ready_timeout,
+            shutdown,
+        } => workload::checker_main(
+            &addr,
+            stop_file.as_deref(),
+            std::time::Duration::from_secs(ready_timeout),
+            shutdown,
+        ),
         Cmd::Demo { seed } => {
             setup::ensure()?;
             test::demo(seed)

@@ -18,7 +18,9 @@ use anyhow::{bail, Context, Result};
 /// the ACPI tables we write), and Pacemaker's `resource-agents`
 /// (ocf-tester, ocf-shellfuncs and ra-api-1.dtd, which the `ocf` step checks
 /// tools/ocf/doppel against) with xmllint (libxml2-utils), which ocf-tester
-/// validates the agent's meta-data with.
+/// validates the agent's meta-data with; for issue 20's workload
+/// (workload.rs) Debian's redis-benchmark (redis-tools), mkfs.ext4,
+/// e2fsck and debugfs (e2fsprogs) and ip (iproute2).
 pub const DEBIAN_PACKAGES: &[&str] = &[
     "qemu-system-x86",
     "bochs",
@@ -39,6 +41,9 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     "acpica-tools",
     "resource-agents",
     "libxml2-utils",
+    "redis-tools",
+    "e2fsprogs",
+    "iproute2",
 ];
 
 const TARGET: &str = "x86_64-unknown-none";

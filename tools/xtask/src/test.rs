@@ -122,6 +122,7 @@ fn steps() -> Vec<(&'static str, StepFn)> {
             "replica-bochs-vmx-pml-broken",
             crate::inreplica::step_vmx_pml_broken,
         ),
+        ("linux-net-direct-qemu", crate::linuxnet::step_direct),
     ]
 }
 
