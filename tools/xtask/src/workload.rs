@@ -677,6 +677,28 @@ pub(crate) fn check_aof(aof_incr: u64, acked: u64) -> Result<()> {
     Ok(())
 }
 
+/// The issue's `linux-net:` acceptance line for a run on `vendor`
+/// (`amd`, `intel`), or why the client's result is no pass. For the
+/// steps under Doppel (the direct step prints its own line).
+#[cfg_attr(not(test), allow(dead_code))]
+pub(crate) fn net_line(vendor: &str, c: &ClientResult) -> Result<String> {
+    c.check()?;
+    Ok(format!(
+        "linux-net: vendor={vendor} benchmark_requests={} incr_acked={} incr_gap={} result=pass",
+        c.benchmark.requests, c.incr.acked, c.incr.gaps
+    ))
+}
+
+/// The issue's `linux-disk:` acceptance line ([`check_disk`] passed).
+#[cfg_attr(not(test), allow(dead_code))]
+pub(crate) fn disk_line(vendor: &str, d: &DiskCheck) -> String {
+    format!(
+        "linux-disk: vendor={vendor} fsck={} aof_incr={} result=pass",
+        if d.fsck_clean { "clean" } else { "errors" },
+        d.aof_incr
+    )
+}
+
 /// Where a run keeps its files.
 pub(crate) fn run_dir(step: &str) -> Result<PathBuf> {
     let dir = crate::out_dir().join("runs").join(step);
@@ -727,8 +749,13 @@ mod tests {
         assert_eq!(back, t);
         let mut ok = IncrTrack::default();
         (1..=5).for_each(|v| ok.reply(v));
+        assert!(net_line("amd", &r).is_err());
         let good = ClientResult { incr: ok, ..r };
         good.check().unwrap();
+        assert_eq!(
+            net_line("amd", &good).unwrap(),
+            "linux-net: vendor=amd benchmark_requests=10 incr_acked=5 incr_gap=0 result=pass"
+        );
         assert_eq!(
             IncrTrack::parse("checker: acked=0 gaps=0 errors=0 first=none last=none"),
             Some(IncrTrack::default())
@@ -878,6 +905,10 @@ mod tests {
         );
         let d = check_disk(&disk, 5).unwrap();
         assert!(d.fsck_clean);
+        assert_eq!(
+            disk_line("amd", &d),
+            "linux-disk: vendor=amd fsck=clean aof_incr=5 result=pass"
+        );
         assert_eq!(d.aof_incr, 5);
         assert_eq!(
             d.aof_files,
