@@ -781,7 +781,9 @@ pub fn step_direct(_: &mut Ctx) -> Result<String> {
     .stderr(Stdio::from(fs::File::create(dir.join("qemu.err"))?));
     let started = Instant::now();
     let mut qemu = crate::proc::Proc::start("qemu (network guest)", &mut cmd, true)?;
-    let client = workload::run_client(&net, &ClientOptions::emulated(), &dir);
+    let client = workload::run_client_while(&net, &ClientOptions::emulated(), &dir, &mut || {
+        !qemu.exited().unwrap_or(true)
+    });
     let left = DIRECT_TIMEOUT.saturating_sub(started.elapsed());
     let status = qemu.wait_exit(left)?;
     qemu.kill();
