@@ -436,8 +436,22 @@ fn guest_addr() -> String {
 /// connection. `dir` takes the checker's stop file. An error only when
 /// something could not run; judge the result with
 /// [`ClientResult::check`]. SHUTDOWN is sent whatever the benchmark did,
-/// so the guest powers off.
+/// so the guest powers off. [`run_client_while`] also watches the backend.
+// Called by the Doppel steps (linuxdev.rs, on the lead's branch).
+#[allow(dead_code)]
 pub(crate) fn run_client(net: &NetGuard, o: &ClientOptions, dir: &Path) -> Result<ClientResult> {
+    run_client_while(net, o, dir, &mut || true)
+}
+
+/// [`run_client`], giving up the wait for Redis as soon as `backend_up`
+/// says the guest's backend (QEMU, `doppel run`, the hypervisor's run)
+/// is gone, rather than after the whole ready timeout.
+pub(crate) fn run_client_while(
+    net: &NetGuard,
+    o: &ClientOptions,
+    dir: &Path,
+    backend_up: &mut dyn FnMut() -> bool,
+) -> Result<ClientResult> {
     let exe = std::env::current_exe().context("the xtask binary's path")?;
     let stop = dir.join("checker.stop");
     let _ = fs::remove_file(&stop);
@@ -451,7 +465,7 @@ pub(crate) fn run_client(net: &NetGuard, o: &ClientOptions, dir: &Path) -> Resul
             .args(["--ready-timeout", &o.ready_timeout.as_secs().to_string()]),
         false,
     )?;
-    let ready = checker.wait_line("checker: ready", o.ready_timeout + Duration::from_secs(10));
+    let ready = wait_ready(&mut checker, o.ready_timeout, backend_up);
     let result = ready.and_then(|_| {
         let mut bench = Proc::spawn(
             "redis-benchmark",
@@ -480,6 +494,41 @@ pub(crate) fn run_client(net: &NetGuard, o: &ClientOptions, dir: &Path) -> Resul
         incr,
         shutdown_ok: shutdown?,
     })
+}
+
+/// Wait for the checker's `checker: ready` line while it and the backend
+/// run.
+fn wait_ready(
+    checker: &mut Proc,
+    limit: Duration,
+    backend_up: &mut dyn FnMut() -> bool,
+) -> Result<()> {
+    let t = Instant::now();
+    loop {
+        let exited = checker.exited()?;
+        if checker
+            .out()
+            .iter()
+            .any(|l| l.starts_with("checker: ready"))
+        {
+            return Ok(());
+        }
+        ensure!(
+            !exited,
+            "the checker exited before Redis answered PING:\n{}",
+            checker.text()
+        );
+        ensure!(
+            backend_up(),
+            "the guest's backend stopped before Redis answered PING"
+        );
+        ensure!(
+            t.elapsed() <= limit + Duration::from_secs(10),
+            "Redis did not answer PING within {} s",
+            limit.as_secs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// SHUTDOWN through a fresh connection from the client namespace.
@@ -677,6 +726,28 @@ pub(crate) fn check_aof(aof_incr: u64, acked: u64) -> Result<()> {
     Ok(())
 }
 
+/// The issue's `linux-net:` acceptance line for a run on `vendor`
+/// (`amd`, `intel`), or why the client's result is no pass. For the
+/// steps under Doppel (the direct step prints its own line).
+#[cfg_attr(not(test), allow(dead_code))]
+pub(crate) fn net_line(vendor: &str, c: &ClientResult) -> Result<String> {
+    c.check()?;
+    Ok(format!(
+        "linux-net: vendor={vendor} benchmark_requests={} incr_acked={} incr_gap={} result=pass",
+        c.benchmark.requests, c.incr.acked, c.incr.gaps
+    ))
+}
+
+/// The issue's `linux-disk:` acceptance line ([`check_disk`] passed).
+#[cfg_attr(not(test), allow(dead_code))]
+pub(crate) fn disk_line(vendor: &str, d: &DiskCheck) -> String {
+    format!(
+        "linux-disk: vendor={vendor} fsck={} aof_incr={} result=pass",
+        if d.fsck_clean { "clean" } else { "errors" },
+        d.aof_incr
+    )
+}
+
 /// Where a run keeps its files.
 pub(crate) fn run_dir(step: &str) -> Result<PathBuf> {
     let dir = crate::out_dir().join("runs").join(step);
@@ -727,8 +798,13 @@ mod tests {
         assert_eq!(back, t);
         let mut ok = IncrTrack::default();
         (1..=5).for_each(|v| ok.reply(v));
+        assert!(net_line("amd", &r).is_err());
         let good = ClientResult { incr: ok, ..r };
         good.check().unwrap();
+        assert_eq!(
+            net_line("amd", &good).unwrap(),
+            "linux-net: vendor=amd benchmark_requests=10 incr_acked=5 incr_gap=0 result=pass"
+        );
         assert_eq!(
             IncrTrack::parse("checker: acked=0 gaps=0 errors=0 first=none last=none"),
             Some(IncrTrack::default())
@@ -798,6 +874,29 @@ mod tests {
             assert!(!list.contains(ns.as_str()), "{ns} left behind: {list}");
         }
         assert!(list.contains(b.host_ns.as_str()), "the other run's kept");
+    }
+
+    /// The wait for Redis ends as soon as the backend is gone, or the
+    /// checker is ready, or the checker died; not after the time limit.
+    #[test]
+    fn the_ready_wait_ends_when_the_backend_stops() {
+        let limit = Duration::from_secs(60);
+        let t = Instant::now();
+        let mut silent = Proc::spawn("silent", Command::new("sleep").arg("30"), false).unwrap();
+        let mut polls = 0;
+        let err = wait_ready(&mut silent, limit, &mut || {
+            polls += 1;
+            polls < 3
+        })
+        .unwrap_err();
+        assert!(format!("{err:#}").contains("backend stopped"), "{err:#}");
+        let mut ready =
+            Proc::spawn("ready", Command::new("echo").arg("checker: ready"), false).unwrap();
+        wait_ready(&mut ready, limit, &mut || true).unwrap();
+        let mut dead = Proc::spawn("dead", &mut Command::new("false"), false).unwrap();
+        let err = wait_ready(&mut dead, limit, &mut || true).unwrap_err();
+        assert!(format!("{err:#}").contains("checker exited"), "{err:#}");
+        assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
     }
 
     #[test]
@@ -878,6 +977,10 @@ mod tests {
         );
         let d = check_disk(&disk, 5).unwrap();
         assert!(d.fsck_clean);
+        assert_eq!(
+            disk_line("amd", &d),
+            "linux-disk: vendor=amd fsck=clean aof_incr=5 result=pass"
+        );
         assert_eq!(d.aof_incr, 5);
         assert_eq!(
             d.aof_files,
