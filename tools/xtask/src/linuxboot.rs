@@ -232,7 +232,7 @@ impl Report {
     }
 
     /// Any error line, for a failure's detail.
-    fn error_hint(&self) -> String {
+    pub fn error_hint(&self) -> String {
         match self.errors.last() {
             Some(e) => format!("; last error line: {e}"),
             None => String::new(),

@@ -119,8 +119,11 @@ until [ "$(redis-cli -h 127.0.0.1 ping 2>/dev/null)" = PONG ]; do
     sleep 0.1
 done
 say "redis=ready"
+mark 003
 wait $pid
-say "redis=exited status=$?"
+st=$?
+mark 004
+say "redis=exited status=$st"
 sync
 umount /data && say "disk=unmounted"
 mark 002

@@ -22,6 +22,7 @@ mod isolation;
 mod linkauth;
 mod linux;
 mod linuxboot;
+mod linuxdev;
 mod linuxnet;
 mod logline;
 mod ocf;

@@ -123,6 +123,7 @@ fn steps() -> Vec<(&'static str, StepFn)> {
             crate::inreplica::step_vmx_pml_broken,
         ),
         ("linux-net-direct-qemu", crate::linuxnet::step_direct),
+        ("linux-net-qemu-svm", crate::linuxdev::step_net_qemu),
     ]
 }
 

@@ -436,16 +436,9 @@ fn guest_addr() -> String {
 /// connection. `dir` takes the checker's stop file. An error only when
 /// something could not run; judge the result with
 /// [`ClientResult::check`]. SHUTDOWN is sent whatever the benchmark did,
-/// so the guest powers off. [`run_client_while`] also watches the backend.
-// Called by the Doppel steps (linuxdev.rs, on the lead's branch).
-#[allow(dead_code)]
-pub(crate) fn run_client(net: &NetGuard, o: &ClientOptions, dir: &Path) -> Result<ClientResult> {
-    run_client_while(net, o, dir, &mut || true)
-}
-
-/// [`run_client`], giving up the wait for Redis as soon as `backend_up`
-/// says the guest's backend (QEMU, `doppel run`, the hypervisor's run)
-/// is gone, rather than after the whole ready timeout.
+/// so the guest powers off. The wait for Redis ends as soon as
+/// `backend_up` says the guest's backend (QEMU, `doppel run`, the
+/// hypervisor's run) is gone, rather than after the whole ready timeout.
 pub(crate) fn run_client_while(
     net: &NetGuard,
     o: &ClientOptions,
@@ -729,7 +722,6 @@ pub(crate) fn check_aof(aof_incr: u64, acked: u64) -> Result<()> {
 /// The issue's `linux-net:` acceptance line for a run on `vendor`
 /// (`amd`, `intel`), or why the client's result is no pass. For the
 /// steps under Doppel (the direct step prints its own line).
-#[cfg_attr(not(test), allow(dead_code))]
 pub(crate) fn net_line(vendor: &str, c: &ClientResult) -> Result<String> {
     c.check()?;
     Ok(format!(
@@ -739,7 +731,6 @@ pub(crate) fn net_line(vendor: &str, c: &ClientResult) -> Result<String> {
 }
 
 /// The issue's `linux-disk:` acceptance line ([`check_disk`] passed).
-#[cfg_attr(not(test), allow(dead_code))]
 pub(crate) fn disk_line(vendor: &str, d: &DiskCheck) -> String {
     format!(
         "linux-disk: vendor={vendor} fsck={} aof_incr={} result=pass",
