@@ -174,15 +174,24 @@ pub fn step_net_qemu(ctx: &mut Ctx) -> Result<String> {
     // Figures (counts; wall time is emulated).
     let served = client.benchmark.requests + client.incr.acked;
     let per = |n: u64| n as f64 / served.max(1) as f64;
-    let busy = report
-        .mark(3)
-        .zip(report.mark(4))
-        .map(|(a, b)| b.exits.saturating_sub(a.exits));
+    // Redis's busy span: from `redis=ready` (mark 3) to its exit (mark 4).
+    let span = report.mark(3).zip(report.mark(4));
+    let busy = span.map(|(a, b)| b.exits.saturating_sub(a.exits));
+    let by_reason = span.map_or("n/a".into(), |(a, b)| {
+        linuxboot::REASONS
+            .iter()
+            .map(|r| {
+                let n = b.by_reason[*r].saturating_sub(a.by_reason[*r]);
+                format!("{r}={:.2}", per(n))
+            })
+            .collect::<Vec<_>>()
+            .join(" ")
+    });
     for l in &client.benchmark.lines {
         println!("figures: {STEP} redis-benchmark (emulated, QEMU TCG, under Doppel): {l}");
     }
     println!(
-        "figures: {STEP} requests={served} exits={} exits-per-request={} sync-ioreqs={sync} buffered-ioreqs={buffered} ioreq-round-trips-per-request={:.2} buffered-per-request={:.2} irqs={irqs} exits-by-reason: {} doppel-run: {} wall-s={:.1} (emulated)",
+        "figures: {STEP} requests={served} exits={} exits-per-request={} per-request-by-reason: {by_reason} sync-ioreqs={sync} buffered-ioreqs={buffered} ioreq-round-trips-per-request={:.2} buffered-per-request={:.2} irqs={irqs} exits-by-reason: {} doppel-run: {} wall-s={:.1} (emulated)",
         stop.counts.exits,
         busy.map_or("n/a".into(), |b| format!("{:.2}", per(b))),
         per(sync),
