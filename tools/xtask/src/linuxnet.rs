@@ -540,30 +540,7 @@ pub fn ensure_packages() -> Result<PathBuf> {
         specs.push((p, version));
     }
     for (name, version) in &specs {
-        let spec = format!("{name}={version}");
-        let st = Command::new("apt-get")
-            .args(["download", "-qq", &spec])
-            .current_dir(&debs)
-            .status()
-            .context("running apt-get download")?;
-        ensure!(st.success(), "apt-get download {spec} failed ({st})");
-        let prefix = format!("{name}_");
-        let deb = fs::read_dir(&debs)?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| {
-                p.file_name()
-                    .and_then(|n| n.to_str())
-                    .is_some_and(|n| n.starts_with(&prefix) && n.ends_with(".deb"))
-            })
-            .max()
-            .with_context(|| format!("apt-get download left no {name}_*.deb"))?;
-        let st = Command::new("dpkg")
-            .arg("-x")
-            .arg(&deb)
-            .arg(&root)
-            .status()
-            .context("running dpkg -x")?;
-        ensure!(st.success(), "dpkg -x {} failed ({st})", deb.display());
+        crate::setup::fetch_deb(&debs, &root, name, version)?;
     }
     let list: Vec<String> = specs.iter().map(|(n, v)| format!("{n}={v}")).collect();
     println!("setup: network guest packages: {}", list.join(" "));

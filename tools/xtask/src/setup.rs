@@ -201,25 +201,7 @@ pub fn ensure_guest() -> Result<GuestPackages> {
     let mut packages = Vec::new();
     for (name, version) in &wanted {
         let spec = format!("{name}={version}");
-        let deb_dir = dir.join("deb");
-        let st = Command::new("apt-get")
-            .args(["download", "-qq", &spec])
-            .current_dir(&deb_dir)
-            .status()
-            .context("running apt-get download")?;
-        if !st.success() {
-            bail!("apt-get download {spec} failed ({st})");
-        }
-        let deb = find_deb(&deb_dir, name)?;
-        let st = Command::new("dpkg")
-            .arg("-x")
-            .arg(&deb)
-            .arg(&root)
-            .status()
-            .context("running dpkg -x")?;
-        if !st.success() {
-            bail!("dpkg -x {} failed ({st})", deb.display());
-        }
+        let deb = fetch_deb(&dir.join("deb"), &root, name, version)?;
         let size = std::fs::metadata(&deb).map(|m| m.len()).unwrap_or(0);
         println!(
             "setup: fetched {spec} ({} KiB) into {}",
@@ -315,6 +297,31 @@ fn parse_kernel_dep(deps: &str) -> Result<(String, String)> {
 }
 
 /// The .deb of `name` that apt-get download left in `dir`.
+/// `apt-get download NAME=VERSION` into `deb_dir`, then `dpkg -x` it into
+/// `root`: the package's files without installing it. The .deb's path.
+pub fn fetch_deb(deb_dir: &Path, root: &Path, name: &str, version: &str) -> Result<PathBuf> {
+    let spec = format!("{name}={version}");
+    let st = Command::new("apt-get")
+        .args(["download", "-qq", &spec])
+        .current_dir(deb_dir)
+        .status()
+        .context("running apt-get download")?;
+    if !st.success() {
+        bail!("apt-get download {spec} failed ({st})");
+    }
+    let deb = find_deb(deb_dir, name)?;
+    let st = Command::new("dpkg")
+        .arg("-x")
+        .arg(&deb)
+        .arg(root)
+        .status()
+        .context("running dpkg -x")?;
+    if !st.success() {
+        bail!("dpkg -x {} failed ({st})", deb.display());
+    }
+    Ok(deb)
+}
+
 fn find_deb(dir: &Path, name: &str) -> Result<PathBuf> {
     let prefix = format!("{name}_");
     let mut debs: Vec<PathBuf> = std::fs::read_dir(dir)?
