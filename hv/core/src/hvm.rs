@@ -897,9 +897,45 @@ pub fn decode_padded<const N: usize>(area: &[u8]) -> Result<Decoded<N>, HvmError
     }
 }
 
+/// The length of the valid context stream at the start of `area`, whose
+/// remaining bytes are zero (as [`decode_padded`] takes it): the bytes up
+/// to and including its END record. The whole stream is checked
+/// ([`walk_stream`]); non-zero bytes after END are an error.
+pub fn stream_len(area: &[u8]) -> Result<usize, HvmError> {
+    match walk_stream(area, &mut |_| Ok(())) {
+        Ok(_) => Ok(area.len()),
+        Err(HvmError::TrailingBytes(n)) => {
+            let end = area.len().saturating_sub(n);
+            let (blob, pad) = area.split_at(end);
+            if pad.iter().any(|&b| b != 0) {
+                return Err(HvmError::TrailingBytes(n));
+            }
+            walk_stream(blob, &mut |_| Ok(()))?;
+            Ok(end)
+        }
+        Err(e) => Err(e),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_padded_stream_measures_to_its_end_record() {
+        let v = VcpuState::default();
+        let mut area = [0u8; 2048];
+        let n = encode(core::slice::from_ref(&v), HeaderInfo::default(), &mut area);
+        assert!(n.is_ok());
+        let n = n.unwrap_or(0);
+        assert_eq!(stream_len(&area), Ok(n));
+        assert_eq!(area.get(..n).map(stream_len), Some(Ok(n)));
+        if let Some(b) = area.get_mut(n + 5) {
+            *b = 1;
+        }
+        assert!(stream_len(&area).is_err(), "bytes after END");
+        assert!(stream_len(&[0u8; 64]).is_err(), "no stream at all");
+    }
 
     #[test]
     fn svm_attrib_is_xen_format() {

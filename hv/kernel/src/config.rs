@@ -58,6 +58,11 @@
 //!   `devices=net,blk` (default `none`) gives the guest those virtio-mmio
 //!   devices, in order, declared in its DSDT and served by `doppel run`
 //!   through the device-model area (`virt::devmodel`).
+//!   `replicate=primary` runs it as a replicated primary for `doppel
+//!   primary` (a checkpoint every `epoch-exits` exits, default 4000, each
+//!   with the whole machine's records); `replicate=standby` publishes a
+//!   standby area the backup tool fills and, at `Activate`, rebuilds the
+//!   machine from the committed records and runs Linux on from there.
 //!   With `tracker=wp|pml|ad` (test only) the Linux guest is replicated
 //!   to the in-machine replica instead: an epoch ends every `epoch-exits`
 //!   exits (default 4000), each checkpoint carries the dirty pages and the
@@ -128,6 +133,18 @@ impl Devices {
         }
         Some(d)
     }
+}
+
+/// `replicate=`: the Linux guest's part in replication with the dom0 tool.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Replicate {
+    /// Not replicated (or only to the in-machine replica, `tracker=`).
+    #[default]
+    None,
+    /// A replicated primary for `doppel primary`.
+    Primary,
+    /// A standby the backup tool fills and activates.
+    Standby,
 }
 
 /// The log-dirty mode `mode=replica` asks for.
@@ -201,6 +218,8 @@ pub struct Config {
     pub tracker: Option<Tracker>,
     /// `mode=linux`: the guest's virtio devices.
     pub devices: Devices,
+    /// `mode=linux`: replicated with the dom0 tool, as primary or standby.
+    pub replicate: Replicate,
 }
 
 impl Default for Config {
@@ -220,6 +239,7 @@ impl Default for Config {
             guest_mem_given: false,
             tracker: None,
             devices: Devices::default(),
+            replicate: Replicate::None,
         }
     }
 }
@@ -263,7 +283,7 @@ impl Config {
                 return Err(ConfigError::NotKeyValue(word));
             };
             let bad = ConfigError::BadValue { key, value };
-            const KEYS: [&str; 13] = [
+            const KEYS: [&str; 14] = [
                 "log",
                 "mode",
                 "epochs",
@@ -277,6 +297,7 @@ impl Config {
                 "restore-every",
                 "tracker",
                 "devices",
+                "replicate",
             ];
             let Some(i) = KEYS.iter().position(|k| *k == key) else {
                 return Err(ConfigError::UnknownKey(key));
@@ -363,6 +384,14 @@ impl Config {
                     };
                 }
                 "devices" => cfg.devices = Devices::parse(value).ok_or(bad)?,
+                "replicate" => {
+                    cfg.replicate = match value {
+                        "none" => Replicate::None,
+                        "primary" => Replicate::Primary,
+                        "standby" => Replicate::Standby,
+                        _ => return Err(bad),
+                    };
+                }
                 "tracker" => {
                     cfg.tracker = Some(match value {
                         "wp" => Tracker::WriteProtect,
@@ -519,6 +548,17 @@ mod tests {
                 "{bad}"
             );
         }
+        assert_eq!(
+            Config::parse("mode=linux replicate=standby")
+                .unwrap()
+                .replicate,
+            Replicate::Standby
+        );
+        assert_eq!(Config::default().replicate, Replicate::None);
+        assert!(matches!(
+            Config::parse("replicate=backup"),
+            Err(ConfigError::BadValue { .. })
+        ));
         // The replicated Linux guest takes the same keys.
         let l = Config::parse("mode=linux tsc-khz=50000 tracker=pml epoch-exits=3000 epochs=5")
             .unwrap();

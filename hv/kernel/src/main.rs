@@ -165,6 +165,13 @@ fn linux(info: &BootInfo<'_>, config: &Config, enabled: &mut virt::Enabled) -> b
         restore_every: config.restore_every,
         skip_lapic_regs: config.broken == Some(doppel_kernel::config::Broken::SkipLapicRegs),
         devices: config.devices.kinds(),
+        replicate: match config.replicate {
+            doppel_kernel::config::Replicate::None => virt::linux::Replicate::None,
+            doppel_kernel::config::Replicate::Primary => virt::linux::Replicate::Primary {
+                epoch_exits: config.epoch_exits.unwrap_or(LINUX_EPOCH_EXITS),
+            },
+            doppel_kernel::config::Replicate::Standby => virt::linux::Replicate::Standby,
+        },
         replica: config.tracker.map(|t| virt::linux::ReplicaPlan {
             mode: log_dirty_mode(Some(t)),
             epoch_exits: config.epoch_exits.unwrap_or(LINUX_EPOCH_EXITS),

@@ -397,7 +397,7 @@ pub fn step_linux_bochs(ctx: &mut Ctx) -> Result<String> {
 /// The plain run's stable fields: recorded by the plain step of this
 /// vendor when it is newer than the hypervisor and the initramfs, else
 /// from a plain run made now.
-fn plain_fields(ctx: &mut Ctx, emulator: Emulator) -> Result<Vec<String>> {
+pub fn plain_fields(ctx: &mut Ctx, emulator: Emulator) -> Result<Vec<String>> {
     let rec = plain_record(emulator);
     let img = ctx.image()?;
     let guest = linux::build()?;
@@ -450,7 +450,7 @@ fn step_restore(ctx: &mut Ctx, emulator: Emulator, step: &str) -> Result<String>
 /// transcript and poweroff, `exit=pass`, and the transcript's stable
 /// fields `want` (the plain run's) unchanged. `what` says what the run
 /// did differently, for the error.
-fn same_as_plain(
+pub fn same_as_plain(
     report: &Report,
     run: &Run,
     release: &str,

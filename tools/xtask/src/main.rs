@@ -23,6 +23,7 @@ mod linkauth;
 mod linux;
 mod linuxboot;
 mod linuxdev;
+mod linuxfail;
 mod linuxnet;
 mod logline;
 mod ocf;

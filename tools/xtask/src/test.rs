@@ -124,6 +124,7 @@ fn steps() -> Vec<(&'static str, StepFn)> {
         ),
         ("linux-net-direct-qemu", crate::linuxnet::step_direct),
         ("linux-net-qemu-svm", crate::linuxdev::step_net_qemu),
+        ("linux-failover-qemu-svm", crate::linuxfail::step_failover),
     ]
 }
 

@@ -329,6 +329,17 @@ impl Rtc {
         }
     }
 
+    /// The wall time (Unix seconds) a saved RTC stood for: the time its
+    /// registers held less the guest's offset from wall time. A standby
+    /// goes on with the primary's wall clock from there. `None` when the
+    /// registers hold no valid date.
+    pub fn wall_of_record(rec: &HvmHwRtc) -> Option<i64> {
+        let mut regs = [0u8; 10];
+        regs.copy_from_slice(rec.cmos_data.get(..10)?);
+        let b = *rec.cmos_data.get(usize::from(REG_B))?;
+        Rtc::unix_of_cmos(&regs, b).map(|t| t.saturating_sub(rec.rtc_offset))
+    }
+
     /// Rebuild from Xen's RTC record with this host's `clock`.
     pub fn restore(rec: &HvmHwRtc, clock: Clock) -> Result<Self, RecordError> {
         let byte = |i: u8| rec.cmos_data.get(usize::from(i)).copied().unwrap_or(0);
@@ -367,6 +378,23 @@ impl Rtc {
 #[allow(clippy::unwrap_used, clippy::indexing_slicing)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_saved_rtc_gives_back_the_wall_time_it_stood_for() {
+        let clock = Clock {
+            secs: 1_796_600_000,
+            tsc: 0,
+            khz: 1000,
+        };
+        let mut rtc = Rtc::new(clock);
+        rtc.offset = 7;
+        // 42.5 s of guest time later.
+        let rec = rtc.save(42_500_000);
+        assert_eq!(Rtc::wall_of_record(&rec), Some(1_796_600_042));
+        let mut bad = rec;
+        bad.cmos_data[8] = 0x13; // month 13
+        assert_eq!(Rtc::wall_of_record(&bad), None);
+    }
 
     /// 2026-12-07 03:24:05 UTC, a Monday, at TSC 1000, 1 GHz.
     const T0: i64 = 1_796_613_845;

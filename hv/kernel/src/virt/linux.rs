@@ -16,6 +16,7 @@
 //! byte to the mark port, and at the end `linux: stop=poweroff|
 //! triple-fault|halted|error exits=N restores=R guest-tsc=T <counts>`.
 
+use alloc::boxed::Box;
 use alloc::vec::Vec;
 use core::fmt;
 
@@ -37,6 +38,7 @@ use doppel_core::paging::{NestedEntry, NestedPageTable};
 use doppel_core::platform::machine::{self, Machine, PortEffect, Sabotage};
 use doppel_core::platform::records;
 use doppel_core::platform::rtc::{Clock, Rtc};
+use doppel_core::platform::uart::Uart;
 use doppel_core::regs::Brief;
 use doppel_core::selftest::Mode;
 use doppel_core::{acpi, pvh};
@@ -44,6 +46,7 @@ use doppel_core::{acpi, pvh};
 use super::devmodel;
 use super::guest::{GuestRam, KernelFrames};
 use super::replica::LinuxReplica;
+use super::replicate::{LinuxActivated, LinuxPrimary};
 use super::track::{Sabotage as TrackSabotage, Tracker};
 use super::vcpu::Vcpu;
 use crate::arch::instr::{cpuid, enable_fxsr, fxrstor, fxsave, inb, mxcsr_ok, outb, rdtsc, FxArea};
@@ -73,6 +76,67 @@ pub struct LinuxPlan<'a> {
     /// The guest's virtio-mmio devices (hv/abi `ioreq::device` kinds),
     /// served by `doppel run` through the device-model area.
     pub devices: &'a [u32],
+    /// Replicated with the dom0 tool, as primary or standby.
+    pub replicate: Replicate,
+}
+
+/// The guest's part in replication with the dom0 tool (issue 21).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Replicate {
+    None,
+    /// A replicated primary: an epoch every `epoch_exits` exits.
+    Primary {
+        epoch_exits: u64,
+    },
+    /// A standby: waits for `Activate`, then runs on from the committed
+    /// whole-machine context.
+    Standby,
+}
+
+/// Where a replicated Linux guest's epochs go: the in-machine replica
+/// (test only, [`LinuxReplica`]), the dom0 tool
+/// ([`super::replicate::LinuxPrimary`]), or nowhere after a standby's
+/// activation ([`super::replicate::LinuxActivated`]). The run loop asks
+/// after every exit whether an epoch ends, and hands each epoch end's
+/// harvest and whole-machine context over with the guest stopped.
+pub(super) trait LinuxEpochs {
+    /// The tracker the guest's vCPU and table are set up for.
+    fn tracker(&self) -> Mode;
+    /// The guest exited: whether its epoch ends here (before the next
+    /// entry).
+    fn exited(&mut self) -> bool;
+    /// Checkpoint `harvest`'s pages of `ram` and `context` (the machine as
+    /// it resumes); `exits` were the epoch's tracking exits. What next.
+    fn epoch_end(
+        &mut self,
+        harvest: &[u8],
+        ram: &GuestRam,
+        context: &[u8],
+        exits: u64,
+    ) -> Result<EpochNext, &'static str>;
+    /// Fail over now (after [`EpochNext::FailOver`]): guest RAM rewritten
+    /// as committed; the committed context to rebuild the machine from.
+    fn fail_over(&mut self, _ram: &mut GuestRam) -> Result<Vec<u8>, &'static str> {
+        Err("nothing to fail over to")
+    }
+    /// The rebuilt machine's context, saved at the instant it was rebuilt.
+    fn rebuilt(&mut self, _context: &[u8]) {}
+    /// The guest resumes after an epoch end that held it `pause` cycles.
+    fn resumed(&mut self, _pause: u64) {}
+    /// Print the verdict; true when the run passes (`powered_off`: Linux
+    /// finished cleanly).
+    fn report(&self, backend: &str, powered_off: bool) -> bool;
+}
+
+/// What follows an epoch end.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum EpochNext {
+    /// Track the next epoch.
+    Track,
+    /// Nobody harvests for now (replication detached): stop tracking.
+    Untracked,
+    /// Fail over to the replica.
+    FailOver,
 }
 
 /// `mode=linux tracker=..`: the guest replicated to the in-machine replica
@@ -252,41 +316,21 @@ where
         }
     };
     let devices: Vec<DmDevice> = ioreq::virtio_devices(plan.devices).collect();
-    let tables = acpi::build_with(pvh::ACPI_ADDR, &devices);
-    let boot = {
-        let Some(bytes) = ram.slice_mut(0, plan.mem_bytes) else {
-            log::error!("linux: guest RAM is not addressable");
-            return false;
-        };
-        let mem = ByteMem::new(bytes);
-        pvh::build(
-            &mem,
-            &pvh::PvhConfig {
-                kernel: plan.kernel,
-                initrd: plan.initrd,
-                cmdline: plan.cmdline,
-                ram_size: plan.mem_bytes,
-                acpi: Some(&tables.bytes),
-            },
-        )
+    let start = if plan.replicate == Replicate::Standby {
+        standby_start(vendor, &ram, plan.tsc_khz)
+    } else {
+        boot_start(vendor, &mut ram, plan, &devices, offered)
     };
-    let boot = match boot {
-        Ok(b) => b,
-        Err(e) => {
-            log::error!("linux: the PVH domain builder refused the kernel: {e}");
-            return false;
-        }
+    let Some(Start {
+        m,
+        cpu,
+        clock,
+        replica,
+    }) = start
+    else {
+        return false;
     };
-    log::info!(
-        "linux: entry={:#x} kernel={:#x}-{:#x} initrd={:#x}+{:#x} ram={}MiB tsc-khz={}",
-        boot.entry,
-        boot.kernel_span.0,
-        boot.kernel_span.1,
-        boot.initrd.0,
-        boot.initrd.1,
-        plan.mem_bytes >> 20,
-        plan.tsc_khz
-    );
+    let mode = replica.as_ref().map_or(Mode::WriteProtect, |r| r.tracker());
     let mut table = match ram.nested_table::<E>() {
         Ok(t) => t,
         Err(e) => {
@@ -294,21 +338,6 @@ where
             return false;
         }
     };
-    // The replica, when asked for, starts from the loaded boot image (its
-    // first checkpoint carries every page).
-    let replica = match plan.replica {
-        None => None,
-        Some(r) => match LinuxReplica::start(&ram, offered, r.mode, r.epoch_exits, r.epochs) {
-            Ok(rep) => Some(rep),
-            Err(e) => {
-                log::error!("linux: the in-machine replica: {e}");
-                return false;
-            }
-        },
-    };
-    let mode = replica
-        .as_ref()
-        .map_or(Mode::WriteProtect, LinuxReplica::tracker);
     let dm = if devices.is_empty() {
         None
     } else {
@@ -325,28 +354,28 @@ where
             }
         }
     };
-    // The guest's TSC starts at 0 now; its RTC at the host's wall clock.
-    let offset = 0u64.wrapping_sub(rdtsc());
-    let clock = Clock {
-        secs: host_unix_seconds(),
-        tsc: 0,
-        khz: plan.tsc_khz,
-    };
-    let mut m = Machine::new(vendor, phys_bits(), clock);
-    m.msrs.tsc_offset = offset;
-    let mut vcpu = match make(&boot.vcpu, table.root(), mode) {
+    let mut vcpu = match make(&cpu, table.root(), mode) {
         Ok(v) => v,
         Err(e) => {
             log::error!("linux: vCPU: {e}");
             return false;
         }
     };
-    if !vcpu.set_tsc_offset(offset) {
+    if !vcpu.set_tsc_offset(m.msrs.tsc_offset) {
         log::error!("linux: the {} backend has no TSC offset", vcpu.backend());
         return false;
     }
+    if cpu.fpu_initialised {
+        // A standby resumes the committed FPU image.
+        if !mxcsr_ok(&cpu.fpu) {
+            log::error!("linux: the committed FPU image's MXCSR has reserved bits set");
+            return false;
+        }
+        fxrstor(&FxArea(cpu.fpu));
+    }
     let tracker = match &replica {
         None => None,
+        Some(_) if plan.replicate == Replicate::Standby => None,
         Some(_) => {
             let t = Tracker::new(ram.pages(), mode, TrackSabotage::default())
                 .and_then(|mut t| t.arm(&mut table, &mut vcpu, true).map(|()| t));
@@ -402,6 +431,147 @@ where
     }
 }
 
+/// How the guest starts: its platform, its vCPU's state, the RTC's wall
+/// clock, and where its epochs go.
+struct Start {
+    m: Machine,
+    cpu: VcpuState,
+    clock: Clock,
+    replica: Option<Box<dyn LinuxEpochs>>,
+}
+
+/// A fresh boot: the PVH domain built into `ram`, the platform at reset,
+/// the guest's TSC from 0 and its RTC at the host's wall clock; the
+/// replica or the dom0 tool attached when the plan says so (their first
+/// checkpoint carries the loaded boot image).
+fn boot_start(
+    vendor: Vendor,
+    ram: &mut GuestRam,
+    plan: &LinuxPlan<'_>,
+    devices: &[DmDevice],
+    offered: &[LogDirtyMode],
+) -> Option<Start> {
+    let tables = acpi::build_with(pvh::ACPI_ADDR, devices);
+    let boot = {
+        let Some(bytes) = ram.slice_mut(0, plan.mem_bytes) else {
+            log::error!("linux: guest RAM is not addressable");
+            return None;
+        };
+        let mem = ByteMem::new(bytes);
+        pvh::build(
+            &mem,
+            &pvh::PvhConfig {
+                kernel: plan.kernel,
+                initrd: plan.initrd,
+                cmdline: plan.cmdline,
+                ram_size: plan.mem_bytes,
+                acpi: Some(&tables.bytes),
+            },
+        )
+    };
+    let boot = match boot {
+        Ok(b) => b,
+        Err(e) => {
+            log::error!("linux: the PVH domain builder refused the kernel: {e}");
+            return None;
+        }
+    };
+    log::info!(
+        "linux: entry={:#x} kernel={:#x}-{:#x} initrd={:#x}+{:#x} ram={}MiB tsc-khz={}",
+        boot.entry,
+        boot.kernel_span.0,
+        boot.kernel_span.1,
+        boot.initrd.0,
+        boot.initrd.1,
+        plan.mem_bytes >> 20,
+        plan.tsc_khz
+    );
+    let replica: Option<Box<dyn LinuxEpochs>> = match (plan.replica, plan.replicate) {
+        (Some(r), _) => match LinuxReplica::start(ram, offered, r.mode, r.epoch_exits, r.epochs) {
+            Ok(rep) => Some(Box::new(rep)),
+            Err(e) => {
+                log::error!("linux: the in-machine replica: {e}");
+                return None;
+            }
+        },
+        (None, Replicate::Primary { epoch_exits }) => {
+            match LinuxPrimary::start(ram, offered, epoch_exits) {
+                Ok(p) => Some(Box::new(p)),
+                Err(e) => {
+                    log::error!("linux: primary: {e}");
+                    return None;
+                }
+            }
+        }
+        (None, _) => None,
+    };
+    // The guest's TSC starts at 0 now; its RTC at the host's wall clock.
+    let clock = Clock {
+        secs: host_unix_seconds(),
+        tsc: 0,
+        khz: plan.tsc_khz,
+    };
+    let mut m = Machine::new(vendor, phys_bits(), clock);
+    m.msrs.tsc_offset = 0u64.wrapping_sub(rdtsc());
+    Some(Start {
+        m,
+        cpu: boot.vcpu,
+        clock,
+        replica,
+    })
+}
+
+/// A standby's start: wait for `Activate` (guest RAM filled by the backup
+/// tool meanwhile), then the platform rebuilt from the committed records.
+/// The RTC's wall clock goes on from the primary's: the wall time the RTC
+/// record held at the checkpoint, at the checkpoint's guest TSC.
+fn standby_start(vendor: Vendor, ram: &GuestRam, tsc_khz: u32) -> Option<Start> {
+    let (act, context) = match LinuxActivated::wait(ram) {
+        Ok(a) => a,
+        Err(e) => {
+            log::error!("linux: standby: {e}");
+            return None;
+        }
+    };
+    let r = match records::decode(&context) {
+        Ok(r) => r,
+        Err(e) => {
+            log::error!("linux: standby: the committed records do not decode: {e:?}");
+            return None;
+        }
+    };
+    let clock = Clock {
+        secs: Rtc::wall_of_record(&r.rtc).unwrap_or_else(host_unix_seconds),
+        tsc: r.cpu.tsc,
+        khz: tsc_khz,
+    };
+    let m = match Machine::restore(
+        &r,
+        vendor,
+        phys_bits(),
+        clock,
+        Uart::new(),
+        rdtsc(),
+        Sabotage::None,
+    ) {
+        Ok(m) => m,
+        Err(e) => {
+            log::error!(
+                "linux: standby: a committed record was refused: {} = {:#x}",
+                e.field,
+                e.value
+            );
+            return None;
+        }
+    };
+    Some(Start {
+        m,
+        cpu: r.cpu,
+        clock,
+        replica: Some(Box::new(act)),
+    })
+}
+
 struct Linux<'r, E: NestedEntry, V: Vcpu, F> {
     vcpu: V,
     m: Machine,
@@ -413,7 +583,7 @@ struct Linux<'r, E: NestedEntry, V: Vcpu, F> {
     mode: Mode,
     /// Dirty tracking, while the guest is replicated.
     tracker: Option<Tracker>,
-    replica: Option<LinuxReplica>,
+    replica: Option<Box<dyn LinuxEpochs>>,
     /// The device-model area, when the guest has devices.
     dm: Option<devmodel::Link>,
     counts: Counts,
@@ -453,7 +623,7 @@ where
             self.prepare_entry();
             let exit = self.vcpu.run();
             self.counts.count(&exit.kind, self.ram.bytes());
-            let epoch_due = self.replica.as_mut().is_some_and(LinuxReplica::exited);
+            let epoch_due = self.replica.as_mut().is_some_and(|r| r.exited());
             match self.dispatch(&exit) {
                 Next::Resume(rip) => self.vcpu.set_rip(rip),
                 Next::Retry => {}
@@ -498,10 +668,11 @@ where
         let (Some(tracker), Some(replica)) = (self.tracker.as_mut(), self.replica.as_mut()) else {
             return Err("an epoch end without a replica");
         };
-        if replica.epoch_end(tracker.harvested(), &self.ram, &context, exits)? {
+        let next = replica.epoch_end(tracker.harvested(), &self.ram, &context, exits)?;
+        if next == EpochNext::FailOver {
             return self.fail_over();
         }
-        tracker.rearm(&mut self.table, &mut self.vcpu, true)?;
+        tracker.rearm(&mut self.table, &mut self.vcpu, next == EpochNext::Track)?;
         replica.resumed(rdtsc().wrapping_sub(stopped));
         Ok(())
     }

@@ -44,6 +44,7 @@ use doppel_core::selftest::Mode;
 use zerocopy::IntoBytes;
 
 use super::guest::{self, GuestRam, Workload};
+use super::linux::{EpochNext, LinuxEpochs};
 use super::replicate::{checkpoint_header, said, tracker, Binding, Context, Engine};
 use super::run::{run_mode, EpochEnd, EpochSink, Plan};
 use super::vcpu::{GuestStart, Vcpu};
@@ -365,15 +366,17 @@ impl LinuxReplica {
             consumer_cycles: 0,
         })
     }
+}
 
+impl LinuxEpochs for LinuxReplica {
     /// The tracker the run loop must use.
-    pub(super) fn tracker(&self) -> Mode {
+    fn tracker(&self) -> Mode {
         self.mode
     }
 
     /// The guest exited: whether its epoch ends here (before the next
     /// entry). Never after the failover (the guest runs unprotected).
-    pub(super) fn exited(&mut self) -> bool {
+    fn exited(&mut self) -> bool {
         self.bind.engine.beat();
         if self.failover != Failover::NotYet {
             return false;
@@ -391,13 +394,13 @@ impl LinuxReplica {
     /// of `ram` and `context` (the machine as it resumes), have the
     /// replica take and commit it, and compare. `exits` are the epoch's
     /// tracking exits. True when the failover is due now.
-    pub(super) fn epoch_end(
+    fn epoch_end(
         &mut self,
         harvest: &[u8],
         ram: &GuestRam,
         context: &[u8],
         exits: u64,
-    ) -> Result<bool, &'static str> {
+    ) -> Result<EpochNext, &'static str> {
         self.exits = 0;
         self.bind
             .checkpoint(harvest, ram, Context::Machine(context), "linux", exits)?;
@@ -408,14 +411,18 @@ impl LinuxReplica {
         self.tool.take_checkpoint(&mut self.bind.engine)?;
         self.tool.compare(ram, context)?;
         self.consumer_cycles = rdtsc().wrapping_sub(began);
-        Ok(self.tool.epochs >= self.epochs)
+        Ok(if self.tool.epochs >= self.epochs {
+            EpochNext::FailOver
+        } else {
+            EpochNext::Track
+        })
     }
 
     /// The guest resumes after an epoch end that held it `pause` TSC
     /// cycles: log them, and the hypervisor's share (the replica's work
     /// runs inside the pause here, on the same CPU; a real tool's runs
     /// beside the guest).
-    pub(super) fn resumed(&mut self, pause: u64) {
+    fn resumed(&mut self, pause: u64) {
         let c = core::mem::take(&mut self.consumer_cycles);
         log::info!(
             "replica: epoch={} pause_cycles={pause} consumer_cycles={c} hv_pause_cycles={}",
@@ -427,7 +434,7 @@ impl LinuxReplica {
     /// Fail over: the primary's RAM is rewritten from the shadow, the
     /// engine detached; the last committed context, to rebuild the vCPU
     /// and platform from.
-    pub(super) fn fail_over(&mut self, ram: &mut GuestRam) -> Result<Vec<u8>, &'static str> {
+    fn fail_over(&mut self, ram: &mut GuestRam) -> Result<Vec<u8>, &'static str> {
         self.failover = Failover::Failed;
         self.tool.take_over(ram, &mut self.bind.engine)?;
         let epoch = self.tool.committed.ok_or("no epoch was committed")?;
@@ -438,7 +445,7 @@ impl LinuxReplica {
 
     /// The rebuilt machine, saved again at the instant it was rebuilt:
     /// it must be the committed context byte for byte.
-    pub(super) fn rebuilt(&mut self, context: &[u8]) {
+    fn rebuilt(&mut self, context: &[u8]) {
         self.tool.restored_blob = self.tool.blob_matches(context);
         if !self.tool.restored_blob {
             log::warn!("replica: the rebuilt machine's records differ from the committed ones");
@@ -447,7 +454,7 @@ impl LinuxReplica {
 
     /// Print the verdict line; true when it passes (`powered_off`: Linux
     /// finished its run cleanly after the failover).
-    pub(super) fn report(&self, backend: &str, powered_off: bool) -> bool {
+    fn report(&self, backend: &str, powered_off: bool) -> bool {
         let t = &self.tool;
         let equal = t.blob_mismatches == 0 && t.restored_blob;
         let failover = matches!(self.failover, Failover::Done { .. }) && powered_off;

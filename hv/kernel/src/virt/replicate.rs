@@ -10,13 +10,14 @@
 //! epoch end until the engine has staged the checkpoint; it waits there
 //! while the tool still holds the staging area (back-pressure).
 
+use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU32, AtomicU64};
 
-use doppel_abi::control::{ControlHeader, ControlView, Region};
+use doppel_abi::control::{ControlHeader, ControlView, Field, Region};
 use doppel_abi::guest::{PAGE_SIZE, PROGRAM_KV, PROGRAM_WORKLOAD};
 use doppel_abi::locator::{Locator, LOCATOR_WORDS};
 use doppel_abi::msg::LogDirtyMode;
-use doppel_abi::{errno::Errno, AtomicMem, AtomicMem64};
+use doppel_abi::{errno::Errno, AtomicMem, AtomicMem64, SharedMem};
 use doppel_core::addr::HostPhysAddr;
 use doppel_core::engine::control::{features, publish_area, publish_locator, region_sizes};
 use doppel_core::engine::{self, bitmap_pfns, EpochClock, EpochPolicy, Remus, Role};
@@ -435,5 +436,167 @@ impl EpochSink for Binding {
 
     fn pause_measured(&mut self, cycles: u64) {
         self.engine.pause_measured(cycles);
+    }
+}
+
+/// The Linux guest as a replicated primary for the dom0 tool (`mode=linux
+/// replicate=primary`, issue 21): the control area is published before the
+/// guest starts; the tool's `LogDirtyEnable` picks the tracker; every
+/// epoch (the engine's policy: every `epoch-exits` exits) stages the
+/// harvest and the whole machine's HVM context, exactly as `doppel
+/// primary` takes them from the key-value guest.
+pub(super) struct LinuxPrimary {
+    bind: Binding,
+    mode: Mode,
+    /// Exits since the last epoch end.
+    exits: u64,
+}
+
+impl LinuxPrimary {
+    /// Publish the control area for `ram` (boot image loaded) and wait for
+    /// the tool to enable log-dirty with one of `offered`.
+    pub(super) fn start(
+        ram: &GuestRam,
+        offered: &[LogDirtyMode],
+        epoch_exits: u64,
+    ) -> Result<Self, &'static str> {
+        let mut bind = Binding::publish(ram, Role::Workload, Some(epoch_exits.max(1)))?;
+        bind.engine.offer_modes(offered);
+        log::info!(
+            "primary: control area at {:#x} ({} bytes), guest RAM at {:#x} ({} bytes), the Linux guest; waiting for the dom0 tool",
+            bind.pa,
+            bind.size,
+            ram.hpa(),
+            ram.bytes()
+        );
+        bind.engine.wait_enabled(core::hint::spin_loop)?;
+        let mode = tracker(bind.engine.log_dirty_mode());
+        log::info!(
+            "primary: log-dirty enabled by the tool (mode={}); Linux starts, an epoch every {epoch_exits} exits",
+            mode.name()
+        );
+        Ok(Self {
+            bind,
+            mode,
+            exits: 0,
+        })
+    }
+}
+
+impl super::linux::LinuxEpochs for LinuxPrimary {
+    fn tracker(&self) -> Mode {
+        self.mode
+    }
+
+    fn exited(&mut self) -> bool {
+        self.bind.engine.beat();
+        self.exits += 1;
+        self.bind.epoch_due(&EpochClock {
+            timer_fired: false,
+            exits: self.exits,
+            first: false,
+        })
+    }
+
+    fn epoch_end(
+        &mut self,
+        harvest: &[u8],
+        ram: &GuestRam,
+        context: &[u8],
+        exits: u64,
+    ) -> Result<super::linux::EpochNext, &'static str> {
+        self.exits = 0;
+        self.bind
+            .checkpoint(harvest, ram, Context::Machine(context), "linux", exits)?;
+        Ok(if self.bind.engine.tracking() {
+            super::linux::EpochNext::Track
+        } else {
+            super::linux::EpochNext::Untracked
+        })
+    }
+
+    fn report(&self, _backend: &str, powered_off: bool) -> bool {
+        log::info!(
+            "primary: the Linux guest stopped after {} checkpoints, last committed epoch {}",
+            self.bind.engine.stats().posted,
+            self.bind
+                .engine
+                .committed()
+                .map_or(-1, |e| i64::try_from(e).unwrap_or(i64::MAX))
+        );
+        powered_off
+    }
+}
+
+/// A Linux standby (`mode=linux replicate=standby`): the area published
+/// for the backup tool to fill; once activated, the whole machine's
+/// committed context as the tool wrote it into the vCPU area. After that
+/// the guest runs unreplicated; its exits keep the liveness word moving
+/// and the tool's commands served.
+pub(super) struct LinuxActivated {
+    bind: Binding,
+    epoch: u64,
+}
+
+impl LinuxActivated {
+    /// Publish a standby area for `ram` and wait for `Activate`: the
+    /// standby and the committed context it resumes from (the vCPU area's
+    /// bytes up to the context's END record).
+    pub(super) fn wait(ram: &GuestRam) -> Result<(Self, Vec<u8>), &'static str> {
+        let mut bind = Binding::publish(ram, Role::Standby, None)?;
+        log::info!(
+            "standby: control area at {:#x} ({} bytes), guest RAM at {:#x} ({} bytes), for a Linux guest; waiting for Activate",
+            bind.pa,
+            bind.size,
+            ram.hpa(),
+            ram.bytes()
+        );
+        let (epoch, state) = bind.engine.wait_activated(core::hint::spin_loop)?;
+        let (vo, vs) = bind.views.view.region(Field::VcpuArea);
+        let mut area = alloc::vec![0u8; vs];
+        bind.views.bulk.read_bytes(vo, &mut area);
+        let len = doppel_core::hvm::stream_len(&area).map_err(|_| {
+            "the committed HVM context in the vCPU area has no END record within it"
+        })?;
+        area.truncate(len);
+        log::info!(
+            "standby: activated from committed epoch {epoch}; Linux resumes at rip={:#x} ({len} bytes of records)",
+            state.rip
+        );
+        Ok((Self { bind, epoch }, area))
+    }
+}
+
+impl super::linux::LinuxEpochs for LinuxActivated {
+    fn tracker(&self) -> Mode {
+        Mode::WriteProtect
+    }
+
+    fn exited(&mut self) -> bool {
+        self.bind.engine.beat();
+        false
+    }
+
+    fn epoch_end(
+        &mut self,
+        _harvest: &[u8],
+        _ram: &GuestRam,
+        _context: &[u8],
+        _exits: u64,
+    ) -> Result<super::linux::EpochNext, &'static str> {
+        Err("an activated standby ends no epochs")
+    }
+
+    fn report(&self, _backend: &str, powered_off: bool) -> bool {
+        log::info!(
+            "standby: the Linux guest resumed from committed epoch {} {}",
+            self.epoch,
+            if powered_off {
+                "ran to its poweroff"
+            } else {
+                "did not finish"
+            }
+        );
+        powered_off
     }
 }
