@@ -83,20 +83,43 @@ pub(crate) fn boot(ctx: &mut Ctx, doppel: &Path, cmdline: &str, tag: &str) -> Re
     spec.icount = true;
     spec.timeout = Duration::from_secs(1200);
     let qemu = emu::spawn(&img, &spec)?;
+    wait_published(
+        doppel,
+        &ram.0,
+        &qemu,
+        &format!("`{cmdline}`"),
+        Duration::from_secs(120),
+    )?;
+    Ok(Machine {
+        qemu: Some(qemu),
+        ram,
+    })
+}
+
+/// Wait until the hypervisor running in `qemu` (named `what` in errors)
+/// has published a control area in `ram` that `doppel inspect` accepts,
+/// failing if it ends first or after `limit`.
+pub(crate) fn wait_published(
+    doppel: &Path,
+    ram: &Path,
+    qemu: &Running,
+    what: &str,
+    limit: Duration,
+) -> Result<()> {
     let t = Instant::now();
     loop {
-        if guest_ram(doppel, &ram.0)?.is_some() {
-            return Ok(Machine {
-                qemu: Some(qemu),
-                ram,
-            });
+        if guest_ram(doppel, ram)?.is_some() {
+            return Ok(());
         }
         let out = qemu.hv_output_so_far();
         if out.contains(emu::FAIL_LINE) || out.contains(emu::PASS_LINE) {
-            bail!("the hypervisor ({cmdline}) ended before publishing its control area:\n{out}");
+            bail!("the hypervisor ({what}) ended before publishing its control area:\n{out}");
         }
-        if t.elapsed() > Duration::from_secs(120) {
-            bail!("no control area from `{cmdline}` within 120 s:\n{out}");
+        if t.elapsed() > limit {
+            bail!(
+                "no control area from {what} within {} s:\n{out}",
+                limit.as_secs()
+            );
         }
         thread::sleep(Duration::from_millis(300));
     }

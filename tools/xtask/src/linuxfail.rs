@@ -17,13 +17,13 @@
 
 use std::fs;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
 
 use crate::ctx::Ctx;
 use crate::emu::{self, RunSpec, Running};
-use crate::harness::{committed_epochs, doppel_bin, guest_ram, wait_for};
+use crate::harness::{committed_epochs, doppel_bin, wait_for, wait_published};
 use crate::image::Module;
 use crate::linux;
 use crate::linuxboot::{self, Report, QEMU_TSC_KHZ};
@@ -75,23 +75,17 @@ fn boot(ctx: &mut Ctx, doppel: &std::path::Path, role: &str, tag: &str) -> Resul
         },
     ];
     let qemu = emu::spawn(&img, &spec)?;
-    let t = Instant::now();
-    loop {
-        if guest_ram(doppel, &ram.0)?.is_some() {
-            return Ok(Machine {
-                qemu: Some(qemu),
-                ram,
-            });
-        }
-        let out = qemu.hv_output_so_far();
-        if out.contains(emu::FAIL_LINE) || out.contains(emu::PASS_LINE) {
-            bail!("the {role} hypervisor ended before publishing its control area:\n{out}");
-        }
-        if t.elapsed() > Duration::from_secs(180) {
-            bail!("no control area from the {role} within 180 s:\n{out}");
-        }
-        std::thread::sleep(Duration::from_millis(300));
-    }
+    wait_published(
+        doppel,
+        &ram.0,
+        &qemu,
+        &format!("the {role}"),
+        Duration::from_secs(180),
+    )?;
+    Ok(Machine {
+        qemu: Some(qemu),
+        ram,
+    })
 }
 
 pub fn step_failover(ctx: &mut Ctx) -> Result<String> {

@@ -316,8 +316,6 @@ pub(super) struct LinuxReplica {
     tool: Tool,
     mode: Mode,
     epochs: u64,
-    /// Exits since the last epoch end.
-    exits: u64,
     failover: Failover,
     /// TSC cycles the replica's own work took in the last epoch end.
     consumer_cycles: u64,
@@ -361,7 +359,6 @@ impl LinuxReplica {
             tool,
             mode,
             epochs,
-            exits: 0,
             failover: Failover::NotYet,
             consumer_cycles: 0,
         })
@@ -377,17 +374,12 @@ impl LinuxEpochs for LinuxReplica {
     /// The guest exited: whether its epoch ends here (before the next
     /// entry). Never after the failover (the guest runs unprotected).
     fn exited(&mut self) -> bool {
-        self.bind.engine.beat();
         if self.failover != Failover::NotYet {
+            self.bind.engine.beat();
             return false;
         }
-        self.exits += 1;
         // The engine's epoch policy decides, as for every replicated guest.
-        self.bind.epoch_due(&EpochClock {
-            timer_fired: false,
-            exits: self.exits,
-            first: false,
-        })
+        self.bind.exit_ends_epoch()
     }
 
     /// An epoch ended with the guest stopped: checkpoint `harvest`'s pages
@@ -401,7 +393,6 @@ impl LinuxEpochs for LinuxReplica {
         context: &[u8],
         exits: u64,
     ) -> Result<EpochNext, &'static str> {
-        self.exits = 0;
         self.bind
             .checkpoint(harvest, ram, Context::Machine(context), "linux", exits)?;
         if self.tool.epochs > 0 {

@@ -234,6 +234,9 @@ pub(super) struct Binding {
     /// The area's two views (as the engine has them), for the in-machine
     /// replica (`super::replica`), which plays the tool over them.
     pub(super) views: Views,
+    /// The Linux guest's exits since its last epoch end
+    /// ([`Binding::exit_ends_epoch`]).
+    exits: u64,
 }
 
 /// The whole control area as 32-bit words (header, rings, channels) and
@@ -260,6 +263,7 @@ impl Binding {
             size,
             policy: Remus { epoch_exits },
             views,
+            exits: 0,
         })
     }
 }
@@ -332,6 +336,21 @@ fn write_locator(pa: u64, size: u64, total: u64, guest_ram: Region) -> Result<()
     Ok(())
 }
 
+impl Binding {
+    /// The Linux guest exited (its run loop counts here, not through
+    /// [`EpochSink`]): the hypervisor is alive, and whether the engine's
+    /// epoch policy ends the epoch at this exit.
+    pub(super) fn exit_ends_epoch(&mut self) -> bool {
+        self.engine.beat();
+        self.exits += 1;
+        self.epoch_due(&EpochClock {
+            timer_fired: false,
+            exits: self.exits,
+            first: false,
+        })
+    }
+}
+
 /// What a checkpoint records besides memory.
 pub(super) enum Context<'a> {
     /// The test guests: one vCPU, encoded by the engine.
@@ -354,6 +373,7 @@ impl Binding {
         what: &str,
         exits: u64,
     ) -> Result<(), &'static str> {
+        self.exits = 0;
         self.engine.beat();
         if self.engine.role() == Role::Standby {
             // An activated standby runs unreplicated: nothing to stage.
@@ -448,8 +468,6 @@ impl EpochSink for Binding {
 pub(super) struct LinuxPrimary {
     bind: Binding,
     mode: Mode,
-    /// Exits since the last epoch end.
-    exits: u64,
 }
 
 impl LinuxPrimary {
@@ -475,11 +493,7 @@ impl LinuxPrimary {
             "primary: log-dirty enabled by the tool (mode={}); Linux starts, an epoch every {epoch_exits} exits",
             mode.name()
         );
-        Ok(Self {
-            bind,
-            mode,
-            exits: 0,
-        })
+        Ok(Self { bind, mode })
     }
 }
 
@@ -489,13 +503,7 @@ impl super::linux::LinuxEpochs for LinuxPrimary {
     }
 
     fn exited(&mut self) -> bool {
-        self.bind.engine.beat();
-        self.exits += 1;
-        self.bind.epoch_due(&EpochClock {
-            timer_fired: false,
-            exits: self.exits,
-            first: false,
-        })
+        self.bind.exit_ends_epoch()
     }
 
     fn epoch_end(
@@ -505,7 +513,6 @@ impl super::linux::LinuxEpochs for LinuxPrimary {
         context: &[u8],
         exits: u64,
     ) -> Result<super::linux::EpochNext, &'static str> {
-        self.exits = 0;
         self.bind
             .checkpoint(harvest, ram, Context::Machine(context), "linux", exits)?;
         Ok(if self.bind.engine.tracking() {
