@@ -111,7 +111,10 @@ impl<M: SharedMem> DmLink<M> {
 
     /// Carry `a` (a read or write in a device's registers) to the device
     /// model and wait for its answer, calling `wait` between looks while
-    /// it returns true (false: give up). What a read reads.
+    /// it returns true (false: give up). What a read reads. The liveness
+    /// word moves while it waits: a hypervisor waiting for an answer is
+    /// alive, and a device model that is slow to answer must not take it
+    /// for gone.
     pub fn access(&mut self, a: Access, mut wait: impl FnMut() -> bool) -> Result<u64, DmError> {
         if self.header.device_at(a.addr, u64::from(a.size)).is_none() {
             return Err(DmError::NoDevice { addr: a.addr });
@@ -127,6 +130,7 @@ impl<M: SharedMem> DmLink<M> {
         loop {
             match slot_state(&self.mem, at) {
                 state::READY | state::INPROCESS => {
+                    self.beat();
                     if !wait() {
                         return Err(DmError::NoAnswer);
                     }
@@ -163,7 +167,7 @@ impl<M: SharedMem> DmLink<M> {
                     self.stats.buffered += 1;
                     return Ok(());
                 }
-                Ok(false) if wait() => {}
+                Ok(false) if wait() => self.beat(),
                 Ok(false) => return Err(DmError::NoAnswer),
                 Err(e) => return Err(DmError::Protocol(e)),
             }
@@ -285,6 +289,24 @@ mod tests {
             Err(DmError::NoDevice { addr: 0xD000_0300 })
         );
         assert_eq!(slot_state(&mem2, PAGE), state::NONE);
+    }
+
+    #[test]
+    fn the_hypervisor_beats_while_it_waits_for_an_answer() {
+        let mem = ByteMem::new(vec![0u8; AREA_BYTES]);
+        let mut l = link(&mem);
+        let alive = |m: &Mem| {
+            let mut b = [0u8; 8];
+            m.read_bytes(HV_ALIVE_OFFSET, &mut b);
+            u64::from_le_bytes(b)
+        };
+        let mut looks = 0;
+        let r = l.access(read(0xD000_0070), || {
+            looks += 1;
+            looks < 50
+        });
+        assert_eq!(r, Err(DmError::NoAnswer));
+        assert!(alive(&mem) >= 49, "the word moved while waiting");
     }
 
     #[test]
