@@ -274,6 +274,21 @@ fn disk(bytes: u64) -> (tempfile::TempDir, std::path::PathBuf) {
     (dir, p)
 }
 
+/// A driver of one virtio-blk device over a fresh `bytes`-byte disk file:
+/// the file's directory (kept alive), its path and the driver.
+fn blk_driver(m: &Machine, bytes: u64) -> (tempfile::TempDir, std::path::PathBuf, Drv<'_>) {
+    let (dd, path) = disk(bytes);
+    let d = Drv::new(
+        m,
+        &[device::BLK],
+        &Backends {
+            net: None,
+            disk: Some(path.clone()),
+        },
+    );
+    (dd, path, d)
+}
+
 const BLK_IN: u32 = 0;
 const BLK_OUT: u32 = 1;
 const BLK_FLUSH: u32 = 4;
@@ -317,15 +332,7 @@ fn blk_req(d: &mut Drv<'_>, ty: u32, sector: u64, len: u32) -> (u8, u32) {
 #[test]
 fn blk_write_then_read_returns_the_bytes_and_the_file_holds_them() {
     let m = Machine::new();
-    let (_dd, path) = disk(64 * 1024);
-    let mut d = Drv::new(
-        &m,
-        &[device::BLK],
-        &Backends {
-            net: None,
-            disk: Some(path.clone()),
-        },
-    );
+    let (_dd, path, mut d) = blk_driver(&m, 64 * 1024);
     assert_eq!(d.rd(MAGIC), 0x7472_6976);
     assert_eq!(d.rd(VERSION), 2);
     assert_eq!(d.rd(DEVICE_ID), 2);
@@ -376,15 +383,7 @@ fn blk_write_then_read_returns_the_bytes_and_the_file_holds_them() {
 #[test]
 fn a_blk_request_past_the_end_gets_ioerr_and_the_file_is_unchanged() {
     let m = Machine::new();
-    let (_dd, path) = disk(64 * 1024);
-    let mut d = Drv::new(
-        &m,
-        &[device::BLK],
-        &Backends {
-            net: None,
-            disk: Some(path.clone()),
-        },
-    );
+    let (_dd, path, mut d) = blk_driver(&m, 64 * 1024);
     d.setup(VERSION_1, 1, RINGS);
     let before = std::fs::read(&path).unwrap();
     d.m.write(DATA, &[0xee; 1024]);
@@ -402,15 +401,7 @@ fn a_blk_request_past_the_end_gets_ioerr_and_the_file_is_unchanged() {
 #[test]
 fn the_transport_refuses_what_the_spec_forbids() {
     let m = Machine::new();
-    let (_dd, path) = disk(4096);
-    let mut d = Drv::new(
-        &m,
-        &[device::BLK],
-        &Backends {
-            net: None,
-            disk: Some(path),
-        },
-    );
+    let (_dd, _path, mut d) = blk_driver(&m, 4096);
     // No VERSION_1: FEATURES_OK does not stick.
     assert_eq!(d.negotiate(1 << 9) & FEATURES_OK, 0);
     // A feature never offered (EVENT_IDX, bit 29): refused too.
@@ -436,15 +427,7 @@ fn the_transport_refuses_what_the_spec_forbids() {
 #[test]
 fn a_malformed_slot_is_dropped_with_nothing_changed() {
     let m = Machine::new();
-    let (_dd, path) = disk(4096);
-    let mut d = Drv::new(
-        &m,
-        &[device::BLK],
-        &Backends {
-            net: None,
-            disk: Some(path),
-        },
-    );
+    let (_dd, _path, mut d) = blk_driver(&m, 4096);
     d.wr(STATUS, ACK);
     let before = d.dm.stats();
     let area = m.hv.window(AREA_AT as usize);
@@ -579,15 +562,7 @@ fn declared_devices_and_options_must_match() {
 #[test]
 fn serve_ends_when_the_hypervisor_stops_beating_and_prints_the_summary() {
     let m = Machine::new();
-    let (_dd, path) = disk(4096);
-    let mut d = Drv::new(
-        &m,
-        &[device::BLK],
-        &Backends {
-            net: None,
-            disk: Some(path),
-        },
-    );
+    let (_dd, _path, mut d) = blk_driver(&m, 4096);
     d.link.beat();
     let t = std::time::Instant::now();
     let why =
