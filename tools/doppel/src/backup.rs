@@ -5,12 +5,15 @@
 //! HVM_PARAMS) arrives. Any error drops the staged epoch, so the replica
 //! stays exactly at its last committed epoch.
 
+use std::fs::File;
 use std::io::Read;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
 
 use crate::replica::{Replica, ReplicaError, StagedEpoch};
 use crate::stream::format::{feature, SESSION_NONCE_LEN};
 use crate::stream::records::PageBuf;
-use crate::stream::{Limits, Record, StreamError, StreamReader};
+use crate::stream::{DiskWrite, Limits, Record, StreamError, StreamReader};
 
 /// Where committed epochs go: a file (or memory) replica, or a standby's
 /// guest RAM (`crate::standby`).
@@ -20,6 +23,84 @@ pub trait EpochSink {
     /// Apply one complete epoch, all or nothing; returns page buffers that
     /// are free again.
     fn commit(&mut self, staged: StagedEpoch) -> Result<Vec<PageBuf>, ReplicaError>;
+    /// Size in bytes of the disk copy the sink applies disk writes to (0:
+    /// none); the staging bound grows by it, so an initial sync (the whole
+    /// disk in epoch 0) fits.
+    fn disk_size(&self) -> u64 {
+        0
+    }
+}
+
+/// The backup's copy of the guest's disk (`doppel backup --disk`): an
+/// epoch's disk writes are checked against its size before anything of
+/// the epoch is applied, and applied in order, then fdatasync'ed, only
+/// when the epoch commits (DRBD protocol D: the copy only ever holds a
+/// committed epoch's disk).
+pub struct DiskCopy {
+    file: File,
+    path: PathBuf,
+    size: u64,
+    applied: u64,
+}
+
+impl DiskCopy {
+    /// Use `file` (opened read-write by the caller; `path` names it in
+    /// messages). Its current length is the disk's size: it never grows.
+    pub fn new(file: File, path: &Path) -> std::io::Result<Self> {
+        let size = file.metadata()?.len();
+        Ok(Self {
+            file,
+            path: path.to_path_buf(),
+            size,
+            applied: 0,
+        })
+    }
+
+    /// The disk's size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Disk bytes applied by committed epochs so far.
+    pub fn applied(&self) -> u64 {
+        self.applied
+    }
+
+    /// Whether every write of epoch `epoch` lies inside the disk.
+    pub fn check(&self, epoch: u64, writes: &[DiskWrite]) -> Result<(), ReplicaError> {
+        for w in writes {
+            let len = w.data.len() as u64;
+            if w.offset.checked_add(len).is_none_or(|end| end > self.size) {
+                return Err(ReplicaError::DiskWriteBeyondDisk {
+                    epoch,
+                    offset: w.offset,
+                    len,
+                    size: self.size,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Apply checked writes in order, then fdatasync; returns the bytes
+    /// written. An I/O error here leaves the copy partly written (the
+    /// session ends with it).
+    pub fn apply(&mut self, writes: &[DiskWrite]) -> Result<u64, ReplicaError> {
+        let io = |source| ReplicaError::Io {
+            path: self.path.clone(),
+            source,
+        };
+        let mut n = 0;
+        for w in writes {
+            self.file.write_all_at(&w.data, w.offset).map_err(io)?;
+            n += w.data.len() as u64;
+        }
+        if n > 0 {
+            self.file.sync_data().map_err(io)?;
+        }
+        self.applied += n;
+        Ok(n)
+    }
 }
 
 impl EpochSink for Replica {
@@ -65,6 +146,9 @@ pub struct EpochStats {
     pub invalid: u64,
     /// Stream bytes of the epoch (headers, bodies, padding).
     pub bytes: u64,
+    /// Disk writes (DOPPEL_DISK_WRITES entries) and their data bytes.
+    pub disk_writes: u64,
+    pub disk_bytes: u64,
 }
 
 /// Groups validated records into epochs.
@@ -75,6 +159,9 @@ pub struct Stager {
 }
 
 /// What pushing one record did.
+// Returned once per record and consumed at once: moving the epoch's
+// bookkeeping (its buffers are on the heap) costs less than a box would.
+#[allow(clippy::large_enum_variant)]
 pub enum Staged {
     /// Keep going.
     More,
@@ -97,7 +184,18 @@ impl Stager {
     /// Default bound: twice the guest plus 16 MiB (a full epoch plus
     /// metadata, with room for pages sent twice).
     pub fn for_guest(pages: u64) -> Self {
-        Self::new(pages.saturating_mul(2 * 4096).saturating_add(16 << 20))
+        Self::for_guest_and_disk(pages, 0)
+    }
+
+    /// `for_guest`, plus room for `disk` bytes of disk writes (the disk
+    /// copy's size: an initial sync carries the whole disk in epoch 0).
+    pub fn for_guest_and_disk(pages: u64, disk: u64) -> Self {
+        Self::new(
+            pages
+                .saturating_mul(2 * 4096)
+                .saturating_add(disk)
+                .saturating_add(16 << 20),
+        )
     }
 
     /// Take the next record; `bytes` = its size in the stream.
@@ -118,6 +216,10 @@ impl Stager {
                     let data = p.data_pages() as u64;
                     self.stats.pages += data;
                     self.stats.invalid += p.count() as u64 - data;
+                }
+                if let Record::DiskWrites(w) = &r {
+                    self.stats.disk_writes += w.len() as u64;
+                    self.stats.disk_bytes += w.iter().map(|w| w.data.len() as u64).sum::<u64>();
                 }
                 self.staged.push(r);
                 if self.staged.bytes > self.max_staged {
@@ -249,7 +351,7 @@ fn receive_inner<R: Read>(
     let limits = Limits {
         guest_pages: replica.pages(),
     };
-    let mut stager = Stager::for_guest(replica.pages());
+    let mut stager = Stager::for_guest_and_disk(replica.pages(), replica.disk_size());
     let r = (|| -> Result<(), ReceiveError> {
         let mut reader = StreamReader::open(input, limits)?;
         if preset & feature::XLZ4 != 0 {
@@ -352,6 +454,8 @@ fn record_name(r: &Record) -> &'static str {
         Record::MsrPolicy(_) => "X86_MSR_POLICY",
         Record::Hello(_) => "DOPPEL_HELLO",
         Record::Session(_) => "DOPPEL_SESSION",
+        Record::DeviceState(_) => "DOPPEL_DEVICE_STATE",
+        Record::DiskWrites(_) => "DOPPEL_DISK_WRITES",
     }
 }
 

@@ -21,7 +21,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use crate::stream::records::{zero_page, PageBuf};
-use crate::stream::{HvmParam, PageData, Record, TscInfo, PAGE_SIZE};
+use crate::stream::{DiskWrite, HvmParam, PageData, Record, TscInfo, PAGE_SIZE};
 
 /// Errors of the replica store.
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +51,22 @@ pub enum ReplicaError {
          {detail}; the standby stays at the epoch before"
     )]
     Unactivatable { epoch: u64, detail: String },
+    #[error(
+        "epoch {epoch} refused: a disk write of {len} bytes at byte {offset} ends beyond the \
+         backup's disk copy ({size} bytes; the primary's disk is larger: give --disk a copy of \
+         the same size); nothing of the epoch was applied"
+    )]
+    DiskWriteBeyondDisk {
+        epoch: u64,
+        offset: u64,
+        len: u64,
+        size: u64,
+    },
+    #[error(
+        "epoch {epoch} refused: it carries {bytes} bytes of disk writes but this backup has no \
+         disk copy (--disk); nothing of the epoch was applied"
+    )]
+    NoDisk { epoch: u64, bytes: u64 },
     #[error(
         "{path} is in use by another doppel process (a running backup or stream replay \
          holds its lock); stop that process first, or use `doppel inspect --replica` to look"
@@ -86,7 +102,13 @@ pub struct StagedEpoch {
     pub params: Option<Vec<HvmParam>>,
     pub cpuid_policy: Option<Vec<u8>>,
     pub msr_policy: Option<Vec<u8>>,
-    /// Body bytes held.
+    /// The device model's state at the epoch's end (DOPPEL_DEVICE_STATE).
+    pub device_state: Option<Vec<u8>>,
+    /// The epoch's disk writes in stream order (DOPPEL_DISK_WRITES). A
+    /// `Replica` keeps memory only and drops them; a `Standby` with a
+    /// disk copy applies them at commit.
+    pub disk_writes: Vec<DiskWrite>,
+    /// Body bytes held (disk write data and entry headers included).
     pub bytes: u64,
 }
 
@@ -118,7 +140,20 @@ impl StagedEpoch {
             }
             Record::Checkpoint | Record::End | Record::StaticDataEnd | Record::Hello(_) => {}
             Record::Session(_) => {}
+            Record::DeviceState(d) => {
+                self.bytes += d.len() as u64;
+                self.device_state = Some(d);
+            }
+            Record::DiskWrites(w) => {
+                self.bytes += w.iter().map(|w| 16 + w.data.len() as u64).sum::<u64>();
+                self.disk_writes.extend(w);
+            }
         }
+    }
+
+    /// Data bytes of the epoch's disk writes.
+    pub fn disk_bytes(&self) -> u64 {
+        self.disk_writes.iter().map(|w| w.data.len() as u64).sum()
     }
 
     /// The page buffers, for reuse by the reader.

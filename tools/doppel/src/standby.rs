@@ -14,7 +14,7 @@ use doppel_abi::control::{Features, Field};
 use doppel_abi::msg::Reply;
 use doppel_abi::{Command, SharedMem};
 
-use crate::backup::EpochSink;
+use crate::backup::{DiskCopy, EpochSink};
 use crate::machine::{Control, MachineRam, PAGE};
 use crate::primary::{Primary, PrimaryConfig, PrimaryError, MAX_VCPUS};
 use crate::replica::{ReplicaError, StagedEpoch};
@@ -50,6 +50,11 @@ pub struct Standby<'m> {
     committed: u64,
     /// The last committed epoch's HVM context blob.
     blob: Vec<u8>,
+    /// The guest disk's copy, if the backup keeps one (`--disk`).
+    disk: Option<DiskCopy>,
+    /// The device model's state as of the last committed epoch that
+    /// carried one.
+    device_state: Option<Vec<u8>>,
 }
 
 impl<'m> Standby<'m> {
@@ -67,7 +72,29 @@ impl<'m> Standby<'m> {
             ctl,
             committed: 0,
             blob: Vec::new(),
+            disk: None,
+            device_state: None,
         })
+    }
+
+    /// Keep `disk` at the committed epoch too: each epoch's disk writes
+    /// are applied to it when the epoch commits, never before. Without a
+    /// disk copy an epoch carrying disk writes is refused.
+    pub fn with_disk(mut self, disk: DiskCopy) -> Self {
+        self.disk = Some(disk);
+        self
+    }
+
+    /// The disk copy, if any (its size, the bytes applied so far).
+    pub fn disk(&self) -> Option<&DiskCopy> {
+        self.disk.as_ref()
+    }
+
+    /// The device model's state of the last committed epoch that carried
+    /// one (`None` before): what the backup's device model restores from
+    /// at Activate.
+    pub fn committed_device_state(&self) -> Option<&[u8]> {
+        self.device_state.as_deref()
     }
 
     /// Epochs committed so far.
@@ -166,6 +193,10 @@ impl EpochSink for Standby<'_> {
         self.ctl.guest_pages()
     }
 
+    fn disk_size(&self) -> u64 {
+        self.disk.as_ref().map_or(0, DiskCopy::size)
+    }
+
     fn commit(&mut self, mut staged: StagedEpoch) -> Result<Vec<PageBuf>, ReplicaError> {
         staged.check_complete()?;
         let epoch = self.committed;
@@ -189,7 +220,24 @@ impl EpochSink for Standby<'_> {
         // the epoch is refused while the primary still runs; found out at
         // failover, there would be nothing to fail over to.
         self.activatable(epoch, &blob, staged.tsc.is_some())?;
-        // Every check passed: apply (cannot fail).
+        let writes = std::mem::take(&mut staged.disk_writes);
+        match &self.disk {
+            Some(d) => d.check(epoch, &writes)?,
+            None if !writes.is_empty() => {
+                return Err(ReplicaError::NoDisk {
+                    epoch,
+                    bytes: writes.iter().map(|w| w.data.len() as u64).sum(),
+                })
+            }
+            None => {}
+        }
+        // Every check passed. The disk first: only its I/O can fail, and
+        // then the guest RAM and the committed state are still the last
+        // epoch's.
+        if let Some(d) = &mut self.disk {
+            d.apply(&writes)?;
+        }
+        // Applying the memory cannot fail.
         let mem = self.machine.mem();
         let base = self.ctl.guest_ram().offset as usize;
         let zero = [0u8; PAGE];
@@ -198,6 +246,9 @@ impl EpochSink for Standby<'_> {
         }
         mem.fence_full();
         self.blob = blob;
+        if let Some(ds) = staged.device_state.take() {
+            self.device_state = Some(ds);
+        }
         self.committed += 1;
         Ok(staged.into_pages().collect())
     }

@@ -119,6 +119,12 @@ pub enum StreamError {
     BadCompressed { rec: RecCtx, msg: String },
     #[error("{rec}: {msg}")]
     BadAck { rec: RecCtx, msg: String },
+    #[error("{rec}: disk write [{entry}]: {msg}")]
+    BadDiskWrite {
+        rec: RecCtx,
+        entry: usize,
+        msg: String,
+    },
 }
 
 impl StreamError {

@@ -88,7 +88,35 @@ pub mod rec {
     /// session nonce (SESSION_NONCE_LEN bytes), only as the first record
     /// after the headers, only on a TLS link (never in a capture).
     pub const DOPPEL_SESSION: u32 = super::REC_TYPE_OPTIONAL | 0xD0_0005;
+    /// Doppel extension, optional: the device model's sealed state at the
+    /// epoch's end (opaque here, 1..=MAX_DEVICE_STATE bytes), at most one
+    /// per epoch, after the epoch's pages, before X86_TSC_INFO.
+    pub const DOPPEL_DEVICE_STATE: u32 = super::REC_TYPE_OPTIONAL | 0xD0_0006;
+    /// Doppel extension, optional: disk writes the guest made in the epoch
+    /// (count u32, reserved u32, then per write offset u64, length u32,
+    /// reserved u32, data), any number per epoch, each body at most
+    /// MAX_DISK_WRITES_BODY, after the epoch's pages, before X86_TSC_INFO.
+    pub const DOPPEL_DISK_WRITES: u32 = super::REC_TYPE_OPTIONAL | 0xD0_0007;
 }
+
+/// Largest DOPPEL_DEVICE_STATE body (the device model's blob is a few KiB).
+pub const MAX_DEVICE_STATE: u32 = 64 << 10;
+/// Largest DOPPEL_DISK_WRITES body; the writer splits larger lists.
+pub const MAX_DISK_WRITES_BODY: u32 = 4 << 20;
+/// Disk writes are in whole sectors: offset and length multiples of this.
+pub const SECTOR_SIZE: u64 = 512;
+
+/// DOPPEL_DISK_WRITES entry header (16 bytes); `length` data bytes follow
+/// (a multiple of SECTOR_SIZE, so entries stay 8-byte aligned).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, FromBytes, IntoBytes, Immutable, KnownLayout, Unaligned)]
+pub struct DiskWriteRaw {
+    pub offset: Le64,
+    pub length: Le32,
+    pub reserved: Le32,
+}
+const _: () = assert!(core::mem::size_of::<DiskWriteRaw>() == 16);
+const _: () = assert!(core::mem::offset_of!(DiskWriteRaw, length) == 8);
 
 /// Bytes of the session nonce (DOPPEL_SESSION, both directions).
 pub const SESSION_NONCE_LEN: usize = 32;
@@ -127,6 +155,8 @@ pub fn rec_name(t: u32) -> &'static str {
         rec::DOPPEL_HELLO => "DOPPEL_HELLO",
         rec::DOPPEL_HEARTBEAT => "DOPPEL_HEARTBEAT",
         rec::DOPPEL_SESSION => "DOPPEL_SESSION",
+        rec::DOPPEL_DEVICE_STATE => "DOPPEL_DEVICE_STATE",
+        rec::DOPPEL_DISK_WRITES => "DOPPEL_DISK_WRITES",
         t if t & REC_TYPE_OPTIONAL != 0 => "unknown optional record",
         _ => "unknown record",
     }

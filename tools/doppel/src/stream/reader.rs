@@ -8,6 +8,7 @@ use std::io::{self, IoSliceMut, Read};
 
 use zerocopy::FromBytes;
 
+use super::devices::{check_device_state, decode_disk_writes};
 use super::error::{RecCtx, StreamError};
 use super::format::*;
 use super::pages::validate_pfn_words;
@@ -61,6 +62,8 @@ pub struct StreamReader<R> {
     last_heartbeat: u64,
     /// Record #0 was DOPPEL_SESSION.
     session: bool,
+    /// The current epoch already carried DOPPEL_DEVICE_STATE.
+    device_state: bool,
 }
 
 /// Most spare page buffers kept (128 MiB).
@@ -197,6 +200,7 @@ impl<R: Read> StreamReader<R> {
             heartbeats: 0,
             last_heartbeat: 0,
             session: false,
+            device_state: false,
         })
     }
 
@@ -380,6 +384,8 @@ impl<R: Read> StreamReader<R> {
                 | rec::STATIC_DATA_END
                 | rec::X86_CPUID_POLICY
                 | rec::X86_MSR_POLICY
+                | rec::DOPPEL_DEVICE_STATE
+                | rec::DOPPEL_DISK_WRITES
         );
         let optional = rec.rtype & REC_TYPE_OPTIONAL != 0;
         // Optional in Xen's sense, but skipping it would silently lose
@@ -447,6 +453,26 @@ impl<R: Read> StreamReader<R> {
         if known {
             self.check_order(rec)?;
         }
+        // The device records have their own, smaller bounds: refused before
+        // their body is allocated.
+        let own_max = match rec.rtype {
+            rec::DOPPEL_DEVICE_STATE => Some(MAX_DEVICE_STATE),
+            rec::DOPPEL_DISK_WRITES => Some(MAX_DISK_WRITES_BODY),
+            _ => None,
+        };
+        if let Some(max) = own_max.filter(|&m| len > m) {
+            return Err(StreamError::RecordTooLong {
+                rec,
+                length: len,
+                max,
+            });
+        }
+        if rec.rtype == rec::DOPPEL_DEVICE_STATE && self.device_state {
+            return Err(StreamError::OutOfOrder {
+                rec,
+                expected: "at most one DOPPEL_DEVICE_STATE per epoch",
+            });
+        }
         if rec.rtype == rec::PAGE_DATA {
             let p = self.read_page_data(rec, len)?;
             self.advance(rec);
@@ -494,12 +520,19 @@ impl<R: Read> StreamReader<R> {
             }
             (
                 Phase::Static | Phase::EpochStart | Phase::Pages,
-                rec::PAGE_DATA | rec::DOPPEL_PAGE_DATA_XLZ4 | rec::X86_TSC_INFO,
+                rec::PAGE_DATA
+                | rec::DOPPEL_PAGE_DATA_XLZ4
+                | rec::X86_TSC_INFO
+                | rec::DOPPEL_DEVICE_STATE
+                | rec::DOPPEL_DISK_WRITES,
             ) => Ok(()),
             // END is fine at an epoch boundary (after CHECKPOINT).
             (Phase::Static | Phase::EpochStart, rec::END) => Ok(()),
             (Phase::Static | Phase::EpochStart | Phase::Pages, _) => {
-                err("PAGE_DATA or X86_TSC_INFO")
+                err("PAGE_DATA or X86_TSC_INFO (or a Doppel device record)")
+            }
+            (_, rec::DOPPEL_DEVICE_STATE | rec::DOPPEL_DISK_WRITES) => {
+                err("device records after the pages, before X86_TSC_INFO")
             }
             (Phase::Tsc, rec::HVM_CONTEXT) => Ok(()),
             (Phase::Tsc, _) => err("HVM_CONTEXT after X86_TSC_INFO"),
@@ -514,12 +547,17 @@ impl<R: Read> StreamReader<R> {
         self.phase = match rec.rtype {
             rec::STATIC_DATA_END => Phase::EpochStart,
             rec::X86_CPUID_POLICY | rec::X86_MSR_POLICY => Phase::Static,
-            rec::PAGE_DATA | rec::DOPPEL_PAGE_DATA_XLZ4 => Phase::Pages,
+            rec::PAGE_DATA | rec::DOPPEL_PAGE_DATA_XLZ4 | rec::DOPPEL_DISK_WRITES => Phase::Pages,
+            rec::DOPPEL_DEVICE_STATE => {
+                self.device_state = true;
+                Phase::Pages
+            }
             rec::X86_TSC_INFO => Phase::Tsc,
             rec::HVM_CONTEXT => Phase::Context,
             rec::HVM_PARAMS => Phase::Params,
             rec::CHECKPOINT => {
                 self.checkpoints += 1;
+                self.device_state = false;
                 Phase::EpochStart
             }
             _ => Phase::Ended,
@@ -619,6 +657,11 @@ impl<R: Read> StreamReader<R> {
                     Record::MsrPolicy(body)
                 })
             }
+            rec::DOPPEL_DEVICE_STATE => {
+                check_device_state(rec, &body)?;
+                Ok(Record::DeviceState(body))
+            }
+            rec::DOPPEL_DISK_WRITES => Ok(Record::DiskWrites(decode_disk_writes(rec, &body)?)),
             _ => unreachable!("only known non-page types reach decode"),
         }
     }

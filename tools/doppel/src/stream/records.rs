@@ -132,4 +132,10 @@ pub enum Record {
     /// DOPPEL_SESSION: the primary's echo of the backup's session nonce
     /// (only as the first record).
     Session([u8; super::format::SESSION_NONCE_LEN]),
+    /// DOPPEL_DEVICE_STATE: the device model's sealed state at the epoch's
+    /// end (opaque here; 1..=MAX_DEVICE_STATE bytes, at most one per epoch).
+    DeviceState(Vec<u8>),
+    /// DOPPEL_DISK_WRITES: disk writes of the epoch, in order (checked:
+    /// whole sectors, non-empty, no overflow).
+    DiskWrites(Vec<super::devices::DiskWrite>),
 }

@@ -236,6 +236,40 @@ impl<W: Write> StreamWriter<W> {
         self.record(rec::DOPPEL_HEARTBEAT, &[&body])
     }
 
+    /// DOPPEL_DEVICE_STATE (Doppel extension): the device model's sealed
+    /// state, 1..=MAX_DEVICE_STATE bytes. At most one per epoch, after the
+    /// epoch's pages and before X86_TSC_INFO.
+    pub fn device_state(&mut self, blob: &[u8]) -> io::Result<()> {
+        if blob.is_empty() || blob.len() > MAX_DEVICE_STATE as usize {
+            return Err(invalid(format!(
+                "device state of {} bytes; 1..={MAX_DEVICE_STATE} fit DOPPEL_DEVICE_STATE",
+                blob.len()
+            )));
+        }
+        self.record(rec::DOPPEL_DEVICE_STATE, &[blob])
+    }
+
+    /// DOPPEL_DISK_WRITES (Doppel extension): the epoch's disk writes
+    /// `(byte offset, data)` in order, whole 512-byte sectors each, split
+    /// into records of at most MAX_DISK_WRITES_BODY bytes (a larger write
+    /// becomes consecutive pieces). After the epoch's pages and before
+    /// X86_TSC_INFO. Nothing is written when `writes` is empty, or when
+    /// one of them is not whole sectors (`InvalidInput`).
+    pub fn disk_writes(&mut self, writes: &[(u64, &[u8])]) -> io::Result<()> {
+        let plan = super::devices::plan_disk_writes(writes).map_err(invalid)?;
+        for entries in plan {
+            let count = super::devices::count_header(entries.len());
+            let mut parts: Vec<&[u8]> = Vec::with_capacity(1 + 2 * entries.len());
+            parts.push(&count);
+            for (h, data) in &entries {
+                parts.push(h.as_bytes());
+                parts.push(data);
+            }
+            self.record(rec::DOPPEL_DISK_WRITES, &parts)?;
+        }
+        Ok(())
+    }
+
     pub fn checkpoint(&mut self) -> io::Result<()> {
         self.record(rec::CHECKPOINT, &[])
     }
