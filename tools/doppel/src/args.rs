@@ -129,6 +129,16 @@ pub struct BackupArgs {
     #[arg(long, default_value = "5", value_name = "SECS", value_parser = parse_secs,
           conflicts_with = "replica")]
     pub(crate) heartbeat_timeout: Duration,
+    /// With --standby-ram: the backup's copy of the guest's disk, an
+    /// existing file of the primary's disk size (e.g. `truncate -s SIZE
+    /// FILE`), opened read-write. Epoch 0 (the initial sync) overwrites it
+    /// whole; every later epoch's disk writes are applied only when that
+    /// epoch commits (then fdatasync), so the file always holds the last
+    /// committed epoch's disk, never part of an epoch. A disk write beyond
+    /// its size is refused (exit 1, naming both sizes) and the standby is
+    /// not activated.
+    #[arg(long, value_name = "FILE", requires = "standby_ram")]
+    pub(crate) disk: Option<PathBuf>,
     /// With --standby-ram: seconds to wait for the standby's control area.
     #[arg(long, default_value_t = 60, value_name = "SECS", value_parser = secs_u64(),
           conflicts_with = "replica")]

@@ -190,6 +190,9 @@ pub(crate) fn standby_backup(a: BackupArgs) -> Res {
     let m = open_machine_waiting(path, wait)?;
     let ctl = find_control(&m, wait)?;
     let mut standby = Standby::new(&m, ctl).map_err(|e| (e.to_string(), INVALID))?;
+    if let Some(p) = &a.disk {
+        standby = standby.with_disk(open_disk(p)?);
+    }
     let mut witness = crate::witness_cli::WitnessArgs::open(&a.witness, "backup")?;
     tracing::info!(
         "standby control area at {:#x}; guest RAM at {:#x}, {} pages",
@@ -215,6 +218,7 @@ pub(crate) fn standby_backup(a: BackupArgs) -> Res {
                 .set_read_timeout(Some(hb))
                 .map_err(io("socket".into()))?;
             let (conn, ack_out) = link.split();
+            let mut disk_total = 0u64;
             let got = backup::serve_session(
                 BufReader::with_capacity(1 << 20, conn),
                 ack_out,
@@ -222,11 +226,14 @@ pub(crate) fn standby_backup(a: BackupArgs) -> Res {
                 offer,
                 nonce,
                 |s| {
+                    disk_total = disk_total.saturating_add(s.disk_bytes);
                     tracing::info!(
-                        "backup: committed epoch {} pages={} bytes={}",
+                        "backup: committed epoch {} pages={} bytes={} disk_bytes={} \
+                         disk_applied={disk_total}",
                         s.epoch,
                         s.pages,
-                        s.bytes
+                        s.bytes,
+                        s.disk_bytes
                     );
                     backup_epoch(s);
                 },
@@ -236,6 +243,14 @@ pub(crate) fn standby_backup(a: BackupArgs) -> Res {
         |got| got.as_ref().is_ok_and(crate::linkcli::session_refused),
     )?;
     let committed = standby.committed();
+    if let Some(d) = standby.disk() {
+        println!(
+            "backup: disk copy {} at the last committed epoch ({} of {} bytes applied)",
+            a.disk.as_deref().unwrap_or(path).display(),
+            d.applied(),
+            d.size()
+        );
+    }
     let last = committed.checked_sub(1);
     let last_text = last.map_or("none".to_string(), |e| e.to_string());
     let got = match got {
@@ -298,4 +313,39 @@ pub(crate) fn standby_backup(a: BackupArgs) -> Res {
     let (l, inp, outc) = clients;
     crate::witness_cli::watch_serving(gate, &stop, || bridge::serve(&l, inp, outc, &stop, &stats))?
         .map_err(|e| (format!("serving clients: {e}"), INVALID))
+}
+
+/// `--disk FILE`: the backup's disk copy, which must exist (the initial
+/// sync overwrites it) and be non-empty.
+fn open_disk(p: &std::path::Path) -> Result<backup::DiskCopy, (String, u8)> {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(p)
+        .map_err(|e| {
+            (
+                format!(
+                    "--disk {}: {e} (the disk copy must exist, with the primary's disk size: \
+                     create it with `truncate -s SIZE {}`)",
+                    p.display(),
+                    p.display()
+                ),
+                IO,
+            )
+        })?;
+    let d =
+        backup::DiskCopy::new(f, p).map_err(|e| (format!("--disk {}: {e}", p.display()), IO))?;
+    if d.size() == 0 {
+        return Err((
+            format!(
+                "--disk {}: the file is empty; give it the primary's disk size \
+                 (`truncate -s SIZE {}`)",
+                p.display(),
+                p.display()
+            ),
+            USAGE,
+        ));
+    }
+    tracing::info!("disk copy {} ({} bytes)", p.display(), d.size());
+    Ok(d)
 }

@@ -615,3 +615,126 @@ fn the_fuzz_corpus_carries_both_device_records() {
         [1536, 1536]
     );
 }
+
+/// A standby RAM file of its own (the CLI opens it as a machine).
+fn own_standby_ram(name: &str) -> PathBuf {
+    let ram = dir(name).join("s.ram");
+    std::fs::copy(standby_ram(), &ram).unwrap();
+    ram
+}
+
+fn backup_cmd(args: &[&str], cwd: &std::path::Path) -> std::process::Command {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_doppel"));
+    c.arg("backup")
+        .args(["--listen", "127.0.0.1:0", "--serve-clients", "127.0.0.1:0"])
+        .args(["--accept-timeout", "20", "--wait-control", "5"])
+        .args(args)
+        .current_dir(cwd)
+        .env_remove("RUST_LOG");
+    c
+}
+
+#[test]
+fn backup_disk_must_exist_be_non_empty_and_go_with_a_standby() {
+    let ram = own_standby_ram("cli-refuse");
+    let d = ram.parent().unwrap().to_path_buf();
+    let ram = ram.to_str().unwrap();
+    std::fs::write(d.join("empty.img"), b"").unwrap();
+    let run = |args: &[&str]| {
+        let o = backup_cmd(args, &d).output().unwrap();
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stderr).to_string(),
+        )
+    };
+    let (code, err) = run(&["--standby-ram", ram, "--disk", "missing.img"]);
+    assert_eq!(code, Some(3), "{err}");
+    assert!(
+        err.contains("--disk missing.img") && err.contains("must exist"),
+        "{err}"
+    );
+    let (code, err) = run(&["--standby-ram", ram, "--disk", "empty.img"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("the file is empty"), "{err}");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_doppel"))
+        .args(["backup", "--listen", "127.0.0.1:0", "--replica", "r"])
+        .args(["--guest-pages", "4", "--disk", "empty.img"])
+        .current_dir(&d)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("--standby-ram"), "{err}");
+}
+
+/// `doppel backup --standby-ram --disk`: a stream whose epoch 0 carries
+/// the whole disk and whose later epochs write to it, ended by END,
+/// leaves the disk copy at the last commit; the progress lines show the
+/// disk bytes applied.
+#[test]
+fn backup_applies_committed_disk_writes_to_its_disk_copy() {
+    use std::io::{Read, Write};
+    use std::process::Stdio;
+    let ram = own_standby_ram("cli-apply");
+    let d = ram.parent().unwrap().to_path_buf();
+    let start = vec![0xEEu8; DISK];
+    std::fs::write(d.join("disk.img"), &start).unwrap();
+    let eps = four_epochs();
+    let (bytes, _) = stream(&eps, true);
+    let mut child = backup_cmd(
+        &["--standby-ram", ram.to_str().unwrap(), "--disk", "disk.img"],
+        &d,
+    )
+    .env("RUST_LOG", "info")
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let mut out = child.stdout.take().unwrap();
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    while out.read(&mut b).unwrap() == 1 && b[0] != b'\n' {
+        line.push(b[0]);
+    }
+    let line = String::from_utf8(line).unwrap();
+    let addr = line
+        .lines()
+        .find_map(|l| l.strip_prefix("listening on "))
+        .expect(&line)
+        .to_string();
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    let mut acks = s.try_clone().unwrap();
+    let drain = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = acks.read_to_end(&mut v);
+    });
+    s.write_all(&bytes).unwrap();
+    s.flush().unwrap();
+    let st = child.wait().unwrap();
+    drop(s);
+    drain.join().unwrap();
+    let mut rest = String::new();
+    out.read_to_string(&mut rest).unwrap();
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(st.success(), "{rest}\n{err}");
+    assert!(std::fs::read(d.join("disk.img")).unwrap() == model(&start, &eps, 4));
+    let total: usize = eps.iter().flat_map(|e| &e.writes).map(|w| w.1.len()).sum();
+    assert!(
+        rest.contains(&format!("({total} of {DISK} bytes applied)")),
+        "{rest}"
+    );
+    assert!(
+        err.contains(&format!("disk_bytes={DISK} disk_applied={DISK}")),
+        "no progress line for the initial sync:\n{err}"
+    );
+    assert!(
+        err.contains("committed epoch 3 ") && err.contains(&format!("disk_applied={total}")),
+        "{err}"
+    );
+}
