@@ -9,6 +9,11 @@
 //! range, epoch 0 covering the whole guest, blob decodes): applying cannot
 //! fail half-way, so the guest RAM always holds exactly the last committed
 //! epoch's memory, and the blob kept in memory is that epoch's.
+//!
+//! With a disk copy (`with_disk`, `doppel backup --disk`) the epoch's disk
+//! writes are checked against its size with the rest and applied (then
+//! fdatasync) at commit, before the memory; the epoch's device state
+//! becomes `committed_device_state` (docs/STREAM.md, "Devices").
 
 use doppel_abi::control::{Features, Field};
 use doppel_abi::msg::Reply;
