@@ -13,7 +13,7 @@ use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
-use doppel::dm::{Area, AreaError, Backends, DeviceModel, DmError, NetSpec, Stop};
+use doppel::dm::{Area, AreaError, Backends, DeviceModel, DiskWrite, DmError, NetSpec, Stop};
 use doppel::machine::MachineRam;
 use doppel_abi::ioreq::{
     self, buffered_push, device, dm_locator, kind, publish_slot, read_slot, state, virtio_devices,
@@ -71,11 +71,11 @@ impl Machine {
         link
     }
 
-    fn dm(&self, backends: &Backends) -> DeviceModel {
-        let area = Area::find(MachineRam::open(&self.path).unwrap())
+    /// The published area, found as `doppel run` finds it.
+    fn area(&self) -> Area {
+        Area::find(MachineRam::open(&self.path).unwrap())
             .map_err(|(_, e)| e)
-            .unwrap();
-        DeviceModel::new(area, backends).unwrap()
+            .unwrap()
     }
 
     fn write(&self, gpa: u64, b: &[u8]) {
@@ -134,8 +134,17 @@ struct Drv<'a> {
 
 impl<'a> Drv<'a> {
     fn new(m: &'a Machine, kinds: &[u32], backends: &Backends) -> Self {
+        Self::with(m, kinds, |a| DeviceModel::new(a, backends).unwrap())
+    }
+
+    /// A driver of a replicated device model (frames held, writes logged).
+    fn replicated(m: &'a Machine, kinds: &[u32], backends: &Backends) -> Self {
+        Self::with(m, kinds, |a| DeviceModel::replicated(a, backends).unwrap())
+    }
+
+    fn with(m: &'a Machine, kinds: &[u32], dm: impl FnOnce(Area) -> DeviceModel) -> Self {
         let link = m.publish(Machine::header(kinds));
-        let dm = m.dm(backends);
+        let dm = dm(m.area());
         Self {
             m,
             link,
@@ -892,4 +901,240 @@ fn doppel_run_names_a_declared_device_without_its_option() {
         stderr.contains("declares a virtio-net device (slot 0, GSI 5) but no --net"),
         "{stderr}"
     );
+}
+
+// ---- Under replication (issue 21): epochs, the state blob, held frames.
+
+/// A replicated device model's driver of one virtio-blk device over a
+/// fresh `bytes`-byte disk, set up with its queue at `RINGS`.
+fn replicated_blk(m: &Machine, bytes: u64) -> (tempfile::TempDir, std::path::PathBuf, Drv<'_>) {
+    let (dd, path) = disk(bytes);
+    let mut d = Drv::replicated(
+        m,
+        &[device::BLK],
+        &Backends {
+            net: None,
+            disk: Some(path.clone()),
+        },
+    );
+    d.setup(VERSION_1, 1, RINGS);
+    (dd, path, d)
+}
+
+const PAGE: u64 = 4096;
+
+#[test]
+fn a_seal_reports_exactly_the_pages_the_device_model_wrote_and_then_none() {
+    let m = Machine::new();
+    let (_dd, _path, mut d) = replicated_blk(&m, 64 * 1024);
+    assert_eq!(
+        d.dm.seal_epoch(0),
+        Vec::<u64>::new(),
+        "set-up writes nothing"
+    );
+    // The driver's own writes (the test's, through the hypervisor's
+    // mapping) are the hypervisor tracker's business, not ours.
+    d.m.write(DATA, &[0x11; 8192]);
+    assert_eq!(d.dm.seal_epoch(1), Vec::<u64>::new());
+
+    // An 8 KiB read: two data pages, the status byte's page, the used
+    // ring's page; nothing else.
+    assert_eq!(blk_req(&mut d, BLK_IN, 0, 8192), (S_OK, 8193));
+    assert_eq!(
+        d.dm.seal_epoch(2),
+        vec![
+            DATA / PAGE,
+            DATA / PAGE + 1,
+            STAT / PAGE,
+            (RINGS + 0x200) / PAGE
+        ]
+    );
+    assert_eq!(d.dm.seal_epoch(3), Vec::<u64>::new(), "reset at the seal");
+
+    // A write reads the guest's data: only the status byte and used ring.
+    assert_eq!(blk_req(&mut d, BLK_OUT, 0, 512), (S_OK, 1));
+    assert_eq!(
+        d.dm.seal_epoch(4),
+        vec![STAT / PAGE, (RINGS + 0x200) / PAGE]
+    );
+}
+
+#[test]
+fn disk_writes_reach_the_file_at_once_and_are_logged_with_their_epoch() {
+    let m = Machine::new();
+    let (_dd, path, mut d) = replicated_blk(&m, 64 * 1024);
+    let a: Vec<u8> = (0..1024u32).map(|i| (i * 7 + 3) as u8).collect();
+    d.m.write(DATA, &a);
+    assert_eq!(blk_req(&mut d, BLK_OUT, 2, 1024), (S_OK, 1));
+    let mut on_disk = vec![0u8; 1024];
+    File::open(&path)
+        .unwrap()
+        .read_exact_at(&mut on_disk, 1024)
+        .unwrap();
+    assert_eq!(on_disk, a, "applied to the primary's disk at once");
+    assert_eq!(blk_req(&mut d, BLK_IN, 2, 1024), (S_OK, 1025), "not logged");
+    d.dm.seal_epoch(1);
+
+    d.m.write(DATA, &[0xb0; 512]);
+    assert_eq!(blk_req(&mut d, BLK_OUT, 127, 512), (S_OK, 1));
+    assert_eq!(blk_req(&mut d, BLK_OUT, 127, 1024), (S_IOERR, 1), "refused");
+    d.m.write(DATA, &[0xb1; 512]);
+    assert_eq!(blk_req(&mut d, BLK_OUT, 0, 512), (S_OK, 1));
+    d.dm.seal_epoch(2);
+    d.dm.seal_epoch(3);
+
+    let (state2, w2) = d.dm.take_sealed(2).unwrap();
+    assert_eq!(
+        w2,
+        vec![
+            DiskWrite {
+                offset: 127 * 512,
+                data: vec![0xb0; 512]
+            },
+            DiskWrite {
+                offset: 0,
+                data: vec![0xb1; 512]
+            },
+        ],
+        "epoch 2's writes in order, the refused one not among them"
+    );
+    assert!(state2.starts_with(b"DOPPELDS"));
+    let (_, w1) = d.dm.take_sealed(1).unwrap();
+    assert_eq!(
+        w1,
+        vec![DiskWrite {
+            offset: 1024,
+            data: a
+        }]
+    );
+    assert_eq!(d.dm.take_sealed(3).unwrap().1, vec![], "no writes");
+    assert_eq!(d.dm.take_sealed(2), None, "taken once");
+    assert_eq!(d.dm.take_sealed(4), None, "never sealed");
+    d.dm.commit(3);
+    assert_eq!(d.dm.take_sealed(3), None, "committed");
+}
+
+#[test]
+fn an_unreplicated_device_model_logs_no_disk_writes() {
+    let m = Machine::new();
+    let (_dd, _path, mut d) = blk_driver(&m, 64 * 1024);
+    d.setup(VERSION_1, 1, RINGS);
+    assert_eq!(blk_req(&mut d, BLK_OUT, 0, 512), (S_OK, 1));
+    d.dm.seal_epoch(1);
+    assert_eq!(d.dm.take_sealed(1).unwrap().1, vec![]);
+}
+
+/// Every register a driver reads back, for comparing two device models.
+fn registers(d: &mut Drv<'_>, queues: u32) -> Vec<u32> {
+    let mut r = vec![d.rd(STATUS), d.rd(INTERRUPT_STATUS), d.rd(QUEUE_SEL)];
+    for q in 0..queues {
+        d.wr(QUEUE_SEL, q);
+        r.extend([d.rd(QUEUE_READY), d.rd(QUEUE_NUM_MAX)]);
+    }
+    for sel in 0..2 {
+        d.wr(DEVICE_FEATURES_SEL, sel);
+        r.push(d.rd(DEVICE_FEATURES));
+    }
+    r
+}
+
+#[test]
+fn a_restored_device_model_continues_the_queues_and_raises_the_pending_interrupt_once() {
+    let m = Machine::new();
+    let (_dd, path, mut d) = replicated_blk(&m, 64 * 1024);
+    let a: Vec<u8> = (0..512u32).map(|i| (i * 13 + 1) as u8).collect();
+    d.m.write(DATA, &a);
+    for _ in 0..3 {
+        assert_eq!(blk_req(&mut d, BLK_OUT, 4, 512), (S_OK, 1));
+    }
+    assert_eq!(d.irqs(), vec![ioreq::VIRTIO_FIRST_GSI]);
+    assert_eq!(d.rd(INTERRUPT_STATUS), 1, "not acknowledged");
+    let before = registers(&mut d, 1);
+    d.dm.seal_epoch(7);
+    let (blob, _) = d.dm.take_sealed(7).unwrap();
+    assert_eq!(blob, d.dm.state(), "nothing moved since the seal");
+
+    let restored = DeviceModel::restore(
+        m.area(),
+        &Backends {
+            net: None,
+            disk: Some(path.clone()),
+        },
+        &blob,
+    )
+    .unwrap();
+    assert!(!restored.is_replicated());
+    d.dm = restored;
+    d.dm.step();
+    assert_eq!(d.irqs(), vec![ioreq::VIRTIO_FIRST_GSI], "raised once");
+    d.dm.step();
+    assert!(d.irqs().is_empty(), "and only once");
+    assert_eq!(registers(&mut d, 1), before, "the same registers");
+    assert_eq!(d.dm.state(), blob, "the same state");
+
+    // The next request is served from the next avail entry, completed at
+    // the next used index (blk_req checks it is 4).
+    d.m.write(DATA, &[0u8; 512]);
+    assert_eq!(blk_req(&mut d, BLK_IN, 4, 512), (S_OK, 513));
+    assert_eq!(d.used(0).0, 4);
+    assert_eq!(d.m.read(DATA, 512), a);
+}
+
+#[test]
+fn a_blob_that_does_not_fit_the_machine_is_refused_with_the_field_named() {
+    let m = Machine::new();
+    let (_dd, path, mut d) = replicated_blk(&m, 64 * 1024);
+    blk_req(&mut d, BLK_OUT, 0, 512);
+    let blob = d.dm.state();
+    let backends = Backends {
+        net: None,
+        disk: Some(path.clone()),
+    };
+    let refused = |b: &[u8]| match DeviceModel::restore(m.area(), &backends, b) {
+        Err(DmError::State(e)) => e.to_string(),
+        Err(e) => panic!("not a state error: {e}"),
+        Ok(_) => panic!("accepted"),
+    };
+    let with = |at: usize, bytes: &[u8]| {
+        let mut b = blob.clone();
+        b[at..at + bytes.len()].copy_from_slice(bytes);
+        b
+    };
+    // Layout: magic 0..8, version 8, count 12, device 0 from 16: kind 16,
+    // status 20, sels 24 28, driver features 32, queue_sel 40, isr 44,
+    // generation 48, queue count 52, queue 0 from 56: ready 56, size 57,
+    // desc 59, avail 67, used 75, next_avail 83, next_used 85, event 87.
+    assert_eq!(blob.len(), 88);
+    for (b, want) in [
+        (with(0, b"DOPPELDT"), "byte 0: magic"),
+        (with(8, &2u32.to_le_bytes()), "byte 8: version: 2"),
+        (with(12, &2u32.to_le_bytes()), "byte 12: device count: 2"),
+        (with(16, &device::NET.to_le_bytes()), "device 0 kind"),
+        (
+            with(20, &0x4u32.to_le_bytes()),
+            "DRIVER_OK without FEATURES_OK",
+        ),
+        (
+            with(32, &(1u64 << 40).to_le_bytes()),
+            "device 0 driver features",
+        ),
+        (with(44, &4u32.to_le_bytes()), "device 0 interrupt status"),
+        (with(52, &2u32.to_le_bytes()), "device 0 queue count"),
+        (with(56, &[2]), "device 0 queue 0 ready: 2 is neither"),
+        (with(57, &6u16.to_le_bytes()), "device 0 queue 0 size: 6"),
+        (
+            with(57, &512u16.to_le_bytes()),
+            "device 0 queue 0 size: 512",
+        ),
+        (
+            with(75, &GUEST_BYTES.to_le_bytes()),
+            "device 0 queue 0 rings",
+        ),
+        (with(87, &[1]), "device 0 queue 0 event idx"),
+        (blob[..87].to_vec(), "truncated"),
+        ([blob.as_slice(), &[0]].concat(), "byte 88: end"),
+    ] {
+        let e = refused(&b);
+        assert!(e.contains(want), "{e:?} names {want:?}");
+    }
 }
