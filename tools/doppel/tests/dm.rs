@@ -664,14 +664,11 @@ fn tap_mac(ns: &str, tap: &str) -> [u8; 6] {
     doppel::dm::net::parse_mac(String::from_utf8_lossy(&out.stdout).trim()).unwrap()
 }
 
-#[test]
-fn net_frames_go_to_the_tap_and_come_back_into_receive_buffers() {
-    if !Path::new("/dev/net/tun").exists() {
-        println!("skipped: /dev/net/tun is missing (no TAP devices on this host)");
-        return;
-    }
-    let ns = Netns(format!("dmtest{}", std::process::id()));
-    let tap = "dmtap0";
+/// A network namespace `{tag}{pid}` holding the TAP `tap` at 10.77.0.1/24,
+/// up, with the guest (10.77.0.2) at `GUEST_MAC` as a static neighbour;
+/// the TAP's own MAC.
+fn netns_with_tap(tag: &str, tap: &str) -> (Netns, [u8; 6]) {
+    let ns = Netns(format!("{tag}{}", std::process::id()));
     ip(&["netns", "add", &ns.0]);
     // No IPv6 chatter (router solicitations) into the receive buffer.
     for k in ["all", "default"] {
@@ -709,6 +706,17 @@ fn net_frames_go_to_the_tap_and_come_back_into_receive_buffers() {
         tap,
     ]);
     let host_mac = tap_mac(&ns.0, tap);
+    (ns, host_mac)
+}
+
+#[test]
+fn net_frames_go_to_the_tap_and_come_back_into_receive_buffers() {
+    if !Path::new("/dev/net/tun").exists() {
+        println!("skipped: /dev/net/tun is missing (no TAP devices on this host)");
+        return;
+    }
+    let tap = "dmtap0";
+    let (ns, host_mac) = netns_with_tap("dmtest", tap);
     let name = ns.0.clone();
     // The device model and the sockets live in the namespace: a thread
     // of our own enters it.
@@ -1137,4 +1145,194 @@ fn a_blob_that_does_not_fit_the_machine_is_refused_with_the_field_named() {
         let e = refused(&b);
         assert!(e.contains(want), "{e:?} names {want:?}");
     }
+}
+
+/// An AF_PACKET socket on one interface: every frame crossing it.
+struct Sniffer(std::os::fd::OwnedFd);
+
+impl Sniffer {
+    fn on(ifname: &str) -> Self {
+        use std::os::fd::FromRawFd;
+        let all = (libc::ETH_P_ALL as u16).to_be();
+        // SAFETY: socket(2) with constant arguments; the result is checked
+        // before it is owned.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_PACKET,
+                libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                i32::from(all),
+            )
+        };
+        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        // SAFETY: `fd` is a fresh descriptor nothing else owns.
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+        let name = std::ffi::CString::new(ifname).unwrap();
+        // SAFETY: a NUL-terminated name that outlives the call.
+        let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+        assert_ne!(index, 0, "{ifname}: no such interface");
+        // SAFETY: sockaddr_ll is plain old data; all zero is valid.
+        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        sll.sll_family = libc::AF_PACKET as u16;
+        sll.sll_protocol = all;
+        sll.sll_ifindex = index as i32;
+        use std::os::fd::AsRawFd;
+        // SAFETY: bind reads one sockaddr_ll of the length given from a
+        // live local; the socket is ours.
+        let r = unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                &sll as *const libc::sockaddr_ll as *const libc::sockaddr,
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        assert_eq!(r, 0, "bind: {}", std::io::Error::last_os_error());
+        Self(fd)
+    }
+
+    /// The frames from `src` seen within `wait`, in order.
+    fn from(&self, src: [u8; 6], wait: Duration) -> Vec<Vec<u8>> {
+        use std::os::fd::AsRawFd;
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 65_536];
+        let t = std::time::Instant::now();
+        while t.elapsed() < wait {
+            // SAFETY: recv writes at most `buf.len()` bytes into `buf`,
+            // which is live and writable; the socket is ours.
+            let n = unsafe {
+                libc::recv(
+                    self.0.as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if n < 0 {
+                std::thread::sleep(Duration::from_millis(5));
+                continue;
+            }
+            let f = &buf[..n as usize];
+            if f.len() >= 12 && f[6..12] == src {
+                got.push(f.to_vec());
+            }
+        }
+        got
+    }
+}
+
+#[test]
+fn replicated_frames_leave_only_when_their_epoch_commits_and_the_backup_announces_itself() {
+    if !Path::new("/dev/net/tun").exists() {
+        println!("skipped: /dev/net/tun is missing (no TAP devices on this host)");
+        return;
+    }
+    let tap = "dmtap0";
+    let (ns, host_mac) = netns_with_tap("dmrep", tap);
+    let name = ns.0.clone();
+    std::thread::spawn(move || {
+        enter(&name);
+        let m = Machine::new();
+        let mut d = Drv::replicated(
+            &m,
+            &[device::NET],
+            &Backends {
+                net: Some(NetSpec {
+                    tap: tap.into(),
+                    mac: GUEST_MAC,
+                }),
+                disk: None,
+            },
+        );
+        d.setup(VERSION_1 | (1 << 5), 2, RINGS);
+        let sniff = Sniffer::on(tap);
+        // A listener, so the host answers nothing (no ICMP) to the guest.
+        let sock = std::net::UdpSocket::bind("10.77.0.1:4001").unwrap();
+        sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        assert_eq!(d.dm.seal_epoch(0), Vec::<u64>::new());
+
+        let frames: Vec<Vec<u8>> = (0..3)
+            .map(|i| udp_frame(host_mac, 4001, format!("frame {i}").as_bytes()))
+            .collect();
+        let send = |d: &mut Drv<'_>, f: &[u8]| {
+            let mut buf = vec![0u8; 12];
+            buf.extend_from_slice(f);
+            d.m.write(DATA, &buf);
+            let before = d.used(1).0;
+            d.post(1, &[(DATA, buf.len() as u32, 0)]);
+            d.notify(1);
+            assert_eq!(d.used(1).0, before + 1, "completed to the guest at once");
+        };
+        // Epoch 1: frame 0; epoch 2: frame 1; epoch 3 (in progress): frame 2.
+        send(&mut d, &frames[0]);
+        assert_eq!(d.dm.held_frames(), 1);
+        assert_eq!(
+            d.dm.seal_epoch(1),
+            vec![(RINGS + 0x1000 + 0x200) / PAGE],
+            "only the transmit used ring"
+        );
+        send(&mut d, &frames[1]);
+        d.dm.seal_epoch(2);
+        send(&mut d, &frames[2]);
+        assert_eq!(d.dm.held_frames(), 3);
+        assert_eq!(d.dm.stats().tx_frames, 3);
+        assert!(
+            sniff.from(GUEST_MAC, Duration::from_millis(300)).is_empty(),
+            "nothing leaves before its epoch commits"
+        );
+
+        assert_eq!(d.dm.commit(1), 1);
+        assert_eq!(
+            sniff.from(GUEST_MAC, Duration::from_millis(300)),
+            frames[..1]
+        );
+        assert_eq!(d.dm.commit(2), 1);
+        assert_eq!(
+            sniff.from(GUEST_MAC, Duration::from_millis(300)),
+            frames[1..2]
+        );
+        let mut got = [0u8; 64];
+        for want in [b"frame 0", b"frame 1"] {
+            let (n, _) = sock.recv_from(&mut got).unwrap();
+            assert_eq!(&got[..n], want, "delivered in order");
+        }
+        assert_eq!(d.dm.held_frames(), 1, "epoch 3's frame is still held");
+        assert_eq!(d.dm.commit(2), 0, "epoch 3 is not sealed");
+        assert_eq!(d.dm.discard_uncommitted(), 1);
+        assert_eq!(d.dm.held_frames(), 0);
+        d.dm.seal_epoch(3);
+        assert_eq!(d.dm.commit(3), 0);
+        assert!(
+            sniff.from(GUEST_MAC, Duration::from_millis(300)).is_empty(),
+            "a discarded frame never leaves"
+        );
+
+        // RX: the buffer's page and the receive used ring, nothing else.
+        let rx_buf = 0x4_0000;
+        d.m.write(rx_buf, &[0u8; 2048]);
+        d.post(0, &[(rx_buf, 2048, DESC_WRITE)]);
+        d.notify(0);
+        assert_eq!(
+            d.dm.seal_epoch(4),
+            Vec::<u64>::new(),
+            "posting writes nothing"
+        );
+        sock.send_to(b"to the guest", "10.77.0.2:4000").unwrap();
+        let t = std::time::Instant::now();
+        while d.used(0).0 == 0 && t.elapsed() < Duration::from_secs(5) {
+            d.dm.step();
+        }
+        assert_eq!(d.used(0).0, 1, "received");
+        assert_eq!(
+            d.dm.seal_epoch(5),
+            vec![rx_buf / PAGE, (RINGS + 0x200) / PAGE]
+        );
+
+        // The announce: RARP from the guest's MAC, byte for byte.
+        assert!(d.dm.announce());
+        assert_eq!(
+            sniff.from(GUEST_MAC, Duration::from_millis(300)),
+            vec![doppel::dm::epoch::rarp_announce(GUEST_MAC).to_vec()]
+        );
+    })
+    .join()
+    .unwrap();
 }
