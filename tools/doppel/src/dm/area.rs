@@ -17,10 +17,9 @@ use doppel_abi::ioreq::{
 use doppel_abi::locator::LOCATOR_AT;
 use doppel_abi::{AtomicMem64, SharedMem};
 use vm_memory::{FileOffset, GuestAddress};
-
-use super::GuestRam;
 use zerocopy::FromBytes;
 
+use super::GuestRam;
 use crate::machine::MachineRam;
 
 /// Why the area cannot be used.

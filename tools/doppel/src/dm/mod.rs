@@ -257,9 +257,7 @@ impl DeviceModel {
     /// One round: the synchronous slot, the buffered ring, the devices'
     /// own work, the liveness word. Whether anything was done.
     pub fn step(&mut self) -> bool {
-        // Program order: the buffered writes were posted before the
-        // access now waiting in the slot (the vCPU stops at that one), so
-        // they are done first.
+        // A restored device's interrupt the guest had not taken yet.
         let mut busy = false;
         for slot in 0..self.pending_irq.len() {
             if std::mem::take(&mut self.pending_irq[slot]) {
@@ -267,6 +265,9 @@ impl DeviceModel {
                 busy = true;
             }
         }
+        // Program order: the buffered writes were posted before the
+        // access now waiting in the slot (the vCPU stops at that one), so
+        // they are done first.
         busy |= self.drain_buffered();
         busy |= self.serve_slot();
         for slot in 0..self.devices.len() {
