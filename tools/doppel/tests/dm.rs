@@ -1145,6 +1145,21 @@ fn a_blob_that_does_not_fit_the_machine_is_refused_with_the_field_named() {
         let e = refused(&b);
         assert!(e.contains(want), "{e:?} names {want:?}");
     }
+    // The blob is checked before any backend is opened: a disk that does
+    // not exist is never reached.
+    let nowhere = Backends {
+        net: None,
+        disk: Some(path.with_extension("absent")),
+    };
+    match DeviceModel::restore(m.area(), &nowhere, &blob[..40]) {
+        Err(DmError::State(e)) => assert!(e.why.contains("truncated"), "{e}"),
+        Err(e) => panic!("not a state error: {e}"),
+        Ok(_) => panic!("accepted"),
+    }
+    assert!(matches!(
+        DeviceModel::restore(m.area(), &nowhere, &blob),
+        Err(DmError::Disk { .. })
+    ));
 }
 
 /// An AF_PACKET socket on one interface: every frame crossing it.
