@@ -664,6 +664,35 @@ fn tap_mac(ns: &str, tap: &str) -> [u8; 6] {
     doppel::dm::net::parse_mac(String::from_utf8_lossy(&out.stdout).trim()).unwrap()
 }
 
+/// Wait until the kernel has the TAP `tap` in namespace `ns` up for
+/// sending: its carrier comes with the device model's open, but until the
+/// kernel's link watch activates the queueing discipline (up to a second
+/// later, when the operstate turns "up") what the host sends on it is
+/// dropped, so a datagram to the guest could vanish.
+fn wait_up(ns: &str, tap: &str) {
+    let t = std::time::Instant::now();
+    loop {
+        let out = std::process::Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                ns,
+                "cat",
+                &format!("/sys/class/net/{tap}/operstate"),
+            ])
+            .output()
+            .unwrap();
+        if String::from_utf8_lossy(&out.stdout).trim() == "up" {
+            return;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "TAP {tap} not up after 10 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// A network namespace `{tag}{pid}` holding the TAP `tap` at 10.77.0.1/24,
 /// up, with the guest (10.77.0.2) at `GUEST_MAC` as a static neighbour;
 /// the TAP's own MAC.
@@ -734,6 +763,7 @@ fn net_frames_go_to_the_tap_and_come_back_into_receive_buffers() {
                 disk: None,
             },
         );
+        wait_up(&name, tap);
         assert_eq!(d.rd(DEVICE_ID), 1);
         let mac: Vec<u8> = (0..6)
             .map(|i| d.access(CONFIG + i, 1, true, 0) as u8)
@@ -1258,6 +1288,7 @@ fn replicated_frames_leave_only_when_their_epoch_commits_and_the_backup_announce
             },
         );
         d.setup(VERSION_1 | (1 << 5), 2, RINGS);
+        wait_up(&name, tap);
         let sniff = Sniffer::on(tap);
         // A listener, so the host answers nothing (no ICMP) to the guest.
         let sock = std::net::UdpSocket::bind("10.77.0.1:4001").unwrap();
