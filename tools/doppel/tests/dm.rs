@@ -13,7 +13,7 @@ use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
-use doppel::dm::{Area, AreaError, Backends, DeviceModel, DmError, NetSpec, Stop};
+use doppel::dm::{Area, AreaError, Backends, DeviceModel, DiskWrite, DmError, NetSpec, Stop};
 use doppel::machine::MachineRam;
 use doppel_abi::ioreq::{
     self, buffered_push, device, dm_locator, kind, publish_slot, read_slot, state, virtio_devices,
@@ -71,11 +71,11 @@ impl Machine {
         link
     }
 
-    fn dm(&self, backends: &Backends) -> DeviceModel {
-        let area = Area::find(MachineRam::open(&self.path).unwrap())
+    /// The published area, found as `doppel run` finds it.
+    fn area(&self) -> Area {
+        Area::find(MachineRam::open(&self.path).unwrap())
             .map_err(|(_, e)| e)
-            .unwrap();
-        DeviceModel::new(area, backends).unwrap()
+            .unwrap()
     }
 
     fn write(&self, gpa: u64, b: &[u8]) {
@@ -134,8 +134,17 @@ struct Drv<'a> {
 
 impl<'a> Drv<'a> {
     fn new(m: &'a Machine, kinds: &[u32], backends: &Backends) -> Self {
+        Self::with(m, kinds, |a| DeviceModel::new(a, backends).unwrap())
+    }
+
+    /// A driver of a replicated device model (frames held, writes logged).
+    fn replicated(m: &'a Machine, kinds: &[u32], backends: &Backends) -> Self {
+        Self::with(m, kinds, |a| DeviceModel::replicated(a, backends).unwrap())
+    }
+
+    fn with(m: &'a Machine, kinds: &[u32], dm: impl FnOnce(Area) -> DeviceModel) -> Self {
         let link = m.publish(Machine::header(kinds));
-        let dm = m.dm(backends);
+        let dm = dm(m.area());
         Self {
             m,
             link,
@@ -655,14 +664,40 @@ fn tap_mac(ns: &str, tap: &str) -> [u8; 6] {
     doppel::dm::net::parse_mac(String::from_utf8_lossy(&out.stdout).trim()).unwrap()
 }
 
-#[test]
-fn net_frames_go_to_the_tap_and_come_back_into_receive_buffers() {
-    if !Path::new("/dev/net/tun").exists() {
-        println!("skipped: /dev/net/tun is missing (no TAP devices on this host)");
-        return;
+/// Wait until the kernel has the TAP `tap` in namespace `ns` up for
+/// sending: its carrier comes with the device model's open, but until the
+/// kernel's link watch activates the queueing discipline (up to a second
+/// later, when the operstate turns "up") what the host sends on it is
+/// dropped, so a datagram to the guest could vanish.
+fn wait_up(ns: &str, tap: &str) {
+    let t = std::time::Instant::now();
+    loop {
+        let out = std::process::Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                ns,
+                "cat",
+                &format!("/sys/class/net/{tap}/operstate"),
+            ])
+            .output()
+            .unwrap();
+        if String::from_utf8_lossy(&out.stdout).trim() == "up" {
+            return;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "TAP {tap} not up after 10 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
     }
-    let ns = Netns(format!("dmtest{}", std::process::id()));
-    let tap = "dmtap0";
+}
+
+/// A network namespace `{tag}{pid}` holding the TAP `tap` at 10.77.0.1/24,
+/// up, with the guest (10.77.0.2) at `GUEST_MAC` as a static neighbour;
+/// the TAP's own MAC.
+fn netns_with_tap(tag: &str, tap: &str) -> (Netns, [u8; 6]) {
+    let ns = Netns(format!("{tag}{}", std::process::id()));
     ip(&["netns", "add", &ns.0]);
     // No IPv6 chatter (router solicitations) into the receive buffer.
     for k in ["all", "default"] {
@@ -700,6 +735,17 @@ fn net_frames_go_to_the_tap_and_come_back_into_receive_buffers() {
         tap,
     ]);
     let host_mac = tap_mac(&ns.0, tap);
+    (ns, host_mac)
+}
+
+#[test]
+fn net_frames_go_to_the_tap_and_come_back_into_receive_buffers() {
+    if !Path::new("/dev/net/tun").exists() {
+        println!("skipped: /dev/net/tun is missing (no TAP devices on this host)");
+        return;
+    }
+    let tap = "dmtap0";
+    let (ns, host_mac) = netns_with_tap("dmtest", tap);
     let name = ns.0.clone();
     // The device model and the sockets live in the namespace: a thread
     // of our own enters it.
@@ -717,6 +763,7 @@ fn net_frames_go_to_the_tap_and_come_back_into_receive_buffers() {
                 disk: None,
             },
         );
+        wait_up(&name, tap);
         assert_eq!(d.rd(DEVICE_ID), 1);
         let mac: Vec<u8> = (0..6)
             .map(|i| d.access(CONFIG + i, 1, true, 0) as u8)
@@ -892,4 +939,446 @@ fn doppel_run_names_a_declared_device_without_its_option() {
         stderr.contains("declares a virtio-net device (slot 0, GSI 5) but no --net"),
         "{stderr}"
     );
+}
+
+// ---- Under replication (issue 21): epochs, the state blob, held frames.
+
+/// A replicated device model's driver of one virtio-blk device over a
+/// fresh `bytes`-byte disk, set up with its queue at `RINGS`.
+fn replicated_blk(m: &Machine, bytes: u64) -> (tempfile::TempDir, std::path::PathBuf, Drv<'_>) {
+    let (dd, path) = disk(bytes);
+    let mut d = Drv::replicated(
+        m,
+        &[device::BLK],
+        &Backends {
+            net: None,
+            disk: Some(path.clone()),
+        },
+    );
+    d.setup(VERSION_1, 1, RINGS);
+    (dd, path, d)
+}
+
+const PAGE: u64 = 4096;
+
+#[test]
+fn a_seal_reports_exactly_the_pages_the_device_model_wrote_and_then_none() {
+    let m = Machine::new();
+    let (_dd, _path, mut d) = replicated_blk(&m, 64 * 1024);
+    assert_eq!(
+        d.dm.seal_epoch(0),
+        Vec::<u64>::new(),
+        "set-up writes nothing"
+    );
+    // The driver's own writes (the test's, through the hypervisor's
+    // mapping) are the hypervisor tracker's business, not ours.
+    d.m.write(DATA, &[0x11; 8192]);
+    assert_eq!(d.dm.seal_epoch(1), Vec::<u64>::new());
+
+    // An 8 KiB read: two data pages, the status byte's page, the used
+    // ring's page; nothing else.
+    assert_eq!(blk_req(&mut d, BLK_IN, 0, 8192), (S_OK, 8193));
+    assert_eq!(
+        d.dm.seal_epoch(2),
+        vec![
+            DATA / PAGE,
+            DATA / PAGE + 1,
+            STAT / PAGE,
+            (RINGS + 0x200) / PAGE
+        ]
+    );
+    assert_eq!(d.dm.seal_epoch(3), Vec::<u64>::new(), "reset at the seal");
+
+    // A write reads the guest's data: only the status byte and used ring.
+    assert_eq!(blk_req(&mut d, BLK_OUT, 0, 512), (S_OK, 1));
+    assert_eq!(
+        d.dm.seal_epoch(4),
+        vec![STAT / PAGE, (RINGS + 0x200) / PAGE]
+    );
+}
+
+#[test]
+fn disk_writes_reach_the_file_at_once_and_are_logged_with_their_epoch() {
+    let m = Machine::new();
+    let (_dd, path, mut d) = replicated_blk(&m, 64 * 1024);
+    let a: Vec<u8> = (0..1024u32).map(|i| (i * 7 + 3) as u8).collect();
+    d.m.write(DATA, &a);
+    assert_eq!(blk_req(&mut d, BLK_OUT, 2, 1024), (S_OK, 1));
+    let mut on_disk = vec![0u8; 1024];
+    File::open(&path)
+        .unwrap()
+        .read_exact_at(&mut on_disk, 1024)
+        .unwrap();
+    assert_eq!(on_disk, a, "applied to the primary's disk at once");
+    assert_eq!(blk_req(&mut d, BLK_IN, 2, 1024), (S_OK, 1025), "not logged");
+    d.dm.seal_epoch(1);
+
+    d.m.write(DATA, &[0xb0; 512]);
+    assert_eq!(blk_req(&mut d, BLK_OUT, 127, 512), (S_OK, 1));
+    assert_eq!(blk_req(&mut d, BLK_OUT, 127, 1024), (S_IOERR, 1), "refused");
+    d.m.write(DATA, &[0xb1; 512]);
+    assert_eq!(blk_req(&mut d, BLK_OUT, 0, 512), (S_OK, 1));
+    d.dm.seal_epoch(2);
+    d.dm.seal_epoch(3);
+
+    let (state2, w2) = d.dm.take_sealed(2).unwrap();
+    assert_eq!(
+        w2,
+        vec![
+            DiskWrite {
+                offset: 127 * 512,
+                data: vec![0xb0; 512]
+            },
+            DiskWrite {
+                offset: 0,
+                data: vec![0xb1; 512]
+            },
+        ],
+        "epoch 2's writes in order, the refused one not among them"
+    );
+    assert!(state2.starts_with(b"DOPPELDS"));
+    let (_, w1) = d.dm.take_sealed(1).unwrap();
+    assert_eq!(
+        w1,
+        vec![DiskWrite {
+            offset: 1024,
+            data: a
+        }]
+    );
+    assert_eq!(d.dm.take_sealed(3).unwrap().1, vec![], "no writes");
+    assert_eq!(d.dm.take_sealed(2), None, "taken once");
+    assert_eq!(d.dm.take_sealed(4), None, "never sealed");
+    d.dm.commit(3);
+    assert_eq!(d.dm.take_sealed(3), None, "committed");
+}
+
+#[test]
+fn an_unreplicated_device_model_logs_no_disk_writes() {
+    let m = Machine::new();
+    let (_dd, _path, mut d) = blk_driver(&m, 64 * 1024);
+    d.setup(VERSION_1, 1, RINGS);
+    assert_eq!(blk_req(&mut d, BLK_OUT, 0, 512), (S_OK, 1));
+    d.dm.seal_epoch(1);
+    assert_eq!(d.dm.take_sealed(1).unwrap().1, vec![]);
+}
+
+/// Every register a driver reads back, for comparing two device models.
+fn registers(d: &mut Drv<'_>, queues: u32) -> Vec<u32> {
+    let mut r = vec![d.rd(STATUS), d.rd(INTERRUPT_STATUS), d.rd(QUEUE_SEL)];
+    for q in 0..queues {
+        d.wr(QUEUE_SEL, q);
+        r.extend([d.rd(QUEUE_READY), d.rd(QUEUE_NUM_MAX)]);
+    }
+    for sel in 0..2 {
+        d.wr(DEVICE_FEATURES_SEL, sel);
+        r.push(d.rd(DEVICE_FEATURES));
+    }
+    r
+}
+
+#[test]
+fn a_restored_device_model_continues_the_queues_and_raises_the_pending_interrupt_once() {
+    let m = Machine::new();
+    let (_dd, path, mut d) = replicated_blk(&m, 64 * 1024);
+    let a: Vec<u8> = (0..512u32).map(|i| (i * 13 + 1) as u8).collect();
+    d.m.write(DATA, &a);
+    for _ in 0..3 {
+        assert_eq!(blk_req(&mut d, BLK_OUT, 4, 512), (S_OK, 1));
+    }
+    assert_eq!(d.irqs(), vec![ioreq::VIRTIO_FIRST_GSI]);
+    assert_eq!(d.rd(INTERRUPT_STATUS), 1, "not acknowledged");
+    let before = registers(&mut d, 1);
+    d.dm.seal_epoch(7);
+    let (blob, _) = d.dm.take_sealed(7).unwrap();
+    assert_eq!(blob, d.dm.state(), "nothing moved since the seal");
+
+    let restored = DeviceModel::restore(
+        m.area(),
+        &Backends {
+            net: None,
+            disk: Some(path.clone()),
+        },
+        &blob,
+    )
+    .unwrap();
+    assert!(!restored.is_replicated());
+    d.dm = restored;
+    d.dm.step();
+    assert_eq!(d.irqs(), vec![ioreq::VIRTIO_FIRST_GSI], "raised once");
+    d.dm.step();
+    assert!(d.irqs().is_empty(), "and only once");
+    assert_eq!(registers(&mut d, 1), before, "the same registers");
+    assert_eq!(d.dm.state(), blob, "the same state");
+
+    // The next request is served from the next avail entry, completed at
+    // the next used index (blk_req checks it is 4).
+    d.m.write(DATA, &[0u8; 512]);
+    assert_eq!(blk_req(&mut d, BLK_IN, 4, 512), (S_OK, 513));
+    assert_eq!(d.used(0).0, 4);
+    assert_eq!(d.m.read(DATA, 512), a);
+}
+
+#[test]
+fn a_blob_that_does_not_fit_the_machine_is_refused_with_the_field_named() {
+    let m = Machine::new();
+    let (_dd, path, mut d) = replicated_blk(&m, 64 * 1024);
+    blk_req(&mut d, BLK_OUT, 0, 512);
+    let blob = d.dm.state();
+    let backends = Backends {
+        net: None,
+        disk: Some(path.clone()),
+    };
+    let refused = |b: &[u8]| match DeviceModel::restore(m.area(), &backends, b) {
+        Err(DmError::State(e)) => e.to_string(),
+        Err(e) => panic!("not a state error: {e}"),
+        Ok(_) => panic!("accepted"),
+    };
+    let with = |at: usize, bytes: &[u8]| {
+        let mut b = blob.clone();
+        b[at..at + bytes.len()].copy_from_slice(bytes);
+        b
+    };
+    // Layout: magic 0..8, version 8, count 12, device 0 from 16: kind 16,
+    // status 20, sels 24 28, driver features 32, queue_sel 40, isr 44,
+    // generation 48, queue count 52, queue 0 from 56: ready 56, size 57,
+    // desc 59, avail 67, used 75, next_avail 83, next_used 85, event 87.
+    assert_eq!(blob.len(), 88);
+    for (b, want) in [
+        (with(0, b"DOPPELDT"), "byte 0: magic"),
+        (with(8, &2u32.to_le_bytes()), "byte 8: version: 2"),
+        (with(12, &2u32.to_le_bytes()), "byte 12: device count: 2"),
+        (with(16, &device::NET.to_le_bytes()), "device 0 kind"),
+        (
+            with(20, &0x4u32.to_le_bytes()),
+            "DRIVER_OK without FEATURES_OK",
+        ),
+        (
+            with(32, &(1u64 << 40).to_le_bytes()),
+            "device 0 driver features",
+        ),
+        (with(44, &4u32.to_le_bytes()), "device 0 interrupt status"),
+        (with(52, &2u32.to_le_bytes()), "device 0 queue count"),
+        (with(56, &[2]), "device 0 queue 0 ready: 2 is neither"),
+        (with(57, &6u16.to_le_bytes()), "device 0 queue 0 size: 6"),
+        (
+            with(57, &512u16.to_le_bytes()),
+            "device 0 queue 0 size: 512",
+        ),
+        (
+            with(75, &GUEST_BYTES.to_le_bytes()),
+            "device 0 queue 0 rings",
+        ),
+        (with(87, &[1]), "device 0 queue 0 event idx"),
+        (blob[..87].to_vec(), "truncated"),
+        ([blob.as_slice(), &[0]].concat(), "byte 88: end"),
+    ] {
+        let e = refused(&b);
+        assert!(e.contains(want), "{e:?} names {want:?}");
+    }
+    // The blob is checked before any backend is opened: a disk that does
+    // not exist is never reached.
+    let nowhere = Backends {
+        net: None,
+        disk: Some(path.with_extension("absent")),
+    };
+    match DeviceModel::restore(m.area(), &nowhere, &blob[..40]) {
+        Err(DmError::State(e)) => assert!(e.why.contains("truncated"), "{e}"),
+        Err(e) => panic!("not a state error: {e}"),
+        Ok(_) => panic!("accepted"),
+    }
+    assert!(matches!(
+        DeviceModel::restore(m.area(), &nowhere, &blob),
+        Err(DmError::Disk { .. })
+    ));
+}
+
+/// An AF_PACKET socket on one interface: every frame crossing it.
+struct Sniffer(std::os::fd::OwnedFd);
+
+impl Sniffer {
+    fn on(ifname: &str) -> Self {
+        use std::os::fd::FromRawFd;
+        let all = (libc::ETH_P_ALL as u16).to_be();
+        // SAFETY: socket(2) with constant arguments; the result is checked
+        // before it is owned.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_PACKET,
+                libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                i32::from(all),
+            )
+        };
+        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        // SAFETY: `fd` is a fresh descriptor nothing else owns.
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+        let name = std::ffi::CString::new(ifname).unwrap();
+        // SAFETY: a NUL-terminated name that outlives the call.
+        let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+        assert_ne!(index, 0, "{ifname}: no such interface");
+        // SAFETY: sockaddr_ll is plain old data; all zero is valid.
+        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        sll.sll_family = libc::AF_PACKET as u16;
+        sll.sll_protocol = all;
+        sll.sll_ifindex = index as i32;
+        use std::os::fd::AsRawFd;
+        // SAFETY: bind reads one sockaddr_ll of the length given from a
+        // live local; the socket is ours.
+        let r = unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                &sll as *const libc::sockaddr_ll as *const libc::sockaddr,
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        assert_eq!(r, 0, "bind: {}", std::io::Error::last_os_error());
+        Self(fd)
+    }
+
+    /// The frames from `src` seen within `wait`, in order.
+    fn from(&self, src: [u8; 6], wait: Duration) -> Vec<Vec<u8>> {
+        use std::os::fd::AsRawFd;
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 65_536];
+        let t = std::time::Instant::now();
+        while t.elapsed() < wait {
+            // SAFETY: recv writes at most `buf.len()` bytes into `buf`,
+            // which is live and writable; the socket is ours.
+            let n = unsafe {
+                libc::recv(
+                    self.0.as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if n < 0 {
+                std::thread::sleep(Duration::from_millis(5));
+                continue;
+            }
+            let f = &buf[..n as usize];
+            if f.len() >= 12 && f[6..12] == src {
+                got.push(f.to_vec());
+            }
+        }
+        got
+    }
+}
+
+#[test]
+fn replicated_frames_leave_only_when_their_epoch_commits_and_the_backup_announces_itself() {
+    if !Path::new("/dev/net/tun").exists() {
+        println!("skipped: /dev/net/tun is missing (no TAP devices on this host)");
+        return;
+    }
+    let tap = "dmtap0";
+    let (ns, host_mac) = netns_with_tap("dmrep", tap);
+    let name = ns.0.clone();
+    std::thread::spawn(move || {
+        enter(&name);
+        let m = Machine::new();
+        let mut d = Drv::replicated(
+            &m,
+            &[device::NET],
+            &Backends {
+                net: Some(NetSpec {
+                    tap: tap.into(),
+                    mac: GUEST_MAC,
+                }),
+                disk: None,
+            },
+        );
+        d.setup(VERSION_1 | (1 << 5), 2, RINGS);
+        wait_up(&name, tap);
+        let sniff = Sniffer::on(tap);
+        // A listener, so the host answers nothing (no ICMP) to the guest.
+        let sock = std::net::UdpSocket::bind("10.77.0.1:4001").unwrap();
+        sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        assert_eq!(d.dm.seal_epoch(0), Vec::<u64>::new());
+
+        let frames: Vec<Vec<u8>> = (0..3)
+            .map(|i| udp_frame(host_mac, 4001, format!("frame {i}").as_bytes()))
+            .collect();
+        let send = |d: &mut Drv<'_>, f: &[u8]| {
+            let mut buf = vec![0u8; 12];
+            buf.extend_from_slice(f);
+            d.m.write(DATA, &buf);
+            let before = d.used(1).0;
+            d.post(1, &[(DATA, buf.len() as u32, 0)]);
+            d.notify(1);
+            assert_eq!(d.used(1).0, before + 1, "completed to the guest at once");
+        };
+        // Epoch 1: frame 0; epoch 2: frame 1; epoch 3 (in progress): frame 2.
+        send(&mut d, &frames[0]);
+        assert_eq!(d.dm.held_frames(), 1);
+        assert_eq!(
+            d.dm.seal_epoch(1),
+            vec![(RINGS + 0x1000 + 0x200) / PAGE],
+            "only the transmit used ring"
+        );
+        send(&mut d, &frames[1]);
+        d.dm.seal_epoch(2);
+        send(&mut d, &frames[2]);
+        assert_eq!(d.dm.held_frames(), 3);
+        assert_eq!(d.dm.stats().tx_frames, 3);
+        assert!(
+            sniff.from(GUEST_MAC, Duration::from_millis(300)).is_empty(),
+            "nothing leaves before its epoch commits"
+        );
+
+        assert_eq!(d.dm.commit(1), 1);
+        assert_eq!(
+            sniff.from(GUEST_MAC, Duration::from_millis(300)),
+            frames[..1]
+        );
+        assert_eq!(d.dm.commit(2), 1);
+        assert_eq!(
+            sniff.from(GUEST_MAC, Duration::from_millis(300)),
+            frames[1..2]
+        );
+        let mut got = [0u8; 64];
+        for want in [b"frame 0", b"frame 1"] {
+            let (n, _) = sock.recv_from(&mut got).unwrap();
+            assert_eq!(&got[..n], want, "delivered in order");
+        }
+        assert_eq!(d.dm.held_frames(), 1, "epoch 3's frame is still held");
+        assert_eq!(d.dm.commit(2), 0, "epoch 3 is not sealed");
+        assert_eq!(d.dm.discard_uncommitted(), 1);
+        assert_eq!(d.dm.held_frames(), 0);
+        d.dm.seal_epoch(3);
+        assert_eq!(d.dm.commit(3), 0);
+        assert!(
+            sniff.from(GUEST_MAC, Duration::from_millis(300)).is_empty(),
+            "a discarded frame never leaves"
+        );
+
+        // RX: the buffer's page and the receive used ring, nothing else.
+        let rx_buf = 0x4_0000;
+        d.m.write(rx_buf, &[0u8; 2048]);
+        d.post(0, &[(rx_buf, 2048, DESC_WRITE)]);
+        d.notify(0);
+        assert_eq!(
+            d.dm.seal_epoch(4),
+            Vec::<u64>::new(),
+            "posting writes nothing"
+        );
+        sock.send_to(b"to the guest", "10.77.0.2:4000").unwrap();
+        let t = std::time::Instant::now();
+        while d.used(0).0 == 0 && t.elapsed() < Duration::from_secs(5) {
+            d.dm.step();
+        }
+        assert_eq!(d.used(0).0, 1, "received");
+        assert_eq!(
+            d.dm.seal_epoch(5),
+            vec![rx_buf / PAGE, (RINGS + 0x200) / PAGE]
+        );
+
+        // The announce: RARP from the guest's MAC, byte for byte.
+        assert!(d.dm.announce());
+        assert_eq!(
+            sniff.from(GUEST_MAC, Duration::from_millis(300)),
+            vec![doppel::dm::epoch::rarp_announce(GUEST_MAC).to_vec()]
+        );
+    })
+    .join()
+    .unwrap();
 }

@@ -22,7 +22,7 @@ const TARGETS: &[(&str, &[&str])] = &[
             "ioreq",
         ],
     ),
-    ("tools/doppel/fuzz", &["stream_decoder"]),
+    ("tools/doppel/fuzz", &["stream_decoder", "dm_state"]),
 ];
 
 fn have(cmd: &mut Command) -> bool {

@@ -3,7 +3,7 @@
 //! header copied out and validated once, then its ioreq page, buffered
 //! page and liveness and interrupt words used through hv/abi's
 //! [`SharedMem`] functions (every access atomic), and the guest's RAM
-//! mapped again for the virtio queues as a `vm-memory` [`GuestMemoryMmap`]
+//! mapped again for the virtio queues as a `vm-memory` [`GuestRam`](super::GuestRam)
 //! over the same file.
 
 use std::fs::OpenOptions;
@@ -16,9 +16,10 @@ use doppel_abi::ioreq::{
 };
 use doppel_abi::locator::LOCATOR_AT;
 use doppel_abi::{AtomicMem64, SharedMem};
-use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap};
+use vm_memory::{FileOffset, GuestAddress};
 use zerocopy::FromBytes;
 
+use super::GuestRam;
 use crate::machine::MachineRam;
 
 /// Why the area cannot be used.
@@ -65,7 +66,7 @@ pub struct Area {
     ram: MachineRam,
     at: usize,
     header: DmHeader,
-    guest: GuestMemoryMmap,
+    guest: GuestRam,
     irq_seq: [u32; MAX_DEVICES],
 }
 
@@ -123,7 +124,7 @@ impl Area {
         }
     }
 
-    fn check(ram: &MachineRam) -> Result<(usize, DmHeader, GuestMemoryMmap), AreaError> {
+    fn check(ram: &MachineRam) -> Result<(usize, DmHeader, GuestRam), AreaError> {
         let path: PathBuf = ram.path().into();
         let len = ram.len() as u64;
         let words = locator_words(ram)?;
@@ -189,7 +190,7 @@ impl Area {
             .open(&path)
             .map_err(|e| gmap(e.to_string()))?;
         let gn_us = usize::try_from(gn).map_err(|e| gmap(e.to_string()))?;
-        let guest = GuestMemoryMmap::<()>::from_ranges_with_files([(
+        let guest = GuestRam::from_ranges_with_files([(
             GuestAddress(0),
             gn_us,
             Some(FileOffset::new(file, g)),
@@ -209,7 +210,7 @@ impl Area {
     }
 
     /// Guest RAM, guest-physical 0 first.
-    pub fn guest(&self) -> &GuestMemoryMmap {
+    pub fn guest(&self) -> &GuestRam {
         &self.guest
     }
 

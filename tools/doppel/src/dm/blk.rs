@@ -7,18 +7,21 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
 
+use super::epoch::DiskWrite;
+use super::{Dirty, GuestRam};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
     VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
     VIRTIO_BLK_T_OUT,
 };
 use virtio_queue::{Queue, QueueT, Reader, Writer};
-use vm_memory::GuestMemoryMmap;
 
 use super::Stats;
 
 /// Bytes of a sector.
 pub const SECTOR: u64 = 512;
+/// Features offered besides VERSION_1.
+pub const FEATURES: u64 = 1 << VIRTIO_BLK_F_FLUSH;
 /// Bytes of a request header: type, reserved, sector.
 const REQ_HDR: usize = 16;
 /// Bytes copied at a time between guest RAM and the file.
@@ -31,6 +34,9 @@ pub struct Blk {
     /// Bytes of the disk (whole sectors).
     size: u64,
     buf: Vec<u8>,
+    /// Under replication: the writes of the epoch in progress, as applied
+    /// to the file.
+    log: Option<Vec<DiskWrite>>,
 }
 
 impl Blk {
@@ -43,11 +49,22 @@ impl Blk {
             name,
             size,
             buf: vec![0; CHUNK],
+            log: None,
         })
     }
 
+    /// Log every write applied (replicated) or not.
+    pub fn set_log(&mut self, on: bool) {
+        self.log = on.then(Vec::new);
+    }
+
+    /// The writes logged since the last take (the epoch in progress).
+    pub fn take_log(&mut self) -> Vec<DiskWrite> {
+        self.log.as_mut().map(std::mem::take).unwrap_or_default()
+    }
+
     pub fn features(&self) -> u64 {
-        1 << VIRTIO_BLK_F_FLUSH
+        FEATURES
     }
 
     /// `struct virtio_blk_config`'s first field, capacity (sectors).
@@ -56,7 +73,7 @@ impl Blk {
     }
 
     /// Serve every request the queue holds.
-    pub fn process(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap, stats: &mut Stats) -> bool {
+    pub fn process(&mut self, queue: &mut Queue, mem: &GuestRam, stats: &mut Stats) -> bool {
         let mut used = false;
         while let Some(chain) = queue.pop_descriptor_chain(mem) {
             let head = chain.head_index();
@@ -81,7 +98,12 @@ impl Blk {
     }
 
     /// One request; the bytes written into the guest's buffers.
-    fn request(&mut self, r: &mut Reader<'_>, w: &mut Writer<'_>, stats: &mut Stats) -> u32 {
+    fn request(
+        &mut self,
+        r: &mut Reader<'_, Dirty<'_>>,
+        w: &mut Writer<'_, Dirty<'_>>,
+        stats: &mut Stats,
+    ) -> u32 {
         let mut hdr = [0u8; REQ_HDR];
         if w.available_bytes() == 0 || r.read_exact(&mut hdr).is_err() {
             stats.errors += 1;
@@ -153,7 +175,7 @@ impl Blk {
         Some(at)
     }
 
-    fn read(&mut self, sector: u64, w: &mut Writer<'_>, stats: &mut Stats) -> u32 {
+    fn read(&mut self, sector: u64, w: &mut Writer<'_, Dirty<'_>>, stats: &mut Stats) -> u32 {
         let len = w.available_bytes();
         let Some(mut at) = self.range(sector, len, "read") else {
             return VIRTIO_BLK_S_IOERR;
@@ -177,12 +199,15 @@ impl Blk {
         VIRTIO_BLK_S_OK
     }
 
-    fn write(&mut self, sector: u64, r: &mut Reader<'_>, stats: &mut Stats) -> u32 {
+    fn write(&mut self, sector: u64, r: &mut Reader<'_, Dirty<'_>>, stats: &mut Stats) -> u32 {
         let len = r.available_bytes();
         let Some(mut at) = self.range(sector, len, "write") else {
             return VIRTIO_BLK_S_IOERR;
         };
+        let offset = at;
+        let mut logged = Vec::new();
         let mut left = len;
+        let mut status = VIRTIO_BLK_S_OK;
         while left > 0 {
             let n = left.min(CHUNK);
             let chunk = &mut self.buf[..n];
@@ -191,12 +216,28 @@ impl Blk {
                 .and_then(|()| self.file.write_all_at(chunk, at))
             {
                 tracing::warn!("run: {}: write at {at:#x}: {e}", self.name);
-                return VIRTIO_BLK_S_IOERR;
+                status = VIRTIO_BLK_S_IOERR;
+                break;
+            }
+            if self.log.is_some() {
+                logged.extend_from_slice(chunk);
             }
             at += n as u64;
             left -= n;
         }
-        stats.blk_writes += 1;
-        VIRTIO_BLK_S_OK
+        // What reached the file is logged, a failed request's part too:
+        // the backup's disk must match the primary's.
+        if let Some(log) = &mut self.log {
+            if !logged.is_empty() {
+                log.push(DiskWrite {
+                    offset,
+                    data: logged,
+                });
+            }
+        }
+        if status == VIRTIO_BLK_S_OK {
+            stats.blk_writes += 1;
+        }
+        status
     }
 }

@@ -10,9 +10,14 @@ use virtio_bindings::virtio_config::{
 };
 use virtio_bindings::virtio_mmio::*;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestAddress;
+
+use super::GuestRam;
+
+use doppel_abi::ioreq::device;
 
 use super::blk::Blk;
+use super::blob::{self, DevState, QueueRegs};
 use super::net::Net;
 use super::Stats;
 
@@ -25,6 +30,25 @@ pub const VENDOR: u32 = u32::from_le_bytes(*b"DPPL");
 /// Entries each queue offers at most.
 pub const QUEUE_MAX: u16 = 256;
 
+/// The features a device of hv/abi kind `kind` offers.
+pub fn offered_features(kind: u32) -> u64 {
+    let dev = if kind == device::NET {
+        super::net::FEATURES
+    } else {
+        super::blk::FEATURES
+    };
+    dev | (1 << VIRTIO_F_VERSION_1)
+}
+
+/// The queues a device of hv/abi kind `kind` has.
+pub fn queue_count(kind: u32) -> usize {
+    if kind == device::NET {
+        2
+    } else {
+        1
+    }
+}
+
 /// The device behind a transport.
 pub enum Backend {
     Net(Net),
@@ -32,6 +56,14 @@ pub enum Backend {
 }
 
 impl Backend {
+    /// hv/abi's device kind.
+    pub fn kind(&self) -> u32 {
+        match self {
+            Backend::Net(_) => device::NET,
+            Backend::Blk(_) => device::BLK,
+        }
+    }
+
     fn device_id(&self) -> u32 {
         match self {
             Backend::Net(_) => virtio_bindings::virtio_ids::VIRTIO_ID_NET,
@@ -40,18 +72,11 @@ impl Backend {
     }
 
     fn features(&self) -> u64 {
-        let dev = match self {
-            Backend::Net(n) => n.features(),
-            Backend::Blk(b) => b.features(),
-        };
-        dev | (1 << VIRTIO_F_VERSION_1)
+        offered_features(self.kind())
     }
 
     fn queues(&self) -> usize {
-        match self {
-            Backend::Net(_) => 2,
-            Backend::Blk(_) => 1,
-        }
+        queue_count(self.kind())
     }
 
     fn config(&self) -> Vec<u8> {
@@ -108,6 +133,68 @@ impl Mmio {
     /// The device status register.
     pub fn status(&self) -> u32 {
         self.status
+    }
+
+    /// The transport's state for the epoch's blob.
+    pub fn snapshot(&self) -> DevState {
+        DevState {
+            kind: self.backend.kind(),
+            status: self.status,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            driver_features: self.driver_features,
+            queue_sel: self.queue_sel,
+            isr: self.isr,
+            config_generation: self.config_generation,
+            queues: self
+                .queues
+                .iter()
+                .zip(&self.addrs)
+                .map(|(q, a)| QueueRegs {
+                    ready: q.ready(),
+                    size: q.size(),
+                    desc: a[0],
+                    avail: a[1],
+                    used: a[2],
+                    next_avail: q.next_avail(),
+                    next_used: q.next_used(),
+                    event_idx: q.event_idx_enabled(),
+                })
+                .collect(),
+        }
+    }
+
+    /// Take over `s` (checked by [`blob::decode`] for this device's kind
+    /// and `guest`); on error nothing is changed.
+    pub fn restore(&mut self, s: &DevState, guest: &GuestRam) -> Result<(), String> {
+        if s.kind != self.backend.kind() || s.queues.len() != self.queues.len() {
+            return Err(format!(
+                "{}: state of a device of kind {} with {} queues",
+                self.name,
+                s.kind,
+                s.queues.len()
+            ));
+        }
+        let queues = s
+            .queues
+            .iter()
+            .map(|r| blob::queue_from(r, guest))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.queues = queues;
+        self.addrs = s.queues.iter().map(|r| [r.desc, r.avail, r.used]).collect();
+        self.status = s.status;
+        self.device_features_sel = s.device_features_sel;
+        self.driver_features_sel = s.driver_features_sel;
+        self.driver_features = s.driver_features;
+        self.queue_sel = s.queue_sel;
+        self.isr = s.isr;
+        self.config_generation = s.config_generation;
+        Ok(())
+    }
+
+    /// The interrupt status register.
+    pub fn isr(&self) -> u32 {
+        self.isr
     }
 
     /// Whether the driver finished set-up (DRIVER_OK).
@@ -191,7 +278,7 @@ impl Mmio {
         offset: u64,
         size: u8,
         data: u64,
-        mem: &GuestMemoryMmap,
+        mem: &GuestRam,
         stats: &mut Stats,
     ) -> Effect {
         if offset >= u64::from(VIRTIO_MMIO_CONFIG) {
@@ -249,7 +336,7 @@ impl Mmio {
         Effect::default()
     }
 
-    fn queue_setup(&mut self, reg: u32, v: u32, mem: &GuestMemoryMmap) {
+    fn queue_setup(&mut self, reg: u32, v: u32, mem: &GuestRam) {
         let q = self.queue_sel as usize;
         if self.live() {
             self.refuse(&format!(
@@ -352,7 +439,7 @@ impl Mmio {
         self.status = v;
     }
 
-    fn notify(&mut self, q: u32, mem: &GuestMemoryMmap, stats: &mut Stats) -> Effect {
+    fn notify(&mut self, q: u32, mem: &GuestRam, stats: &mut Stats) -> Effect {
         let q = q as usize;
         if !self.live() {
             self.refuse(&format!("notify of queue {q} before DRIVER_OK"));
@@ -382,7 +469,7 @@ impl Mmio {
 
     /// Work a device does without the guest asking (frames arriving on
     /// the TAP).
-    pub fn poll(&mut self, mem: &GuestMemoryMmap, stats: &mut Stats) -> Effect {
+    pub fn poll(&mut self, mem: &GuestRam, stats: &mut Stats) -> Effect {
         let used = match &mut self.backend {
             Backend::Net(n) => {
                 let rx_ready = self.status & VIRTIO_CONFIG_S_DRIVER_OK != 0

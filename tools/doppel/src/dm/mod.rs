@@ -12,10 +12,13 @@
 
 pub mod area;
 pub mod blk;
+pub mod blob;
+pub mod epoch;
 pub mod mmio;
 pub mod net;
 pub mod tap;
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::fs::OpenOptions;
 use std::path::PathBuf;
@@ -27,7 +30,17 @@ use doppel_abi::ioreq::{
 };
 
 pub use area::{Area, AreaError, DM_LOCATOR_AT};
+pub use blob::StateError;
+pub use epoch::{DiskWrite, Sealed};
 use mmio::{Backend, Mmio};
+
+/// Guest RAM as the device model maps it: every write made through it
+/// (receive buffers, block reads, status bytes, used rings) marks its
+/// page in a dirty bitmap, read and cleared at each epoch's seal.
+pub type GuestRam = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;
+/// The bitmap slice of a [`GuestRam`] buffer (what the queue readers and
+/// writers carry).
+pub type Dirty<'a> = vm_memory::bitmap::BS<'a, vm_memory::bitmap::AtomicBitmap>;
 
 /// What the device model did, for the summary line.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -114,6 +127,8 @@ pub enum DmError {
     Tap { tap: String, err: std::io::Error },
     #[error("disk {path}: {err}")]
     Disk { path: PathBuf, err: std::io::Error },
+    #[error(transparent)]
+    State(#[from] StateError),
 }
 
 /// Why [`DeviceModel::serve`] returned.
@@ -135,6 +150,14 @@ pub struct DeviceModel {
     /// one, so its state is not ours to change) and not refused again
     /// until it changes.
     refused_slot: Option<Ioreq>,
+    /// Replicated: transmitted frames held until their epoch commits,
+    /// disk writes logged per epoch.
+    replicated: bool,
+    /// Sealed epochs, oldest first, until committed.
+    sealed: VecDeque<Sealed>,
+    /// Per slot: an interrupt to raise at the next step (a restored
+    /// device whose interrupt status is nonzero).
+    pending_irq: Vec<bool>,
 }
 
 impl DeviceModel {
@@ -206,11 +229,15 @@ impl DeviceModel {
                 what: "virtio-blk",
             });
         }
+        let pending_irq = vec![false; devices.len()];
         Ok(Self {
             area,
             devices,
             stats: Stats::default(),
             refused_slot: None,
+            replicated: false,
+            sealed: VecDeque::new(),
+            pending_irq,
         })
     }
 
@@ -230,10 +257,18 @@ impl DeviceModel {
     /// One round: the synchronous slot, the buffered ring, the devices'
     /// own work, the liveness word. Whether anything was done.
     pub fn step(&mut self) -> bool {
+        // A restored device's interrupt the guest had not taken yet.
+        let mut busy = false;
+        for slot in 0..self.pending_irq.len() {
+            if std::mem::take(&mut self.pending_irq[slot]) {
+                self.raise(slot);
+                busy = true;
+            }
+        }
         // Program order: the buffered writes were posted before the
         // access now waiting in the slot (the vCPU stops at that one), so
         // they are done first.
-        let mut busy = self.drain_buffered();
+        busy |= self.drain_buffered();
         busy |= self.serve_slot();
         for slot in 0..self.devices.len() {
             let e = self.devices[slot].poll(self.area.guest(), &mut self.stats);

@@ -5,9 +5,9 @@
 
 use std::io::{Read, Write};
 
+use super::{Dirty, GuestRam};
 use virtio_bindings::virtio_net::VIRTIO_NET_F_MAC;
 use virtio_queue::{Queue, QueueT, Reader, Writer};
-use vm_memory::GuestMemoryMmap;
 
 use super::tap::Tap;
 use super::Stats;
@@ -17,6 +17,9 @@ pub const NET_HDR: usize = 12;
 /// The largest frame carried (Ethernet with a VLAN tag at MTU 1500 is
 /// 1522; a TAP read is never larger than 64 KiB).
 pub const MAX_FRAME: usize = 65_536;
+
+/// Features offered besides VERSION_1.
+pub const FEATURES: u64 = 1 << VIRTIO_NET_F_MAC;
 
 /// Receive queue index.
 pub const RXQ: usize = 0;
@@ -28,6 +31,9 @@ pub struct Net {
     pub mac: [u8; 6],
     tap: Tap,
     buf: Vec<u8>,
+    /// Under replication: the frames the guest transmitted in the epoch
+    /// in progress, completed to it but not yet sent (docs/DEVICES.md).
+    hold: Option<Vec<Vec<u8>>>,
 }
 
 impl Net {
@@ -36,7 +42,28 @@ impl Net {
             mac,
             tap,
             buf: vec![0; MAX_FRAME],
+            hold: None,
         }
+    }
+
+    /// Hold transmitted frames (replicated) or send them at once.
+    pub fn set_hold(&mut self, on: bool) {
+        self.hold = on.then(Vec::new);
+    }
+
+    /// The frames held since the last take (the epoch in progress).
+    pub fn take_held(&mut self) -> Vec<Vec<u8>> {
+        self.hold.as_mut().map(std::mem::take).unwrap_or_default()
+    }
+
+    /// Frames held for the epoch in progress.
+    pub fn held(&self) -> usize {
+        self.hold.as_ref().map_or(0, Vec::len)
+    }
+
+    /// Send one frame on the TAP now.
+    pub fn send(&mut self, frame: &[u8]) -> std::io::Result<()> {
+        self.tap.send(frame)
     }
 
     pub fn tap_name(&self) -> &str {
@@ -44,7 +71,7 @@ impl Net {
     }
 
     pub fn features(&self) -> u64 {
-        1 << VIRTIO_NET_F_MAC
+        FEATURES
     }
 
     pub fn config(&self) -> Vec<u8> {
@@ -57,7 +84,7 @@ impl Net {
         &mut self,
         q: usize,
         queues: &mut [Queue],
-        mem: &GuestMemoryMmap,
+        mem: &GuestRam,
         stats: &mut Stats,
     ) -> bool {
         if q != TXQ {
@@ -86,7 +113,7 @@ impl Net {
         used
     }
 
-    fn transmit(&mut self, r: &mut Reader<'_>, stats: &mut Stats) {
+    fn transmit(&mut self, r: &mut Reader<'_, Dirty<'_>>, stats: &mut Stats) {
         let n = r.available_bytes();
         if !(NET_HDR..=NET_HDR + MAX_FRAME).contains(&n) {
             stats.errors += 1;
@@ -100,6 +127,11 @@ impl Net {
         if let Err(e) = r.read_exact(&mut hdr).and_then(|()| r.read_exact(frame)) {
             stats.errors += 1;
             tracing::warn!("run: net: reading a transmit buffer: {e}");
+            return;
+        }
+        if let Some(hold) = &mut self.hold {
+            hold.push(frame.to_vec());
+            stats.tx_frames += 1;
             return;
         }
         match self.tap.send(frame) {
@@ -118,7 +150,7 @@ impl Net {
         &mut self,
         rx_ready: bool,
         rxq: &mut Queue,
-        mem: &GuestMemoryMmap,
+        mem: &GuestRam,
         stats: &mut Stats,
     ) -> bool {
         let mut used = false;
