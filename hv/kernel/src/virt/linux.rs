@@ -119,6 +119,13 @@ pub(super) trait LinuxEpochs {
     fn fail_over(&mut self, _ram: &mut GuestRam) -> Result<Vec<u8>, &'static str> {
         Err("nothing to fail over to")
     }
+    /// The epoch the coming [`LinuxEpochs::epoch_end`] checkpoints, when
+    /// it checkpoints one: the device model is quiesced for it and its
+    /// pages join the harvest. `None` (the default): no checkpoint, the
+    /// device model runs on (its pages wait in its bitmap).
+    fn dm_epoch(&self) -> Option<u64> {
+        None
+    }
     /// The rebuilt machine's context, saved at the instant it was rebuilt.
     fn rebuilt(&mut self, _context: &[u8]) {}
     /// The guest resumes after an epoch end that held it `pause` cycles.
@@ -316,6 +323,25 @@ where
         }
     };
     let devices: Vec<DmDevice> = ioreq::virtio_devices(plan.devices).collect();
+    let publish_dm = |ram: &GuestRam| {
+        devmodel::publish(
+            ram,
+            ioreq::VIRTIO_WINDOW_BASE,
+            ioreq::VIRTIO_WINDOW_SIZE,
+            &devices,
+        )
+        .map_err(|e| log::error!("linux: devices: {e}"))
+    };
+    // A standby with devices publishes its device-model area before it
+    // waits for Activate: the backup tool's device model restores the
+    // committed device state into it first.
+    let mut dm = None;
+    if plan.replicate == Replicate::Standby && !devices.is_empty() {
+        let Ok(l) = publish_dm(&ram) else {
+            return false;
+        };
+        dm = Some(l);
+    }
     let start = if plan.replicate == Replicate::Standby {
         standby_start(vendor, &ram, plan.tsc_khz)
     } else {
@@ -338,22 +364,12 @@ where
             return false;
         }
     };
-    let dm = if devices.is_empty() {
-        None
-    } else {
-        match devmodel::publish(
-            &ram,
-            ioreq::VIRTIO_WINDOW_BASE,
-            ioreq::VIRTIO_WINDOW_SIZE,
-            &devices,
-        ) {
-            Ok(l) => Some(l),
-            Err(e) => {
-                log::error!("linux: devices: {e}");
-                return false;
-            }
-        }
-    };
+    if dm.is_none() && !devices.is_empty() {
+        let Ok(l) = publish_dm(&ram) else {
+            return false;
+        };
+        dm = Some(l);
+    }
     let mut vcpu = match make(&cpu, table.root(), mode) {
         Ok(v) => v,
         Err(e) => {
@@ -664,16 +680,52 @@ where
         };
         tracker.harvest(&mut self.table, &mut self.vcpu)?;
         let (exits, _) = tracker.take_counts();
+        // The device model's half of the cut: quiesced (no ioreq is in
+        // flight: the exit's emulation is complete), its pages in the
+        // harvest, off guest RAM until the checkpoint is staged.
+        let dm_epoch = self
+            .replica
+            .as_ref()
+            .and_then(|r| r.dm_epoch())
+            .filter(|_| self.dm.is_some());
+        if let Some(epoch) = dm_epoch {
+            self.dm_quiesce(epoch)?;
+        }
         let context = self.save_context(rdtsc())?;
         let (Some(tracker), Some(replica)) = (self.tracker.as_mut(), self.replica.as_mut()) else {
             return Err("an epoch end without a replica");
         };
-        let next = replica.epoch_end(tracker.harvested(), &self.ram, &context, exits)?;
+        let next = replica.epoch_end(tracker.harvested(), &self.ram, &context, exits);
+        if let (Some(epoch), Some(dm)) = (dm_epoch, self.dm.as_mut()) {
+            // Staged (or failed): the device model goes on either way.
+            dm.resume(epoch);
+        }
+        let next = next?;
         if next == EpochNext::FailOver {
             return self.fail_over();
         }
         tracker.rearm(&mut self.table, &mut self.vcpu, next == EpochNext::Track)?;
         replica.resumed(rdtsc().wrapping_sub(stopped));
+        Ok(())
+    }
+
+    /// Ask the device model to end `epoch` and wait up to
+    /// [`DM_PATIENCE_S`] seconds for its answer; then OR the pages it
+    /// wrote into the tracker's harvest.
+    fn dm_quiesce(&mut self, epoch: u64) -> Result<(), &'static str> {
+        let (Some(dm), Some(tracker)) = (self.dm.as_mut(), self.tracker.as_mut()) else {
+            return Ok(());
+        };
+        let patience = u64::from(self.plan.tsc_khz) * 1000 * DM_PATIENCE_S;
+        let began = rdtsc();
+        dm.quiesce(epoch, || {
+            core::hint::spin_loop();
+            rdtsc().wrapping_sub(began) < patience
+        })
+        .map_err(|_| {
+            "the device model did not answer the epoch's quiesce in time (is `doppel` serving the devices?)"
+        })?;
+        dm.take_dirty(tracker.harvested_mut());
         Ok(())
     }
 

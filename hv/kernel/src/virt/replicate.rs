@@ -506,6 +506,11 @@ impl super::linux::LinuxEpochs for LinuxPrimary {
         self.bind.exit_ends_epoch()
     }
 
+    fn dm_epoch(&self) -> Option<u64> {
+        let e = &self.bind.engine;
+        e.replicating().then(|| e.next_epoch())
+    }
+
     fn epoch_end(
         &mut self,
         harvest: &[u8],
