@@ -27,6 +27,7 @@ use doppel_abi::ByteMem;
 use doppel_core::addr::HostPhysAddr;
 use doppel_core::cpuid_policy::guest_cpuid;
 use doppel_core::dm::{DmError, Route};
+use doppel_core::engine::Remus;
 use doppel_core::exit::{exact_length, read_code, read_code_into, ExitKind, VmExit};
 use doppel_core::fault;
 use doppel_core::hvm::HeaderInfo;
@@ -84,9 +85,11 @@ pub struct LinuxPlan<'a> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Replicate {
     None,
-    /// A replicated primary: an epoch every `epoch_exits` exits.
+    /// A replicated primary: an epoch every `epoch_exits` exits when
+    /// given, else every `epoch_ms` ms of guest time (default 25).
     Primary {
-        epoch_exits: u64,
+        epoch_exits: Option<u64>,
+        epoch_ms: Option<u64>,
     },
     /// A standby: waits for `Activate`, then runs on from the committed
     /// whole-machine context.
@@ -102,9 +105,9 @@ pub enum Replicate {
 pub(super) trait LinuxEpochs {
     /// The tracker the guest's vCPU and table are set up for.
     fn tracker(&self) -> Mode;
-    /// The guest exited: whether its epoch ends here (before the next
-    /// entry).
-    fn exited(&mut self) -> bool;
+    /// The guest exited (its TSC reads `guest_tsc`): whether its epoch
+    /// ends here (before the next entry).
+    fn exited(&mut self, guest_tsc: u64) -> bool;
     /// Checkpoint `harvest`'s pages of `ram` and `context` (the machine as
     /// it resumes); `exits` were the epoch's tracking exits. What next.
     fn epoch_end(
@@ -510,8 +513,15 @@ fn boot_start(
                 return None;
             }
         },
-        (None, Replicate::Primary { epoch_exits }) => {
-            match LinuxPrimary::start(ram, offered, epoch_exits) {
+        (
+            None,
+            Replicate::Primary {
+                epoch_exits,
+                epoch_ms,
+            },
+        ) => {
+            let policy = Remus::linux(epoch_exits, epoch_ms, plan.tsc_khz);
+            match LinuxPrimary::start(ram, offered, policy) {
                 Ok(p) => Some(Box::new(p)),
                 Err(e) => {
                     log::error!("linux: primary: {e}");
@@ -639,7 +649,8 @@ where
             self.prepare_entry();
             let exit = self.vcpu.run();
             self.counts.count(&exit.kind, self.ram.bytes());
-            let epoch_due = self.replica.as_mut().is_some_and(|r| r.exited());
+            let gtsc = self.m.guest_tsc(rdtsc());
+            let epoch_due = self.replica.as_mut().is_some_and(|r| r.exited(gtsc));
             match self.dispatch(&exit) {
                 Next::Resume(rip) => self.vcpu.set_rip(rip),
                 Next::Retry => {}
