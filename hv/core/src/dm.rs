@@ -277,6 +277,26 @@ impl<M: SharedMem> DmLink<M> {
         taken
     }
 
+    /// The device model's half of an epoch end, around `stage` (which
+    /// checkpoints the harvest): quiesce the device model for `epoch`
+    /// (waiting with `wait`), OR its pages into `harvest`, `stage` with
+    /// both stopped (a consistent cut), then resume it, whatever `stage`
+    /// returned. What `stage` returned; a device model that does not
+    /// answer is [`DmError::NoAnswer`] and nothing is staged.
+    pub fn epoch_cut<R>(
+        &mut self,
+        epoch: u64,
+        harvest: &mut [u8],
+        wait: impl FnMut() -> bool,
+        stage: impl FnOnce(&[u8]) -> R,
+    ) -> Result<R, DmError> {
+        self.quiesce(epoch, wait)?;
+        self.take_dirty(harvest);
+        let staged = stage(harvest);
+        self.resume(epoch);
+        Ok(staged)
+    }
+
     /// Let the device model go on after epoch `epoch` (`resume = epoch +
     /// 1`, release: after everything staged).
     pub fn resume(&mut self, epoch: u64) {

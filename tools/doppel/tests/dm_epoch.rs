@@ -189,3 +189,47 @@ fn the_device_model_refuses_an_area_whose_bitmap_is_misplaced() {
         );
     }
 }
+
+#[test]
+fn the_checkpoint_is_staged_with_the_device_model_held_and_its_pages_in() {
+    let m = machine();
+    let mut link = m.publish(header());
+    // The device model answers in `wait` and is looked at in `stage`.
+    let area = std::cell::RefCell::new(m.area().unwrap());
+    let mut h = harvest();
+    h[0] = 0b100; // pfn 2, the tracker's
+    let staged = link
+        .epoch_cut(
+            9,
+            &mut h,
+            || {
+                let mut a = area.borrow_mut();
+                if let Some(e) = a.quiesce_requested() {
+                    a.answer_quiesce(e, [500]);
+                }
+                true
+            },
+            |staged| {
+                assert!(
+                    area.borrow().held(),
+                    "the device model is off guest RAM while staging"
+                );
+                pfns(staged)
+            },
+        )
+        .unwrap();
+    assert_eq!(staged, [2, 500], "staged with the device model's page");
+    assert!(!area.borrow().held(), "resumed after staging");
+    // Silent: nothing is staged.
+    let mut looks = 0;
+    let r = link.epoch_cut(
+        10,
+        &mut h,
+        || {
+            looks += 1;
+            looks < 5
+        },
+        |_| panic!("staged without the device model's answer"),
+    );
+    assert_eq!(r, Err(DmError::NoAnswer));
+}

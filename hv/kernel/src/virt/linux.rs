@@ -691,52 +691,36 @@ where
         };
         tracker.harvest(&mut self.table, &mut self.vcpu)?;
         let (exits, _) = tracker.take_counts();
-        // The device model's half of the cut: quiesced (no ioreq is in
-        // flight: the exit's emulation is complete), its pages in the
-        // harvest, off guest RAM until the checkpoint is staged.
-        let dm_epoch = self
-            .replica
-            .as_ref()
-            .and_then(|r| r.dm_epoch())
-            .filter(|_| self.dm.is_some());
-        if let Some(epoch) = dm_epoch {
-            self.dm_quiesce(epoch)?;
-        }
         let context = self.save_context(rdtsc())?;
         let (Some(tracker), Some(replica)) = (self.tracker.as_mut(), self.replica.as_mut()) else {
             return Err("an epoch end without a replica");
         };
-        let next = replica.epoch_end(tracker.harvested(), &self.ram, &context, exits);
-        if let (Some(epoch), Some(dm)) = (dm_epoch, self.dm.as_mut()) {
-            // Staged (or failed): the device model goes on either way.
-            dm.resume(epoch);
-        }
-        let next = next?;
+        let ram = &self.ram;
+        let next = match (replica.dm_epoch(), self.dm.as_mut()) {
+            // The device model's half of the cut: quiesced (no ioreq is
+            // in flight: the exit's emulation is complete), its pages in
+            // the harvest, off guest RAM while the checkpoint is staged.
+            (Some(epoch), Some(dm)) => {
+                let patience = u64::from(self.plan.tsc_khz) * 1000 * DM_PATIENCE_S;
+                let began = rdtsc();
+                let wait = || {
+                    core::hint::spin_loop();
+                    rdtsc().wrapping_sub(began) < patience
+                };
+                dm.epoch_cut(epoch, tracker.harvested_mut(), wait, |h| {
+                    replica.epoch_end(h, ram, &context, exits)
+                })
+                .map_err(|_| {
+                    "the device model did not answer the epoch's quiesce in time (is `doppel` serving the devices?)"
+                })??
+            }
+            _ => replica.epoch_end(tracker.harvested(), ram, &context, exits)?,
+        };
         if next == EpochNext::FailOver {
             return self.fail_over();
         }
         tracker.rearm(&mut self.table, &mut self.vcpu, next == EpochNext::Track)?;
         replica.resumed(rdtsc().wrapping_sub(stopped));
-        Ok(())
-    }
-
-    /// Ask the device model to end `epoch` and wait up to
-    /// [`DM_PATIENCE_S`] seconds for its answer; then OR the pages it
-    /// wrote into the tracker's harvest.
-    fn dm_quiesce(&mut self, epoch: u64) -> Result<(), &'static str> {
-        let (Some(dm), Some(tracker)) = (self.dm.as_mut(), self.tracker.as_mut()) else {
-            return Ok(());
-        };
-        let patience = u64::from(self.plan.tsc_khz) * 1000 * DM_PATIENCE_S;
-        let began = rdtsc();
-        dm.quiesce(epoch, || {
-            core::hint::spin_loop();
-            rdtsc().wrapping_sub(began) < patience
-        })
-        .map_err(|_| {
-            "the device model did not answer the epoch's quiesce in time (is `doppel` serving the devices?)"
-        })?;
-        dm.take_dirty(tracker.harvested_mut());
         Ok(())
     }
 
