@@ -34,6 +34,17 @@
 //! 511 apart. A buffered request's 20-bit `addr` is the offset of the
 //! access in the forwarded MMIO window (Xen's is a port or a legacy VGA
 //! address; ours are all in the window).
+//!
+//! The epoch handshake (version 2, issue 21): before the hypervisor stages
+//! the checkpoint of epoch E it writes `quiesce = E + 1` (release); the
+//! device model drains the buffered ring, seals E, ORs the guest pages it
+//! wrote itself since its last seal (DMA the hypervisor's tracker never
+//! sees) into the dirty bitmap after the buffered page, one bit per guest
+//! pfn, and publishes `quiesced = E + 1` (release). From then on it does
+//! not touch guest RAM until `resume == quiesced`: the hypervisor swaps the
+//! bitmap's words to zero into its harvest, stages, and writes
+//! `resume = E + 1` (release). The device model is held while
+//! `quiesced != resume` ([`dm_held`]).
 
 use crate::layout::layout_struct;
 use crate::SharedMem;
@@ -177,7 +188,7 @@ pub const PAGE: usize = 4096;
 /// "DOPPELDM" as a little-endian `u64`: the area header's first word.
 pub const DM_MAGIC: u64 = u64::from_le_bytes(*b"DOPPELDM");
 /// Version of this layout.
-pub const DM_VERSION: u32 = 1;
+pub const DM_VERSION: u32 = 2;
 /// Devices an area can declare at most.
 pub const MAX_DEVICES: usize = 8;
 
@@ -235,6 +246,18 @@ layout_struct! {
         /// model only: `(seq << 32) | gsi`. A new `seq` asks for one edge
         /// on `gsi`, which must be that device's.
         pub irq: [u64; MAX_DEVICES],
+        /// Offset in the area of the device model's dirty bitmap (page
+        /// aligned, after the buffered page) and its bytes (whole pages,
+        /// at least one bit per guest page: bit `p` = guest pfn `p`).
+        pub dirty_page: u64,
+        pub dirty_bytes: u64,
+        /// The epoch handshake, each word `epoch + 1` (0: never): the
+        /// hypervisor asks for the end of an epoch (`quiesce`), the device
+        /// model answers once sealed with its bits in the bitmap
+        /// (`quiesced`), the hypervisor lets it go on (`resume`).
+        pub quiesce: u64,
+        pub quiesced: u64,
+        pub resume: u64,
     }
 }
 
@@ -273,8 +296,60 @@ pub fn virtio_devices(kinds: &[u32]) -> impl Iterator<Item = DmDevice> + '_ {
 pub const HV_ALIVE_OFFSET: usize = core::mem::offset_of!(DmHeader, hv_alive);
 pub const DM_ALIVE_OFFSET: usize = core::mem::offset_of!(DmHeader, dm_alive);
 pub const IRQ_OFFSET: usize = core::mem::offset_of!(DmHeader, irq);
-/// Bytes of the whole area: header, ioreq page, buffered page.
-pub const DM_AREA_SIZE: u64 = 3 * PAGE as u64;
+/// Offsets of the epoch handshake's words.
+pub const QUIESCE_OFFSET: usize = core::mem::offset_of!(DmHeader, quiesce);
+pub const QUIESCED_OFFSET: usize = core::mem::offset_of!(DmHeader, quiesced);
+pub const RESUME_OFFSET: usize = core::mem::offset_of!(DmHeader, resume);
+const _: () = assert!(IRQ_OFFSET == 280);
+const _: () = assert!(core::mem::offset_of!(DmHeader, dirty_page) == 344);
+const _: () = assert!(core::mem::offset_of!(DmHeader, dirty_bytes) == 352);
+const _: () = assert!(QUIESCE_OFFSET == 360);
+const _: () = assert!(QUIESCED_OFFSET == 368);
+const _: () = assert!(RESUME_OFFSET == 376);
+const _: () = assert!(core::mem::size_of::<DmHeader>() == 384);
+
+/// Offset in the area of the dirty bitmap: right after the buffered page.
+pub const DM_DIRTY_PAGE: u64 = 3 * PAGE as u64;
+/// The smallest area: header, ioreq page, buffered page and one page of
+/// dirty bitmap.
+pub const DM_AREA_SIZE: u64 = DM_DIRTY_PAGE + PAGE as u64;
+
+/// Guest pages in `guest_ram_size` bytes (a partial page counts).
+pub const fn guest_pages(guest_ram_size: u64) -> u64 {
+    guest_ram_size.div_ceil(PAGE as u64)
+}
+
+/// Bytes of the dirty bitmap for `guest_ram_size` bytes of guest RAM:
+/// one bit per guest page, in whole pages (at least one).
+pub const fn dm_dirty_bytes(guest_ram_size: u64) -> u64 {
+    let b = guest_pages(guest_ram_size)
+        .div_ceil(8)
+        .next_multiple_of(PAGE as u64);
+    if b == 0 {
+        PAGE as u64
+    } else {
+        b
+    }
+}
+
+/// Bytes of the whole area for `guest_ram_size` bytes of guest RAM:
+/// header, ioreq page, buffered page, dirty bitmap.
+pub const fn dm_area_size(guest_ram_size: u64) -> u64 {
+    DM_DIRTY_PAGE + dm_dirty_bytes(guest_ram_size)
+}
+
+/// Where guest pfn `pfn`'s bit lies in the dirty bitmap: the byte offset
+/// of its 32-bit word from the bitmap's start, and its mask.
+pub const fn dirty_bit(pfn: u64) -> (usize, u32) {
+    (((pfn / 32) * 4) as usize, 1 << (pfn % 32))
+}
+
+/// Whether the device model is held (must not touch guest RAM) given the
+/// handshake words it reads: it answered a quiesce the hypervisor has not
+/// yet resumed.
+pub const fn dm_held(quiesced: u64, resume: u64) -> bool {
+    quiesced != resume
+}
 
 /// Where the device-model locator lies in the locator page: its second
 /// half (the first holds the replication control area's).
@@ -565,7 +640,7 @@ impl DmHeader {
             magic: DM_MAGIC,
             version: DM_VERSION,
             device_count: devices.len().min(MAX_DEVICES) as u32,
-            total_size: DM_AREA_SIZE,
+            total_size: dm_area_size(guest_ram_size),
             guest_ram_at,
             guest_ram_size,
             window_base,
@@ -576,6 +651,11 @@ impl DmHeader {
             dm_alive: 0,
             devices: d,
             irq: [0; MAX_DEVICES],
+            dirty_page: DM_DIRTY_PAGE,
+            dirty_bytes: dm_dirty_bytes(guest_ram_size),
+            quiesce: 0,
+            quiesced: 0,
+            resume: 0,
         }
     }
 
@@ -590,11 +670,25 @@ impl DmHeader {
         if self.version != DM_VERSION {
             return bad("a device-model area version this tool does not know");
         }
-        if self.total_size != DM_AREA_SIZE
-            || self.ioreq_page != PAGE as u64
-            || self.buffered_page != 2 * PAGE as u64
-        {
+        if self.ioreq_page != PAGE as u64 || self.buffered_page != 2 * PAGE as u64 {
             return bad("a device-model area layout this version does not define");
+        }
+        if self.dirty_page < DM_DIRTY_PAGE
+            || !self.dirty_page.is_multiple_of(PAGE as u64)
+            || !self.dirty_bytes.is_multiple_of(PAGE as u64)
+        {
+            return bad("a dirty bitmap that is not whole pages after the buffered page");
+        }
+        if self.dirty_bytes < guest_pages(self.guest_ram_size).div_ceil(8) {
+            return bad("a dirty bitmap with fewer bits than guest pages");
+        }
+        if self
+            .dirty_page
+            .checked_add(self.dirty_bytes)
+            .is_none_or(|end| end > self.total_size)
+            || !self.total_size.is_multiple_of(PAGE as u64)
+        {
+            return bad("a dirty bitmap beyond the area's total_size");
         }
         if self.window_size == 0
             || self.window_size > BUF_ADDR_LIMIT
@@ -832,16 +926,16 @@ mod tests {
     fn the_locator_places_the_area_only_where_the_hypervisor_can() {
         let len = 1 << 30;
         assert_eq!(
-            dm_locator_decode(dm_locator(0x20_0000, 0x3000), len, 0x8_0000),
-            Ok((0x20_0000, 0x3000))
+            dm_locator_decode(dm_locator(0x20_0000, 0x4000), len, 0x8_0000),
+            Ok((0x20_0000, 0x4000))
         );
         for words in [
-            [0, 0x20_0000, 0x3000],
-            dm_locator(0x20_0100, 0x3000),
-            dm_locator(0x20_0000, 0x2000),
-            dm_locator(len - 0x1000, 0x3000),
-            dm_locator(0x7_f000, 0x3000),
-            dm_locator(u64::MAX - 0xfff, 0x3000),
+            [0, 0x20_0000, 0x4000],
+            dm_locator(0x20_0100, 0x4000),
+            dm_locator(0x20_0000, 0x3000),
+            dm_locator(len - 0x1000, 0x4000),
+            dm_locator(0x7_f000, 0x4000),
+            dm_locator(u64::MAX - 0xfff, 0x4000),
         ] {
             assert!(
                 dm_locator_decode(words, len, 0x8_0000).is_err(),
@@ -874,14 +968,50 @@ mod tests {
     }
 
     #[test]
+    fn the_area_grows_with_guest_ram_one_bit_per_page() {
+        let h = header();
+        // 256 MiB: 65536 pages, 8 KiB of bits.
+        assert_eq!((h.dirty_page, h.dirty_bytes), (3 * 4096, 8192));
+        assert_eq!(h.total_size, 5 * 4096);
+        assert_eq!(
+            dm_area_size(4096),
+            DM_AREA_SIZE,
+            "one page of bits at least"
+        );
+        assert_eq!(dm_dirty_bytes((4096 * 8 + 1) * 4096), 2 * 4096);
+        assert_eq!(dirty_bit(0), (0, 1));
+        assert_eq!(dirty_bit(33), (4, 2));
+        assert!(dm_held(3, 2) && !dm_held(3, 3) && !dm_held(0, 0));
+        // A bigger bitmap in a bigger area is fine (the peer sized it).
+        let mut b = h;
+        b.dirty_bytes += PAGE as u64;
+        b.total_size += PAGE as u64;
+        assert_eq!(b.validate(), Ok(()));
+        // The guest grows past its bits: refused.
+        let mut b = h;
+        b.guest_ram_size *= 2;
+        assert!(b.validate().is_err());
+    }
+
+    #[test]
     fn a_header_validates_only_as_this_version_lays_it_out() {
         let h = header();
         assert_eq!(h.validate(), Ok(()));
         assert_eq!(h.device_at(0xd000_1070, 4), Some(1));
         assert_eq!(h.device_at(0xd000_01fe, 4), None, "runs past the registers");
-        let cases: [fn(&mut DmHeader); 8] = [
+        let cases: [fn(&mut DmHeader); 15] = [
             |h| h.magic = 0,
-            |h| h.version = 2,
+            |h| h.version = 1,
+            // The dirty bitmap over the header, the ioreq or the buffered
+            // page, misaligned, too small for the guest, past the area,
+            // or wrapping.
+            |h| h.dirty_page = 0,
+            |h| h.dirty_page = 2 * PAGE as u64,
+            |h| h.dirty_page += 8,
+            |h| h.dirty_bytes -= PAGE as u64,
+            |h| h.dirty_bytes += 1,
+            |h| h.total_size -= PAGE as u64,
+            |h| h.dirty_page = u64::MAX - 0xfff,
             |h| h.window_size = 2 << 20,
             |h| h.devices[1].base = 0xd000_0100,
             |h| h.devices[1].gsi = 5,

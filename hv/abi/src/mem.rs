@@ -45,6 +45,22 @@ pub trait SharedMem {
     fn store_u64(&self, offset: usize, value: u64) {
         self.write_bytes(offset, &value.to_le_bytes())
     }
+    /// Swap the `u32` at `offset` to zero and return what it held: one
+    /// atomic read-modify-write where the implementation has atomic words
+    /// (a bit the peer sets meanwhile is either returned or stays set). The
+    /// default loads and stores (for single-threaded test memory).
+    fn take_u32(&self, offset: usize) -> u32 {
+        let v = self.load_u32(offset);
+        self.store_u32(offset, 0);
+        v
+    }
+    /// OR `bits` into the `u32` at `offset`: one atomic read-modify-write
+    /// where the implementation has atomic words. The default loads and
+    /// stores.
+    fn or_u32(&self, offset: usize, bits: u32) {
+        let v = self.load_u32(offset);
+        self.store_u32(offset, v | bits);
+    }
     /// Hint that this side will soon write the `len` bytes at `offset`
     /// (and may read them first): an implementation over real memory can
     /// fetch their cache lines for ownership now, so that the read and the
@@ -88,6 +104,12 @@ impl<T: SharedMem + ?Sized> SharedMem for &T {
     }
     fn store_u64(&self, offset: usize, value: u64) {
         (**self).store_u64(offset, value)
+    }
+    fn take_u32(&self, offset: usize) -> u32 {
+        (**self).take_u32(offset)
+    }
+    fn or_u32(&self, offset: usize, bits: u32) {
+        (**self).or_u32(offset, bits)
     }
     fn prefetch_write(&self, offset: usize, len: usize) {
         (**self).prefetch_write(offset, len)
@@ -174,6 +196,16 @@ impl SharedMem for AtomicMem<'_> {
     fn store_u32(&self, offset: usize, value: u32) {
         debug_assert_eq!(offset % 4, 0);
         self.word(offset).store(value.to_le(), Ordering::Relaxed)
+    }
+
+    fn take_u32(&self, offset: usize) -> u32 {
+        debug_assert_eq!(offset % 4, 0);
+        u32::from_le(self.word(offset).swap(0, Ordering::Relaxed))
+    }
+
+    fn or_u32(&self, offset: usize, bits: u32) {
+        debug_assert_eq!(offset % 4, 0);
+        self.word(offset).fetch_or(bits.to_le(), Ordering::Relaxed);
     }
 
     fn read_bytes(&self, offset: usize, dst: &mut [u8]) {
@@ -288,6 +320,25 @@ impl SharedMem for AtomicMem64<'_> {
         self.merge(offset / 8, offset % 8, &value.to_le_bytes());
     }
 
+    fn take_u32(&self, offset: usize) -> u32 {
+        debug_assert_eq!(offset % 4, 0);
+        let i = offset % 8;
+        let mut m = [0u8; 8];
+        m[i..i + 4].fill(0xff);
+        let old = self.words[offset / 8]
+            .fetch_and(!u64::from_ne_bytes(m), Ordering::Relaxed)
+            .to_ne_bytes();
+        u32::from_le_bytes([old[i], old[i + 1], old[i + 2], old[i + 3]])
+    }
+
+    fn or_u32(&self, offset: usize, bits: u32) {
+        debug_assert_eq!(offset % 4, 0);
+        let i = offset % 8;
+        let mut b = [0u8; 8];
+        b[i..i + 4].copy_from_slice(&bits.to_le_bytes());
+        self.words[offset / 8].fetch_or(u64::from_ne_bytes(b), Ordering::Relaxed);
+    }
+
     fn read_bytes(&self, offset: usize, dst: &mut [u8]) {
         if offset.is_multiple_of(8) && dst.len().is_multiple_of(8) {
             // Ring entries: whole words, one load each.
@@ -381,6 +432,29 @@ mod tests {
     #[should_panic]
     fn byte_mem_panics_on_a_write_past_its_end() {
         ByteMem::new([0u8; 8]).write_bytes(6, b"abc");
+    }
+
+    #[test]
+    fn take_and_or_touch_only_their_word_everywhere() {
+        let b64: Vec<AtomicU64> = (0..4).map(|_| AtomicU64::new(0)).collect();
+        let b32 = buf(8);
+        let m64 = AtomicMem64::new(&b64);
+        let m32 = AtomicMem::new(&b32);
+        let bytes = ByteMem::new([0u8; 32]);
+        let mems: [&dyn SharedMem; 3] = [&m64, &m32, &bytes];
+        for m in mems {
+            m.store_u32(8, 0x0000_00f0);
+            m.store_u32(12, 0x1111_1111);
+            m.or_u32(8, 0x8000_0001);
+            m.or_u32(12, 0x0200_0000);
+            assert_eq!(m.load_u32(8), 0x8000_00f1);
+            assert_eq!(m.take_u32(12), 0x1311_1111);
+            assert_eq!((m.load_u32(8), m.load_u32(12)), (0x8000_00f1, 0));
+            assert_eq!(m.take_u32(8), 0x8000_00f1);
+            let mut back = [0u8; 32];
+            m.read_bytes(0, &mut back);
+            assert_eq!(back, [0u8; 32], "nothing left, nothing else written");
+        }
     }
 
     #[test]

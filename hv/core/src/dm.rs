@@ -7,9 +7,9 @@
 //! time-out).
 
 use doppel_abi::ioreq::{
-    self, buffered_push, irq_check, publish_slot, read_slot, slot_state, state, Access, BufIoreq,
-    BufWrite, DmHeader, IoreqError, DM_ALIVE_OFFSET, HV_ALIVE_OFFSET, IRQ_OFFSET, MAX_DEVICES,
-    PAGE, VIRTIO_QUEUE_NOTIFY,
+    self, buffered_push, dm_area_size, guest_pages, irq_check, publish_slot, read_slot, slot_state,
+    state, Access, BufIoreq, BufWrite, DmHeader, IoreqError, DM_ALIVE_OFFSET, HV_ALIVE_OFFSET,
+    IRQ_OFFSET, MAX_DEVICES, QUIESCED_OFFSET, QUIESCE_OFFSET, RESUME_OFFSET, VIRTIO_QUEUE_NOTIFY,
 };
 use doppel_abi::SharedMem;
 use zerocopy::IntoBytes;
@@ -44,6 +44,11 @@ pub struct DmStats {
     pub buffered: u64,
     pub irqs: u64,
     pub refused_irqs: u64,
+    /// Epoch handshakes answered, guest pages the device model reported
+    /// written, bits it set beyond the guest's pages (dropped).
+    pub quiesces: u64,
+    pub dm_dirty: u64,
+    pub refused_dirty: u64,
 }
 
 /// What to do with a guest access at `addr` in the window.
@@ -200,8 +205,105 @@ impl<M: SharedMem> DmLink<M> {
     }
 }
 
-/// Bytes of the area [`DmLink::publish`] needs.
-pub const AREA_BYTES: usize = 3 * PAGE;
+/// Bytes of the area [`DmLink::publish`] needs for `guest_ram_size` bytes
+/// of guest RAM (the dirty bitmap grows with it).
+pub const fn area_bytes(guest_ram_size: u64) -> usize {
+    dm_area_size(guest_ram_size) as usize
+}
+
+impl<M: SharedMem> DmLink<M> {
+    fn load_u64(&self, offset: usize) -> u64 {
+        let mut b = [0u8; 8];
+        self.mem.read_bytes(offset, &mut b);
+        self.mem.fence_acquire();
+        u64::from_le_bytes(b)
+    }
+
+    /// Ask the device model to end epoch `epoch` (`quiesce = epoch + 1`)
+    /// and wait for its answer (`quiesced = epoch + 1`: sealed, its pages
+    /// in the dirty bitmap, off guest RAM until [`DmLink::resume`]),
+    /// calling `wait` between looks while it returns true (false: give
+    /// up). The liveness word moves while it waits, as in
+    /// [`DmLink::access`].
+    pub fn quiesce(&mut self, epoch: u64, mut wait: impl FnMut() -> bool) -> Result<(), DmError> {
+        let want = epoch.wrapping_add(1);
+        self.mem.fence_release();
+        self.mem.store_u64(QUIESCE_OFFSET, want);
+        while self.load_u64(QUIESCED_OFFSET) != want {
+            self.beat();
+            if !wait() {
+                return Err(DmError::NoAnswer);
+            }
+        }
+        self.stats.quiesces += 1;
+        Ok(())
+    }
+
+    /// Move the device model's dirty bitmap into `harvest` (one bit per
+    /// guest pfn, Xen's layout): each of its words swapped to zero and
+    /// ORed in. Bits for pfns beyond the guest's pages or beyond
+    /// `harvest` are dropped and counted, never written. The guest pages
+    /// taken.
+    pub fn take_dirty(&mut self, harvest: &mut [u8]) -> u64 {
+        let pages = guest_pages(self.header.guest_ram_size).min(harvest.len() as u64 * 8);
+        let at = self.header.dirty_page as usize;
+        let words = (self.header.dirty_bytes / 4) as usize;
+        let mut taken = 0u64;
+        for w in 0..words {
+            if self.mem.load_u32(at + w * 4) == 0 {
+                continue;
+            }
+            let bits = self.mem.take_u32(at + w * 4);
+            let first = w as u64 * 32;
+            // The bits of this word that name guest pages.
+            let keep = match pages.saturating_sub(first) {
+                0 => 0,
+                n if n >= 32 => u32::MAX,
+                n => (1u32 << n) - 1,
+            };
+            self.stats.refused_dirty += u64::from((bits & !keep).count_ones());
+            let bits = bits & keep;
+            if bits == 0 {
+                continue;
+            }
+            taken += u64::from(bits.count_ones());
+            for (i, b) in bits.to_le_bytes().into_iter().enumerate() {
+                if let Some(h) = harvest.get_mut(w * 4 + i) {
+                    *h |= b;
+                }
+            }
+        }
+        self.stats.dm_dirty += taken;
+        taken
+    }
+
+    /// The device model's half of an epoch end, around `stage` (which
+    /// checkpoints the harvest): quiesce the device model for `epoch`
+    /// (waiting with `wait`), OR its pages into `harvest`, `stage` with
+    /// both stopped (a consistent cut), then resume it, whatever `stage`
+    /// returned. What `stage` returned; a device model that does not
+    /// answer is [`DmError::NoAnswer`] and nothing is staged.
+    pub fn epoch_cut<R>(
+        &mut self,
+        epoch: u64,
+        harvest: &mut [u8],
+        wait: impl FnMut() -> bool,
+        stage: impl FnOnce(&[u8]) -> R,
+    ) -> Result<R, DmError> {
+        self.quiesce(epoch, wait)?;
+        self.take_dirty(harvest);
+        let staged = stage(harvest);
+        self.resume(epoch);
+        Ok(staged)
+    }
+
+    /// Let the device model go on after epoch `epoch` (`resume = epoch +
+    /// 1`, release: after everything staged).
+    pub fn resume(&mut self, epoch: u64) {
+        self.mem.fence_release();
+        self.mem.store_u64(RESUME_OFFSET, epoch.wrapping_add(1));
+    }
+}
 
 #[cfg(test)]
 mod tests {
@@ -210,6 +312,7 @@ mod tests {
         buffered_pop, device, flag, irq_word, kind, virtio_devices, VIRTIO_WINDOW_BASE,
         VIRTIO_WINDOW_SIZE,
     };
+    use doppel_abi::ioreq::{dirty_bit, PAGE};
     use doppel_abi::ByteMem;
     use std::vec;
     use std::vec::Vec;
@@ -253,7 +356,7 @@ mod tests {
 
     #[test]
     fn a_read_is_answered_and_the_slot_is_free_again() {
-        let mem = ByteMem::new(vec![0u8; AREA_BYTES]);
+        let mem = ByteMem::new(vec![0u8; area_bytes(1 << 28)]);
         let mut l = link(&mem);
         assert!(DmHeader::validate(l.header()).is_ok());
         let v = l.access(read(0xD000_1070), || {
@@ -267,7 +370,7 @@ mod tests {
 
     #[test]
     fn a_changed_answer_or_silence_stops_with_the_reason() {
-        let mem = ByteMem::new(vec![0u8; AREA_BYTES]);
+        let mem = ByteMem::new(vec![0u8; area_bytes(1 << 28)]);
         let mut l = link(&mem);
         let r = l.access(read(0xD000_0070), || {
             answer(&mem, 1, |s| s.addr += 4);
@@ -282,7 +385,7 @@ mod tests {
         });
         assert_eq!(r, Err(DmError::NoAnswer));
         // Outside every device: never posted.
-        let mem2 = ByteMem::new(vec![0u8; AREA_BYTES]);
+        let mem2 = ByteMem::new(vec![0u8; area_bytes(1 << 28)]);
         let mut l2 = link(&mem2);
         assert_eq!(
             l2.access(read(0xD000_0300), || true),
@@ -293,7 +396,7 @@ mod tests {
 
     #[test]
     fn the_hypervisor_beats_while_it_waits_for_an_answer() {
-        let mem = ByteMem::new(vec![0u8; AREA_BYTES]);
+        let mem = ByteMem::new(vec![0u8; area_bytes(1 << 28)]);
         let mut l = link(&mem);
         let alive = |m: &Mem| {
             let mut b = [0u8; 8];
@@ -311,7 +414,7 @@ mod tests {
 
     #[test]
     fn a_slot_the_device_model_moved_is_refused() {
-        let mem = ByteMem::new(vec![0u8; AREA_BYTES]);
+        let mem = ByteMem::new(vec![0u8; area_bytes(1 << 28)]);
         let mut l = link(&mem);
         publish_slot(&mem, PAGE, &read(0xD000_0070).slot(state::IORESP_READY));
         assert_eq!(
@@ -322,7 +425,7 @@ mod tests {
 
     #[test]
     fn queue_notifies_go_buffered_and_arrive_in_order() {
-        let mem = ByteMem::new(vec![0u8; AREA_BYTES]);
+        let mem = ByteMem::new(vec![0u8; area_bytes(1 << 28)]);
         let mut l = link(&mem);
         let notify = 0xD000_1000 + VIRTIO_QUEUE_NOTIFY;
         assert_eq!(l.route(notify, 4, false), Route::Buffered);
@@ -345,7 +448,7 @@ mod tests {
 
     #[test]
     fn only_the_devices_own_gsi_is_raised() {
-        let mem = ByteMem::new(vec![0u8; AREA_BYTES]);
+        let mem = ByteMem::new(vec![0u8; area_bytes(1 << 28)]);
         let mut l = link(&mem);
         let mut got = Vec::new();
         let mut bad = Vec::new();
@@ -364,5 +467,94 @@ mod tests {
         l.interrupts(|g| got.push(g), |_| {});
         assert_eq!(got, [6]);
         assert_eq!((l.stats.irqs, l.stats.refused_irqs), (2, 2));
+    }
+
+    /// The device model's turn of the handshake, played inside `wait`:
+    /// once asked, set `pfns`' bits and answer.
+    fn dm_answers(mem: &Mem, pfns: &[u64]) {
+        let mut b = [0u8; 8];
+        mem.read_bytes(QUIESCE_OFFSET, &mut b);
+        let asked = u64::from_le_bytes(b);
+        if asked == 0 {
+            return;
+        }
+        for &p in pfns {
+            let (off, bit) = dirty_bit(p);
+            mem.or_u32(3 * PAGE + off, bit);
+        }
+        mem.store_u64(QUIESCED_OFFSET, asked);
+    }
+
+    #[test]
+    fn a_quiesce_waits_for_the_answer_and_the_bits_land_in_the_harvest() {
+        let mem = ByteMem::new(vec![0u8; area_bytes(1 << 28)]);
+        let mut l = link(&mem);
+        let mut looks = 0;
+        l.quiesce(6, || {
+            looks += 1;
+            if looks == 3 {
+                dm_answers(&mem, &[0, 9, 65535]);
+            }
+            true
+        })
+        .unwrap();
+        assert_eq!(looks, 3, "waited for the answer");
+        let mut harvest = vec![0u8; 65536 / 8];
+        harvest[0] = 0b10;
+        assert_eq!(l.take_dirty(&mut harvest), 3);
+        assert_eq!(harvest[0], 0b11);
+        assert_eq!(harvest[1], 0b10);
+        assert_eq!(harvest[8191], 0x80);
+        // Swapped to zero: taken once.
+        assert_eq!(l.take_dirty(&mut harvest), 0);
+        l.resume(6);
+        let mut b = [0u8; 8];
+        mem.read_bytes(RESUME_OFFSET, &mut b);
+        assert_eq!(u64::from_le_bytes(b), 7);
+        assert_eq!((l.stats.quiesces, l.stats.dm_dirty), (1, 3));
+    }
+
+    #[test]
+    fn a_silent_or_stale_device_model_is_no_answer() {
+        let mem = ByteMem::new(vec![0u8; area_bytes(1 << 28)]);
+        let mut l = link(&mem);
+        // An answer for another epoch is no answer.
+        mem.store_u64(QUIESCED_OFFSET, 5);
+        let mut patience = 10;
+        let r = l.quiesce(5, || {
+            patience -= 1;
+            patience > 0
+        });
+        assert_eq!(r, Err(DmError::NoAnswer));
+        let mut b = [0u8; 8];
+        mem.read_bytes(HV_ALIVE_OFFSET, &mut b);
+        assert!(u64::from_le_bytes(b) >= 9, "beat while waiting");
+    }
+
+    #[test]
+    fn bits_beyond_the_guest_never_reach_past_the_harvest() {
+        // A guest of 40 pages: 5 harvest bytes; the bitmap page holds
+        // 32768 bits.
+        let mem = ByteMem::new(vec![0u8; area_bytes(40 * 4096)]);
+        let devs: Vec<_> = virtio_devices(&[device::NET]).collect();
+        let h = DmHeader::new(0x1000_0000, 40 * 4096, VIRTIO_WINDOW_BASE, 1 << 20, &devs);
+        let mut l = DmLink::publish(&mem, h);
+        for w in 0..(PAGE / 4) {
+            mem.store_u32(3 * PAGE + w * 4, u32::MAX);
+        }
+        let mut harvest = vec![0u8; 5 + 3];
+        assert_eq!(l.take_dirty(&mut harvest[..5]), 40);
+        assert_eq!(harvest, [0xff, 0xff, 0xff, 0xff, 0xff, 0, 0, 0]);
+        assert_eq!(l.stats.refused_dirty, 32768 - 40);
+        // A harvest shorter than the guest: only what fits.
+        for w in 0..2 {
+            mem.store_u32(3 * PAGE + w * 4, u32::MAX);
+        }
+        let mut short = [0u8; 2];
+        assert_eq!(l.take_dirty(&mut short), 16);
+        assert_eq!(short, [0xff, 0xff]);
+        let mut rest = [0u8; 4];
+        mem.read_bytes(3 * PAGE, &mut rest);
+        assert_eq!(rest, [0; 4], "taken all the same");
     }
 }

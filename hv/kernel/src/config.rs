@@ -59,8 +59,10 @@
 //!   devices, in order, declared in its DSDT and served by `doppel run`
 //!   through the device-model area (`virt::devmodel`).
 //!   `replicate=primary` runs it as a replicated primary for `doppel
-//!   primary` (a checkpoint every `epoch-exits` exits, default 4000, each
-//!   with the whole machine's records); `replicate=standby` publishes a
+//!   primary` (a checkpoint every `epoch-exits` exits when given, else at
+//!   the first exit after every `epoch-ms=N` (1..=60000, default 25) ms
+//!   of guest time, each with the whole machine's records; with devices
+//!   the device model is quiesced at each epoch end); `replicate=standby` publishes a
 //!   standby area the backup tool fills and, at `Activate`, rebuilds the
 //!   machine from the committed records and runs Linux on from there.
 //!   With `tracker=wp|pml|ad` (test only) the Linux guest is replicated
@@ -208,6 +210,9 @@ pub struct Config {
     pub service: Service,
     pub keys: u32,
     pub epoch_exits: Option<u64>,
+    /// `mode=linux replicate=primary`: an epoch every this many ms of
+    /// guest time (when `epoch-exits` is not given; default 25).
+    pub epoch_ms: Option<u64>,
     /// `mode=linux`: the guest's TSC rate in kHz.
     pub tsc_khz: Option<u32>,
     /// `mode=linux`: save and rebuild the guest every this many exits.
@@ -234,6 +239,7 @@ impl Default for Config {
             service: Service::Workload,
             keys: 256,
             epoch_exits: None,
+            epoch_ms: None,
             tsc_khz: None,
             restore_every: None,
             guest_mem_given: false,
@@ -283,7 +289,7 @@ impl Config {
                 return Err(ConfigError::NotKeyValue(word));
             };
             let bad = ConfigError::BadValue { key, value };
-            const KEYS: [&str; 14] = [
+            const KEYS: [&str; 15] = [
                 "log",
                 "mode",
                 "epochs",
@@ -298,6 +304,7 @@ impl Config {
                 "tracker",
                 "devices",
                 "replicate",
+                "epoch-ms",
             ];
             let Some(i) = KEYS.iter().position(|k| *k == key) else {
                 return Err(ConfigError::UnknownKey(key));
@@ -380,6 +387,12 @@ impl Config {
                 "epoch-exits" => {
                     cfg.epoch_exits = match value.parse::<u64>() {
                         Ok(n) if (1..=10_000_000).contains(&n) => Some(n),
+                        _ => return Err(bad),
+                    };
+                }
+                "epoch-ms" => {
+                    cfg.epoch_ms = match value.parse::<u64>() {
+                        Ok(n) if (1..=60_000).contains(&n) => Some(n),
                         _ => return Err(bad),
                     };
                 }
@@ -555,6 +568,15 @@ mod tests {
             Replicate::Standby
         );
         assert_eq!(Config::default().replicate, Replicate::None);
+        let c = Config::parse("mode=linux replicate=primary epoch-ms=40").unwrap();
+        assert_eq!((c.epoch_ms, c.epoch_exits), (Some(40), None));
+        assert_eq!(Config::default().epoch_ms, None);
+        for bad in ["epoch-ms=0", "epoch-ms=60001", "epoch-ms=x"] {
+            assert!(
+                matches!(Config::parse(bad), Err(ConfigError::BadValue { .. })),
+                "{bad}"
+            );
+        }
         assert!(matches!(
             Config::parse("replicate=backup"),
             Err(ConfigError::BadValue { .. })

@@ -168,7 +168,8 @@ fn linux(info: &BootInfo<'_>, config: &Config, enabled: &mut virt::Enabled) -> b
         replicate: match config.replicate {
             doppel_kernel::config::Replicate::None => virt::linux::Replicate::None,
             doppel_kernel::config::Replicate::Primary => virt::linux::Replicate::Primary {
-                epoch_exits: config.epoch_exits.unwrap_or(LINUX_EPOCH_EXITS),
+                epoch_exits: config.epoch_exits,
+                epoch_ms: config.epoch_ms,
             },
             doppel_kernel::config::Replicate::Standby => virt::linux::Replicate::Standby,
         },

@@ -8,7 +8,7 @@ use core::sync::atomic::{AtomicU32, AtomicU64};
 
 use doppel_abi::ioreq::{dm_locator, DmDevice, DmHeader, DM_LOCATOR_OFFSET, DM_LOCATOR_WORDS};
 use doppel_abi::{AtomicMem, AtomicMem64};
-use doppel_core::dm::{DmLink, AREA_BYTES};
+use doppel_core::dm::{area_bytes, DmLink};
 use doppel_core::engine::control::publish_locator_words;
 
 use super::guest::GuestRam;
@@ -26,7 +26,7 @@ pub fn publish(
     window_size: u64,
     devices: &[DmDevice],
 ) -> Result<Link, &'static str> {
-    let size = AREA_BYTES as u64;
+    let size = area_bytes(ram.bytes()) as u64;
     let pa = frames::alloc_contiguous(size, 4096).ok_or("no memory for the device-model area")?;
     // SAFETY: `pa..pa+size` is fresh, zeroed, identity-mapped memory the
     // frame allocator gave us, page aligned and never freed (the area

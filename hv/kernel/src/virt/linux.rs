@@ -27,6 +27,7 @@ use doppel_abi::ByteMem;
 use doppel_core::addr::HostPhysAddr;
 use doppel_core::cpuid_policy::guest_cpuid;
 use doppel_core::dm::{DmError, Route};
+use doppel_core::engine::Remus;
 use doppel_core::exit::{exact_length, read_code, read_code_into, ExitKind, VmExit};
 use doppel_core::fault;
 use doppel_core::hvm::HeaderInfo;
@@ -84,9 +85,11 @@ pub struct LinuxPlan<'a> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Replicate {
     None,
-    /// A replicated primary: an epoch every `epoch_exits` exits.
+    /// A replicated primary: an epoch every `epoch_exits` exits when
+    /// given, else every `epoch_ms` ms of guest time (default 25).
     Primary {
-        epoch_exits: u64,
+        epoch_exits: Option<u64>,
+        epoch_ms: Option<u64>,
     },
     /// A standby: waits for `Activate`, then runs on from the committed
     /// whole-machine context.
@@ -102,9 +105,9 @@ pub enum Replicate {
 pub(super) trait LinuxEpochs {
     /// The tracker the guest's vCPU and table are set up for.
     fn tracker(&self) -> Mode;
-    /// The guest exited: whether its epoch ends here (before the next
-    /// entry).
-    fn exited(&mut self) -> bool;
+    /// The guest exited (its TSC reads `guest_tsc`): whether its epoch
+    /// ends here (before the next entry).
+    fn exited(&mut self, guest_tsc: u64) -> bool;
     /// Checkpoint `harvest`'s pages of `ram` and `context` (the machine as
     /// it resumes); `exits` were the epoch's tracking exits. What next.
     fn epoch_end(
@@ -118,6 +121,13 @@ pub(super) trait LinuxEpochs {
     /// as committed; the committed context to rebuild the machine from.
     fn fail_over(&mut self, _ram: &mut GuestRam) -> Result<Vec<u8>, &'static str> {
         Err("nothing to fail over to")
+    }
+    /// The epoch the coming [`LinuxEpochs::epoch_end`] checkpoints, when
+    /// it checkpoints one: the device model is quiesced for it and its
+    /// pages join the harvest. `None` (the default): no checkpoint, the
+    /// device model runs on (its pages wait in its bitmap).
+    fn dm_epoch(&self) -> Option<u64> {
+        None
     }
     /// The rebuilt machine's context, saved at the instant it was rebuilt.
     fn rebuilt(&mut self, _context: &[u8]) {}
@@ -316,6 +326,25 @@ where
         }
     };
     let devices: Vec<DmDevice> = ioreq::virtio_devices(plan.devices).collect();
+    let publish_dm = |ram: &GuestRam| {
+        devmodel::publish(
+            ram,
+            ioreq::VIRTIO_WINDOW_BASE,
+            ioreq::VIRTIO_WINDOW_SIZE,
+            &devices,
+        )
+        .map_err(|e| log::error!("linux: devices: {e}"))
+    };
+    // A standby with devices publishes its device-model area before it
+    // waits for Activate: the backup tool's device model restores the
+    // committed device state into it first.
+    let mut dm = None;
+    if plan.replicate == Replicate::Standby && !devices.is_empty() {
+        let Ok(l) = publish_dm(&ram) else {
+            return false;
+        };
+        dm = Some(l);
+    }
     let start = if plan.replicate == Replicate::Standby {
         standby_start(vendor, &ram, plan.tsc_khz)
     } else {
@@ -338,22 +367,12 @@ where
             return false;
         }
     };
-    let dm = if devices.is_empty() {
-        None
-    } else {
-        match devmodel::publish(
-            &ram,
-            ioreq::VIRTIO_WINDOW_BASE,
-            ioreq::VIRTIO_WINDOW_SIZE,
-            &devices,
-        ) {
-            Ok(l) => Some(l),
-            Err(e) => {
-                log::error!("linux: devices: {e}");
-                return false;
-            }
-        }
-    };
+    if dm.is_none() && !devices.is_empty() {
+        let Ok(l) = publish_dm(&ram) else {
+            return false;
+        };
+        dm = Some(l);
+    }
     let mut vcpu = match make(&cpu, table.root(), mode) {
         Ok(v) => v,
         Err(e) => {
@@ -494,8 +513,15 @@ fn boot_start(
                 return None;
             }
         },
-        (None, Replicate::Primary { epoch_exits }) => {
-            match LinuxPrimary::start(ram, offered, epoch_exits) {
+        (
+            None,
+            Replicate::Primary {
+                epoch_exits,
+                epoch_ms,
+            },
+        ) => {
+            let policy = Remus::linux(epoch_exits, epoch_ms, plan.tsc_khz);
+            match LinuxPrimary::start(ram, offered, policy) {
                 Ok(p) => Some(Box::new(p)),
                 Err(e) => {
                     log::error!("linux: primary: {e}");
@@ -623,7 +649,8 @@ where
             self.prepare_entry();
             let exit = self.vcpu.run();
             self.counts.count(&exit.kind, self.ram.bytes());
-            let epoch_due = self.replica.as_mut().is_some_and(|r| r.exited());
+            let gtsc = self.m.guest_tsc(rdtsc());
+            let epoch_due = self.replica.as_mut().is_some_and(|r| r.exited(gtsc));
             match self.dispatch(&exit) {
                 Next::Resume(rip) => self.vcpu.set_rip(rip),
                 Next::Retry => {}
@@ -668,7 +695,27 @@ where
         let (Some(tracker), Some(replica)) = (self.tracker.as_mut(), self.replica.as_mut()) else {
             return Err("an epoch end without a replica");
         };
-        let next = replica.epoch_end(tracker.harvested(), &self.ram, &context, exits)?;
+        let ram = &self.ram;
+        let next = match (replica.dm_epoch(), self.dm.as_mut()) {
+            // The device model's half of the cut: quiesced (no ioreq is
+            // in flight: the exit's emulation is complete), its pages in
+            // the harvest, off guest RAM while the checkpoint is staged.
+            (Some(epoch), Some(dm)) => {
+                let patience = u64::from(self.plan.tsc_khz) * 1000 * DM_PATIENCE_S;
+                let began = rdtsc();
+                let wait = || {
+                    core::hint::spin_loop();
+                    rdtsc().wrapping_sub(began) < patience
+                };
+                dm.epoch_cut(epoch, tracker.harvested_mut(), wait, |h| {
+                    replica.epoch_end(h, ram, &context, exits)
+                })
+                .map_err(|_| {
+                    "the device model did not answer the epoch's quiesce in time (is `doppel` serving the devices?)"
+                })??
+            }
+            _ => replica.epoch_end(tracker.harvested(), ram, &context, exits)?,
+        };
         if next == EpochNext::FailOver {
             return self.fail_over();
         }

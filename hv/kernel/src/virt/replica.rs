@@ -373,13 +373,13 @@ impl LinuxEpochs for LinuxReplica {
 
     /// The guest exited: whether its epoch ends here (before the next
     /// entry). Never after the failover (the guest runs unprotected).
-    fn exited(&mut self) -> bool {
+    fn exited(&mut self, guest_tsc: u64) -> bool {
         if self.failover != Failover::NotYet {
             self.bind.engine.beat();
             return false;
         }
         // The engine's epoch policy decides, as for every replicated guest.
-        self.bind.exit_ends_epoch()
+        self.bind.exit_ends_epoch(guest_tsc)
     }
 
     /// An epoch ended with the guest stopped: checkpoint `harvest`'s pages

@@ -237,6 +237,9 @@ pub(super) struct Binding {
     /// The Linux guest's exits since its last epoch end
     /// ([`Binding::exit_ends_epoch`]).
     exits: u64,
+    /// The guest TSC at the Linux guest's first exit since its last epoch
+    /// end (`None`: none yet).
+    began: Option<u64>,
 }
 
 /// The whole control area as 32-bit words (header, rings, channels) and
@@ -261,9 +264,13 @@ impl Binding {
             engine,
             pa,
             size,
-            policy: Remus { epoch_exits },
+            policy: Remus {
+                epoch_exits,
+                epoch_ticks: None,
+            },
             views,
             exits: 0,
+            began: None,
         })
     }
 }
@@ -340,13 +347,16 @@ impl Binding {
     /// The Linux guest exited (its run loop counts here, not through
     /// [`EpochSink`]): the hypervisor is alive, and whether the engine's
     /// epoch policy ends the epoch at this exit.
-    pub(super) fn exit_ends_epoch(&mut self) -> bool {
+    /// `guest_tsc` is the guest's TSC at the exit.
+    pub(super) fn exit_ends_epoch(&mut self, guest_tsc: u64) -> bool {
         self.engine.beat();
         self.exits += 1;
+        let began = *self.began.get_or_insert(guest_tsc);
         self.epoch_due(&EpochClock {
             timer_fired: false,
             exits: self.exits,
             first: false,
+            guest_ticks: guest_tsc.saturating_sub(began),
         })
     }
 }
@@ -374,6 +384,7 @@ impl Binding {
         exits: u64,
     ) -> Result<(), &'static str> {
         self.exits = 0;
+        self.began = None;
         self.engine.beat();
         if self.engine.role() == Role::Standby {
             // An activated standby runs unreplicated: nothing to stage.
@@ -476,9 +487,10 @@ impl LinuxPrimary {
     pub(super) fn start(
         ram: &GuestRam,
         offered: &[LogDirtyMode],
-        epoch_exits: u64,
+        policy: Remus,
     ) -> Result<Self, &'static str> {
-        let mut bind = Binding::publish(ram, Role::Workload, Some(epoch_exits.max(1)))?;
+        let mut bind = Binding::publish(ram, Role::Workload, None)?;
+        bind.policy = policy;
         bind.engine.offer_modes(offered);
         log::info!(
             "primary: control area at {:#x} ({} bytes), guest RAM at {:#x} ({} bytes), the Linux guest; waiting for the dom0 tool",
@@ -490,10 +502,30 @@ impl LinuxPrimary {
         bind.engine.wait_enabled(core::hint::spin_loop)?;
         let mode = tracker(bind.engine.log_dirty_mode());
         log::info!(
-            "primary: log-dirty enabled by the tool (mode={}); Linux starts, an epoch every {epoch_exits} exits",
-            mode.name()
+            "primary: log-dirty enabled by the tool (mode={}); Linux starts, {}",
+            mode.name(),
+            EpochEvery(policy)
         );
         Ok(Self { bind, mode })
+    }
+}
+
+/// The Linux primary's epoch policy, as its log line names it.
+struct EpochEvery(Remus);
+
+impl core::fmt::Display for EpochEvery {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self.0 {
+            Remus {
+                epoch_exits: Some(n),
+                ..
+            } => write!(f, "an epoch every {n} exits"),
+            Remus {
+                epoch_ticks: Some(t),
+                ..
+            } => write!(f, "an epoch every {t} guest TSC ticks (epoch-ms)"),
+            _ => write!(f, "epochs on the timer"),
+        }
     }
 }
 
@@ -502,8 +534,13 @@ impl super::linux::LinuxEpochs for LinuxPrimary {
         self.mode
     }
 
-    fn exited(&mut self) -> bool {
-        self.bind.exit_ends_epoch()
+    fn exited(&mut self, guest_tsc: u64) -> bool {
+        self.bind.exit_ends_epoch(guest_tsc)
+    }
+
+    fn dm_epoch(&self) -> Option<u64> {
+        let e = &self.bind.engine;
+        e.replicating().then(|| e.next_epoch())
     }
 
     fn epoch_end(
@@ -579,7 +616,7 @@ impl super::linux::LinuxEpochs for LinuxActivated {
         Mode::WriteProtect
     }
 
-    fn exited(&mut self) -> bool {
+    fn exited(&mut self, _guest_tsc: u64) -> bool {
         self.bind.engine.beat();
         false
     }

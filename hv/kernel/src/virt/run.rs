@@ -368,6 +368,7 @@ impl<'a, E: NestedEntry, V: Vcpu, S: EpochSink> Run<'a, E, V, S> {
                 timer_fired: self.timer_due,
                 exits: self.epoch_exit_count,
                 first: false,
+                guest_ticks: 0,
             })
     }
 

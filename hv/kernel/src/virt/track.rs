@@ -81,6 +81,12 @@ impl Tracker {
         &self.harvest
     }
 
+    /// The last harvest, for pages written behind the tracker's back (the
+    /// device model's) to join it.
+    pub fn harvested_mut(&mut self) -> &mut [u8] {
+        &mut self.harvest
+    }
+
     /// OR `union` (harvests of earlier tracking epochs) into the harvest,
     /// and empty it.
     pub fn absorb(&mut self, union: &mut [u8]) {

@@ -11,8 +11,9 @@ use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 
 use doppel_abi::ioreq::{
-    dm_locator_decode, irq_word, BufWrite, DmHeader, IoreqError, DM_ALIVE_OFFSET, DM_LOCATOR_MAGIC,
-    DM_LOCATOR_OFFSET, DM_LOCATOR_WORDS, HV_ALIVE_OFFSET, IRQ_OFFSET, MAX_DEVICES, PAGE,
+    dirty_bit, dm_held, dm_locator_decode, guest_pages, irq_word, BufWrite, DmHeader, IoreqError,
+    DM_ALIVE_OFFSET, DM_LOCATOR_MAGIC, DM_LOCATOR_OFFSET, DM_LOCATOR_WORDS, HV_ALIVE_OFFSET,
+    IRQ_OFFSET, MAX_DEVICES, PAGE, QUIESCED_OFFSET, QUIESCE_OFFSET, RESUME_OFFSET,
 };
 use doppel_abi::locator::LOCATOR_AT;
 use doppel_abi::{AtomicMem64, SharedMem};
@@ -265,5 +266,43 @@ impl Area {
     /// The window offset of a buffered write as a guest-physical address.
     pub fn buffered_addr(&self, w: &BufWrite) -> u64 {
         self.header.window_base + u64::from(w.offset)
+    }
+
+    /// The epoch the hypervisor asks the device model to end: `Some(E)`
+    /// when `quiesce = E + 1` and the device model has not answered it.
+    pub fn quiesce_requested(&self) -> Option<u64> {
+        let asked = self.load_u64(QUIESCE_OFFSET);
+        (asked != 0 && asked != self.load_u64(QUIESCED_OFFSET)).then(|| asked - 1)
+    }
+
+    /// Answer the hypervisor's quiesce of `epoch` (sealed): the bits of
+    /// `pfns` (the guest pages the device model wrote since its last
+    /// seal) ORed into the dirty bitmap, then, after a release fence,
+    /// `quiesced = epoch + 1`. From then on the device model is
+    /// [`Area::held`] until the hypervisor resumes it. A pfn beyond guest
+    /// RAM is dropped; how many were is returned.
+    pub fn answer_quiesce(&mut self, epoch: u64, pfns: impl IntoIterator<Item = u64>) -> u64 {
+        let pages = guest_pages(self.header.guest_ram_size);
+        let at = self.header.dirty_page as usize;
+        let mem = self.mem();
+        let mut dropped = 0;
+        for pfn in pfns {
+            if pfn >= pages {
+                dropped += 1;
+                continue;
+            }
+            let (off, bit) = dirty_bit(pfn);
+            mem.or_u32(at + off, bit);
+        }
+        mem.fence_release();
+        mem.store_u64(QUIESCED_OFFSET, epoch.wrapping_add(1));
+        dropped
+    }
+
+    /// Whether the device model is held: it answered a quiesce the
+    /// hypervisor has not resumed yet. It must not touch guest RAM then
+    /// (it still beats its liveness word).
+    pub fn held(&self) -> bool {
+        dm_held(self.load_u64(QUIESCED_OFFSET), self.load_u64(RESUME_OFFSET))
     }
 }
