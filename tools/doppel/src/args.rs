@@ -73,6 +73,21 @@ pub struct PrimaryArgs {
     #[arg(long, default_value_t = 200, value_name = "MS", conflicts_with = "record",
           value_parser = clap::value_parser!(u64).range(1..=60_000))]
     pub(crate) heartbeat_ms: u64,
+    /// Serve the machine's virtio-net device (a Linux guest booted with
+    /// `mode=linux devices=net,...`) from TAP device NAME, already created
+    /// and on the guest network's bridge, its NIC with MAC. Under
+    /// replication the frames the guest transmits are held until their
+    /// epoch commits on the backup (output commit); the backup runs
+    /// `doppel backup --net` with its own TAP and the same MAC.
+    #[arg(long, value_name = "tap=NAME,mac=MAC", value_parser = doppel::dm::parse_net,
+          conflicts_with = "record")]
+    pub(crate) net: Option<doppel::dm::NetSpec>,
+    /// Serve the machine's virtio-blk device from this file. Every write
+    /// is applied here at once and shipped in its epoch; the backup
+    /// applies it to its copy (`doppel backup --disk`) only when the
+    /// epoch commits. The first epoch carries the whole disk.
+    #[arg(long, value_name = "PATH", conflicts_with = "record")]
+    pub(crate) disk: Option<PathBuf>,
     #[command(flatten)]
     pub(crate) witness: crate::witness_cli::WitnessArgs,
     #[command(flatten)]
@@ -139,6 +154,16 @@ pub struct BackupArgs {
     /// not activated.
     #[arg(long, value_name = "FILE", requires = "standby_ram")]
     pub(crate) disk: Option<PathBuf>,
+    /// With --standby-ram: at failover, serve the standby's virtio-net
+    /// device from TAP device NAME (on the same bridge as the primary's,
+    /// down until then) with the primary's MAC. The device model is
+    /// rebuilt from the last committed epoch's device state (with the
+    /// disk copy of --disk behind its virtio-blk), announces the MAC
+    /// (RARP, as after a migration) so the bridge sends the guest's
+    /// traffic here, and only then is the standby activated.
+    #[arg(long, value_name = "tap=NAME,mac=MAC", value_parser = doppel::dm::parse_net,
+          requires = "standby_ram")]
+    pub(crate) net: Option<doppel::dm::NetSpec>,
     /// With --standby-ram: seconds to wait for the standby's control area.
     #[arg(long, default_value_t = 60, value_name = "SECS", value_parser = secs_u64(),
           conflicts_with = "replica")]

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use doppel::backup::{self, ReceiveError};
 use doppel::bridge::{self, BridgeStats};
+use doppel::dm::{self, DeviceModel};
 use doppel::primary::PrimaryConfig;
 use doppel::replica::{Replica, ReplicaError};
 use doppel::standby::Standby;
@@ -295,12 +296,25 @@ pub(crate) fn standby_backup(a: BackupArgs) -> Res {
     tel.set_peer(None);
     tel.set_state(State::Waiting);
     let gate = crate::witness_cli::backup_take(witness.as_mut());
+    // The devices first: restored from the committed epoch's state into
+    // the standby's device-model area, the MAC announced on this side's
+    // TAP; they serve once the standby runs.
+    let devices = restore_devices(&a, path, &standby, wait)?;
     let (epoch, activated) = standby
         .activate_attached(cfg)
         .map_err(|e| (e.to_string(), INVALID))?;
     println!(
         "failover: primary lost ({reason}) after epoch {last}; standby activated from committed epoch {epoch}"
     );
+    let _devices = devices.map(|dm| {
+        std::thread::spawn(move || {
+            let mut dm = dm;
+            let never = AtomicBool::new(false);
+            let why = dm.serve(&never, Duration::from_secs(5));
+            println!("{}", dm.stats());
+            tracing::info!("devices: stopped ({why:?})");
+        })
+    });
     let _ = std::io::stdout().flush();
     tel.failover(epoch, &reason);
     if let Some(then) = then {
@@ -348,4 +362,39 @@ fn open_disk(p: &std::path::Path) -> Result<backup::DiskCopy, (String, u8)> {
     }
     tracing::info!("disk copy {} ({} bytes)", p.display(), d.size());
     Ok(d)
+}
+
+/// `--net`/`--disk` at failover: the device model rebuilt from the last
+/// committed epoch's device state over the standby's device-model area,
+/// this side's TAP (same MAC) announced; `None` without them.
+fn restore_devices(
+    a: &BackupArgs,
+    path: &std::path::Path,
+    standby: &Standby<'_>,
+    wait: Duration,
+) -> Result<Option<DeviceModel>, (String, u8)> {
+    if a.net.is_none() && a.disk.is_none() {
+        return Ok(None);
+    }
+    let blob = standby.committed_device_state().ok_or((
+        "--net/--disk: the primary committed no device state (was it run with --net/--disk?); \
+         the standby is not activated"
+            .to_string(),
+        INVALID,
+    ))?;
+    let ram = open_machine_waiting(path, wait)?;
+    let never = AtomicBool::new(false);
+    let fail = |e: dm::DmError| (format!("devices: {e}"), INVALID);
+    let area = dm::wait_for_area(ram, wait, Duration::from_secs(5), &never).map_err(fail)?;
+    let backends = dm::Backends {
+        net: a.net.clone(),
+        disk: a.disk.clone(),
+    };
+    let mut model = DeviceModel::restore(area, &backends, blob).map_err(fail)?;
+    model.announce();
+    tracing::info!(
+        "devices: restored from the committed device state ({} bytes); MAC announced",
+        blob.len()
+    );
+    Ok(Some(model))
 }

@@ -7,6 +7,7 @@ pub mod ack;
 pub mod backup;
 pub mod bridge;
 pub mod client;
+pub mod devices;
 pub mod dm;
 pub mod epoch;
 pub mod figures;

@@ -230,6 +230,11 @@ pub struct EpochReport {
     pub lag: Duration,
 }
 
+/// Disk writes as the stream writer takes them.
+fn as_pairs(v: &[crate::stream::DiskWrite]) -> Vec<(u64, &[u8])> {
+    v.iter().map(|x| (x.offset, x.data.as_slice())).collect()
+}
+
 /// A stream write error of `epoch` as a [`PrimaryError`].
 fn send(epoch: u64) -> impl Fn(std::io::Error) -> PrimaryError {
     move |source| PrimaryError::Send { epoch, source }
@@ -613,6 +618,10 @@ pub struct Primary<'m> {
     /// Every guest page as of the last checkpoint taken
     /// ([`Primary::keep_mirror`]): what a new backup's epoch 0 carries.
     mirror: Option<Vec<u8>>,
+    /// The guest's device model, when this tool serves its devices
+    /// (`--net`, `--disk`): its sealed state and disk writes ride in each
+    /// checkpoint, its held frames go out at each commit.
+    devices: Option<Arc<dyn crate::devices::EpochDevices>>,
 }
 
 fn ring(ring: &'static str) -> impl Fn(RingError) -> PrimaryError {
@@ -769,6 +778,7 @@ impl<'m> Primary<'m> {
             pending: None,
             taken: None,
             mirror: None,
+            devices: None,
         })
     }
 
@@ -812,6 +822,12 @@ impl<'m> Primary<'m> {
     /// The control area in use.
     pub fn control(&self) -> &Control {
         &self.ctl
+    }
+
+    /// Replicate the guest's devices too: `devices` is the device model
+    /// this tool runs for the machine (doppel::devices).
+    pub fn set_devices(&mut self, devices: Arc<dyn crate::devices::EpochDevices>) {
+        self.devices = Some(devices);
     }
 
     /// Keep a copy of every guest page as of the last checkpoint taken,
@@ -1097,6 +1113,10 @@ impl<'m> Primary<'m> {
         self.ack_event(kind, seq, epoch, Ok(()));
         self.expect_done(Command::CommitEpoch { epoch }, "CommitEpoch")?;
         self.next_epoch = epoch + 1;
+        if let Some(d) = &self.devices {
+            // The epoch's transmitted frames may be seen now.
+            d.committed(epoch);
+        }
         let (lag, pages) = self
             .taken
             .take()
@@ -1196,16 +1216,20 @@ impl<'m> Primary<'m> {
                 xlz4: out.xlz4.is_some(),
                 ack: acked.then(|| sent.elapsed()),
             });
+            // Frames held when the epoch is released: those of the epochs
+            // still in flight (the one just released goes out now).
+            let held = self.devices.as_ref().map(|d| d.held_frames());
             self.release()?;
             sum.add(&report);
             tracing::info!(
                 "epoch {epoch}: {} pages, page bytes raw {} wire {} \
-                 (ratio {:.2}), stream {} bytes",
+                 (ratio {:.2}), stream {} bytes{}",
                 report.pages,
                 report.page_raw,
                 report.page_wire,
                 report.page_raw as f64 / report.page_wire.max(1) as f64,
-                report.bytes
+                report.bytes,
+                held.map_or(String::new(), |h| format!(", held_frames={h}"))
             );
             report.lag = t0.elapsed();
             progress(&report);
@@ -1267,6 +1291,23 @@ impl<'m> Primary<'m> {
         let page_wire = out.writer.bytes() - before;
         let page_raw = (batch.len() * PAGE) as u64;
         drop(batch);
+        if let Some(d) = &self.devices {
+            let bad = |detail: String| PrimaryError::BadCheckpoint {
+                epoch: hv_epoch,
+                detail,
+            };
+            let sealed = d.sealed(hv_epoch, self.cfg.reply_timeout).map_err(bad)?;
+            let w = &mut out.writer;
+            if epoch == 0 {
+                // A new stream session: the backup's disk copy is synced
+                // whole first, then this epoch's writes (again) on top.
+                let whole = d.whole_disk().map_err(bad)?;
+                w.disk_writes(&as_pairs(&whole)).map_err(send(epoch))?;
+            }
+            w.disk_writes(&as_pairs(&sealed.disk))
+                .and_then(|_| w.device_state(&sealed.state))
+                .map_err(send(epoch))?;
+        }
         let w = &mut out.writer;
         w.tsc_info(tsc)
             .and_then(|_| w.hvm_context(&self.blob))

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use doppel::bridge::{self, BridgeStats};
+use doppel::devices::DeviceThread;
 use doppel::primary::{Output, Primary};
 use doppel::protect::{self, ProtectOpts};
 use doppel::telemetry::{self, Role, State};
@@ -33,12 +34,39 @@ pub fn primary(a: PrimaryArgs) -> Res {
     let (mut witness, gate) = crate::witness_cli::primary_acquire(&a.witness)?.unzip();
     let mut cfg = a.primary_config(Some(stop_flag));
     cfg.gate = gate;
-    let p = Primary::attach(&m, ctl, cfg).map_err(|e| (e.to_string(), e.exit_code()))?;
+    let mut p = Primary::attach(&m, ctl, cfg).map_err(|e| (e.to_string(), e.exit_code()))?;
+    // The guest's devices, served from a thread of this tool once the
+    // hypervisor publishes their area (it may do so only after log-dirty
+    // is on: the Linux guest starts then).
+    let devices = (a.net.is_some() || a.disk.is_some())
+        .then(|| {
+            let ram = open_machine_waiting(&a.machine_ram, wait)?;
+            let backends = doppel::dm::Backends {
+                net: a.net.clone(),
+                disk: a.disk.clone(),
+            };
+            Ok::<_, (String, u8)>(std::sync::Arc::new(DeviceThread::start(
+                ram,
+                backends,
+                wait,
+                Duration::from_secs(5),
+            )))
+        })
+        .transpose()?;
+    if let Some(d) = &devices {
+        p.set_devices(d.clone());
+    }
     let clients = match &a.serve_clients {
         Some(addr) => Some(client_side(&m, &ctl, addr, false)?),
         None => None,
     };
     let r = protect_attached(&a, p, clients, tls.map(std::sync::Arc::new));
+    if let Some(d) = devices {
+        println!("{}", d.stats());
+        if let Some(why) = d.failed() {
+            tracing::warn!("devices: {why}");
+        }
+    }
     // Nothing more is released by this side (bridge stopped, no commit
     // follows): give the key up so a backup need not wait for the TTL.
     if let Some(w) = &mut witness {

@@ -1382,3 +1382,70 @@ fn replicated_frames_leave_only_when_their_epoch_commits_and_the_backup_announce
     .join()
     .unwrap();
 }
+
+/// The guest pfns set in a harvest bitmap.
+fn harvest_pfns(h: &[u8]) -> Vec<u64> {
+    (0..h.len() as u64 * 8)
+        .filter(|p| h[(p / 8) as usize] & (1 << (p % 8)) != 0)
+        .collect()
+}
+
+/// The hypervisor's epoch end as the run loop does it, against the device
+/// model's own loop (`step`): the quiesce seals the epoch with the disk
+/// write made in it, the pages the device model wrote reach the harvest,
+/// nothing is served while the checkpoint is staged, and after the resume
+/// the device serves again.
+#[test]
+fn a_quiesce_seals_the_epoch_through_step_and_the_device_model_waits_for_the_resume() {
+    let m = Machine::new();
+    let (_dd, _path, mut d) = replicated_blk(&m, 64 * 1024);
+    // The set-up's epoch, sealed and committed out of the way.
+    d.dm.seal_epoch(0);
+    assert!(d.dm.take_sealed(0).is_some());
+    d.dm.commit(0);
+
+    d.m.write(DATA, &[0x5a; 512]);
+    assert_eq!(blk_req(&mut d, BLK_OUT, 3, 512), (S_OK, 1));
+    let Drv { link, dm, .. } = &mut d;
+    let mut looks = 0;
+    link.quiesce(1, || {
+        looks += 1;
+        dm.step();
+        looks < 100
+    })
+    .unwrap();
+    // Held: the device model serves nothing until the resume.
+    assert!(!d.dm.step());
+    let mut h = vec![0u8; (GUEST_BYTES / PAGE / 8) as usize];
+    d.link.take_dirty(&mut h);
+    assert_eq!(harvest_pfns(&h), vec![STAT / PAGE, (RINGS + 0x200) / PAGE]);
+    let (state, disk) = d.dm.take_sealed(1).expect("epoch 1 sealed by the quiesce");
+    assert_eq!(
+        disk,
+        vec![DiskWrite {
+            offset: 3 * 512,
+            data: vec![0x5a; 512]
+        }]
+    );
+    assert_eq!(state, d.dm.state());
+    d.link.resume(1);
+    assert_eq!(blk_req(&mut d, BLK_IN, 3, 512), (S_OK, 513));
+    assert_eq!(d.m.read(DATA, 512), vec![0x5a; 512]);
+}
+
+/// `doppel run` replicates nothing: asked to seal an epoch it does not
+/// answer, and the hypervisor gives up on it (and stops the guest).
+#[test]
+fn an_unreplicated_device_model_never_answers_a_quiesce() {
+    let m = Machine::new();
+    let (_dd, _path, mut d) = blk_driver(&m, 64 * 1024);
+    d.setup(VERSION_1, 1, RINGS);
+    let Drv { link, dm, .. } = &mut d;
+    let mut looks = 0;
+    let r = link.quiesce(0, || {
+        looks += 1;
+        dm.step();
+        looks < 50
+    });
+    assert_eq!(r, Err(doppel_core::dm::DmError::NoAnswer));
+}

@@ -63,6 +63,23 @@ impl Blk {
         self.log.as_mut().map(std::mem::take).unwrap_or_default()
     }
 
+    /// The whole disk as writes of at most `chunk` bytes (whole
+    /// sectors), in order: a backup's initial sync.
+    pub fn whole(&mut self, chunk: usize) -> std::io::Result<Vec<DiskWrite>> {
+        use std::os::unix::fs::FileExt;
+        let chunk = (chunk as u64 / SECTOR).max(1) * SECTOR;
+        let mut out = Vec::new();
+        let mut at = 0;
+        while at < self.size {
+            let n = chunk.min(self.size - at);
+            let mut data = vec![0; n as usize];
+            self.file.read_exact_at(&mut data, at)?;
+            out.push(DiskWrite { offset: at, data });
+            at += n;
+        }
+        Ok(out)
+    }
+
     pub fn features(&self) -> u64 {
         FEATURES
     }

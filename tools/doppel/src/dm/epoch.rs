@@ -13,12 +13,9 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MmapRegion};
 use super::mmio::Backend;
 use super::{blob, Area, Backends, DeviceModel, DmError};
 
-/// One disk write as applied to the primary's disk: byte offset, bytes.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DiskWrite {
-    pub offset: u64,
-    pub data: Vec<u8>,
-}
+/// One disk write as applied to the primary's disk (byte offset, whole
+/// sectors): the stream's type, which carries it to the backup.
+pub use crate::stream::DiskWrite;
 
 /// A sealed epoch: the device state at its end, the disk writes and the
 /// transmitted frames it made.
@@ -166,6 +163,19 @@ impl DeviceModel {
             }
         }
         pfns.into_iter().collect()
+    }
+
+    /// Every disk's bytes as 1 MiB writes, read now (a new backup's
+    /// initial sync; the device model writes nothing while its caller
+    /// holds it).
+    pub fn whole_disk(&mut self) -> std::io::Result<Vec<DiskWrite>> {
+        let mut out = Vec::new();
+        for d in &mut self.devices {
+            if let Backend::Blk(b) = &mut d.backend {
+                out.extend(b.whole(1 << 20)?);
+            }
+        }
+        Ok(out)
     }
 
     /// Sealed epoch `epoch`'s state blob and disk writes (once; `None`

@@ -158,6 +158,9 @@ pub struct DeviceModel {
     /// Per slot: an interrupt to raise at the next step (a restored
     /// device whose interrupt status is nonzero).
     pending_irq: Vec<bool>,
+    /// The quiesce last refused (an unreplicated device model asked to
+    /// seal an epoch): said once, never answered.
+    refused_quiesce: Option<u64>,
 }
 
 impl DeviceModel {
@@ -238,6 +241,7 @@ impl DeviceModel {
             replicated: false,
             sealed: VecDeque::new(),
             pending_irq,
+            refused_quiesce: None,
         })
     }
 
@@ -257,6 +261,15 @@ impl DeviceModel {
     /// One round: the synchronous slot, the buffered ring, the devices'
     /// own work, the liveness word. Whether anything was done.
     pub fn step(&mut self) -> bool {
+        // The hypervisor stages a checkpoint: guest RAM is not ours to
+        // touch until it resumes us (hv/abi `ioreq`, the epoch handshake).
+        if self.area.held() {
+            self.area.beat();
+            return false;
+        }
+        if let Some(epoch) = self.area.quiesce_requested() {
+            return self.quiesce(epoch);
+        }
         // A restored device's interrupt the guest had not taken yet.
         let mut busy = false;
         for slot in 0..self.pending_irq.len() {
@@ -279,6 +292,44 @@ impl DeviceModel {
         }
         self.area.beat();
         busy
+    }
+
+    /// The hypervisor ended epoch `epoch` with the guest stopped: take in
+    /// every queue notify it posted before (they belong to the epoch),
+    /// seal the epoch and hand the hypervisor the guest pages written
+    /// since the last seal; then hold until it resumes us. An
+    /// unreplicated device model (`doppel run`) seals nothing: it says so
+    /// once and leaves the quiesce unanswered (the hypervisor stops the
+    /// guest with its own error).
+    fn quiesce(&mut self, epoch: u64) -> bool {
+        if !self.replicated {
+            if self.refused_quiesce != Some(epoch) {
+                self.refused_quiesce = Some(epoch);
+                tracing::error!(
+                    "run: the hypervisor asks to seal epoch {epoch}, but this device model does not \
+                     replicate (doppel run); run the devices under doppel primary --net/--disk"
+                );
+            }
+            self.area.beat();
+            return false;
+        }
+        // The ring holds at most 511 writes; each pass takes up to 64. A
+        // slot that does not decode stops the pass without being taken:
+        // bounded either way.
+        for _ in 0..16 {
+            if !self.drain_buffered() {
+                break;
+            }
+        }
+        let pfns = self.seal_epoch(epoch);
+        let dropped = self.area.answer_quiesce(epoch, pfns);
+        if dropped > 0 {
+            tracing::error!(
+                "run: {dropped} page(s) of epoch {epoch} beyond guest RAM not reported"
+            );
+        }
+        self.area.beat();
+        true
     }
 
     fn raise(&mut self, slot: usize) {
