@@ -42,14 +42,46 @@ const EPOCH_EXITS: u64 = 1000;
 const MACHINE_MIB: u32 = linuxboot::HOST_MEM_MIB + linuxboot::GUEST_MEM_MIB as u32;
 
 /// One machine of the pair, its RAM in a host file.
-struct Machine {
-    qemu: Option<Running>,
-    ram: TempFile,
+pub(crate) struct Machine {
+    pub qemu: Option<Running>,
+    pub ram: TempFile,
 }
 
 fn boot(ctx: &mut Ctx, doppel: &std::path::Path, role: &str, tag: &str) -> Result<Machine> {
-    let img = ctx.image()?;
     let guest = linux::build()?;
+    let modules = vec![
+        Module {
+            path: guest.pvh.clone(),
+            args: linuxboot::linux_cmdline(QEMU_TSC_KHZ),
+        },
+        Module {
+            path: guest.initramfs.clone(),
+            args: "initrd".into(),
+        },
+    ];
+    boot_with(
+        ctx,
+        doppel,
+        role,
+        tag,
+        &format!("epoch-exits={EPOCH_EXITS}"),
+        modules,
+    )
+}
+
+/// Boot one machine of a replicated pair: `mode=linux replicate=ROLE`
+/// with `extra` on the hypervisor's command line and `modules` (the
+/// kernel, then the initramfs), its RAM in a host file; wait until its
+/// control area is published.
+pub(crate) fn boot_with(
+    ctx: &mut Ctx,
+    doppel: &std::path::Path,
+    role: &str,
+    tag: &str,
+    extra: &str,
+    modules: Vec<Module>,
+) -> Result<Machine> {
+    let img = ctx.image()?;
     let ram = shm_file(tag);
     let f = fs::File::create(&ram.0).with_context(|| format!("creating {}", ram.0.display()))?;
     f.set_len(u64::from(MACHINE_MIB) << 20)?;
@@ -61,19 +93,10 @@ fn boot(ctx: &mut Ctx, doppel: &std::path::Path, role: &str, tag: &str) -> Resul
     spec.icount = true;
     spec.timeout = Duration::from_secs(1200);
     spec.cmdline = format!(
-        "{} replicate={role} epoch-exits={EPOCH_EXITS}",
+        "{} replicate={role} {extra}",
         linuxboot::hv_cmdline(khz, None, false)
     );
-    spec.modules = vec![
-        Module {
-            path: guest.pvh.clone(),
-            args: linuxboot::linux_cmdline(khz),
-        },
-        Module {
-            path: guest.initramfs.clone(),
-            args: "initrd".into(),
-        },
-    ];
+    spec.modules = modules;
     let qemu = emu::spawn(&img, &spec)?;
     wait_published(
         doppel,

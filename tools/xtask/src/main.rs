@@ -24,6 +24,7 @@ mod linux;
 mod linuxboot;
 mod linuxdev;
 mod linuxfail;
+mod linuxha;
 mod linuxnet;
 mod logline;
 mod ocf;
@@ -131,6 +132,15 @@ enum Cmd {
         /// (`seed=S`). Random when not given.
         #[arg(long, value_name = "S")]
         seed: Option<u64>,
+        /// The Linux demo: Redis in a Debian VM with a NIC and a disk, a
+        /// client's TCP connection kept across a kill -9 of the primary
+        /// (about ten minutes under emulation).
+        #[arg(long, conflicts_with = "kv")]
+        linux: bool,
+        /// The key-value demo (the default): the test guest's store,
+        /// clients through the tool's bridge (a few minutes).
+        #[arg(long)]
+        kv: bool,
     },
     /// Run every cargo-fuzz target (ring entries, control area, HVM
     /// context, PVH domain builder, migration stream) for a bounded time. Needs nightly and
@@ -155,6 +165,10 @@ enum Cmd {
         ready_timeout: u64,
         #[arg(long)]
         shutdown: bool,
+        /// Seconds one INCR may wait for its reply (a failover takes
+        /// longer than a plain run's 30).
+        #[arg(long, default_value_t = 30)]
+        io_timeout: u64,
     },
 }
 
@@ -228,15 +242,17 @@ fn main() -> Result<()> {
             stop_file,
             ready_timeout,
             shutdown,
+            io_timeout,
         } => workload::checker_main(
             &addr,
             stop_file.as_deref(),
             std::time::Duration::from_secs(ready_timeout),
             shutdown,
+            std::time::Duration::from_secs(io_timeout),
         ),
-        Cmd::Demo { seed } => {
+        Cmd::Demo { seed, linux, kv: _ } => {
             setup::ensure()?;
-            test::demo(seed)
+            test::demo(seed, linux)
         }
     }
 }
@@ -292,7 +308,7 @@ mod tests {
         }
         assert!(parse(&["test", "--repeat", "0"]).is_err());
         match parse(&["demo", "--seed", "5"]).unwrap() {
-            Cmd::Demo { seed } => assert_eq!(seed, Some(5)),
+            Cmd::Demo { seed, linux, .. } => assert_eq!((seed, linux), (Some(5), false)),
             other => panic!("{other:?}"),
         }
     }

@@ -16,9 +16,13 @@ use crate::Emulator;
 type StepFn = fn(&mut Ctx) -> Result<String>;
 
 /// `cargo xtask demo`: one failover run shown live.
-pub fn demo(seed: Option<u64>) -> Result<()> {
+pub fn demo(seed: Option<u64>, linux: bool) -> Result<()> {
     let mut ctx = Ctx::new(false, seed);
-    crate::failover::demo(&mut ctx)
+    if linux {
+        crate::linuxha::demo(&mut ctx)
+    } else {
+        crate::failover::demo(&mut ctx)
+    }
 }
 
 /// How `cargo xtask test` runs its steps.
@@ -125,6 +129,7 @@ fn steps() -> Vec<(&'static str, StepFn)> {
         ("linux-net-direct-qemu", crate::linuxnet::step_direct),
         ("linux-net-qemu-svm", crate::linuxdev::step_net_qemu),
         ("linux-failover-qemu-svm", crate::linuxfail::step_failover),
+        ("linux-ha-qemu-svm", crate::linuxha::step_ha),
     ]
 }
 

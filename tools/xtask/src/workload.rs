@@ -111,6 +111,19 @@ impl NetGuard {
         Ok(g)
     }
 
+    /// A second TAP on the same bridge, down until a process opens it (a
+    /// backup's device model: silent until it activates), named after the
+    /// first with `suffix`. Deleted with the namespace.
+    pub(crate) fn add_tap(&self, suffix: &str) -> Result<String> {
+        let tap = format!("{}{suffix}", self.tap);
+        ensure!(tap.len() <= 15, "TAP name {tap} is over 15 bytes");
+        let h = self.host_ns.as_str();
+        ip(&["-n", h, "tuntap", "add", "dev", &tap, "mode", "tap"])?;
+        ip(&["-n", h, "link", "set", &tap, "master", &self.bridge])?;
+        ip(&["-n", h, "link", "set", &tap, "up"])?;
+        Ok(tap)
+    }
+
     /// `program` to be run inside the host-side namespace.
     pub(crate) fn host_command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
         in_ns(&self.host_ns, program)
@@ -223,6 +236,9 @@ pub(crate) struct IncrTrack {
     pub gaps: u64,
     /// Error replies or a broken connection.
     pub errors: u64,
+    /// Acknowledged increments a later reply shows were lost: a reply of
+    /// `v` after `prev` with `v <= prev` lost `prev - v + 1` of them.
+    pub lost: u64,
     pub first: Option<i64>,
     pub last: Option<i64>,
 }
@@ -234,6 +250,9 @@ impl IncrTrack {
             if prev.checked_add(1) != Some(v) {
                 self.gaps += 1;
             }
+            if v <= prev {
+                self.lost = self.lost.saturating_add(prev.abs_diff(v).saturating_add(1));
+            }
         }
         self.first.get_or_insert(v);
         self.last = Some(v);
@@ -243,10 +262,11 @@ impl IncrTrack {
     /// The checker's result line.
     pub(crate) fn line(&self) -> String {
         format!(
-            "checker: acked={} gaps={} errors={} first={} last={}",
+            "checker: acked={} gaps={} errors={} lost={} first={} last={}",
             self.acked,
             self.gaps,
             self.errors,
+            self.lost,
             self.first.map_or("none".into(), |v| v.to_string()),
             self.last.map_or("none".into(), |v| v.to_string())
         )
@@ -265,6 +285,7 @@ impl IncrTrack {
             acked: crate::logline::num(body, "acked")?,
             gaps: crate::logline::num(body, "gaps")?,
             errors: crate::logline::num(body, "errors")?,
+            lost: crate::logline::num(body, "lost")?,
             first: opt("first")?,
             last: opt("last")?,
         })
@@ -548,8 +569,9 @@ pub(crate) fn checker_main(
     stop_file: Option<&Path>,
     ready_timeout: Duration,
     shutdown: bool,
+    io_timeout: Duration,
 ) -> Result<()> {
-    let io_timeout = Some(Duration::from_secs(30));
+    let io_timeout = Some(io_timeout);
     if shutdown {
         let mut s = TcpStream::connect(addr).with_context(|| format!("connecting to {addr}"))?;
         s.set_read_timeout(io_timeout)?;
@@ -595,7 +617,12 @@ pub(crate) fn incr_until(
 ) -> IncrTrack {
     let mut track = IncrTrack::default();
     let incr = resp_command(&[b"INCR", COUNTER_KEY.as_bytes()]);
+    let mut shown = Instant::now();
     while !stop() {
+        if shown.elapsed() >= Duration::from_secs(1) {
+            shown = Instant::now();
+            println!("{}", progress_line(&track));
+        }
         let reply = w
             .write_all(&incr)
             .map_err(anyhow::Error::from)
@@ -615,6 +642,25 @@ pub(crate) fn incr_until(
         }
     }
     track
+}
+
+/// The checker's progress line, printed about once a second while it
+/// runs: what a harness reads to know how far the one connection got.
+pub(crate) fn progress_line(t: &IncrTrack) -> String {
+    format!(
+        "checker: progress acked={} last={}",
+        t.acked,
+        t.last.map_or("none".into(), |v| v.to_string())
+    )
+}
+
+/// The latest acknowledged count in a checker's progress lines.
+pub(crate) fn progress_acked(lines: &[String]) -> u64 {
+    lines
+        .iter()
+        .rev()
+        .find_map(|l| crate::logline::num(l.strip_prefix("checker: progress ")?, "acked"))
+        .unwrap_or(0)
 }
 
 fn is_reset(e: &anyhow::Error) -> bool {
@@ -797,9 +843,25 @@ mod tests {
             "linux-net: vendor=amd benchmark_requests=10 incr_acked=5 incr_gap=0 result=pass"
         );
         assert_eq!(
-            IncrTrack::parse("checker: acked=0 gaps=0 errors=0 first=none last=none"),
+            IncrTrack::parse("checker: acked=0 gaps=0 errors=0 lost=0 first=none last=none"),
             Some(IncrTrack::default())
         );
+    }
+
+    /// A counter that goes back (a failover to a state before acked
+    /// increments) counts the increments it lost; a repeat loses one.
+    #[test]
+    fn a_counter_that_goes_back_counts_the_lost_increments() {
+        let mut t = IncrTrack::default();
+        [10, 11, 12, 13, 11, 12].iter().for_each(|&v| t.reply(v));
+        assert_eq!((t.acked, t.gaps, t.lost), (6, 1, 3));
+        let mut t = IncrTrack::default();
+        [1, 2, 2, 3].iter().for_each(|&v| t.reply(v));
+        assert_eq!((t.gaps, t.lost), (1, 1));
+        let mut t = IncrTrack::default();
+        [1, 2, 5].iter().for_each(|&v| t.reply(v));
+        assert_eq!((t.gaps, t.lost), (1, 0));
+        assert_eq!(IncrTrack::parse(&t.line()), Some(t));
     }
 
     /// The checker's loop against a server whose third reply skips a
