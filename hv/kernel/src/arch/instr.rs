@@ -238,17 +238,6 @@ pub fn interrupt_window() {
     unsafe { asm!("sti", "nop", "cli", options(nostack)) };
 }
 
-/// Wait for a maskable interrupt: STI, HLT in STI's interrupt shadow (an
-/// interrupt already pending, or arriving, ends the HLT: none is missed
-/// between the two), CLI. As [`interrupt_window`], the interrupt goes
-/// through the IDT's handlers.
-pub fn halt_until_interrupt() {
-    // SAFETY: as in `interrupt_window`: the IDT's interrupt handlers
-    // (timer, spurious) preserve every register and return with IRETQ;
-    // HLT only waits for one of them.
-    unsafe { asm!("sti", "hlt", "cli", options(nostack)) };
-}
-
 /// Read the time-stamp counter (under QEMU `-icount` it counts executed
 /// instructions, so differences are repeatable).
 pub fn rdtsc() -> u64 {

@@ -264,25 +264,6 @@ enum Next {
 }
 
 /// The host's wall clock, read once from its CMOS RTC.
-/// Wait until the TSC reads `until`, as a guest's HLT does: the CPU halts
-/// until the local APIC's one-shot timer fires there (a real CPU idles; an
-/// emulator skips the idle time rather than executing a spin loop for
-/// it), then spins out what the timer's calibration left. The APIC timer
-/// is disarmed again: the vCPU's next entry arms what it needs.
-fn wait_until(until: u64) {
-    if let Ok(apic) = crate::arch::apic::get(crate::mem::paging::set_uncached) {
-        let now = rdtsc();
-        if until > now {
-            apic.arm_oneshot(until - now);
-            crate::arch::instr::halt_until_interrupt();
-            apic.disarm();
-        }
-    }
-    while rdtsc() < until {
-        core::hint::spin_loop();
-    }
-}
-
 fn host_unix_seconds() -> i64 {
     let read = |r: u8| {
         outb(0x70, r);
@@ -1381,9 +1362,19 @@ where
                 u64::MAX
             };
             match self.m.next_deadline() {
-                Some(d) if d > now => wait_until(d.min(now.saturating_add(step))),
+                Some(d) if d > now => {
+                    let until = d.min(now.saturating_add(step));
+                    while rdtsc() < until {
+                        core::hint::spin_loop();
+                    }
+                }
                 Some(_) => {}
-                None if self.dm.is_some() => wait_until(now.saturating_add(step)),
+                None if self.dm.is_some() => {
+                    let until = now.saturating_add(step);
+                    while rdtsc() < until {
+                        core::hint::spin_loop();
+                    }
+                }
                 None => {
                     self.flush_line();
                     log::error!(
