@@ -559,6 +559,14 @@ impl super::linux::LinuxEpochs for LinuxPrimary {
         })
     }
 
+    /// The guest was stopped `pause` cycles for the epoch end (harvest,
+    /// device-model cut, staging): one line per epoch for the figures, and
+    /// the engine's pause for the tool.
+    fn resumed(&mut self, pause: u64) {
+        self.bind.pause_measured(pause);
+        self.bind.resumed(Some(pause));
+    }
+
     fn report(&self, _backend: &str, powered_off: bool) -> bool {
         log::info!(
             "primary: the Linux guest stopped after {} checkpoints, last committed epoch {}",
