@@ -191,6 +191,24 @@ impl Running {
         self.proc.kill();
     }
 
+    /// Set the scheduling niceness of every thread of the emulator's
+    /// process group (`renice -g`): a standby machine that only spins
+    /// waiting for Activate yields the host's cores to the primary machine
+    /// and the tools while it waits (on real hosts it has its own).
+    pub fn set_nice(&self, nice: i32) -> Result<()> {
+        let out = std::process::Command::new("renice")
+            .args(["-n", &nice.to_string(), "-g", &self.proc.id().to_string()])
+            .output()
+            .context("running renice (util-linux)")?;
+        anyhow::ensure!(
+            out.status.success(),
+            "renice -n {nice} -g {}: {}",
+            self.proc.id(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    }
+
     /// Stop the emulator's whole process group (SIGSTOP): the machine
     /// freezes, as a hung host would, without exiting.
     pub fn freeze(&self) {

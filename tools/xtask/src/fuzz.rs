@@ -20,6 +20,7 @@ const TARGETS: &[(&str, &[&str])] = &[
             "hvm_context",
             "pvh_domain",
             "ioreq",
+            "machine_records",
         ],
     ),
     ("tools/doppel/fuzz", &["stream_decoder", "dm_state"]),

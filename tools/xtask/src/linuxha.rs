@@ -35,7 +35,7 @@ use crate::image::Module;
 use crate::linuxboot::{self, QEMU_TSC_KHZ};
 use crate::linuxfail::{boot_with, Machine};
 use crate::linuxnet::{self, GUEST_IP, GUEST_MAC, REDIS_PORT};
-use crate::proc::{tail, Proc};
+use crate::proc::{tail, Proc, SaveLogs};
 use crate::workload::{self, IncrTrack, NetGuard};
 
 const STEP: &str = "linux-ha-qemu-svm";
@@ -78,6 +78,8 @@ pub(crate) struct Plan {
     /// Epochs the backup commits after the client's first INCR before
     /// the kill.
     pub after_epochs: u64,
+    /// INCRs the one connection has acknowledged before the kill.
+    pub after_acked: u64,
 }
 
 impl Plan {
@@ -95,6 +97,7 @@ impl Plan {
                 Kill::Primary
             },
             after_epochs: 1 + x % 12,
+            after_acked: 5 + (x >> 8) % 56,
         }
     }
 }
@@ -207,6 +210,27 @@ impl Live {
     }
 }
 
+/// redis-benchmark's SET and GET against the guest (`-n 30 -c 2`: every
+/// protected request waits for an epoch's commit, seconds of host time
+/// under emulation), which must report both.
+fn benchmark(net: &NetGuard, what: &str) -> Result<workload::Benchmark> {
+    let (code, text) = Proc::spawn(
+        "redis-benchmark",
+        net.client_command("redis-benchmark")
+            .args(["-h", GUEST_IP, "-p", &REDIS_PORT.to_string()])
+            .args(["-n", "30", "-c", "2", "-q", "-t", "set,get"]),
+        false,
+    )?
+    .finish(Duration::from_secs(600))?;
+    let b = workload::parse_benchmark(&text, 30);
+    ensure!(
+        code == Some(0) && b.rates.len() == 2,
+        "redis-benchmark {what}: exit {code:?}, {} of 2 tests reported:\n{text}",
+        b.rates.len()
+    );
+    Ok(b)
+}
+
 fn one_run(ctx: &mut Ctx, plan: &Plan, mut live: Option<&mut Live>) -> Result<String> {
     let doppel = doppel_bin()?;
     let guest = linuxnet::build()?;
@@ -225,6 +249,11 @@ fn one_run(ctx: &mut Ctx, plan: &Plan, mut live: Option<&mut Live>) -> Result<St
         "devices=net,blk",
         modules(&guest),
     )?;
+    // The standby only spins until it is activated: on this one host it
+    // must not take a core from the primary machine and the tools.
+    if let Some(q) = &stby.qemu {
+        q.set_nice(19)?;
+    }
     let mut prim: Machine = boot_with(
         ctx,
         &doppel,
@@ -245,6 +274,8 @@ fn one_run(ctx: &mut Ctx, plan: &Plan, mut live: Option<&mut Live>) -> Result<St
             .arg(&bdisk),
         false,
     )?;
+    let mut logs = SaveLogs::new(&dir);
+    logs.add(&backup);
     let listen = backup.wait_value("listening on ", Duration::from_secs(60))?;
     let mut primary = Proc::spawn(
         "primary",
@@ -252,11 +283,12 @@ fn one_run(ctx: &mut Ctx, plan: &Plan, mut live: Option<&mut Live>) -> Result<St
             .args(["primary", "--machine-ram"])
             .arg(&prim.ram.0)
             .args(["--backup", &listen, "--wait-control", "120"])
-            .args(["--event-timeout", "4"])
+            .args(["--event-timeout", "4", "--compress"])
             .args(["--net", &net_arg(&net.tap), "--disk"])
             .arg(&pdisk),
         false,
     )?;
+    logs.add(&primary);
     let why = |b: &Proc, p: &Proc| {
         format!(
             "backup:\n{}\nprimary:\n{}",
@@ -280,6 +312,7 @@ fn one_run(ctx: &mut Ctx, plan: &Plan, mut live: Option<&mut Live>) -> Result<St
             .args(["--ready-timeout", "900", "--io-timeout", "300"]),
         false,
     )?;
+    logs.add(&checker);
     let ready = wait_for(
         "Redis answering the checker's PING",
         Duration::from_secs(900),
@@ -303,11 +336,16 @@ fn one_run(ctx: &mut Ctx, plan: &Plan, mut live: Option<&mut Live>) -> Result<St
             why(&backup, &primary)
         );
     }
-    let mut bench = Proc::spawn(
-        "redis-benchmark",
+    // Throughput protected, measured before the kill (the same benchmark
+    // runs again on the activated standby, unprotected, after it).
+    let protected = benchmark(&net, "protected")?;
+    // Load beside the one connection while the primary dies (its own
+    // connections are not judged).
+    let mut load = Proc::spawn(
+        "redis-benchmark load",
         net.client_command("redis-benchmark")
             .args(["-h", GUEST_IP, "-p", &REDIS_PORT.to_string()])
-            .args(["-n", "200", "-c", "2", "-q", "-t", "set,get"]),
+            .args(["-n", "1000000", "-c", "1", "-q", "-t", "set,get"]),
         false,
     )?;
     let last_epoch = |b: &Proc| committed_epochs(b).iter().map(|(e, _, _)| *e).max();
@@ -324,7 +362,7 @@ fn one_run(ctx: &mut Ctx, plan: &Plan, mut live: Option<&mut Live>) -> Result<St
             }
             Ok(
                 last_epoch(&backup).is_some_and(|e| e >= start_epoch + plan.after_epochs)
-                    && workload::progress_acked(&checker.out()) > 0,
+                    && workload::progress_acked(&checker.out()) >= plan.after_acked,
             )
         },
     );
@@ -333,9 +371,11 @@ fn one_run(ctx: &mut Ctx, plan: &Plan, mut live: Option<&mut Live>) -> Result<St
     }
     let at_epoch = last_epoch(&backup).unwrap_or(0);
     let acked_at_kill = workload::progress_acked(&checker.out());
+    let mut hv_primary = String::new();
     match plan.kill {
         Kill::Qemu => {
             if let Some(mut q) = prim.qemu.take() {
+                hv_primary = q.hv_output_so_far();
                 q.kill();
             }
         }
@@ -358,6 +398,9 @@ fn one_run(ctx: &mut Ctx, plan: &Plan, mut live: Option<&mut Live>) -> Result<St
         bail!("{e:#}\n{}", why(&backup, &primary));
     }
     let failover_s = killed_at.elapsed().as_secs_f64();
+    if let Some(q) = &stby.qemu {
+        q.set_nice(0)?;
+    }
     if live.is_some() {
         println!(
             "demo: the backup activated the standby {failover_s:.1} s after the kill: {}",
@@ -371,6 +414,7 @@ fn one_run(ctx: &mut Ctx, plan: &Plan, mut live: Option<&mut Live>) -> Result<St
     // A primary machine whose tool died waits at its next epoch end, its
     // output held, for ever (fenced): its QEMU only burns a core now.
     if let Some(mut q) = prim.qemu.take() {
+        hv_primary = q.hv_output_so_far();
         q.kill();
     }
     // The same connection must answer on.
@@ -394,7 +438,8 @@ fn one_run(ctx: &mut Ctx, plan: &Plan, mut live: Option<&mut Live>) -> Result<St
             why(&backup, &primary)
         );
     }
-    let bench_done = bench.finish(Duration::from_secs(600));
+    load.kill();
+    let unprotected = benchmark(&net, "unprotected (the activated standby)")?;
     fs::write(&stop, b"stop\n")?;
     let (_, text) = checker.finish(Duration::from_secs(120))?;
     let incr = text
@@ -440,13 +485,34 @@ fn one_run(ctx: &mut Ctx, plan: &Plan, mut live: Option<&mut Live>) -> Result<St
         "the connection: {} (acked {acked_at_kill} before the kill)",
         incr.line()
     );
-    let bench_ok = matches!(&bench_done, Ok((Some(0), _)));
+    let epochs = EpochFigures::collect(&hv_primary, &primary.err());
+    println!("figures: {STEP} run={} per-epoch: {epochs}", plan.run);
+    let resumed = backup
+        .out()
+        .iter()
+        .find_map(|l| {
+            let rest = l.split("activated from committed epoch ").nth(1)?;
+            rest.trim().parse::<u64>().ok()
+        })
+        .context("the backup printed no `activated from committed epoch` line")?;
+    let ratio = |test: &str| {
+        let p = protected.rates.iter().find(|(t, _)| t == test)?.1;
+        let u = unprotected.rates.iter().find(|(t, _)| t == test)?.1;
+        Some(format!("{test}={:.4}", p / u.max(f64::MIN_POSITIVE)))
+    };
     println!(
-        "figures: {STEP} run={} killed={} failover_wall_s={failover_s:.1} (host) acked_before={acked_at_kill} acked_total={} redis_benchmark_ok={bench_ok} aof_incr={}",
+        "figures: {STEP} run={} killed={} at_epoch={at_epoch} resumed_epoch={resumed} failover_wall_s={failover_s:.1} (host) acked_before={acked_at_kill} acked_total={} aof_incr={} redis-benchmark protected: {} | unprotected: {} | protected/unprotected: {}",
         plan.run,
         plan.kill.name(),
         incr.acked,
-        d.aof_incr
+        d.aof_incr,
+        protected.lines.join(", "),
+        unprotected.lines.join(", "),
+        ["SET", "GET"]
+            .iter()
+            .filter_map(|t| ratio(t))
+            .collect::<Vec<_>>()
+            .join(" ")
     );
     Ok(format!(
         "linux-failover: run={} seed={} killed={} at_epoch={at_epoch} incr_acked={} lost_acked={} gap={} connection=kept fsck=clean result=pass",
@@ -457,6 +523,105 @@ fn one_run(ctx: &mut Ctx, plan: &Plan, mut live: Option<&mut Live>) -> Result<St
         incr.lost,
         incr.gaps
     ))
+}
+
+/// Per-epoch figures of a protected run: from the hypervisor's lines
+/// (`primary: checkpoint epoch=E ... dirty=D`, `primary: epoch=E
+/// pause_cycles=P`: QEMU `-icount` cycles) and `doppel primary`'s (`epoch
+/// K: P pages, page bytes raw R wire W ..., held_frames=H`).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub(crate) struct EpochFigures {
+    pub epochs: u64,
+    pub dirty: Vec<u64>,
+    pub pause: Vec<u64>,
+    pub raw: Vec<u64>,
+    pub wire: Vec<u64>,
+    pub held: Vec<u64>,
+}
+
+fn stats(v: &[u64]) -> String {
+    if v.is_empty() {
+        return "n/a".into();
+    }
+    let mut s = v.to_vec();
+    s.sort_unstable();
+    let mean = s.iter().sum::<u64>() as f64 / s.len() as f64;
+    format!(
+        "mean={mean:.0} p50={} max={}",
+        s[s.len() / 2],
+        s[s.len() - 1]
+    )
+}
+
+impl EpochFigures {
+    pub(crate) fn collect(hv: &str, tool: &[String]) -> Self {
+        let mut f = Self::default();
+        for l in hv.lines() {
+            if let Some(rest) = l.split("primary: checkpoint ").nth(1) {
+                if let Some(d) = crate::logline::num(rest, "dirty") {
+                    f.dirty.push(d);
+                }
+            } else if let Some(rest) = l.split("primary: epoch=").nth(1) {
+                if let Some(p) = crate::logline::num(rest, "pause_cycles") {
+                    f.pause.push(p);
+                }
+            }
+        }
+        for l in tool {
+            let Some(rest) = l.split(" epoch ").nth(1) else {
+                continue;
+            };
+            let Some((_, body)) = rest.split_once(": ") else {
+                continue;
+            };
+            let word = |k: &str| {
+                body.split(k)
+                    .nth(1)?
+                    .split_whitespace()
+                    .next()?
+                    .trim_end_matches(',')
+                    .parse::<u64>()
+                    .ok()
+            };
+            if let (Some(raw), Some(wire)) = (word("raw "), word("wire ")) {
+                f.raw.push(raw);
+                f.wire.push(wire);
+                if let Some(h) = crate::logline::num(body, "held_frames") {
+                    f.held.push(h);
+                }
+            }
+        }
+        f.epochs = f.raw.len() as u64;
+        f
+    }
+
+    /// Cycles of pause per dirty page, over epochs with both figures.
+    fn pause_per_page(&self) -> Option<f64> {
+        let n = self.dirty.len().min(self.pause.len());
+        let pages: u64 = self.dirty[..n].iter().sum();
+        let cycles: u64 = self.pause[..n].iter().sum();
+        (pages > 0).then(|| cycles as f64 / pages as f64)
+    }
+}
+
+impl std::fmt::Display for EpochFigures {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let raw: u64 = self.raw.iter().sum();
+        let wire: u64 = self.wire.iter().sum();
+        write!(
+            f,
+            "epochs={} dirty_pages[{}] pause_cycles[{}] pause_cycles_per_dirty_page={} page_bytes_plain[{}] page_bytes_compressed[{}] (ratio {:.2}) held_frames_at_release[{}]",
+            self.epochs,
+            stats(&self.dirty),
+            stats(&self.pause),
+            self.pause_per_page()
+                .map_or("n/a".into(), |c| format!("{c:.0}")),
+            stats(&self.raw),
+            stats(&self.wire),
+            raw as f64 / wire.max(1) as f64,
+            stats(&self.held)
+        )
+    }
 }
 
 #[cfg(test)]
@@ -471,10 +636,38 @@ mod tests {
             assert_ne!(p[0].kill, p[1].kill);
             assert_eq!(p[0].kill, p[2].kill);
             assert!(p.iter().all(|x| (1..=12).contains(&x.after_epochs)));
+            assert!(p.iter().all(|x| (5..61).contains(&x.after_acked)));
             assert!(p.iter().all(|x| x.series == seed));
         }
         let moments: std::collections::BTreeSet<u64> =
             (0..64).map(|s| plans(1, s)[0].after_epochs).collect();
         assert!(moments.len() > 6, "the moment hardly varies: {moments:?}");
+    }
+
+    #[test]
+    fn the_per_epoch_figures_are_read_from_both_logs() {
+        let hv =
+            "doppel-hv: primary: checkpoint epoch=0 pattern=linux dirty=65536 exits=9 held=0\n\
+                  doppel-hv: primary: epoch=0 pause_cycles=5000000\n\
+                  doppel-hv: primary: checkpoint epoch=1 pattern=linux dirty=100 exits=9 held=0\n\
+                  doppel-hv: primary: epoch=1 pause_cycles=100000\n";
+        let tool = [
+            "2026-12-07T14:00:00Z  INFO doppel::primary: epoch 0: 65536 pages, page bytes raw 268435456 wire 1000000 (ratio 268.44), stream 1000100 bytes, held_frames=0".to_string(),
+            "2026-12-07T14:00:01Z  INFO doppel::primary: epoch 1: 100 pages, page bytes raw 409600 wire 20000 (ratio 20.48), stream 21000 bytes, held_frames=3".to_string(),
+            "something else".to_string(),
+        ];
+        let f = EpochFigures::collect(hv, &tool);
+        assert_eq!(f.epochs, 2);
+        assert_eq!(f.dirty, vec![65536, 100]);
+        assert_eq!(f.pause, vec![5_000_000, 100_000]);
+        assert_eq!(f.raw, vec![268_435_456, 409_600]);
+        assert_eq!(f.wire, vec![1_000_000, 20_000]);
+        assert_eq!(f.held, vec![0, 3]);
+        let text = f.to_string();
+        assert!(text.contains("epochs=2"), "{text}");
+        assert!(
+            text.contains("held_frames_at_release[mean=2 p50=3 max=3]"),
+            "{text}"
+        );
     }
 }

@@ -132,13 +132,13 @@ enum Cmd {
         /// (`seed=S`). Random when not given.
         #[arg(long, value_name = "S")]
         seed: Option<u64>,
-        /// The Linux demo: Redis in a Debian VM with a NIC and a disk, a
-        /// client's TCP connection kept across a kill -9 of the primary
-        /// (about ten minutes under emulation).
+        /// The Linux demo (the default): Redis in a Debian VM with a NIC
+        /// and a disk, a client's TCP connection kept across a kill -9 of
+        /// the primary (a few minutes under emulation).
         #[arg(long, conflicts_with = "kv")]
         linux: bool,
-        /// The key-value demo (the default): the test guest's store,
-        /// clients through the tool's bridge (a few minutes).
+        /// The key-value demo: the test guest's store, clients through the
+        /// tool's bridge.
         #[arg(long)]
         kv: bool,
     },
@@ -250,9 +250,9 @@ fn main() -> Result<()> {
             shutdown,
             std::time::Duration::from_secs(io_timeout),
         ),
-        Cmd::Demo { seed, linux, kv: _ } => {
+        Cmd::Demo { seed, linux: _, kv } => {
             setup::ensure()?;
-            test::demo(seed, linux)
+            test::demo(seed, kv)
         }
     }
 }
@@ -308,7 +308,7 @@ mod tests {
         }
         assert!(parse(&["test", "--repeat", "0"]).is_err());
         match parse(&["demo", "--seed", "5"]).unwrap() {
-            Cmd::Demo { seed, linux, .. } => assert_eq!((seed, linux), (Some(5), false)),
+            Cmd::Demo { seed, kv, .. } => assert_eq!((seed, kv), (Some(5), false)),
             other => panic!("{other:?}"),
         }
     }

@@ -63,6 +63,43 @@ fn collect<R: Read + Send + 'static>(
     })
 }
 
+/// Writes the output collected from some processes into a directory when
+/// dropped (`NAME.out`, `NAME.err`): a run's logs kept for a post-mortem,
+/// however the run ends.
+/// Collected lines of one stream (stdout or stderr).
+type Lines = Arc<Mutex<Vec<String>>>;
+
+pub(crate) struct SaveLogs {
+    dir: std::path::PathBuf,
+    logs: Vec<(&'static str, Lines, Lines)>,
+}
+
+impl SaveLogs {
+    pub(crate) fn new(dir: &std::path::Path) -> Self {
+        Self {
+            dir: dir.to_path_buf(),
+            logs: Vec::new(),
+        }
+    }
+
+    /// Keep `p`'s output too (as far as it is collected).
+    pub(crate) fn add(&mut self, p: &Proc) {
+        self.logs.push((p.name, p.out.clone(), p.err.clone()));
+    }
+}
+
+impl Drop for SaveLogs {
+    fn drop(&mut self) {
+        for (name, out, err) in &self.logs {
+            let file = name.replace(' ', "-");
+            for (ext, v) in [("out", out), ("err", err)] {
+                let text = v.lock().map(|v| v.join("\n")).unwrap_or_default();
+                let _ = std::fs::write(self.dir.join(format!("{file}.{ext}")), text);
+            }
+        }
+    }
+}
+
 impl Proc {
     pub(crate) fn spawn(name: &'static str, cmd: &mut Command, echo: bool) -> Result<Self> {
         let mut child = cmd

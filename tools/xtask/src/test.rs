@@ -16,12 +16,12 @@ use crate::Emulator;
 type StepFn = fn(&mut Ctx) -> Result<String>;
 
 /// `cargo xtask demo`: one failover run shown live.
-pub fn demo(seed: Option<u64>, linux: bool) -> Result<()> {
+pub fn demo(seed: Option<u64>, kv: bool) -> Result<()> {
     let mut ctx = Ctx::new(false, seed);
-    if linux {
-        crate::linuxha::demo(&mut ctx)
-    } else {
+    if kv {
         crate::failover::demo(&mut ctx)
+    } else {
+        crate::linuxha::demo(&mut ctx)
     }
 }
 
