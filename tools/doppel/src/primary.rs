@@ -1302,6 +1302,12 @@ impl<'m> Primary<'m> {
                 // A new stream session: the backup's disk copy is synced
                 // whole first, then this epoch's writes (again) on top.
                 let whole = d.whole_disk().map_err(bad)?;
+                let bytes: usize = whole.iter().map(|x| x.data.len()).sum();
+                tracing::info!(
+                    "initial disk sync: the whole disk ({} MiB in {} writes) goes with epoch 0",
+                    bytes >> 20,
+                    whole.len()
+                );
                 w.disk_writes(&as_pairs(&whole)).map_err(send(epoch))?;
             }
             w.disk_writes(&as_pairs(&sealed.disk))

@@ -179,7 +179,14 @@ pub(crate) struct Live {
 }
 
 impl Live {
-    fn show(&mut self, phase: &str, backup: &Proc, primary: &Proc, checker: Option<&Proc>) {
+    fn show(
+        &mut self,
+        phase: &str,
+        backup: &Proc,
+        primary: &Proc,
+        machine: Option<&crate::emu::Running>,
+        checker: Option<&Proc>,
+    ) {
         if self
             .last
             .is_some_and(|t| t.elapsed() < Duration::from_secs(2))
@@ -204,8 +211,17 @@ impl Live {
             .find_map(|l| crate::logline::num(l, "held_frames"))
             .map_or("-".into(), |h| h.to_string());
         let ops = checker.map_or(0, |c| workload::progress_acked(&c.out()));
+        // The primary hypervisor's last epoch-end pause (-icount cycles).
+        let pause = machine
+            .map(|m| m.hv_output_so_far())
+            .and_then(|t| {
+                t.lines().rev().find_map(|l| {
+                    crate::logline::num(l.split("primary: epoch=").nth(1)?, "pause_cycles")
+                })
+            })
+            .map_or("-".into(), |p| p.to_string());
         println!(
-            "demo: [{phase}] committed_epoch={epoch} epochs_per_s={rate:.1} (host) last_epoch: dirty_pages={pages} bytes={bytes} held_frames={held} incr_acked={ops}"
+            "demo: [{phase}] committed_epoch={epoch} epochs_per_s={rate:.1} (host) last_epoch: dirty_pages={pages} bytes={bytes} pause_cycles={pause} held_frames={held} incr_acked={ops}"
         );
     }
 }
@@ -321,7 +337,7 @@ fn one_run(ctx: &mut Ctx, plan: &Plan, mut live: Option<&mut Live>) -> Result<St
                 bail!("a tool or the checker stopped early");
             }
             if let Some(l) = live.as_deref_mut() {
-                l.show("booting", &backup, &primary, None);
+                l.show("booting", &backup, &primary, prim.qemu.as_ref(), None);
             }
             Ok(checker
                 .out()
@@ -358,7 +374,13 @@ fn one_run(ctx: &mut Ctx, plan: &Plan, mut live: Option<&mut Live>) -> Result<St
                 bail!("a tool stopped before the kill");
             }
             if let Some(l) = live.as_deref_mut() {
-                l.show("protected", &backup, &primary, Some(&checker));
+                l.show(
+                    "protected",
+                    &backup,
+                    &primary,
+                    prim.qemu.as_ref(),
+                    Some(&checker),
+                );
             }
             Ok(
                 last_epoch(&backup).is_some_and(|e| e >= start_epoch + plan.after_epochs)
@@ -426,7 +448,7 @@ fn one_run(ctx: &mut Ctx, plan: &Plan, mut live: Option<&mut Live>) -> Result<St
                 bail!("the checker stopped: its connection broke");
             }
             if let Some(l) = live.as_deref_mut() {
-                l.show("failed over", &backup, &primary, Some(&checker));
+                l.show("failed over", &backup, &primary, None, Some(&checker));
             }
             Ok(workload::progress_acked(&checker.out()) >= acked_at_kill + AFTER_FAILOVER)
         },
