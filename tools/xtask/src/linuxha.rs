@@ -160,10 +160,10 @@ pub fn demo(ctx: &mut Ctx) -> Result<()> {
     println!(
         "demo: Redis in a Debian Linux VM (QEMU TCG, -cpu EPYC) protected by Doppel: a primary and a \
          standby machine, each epoch ({EPOCH_MS} ms of guest time) shipped to the backup; one client \
-         connection INCRs a counter; `doppel {}` is killed with SIGKILL {} epochs in (seed {seed}; \
-         replay with --seed {seed})",
-        if plan.kill == Kill::Qemu { "primary's QEMU" } else { "primary" },
-        plan.after_epochs
+         connection INCRs a counter; {} is killed with SIGKILL once {} INCRs are acknowledged \
+         (seed {seed}; replay with --seed {seed})",
+        if plan.kill == Kill::Qemu { "the primary's QEMU" } else { "`doppel primary`" },
+        plan.after_acked
     );
     let mut live = Live::default();
     let line = one_run(ctx, &plan, Some(&mut live))?;
@@ -211,6 +211,12 @@ impl Live {
             .find_map(|l| crate::logline::num(l, "held_frames"))
             .map_or("-".into(), |h| h.to_string());
         let ops = checker.map_or(0, |c| workload::progress_acked(&c.out()));
+        if phase == "failed over" {
+            println!(
+                "demo: [{phase}] the standby serves, unprotected; the same connection: incr_acked={ops}"
+            );
+            return;
+        }
         // The primary hypervisor's last epoch-end pause (-icount cycles).
         let pause = machine
             .map(|m| m.hv_output_so_far())
@@ -461,6 +467,12 @@ fn one_run(ctx: &mut Ctx, plan: &Plan, mut live: Option<&mut Live>) -> Result<St
         );
     }
     load.kill();
+    if live.is_some() {
+        println!(
+            "demo: the same TCP connection answered {} INCRs since the kill, each the previous plus one",
+            workload::progress_acked(&checker.out()).saturating_sub(acked_at_kill)
+        );
+    }
     let unprotected = benchmark(&net, "unprotected (the activated standby)")?;
     fs::write(&stop, b"stop\n")?;
     let (_, text) = checker.finish(Duration::from_secs(120))?;
