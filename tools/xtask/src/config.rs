@@ -51,10 +51,14 @@ ack-timeout = 60
 compress = true
 hello-timeout = 10
 heartbeat-ms = 200
+net = "tap=tap0,mac=52:54:00:12:34:56"
+disk = "/var/lib/doppel/vm1-disk.img"
 
 [backup]
 listen = "0.0.0.0:7000"
 standby-ram = "/dev/shm/vm1-standby.ram"
+net = "tap=tap1,mac=52:54:00:12:34:56"
+disk = "/var/lib/doppel/vm1-disk-copy.img"
 then-backup = "10.0.0.3:7000"
 heartbeat-timeout = 0.5
 accept-timeout = 300
