@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::dm::{self, Backends, DeviceModel, DiskWrite, Stats};
+use crate::dm::{self, Backends, DeviceModel, DiskWrite, Pace, Stats};
 use crate::machine::MachineRam;
 
 /// What a checkpoint carries of the devices: the state blob and the
@@ -148,30 +148,16 @@ fn run(
         return Ok(());
     }
     let model = DeviceModel::replicated(area, backends).map_err(|e| e.to_string())?;
-    let mut last_hv = model.area().hv_alive();
+    let mut pace = Pace::new(model.area().hv_alive(), hv_timeout);
     *lock(&s.dm) = Some(model);
-    let mut last_change = Instant::now();
-    let mut idle = 0u32;
     while !s.stop.load(Ordering::Relaxed) {
         let (busy, hv) = {
             let mut g = lock(&s.dm);
             let m = g.as_mut().expect("set above");
             (m.step(), m.area().hv_alive())
         };
-        if busy {
-            idle = 0;
-        } else {
-            idle = idle.saturating_add(1);
-            if idle > 2000 {
-                std::thread::sleep(Duration::from_micros(20));
-            } else {
-                std::thread::yield_now();
-            }
-        }
-        if hv != last_hv {
-            last_hv = hv;
-            last_change = Instant::now();
-        } else if last_change.elapsed() >= hv_timeout {
+        // The lock is free while the loop backs off.
+        if !pace.after(busy, hv) {
             // Nothing held may go out now: no epoch commits any more.
             if let Some(m) = lock(&s.dm).as_mut() {
                 m.discard_uncommitted();

@@ -738,6 +738,17 @@ fn netns_with_tap(tag: &str, tap: &str) -> (Netns, [u8; 6]) {
     (ns, host_mac)
 }
 
+/// Backends of a NIC alone on TAP `tap`, with [`GUEST_MAC`].
+fn net_only(tap: &str) -> Backends {
+    Backends {
+        net: Some(NetSpec {
+            tap: tap.into(),
+            mac: GUEST_MAC,
+        }),
+        disk: None,
+    }
+}
+
 #[test]
 fn net_frames_go_to_the_tap_and_come_back_into_receive_buffers() {
     if !Path::new("/dev/net/tun").exists() {
@@ -752,17 +763,7 @@ fn net_frames_go_to_the_tap_and_come_back_into_receive_buffers() {
     std::thread::spawn(move || {
         enter(&name);
         let m = Machine::new();
-        let mut d = Drv::new(
-            &m,
-            &[device::NET],
-            &Backends {
-                net: Some(NetSpec {
-                    tap: tap.into(),
-                    mac: GUEST_MAC,
-                }),
-                disk: None,
-            },
-        );
+        let mut d = Drv::new(&m, &[device::NET], &net_only(tap));
         wait_up(&name, tap);
         assert_eq!(d.rd(DEVICE_ID), 1);
         let mac: Vec<u8> = (0..6)
@@ -1276,17 +1277,7 @@ fn replicated_frames_leave_only_when_their_epoch_commits_and_the_backup_announce
     std::thread::spawn(move || {
         enter(&name);
         let m = Machine::new();
-        let mut d = Drv::replicated(
-            &m,
-            &[device::NET],
-            &Backends {
-                net: Some(NetSpec {
-                    tap: tap.into(),
-                    mac: GUEST_MAC,
-                }),
-                disk: None,
-            },
-        );
+        let mut d = Drv::replicated(&m, &[device::NET], &net_only(tap));
         d.setup(VERSION_1 | (1 << 5), 2, RINGS);
         wait_up(&name, tap);
         let sniff = Sniffer::on(tap);

@@ -443,31 +443,61 @@ impl DeviceModel {
     /// still for `hv_timeout`: spin briefly when idle, then sleep a few
     /// microseconds at a time.
     pub fn serve(&mut self, stop: &AtomicBool, hv_timeout: Duration) -> Stop {
-        let mut last_hv = self.area.hv_alive();
-        let mut last_change = Instant::now();
-        let mut idle = 0u32;
+        let mut pace = Pace::new(self.area.hv_alive(), hv_timeout);
         loop {
             if stop.load(Ordering::Relaxed) {
                 return Stop::Signal;
             }
-            if self.step() {
-                idle = 0;
-            } else {
-                idle = idle.saturating_add(1);
-                if idle > 2000 {
-                    std::thread::sleep(Duration::from_micros(20));
-                } else {
-                    std::hint::spin_loop();
-                }
-            }
-            let hv = self.area.hv_alive();
-            if hv != last_hv {
-                last_hv = hv;
-                last_change = Instant::now();
-            } else if last_change.elapsed() >= hv_timeout {
+            let busy = self.step();
+            if !pace.after(busy, self.area.hv_alive()) {
                 return Stop::MachineGone;
             }
         }
+    }
+}
+
+/// The pace of a device-model loop and its watch on the hypervisor's
+/// liveness word: [`DeviceModel::serve`]'s and `doppel primary`'s device
+/// thread (doppel::devices).
+pub struct Pace {
+    last_hv: u64,
+    last_change: Instant,
+    idle: u32,
+    timeout: Duration,
+}
+
+impl Pace {
+    /// A watch starting at liveness value `hv_alive`, giving up after
+    /// `timeout` without a change.
+    pub fn new(hv_alive: u64, timeout: Duration) -> Self {
+        Self {
+            last_hv: hv_alive,
+            last_change: Instant::now(),
+            idle: 0,
+            timeout,
+        }
+    }
+
+    /// After one step (`busy`: it did something): back off when idle
+    /// (spin briefly, then sleep a few microseconds at a time). Whether
+    /// the hypervisor still lives: false once its word, now `hv_alive`,
+    /// stood still for the whole timeout.
+    pub fn after(&mut self, busy: bool, hv_alive: u64) -> bool {
+        if busy {
+            self.idle = 0;
+        } else {
+            self.idle = self.idle.saturating_add(1);
+            if self.idle > 2000 {
+                std::thread::sleep(Duration::from_micros(20));
+            } else {
+                std::hint::spin_loop();
+            }
+        }
+        if hv_alive != self.last_hv {
+            self.last_hv = hv_alive;
+            self.last_change = Instant::now();
+        }
+        self.last_change.elapsed() < self.timeout
     }
 }
 
